@@ -1,0 +1,54 @@
+"""Errors the hub reports to clients.
+
+    HubError                  base: an HTTP status, a stable code and a message saying what to do
+    ├── BadRequest            400/422  malformed body, ids out of range, draft too long
+    ├── VocabMismatch         409      draft and target vocabularies differ
+    ├── ContextTooLong        422      context would pass the model's limit
+    ├── SessionNotFound       404      unknown (or another user's) session
+    ├── HubFull               429      no room for another session now (with Retry-After)
+    └── NotReady              503      the model is still loading
+
+Route handlers raise these; one exception handler in `app.py` turns them into JSON bodies.
+"""
+
+from __future__ import annotations
+
+
+class HubError(Exception):
+    status = 500
+    code = "internal"
+
+    def __init__(self, message: str):
+        super().__init__(message)
+        self.message = message
+
+
+class BadRequest(HubError):
+    status = 422
+    code = "bad_request"
+
+
+class VocabMismatch(HubError):
+    status = 409
+    code = "vocab_mismatch"
+
+
+class ContextTooLong(HubError):
+    status = 422
+    code = "context_too_long"
+
+
+class SessionNotFound(HubError):
+    status = 404
+    code = "session_not_found"
+
+
+class NotReady(HubError):
+    status = 503
+    code = "not_ready"
+
+
+class HubFull(HubError):
+    status = 429
+    code = "hub_full"
+    retry_after_s = 5

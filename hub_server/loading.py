@@ -1,0 +1,123 @@
+"""Loading the target model and its vocabulary from a GGUF file or a Hugging Face folder.
+
+A GGUF target is dequantized into torch by transformers. That conversion is slow (tens of
+seconds for a 270M model), so the converted weights are kept in the hub's cache directory and
+later starts load them directly.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+import os
+import shutil
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+log = logging.getLogger("hub_server.loading")
+
+# SentencePiece marks a leading space with U+2581; llama.cpp and transformers do not always
+# spell whitespace-only pieces the same way, so the fingerprint compares them normalised.
+_SPACE_MARK = "\u2581"
+
+
+@dataclass(frozen=True)
+class Vocabulary:
+    pieces: tuple[str, ...]
+
+    @property
+    def size(self) -> int:
+        return len(self.pieces)
+
+    @property
+    def fingerprint(self) -> str:
+        return vocab_fingerprint(self.pieces)
+
+
+def vocab_fingerprint(pieces: list[str] | tuple[str, ...]) -> str:
+    """sha256 over the token pieces in id order; the draft side computes the same."""
+    digest = hashlib.sha256()
+    for piece in pieces:
+        digest.update(piece.replace(_SPACE_MARK, " ").encode("utf-8", "surrogatepass"))
+        digest.update(b"\x00")
+    return digest.hexdigest()
+
+
+def read_vocabulary(model_path: Path) -> Vocabulary:
+    if model_path.is_file():
+        return _gguf_vocabulary(model_path)
+    return _hf_vocabulary(model_path)
+
+
+def _gguf_vocabulary(path: Path) -> Vocabulary:
+    import gguf
+
+    reader = gguf.GGUFReader(str(path))
+    field = reader.fields["tokenizer.ggml.tokens"]
+    pieces = tuple(bytes(field.parts[i]).decode("utf-8", "replace") for i in field.data)
+    return Vocabulary(pieces)
+
+
+def _hf_vocabulary(folder: Path) -> Vocabulary:
+    from transformers import AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(str(folder))
+    by_id = {index: piece for piece, index in tokenizer.get_vocab().items()}
+    return Vocabulary(tuple(by_id.get(i, "") for i in range(max(by_id) + 1)))
+
+
+def choose_device(device: str) -> str:
+    if device == "auto":
+        return "cuda" if torch.cuda.is_available() else "cpu"
+    return device
+
+
+def choose_dtype(dtype: str, device: str) -> torch.dtype:
+    if dtype == "auto":
+        return torch.bfloat16 if device == "cuda" else torch.float32
+    return getattr(torch, dtype)
+
+
+def load_target(model_path: Path, device: str, dtype: torch.dtype, cache_dir: Path):
+    """The target as an eval-mode transformers causal LM on `device`."""
+    from transformers import AutoModelForCausalLM
+
+    if model_path.is_file():
+        folder = _converted_gguf(model_path, dtype, cache_dir)
+    else:
+        folder = model_path
+    model = AutoModelForCausalLM.from_pretrained(str(folder), dtype=dtype)
+    return model.to(device).eval()
+
+
+def _converted_gguf(path: Path, dtype: torch.dtype, cache_dir: Path) -> Path:
+    stat = path.stat()
+    key = hashlib.sha256(f"{path.resolve()}|{stat.st_size}|{stat.st_mtime_ns}|{dtype}".encode()).hexdigest()[:16]
+    folder = cache_dir / "converted" / f"{path.stem}-{key}"
+    if (folder / "config.json").exists():
+        return folder
+    from transformers import AutoModelForCausalLM
+
+    log.info("converting %s into torch (once; kept in %s)", path.name, folder)
+    model = AutoModelForCausalLM.from_pretrained(str(path.parent), gguf_file=path.name, dtype=dtype)
+    partial = folder.with_name(folder.name + f".partial-{os.getpid()}")
+    _save_plain(model, partial)
+    # Several hubs may convert at once; the first rename wins and the others drop their copy.
+    try:
+        partial.rename(folder)
+    except OSError:
+        shutil.rmtree(partial, ignore_errors=True)
+    return folder
+
+
+def _save_plain(model, folder: Path) -> None:
+    """Save dequantized weights as a plain checkpoint (save_pretrained refuses GGUF-loaded models)."""
+    from safetensors.torch import save_model
+
+    folder.mkdir(parents=True, exist_ok=True)
+    if hasattr(model.config, "quantization_config"):
+        del model.config.quantization_config
+    model.config.save_pretrained(str(folder))
+    save_model(model, str(folder / "model.safetensors"))

@@ -1,0 +1,81 @@
+"""The hub's side of the wire format (documented in docs/protocol.md).
+
+Only token ids cross the network. A client opens a session with its sampling settings and
+the fingerprint of its draft model's vocabulary, feeds tokens (a new user turn), asks the hub
+to verify drafts, and closes the session. Every body is JSON; every error body is
+`{"error": {"code": ..., "message": ...}}`.
+
+`specedge_cli.remote.protocol` is the client's copy; tests/test_protocol.py proves they agree.
+"""
+
+from __future__ import annotations
+
+from pydantic import BaseModel, ConfigDict, Field
+
+PROTOCOL_VERSION = 1
+
+
+class _Body(BaseModel):
+    # Unknown keys are refused so that a client speaking another dialect hears about it.
+    model_config = ConfigDict(extra="forbid", strict=True)
+
+
+class Sampling(_Body):
+    temperature: float = Field(0.0, ge=0.0, le=100.0)
+    seed: int = Field(0, ge=0, le=2**63 - 1)
+
+
+class OpenSessionRequest(_Body):
+    protocol_version: int
+    vocab_size: int = Field(gt=0)
+    vocab_fingerprint: str = Field(min_length=1, max_length=128)
+    draft_model: str = Field("", max_length=256)
+    sampling: Sampling = Sampling()
+    # Acceptance stops at the first stop token, so the hub's context ends where the reply ends.
+    stop_token_ids: list[int] = Field(default_factory=list, max_length=64)
+
+
+class OpenSessionResponse(_Body):
+    session_id: str
+    model: str
+    max_draft_tokens: int
+    max_context: int
+
+
+class FeedRequest(_Body):
+    tokens: list[int] = Field(min_length=1)
+
+
+class FeedResponse(_Body):
+    context_len: int
+
+
+class VerifyRequest(_Body):
+    # Tokens to append to the context before the draft: the previous bonus token, or a new turn.
+    tokens: list[int] = Field(default_factory=list)
+    draft: list[int] = Field(default_factory=list)
+
+
+class VerifyResponse(_Body):
+    accepted: int          # how many draft tokens the target agreed with
+    tokens: list[int]      # the emitted tokens: the accepted draft prefix, then the bonus token
+    context_len: int       # tokens in the session's context after this verify (bonus included)
+    verify_ms: float       # hub time spent on this request, for the client's figures
+
+
+class HubInfo(_Body):
+    protocol_version: int
+    model: str
+    vocab_size: int
+    vocab_fingerprint: str
+    max_draft_tokens: int
+    max_context: int
+
+
+class ErrorDetail(_Body):
+    code: str
+    message: str
+
+
+class ErrorResponse(_Body):
+    error: ErrorDetail

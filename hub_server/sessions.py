@@ -1,0 +1,55 @@
+"""Sessions: each user's token context and settings. Plain Python, no torch.
+
+The KV cache lives in the model runner; a session only holds an opaque handle to it.
+"""
+
+from __future__ import annotations
+
+import secrets
+import threading
+import time
+from dataclasses import dataclass, field
+from typing import Any
+
+from hub_server.errors import SessionNotFound
+
+
+@dataclass
+class Session:
+    session_id: str
+    temperature: float
+    seed: int
+    stop_token_ids: frozenset[int]
+    kv: Any                                   # the runner's KV handle for this session
+    context: list[int] = field(default_factory=list)
+    last_used: float = field(default_factory=time.monotonic)
+    # One request at a time per session: a session's context is a sequence, not a set.
+    lock: threading.Lock = field(default_factory=threading.Lock)
+
+
+class SessionStore:
+    def __init__(self) -> None:
+        self._sessions: dict[str, Session] = {}
+        self._lock = threading.Lock()
+
+    def __len__(self) -> int:
+        return len(self._sessions)
+
+    def add(self, temperature: float, seed: int, stop_token_ids: frozenset[int], kv: Any) -> Session:
+        session = Session(secrets.token_urlsafe(16), temperature, seed, stop_token_ids, kv)
+        with self._lock:
+            self._sessions[session.session_id] = session
+        return session
+
+    def get(self, session_id: str) -> Session:
+        with self._lock:
+            session = self._sessions.get(session_id)
+        if session is None:
+            raise SessionNotFound(f"no session {session_id!r} on this hub; open a new session")
+        session.last_used = time.monotonic()
+        return session
+
+    def remove(self, session_id: str) -> None:
+        with self._lock:
+            if self._sessions.pop(session_id, None) is None:
+                raise SessionNotFound(f"no session {session_id!r} on this hub")

@@ -1,0 +1,3 @@
+from specedge_cli.main import run
+
+run()

@@ -1,0 +1,1 @@
+"""Command modules of `specedge`, one per command group."""

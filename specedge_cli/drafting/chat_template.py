@@ -1,0 +1,63 @@
+"""Turning chat messages into the token ids the hub sees.
+
+A GGUF that carries `tokenizer.chat_template` is rendered with it; otherwise a named built-in
+template (a preset names one) or a plain `User:`/`Assistant:` layout.
+"""
+
+from __future__ import annotations
+
+from jinja2.sandbox import ImmutableSandboxedEnvironment
+
+BUILTIN_TEMPLATES = {
+    "gemma": (
+        "{{ bos_token }}"
+        "{% for m in messages if m.role != 'system' %}"
+        "{% set role = 'model' if m.role == 'assistant' else 'user' %}"
+        "<start_of_turn>{{ role }}\n"
+        "{% if loop.first and system %}{{ system }}\n\n{% endif %}"
+        "{{ m.content }}<end_of_turn>\n"
+        "{% endfor %}"
+        "{% if add_generation_prompt %}<start_of_turn>model\n{% endif %}"
+    ),
+    "plain": (
+        "{{ bos_token }}{% if system %}{{ system }}\n\n{% endif %}"
+        "{% for m in messages if m.role != 'system' %}"
+        "{{ 'User' if m.role == 'user' else 'Assistant' }}: {{ m.content }}\n"
+        "{% endfor %}"
+        "{% if add_generation_prompt %}Assistant:{% endif %}"
+    ),
+}
+
+# Stands in for the last reply when working out what a new turn adds to the context.
+_REPLY_MARK = "\x00specedge-reply\x00"
+
+
+class ChatTemplate:
+    def __init__(self, source: str, bos_token: str, eos_token: str):
+        env = ImmutableSandboxedEnvironment(trim_blocks=False, lstrip_blocks=False)
+        self._template = env.from_string(source)
+        self._bos_token = bos_token
+        self._eos_token = eos_token
+
+    def render(self, messages: list[dict], add_generation_prompt: bool = True) -> str:
+        system = next((m["content"] for m in messages if m["role"] == "system"), "")
+        return self._template.render(
+            messages=messages, system=system, add_generation_prompt=add_generation_prompt,
+            bos_token=self._bos_token, eos_token=self._eos_token,
+        )
+
+    def first_turn_text(self, messages: list[dict]) -> str:
+        """The whole prompt of a conversation's first turn."""
+        return self.render(messages)
+
+    def next_turn_text(self, messages: list[dict], reply_stop_text: str) -> str:
+        """What a later turn appends after the tokens already in the context.
+
+        messages ends with [..., assistant reply, new user message]; the context already holds
+        everything up to the end of the reply (and its stop token, whose text is given).
+        """
+        marked = [*messages[:-2], {"role": "assistant", "content": _REPLY_MARK}, messages[-1]]
+        text = self.render(marked).split(_REPLY_MARK, 1)[1]
+        if reply_stop_text and text.startswith(reply_stop_text):
+            text = text[len(reply_stop_text):]
+        return text

@@ -1,0 +1,58 @@
+"""Errors the `specedge` command reports as one line that says what to do.
+
+    SpecEdgeError              base: a message for the user and an exit code
+    ├── ModelFileError         draft model missing, corrupt or unloadable
+    ├── ModelDownloadError     a preset could not be fetched or failed its checksum
+    └── HubError               anything the hub said or did not say
+        ├── HubUnreachable     no answer from the hub URL
+        ├── HubRejected        the hub answered 4xx (bad input, vocabulary mismatch, ...)
+        ├── SessionLost        the hub no longer knows our session
+        └── HubBusy            the hub is full for now (429, with a retry time)
+
+httpx and llama.cpp errors are translated where they enter (`remote/client.py`,
+`drafting/engine.py`); the command root prints them and exits. Tracebacks only with
+SPECEDGE_DEBUG=1.
+"""
+
+from __future__ import annotations
+
+
+class SpecEdgeError(Exception):
+    exit_code = 1
+
+    def __init__(self, message: str):
+        super().__init__(message)
+        self.message = message
+
+
+class ModelFileError(SpecEdgeError):
+    pass
+
+
+class ModelDownloadError(SpecEdgeError):
+    pass
+
+
+class HubError(SpecEdgeError):
+    pass
+
+
+class HubUnreachable(HubError):
+    pass
+
+
+class HubRejected(HubError):
+    def __init__(self, message: str, status: int, code: str):
+        super().__init__(message)
+        self.status = status
+        self.code = code
+
+
+class SessionLost(HubRejected):
+    pass
+
+
+class HubBusy(HubRejected):
+    def __init__(self, message: str, status: int, code: str, retry_after_s: float):
+        super().__init__(message, status, code)
+        self.retry_after_s = retry_after_s

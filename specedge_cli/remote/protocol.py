@@ -1,0 +1,78 @@
+"""The client's side of the wire format (docs/protocol.md); tests prove it matches the hub's.
+
+Plain dataclasses: the client does not need a validation library to speak to a hub.
+"""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass, field, fields
+
+PROTOCOL_VERSION = 1
+
+
+class _Message:
+    def to_json(self) -> dict:
+        return asdict(self)
+
+    @classmethod
+    def from_json(cls, body: dict):
+        names = {f.name for f in fields(cls)}
+        return cls(**{key: value for key, value in body.items() if key in names})
+
+
+@dataclass(frozen=True)
+class Sampling(_Message):
+    temperature: float = 0.0
+    seed: int = 0
+
+
+@dataclass(frozen=True)
+class OpenSessionRequest(_Message):
+    vocab_size: int
+    vocab_fingerprint: str
+    draft_model: str = ""
+    sampling: Sampling = field(default_factory=Sampling)
+    stop_token_ids: list[int] = field(default_factory=list)
+    protocol_version: int = PROTOCOL_VERSION
+
+
+@dataclass(frozen=True)
+class OpenSessionResponse(_Message):
+    session_id: str
+    model: str
+    max_draft_tokens: int
+    max_context: int
+
+
+@dataclass(frozen=True)
+class FeedRequest(_Message):
+    tokens: list[int]
+
+
+@dataclass(frozen=True)
+class FeedResponse(_Message):
+    context_len: int
+
+
+@dataclass(frozen=True)
+class VerifyRequest(_Message):
+    tokens: list[int]
+    draft: list[int]
+
+
+@dataclass(frozen=True)
+class VerifyResponse(_Message):
+    accepted: int
+    tokens: list[int]
+    context_len: int
+    verify_ms: float
+
+
+@dataclass(frozen=True)
+class HubInfo(_Message):
+    protocol_version: int
+    model: str
+    vocab_size: int
+    vocab_fingerprint: str
+    max_draft_tokens: int
+    max_context: int
