@@ -1,0 +1,136 @@
+"""Shared fixtures: tiny models built at test time, a real hub on loopback, and the target
+model decoding alone (the reference every decoding test compares against)."""
+
+from __future__ import annotations
+
+import os
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import httpx
+import pytest
+import torch
+
+from hub_server.verify import position_uniform, sample_row
+from tests.tiny_models import TinyModel, build_tiny_model, build_tokenizer
+
+REPO = Path(__file__).resolve().parent.parent
+
+
+@pytest.fixture(autouse=True)
+def specedge_home(tmp_path, monkeypatch):
+    """Keep every test's config, data and models in its own folder, and no hub from the environment."""
+    monkeypatch.setenv("SPECEDGE_HOME", str(tmp_path / "specedge-home"))
+    monkeypatch.delenv("SPECEDGE_HUB", raising=False)
+    monkeypatch.delenv("SPECEDGE_TOKEN", raising=False)
+
+
+@pytest.fixture(scope="session")
+def tiny_dir(tmp_path_factory) -> Path:
+    return tmp_path_factory.mktemp("tiny")
+
+
+@pytest.fixture(scope="session")
+def tiny_tokenizer(tiny_dir) -> Path:
+    return build_tokenizer(tiny_dir / "tokenizer")
+
+
+@pytest.fixture(scope="session")
+def tiny(tiny_dir, tiny_tokenizer) -> TinyModel:
+    """The tiny target; its GGUF f32 copy is the perfect draft, its q8_0 copy an imperfect one."""
+    return build_tiny_model(tiny_dir / "target", seed=0, tokenizer_dir=tiny_tokenizer)
+
+
+@pytest.fixture(scope="session")
+def unrelated(tiny_dir, tiny_tokenizer) -> TinyModel:
+    """Another random model with the same tokenizer: near-zero acceptance."""
+    return build_tiny_model(tiny_dir / "unrelated", seed=1, tokenizer_dir=tiny_tokenizer)
+
+
+def free_port() -> int:
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        return probe.getsockname()[1]
+
+
+class RunningHub:
+    """`python -m hub_server serve` as a child process on a loopback port."""
+
+    def __init__(self, model: Path, cache_dir: Path, *extra: str):
+        self.url = f"http://127.0.0.1:{free_port()}"
+        port = self.url.rsplit(":", 1)[1]
+        self.log = cache_dir / f"hub-{port}.log"
+        cache_dir.mkdir(parents=True, exist_ok=True)
+        self.process = subprocess.Popen(
+            [sys.executable, "-m", "hub_server", "serve", "--model", str(model), "--port", port,
+             "--cache-dir", str(cache_dir), *extra],
+            cwd=REPO, stdout=self.log.open("wb"), stderr=subprocess.STDOUT,
+        )
+        self._wait_ready()
+
+    def _wait_ready(self, timeout_s: float = 120) -> None:
+        deadline = time.monotonic() + timeout_s
+        while time.monotonic() < deadline:
+            assert self.process.poll() is None, self.log.read_text()
+            try:
+                if httpx.get(f"{self.url}/health", timeout=1).status_code == 200:
+                    return
+            except httpx.TransportError:
+                pass
+            time.sleep(0.1)
+        raise TimeoutError(self.log.read_text())
+
+    def stop(self) -> None:
+        self.process.terminate()
+        self.process.wait(timeout=30)
+
+
+@pytest.fixture(scope="session")
+def hub(tiny, tmp_path_factory):
+    """A real hub serving the tiny target (its Hugging Face folder) on loopback."""
+    running = RunningHub(tiny.hf_dir, tmp_path_factory.mktemp("hub-cache"), "--max-draft-tokens", "16")
+    yield running
+    running.stop()
+
+
+class TargetAlone:
+    """The target model decoding by itself: full recomputation, no cache, no draft."""
+
+    def __init__(self, model):
+        self.model = model
+
+    @torch.inference_mode()
+    def next_logits(self, context: list[int]) -> torch.Tensor:
+        return self.model(input_ids=torch.tensor([context])).logits[0, -1].float()
+
+    def decode(self, context: list[int], max_tokens: int, stop_ids: frozenset[int] = frozenset(),
+               temperature: float = 0.0, seed: int = 0) -> list[int]:
+        context = list(context)
+        generated: list[int] = []
+        while len(generated) < max_tokens:
+            logits = self.next_logits(context)
+            if temperature == 0.0:
+                token = int(logits.argmax())
+            else:
+                token = sample_row(logits, temperature, position_uniform(seed, len(context)))
+            context.append(token)
+            generated.append(token)
+            if token in stop_ids:
+                break
+        return generated
+
+
+@pytest.fixture(scope="session")
+def target_alone(tiny) -> TargetAlone:
+    from transformers import AutoModelForCausalLM
+
+    return TargetAlone(AutoModelForCausalLM.from_pretrained(str(tiny.hf_dir), dtype=torch.float32).eval())
+
+
+def run_specedge(*args: str, env_extra: dict | None = None, timeout: float = 300) -> subprocess.CompletedProcess:
+    env = {**os.environ, **(env_extra or {})}
+    return subprocess.run([sys.executable, "-m", "specedge_cli", *args], cwd=REPO, env=env,
+                          capture_output=True, text=True, timeout=timeout)

@@ -1,0 +1,100 @@
+"""`specedge chat` as a user runs it: a real process, a real hub, real models."""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+
+import pytest
+import torch
+
+from hub_server.config import default_cache_dir
+from hub_server.loading import load_target
+from specedge_cli.drafting.engine import DraftEngine
+from tests.conftest import TargetAlone, run_specedge
+
+
+def chat_json(*args: str, env_extra: dict | None = None) -> dict:
+    result = run_specedge("chat", "--json", *args, env_extra=env_extra)
+    assert result.returncode == 0, result.stderr
+    return json.loads(result.stdout)
+
+
+def test_prompt_json_through_a_separate_hub_equals_target_greedy(tiny, hub, target_alone):
+    out = chat_json("--prompt", "the dog ran", "--hub", hub.url, "--model", str(tiny.gguf_q8),
+                    "--temperature", "0", "--max-tokens", "24", "--draft-len", "4")
+    assert set(out) == {"text", "token_ids", "prompt_token_ids", "model", "hub", "stats"}
+    assert set(out["stats"]) == {"verify_rounds", "draft_tokens", "accepted_tokens", "tokens_per_verify",
+                                 "ttft_ms", "itl_ms", "tokens_per_s"}
+    assert out["hub"] == hub.url and out["model"] == tiny.gguf_q8.name
+    assert out["token_ids"] == target_alone.decode(out["prompt_token_ids"], 24)
+    assert out["stats"]["tokens_per_verify"] == pytest.approx(len(out["token_ids"]) / out["stats"]["verify_rounds"], abs=1e-3)
+
+
+def test_hub_from_environment(tiny, hub):
+    out = chat_json("--prompt", "hi", "--model", str(tiny.gguf_f32), "--max-tokens", "4",
+                    env_extra={"SPECEDGE_HUB": hub.url})
+    assert out["hub"] == hub.url
+
+
+def test_embedded_hub_when_none_is_configured(tiny, target_alone):
+    result = run_specedge("chat", "--json", "--prompt", "a b c", "--model", str(tiny.gguf_f32), "--max-tokens", "12")
+    assert result.returncode == 0, result.stderr
+    assert "embedded hub" in result.stderr
+    out = json.loads(result.stdout)
+    assert out["hub"].startswith("http://127.0.0.1:")
+    # The embedded hub serves the draft's own GGUF as target: identical to the tiny target's weights.
+    assert out["token_ids"] == target_alone.decode(out["prompt_token_ids"], 12)
+
+
+def test_interactive_chat_reads_turns_until_bye(tiny, hub):
+    import subprocess
+    import sys
+
+    from tests.conftest import REPO
+
+    result = subprocess.run(
+        [sys.executable, "-m", "specedge_cli", "chat", "--hub", hub.url, "--model", str(tiny.gguf_f32), "--max-tokens", "6"],
+        input="hello there\nsecond turn\n/bye\nnever sent\n", capture_output=True, text=True, cwd=REPO,
+        env={**os.environ}, timeout=120,
+    )
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.count(">>> ") == 3
+    assert result.stderr.count("tok/verify") == 2
+
+
+def test_errors_are_one_line_without_traceback(tiny, hub):
+    result = run_specedge("chat", "--prompt", "x", "--hub", "http://127.0.0.1:9", "--model", str(tiny.gguf_f32))
+    assert result.returncode == 1
+    assert "cannot reach the hub at http://127.0.0.1:9" in result.stderr
+    assert "Traceback" not in result.stderr
+    result = run_specedge("chat", "--prompt", "x", "--hub", hub.url, "--model", "/nonexistent/draft.gguf")
+    assert result.returncode == 1 and "does not exist" in result.stderr and "Traceback" not in result.stderr
+    result = run_specedge("chat", "--prompt", "x", "--hub", hub.url, "--model", "no-such-preset")
+    assert result.returncode == 1 and "unknown model" in result.stderr
+
+
+def test_vocabulary_mismatch_names_both_models(hub, tmp_path):
+    gemma = _gemma_path()
+    result = run_specedge("chat", "--prompt", "x", "--hub", hub.url, "--model", str(gemma))
+    assert result.returncode == 1
+    assert "vocabulary" in result.stderr and gemma.name in result.stderr and "Traceback" not in result.stderr
+
+
+def _gemma_path() -> Path:
+    from specedge_cli.models import resolve_model
+
+    return resolve_model("gemma3-270m", Path(os.environ["SPECEDGE_HOME"]) / "models").path
+
+
+@pytest.mark.gemma
+def test_default_gemma_pair_through_embedded_hub_equals_target_greedy():
+    """The real default models: `specedge chat` with no hub, compared with the target alone."""
+    out = chat_json("--prompt", "The capital of France is", "--max-tokens", "16")
+    assert out["model"] == "gemma-3-270m-Q4_K_M.gguf"
+    gemma = _gemma_path()
+    target = TargetAlone(load_target(gemma, "cpu", torch.float32, default_cache_dir()))
+    stop = frozenset(DraftEngine(gemma, n_ctx=256).stop_token_ids())
+    assert out["token_ids"] == target.decode(out["prompt_token_ids"], 16, stop)
+    assert out["stats"]["tokens_per_verify"] > 2

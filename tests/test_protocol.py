@@ -1,0 +1,58 @@
+"""The client's and the hub's copies of the wire format agree, field for field."""
+
+from dataclasses import fields
+
+import pytest
+
+from hub_server import protocol as hub_wire
+from specedge_cli.remote import protocol as client_wire
+
+PAIRS = [
+    (client_wire.Sampling, hub_wire.Sampling),
+    (client_wire.OpenSessionRequest, hub_wire.OpenSessionRequest),
+    (client_wire.OpenSessionResponse, hub_wire.OpenSessionResponse),
+    (client_wire.FeedRequest, hub_wire.FeedRequest),
+    (client_wire.FeedResponse, hub_wire.FeedResponse),
+    (client_wire.VerifyRequest, hub_wire.VerifyRequest),
+    (client_wire.VerifyResponse, hub_wire.VerifyResponse),
+    (client_wire.HubInfo, hub_wire.HubInfo),
+]
+
+
+def test_versions_agree():
+    assert client_wire.PROTOCOL_VERSION == hub_wire.PROTOCOL_VERSION
+
+
+@pytest.mark.parametrize("client_cls, hub_cls", PAIRS, ids=lambda c: c.__name__)
+def test_same_field_names(client_cls, hub_cls):
+    assert {f.name for f in fields(client_cls)} == set(hub_cls.model_fields)
+
+
+def test_client_requests_validate_on_the_hub():
+    request = client_wire.OpenSessionRequest(
+        vocab_size=512, vocab_fingerprint="ab" * 32, draft_model="draft.gguf",
+        sampling=client_wire.Sampling(temperature=0.7, seed=11), stop_token_ids=[2],
+    )
+    parsed = hub_wire.OpenSessionRequest.model_validate(request.to_json())
+    assert parsed.sampling.temperature == 0.7 and parsed.sampling.seed == 11
+    assert parsed.protocol_version == hub_wire.PROTOCOL_VERSION
+    verify = hub_wire.VerifyRequest.model_validate(client_wire.VerifyRequest(tokens=[1, 2], draft=[3]).to_json())
+    assert (verify.tokens, verify.draft) == ([1, 2], [3])
+    assert hub_wire.FeedRequest.model_validate(client_wire.FeedRequest(tokens=[5]).to_json()).tokens == [5]
+
+
+def test_hub_responses_parse_on_the_client():
+    response = hub_wire.VerifyResponse(accepted=2, tokens=[4, 5, 6], context_len=30, verify_ms=1.5)
+    assert client_wire.VerifyResponse.from_json(response.model_dump()) == client_wire.VerifyResponse(2, [4, 5, 6], 30, 1.5)
+    opened = hub_wire.OpenSessionResponse(session_id="s", model="m", max_draft_tokens=8, max_context=100)
+    assert client_wire.OpenSessionResponse.from_json(opened.model_dump()).session_id == "s"
+    info = hub_wire.HubInfo(protocol_version=1, model="m", vocab_size=3, vocab_fingerprint="f",
+                            max_draft_tokens=8, max_context=100)
+    assert client_wire.HubInfo.from_json(info.model_dump()) == client_wire.HubInfo(1, "m", 3, "f", 8, 100)
+
+
+def test_hub_refuses_unknown_and_mistyped_fields():
+    with pytest.raises(ValueError):
+        hub_wire.VerifyRequest.model_validate({"tokens": [1], "draft": [2], "extra": 1})
+    with pytest.raises(ValueError):
+        hub_wire.VerifyRequest.model_validate({"tokens": ["1"], "draft": []})
