@@ -29,6 +29,8 @@ def serve(
     max_draft_tokens: Annotated[int, typer.Option(help="Longest draft one verify may carry.")] = 64,
     max_context: Annotated[int, typer.Option(help="Context limit per session; 0 uses the model's.")] = 0,
     max_sessions: Annotated[int, typer.Option(help="Sessions served at once.")] = 64,
+    max_batch: Annotated[int, typer.Option(help="Sessions verified in one forward pass.")] = 16,
+    batch_wait_ms: Annotated[float, typer.Option(help="Longest wait for a fuller batch, in ms.")] = 2.0,
     cache_dir: Annotated[Optional[Path], typer.Option(help="Where converted GGUF targets are kept.")] = None,
 ) -> None:
     """Run the hub."""
@@ -42,7 +44,8 @@ def serve(
     try:
         settings = HubSettings(model=model, host=host, port=port, device=device, dtype=dtype,
                                max_draft_tokens=max_draft_tokens, max_context=max_context,
-                               max_sessions=max_sessions, cache_dir=cache_dir)
+                               max_sessions=max_sessions, max_batch=max_batch,
+                               batch_wait_ms=batch_wait_ms, cache_dir=cache_dir)
     except ValueError as exc:
         raise typer.BadParameter(str(exc)) from exc
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")

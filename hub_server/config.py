@@ -35,6 +35,8 @@ class HubSettings:
     max_draft_tokens: int = 64           # longest draft one verify may carry
     max_context: int = 0                 # 0: the model's own limit
     max_sessions: int = 64
+    max_batch: int = 16                  # sessions verified in one forward pass
+    batch_wait_ms: float = 2.0           # longest wait for a fuller batch
     cache_dir: Path | None = None        # where converted GGUF targets are kept
 
     def __post_init__(self) -> None:
@@ -44,5 +46,7 @@ class HubSettings:
             raise ValueError(f"--dtype must be one of {', '.join(DTYPES)}, not {self.dtype!r}")
         if not 0 < self.port < 65536 and self.port != 0:
             raise ValueError(f"--port must be between 1 and 65535, not {self.port}")
+        if self.max_batch < 1:
+            raise ValueError("--max-batch must be at least 1")
         if self.max_draft_tokens < 1:
             raise ValueError("--max-draft-tokens must be at least 1")

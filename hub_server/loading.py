@@ -88,7 +88,8 @@ def load_target(model_path: Path, device: str, dtype: torch.dtype, cache_dir: Pa
         folder = _converted_gguf(model_path, dtype, cache_dir)
     else:
         folder = model_path
-    model = AutoModelForCausalLM.from_pretrained(str(folder), dtype=dtype)
+    # sdpa takes the boolean 4D masks the runner builds for batched tree verification.
+    model = AutoModelForCausalLM.from_pretrained(str(folder), dtype=dtype, attn_implementation="sdpa")
     return model.to(device).eval()
 
 

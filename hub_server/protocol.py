@@ -54,6 +54,8 @@ class VerifyRequest(_Body):
     # Tokens to append to the context before the draft: the previous bonus token, or a new turn.
     tokens: list[int] = Field(default_factory=list)
     draft: list[int] = Field(default_factory=list)
+    # The draft as a tree: parents[i] is node i's parent index, -1 for the context. None: a chain.
+    parents: list[int] | None = None
 
 
 class VerifyResponse(_Body):

@@ -2,10 +2,15 @@
 
 from __future__ import annotations
 
+import time
+
 from hub_server import protocol as wire
 from hub_server.config import HubSettings
 from hub_server.errors import BadRequest, ContextTooLong, HubFull, VocabMismatch
+from hub_server.runner import VerifyJob
+from hub_server.scheduler import Scheduler
 from hub_server.sessions import SessionStore
+from hub_server.verify import chain_parents, node_depths, tree_problem
 
 
 class Hub:
@@ -13,6 +18,8 @@ class Hub:
         self.settings = settings
         self.runner = runner
         self.sessions = SessionStore()
+        self.scheduler = Scheduler(runner.verify_batch, max_batch=settings.max_batch,
+                                   max_wait_s=settings.batch_wait_ms / 1000)
 
     def info(self) -> wire.HubInfo:
         return wire.HubInfo(
@@ -60,27 +67,41 @@ class Hub:
     def verify(self, session_id: str, request: wire.VerifyRequest) -> wire.VerifyResponse:
         session = self.sessions.get(session_id)
         with session.lock:
-            self._check_ids(request.tokens, "tokens")
-            self._check_ids(request.draft, "draft")
-            if len(request.draft) > self.settings.max_draft_tokens:
-                raise BadRequest(
-                    f"draft of {len(request.draft)} tokens is longer than this hub's limit of "
-                    f"{self.settings.max_draft_tokens}; send shorter drafts"
-                )
+            parents = self._check_draft(request)
             if not session.context and not request.tokens:
                 raise BadRequest("the session has no context yet: send the prompt in `tokens` or feed it first")
             # +1 for the bonus token the verify adds.
-            self._check_room(len(session.context) + len(request.tokens) + len(request.draft) + 1)
+            self._check_room(len(session.context) + len(request.tokens) + max(node_depths(parents), default=0) + 1)
             session.context.extend(request.tokens)
-            accepted, emitted, seconds = self.runner.verify(
-                session.kv, session.context, request.draft,
+            job = VerifyJob(
+                session.kv, session.context[session.kv.length:], request.draft, parents,
                 session.temperature, session.seed, session.stop_token_ids,
             )
-            session.context.extend(emitted)
+            started = time.perf_counter()
+            self.scheduler.submit(job).result()
+            session.context.extend(job.emitted)
             return wire.VerifyResponse(
-                accepted=accepted,
-                tokens=emitted, context_len=len(session.context), verify_ms=seconds * 1000,
+                accepted=len(job.path), tokens=job.emitted, context_len=len(session.context),
+                verify_ms=(time.perf_counter() - started) * 1000,
             )
+
+    def _check_draft(self, request: wire.VerifyRequest) -> list[int]:
+        """The draft's parents (a chain when none are given), once the draft is known to be sound."""
+        self._check_ids(request.tokens, "tokens")
+        self._check_ids(request.draft, "draft")
+        if len(request.draft) > self.settings.max_draft_tokens:
+            raise BadRequest(
+                f"draft of {len(request.draft)} tokens is longer than this hub's limit of "
+                f"{self.settings.max_draft_tokens}; send shorter drafts"
+            )
+        if request.parents is None:
+            return chain_parents(len(request.draft))
+        if len(request.parents) != len(request.draft):
+            raise BadRequest(f"parents has {len(request.parents)} entries for {len(request.draft)} draft tokens; send one per token")
+        problem = tree_problem(request.parents)
+        if problem:
+            raise BadRequest(problem)
+        return request.parents
 
     def close(self, session_id: str) -> None:
         self.sessions.remove(session_id)

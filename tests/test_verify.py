@@ -14,7 +14,7 @@ def one_hot_logits(tokens: list[int], vocab: int = 10) -> torch.Tensor:
 
 
 def test_greedy_choices_are_argmax():
-    assert target_choices(one_hot_logits([3, 1, 4]), 0.0, seed=0, first_position=0) == [3, 1, 4]
+    assert target_choices(one_hot_logits([3, 1, 4]), 0.0, seed=0, positions=[0, 1, 2]) == [3, 1, 4]
 
 
 def test_accepts_longest_matching_prefix_then_bonus():
@@ -58,6 +58,6 @@ def test_sample_row_follows_the_cdf():
 
 def test_sampled_choice_does_not_depend_on_round_split():
     logits = torch.randn(4, 50, generator=torch.Generator().manual_seed(0))
-    whole = target_choices(logits, 0.8, seed=3, first_position=10)
-    split = target_choices(logits[:2], 0.8, 3, 10) + target_choices(logits[2:], 0.8, 3, 12)
+    whole = target_choices(logits, 0.8, seed=3, positions=[10, 11, 12, 13])
+    split = target_choices(logits[:2], 0.8, 3, [10, 11]) + target_choices(logits[2:], 0.8, 3, [12, 13])
     assert whole == split

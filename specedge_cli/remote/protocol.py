@@ -58,6 +58,7 @@ class FeedResponse(_Message):
 class VerifyRequest(_Message):
     tokens: list[int]
     draft: list[int]
+    parents: list[int] | None = None
 
 
 @dataclass(frozen=True)

@@ -1,0 +1,156 @@
+"""The model runner: batched and tree verification against the target decoding alone.
+
+Two tiny targets: the Llama of the other tests (full attention) and a random Gemma 3 with a
+sliding window of 8 tokens, so contexts pass the window and the sliding-layer masks are tested.
+"""
+
+from __future__ import annotations
+
+import shutil
+
+import pytest
+import torch
+
+from hub_server.config import HubSettings
+from hub_server.runner import ModelRunner, VerifyJob
+from hub_server.verify import chain_parents
+from tests.conftest import TargetAlone
+
+NO_STOP = frozenset()
+
+
+@pytest.fixture(scope="module")
+def gemma_dir(tiny, tmp_path_factory):
+    from transformers import AutoModelForCausalLM, Gemma3TextConfig
+
+    config = Gemma3TextConfig(
+        vocab_size=512, hidden_size=64, intermediate_size=128, num_hidden_layers=4,
+        num_attention_heads=4, num_key_value_heads=2, head_dim=16, sliding_window=8,
+        layer_types=["sliding_attention", "sliding_attention", "full_attention", "sliding_attention"],
+        max_position_embeddings=1024, bos_token_id=1, eos_token_id=2, pad_token_id=0,
+    )
+    torch.manual_seed(5)
+    model = AutoModelForCausalLM.from_config(config)
+    with torch.no_grad():
+        for param in model.parameters():
+            if param.dim() == 2:
+                param.normal_(0, 0.3)
+    folder = tmp_path_factory.mktemp("gemma-tiny")
+    model.save_pretrained(str(folder))
+    for name in ("tokenizer.model", "tokenizer_config.json"):
+        shutil.copy(tiny.hf_dir / name, folder / name)
+    return folder
+
+
+@pytest.fixture(scope="module", params=["llama", "gemma-sliding"])
+def target(request, tiny, gemma_dir):
+    folder = tiny.hf_dir if request.param == "llama" else gemma_dir
+    runner = ModelRunner(HubSettings(model=str(folder)))
+    return runner, TargetAlone(runner.model)
+
+
+def greedy(target_alone: TargetAlone, context: list[int], n: int) -> list[int]:
+    return target_alone.decode(context, n)
+
+
+def prefilled(runner: ModelRunner, context: list[int]):
+    kv = runner.new_kv()
+    runner.prefill(kv, context)
+    return kv
+
+
+def job(runner, kv, context, draft, parents=None, temperature=0.0, seed=0) -> VerifyJob:
+    parents = chain_parents(len(draft)) if parents is None else parents
+    return VerifyJob(kv, context[kv.length:], draft, parents, temperature, seed, NO_STOP)
+
+
+CONTEXTS = [[1, 40, 41, 42], [1, 7] * 9, [1, 300, 301, 302, 303, 304, 305, 306, 307, 308, 309, 310, 311, 312]]
+
+
+def test_batched_verify_equals_one_session_at_a_time(target):
+    runner, _ = target
+    drafts = [[5, 6, 7], [9], [11, 12, 13, 14, 15, 16]]
+    alone = []
+    for context, draft in zip(CONTEXTS, drafts):
+        single = job(runner, prefilled(runner, context), context, draft)
+        runner.verify_batch([single])
+        alone.append(single)
+    together = [job(runner, prefilled(runner, c), c, d) for c, d in zip(CONTEXTS, drafts)]
+    runner.verify_batch(together)
+    for a, t in zip(alone, together):
+        assert (a.path, a.emitted) == (t.path, t.emitted)
+        assert a.kv.length == t.kv.length
+        for layer in range(len(runner.layer_types)):
+            torch.testing.assert_close(a.kv.keys[layer], t.kv.keys[layer], atol=1e-4, rtol=1e-4)
+
+
+def test_batched_rounds_decode_exactly_like_the_target_alone(target):
+    """Several sessions decode 30 tokens each through batched verifies with perfect drafts."""
+    runner, target_alone = target
+    expected = [greedy(target_alone, c, 30) for c in CONTEXTS]
+    contexts = [list(c) for c in CONTEXTS]
+    slots = [prefilled(runner, c) for c in contexts]
+    generated = [[] for _ in contexts]
+    round_number = 0
+    while min(len(g) for g in generated) < 30:
+        jobs = []
+        for i, (context, kv) in enumerate(zip(contexts, slots)):
+            # Perfect drafts of varying length, with one wrong token now and then.
+            want = expected[i][len(generated[i]): len(generated[i]) + 1 + (i + round_number) % 4]
+            draft = list(want)
+            if round_number % 3 == i % 3 and draft:
+                draft[-1] = (draft[-1] + 1) % 512
+            jobs.append(job(runner, kv, context, draft))
+        runner.verify_batch(jobs)
+        for i, j in enumerate(jobs):
+            contexts[i].extend(j.emitted)
+            generated[i].extend(j.emitted)
+        round_number += 1
+    for g, e in zip(generated, expected):
+        assert g[:30] == e
+
+
+def test_tree_picks_the_matching_branch_and_compacts_the_cache(target):
+    runner, target_alone = target
+    context = CONTEXTS[1]
+    truth = greedy(target_alone, context, 4)
+    wrong = [(t + 3) % 512 for t in truth]
+    # root -> wrong0 ; root -> truth0 -> wrong1 ; truth0 -> truth1 -> truth2 ; truth1 -> wrong2
+    tokens = [wrong[0], truth[0], wrong[1], truth[1], truth[2], wrong[2]]
+    parents = [-1, -1, 1, 1, 3, 3]
+    tree = job(runner, prefilled(runner, context), context, tokens, parents)
+    runner.verify_batch([tree])
+    assert tree.path == [1, 3, 4]
+    assert tree.emitted == truth[:4]  # three accepted, then the bonus token
+    chain = job(runner, prefilled(runner, context), context, truth[:3])
+    runner.verify_batch([chain])
+    assert chain.emitted == tree.emitted and tree.kv.length == chain.kv.length
+    for layer in range(len(runner.layer_types)):
+        torch.testing.assert_close(tree.kv.keys[layer], chain.kv.keys[layer], atol=1e-4, rtol=1e-4)
+        torch.testing.assert_close(tree.kv.values[layer], chain.kv.values[layer], atol=1e-4, rtol=1e-4)
+    # The compacted cache decodes on exactly like the target alone.
+    next_context = context + tree.emitted
+    follow = job(runner, tree.kv, next_context, greedy(target_alone, next_context, 3))
+    runner.verify_batch([follow])
+    assert follow.emitted == greedy(target_alone, next_context, 4)
+
+
+def test_tree_with_no_accepted_node_emits_the_target_token(target):
+    runner, target_alone = target
+    context = CONTEXTS[0]
+    truth = greedy(target_alone, context, 1)
+    tokens = [(truth[0] + 1) % 512, (truth[0] + 2) % 512, 9]
+    tree = job(runner, prefilled(runner, context), context, tokens, [-1, -1, 0])
+    runner.verify_batch([tree])
+    assert tree.path == [] and tree.emitted == truth
+    assert tree.kv.length == len(context)  # the bonus token stays pending
+
+
+def test_sampled_tree_verify_equals_target_sampling(target):
+    runner, target_alone = target
+    context = CONTEXTS[2]
+    sampled = target_alone.decode(context, 3, temperature=1.0, seed=9)
+    tokens = [(sampled[0] + 5) % 512, sampled[0], sampled[1], (sampled[1] + 1) % 512]
+    tree = job(runner, prefilled(runner, context), context, tokens, [-1, -1, 1, 1], temperature=1.0, seed=9)
+    runner.verify_batch([tree])
+    assert tree.emitted == sampled

@@ -1,0 +1,93 @@
+"""The verify scheduler with simulated forward passes: batching, bounded waits, fairness."""
+
+from __future__ import annotations
+
+import threading
+import time
+
+from hub_server.scheduler import Scheduler
+
+
+class SimulatedRunner:
+    """Stands in for the device: each batch takes a fixed time and is recorded."""
+
+    def __init__(self, seconds_per_batch: float):
+        self.seconds_per_batch = seconds_per_batch
+        self.batches: list[list[str]] = []
+
+    def __call__(self, jobs: list[str]) -> None:
+        self.batches.append(list(jobs))
+        time.sleep(self.seconds_per_batch)
+
+
+def test_a_lone_request_runs_after_at_most_the_bounded_wait():
+    runner = SimulatedRunner(0.0)
+    scheduler = Scheduler(runner, max_batch=8, max_wait_s=0.05)
+    assert scheduler.submit("a").result(timeout=5) == "a"
+    assert runner.batches == [["a"]]
+    scheduler.stop()
+
+
+def test_requests_arriving_during_a_batch_form_the_next_batch():
+    runner = SimulatedRunner(0.2)
+    scheduler = Scheduler(runner, max_batch=8, max_wait_s=0.0)
+    first = scheduler.submit("first")
+    time.sleep(0.05)  # "first" is now on the device
+    rest = [scheduler.submit(f"user{i}") for i in range(5)]
+    for future in [first, *rest]:
+        future.result(timeout=5)
+    assert runner.batches == [["first"], [f"user{i}" for i in range(5)]]
+    scheduler.stop()
+
+
+def test_batches_never_exceed_max_batch_and_keep_arrival_order():
+    runner = SimulatedRunner(0.05)
+    scheduler = Scheduler(runner, max_batch=3, max_wait_s=0.0)
+    blocker = scheduler.submit("blocker")
+    time.sleep(0.01)
+    futures = [scheduler.submit(i) for i in range(10)]
+    for future in [blocker, *futures]:
+        future.result(timeout=5)
+    flat = [job for batch in runner.batches[1:] for job in batch]
+    assert flat == list(range(10))
+    assert all(len(batch) <= 3 for batch in runner.batches)
+    scheduler.stop()
+
+
+def test_no_session_starves_under_constant_load():
+    """Eight simulated users loop submit -> wait -> 'draft' for a while; every one progresses."""
+    runner = SimulatedRunner(0.01)
+    scheduler = Scheduler(runner, max_batch=4, max_wait_s=0.002)
+    done = {user: 0 for user in range(8)}
+    deadline = time.monotonic() + 1.0
+
+    def user_loop(user: int) -> None:
+        while time.monotonic() < deadline:
+            scheduler.submit(user).result(timeout=5)
+            done[user] += 1
+            time.sleep(0.005)  # drafting on the edge
+
+    threads = [threading.Thread(target=user_loop, args=(u,)) for u in done]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    scheduler.stop()
+    assert min(done.values()) > 0.5 * max(done.values())
+    assert max(len(batch) for batch in runner.batches) > 1  # users were batched together
+
+
+def test_a_failing_batch_reports_to_its_callers_and_the_worker_survives():
+    def explode(jobs):
+        if "bad" in jobs:
+            raise ValueError("device error")
+
+    scheduler = Scheduler(explode, max_batch=1, max_wait_s=0.0)
+    bad = scheduler.submit("bad")
+    try:
+        bad.result(timeout=5)
+        raise AssertionError("expected the batch error")
+    except ValueError as exc:
+        assert "device error" in str(exc)
+    assert scheduler.submit("good").result(timeout=5) == "good"
+    scheduler.stop()
