@@ -76,10 +76,13 @@ class RunningHub:
         while time.monotonic() < deadline:
             assert self.process.poll() is None, self.log.read_text()
             try:
-                if httpx.get(f"{self.url}/health", timeout=1).status_code == 200:
-                    return
+                health = httpx.get(f"{self.url}/health", timeout=1)
             except httpx.TransportError:
-                pass
+                health = None
+            if health is not None and health.status_code == 200:
+                return
+            if health is not None and health.json().get("status") == "failed":
+                raise RuntimeError(self.log.read_text())
             time.sleep(0.1)
         raise TimeoutError(self.log.read_text())
 
