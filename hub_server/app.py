@@ -11,7 +11,7 @@ from typing import Callable
 
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
-from fastapi.responses import JSONResponse
+from fastapi.responses import JSONResponse, PlainTextResponse, StreamingResponse
 
 from hub_server import protocol as wire
 from hub_server.config import HubSettings
@@ -103,6 +103,16 @@ def create_app(settings: HubSettings, make_runner: Callable[[HubSettings], objec
     @app.post("/v1/sessions/{session_id}/verify")
     def verify(session_id: str, body: wire.VerifyRequest) -> wire.VerifyResponse:
         return state.ready().verify(session_id, body)
+
+    @app.post("/v1/sessions/{session_id}/generate")
+    def generate(session_id: str, body: wire.GenerateRequest) -> StreamingResponse:
+        chunks = state.ready().generate(session_id, body)
+        return StreamingResponse((chunk.model_dump_json() + "\n" for chunk in chunks),
+                                 media_type="application/x-ndjson")
+
+    @app.get("/metrics")
+    def metrics() -> PlainTextResponse:
+        return PlainTextResponse(state.ready().metrics_page(), media_type="text/plain; version=0.0.4")
 
     @app.delete("/v1/sessions/{session_id}", status_code=204)
     def close(session_id: str) -> None:

@@ -29,6 +29,8 @@ def serve(
     max_draft_tokens: Annotated[int, typer.Option(help="Longest draft one verify may carry.")] = 64,
     max_context: Annotated[int, typer.Option(help="Context limit per session; 0 uses the model's.")] = 0,
     max_sessions: Annotated[int, typer.Option(help="Sessions served at once.")] = 64,
+    draft: Annotated[Optional[str], typer.Option(help="A .gguf draft model on the hub, for the server-only speculative mode.")] = None,
+    session_idle_s: Annotated[float, typer.Option(help="Evict sessions idle this many seconds.")] = 600.0,
     max_batch: Annotated[int, typer.Option(help="Sessions verified in one forward pass.")] = 16,
     batch_wait_ms: Annotated[float, typer.Option(help="Longest wait for a fuller batch, in ms.")] = 2.0,
     cache_dir: Annotated[Optional[Path], typer.Option(help="Where converted GGUF targets are kept.")] = None,
@@ -44,7 +46,7 @@ def serve(
     try:
         settings = HubSettings(model=model, host=host, port=port, device=device, dtype=dtype,
                                max_draft_tokens=max_draft_tokens, max_context=max_context,
-                               max_sessions=max_sessions, max_batch=max_batch,
+                               max_sessions=max_sessions, max_batch=max_batch, draft=draft, session_idle_s=session_idle_s,
                                batch_wait_ms=batch_wait_ms, cache_dir=cache_dir)
     except ValueError as exc:
         raise typer.BadParameter(str(exc)) from exc

@@ -35,6 +35,8 @@ class HubSettings:
     max_draft_tokens: int = 64           # longest draft one verify may carry
     max_context: int = 0                 # 0: the model's own limit
     max_sessions: int = 64
+    draft: str | None = None             # a .gguf draft for the server-only speculative mode
+    session_idle_s: float = 600.0        # idle sessions are evicted after this long
     max_batch: int = 16                  # sessions verified in one forward pass
     batch_wait_ms: float = 2.0           # longest wait for a fuller batch
     cache_dir: Path | None = None        # where converted GGUF targets are kept

@@ -10,6 +10,8 @@ to verify drafts, and closes the session. Every body is JSON; every error body i
 
 from __future__ import annotations
 
+from typing import Literal
+
 from pydantic import BaseModel, ConfigDict, Field
 
 PROTOCOL_VERSION = 1
@@ -65,6 +67,22 @@ class VerifyResponse(_Body):
     verify_ms: float       # hub time spent on this request, for the client's figures
 
 
+class GenerateRequest(_Body):
+    """Server-only decoding: the hub produces the tokens itself (the baselines, and users without a GPU)."""
+    mode: Literal["autoregressive", "speculative"] = "autoregressive"
+    tokens: list[int] = Field(default_factory=list)     # appended to the context first
+    max_tokens: int = Field(256, ge=1, le=65536)
+    draft_len: int = Field(8, ge=1, le=64)               # speculative mode: hub-side draft length
+
+
+class GenerateChunk(_Body):
+    """One line of the NDJSON stream a generate request answers; the last has done = true."""
+    tokens: list[int]
+    done: bool = False
+    verifies: int = 0
+    context_len: int = 0
+
+
 class HubInfo(_Body):
     protocol_version: int
     model: str
@@ -72,6 +90,7 @@ class HubInfo(_Body):
     vocab_fingerprint: str
     max_draft_tokens: int
     max_context: int
+    modes: list[str] = Field(default_factory=list)    # serving modes this hub offers
 
 
 class ErrorDetail(_Body):

@@ -2,14 +2,19 @@
 
 from __future__ import annotations
 
+import threading
 import time
+from pathlib import Path
+from typing import Iterator
 
 from hub_server import protocol as wire
 from hub_server.config import HubSettings
 from hub_server.errors import BadRequest, ContextTooLong, HubFull, VocabMismatch
+from hub_server.metrics import HubMetrics
+from hub_server.metrics import render as render_metrics
 from hub_server.runner import VerifyJob
 from hub_server.scheduler import Scheduler
-from hub_server.sessions import SessionStore
+from hub_server.sessions import Session, SessionStore
 from hub_server.verify import chain_parents, node_depths, tree_problem
 
 
@@ -20,13 +25,25 @@ class Hub:
         self.sessions = SessionStore()
         self.scheduler = Scheduler(runner.verify_batch, max_batch=settings.max_batch,
                                    max_wait_s=settings.batch_wait_ms / 1000)
+        self.metrics = HubMetrics()
+        self.drafter = make_drafter(settings)
+        self._evictor = threading.Thread(target=self._evict_idle_forever, name="evictor", daemon=True)
+        self._evictor.start()
 
     def info(self) -> wire.HubInfo:
         return wire.HubInfo(
             protocol_version=wire.PROTOCOL_VERSION, model=self.runner.name,
             vocab_size=self.runner.vocab.size, vocab_fingerprint=self.runner.vocab.fingerprint,
             max_draft_tokens=self.settings.max_draft_tokens, max_context=self.runner.max_context,
+            modes=["specedge", "autoregressive"] + (["speculative"] if self.drafter else []),
         )
+
+    def metrics_page(self) -> str:
+        gauges = {
+            "active_sessions": len(self.sessions), "queue_depth": self.scheduler.queue_depth,
+            "kv_bytes": sum(s.kv.nbytes() for s in self.sessions.all()),
+        }
+        return render_metrics(self.metrics, gauges, self.scheduler.stats)
 
     def open_session(self, request: wire.OpenSessionRequest) -> wire.OpenSessionResponse:
         if request.protocol_version != wire.PROTOCOL_VERSION:
@@ -42,6 +59,8 @@ class Hub:
                 f"({vocab.size} tokens); use a draft model of the target's family"
             )
         self._check_ids(request.stop_token_ids, "stop_token_ids")
+        if len(self.sessions) >= self.settings.max_sessions:
+            self._evict(self.settings.session_idle_s / 10)  # when full, idle sessions go sooner
         if len(self.sessions) >= self.settings.max_sessions:
             raise HubFull(
                 f"the hub serves its maximum of {self.settings.max_sessions} sessions; retry in a few seconds"
@@ -77,13 +96,52 @@ class Hub:
                 session.kv, session.context[session.kv.length:], request.draft, parents,
                 session.temperature, session.seed, session.stop_token_ids,
             )
-            started = time.perf_counter()
-            self.scheduler.submit(job).result()
-            session.context.extend(job.emitted)
+            seconds = self._run(session, job, "specedge")
             return wire.VerifyResponse(
                 accepted=len(job.path), tokens=job.emitted, context_len=len(session.context),
-                verify_ms=(time.perf_counter() - started) * 1000,
+                verify_ms=seconds * 1000,
             )
+
+    def generate(self, session_id: str, request: wire.GenerateRequest) -> Iterator[wire.GenerateChunk]:
+        """Server-only decoding, streamed: autoregressive (one target token per pass) or
+        speculative with the hub's own draft model. Checks run before the first chunk."""
+        session = self.sessions.get(session_id)
+        self._check_ids(request.tokens, "tokens")
+        if request.mode == "speculative" and self.drafter is None:
+            raise BadRequest("this hub has no draft model for the speculative mode; start it with --draft, or use autoregressive")
+        if not session.context and not request.tokens:
+            raise BadRequest("the session has no context yet: send the prompt in `tokens` or feed it first")
+        self._check_room(len(session.context) + len(request.tokens) + request.max_tokens)
+        return self._generate(session, request)
+
+    def _generate(self, session: Session, request: wire.GenerateRequest) -> Iterator[wire.GenerateChunk]:
+        with session.lock:
+            session.context.extend(request.tokens)
+            produced = verifies = 0
+            while produced < request.max_tokens:
+                room = request.max_tokens - produced - 1
+                draft = []
+                if request.mode == "speculative" and room > 0:
+                    draft = self.drafter.draft(session.session_id, session.context, min(request.draft_len, room))
+                job = VerifyJob(session.kv, session.context[session.kv.length:], draft, chain_parents(len(draft)),
+                                session.temperature, session.seed, session.stop_token_ids)
+                self._run(session, job, request.mode)
+                produced += len(job.emitted)
+                verifies += 1
+                yield wire.GenerateChunk(tokens=job.emitted)
+                if job.emitted[-1] in session.stop_token_ids:
+                    break
+            yield wire.GenerateChunk(tokens=[], done=True, verifies=verifies, context_len=len(session.context))
+
+    def _run(self, session: Session, job: VerifyJob, mode: str) -> float:
+        """Queue one verify for the device, apply its result; returns the seconds it took."""
+        started = time.perf_counter()
+        self.scheduler.submit(job).result()
+        session.context.extend(job.emitted)
+        session.last_used = time.monotonic()
+        seconds = time.perf_counter() - started
+        self.metrics.record_verify(mode, seconds, len(job.draft), len(job.path), len(job.emitted))
+        return seconds
 
     def _check_draft(self, request: wire.VerifyRequest) -> list[int]:
         """The draft's parents (a chain when none are given), once the draft is known to be sound."""
@@ -105,6 +163,19 @@ class Hub:
 
     def close(self, session_id: str) -> None:
         self.sessions.remove(session_id)
+        if self.drafter:
+            self.drafter.forget(session_id)
+
+    def _evict(self, max_idle_s: float) -> None:
+        for session in self.sessions.evict_idle(max_idle_s):
+            self.metrics.evicted_sessions += 1
+            if self.drafter:
+                self.drafter.forget(session.session_id)
+
+    def _evict_idle_forever(self) -> None:
+        while True:
+            time.sleep(min(10.0, self.settings.session_idle_s / 4))
+            self._evict(self.settings.session_idle_s)
 
     def _check_ids(self, tokens: list[int], name: str) -> None:
         bad = [t for t in tokens if not 0 <= t < self.runner.vocab_size]
@@ -120,3 +191,12 @@ class Hub:
                 f"the conversation would need {needed} tokens, more than this model's context "
                 f"of {self.runner.max_context}; start a new conversation"
             )
+
+
+def make_drafter(settings: HubSettings):
+    """The hub's own draft model for the speculative mode, when one is configured."""
+    if not settings.draft:
+        return None
+    from hub_server.drafter import HubDrafter
+
+    return HubDrafter(Path(settings.draft).expanduser())

@@ -49,6 +49,19 @@ class SessionStore:
         session.last_used = time.monotonic()
         return session
 
+    def all(self) -> list[Session]:
+        with self._lock:
+            return list(self._sessions.values())
+
+    def evict_idle(self, max_idle_s: float) -> list[Session]:
+        """Drop sessions unused for `max_idle_s`; a client resumes by re-sending its context."""
+        cutoff = time.monotonic() - max_idle_s
+        with self._lock:
+            idle = [s for s in self._sessions.values() if s.last_used < cutoff and not s.lock.locked()]
+            for session in idle:
+                del self._sessions[session.session_id]
+        return idle
+
     def remove(self, session_id: str) -> None:
         with self._lock:
             if self._sessions.pop(session_id, None) is None:

@@ -16,6 +16,8 @@ PAIRS = [
     (client_wire.VerifyRequest, hub_wire.VerifyRequest),
     (client_wire.VerifyResponse, hub_wire.VerifyResponse),
     (client_wire.HubInfo, hub_wire.HubInfo),
+    (client_wire.GenerateRequest, hub_wire.GenerateRequest),
+    (client_wire.GenerateChunk, hub_wire.GenerateChunk),
 ]
 
 
@@ -49,6 +51,10 @@ def test_hub_responses_parse_on_the_client():
     info = hub_wire.HubInfo(protocol_version=1, model="m", vocab_size=3, vocab_fingerprint="f",
                             max_draft_tokens=8, max_context=100)
     assert client_wire.HubInfo.from_json(info.model_dump()) == client_wire.HubInfo(1, "m", 3, "f", 8, 100)
+    chunk = hub_wire.GenerateChunk(tokens=[1, 2], done=True, verifies=3, context_len=9)
+    assert client_wire.GenerateChunk.from_json(chunk.model_dump()) == client_wire.GenerateChunk([1, 2], True, 3, 9)
+    generate = client_wire.GenerateRequest(mode="speculative", tokens=[4], max_tokens=7, draft_len=3)
+    assert hub_wire.GenerateRequest.model_validate(generate.to_json()).mode == "speculative"
 
 
 def test_hub_refuses_unknown_and_mistyped_fields():

@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import json
+from typing import Iterator
+
 import httpx
 
 from specedge_cli.errors import HubBusy, HubRejected, HubUnreachable, SessionLost
@@ -40,6 +43,19 @@ class HubClient:
     def verify(self, session_id: str, tokens: list[int], draft: list[int]) -> wire.VerifyResponse:
         body = wire.VerifyRequest(tokens=tokens, draft=draft).to_json()
         return wire.VerifyResponse.from_json(self._request("POST", f"/v1/sessions/{session_id}/verify", body))
+
+    def generate(self, session_id: str, request: wire.GenerateRequest) -> Iterator[wire.GenerateChunk]:
+        """Server-only decoding: the hub's chunks as they stream in; the last has done = true."""
+        try:
+            with self._http.stream("POST", f"/v1/sessions/{session_id}/generate", json=request.to_json()) as response:
+                if not response.is_success:
+                    response.read()
+                    raise _rejection(response)
+                for line in response.iter_lines():
+                    if line:
+                        yield wire.GenerateChunk.from_json(json.loads(line))
+        except httpx.TransportError as exc:
+            raise HubUnreachable(f"the connection to the hub at {self.base_url} broke ({exc.__class__.__name__})") from exc
 
     def close_session(self, session_id: str) -> None:
         self._request("DELETE", f"/v1/sessions/{session_id}")

@@ -70,6 +70,22 @@ class VerifyResponse(_Message):
 
 
 @dataclass(frozen=True)
+class GenerateRequest(_Message):
+    mode: str = "autoregressive"
+    tokens: list[int] = field(default_factory=list)
+    max_tokens: int = 256
+    draft_len: int = 8
+
+
+@dataclass(frozen=True)
+class GenerateChunk(_Message):
+    tokens: list[int]
+    done: bool = False
+    verifies: int = 0
+    context_len: int = 0
+
+
+@dataclass(frozen=True)
 class HubInfo(_Message):
     protocol_version: int
     model: str
@@ -77,3 +93,4 @@ class HubInfo(_Message):
     vocab_fingerprint: str
     max_draft_tokens: int
     max_context: int
+    modes: list[str] = field(default_factory=list)

@@ -1,0 +1,54 @@
+"""Hub metrics in the Prometheus text format. Plain counters; no client library needed."""
+
+from __future__ import annotations
+
+import threading
+from dataclasses import dataclass, field
+
+
+@dataclass
+class HubMetrics:
+    verifies: int = 0
+    verify_seconds: float = 0.0
+    draft_tokens: int = 0
+    accepted_tokens: int = 0
+    emitted_by_mode: dict[str, int] = field(default_factory=dict)
+    evicted_sessions: int = 0
+    _lock: threading.Lock = field(default_factory=threading.Lock, repr=False)
+
+    def record_verify(self, mode: str, seconds: float, drafted: int, accepted: int, emitted: int) -> None:
+        with self._lock:
+            self.verifies += 1
+            self.verify_seconds += seconds
+            self.draft_tokens += drafted
+            self.accepted_tokens += accepted
+            self.emitted_by_mode[mode] = self.emitted_by_mode.get(mode, 0) + emitted
+
+
+def render(metrics: HubMetrics, gauges: dict[str, float], scheduler_stats) -> str:
+    """The /metrics page. `gauges` holds point-in-time values (sessions, queue depth, KV bytes)."""
+    lines: list[str] = []
+
+    def emit(name: str, kind: str, help_text: str, samples: list[tuple[str, float]]) -> None:
+        lines.append(f"# HELP specedge_{name} {help_text}")
+        lines.append(f"# TYPE specedge_{name} {kind}")
+        lines.extend(f"specedge_{name}{labels} {value:g}" for labels, value in samples)
+
+    emit("active_sessions", "gauge", "Sessions open on the hub.", [("", gauges["active_sessions"])])
+    emit("queue_depth", "gauge", "Verify requests waiting for the device.", [("", gauges["queue_depth"])])
+    emit("kv_bytes", "gauge", "KV memory held by sessions, in bytes.", [("", gauges["kv_bytes"])])
+    emit("batch_size_last", "gauge", "Sessions in the most recent forward pass.", [("", scheduler_stats.last_batch_size)])
+    emit("batches_total", "counter", "Forward passes run for verifies.", [("", scheduler_stats.batches)])
+    emit("batched_jobs_total", "counter", "Verify requests run inside those passes.", [("", scheduler_stats.jobs)])
+    emit("device_busy_seconds_total", "counter", "Seconds the device spent on verify passes.", [("", scheduler_stats.busy_s)])
+    emit("verify_seconds", "summary", "Hub time per verify request, queueing included.",
+         [("_sum", metrics.verify_seconds), ("_count", metrics.verifies)])
+    emit("draft_tokens_total", "counter", "Draft tokens received.", [("", metrics.draft_tokens)])
+    emit("accepted_tokens_total", "counter", "Draft tokens accepted.", [("", metrics.accepted_tokens)])
+    emitted = sum(metrics.emitted_by_mode.values())
+    emit("tokens_per_verify", "gauge", "Mean tokens emitted per verify.",
+         [("", emitted / metrics.verifies if metrics.verifies else 0.0)])
+    emit("emitted_tokens_total", "counter", "Tokens emitted, by serving mode.",
+         [(f'{{mode="{mode}"}}', count) for mode, count in sorted(metrics.emitted_by_mode.items())])
+    emit("evicted_sessions_total", "counter", "Sessions evicted after idling.", [("", metrics.evicted_sessions)])
+    return "\n".join(lines) + "\n"
