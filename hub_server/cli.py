@@ -56,5 +56,55 @@ def serve(
     uvicorn.run(create_app(settings, ModelRunner), host=host, port=port, log_level="warning")
 
 
+@app.command()
+def bench(
+    draft: Annotated[Path, typer.Option(help="Draft .gguf the simulated users (and the hub's speculative mode) draft with.")],
+    model: Annotated[Optional[str], typer.Option(help="Target to start a hub with (omit with --hub).")] = None,
+    hub: Annotated[Optional[str], typer.Option(help="A running hub to measure instead (started with the same --draft).")] = None,
+    clients: Annotated[str, typer.Option(help="Concurrent users; a comma list (1,2,4,8) runs each and plots.")] = "1",
+    rtt_ms: Annotated[float, typer.Option(help="Emulated network round trip, ms.")] = 14.0,
+    max_tokens: Annotated[int, typer.Option(help="Tokens per reply.")] = 64,
+    draft_len: Annotated[int, typer.Option(help="Draft tokens per verify.")] = 8,
+    prompts: Annotated[int, typer.Option(help="How many prompts of the shipped set each user answers.")] = 6,
+    modes: Annotated[str, typer.Option(help="Comma list of specedge,server_only_spec,autoregressive.")] = "specedge,server_only_spec,autoregressive",
+    device: Annotated[str, typer.Option(help="Device of a hub started here.")] = "auto",
+    plot_path: Annotated[Path, typer.Option("--plot", help="Where to draw the PNG plot.")] = Path("hub-bench.png"),
+    as_json: Annotated[bool, typer.Option("--json", help="Print JSON only.")] = False,
+) -> None:
+    """Measure server throughput and latency: SpecEdge against server-only baselines."""
+    import json
+
+    from hub_server.bench import BenchConfig, load_prompts, plot, run_bench
+    from hub_server.local_hub import LocalHub
+
+    if (model is None) == (hub is None):
+        raise typer.BadParameter("give --model to start a hub here, or --hub URL to measure a running one")
+    counts = [int(part) for part in clients.split(",") if part.strip()]
+    chosen_modes = tuple(part.strip() for part in modes.split(",") if part.strip())
+    shipped = load_prompts()[:prompts]
+    with LocalHub.maybe(model, draft, device, max_batch=max(counts)) as local:
+        url = hub or local.url
+        runs = []
+        for count in counts:
+            config = BenchConfig(url, draft, count, rtt_ms, max_tokens, draft_len, shipped)
+            runs.append(run_bench(config, chosen_modes))
+            if not as_json:
+                typer.echo(_bench_table(runs[-1]), err=True)
+    plot(runs, plot_path)
+    result = runs[0] if len(runs) == 1 else {"runs": runs}
+    result["plot"] = str(plot_path)
+    typer.echo(json.dumps(result, indent=None if as_json else 2))
+
+
+def _bench_table(run: dict) -> str:
+    rows = [f"clients={run['config']['clients']} rtt={run['config']['rtt_ms']:g}ms target={run['config']['target']} draft={run['config']['draft']}",
+            f"{'mode':<18}{'server t/s':>11}{'wall t/s':>10}{'tok/verify':>11}{'ITL ms':>9}{'ITL p95':>9}{'TTFT ms':>9}{'busy':>7}"]
+    for mode, m in run["modes"].items():
+        rows.append(f"{mode:<18}{m['server_throughput']:>11.1f}{m['wall_throughput']:>10.1f}{m['tokens_per_verify']:>11.2f}"
+                    f"{m['itl_ms_mean']:>9.1f}{m['itl_ms_p95']:>9.1f}{m['ttft_ms_mean']:>9.0f}{m['hub_busy_fraction']:>7.0%}")
+    rows.append(f"ratios: {run['ratios']}  bound: {run['bound']}")
+    return "\n".join(rows)
+
+
 if __name__ == "__main__":
     app()

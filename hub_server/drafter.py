@@ -43,6 +43,14 @@ class HubDrafter:
             drafted.append(self._argmax(llm))
         return drafted[:length]
 
+    def tokenize(self, text: str) -> list[int]:
+        return self._context("__vocabulary__").tokenize(text.encode("utf-8"), add_bos=True, special=False)
+
+    def stop_token_ids(self) -> frozenset[int]:
+        llm = self._context("__vocabulary__")
+        vocab = self._lib.llama_model_get_vocab(llm.model)
+        return frozenset(i for i in range(llm.n_vocab()) if self._lib.llama_vocab_is_eog(vocab, i))
+
     def forget(self, session_id: str) -> None:
         with self._lock:
             self._contexts.pop(session_id, None)

@@ -122,7 +122,9 @@ class Hub:
                 room = request.max_tokens - produced - 1
                 draft = []
                 if request.mode == "speculative" and room > 0:
+                    drafting_started = time.perf_counter()
                     draft = self.drafter.draft(session.session_id, session.context, min(request.draft_len, room))
+                    self.metrics.add_hub_draft_time(time.perf_counter() - drafting_started)
                 job = VerifyJob(session.kv, session.context[session.kv.length:], draft, chain_parents(len(draft)),
                                 session.temperature, session.seed, session.stop_token_ids)
                 self._run(session, job, request.mode)

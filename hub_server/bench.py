@@ -1,0 +1,247 @@
+"""`hub_server bench`: what a hub sustains, SpecEdge against its server-only baselines.
+
+N simulated users each draft with a real llama.cpp draft model (their "edge") and talk to a real
+hub over HTTP with an emulated round-trip time. Three modes run side by side in one process:
+  specedge          the users draft, the hub verifies (batched across users)
+  server_only_spec  the hub drafts with its own copy of the draft model and verifies
+  autoregressive    the hub decodes with the target alone
+Server throughput counts only the hub's busy time (its forward passes, plus its own drafting in
+server_only_spec), read from the hub's /metrics, so edge drafting on the same machine does not
+count against the hub. When the hub is started here, it and the edges are pinned to different
+cores where the machine has more than one.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import statistics
+import threading
+import time
+from dataclasses import dataclass, field
+from importlib import resources
+from pathlib import Path
+
+import httpx
+
+from hub_server import protocol as wire
+from hub_server.drafter import HubDrafter
+
+MODES = ("specedge", "server_only_spec", "autoregressive")
+
+
+@dataclass(frozen=True)
+class BenchConfig:
+    hub_url: str
+    draft: Path
+    clients: int
+    rtt_ms: float
+    max_tokens: int
+    draft_len: int
+    prompts: tuple[str, ...]
+
+
+@dataclass
+class ClientRecord:
+    emitted: int = 0
+    step_itl_ms: list[float] = field(default_factory=list)   # per token: step time / tokens in step
+    ttft_ms: list[float] = field(default_factory=list)
+
+
+def load_prompts() -> tuple[str, ...]:
+    text = resources.files("hub_server").joinpath("bench_prompts.json").read_text()
+    return tuple(item["prompt"] for item in json.loads(text))
+
+
+def _scrape(client: httpx.Client) -> dict[str, float]:
+    values = {}
+    for line in client.get("/metrics").text.splitlines():
+        if line and not line.startswith("#"):
+            name, value = line.rsplit(" ", 1)
+            values[name] = float(value)
+    return values
+
+
+def _hub_busy(metrics: dict[str, float]) -> float:
+    return metrics.get("specedge_device_busy_seconds_total", 0.0) + metrics.get("specedge_hub_draft_seconds_total", 0.0)
+
+
+def _open(client: httpx.Client, info: dict) -> str:
+    body = wire.OpenSessionRequest(protocol_version=wire.PROTOCOL_VERSION, vocab_size=info["vocab_size"],
+                                   vocab_fingerprint=info["vocab_fingerprint"], draft_model="bench")
+    response = client.post("/v1/sessions", json=body.model_dump())
+    response.raise_for_status()
+    return response.json()["session_id"]
+
+
+class SimulatedUser:
+    """One user: a draft model of their own, their prompts in turn, one mode at a time."""
+
+    def __init__(self, index: int, config: BenchConfig, drafter: HubDrafter, info: dict, stop_ids: frozenset[int]):
+        self.index = index
+        self.config = config
+        self.drafter = drafter
+        self.info = info
+        self.stop_ids = stop_ids
+        self.record = ClientRecord()
+
+    def run(self, mode: str, prompt_tokens: list[list[int]]) -> None:
+        with httpx.Client(base_url=self.config.hub_url, timeout=600) as client:
+            for number, prompt in enumerate(prompt_tokens):
+                session = _open(client, self.info)
+                if mode == "specedge":
+                    self._specedge(client, session, prompt, f"{self.index}-{number}")
+                else:
+                    self._server_only(client, session, prompt, "speculative" if mode == "server_only_spec" else "autoregressive")
+                client.delete(f"/v1/sessions/{session}")
+
+    def _half_rtt(self) -> None:
+        time.sleep(self.config.rtt_ms / 2000)
+
+    def _specedge(self, client: httpx.Client, session: str, prompt: list[int], draft_key: str) -> None:
+        context, pending, produced = list(prompt), list(prompt), 0
+        started = time.perf_counter()
+        while produced < self.config.max_tokens:
+            step_started = time.perf_counter()
+            room = self.config.max_tokens - produced - 1
+            draft = self.drafter.draft(draft_key, context, min(self.config.draft_len, room)) if room > 0 else []
+            self._half_rtt()
+            reply = client.post(f"/v1/sessions/{session}/verify", json={"tokens": pending, "draft": draft}).json()
+            self._half_rtt()
+            emitted = reply["tokens"]
+            pending = []
+            context += emitted
+            produced += len(emitted)
+            self._record_step(started, step_started, len(emitted), first=produced == len(emitted))
+            if emitted[-1] in self.stop_ids:
+                break
+        self.drafter.forget(draft_key)
+
+    def _server_only(self, client: httpx.Client, session: str, prompt: list[int], mode: str) -> None:
+        body = {"mode": mode, "tokens": prompt, "max_tokens": self.config.max_tokens, "draft_len": self.config.draft_len}
+        started = time.perf_counter()
+        self._half_rtt()
+        step_started, produced = started, 0
+        with client.stream("POST", f"/v1/sessions/{session}/generate", json=body) as response:
+            for line in response.iter_lines():
+                chunk = json.loads(line)
+                if chunk["done"]:
+                    break
+                if produced == 0:
+                    self._half_rtt()  # the first chunk travels back; later ones stream behind it
+                produced += len(chunk["tokens"])
+                self._record_step(started, step_started, len(chunk["tokens"]), first=produced == len(chunk["tokens"]))
+                step_started = time.perf_counter()
+
+    def _record_step(self, started: float, step_started: float, tokens: int, first: bool) -> None:
+        now = time.perf_counter()
+        self.record.emitted += tokens
+        if first:
+            self.record.ttft_ms.append((now - started) * 1000)
+            return
+        self.record.step_itl_ms.extend([(now - step_started) * 1000 / tokens] * tokens)
+
+
+def _percentile(values: list[float], q: float) -> float:
+    if not values:
+        return 0.0
+    ordered = sorted(values)
+    return ordered[min(len(ordered) - 1, int(round(q * (len(ordered) - 1))))]
+
+
+def run_mode(mode: str, config: BenchConfig, users: list[SimulatedUser], prompt_tokens: list[list[int]]) -> dict:
+    for user in users:
+        user.record = ClientRecord()
+    with httpx.Client(base_url=config.hub_url, timeout=60) as client:
+        before = _scrape(client)
+        started = time.perf_counter()
+        # Each user starts at a different prompt so the mix is the same whatever N is.
+        threads = [threading.Thread(target=u.run, args=(mode, prompt_tokens[u.index % len(prompt_tokens):] + prompt_tokens[: u.index % len(prompt_tokens)]))
+                   for u in users]
+        for thread in threads:
+            thread.start()
+        for thread in threads:
+            thread.join()
+        wall = time.perf_counter() - started
+        after = _scrape(client)
+    busy = _hub_busy(after) - _hub_busy(before)
+    passes = after["specedge_batches_total"] - before["specedge_batches_total"]
+    verifies = after["specedge_verify_seconds_count"] - before["specedge_verify_seconds_count"]
+    emitted = sum(u.record.emitted for u in users)
+    itl = [x for u in users for x in u.record.step_itl_ms]
+    ttft = [x for u in users for x in u.record.ttft_ms]
+    return {
+        "emitted_tokens": emitted,
+        "server_throughput": emitted / busy if busy else 0.0,
+        "wall_throughput": emitted / wall,
+        "tokens_per_verify": emitted / verifies if verifies else 0.0,
+        "itl_ms_mean": statistics.fmean(itl) if itl else 0.0,
+        "itl_ms_p95": _percentile(itl, 0.95),
+        "ttft_ms_mean": statistics.fmean(ttft) if ttft else 0.0,
+        "hub_busy_fraction": busy / wall,
+        "hub_busy_s": busy,
+        "forward_passes": passes,
+        "busy_ms_per_pass": 1000 * (after["specedge_device_busy_seconds_total"] - before["specedge_device_busy_seconds_total"]) / passes if passes else 0.0,
+        "wall_s": wall,
+    }
+
+
+def run_bench(config: BenchConfig, modes: tuple[str, ...] = MODES) -> dict:
+    with httpx.Client(base_url=config.hub_url, timeout=60) as client:
+        info = client.get("/v1/info").json()
+    drafter = HubDrafter(config.draft, n_threads=1)
+    prompt_tokens = [drafter.tokenize(p) for p in config.prompts]
+    stop_ids = drafter.stop_token_ids()
+    users = [SimulatedUser(i, config, drafter, info, stop_ids) for i in range(config.clients)]
+    results = {mode: run_mode(mode, config, users, prompt_tokens) for mode in modes}
+    return {"modes": results, "ratios": _ratios(results), "bound": _bound(results),
+            "config": {"hub": config.hub_url, "target": info["model"], "draft": config.draft.name,
+                       "clients": config.clients, "rtt_ms": config.rtt_ms, "max_tokens": config.max_tokens,
+                       "draft_len": config.draft_len, "prompts": len(config.prompts), "cpu_count": os.cpu_count()}}
+
+
+def _ratio(a: float, b: float) -> float:
+    return round(a / b, 3) if b else 0.0
+
+
+def _ratios(results: dict) -> dict:
+    spec, ar, sos = results.get("specedge"), results.get("autoregressive"), results.get("server_only_spec")
+    ratios = {}
+    if spec and ar:
+        ratios["throughput_vs_autoregressive"] = _ratio(spec["server_throughput"], ar["server_throughput"])
+    if spec and sos:
+        ratios["throughput_vs_server_only_spec"] = _ratio(spec["server_throughput"], sos["server_throughput"])
+        ratios["itl_vs_server_only_spec"] = _ratio(spec["itl_ms_mean"], sos["itl_ms_mean"])
+    return ratios
+
+
+def _bound(results: dict) -> dict:
+    """What the hardware allows at this load: tokens per verify x the cost of the hub's batched
+    one-token pass / the cost of its batched verify pass."""
+    spec, ar = results.get("specedge"), results.get("autoregressive")
+    if not (spec and ar and spec["busy_ms_per_pass"]):
+        return {}
+    return {"throughput_vs_autoregressive": round(
+        spec["tokens_per_verify"] * ar["busy_ms_per_pass"] / spec["busy_ms_per_pass"], 3)}
+
+
+def plot(runs: list[dict], path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    clients = [run["config"]["clients"] for run in runs]
+    figure, (left, right) = plt.subplots(1, 2, figsize=(10, 4))
+    for mode in MODES:
+        if mode in runs[0]["modes"]:
+            left.plot(clients, [r["modes"][mode]["server_throughput"] for r in runs], marker="o", label=mode)
+            right.plot(clients, [r["modes"][mode]["itl_ms_mean"] for r in runs], marker="o", label=mode)
+    left.set(xlabel="clients", ylabel="server throughput (tokens / hub-busy s)", title="Throughput")
+    right.set(xlabel="clients", ylabel="mean ITL (ms)", title="Inter-token latency")
+    for axis in (left, right):
+        axis.grid(alpha=0.3)
+        axis.legend()
+    figure.suptitle(f"{runs[0]['config']['target']} / {runs[0]['config']['draft']}, RTT {runs[0]['config']['rtt_ms']:g} ms")
+    figure.tight_layout()
+    figure.savefig(path, dpi=100)

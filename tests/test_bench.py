@@ -1,0 +1,34 @@
+"""`hub_server bench` runs all three modes side by side against a real hub and reports figures."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+
+from tests.conftest import REPO
+
+
+def test_bench_reports_every_mode_ratios_bound_and_a_plot(tiny, tmp_path):
+    plot = tmp_path / "bench.png"
+    result = subprocess.run(
+        [sys.executable, "-m", "hub_server", "bench", "--model", str(tiny.hf_dir), "--draft", str(tiny.gguf_q8),
+         "--clients", "2", "--rtt-ms", "4", "--max-tokens", "12", "--prompts", "2", "--plot", str(plot), "--json"],
+        cwd=REPO, capture_output=True, text=True, timeout=600,
+    )
+    assert result.returncode == 0, result.stderr[-3000:]
+    report = json.loads(result.stdout)
+    assert set(report["modes"]) == {"specedge", "server_only_spec", "autoregressive"}
+    # Every mode decodes the same prompts losslessly, so each emits the same tokens.
+    emitted = {mode["emitted_tokens"] for mode in report["modes"].values()}
+    assert len(emitted) == 1 and 0 < emitted.pop() <= 2 * 2 * 12
+    for mode in report["modes"].values():
+        for key in ("server_throughput", "wall_throughput", "tokens_per_verify", "itl_ms_mean", "itl_ms_p95",
+                    "ttft_ms_mean", "hub_busy_fraction"):
+            assert mode[key] > 0, key
+    assert report["modes"]["autoregressive"]["tokens_per_verify"] == 1.0
+    assert report["modes"]["specedge"]["tokens_per_verify"] > 1.0
+    assert set(report["ratios"]) == {"throughput_vs_autoregressive", "throughput_vs_server_only_spec", "itl_vs_server_only_spec"}
+    assert report["bound"]["throughput_vs_autoregressive"] > 0
+    assert report["config"]["clients"] == 2 and report["config"]["rtt_ms"] == 4
+    assert plot.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
