@@ -51,11 +51,13 @@ class DraftEngine:
             with _quiet_stderr():
                 self.llm = llama_cpp.Llama(
                     model_path=str(model_path), n_ctx=n_ctx, n_threads=n_threads or _default_threads(),
+                    n_threads_batch=n_threads or _default_threads(),
                     n_gpu_layers=n_gpu_layers, logits_all=False, verbose=False,
                 )
         except ValueError as exc:
             raise ModelFileError(f"llama.cpp could not load {model_path}: is it a complete .gguf file? ({exc})") from exc
         self.path = model_path
+        self.n_threads = n_threads or _default_threads()
         self.timings = DraftTimings()
         self._vocab = llama_cpp.llama_model_get_vocab(self.llm.model)
         self.vocab_size = llama_cpp.llama_vocab_n_tokens(self._vocab)
@@ -89,6 +91,10 @@ class DraftEngine:
     @property
     def n_ctx(self) -> int:
         return self.llm.n_ctx()
+
+    def reset(self) -> None:
+        """Forget the cached context (the next draft evaluates its history from scratch)."""
+        self.llm.reset()
 
     # --- drafting ---------------------------------------------------------------------
     def draft(self, history: list[int], length: int) -> list[int]:
