@@ -55,7 +55,9 @@ class DecodeSettings:
     max_tokens: int = 256
     temperature: float = 0.0
     seed: int = 0
-    draft_len: int = 8
+    draft_len: int = 8          # chain length, or the tree's depth limit
+    tree_budget: int = 0        # draft tree nodes per verify; 0 drafts a chain
+    tree_width: int = 4         # candidates kept per tree level
 
 
 class Conversation:
@@ -73,6 +75,7 @@ class Conversation:
         self.session_id: str | None = None
         self._last_generated: list[int] = []
         self.max_draft_tokens = settings.draft_len
+        self.max_tree_nodes = settings.tree_budget
 
     def open(self) -> None:
         opened = self.hub.open_session(wire.OpenSessionRequest(
@@ -83,6 +86,7 @@ class Conversation:
         ))
         self.session_id = opened.session_id
         self.max_draft_tokens = min(self.settings.draft_len, opened.max_draft_tokens)
+        self.max_tree_nodes = opened.max_draft_tokens
 
     def close(self) -> None:
         if self.session_id is not None:
@@ -110,6 +114,14 @@ class Conversation:
             stop_text = self.engine.detokenize(last, special=True).decode("utf-8", "replace")
         return self.engine.tokenize(self.template.next_turn_text(self.messages, stop_text), add_bos=False)
 
+    def _draft(self, history: list[int], room: int) -> tuple[list[int], list[int] | None]:
+        """A chain (parents None), or a tree when a tree budget is set; never deeper than `room`."""
+        depth = min(self.max_draft_tokens, room)
+        if not self.settings.tree_budget or depth <= 0:
+            return self.engine.draft(history, depth), None
+        budget = min(self.settings.tree_budget, self.max_tree_nodes)
+        return self.engine.draft_tree(history, budget, self.settings.tree_width, max_depth=depth)
+
     def _decode(self, turn_tokens: list[int], on_tokens) -> tuple[list[int], TurnStats]:
         stats = TurnStats()
         generated: list[int] = []
@@ -119,10 +131,10 @@ class Conversation:
         while len(generated) < self.settings.max_tokens:
             draft_started = time.perf_counter()
             room = self.settings.max_tokens - len(generated) - 1  # the bonus token is always emitted
-            draft = self.engine.draft(self.history + pending, min(self.max_draft_tokens, room))
+            draft, parents = self._draft(self.history + pending, room)
             sent = time.perf_counter()
             stats.draft_s += sent - draft_started
-            reply = self.hub.verify(self.session_id, tokens=pending, draft=draft)
+            reply = self.hub.verify(self.session_id, tokens=pending, draft=draft, parents=parents)
             stats.round_trip_ms.append((time.perf_counter() - sent) * 1000 - reply.verify_ms)
             self.history += pending + reply.tokens
             pending = []

@@ -81,7 +81,7 @@ def _prompt_speeds(engine: DraftEngine, n: int, repetitions: int) -> list[float]
     for _ in range(repetitions + 1):  # the first run warms up and is not counted
         engine.reset()
         started = time.perf_counter()
-        engine.llm.eval(tokens)
+        engine.evaluate(tokens)
         speeds.append(len(tokens) / (time.perf_counter() - started))
     return speeds[1:]
 

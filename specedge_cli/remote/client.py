@@ -40,8 +40,9 @@ class HubClient:
         body = wire.FeedRequest(tokens=tokens).to_json()
         return wire.FeedResponse.from_json(self._request("POST", f"/v1/sessions/{session_id}/feed", body))
 
-    def verify(self, session_id: str, tokens: list[int], draft: list[int]) -> wire.VerifyResponse:
-        body = wire.VerifyRequest(tokens=tokens, draft=draft).to_json()
+    def verify(self, session_id: str, tokens: list[int], draft: list[int],
+               parents: list[int] | None = None) -> wire.VerifyResponse:
+        body = wire.VerifyRequest(tokens=tokens, draft=draft, parents=parents).to_json()
         return wire.VerifyResponse.from_json(self._request("POST", f"/v1/sessions/{session_id}/verify", body))
 
     def generate(self, session_id: str, request: wire.GenerateRequest) -> Iterator[wire.GenerateChunk]:
