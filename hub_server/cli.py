@@ -3,15 +3,24 @@
 from __future__ import annotations
 
 import logging
+import os
+import signal
 from pathlib import Path
 from typing import Annotated, Optional
 
 import typer
 
-from hub_server.config import DEVICES, DTYPES, HubSettings, is_loopback
+from hub_server.accounts import Accounts
+from hub_server.admin import tokens_app, users_app
+from hub_server.config import DEVICES, DTYPES, LOG_FORMATS, HubSettings, default_data_dir, is_loopback
+
+# `specedge chat` hands its embedded hub a per-process token here, never on the command line.
+EMBEDDED_TOKEN_ENV = "SPECEDGE_HUB_EMBEDDED_TOKEN"
 
 app = typer.Typer(help="SpecEdge verification hub: serves a target model to drafting clients.",
                   no_args_is_help=True, add_completion=False)
+app.add_typer(users_app, name="users")
+app.add_typer(tokens_app, name="tokens")
 
 
 @app.callback()
@@ -34,11 +43,20 @@ def serve(
     max_batch: Annotated[int, typer.Option(help="Sessions verified in one forward pass.")] = 16,
     batch_wait_ms: Annotated[float, typer.Option(help="Longest wait for a fuller batch, in ms.")] = 2.0,
     cache_dir: Annotated[Optional[Path], typer.Option(help="Where converted GGUF targets are kept.")] = None,
+    data_dir: Annotated[Optional[Path], typer.Option(help=f"Accounts database folder [default: {default_data_dir()}].")] = None,
+    no_auth: Annotated[bool, typer.Option("--no-auth", help="Serve without tokens; loopback addresses only.")] = False,
+    max_sessions_per_user: Annotated[int, typer.Option(help="Open sessions per user; 0: no per-user cap.")] = 0,
+    tokens_per_minute: Annotated[int, typer.Option(help="Tokens each user may send per minute; 0: unlimited.")] = 0,
+    log_format: Annotated[str, typer.Option(help=f"One of {', '.join(LOG_FORMATS)}.")] = "text",
+    shutdown_timeout: Annotated[float, typer.Option(help="On SIGTERM, seconds in-flight requests get to finish.")] = 30.0,
+    ssl_keyfile: Annotated[Optional[Path], typer.Option(help="TLS private key (PEM), passed to uvicorn.")] = None,
+    ssl_certfile: Annotated[Optional[Path], typer.Option(help="TLS certificate chain (PEM), passed to uvicorn.")] = None,
 ) -> None:
     """Run the hub."""
     import uvicorn
 
     from hub_server.app import create_app
+    from hub_server.logs import configure_logging
     from hub_server.runner import ModelRunner
 
     if not Path(model).expanduser().exists():
@@ -47,13 +65,33 @@ def serve(
         settings = HubSettings(model=model, host=host, port=port, device=device, dtype=dtype,
                                max_draft_tokens=max_draft_tokens, max_context=max_context,
                                max_sessions=max_sessions, max_batch=max_batch, draft=draft, session_idle_s=session_idle_s,
-                               batch_wait_ms=batch_wait_ms, cache_dir=cache_dir)
+                               batch_wait_ms=batch_wait_ms, cache_dir=cache_dir, data_dir=data_dir,
+                               auth=not no_auth, embedded_token=os.environ.pop(EMBEDDED_TOKEN_ENV, None) or None,
+                               max_sessions_per_user=max_sessions_per_user, tokens_per_minute=tokens_per_minute,
+                               log_format=log_format, shutdown_timeout_s=shutdown_timeout,
+                               ssl_keyfile=ssl_keyfile, ssl_certfile=ssl_certfile)
     except ValueError as exc:
         raise typer.BadParameter(str(exc)) from exc
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    if not is_loopback(host):
-        logging.getLogger("hub_server").warning("binding to %s: the hub is reachable from other machines", host)
-    uvicorn.run(create_app(settings, ModelRunner), host=host, port=port, log_level="warning")
+    configure_logging(settings.log_format)
+    _warn_about_exposure(settings)
+    # uvicorn drains in-flight requests on SIGTERM, then re-raises the signal; a no-op handler
+    # for that re-raise lets the hub exit 0 after a clean shutdown instead of dying by the signal.
+    signal.signal(signal.SIGTERM, lambda *_: None)
+    uvicorn.run(create_app(settings, ModelRunner), host=host, port=port, log_config=None, log_level="info",
+                access_log=False, timeout_graceful_shutdown=settings.shutdown_timeout_s,
+                ssl_keyfile=settings.ssl_keyfile and str(settings.ssl_keyfile),
+                ssl_certfile=settings.ssl_certfile and str(settings.ssl_certfile))
+    logging.getLogger("hub_server").info("hub stopped")
+
+
+def _warn_about_exposure(settings: HubSettings) -> None:
+    log = logging.getLogger("hub_server")
+    if not is_loopback(settings.host):
+        log.warning("binding to %s: the hub is reachable from other machines%s", settings.host,
+                    "" if settings.ssl_certfile else "; serve it over TLS (--ssl-certfile or a proxy, see README)")
+    if settings.auth and not settings.embedded_token and not Accounts(settings.accounts_path).tokens():
+        log.warning("no API tokens exist yet: create one with `hub_server users add NAME` and "
+                    "`hub_server tokens create --user NAME`")
 
 
 @app.command()

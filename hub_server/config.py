@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import ipaddress
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import platformdirs
@@ -12,8 +12,19 @@ DTYPES = ("auto", "float32", "bfloat16", "float16")
 DEVICES = ("auto", "cpu", "cuda")
 
 
+LOG_FORMATS = ("text", "json")
+
+
 def default_cache_dir() -> Path:
     return Path(platformdirs.user_cache_dir("specedge-hub"))
+
+
+def default_data_dir() -> Path:
+    return Path(platformdirs.user_data_dir("specedge-hub"))
+
+
+def accounts_path(data_dir: Path | None) -> Path:
+    return (data_dir or default_data_dir()) / "accounts.sqlite3"
 
 
 def is_loopback(host: str) -> bool:
@@ -40,6 +51,16 @@ class HubSettings:
     max_batch: int = 16                  # sessions verified in one forward pass
     batch_wait_ms: float = 2.0           # longest wait for a fuller batch
     cache_dir: Path | None = None        # where converted GGUF targets are kept
+    data_dir: Path | None = None         # accounts database; None: default_data_dir()
+    auth: bool = True                    # False (--no-auth) is allowed on loopback only
+    # A single pre-authorised token (the embedded hub of `specedge chat`); no database then.
+    embedded_token: str | None = field(default=None, repr=False)
+    max_sessions_per_user: int = 0       # 0: no per-user cap (--max-sessions still applies)
+    tokens_per_minute: int = 0           # per user; 0: unlimited
+    log_format: str = "text"
+    shutdown_timeout_s: float = 30.0     # SIGTERM: how long in-flight requests may finish
+    ssl_keyfile: Path | None = None      # TLS served by uvicorn itself (or put a proxy in front)
+    ssl_certfile: Path | None = None
 
     def __post_init__(self) -> None:
         if self.device not in DEVICES:
@@ -52,3 +73,18 @@ class HubSettings:
             raise ValueError("--max-batch must be at least 1")
         if self.max_draft_tokens < 1:
             raise ValueError("--max-draft-tokens must be at least 1")
+        if not self.auth and not is_loopback(self.host):
+            raise ValueError(f"--no-auth is only allowed on a loopback address, not {self.host}; "
+                             "create tokens with `hub_server tokens create --user NAME` instead")
+        if self.log_format not in LOG_FORMATS:
+            raise ValueError(f"--log-format must be one of {', '.join(LOG_FORMATS)}, not {self.log_format!r}")
+        if self.max_sessions_per_user < 0 or self.tokens_per_minute < 0:
+            raise ValueError("--max-sessions-per-user and --tokens-per-minute must be 0 (no limit) or more")
+        if self.shutdown_timeout_s < 0:
+            raise ValueError("--shutdown-timeout must be 0 or more")
+        if (self.ssl_keyfile is None) != (self.ssl_certfile is None):
+            raise ValueError("give both --ssl-keyfile and --ssl-certfile, or neither")
+
+    @property
+    def accounts_path(self) -> Path:
+        return accounts_path(self.data_dir)

@@ -6,7 +6,12 @@
     ├── ContextTooLong        422      context would pass the model's limit
     ├── SessionNotFound       404      unknown (or another user's) session
     ├── HubFull               429      no room for another session now (with Retry-After)
+    ├── Unauthorized          401      missing, unknown or revoked API token
+    ├── RateLimited           429      a per-user limit (sessions, tokens per minute; with Retry-After)
     └── NotReady              503      the model is still loading
+
+    AccountError              the admin commands (`hub_server users|tokens`): unknown or
+                              duplicate user, bad name, unknown token id
 
 Route handlers raise these; one exception handler in `app.py` turns them into JSON bodies.
 """
@@ -52,3 +57,21 @@ class HubFull(HubError):
     status = 429
     code = "hub_full"
     retry_after_s = 5
+
+
+class Unauthorized(HubError):
+    status = 401
+    code = "unauthorized"
+
+
+class RateLimited(HubError):
+    status = 429
+    code = "rate_limited"
+
+    def __init__(self, message: str, retry_after_s: int):
+        super().__init__(message)
+        self.retry_after_s = retry_after_s
+
+
+class AccountError(Exception):
+    """An admin command cannot do what it was asked; the message says why."""

@@ -93,6 +93,19 @@ class HubInfo(_Body):
     modes: list[str] = Field(default_factory=list)    # serving modes this hub offers
 
 
+class UserLimits(_Body):
+    max_sessions_per_user: int    # 0: no per-user cap
+    tokens_per_minute: int        # 0: unlimited
+
+
+class WhoAmIResponse(_Body):
+    """`GET /v1/whoami`: who the token belongs to, their limits and what they use now."""
+    user: str
+    limits: UserLimits
+    sessions: int                 # sessions of this user open now
+    tokens_left: int | None       # tokens this user may send now; None when unlimited
+
+
 class ErrorDetail(_Body):
     code: str
     message: str

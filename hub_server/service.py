@@ -9,12 +9,13 @@ from typing import Iterator
 
 from hub_server import protocol as wire
 from hub_server.config import HubSettings
-from hub_server.errors import BadRequest, ContextTooLong, HubFull, VocabMismatch
+from hub_server.errors import BadRequest, ContextTooLong, HubFull, RateLimited, VocabMismatch
+from hub_server.limits import TokenBudgets
 from hub_server.metrics import HubMetrics
 from hub_server.metrics import render as render_metrics
 from hub_server.runner import VerifyJob
 from hub_server.scheduler import Scheduler
-from hub_server.sessions import Session, SessionStore
+from hub_server.sessions import LOCAL_USER, Session, SessionStore
 from hub_server.verify import chain_parents, node_depths, tree_problem
 
 
@@ -26,6 +27,7 @@ class Hub:
         self.scheduler = Scheduler(runner.verify_batch, max_batch=settings.max_batch,
                                    max_wait_s=settings.batch_wait_ms / 1000)
         self.metrics = HubMetrics()
+        self.budgets = TokenBudgets(settings.tokens_per_minute)
         self.drafter = make_drafter(settings)
         self._evictor = threading.Thread(target=self._evict_idle_forever, name="evictor", daemon=True)
         self._evictor.start()
@@ -45,7 +47,13 @@ class Hub:
         }
         return render_metrics(self.metrics, gauges, self.scheduler.stats)
 
-    def open_session(self, request: wire.OpenSessionRequest) -> wire.OpenSessionResponse:
+    def whoami(self, user: str) -> wire.WhoAmIResponse:
+        limits = wire.UserLimits(max_sessions_per_user=self.settings.max_sessions_per_user,
+                                 tokens_per_minute=self.settings.tokens_per_minute)
+        return wire.WhoAmIResponse(user=user, limits=limits, sessions=self.sessions.count(user),
+                                   tokens_left=self.budgets.remaining(user))
+
+    def open_session(self, request: wire.OpenSessionRequest, owner: str = LOCAL_USER) -> wire.OpenSessionResponse:
         if request.protocol_version != wire.PROTOCOL_VERSION:
             raise BadRequest(
                 f"this hub speaks protocol version {wire.PROTOCOL_VERSION}, the client "
@@ -59,6 +67,7 @@ class Hub:
                 f"({vocab.size} tokens); use a draft model of the target's family"
             )
         self._check_ids(request.stop_token_ids, "stop_token_ids")
+        self._check_user_sessions(owner)
         if len(self.sessions) >= self.settings.max_sessions:
             self._evict(self.settings.session_idle_s / 10)  # when full, idle sessions go sooner
         if len(self.sessions) >= self.settings.max_sessions:
@@ -67,15 +76,22 @@ class Hub:
             )
         session = self.sessions.add(
             request.sampling.temperature, request.sampling.seed,
-            frozenset(request.stop_token_ids), self.runner.new_kv(),
+            frozenset(request.stop_token_ids), self.runner.new_kv(), owner,
         )
         return wire.OpenSessionResponse(
             session_id=session.session_id, model=self.runner.name,
             max_draft_tokens=self.settings.max_draft_tokens, max_context=self.runner.max_context,
         )
 
-    def feed(self, session_id: str, request: wire.FeedRequest) -> wire.FeedResponse:
-        session = self.sessions.get(session_id)
+    def _check_user_sessions(self, owner: str) -> None:
+        limit = self.settings.max_sessions_per_user
+        if limit and self.sessions.count(owner) >= limit:
+            raise RateLimited(f"user {owner!r} already has {limit} open sessions, this hub's limit per user; "
+                              "close one (end another chat) or retry later", retry_after_s=10)
+
+    def feed(self, session_id: str, request: wire.FeedRequest, owner: str = LOCAL_USER) -> wire.FeedResponse:
+        session = self.sessions.get(session_id, owner)
+        self.budgets.charge(owner, len(request.tokens))
         with session.lock:
             self._check_ids(request.tokens, "tokens")
             self._check_room(len(session.context) + len(request.tokens))
@@ -83,8 +99,10 @@ class Hub:
             self.runner.prefill(session.kv, session.context)
             return wire.FeedResponse(context_len=len(session.context))
 
-    def verify(self, session_id: str, request: wire.VerifyRequest) -> wire.VerifyResponse:
-        session = self.sessions.get(session_id)
+    def verify(self, session_id: str, request: wire.VerifyRequest, owner: str = LOCAL_USER) -> wire.VerifyResponse:
+        session = self.sessions.get(session_id, owner)
+        # The target computes every sent token and every draft node, plus the bonus token.
+        self.budgets.charge(owner, len(request.tokens) + len(request.draft) + 1)
         with session.lock:
             parents = self._check_draft(request)
             if not session.context and not request.tokens:
@@ -102,10 +120,12 @@ class Hub:
                 verify_ms=seconds * 1000,
             )
 
-    def generate(self, session_id: str, request: wire.GenerateRequest) -> Iterator[wire.GenerateChunk]:
+    def generate(self, session_id: str, request: wire.GenerateRequest,
+                 owner: str = LOCAL_USER) -> Iterator[wire.GenerateChunk]:
         """Server-only decoding, streamed: autoregressive (one target token per pass) or
         speculative with the hub's own draft model. Checks run before the first chunk."""
-        session = self.sessions.get(session_id)
+        session = self.sessions.get(session_id, owner)
+        self.budgets.charge(owner, len(request.tokens) + request.max_tokens)
         self._check_ids(request.tokens, "tokens")
         if request.mode == "speculative" and self.drafter is None:
             raise BadRequest("this hub has no draft model for the speculative mode; start it with --draft, or use autoregressive")
@@ -163,8 +183,8 @@ class Hub:
             raise BadRequest(problem)
         return request.parents
 
-    def close(self, session_id: str) -> None:
-        self.sessions.remove(session_id)
+    def close(self, session_id: str, owner: str = LOCAL_USER) -> None:
+        self.sessions.remove(session_id, owner)
         if self.drafter:
             self.drafter.forget(session_id)
 

@@ -13,6 +13,8 @@ from typing import Any
 
 from hub_server.errors import SessionNotFound
 
+LOCAL_USER = "local"   # the owner on a hub without accounts (--no-auth, embedded)
+
 
 @dataclass
 class Session:
@@ -21,6 +23,7 @@ class Session:
     seed: int
     stop_token_ids: frozenset[int]
     kv: Any                                   # the runner's KV handle for this session
+    owner: str = LOCAL_USER                   # the user who opened it; nobody else sees it
     context: list[int] = field(default_factory=list)
     last_used: float = field(default_factory=time.monotonic)
     # One request at a time per session: a session's context is a sequence, not a set.
@@ -35,19 +38,25 @@ class SessionStore:
     def __len__(self) -> int:
         return len(self._sessions)
 
-    def add(self, temperature: float, seed: int, stop_token_ids: frozenset[int], kv: Any) -> Session:
-        session = Session(secrets.token_urlsafe(16), temperature, seed, stop_token_ids, kv)
+    def add(self, temperature: float, seed: int, stop_token_ids: frozenset[int], kv: Any,
+            owner: str = LOCAL_USER) -> Session:
+        session = Session(secrets.token_urlsafe(16), temperature, seed, stop_token_ids, kv, owner)
         with self._lock:
             self._sessions[session.session_id] = session
         return session
 
-    def get(self, session_id: str) -> Session:
+    def get(self, session_id: str, owner: str = LOCAL_USER) -> Session:
+        """The session, if `owner` opened it; another user's session is as unknown as a missing one."""
         with self._lock:
             session = self._sessions.get(session_id)
-        if session is None:
+        if session is None or session.owner != owner:
             raise SessionNotFound(f"no session {session_id!r} on this hub; open a new session")
         session.last_used = time.monotonic()
         return session
+
+    def count(self, owner: str) -> int:
+        with self._lock:
+            return sum(1 for s in self._sessions.values() if s.owner == owner)
 
     def all(self) -> list[Session]:
         with self._lock:
@@ -62,7 +71,9 @@ class SessionStore:
                 del self._sessions[session.session_id]
         return idle
 
-    def remove(self, session_id: str) -> None:
+    def remove(self, session_id: str, owner: str = LOCAL_USER) -> None:
         with self._lock:
-            if self._sessions.pop(session_id, None) is None:
+            session = self._sessions.get(session_id)
+            if session is None or session.owner != owner:
                 raise SessionNotFound(f"no session {session_id!r} on this hub")
+            del self._sessions[session_id]

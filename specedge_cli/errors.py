@@ -3,11 +3,14 @@
     SpecEdgeError              base: a message for the user and an exit code
     ├── ModelFileError         draft model missing, corrupt or unloadable
     ├── ModelDownloadError     a preset could not be fetched or failed its checksum
+    ├── NotLoggedIn            no hub (or no token) to talk to: run `specedge login`
+    ├── InsecureHub            plain http to a host that is not this machine, without --insecure
     └── HubError               anything the hub said or did not say
         ├── HubUnreachable     no answer from the hub URL
         ├── HubRejected        the hub answered 4xx (bad input, vocabulary mismatch, ...)
+        ├── TokenRejected      401: the token is missing, wrong or revoked: run `specedge login`
         ├── SessionLost        the hub no longer knows our session
-        └── HubBusy            the hub is full for now (429, with a retry time)
+        └── HubBusy            the hub is full for now, or a per-user limit (429, with a retry time)
 
 httpx and llama.cpp errors are translated where they enter (`remote/client.py`,
 `drafting/engine.py`); the command root prints them and exits. Tracebacks only with
@@ -33,6 +36,14 @@ class ModelDownloadError(SpecEdgeError):
     pass
 
 
+class NotLoggedIn(SpecEdgeError):
+    pass
+
+
+class InsecureHub(SpecEdgeError):
+    pass
+
+
 class HubError(SpecEdgeError):
     pass
 
@@ -46,6 +57,10 @@ class HubRejected(HubError):
         super().__init__(message)
         self.status = status
         self.code = code
+
+
+class TokenRejected(HubRejected):
+    pass
 
 
 class SessionLost(HubRejected):

@@ -8,6 +8,7 @@ import sys
 import typer
 from rich.console import Console
 
+from specedge_cli.commands.auth import login, logout, whoami
 from specedge_cli.commands.bench import bench
 from specedge_cli.commands.chat import chat
 from specedge_cli.errors import SpecEdgeError
@@ -16,6 +17,9 @@ app = typer.Typer(help="Chat with a large model that lives on a SpecEdge hub, dr
                   no_args_is_help=True, add_completion=False, pretty_exceptions_enable=False)
 app.command()(chat)
 app.command()(bench)
+app.command()(login)
+app.command()(whoami)
+app.command()(logout)
 
 
 @app.callback()

@@ -3,6 +3,7 @@ model decoding alone (the reference every decoding test compares against)."""
 
 from __future__ import annotations
 
+import json
 import os
 import socket
 import subprocess
@@ -57,17 +58,19 @@ def free_port() -> int:
 
 
 class RunningHub:
-    """`python -m hub_server serve` as a child process on a loopback port."""
+    """`python -m hub_server serve` as a child process on a loopback port; without tokens
+    (`--no-auth`) unless `no_auth=False`, then with the accounts in `--data-dir` of `extra`."""
 
-    def __init__(self, model: Path, cache_dir: Path, *extra: str):
-        self.url = f"http://127.0.0.1:{free_port()}"
+    def __init__(self, model: Path, cache_dir: Path, *extra: str, no_auth: bool = True, env: dict | None = None,
+                 port: int | None = None):
+        self.url = f"http://127.0.0.1:{port or free_port()}"
         port = self.url.rsplit(":", 1)[1]
         self.log = cache_dir / f"hub-{port}.log"
         cache_dir.mkdir(parents=True, exist_ok=True)
         self.process = subprocess.Popen(
             [sys.executable, "-m", "hub_server", "serve", "--model", str(model), "--port", port,
-             "--cache-dir", str(cache_dir), *extra],
-            cwd=REPO, stdout=self.log.open("wb"), stderr=subprocess.STDOUT,
+             "--cache-dir", str(cache_dir), *(["--no-auth"] if no_auth else []), *extra],
+            cwd=REPO, stdout=self.log.open("wb"), stderr=subprocess.STDOUT, env={**os.environ, **(env or {})},
         )
         self._wait_ready()
 
@@ -95,6 +98,39 @@ class RunningHub:
 def hub(tiny, tmp_path_factory):
     """A real hub serving the tiny target (its Hugging Face folder) on loopback."""
     running = RunningHub(tiny.hf_dir, tmp_path_factory.mktemp("hub-cache"), "--max-draft-tokens", "16")
+    yield running
+    running.stop()
+
+
+def hub_admin(data_dir: Path, *args: str):
+    """Run an account command (`hub_server users|tokens ...`) as an operator would; its JSON answer."""
+    result = subprocess.run([sys.executable, "-m", "hub_server", *args, "--data-dir", str(data_dir), "--json"],
+                            cwd=REPO, capture_output=True, text=True, timeout=60)
+    assert result.returncode == 0, result.stderr
+    return json.loads(result.stdout)
+
+
+class AuthHub(RunningHub):
+    """A hub that needs tokens, with users in its own accounts database; `tokens[name]` is theirs."""
+
+    def __init__(self, model: Path, workdir: Path, users: tuple[str, ...], *extra: str):
+        self.data_dir = workdir / "data"
+        self.tokens = {}
+        for name in users:
+            hub_admin(self.data_dir, "users", "add", name)
+            self.tokens[name] = hub_admin(self.data_dir, "tokens", "create", "--user", name)["token"]
+        super().__init__(model, workdir / "cache", "--data-dir", str(self.data_dir), *extra, no_auth=False)
+
+    def client(self, user: str | None = None, **kwargs) -> httpx.Client:
+        headers = {"Authorization": f"Bearer {self.tokens[user]}"} if user else {}
+        return httpx.Client(base_url=self.url, headers=headers, timeout=30, **kwargs)
+
+
+@pytest.fixture(scope="session")
+def auth_hub(tiny, tmp_path_factory):
+    """A real hub with accounts (users ada and bob), JSON logs, no per-user limits."""
+    running = AuthHub(tiny.hf_dir, tmp_path_factory.mktemp("auth-hub"), ("ada", "bob"),
+                      "--max-draft-tokens", "16", "--log-format", "json")
     yield running
     running.stop()
 
@@ -133,7 +169,8 @@ def target_alone(tiny) -> TargetAlone:
     return TargetAlone(AutoModelForCausalLM.from_pretrained(str(tiny.hf_dir), dtype=torch.float32).eval())
 
 
-def run_specedge(*args: str, env_extra: dict | None = None, timeout: float = 300) -> subprocess.CompletedProcess:
+def run_specedge(*args: str, env_extra: dict | None = None, timeout: float = 300,
+                 input_text: str | None = None) -> subprocess.CompletedProcess:
     env = {**os.environ, **(env_extra or {})}
     return subprocess.run([sys.executable, "-m", "specedge_cli", *args], cwd=REPO, env=env,
-                          capture_output=True, text=True, timeout=timeout)
+                          capture_output=True, text=True, timeout=timeout, input=input_text)

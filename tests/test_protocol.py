@@ -18,6 +18,8 @@ PAIRS = [
     (client_wire.HubInfo, hub_wire.HubInfo),
     (client_wire.GenerateRequest, hub_wire.GenerateRequest),
     (client_wire.GenerateChunk, hub_wire.GenerateChunk),
+    (client_wire.UserLimits, hub_wire.UserLimits),
+    (client_wire.WhoAmIResponse, hub_wire.WhoAmIResponse),
 ]
 
 
@@ -62,3 +64,10 @@ def test_hub_refuses_unknown_and_mistyped_fields():
         hub_wire.VerifyRequest.model_validate({"tokens": [1], "draft": [2], "extra": 1})
     with pytest.raises(ValueError):
         hub_wire.VerifyRequest.model_validate({"tokens": ["1"], "draft": []})
+
+
+def test_whoami_parses_on_the_client():
+    answer = hub_wire.WhoAmIResponse(user="ada", sessions=2, tokens_left=90,
+                                     limits=hub_wire.UserLimits(max_sessions_per_user=4, tokens_per_minute=100))
+    parsed = client_wire.WhoAmIResponse.from_json(answer.model_dump())
+    assert parsed == client_wire.WhoAmIResponse("ada", client_wire.UserLimits(4, 100), 2, 90)

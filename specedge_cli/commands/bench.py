@@ -51,7 +51,7 @@ def bench(
         rows.append({**base, "test": f"tg{n_gen}", **_mean_std(_generation_speeds(engine, n_gen, repetitions))})
     address = config.hub_address(hub)
     if address.url:
-        with HubClient(address.url, address.token) as client:
+        with HubClient(address.url, address.token, insecure=address.insecure) as client:
             rows += _hub_rows(engine, client, base, hub_tokens, repetitions)
     typer.echo(_render(rows, output))
 

@@ -57,7 +57,7 @@ def _hub(flag_url: str | None, resolved: ResolvedModel) -> Iterator[tuple[HubCli
     """The hub client, its URL, and a function that waits until the hub is ready."""
     address = config.hub_address(flag_url)
     if address.url:
-        with HubClient(address.url, address.token) as client:
+        with HubClient(address.url, address.token, insecure=address.insecure) as client:
             yield client, address.url, lambda: None
         return
     # No hub anywhere: serve the draft's own GGUF as the target, so the pipeline runs anywhere.
@@ -65,7 +65,7 @@ def _hub(flag_url: str | None, resolved: ResolvedModel) -> Iterator[tuple[HubCli
     with embedded:
         err.print(f"[dim]No hub configured: started an embedded hub at {embedded.url} "
                   f"(target {resolved.path.name}); use --hub or `specedge login` for a real one.[/dim]")
-        with HubClient(embedded.url) as client:
+        with HubClient(embedded.url, embedded.token) as client:
             yield client, embedded.url, embedded.wait_ready
 
 

@@ -2,18 +2,39 @@
 
 from __future__ import annotations
 
+import ipaddress
 import json
 from typing import Iterator
 
 import httpx
 
-from specedge_cli.errors import HubBusy, HubRejected, HubUnreachable, SessionLost
+from specedge_cli.errors import HubBusy, HubRejected, HubUnreachable, InsecureHub, SessionLost, TokenRejected
 from specedge_cli.remote import protocol as wire
+
+
+def check_transport(url: str, insecure: bool = False) -> None:
+    """Refuse plain http to another machine (tokens would cross the network in clear) unless told to."""
+    parsed = httpx.URL(url)
+    if parsed.scheme not in ("http", "https") or not parsed.host:
+        raise InsecureHub(f"{url!r} is not a hub URL; give one like https://hub.example.com")
+    if parsed.scheme == "http" and not insecure and not _is_loopback(parsed.host):
+        raise InsecureHub(f"refusing plain http to {parsed.host}: your token would cross the network unencrypted; "
+                          f"use https://, or pass --insecure (SPECEDGE_INSECURE=1) on a network you trust")
+
+
+def _is_loopback(host: str) -> bool:
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False
 
 
 class HubClient:
     def __init__(self, base_url: str, token: str | None = None, timeout_s: float = 120.0,
-                 transport: httpx.BaseTransport | None = None):
+                 transport: httpx.BaseTransport | None = None, insecure: bool = False):
+        check_transport(base_url, insecure)
         self.base_url = base_url.rstrip("/")
         headers = {"Authorization": f"Bearer {token}"} if token else {}
         self._http = httpx.Client(base_url=self.base_url, headers=headers, timeout=timeout_s, transport=transport)
@@ -32,6 +53,9 @@ class HubClient:
 
     def info(self) -> wire.HubInfo:
         return wire.HubInfo.from_json(self._request("GET", "/v1/info"))
+
+    def whoami(self) -> wire.WhoAmIResponse:
+        return wire.WhoAmIResponse.from_json(self._request("GET", "/v1/whoami"))
 
     def open_session(self, request: wire.OpenSessionRequest) -> wire.OpenSessionResponse:
         return wire.OpenSessionResponse.from_json(self._request("POST", "/v1/sessions", request.to_json()))
@@ -83,6 +107,10 @@ def _rejection(response: httpx.Response) -> HubRejected:
     except (ValueError, KeyError, TypeError):
         code, message = "http_error", f"the hub answered HTTP {response.status_code}: {response.text[:200]}"
     status = response.status_code
+    if status == 401:
+        hub = str(response.request.url.copy_with(path="/", query=None)).rstrip("/")
+        return TokenRejected(f"the hub at {hub} did not accept your token (missing, wrong or revoked); "
+                             f"run `specedge login --hub {hub}`", status, code)
     if status == 404 and code == "session_not_found":
         return SessionLost(message, status, code)
     if status in (429, 503):

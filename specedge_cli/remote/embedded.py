@@ -1,10 +1,14 @@
 """An embedded hub for users who have none: the real `hub_server` in a child process, on loopback.
 
 It binds a free port on 127.0.0.1, loads the target model, and is stopped when the chat ends.
+Other local users can reach a loopback port too, so the hub takes a random token made for this
+process only, handed over in the child's environment (never its command line, which `ps` shows).
 """
 
 from __future__ import annotations
 
+import os
+import secrets
 import socket
 import subprocess
 import sys
@@ -14,6 +18,9 @@ from pathlib import Path
 import httpx
 
 from specedge_cli.errors import HubUnreachable
+
+# Read by `hub_server serve` as its single pre-authorised token.
+EMBEDDED_TOKEN_ENV = "SPECEDGE_HUB_EMBEDDED_TOKEN"
 
 
 def _free_port() -> int:
@@ -26,6 +33,7 @@ class EmbeddedHub:
     def __init__(self, target: Path, log_path: Path, startup_timeout_s: float = 600.0):
         self.port = _free_port()
         self.url = f"http://127.0.0.1:{self.port}"
+        self.token = secrets.token_urlsafe(32)
         self.log_path = log_path
         self._timeout_s = startup_timeout_s
         log_path.parent.mkdir(parents=True, exist_ok=True)
@@ -34,6 +42,7 @@ class EmbeddedHub:
             [sys.executable, "-m", "hub_server", "serve", "--model", str(target),
              "--host", "127.0.0.1", "--port", str(self.port)],
             stdout=self._log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
+            env={**os.environ, EMBEDDED_TOKEN_ENV: self.token},
         )
 
     def wait_ready(self) -> None:

@@ -94,3 +94,22 @@ class HubInfo(_Message):
     max_draft_tokens: int
     max_context: int
     modes: list[str] = field(default_factory=list)
+
+
+@dataclass(frozen=True)
+class UserLimits(_Message):
+    max_sessions_per_user: int = 0
+    tokens_per_minute: int = 0
+
+
+@dataclass(frozen=True)
+class WhoAmIResponse(_Message):
+    user: str
+    limits: UserLimits
+    sessions: int = 0
+    tokens_left: int | None = None
+
+    @classmethod
+    def from_json(cls, body: dict) -> "WhoAmIResponse":
+        return cls(user=body["user"], limits=UserLimits.from_json(body.get("limits") or {}),
+                   sessions=body.get("sessions", 0), tokens_left=body.get("tokens_left"))

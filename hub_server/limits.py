@@ -1,0 +1,48 @@
+"""Per-user limits on tokens per minute. Plain Python, no torch.
+
+Each user has a bucket that holds up to a minute's worth of tokens and refills continuously.
+A request is admitted while the bucket is not empty and its tokens are then taken, even into
+debt: a long prompt passes once and its user then waits, rather than never passing at all.
+"""
+
+from __future__ import annotations
+
+import math
+import threading
+import time
+from typing import Callable
+
+from hub_server.errors import RateLimited
+
+
+class TokenBudgets:
+    def __init__(self, tokens_per_minute: int, clock: Callable[[], float] = time.monotonic):
+        self.tokens_per_minute = tokens_per_minute        # 0: unlimited
+        self._rate = tokens_per_minute / 60.0             # tokens refilled per second
+        self._clock = clock
+        self._levels: dict[str, tuple[float, float]] = {}  # user -> (level, when)
+        self._lock = threading.Lock()
+
+    def charge(self, user: str, tokens: int) -> None:
+        """Take `tokens` from `user`'s bucket, or raise RateLimited with when to retry."""
+        if not self.tokens_per_minute:
+            return
+        with self._lock:
+            level = self._level(user)
+            if level <= 0:
+                wait_s = max(1, math.ceil((1e-6 - level) / self._rate))
+                raise RateLimited(
+                    f"user {user!r} has used this hub's {self.tokens_per_minute} tokens per minute; "
+                    f"retry in {wait_s} s", retry_after_s=wait_s)
+            self._levels[user] = (level - tokens, self._clock())
+
+    def remaining(self, user: str) -> int | None:
+        """Tokens `user` may still send now; None when unlimited."""
+        if not self.tokens_per_minute:
+            return None
+        with self._lock:
+            return max(0, math.floor(self._level(user)))
+
+    def _level(self, user: str) -> float:
+        level, when = self._levels.get(user, (float(self.tokens_per_minute), self._clock()))
+        return min(float(self.tokens_per_minute), level + (self._clock() - when) * self._rate)

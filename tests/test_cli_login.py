@@ -1,0 +1,96 @@
+"""`specedge login | whoami | logout` as a user runs them, against a real hub with accounts."""
+
+from __future__ import annotations
+
+import json
+import stat
+
+import pytest
+
+from specedge_cli import config
+from specedge_cli.errors import InsecureHub
+from specedge_cli.remote.client import check_transport
+from tests.conftest import run_specedge
+
+
+def login(auth_hub, user: str = "ada", *extra: str, env_extra: dict | None = None):
+    return run_specedge("login", "--hub", auth_hub.url, "--token", auth_hub.tokens[user], *extra, env_extra=env_extra)
+
+
+def assert_one_line_error(result, *words: str) -> None:
+    assert result.returncode != 0
+    assert "Traceback" not in result.stderr
+    lines = [line for line in result.stderr.splitlines() if line.strip()]
+    assert len(lines) == 1, result.stderr
+    for word in words:
+        assert word in lines[0]
+
+
+def test_login_stores_hub_and_token_privately_then_whoami_and_logout(auth_hub):
+    result = login(auth_hub)
+    assert result.returncode == 0, result.stderr
+    path = config.config_file()
+    assert f"as ada" in result.stdout and str(path) in result.stdout
+    assert stat.S_IMODE(path.stat().st_mode) == 0o600
+    assert stat.S_IMODE(path.parent.stat().st_mode) == 0o700
+    assert json.loads(path.read_text()) == {"hub": auth_hub.url, "token": auth_hub.tokens["ada"]}
+
+    who = run_specedge("whoami", "--json")
+    assert who.returncode == 0, who.stderr
+    assert json.loads(who.stdout) == {"hub": auth_hub.url, "user": "ada", "sessions": 0, "tokens_left": None,
+                                      "limits": {"max_sessions_per_user": 0, "tokens_per_minute": 0}}
+    assert "user: ada" in run_specedge("whoami").stdout
+
+    out = run_specedge("logout")
+    assert out.returncode == 0 and "removed the token" in out.stdout
+    assert json.loads(path.read_text()) == {"hub": auth_hub.url}
+    assert_one_line_error(run_specedge("whoami"), "specedge login")
+
+
+def test_token_asked_with_hidden_input(auth_hub):
+    result = run_specedge("login", "--hub", auth_hub.url, input_text=auth_hub.tokens["bob"] + "\n")
+    assert result.returncode == 0, result.stderr
+    assert "as bob" in result.stdout and auth_hub.tokens["bob"] not in result.stdout
+
+
+def test_wrong_token_is_one_line_saying_to_log_in(auth_hub):
+    result = run_specedge("login", "--hub", auth_hub.url, "--token", "seh_wrong")
+    assert_one_line_error(result, "did not accept your token", "specedge login")
+    assert not config.config_file().exists()
+    result = run_specedge("whoami", "--hub", auth_hub.url, env_extra={"SPECEDGE_TOKEN": "seh_wrong"})
+    assert_one_line_error(result, "specedge login")
+
+
+def test_environment_overrides_the_stored_login(auth_hub):
+    assert login(auth_hub, "ada").returncode == 0
+    who = run_specedge("whoami", "--json", env_extra={"SPECEDGE_TOKEN": auth_hub.tokens["bob"]})
+    assert json.loads(who.stdout)["user"] == "bob"
+    out = run_specedge("logout", env_extra={"SPECEDGE_TOKEN": auth_hub.tokens["bob"]})
+    assert "SPECEDGE_TOKEN is still set" in out.stderr
+
+
+def test_chat_uses_the_stored_login(tiny, auth_hub):
+    assert login(auth_hub, "bob").returncode == 0
+    result = run_specedge("chat", "--json", "--prompt", "hi", "--model", str(tiny.gguf_f32), "--max-tokens", "4")
+    assert result.returncode == 0, result.stderr
+    assert json.loads(result.stdout)["hub"] == auth_hub.url
+
+
+def test_plain_http_to_another_machine_is_refused():
+    result = run_specedge("login", "--hub", "http://192.0.2.10:8000", "--token", "seh_x")
+    assert_one_line_error(result, "refusing plain http to 192.0.2.10", "--insecure")
+    with pytest.raises(InsecureHub):
+        check_transport("http://hub.example.com")
+    with pytest.raises(InsecureHub):
+        check_transport("ftp://hub.example.com")
+    for allowed in ("https://hub.example.com", "http://127.0.0.1:8000", "http://localhost:1", "http://[::1]:8000"):
+        check_transport(allowed)
+    check_transport("http://hub.example.com", insecure=True)
+
+
+def test_a_stored_token_is_not_sent_to_another_hub(auth_hub, monkeypatch):
+    config.update_config_file({"hub": auth_hub.url, "token": "seh_stored"})
+    assert config.hub_address(None).token == "seh_stored"
+    assert config.hub_address("https://other.example").token is None
+    monkeypatch.setenv("SPECEDGE_TOKEN", "seh_env")
+    assert config.hub_address("https://other.example").token == "seh_env"

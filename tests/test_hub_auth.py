@@ -1,0 +1,149 @@
+"""A hub with accounts: only token holders get in, each sees only their own sessions, tokens are
+never stored or logged in clear, limits answer 429 and recover. Real hubs on loopback, real SQLite."""
+
+from __future__ import annotations
+
+import json
+import sqlite3
+import subprocess
+import sys
+import time
+
+import httpx
+import pytest
+
+from hub_server.accounts import token_digest
+from hub_server.protocol import PROTOCOL_VERSION
+from tests.conftest import REPO, AuthHub, hub_admin
+
+
+def open_body(info: dict) -> dict:
+    return {"protocol_version": PROTOCOL_VERSION, "vocab_size": info["vocab_size"],
+            "vocab_fingerprint": info["vocab_fingerprint"]}
+
+
+def open_session(client: httpx.Client) -> str:
+    info = client.get("/v1/info").json()
+    response = client.post("/v1/sessions", json=open_body(info))
+    assert response.status_code == 200, response.text
+    return response.json()["session_id"]
+
+
+def test_no_route_but_health_answers_without_a_token(auth_hub):
+    with auth_hub.client("ada") as ada:
+        schema = ada.get("/openapi.json").json()
+    routes = [(method.upper(), path.replace("{session_id}", "any")) for path, methods in schema["paths"].items()
+              for method in methods]
+    routes += [("GET", "/openapi.json"), ("GET", "/docs"), ("GET", "/metrics"), ("GET", "/v1/whoami")]
+    assert ("POST", "/v1/sessions/any/verify") in routes
+    for headers in ({}, {"Authorization": "Bearer not-a-token"}, {"Authorization": f"Basic {auth_hub.tokens['ada']}"}):
+        with httpx.Client(base_url=auth_hub.url, headers=headers, timeout=30) as stranger:
+            for method, path in routes:
+                response = stranger.request(method, path, json={})
+                if path == "/health":
+                    assert response.status_code == 200
+                    continue
+                assert response.status_code == 401, (method, path, response.text)
+                assert response.headers["WWW-Authenticate"] == "Bearer"
+                assert "token" in response.json()["error"]["message"]
+
+
+def test_whoami_names_the_user_and_limits(auth_hub):
+    with auth_hub.client("bob") as bob:
+        answer = bob.get("/v1/whoami").json()
+    assert answer == {"user": "bob", "sessions": 0, "tokens_left": None,
+                      "limits": {"max_sessions_per_user": 0, "tokens_per_minute": 0}}
+
+
+def test_one_users_session_is_invisible_to_another(auth_hub):
+    with auth_hub.client("ada") as ada, auth_hub.client("bob") as bob:
+        session = open_session(ada)
+        assert ada.post(f"/v1/sessions/{session}/feed", json={"tokens": [1, 20, 30]}).status_code == 200
+        for method, path, body in [("POST", "feed", {"tokens": [5]}), ("POST", "verify", {"tokens": [5], "draft": []}),
+                                   ("POST", "generate", {"max_tokens": 2}), ("DELETE", "", None)]:
+            response = bob.request(method, f"/v1/sessions/{session}/{path}".rstrip("/"), json=body)
+            assert response.status_code == 404, response.text
+            assert response.json()["error"]["code"] == "session_not_found"
+        assert bob.get("/v1/whoami").json()["sessions"] == 0
+        verify = ada.post(f"/v1/sessions/{session}/verify", json={"tokens": [], "draft": [40]})
+        assert verify.status_code == 200 and verify.json()["context_len"] == 3 + len(verify.json()["tokens"])
+        assert ada.delete(f"/v1/sessions/{session}").status_code == 204
+
+
+def test_revocation_takes_effect_on_the_next_request(auth_hub):
+    created = hub_admin(auth_hub.data_dir, "tokens", "create", "--user", "ada")
+    with httpx.Client(base_url=auth_hub.url, headers={"Authorization": f"Bearer {created['token']}"}) as client:
+        assert client.get("/v1/whoami").json()["user"] == "ada"
+        revoked = hub_admin(auth_hub.data_dir, "tokens", "revoke", created["token_id"])
+        assert revoked["revoked_at"]
+        assert client.get("/v1/whoami").status_code == 401
+    listed = hub_admin(auth_hub.data_dir, "tokens", "list", "--user", "ada")
+    assert created["token_id"] in {t["token_id"] for t in listed} and "token" not in listed[0]
+
+
+def test_tokens_are_stored_only_as_hashes(auth_hub):
+    stored = b"".join(path.read_bytes() for path in auth_hub.data_dir.iterdir() if path.is_file())
+    with sqlite3.connect(auth_hub.data_dir / "accounts.sqlite3") as db:
+        digests = {row[0] for row in db.execute("SELECT sha256 FROM tokens")}
+    for token in auth_hub.tokens.values():
+        assert token.encode() not in stored
+        assert token_digest(token) in digests
+    assert oct((auth_hub.data_dir / "accounts.sqlite3").stat().st_mode & 0o777) == "0o600"
+
+
+def test_logs_are_json_with_request_ids_and_no_token(auth_hub):
+    wrong = "seh_wrong_token_that_must_not_be_logged"
+    with auth_hub.client("ada") as ada:
+        answer = ada.get("/v1/whoami", headers={"X-Request-ID": "trace-me-42"})
+        ada.get("/v1/whoami", headers={"Authorization": f"Bearer {wrong}"})
+        ada.get(f"/v1/info?token={wrong}")
+    assert answer.headers["X-Request-ID"] == "trace-me-42"
+    time.sleep(0.2)
+    log = auth_hub.log.read_text()
+    lines = [json.loads(line) for line in log.splitlines() if line.startswith("{")]
+    access = [line for line in lines if line.get("request_id") == "trace-me-42"]
+    assert access and access[-1]["user"] == "ada" and access[-1]["status"] == 200 and access[-1]["path"] == "/v1/whoami"
+    for token in [*auth_hub.tokens.values(), wrong]:
+        assert token not in log
+
+
+def test_no_auth_is_refused_off_loopback(tiny):
+    result = subprocess.run([sys.executable, "-m", "hub_server", "serve", "--model", str(tiny.hf_dir),
+                             "--host", "0.0.0.0", "--no-auth"], cwd=REPO, capture_output=True, text=True, timeout=60)
+    assert result.returncode != 0
+    assert "--no-auth is only allowed on a loopback address" in result.stderr
+
+
+@pytest.fixture(scope="module")
+def limited_hub(tiny, tmp_path_factory):
+    running = AuthHub(tiny.hf_dir, tmp_path_factory.mktemp("limited-hub"), ("ada", "bob", "cy"),
+                      "--max-sessions-per-user", "2", "--tokens-per-minute", "60")
+    yield running
+    running.stop()
+
+
+def assert_limited(response: httpx.Response) -> int:
+    assert response.status_code == 429, response.text
+    assert response.json()["error"]["code"] == "rate_limited"
+    return int(response.headers["Retry-After"])
+
+
+def test_sessions_per_user_answer_429_and_recover(limited_hub):
+    with limited_hub.client("ada") as ada, limited_hub.client("bob") as bob:
+        first, _ = open_session(ada), open_session(ada)
+        info = ada.get("/v1/info").json()
+        assert assert_limited(ada.post("/v1/sessions", json=open_body(info))) > 0
+        open_session(bob)                               # another user's limit is their own
+        assert ada.delete(f"/v1/sessions/{first}").status_code == 204
+        open_session(ada)
+        assert ada.get("/v1/whoami").json()["sessions"] == 2
+
+
+def test_tokens_per_minute_answer_429_and_recover(limited_hub):
+    with limited_hub.client("cy") as cy:
+        session = open_session(cy)
+        assert cy.post(f"/v1/sessions/{session}/feed", json={"tokens": [7] * 61}).status_code == 200
+        wait_s = assert_limited(cy.post(f"/v1/sessions/{session}/verify", json={"tokens": [], "draft": [5]}))
+        assert cy.get("/v1/whoami").json()["tokens_left"] == 0
+        time.sleep(wait_s)
+        assert cy.post(f"/v1/sessions/{session}/verify", json={"tokens": [], "draft": [5]}).status_code == 200
