@@ -249,15 +249,22 @@ class _Tree:
         return path
 
 
+# A candidate joins the tree only if it is at least this likely relative to the level's best one:
+# a confident draft then spends its budget on depth (a chain), an unsure one on branches.
+_MIN_RELATIVE_LOG_PROB = float(np.log(0.05))
+
+
 def _best_children(frontier, width: int, take: int) -> list[tuple[float, int, int]]:
-    """The `take` best (cumulative log-prob, parent node, token) among each frontier node's top `width`."""
+    """The `take` best (cumulative log-prob, parent node, token) among each frontier node's top
+    `width`, leaving out those far less likely than the best."""
     candidates = []
     for node, score, logits in frontier:
         log_probs = logits - (logits.max() + np.log(np.exp(logits - logits.max()).sum()))
         top = np.argpartition(-log_probs, width)[:width]
         candidates += [(score + float(log_probs[t]), node, int(t)) for t in top]
     candidates.sort(key=lambda c: -c[0])
-    return candidates[:take]
+    best = candidates[0][0] if candidates else 0.0
+    return [c for c in candidates[:take] if c[0] >= best + _MIN_RELATIVE_LOG_PROB]
 
 
 def _default_threads() -> int:
