@@ -7,15 +7,18 @@ llama.cpp context (its KV cache), kept while the session lives.
 
 from __future__ import annotations
 
+import contextlib
 import os
 import threading
+import time
 from pathlib import Path
 
 import numpy as np
 
 
 class HubDrafter:
-    def __init__(self, model_path: Path, n_ctx: int = 4096, n_threads: int | None = None):
+    def __init__(self, model_path: Path, n_ctx: int = 4096, n_threads: int | None = None,
+                 device_lock: threading.Lock | None = None):
         import llama_cpp
 
         self._lib = llama_cpp
@@ -24,11 +27,22 @@ class HubDrafter:
         self._n_threads = n_threads or max(1, (os.cpu_count() or 2) // 2)
         self._contexts: dict[str, object] = {}
         self._lock = threading.Lock()
+        # On the hub the draft shares the device with the target: one of them runs at a time.
+        self._device_lock = device_lock or contextlib.nullcontext()
         self.name = model_path.name
+        self.busy_seconds = 0.0  # time spent drafting while holding the device
 
     def draft(self, session_id: str, history: list[int], length: int) -> list[int]:
         """Greedily draft up to `length` tokens after `history`, reusing the session's cache."""
         llm = self._context(session_id)
+        with self._device_lock:
+            started = time.perf_counter()
+            try:
+                return self._draft(llm, history, length)
+            finally:
+                self.busy_seconds += time.perf_counter() - started
+
+    def _draft(self, llm, history: list[int], length: int) -> list[int]:
         cached = llm.input_ids[: llm.n_tokens].tolist()
         common = 0
         for cached_token, token in zip(cached, history):

@@ -14,7 +14,6 @@ class HubMetrics:
     accepted_tokens: int = 0
     emitted_by_mode: dict[str, int] = field(default_factory=dict)
     evicted_sessions: int = 0
-    hub_draft_seconds: float = 0.0       # the hub's own drafting (server-only speculative mode)
     _lock: threading.Lock = field(default_factory=threading.Lock, repr=False)
 
     def record_verify(self, mode: str, seconds: float, drafted: int, accepted: int, emitted: int) -> None:
@@ -24,11 +23,6 @@ class HubMetrics:
             self.draft_tokens += drafted
             self.accepted_tokens += accepted
             self.emitted_by_mode[mode] = self.emitted_by_mode.get(mode, 0) + emitted
-
-
-    def add_hub_draft_time(self, seconds: float) -> None:
-        with self._lock:
-            self.hub_draft_seconds += seconds
 
 
 def render(metrics: HubMetrics, gauges: dict[str, float], scheduler_stats) -> str:
@@ -48,7 +42,7 @@ def render(metrics: HubMetrics, gauges: dict[str, float], scheduler_stats) -> st
     emit("batched_jobs_total", "counter", "Verify requests run inside those passes.", [("", scheduler_stats.jobs)])
     emit("device_busy_seconds_total", "counter", "Seconds the device spent on verify passes.", [("", scheduler_stats.busy_s)])
     emit("hub_draft_seconds_total", "counter", "Seconds the hub spent drafting (server-only speculative mode).",
-         [("", metrics.hub_draft_seconds)])
+         [("", gauges["hub_draft_seconds"])])
     emit("verify_seconds", "summary", "Hub time per verify request, queueing included.",
          [("_sum", metrics.verify_seconds), ("_count", metrics.verifies)])
     emit("draft_tokens_total", "counter", "Draft tokens received.", [("", metrics.draft_tokens)])

@@ -90,8 +90,8 @@ class ModelRunner:
         self.window = int(getattr(config, "sliding_window", 0) or 0)
         # Ids the hub accepts: known to both the tokenizer and the embedding table.
         self.vocab_size = min(self.vocab.size, self.model.get_input_embeddings().num_embeddings)
-        # One forward at a time: the model is shared by every session.
-        self._lock = threading.Lock()
+        # One thing at a time on the device: a forward pass here, or the hub's own drafting.
+        self.device_lock = threading.Lock()
 
     def new_kv(self) -> KVSlot:
         return KVSlot([None] * len(self.layer_types), [None] * len(self.layer_types))
@@ -99,7 +99,7 @@ class ModelRunner:
     # --- public operations --------------------------------------------------------------
     def prefill(self, kv: KVSlot, context: list[int], chunk: int = 512) -> None:
         """Bring `kv` up to all of `context` but its last token."""
-        with self._lock:
+        with self.device_lock:
             while len(context) - 1 > kv.length:
                 tokens = context[kv.length: min(len(context) - 1, kv.length + chunk)]
                 row = _row(kv, tokens, [], [])
@@ -108,7 +108,7 @@ class ModelRunner:
 
     def verify_batch(self, jobs: list[VerifyJob]) -> None:
         """Verify every job's draft in one forward pass; fills in `path` and `emitted`."""
-        with self._lock:
+        with self.device_lock:
             rows = [_row(job.kv, job.pending, job.draft, job.parents) for job in jobs]
             logits, cache, pasts = self._forward([job.kv for job in jobs], rows)
             for b, (job, row) in enumerate(zip(jobs, rows)):

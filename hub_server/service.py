@@ -28,7 +28,7 @@ class Hub:
                                    max_wait_s=settings.batch_wait_ms / 1000)
         self.metrics = HubMetrics()
         self.budgets = TokenBudgets(settings.tokens_per_minute)
-        self.drafter = make_drafter(settings)
+        self.drafter = make_drafter(settings, runner.device_lock)
         self._evictor = threading.Thread(target=self._evict_idle_forever, name="evictor", daemon=True)
         self._evictor.start()
 
@@ -44,6 +44,7 @@ class Hub:
         gauges = {
             "active_sessions": len(self.sessions), "queue_depth": self.scheduler.queue_depth,
             "kv_bytes": sum(s.kv.nbytes() for s in self.sessions.all()),
+            "hub_draft_seconds": self.drafter.busy_seconds if self.drafter else 0.0,
         }
         return render_metrics(self.metrics, gauges, self.scheduler.stats)
 
@@ -142,9 +143,7 @@ class Hub:
                 room = request.max_tokens - produced - 1
                 draft = []
                 if request.mode == "speculative" and room > 0:
-                    drafting_started = time.perf_counter()
                     draft = self.drafter.draft(session.session_id, session.context, min(request.draft_len, room))
-                    self.metrics.add_hub_draft_time(time.perf_counter() - drafting_started)
                 job = VerifyJob(session.kv, session.context[session.kv.length:], draft, chain_parents(len(draft)),
                                 session.temperature, session.seed, session.stop_token_ids)
                 self._run(session, job, request.mode)
@@ -215,10 +214,10 @@ class Hub:
             )
 
 
-def make_drafter(settings: HubSettings):
+def make_drafter(settings: HubSettings, device_lock: threading.Lock | None = None):
     """The hub's own draft model for the speculative mode, when one is configured."""
     if not settings.draft:
         return None
     from hub_server.drafter import HubDrafter
 
-    return HubDrafter(Path(settings.draft).expanduser())
+    return HubDrafter(Path(settings.draft).expanduser(), device_lock=device_lock)
