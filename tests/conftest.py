@@ -72,7 +72,11 @@ class RunningHub:
              "--cache-dir", str(cache_dir), *(["--no-auth"] if no_auth else []), *extra],
             cwd=REPO, stdout=self.log.open("wb"), stderr=subprocess.STDOUT, env={**os.environ, **(env or {})},
         )
-        self._wait_ready()
+        try:
+            self._wait_ready()
+        except BaseException:
+            self.stop()  # a hub that failed to start must not outlive the test run
+            raise
 
     def _wait_ready(self, timeout_s: float = 120) -> None:
         deadline = time.monotonic() + timeout_s
