@@ -110,15 +110,20 @@ class ModelRunner:
         """Verify every job's draft in one forward pass; fills in `path` and `emitted`."""
         with self.device_lock:
             rows = [_row(job.kv, job.pending, job.draft, job.parents) for job in jobs]
-            logits, cache, pasts = self._forward([job.kv for job in jobs], rows)
+            width = max(len(row.tokens) for row in rows)
+            # Only columns from the earliest root onwards need logits: a long new prompt's
+            # positions would otherwise each cost a full vocabulary projection.
+            first = min(len(job.pending) for job in jobs) - 1
+            logits, cache, pasts = self._forward([job.kv for job in jobs], rows, logits_to_keep=width - first)
             for b, (job, row) in enumerate(zip(jobs, rows)):
-                self._accept(job, row, logits[b], cache, b, pasts)
+                self._accept(job, row, logits[b], first, cache, b, pasts)
 
     # --- internals ----------------------------------------------------------------------
-    def _accept(self, job: VerifyJob, row: _Row, logits: torch.Tensor, cache, b: int, pasts: dict) -> None:
+    def _accept(self, job: VerifyJob, row: _Row, logits: torch.Tensor, first: int, cache, b: int, pasts: dict) -> None:
+        """logits: [S - first, V], column c holds the logits of row position first + c."""
         n_pending = len(job.pending)
-        # Row n_pending - 1 predicts after the root; row n_pending + i after draft node i.
-        scored = logits[n_pending - 1: len(row.tokens)]                        # [N + 1, V]
+        # Position n_pending - 1 predicts after the root; position n_pending + i after draft node i.
+        scored = logits[n_pending - 1 - first: len(row.tokens) - first]          # [N + 1, V]
         draw_positions = [p + 1 for p in row.positions[n_pending - 1:]]
         choices = target_choices(scored, job.temperature, job.seed, draw_positions)
         job.path, job.emitted = accept_tree(job.draft, job.parents, choices, job.stop_token_ids)
