@@ -20,7 +20,7 @@ from hub_server.errors import AccountError
 users_app = typer.Typer(help="Accounts that may use this hub.", no_args_is_help=True)
 tokens_app = typer.Typer(help="API tokens: shown once when created, stored only as hashes.", no_args_is_help=True)
 
-DataDir = Annotated[Optional[Path], typer.Option(help=f"Where the accounts database lives [default: {default_data_dir()}].")]
+DataDir = Annotated[Optional[Path], typer.Option(help=f"Where the accounts database lives; default {default_data_dir()}.")]
 AsJson = Annotated[bool, typer.Option("--json", help="Print JSON only.")]
 
 

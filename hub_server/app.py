@@ -62,6 +62,31 @@ def _describe_validation(exc: RequestValidationError) -> str:
     return "malformed request: " + "; ".join(problems) + " (see docs/protocol.md)"
 
 
+class BodyLimit:
+    """Refuses a body over `max_bytes` as it arrives, whether or not it declared its length
+    (a chunked upload has no Content-Length for the `limit_body` check to read)."""
+
+    def __init__(self, app, max_bytes: int):
+        self.app = app
+        self.max_bytes = max_bytes
+
+    async def __call__(self, scope, receive, send):
+        if scope["type"] != "http":
+            return await self.app(scope, receive, send)
+        received = 0
+
+        async def counted_receive():
+            nonlocal received
+            message = await receive()
+            received += len(message.get("body", b""))
+            if received > self.max_bytes:
+                # FastAPI passes an HTTPException raised while reading the body on to `no_such_route`.
+                raise StarletteHTTPException(413, f"request bodies are limited to {self.max_bytes} bytes")
+            return message
+
+        await self.app(scope, counted_receive, send)
+
+
 class HubState:
     """The hub once its model has loaded, or why it has not."""
 
@@ -105,6 +130,7 @@ def create_app(settings: HubSettings, make_runner: Callable[[HubSettings], objec
 
     threading.Thread(target=load, name="model-load", daemon=True).start()
     app.state.hub_state = state
+    app.add_middleware(BodyLimit, max_bytes=MAX_BODY_BYTES)
 
     @app.middleware("http")
     async def limit_body(request: Request, call_next):
@@ -147,7 +173,7 @@ def create_app(settings: HubSettings, make_runner: Callable[[HubSettings], objec
 
     @app.exception_handler(StarletteHTTPException)
     async def no_such_route(request: Request, exc: StarletteHTTPException) -> JSONResponse:
-        code = {404: "not_found", 405: "method_not_allowed"}.get(exc.status_code, "http_error")
+        code = {404: "not_found", 405: "method_not_allowed", 413: "body_too_large"}.get(exc.status_code, "http_error")
         return _error(exc.status_code, code, f"{request.method} {request.url.path}: {exc.detail} (see docs/protocol.md)")
 
     @app.exception_handler(RequestValidationError)

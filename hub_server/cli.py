@@ -43,7 +43,7 @@ def serve(
     max_batch: Annotated[int, typer.Option(help="Sessions verified in one forward pass.")] = 16,
     batch_wait_ms: Annotated[float, typer.Option(help="Longest wait for a fuller batch, in ms.")] = 2.0,
     cache_dir: Annotated[Optional[Path], typer.Option(help="Where converted GGUF targets are kept.")] = None,
-    data_dir: Annotated[Optional[Path], typer.Option(help=f"Accounts database folder [default: {default_data_dir()}].")] = None,
+    data_dir: Annotated[Optional[Path], typer.Option(help=f"Accounts database folder; default {default_data_dir()}.")] = None,
     no_auth: Annotated[bool, typer.Option("--no-auth", help="Serve without tokens; loopback addresses only.")] = False,
     max_sessions_per_user: Annotated[int, typer.Option(help="Open sessions per user; 0: no per-user cap.")] = 0,
     tokens_per_minute: Annotated[int, typer.Option(help="Tokens each user may send per minute; 0: unlimited.")] = 0,

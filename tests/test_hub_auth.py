@@ -147,3 +147,16 @@ def test_tokens_per_minute_answer_429_and_recover(limited_hub):
         assert cy.get("/v1/whoami").json()["tokens_left"] == 0
         time.sleep(wait_s)
         assert cy.post(f"/v1/sessions/{session}/verify", json={"tokens": [], "draft": [5]}).status_code == 200
+
+
+def test_embedded_hub_takes_a_per_process_token_from_its_environment(tiny, tmp_path):
+    from specedge_cli.remote.embedded import EmbeddedHub
+
+    with EmbeddedHub(tiny.gguf_f32, tmp_path / "embedded.log") as embedded:
+        embedded.wait_ready()
+        with open(f"/proc/{embedded.pid}/cmdline", "rb") as seen_by_ps:
+            assert embedded.token.encode() not in seen_by_ps.read()
+        assert httpx.get(f"{embedded.url}/v1/info").status_code == 401
+        who = httpx.get(f"{embedded.url}/v1/whoami", headers={"Authorization": f"Bearer {embedded.token}"})
+        assert who.json()["user"] == "local"
+    assert len(embedded.token) >= 40

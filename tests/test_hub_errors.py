@@ -95,6 +95,23 @@ def test_body_too_large(http, session):
     assert_error(response, 413, "body_too_large", "limited")
 
 
+def test_chunked_body_too_large(http, session):
+    chunks = (b"[" + b"1," * 100_000 for _ in range(12))      # no Content-Length: sent chunked
+    response = http.post(f"/v1/sessions/{session}/verify", content=chunks, headers={"content-type": "application/json"})
+    assert_error(response, 413, "body_too_large", "limited")
+
+
+@pytest.mark.parametrize("draft, parents, words", [
+    ([6, 7], [0, 0], "parents[0] = 0"),            # a node its own parent: a cycle
+    ([6, 7, 8], [-1, 2, 1], "parents[1] = 2"),     # a forward reference
+    ([6, 7], [-1, -7], "parents[1] = -7"),
+    ([6, 7], [-1], "one per token"),
+])
+def test_bad_trees(http, session, draft, parents, words):
+    response = http.post(f"/v1/sessions/{session}/verify", json={"tokens": [5], "draft": draft, "parents": parents})
+    assert_error(response, 422, "bad_request", words)
+
+
 def test_hub_keeps_serving_after_bad_input(http, session):
     http.post(f"/v1/sessions/{session}/verify", content=b"{", headers={"content-type": "application/json"})
     assert http.get("/health").status_code == 200

@@ -89,15 +89,20 @@ class HubClient:
         try:
             response = self._http.request(method, path, json=body)
         except httpx.TransportError as exc:
-            raise HubUnreachable(
-                f"cannot reach the hub at {self.base_url} ({exc.__class__.__name__}); "
-                f"check the URL and that `curl {self.base_url}/health` answers"
-            ) from exc
+            raise _unreachable(self.base_url, exc) from exc
         if response.status_code == 204:
             return {}
         if response.is_success or (allow_unavailable and response.status_code == 503):
             return response.json()
         raise _rejection(response)
+
+
+def _unreachable(base_url: str, exc: httpx.TransportError) -> HubUnreachable:
+    if "CERTIFICATE_VERIFY_FAILED" in str(exc):
+        return HubUnreachable(f"the TLS certificate of {base_url} could not be verified ({exc}); if the hub uses "
+                              f"a private CA, point SSL_CERT_FILE at its certificate")
+    return HubUnreachable(f"cannot reach the hub at {base_url} ({exc.__class__.__name__}); "
+                          f"check the URL and that `curl {base_url}/health` answers")
 
 
 def _rejection(response: httpx.Response) -> HubRejected:

@@ -45,6 +45,10 @@ class EmbeddedHub:
             env={**os.environ, EMBEDDED_TOKEN_ENV: self.token},
         )
 
+    @property
+    def pid(self) -> int:
+        return self._process.pid
+
     def wait_ready(self) -> None:
         """Block until the hub answers /health with 200 (the model has loaded)."""
         deadline = time.monotonic() + self._timeout_s
