@@ -9,7 +9,7 @@ LLAMA_CMAKE_ARGS ?= -DGGML_NATIVE=OFF -DLLAMA_BUILD_TESTS=OFF -DLLAMA_BUILD_EXAM
 TORCH_SPEC ?= $(shell command -v nvidia-smi >/dev/null 2>&1 && echo torch || echo torch==2.13.0)
 DEMO_PROMPT ?= Write one sentence about the sea.
 
-.PHONY: demo test setup clean
+.PHONY: demo test setup clean tmux
 
 setup: $(STAMP)
 
@@ -23,8 +23,12 @@ $(STAMP): pyproject.toml
 demo: $(STAMP)
 	$(VENV)/bin/specedge chat --prompt "$(DEMO_PROMPT)" --max-tokens 64 --temperature 0
 
-test: $(STAMP)
+test: $(STAMP) tmux
 	$(PY) -m pytest -q
+
+# The chat REPL is tested in a real terminal under tmux; install it where it is missing.
+tmux:
+	@command -v tmux >/dev/null 2>&1 || { apt-get update && apt-get install -y tmux; }
 
 clean:
 	rm -rf $(VENV)

@@ -2,19 +2,26 @@
 
 The client's `history` is always exactly the hub session's context: the first verify of a turn
 carries the turn's new tokens, and every verify's emitted tokens (accepted draft + bonus) are
-appended on both sides. A second turn therefore sends only its own tokens.
+appended on both sides. A second turn therefore sends only its own tokens. Because the history is
+ours, a lost session (hub restart, dropped connection, Ctrl+C mid-verify) is rebuilt by opening a
+new one and feeding it the history; decoding then continues as if nothing had happened.
 """
 
 from __future__ import annotations
 
+import contextlib
 import time
-from dataclasses import dataclass, field
-from typing import Callable
+from dataclasses import dataclass, field, replace
+from typing import Callable, Iterator, Protocol, TypeVar
 
 from specedge_cli.drafting.chat_template import ChatTemplate
 from specedge_cli.drafting.engine import DraftEngine
+from specedge_cli.errors import HubBusy, HubError, HubUnreachable, SessionLost
 from specedge_cli.remote import protocol as wire
 from specedge_cli.remote.client import HubClient
+
+T = TypeVar("T")
+FEED_CHUNK = 4096  # tokens per feed request when a session is rebuilt (keeps bodies well under 1 MiB)
 
 
 @dataclass
@@ -42,12 +49,50 @@ class TurnStats:
         }
 
 
+    @property
+    def draft_tokens_per_s(self) -> float:
+        return self.draft_tokens / self.draft_s if self.draft_s else 0.0
+
+    @property
+    def acceptance(self) -> float:
+        return self.accepted_tokens / self.draft_tokens if self.draft_tokens else 0.0
+
+    @property
+    def median_round_trip_ms(self) -> float:
+        ordered = sorted(self.round_trip_ms)
+        return ordered[len(ordered) // 2] if ordered else 0.0
+
+
 @dataclass
 class Reply:
     text: str
     token_ids: list[int]
     prompt_token_ids: list[int]
     stats: TurnStats
+    interrupted: bool = False   # Ctrl+C stopped it; `token_ids` are what was accepted by then
+
+
+@dataclass
+class Turn:
+    """One user prompt and the reply to it, as text and as the token ids in the hub's context."""
+    prompt: str
+    prompt_token_ids: list[int]
+    token_ids: list[int] = field(default_factory=list)
+    reply: str = ""
+    interrupted: bool = False
+    sent: bool = False          # the prompt reached the hub's context
+    log_id: int | None = None   # its row in the conversation log, when it is kept
+
+    def messages(self) -> list[dict]:
+        return [{"role": "user", "content": self.prompt}, {"role": "assistant", "content": self.reply}]
+
+
+class TurnLog(Protocol):
+    """Where turns are kept as they happen (`history.ConversationLog`)."""
+
+    def prompt_sent(self, turn: Turn) -> None: ...
+    def reply_done(self, turn: Turn, stats: TurnStats) -> None: ...
+    def turn_dropped(self, turn: Turn) -> None: ...
 
 
 @dataclass(frozen=True)
@@ -58,62 +103,148 @@ class DecodeSettings:
     draft_len: int = 8          # chain length, or the tree's depth limit
     tree_budget: int = 0        # draft tree nodes per verify; 0 drafts a chain
     tree_width: int = 4         # candidates kept per tree level
+    reconnect_s: float = 60.0   # how long to keep reopening the session while the hub is away
 
 
 class Conversation:
-    """One chat with the hub: messages on our side, one hub session holding their tokens."""
+    """One chat with the hub: turns on our side, one hub session holding their tokens.
+
+    The session is disposable: whenever it is lost (the hub restarted, a verify was cut short by
+    Ctrl+C, the settings changed) a new one is opened and fed `history`, so the hub's context is
+    again exactly ours and decoding continues where it stopped.
+    """
 
     def __init__(self, engine: DraftEngine, hub: HubClient, template: ChatTemplate,
-                 settings: DecodeSettings, system: str = ""):
+                 settings: DecodeSettings, system: str = "", log: TurnLog | None = None):
         self.engine = engine
         self.hub = hub
         self.template = template
         self.settings = settings
-        self.messages: list[dict] = [{"role": "system", "content": system}] if system else []
+        self.system = system
+        self.log = log
+        self.turns: list[Turn] = []
         self.history: list[int] = []
         self.stop_token_ids = frozenset(engine.stop_token_ids())
         self.session_id: str | None = None
-        self._last_generated: list[int] = []
         self.max_draft_tokens = settings.draft_len
         self.max_tree_nodes = settings.tree_budget
+        self.reconnects = 0
+        self._reached_hub = False   # a hub never reached is a wrong address, not an outage to wait out
+        self._fingerprint: str | None = None
+        self._session_in_doubt = False
 
+    @property
+    def messages(self) -> list[dict]:
+        system = [{"role": "system", "content": self.system}] if self.system else []
+        return system + [m for turn in self.turns for m in turn.messages()]
+
+    # --- the hub session ------------------------------------------------------------------
     def open(self) -> None:
+        """Open a hub session and feed it our history (empty for a new conversation)."""
         opened = self.hub.open_session(wire.OpenSessionRequest(
-            vocab_size=self.engine.vocab_size, vocab_fingerprint=self.engine.vocab_fingerprint(),
+            vocab_size=self.engine.vocab_size, vocab_fingerprint=self.vocab_fingerprint(),
             draft_model=self.engine.path.name,
             sampling=wire.Sampling(temperature=self.settings.temperature, seed=self.settings.seed),
             stop_token_ids=sorted(self.stop_token_ids),
         ))
+        self._session_in_doubt = True  # until our history is fed
         self.session_id = opened.session_id
+        self._reached_hub = True
         self.max_draft_tokens = min(self.settings.draft_len, opened.max_draft_tokens)
         self.max_tree_nodes = opened.max_draft_tokens
+        for start in range(0, len(self.history), FEED_CHUNK):
+            self.hub.feed(self.session_id, self.history[start:start + FEED_CHUNK])
+        self._session_in_doubt = False
 
     def close(self) -> None:
         if self.session_id is not None:
-            self.hub.close_session(self.session_id)
-            self.session_id = None
+            session_id, self.session_id = self.session_id, None
+            with contextlib.suppress(HubError):
+                self.hub.close_session(session_id)
 
-    def ask(self, prompt: str, on_tokens: Callable[[list[int]], None] | None = None) -> Reply:
-        """Send one user turn and decode the reply; `on_tokens` sees tokens as they are accepted."""
-        if self.session_id is None:
+    def vocab_fingerprint(self) -> str:
+        if self._fingerprint is None:
+            self._fingerprint = self.engine.vocab_fingerprint()
+        return self._fingerprint
+
+    def _ensure_session(self) -> None:
+        if self.session_id is None or self._session_in_doubt:
+            self.close()
             self.open()
-        self.messages.append({"role": "user", "content": prompt})
-        turn_tokens = self._turn_tokens()
-        generated, stats = self._decode(turn_tokens, on_tokens)
-        text = self.engine.detokenize([t for t in generated if t not in self.stop_token_ids]).decode("utf-8", "replace")
-        self.messages.append({"role": "assistant", "content": text})
-        self._last_generated = generated
-        return Reply(text=text, token_ids=generated, prompt_token_ids=turn_tokens, stats=stats)
 
-    def _turn_tokens(self) -> list[int]:
+    # --- turns ----------------------------------------------------------------------------
+    def ask(self, prompt: str, on_tokens: Callable[[list[int]], None] | None = None) -> Reply:
+        """Send one user turn and decode the reply; `on_tokens` sees tokens as they are accepted.
+
+        Ctrl+C stops the reply: what was accepted so far is kept (on both sides) and the reply
+        comes back with `interrupted` set.
+        """
+        self._with_reconnects(self._ensure_session)
+        turn_tokens = self._turn_tokens(prompt)
+        turn = Turn(prompt, turn_tokens)
+        if self.log:
+            self.log.prompt_sent(turn)
+        stats = self._decode(turn, on_tokens)
+        turn.reply = self._text(turn.token_ids)
+        if turn.sent:
+            self.turns.append(turn)
+            if self.log:
+                self.log.reply_done(turn, stats)
+        elif self.log:  # Ctrl+C before the prompt reached the hub: as if it was never sent
+            self.log.turn_dropped(turn)
+        return Reply(text=turn.reply, token_ids=turn.token_ids, prompt_token_ids=turn.prompt_token_ids,
+                     stats=stats, interrupted=turn.interrupted)
+
+    def regenerate(self, on_tokens: Callable[[list[int]], None] | None = None) -> Reply | None:
+        """Forget the last reply and answer its prompt again (with the next seed when sampling)."""
+        if not self.turns:
+            return None
+        last = self.drop_last_turn()
+        if self.settings.temperature > 0:
+            self.settings = replace(self.settings, seed=self.settings.seed + 1)
+        return self.ask(last.prompt, on_tokens)
+
+    def drop_last_turn(self) -> Turn:
+        last = self.turns.pop()
+        del self.history[len(self.history) - len(last.prompt_token_ids) - len(last.token_ids):]
+        if self.log:
+            self.log.turn_dropped(last)
+        self._session_in_doubt = True  # the hub's context still holds that turn
+        return last
+
+    def restore(self, turns: list[Turn]) -> None:
+        """Take up a saved conversation: its turns become our history, fed to the next session."""
+        self.turns = list(turns)
+        self.history = [t for turn in turns for t in turn.prompt_token_ids + turn.token_ids]
+        self._session_in_doubt = True
+
+    def reset(self, system: str | None = None) -> None:
+        """Start a new conversation (optionally with a new system prompt)."""
+        self.turns, self.history = [], []
+        if system is not None:
+            self.system = system
+        self._session_in_doubt = True
+
+    def change_settings(self, settings: DecodeSettings) -> None:
+        """New decode settings; sampling ones take a new session (fed our history)."""
+        resample = (settings.temperature, settings.seed) != (self.settings.temperature, self.settings.seed)
+        self.settings = settings
+        self._session_in_doubt = self._session_in_doubt or resample
+
+    def _text(self, tokens: list[int]) -> str:
+        return self.engine.detokenize([t for t in tokens if t not in self.stop_token_ids]).decode("utf-8", "replace")
+
+    def _turn_tokens(self, prompt: str) -> list[int]:
+        messages = self.messages + [{"role": "user", "content": prompt}]
         if not self.history:
-            return self.engine.tokenize(self.template.first_turn_text(self.messages), add_bos=False)
-        last = self._last_generated[-1:]
+            return self.engine.tokenize(self.template.first_turn_text(messages), add_bos=False)
+        last = self.turns[-1].token_ids[-1:] if self.turns else []
         stop_text = ""
         if last and last[0] in self.stop_token_ids:
             stop_text = self.engine.detokenize(last, special=True).decode("utf-8", "replace")
-        return self.engine.tokenize(self.template.next_turn_text(self.messages, stop_text), add_bos=False)
+        return self.engine.tokenize(self.template.next_turn_text(messages, stop_text), add_bos=False)
 
+    # --- the draft-verify loop --------------------------------------------------------------
     def _draft(self, history: list[int], room: int) -> tuple[list[int], list[int] | None]:
         """A chain (parents None), or a tree when a tree budget is set; never deeper than `room`."""
         depth = min(self.max_draft_tokens, room)
@@ -122,35 +253,90 @@ class Conversation:
         budget = min(self.settings.tree_budget, self.max_tree_nodes)
         return self.engine.draft_tree(history, budget, self.settings.tree_width, max_depth=depth)
 
-    def _decode(self, turn_tokens: list[int], on_tokens) -> tuple[list[int], TurnStats]:
+    def _decode(self, turn: Turn, on_tokens) -> TurnStats:
+        """Draft and verify until a stop token or max_tokens; the reply is what `history` gained."""
         stats = TurnStats()
-        generated: list[int] = []
-        started = time.perf_counter()
-        first_token_at = started
-        pending = turn_tokens
-        while len(generated) < self.settings.max_tokens:
-            draft_started = time.perf_counter()
-            room = self.settings.max_tokens - len(generated) - 1  # the bonus token is always emitted
-            draft, parents = self._draft(self.history + pending, room)
-            sent = time.perf_counter()
-            stats.draft_s += sent - draft_started
-            reply = self.hub.verify(self.session_id, tokens=pending, draft=draft, parents=parents)
-            stats.round_trip_ms.append((time.perf_counter() - sent) * 1000 - reply.verify_ms)
-            self.history += pending + reply.tokens
-            pending = []
-            generated += reply.tokens
-            stats.verify_rounds += 1
-            stats.draft_tokens += len(draft)
-            stats.accepted_tokens += reply.accepted
-            if stats.verify_rounds == 1:
-                first_token_at = time.perf_counter()
-            if on_tokens:
-                on_tokens(reply.tokens)
-            if reply.tokens[-1] in self.stop_token_ids:
-                break
+        clock = _Clock()
+        start, prompt_len = len(self.history), len(turn.prompt_token_ids)
+        try:
+            while (produced := max(0, len(self.history) - start - prompt_len)) < self.settings.max_tokens:
+                pending = [] if len(self.history) > start else turn.prompt_token_ids
+                emitted = self._round(pending, self.settings.max_tokens - produced, stats)
+                clock.tokens_emitted(stats.verify_rounds)
+                if on_tokens:
+                    on_tokens(emitted)
+                if emitted[-1] in self.stop_token_ids:
+                    break
+        except KeyboardInterrupt:
+            turn.interrupted = True
+        turn.sent = len(self.history) > start
+        turn.token_ids = self.history[start + prompt_len:]
+        clock.finish(stats, len(turn.token_ids))
+        return stats
+
+    def _round(self, pending: list[int], room: int, stats: TurnStats) -> list[int]:
+        """One draft and verify; the emitted tokens are in `history` when it returns."""
+        draft_started = time.perf_counter()
+        draft, parents = self._draft(self.history + pending, room - 1)  # the bonus token is always emitted
+        stats.draft_s += time.perf_counter() - draft_started
+        self._session_in_doubt = True  # until the answer is in our history too
+        reply = self._with_reconnects(lambda: self._verify(pending, draft, parents, stats))
+        self.history += pending + reply.tokens
+        self._session_in_doubt = False
+        stats.verify_rounds += 1
+        stats.draft_tokens += len(draft)
+        stats.accepted_tokens += reply.accepted
+        return reply.tokens
+
+    def _verify(self, pending, draft, parents, stats: TurnStats) -> wire.VerifyResponse:
+        self._ensure_session()
+        self._session_in_doubt = True
+        sent = time.perf_counter()
+        reply = self.hub.verify(self.session_id, tokens=pending, draft=draft, parents=parents)
+        stats.round_trip_ms.append((time.perf_counter() - sent) * 1000 - reply.verify_ms)
+        return reply
+
+    def _with_reconnects(self, call: Callable[[], T]) -> T:
+        """Run `call`, reopening the session with backoff while the hub is away or restarting."""
+        deadline = time.monotonic() + self.settings.reconnect_s
+        for delay in _backoff():
+            try:
+                return call()
+            except (HubUnreachable, SessionLost, HubBusy) as exc:
+                if not self._reached_hub or (isinstance(exc, HubBusy) and exc.code != "not_ready"):
+                    raise  # a full hub says when to come back; that is the user's call
+                if time.monotonic() + delay > deadline:
+                    raise HubUnreachable(
+                        f"lost the hub at {self.hub.base_url} and it did not come back in "
+                        f"{self.settings.reconnect_s:.0f} s ({exc.message}); the conversation is saved: "
+                        "run `specedge chat --continue` when the hub is back") from exc
+                self._session_in_doubt = True
+                self.session_id = None  # the old one is gone or unknown; do not wait on it
+                self.reconnects += 1
+                time.sleep(delay)
+        raise AssertionError("unreachable")
+
+
+def _backoff() -> Iterator[float]:
+    delay = 0.2
+    while True:
+        yield delay
+        delay = min(delay * 2, 4.0)
+
+
+class _Clock:
+    """Time to first token and the rest of a reply."""
+
+    def __init__(self) -> None:
+        self.started = self.first_token_at = time.perf_counter()
+
+    def tokens_emitted(self, rounds: int) -> None:
+        if rounds == 1:
+            self.first_token_at = time.perf_counter()
+
+    def finish(self, stats: TurnStats, n_tokens: int) -> None:
         ended = time.perf_counter()
-        stats.emitted_tokens = len(generated)
-        stats.ttft_ms = (first_token_at - started) * 1000
-        stats.itl_ms = (ended - first_token_at) * 1000 / max(1, len(generated) - 1) if generated else 0.0
-        stats.tokens_per_s = len(generated) / (ended - started) if ended > started else 0.0
-        return generated, stats
+        stats.emitted_tokens = n_tokens
+        stats.ttft_ms = (self.first_token_at - self.started) * 1000
+        stats.itl_ms = (ended - self.first_token_at) * 1000 / max(1, n_tokens - 1) if n_tokens else 0.0
+        stats.tokens_per_s = n_tokens / (ended - self.started) if ended > self.started else 0.0

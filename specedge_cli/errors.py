@@ -5,6 +5,8 @@
     ├── ModelDownloadError     a preset could not be fetched or failed its checksum
     ├── NotLoggedIn            no hub (or no token) to talk to: run `specedge login`
     ├── InsecureHub            plain http to a host that is not this machine, without --insecure
+    ├── ConversationNotFound   --conversation names no saved conversation
+    ├── SettingError           a config key or value `specedge` does not know
     └── HubError               anything the hub said or did not say
         ├── HubUnreachable     no answer from the hub URL
         ├── HubRejected        the hub answered 4xx (bad input, vocabulary mismatch, ...)
@@ -41,6 +43,14 @@ class NotLoggedIn(SpecEdgeError):
 
 
 class InsecureHub(SpecEdgeError):
+    pass
+
+
+class ConversationNotFound(SpecEdgeError):
+    pass
+
+
+class SettingError(SpecEdgeError):
     pass
 
 

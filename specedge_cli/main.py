@@ -8,9 +8,11 @@ import sys
 import typer
 from rich.console import Console
 
+from specedge_cli.commands import config, logs, models
 from specedge_cli.commands.auth import login, logout, whoami
 from specedge_cli.commands.bench import bench
 from specedge_cli.commands.chat import chat
+from specedge_cli.commands.doctor import doctor
 from specedge_cli.errors import SpecEdgeError
 
 app = typer.Typer(help="Chat with a large model that lives on a SpecEdge hub, drafting on your own GPU.",
@@ -20,6 +22,10 @@ app.command()(bench)
 app.command()(login)
 app.command()(whoami)
 app.command()(logout)
+app.add_typer(logs.app, name="logs")
+app.add_typer(models.app, name="models")
+app.add_typer(config.app, name="config")
+app.command()(doctor)
 
 
 @app.callback()

@@ -67,22 +67,94 @@ def resolve_model(name: str, models_dir: Path, offline: bool = False) -> Resolve
         if not path.is_file():
             raise ModelFileError(f"model file {path} does not exist; pass a .gguf path or one of: {', '.join(PRESETS)}")
         return ResolvedModel(path, None)
+    local = registered_models(models_dir).get(name)
+    if local is not None:
+        if not local.is_file():
+            raise ModelFileError(f"{name} is registered as {local}, which no longer exists; "
+                                 f"run `specedge models pull PATH --name {name}` with its new place")
+        return ResolvedModel(local, None)
     preset = PRESETS.get(name)
     if preset is None:
-        raise ModelFileError(f"unknown model {name!r}; pass a .gguf path or one of: {', '.join(PRESETS)}")
+        raise ModelFileError(f"unknown model {name!r}; pass a .gguf path or one of: {', '.join(PRESETS)} "
+                             "(`specedge models list`)")
     return ResolvedModel(_preset_file(preset, models_dir, offline), preset)
 
 
+# --- local files registered by name ---------------------------------------------------
+def _registry(models_dir: Path) -> Path:
+    return models_dir / "registered.json"
+
+
+def registered_models(models_dir: Path) -> dict[str, Path]:
+    """Local .gguf files the user named with `specedge models pull PATH --name NAME`."""
+    try:
+        return {name: Path(path) for name, path in json.loads(_registry(models_dir).read_text()).items()}
+    except (OSError, ValueError, AttributeError):
+        return {}
+
+
+def register_model(name: str, path: Path, models_dir: Path) -> None:
+    if name in PRESETS:
+        raise ModelFileError(f"{name} is a preset name; pick another --name")
+    if not path.is_file():
+        raise ModelFileError(f"model file {path} does not exist")
+    _write_registry(models_dir, {**registered_models(models_dir), name: path.resolve()})
+
+
+def unregister_model(name: str, models_dir: Path) -> bool:
+    models = registered_models(models_dir)
+    if models.pop(name, None) is None:
+        return False
+    _write_registry(models_dir, models)
+    return True
+
+
+def _write_registry(models_dir: Path, models: dict[str, Path]) -> None:
+    models_dir.mkdir(parents=True, exist_ok=True)
+    staging = _registry(models_dir).with_suffix(".tmp")
+    staging.write_text(json.dumps({name: str(path) for name, path in models.items()}, indent=2))
+    staging.replace(_registry(models_dir))
+
+
 def _preset_file(preset: Preset, models_dir: Path, offline: bool) -> Path:
-    target = models_dir / preset.hf_file
-    if is_verified(target, preset.sha256):
+    """The preset's checked file; a partial or corrupt one is never used."""
+    target = preset_path(preset, models_dir)
+    if is_verified(target, preset.sha256) or (target.is_file() and _check_and_mark(target, preset.sha256)):
         return target
     if preset.pypi_package and _from_pypi_package(preset, target):
         return target
     if offline:
-        raise ModelFileError(f"{preset.name} is not downloaded and --offline is set; run `specedge chat --model {preset.name}` online first")
+        state = "fails its sha256 check" if target.exists() else "is not downloaded"
+        raise ModelFileError(f"{preset.name} {state} and --offline is set; run `specedge models pull {preset.name}` online")
     download(preset.url, target, preset.sha256, preset.size)
     return target
+
+
+def preset_path(preset: Preset, models_dir: Path) -> Path:
+    return models_dir / preset.hf_file
+
+
+def local_state(preset: Preset, models_dir: Path) -> str:
+    """ready (checked), partial (a download to resume), unchecked (present, not yet checked) or missing."""
+    target = preset_path(preset, models_dir)
+    if is_verified(target, preset.sha256):
+        return "ready"
+    if _partial(target).exists():
+        return "partial"
+    return "unchecked" if target.exists() else "missing"
+
+
+def remove_preset_files(preset: Preset, models_dir: Path) -> list[Path]:
+    """Delete the preset's file, its check mark and any partial download; the paths removed."""
+    target = preset_path(preset, models_dir)
+    removed = [path for path in (target, _marker(target), _partial(target)) if path.exists()]
+    for path in removed:
+        path.unlink()
+    return removed
+
+
+def _partial(target: Path) -> Path:
+    return target.with_name(target.name + ".partial")
 
 
 def _from_pypi_package(preset: Preset, target: Path) -> bool:
@@ -138,7 +210,7 @@ def download(url: str, target: Path, sha256: str, size: int) -> None:
     import httpx
     from rich.progress import BarColumn, DownloadColumn, Progress, TransferSpeedColumn
 
-    partial = target.with_name(target.name + ".partial")
+    partial = _partial(target)
     target.parent.mkdir(parents=True, exist_ok=True)
     have = partial.stat().st_size if partial.exists() else 0
     headers = {"Range": f"bytes={have}-"} if have else {}

@@ -2,10 +2,8 @@
 
 from __future__ import annotations
 
-import codecs
 import contextlib
 import json
-import sys
 from typing import Annotated, Callable, Iterator, Optional
 
 import typer
@@ -15,9 +13,13 @@ from specedge_cli import config
 from specedge_cli.decoding import Conversation, DecodeSettings, Reply
 from specedge_cli.drafting.chat_template import BUILTIN_TEMPLATES, ChatTemplate
 from specedge_cli.drafting.engine import DraftEngine
+from specedge_cli.errors import ModelFileError
+from specedge_cli.history import ConversationLog, History, SavedConversation, history_path
 from specedge_cli.models import DEFAULT_MODEL, ResolvedModel, resolve_model
 from specedge_cli.remote.client import HubClient
 from specedge_cli.remote.embedded import EmbeddedHub
+from specedge_cli.repl import Repl, Streamer, print_figures
+from specedge_cli.settings import chat_settings
 
 err = Console(stderr=True)
 
@@ -26,30 +28,69 @@ def chat(
     prompt: Annotated[Optional[str], typer.Option("--prompt", "-p", help="Answer this one prompt and exit.")] = None,
     as_json: Annotated[bool, typer.Option("--json", help="With --prompt: print one JSON object.")] = False,
     hub: Annotated[Optional[str], typer.Option(help="Hub URL; default: SPECEDGE_HUB, your login, or an embedded hub.")] = None,
-    model: Annotated[str, typer.Option("--model", "-m", help="Draft model: a .gguf path or a preset name.")] = DEFAULT_MODEL,
-    max_tokens: Annotated[int, typer.Option(min=1, help="Most tokens in one reply.")] = 256,
-    temperature: Annotated[float, typer.Option(min=0.0, help="0 decodes greedily.")] = 0.0,
-    seed: Annotated[int, typer.Option(min=0, help="Sampling seed for temperature > 0.")] = 0,
-    draft_len: Annotated[int, typer.Option(min=1, max=64, help="Tokens drafted per verify.")] = 8,
-    system: Annotated[str, typer.Option(help="System prompt.")] = "",
+    model: Annotated[Optional[str], typer.Option("--model", "-m", help=f"Draft model: a .gguf path or a preset name [default: {DEFAULT_MODEL}].")] = None,
+    max_tokens: Annotated[Optional[int], typer.Option(min=1, help="Most tokens in one reply [default: 256].")] = None,
+    temperature: Annotated[Optional[float], typer.Option(min=0.0, help="0 decodes greedily [default: 0].")] = None,
+    seed: Annotated[Optional[int], typer.Option(min=0, help="Sampling seed for temperature > 0 [default: 0].")] = None,
+    draft_len: Annotated[Optional[int], typer.Option(min=1, max=64, help="Tokens drafted per verify [default: 8].")] = None,
+    system: Annotated[Optional[str], typer.Option(help="System prompt.")] = None,
     threads: Annotated[Optional[int], typer.Option(min=1, help="llama.cpp threads for drafting.")] = None,
+    resume_last: Annotated[bool, typer.Option("--continue", "-c", help="Continue the last saved conversation.")] = False,
+    conversation_id: Annotated[Optional[int], typer.Option("--conversation", help="Continue the saved conversation with this id (`specedge logs list`).")] = None,
+    offline: Annotated[bool, typer.Option("--offline", help="Never download a model; use what is on disk.")] = False,
 ) -> None:
-    """Chat with the target model; with --prompt, answer once and exit."""
+    """Chat with the target model; with --prompt, answer once and exit.
+
+    Every setting but --hub, --prompt and --json also comes from SPECEDGE_<NAME> or `specedge config set`.
+    """
     if as_json and prompt is None:
         raise typer.BadParameter("--json needs --prompt", param_hint="--json")
-    resolved = resolve_model(model, config.models_dir())
-    settings = DecodeSettings(max_tokens=max_tokens, temperature=temperature, seed=seed, draft_len=draft_len)
+    chosen = chat_settings(max_tokens=max_tokens, temperature=temperature, seed=seed, draft_len=draft_len,
+                           system=system, threads=threads, offline=offline or None)
+    history = History(history_path(config.data_dir())) if chosen.logs or resume_last or conversation_id else None
+    saved = _saved_conversation(history, resume_last, conversation_id)
+    resolved = resolve_model(model or (saved.model if saved else chosen.model), config.models_dir(), offline=chosen.offline)
+    decode = DecodeSettings(max_tokens=chosen.max_tokens, temperature=chosen.temperature, seed=chosen.seed,
+                            draft_len=chosen.draft_len)
     with _hub(hub, resolved) as (client, hub_url, wait_for_hub):
-        engine = DraftEngine(resolved.path, n_threads=threads)  # loads while an embedded hub starts
+        engine = DraftEngine(resolved.path, n_threads=chosen.threads or None)  # loads while an embedded hub starts
         wait_for_hub()
-        conversation = Conversation(engine, client, _template(engine, resolved), settings, system)
+        conversation = Conversation(engine, client, _template(engine, resolved), decode,
+                                    saved.system if saved else chosen.system)
+        model_name = resolved.preset.name if resolved.preset else str(resolved.path.resolve())
+        _keep(conversation, history if chosen.logs else None, saved, model_name, hub_url)
         try:
             if prompt is not None:
                 _answer_once(conversation, prompt, as_json, hub_url)
             else:
-                _interactive(conversation)
+                Repl(conversation, hub_url).run()
         finally:
             conversation.close()
+
+
+def _saved_conversation(history: History | None, resume_last: bool, conversation_id: int | None) -> SavedConversation | None:
+    if history is None or not (resume_last or conversation_id):
+        return None
+    conversation_id = conversation_id or history.last_id()
+    if conversation_id is None:
+        err.print("[dim]No saved conversation yet: starting a new one.[/dim]")
+        return None
+    return history.load(conversation_id)
+
+
+def _keep(conversation: Conversation, history: History | None, saved: SavedConversation | None,
+          model: str, hub_url: str) -> None:
+    """Take up the saved conversation, and write new turns to the log (unless logs are off)."""
+    fingerprint = conversation.vocab_fingerprint()
+    if saved:
+        if saved.vocab_fingerprint != fingerprint:
+            raise ModelFileError(f"conversation {saved.id} was held with {saved.model}, whose vocabulary differs "
+                                 f"from {conversation.engine.path.name}; run with --model {saved.model}")
+        conversation.restore(saved.turns)
+        err.print(f"[dim]Continuing conversation {saved.id} ({len(saved.turns)} turns).[/dim]")
+    if history is not None:
+        conversation.log = ConversationLog(history, model, hub_url, conversation.system, fingerprint,
+                                           saved.id if saved else None)
 
 
 @contextlib.contextmanager
@@ -76,57 +117,14 @@ def _template(engine: DraftEngine, resolved: ResolvedModel) -> ChatTemplate:
     return ChatTemplate(source, bos_token=bos if add_bos else "", eos_token="")
 
 
-class _Streamer:
-    """Prints reply text as tokens are accepted, holding back incomplete UTF-8 sequences."""
-
-    def __init__(self, conversation: Conversation):
-        self._conversation = conversation
-        self._tokens: list[int] = []
-        self._printed = 0
-        self._decoder = codecs.getincrementaldecoder("utf-8")("replace")
-
-    def __call__(self, tokens: list[int]) -> None:
-        stops = self._conversation.stop_token_ids
-        self._tokens += [t for t in tokens if t not in stops]
-        data = self._conversation.engine.detokenize(self._tokens)
-        sys.stdout.write(self._decoder.decode(data[self._printed:]))
-        sys.stdout.flush()
-        self._printed = len(data)
-
-
 def _answer_once(conversation: Conversation, prompt: str, as_json: bool, hub_url: str) -> None:
     if as_json:
         reply = conversation.ask(prompt)
         print(json.dumps(_reply_json(reply, conversation, hub_url)))
         return
-    reply = conversation.ask(prompt, on_tokens=_Streamer(conversation))
+    reply = conversation.ask(prompt, on_tokens=Streamer(conversation))
     print()
-    _print_figures(reply)
-
-
-def _interactive(conversation: Conversation) -> None:
-    err.print("[dim]Type a message; /bye or Ctrl+D to leave.[/dim]")
-    while True:
-        try:
-            line = input(">>> ")
-        except EOFError:
-            print()
-            return
-        if line.strip() == "/bye":
-            return
-        if not line.strip():
-            continue
-        reply = conversation.ask(line, on_tokens=_Streamer(conversation))
-        print()
-        _print_figures(reply)
-
-
-def _print_figures(reply: Reply) -> None:
-    stats = reply.stats
-    err.print(
-        f"[dim][ {stats.tokens_per_verify:.2f} tok/verify | accepted {stats.accepted_tokens}/{stats.draft_tokens} "
-        f"| TTFT {stats.ttft_ms:.0f} ms | ITL {stats.itl_ms:.1f} ms | {stats.tokens_per_s:.1f} t/s ][/dim]"
-    )
+    print_figures(reply)
 
 
 def _reply_json(reply: Reply, conversation: Conversation, hub_url: str) -> dict:

@@ -1,0 +1,185 @@
+"""Conversations kept in SQLite in the user data directory (`logs.db`).
+
+Every turn is written as it happens: the prompt (text and token ids) before its reply is
+generated, the reply when it is complete, so a killed terminal loses at most the reply being
+generated. The token ids are what the hub's context held, which is what resuming a conversation
+feeds a new hub session. The schema grows by ordered, named migrations; each runs once.
+"""
+
+from __future__ import annotations
+
+import json
+import sqlite3
+from dataclasses import dataclass
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import Callable
+
+from specedge_cli.decoding import Turn, TurnStats
+from specedge_cli.errors import ConversationNotFound
+
+
+def _m001_conversations(db: sqlite3.Connection) -> None:
+    db.executescript("""
+        CREATE TABLE conversations (
+            id INTEGER PRIMARY KEY AUTOINCREMENT,
+            created_at TEXT NOT NULL,
+            model TEXT NOT NULL,            -- the --model the user gave (preset name or path)
+            hub TEXT NOT NULL,
+            system TEXT NOT NULL DEFAULT '',
+            vocab_fingerprint TEXT NOT NULL -- token ids only mean something with this vocabulary
+        );
+        CREATE TABLE turns (
+            id INTEGER PRIMARY KEY AUTOINCREMENT,
+            conversation_id INTEGER NOT NULL REFERENCES conversations(id) ON DELETE CASCADE,
+            created_at TEXT NOT NULL,
+            prompt TEXT NOT NULL,
+            prompt_token_ids TEXT NOT NULL, -- JSON list
+            reply TEXT,                     -- NULL until the reply is complete (or stopped)
+            reply_token_ids TEXT,
+            interrupted INTEGER NOT NULL DEFAULT 0,
+            stats TEXT
+        );
+        CREATE INDEX turns_by_conversation ON turns(conversation_id, id);
+    """)
+
+
+MIGRATIONS: list[tuple[str, Callable[[sqlite3.Connection], None]]] = [
+    ("m001_conversations", _m001_conversations),
+]
+
+
+def migrate(db: sqlite3.Connection) -> None:
+    """Apply the migrations this database has not seen, in order."""
+    db.execute("CREATE TABLE IF NOT EXISTS _migrations (name TEXT PRIMARY KEY, applied_at TEXT NOT NULL)")
+    applied = {row[0] for row in db.execute("SELECT name FROM _migrations")}
+    for name, step in MIGRATIONS:
+        if name not in applied:
+            with db:
+                step(db)
+                db.execute("INSERT INTO _migrations VALUES (?, ?)", (name, _now()))
+
+
+def _now() -> str:
+    return datetime.now(timezone.utc).isoformat(timespec="seconds")
+
+
+@dataclass(frozen=True)
+class ConversationSummary:
+    id: int
+    created_at: str
+    model: str
+    hub: str
+    first_prompt: str
+    turns: int
+
+
+@dataclass(frozen=True)
+class SavedConversation:
+    id: int
+    model: str
+    hub: str
+    system: str
+    vocab_fingerprint: str
+    turns: list[Turn]
+
+
+class History:
+    """The conversation database."""
+
+    def __init__(self, path: Path):
+        self.path = path
+        path.parent.mkdir(parents=True, exist_ok=True)
+        self.db = sqlite3.connect(path, isolation_level=None)
+        self.db.execute("PRAGMA foreign_keys = ON")
+        migrate(self.db)
+
+    def close(self) -> None:
+        self.db.close()
+
+    def start(self, model: str, hub: str, system: str, vocab_fingerprint: str) -> int:
+        cursor = self.db.execute(
+            "INSERT INTO conversations (created_at, model, hub, system, vocab_fingerprint) VALUES (?, ?, ?, ?, ?)",
+            (_now(), model, hub, system, vocab_fingerprint))
+        return int(cursor.lastrowid)
+
+    def add_prompt(self, conversation_id: int, turn: Turn) -> int:
+        cursor = self.db.execute(
+            "INSERT INTO turns (conversation_id, created_at, prompt, prompt_token_ids) VALUES (?, ?, ?, ?)",
+            (conversation_id, _now(), turn.prompt, json.dumps(turn.prompt_token_ids)))
+        return int(cursor.lastrowid)
+
+    def add_reply(self, turn_id: int, turn: Turn, stats: TurnStats) -> None:
+        self.db.execute(
+            "UPDATE turns SET reply = ?, reply_token_ids = ?, interrupted = ?, stats = ? WHERE id = ?",
+            (turn.reply, json.dumps(turn.token_ids), int(turn.interrupted), json.dumps(stats.to_json()), turn_id))
+
+    def delete_turn(self, turn_id: int) -> None:
+        self.db.execute("DELETE FROM turns WHERE id = ?", (turn_id,))
+
+    def last_id(self) -> int | None:
+        row = self.db.execute("SELECT max(id) FROM conversations").fetchone()
+        return row[0]
+
+    def summaries(self, limit: int = 50) -> list[ConversationSummary]:
+        rows = self.db.execute("""
+            SELECT c.id, c.created_at, c.model, c.hub,
+                   (SELECT prompt FROM turns t WHERE t.conversation_id = c.id ORDER BY t.id LIMIT 1),
+                   (SELECT count(*) FROM turns t WHERE t.conversation_id = c.id)
+            FROM conversations c ORDER BY c.id DESC LIMIT ?""", (limit,))
+        return [ConversationSummary(r[0], r[1], r[2], r[3], r[4] or "", r[5]) for r in rows]
+
+    def load(self, conversation_id: int) -> SavedConversation:
+        """A saved conversation; turns whose reply never completed are left out of its context."""
+        row = self.db.execute("SELECT id, model, hub, system, vocab_fingerprint FROM conversations WHERE id = ?",
+                              (conversation_id,)).fetchone()
+        if row is None:
+            raise ConversationNotFound(f"no conversation {conversation_id}; run `specedge logs list` to see the saved ones")
+        return SavedConversation(*row, turns=self.turns(conversation_id, complete_only=True))
+
+    def turns(self, conversation_id: int, complete_only: bool = False) -> list[Turn]:
+        rows = self.db.execute(
+            "SELECT id, prompt, prompt_token_ids, reply, reply_token_ids, interrupted FROM turns "
+            "WHERE conversation_id = ? ORDER BY id", (conversation_id,))
+        turns = [_turn(*row) for row in rows]
+        return [t for t in turns if t.sent] if complete_only else turns
+
+
+def _turn(turn_id, prompt, prompt_ids, reply, reply_ids, interrupted) -> Turn:
+    return Turn(prompt=prompt, prompt_token_ids=json.loads(prompt_ids), token_ids=json.loads(reply_ids or "[]"),
+                reply=reply or "", interrupted=bool(interrupted), sent=reply is not None, log_id=turn_id)
+
+
+class ConversationLog:
+    """Writes one conversation's turns to the database as `Conversation` produces them.
+
+    The conversation's row is created with its first prompt, so a chat that never says
+    anything leaves nothing behind.
+    """
+
+    def __init__(self, history: History, model: str, hub: str, system: str, vocab_fingerprint: str,
+                 conversation_id: int | None = None):
+        self.history = history
+        self.model, self.hub, self.system, self.fingerprint = model, hub, system, vocab_fingerprint
+        self.conversation_id = conversation_id
+
+    def prompt_sent(self, turn: Turn) -> None:
+        if self.conversation_id is None:
+            self.conversation_id = self.history.start(self.model, self.hub, self.system, self.fingerprint)
+        turn.log_id = self.history.add_prompt(self.conversation_id, turn)
+
+    def reply_done(self, turn: Turn, stats: TurnStats) -> None:
+        if turn.log_id is not None:
+            self.history.add_reply(turn.log_id, turn, stats)
+
+    def turn_dropped(self, turn: Turn) -> None:
+        if turn.log_id is not None:
+            self.history.delete_turn(turn.log_id)
+
+    def new_conversation(self, system: str) -> None:
+        """/clear: the next prompt starts a new saved conversation."""
+        self.conversation_id, self.system = None, system
+
+
+def history_path(data_dir: Path) -> Path:
+    return data_dir / "logs.db"
