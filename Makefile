@@ -3,7 +3,7 @@
 VENV   := .venv
 PY     := $(VENV)/bin/python
 STAMP  := $(VENV)/.specedge-installed
-# llama.cpp's default -march=native build segfaults on CPUs with AMX (see docs/install.md).
+# llama.cpp's default -march=native build segfaults on CPUs with AMX (see README.md, "Set-up").
 LLAMA_CMAKE_ARGS ?= -DGGML_NATIVE=OFF -DLLAMA_BUILD_TESTS=OFF -DLLAMA_BUILD_EXAMPLES=OFF -DLLAMA_BUILD_TOOLS=OFF -DLLAMA_BUILD_SERVER=OFF
 # A CPU build of torch where no NVIDIA GPU is present; users with one get pip's default.
 TORCH_SPEC ?= $(shell command -v nvidia-smi >/dev/null 2>&1 && echo torch || echo torch==2.13.0)
@@ -28,7 +28,7 @@ test: $(STAMP) tmux
 
 # The chat REPL is tested in a real terminal under tmux; install it where it is missing.
 tmux:
-	@command -v tmux >/dev/null 2>&1 || { apt-get update && apt-get install -y tmux; }
+	@command -v tmux >/dev/null 2>&1 || { apt-get update && DEBIAN_FRONTEND=noninteractive apt-get install -y tmux; }
 
 clean:
 	rm -rf $(VENV)
