@@ -47,6 +47,7 @@ def serve(
     no_auth: Annotated[bool, typer.Option("--no-auth", help="Serve without tokens; loopback addresses only.")] = False,
     max_sessions_per_user: Annotated[int, typer.Option(help="Open sessions per user; 0: no per-user cap.")] = 0,
     tokens_per_minute: Annotated[int, typer.Option(help="Tokens each user may send per minute; 0: unlimited.")] = 0,
+    max_queue_depth: Annotated[int, typer.Option(help="Feeds and verifies in flight at once; more answer 429; 0: no cap.")] = 0,
     log_format: Annotated[str, typer.Option(help=f"One of {', '.join(LOG_FORMATS)}.")] = "text",
     shutdown_timeout: Annotated[float, typer.Option(help="On SIGTERM, seconds in-flight requests get to finish.")] = 30.0,
     ssl_keyfile: Annotated[Optional[Path], typer.Option(help="TLS private key (PEM), passed to uvicorn.")] = None,
@@ -68,6 +69,7 @@ def serve(
                                batch_wait_ms=batch_wait_ms, cache_dir=cache_dir, data_dir=data_dir,
                                auth=not no_auth, embedded_token=os.environ.pop(EMBEDDED_TOKEN_ENV, None) or None,
                                max_sessions_per_user=max_sessions_per_user, tokens_per_minute=tokens_per_minute,
+                               max_queue_depth=max_queue_depth,
                                log_format=log_format, shutdown_timeout_s=shutdown_timeout,
                                ssl_keyfile=ssl_keyfile, ssl_certfile=ssl_certfile)
     except ValueError as exc:

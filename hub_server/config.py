@@ -57,6 +57,7 @@ class HubSettings:
     embedded_token: str | None = field(default=None, repr=False)
     max_sessions_per_user: int = 0       # 0: no per-user cap (--max-sessions still applies)
     tokens_per_minute: int = 0           # per user; 0: unlimited
+    max_queue_depth: int = 0             # feeds and verifies in flight at once; 0: no cap
     log_format: str = "text"
     shutdown_timeout_s: float = 30.0     # SIGTERM: how long in-flight requests may finish
     ssl_keyfile: Path | None = None      # TLS served by uvicorn itself (or put a proxy in front)
@@ -78,8 +79,8 @@ class HubSettings:
                              "create tokens with `hub_server tokens create --user NAME` instead")
         if self.log_format not in LOG_FORMATS:
             raise ValueError(f"--log-format must be one of {', '.join(LOG_FORMATS)}, not {self.log_format!r}")
-        if self.max_sessions_per_user < 0 or self.tokens_per_minute < 0:
-            raise ValueError("--max-sessions-per-user and --tokens-per-minute must be 0 (no limit) or more")
+        if min(self.max_sessions_per_user, self.tokens_per_minute, self.max_queue_depth) < 0:
+            raise ValueError("--max-sessions-per-user, --tokens-per-minute and --max-queue-depth must be 0 (no limit) or more")
         if self.shutdown_timeout_s < 0:
             raise ValueError("--shutdown-timeout must be 0 or more")
         if (self.ssl_keyfile is None) != (self.ssl_certfile is None):

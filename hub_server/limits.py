@@ -1,4 +1,4 @@
-"""Per-user limits on tokens per minute. Plain Python, no torch.
+"""Per-user limits on tokens per minute, and a global cap on requests in flight. Plain Python, no torch.
 
 Each user has a bucket that holds up to a minute's worth of tokens and refills continuously.
 A request is admitted while the bucket is not empty and its tokens are then taken, even into
@@ -7,12 +7,13 @@ debt: a long prompt passes once and its user then waits, rather than never passi
 
 from __future__ import annotations
 
+import contextlib
 import math
 import threading
 import time
-from typing import Callable
+from typing import Callable, Iterator
 
-from hub_server.errors import RateLimited
+from hub_server.errors import HubFull, RateLimited
 
 
 class TokenBudgets:
@@ -46,3 +47,25 @@ class TokenBudgets:
     def _level(self, user: str) -> float:
         level, when = self._levels.get(user, (float(self.tokens_per_minute), self._clock()))
         return min(float(self.tokens_per_minute), level + (self._clock() - when) * self._rate)
+
+
+class AdmissionGate:
+    """At most `limit` requests in flight at once (0: no cap); one more is answered HubFull at
+    once rather than left to wait in a queue the client cannot see."""
+
+    def __init__(self, limit: int):
+        self.limit = limit
+        self._in_flight = 0
+        self._lock = threading.Lock()
+
+    @contextlib.contextmanager
+    def admit(self) -> Iterator[None]:
+        with self._lock:
+            if self.limit and self._in_flight >= self.limit:
+                raise HubFull(f"the hub has {self.limit} requests in flight, its limit; retry in a moment")
+            self._in_flight += 1
+        try:
+            yield
+        finally:
+            with self._lock:
+                self._in_flight -= 1

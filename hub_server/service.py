@@ -10,7 +10,7 @@ from typing import Iterator
 from hub_server import protocol as wire
 from hub_server.config import HubSettings
 from hub_server.errors import BadRequest, ContextTooLong, HubFull, RateLimited, VocabMismatch
-from hub_server.limits import TokenBudgets
+from hub_server.limits import AdmissionGate, TokenBudgets
 from hub_server.metrics import HubMetrics
 from hub_server.metrics import render as render_metrics
 from hub_server.runner import VerifyJob
@@ -28,6 +28,8 @@ class Hub:
                                    max_wait_s=settings.batch_wait_ms / 1000)
         self.metrics = HubMetrics()
         self.budgets = TokenBudgets(settings.tokens_per_minute)
+        self.gate = AdmissionGate(settings.max_queue_depth)
+        self._admission = threading.Lock()   # the session caps are checked and taken as one step
         self.drafter = make_drafter(settings, runner.device_lock)
         self._evictor = threading.Thread(target=self._evict_idle_forever, name="evictor", daemon=True)
         self._evictor.start()
@@ -68,17 +70,18 @@ class Hub:
                 f"({vocab.size} tokens); use a draft model of the target's family"
             )
         self._check_ids(request.stop_token_ids, "stop_token_ids")
-        self._check_user_sessions(owner)
-        if len(self.sessions) >= self.settings.max_sessions:
-            self._evict(self.settings.session_idle_s / 10)  # when full, idle sessions go sooner
-        if len(self.sessions) >= self.settings.max_sessions:
-            raise HubFull(
-                f"the hub serves its maximum of {self.settings.max_sessions} sessions; retry in a few seconds"
+        with self._admission:
+            self._check_user_sessions(owner)
+            if len(self.sessions) >= self.settings.max_sessions:
+                self._evict(self.settings.session_idle_s / 10)  # when full, idle sessions go sooner
+            if len(self.sessions) >= self.settings.max_sessions:
+                raise HubFull(
+                    f"the hub serves its maximum of {self.settings.max_sessions} sessions; retry in a few seconds"
+                )
+            session = self.sessions.add(
+                request.sampling.temperature, request.sampling.seed,
+                frozenset(request.stop_token_ids), self.runner.new_kv(), owner,
             )
-        session = self.sessions.add(
-            request.sampling.temperature, request.sampling.seed,
-            frozenset(request.stop_token_ids), self.runner.new_kv(), owner,
-        )
         return wire.OpenSessionResponse(
             session_id=session.session_id, model=self.runner.name,
             max_draft_tokens=self.settings.max_draft_tokens, max_context=self.runner.max_context,
@@ -93,7 +96,7 @@ class Hub:
     def feed(self, session_id: str, request: wire.FeedRequest, owner: str = LOCAL_USER) -> wire.FeedResponse:
         session = self.sessions.get(session_id, owner)
         self.budgets.charge(owner, len(request.tokens))
-        with session.lock:
+        with self.gate.admit(), session.lock:
             self._check_ids(request.tokens, "tokens")
             self._check_room(len(session.context) + len(request.tokens))
             session.context.extend(request.tokens)
@@ -104,7 +107,7 @@ class Hub:
         session = self.sessions.get(session_id, owner)
         # The target computes every sent token and every draft node, plus the bonus token.
         self.budgets.charge(owner, len(request.tokens) + len(request.draft) + 1)
-        with session.lock:
+        with self.gate.admit(), session.lock:
             parents = self._check_draft(request)
             if not session.context and not request.tokens:
                 raise BadRequest("the session has no context yet: send the prompt in `tokens` or feed it first")

@@ -5,8 +5,8 @@ from __future__ import annotations
 import pytest
 
 from hub_server.accounts import Accounts, SingleToken, token_digest
-from hub_server.errors import AccountError, RateLimited
-from hub_server.limits import TokenBudgets
+from hub_server.errors import AccountError, HubFull, RateLimited
+from hub_server.limits import AdmissionGate, TokenBudgets
 
 
 @pytest.fixture()
@@ -89,3 +89,16 @@ def test_unlimited_budget():
     budgets = TokenBudgets(0)
     budgets.charge("ada", 10**9)
     assert budgets.remaining("ada") is None
+
+
+def test_admission_gate_refuses_past_its_limit_and_recovers():
+    gate = AdmissionGate(2)
+    with gate.admit(), gate.admit():
+        with pytest.raises(HubFull, match="2 requests in flight"):
+            with gate.admit():
+                pass
+    with gate.admit(), gate.admit():
+        pass
+    unlimited = AdmissionGate(0)
+    with unlimited.admit(), unlimited.admit(), unlimited.admit():
+        pass

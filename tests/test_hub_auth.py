@@ -160,3 +160,28 @@ def test_embedded_hub_takes_a_per_process_token_from_its_environment(tiny, tmp_p
         who = httpx.get(f"{embedded.url}/v1/whoami", headers={"Authorization": f"Bearer {embedded.token}"})
         assert who.json()["user"] == "local"
     assert len(embedded.token) >= 40
+
+
+def test_requests_past_the_queue_cap_answer_429_and_recover(tiny, tmp_path):
+    from concurrent.futures import ThreadPoolExecutor
+
+    from tests.conftest import RunningHub
+
+    hub = RunningHub(tiny.hf_dir, tmp_path, "--max-queue-depth", "1")
+    try:
+        with httpx.Client(base_url=hub.url, timeout=60, limits=httpx.Limits(max_connections=16)) as client:
+            sessions = [open_session(client) for _ in range(12)]
+
+            def feed(session: str) -> httpx.Response:
+                return client.post(f"/v1/sessions/{session}/feed", json={"tokens": [7] * 900})
+
+            with ThreadPoolExecutor(len(sessions)) as pool:      # twelve long prefills at once
+                answers = list(pool.map(feed, sessions))
+            statuses = [answer.status_code for answer in answers]
+            assert 200 in statuses and set(statuses) <= {200, 429}, statuses
+            refused = next(answer for answer in answers if answer.status_code == 429)
+            assert refused.json()["error"]["code"] == "hub_full" and int(refused.headers["Retry-After"]) > 0
+            retry = next(s for s, answer in zip(sessions, answers) if answer.status_code == 429)
+            assert feed(retry).status_code == 200               # one at a time passes
+    finally:
+        hub.stop()
