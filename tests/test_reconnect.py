@@ -34,9 +34,10 @@ def restart_later(hub: RunningHub, tiny, tmp_path, started: list) -> threading.T
     return thread
 
 
-def test_reply_survives_a_hub_restart_and_equals_target_alone(tiny, own_hub, target_alone, tmp_path):
+@pytest.mark.parametrize("temperature", [0.0, 0.9])
+def test_reply_survives_a_hub_restart_and_equals_target_alone(temperature, tiny, own_hub, target_alone, tmp_path):
     engine = DraftEngine(tiny.gguf_q8, n_ctx=1024, n_threads=2)
-    settings = DecodeSettings(max_tokens=60, temperature=0.0, draft_len=3)
+    settings = DecodeSettings(max_tokens=60, temperature=temperature, seed=7, draft_len=3)
     stop = frozenset(engine.stop_token_ids())
     started: list[RunningHub] = []
     rounds = {"n": 0}
@@ -56,9 +57,10 @@ def test_reply_survives_a_hub_restart_and_equals_target_alone(tiny, own_hub, tar
             conversation.close()
             for hub in started:
                 hub.stop()
-    assert first.token_ids == target_alone.decode(first.prompt_token_ids, 60, stop)
+    sampling = {"temperature": temperature, "seed": 7}
+    assert first.token_ids == target_alone.decode(first.prompt_token_ids, 60, stop, **sampling)
     before_second = first.prompt_token_ids + first.token_ids
-    assert second.token_ids == target_alone.decode(before_second + second.prompt_token_ids, 60, stop)
+    assert second.token_ids == target_alone.decode(before_second + second.prompt_token_ids, 60, stop, **sampling)
 
 
 def test_a_hub_that_stays_away_is_reported_after_bounded_retries(tiny, own_hub):

@@ -47,13 +47,16 @@ class Terminal:
         return self._tmux("capture-pane", "-p", "-J", "-S", "-")
 
     def wait_for(self, text: str, count: int = 1, timeout_s: float = 120) -> str:
+        return self.wait_until(lambda screen: screen.count(text) >= count, f"{text!r} (x{count})", timeout_s)
+
+    def wait_until(self, shown, what: str, timeout_s: float = 120) -> str:
         deadline = time.monotonic() + timeout_s
         while time.monotonic() < deadline:
             screen = self.screen()
-            if screen.count(text) >= count:
+            if shown(screen):
                 return screen
             time.sleep(0.1)
-        raise AssertionError(f"{text!r} (x{count}) never appeared; screen:\n{self.screen()}")
+        raise AssertionError(f"{what} never appeared; screen:\n{self.screen()}")
 
     def close(self) -> None:
         subprocess.run(["tmux", "-L", self.socket, "kill-server"], capture_output=True)
@@ -125,7 +128,7 @@ def test_repl_turns_commands_and_figures(terminal, tiny, target_alone):
 def test_ctrl_c_stops_a_reply_and_the_chat_goes_on(terminal, tiny, target_alone):
     term = terminal("--max-tokens", "600", "--draft-len", "1")
     term.type("once upon a time there was")
-    time.sleep(2.0)
+    term.wait_until(lambda screen: len(screen.split("there was\n", 1)[-1].strip()) > 5, "the reply's first tokens")
     term.send("C-c")
     term.wait_for("(stopped)")
     term.wait_for(">>> ", count=2)
