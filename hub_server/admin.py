@@ -51,7 +51,7 @@ def users_add(name: str, data_dir: DataDir = None, as_json: AsJson = False) -> N
 @users_app.command("list")
 def users_list(data_dir: DataDir = None, as_json: AsJson = False) -> None:
     """List users and how many active tokens each has."""
-    users = _accounts(data_dir).users()
+    users = _run(lambda: _accounts(data_dir).users())
     lines = [f"{u.name:<24} {u.active_tokens} token(s)  since {u.created_at}" for u in users] or ["no users yet"]
     _print([asdict(u) for u in users], as_json, "\n".join(lines))
 
@@ -77,7 +77,7 @@ def tokens_create(user: Annotated[str, typer.Option(help="Whose token.")], data_
 def tokens_list(user: Annotated[Optional[str], typer.Option(help="Only this user's tokens.")] = None,
                 data_dir: DataDir = None, as_json: AsJson = False) -> None:
     """List token ids (never the tokens themselves)."""
-    records = _accounts(data_dir).tokens(user)
+    records = _run(lambda: _accounts(data_dir).tokens(user))
     lines = [f"{t.token_id}  {t.user:<24} created {t.created_at}" + (f"  revoked {t.revoked_at}" if t.revoked_at else "")
              for t in records] or ["no tokens"]
     _print([asdict(t) for t in records], as_json, "\n".join(lines))

@@ -12,6 +12,7 @@ import typer
 
 from hub_server.accounts import Accounts
 from hub_server.admin import tokens_app, users_app
+from hub_server.errors import AccountError
 from hub_server.config import DEVICES, DTYPES, LOG_FORMATS, HubSettings, default_data_dir, is_loopback
 
 # `specedge chat` hands its embedded hub a per-process token here, never on the command line.
@@ -75,7 +76,10 @@ def serve(
     except ValueError as exc:
         raise typer.BadParameter(str(exc)) from exc
     configure_logging(settings.log_format)
-    _warn_about_exposure(settings)
+    try:
+        _warn_about_exposure(settings)
+    except AccountError as exc:
+        raise typer.BadParameter(str(exc), param_hint="--data-dir") from exc
     # uvicorn drains in-flight requests on SIGTERM, then re-raises the signal; a no-op handler
     # for that re-raise lets the hub exit 0 after a clean shutdown instead of dying by the signal.
     signal.signal(signal.SIGTERM, lambda *_: None)

@@ -114,6 +114,14 @@ def test_no_auth_is_refused_off_loopback(tiny):
     assert "--no-auth is only allowed on a loopback address" in result.stderr
 
 
+def test_an_unwritable_data_dir_is_one_clear_error(tiny):
+    for command in (["users", "list"], ["serve", "--model", str(tiny.hf_dir)]):
+        result = subprocess.run([sys.executable, "-m", "hub_server", *command, "--data-dir", "/proc/no-such-dir"],
+                                cwd=REPO, capture_output=True, text=True, timeout=60)
+        assert result.returncode != 0 and "Traceback" not in result.stderr
+        assert "cannot open the accounts database" in result.stderr and "--data-dir" in result.stderr
+
+
 @pytest.fixture(scope="module")
 def limited_hub(tiny, tmp_path_factory):
     running = AuthHub(tiny.hf_dir, tmp_path_factory.mktemp("limited-hub"), ("ada", "bob", "cy"),
