@@ -184,7 +184,13 @@ class Conversation:
         turn = Turn(prompt, turn_tokens)
         if self.log:
             self.log.prompt_sent(turn)
-        stats = self._decode(turn, on_tokens)
+        start = len(self.history)
+        try:
+            stats = self._decode(turn, on_tokens)
+        except HubError:  # the hub stayed away: forget the half reply, as a resumed conversation would
+            del self.history[start:]
+            self._session_in_doubt = True
+            raise
         turn.reply = self._text(turn.token_ids)
         if turn.sent:
             self.turns.append(turn)

@@ -15,6 +15,7 @@ import typer
 from rich.console import Console
 
 from specedge_cli.decoding import Conversation, Reply
+from specedge_cli.errors import HubBusy, HubUnreachable
 
 err = Console(stderr=True, highlight=False)
 
@@ -121,6 +122,10 @@ class Repl:
             reply = ask(Streamer(self.conversation))
         except KeyboardInterrupt:  # before decoding began (opening the session)
             print()
+            return
+        except (HubUnreachable, HubBusy) as exc:  # the conversation is kept: try again later
+            print()
+            err.print(f"[red]Error:[/red] {exc.message}", markup=True)
             return
         print()
         if reply is None:

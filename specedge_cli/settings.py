@@ -24,6 +24,7 @@ class ChatSettings:
     threads: int = 0            # 0: llama.cpp's default for this machine
     offline: bool = False
     logs: bool = True
+    reconnect_s: float = 60.0   # how long a reply waits for a hub that went away
 
 
 def _boolean(text: str) -> bool:
@@ -47,6 +48,7 @@ def _at_least(low: float, parse: Callable[[str], Any]) -> Callable[[str], Any]:
 PARSERS: dict[str, Callable[[str], Any]] = {
     "model": str, "max_tokens": _at_least(1, int), "temperature": _at_least(0.0, float), "seed": _at_least(0, int),
     "draft_len": _at_least(1, int), "system": str, "threads": _at_least(0, int), "offline": _boolean, "logs": _boolean,
+    "reconnect_s": _at_least(0.0, float),
 }
 KEYS = [f.name for f in fields(ChatSettings)]
 

@@ -66,11 +66,16 @@ def test_reply_survives_a_hub_restart_and_equals_target_alone(temperature, tiny,
 def test_a_hub_that_stays_away_is_reported_after_bounded_retries(tiny, own_hub):
     engine = DraftEngine(tiny.gguf_f32, n_ctx=1024, n_threads=2)
     settings = DecodeSettings(max_tokens=30, draft_len=2, reconnect_s=1.5)
-    with HubClient(own_hub.url) as client:
-        conversation = Conversation(engine, client, plain_template(engine), settings)
-        conversation.ask("hello")
+
+    def kill_hub(tokens):
         own_hub.process.kill()
         own_hub.process.wait()
+
+    with HubClient(own_hub.url) as client:
+        conversation = Conversation(engine, client, plain_template(engine), settings)
+        first = conversation.ask("hello")
         with pytest.raises(HubUnreachable, match="did not come back.*specedge chat --continue"):
-            conversation.ask("anyone there?")
-    assert len(conversation.turns) == 1  # the turn that never reached a hub is not kept
+            conversation.ask("anyone there?", on_tokens=kill_hub)
+    # The half reply is forgotten: what is kept is what a resumed conversation would feed.
+    assert [turn.token_ids for turn in conversation.turns] == [first.token_ids]
+    assert conversation.history == first.prompt_token_ids + first.token_ids

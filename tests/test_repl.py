@@ -19,7 +19,7 @@ import pytest
 
 from specedge_cli.drafting.engine import DraftEngine
 from specedge_cli.history import History, history_path
-from tests.conftest import REPO, run_specedge
+from tests.conftest import REPO, RunningHub, run_specedge
 
 pytestmark = pytest.mark.skipif(shutil.which("tmux") is None, reason="tmux is not installed (make test installs it)")
 
@@ -181,3 +181,27 @@ def test_logs_off_keeps_nothing_and_on_keeps_again(tiny, hub):
     assert run_specedge("logs", "path").stdout.strip().endswith("logs.db")
     missing = run_specedge("chat", "--conversation", "42", *common)
     assert missing.returncode == 1 and "no conversation 42; run `specedge logs list`" in missing.stderr
+
+
+def test_a_hub_that_goes_away_is_one_line_and_the_repl_stays(tiny, tmp_path, target_alone):
+    own_hub = RunningHub(tiny.hf_dir, tmp_path / "hub")
+    term = Terminal([sys.executable, "-m", "specedge_cli", "chat", "--hub", own_hub.url, "--model", str(tiny.gguf_f32),
+                     "--max-tokens", "6"], {"SPECEDGE_HOME": os.environ["SPECEDGE_HOME"], "SPECEDGE_RECONNECT_S": "1"})
+    try:
+        term.wait_for(">>> ")
+        term.type("the cat sat on")
+        term.wait_for("tok/verify")
+        own_hub.process.kill()
+        own_hub.process.wait()
+        term.type("and then")
+        screen = term.wait_for("Error: lost the hub")
+        assert "run `specedge chat --continue` when the hub is back" in screen and "Traceback" not in screen
+        term.wait_for(">>> ", count=3)
+        term.type("/bye")
+        term.wait_for("EXIT:0")
+    finally:
+        term.close()
+        own_hub.stop()
+    history = History(history_path(Path(os.environ["SPECEDGE_HOME"]) / "data"))
+    assert [turn.prompt for turn in history.turns(1)] == ["the cat sat on", "and then"]
+    assert [turn.prompt for turn in history.load(1).turns] == ["the cat sat on"]  # the unanswered one is not context

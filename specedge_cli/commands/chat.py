@@ -51,7 +51,7 @@ def chat(
     saved = _saved_conversation(history, resume_last, conversation_id)
     resolved = resolve_model(model or (saved.model if saved else chosen.model), config.models_dir(), offline=chosen.offline)
     decode = DecodeSettings(max_tokens=chosen.max_tokens, temperature=chosen.temperature, seed=chosen.seed,
-                            draft_len=chosen.draft_len)
+                            draft_len=chosen.draft_len, reconnect_s=chosen.reconnect_s)
     with _hub(hub, resolved) as (client, hub_url, wait_for_hub):
         engine = DraftEngine(resolved.path, n_threads=chosen.threads or None)  # loads while an embedded hub starts
         wait_for_hub()
