@@ -32,6 +32,12 @@ def test_prompt_json_through_a_separate_hub_equals_target_greedy(tiny, hub, targ
     assert out["stats"]["tokens_per_verify"] == pytest.approx(len(out["token_ids"]) / out["stats"]["verify_rounds"], abs=1e-3)
 
 
+def test_tree_drafts_from_the_command_line_equal_target_greedy(tiny, hub, target_alone):
+    out = chat_json("--prompt", "once upon a time", "--hub", hub.url, "--model", str(tiny.gguf_q8),
+                    "--max-tokens", "20", "--draft-len", "5", "--tree-budget", "10")
+    assert out["token_ids"] == target_alone.decode(out["prompt_token_ids"], 20)
+
+
 def test_hub_from_environment(tiny, hub):
     out = chat_json("--prompt", "hi", "--model", str(tiny.gguf_f32), "--max-tokens", "4",
                     env_extra={"SPECEDGE_HUB": hub.url})
