@@ -104,3 +104,9 @@ def test_default_gemma_pair_through_embedded_hub_equals_target_greedy():
     stop = frozenset(DraftEngine(gemma, n_ctx=256).stop_token_ids())
     assert out["token_ids"] == target.decode(out["prompt_token_ids"], 16, stop)
     assert out["stats"]["tokens_per_verify"] > 2
+
+
+def test_plain_http_to_another_machine_needs_insecure(tiny):
+    # 192.0.2.0/24 is reserved for documentation: the refusal comes before any connection.
+    result = run_specedge("chat", "--prompt", "x", "--hub", "http://192.0.2.10:8000", "--model", str(tiny.gguf_f32))
+    assert result.returncode == 1 and "--insecure" in result.stderr and "Traceback" not in result.stderr

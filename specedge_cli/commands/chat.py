@@ -39,6 +39,7 @@ def chat(
     resume_last: Annotated[bool, typer.Option("--continue", "-c", help="Continue the last saved conversation.")] = False,
     conversation_id: Annotated[Optional[int], typer.Option("--conversation", help="Continue the saved conversation with this id (`specedge logs list`).")] = None,
     offline: Annotated[bool, typer.Option("--offline", help="Never download a model; use what is on disk.")] = False,
+    insecure: Annotated[bool, typer.Option("--insecure", help="Allow plain http to a hub on another machine (a network you trust).")] = False,
 ) -> None:
     """Chat with the target model; with --prompt, answer once and exit.
 
@@ -53,7 +54,7 @@ def chat(
     resolved = resolve_model(model or (saved.model if saved else chosen.model), config.models_dir(), offline=chosen.offline)
     decode = DecodeSettings(max_tokens=chosen.max_tokens, temperature=chosen.temperature, seed=chosen.seed,
                             draft_len=chosen.draft_len, tree_budget=chosen.tree_budget, reconnect_s=chosen.reconnect_s)
-    with _hub(hub, resolved) as (client, hub_url, wait_for_hub):
+    with _hub(hub, resolved, insecure) as (client, hub_url, wait_for_hub):
         engine = DraftEngine(resolved.path, n_threads=chosen.threads or None)  # loads while an embedded hub starts
         wait_for_hub()
         conversation = Conversation(engine, client, _template(engine, resolved), decode,
@@ -95,11 +96,12 @@ def _keep(conversation: Conversation, history: History | None, saved: SavedConve
 
 
 @contextlib.contextmanager
-def _hub(flag_url: str | None, resolved: ResolvedModel) -> Iterator[tuple[HubClient, str, Callable[[], None]]]:
+def _hub(flag_url: str | None, resolved: ResolvedModel,
+         insecure: bool = False) -> Iterator[tuple[HubClient, str, Callable[[], None]]]:
     """The hub client, its URL, and a function that waits until the hub is ready."""
     address = config.hub_address(flag_url)
     if address.url:
-        with HubClient(address.url, address.token, insecure=address.insecure) as client:
+        with HubClient(address.url, address.token, insecure=address.insecure or insecure) as client:
             yield client, address.url, lambda: None
         return
     # No hub anywhere: serve the draft's own GGUF as the target, so the pipeline runs anywhere.
