@@ -40,7 +40,8 @@ def render(metrics: HubMetrics, gauges: dict[str, float], scheduler_stats) -> st
     emit("batch_size_last", "gauge", "Sessions in the most recent forward pass.", [("", scheduler_stats.last_batch_size)])
     emit("batches_total", "counter", "Forward passes run for verifies.", [("", scheduler_stats.batches)])
     emit("batched_jobs_total", "counter", "Verify requests run inside those passes.", [("", scheduler_stats.jobs)])
-    emit("device_busy_seconds_total", "counter", "Seconds the device spent on verify passes.", [("", scheduler_stats.busy_s)])
+    emit("device_busy_seconds_total", "counter", "Seconds the device spent on the target's forward passes.",
+         [("", gauges["device_busy_seconds"])])
     emit("hub_draft_seconds_total", "counter", "Seconds the hub spent drafting (server-only speculative mode).",
          [("", gauges["hub_draft_seconds"])])
     emit("verify_seconds", "summary", "Hub time per verify request, queueing included.",

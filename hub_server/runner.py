@@ -10,7 +10,9 @@ keeps the keys and values of its pending tokens and of its accepted path, nothin
 
 from __future__ import annotations
 
+import contextlib
 import threading
+import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -92,6 +94,7 @@ class ModelRunner:
         self.vocab_size = min(self.vocab.size, self.model.get_input_embeddings().num_embeddings)
         # One thing at a time on the device: a forward pass here, or the hub's own drafting.
         self.device_lock = threading.Lock()
+        self.busy_seconds = 0.0  # time spent holding the device for forward passes
 
     def new_kv(self) -> KVSlot:
         return KVSlot([None] * len(self.layer_types), [None] * len(self.layer_types))
@@ -99,7 +102,7 @@ class ModelRunner:
     # --- public operations --------------------------------------------------------------
     def prefill(self, kv: KVSlot, context: list[int], chunk: int = 512) -> None:
         """Bring `kv` up to all of `context` but its last token."""
-        with self.device_lock:
+        with self.device_lock, self._busy():
             while len(context) - 1 > kv.length:
                 tokens = context[kv.length: min(len(context) - 1, kv.length + chunk)]
                 row = _row(kv, tokens, [], [])
@@ -108,7 +111,7 @@ class ModelRunner:
 
     def verify_batch(self, jobs: list[VerifyJob]) -> None:
         """Verify every job's draft in one forward pass; fills in `path` and `emitted`."""
-        with self.device_lock:
+        with self.device_lock, self._busy():
             rows = [_row(job.kv, job.pending, job.draft, job.parents) for job in jobs]
             width = max(len(row.tokens) for row in rows)
             # Only columns from the earliest root onwards need logits: a long new prompt's
@@ -119,6 +122,15 @@ class ModelRunner:
                 self._accept(job, row, logits[b], first, cache, b, pasts)
 
     # --- internals ----------------------------------------------------------------------
+    @contextlib.contextmanager
+    def _busy(self):
+        """Count the time inside it as device time (taken inside the lock: waiting is not busy)."""
+        started = time.perf_counter()
+        try:
+            yield
+        finally:
+            self.busy_seconds += time.perf_counter() - started
+
     def _accept(self, job: VerifyJob, row: _Row, logits: torch.Tensor, first: int, cache, b: int, pasts: dict) -> None:
         """logits: [S - first, V], column c holds the logits of row position first + c."""
         n_pending = len(job.pending)

@@ -47,6 +47,7 @@ class Hub:
             "active_sessions": len(self.sessions), "queue_depth": self.scheduler.queue_depth,
             "kv_bytes": sum(s.kv.nbytes() for s in self.sessions.all()),
             "hub_draft_seconds": self.drafter.busy_seconds if self.drafter else 0.0,
+            "device_busy_seconds": self.runner.busy_seconds,
         }
         return render_metrics(self.metrics, gauges, self.scheduler.stats)
 
