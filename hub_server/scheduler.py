@@ -14,7 +14,7 @@ import threading
 import time
 from collections import deque
 from concurrent.futures import Future
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any, Callable
 
 
@@ -22,9 +22,7 @@ from typing import Any, Callable
 class SchedulerStats:
     batches: int = 0
     jobs: int = 0
-    busy_s: float = 0.0
     last_batch_size: int = 0
-    batch_sizes: dict[int, int] = field(default_factory=dict)
 
 
 class Scheduler:
@@ -86,7 +84,6 @@ class Scheduler:
 
     def _run(self, batch: list[tuple[Any, Future, float]]) -> None:
         jobs = [job for job, _, _ in batch]
-        started = time.perf_counter()
         try:
             self._run_batch(jobs)
         except Exception as exc:  # the batch's callers each receive the error; the worker goes on
@@ -96,12 +93,10 @@ class Scheduler:
             for job, future, _ in batch:
                 future.set_result(job)
         finally:
-            self._record(len(batch), time.perf_counter() - started)
+            self._record(len(batch))
 
-    def _record(self, size: int, seconds: float) -> None:
+    def _record(self, size: int) -> None:
         stats = self.stats
         stats.batches += 1
         stats.jobs += size
-        stats.busy_s += seconds
         stats.last_batch_size = size
-        stats.batch_sizes[size] = stats.batch_sizes.get(size, 0) + 1

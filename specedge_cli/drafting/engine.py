@@ -10,8 +10,6 @@ from __future__ import annotations
 import contextlib
 import hashlib
 import os
-import time
-from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -20,16 +18,6 @@ from specedge_cli.drafting.tree_context import TreeContext
 from specedge_cli.errors import ModelFileError
 
 _SPACE_MARK = "\u2581"
-
-
-@dataclass
-class DraftTimings:
-    seconds: float = 0.0
-    tokens: int = 0
-
-    @property
-    def tokens_per_s(self) -> float:
-        return self.tokens / self.seconds if self.seconds else 0.0
 
 
 def vocab_fingerprint(pieces: list[str]) -> str:
@@ -62,7 +50,6 @@ class DraftEngine:
             raise ModelFileError(f"llama.cpp could not load {model_path}: is it a complete .gguf file? ({exc})") from exc
         self.path = model_path
         self.n_threads = n_threads or _default_threads()
-        self.timings = DraftTimings()
         self._vocab = llama_cpp.llama_model_get_vocab(self.llm.model)
         self.vocab_size = llama_cpp.llama_vocab_n_tokens(self._vocab)
         self.max_tree_nodes = max_tree_nodes
@@ -114,7 +101,6 @@ class DraftEngine:
         """Greedily draft a chain of up to `length` tokens that continue `history`."""
         if length <= 0:
             return []
-        started = time.perf_counter()
         logits = self._sync(history)
         drafted: list[int] = []
         room = self.n_ctx - len(history) - 1
@@ -126,7 +112,6 @@ class DraftEngine:
             self._context.decode([drafted[-1]], [position], [0], [True])
             self._cached.append(drafted[-1])
             logits = self._context.logits(-1)
-        self._record(started, len(drafted))
         return drafted
 
     def draft_tree(self, history: list[int], budget: int, width: int = 4, max_depth: int = 8) -> tuple[list[int], list[int]]:
@@ -136,7 +121,6 @@ class DraftEngine:
         best of those by cumulative log-probability join the tree, until `budget` nodes or
         `max_depth` levels. One llama_decode per level.
         """
-        started = time.perf_counter()
         budget = min(budget, self.max_tree_nodes, self.n_ctx - len(history) - 1)
         root_logits = self._sync(history)
         tree = _Tree(len(history))
@@ -158,7 +142,6 @@ class DraftEngine:
             frontier = [(n, tree.scores[n], self._context.logits(i).copy()) for i, n in enumerate(nodes)]
         self._decode_leaves(tree)
         self._tree = tree
-        self._record(started, len(tree.tokens))
         return tree.tokens, tree.parents
 
     def _decode_leaves(self, tree: "_Tree") -> None:
@@ -169,10 +152,6 @@ class DraftEngine:
         if missing:
             self._context.decode([tree.tokens[n] for n in missing], [tree.position(n) for n in missing],
                                  [tree.sequence(n) for n in missing], [False] * (len(missing) - 1) + [True])
-
-    def _record(self, started: float, tokens: int) -> None:
-        self.timings.seconds += time.perf_counter() - started
-        self.timings.tokens += tokens
 
     def _sync(self, history: list[int]) -> np.ndarray:
         """Make sequence 0 hold `history` and return the logits after its last token.
