@@ -5,17 +5,25 @@ carries the turn's new tokens, and every verify's emitted tokens (accepted draft
 appended on both sides. A second turn therefore sends only its own tokens. Because the history is
 ours, a lost session (hub restart, dropped connection, Ctrl+C mid-verify) is rebuilt by opening a
 new one and feeding it the history; decoding then continues as if nothing had happened.
+
+Proactive drafting: while a verify is in flight (on a worker thread), the draft engine guesses
+its outcome (the likeliest path and bonus token) and drafts the next tree below it. When the
+reply matches, that draft goes out at once; otherwise it is dropped. The draft depth follows
+the measured timings (`drafting/planner.py`) unless `draft_len` fixes it.
 """
 
 from __future__ import annotations
 
 import contextlib
+import threading
 import time
 from dataclasses import dataclass, field, replace
 from typing import Callable, Iterator, Protocol, TypeVar
 
 from specedge_cli.drafting.chat_template import ChatTemplate
+from specedge_cli.drafting.draft_tree import DraftTree
 from specedge_cli.drafting.engine import DraftEngine
+from specedge_cli.drafting.planner import DepthPlanner
 from specedge_cli.errors import HubBusy, HubError, HubUnreachable, SessionLost
 from specedge_cli.remote import protocol as wire
 from specedge_cli.remote.client import HubClient
@@ -33,7 +41,12 @@ class TurnStats:
     ttft_ms: float = 0.0
     itl_ms: float = 0.0
     tokens_per_s: float = 0.0
-    draft_s: float = 0.0
+    draft_s: float = 0.0            # drafting time, proactive drafting included
+    draft_wait_s: float = 0.0       # drafting time the reply waited for
+    proactive_drafts: int = 0       # drafts made while a verify was in flight
+    proactive_hits: int = 0         # ... whose guess came true, so they were sent
+    proactive_saved_s: float = 0.0  # drafting time those hits took off the critical path
+    depth_sum: int = 0              # draft depths, for the mean
     round_trip_ms: list[float] = field(default_factory=list)
 
     @property
@@ -45,9 +58,20 @@ class TurnStats:
             "verify_rounds": self.verify_rounds, "draft_tokens": self.draft_tokens,
             "accepted_tokens": self.accepted_tokens, "tokens_per_verify": round(self.tokens_per_verify, 3),
             "ttft_ms": round(self.ttft_ms, 2), "itl_ms": round(self.itl_ms, 2),
-            "tokens_per_s": round(self.tokens_per_s, 2),
+            "tokens_per_s": round(self.tokens_per_s, 2), "mean_depth": round(self.mean_depth, 2),
+            "proactive_drafts": self.proactive_drafts, "proactive_hits": self.proactive_hits,
+            "proactive_hit_rate": round(self.proactive_hit_rate, 3),
+            "proactive_saved_ms": round(self.proactive_saved_s * 1000, 2),
+            "draft_wait_ms": round(self.draft_wait_s * 1000, 2),
         }
 
+    @property
+    def proactive_hit_rate(self) -> float:
+        return self.proactive_hits / self.proactive_drafts if self.proactive_drafts else 0.0
+
+    @property
+    def mean_depth(self) -> float:
+        return self.depth_sum / self.verify_rounds if self.verify_rounds else 0.0
 
     @property
     def draft_tokens_per_s(self) -> float:
@@ -100,9 +124,10 @@ class DecodeSettings:
     max_tokens: int = 256
     temperature: float = 0.0
     seed: int = 0
-    draft_len: int = 8          # chain length, or the tree's depth limit
-    tree_budget: int = 0        # draft tree nodes per verify; 0 drafts a chain
-    tree_width: int = 4         # candidates kept per tree level
+    draft_len: int = 0          # chain length, or the tree's depth; 0 chooses it from measured timings
+    tree_budget: int = 0        # draft tree nodes per verify (at most, when the depth is chosen); 0 drafts a chain
+    tree_width: int = 4         # children proposed per node and nodes expanded per tree level
+    proactive: bool = True      # draft the next round while a verify is in flight
     reconnect_s: float = 60.0   # how long to keep reopening the session while the hub is away
 
 
@@ -126,8 +151,7 @@ class Conversation:
         self.history: list[int] = []
         self.stop_token_ids = frozenset(engine.stop_token_ids())
         self.session_id: str | None = None
-        self.max_draft_tokens = settings.draft_len
-        self.max_tree_nodes = settings.tree_budget
+        self.planner = self._new_planner(max_depth=64)
         self.reconnects = 0
         self._reached_hub = False   # a hub never reached is a wrong address, not an outage to wait out
         self._fingerprint: str | None = None
@@ -150,8 +174,9 @@ class Conversation:
         self._session_in_doubt = True  # until our history is fed
         self.session_id = opened.session_id
         self._reached_hub = True
-        self.max_draft_tokens = min(self.settings.draft_len, opened.max_draft_tokens)
-        self.max_tree_nodes = opened.max_draft_tokens
+        self.planner.max_depth = opened.max_draft_tokens
+        self.planner.tree_budget = min(self.settings.tree_budget, opened.max_draft_tokens)
+        self.planner.fixed_depth = self.settings.draft_len
         for start in range(0, len(self.history), FEED_CHUNK):
             self.hub.feed(self.session_id, self.history[start:start + FEED_CHUNK])
         self._session_in_doubt = False
@@ -161,6 +186,10 @@ class Conversation:
             session_id, self.session_id = self.session_id, None
             with contextlib.suppress(HubError):
                 self.hub.close_session(session_id)
+
+    def _new_planner(self, max_depth: int) -> DepthPlanner:
+        s = self.settings
+        return DepthPlanner(fixed_depth=s.draft_len, tree_budget=s.tree_budget, tree_width=s.tree_width, max_depth=max_depth)
 
     def vocab_fingerprint(self) -> str:
         if self._fingerprint is None:
@@ -235,6 +264,7 @@ class Conversation:
         """New decode settings; sampling ones take a new session (fed our history)."""
         resample = (settings.temperature, settings.seed) != (self.settings.temperature, self.settings.seed)
         self.settings = settings
+        self.planner = self._new_planner(self.planner.max_depth)
         self._session_in_doubt = self._session_in_doubt or resample
 
     def _text(self, tokens: list[int]) -> str:
@@ -251,19 +281,12 @@ class Conversation:
         return self.engine.tokenize(self.template.next_turn_text(messages, stop_text), add_bos=False)
 
     # --- the draft-verify loop --------------------------------------------------------------
-    def _draft(self, history: list[int], room: int) -> tuple[list[int], list[int] | None]:
-        """A chain (parents None), or a tree when a tree budget is set; never deeper than `room`."""
-        depth = min(self.max_draft_tokens, room)
-        if not self.settings.tree_budget or depth <= 0:
-            return self.engine.draft(history, depth), None
-        budget = min(self.settings.tree_budget, self.max_tree_nodes)
-        return self.engine.draft_tree(history, budget, self.settings.tree_width, max_depth=depth)
-
     def _decode(self, turn: Turn, on_tokens) -> TurnStats:
         """Draft and verify until a stop token or max_tokens; the reply is what `history` gained."""
         stats = TurnStats()
         clock = _Clock()
         start, prompt_len = len(self.history), len(turn.prompt_token_ids)
+        self.engine.set_sampling(self.settings.temperature, self.settings.seed)
         try:
             while (produced := max(0, len(self.history) - start - prompt_len)) < self.settings.max_tokens:
                 pending = [] if len(self.history) > start else turn.prompt_token_ids
@@ -282,25 +305,54 @@ class Conversation:
 
     def _round(self, pending: list[int], room: int, stats: TurnStats) -> list[int]:
         """One draft and verify; the emitted tokens are in `history` when it returns."""
-        draft_started = time.perf_counter()
-        draft, parents = self._draft(self.history + pending, room - 1)  # the bonus token is always emitted
-        stats.draft_s += time.perf_counter() - draft_started
+        started = time.perf_counter()
+        draft = self.engine.plan(self.history + pending, self.planner.shape(room - 1))  # the bonus is always emitted
+        waited = time.perf_counter() - started
+        stats.draft_wait_s += waited
+        if draft.from_ahead:
+            stats.proactive_hits += 1
+            stats.proactive_saved_s += draft.draft_s
+            stats.draft_s += waited  # its earlier part was counted when it was drafted
+        else:
+            stats.draft_s += waited
+        self.planner.observe_draft(draft.decodes, draft.draft_s + draft.late_s)
         self._session_in_doubt = True  # until the answer is in our history too
-        reply = self._with_reconnects(lambda: self._verify(pending, draft, parents, stats))
+        reply = self._with_reconnects(lambda: self._verify(pending, draft, room, stats))
         self.history += pending + reply.tokens
         self._session_in_doubt = False
         stats.verify_rounds += 1
-        stats.draft_tokens += len(draft)
+        stats.draft_tokens += len(draft.wire_tokens)
         stats.accepted_tokens += reply.accepted
+        stats.depth_sum += draft.levels
         return reply.tokens
 
-    def _verify(self, pending, draft, parents, stats: TurnStats) -> wire.VerifyResponse:
+    def _verify(self, pending: list[int], draft: DraftTree, room: int, stats: TurnStats) -> wire.VerifyResponse:
         self._ensure_session()
         self._session_in_doubt = True
-        sent = time.perf_counter()
-        reply = self.hub.verify(self.session_id, tokens=pending, draft=draft, parents=parents)
-        stats.round_trip_ms.append((time.perf_counter() - sent) * 1000 - reply.verify_ms)
+        tokens, parents = draft.wire_tokens, draft.wire_parents
+        chain = parents == list(range(-1, len(parents) - 1))
+        session_id = self.session_id
+        flight = _InFlight(lambda: self.hub.verify(session_id, tokens=pending, draft=tokens, parents=None if chain else parents))
+        if self.settings.proactive:
+            self._draft_ahead(draft, room, stats, flight)
+        reply, elapsed_s = flight.result()
+        stats.round_trip_ms.append(elapsed_s * 1000 - reply.verify_ms)
+        self.planner.observe_verify(elapsed_s, draft.levels, reply.accepted)
         return reply
+
+    def _draft_ahead(self, draft: DraftTree, room: int, stats: TurnStats, flight: "_InFlight") -> None:
+        """Draft the next round below the likeliest outcome of `draft` until the reply is in."""
+        guess = self.engine.guess(draft)
+        if guess is None:
+            return
+        emitted = guess[0] + [guess[1]]
+        left = room - len(emitted)
+        if left <= 1 or any(token in self.stop_token_ids for token in emitted):
+            return  # that outcome ends the reply: nothing to draft for
+        started = time.perf_counter()
+        self.engine.draft_ahead(draft, self.planner.shape(left - 1), stop=flight.done)
+        stats.draft_s += time.perf_counter() - started
+        stats.proactive_drafts += 1
 
     def _with_reconnects(self, call: Callable[[], T]) -> T:
         """Run `call`, reopening the session with backoff while the hub is away or restarting."""
@@ -321,6 +373,36 @@ class Conversation:
                 self.reconnects += 1
                 time.sleep(delay)
         raise AssertionError("unreachable")
+
+
+class _InFlight:
+    """A call running on its own thread (a verify request), so drafting can go on meanwhile."""
+
+    def __init__(self, call: Callable[[], T]):
+        self._call = call
+        self._done = threading.Event()
+        self._value = self._error = None
+        self._started = time.perf_counter()
+        self._elapsed = 0.0
+        threading.Thread(target=self._run, daemon=True, name="specedge-verify").start()
+
+    def _run(self) -> None:
+        try:
+            self._value = self._call()
+        except BaseException as exc:  # handed to the caller's thread by result()
+            self._error = exc
+        self._elapsed = time.perf_counter() - self._started
+        self._done.set()
+
+    def done(self) -> bool:
+        return self._done.is_set()
+
+    def result(self):
+        """(the call's value, seconds it took); its exception is raised here."""
+        self._done.wait()
+        if self._error is not None:
+            raise self._error
+        return self._value, self._elapsed
 
 
 def _backoff() -> Iterator[float]:

@@ -59,7 +59,9 @@ def figures_line(reply: Reply, verbose: bool = False) -> str:
              f"{s.tokens_per_s:.1f} t/s"]
     if verbose:
         parts += [f"TTFT {s.ttft_ms:.0f} ms", f"ITL {s.itl_ms:.1f} ms",
-                  f"{s.verify_rounds} verifies", f"{s.emitted_tokens} tokens"]
+                  f"{s.verify_rounds} verifies", f"{s.emitted_tokens} tokens", f"depth {s.mean_depth:.1f}"]
+        if s.proactive_drafts:
+            parts.append(f"ahead {s.proactive_hits}/{s.proactive_drafts} hit, saved {s.proactive_saved_s * 1000:.0f} ms")
     return "[ " + " | ".join(parts) + " ]"
 
 
@@ -184,7 +186,8 @@ class Repl:
         saved = f"{log.conversation_id}" if log and log.conversation_id else ("new" if log else "not kept (logs off)")
         print(f"model        {c.engine.path}\nhub          {self.hub_url}\n"
               f"temperature  {s.temperature:g}\nmax-tokens   {s.max_tokens}\nseed         {s.seed}\n"
-              f"draft-len    {s.draft_len}\nsystem       {c.system or '(none)'}\n"
+              f"draft-len    {s.draft_len or f'auto (now {c.planner.depth})'}\n"
+              f"proactive    {'on' if s.proactive else 'off'}\nsystem       {c.system or '(none)'}\n"
               f"verbose      {'on' if self.verbose else 'off'}\nconversation {saved} ({len(c.turns)} turns)")
 
 

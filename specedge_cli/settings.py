@@ -19,8 +19,9 @@ class ChatSettings:
     max_tokens: int = 256
     temperature: float = 0.0
     seed: int = 0
-    draft_len: int = 8
+    draft_len: int = 0          # draft depth; 0 chooses it from measured timings
     tree_budget: int = 0        # draft tree nodes per verify; 0 drafts a chain
+    proactive: bool = True      # draft the next round while a verify is in flight
     system: str = ""
     threads: int = 0            # 0: llama.cpp's default for this machine
     offline: bool = False
@@ -48,7 +49,7 @@ def _at_least(low: float, parse: Callable[[str], Any]) -> Callable[[str], Any]:
 
 PARSERS: dict[str, Callable[[str], Any]] = {
     "model": str, "max_tokens": _at_least(1, int), "temperature": _at_least(0.0, float), "seed": _at_least(0, int),
-    "draft_len": _at_least(1, int), "tree_budget": _at_least(0, int), "system": str, "threads": _at_least(0, int), "offline": _boolean, "logs": _boolean,
+    "draft_len": _at_least(0, int), "tree_budget": _at_least(0, int), "proactive": _boolean, "system": str, "threads": _at_least(0, int), "offline": _boolean, "logs": _boolean,
     "reconnect_s": _at_least(0.0, float),
 }
 KEYS = [f.name for f in fields(ChatSettings)]

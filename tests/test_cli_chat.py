@@ -26,7 +26,9 @@ def test_prompt_json_through_a_separate_hub_equals_target_greedy(tiny, hub, targ
                     "--temperature", "0", "--max-tokens", "24", "--draft-len", "4")
     assert set(out) == {"text", "token_ids", "prompt_token_ids", "model", "hub", "stats"}
     assert set(out["stats"]) == {"verify_rounds", "draft_tokens", "accepted_tokens", "tokens_per_verify",
-                                 "ttft_ms", "itl_ms", "tokens_per_s"}
+                                 "ttft_ms", "itl_ms", "tokens_per_s", "mean_depth", "proactive_drafts",
+                                 "proactive_hits", "proactive_hit_rate", "proactive_saved_ms", "draft_wait_ms"}
+    assert out["stats"]["mean_depth"] <= 4
     assert out["hub"] == hub.url and out["model"] == tiny.gguf_q8.name
     assert out["token_ids"] == target_alone.decode(out["prompt_token_ids"], 24)
     assert out["stats"]["tokens_per_verify"] == pytest.approx(len(out["token_ids"]) / out["stats"]["verify_rounds"], abs=1e-3)

@@ -5,6 +5,7 @@ from __future__ import annotations
 import pytest
 
 from hub_server.verify import tree_problem
+from specedge_cli.drafting.draft_tree import DraftShape
 from specedge_cli.drafting.engine import DraftEngine
 
 
@@ -48,3 +49,67 @@ def test_chain_after_rejection_rolls_back(engines):
     rejected = history + drafted[:2] + [(drafted[2] + 1) % 512]
     fresh.reset()
     assert engine.draft(rejected, 4) == fresh.draft(rejected, 4)
+
+
+def _fresh_draft(fresh, history, shape):
+    fresh.reset()
+    tree = fresh.plan(history, shape)
+    return tree.wire_tokens, tree.wire_parents
+
+
+@pytest.mark.parametrize("shape", [DraftShape(depth=5, budget=5), DraftShape(depth=4, budget=9, width=3)])
+def test_proactive_draft_is_used_when_the_guess_comes_true(engines, shape):
+    engine, fresh = engines
+    history = engine.tokenize("the dog ran to", add_bos=True)
+    tree = engine.plan(history, shape)
+    path, bonus = engine.guess(tree)
+    assert path and tree.wire_tokens[: 1] == path[:1]
+    ahead = engine.draft_ahead(tree, shape)
+    assert ahead is not None and ahead.finished
+    confirmed = history + path + [bonus]
+    used = engine.plan(confirmed, shape)
+    assert used is ahead and used.from_ahead
+    assert (used.wire_tokens, used.wire_parents) == _fresh_draft(fresh, confirmed, shape)
+    # ... and drafting goes on from there exactly as a fresh engine would.
+    after = confirmed + used.wire_tokens[:1] + [3]
+    assert engine.plan(after, shape).wire_tokens == _fresh_draft(fresh, after, shape)[0]
+
+
+def test_proactive_draft_cut_short_is_finished_when_used(engines):
+    engine, fresh = engines
+    shape = DraftShape(depth=6, budget=6)
+    history = engine.tokenize("one two three", add_bos=True)
+    tree = engine.plan(history, shape)
+    path, bonus = engine.guess(tree)
+    ahead = engine.draft_ahead(tree, shape, stop=lambda: True)  # the reply came after one level
+    assert ahead is not None and not ahead.finished and ahead.levels < shape.depth
+    used = engine.plan(history + path + [bonus], shape)
+    assert used.from_ahead and used.wire_tokens == _fresh_draft(fresh, history + path + [bonus], shape)[0]
+
+
+def test_proactive_draft_is_dropped_when_the_guess_is_wrong(engines):
+    engine, fresh = engines
+    shape = DraftShape(depth=5, budget=8, width=2)
+    history = engine.tokenize("red green blue", add_bos=True)
+    tree = engine.plan(history, shape)
+    path, bonus = engine.guess(tree)
+    engine.draft_ahead(tree, shape)
+    actual = history + path[:1] + [(bonus + 1) % 512]  # accepted less than guessed
+    used = engine.plan(actual, shape)
+    assert not used.from_ahead
+    assert (used.wire_tokens, used.wire_parents) == _fresh_draft(fresh, actual, shape)
+
+
+def test_sampled_drafts_follow_the_position_keyed_uniform(engines):
+    engine, fresh = engines
+    history = engine.tokenize("a b c", add_bos=True)
+    engine.set_sampling(0.8, seed=11)
+    fresh.set_sampling(0.8, seed=11)
+    first = engine.draft(history, 6)
+    again = _fresh_draft(fresh, history, DraftShape(depth=6, budget=6))[0]
+    fresh.set_sampling(0.8, seed=12)
+    other = _fresh_draft(fresh, history, DraftShape(depth=6, budget=6))[0]
+    engine.set_sampling(0.0, 0)
+    fresh.set_sampling(0.0, 0)
+    assert first == again      # seeded: the same draft for the same seed and positions
+    assert first != other      # ... and another seed draws other tokens (6 draws from a random model)

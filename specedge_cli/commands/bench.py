@@ -101,13 +101,16 @@ def _hub_rows(engine: DraftEngine, client: HubClient, base: dict, n_tokens: int,
     bos = engine.detokenize([engine.bos_token_id], special=True).decode("utf-8", "replace")
     template = ChatTemplate(BUILTIN_TEMPLATES["plain"], bos_token=bos, eos_token="")
     edge, server_only = [], []
-    tokens_per_verify, accepted, drafted = [], 0, 0
+    tokens_per_verify, itl, accepted, drafted, ahead, hits = [], [], 0, 0, 0, 0
     for prompt in HUB_PROMPTS:
         conversation = Conversation(engine, client, template, DecodeSettings(max_tokens=n_tokens))
         reply = conversation.ask(prompt)
         conversation.close()
         edge.append(reply.stats.tokens_per_s)
         tokens_per_verify.append(reply.stats.tokens_per_verify)
+        itl.append(reply.stats.itl_ms)
+        ahead += reply.stats.proactive_drafts
+        hits += reply.stats.proactive_hits
         accepted += reply.stats.accepted_tokens
         drafted += reply.stats.draft_tokens
         server_only.append(_server_only_speed(client, engine, reply.prompt_token_ids, n_tokens))
@@ -117,7 +120,8 @@ def _hub_rows(engine: DraftEngine, client: HubClient, base: dict, n_tokens: int,
          "rtt_ms_p95": _percentile(round_trips, 0.95), **_mean_std([1000 / ms for ms in round_trips])},
         {**base, **hub_columns, "test": f"hub-tg{n_tokens}", **_mean_std(edge),
          "tokens_per_verify": statistics.fmean(tokens_per_verify),
-         "acceptance": accepted / drafted if drafted else 0.0},
+         "acceptance": accepted / drafted if drafted else 0.0, "itl_ms": statistics.fmean(itl),
+         "proactive_hit_rate": hits / ahead if ahead else 0.0},
         {**base, **hub_columns, "test": f"hub-only-tg{n_tokens}", **_mean_std(server_only)},
     ]
 
@@ -170,7 +174,8 @@ def _extra(row: dict) -> str:
     if "rtt_ms_p50" in row:
         return f"RTT p50 {row['rtt_ms_p50']:.1f} ms, p95 {row['rtt_ms_p95']:.1f} ms"
     if "tokens_per_verify" in row:
-        return f"{row['tokens_per_verify']:.2f} tok/verify, accepted {row['acceptance']:.0%}"
+        return (f"{row['tokens_per_verify']:.2f} tok/verify, accepted {row['acceptance']:.0%}, "
+                f"ITL {row['itl_ms']:.1f} ms, proactive hits {row['proactive_hit_rate']:.0%}")
     return ""
 
 

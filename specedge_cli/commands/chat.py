@@ -32,8 +32,9 @@ def chat(
     max_tokens: Annotated[Optional[int], typer.Option(min=1, help="Most tokens in one reply [default: 256].")] = None,
     temperature: Annotated[Optional[float], typer.Option(min=0.0, help="0 decodes greedily [default: 0].")] = None,
     seed: Annotated[Optional[int], typer.Option(min=0, help="Sampling seed for temperature > 0 [default: 0].")] = None,
-    draft_len: Annotated[Optional[int], typer.Option(min=1, max=64, help="Tokens drafted per verify [default: 8].")] = None,
-    tree_budget: Annotated[Optional[int], typer.Option(min=0, max=64, help="Draft a tree of this many nodes per verify instead of a chain [default: 0, a chain].")] = None,
+    draft_len: Annotated[Optional[int], typer.Option(min=0, max=64, help="Draft depth per verify; 0 follows the measured draft speed and round trip (up to 16) [default: 0].")] = None,
+    tree_budget: Annotated[Optional[int], typer.Option(min=0, max=64, help="Draft a tree of up to this many nodes per verify instead of a chain [default: 0, a chain].")] = None,
+    proactive: Annotated[Optional[bool], typer.Option("--proactive/--no-proactive", help="Draft the next round while a verify is in flight [default: on].")] = None,
     system: Annotated[Optional[str], typer.Option(help="System prompt.")] = None,
     threads: Annotated[Optional[int], typer.Option(min=1, help="llama.cpp threads for drafting.")] = None,
     resume_last: Annotated[bool, typer.Option("--continue", "-c", help="Continue the last saved conversation.")] = False,
@@ -48,12 +49,13 @@ def chat(
     if as_json and prompt is None:
         raise typer.BadParameter("--json needs --prompt", param_hint="--json")
     chosen = chat_settings(max_tokens=max_tokens, temperature=temperature, seed=seed, draft_len=draft_len, tree_budget=tree_budget,
-                           system=system, threads=threads, offline=offline or None)
+                           proactive=proactive, system=system, threads=threads, offline=offline or None)
     history = History(history_path(config.data_dir())) if chosen.logs or resume_last or conversation_id else None
     saved = _saved_conversation(history, resume_last, conversation_id)
     resolved = resolve_model(model or (saved.model if saved else chosen.model), config.models_dir(), offline=chosen.offline)
     decode = DecodeSettings(max_tokens=chosen.max_tokens, temperature=chosen.temperature, seed=chosen.seed,
-                            draft_len=chosen.draft_len, tree_budget=chosen.tree_budget, reconnect_s=chosen.reconnect_s)
+                            draft_len=chosen.draft_len, tree_budget=chosen.tree_budget, proactive=chosen.proactive,
+                            reconnect_s=chosen.reconnect_s)
     with _hub(hub, resolved, insecure) as (client, hub_url, wait_for_hub):
         engine = DraftEngine(resolved.path, n_threads=chosen.threads or None)  # loads while an embedded hub starts
         wait_for_hub()

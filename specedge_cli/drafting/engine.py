@@ -10,10 +10,14 @@ from __future__ import annotations
 import contextlib
 import hashlib
 import os
+import time
 from pathlib import Path
+from typing import Callable
 
 import numpy as np
 
+from specedge_cli.drafting.draft_tree import ROOT, DraftShape, DraftTree
+from specedge_cli.drafting.sampling import DraftSampler
 from specedge_cli.drafting.tree_context import TreeContext
 from specedge_cli.errors import ModelFileError
 
@@ -30,6 +34,15 @@ def vocab_fingerprint(pieces: list[str]) -> str:
 
 
 class DraftEngine:
+    """Drafts chains and trees with llama.cpp, one llama_decode per tree level.
+
+    Sequence 0 holds the conversation. Draft trees live in two pools of sequences (slots): the
+    draft now being verified in one, the proactive draft below its likeliest outcome in the
+    other. `plan` syncs sequence 0 to the history the hub confirmed: it takes the proactive
+    draft when its guess came true, otherwise it adopts the accepted path's cells from the old
+    tree (nothing accepted is recomputed) and drafts afresh.
+    """
+
     def __init__(self, model_path: Path, n_ctx: int = 4096, n_threads: int | None = None, n_gpu_layers: int = -1,
                  max_tree_nodes: int = 64):
         import llama_cpp
@@ -45,7 +58,7 @@ class DraftEngine:
                     n_gpu_layers=n_gpu_layers, logits_all=False, verbose=False,
                 )
                 self._context = TreeContext(llama_cpp, self.llm.model, n_ctx, n_threads or _default_threads(),
-                                            max_sequences=max_tree_nodes + 1)
+                                            max_sequences=1 + 2 * max_tree_nodes)
         except ValueError as exc:
             raise ModelFileError(f"llama.cpp could not load {model_path}: is it a complete .gguf file? ({exc})") from exc
         self.path = model_path
@@ -53,8 +66,11 @@ class DraftEngine:
         self._vocab = llama_cpp.llama_model_get_vocab(self.llm.model)
         self.vocab_size = llama_cpp.llama_vocab_n_tokens(self._vocab)
         self.max_tree_nodes = max_tree_nodes
-        self._cached: list[int] = []         # the tokens sequence 0 holds
-        self._tree: _Tree | None = None      # the last draft tree, until the next sync
+        self.sampler = DraftSampler()
+        self._cached: list[int] = []              # the tokens sequence 0 holds
+        self._current: DraftTree | None = None    # the last draft handed out, until the next plan
+        self._ahead: DraftTree | None = None      # the proactive draft below the current one's guess
+        self._free = {slot: self._pool(slot) for slot in (0, 1)}
 
     # --- vocabulary -------------------------------------------------------------------
     def vocab_pieces(self) -> list[str]:
@@ -86,9 +102,19 @@ class DraftEngine:
     def n_ctx(self) -> int:
         return self._context.n_ctx
 
+    def set_sampling(self, temperature: float, seed: int) -> None:
+        """Draft with the session's sampling (greedy at 0): drafts then match the hub's draws."""
+        sampler = DraftSampler(temperature, seed)
+        if sampler != self.sampler:
+            self.sampler = sampler
+            self._release(self._ahead)
+            self._ahead = None
+
     def reset(self) -> None:
         """Forget the cached context (the next draft evaluates its history from scratch)."""
-        self._drop_tree()
+        for tree in (self._current, self._ahead):
+            self._release(tree)
+        self._current = self._ahead = None
         self._context.remove(0)
         self._cached = []
 
@@ -98,60 +124,147 @@ class DraftEngine:
 
     # --- drafting ---------------------------------------------------------------------
     def draft(self, history: list[int], length: int) -> list[int]:
-        """Greedily draft a chain of up to `length` tokens that continue `history`."""
+        """Draft a chain of up to `length` tokens that continue `history`."""
         if length <= 0:
             return []
-        logits = self._sync(history)
-        drafted: list[int] = []
-        room = self.n_ctx - len(history) - 1
-        while True:
-            drafted.append(int(logits.argmax()))
-            if len(drafted) >= min(length, room):
-                break
-            position = len(self._cached)
-            self._context.decode([drafted[-1]], [position], [0], [True])
-            self._cached.append(drafted[-1])
-            logits = self._context.logits(-1)
-        return drafted
+        return self.plan(history, DraftShape(depth=length, budget=length)).wire_tokens
 
     def draft_tree(self, history: list[int], budget: int, width: int = 4, max_depth: int = 8) -> tuple[list[int], list[int]]:
-        """Draft a tree below `history`: tokens [N] and parents [N] (-1: child of the root).
+        """Draft a tree below `history`: tokens [N] and parents [N] (-1: child of the root)."""
+        tree = self.plan(history, DraftShape(depth=max_depth, budget=budget, width=width))
+        return tree.wire_tokens, tree.wire_parents
 
-        Level by level, every frontier node proposes its `width` likeliest tokens; the `width`
-        best of those by cumulative log-probability join the tree, until `budget` nodes or
-        `max_depth` levels. One llama_decode per level.
-        """
-        budget = min(budget, self.max_tree_nodes, self.n_ctx - len(history) - 1)
+    def plan(self, history: list[int], shape: DraftShape) -> DraftTree:
+        """The draft to send after `history`: the proactive one when its guess came true."""
+        ahead, self._ahead = self._ahead, None
+        if ahead is not None and ahead.root == history and self._cached == history[: len(self._cached)]:
+            return self._promote(ahead)
+        self._release(ahead)
+        started = time.perf_counter()
+        room = self.n_ctx - len(history) - 1
+        shape = DraftShape(max(0, min(shape.depth, room)), max(0, min(shape.budget, self.max_tree_nodes, room // 2)),
+                           max(1, shape.width))
         root_logits = self._sync(history)
-        tree = _Tree(len(history))
-        frontier = [(-1, 0.0, root_logits)]          # (node, cumulative log-prob, its next-token logits)
-        for depth in range(1, max_depth + 1):
-            room = budget - len(tree.tokens)
-            chosen = _best_children(frontier, width, min(width, room))
-            if not chosen:
-                break
-            nodes = [tree.add(token, parent, score) for score, parent, token in chosen]
-            for node in nodes:
-                self._context.copy(tree.sequence(tree.parents[node]), tree.sequence(node))
-            if depth == max_depth or len(tree.tokens) >= budget:
-                break  # the deepest level needs no logits of its own
-            self._context.decode([tree.tokens[n] for n in nodes], [tree.position(n) for n in nodes],
-                                 [tree.sequence(n) for n in nodes], [True] * len(nodes))
-            for node in nodes:
-                tree.decoded[node] = True
-            frontier = [(n, tree.scores[n], self._context.logits(i).copy()) for i, n in enumerate(nodes)]
-        self._decode_leaves(tree)
-        self._tree = tree
-        return tree.tokens, tree.parents
+        tree = DraftTree(list(history), root_sequence=0, slot=0, shape=shape)
+        tree.frontier = [(ROOT, root_logits.copy())] if shape.depth and shape.budget else []
+        self._grow(tree)
+        self._finish(tree)
+        tree.draft_s = time.perf_counter() - started
+        self._current = tree
+        return tree
 
-    def _decode_leaves(self, tree: "_Tree") -> None:
-        """Give the nodes not yet decoded their KV, so an accepted leaf is cached too."""
-        missing = [n for n in range(len(tree.tokens)) if not tree.decoded[n]]
-        for node in missing:
-            tree.decoded[node] = True
-        if missing:
-            self._context.decode([tree.tokens[n] for n in missing], [tree.position(n) for n in missing],
-                                 [tree.sequence(n) for n in missing], [False] * (len(missing) - 1) + [True])
+    def guess(self, tree: DraftTree) -> tuple[list[int], int] | None:
+        """The likeliest outcome of verifying `tree`: the accepted path's tokens and the bonus token."""
+        if not tree.finished:
+            return None
+        leaf = tree.guess_leaf()
+        if leaf not in tree.picks:
+            return None
+        return [tree.tokens[n] for n in tree.path_to(leaf)], tree.picks[leaf]
+
+    def draft_ahead(self, tree: DraftTree, shape: DraftShape, stop: Callable[[], bool] | None = None) -> DraftTree | None:
+        """Draft the next tree now, below `tree`'s guessed outcome, until `stop()` says the reply is in.
+
+        It is kept for the next `plan`, which uses it only if the hub's reply matches the guess.
+        """
+        self._release(self._ahead)
+        self._ahead = None
+        guess = self.guess(tree)
+        room = self.n_ctx - len(tree.root) - 4 * self.max_tree_nodes - 2
+        if guess is None or tree is not self._current or room <= 0:
+            return None
+        started = time.perf_counter()
+        leaf = tree.guess_leaf()
+        path, bonus = guess
+        slot = 1 - tree.slot
+        root_sequence = self._free[slot].pop()
+        end = len(tree.root) + len(path)
+        source = tree.root_sequence if leaf == ROOT else tree.sequences[leaf]
+        self._context.copy(source, root_sequence, 0, end)
+        ahead = DraftTree(tree.root + path + [bonus], root_sequence=root_sequence, slot=slot,
+                          shape=DraftShape(min(shape.depth, room), min(shape.budget, self.max_tree_nodes), max(1, shape.width)))
+        ahead.tips[root_sequence] = ROOT
+        self._ahead = ahead
+        self._context.decode([bonus], [end], [root_sequence], [True])
+        ahead.decodes += 1
+        ahead.frontier = [(ROOT, self._context.logits(0).copy())]
+        self._grow(ahead, stop)
+        if ahead.levels >= ahead.shape.depth or not ahead.frontier:
+            self._finish(ahead)
+        ahead.draft_s = time.perf_counter() - started
+        return ahead
+
+    def _promote(self, ahead: DraftTree) -> DraftTree:
+        """The guess came true: the proactive root joins the conversation, its tree is the draft."""
+        self._context.remove(0, len(self._cached), -1)
+        self._context.copy(ahead.root_sequence, 0, len(self._cached), len(ahead.root))
+        self._cached = list(ahead.root)
+        self._release(self._current)
+        started = time.perf_counter()
+        if not ahead.finished:
+            self._grow(ahead)
+            self._finish(ahead)
+        ahead.from_ahead = True
+        ahead.late_s = time.perf_counter() - started  # drafting the reply had to wait for
+        self._current = ahead
+        return ahead
+
+    def _grow(self, tree: DraftTree, stop: Callable[[], bool] | None = None) -> None:
+        """Add levels until the shape's depth: propose children of the frontier, expand the best."""
+        shape = tree.shape
+        while tree.levels < shape.depth and tree.frontier:
+            level = []
+            for parent, logits in tree.frontier:
+                candidates = self.sampler.candidates(logits, tree.position(parent) + 1, shape.width)
+                tree.picks[parent] = candidates[0][0]
+                level += [tree.add(token, parent, tree.score(parent) + log_prob) for token, log_prob in candidates]
+            tree.frontier = []
+            tree.levels += 1
+            if tree.levels >= shape.depth:
+                break
+            cutoff = tree.cutoff(shape.budget)
+            beam = [n for n in sorted(level, key=lambda n: -tree.scores[n])[: shape.width] if tree.scores[n] >= cutoff]
+            beam = self._decode_nodes(tree, beam, logits_for=set(beam))
+            tree.frontier = [(node, self._context.logits(i).copy()) for i, node in enumerate(beam)]
+            if stop is not None and stop():
+                break
+
+    def _finish(self, tree: DraftTree) -> None:
+        """Choose the nodes to send and give the undecoded ones their KV (so an accepted leaf is cached)."""
+        chosen = tree.select(tree.shape.budget)
+        tree.selected = chosen
+        leaf = tree.guess_leaf()
+        missing = [n for n in chosen if not tree.decoded(n)]
+        decoded = self._decode_nodes(tree, missing, logits_for={leaf})
+        if len(decoded) < len(missing):  # out of sequences or cells: leave the rest out
+            tree.selected = [n for n in chosen if tree.decoded(n)]
+        if leaf in decoded and leaf not in tree.picks:
+            logits = self._context.logits(decoded.index(leaf))
+            tree.picks[leaf] = self.sampler.pick(logits, tree.position(leaf) + 1)
+
+    def _decode_nodes(self, tree: DraftTree, nodes: list[int], logits_for: set[int]) -> list[int]:
+        """Decode `nodes` in one llama_decode, each in its parent's sequence when it is the first
+        child to extend it, else in a fresh sequence sharing the parent's cells. Returns the nodes
+        decoded (fewer when the slot runs out of sequences)."""
+        placed = []
+        for node in nodes:
+            parent = tree.parents[node]
+            source = tree.root_sequence if parent == ROOT else tree.sequences[parent]
+            if source != 0 and tree.tips.get(source) == parent:
+                sequence = source
+            elif self._free[tree.slot]:
+                sequence = self._free[tree.slot].pop()
+                self._context.copy(source, sequence, 0, tree.position(node))
+            else:
+                break
+            tree.sequences[node] = sequence
+            tree.tips[sequence] = node
+            placed.append(node)
+        if placed:
+            self._context.decode([tree.tokens[n] for n in placed], [tree.position(n) for n in placed],
+                                 [tree.sequences[n] for n in placed], [n in logits_for for n in placed])
+            tree.decodes += 1
+        return placed
 
     def _sync(self, history: list[int]) -> np.ndarray:
         """Make sequence 0 hold `history` and return the logits after its last token.
@@ -167,83 +280,35 @@ class DraftEngine:
             common += 1
         common = min(common, len(history) - 1)
         self._context.remove(0, common, -1)
+        self._cached = self._cached[:common]  # true even if the decode below is interrupted
         new = history[common:]
         self._context.decode(new, list(range(common, len(history))), [0] * len(new), [False] * (len(new) - 1) + [True])
         self._cached = list(history)
         return self._context.logits(-1)
 
     def _adopt_tree_path(self, history: list[int]) -> None:
-        tree = self._tree
-        if tree is not None and self._cached == history[: tree.root_length]:
-            path = tree.matching_path(history[tree.root_length:])
+        tree, self._current = self._current, None
+        if tree is not None and self._cached == history[: len(tree.root)] and len(self._cached) == len(tree.root):
+            path = tree.matching_path(history[len(tree.root):])
             if path:
-                leaf = tree.sequence(path[-1])
-                self._context.copy(leaf, 0, tree.root_length, tree.root_length + len(path))
+                self._context.remove(0, len(tree.root), -1)
+                self._context.copy(tree.sequences[path[-1]], 0, len(tree.root), len(tree.root) + len(path))
                 self._cached = self._cached + [tree.tokens[n] for n in path]
-        self._drop_tree()
+        self._release(tree)
 
-    def _drop_tree(self) -> None:
-        if self._tree is not None:
-            for node in range(len(self._tree.tokens)):
-                self._context.remove(self._tree.sequence(node))
-            self._tree = None
+    # --- sequence pools ---------------------------------------------------------------
+    def _pool(self, slot: int) -> list[int]:
+        first = 1 + slot * self.max_tree_nodes
+        return list(range(first + self.max_tree_nodes - 1, first - 1, -1))  # pop() hands out the lowest first
 
-
-class _Tree:
-    """A draft tree's bookkeeping: node n lives in llama.cpp sequence n + 1."""
-
-    def __init__(self, root_length: int):
-        self.root_length = root_length
-        self.tokens: list[int] = []
-        self.parents: list[int] = []
-        self.scores: list[float] = []
-        self.depths: list[int] = []
-        self.decoded: list[bool] = []
-
-    def add(self, token: int, parent: int, score: float) -> int:
-        self.tokens.append(token)
-        self.parents.append(parent)
-        self.scores.append(score)
-        self.depths.append(1 if parent < 0 else self.depths[parent] + 1)
-        self.decoded.append(False)
-        return len(self.tokens) - 1
-
-    @staticmethod
-    def sequence(node: int) -> int:
-        return node + 1  # -1 (the root) maps to sequence 0, the conversation
-
-    def position(self, node: int) -> int:
-        return self.root_length - 1 + self.depths[node]
-
-    def matching_path(self, continuation: list[int]) -> list[int]:
-        """The deepest chain of nodes whose tokens begin `continuation`."""
-        path: list[int] = []
-        parent = -1
-        for token in continuation:
-            child = next((n for n in range(len(self.tokens)) if self.parents[n] == parent and self.tokens[n] == token), None)
-            if child is None or not self.decoded[child]:
-                break
-            path.append(child)
-            parent = child
-        return path
-
-
-# A candidate joins the tree only if it is at least this likely relative to the level's best one:
-# a confident draft then spends its budget on depth (a chain), an unsure one on branches.
-_MIN_RELATIVE_LOG_PROB = float(np.log(0.05))
-
-
-def _best_children(frontier, width: int, take: int) -> list[tuple[float, int, int]]:
-    """The `take` best (cumulative log-prob, parent node, token) among each frontier node's top
-    `width`, leaving out those far less likely than the best."""
-    candidates = []
-    for node, score, logits in frontier:
-        log_probs = logits - (logits.max() + np.log(np.exp(logits - logits.max()).sum()))
-        top = np.argpartition(-log_probs, width)[:width]
-        candidates += [(score + float(log_probs[t]), node, int(t)) for t in top]
-    candidates.sort(key=lambda c: -c[0])
-    best = candidates[0][0] if candidates else 0.0
-    return [c for c in candidates[:take] if c[0] >= best + _MIN_RELATIVE_LOG_PROB]
+    def _release(self, tree: DraftTree | None) -> None:
+        """Drop a tree's sequences (cells shared with sequence 0 stay)."""
+        if tree is None:
+            return
+        used = set(self._pool(tree.slot)) - set(self._free[tree.slot])
+        for sequence in used:
+            self._context.remove(sequence)
+        self._free[tree.slot] = self._pool(tree.slot)
 
 
 def _default_threads() -> int:

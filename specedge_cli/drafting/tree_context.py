@@ -1,10 +1,11 @@
-"""A llama.cpp context that holds one conversation plus a draft tree, through the batch API.
+"""A llama.cpp context that holds one conversation plus draft trees, through the batch API.
 
-Sequence 0 holds the conversation's tokens. Each draft tree node gets a sequence of its own that
-shares its ancestors' KV cells (llama_memory_seq_cp tags cells, it copies nothing) and holds the
-node's token at its depth's position, so a whole tree level decodes in one llama_decode call.
-After a verify, the accepted path's cells are tagged into sequence 0 and every tree sequence is
-dropped: nothing accepted is recomputed.
+Sequence 0 holds the conversation's tokens. A draft tree node lives in a sequence that holds its
+ancestors' cells (llama_memory_seq_cp tags cells, it copies nothing) and its own token at its
+depth's position: a node's first child extends its sequence, every other child gets a new one,
+so a chain needs one sequence and a whole tree level decodes in one llama_decode call. After a
+verify the accepted path's cells are tagged into sequence 0 and the tree's sequences are dropped:
+nothing accepted is recomputed.
 """
 
 from __future__ import annotations
@@ -60,7 +61,7 @@ class TreeContext:
                 raise ModelFileError(f"llama.cpp failed to decode a draft batch (status {status}); the context may be full")
 
     def logits(self, index: int) -> np.ndarray:
-        """Logits of the `index`-th token that asked for them in the last decode: [V]."""
+        """Logits after the last decode's batch token `index` (it must have asked for them; -1: the last): [V]."""
         pointer = self._lib.llama_get_logits_ith(self._ctx, index)
         return np.ctypeslib.as_array(ctypes.cast(pointer, ctypes.POINTER(ctypes.c_float)), shape=(self.n_vocab,))
 
