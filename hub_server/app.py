@@ -14,7 +14,7 @@ from typing import Annotated, Callable
 
 from fastapi import Depends, FastAPI, Request
 from fastapi.exceptions import RequestValidationError
-from fastapi.responses import JSONResponse, PlainTextResponse, StreamingResponse
+from fastapi.responses import JSONResponse, PlainTextResponse, Response, StreamingResponse
 from starlette.concurrency import run_in_threadpool
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
@@ -41,7 +41,7 @@ def token_check_for(settings: HubSettings) -> TokenCheck | None:
     return Accounts(settings.accounts_path)
 
 
-def current_user(request: Request) -> str:
+async def current_user(request: Request) -> str:
     """The user the request's token belongs to (set by the authentication middleware)."""
     return request.state.user
 
@@ -62,17 +62,57 @@ def _describe_validation(exc: RequestValidationError) -> str:
     return "malformed request: " + "; ".join(problems) + " (see docs/protocol.md)"
 
 
-class BodyLimit:
-    """Refuses a body over `max_bytes` as it arrives, whether or not it declared its length
-    (a chunked upload has no Content-Length for the `limit_body` check to read)."""
+class HubMiddleware:
+    """The checks every request passes, as one plain ASGI layer (no per-request task groups):
+    a request id, bodies over `max_bytes` refused (declared or not), the token checked before a
+    body is read, and one access log line."""
 
-    def __init__(self, app, max_bytes: int):
+    def __init__(self, app, token_check: TokenCheck | None, max_bytes: int):
         self.app = app
+        self.token_check = token_check
         self.max_bytes = max_bytes
 
     async def __call__(self, scope, receive, send):
         if scope["type"] != "http":
             return await self.app(scope, receive, send)
+        request = Request(scope)
+        request_id = request_id_from(request.headers.get(REQUEST_ID_HEADER))
+        bind_request(request_id=request_id)
+        started = time.perf_counter()
+        status = 500
+
+        async def send_with_id(message):
+            nonlocal status
+            if message["type"] == "http.response.start":
+                status = message["status"]
+                message.setdefault("headers", []).append((b"x-request-id", request_id.encode()))
+            await send(message)
+
+        try:
+            refusal = await self._refusal(request)
+            if refusal is not None:
+                return await refusal(scope, receive, send_with_id)
+            await self.app(scope, self._counted(receive), send_with_id)
+        finally:
+            self._log(request, status, started)
+
+    async def _refusal(self, request: Request) -> JSONResponse | None:
+        """The answer to a request refused before its body is read, or None to serve it."""
+        length = request.headers.get("content-length")
+        if length is not None and (not length.isdigit() or int(length) > self.max_bytes):
+            return _error(413, "body_too_large", f"request bodies are limited to {self.max_bytes} bytes")
+        if request.url.path in OPEN_PATHS:
+            return None
+        try:
+            user = await _user_of(request, self.token_check)
+        except Unauthorized as exc:
+            return _error(exc.status, exc.code, exc.message, {"WWW-Authenticate": "Bearer"})
+        request.state.user = user
+        bind_request(user=user)
+        return None
+
+    def _counted(self, receive):
+        """`receive`, refusing a body past the limit as it arrives (a chunked upload declares no length)."""
         received = 0
 
         async def counted_receive():
@@ -84,7 +124,18 @@ class BodyLimit:
                 raise StarletteHTTPException(413, f"request bodies are limited to {self.max_bytes} bytes")
             return message
 
-        await self.app(scope, counted_receive, send)
+        return counted_receive
+
+    @staticmethod
+    def _log(request: Request, status: int, started: float) -> None:
+        # The path only: never headers (tokens) nor the query string.
+        fields = {"method": request.method, "path": request.url.path, "status": status,
+                  "duration_ms": round((time.perf_counter() - started) * 1000, 2)}
+        if hasattr(request.state, "user"):
+            fields["user"] = request.state.user
+        # Health probes come every few seconds; they would drown the lines that matter.
+        level = logging.DEBUG if request.url.path in OPEN_PATHS else logging.INFO
+        log.log(level, "%s %s %d", request.method, request.url.path, status, extra=fields)
 
 
 class HubState:
@@ -107,7 +158,10 @@ async def _user_of(request: Request, token_check: TokenCheck | None) -> str:
     if scheme.lower() != "bearer" or not token.strip():
         raise Unauthorized("this hub needs an API token: send `Authorization: Bearer <token>` "
                            "(`specedge login`); the hub's operator creates tokens with `hub_server tokens create`")
-    user = await run_in_threadpool(token_check.user_for_token, token.strip())
+    if isinstance(token_check, SingleToken):   # in memory: no thread needed
+        user = token_check.user_for_token(token.strip())
+    else:                                      # a database lookup must not block the event loop
+        user = await run_in_threadpool(token_check.user_for_token, token.strip())
     if user is None:
         raise Unauthorized("the API token is unknown or revoked; ask the hub's operator for a new one and run `specedge login`")
     return user
@@ -130,41 +184,7 @@ def create_app(settings: HubSettings, make_runner: Callable[[HubSettings], objec
 
     threading.Thread(target=load, name="model-load", daemon=True).start()
     app.state.hub_state = state
-    app.add_middleware(BodyLimit, max_bytes=MAX_BODY_BYTES)
-
-    @app.middleware("http")
-    async def limit_body(request: Request, call_next):
-        length = request.headers.get("content-length")
-        if length is not None and (not length.isdigit() or int(length) > MAX_BODY_BYTES):
-            return _error(413, "body_too_large", f"request bodies are limited to {MAX_BODY_BYTES} bytes")
-        return await call_next(request)
-
-    @app.middleware("http")
-    async def authenticate(request: Request, call_next):
-        if request.url.path not in OPEN_PATHS:
-            try:
-                request.state.user = await _user_of(request, token_check)
-            except Unauthorized as exc:
-                return _error(exc.status, exc.code, exc.message, {"WWW-Authenticate": "Bearer"})
-            bind_request(user=request.state.user)
-        return await call_next(request)
-
-    @app.middleware("http")
-    async def access_log(request: Request, call_next):
-        request_id = request_id_from(request.headers.get(REQUEST_ID_HEADER))
-        bind_request(request_id=request_id)
-        started = time.perf_counter()
-        response = await call_next(request)
-        response.headers[REQUEST_ID_HEADER] = request_id
-        # The path only: never headers (tokens) nor the query string.
-        fields = {"method": request.method, "path": request.url.path, "status": response.status_code,
-                  "duration_ms": round((time.perf_counter() - started) * 1000, 2)}
-        if hasattr(request.state, "user"):
-            fields["user"] = request.state.user
-        # Health probes come every few seconds; they would drown the lines that matter.
-        level = logging.DEBUG if request.url.path in OPEN_PATHS else logging.INFO
-        log.log(level, "%s %s %d", request.method, request.url.path, response.status_code, extra=fields)
-        return response
+    app.add_middleware(HubMiddleware, token_check=token_check, max_bytes=MAX_BODY_BYTES)
 
     @app.exception_handler(HubError)
     async def hub_error(request: Request, exc: HubError) -> JSONResponse:
@@ -208,9 +228,11 @@ def create_app(settings: HubSettings, make_runner: Callable[[HubSettings], objec
     def feed(session_id: str, body: wire.FeedRequest, user: User) -> wire.FeedResponse:
         return state.ready().feed(session_id, body, user)
 
-    @app.post("/v1/sessions/{session_id}/verify")
-    def verify(session_id: str, body: wire.VerifyRequest, user: User) -> wire.VerifyResponse:
-        return state.ready().verify(session_id, body, user)
+    # The hot route: on the event loop (no thread pool), the reply serialised once by pydantic.
+    @app.post("/v1/sessions/{session_id}/verify", response_model=wire.VerifyResponse)
+    async def verify(session_id: str, body: wire.VerifyRequest, user: User) -> Response:
+        reply = await state.ready().verify(session_id, body, user)
+        return Response(reply.model_dump_json(), media_type="application/json")
 
     @app.post("/v1/sessions/{session_id}/generate")
     def generate(session_id: str, body: wire.GenerateRequest, user: User) -> StreamingResponse:

@@ -42,7 +42,7 @@ def serve(
     draft: Annotated[Optional[str], typer.Option(help="A .gguf draft model on the hub, for the server-only speculative mode.")] = None,
     session_idle_s: Annotated[float, typer.Option(help="Evict sessions idle this many seconds.")] = 600.0,
     max_batch: Annotated[int, typer.Option(help="Sessions verified in one forward pass.")] = 16,
-    batch_wait_ms: Annotated[float, typer.Option(help="Longest wait for a fuller batch, in ms.")] = 2.0,
+    batch_wait_ms: Annotated[float, typer.Option(help="Longest wait, in ms, for a fuller batch when more work is on its way.")] = 2.0,
     cache_dir: Annotated[Optional[Path], typer.Option(help="Where converted GGUF targets are kept.")] = None,
     data_dir: Annotated[Optional[Path], typer.Option(help=f"Accounts database folder; default {default_data_dir()}.")] = None,
     no_auth: Annotated[bool, typer.Option("--no-auth", help="Serve without tokens; loopback addresses only.")] = False,

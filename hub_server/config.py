@@ -49,7 +49,7 @@ class HubSettings:
     draft: str | None = None             # a .gguf draft for the server-only speculative mode
     session_idle_s: float = 600.0        # idle sessions are evicted after this long
     max_batch: int = 16                  # sessions verified in one forward pass
-    batch_wait_ms: float = 2.0           # longest wait for a fuller batch
+    batch_wait_ms: float = 2.0           # longest wait for work on its way to fill a batch
     cache_dir: Path | None = None        # where converted GGUF targets are kept
     data_dir: Path | None = None         # accounts database; None: default_data_dir()
     auth: bool = True                    # False (--no-auth) is allowed on loopback only

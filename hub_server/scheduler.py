@@ -3,19 +3,25 @@
 Requests from many sessions queue up; one worker thread takes whatever is ready, up to
 `max_batch`, and hands it to the runner as one forward pass. While a batch runs, other users'
 drafts (drafting on their own machines, or in flight) arrive and form the next batch, so the
-device is never idle while work is queued. If fewer than `max_batch` are ready, the worker waits
-at most `max_wait_s` after the oldest request arrived, so a lone user is never held back long.
-The queue is first-in first-out: no session starves.
+device is never idle while work is queued. The queue is first-in first-out: no session starves.
+
+A batch waits for more only while more is known to be on its way: a caller announces a job it
+is about to submit (`announce()`), and the worker waits for announced jobs at most `max_wait_s`
+after the oldest queued request arrived. It never waits for clients still drafting on their own
+machines: nothing says when they will come, and what comes while a pass runs forms the next
+batch anyway. So a lone request, or a queue that already holds every request the hub has
+received, goes to the device at once.
 """
 
 from __future__ import annotations
 
+import contextlib
 import threading
 import time
 from collections import deque
 from concurrent.futures import Future
 from dataclasses import dataclass
-from typing import Any, Callable
+from typing import Any, Callable, Iterator
 
 
 @dataclass
@@ -33,11 +39,25 @@ class Scheduler:
         self.max_wait_s = max_wait_s
         self._clock = clock
         self._queue: deque[tuple[Any, Future, float]] = deque()
+        self._announced = 0     # jobs callers are preparing and will submit shortly
         self._ready = threading.Condition()
         self._stopped = False
         self.stats = SchedulerStats()
         self._worker = threading.Thread(target=self._loop, name="verify-scheduler", daemon=True)
         self._worker.start()
+
+    @contextlib.contextmanager
+    def announce(self) -> Iterator[None]:
+        """Around preparing a job that will be submitted right after: a batch may wait for it."""
+        with self._ready:
+            self._announced += 1
+        try:
+            yield
+        finally:
+            with self._ready:
+                self._announced -= 1
+                if not self._announced:   # a batch waiting for announced jobs can go now
+                    self._ready.notify()
 
     def submit(self, job: Any) -> Future:
         """Queue `job`; the future resolves once its batch has run (to the job, or its error)."""
@@ -72,9 +92,9 @@ class Scheduler:
                 self._ready.wait()
             if self._stopped and not self._queue:
                 return None
-            # Wait for a fuller batch, but never past max_wait_s after the oldest request came.
+            # Wait for announced jobs, but never past max_wait_s after the oldest request came.
             deadline = self._queue[0][2] + self.max_wait_s
-            while len(self._queue) < self.max_batch and not self._stopped:
+            while len(self._queue) < self.max_batch and self._announced and not self._stopped:
                 remaining = deadline - self._clock()
                 if remaining <= 0:
                     break

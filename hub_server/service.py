@@ -2,10 +2,14 @@
 
 from __future__ import annotations
 
+import asyncio
 import threading
 import time
+from concurrent.futures import Future
 from pathlib import Path
 from typing import Iterator
+
+import anyio
 
 from hub_server import protocol as wire
 from hub_server.config import HubSettings
@@ -104,26 +108,50 @@ class Hub:
             self.runner.prefill(session.kv, session.context)
             return wire.FeedResponse(context_len=len(session.context))
 
-    def verify(self, session_id: str, request: wire.VerifyRequest, owner: str = LOCAL_USER) -> wire.VerifyResponse:
+    async def verify(self, session_id: str, request: wire.VerifyRequest, owner: str = LOCAL_USER) -> wire.VerifyResponse:
+        """Verify one draft. Runs on the event loop: the only thread hops are to the scheduler's
+        worker and back."""
         session = self.sessions.get(session_id, owner)
         # The target computes every sent token and every draft node, plus the bonus token.
         self.budgets.charge(owner, len(request.tokens) + len(request.draft) + 1)
-        with self.gate.admit(), session.lock:
-            parents = self._check_draft(request)
-            if not session.context and not request.tokens:
-                raise BadRequest("the session has no context yet: send the prompt in `tokens` or feed it first")
-            # +1 for the bonus token the verify adds.
-            self._check_room(len(session.context) + len(request.tokens) + max(node_depths(parents), default=0) + 1)
-            session.context.extend(request.tokens)
-            job = VerifyJob(
-                session.kv, session.context[session.kv.length:], request.draft, parents,
-                session.temperature, session.seed, session.stop_token_ids,
-            )
-            seconds = self._run(session, job, "specedge")
-            return wire.VerifyResponse(
-                accepted=len(job.path), tokens=job.emitted, context_len=len(session.context),
-                verify_ms=seconds * 1000,
-            )
+        with self.gate.admit():
+            await _take_turn(session)
+            started = time.perf_counter()
+            try:
+                # Checked and queued in one go on the event loop: nothing to announce.
+                job = self._verify_job(session, request)
+                future = self.scheduler.submit(job)
+            except BaseException:
+                session.lock.release()
+                raise
+            # The result is applied, and the session released, when the pass ends, even if this
+            # request is cancelled meanwhile: the session's KV and context must stay in step.
+            future.add_done_callback(lambda done: self._finish(session, job, "specedge", started, done))
+            await asyncio.shield(asyncio.wrap_future(future))
+        return wire.VerifyResponse(
+            accepted=len(job.path), tokens=job.emitted, context_len=len(session.context),
+            verify_ms=(time.perf_counter() - started) * 1000,
+        )
+
+    def _verify_job(self, session: Session, request: wire.VerifyRequest) -> VerifyJob:
+        """The checked request as a job for the runner; the session's context takes its tokens."""
+        parents = self._check_draft(request)
+        if not session.context and not request.tokens:
+            raise BadRequest("the session has no context yet: send the prompt in `tokens` or feed it first")
+        # +1 for the bonus token the verify adds.
+        self._check_room(len(session.context) + len(request.tokens) + max(node_depths(parents), default=0) + 1)
+        session.context.extend(request.tokens)
+        return VerifyJob(
+            session.kv, session.context[session.kv.length:], request.draft, parents,
+            session.temperature, session.seed, session.stop_token_ids,
+        )
+
+    def _finish(self, session: Session, job: VerifyJob, mode: str, started: float, done: Future) -> None:
+        try:
+            if done.exception() is None:
+                self._apply(session, job, mode, time.perf_counter() - started)
+        finally:
+            session.lock.release()
 
     def generate(self, session_id: str, request: wire.GenerateRequest,
                  owner: str = LOCAL_USER) -> Iterator[wire.GenerateChunk]:
@@ -145,11 +173,12 @@ class Hub:
             produced = verifies = 0
             while produced < request.max_tokens:
                 room = request.max_tokens - produced - 1
-                draft = []
-                if request.mode == "speculative" and room > 0:
-                    draft = self.drafter.draft(session.session_id, session.context, min(request.draft_len, room))
-                job = VerifyJob(session.kv, session.context[session.kv.length:], draft, chain_parents(len(draft)),
-                                session.temperature, session.seed, session.stop_token_ids)
+                with self.scheduler.announce():
+                    draft = []
+                    if request.mode == "speculative" and room > 0:
+                        draft = self.drafter.draft(session.session_id, session.context, min(request.draft_len, room))
+                    job = VerifyJob(session.kv, session.context[session.kv.length:], draft, chain_parents(len(draft)),
+                                    session.temperature, session.seed, session.stop_token_ids)
                 self._run(session, job, request.mode)
                 produced += len(job.emitted)
                 verifies += 1
@@ -158,15 +187,16 @@ class Hub:
                     break
             yield wire.GenerateChunk(tokens=[], done=True, verifies=verifies, context_len=len(session.context))
 
-    def _run(self, session: Session, job: VerifyJob, mode: str) -> float:
-        """Queue one verify for the device, apply its result; returns the seconds it took."""
+    def _run(self, session: Session, job: VerifyJob, mode: str) -> None:
+        """Queue one verify for the device and apply its result (blocking: generation threads)."""
         started = time.perf_counter()
         self.scheduler.submit(job).result()
+        self._apply(session, job, mode, time.perf_counter() - started)
+
+    def _apply(self, session: Session, job: VerifyJob, mode: str, seconds: float) -> None:
         session.context.extend(job.emitted)
         session.last_used = time.monotonic()
-        seconds = time.perf_counter() - started
         self.metrics.record_verify(mode, seconds, len(job.draft), len(job.path), len(job.emitted))
-        return seconds
 
     def _check_draft(self, request: wire.VerifyRequest) -> list[int]:
         """The draft's parents (a chain when none are given), once the draft is known to be sound."""
@@ -216,6 +246,12 @@ class Hub:
                 f"the conversation would need {needed} tokens, more than this model's context "
                 f"of {self.runner.max_context}; start a new conversation"
             )
+
+
+async def _take_turn(session: Session) -> None:
+    """Take the session's lock without blocking the event loop (a generation may hold it)."""
+    if not session.lock.acquire(blocking=False):
+        await anyio.to_thread.run_sync(session.lock.acquire)
 
 
 def make_drafter(settings: HubSettings, device_lock: threading.Lock | None = None):

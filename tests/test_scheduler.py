@@ -20,10 +20,31 @@ class SimulatedRunner:
         time.sleep(self.seconds_per_batch)
 
 
-def test_a_lone_request_runs_after_at_most_the_bounded_wait():
+def test_a_lone_request_with_nothing_on_its_way_does_not_wait():
+    runner = SimulatedRunner(0.0)
+    scheduler = Scheduler(runner, max_batch=8, max_wait_s=60)  # a wait would time the result out
+    assert scheduler.submit("a").result(timeout=5) == "a"
+    assert runner.batches == [["a"]]
+    scheduler.stop()
+
+
+def test_a_batch_waits_for_an_announced_job():
+    runner = SimulatedRunner(0.0)
+    scheduler = Scheduler(runner, max_batch=8, max_wait_s=60)
+    with scheduler.announce():           # a caller preparing "b" (e.g. the hub drafting)
+        first = scheduler.submit("a")
+        time.sleep(0.05)
+        second = scheduler.submit("b")
+    assert [first.result(timeout=5), second.result(timeout=5)] == ["a", "b"]
+    assert runner.batches == [["a", "b"]]
+    scheduler.stop()
+
+
+def test_the_wait_for_announced_jobs_is_bounded():
     runner = SimulatedRunner(0.0)
     scheduler = Scheduler(runner, max_batch=8, max_wait_s=0.05)
-    assert scheduler.submit("a").result(timeout=5) == "a"
+    with scheduler.announce():           # announced, but never submitted while "a" waits
+        assert scheduler.submit("a").result(timeout=5) == "a"
     assert runner.batches == [["a"]]
     scheduler.stop()
 
