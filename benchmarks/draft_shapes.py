@@ -1,16 +1,19 @@
-"""Chain against tree drafts through a real hub: tokens per verify at equal draft nodes.
+"""Chain against tree drafts, with and without proactive drafting, through a real hub.
 
     .venv/bin/python benchmarks/draft_shapes.py --target T.gguf --draft D.gguf [--nodes 8 16] [--max-tokens 64]
+        [--temperature 0] [--prompts N]
 
 Starts a hub on loopback (the target), drafts with llama.cpp (the draft), answers the shipped
-bench prompts greedily with each draft shape, and prints tokens per verify and the hub's mean
-busy time per verify for each shape. Every shape's output is checked to be identical (lossless).
+bench prompts with each draft shape, and prints for each: tokens per verify, the hub's mean busy
+time per verify (equal node counts cost the hub about the same), ITL, and how often the
+proactive draft's guess came true. Every shape's output is checked to be identical (lossless).
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+from dataclasses import replace
 from pathlib import Path
 
 import httpx
@@ -24,10 +27,12 @@ from specedge_cli.remote.client import HubClient
 
 
 def shapes(nodes: int) -> dict[str, DecodeSettings]:
+    """Equal hub cost: every shape sends at most `nodes` draft tokens per verify."""
     return {
-        f"chain{nodes}": DecodeSettings(max_tokens=0, draft_len=nodes),
-        f"tree{nodes}-w2": DecodeSettings(max_tokens=0, draft_len=nodes, tree_budget=nodes, tree_width=2),
-        f"tree{nodes}-w3": DecodeSettings(max_tokens=0, draft_len=nodes, tree_budget=nodes, tree_width=3),
+        f"chain{nodes}-plain": DecodeSettings(draft_len=nodes, proactive=False),
+        f"chain{nodes}": DecodeSettings(draft_len=nodes),
+        f"tree{nodes}-w2": DecodeSettings(draft_len=nodes, tree_budget=nodes, tree_width=2),
+        f"tree{nodes}-w4": DecodeSettings(draft_len=nodes, tree_budget=nodes, tree_width=4),
     }
 
 
@@ -38,9 +43,13 @@ def run_shape(engine, client, template, settings, prompts) -> dict:
         after = _scrape(http)
     rounds = sum(r.stats.verify_rounds for r in replies)
     busy = after["specedge_device_busy_seconds_total"] - before["specedge_device_busy_seconds_total"]
+    ahead = sum(r.stats.proactive_drafts for r in replies)
     return {
         "tokens_per_verify": sum(len(r.token_ids) for r in replies) / rounds,
         "hub_ms_per_verify": 1000 * busy / rounds,
+        "itl_ms": sum(r.stats.itl_ms for r in replies) / len(replies),
+        "proactive_hit_rate": sum(r.stats.proactive_hits for r in replies) / ahead if ahead else 0.0,
+        "draft_wait_ms_per_verify": 1000 * sum(r.stats.draft_wait_s for r in replies) / rounds,
         "tokens": [r.token_ids for r in replies],
     }
 
@@ -60,8 +69,10 @@ def main() -> None:
     parser.add_argument("--draft", required=True, type=Path)
     parser.add_argument("--nodes", type=int, nargs="+", default=[8, 16])
     parser.add_argument("--max-tokens", type=int, default=64)
+    parser.add_argument("--temperature", type=float, default=0.0)
+    parser.add_argument("--prompts", type=int, default=0, help="use the first N shipped prompts (0: all)")
     args = parser.parse_args()
-    prompts = load_prompts()
+    prompts = load_prompts()[: args.prompts or None]
     results = {}
     with LocalHub.maybe(args.target, args.draft, "auto", max_batch=1) as hub, HubClient(hub.url) as client:
         engine = DraftEngine(args.draft, n_threads=1)
@@ -69,13 +80,14 @@ def main() -> None:
         template = ChatTemplate("{{ bos_token }}{{ messages[-1].content }}", bos_token=bos, eos_token="")
         for nodes in args.nodes:
             for name, settings in shapes(nodes).items():
-                settings = DecodeSettings(max_tokens=args.max_tokens, draft_len=settings.draft_len,
-                                          tree_budget=settings.tree_budget, tree_width=settings.tree_width)
+                settings = replace(settings, max_tokens=args.max_tokens, temperature=args.temperature, seed=7)
                 results[name] = run_shape(engine, client, template, settings, prompts)
     reference = next(iter(results.values()))["tokens"]
     lossless = all(r["tokens"] == reference for r in results.values())
     for name, r in results.items():
-        print(f"{name:<12} {r['tokens_per_verify']:6.2f} tok/verify   hub {r['hub_ms_per_verify']:7.1f} ms/verify")
+        print(f"{name:<14} {r['tokens_per_verify']:6.2f} tok/verify   hub {r['hub_ms_per_verify']:7.1f} ms/verify   "
+              f"ITL {r['itl_ms']:6.1f} ms   draft wait {r['draft_wait_ms_per_verify']:5.1f} ms/verify   "
+              f"proactive hits {r['proactive_hit_rate']:.0%}")
     print(f"identical output across shapes: {lossless}")
     print(json.dumps({name: {k: v for k, v in r.items() if k != "tokens"} for name, r in results.items()}))
 

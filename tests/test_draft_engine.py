@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import copy
+
 import pytest
 
 from hub_server.verify import tree_problem
@@ -51,8 +53,11 @@ def test_chain_after_rejection_rolls_back(engines):
     assert engine.draft(rejected, 4) == fresh.draft(rejected, 4)
 
 
-def _fresh_draft(fresh, history, shape):
+def _fresh_draft(fresh, history, shape, calibration=None):
+    """The draft a fresh engine makes (with the same learned acceptance rates, which shape trees)."""
     fresh.reset()
+    if calibration is not None:
+        fresh.calibration = copy.deepcopy(calibration)
     tree = fresh.plan(history, shape)
     return tree.wire_tokens, tree.wire_parents
 
@@ -64,15 +69,16 @@ def test_proactive_draft_is_used_when_the_guess_comes_true(engines, shape):
     tree = engine.plan(history, shape)
     path, bonus = engine.guess(tree)
     assert path and tree.wire_tokens[: 1] == path[:1]
+    learned = copy.deepcopy(engine.calibration)
     ahead = engine.draft_ahead(tree, shape)
     assert ahead is not None and ahead.finished
     confirmed = history + path + [bonus]
     used = engine.plan(confirmed, shape)
     assert used is ahead and used.from_ahead
-    assert (used.wire_tokens, used.wire_parents) == _fresh_draft(fresh, confirmed, shape)
+    assert (used.wire_tokens, used.wire_parents) == _fresh_draft(fresh, confirmed, shape, learned)
     # ... and drafting goes on from there exactly as a fresh engine would.
     after = confirmed + used.wire_tokens[:1] + [3]
-    assert engine.plan(after, shape).wire_tokens == _fresh_draft(fresh, after, shape)[0]
+    assert engine.plan(after, shape).wire_tokens == _fresh_draft(fresh, after, shape, engine.calibration)[0]
 
 
 def test_proactive_draft_cut_short_is_finished_when_used(engines):
@@ -97,7 +103,7 @@ def test_proactive_draft_is_dropped_when_the_guess_is_wrong(engines):
     actual = history + path[:1] + [(bonus + 1) % 512]  # accepted less than guessed
     used = engine.plan(actual, shape)
     assert not used.from_ahead
-    assert (used.wire_tokens, used.wire_parents) == _fresh_draft(fresh, actual, shape)
+    assert (used.wire_tokens, used.wire_parents) == _fresh_draft(fresh, actual, shape, engine.calibration)
 
 
 def test_sampled_drafts_follow_the_position_keyed_uniform(engines):

@@ -61,3 +61,15 @@ def test_selection_spends_the_budget_on_the_likeliest_nodes():
     assert tree.guess_leaf() == 4 and [tree.tokens[n] for n in tree.path_to(4)] == [10, 12, 14]
     tree.selected = tree.select(budget=3)
     assert tree.wire_tokens == [10, 12, 14]            # a confident draft: a chain
+
+
+def test_calibration_learns_how_often_the_target_takes_each_rank():
+    from specedge_cli.drafting.sampling import Calibration
+
+    calibration = Calibration()
+    assert calibration.acceptance(0, 0.55) == 0.55          # the prior: the draft's own probability
+    for _ in range(200):                                      # the target always takes the draft's first choice
+        calibration.observe([(7, 0.55), (8, 0.30)], drawn=7)
+    assert calibration.acceptance(0, 0.55) > 0.95
+    assert calibration.acceptance(1, 0.30) < 0.05
+    assert calibration.acceptance(0, 0.95) == 0.95          # bins not seen keep the prior

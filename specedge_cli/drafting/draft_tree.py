@@ -35,6 +35,7 @@ class DraftTree:
     depths: list[int] = field(default_factory=list)
     sequences: list[int] = field(default_factory=list)   # -1 until the node is decoded
     picks: dict[int, int] = field(default_factory=dict)  # node -> the draft's own next token after it
+    proposed: dict[int, list[tuple[int, float]]] = field(default_factory=dict)  # node -> its children's (token, draft prob)
     frontier: list[tuple[int, np.ndarray]] = field(default_factory=list)  # decoded nodes to expand, with logits
     tips: dict[int, int] = field(default_factory=dict)   # sequence -> the deepest node it holds
     levels: int = 0            # levels proposed so far
@@ -109,6 +110,19 @@ class DraftTree:
             path.append(node)
             node = self.parents[node]
         return path[::-1]
+
+    def revealed(self, continuation: list[int]) -> list[tuple[list[tuple[int, float]], int]]:
+        """Where the hub's tokens `continuation` (accepted path + bonus) show what the target drew
+        below a node whose children we proposed: (those children, the drawn token)."""
+        shown = []
+        node = ROOT
+        for token in continuation:
+            if node in self.proposed:
+                shown.append((self.proposed[node], token))
+            node = next((n for n in range(len(self.tokens)) if self.parents[n] == node and self.tokens[n] == token), None)
+            if node is None:
+                break
+        return shown
 
     def matching_path(self, continuation: list[int]) -> list[int]:
         """The deepest chain of decoded nodes whose tokens begin `continuation`."""

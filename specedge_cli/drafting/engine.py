@@ -17,7 +17,7 @@ from typing import Callable
 import numpy as np
 
 from specedge_cli.drafting.draft_tree import ROOT, DraftShape, DraftTree
-from specedge_cli.drafting.sampling import DraftSampler
+from specedge_cli.drafting.sampling import Calibration, DraftSampler
 from specedge_cli.drafting.tree_context import TreeContext
 from specedge_cli.errors import ModelFileError
 
@@ -67,6 +67,7 @@ class DraftEngine:
         self.vocab_size = llama_cpp.llama_vocab_n_tokens(self._vocab)
         self.max_tree_nodes = max_tree_nodes
         self.sampler = DraftSampler()
+        self.calibration = Calibration()
         self._cached: list[int] = []              # the tokens sequence 0 holds
         self._current: DraftTree | None = None    # the last draft handed out, until the next plan
         self._ahead: DraftTree | None = None      # the proactive draft below the current one's guess
@@ -107,6 +108,7 @@ class DraftEngine:
         sampler = DraftSampler(temperature, seed)
         if sampler != self.sampler:
             self.sampler = sampler
+            self.calibration = Calibration()
             self._release(self._ahead)
             self._ahead = None
 
@@ -138,6 +140,7 @@ class DraftEngine:
         """The draft to send after `history`: the proactive one when its guess came true."""
         ahead, self._ahead = self._ahead, None
         if ahead is not None and ahead.root == history and self._cached == history[: len(self._cached)]:
+            self._learn(self._current, history)
             return self._promote(ahead)
         self._release(ahead)
         started = time.perf_counter()
@@ -217,7 +220,9 @@ class DraftEngine:
             for parent, logits in tree.frontier:
                 candidates = self.sampler.candidates(logits, tree.position(parent) + 1, shape.width)
                 tree.picks[parent] = candidates[0][0]
-                level += [tree.add(token, parent, tree.score(parent) + log_prob) for token, log_prob in candidates]
+                tree.proposed[parent] = candidates
+                level += [tree.add(token, parent, tree.score(parent) + self._log_acceptance(rank, probability, shape))
+                          for rank, (token, probability) in enumerate(candidates)]
             tree.frontier = []
             tree.levels += 1
             if tree.levels >= shape.depth:
@@ -228,6 +233,18 @@ class DraftEngine:
             tree.frontier = [(node, self._context.logits(i).copy()) for i, node in enumerate(beam)]
             if stop is not None and stop():
                 break
+
+    def _log_acceptance(self, rank: int, probability: float, shape: DraftShape) -> float:
+        """A child's score: the log of its estimated chance to be accepted given its parent is."""
+        if shape.width == 1:
+            return 0.0  # a chain takes every node: no ranking needed
+        return float(np.log(max(self.calibration.acceptance(rank, probability), 1e-9)))
+
+    def _learn(self, tree: DraftTree | None, history: list[int]) -> None:
+        """Feed the calibration what the hub's reply revealed about the target's draws."""
+        if tree is not None and history[: len(tree.root)] == tree.root:
+            for candidates, drawn in tree.revealed(history[len(tree.root):]):
+                self.calibration.observe(candidates, drawn)
 
     def _finish(self, tree: DraftTree) -> None:
         """Choose the nodes to send and give the undecoded ones their KV (so an accepted leaf is cached)."""
@@ -288,6 +305,7 @@ class DraftEngine:
 
     def _adopt_tree_path(self, history: list[int]) -> None:
         tree, self._current = self._current, None
+        self._learn(tree, history)
         if tree is not None and self._cached == history[: len(tree.root)] and len(self._cached) == len(tree.root):
             path = tree.matching_path(history[len(tree.root):])
             if path:

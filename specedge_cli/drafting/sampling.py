@@ -40,15 +40,48 @@ class DraftSampler:
         return min(token, len(logits) - 1)
 
     def candidates(self, logits: np.ndarray, position: int, width: int) -> list[tuple[int, float]]:
-        """Up to `width` (token, log-probability) children: the pick first, then the likeliest others.
-
-        The pick is scored as the likeliest token even when it was sampled: under the shared
-        uniform it is the one the target most likely draws too.
-        """
+        """Up to `width` (token, draft probability) children in rank order: the pick, then the
+        likeliest others. A chain (width 1) needs no probabilities: it gets 1.0."""
         first = self.pick(logits, position)
         if width == 1:
-            return [(first, 0.0)]  # a chain: one child per node, no score needed
+            return [(first, 1.0)]
         log_probs = log_softmax(logits, self.temperature or 1.0)
         top = np.argpartition(-log_probs, min(width, len(log_probs) - 1))[:width]
         others = sorted((int(t) for t in top if t != first), key=lambda t: -log_probs[t])
-        return [(first, float(log_probs.max()))] + [(t, float(log_probs[t])) for t in others[: width - 1]]
+        return [(t, float(np.exp(log_probs[t]))) for t in [first] + others[: width - 1]]
+
+
+class Calibration:
+    """How often the target draws the draft's rank-k candidate, by the draft's probability for it.
+
+    Draft probabilities are poor acceptance estimates (a quantized copy of the target is right
+    far more often than its probabilities say; a small draft of a big target, less often). Each
+    verify reveals the target's token at every accepted node, so the rate is learned online, per
+    rank and probability bin, starting from the draft's own probability as the prior.
+    """
+
+    BINS = 10
+    PRIOR_WEIGHT = 2.0   # pseudo-observations of the prior
+    MEMORY = 400.0       # counts are halved past this, so the estimate follows the conversation
+
+    def __init__(self, max_rank: int = 16):
+        self._seen = np.zeros((max_rank, self.BINS))
+        self._hits = np.zeros((max_rank, self.BINS))
+
+    def acceptance(self, rank: int, probability: float) -> float:
+        """Estimated chance that the target draws the rank-`rank` candidate of draft probability p."""
+        cell = (min(rank, len(self._seen) - 1), self._bin(probability))
+        return (self._hits[cell] + self.PRIOR_WEIGHT * probability) / (self._seen[cell] + self.PRIOR_WEIGHT)
+
+    def observe(self, candidates: list[tuple[int, float]], drawn: int) -> None:
+        """The target drew `drawn` where the draft proposed `candidates` (rank order)."""
+        for rank, (token, probability) in enumerate(candidates[: len(self._seen)]):
+            cell = (rank, self._bin(probability))
+            self._seen[cell] += 1
+            self._hits[cell] += token == drawn
+            if self._seen[cell] > self.MEMORY:
+                self._seen[cell] /= 2
+                self._hits[cell] /= 2
+
+    def _bin(self, probability: float) -> int:
+        return min(self.BINS - 1, int(probability * self.BINS))
