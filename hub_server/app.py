@@ -21,7 +21,7 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 from hub_server import protocol as wire
 from hub_server.accounts import Accounts, SingleToken, TokenCheck
 from hub_server.config import HubSettings
-from hub_server.errors import BadRequest, HubError, NotReady, Unauthorized
+from hub_server.errors import BadRequest, HubError, KVBudgetError, NotReady, Unauthorized
 from hub_server.logs import REQUEST_ID_HEADER, bind_request, request_id_from
 from hub_server.service import Hub
 from hub_server.sessions import LOCAL_USER
@@ -178,6 +178,9 @@ def create_app(settings: HubSettings, make_runner: Callable[[HubSettings], objec
         try:
             state.hub = Hub(settings, make_runner(settings))
             log.info("hub ready: %s", settings.model)
+        except KVBudgetError as exc:  # a configuration to change, not a crash: no traceback
+            state.failure = f"the hub cannot hold its sessions: {exc}"
+            log.error(state.failure)
         except Exception as exc:  # the reason is served by /health; the hub stays up to say it
             state.failure = f"the target model failed to load: {exc}"
             log.exception("model load failed")

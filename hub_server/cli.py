@@ -37,8 +37,9 @@ def serve(
     device: Annotated[str, typer.Option(help=f"One of {', '.join(DEVICES)}.")] = "auto",
     dtype: Annotated[str, typer.Option(help=f"One of {', '.join(DTYPES)}; auto is float32 on CPU, bfloat16 on CUDA.")] = "auto",
     max_draft_tokens: Annotated[int, typer.Option(help="Longest draft one verify may carry.")] = 64,
-    max_context: Annotated[int, typer.Option(help="Context limit per session; 0 uses the model's.")] = 0,
-    max_sessions: Annotated[int, typer.Option(help="Sessions served at once.")] = 64,
+    max_context: Annotated[int, typer.Option(help="Context limit per session; 0: the model's, or less to fit the KV budget.")] = 0,
+    max_sessions: Annotated[int, typer.Option(help="Sessions served at once; each has its KV memory reserved at start.")] = 64,
+    kv_memory_gib: Annotated[float, typer.Option(help="KV memory budget in GiB; 0: half the GPU memory free after loading the model, a quarter on a CPU.")] = 0.0,
     draft: Annotated[Optional[str], typer.Option(help="A .gguf draft model on the hub, for the server-only speculative mode.")] = None,
     session_idle_s: Annotated[float, typer.Option(help="Evict sessions idle this many seconds.")] = 600.0,
     max_batch: Annotated[int, typer.Option(help="Sessions verified in one forward pass.")] = 16,
@@ -65,7 +66,7 @@ def serve(
         raise typer.BadParameter(f"{model} does not exist; pass a .gguf file or a model folder", param_hint="--model")
     try:
         settings = HubSettings(model=model, host=host, port=port, device=device, dtype=dtype,
-                               max_draft_tokens=max_draft_tokens, max_context=max_context,
+                               max_draft_tokens=max_draft_tokens, max_context=max_context, kv_memory_gib=kv_memory_gib,
                                max_sessions=max_sessions, max_batch=max_batch, draft=draft, session_idle_s=session_idle_s,
                                batch_wait_ms=batch_wait_ms, cache_dir=cache_dir, data_dir=data_dir,
                                auth=not no_auth, embedded_token=os.environ.pop(EMBEDDED_TOKEN_ENV, None) or None,

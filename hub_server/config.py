@@ -44,8 +44,9 @@ class HubSettings:
     device: str = "auto"
     dtype: str = "auto"
     max_draft_tokens: int = 64           # longest draft one verify may carry
-    max_context: int = 0                 # 0: the model's own limit
-    max_sessions: int = 64
+    max_context: int = 0                 # 0: the model's limit, or less to fit the KV budget
+    max_sessions: int = 64               # also the KV pool's slots
+    kv_memory_gib: float = 0.0           # KV pool budget; 0: a share of the memory free after loading
     draft: str | None = None             # a .gguf draft for the server-only speculative mode
     session_idle_s: float = 600.0        # idle sessions are evicted after this long
     max_batch: int = 16                  # sessions verified in one forward pass
@@ -72,6 +73,10 @@ class HubSettings:
             raise ValueError(f"--port must be between 1 and 65535, not {self.port}")
         if self.max_batch < 1:
             raise ValueError("--max-batch must be at least 1")
+        if self.max_sessions < 1:
+            raise ValueError("--max-sessions must be at least 1")
+        if self.max_context < 0 or self.kv_memory_gib < 0:
+            raise ValueError("--max-context and --kv-memory-gib must be 0 (automatic) or more")
         if self.max_draft_tokens < 1:
             raise ValueError("--max-draft-tokens must be at least 1")
         if not self.auth and not is_loopback(self.host):

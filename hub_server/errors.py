@@ -12,6 +12,7 @@
 
     AccountError              the admin commands (`hub_server users|tokens`): unknown or
                               duplicate user, bad name, unknown token id
+    KVBudgetError             start-up: the configured sessions x context do not fit the KV budget
 
 Route handlers raise these; one exception handler in `app.py` turns them into JSON bodies.
 """
@@ -75,3 +76,7 @@ class RateLimited(HubError):
 
 class AccountError(Exception):
     """An admin command cannot do what it was asked; the message says why."""
+
+
+class KVBudgetError(ValueError):
+    """The configured sessions and context do not fit the KV memory budget; the message says what to change."""

@@ -23,7 +23,7 @@ class LocalHub:
         hub_cores, edge_cores = _split_cores()
         self._process = subprocess.Popen(
             [sys.executable, "-m", "hub_server", "serve", "--model", model, "--draft", str(draft),
-             "--port", str(port), "--device", device, "--max-batch", str(max_batch), "--max-sessions", "256",
+             "--port", str(port), "--device", device, "--max-batch", str(max_batch), "--max-sessions", str(max(64, max_batch)),
              "--no-auth"],  # loopback only, and a benchmark's own process
             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
             preexec_fn=(lambda: os.sched_setaffinity(0, hub_cores)) if hub_cores else None,

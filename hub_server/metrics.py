@@ -36,7 +36,9 @@ def render(metrics: HubMetrics, gauges: dict[str, float], scheduler_stats) -> st
 
     emit("active_sessions", "gauge", "Sessions open on the hub.", [("", gauges["active_sessions"])])
     emit("queue_depth", "gauge", "Verify requests waiting for the device.", [("", gauges["queue_depth"])])
-    emit("kv_bytes", "gauge", "KV memory held by sessions, in bytes.", [("", gauges["kv_bytes"])])
+    emit("kv_bytes", "gauge", "KV memory held by open sessions' slots, in bytes.", [("", gauges["kv_bytes"])])
+    emit("kv_bytes_reserved", "gauge", "KV memory allocated at start for all slots, in bytes.",
+         [("", gauges["kv_bytes_reserved"])])
     emit("batch_size_last", "gauge", "Sessions in the most recent forward pass.", [("", scheduler_stats.last_batch_size)])
     emit("batches_total", "counter", "Forward passes run for verifies.", [("", scheduler_stats.batches)])
     emit("batched_jobs_total", "counter", "Verify requests run inside those passes.", [("", scheduler_stats.jobs)])

@@ -1,48 +1,39 @@
 """The model runner: the only part of the hub that touches torch and the device.
 
-It owns the target model and every session's KV memory. One forward pass verifies the drafts of
-many sessions at once, whatever their context lengths and draft shapes: each session's cached
-keys and values are left-padded into one batch, its new tokens (pending context tokens, then
-draft tree nodes) are laid out in a row with their own positions, and a 4D attention mask lets
-each token see exactly its session's past and its own ancestors. After the pass, each session
-keeps the keys and values of its pending tokens and of its accepted path, nothing else.
+It owns the target model and the KV pool that holds every session's keys and values
+(`kv_pool.py`, allocated once at start). One forward pass verifies the drafts of many sessions
+at once, whatever their context lengths and draft shapes: each session's slot is gathered into
+one batch, its new tokens (pending context tokens, then draft tree nodes) are laid out in a row
+with their own positions, and a 4D attention mask lets each token see exactly its session's
+past and its own ancestors. After the pass, each session's slot takes the keys and values of
+its pending tokens and of its accepted path, written in place; nothing else is kept.
 """
 
 from __future__ import annotations
 
 import contextlib
+import logging
+import os
 import threading
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
-from transformers import DynamicCache
+from transformers.cache_utils import Cache, DynamicLayer
 
 from hub_server.config import HubSettings, default_cache_dir
+from hub_server.kv_pool import GIB, KVPool, KVShape, KVSlot, column_positions, plan_kv
 from hub_server.loading import choose_device, choose_dtype, load_target, read_vocabulary
-from hub_server.verify import accept_tree, ancestor_mask, node_depths, target_choices
+from hub_server.verify import accept_tree, ancestor_masks, target_choices
 
 FULL, SLIDING = "full_attention", "sliding_attention"
+# Without --kv-memory-gib, the KV pool may take this share of the memory left once the model
+# is loaded: on a GPU the rest is for the passes themselves (a batch's gathered KV, logits);
+# a CPU machine is shared with the rest of the system.
+AUTO_KV_SHARE = {"cuda": 0.5, "cpu": 0.25}
 
-
-@dataclass
-class KVSlot:
-    """One session's KV memory: per layer keys and values [H, L, D].
-
-    Invariant: it covers every context token but the last (`length` of them). Sliding-window
-    layers keep only the last window - 1 tokens, all that a later query can see.
-    """
-    keys: list[torch.Tensor | None]
-    values: list[torch.Tensor | None]
-    length: int = 0
-
-    def stored(self, layer: int) -> int:
-        keys = self.keys[layer]
-        return 0 if keys is None else keys.shape[1]
-
-    def nbytes(self) -> int:
-        return sum(t.numel() * t.element_size() for t in (*self.keys, *self.values) if t is not None)
+log = logging.getLogger("hub_server")
 
 
 @dataclass
@@ -60,19 +51,45 @@ class VerifyJob:
 
 
 @dataclass
-class _Row:
-    """A session's new tokens laid out for the batch: tokens, in-row parents, absolute positions."""
-    tokens: list[int]
-    parents: list[int]
-    positions: list[int]
+class _Batch:
+    """Sessions' new tokens laid out for one pass. B rows of S columns; row b's tokens are the
+    pending tokens (a chain below the slot's past), then its draft nodes."""
+    slots: list[KVSlot]
+    sizes: list[int]              # real tokens per row; the rest is padding
+    tokens: torch.Tensor          # [B, S]
+    ancestors: torch.Tensor       # [B, S, S] bool: token j is token i or one of its ancestors
+    positions: torch.Tensor       # [B, S] absolute context positions
+    lengths: torch.Tensor         # [B] tokens in each slot before the pass
+    pasts: dict[str, int]         # per layer kind: slot columns gathered into the pass
+
+    @property
+    def width(self) -> int:
+        return self.tokens.shape[1]
 
 
-def _row(kv: KVSlot, pending: list[int], draft: list[int], parents: list[int]) -> _Row:
-    # Pending tokens form a chain below the cached past; draft roots hang off the last of them.
-    n_pending = len(pending)
-    row_parents = list(range(-1, n_pending - 1)) + [n_pending - 1 if p < 0 else n_pending + p for p in parents]
-    positions = [kv.length + depth - 1 for depth in node_depths(row_parents)]
-    return _Row(pending + draft, row_parents, positions)
+def _row_parents(n_pending: int, parents: list[int]) -> list[int]:
+    """Parents within the row: pending tokens form a chain; draft roots hang off the last of them."""
+    return list(range(-1, n_pending - 1)) + [n_pending - 1 if p < 0 else n_pending + p for p in parents]
+
+
+class _PastLayer(DynamicLayer):
+    """One layer of a pass's cache, starting from the gathered past as it is (no copy)."""
+
+    def __init__(self, keys: torch.Tensor, values: torch.Tensor):
+        super().__init__()
+        self.lazy_initialization(keys, values)
+        self.keys, self.values = keys, values
+
+
+def available_memory(device: torch.device) -> int:
+    """Bytes free for the KV pool on `device` now."""
+    if device.type == "cuda":
+        return torch.cuda.mem_get_info(device)[0]
+    with contextlib.suppress(OSError, ValueError, StopIteration):
+        with open("/proc/meminfo") as meminfo:
+            line = next(line for line in meminfo if line.startswith("MemAvailable:"))
+        return int(line.split()[1]) * 1024
+    return os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
 
 
 class ModelRunner:
@@ -86,18 +103,48 @@ class ModelRunner:
             settings.cache_dir or default_cache_dir(),
         )
         config = self.model.config.get_text_config(decoder=True)
-        model_limit = int(getattr(config, "max_position_embeddings", 0) or 2**31)
-        self.max_context = min(settings.max_context or model_limit, model_limit)
         self.layer_types = list(getattr(config, "layer_types", None) or [FULL] * config.num_hidden_layers)
         self.window = int(getattr(config, "sliding_window", 0) or 0)
+        self.pool = self._make_pool(settings, config)
+        self.max_context = self.pool.max_context
         # Ids the hub accepts: known to both the tokenizer and the embedding table.
         self.vocab_size = min(self.vocab.size, self.model.get_input_embeddings().num_embeddings)
         # One thing at a time on the device: a forward pass here, or the hub's own drafting.
         self.device_lock = threading.Lock()
         self.busy_seconds = 0.0  # time spent holding the device for forward passes
 
-    def new_kv(self) -> KVSlot:
-        return KVSlot([None] * len(self.layer_types), [None] * len(self.layer_types))
+    def _make_pool(self, settings: HubSettings, config) -> KVPool:
+        """The KV pool for --max-sessions sessions, sized to the budget; KVBudgetError when it cannot be."""
+        heads = getattr(config, "num_key_value_heads", None) or config.num_attention_heads
+        dim = getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
+        windows = tuple(self.window if kind == SLIDING else 0 for kind in self.layer_types)
+        shape = KVShape(heads, dim, self.model.dtype.itemsize, windows)
+        model_limit = int(getattr(config, "max_position_embeddings", 0) or 2**31)
+        if settings.kv_memory_gib:
+            budget, source = int(settings.kv_memory_gib * GIB), "--kv-memory-gib"
+        else:
+            device = torch.device(self.device)
+            share = AUTO_KV_SHARE[device.type]
+            budget = int(share * available_memory(device))
+            source = f"auto: {share:.0%} of the {device.type} memory free after loading the model"
+        plan = plan_kv(shape, settings.max_sessions, settings.max_context, model_limit, budget, source)
+        log.info(plan.describe(shape))
+        return KVPool(shape, plan, self.model.dtype, self.device)
+
+    # --- sessions' KV memory ------------------------------------------------------------
+    def new_kv(self) -> KVSlot | None:
+        """A slot for a new session, or None when all are taken."""
+        return self.pool.take()
+
+    def release(self, kv: KVSlot) -> None:
+        self.pool.give_back(kv)
+
+    def stored_kv(self, kv: KVSlot, layer: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """The keys and values a slot holds for `layer`, in position order: [H, n, D] each."""
+        capacity = self.pool.capacities[layer]
+        positions = column_positions(torch.tensor([kv.length]), capacity, min(kv.length, capacity))[0]
+        columns = torch.argsort(positions).to(self.device)
+        return self.pool.keys[layer][kv.index, :, columns], self.pool.values[layer][kv.index, :, columns]
 
     # --- public operations --------------------------------------------------------------
     def prefill(self, kv: KVSlot, context: list[int], chunk: int = 512) -> None:
@@ -105,21 +152,21 @@ class ModelRunner:
         with self.device_lock, self._busy():
             while len(context) - 1 > kv.length:
                 tokens = context[kv.length: min(len(context) - 1, kv.length + chunk)]
-                row = _row(kv, tokens, [], [])
-                _, cache, pasts = self._forward([kv], [row], logits_to_keep=1)
-                self._keep(kv, cache, 0, pasts, list(range(len(tokens))))
+                batch = self._batch([kv], [tokens], [_row_parents(len(tokens), [])])
+                _, cache = self._forward(batch, logits_to_keep=1)
+                self._keep(batch, cache, [list(range(len(tokens)))])
 
     def verify_batch(self, jobs: list[VerifyJob]) -> None:
         """Verify every job's draft in one forward pass; fills in `path` and `emitted`."""
         with self.device_lock, self._busy():
-            rows = [_row(job.kv, job.pending, job.draft, job.parents) for job in jobs]
-            width = max(len(row.tokens) for row in rows)
+            batch = self._batch([job.kv for job in jobs], [job.pending + job.draft for job in jobs],
+                                [_row_parents(len(job.pending), job.parents) for job in jobs])
             # Only columns from the earliest root onwards need logits: a long new prompt's
             # positions would otherwise each cost a full vocabulary projection.
             first = min(len(job.pending) for job in jobs) - 1
-            logits, cache, pasts = self._forward([job.kv for job in jobs], rows, logits_to_keep=width - first)
-            for b, (job, row) in enumerate(zip(jobs, rows)):
-                self._accept(job, row, logits[b], first, cache, b, pasts)
+            logits, cache = self._forward(batch, logits_to_keep=batch.width - first)
+            kept = [self._accept(job, batch, b, logits[b], first) for b, job in enumerate(jobs)]
+            self._keep(batch, cache, kept)
 
     # --- internals ----------------------------------------------------------------------
     @contextlib.contextmanager
@@ -131,102 +178,79 @@ class ModelRunner:
         finally:
             self.busy_seconds += time.perf_counter() - started
 
-    def _accept(self, job: VerifyJob, row: _Row, logits: torch.Tensor, first: int, cache, b: int, pasts: dict) -> None:
-        """logits: [S - first, V], column c holds the logits of row position first + c."""
-        n_pending = len(job.pending)
+    def _batch(self, slots: list[KVSlot], rows: list[list[int]], parents: list[list[int]]) -> _Batch:
+        width = max(len(row) for row in rows)
+        ancestors = ancestor_masks(parents, width)                                   # [B, S, S]
+        lengths = torch.tensor([slot.length for slot in slots])                      # [B]
+        # A token's depth below the slot's past is how many ancestors it has, itself included.
+        positions = lengths[:, None] + ancestors.sum(-1) - 1                         # [B, S]
+        tokens = torch.tensor([row + [0] * (width - len(row)) for row in rows])      # [B, S]
+        longest = int(lengths.max())
+        pasts = {kind: min(longest, self.pool.capacities[self.layer_types.index(kind)]) for kind in set(self.layer_types)}
+        return _Batch(slots, [len(row) for row in rows], tokens, ancestors, positions, lengths, pasts)
+
+    def _accept(self, job: VerifyJob, batch: _Batch, b: int, logits: torch.Tensor, first: int) -> list[int]:
+        """Apply the acceptance rule to row b; returns the row's columns to keep.
+
+        logits: [S - first, V], column c holds the logits of row position first + c.
+        """
+        n_pending, size = len(job.pending), batch.sizes[b]
         # Position n_pending - 1 predicts after the root; position n_pending + i after draft node i.
-        scored = logits[n_pending - 1 - first: len(row.tokens) - first]          # [N + 1, V]
-        draw_positions = [p + 1 for p in row.positions[n_pending - 1:]]
+        scored = logits[n_pending - 1 - first: size - first]                      # [N + 1, V]
+        draw_positions = (batch.positions[b, n_pending - 1: size] + 1).tolist()
         choices = target_choices(scored, job.temperature, job.seed, draw_positions)
         job.path, job.emitted = accept_tree(job.draft, job.parents, choices, job.stop_token_ids)
         # Keep what the context now holds, but its last token: pending, then the accepted path.
         kept_nodes = job.path[: len(job.emitted) - 1]
-        self._keep(job.kv, cache, b, pasts, list(range(n_pending)) + [n_pending + i for i in kept_nodes])
+        return list(range(n_pending)) + [n_pending + i for i in kept_nodes]
 
     @torch.inference_mode()
-    def _forward(self, slots: list[KVSlot], rows: list[_Row], logits_to_keep: int = 0):
-        """One pass over every row on top of its slot's past. Returns logits [B, S, V], the
-        batch cache, and the padded past length of each layer type."""
-        width = max(len(row.tokens) for row in rows)
-        input_ids = torch.zeros(len(rows), width, dtype=torch.long)               # [B, S]
-        position_ids = torch.zeros(len(rows), width, dtype=torch.long)            # [B, S]
-        for b, row in enumerate(rows):
-            input_ids[b, : len(row.tokens)] = torch.tensor(row.tokens)
-            position_ids[b, : len(row.tokens)] = torch.tensor(row.positions)
-        pasts = {kind: max(self._stored(slot, kind) for slot in slots) for kind in set(self.layer_types)}
-        masks = {kind: self._mask(slots, rows, width, kind, pasts[kind]).to(self.device) for kind in pasts}
-        cache = DynamicCache()
-        for layer, kind in enumerate(self.layer_types):
-            keys, values = self._padded_past(slots, layer, pasts[kind])
-            cache.update(keys, values, layer)
-        attention_mask = masks if SLIDING in masks else masks[FULL]
+    def _forward(self, batch: _Batch, logits_to_keep: int = 0) -> tuple[torch.Tensor, Cache]:
+        """One pass over every row on top of its slot's past. Returns logits [B, S, V] and the
+        pass's cache: per layer the gathered past columns, then the rows' new tokens."""
+        indices = [slot.index for slot in batch.slots]
+        layers = [_PastLayer(*self.pool.gather(layer, indices, batch.pasts[kind]))
+                  for layer, kind in enumerate(self.layer_types)]
+        masks = {kind: self._mask(batch, kind).to(self.device) for kind in batch.pasts}
         out = self.model(
-            input_ids=input_ids.to(self.device), position_ids=position_ids.to(self.device),
-            attention_mask=attention_mask, cache=cache, use_cache=True, logits_to_keep=logits_to_keep,
+            input_ids=batch.tokens.to(self.device), position_ids=batch.positions.to(self.device),
+            attention_mask=masks if SLIDING in masks else masks[FULL],
+            cache=Cache(layers=layers), use_cache=True, logits_to_keep=logits_to_keep,
         )
-        return out.logits.float(), cache, pasts  # the forward appended the new tokens to `cache`
+        return out.logits.float(), out.cache  # the forward appended the new tokens to each layer
 
-    def _stored(self, slot: KVSlot, kind: str) -> int:
-        return slot.stored(self.layer_types.index(kind))
-
-    def _padded_past(self, slots: list[KVSlot], layer: int, past: int) -> tuple[torch.Tensor, torch.Tensor]:
-        """Every slot's keys and values for `layer`, left-padded to `past`: [B, H, P, D] each."""
-        reference = next((s.keys[layer] for s in slots if s.keys[layer] is not None), None)
-        if reference is None:
-            heads, dim = self._kv_shape()
-            shape = (len(slots), heads, past, dim)
-            empty = torch.zeros(shape, dtype=self.model.dtype, device=self.device)
-            return empty, empty.clone()
-        keys = reference.new_zeros((len(slots), reference.shape[0], past, reference.shape[2]))
-        values = keys.clone()
-        for b, slot in enumerate(slots):
-            stored = slot.stored(layer)
-            if stored:
-                keys[b, :, past - stored:] = slot.keys[layer]
-                values[b, :, past - stored:] = slot.values[layer]
-        return keys, values
-
-    def _kv_shape(self) -> tuple[int, int]:
-        config = self.model.config.get_text_config(decoder=True)
-        heads = getattr(config, "num_key_value_heads", None) or config.num_attention_heads
-        dim = getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
-        return heads, dim
-
-    def _mask(self, slots: list[KVSlot], rows: list[_Row], width: int, kind: str, past: int) -> torch.Tensor:
+    def _mask(self, batch: _Batch, kind: str) -> torch.Tensor:
         """Which keys each query sees: [B, 1, S, P + S] bool.
 
-        Past columns are the slot's stored tokens (right-aligned in P); new columns are the row's
-        own tokens, visible along the ancestor path only. Sliding layers also drop keys more
-        than window - 1 positions back.
+        Past columns are the slot's gathered columns (empty ones hidden); new columns are the
+        row's own tokens, visible along the ancestor path only (padding sees itself). Sliding
+        layers also drop keys window or more positions back.
         """
-        mask = torch.zeros(len(rows), 1, width, past + width, dtype=torch.bool)
-        for b, (slot, row) in enumerate(zip(slots, rows)):
-            n = len(row.tokens)
-            stored = self._stored(slot, kind)
-            query_pos = torch.tensor(row.positions)                                       # [n]
-            past_pos = torch.arange(slot.length - stored, slot.length)                    # [stored]
-            visible_past = torch.ones(n, stored, dtype=torch.bool)
-            visible_new = ancestor_mask(row.parents)                                     # [n, n]
-            if kind == SLIDING and self.window:
-                visible_past &= (query_pos[:, None] - past_pos[None, :]) < self.window
-                visible_new &= (query_pos[:, None] - query_pos[None, :]) < self.window
-            mask[b, 0, :n, past - stored: past] = visible_past
-            mask[b, 0, :n, past: past + n] = visible_new
-            # Padding queries look at themselves only, so no softmax row is empty.
-            for j in range(n, width):
-                mask[b, 0, j, past + j] = True
-        return mask
+        capacity = self.pool.capacities[self.layer_types.index(kind)]
+        past_positions = column_positions(batch.lengths, capacity, batch.pasts[kind])  # [B, P]
+        queries = batch.positions                                                      # [B, S]
+        visible_past = (past_positions >= 0)[:, None, :].expand(-1, batch.width, -1)   # [B, S, P]
+        visible_new = batch.ancestors                                                  # [B, S, S]
+        if kind == SLIDING and self.window:
+            visible_past = visible_past & (queries[:, :, None] - past_positions[:, None, :] < self.window)
+            visible_new = visible_new & (queries[:, :, None] - queries[:, None, :] < self.window)
+        return torch.cat([visible_past, visible_new], dim=-1)[:, None]
 
-    def _keep(self, kv: KVSlot, cache, b: int, pasts: dict, columns: list[int]) -> None:
-        """Append the new-token columns `columns` of batch row `b` to the slot."""
-        for layer, kind in enumerate(self.layer_types):
-            index = torch.tensor([pasts[kind] + c for c in columns], device=self.device)
-            layer_cache = cache.layers[layer]
-            new_keys = layer_cache.keys[b].index_select(1, index)                        # [H, k, D]
-            new_values = layer_cache.values[b].index_select(1, index)
-            keys = new_keys if kv.keys[layer] is None else torch.cat([kv.keys[layer], new_keys], dim=1)
-            values = new_values if kv.values[layer] is None else torch.cat([kv.values[layer], new_values], dim=1)
-            if kind == SLIDING and self.window:
-                keys, values = keys[:, -(self.window - 1):], values[:, -(self.window - 1):]
-            kv.keys[layer], kv.values[layer] = keys.contiguous(), values.contiguous()
-        kv.length += len(columns)
+    def _keep(self, batch: _Batch, cache: Cache, kept: list[list[int]]) -> None:
+        """Write the kept new-token columns of each row into its slot, in place."""
+        for kind in batch.pasts:
+            capacity = self.pool.capacities[self.layer_types.index(kind)]
+            rows, sources, slots, columns = [], [], [], []
+            for b, (slot, keep) in enumerate(zip(batch.slots, kept)):
+                # A ring smaller than what is kept takes only the latest tokens.
+                for offset in range(max(0, len(keep) - capacity), len(keep)):
+                    rows.append(b)
+                    sources.append(batch.pasts[kind] + keep[offset])
+                    slots.append(slot.index)
+                    columns.append((slot.length + offset) % capacity)
+            rows, sources, slots, columns = (torch.tensor(v, device=self.device) for v in (rows, sources, slots, columns))
+            for layer in (i for i, k in enumerate(self.layer_types) if k == kind):
+                new = cache.layers[layer]
+                self.pool.write(layer, slots, columns, new.keys[rows, :, sources], new.values[rows, :, sources])
+        for slot, keep in zip(batch.slots, kept):
+            slot.length += len(keep)

@@ -13,7 +13,7 @@ import anyio
 
 from hub_server import protocol as wire
 from hub_server.config import HubSettings
-from hub_server.errors import BadRequest, ContextTooLong, HubFull, RateLimited, VocabMismatch
+from hub_server.errors import BadRequest, ContextTooLong, HubFull, RateLimited, SessionNotFound, VocabMismatch
 from hub_server.limits import AdmissionGate, TokenBudgets
 from hub_server.metrics import HubMetrics
 from hub_server.metrics import render as render_metrics
@@ -49,7 +49,7 @@ class Hub:
     def metrics_page(self) -> str:
         gauges = {
             "active_sessions": len(self.sessions), "queue_depth": self.scheduler.queue_depth,
-            "kv_bytes": sum(s.kv.nbytes() for s in self.sessions.all()),
+            "kv_bytes": self.runner.pool.used_bytes, "kv_bytes_reserved": self.runner.pool.reserved_bytes,
             "hub_draft_seconds": self.drafter.busy_seconds if self.drafter else 0.0,
             "device_busy_seconds": self.runner.busy_seconds,
         }
@@ -79,13 +79,14 @@ class Hub:
             self._check_user_sessions(owner)
             if len(self.sessions) >= self.settings.max_sessions:
                 self._evict(self.settings.session_idle_s / 10)  # when full, idle sessions go sooner
-            if len(self.sessions) >= self.settings.max_sessions:
+            kv = self.runner.new_kv() if len(self.sessions) < self.settings.max_sessions else None
+            if kv is None:
                 raise HubFull(
                     f"the hub serves its maximum of {self.settings.max_sessions} sessions; retry in a few seconds"
                 )
             session = self.sessions.add(
                 request.sampling.temperature, request.sampling.seed,
-                frozenset(request.stop_token_ids), self.runner.new_kv(), owner,
+                frozenset(request.stop_token_ids), kv, owner,
             )
         return wire.OpenSessionResponse(
             session_id=session.session_id, model=self.runner.name,
@@ -102,6 +103,7 @@ class Hub:
         session = self.sessions.get(session_id, owner)
         self.budgets.charge(owner, len(request.tokens))
         with self.gate.admit(), session.lock:
+            _check_open(session)
             self._check_ids(request.tokens, "tokens")
             self._check_room(len(session.context) + len(request.tokens))
             session.context.extend(request.tokens)
@@ -135,6 +137,7 @@ class Hub:
 
     def _verify_job(self, session: Session, request: wire.VerifyRequest) -> VerifyJob:
         """The checked request as a job for the runner; the session's context takes its tokens."""
+        _check_open(session)
         parents = self._check_draft(request)
         if not session.context and not request.tokens:
             raise BadRequest("the session has no context yet: send the prompt in `tokens` or feed it first")
@@ -169,6 +172,7 @@ class Hub:
 
     def _generate(self, session: Session, request: wire.GenerateRequest) -> Iterator[wire.GenerateChunk]:
         with session.lock:
+            _check_open(session)
             session.context.extend(request.tokens)
             produced = verifies = 0
             while produced < request.max_tokens:
@@ -217,15 +221,21 @@ class Hub:
         return request.parents
 
     def close(self, session_id: str, owner: str = LOCAL_USER) -> None:
-        self.sessions.remove(session_id, owner)
-        if self.drafter:
-            self.drafter.forget(session_id)
+        self._retire(self.sessions.remove(session_id, owner))
 
     def _evict(self, max_idle_s: float) -> None:
         for session in self.sessions.evict_idle(max_idle_s):
             self.metrics.evicted_sessions += 1
-            if self.drafter:
-                self.drafter.forget(session.session_id)
+            self._retire(session)
+
+    def _retire(self, session: Session) -> None:
+        """Give a removed session's KV slot back, once any request still running on it is done."""
+        with session.lock:
+            if session.kv is not None:
+                self.runner.release(session.kv)
+                session.kv = None
+        if self.drafter:
+            self.drafter.forget(session.session_id)
 
     def _evict_idle_forever(self) -> None:
         while True:
@@ -246,6 +256,12 @@ class Hub:
                 f"the conversation would need {needed} tokens, more than this model's context "
                 f"of {self.runner.max_context}; start a new conversation"
             )
+
+
+def _check_open(session: Session) -> None:
+    """A request that waited for a session closed or evicted meanwhile finds it gone."""
+    if session.kv is None:
+        raise SessionNotFound(f"no session {session.session_id!r} on this hub; open a new session")
 
 
 async def _take_turn(session: Session) -> None:

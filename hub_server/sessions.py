@@ -22,7 +22,7 @@ class Session:
     temperature: float
     seed: int
     stop_token_ids: frozenset[int]
-    kv: Any                                   # the runner's KV handle for this session
+    kv: Any                                   # the runner's KV handle; None once closed or evicted
     owner: str = LOCAL_USER                   # the user who opened it; nobody else sees it
     context: list[int] = field(default_factory=list)
     last_used: float = field(default_factory=time.monotonic)
@@ -71,9 +71,10 @@ class SessionStore:
                 del self._sessions[session.session_id]
         return idle
 
-    def remove(self, session_id: str, owner: str = LOCAL_USER) -> None:
+    def remove(self, session_id: str, owner: str = LOCAL_USER) -> Session:
         with self._lock:
             session = self._sessions.get(session_id)
             if session is None or session.owner != owner:
                 raise SessionNotFound(f"no session {session_id!r} on this hub")
             del self._sessions[session_id]
+        return session

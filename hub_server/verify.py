@@ -80,14 +80,24 @@ def node_depths(parents: list[int]) -> list[int]:
     return depths
 
 
-def ancestor_mask(parents: list[int]) -> torch.Tensor:
-    """mask[i, j] is True when node j is node i or one of its ancestors: [N, N] bool."""
-    n = len(parents)
-    mask = torch.eye(n, dtype=torch.bool)
-    for index, parent in enumerate(parents):
-        if parent >= 0:
-            mask[index] |= mask[parent]
-    return mask
+def ancestor_masks(rows: list[list[int]], width: int) -> torch.Tensor:
+    """mask[b, i, j] is True when node j of row b is node i or one of its ancestors: [B, S, S]
+    bool for S = width. Rows shorter than S are padded with nodes that see only themselves.
+
+    Each node's ancestors are a bit set (its parent's, plus itself), unpacked in one step.
+    """
+    row_bytes = (width + 7) // 8
+    packed = bytearray()
+    for parents in rows:
+        ancestors: list[int] = []
+        for index, parent in enumerate(parents):
+            ancestors.append((ancestors[parent] if parent >= 0 else 0) | (1 << index))
+        ancestors += [1 << index for index in range(len(parents), width)]
+        for bits in ancestors:
+            packed += bits.to_bytes(row_bytes, "little")
+    bits = np.unpackbits(np.frombuffer(bytes(packed), dtype=np.uint8).reshape(len(rows), width, row_bytes),
+                         axis=-1, count=width, bitorder="little")
+    return torch.from_numpy(bits.astype(bool))
 
 
 def accept_tree(tokens: list[int], parents: list[int], choices: list[int],
