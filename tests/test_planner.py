@@ -72,4 +72,5 @@ def test_calibration_learns_how_often_the_target_takes_each_rank():
         calibration.observe([(7, 0.55), (8, 0.30)], drawn=7)
     assert calibration.acceptance(0, 0.55) > 0.95
     assert calibration.acceptance(1, 0.30) < 0.05
-    assert calibration.acceptance(0, 0.95) == 0.95          # bins not seen keep the prior
+    assert calibration.acceptance(0, 0.95) > 0.95          # an unseen bin follows its rank's rate
+    assert Calibration().acceptance(0, 0.95) == 0.95        # ... which starts at the draft's probability

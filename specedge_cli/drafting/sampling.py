@@ -69,9 +69,15 @@ class Calibration:
         self._hits = np.zeros((max_rank, self.BINS))
 
     def acceptance(self, rank: int, probability: float) -> float:
-        """Estimated chance that the target draws the rank-`rank` candidate of draft probability p."""
-        cell = (min(rank, len(self._seen) - 1), self._bin(probability))
-        return (self._hits[cell] + self.PRIOR_WEIGHT * probability) / (self._seen[cell] + self.PRIOR_WEIGHT)
+        """Estimated chance that the target draws the rank-`rank` candidate of draft probability p.
+
+        A bin with few observations leans on its rank's rate over all bins, and that one, while
+        it is young, on the draft's probability: few verifies are enough to get the shape right.
+        """
+        rank = min(rank, len(self._seen) - 1)
+        pooled = (self._hits[rank].sum() + self.PRIOR_WEIGHT * probability) / (self._seen[rank].sum() + self.PRIOR_WEIGHT)
+        cell = (rank, self._bin(probability))
+        return (self._hits[cell] + self.PRIOR_WEIGHT * pooled) / (self._seen[cell] + self.PRIOR_WEIGHT)
 
     def observe(self, candidates: list[tuple[int, float]], drawn: int) -> None:
         """The target drew `drawn` where the draft proposed `candidates` (rank order)."""
