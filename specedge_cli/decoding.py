@@ -189,7 +189,8 @@ class Conversation:
 
     def _new_planner(self, max_depth: int) -> DepthPlanner:
         s = self.settings
-        return DepthPlanner(fixed_depth=s.draft_len, tree_budget=s.tree_budget, tree_width=s.tree_width, max_depth=max_depth)
+        return DepthPlanner(fixed_depth=s.draft_len, tree_budget=s.tree_budget, tree_width=s.tree_width,
+                            max_depth=max_depth, proactive=s.proactive)
 
     def vocab_fingerprint(self) -> str:
         if self._fingerprint is None:

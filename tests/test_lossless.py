@@ -56,17 +56,21 @@ def test_greedy_multi_turn_equals_target_alone(kind, shape, drafts, hub, target_
     engine = drafts[kind]
     settings = SHAPES[shape]
     stop = frozenset(engine.stop_token_ids())
-    accepted = rounds = hits = 0
+    accepted = rounds = hits = drafted = 0
     for before, reply in chat_turns(engine, hub, settings, PROMPTS, system="be brief"):
         expected = target_alone.decode(before + reply.prompt_token_ids, 40, stop)
         assert reply.token_ids == expected
         accepted += reply.stats.accepted_tokens
+        drafted += reply.stats.draft_tokens
         rounds += reply.stats.verify_rounds
         hits += reply.stats.proactive_hits
     # The three drafts must exercise what they are meant to: full, partial and near-zero acceptance.
+    # (An automatic depth follows this machine's timings, so only fixed depths bound tokens per verify.)
     accepted_per_verify = accepted / rounds
     if kind == "perfect":
-        assert accepted_per_verify > 2
+        assert accepted_per_verify > (2 if settings.draft_len else 0.5)
+        if not settings.tree_budget:
+            assert accepted / drafted > 0.8
         assert (hits > 0) == settings.proactive  # proactive drafts were sent, so the path is exercised
     elif kind == "unrelated":
         assert accepted_per_verify < 1

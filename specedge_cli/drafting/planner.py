@@ -1,11 +1,14 @@
-"""Adaptive draft depth: draft about as long as the hub takes to answer, and no deeper than pays.
+"""Adaptive draft depth: the depth with the lowest predicted inter-token latency, from measurements.
 
-With proactive drafting the next draft is written while the current verify is in flight. Its
-depth is chosen so that drafting it takes about as long as that flight (network round trip +
-hub verify): then, when the guess comes true, the next draft is complete the moment the reply
-arrives, and neither side waits for the other. It is also capped where the measured acceptance
-says a deeper token would be accepted less than one time in ten: past that point the hub would
-mostly verify tokens that are thrown away.
+For depth d, with per-token acceptance a, draft time t per step and verify wait W (round trip +
+hub verify), a round emits E(d) = (1 - a^(d+1)) / (1 - a) tokens and takes W plus the drafting
+the user waits for. With proactive drafting the next draft is written while the verify is in
+flight; when the guess comes true (about a^(d+1) of the time) up to W of its drafting is hidden.
+So with a good draft the depth settles where drafting takes about as long as the flight (round
+trip + hub verify): the next draft is ready the moment the reply arrives and neither side waits;
+a perfect draft goes deeper still, a poor one shallower. The depth is also capped where a deeper
+token would be accepted less than one time in ten: past that the hub mostly verifies tokens that
+are thrown away.
 
 Torch-free and clock-free (timings come in through `observe_*`), so it is unit-tested directly.
 """
@@ -24,11 +27,13 @@ DECAY = 0.9                   # how fast old acceptance counts fade
 
 
 class DepthPlanner:
-    def __init__(self, fixed_depth: int = 0, tree_budget: int = 0, tree_width: int = 4, max_depth: int = 64):
+    def __init__(self, fixed_depth: int = 0, tree_budget: int = 0, tree_width: int = 4, max_depth: int = 64,
+                 proactive: bool = True):
         self.fixed_depth = fixed_depth     # 0: choose online
         self.tree_budget = tree_budget     # 0: chains
         self.tree_width = tree_width
         self.max_depth = max_depth         # the hub's limit
+        self.proactive = proactive
         self.decode_s: float | None = None  # one draft llama_decode (a chain token or a tree level)
         self.wait_s: float | None = None    # send to reply: round trip + hub verify
         self._accepted = 0.0
@@ -58,11 +63,17 @@ class DepthPlanner:
         deepest = min(MAX_AUTO_DEPTH, self.max_depth)
         if self.decode_s is None or self.wait_s is None:
             return min(FIRST_DEPTH, deepest)
-        depth = self.wait_s / self.decode_s
-        a = self.acceptance
-        if a is not None and a < 1.0:
-            depth = min(depth, math.log(MIN_DEEPEST_ACCEPTANCE) / math.log(max(a, 1e-6)))
-        return max(1, min(deepest, round(depth)))
+        a = self.acceptance if self.acceptance is not None else 1.0
+        if a < 1.0:
+            deepest = min(deepest, max(1, int(math.log(MIN_DEEPEST_ACCEPTANCE) / math.log(max(a, 1e-6)))))
+        return min(range(1, deepest + 1), key=lambda d: (self.predicted_itl_s(d, a), d))
+
+    def predicted_itl_s(self, depth: int, a: float) -> float:
+        emitted = depth + 1 if a >= 1.0 else (1 - a ** (depth + 1)) / (1 - a)
+        drafting = depth * self.decode_s
+        hit = a ** (depth + 1) if self.proactive else 0.0
+        exposed = drafting - hit * min(drafting, self.wait_s)
+        return (self.wait_s + exposed) / emitted
 
     def shape(self, room: int) -> DraftShape:
         """The next draft's shape, never deeper than `room` tokens."""
