@@ -9,6 +9,14 @@ Server throughput counts only the hub's busy time (its forward passes, plus its 
 server_only_spec), read from the hub's /metrics, so edge drafting on the same machine does not
 count against the hub. When the hub is started here, it and the edges are pinned to different
 cores where the machine has more than one.
+
+Each user has an edge device of their own, so N users draft at once, never N times slower. One
+machine cannot run N draft models side by side, so the edges are emulated (`EmulatedEdges`):
+before the timed runs, the draft model drafts for real at every point of every prompt's reply
+(the target's own greedy reply, asked of the hub once), and during a run each user takes its
+real draft from that store and waits as long as its own device would take to draft it, at the
+draft speed measured here (or `--edge-tps`). Drafting then costs the timed run no CPU, and the
+verifies reach the hub when N parallel edges would send them.
 """
 
 from __future__ import annotations
@@ -39,6 +47,7 @@ class BenchConfig:
     max_tokens: int
     draft_len: int
     prompts: tuple[str, ...]
+    edge_tps: float = 0.0   # each emulated edge's draft speed; 0: the speed measured here
 
 
 @dataclass
@@ -74,37 +83,88 @@ def _open(client: httpx.Client, info: dict) -> str:
     return response.json()["session_id"]
 
 
-class SimulatedUser:
-    """One user: a draft model of their own, their prompts in turn, one mode at a time."""
+class EmulatedEdges:
+    """Real drafts from the draft model, delivered as fast as each user's own device would draft them.
 
-    def __init__(self, index: int, config: BenchConfig, drafter: HubDrafter, info: dict, stop_ids: frozenset[int]):
+    Greedy drafting is a function of the context, so each context's next draft token is computed
+    once (on first need) and kept; `prepare` computes them along every prompt's reply before the
+    timed runs, and measures the draft speed on the way.
+    """
+
+    def __init__(self, drafter: HubDrafter, tokens_per_second: float = 0.0):
+        self._drafter = drafter
+        self._next: dict[tuple[int, ...], int] = {}
+        self._lock = threading.Lock()      # one llama.cpp context: one draft step at a time
+        self.tokens_per_second = tokens_per_second
+        self.steps = 0
+        self.step_seconds = 0.0
+
+    def prepare(self, contexts: list[list[int]], draft_len: int) -> None:
+        """Draft below every context up front; set the edge speed from these steps if not given."""
+        for context in contexts:
+            self._draft(context, draft_len)
+        if not self.tokens_per_second:
+            self.tokens_per_second = self.steps / self.step_seconds if self.step_seconds else 1000.0
+
+    def draft(self, context: list[int], length: int) -> list[int]:
+        """`length` real draft tokens after `context`, returned when the user's device would be done."""
+        started = time.perf_counter()
+        tokens = self._draft(context, length)
+        time.sleep(max(0.0, length / self.tokens_per_second - (time.perf_counter() - started)))
+        return tokens
+
+    def _draft(self, context: list[int], length: int) -> list[int]:
+        extended = list(context)
+        for _ in range(length):
+            extended.append(self._next_token(extended))
+        return extended[len(context):]
+
+    def _next_token(self, context: list[int]) -> int:
+        key = tuple(context)
+        token = self._next.get(key)
+        if token is None:
+            with self._lock:
+                started = time.perf_counter()
+                token = self._drafter.draft("edge", context, 1)[0]
+                self.step_seconds += time.perf_counter() - started
+                self.steps += 1
+            self._next[key] = token
+        return token
+
+
+class SimulatedUser:
+    """One user: an edge device of their own, their prompts in turn, one mode at a time."""
+
+    def __init__(self, index: int, config: BenchConfig, edge: EmulatedEdges, info: dict, stop_ids: frozenset[int]):
         self.index = index
         self.config = config
-        self.drafter = drafter
+        self.edge = edge
         self.info = info
         self.stop_ids = stop_ids
         self.record = ClientRecord()
+        self.replies: dict[tuple[int, ...], list[int]] = {}   # prompt -> what this user received
 
     def run(self, mode: str, prompt_tokens: list[list[int]]) -> None:
         with httpx.Client(base_url=self.config.hub_url, timeout=600) as client:
-            for number, prompt in enumerate(prompt_tokens):
+            for prompt in prompt_tokens:
                 session = _open(client, self.info)
                 if mode == "specedge":
-                    self._specedge(client, session, prompt, f"{self.index}-{number}")
+                    reply = self._specedge(client, session, prompt)
                 else:
-                    self._server_only(client, session, prompt, "speculative" if mode == "server_only_spec" else "autoregressive")
+                    reply = self._server_only(client, session, prompt, "speculative" if mode == "server_only_spec" else "autoregressive")
+                self.replies[tuple(prompt)] = reply
                 client.delete(f"/v1/sessions/{session}")
 
     def _half_rtt(self) -> None:
         time.sleep(self.config.rtt_ms / 2000)
 
-    def _specedge(self, client: httpx.Client, session: str, prompt: list[int], draft_key: str) -> None:
+    def _specedge(self, client: httpx.Client, session: str, prompt: list[int]) -> list[int]:
         context, pending, produced = list(prompt), list(prompt), 0
         started = time.perf_counter()
         while produced < self.config.max_tokens:
             step_started = time.perf_counter()
             room = self.config.max_tokens - produced - 1
-            draft = self.drafter.draft(draft_key, context, min(self.config.draft_len, room)) if room > 0 else []
+            draft = self.edge.draft(context, min(self.config.draft_len, room)) if room > 0 else []
             self._half_rtt()
             reply = client.post(f"/v1/sessions/{session}/verify", json={"tokens": pending, "draft": draft}).json()
             self._half_rtt()
@@ -115,13 +175,13 @@ class SimulatedUser:
             self._record_step(started, step_started, len(emitted), first=produced == len(emitted))
             if emitted[-1] in self.stop_ids:
                 break
-        self.drafter.forget(draft_key)
+        return context[len(prompt):]
 
-    def _server_only(self, client: httpx.Client, session: str, prompt: list[int], mode: str) -> None:
+    def _server_only(self, client: httpx.Client, session: str, prompt: list[int], mode: str) -> list[int]:
         body = {"mode": mode, "tokens": prompt, "max_tokens": self.config.max_tokens, "draft_len": self.config.draft_len}
         started = time.perf_counter()
         self._half_rtt()
-        step_started, produced = started, 0
+        step_started, produced, reply = started, 0, []
         with client.stream("POST", f"/v1/sessions/{session}/generate", json=body) as response:
             for line in response.iter_lines():
                 chunk = json.loads(line)
@@ -130,8 +190,10 @@ class SimulatedUser:
                 if produced == 0:
                     self._half_rtt()  # the first chunk travels back; later ones stream behind it
                 produced += len(chunk["tokens"])
+                reply += chunk["tokens"]
                 self._record_step(started, step_started, len(chunk["tokens"]), first=produced == len(chunk["tokens"]))
                 step_started = time.perf_counter()
+        return reply
 
     def _record_step(self, started: float, step_started: float, tokens: int, first: bool) -> None:
         now = time.perf_counter()
@@ -152,6 +214,7 @@ def _percentile(values: list[float], q: float) -> float:
 def run_mode(mode: str, config: BenchConfig, users: list[SimulatedUser], prompt_tokens: list[list[int]]) -> dict:
     for user in users:
         user.record = ClientRecord()
+        user.replies = {}
     with httpx.Client(base_url=config.hub_url, timeout=60) as client:
         before = _scrape(client)
         started = time.perf_counter()
@@ -186,18 +249,47 @@ def run_mode(mode: str, config: BenchConfig, users: list[SimulatedUser], prompt_
     }
 
 
-def run_bench(config: BenchConfig, modes: tuple[str, ...] = MODES) -> dict:
-    with httpx.Client(base_url=config.hub_url, timeout=60) as client:
-        info = client.get("/v1/info").json()
+@dataclass
+class Workload:
+    """What every run of one bench shares: the prompts, their target replies and the edges."""
+
+    prompt_tokens: list[list[int]]
+    replies: dict[tuple[int, ...], list[int]]   # the target's own greedy reply to each prompt
+    edges: EmulatedEdges
+    stop_ids: frozenset[int]
+
+
+def prepare_workload(config: BenchConfig) -> Workload:
+    """Ask the hub for each prompt's reply (autoregressive, untimed) and draft along every reply."""
     drafter = HubDrafter(config.draft, n_threads=1)
     prompt_tokens = [drafter.tokenize(p) for p in config.prompts]
-    stop_ids = drafter.stop_token_ids()
-    users = [SimulatedUser(i, config, drafter, info, stop_ids) for i in range(config.clients)]
-    results = {mode: run_mode(mode, config, users, prompt_tokens) for mode in modes}
+    with httpx.Client(base_url=config.hub_url, timeout=600) as client:
+        info = client.get("/v1/info").json()
+    reference = SimulatedUser(0, config, None, info, frozenset())
+    threads = [threading.Thread(target=reference.run, args=("autoregressive", [p])) for p in prompt_tokens]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    edges = EmulatedEdges(drafter, config.edge_tps)
+    edges.prepare([list(p) + r[:i] for p, r in reference.replies.items() for i in range(len(r))], config.draft_len)
+    return Workload(prompt_tokens, reference.replies, edges, drafter.stop_token_ids())
+
+
+def run_bench(config: BenchConfig, modes: tuple[str, ...] = MODES, workload: Workload | None = None) -> dict:
+    with httpx.Client(base_url=config.hub_url, timeout=60) as client:
+        info = client.get("/v1/info").json()
+    workload = workload or prepare_workload(config)
+    users = [SimulatedUser(i, config, workload.edges, info, workload.stop_ids) for i in range(config.clients)]
+    results = {}
+    for mode in modes:
+        results[mode] = run_mode(mode, config, users, workload.prompt_tokens)
+        results[mode]["lossless"] = all(u.replies == workload.replies for u in users)
     return {"modes": results, "ratios": _ratios(results), "bound": _bound(results),
             "config": {"hub": config.hub_url, "target": info["model"], "draft": config.draft.name,
                        "clients": config.clients, "rtt_ms": config.rtt_ms, "max_tokens": config.max_tokens,
-                       "draft_len": config.draft_len, "prompts": len(config.prompts), "cpu_count": os.cpu_count()}}
+                       "draft_len": config.draft_len, "prompts": len(config.prompts), "cpu_count": os.cpu_count(),
+                       "edge_tps": round(workload.edges.tokens_per_second, 1)}}
 
 
 def _ratio(a: float, b: float) -> float:

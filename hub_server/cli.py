@@ -113,13 +113,14 @@ def bench(
     prompts: Annotated[int, typer.Option(help="How many prompts of the shipped set each user answers.")] = 6,
     modes: Annotated[str, typer.Option(help="Comma list of specedge,server_only_spec,autoregressive.")] = "specedge,server_only_spec,autoregressive",
     device: Annotated[str, typer.Option(help="Device of a hub started here.")] = "auto",
+    edge_tps: Annotated[float, typer.Option(help="Draft speed of each simulated user's own device, tokens/s; 0 measures the draft model here on one thread.")] = 0.0,
     plot_path: Annotated[Path, typer.Option("--plot", help="Where to draw the PNG plot.")] = Path("hub-bench.png"),
     as_json: Annotated[bool, typer.Option("--json", help="Print JSON only.")] = False,
 ) -> None:
     """Measure server throughput and latency: SpecEdge against server-only baselines."""
     import json
 
-    from hub_server.bench import BenchConfig, load_prompts, plot, run_bench
+    from hub_server.bench import BenchConfig, load_prompts, plot, prepare_workload, run_bench
     from hub_server.local_hub import LocalHub
 
     if (model is None) == (hub is None):
@@ -129,10 +130,11 @@ def bench(
     shipped = load_prompts()[:prompts]
     with LocalHub.maybe(model, draft, device, max_batch=max(counts)) as local:
         url = hub or local.url
-        runs = []
+        runs, workload = [], None
         for count in counts:
-            config = BenchConfig(url, draft, count, rtt_ms, max_tokens, draft_len, shipped)
-            runs.append(run_bench(config, chosen_modes))
+            config = BenchConfig(url, draft, count, rtt_ms, max_tokens, draft_len, shipped, edge_tps)
+            workload = workload or prepare_workload(config)
+            runs.append(run_bench(config, chosen_modes, workload))
             if not as_json:
                 typer.echo(_bench_table(runs[-1]), err=True)
     plot(runs, plot_path)
@@ -142,11 +144,12 @@ def bench(
 
 
 def _bench_table(run: dict) -> str:
-    rows = [f"clients={run['config']['clients']} rtt={run['config']['rtt_ms']:g}ms target={run['config']['target']} draft={run['config']['draft']}",
-            f"{'mode':<18}{'server t/s':>11}{'wall t/s':>10}{'tok/verify':>11}{'ITL ms':>9}{'ITL p95':>9}{'TTFT ms':>9}{'busy':>7}"]
+    rows = [f"clients={run['config']['clients']} rtt={run['config']['rtt_ms']:g}ms target={run['config']['target']} "
+            f"draft={run['config']['draft']} edge={run['config']['edge_tps']:g} t/s",
+            f"{'mode':<18}{'server t/s':>11}{'wall t/s':>10}{'tok/verify':>11}{'ITL ms':>9}{'ITL p95':>9}{'TTFT ms':>9}{'busy':>7}  lossless"]
     for mode, m in run["modes"].items():
         rows.append(f"{mode:<18}{m['server_throughput']:>11.1f}{m['wall_throughput']:>10.1f}{m['tokens_per_verify']:>11.2f}"
-                    f"{m['itl_ms_mean']:>9.1f}{m['itl_ms_p95']:>9.1f}{m['ttft_ms_mean']:>9.0f}{m['hub_busy_fraction']:>7.0%}")
+                    f"{m['itl_ms_mean']:>9.1f}{m['itl_ms_p95']:>9.1f}{m['ttft_ms_mean']:>9.0f}{m['hub_busy_fraction']:>7.0%}  {m['lossless']}")
     rows.append(f"ratios: {run['ratios']}  bound: {run['bound']}")
     return "\n".join(rows)
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import subprocess
 import sys
+import time
 
 from tests.conftest import REPO
 
@@ -19,7 +20,8 @@ def test_bench_reports_every_mode_ratios_bound_and_a_plot(tiny, tmp_path):
     assert result.returncode == 0, result.stderr[-3000:]
     report = json.loads(result.stdout)
     assert set(report["modes"]) == {"specedge", "server_only_spec", "autoregressive"}
-    # Every mode decodes the same prompts losslessly, so each emits the same tokens.
+    # Every user of every mode received the target's own greedy reply to each prompt.
+    assert all(mode["lossless"] is True for mode in report["modes"].values())
     emitted = {mode["emitted_tokens"] for mode in report["modes"].values()}
     assert len(emitted) == 1 and 0 < emitted.pop() <= 2 * 2 * 12
     for mode in report["modes"].values():
@@ -31,4 +33,24 @@ def test_bench_reports_every_mode_ratios_bound_and_a_plot(tiny, tmp_path):
     assert set(report["ratios"]) == {"throughput_vs_autoregressive", "throughput_vs_server_only_spec", "itl_vs_server_only_spec"}
     assert report["bound"]["throughput_vs_autoregressive"] > 0
     assert report["config"]["clients"] == 2 and report["config"]["rtt_ms"] == 4
+    assert report["config"]["edge_tps"] > 0   # measured on the draft model, since no --edge-tps
     assert plot.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_emulated_edges_give_the_draft_models_own_tokens_at_the_edge_speed(tiny):
+    from hub_server.bench import EmulatedEdges
+    from hub_server.drafter import HubDrafter
+
+    reference = HubDrafter(tiny.gguf_q8, n_threads=1)
+    edges = EmulatedEdges(HubDrafter(tiny.gguf_q8, n_threads=1), tokens_per_second=200.0)
+    context = reference.tokenize("def fibonacci(n):")
+    edges.prepare([context], draft_len=4)
+    assert edges.steps == 4 and edges.tokens_per_second == 200.0
+    started = time.perf_counter()
+    draft = edges.draft(context, 6)
+    waited = time.perf_counter() - started
+    assert draft == reference.draft("fresh", context, 6)
+    assert edges.steps == 6            # the first four came from the store, two were drafted now
+    assert waited >= 6 / 200.0         # as long as a 200 t/s device takes to draft six tokens
+    # A context below an accepted token reuses what was drafted along the way.
+    assert edges.draft(context + draft[:2], 4) == draft[2:6] and edges.steps == 6
