@@ -317,7 +317,6 @@ class Conversation:
         else:
             stats.draft_s += waited
         self.planner.observe_draft(draft.decodes, draft.draft_s + draft.late_s)
-        self._session_in_doubt = True  # until the answer is in our history too
         reply = self._with_reconnects(lambda: self._verify(pending, draft, room, stats))
         self.history += pending + reply.tokens
         self._session_in_doubt = False

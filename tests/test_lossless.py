@@ -33,10 +33,14 @@ def chat_turns(engine, hub, settings, prompts, system=""):
     """Run a multi-turn chat; yields (history before the turn, reply) per turn."""
     with HubClient(hub.url) as client:
         conversation = Conversation(engine, client, plain_template(engine), settings, system)
+        session_ids = set()
         for prompt in prompts:
             before = list(conversation.history)
             reply = conversation.ask(prompt)
             assert conversation.history == before + reply.prompt_token_ids + reply.token_ids
+            session_ids.add(conversation.session_id)
+            # One hub session serves the whole chat: a round never reopens it and re-sends the history.
+            assert len(session_ids) == 1 and conversation.reconnects == 0
             yield before, reply
         conversation.close()
 
