@@ -7,7 +7,10 @@ device is never idle while work is queued. The queue is first-in first-out: no s
 
 A batch waits for more only while more is known to be on its way: a caller announces a job it
 is about to submit (`announce()`), and the worker waits for announced jobs at most `max_wait_s`
-after the oldest queued request arrived. It never waits for clients still drafting on their own
+after the oldest queued request arrived. A hub-side generation announces itself once for its
+whole life and passes its announcement to `submit`: it counts as on its way whenever it has no
+job queued or running, so the many generations that come back together after one pass (their
+reply streamed, their next draft made) go to the device together again. It never waits for clients still drafting on their own
 machines: nothing says when they will come, and what comes while a pass runs forms the next
 batch anyway. So a lone request, or a queue that already holds every request the hub has
 received, goes to the device at once.
@@ -25,6 +28,14 @@ from typing import Any, Callable, Iterator
 
 
 @dataclass
+class Announcement:
+    """A caller that will submit (again) soon; see `Scheduler.announce`."""
+
+    queued: bool = False   # its job is queued or on the device: not on its way
+    closed: bool = False
+
+
+@dataclass
 class SchedulerStats:
     batches: int = 0
     jobs: int = 0
@@ -38,7 +49,7 @@ class Scheduler:
         self.max_batch = max_batch
         self.max_wait_s = max_wait_s
         self._clock = clock
-        self._queue: deque[tuple[Any, Future, float]] = deque()
+        self._queue: deque[tuple[Any, Future, float, Announcement | None]] = deque()
         self._announced = 0     # jobs callers are preparing and will submit shortly
         self._ready = threading.Condition()
         self._stopped = False
@@ -47,25 +58,34 @@ class Scheduler:
         self._worker.start()
 
     @contextlib.contextmanager
-    def announce(self) -> Iterator[None]:
-        """Around preparing a job that will be submitted right after: a batch may wait for it."""
+    def announce(self) -> Iterator[Announcement]:
+        """Around preparing jobs that will be submitted soon: a batch may wait for them. Pass the
+        announcement to `submit` to stay announced between passes (a generation's loop)."""
+        announcement = Announcement()
         with self._ready:
             self._announced += 1
         try:
-            yield
+            yield announcement
         finally:
             with self._ready:
-                self._announced -= 1
+                announcement.closed = True
+                if not announcement.queued:
+                    self._announced -= 1
                 if not self._announced:   # a batch waiting for announced jobs can go now
                     self._ready.notify()
 
-    def submit(self, job: Any) -> Future:
+    def submit(self, job: Any, announcement: Announcement | None = None) -> Future:
         """Queue `job`; the future resolves once its batch has run (to the job, or its error)."""
         future: Future = Future()
         with self._ready:
             if self._stopped:
                 raise RuntimeError("the scheduler has stopped")
-            self._queue.append((job, future, self._clock()))
+            if announcement is not None and not announcement.closed and not announcement.queued:
+                announcement.queued = True    # here now: no longer on its way
+                self._announced -= 1
+            else:
+                announcement = None
+            self._queue.append((job, future, self._clock(), announcement))
             self._ready.notify()
         return future
 
@@ -86,7 +106,7 @@ class Scheduler:
                 return
             self._run(batch)
 
-    def _next_batch(self) -> list[tuple[Any, Future, float]] | None:
+    def _next_batch(self) -> list[tuple[Any, Future, float, Announcement | None]] | None:
         with self._ready:
             while not self._queue and not self._stopped:
                 self._ready.wait()
@@ -102,18 +122,29 @@ class Scheduler:
             size = min(self.max_batch, len(self._queue))
             return [self._queue.popleft() for _ in range(size)]
 
-    def _run(self, batch: list[tuple[Any, Future, float]]) -> None:
-        jobs = [job for job, _, _ in batch]
+    def _run(self, batch: list[tuple[Any, Future, float, Announcement | None]]) -> None:
+        jobs = [job for job, _, _, _ in batch]
         try:
             self._run_batch(jobs)
         except Exception as exc:  # the batch's callers each receive the error; the worker goes on
-            for _, future, _ in batch:
+            self._reannounce(batch)
+            for _, future, _, _ in batch:
                 future.set_exception(exc)
         else:
-            for job, future, _ in batch:
+            self._reannounce(batch)
+            for job, future, _, _ in batch:
                 future.set_result(job)
         finally:
             self._record(len(batch))
+
+    def _reannounce(self, batch: list[tuple[Any, Future, float, Announcement | None]]) -> None:
+        """Callers still announced are on their way again the moment their pass is done."""
+        with self._ready:
+            for _, _, _, announcement in batch:
+                if announcement is not None:
+                    announcement.queued = False
+                    if not announcement.closed:
+                        self._announced += 1
 
     def _record(self, size: int) -> None:
         stats = self.stats

@@ -18,7 +18,7 @@ from hub_server.limits import AdmissionGate, TokenBudgets
 from hub_server.metrics import HubMetrics
 from hub_server.metrics import render as render_metrics
 from hub_server.runner import VerifyJob
-from hub_server.scheduler import Scheduler
+from hub_server.scheduler import Announcement, Scheduler
 from hub_server.sessions import LOCAL_USER, Session, SessionStore
 from hub_server.verify import chain_parents, node_depths, tree_problem
 
@@ -171,19 +171,20 @@ class Hub:
         return self._generate(session, request)
 
     def _generate(self, session: Session, request: wire.GenerateRequest) -> Iterator[wire.GenerateChunk]:
-        with session.lock:
+        # Announced for its whole life: between passes (streaming a chunk, drafting) the next
+        # batch may wait briefly for this session, so concurrent generations share passes.
+        with session.lock, self.scheduler.announce() as announcement:
             _check_open(session)
             session.context.extend(request.tokens)
             produced = verifies = 0
             while produced < request.max_tokens:
                 room = request.max_tokens - produced - 1
-                with self.scheduler.announce():
-                    draft = []
-                    if request.mode == "speculative" and room > 0:
-                        draft = self.drafter.draft(session.session_id, session.context, min(request.draft_len, room))
-                    job = VerifyJob(session.kv, session.context[session.kv.length:], draft, chain_parents(len(draft)),
-                                    session.temperature, session.seed, session.stop_token_ids)
-                self._run(session, job, request.mode)
+                draft = []
+                if request.mode == "speculative" and room > 0:
+                    draft = self.drafter.draft(session.session_id, session.context, min(request.draft_len, room))
+                job = VerifyJob(session.kv, session.context[session.kv.length:], draft, chain_parents(len(draft)),
+                                session.temperature, session.seed, session.stop_token_ids)
+                self._run(session, job, request.mode, announcement)
                 produced += len(job.emitted)
                 verifies += 1
                 yield wire.GenerateChunk(tokens=job.emitted)
@@ -191,10 +192,10 @@ class Hub:
                     break
             yield wire.GenerateChunk(tokens=[], done=True, verifies=verifies, context_len=len(session.context))
 
-    def _run(self, session: Session, job: VerifyJob, mode: str) -> None:
+    def _run(self, session: Session, job: VerifyJob, mode: str, announcement: Announcement) -> None:
         """Queue one verify for the device and apply its result (blocking: generation threads)."""
         started = time.perf_counter()
-        self.scheduler.submit(job).result()
+        self.scheduler.submit(job, announcement).result()
         self._apply(session, job, mode, time.perf_counter() - started)
 
     def _apply(self, session: Session, job: VerifyJob, mode: str, seconds: float) -> None:

@@ -112,3 +112,35 @@ def test_a_failing_batch_reports_to_its_callers_and_the_worker_survives():
         assert "device error" in str(exc)
     assert scheduler.submit("good").result(timeout=5) == "good"
     scheduler.stop()
+
+
+def test_generations_announced_for_their_life_share_the_next_pass():
+    """Two hub-side generations: after each pass both come back (one a little later), and the
+    next pass waits for the later one instead of running the earlier one alone."""
+    runner = SimulatedRunner(0.0)
+    scheduler = Scheduler(runner, max_batch=8, max_wait_s=5)
+    both_started = threading.Barrier(2)
+
+    def generation(name: str, steps: int, pause_s: float) -> None:
+        with scheduler.announce() as announcement:
+            both_started.wait()
+            for step in range(steps):
+                time.sleep(pause_s)      # streaming the chunk, drafting the next step
+                scheduler.submit(f"{name}{step}", announcement).result(timeout=10)
+
+    threads = [threading.Thread(target=generation, args=(name, 3, pause)) for name, pause in (("a", 0.0), ("b", 0.05))]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    assert runner.batches == [["a0", "b0"], ["a1", "b1"], ["a2", "b2"]]
+    scheduler.stop()
+
+
+def test_a_finished_generation_is_not_waited_for():
+    runner = SimulatedRunner(0.0)
+    scheduler = Scheduler(runner, max_batch=8, max_wait_s=60)   # a wait would time the result out
+    with scheduler.announce() as announcement:
+        scheduler.submit("last step", announcement).result(timeout=5)
+    assert scheduler.submit("another user").result(timeout=5) == "another user"
+    scheduler.stop()
