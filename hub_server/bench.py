@@ -245,8 +245,39 @@ def run_mode(mode: str, config: BenchConfig, users: list[SimulatedUser], prompt_
         "hub_busy_s": busy,
         "forward_passes": passes,
         "busy_ms_per_pass": 1000 * (after["specedge_device_busy_seconds_total"] - before["specedge_device_busy_seconds_total"]) / passes if passes else 0.0,
+        "verifies_per_pass": verifies / passes if passes else 0.0,
+        "pass_ms_by_sessions": _pass_ms_by_sessions(before, after),
         "wall_s": wall,
     }
+
+
+def _pass_ms_by_sessions(before: dict[str, float], after: dict[str, float]) -> dict[int, list[float]]:
+    """{sessions in a pass: [passes, mean device ms]} over one mode's run, from /metrics."""
+    table = {}
+    for name, count in after.items():
+        if name.startswith('specedge_verify_passes_total{sessions="'):
+            size = name.split('"')[1]
+            seconds_name = f'specedge_verify_pass_seconds_total{{sessions="{size}"}}'
+            passes = count - before.get(name, 0.0)
+            if passes:
+                seconds = after[seconds_name] - before.get(seconds_name, 0.0)
+                table[int(size)] = [passes, round(1000 * seconds / passes, 2)]
+    return dict(sorted(table.items()))
+
+
+def pass_ms_at(table: dict[int, list[float]], sessions: int) -> float:
+    """A pass's device time with `sessions` sessions in it: a line through the passes seen
+    (least squares, weighted by how often each size ran), or their mean where one size ran."""
+    total = sum(count for count, _ in table.values())
+    if not total:
+        return 0.0
+    mean_size = sum(size * count for size, (count, _) in table.items()) / total
+    mean_ms = sum(ms * count for count, ms in table.values()) / total
+    spread = sum(count * (size - mean_size) ** 2 for size, (count, _) in table.items())
+    if not spread:
+        return mean_ms
+    slope = sum(count * (size - mean_size) * (ms - mean_ms) for size, (count, ms) in table.items()) / spread
+    return mean_ms + slope * (sessions - mean_size)
 
 
 @dataclass
@@ -285,7 +316,7 @@ def run_bench(config: BenchConfig, modes: tuple[str, ...] = MODES, workload: Wor
     for mode in modes:
         results[mode] = run_mode(mode, config, users, workload.prompt_tokens)
         results[mode]["lossless"] = all(u.replies == workload.replies for u in users)
-    return {"modes": results, "ratios": _ratios(results), "bound": _bound(results),
+    return {"modes": results, "ratios": _ratios(results), "bound": _bound(results, config.clients),
             "config": {"hub": config.hub_url, "target": info["model"], "draft": config.draft.name,
                        "clients": config.clients, "rtt_ms": config.rtt_ms, "max_tokens": config.max_tokens,
                        "draft_len": config.draft_len, "prompts": len(config.prompts), "cpu_count": os.cpu_count(),
@@ -307,14 +338,20 @@ def _ratios(results: dict) -> dict:
     return ratios
 
 
-def _bound(results: dict) -> dict:
-    """What the hardware allows at this load: tokens per verify x the cost of the hub's batched
-    one-token pass / the cost of its batched verify pass."""
+def _bound(results: dict, clients: int) -> dict:
+    """What the hardware allows at this load: tokens per verify x the device time of a one-token
+    pass over all `clients` sessions / that of a verify pass over all of them. Both come from
+    the passes each mode ran, by how many sessions each held, so the bound does not depend on
+    how the scheduler happened to group them."""
     spec, ar = results.get("specedge"), results.get("autoregressive")
-    if not (spec and ar and spec["busy_ms_per_pass"]):
+    if not (spec and ar):
         return {}
-    return {"throughput_vs_autoregressive": round(
-        spec["tokens_per_verify"] * ar["busy_ms_per_pass"] / spec["busy_ms_per_pass"], 3)}
+    one_token_ms = pass_ms_at(ar["pass_ms_by_sessions"], clients)
+    verify_ms = pass_ms_at(spec["pass_ms_by_sessions"], clients)
+    if not (one_token_ms > 0 and verify_ms > 0):
+        return {}
+    return {"throughput_vs_autoregressive": round(spec["tokens_per_verify"] * one_token_ms / verify_ms, 3),
+            "sessions_per_pass": clients, "one_token_pass_ms": round(one_token_ms, 2), "verify_pass_ms": round(verify_ms, 2)}
 
 
 def plot(runs: list[dict], path: Path) -> None:

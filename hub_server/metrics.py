@@ -44,6 +44,11 @@ def render(metrics: HubMetrics, gauges: dict[str, float], scheduler_stats) -> st
     emit("batched_jobs_total", "counter", "Verify requests run inside those passes.", [("", scheduler_stats.jobs)])
     emit("device_busy_seconds_total", "counter", "Seconds the device spent on the target's forward passes.",
          [("", gauges["device_busy_seconds"])])
+    passes = gauges.get("verify_passes", {})
+    emit("verify_passes_total", "counter", "Verify forward passes, by sessions in the pass.",
+         [(f'{{sessions="{size}"}}', count) for size, (count, _) in passes.items()])
+    emit("verify_pass_seconds_total", "counter", "Device seconds of those passes, by sessions in the pass.",
+         [(f'{{sessions="{size}"}}', seconds) for size, (_, seconds) in passes.items()])
     emit("hub_draft_seconds_total", "counter", "Seconds the hub spent drafting (server-only speculative mode).",
          [("", gauges["hub_draft_seconds"])])
     emit("verify_seconds", "summary", "Hub time per verify request, queueing included.",

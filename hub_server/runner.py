@@ -112,6 +112,7 @@ class ModelRunner:
         # One thing at a time on the device: a forward pass here, or the hub's own drafting.
         self.device_lock = threading.Lock()
         self.busy_seconds = 0.0  # time spent holding the device for forward passes
+        self.verify_passes: dict[int, list[float]] = {}   # sessions in a pass -> [passes, device seconds]
 
     def _make_pool(self, settings: HubSettings, config) -> KVPool:
         """The KV pool for --max-sessions sessions, sized to the budget; KVBudgetError when it cannot be."""
@@ -158,7 +159,7 @@ class ModelRunner:
 
     def verify_batch(self, jobs: list[VerifyJob]) -> None:
         """Verify every job's draft in one forward pass; fills in `path` and `emitted`."""
-        with self.device_lock, self._busy():
+        with self.device_lock, self._busy(self.verify_passes.setdefault(len(jobs), [0, 0.0])):
             batch = self._batch([job.kv for job in jobs], [job.pending + job.draft for job in jobs],
                                 [_row_parents(len(job.pending), job.parents) for job in jobs])
             # Only columns from the earliest root onwards need logits: a long new prompt's
@@ -170,13 +171,18 @@ class ModelRunner:
 
     # --- internals ----------------------------------------------------------------------
     @contextlib.contextmanager
-    def _busy(self):
-        """Count the time inside it as device time (taken inside the lock: waiting is not busy)."""
+    def _busy(self, tally: list[float] | None = None):
+        """Count the time inside it as device time (taken inside the lock: waiting is not busy);
+        `tally` ([passes, seconds]) counts it too."""
         started = time.perf_counter()
         try:
             yield
         finally:
-            self.busy_seconds += time.perf_counter() - started
+            seconds = time.perf_counter() - started
+            self.busy_seconds += seconds
+            if tally is not None:
+                tally[0] += 1
+                tally[1] += seconds
 
     def _batch(self, slots: list[KVSlot], rows: list[list[int]], parents: list[list[int]]) -> _Batch:
         width = max(len(row) for row in rows)

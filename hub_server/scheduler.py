@@ -51,6 +51,7 @@ class Scheduler:
         self._clock = clock
         self._queue: deque[tuple[Any, Future, float, Announcement | None]] = deque()
         self._announced = 0     # jobs callers are preparing and will submit shortly
+        self._free_since = clock()   # when the last pass ended
         self._ready = threading.Condition()
         self._stopped = False
         self.stats = SchedulerStats()
@@ -112,8 +113,10 @@ class Scheduler:
                 self._ready.wait()
             if self._stopped and not self._queue:
                 return None
-            # Wait for announced jobs, but never past max_wait_s after the oldest request came.
-            deadline = self._queue[0][2] + self.max_wait_s
+            # Wait for announced jobs, but never past max_wait_s after the oldest request came or,
+            # for requests that queued during a pass, after that pass ended: the callers it
+            # served get as long to come back as a lone request would wait.
+            deadline = max(self._queue[0][2], self._free_since) + self.max_wait_s
             while len(self._queue) < self.max_batch and self._announced and not self._stopped:
                 remaining = deadline - self._clock()
                 if remaining <= 0:
@@ -135,6 +138,7 @@ class Scheduler:
             for job, future, _, _ in batch:
                 future.set_result(job)
         finally:
+            self._free_since = self._clock()
             self._record(len(batch))
 
     def _reannounce(self, batch: list[tuple[Any, Future, float, Announcement | None]]) -> None:

@@ -31,7 +31,9 @@ def test_bench_reports_every_mode_ratios_bound_and_a_plot(tiny, tmp_path):
     assert report["modes"]["autoregressive"]["tokens_per_verify"] == 1.0
     assert report["modes"]["specedge"]["tokens_per_verify"] > 1.0
     assert set(report["ratios"]) == {"throughput_vs_autoregressive", "throughput_vs_server_only_spec", "itl_vs_server_only_spec"}
-    assert report["bound"]["throughput_vs_autoregressive"] > 0
+    bound = report["bound"]
+    assert bound["throughput_vs_autoregressive"] > 0 and bound["sessions_per_pass"] == 2
+    assert bound["one_token_pass_ms"] > 0 and bound["verify_pass_ms"] > 0
     assert report["config"]["clients"] == 2 and report["config"]["rtt_ms"] == 4
     assert report["config"]["edge_tps"] > 0   # measured on the draft model, since no --edge-tps
     assert plot.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
@@ -54,3 +56,15 @@ def test_emulated_edges_give_the_draft_models_own_tokens_at_the_edge_speed(tiny)
     assert waited >= 6 / 200.0         # as long as a 200 t/s device takes to draft six tokens
     # A context below an accepted token reuses what was drafted along the way.
     assert edges.draft(context + draft[:2], 4) == draft[2:6] and edges.steps == 6
+
+
+def test_pass_cost_at_a_batch_size_follows_the_passes_seen():
+    from hub_server.bench import pass_ms_at
+
+    # Passes of 1 and 3 sessions cost 100 and 300 ms: a full pass of 8 costs 800 ms.
+    assert pass_ms_at({1: [10, 100.0], 3: [10, 300.0]}, 8) == 800.0
+    # The line is weighted by how often each size ran.
+    assert pass_ms_at({2: [1, 200.0], 4: [3, 400.0]}, 4) == 400.0
+    # One size seen: its mean, whatever is asked.
+    assert pass_ms_at({4: [5, 250.0]}, 8) == 250.0
+    assert pass_ms_at({}, 8) == 0.0
