@@ -21,7 +21,9 @@ class ChatSettings:
     seed: int = 0
     draft_len: int = 0          # draft depth; 0 chooses it from measured timings
     tree_budget: int = 0        # draft tree nodes per verify; 0 drafts a chain
-    proactive: bool = True      # draft the next round while a verify is in flight
+    # Draft the next round while a verify is in flight. None (auto): on with a hub elsewhere, off
+    # with an embedded hub, whose forward passes would compete with the drafting for this machine.
+    proactive: bool | None = None
     system: str = ""
     threads: int = 0            # 0: llama.cpp's default for this machine
     offline: bool = False
@@ -38,6 +40,10 @@ def _boolean(text: str) -> bool:
     raise ValueError(text)
 
 
+def _boolean_or_auto(text: str) -> bool | None:
+    return None if str(text).strip().lower() == "auto" else _boolean(text)
+
+
 def _at_least(low: float, parse: Callable[[str], Any]) -> Callable[[str], Any]:
     def check(text: str):
         value = parse(text)
@@ -49,7 +55,7 @@ def _at_least(low: float, parse: Callable[[str], Any]) -> Callable[[str], Any]:
 
 PARSERS: dict[str, Callable[[str], Any]] = {
     "model": str, "max_tokens": _at_least(1, int), "temperature": _at_least(0.0, float), "seed": _at_least(0, int),
-    "draft_len": _at_least(0, int), "tree_budget": _at_least(0, int), "proactive": _boolean, "system": str, "threads": _at_least(0, int), "offline": _boolean, "logs": _boolean,
+    "draft_len": _at_least(0, int), "tree_budget": _at_least(0, int), "proactive": _boolean_or_auto, "system": str, "threads": _at_least(0, int), "offline": _boolean, "logs": _boolean,
     "reconnect_s": _at_least(0.0, float),
 }
 KEYS = [f.name for f in fields(ChatSettings)]

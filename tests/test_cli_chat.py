@@ -29,6 +29,7 @@ def test_prompt_json_through_a_separate_hub_equals_target_greedy(tiny, hub, targ
                                  "ttft_ms", "itl_ms", "tokens_per_s", "mean_depth", "proactive_drafts",
                                  "proactive_hits", "proactive_hit_rate", "proactive_saved_ms", "draft_wait_ms"}
     assert out["stats"]["mean_depth"] <= 4
+    assert out["stats"]["proactive_drafts"] > 0   # on by default with a hub elsewhere
     assert out["hub"] == hub.url and out["model"] == tiny.gguf_q8.name
     assert out["token_ids"] == target_alone.decode(out["prompt_token_ids"], 24)
     assert out["stats"]["tokens_per_verify"] == pytest.approx(len(out["token_ids"]) / out["stats"]["verify_rounds"], abs=1e-3)
@@ -54,6 +55,8 @@ def test_embedded_hub_when_none_is_configured(tiny, target_alone):
     assert out["hub"].startswith("http://127.0.0.1:")
     # The embedded hub serves the draft's own GGUF as target: identical to the tiny target's weights.
     assert out["token_ids"] == target_alone.decode(out["prompt_token_ids"], 12)
+    # It runs on this machine, so the client does not draft ahead while it verifies.
+    assert out["stats"]["proactive_drafts"] == 0
 
 
 def test_interactive_chat_reads_turns_until_bye(tiny, hub):

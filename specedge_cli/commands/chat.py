@@ -34,7 +34,7 @@ def chat(
     seed: Annotated[Optional[int], typer.Option(min=0, help="Sampling seed for temperature > 0 [default: 0].")] = None,
     draft_len: Annotated[Optional[int], typer.Option(min=0, max=64, help="Draft depth per verify; 0 follows the measured draft speed and round trip (up to 16) [default: 0].")] = None,
     tree_budget: Annotated[Optional[int], typer.Option(min=0, max=64, help="Draft a tree of up to this many nodes per verify instead of a chain [default: 0, a chain].")] = None,
-    proactive: Annotated[Optional[bool], typer.Option("--proactive/--no-proactive", help="Draft the next round while a verify is in flight [default: on].")] = None,
+    proactive: Annotated[Optional[bool], typer.Option("--proactive/--no-proactive", help="Draft the next round while a verify is in flight [default: on with a hub elsewhere, off with an embedded hub].")] = None,
     system: Annotated[Optional[str], typer.Option(help="System prompt.")] = None,
     threads: Annotated[Optional[int], typer.Option(min=1, help="llama.cpp threads for drafting.")] = None,
     resume_last: Annotated[bool, typer.Option("--continue", "-c", help="Continue the last saved conversation.")] = False,
@@ -53,8 +53,10 @@ def chat(
     history = History(history_path(config.data_dir())) if chosen.logs or resume_last or conversation_id else None
     saved = _saved_conversation(history, resume_last, conversation_id)
     resolved = resolve_model(model or (saved.model if saved else chosen.model), config.models_dir(), offline=chosen.offline)
+    # An embedded hub runs on this machine: drafting while it verifies would slow its pass down.
+    proactive = chosen.proactive if chosen.proactive is not None else bool(config.hub_address(hub).url)
     decode = DecodeSettings(max_tokens=chosen.max_tokens, temperature=chosen.temperature, seed=chosen.seed,
-                            draft_len=chosen.draft_len, tree_budget=chosen.tree_budget, proactive=chosen.proactive,
+                            draft_len=chosen.draft_len, tree_budget=chosen.tree_budget, proactive=proactive,
                             reconnect_s=chosen.reconnect_s)
     with _hub(hub, resolved, insecure) as (client, hub_url, wait_for_hub):
         engine = DraftEngine(resolved.path, n_threads=chosen.threads or None)  # loads while an embedded hub starts

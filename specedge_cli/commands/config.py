@@ -21,7 +21,8 @@ def show() -> None:
     out.print(f"{'hub':<12} {hub.url or '(embedded hub)'}", markup=False)
     for key in settings.KEYS:
         value, source = settings.lookup(key, stored=stored)
-        out.print(f"{settings.key_name(key):<12} {value!r:<30} [dim]{source}[/dim]")
+        shown = "auto" if value is None else repr(value)   # None: chosen when a chat starts
+        out.print(f"{settings.key_name(key):<12} {shown:<30} [dim]{source}[/dim]")
     out.print(f"{'login':<12} {'token stored' if stored.get('token') else 'not logged in'}", markup=False)
 
 
@@ -31,8 +32,9 @@ def set_value(key: Annotated[str, typer.Argument(help="A setting, e.g. max-token
     """Keep a setting in the config file (flags and SPECEDGE_* variables still win)."""
     field = settings.field_of(key)
     parsed = settings.parse(field, value, key)
-    config.update_config_file({settings.key_name(field): parsed})
-    out.print(f"{settings.key_name(field)} = {parsed!r} in {config.config_file()}", markup=False)
+    stored = "auto" if parsed is None else parsed
+    config.update_config_file({settings.key_name(field): stored})
+    out.print(f"{settings.key_name(field)} = {stored!r} in {config.config_file()}", markup=False)
 
 
 @app.command()
