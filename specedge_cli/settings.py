@@ -59,6 +59,12 @@ PARSERS: dict[str, Callable[[str], Any]] = {
     "reconnect_s": _at_least(0.0, float),
 }
 KEYS = [f.name for f in fields(ChatSettings)]
+EXPECTED = {
+    "max_tokens": "a whole number, at least 1", "temperature": "a number, at least 0", "seed": "a whole number, at least 0",
+    "draft_len": "a whole number, 0 for automatic", "tree_budget": "a whole number, 0 for a chain",
+    "proactive": "on, off or auto", "threads": "a whole number, 0 for llama.cpp's default", "offline": "on or off",
+    "logs": "on or off", "reconnect_s": "seconds, at least 0",
+}
 
 
 def key_name(key: str) -> str:
@@ -81,7 +87,8 @@ def parse(key: str, value: Any, where: str) -> Any:
     try:
         return PARSERS[key](value)
     except (TypeError, ValueError):
-        raise SettingError(f"{where}: {value!r} is not a valid {key_name(key)}; "
+        expected = f" (expected {EXPECTED[key]})" if key in EXPECTED else ""
+        raise SettingError(f"{where}: {value!r} is not a valid {key_name(key)}{expected}; "
                            f"fix it or run `specedge config set {key_name(key)} VALUE`") from None
 
 

@@ -45,3 +45,13 @@ def test_chat_takes_settings_from_the_config_file(tiny, hub, target_alone):
     out = json.loads(result.stdout)
     assert len(out["token_ids"]) <= 6 and out["stats"]["draft_tokens"] <= 2 * out["stats"]["verify_rounds"]
     assert out["token_ids"] == target_alone.decode(out["prompt_token_ids"], 6)[:len(out["token_ids"])]
+
+
+def test_proactive_is_on_off_or_auto_and_a_bad_value_says_which():
+    assert run_specedge("config", "set", "proactive", "auto").returncode == 0
+    assert chat_settings().proactive is None          # chosen when the chat knows its hub
+    assert "auto" in run_specedge("config", "show").stdout
+    assert run_specedge("config", "set", "proactive", "off").returncode == 0
+    assert chat_settings().proactive is False
+    refused = run_specedge("config", "set", "proactive", "maybe")
+    assert refused.returncode != 0 and "expected on, off or auto" in refused.stderr
