@@ -7,11 +7,12 @@ device is never idle while work is queued. The queue is first-in first-out: no s
 
 A batch waits for more only while more is known to be on its way: a caller announces a job it
 is about to submit (`announce()`), and the worker waits for announced jobs at most `max_wait_s`
-after the oldest queued request arrived. A hub-side generation announces itself once for its
-whole life and passes its announcement to `submit`: it counts as on its way whenever it has no
-job queued or running, so the many generations that come back together after one pass (their
-reply streamed, their next draft made) go to the device together again. It never waits for clients still drafting on their own
-machines: nothing says when they will come, and what comes while a pass runs forms the next
+after the oldest queued request arrived (or, for requests that queued during a pass, after that
+pass ended). A hub-side generation announces itself once for its whole life and passes its
+announcement to `submit`: it counts as on its way whenever it has no job queued or running, so
+the many generations that come back together after one pass (their reply streamed, their next
+draft made) go to the device together again. It never waits for clients still drafting on their
+own machines: nothing says when they will come, and what comes while a pass runs forms the next
 batch anyway. So a lone request, or a queue that already holds every request the hub has
 received, goes to the device at once.
 """

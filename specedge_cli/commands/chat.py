@@ -53,12 +53,13 @@ def chat(
     history = History(history_path(config.data_dir())) if chosen.logs or resume_last or conversation_id else None
     saved = _saved_conversation(history, resume_last, conversation_id)
     resolved = resolve_model(model or (saved.model if saved else chosen.model), config.models_dir(), offline=chosen.offline)
+    address = config.hub_address(hub)
     # An embedded hub runs on this machine: drafting while it verifies would slow its pass down.
-    proactive = chosen.proactive if chosen.proactive is not None else bool(config.hub_address(hub).url)
+    proactive = chosen.proactive if chosen.proactive is not None else bool(address.url)
     decode = DecodeSettings(max_tokens=chosen.max_tokens, temperature=chosen.temperature, seed=chosen.seed,
                             draft_len=chosen.draft_len, tree_budget=chosen.tree_budget, proactive=proactive,
                             reconnect_s=chosen.reconnect_s)
-    with _hub(hub, resolved, insecure) as (client, hub_url, wait_for_hub):
+    with _hub(address, resolved, insecure) as (client, hub_url, wait_for_hub):
         engine = DraftEngine(resolved.path, n_threads=chosen.threads or None)  # loads while an embedded hub starts
         wait_for_hub()
         conversation = Conversation(engine, client, _template(engine, resolved), decode,
@@ -100,10 +101,9 @@ def _keep(conversation: Conversation, history: History | None, saved: SavedConve
 
 
 @contextlib.contextmanager
-def _hub(flag_url: str | None, resolved: ResolvedModel,
+def _hub(address: config.HubAddress, resolved: ResolvedModel,
          insecure: bool = False) -> Iterator[tuple[HubClient, str, Callable[[], None]]]:
     """The hub client, its URL, and a function that waits until the hub is ready."""
-    address = config.hub_address(flag_url)
     if address.url:
         with HubClient(address.url, address.token, insecure=address.insecure or insecure) as client:
             yield client, address.url, lambda: None
