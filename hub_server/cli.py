@@ -113,6 +113,7 @@ def bench(
     prompts: Annotated[int, typer.Option(help="How many prompts of the shipped set each user answers.")] = 6,
     modes: Annotated[str, typer.Option(help="Comma list of specedge,server_only_spec,autoregressive.")] = "specedge,server_only_spec,autoregressive",
     device: Annotated[str, typer.Option(help="Device of a hub started here.")] = "auto",
+    dtype: Annotated[str, typer.Option(help=f"Dtype of a hub started here: one of {', '.join(DTYPES)}.")] = "auto",
     edge_tps: Annotated[float, typer.Option(help="Draft speed of each simulated user's own device, tokens/s; 0 measures the draft model here on one thread.")] = 0.0,
     plot_path: Annotated[Path, typer.Option("--plot", help="Where to draw the PNG plot.")] = Path("hub-bench.png"),
     as_json: Annotated[bool, typer.Option("--json", help="Print JSON only.")] = False,
@@ -128,7 +129,7 @@ def bench(
     counts = [int(part) for part in clients.split(",") if part.strip()]
     chosen_modes = tuple(part.strip() for part in modes.split(",") if part.strip())
     shipped = load_prompts()[:prompts]
-    with LocalHub.maybe(model, draft, device, max_batch=max(counts)) as local:
+    with LocalHub.maybe(model, draft, device, max_batch=max(counts), dtype=dtype) as local:
         url = hub or local.url
         runs, workload = [], None
         for count in counts:

@@ -15,7 +15,7 @@ import httpx
 
 
 class LocalHub:
-    def __init__(self, model: str, draft: Path, device: str, max_batch: int):
+    def __init__(self, model: str, draft: Path, device: str, max_batch: int, dtype: str = "auto"):
         with socket.socket() as probe:
             probe.bind(("127.0.0.1", 0))
             port = probe.getsockname()[1]
@@ -23,7 +23,7 @@ class LocalHub:
         hub_cores, edge_cores = _split_cores()
         self._process = subprocess.Popen(
             [sys.executable, "-m", "hub_server", "serve", "--model", model, "--draft", str(draft),
-             "--port", str(port), "--device", device, "--max-batch", str(max_batch), "--max-sessions", str(max(64, max_batch)),
+             "--port", str(port), "--device", device, "--dtype", dtype, "--max-batch", str(max_batch), "--max-sessions", str(max(64, max_batch)),
              "--no-auth"],  # loopback only, and a benchmark's own process
             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
             preexec_fn=(lambda: os.sched_setaffinity(0, hub_cores)) if hub_cores else None,
@@ -34,12 +34,13 @@ class LocalHub:
 
     @classmethod
     @contextlib.contextmanager
-    def maybe(cls, model: str | None, draft: Path, device: str, max_batch: int) -> Iterator["LocalHub | None"]:
+    def maybe(cls, model: str | None, draft: Path, device: str, max_batch: int,
+              dtype: str = "auto") -> Iterator["LocalHub | None"]:
         """A local hub when `model` is given, else nothing (the caller measures a running hub)."""
         if model is None:
             yield None
             return
-        hub = cls(model, draft, device, max_batch)
+        hub = cls(model, draft, device, max_batch, dtype)
         try:
             yield hub
         finally:

@@ -32,6 +32,12 @@ FULL, SLIDING = "full_attention", "sliding_attention"
 # is loaded: on a GPU the rest is for the passes themselves (a batch's gathered KV, logits);
 # a CPU machine is shared with the rest of the system.
 AUTO_KV_SHARE = {"cuda": 0.5, "cpu": 0.25}
+# A batch pads every row to its widest, so one session's new prompt would make every other
+# session's draft as costly as that prompt. The runner feeds such a prompt in a pass of its own
+# first when that saves at least this many padded tokens. On a CPU a pass costs its tokens;
+# on a GPU a small pass costs mostly its launches (~35 ms for Gemma 3 270M on an H100, flat
+# from 1 to 16 sessions), worth thousands of padded tokens.
+FEED_APART_SAVING = {"cuda": 4096, "cpu": 16}
 
 log = logging.getLogger("hub_server")
 
@@ -72,6 +78,29 @@ def _row_parents(n_pending: int, parents: list[int]) -> list[int]:
     return list(range(-1, n_pending - 1)) + [n_pending - 1 if p < 0 else n_pending + p for p in parents]
 
 
+def feed_apart(rows: list[tuple[int, int]], min_saving: int) -> list[int]:
+    """Which rows' pending tokens (all but the last) to feed in passes of their own before a
+    batched pass, so that the batch is not padded to long prompts.
+
+    rows: (pending, draft) token counts per row. Takes out the k widest rows, for the k that
+    saves the most tokens (the padded batch shrinks by more than those rows' prefixes cost in
+    passes of their own), if that saves at least `min_saving`.
+    """
+    widths = [pending + draft for pending, draft in rows]
+    order = sorted(range(len(rows)), key=lambda b: -widths[b])
+    best, best_saving, fed = 0, 0, 0
+    for k, b in enumerate(order, start=1):
+        pending, draft = rows[b]
+        if pending <= 1:        # nothing to take out: no narrower batch beyond this row
+            break
+        fed += pending - 1
+        rest = max([widths[c] for c in order[k:]] + [1 + rows[c][1] for c in order[:k]])
+        saving = len(rows) * (widths[order[0]] - rest) - fed
+        if saving > best_saving:
+            best, best_saving = k, saving
+    return order[:best] if best_saving >= min_saving and best_saving > 0 else []
+
+
 class _PastLayer(DynamicLayer):
     """One layer of a pass's cache, starting from the gathered past as it is (no copy)."""
 
@@ -97,11 +126,22 @@ class ModelRunner:
         model_path = Path(settings.model).expanduser()
         self.name = model_path.name
         self.device = choose_device(settings.device)
+        if self.device == "cuda":
+            # cuDNN's attention builds an execution plan for every new shape, hundreds of ms each
+            # (seen on an H100); a hub's passes rarely repeat a shape. The other kernels don't.
+            torch.backends.cuda.enable_cudnn_sdp(False)
         self.vocab = read_vocabulary(model_path)
         self.model = load_target(
             model_path, self.device, choose_dtype(settings.dtype, self.device),
             settings.cache_dir or default_cache_dir(),
         )
+        if self.model.dtype != torch.float32:
+            # Rounding at 16 bits depends on a pass's shape (its sessions, its draft), so a near
+            # tie can go either way: measured on an H100, bf16 replies differed from the target
+            # decoding alone, for the autoregressive baseline in a batch too; float32 matched.
+            log.info("target in %s: replies equal the target decoding alone up to its rounding "
+                     "(near ties can flip with a batch's shape); --dtype float32 makes them exact",
+                     str(self.model.dtype).removeprefix("torch."))
         config = self.model.config.get_text_config(decoder=True)
         self.layer_types = list(getattr(config, "layer_types", None) or [FULL] * config.num_hidden_layers)
         self.window = int(getattr(config, "sliding_window", 0) or 0)
@@ -148,18 +188,18 @@ class ModelRunner:
         return self.pool.keys[layer][kv.index, :, columns], self.pool.values[layer][kv.index, :, columns]
 
     # --- public operations --------------------------------------------------------------
-    def prefill(self, kv: KVSlot, context: list[int], chunk: int = 512) -> None:
+    def prefill(self, kv: KVSlot, context: list[int]) -> None:
         """Bring `kv` up to all of `context` but its last token."""
         with self.device_lock, self._busy():
-            while len(context) - 1 > kv.length:
-                tokens = context[kv.length: min(len(context) - 1, kv.length + chunk)]
-                batch = self._batch([kv], [tokens], [_row_parents(len(tokens), [])])
-                _, cache = self._forward(batch, logits_to_keep=1)
-                self._keep(batch, cache, [list(range(len(tokens)))])
+            self._feed(kv, context[kv.length: len(context) - 1])
 
     def verify_batch(self, jobs: list[VerifyJob]) -> None:
         """Verify every job's draft in one forward pass; fills in `path` and `emitted`."""
         with self.device_lock, self._busy(self.verify_passes.setdefault(len(jobs), [0, 0.0])):
+            rows = [(len(job.pending), len(job.draft)) for job in jobs]
+            for b in feed_apart(rows, FEED_APART_SAVING[torch.device(self.device).type]):
+                self._feed(jobs[b].kv, jobs[b].pending[:-1])
+                jobs[b].pending = jobs[b].pending[-1:]
             batch = self._batch([job.kv for job in jobs], [job.pending + job.draft for job in jobs],
                                 [_row_parents(len(job.pending), job.parents) for job in jobs])
             # Only columns from the earliest root onwards need logits: a long new prompt's
@@ -170,6 +210,14 @@ class ModelRunner:
             self._keep(batch, cache, kept)
 
     # --- internals ----------------------------------------------------------------------
+    def _feed(self, kv: KVSlot, tokens: list[int], chunk: int = 512) -> None:
+        """Append `tokens` to `kv` in passes of this session alone, `chunk` tokens each."""
+        for start in range(0, len(tokens), chunk):
+            part = tokens[start: start + chunk]
+            batch = self._batch([kv], [part], [_row_parents(len(part), [])])
+            _, cache = self._forward(batch, logits_to_keep=1)
+            self._keep(batch, cache, [list(range(len(part)))])
+
     @contextlib.contextmanager
     def _busy(self, tally: list[float] | None = None):
         """Count the time inside it as device time (taken inside the lock: waiting is not busy);
@@ -178,6 +226,8 @@ class ModelRunner:
         try:
             yield
         finally:
+            if self.device == "cuda":   # the pass's last kernels (KV writes) are still running
+                torch.cuda.synchronize()
             seconds = time.perf_counter() - started
             self.busy_seconds += seconds
             if tally is not None:

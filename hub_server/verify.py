@@ -27,7 +27,7 @@ def sample_row(logits: torch.Tensor, temperature: float, uniform: float) -> int:
     """
     probs = torch.softmax(logits.double() / temperature, dim=-1)  # [V], float64 for a stable CDF
     cdf = torch.cumsum(probs, dim=-1)
-    token = int(torch.searchsorted(cdf, torch.tensor([uniform * float(cdf[-1])], dtype=cdf.dtype)))
+    token = int(torch.searchsorted(cdf, torch.tensor([uniform * float(cdf[-1])], dtype=cdf.dtype, device=cdf.device)))
     return min(token, logits.shape[-1] - 1)
 
 

@@ -12,7 +12,7 @@ import pytest
 import torch
 
 from hub_server.config import HubSettings
-from hub_server.runner import ModelRunner, VerifyJob
+from hub_server.runner import ModelRunner, VerifyJob, feed_apart
 from hub_server.verify import chain_parents
 from tests.conftest import TargetAlone
 
@@ -95,6 +95,34 @@ def test_batched_verify_equals_one_session_at_a_time(target):
         assert a.kv.length == t.kv.length
         for layer in range(len(runner.layer_types)):
             torch.testing.assert_close(runner.stored_kv(a.kv, layer), runner.stored_kv(t.kv, layer), atol=1e-4, rtol=1e-4)
+
+
+def test_a_long_prompt_is_fed_apart_only_when_it_saves_padding():
+    # One new prompt of 100 tokens among three 8-token drafts: 4 x 108 padded tokens, or 99
+    # apart and 4 x 9 in the batch.
+    assert feed_apart([(100, 0), (1, 8), (1, 8), (1, 8)], min_saving=16) == [0]
+    assert feed_apart([(100, 0), (1, 8), (1, 8), (1, 8)], min_saving=4096) == []
+    assert feed_apart([(100, 8)], min_saving=1) == []            # alone, nothing is padded
+    assert feed_apart([(10, 8), (1, 8)], min_saving=16) == []     # saves 2 x 9 - 9 = 9 tokens
+    # Taking out the 80 alone leaves the batch 64 wide; taking out both leaves it 9 wide.
+    assert feed_apart([(60, 4), (80, 0), (1, 8)], min_saving=16) == [1, 0]
+    assert feed_apart([(1, 8), (1, 3)], min_saving=0) == []
+
+
+def test_new_prompts_batched_with_drafts_decode_like_the_target_alone(target):
+    """Sessions whose whole prompt is still pending share a pass with sessions verifying drafts:
+    the prompts are fed apart (they save padding), and every reply is the target's own."""
+    runner, target_alone = target
+    long_prompt = [1] + [(3 * i) % 400 + 20 for i in range(60)]
+    contexts = [long_prompt, CONTEXTS[0], CONTEXTS[2]]
+    expected = [greedy(target_alone, c, 6) for c in contexts]
+    slots = [runner.new_kv(), prefilled(runner, contexts[1]), prefilled(runner, contexts[2])]
+    jobs = [job(runner, kv, c, e[:5]) for kv, c, e in zip(slots, contexts, expected)]
+    assert len(jobs[0].pending) == len(long_prompt)
+    runner.verify_batch(jobs)
+    for j, e, c, kv in zip(jobs, expected, contexts, slots):
+        assert j.emitted == e
+        assert kv.length == len(c) + 5
 
 
 def test_batched_rounds_decode_exactly_like_the_target_alone(target):
