@@ -34,10 +34,11 @@ FULL, SLIDING = "full_attention", "sliding_attention"
 AUTO_KV_SHARE = {"cuda": 0.5, "cpu": 0.25}
 # A batch pads every row to its widest, so one session's new prompt would make every other
 # session's draft as costly as that prompt. The runner feeds such a prompt in a pass of its own
-# first when that saves at least this many padded tokens. On a CPU a pass costs its tokens;
+# first when the padding saved outweighs what the extra pass costs beyond its tokens, counted
+# in tokens. On a CPU a pass costs its tokens plus about two (the logits of its last token);
 # on a GPU a small pass costs mostly its launches (~35 ms for Gemma 3 270M on an H100, flat
 # from 1 to 16 sessions), worth thousands of padded tokens.
-FEED_APART_SAVING = {"cuda": 4096, "cpu": 16}
+PASS_OVERHEAD_TOKENS = {"cuda": 4096, "cpu": 2}
 
 log = logging.getLogger("hub_server")
 
@@ -78,13 +79,13 @@ def _row_parents(n_pending: int, parents: list[int]) -> list[int]:
     return list(range(-1, n_pending - 1)) + [n_pending - 1 if p < 0 else n_pending + p for p in parents]
 
 
-def feed_apart(rows: list[tuple[int, int]], min_saving: int) -> list[int]:
+def feed_apart(rows: list[tuple[int, int]], pass_overhead: int) -> list[int]:
     """Which rows' pending tokens (all but the last) to feed in passes of their own before a
     batched pass, so that the batch is not padded to long prompts.
 
-    rows: (pending, draft) token counts per row. Takes out the k widest rows, for the k that
-    saves the most tokens (the padded batch shrinks by more than those rows' prefixes cost in
-    passes of their own), if that saves at least `min_saving`.
+    rows: (pending, draft) token counts per row. Taking out the k widest rows narrows the
+    padded batch; it pays when the tokens saved exceed those rows' prefixes plus k extra
+    passes' overhead (`pass_overhead` tokens each). Returns the rows of the k that saves most.
     """
     widths = [pending + draft for pending, draft in rows]
     order = sorted(range(len(rows)), key=lambda b: -widths[b])
@@ -93,12 +94,12 @@ def feed_apart(rows: list[tuple[int, int]], min_saving: int) -> list[int]:
         pending, draft = rows[b]
         if pending <= 1:        # nothing to take out: no narrower batch beyond this row
             break
-        fed += pending - 1
+        fed += pending - 1 + pass_overhead
         rest = max([widths[c] for c in order[k:]] + [1 + rows[c][1] for c in order[:k]])
         saving = len(rows) * (widths[order[0]] - rest) - fed
         if saving > best_saving:
             best, best_saving = k, saving
-    return order[:best] if best_saving >= min_saving and best_saving > 0 else []
+    return order[:best]
 
 
 class _PastLayer(DynamicLayer):
@@ -152,6 +153,7 @@ class ModelRunner:
         # One thing at a time on the device: a forward pass here, or the hub's own drafting.
         self.device_lock = threading.Lock()
         self.busy_seconds = 0.0  # time spent holding the device for forward passes
+        self.feeds = [0, 0.0]    # context fed in passes of its own (prompts, resumes): [feeds, seconds]
         self.verify_passes: dict[int, list[float]] = {}   # sessions in a pass -> [passes, device seconds]
 
     def _make_pool(self, settings: HubSettings, config) -> KVPool:
@@ -190,28 +192,38 @@ class ModelRunner:
     # --- public operations --------------------------------------------------------------
     def prefill(self, kv: KVSlot, context: list[int]) -> None:
         """Bring `kv` up to all of `context` but its last token."""
-        with self.device_lock, self._busy():
+        with self.device_lock:
             self._feed(kv, context[kv.length: len(context) - 1])
 
     def verify_batch(self, jobs: list[VerifyJob]) -> None:
         """Verify every job's draft in one forward pass; fills in `path` and `emitted`."""
-        with self.device_lock, self._busy(self.verify_passes.setdefault(len(jobs), [0, 0.0])):
+        with self.device_lock:
             rows = [(len(job.pending), len(job.draft)) for job in jobs]
-            for b in feed_apart(rows, FEED_APART_SAVING[torch.device(self.device).type]):
+            for b in feed_apart(rows, PASS_OVERHEAD_TOKENS[torch.device(self.device).type]):
                 self._feed(jobs[b].kv, jobs[b].pending[:-1])
                 jobs[b].pending = jobs[b].pending[-1:]
-            batch = self._batch([job.kv for job in jobs], [job.pending + job.draft for job in jobs],
-                                [_row_parents(len(job.pending), job.parents) for job in jobs])
-            # Only columns from the earliest root onwards need logits: a long new prompt's
-            # positions would otherwise each cost a full vocabulary projection.
-            first = min(len(job.pending) for job in jobs) - 1
-            logits, cache = self._forward(batch, logits_to_keep=batch.width - first)
-            kept = [self._accept(job, batch, b, logits[b], first) for b, job in enumerate(jobs)]
-            self._keep(batch, cache, kept)
+            with self._device_time(self.verify_passes.setdefault(len(jobs), [0, 0.0])):
+                self._verify_pass(jobs)
+
+    def _verify_pass(self, jobs: list[VerifyJob]) -> None:
+        batch = self._batch([job.kv for job in jobs], [job.pending + job.draft for job in jobs],
+                            [_row_parents(len(job.pending), job.parents) for job in jobs])
+        # Only columns from the earliest root onwards need logits: a long new prompt's
+        # positions would otherwise each cost a full vocabulary projection.
+        first = min(len(job.pending) for job in jobs) - 1
+        logits, cache = self._forward(batch, logits_to_keep=batch.width - first)
+        kept = [self._accept(job, batch, b, logits[b], first) for b, job in enumerate(jobs)]
+        self._keep(batch, cache, kept)
 
     # --- internals ----------------------------------------------------------------------
     def _feed(self, kv: KVSlot, tokens: list[int], chunk: int = 512) -> None:
         """Append `tokens` to `kv` in passes of this session alone, `chunk` tokens each."""
+        if not tokens:
+            return
+        with self._device_time(self.feeds):
+            self._feed_passes(kv, tokens, chunk)
+
+    def _feed_passes(self, kv: KVSlot, tokens: list[int], chunk: int) -> None:
         for start in range(0, len(tokens), chunk):
             part = tokens[start: start + chunk]
             batch = self._batch([kv], [part], [_row_parents(len(part), [])])
@@ -219,20 +231,20 @@ class ModelRunner:
             self._keep(batch, cache, [list(range(len(part)))])
 
     @contextlib.contextmanager
-    def _busy(self, tally: list[float] | None = None):
-        """Count the time inside it as device time (taken inside the lock: waiting is not busy);
-        `tally` ([passes, seconds]) counts it too."""
+    def _device_time(self, tally: list[float]):
+        """Count the time inside it as device time (taken inside the lock: waiting is not busy),
+        in `busy_seconds` and in `tally` ([passes, seconds]). On a GPU it waits for the last
+        kernels (the KV writes) first."""
         started = time.perf_counter()
         try:
             yield
         finally:
-            if self.device == "cuda":   # the pass's last kernels (KV writes) are still running
+            if self.device == "cuda":
                 torch.cuda.synchronize()
             seconds = time.perf_counter() - started
             self.busy_seconds += seconds
-            if tally is not None:
-                tally[0] += 1
-                tally[1] += seconds
+            tally[0] += 1
+            tally[1] += seconds
 
     def _batch(self, slots: list[KVSlot], rows: list[list[int]], parents: list[list[int]]) -> _Batch:
         width = max(len(row) for row in rows)

@@ -52,6 +52,7 @@ class Hub:
             "kv_bytes": self.runner.pool.used_bytes, "kv_bytes_reserved": self.runner.pool.reserved_bytes,
             "hub_draft_seconds": self.drafter.busy_seconds if self.drafter else 0.0,
             "device_busy_seconds": self.runner.busy_seconds,
+            "prefill_seconds": self.runner.feeds[1],
             "verify_passes": {size: tuple(tally) for size, tally in sorted(self.runner.verify_passes.items())},
         }
         return render_metrics(self.metrics, gauges, self.scheduler.stats)

@@ -7,6 +7,8 @@ import subprocess
 import sys
 import time
 
+import pytest
+
 from tests.conftest import REPO
 
 
@@ -34,6 +36,10 @@ def test_bench_reports_every_mode_ratios_bound_and_a_plot(tiny, tmp_path):
     bound = report["bound"]
     assert bound["throughput_vs_autoregressive"] > 0 and bound["sessions_per_pass"] == 2
     assert bound["one_token_pass_ms"] > 0 and bound["verify_pass_ms"] > 0
+    assert bound["share_of_bound"] == pytest.approx(bound["decode_throughput_vs_autoregressive"] / bound["throughput_vs_autoregressive"], rel=0.01)
+    for mode in report["modes"].values():   # prompts fed apart from verifies are counted apart
+        assert 0 <= mode["prefill_busy_s"] < mode["hub_busy_s"]
+        assert mode["decode_throughput"] >= mode["server_throughput"]
     assert report["config"]["clients"] == 2 and report["config"]["rtt_ms"] == 4
     assert report["config"]["edge_tps"] > 0   # measured on the draft model, since no --edge-tps
     assert plot.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"

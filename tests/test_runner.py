@@ -99,14 +99,15 @@ def test_batched_verify_equals_one_session_at_a_time(target):
 
 def test_a_long_prompt_is_fed_apart_only_when_it_saves_padding():
     # One new prompt of 100 tokens among three 8-token drafts: 4 x 108 padded tokens, or 99
-    # apart and 4 x 9 in the batch.
-    assert feed_apart([(100, 0), (1, 8), (1, 8), (1, 8)], min_saving=16) == [0]
-    assert feed_apart([(100, 0), (1, 8), (1, 8), (1, 8)], min_saving=4096) == []
-    assert feed_apart([(100, 8)], min_saving=1) == []            # alone, nothing is padded
-    assert feed_apart([(10, 8), (1, 8)], min_saving=16) == []     # saves 2 x 9 - 9 = 9 tokens
+    # (plus a pass) apart and 4 x 9 in the batch.
+    assert feed_apart([(100, 0), (1, 8), (1, 8), (1, 8)], pass_overhead=2) == [0]
+    assert feed_apart([(100, 0), (1, 8), (1, 8), (1, 8)], pass_overhead=4096) == []
+    assert feed_apart([(100, 8)], pass_overhead=0) == []           # alone, nothing is padded
+    assert feed_apart([(10, 8), (1, 8)], pass_overhead=2) == [0]   # 2 x 9 saved for 9 + 2
+    assert feed_apart([(10, 8), (1, 8)], pass_overhead=9) == []    # 2 x 9 saved for 9 + 9: no gain
     # Taking out the 80 alone leaves the batch 64 wide; taking out both leaves it 9 wide.
-    assert feed_apart([(60, 4), (80, 0), (1, 8)], min_saving=16) == [1, 0]
-    assert feed_apart([(1, 8), (1, 3)], min_saving=0) == []
+    assert feed_apart([(60, 4), (80, 0), (1, 8)], pass_overhead=2) == [1, 0]
+    assert feed_apart([(1, 8), (1, 3)], pass_overhead=0) == []
 
 
 def test_new_prompts_batched_with_drafts_decode_like_the_target_alone(target):
@@ -119,7 +120,9 @@ def test_new_prompts_batched_with_drafts_decode_like_the_target_alone(target):
     slots = [runner.new_kv(), prefilled(runner, contexts[1]), prefilled(runner, contexts[2])]
     jobs = [job(runner, kv, c, e[:5]) for kv, c, e in zip(slots, contexts, expected)]
     assert len(jobs[0].pending) == len(long_prompt)
+    feeds = list(runner.feeds)
     runner.verify_batch(jobs)
+    assert runner.feeds[0] == feeds[0] + 1 and runner.feeds[1] > feeds[1]   # fed apart, and timed
     for j, e, c, kv in zip(jobs, expected, contexts, slots):
         assert j.emitted == e
         assert kv.length == len(c) + 5
