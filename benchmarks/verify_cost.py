@@ -20,45 +20,23 @@ from __future__ import annotations
 
 import argparse
 import json
-import statistics
-import time
 
-import numpy as np
-
-from hub_server.config import HubSettings
-from hub_server.runner import ModelRunner, VerifyJob
-from hub_server.verify import chain_parents
+from hub_server.probe import PassProbe
 
 
-def pass_ms(runner: ModelRunner, slots, context: list[int], draft_tokens: int, repeats: int,
-            rng: np.random.Generator) -> float:
-    """Median ms of one pass over all `slots`, each with its last token and `draft_tokens` more."""
-    times = []
-    for _ in range(repeats + 1):  # the first is a warm-up
-        jobs = []
-        for slot in slots:
-            slot.length = len(context) - 1
-            draft = rng.integers(10, runner.vocab_size, draft_tokens).tolist()
-            jobs.append(VerifyJob(slot, [context[-1]], draft, chain_parents(len(draft)), 0.0, 0, frozenset()))
-        started = time.perf_counter()
-        runner.verify_batch(jobs)   # waits for the device (the runner's busy accounting does)
-        times.append((time.perf_counter() - started) * 1000)
-    return statistics.median(times[1:])
-
-
-def profile(runner: ModelRunner, slots, context: list[int], draft_tokens: int, rng: np.random.Generator) -> None:
+def profile(probe: PassProbe, sessions: int) -> None:
     """Print the operators one verify pass spends its host time on, and how many device kernels
     it launches: on a GPU a small target's pass is bound by launching kernels, not running them."""
     from torch.profiler import ProfilerActivity, profile as torch_profile
 
-    activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if runner.device == "cuda" else [])
-    pass_ms(runner, slots, context, draft_tokens, 2, rng)  # warm
+    activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if probe.runner.device == "cuda" else [])
+    probe.pass_ms(sessions, probe.draft_tokens, 2)  # warm
     with torch_profile(activities=activities) as prof:
-        pass_ms(runner, slots, context, draft_tokens, 1, rng)  # a warm-up and one pass: two passes
+        probe.pass_ms(sessions, probe.draft_tokens, 1)  # a warm-up and one pass: two passes
     events = prof.key_averages()
     launches = sum(e.count for e in events if e.key in ("cudaLaunchKernel", "cuLaunchKernel", "cudaLaunchKernelExC"))
     operators = sum(e.count for e in events if e.key.startswith("aten::"))
-    print(f"profile of two verify passes of {len(slots)} sessions: {operators} torch operators, "
+    print(f"profile of two verify passes of {sessions} sessions: {operators} torch operators, "
           f"{launches} kernel launches")
     print(events.table(sort_by="self_cpu_time_total", row_limit=15))
 
@@ -79,18 +57,14 @@ def main() -> None:
     args = parser.parse_args()
 
     counts = [int(n) for n in args.sessions.split(",")]
-    runner = ModelRunner(HubSettings(model=args.target, device=args.device, max_sessions=max(counts),
-                                     max_context=args.context + args.draft_tokens + 8))
-    rng = np.random.default_rng(0)
-    context = [1] + rng.integers(10, runner.vocab_size, args.context - 1).tolist()
-    slots = [runner.new_kv() for _ in range(max(counts))]
-    for slot in slots:
-        runner.prefill(slot, context)
+    probe = PassProbe(args.target, device=args.device, sessions=max(counts), context=args.context,
+                      draft_tokens=args.draft_tokens)
+    runner = probe.runner
 
     rows = []
     for n in counts:
-        one = pass_ms(runner, slots[:n], context, 0, args.repeats, rng)
-        verify = pass_ms(runner, slots[:n], context, args.draft_tokens, args.repeats, rng)
+        one = probe.pass_ms(n, 0, args.repeats)
+        verify = probe.pass_ms(n, args.draft_tokens, args.repeats)
         rows.append({"sessions": n, "one_token_pass_ms": round(one, 3), "verify_pass_ms": round(verify, 3)})
     single = rows[0]["verify_pass_ms"] if counts[0] == 1 else None
 
@@ -106,7 +80,7 @@ def main() -> None:
         print(f"{row['sessions']:>8} {row['one_token_pass_ms']:>11.2f} {row['verify_pass_ms']:>10.2f} "
               f"{versus:>17} {bound:>7}")
     if args.profile:
-        profile(runner, slots[:args.profile], context, args.draft_tokens, rng)
+        profile(probe, args.profile)
     if args.json:
         with open(args.json, "w") as out:
             json.dump({"config": vars(args) | {"device": runner.device, "dtype": str(runner.model.dtype)},

@@ -354,13 +354,42 @@ def _bound(results: dict, clients: int) -> dict:
     verify_ms = pass_ms_at(spec["pass_ms_by_sessions"], clients)
     if not (one_token_ms > 0 and verify_ms > 0):
         return {}
+    return _bound_from(results, clients, one_token_ms, verify_ms, "passes seen")
+
+
+def _bound_from(results: dict, clients: int, one_token_ms: float, verify_ms: float, measured: str) -> dict:
+    spec, ar = results["specedge"], results["autoregressive"]
     bound = spec["tokens_per_verify"] * one_token_ms / verify_ms
     # The bound counts passes only, so the share of it compares decoding alone: the prompts'
     # prefill, the same work in both modes, would otherwise pull any ratio towards 1.
     decode_ratio = spec["decode_throughput"] / ar["decode_throughput"] if ar["decode_throughput"] else 0.0
-    return {"throughput_vs_autoregressive": round(bound, 3),
+    return {"throughput_vs_autoregressive": round(bound, 3), "measured": measured,
             "sessions_per_pass": clients, "one_token_pass_ms": round(one_token_ms, 2), "verify_pass_ms": round(verify_ms, 2),
             "decode_throughput_vs_autoregressive": round(decode_ratio, 3), "share_of_bound": round(decode_ratio / bound, 3)}
+
+
+def probe_bounds(runs: list[dict], model: str, device: str, dtype: str, workload: Workload,
+                 cores: set[int]) -> None:
+    """Measure each run's bound directly, once the hub this bench started has stopped: a
+    one-token pass and a verify pass over all N sessions on the hub's own runner, with the same
+    device, dtype and cores, at the runs' mean context length (prompt + half the reply)."""
+    import torch
+
+    from hub_server.probe import PassProbe
+
+    if cores:
+        os.sched_setaffinity(0, cores)
+        torch.set_num_threads(len(cores))
+    config = runs[0]["config"]
+    prompt = statistics.fmean(len(p) for p in workload.prompt_tokens)
+    context = int(prompt + config["max_tokens"] / 2)
+    probe = PassProbe(model, device=device, dtype=dtype, sessions=max(run["config"]["clients"] for run in runs),
+                      context=context, draft_tokens=config["draft_len"])
+    for run in runs:
+        results, clients = run["modes"], run["config"]["clients"]
+        if "specedge" in results and "autoregressive" in results:
+            one_token_ms, verify_ms = probe.pass_ms(clients, 0), probe.pass_ms(clients, config["draft_len"])
+            run["bound"] = _bound_from(results, clients, one_token_ms, verify_ms, f"probe: context {context}")
 
 
 def plot(runs: list[dict], path: Path) -> None:

@@ -121,7 +121,7 @@ def bench(
     """Measure server throughput and latency: SpecEdge against server-only baselines."""
     import json
 
-    from hub_server.bench import BenchConfig, load_prompts, plot, prepare_workload, run_bench
+    from hub_server.bench import BenchConfig, load_prompts, plot, prepare_workload, probe_bounds, run_bench
     from hub_server.local_hub import LocalHub
 
     if (model is None) == (hub is None):
@@ -138,6 +138,12 @@ def bench(
             runs.append(run_bench(config, chosen_modes, workload))
             if not as_json:
                 typer.echo(_bench_table(runs[-1]), err=True)
+    if local is not None and workload is not None:
+        # The hub has stopped: its device and cores are free to measure full passes directly.
+        probe_bounds(runs, model, device, dtype, workload, local.hub_cores)
+        if not as_json:
+            for run in runs:
+                typer.echo(f"clients={run['config']['clients']} bound, measured directly: {run['bound']}", err=True)
     plot(runs, plot_path)
     result = runs[0] if len(runs) == 1 else {"runs": runs}
     result["plot"] = str(plot_path)

@@ -21,6 +21,7 @@ class LocalHub:
             port = probe.getsockname()[1]
         self.url = f"http://127.0.0.1:{port}"
         hub_cores, edge_cores = _split_cores()
+        self.hub_cores = hub_cores   # empty: not pinned
         self._process = subprocess.Popen(
             [sys.executable, "-m", "hub_server", "serve", "--model", model, "--draft", str(draft),
              "--port", str(port), "--device", device, "--dtype", dtype, "--max-batch", str(max_batch), "--max-sessions", str(max(64, max_batch)),

@@ -35,6 +35,7 @@ def test_bench_reports_every_mode_ratios_bound_and_a_plot(tiny, tmp_path):
     assert set(report["ratios"]) == {"throughput_vs_autoregressive", "throughput_vs_server_only_spec", "itl_vs_server_only_spec"}
     bound = report["bound"]
     assert bound["throughput_vs_autoregressive"] > 0 and bound["sessions_per_pass"] == 2
+    assert bound["measured"].startswith("probe")   # full passes of both kinds, measured directly
     assert bound["one_token_pass_ms"] > 0 and bound["verify_pass_ms"] > 0
     assert bound["share_of_bound"] == pytest.approx(bound["decode_throughput_vs_autoregressive"] / bound["throughput_vs_autoregressive"], rel=0.01)
     for mode in report["modes"].values():   # prompts fed apart from verifies are counted apart

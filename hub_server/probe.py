@@ -1,0 +1,50 @@
+"""What one batched pass of the hub's runner costs, measured directly on scratch KV slots.
+
+`hub_server bench` uses it for its bound (a one-token pass and a verify pass, each over all N
+sessions, on the same device, dtype and cores as the hub it started), and
+`benchmarks/verify_cost.py` prints it by sessions. Contexts are reset after each pass, so every
+pass sees the same lengths; draft tokens are random (what a pass costs does not depend on what
+it accepts).
+"""
+
+from __future__ import annotations
+
+import statistics
+import time
+
+import numpy as np
+
+from hub_server.config import HubSettings
+from hub_server.runner import ModelRunner, VerifyJob
+from hub_server.verify import chain_parents
+
+
+class PassProbe:
+    def __init__(self, model: str, device: str = "auto", dtype: str = "auto", sessions: int = 64,
+                 context: int = 128, draft_tokens: int = 8):
+        self.runner = ModelRunner(HubSettings(model=model, device=device, dtype=dtype, max_sessions=sessions,
+                                              max_context=context + draft_tokens + 8))
+        self.draft_tokens = draft_tokens
+        self._rng = np.random.default_rng(0)
+        self.context = [1] + self._random_tokens(context - 1)
+        self.slots = [self.runner.new_kv() for _ in range(sessions)]
+        for slot in self.slots:
+            self.runner.prefill(slot, self.context)
+
+    def pass_ms(self, sessions: int, draft_tokens: int, repeats: int = 5) -> float:
+        """Median ms of a pass over `sessions` sessions, each with its last context token and
+        `draft_tokens` draft tokens (0: the one-token step of autoregressive decoding)."""
+        times = []
+        for _ in range(repeats + 1):  # the first is a warm-up
+            jobs = []
+            for slot in self.slots[:sessions]:
+                slot.length = len(self.context) - 1
+                draft = self._random_tokens(draft_tokens)
+                jobs.append(VerifyJob(slot, [self.context[-1]], draft, chain_parents(len(draft)), 0.0, 0, frozenset()))
+            started = time.perf_counter()
+            self.runner.verify_batch(jobs)   # waits for the device (the runner's device time does)
+            times.append((time.perf_counter() - started) * 1000)
+        return statistics.median(times[1:])
+
+    def _random_tokens(self, count: int) -> list[int]:
+        return self._rng.integers(10, self.runner.vocab_size, count).tolist()
