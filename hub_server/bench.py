@@ -17,6 +17,13 @@ before the timed runs, the draft model drafts for real at every point of every p
 real draft from that store and waits as long as its own device would take to draft it, at the
 draft speed measured here (or `--edge-tps`). Drafting then costs the timed run no CPU, and the
 verifies reach the hub when N parallel edges would send them.
+
+The bound ("what the hardware allows") is tokens per verify x the cost of a one-token pass over
+all N sessions / that of a verify pass over all N. With a hub started here it is measured
+directly after the runs (`probe.py`); against a running hub it is read off the passes each mode
+ran (/metrics counts them by size). Prompts fed in passes of their own are counted apart
+(`prefill_busy_s`), and the share of the bound compares decode throughput without them: both
+modes feed the same prompts.
 """
 
 from __future__ import annotations
