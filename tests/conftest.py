@@ -147,7 +147,7 @@ class TargetAlone:
 
     @torch.inference_mode()
     def next_logits(self, context: list[int]) -> torch.Tensor:
-        return self.model(input_ids=torch.tensor([context])).logits[0, -1].float()
+        return self.model(input_ids=torch.tensor([context], device=self.model.device)).logits[0, -1].float()
 
     def decode(self, context: list[int], max_tokens: int, stop_ids: frozenset[int] = frozenset(),
                temperature: float = 0.0, seed: int = 0) -> list[int]:
