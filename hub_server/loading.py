@@ -11,12 +11,16 @@ import hashlib
 import logging
 import os
 import shutil
+import time
 from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 
 log = logging.getLogger("hub_server.loading")
+
+KEEP_CONVERTED = 4           # converted GGUF targets kept in the cache, the most recently used
+STALE_PARTIAL_S = 24 * 3600  # a conversion left half-written this long ago was abandoned
 
 # SentencePiece marks a leading space with U+2581; llama.cpp and transformers do not always
 # spell whitespace-only pieces the same way, so the fingerprint compares them normalised.
@@ -98,6 +102,7 @@ def _converted_gguf(path: Path, dtype: torch.dtype, cache_dir: Path) -> Path:
     key = hashlib.sha256(f"{path.resolve()}|{stat.st_size}|{stat.st_mtime_ns}|{dtype}".encode()).hexdigest()[:16]
     folder = cache_dir / "converted" / f"{path.stem}-{key}"
     if (folder / "config.json").exists():
+        os.utime(folder)  # used now: the last to be pruned
         return folder
     from transformers import AutoModelForCausalLM
 
@@ -110,7 +115,21 @@ def _converted_gguf(path: Path, dtype: torch.dtype, cache_dir: Path) -> Path:
         partial.rename(folder)
     except OSError:
         shutil.rmtree(partial, ignore_errors=True)
+    prune_converted(folder.parent, KEEP_CONVERTED)
     return folder
+
+
+def prune_converted(root: Path, keep: int) -> list[Path]:
+    """Delete all but the `keep` most recently used conversions (a float32 copy of a 1.5B
+    target is 6 GB, and every new file or dtype makes another), and conversions abandoned
+    half-written; returns what was deleted. A hub already running keeps the weights it loaded."""
+    done = sorted((p for p in root.iterdir() if (p / "config.json").exists() and ".partial-" not in p.name),
+                  key=lambda p: p.stat().st_mtime, reverse=True)
+    abandoned = [p for p in root.iterdir() if ".partial-" in p.name and time.time() - p.stat().st_mtime > STALE_PARTIAL_S]
+    for old in done[keep:] + abandoned:
+        log.info("removing %s from the converted-target cache (keeping the %d most recently used)", old.name, keep)
+        shutil.rmtree(old, ignore_errors=True)
+    return done[keep:] + abandoned
 
 
 def _save_plain(model, folder: Path) -> None:
