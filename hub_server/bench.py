@@ -372,7 +372,8 @@ def _bound_from(results: dict, clients: int, one_token_ms: float, verify_ms: flo
     decode_ratio = spec["decode_throughput"] / ar["decode_throughput"] if ar["decode_throughput"] else 0.0
     return {"throughput_vs_autoregressive": round(bound, 3), "measured": measured,
             "sessions_per_pass": clients, "one_token_pass_ms": round(one_token_ms, 2), "verify_pass_ms": round(verify_ms, 2),
-            "decode_throughput_vs_autoregressive": round(decode_ratio, 3), "share_of_bound": round(decode_ratio / bound, 3)}
+            "decode_throughput_vs_autoregressive": round(decode_ratio, 3),
+            "share_of_bound": round(decode_ratio / bound, 3) if bound else 0.0}
 
 
 def probe_bounds(runs: list[dict], model: str, device: str, dtype: str, workload: Workload,

@@ -205,6 +205,7 @@ class ModelRunner:
             with self._device_time(self.verify_passes.setdefault(len(jobs), [0, 0.0])):
                 self._verify_pass(jobs)
 
+    # --- internals ----------------------------------------------------------------------
     def _verify_pass(self, jobs: list[VerifyJob]) -> None:
         batch = self._batch([job.kv for job in jobs], [job.pending + job.draft for job in jobs],
                             [_row_parents(len(job.pending), job.parents) for job in jobs])
@@ -215,7 +216,6 @@ class ModelRunner:
         kept = [self._accept(job, batch, b, logits[b], first) for b, job in enumerate(jobs)]
         self._keep(batch, cache, kept)
 
-    # --- internals ----------------------------------------------------------------------
     def _feed(self, kv: KVSlot, tokens: list[int], chunk: int = 512) -> None:
         """Append `tokens` to `kv` in passes of this session alone, `chunk` tokens each."""
         if not tokens:
