@@ -31,6 +31,13 @@ class ChatSettings:
     reconnect_s: float = 60.0   # how long a reply waits for a hub that went away
 
 
+@dataclass(frozen=True)
+class Reader:
+    """How a setting's text is read, and what a refused value is told to be."""
+    parse: Callable[[str], Any]
+    expected: str = ""
+
+
 def _boolean(text: str) -> bool:
     lowered = str(text).strip().lower()
     if lowered in ("1", "true", "yes", "on"):
@@ -44,27 +51,27 @@ def _boolean_or_auto(text: str) -> bool | None:
     return None if str(text).strip().lower() == "auto" else _boolean(text)
 
 
-def _at_least(low: float, parse: Callable[[str], Any]) -> Callable[[str], Any]:
+def _number(kind: type, low: float, zero_means: str = "", unit: str = "") -> Reader:
+    """A number of `kind` (int or float), at least `low`; `zero_means` says what 0 chooses."""
     def check(text: str):
-        value = parse(text)
+        value = kind(text)
         if value < low:
             raise ValueError(text)
         return value
-    return check
+    noun = unit or ("a whole number" if kind is int else "a number")
+    return Reader(check, f"{noun}, 0 for {zero_means}" if zero_means else f"{noun}, at least {low:g}")
 
 
-PARSERS: dict[str, Callable[[str], Any]] = {
-    "model": str, "max_tokens": _at_least(1, int), "temperature": _at_least(0.0, float), "seed": _at_least(0, int),
-    "draft_len": _at_least(0, int), "tree_budget": _at_least(0, int), "proactive": _boolean_or_auto, "system": str, "threads": _at_least(0, int), "offline": _boolean, "logs": _boolean,
-    "reconnect_s": _at_least(0.0, float),
+READERS: dict[str, Reader] = {
+    "model": Reader(str), "system": Reader(str),
+    "max_tokens": _number(int, 1), "temperature": _number(float, 0), "seed": _number(int, 0),
+    "draft_len": _number(int, 0, zero_means="automatic"), "tree_budget": _number(int, 0, zero_means="a chain"),
+    "proactive": Reader(_boolean_or_auto, "on, off or auto"),
+    "threads": _number(int, 0, zero_means="llama.cpp's default"),
+    "offline": Reader(_boolean, "on or off"), "logs": Reader(_boolean, "on or off"),
+    "reconnect_s": _number(float, 0, unit="seconds"),
 }
 KEYS = [f.name for f in fields(ChatSettings)]
-EXPECTED = {
-    "max_tokens": "a whole number, at least 1", "temperature": "a number, at least 0", "seed": "a whole number, at least 0",
-    "draft_len": "a whole number, 0 for automatic", "tree_budget": "a whole number, 0 for a chain",
-    "proactive": "on, off or auto", "threads": "a whole number, 0 for llama.cpp's default", "offline": "on or off",
-    "logs": "on or off", "reconnect_s": "seconds, at least 0",
-}
 
 
 def key_name(key: str) -> str:
@@ -78,16 +85,17 @@ def env_name(key: str) -> str:
 
 def field_of(name: str) -> str:
     key = name.replace("-", "_")
-    if key not in PARSERS:
+    if key not in READERS:
         raise SettingError(f"unknown setting {name!r}; known: {', '.join(key_name(k) for k in KEYS)}")
     return key
 
 
 def parse(key: str, value: Any, where: str) -> Any:
+    reader = READERS[key]
     try:
-        return PARSERS[key](value)
+        return reader.parse(value)
     except (TypeError, ValueError):
-        expected = f" (expected {EXPECTED[key]})" if key in EXPECTED else ""
+        expected = f" (expected {reader.expected})" if reader.expected else ""
         raise SettingError(f"{where}: {value!r} is not a valid {key_name(key)}{expected}; "
                            f"fix it or run `specedge config set {key_name(key)} VALUE`") from None
 
