@@ -351,9 +351,9 @@ def _ratios(results: dict) -> dict:
 
 def _bound(results: dict, clients: int) -> dict:
     """What the hardware allows at this load: tokens per verify x the device time of a one-token
-    pass over all `clients` sessions / that of a verify pass over all of them. Both come from
-    the passes each mode ran, by how many sessions each held, so the bound does not depend on
-    how the scheduler happened to group them."""
+    pass over all `clients` sessions / that of a verify pass over all of them, read off the
+    passes each mode ran (a line through their sizes). An extrapolation where a mode never ran
+    full passes, so a bench that started its hub replaces it with `probe_bounds`."""
     spec, ar = results.get("specedge"), results.get("autoregressive")
     if not (spec and ar):
         return {}

@@ -123,13 +123,15 @@ def prune_converted(root: Path, keep: int) -> list[Path]:
     """Delete all but the `keep` most recently used conversions (a float32 copy of a 1.5B
     target is 6 GB, and every new file or dtype makes another), and conversions abandoned
     half-written; returns what was deleted. A hub already running keeps the weights it loaded."""
-    done = sorted((p for p in root.iterdir() if (p / "config.json").exists() and ".partial-" not in p.name),
+    entries = list(root.iterdir())
+    done = sorted((p for p in entries if (p / "config.json").exists() and ".partial-" not in p.name),
                   key=lambda p: p.stat().st_mtime, reverse=True)
-    abandoned = [p for p in root.iterdir() if ".partial-" in p.name and time.time() - p.stat().st_mtime > STALE_PARTIAL_S]
-    for old in done[keep:] + abandoned:
+    abandoned = [p for p in entries if ".partial-" in p.name and time.time() - p.stat().st_mtime > STALE_PARTIAL_S]
+    removed = done[keep:] + abandoned
+    for old in removed:
         log.info("removing %s from the converted-target cache (keeping the %d most recently used)", old.name, keep)
         shutil.rmtree(old, ignore_errors=True)
-    return done[keep:] + abandoned
+    return removed
 
 
 def _save_plain(model, folder: Path) -> None:

@@ -45,8 +45,8 @@ def render(metrics: HubMetrics, gauges: dict[str, float], scheduler_stats) -> st
     emit("device_busy_seconds_total", "counter", "Seconds the device spent on the target's forward passes.",
          [("", gauges["device_busy_seconds"])])
     emit("prefill_seconds_total", "counter", "Of those, seconds spent feeding context (new prompts, "
-         "resumed sessions) in passes of its own, apart from verifies.", [("", gauges.get("prefill_seconds", 0.0))])
-    passes = gauges.get("verify_passes", {})
+         "resumed sessions) in passes of its own, apart from verifies.", [("", gauges["prefill_seconds"])])
+    passes = gauges["verify_passes"]
     emit("verify_passes_total", "counter", "Verify forward passes, by sessions in the pass.",
          [(f'{{sessions="{size}"}}', count) for size, (count, _) in passes.items()])
     emit("verify_pass_seconds_total", "counter", "Device seconds of those passes, by sessions in the pass.",

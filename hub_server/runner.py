@@ -199,7 +199,7 @@ class ModelRunner:
         """Verify every job's draft in one forward pass; fills in `path` and `emitted`."""
         with self.device_lock:
             rows = [(len(job.pending), len(job.draft)) for job in jobs]
-            for b in feed_apart(rows, PASS_OVERHEAD_TOKENS[torch.device(self.device).type]):
+            for b in feed_apart(rows, PASS_OVERHEAD_TOKENS[self.device]):
                 self._feed(jobs[b].kv, jobs[b].pending[:-1])
                 jobs[b].pending = jobs[b].pending[-1:]
             with self._device_time(self.verify_passes.setdefault(len(jobs), [0, 0.0])):
