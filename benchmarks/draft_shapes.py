@@ -1,7 +1,7 @@
 """Chain against tree drafts, with and without proactive drafting, through a real hub.
 
     .venv/bin/python benchmarks/draft_shapes.py --target T.gguf --draft D.gguf [--nodes 8 16] [--max-tokens 64]
-        [--temperature 0] [--prompts N]
+        [--temperature 0] [--prompts N] [--depth D] [--device cpu|cuda]
 
 Starts a hub on loopback (the target), drafts with llama.cpp (the draft), answers the shipped
 bench prompts with each draft shape, and prints for each: tokens per verify, the hub's mean busy
@@ -27,13 +27,22 @@ from specedge_cli.remote.client import HubClient
 
 
 def shapes(nodes: int) -> dict[str, DecodeSettings]:
-    """Equal hub cost: every shape sends at most `nodes` draft tokens per verify."""
+    """Equal hub cost on a CPU: every shape sends at most `nodes` draft tokens per verify."""
     return {
         f"chain{nodes}-plain": DecodeSettings(draft_len=nodes, proactive=False),
         f"chain{nodes}": DecodeSettings(draft_len=nodes),
         f"tree{nodes}-w2": DecodeSettings(draft_len=nodes, tree_budget=nodes, tree_width=2),
         f"tree{nodes}-w4": DecodeSettings(draft_len=nodes, tree_budget=nodes, tree_width=4),
     }
+
+
+def level_shapes(depth: int, budgets: list[int]) -> dict[str, DecodeSettings]:
+    """Equal draft decodes: a chain of `depth` tokens and trees of `depth` levels, `budgets` nodes."""
+    chosen = {f"chain{depth}-plain": DecodeSettings(draft_len=depth, proactive=False),
+              f"chain{depth}": DecodeSettings(draft_len=depth)}
+    for budget in budgets:
+        chosen[f"tree{budget}-d{depth}-w4"] = DecodeSettings(draft_len=depth, tree_budget=budget, tree_width=4)
+    return chosen
 
 
 def run_shape(engine, client, template, settings, prompts) -> dict:
@@ -71,17 +80,20 @@ def main() -> None:
     parser.add_argument("--max-tokens", type=int, default=64)
     parser.add_argument("--temperature", type=float, default=0.0)
     parser.add_argument("--prompts", type=int, default=0, help="use the first N shipped prompts (0: all)")
+    parser.add_argument("--depth", type=int, default=0, help="trees of this many levels with --nodes nodes, against a chain this deep")
+    parser.add_argument("--device", default="auto", help="the hub's device")
     args = parser.parse_args()
     prompts = load_prompts()[: args.prompts or None]
     results = {}
-    with LocalHub.maybe(args.target, args.draft, "auto", max_batch=1) as hub, HubClient(hub.url) as client:
+    with LocalHub.maybe(args.target, args.draft, args.device, max_batch=1, dtype="float32") as hub, HubClient(hub.url) as client:
         engine = DraftEngine(args.draft, n_threads=1)
         bos = engine.detokenize([engine.bos_token_id], special=True).decode()
         template = ChatTemplate("{{ bos_token }}{{ messages[-1].content }}", bos_token=bos, eos_token="")
-        for nodes in args.nodes:
-            for name, settings in shapes(nodes).items():
-                settings = replace(settings, max_tokens=args.max_tokens, temperature=args.temperature, seed=7)
-                results[name] = run_shape(engine, client, template, settings, prompts)
+        chosen = level_shapes(args.depth, args.nodes) if args.depth else {
+            name: settings for nodes in args.nodes for name, settings in shapes(nodes).items()}
+        for name, settings in chosen.items():
+            settings = replace(settings, max_tokens=args.max_tokens, temperature=args.temperature, seed=7)
+            results[name] = run_shape(engine, client, template, settings, prompts)
     reference = next(iter(results.values()))["tokens"]
     lossless = all(r["tokens"] == reference for r in results.values())
     for name, r in results.items():

@@ -257,6 +257,9 @@ def run_mode(mode: str, config: BenchConfig, users: list[SimulatedUser], prompt_
         "forward_passes": passes,
         "busy_ms_per_pass": 1000 * (after["specedge_device_busy_seconds_total"] - before["specedge_device_busy_seconds_total"]) / passes if passes else 0.0,
         "verifies_per_pass": verifies / passes if passes else 0.0,
+        # Batches held for users due back soon (--merge-wait-share), and for how long in all.
+        "merge_waits": after.get("specedge_merge_waits_total", 0.0) - before.get("specedge_merge_waits_total", 0.0),
+        "merge_wait_s": after.get("specedge_merge_wait_seconds_total", 0.0) - before.get("specedge_merge_wait_seconds_total", 0.0),
         "pass_ms_by_sessions": _pass_ms_by_sessions(before, after),
         "wall_s": wall,
     }

@@ -44,6 +44,7 @@ def serve(
     session_idle_s: Annotated[float, typer.Option(help="Evict sessions idle this many seconds.")] = 600.0,
     max_batch: Annotated[int, typer.Option(help="Sessions verified in one forward pass.")] = 16,
     batch_wait_ms: Annotated[float, typer.Option(help="Longest wait, in ms, for a fuller batch when more work is on its way.")] = 2.0,
+    merge_wait_share: Annotated[float, typer.Option(help="Hold a batch for users due back within this share of a pass's fixed cost (measured), so they share the pass; 0: never.")] = 0.5,
     cache_dir: Annotated[Optional[Path], typer.Option(help="Where converted GGUF targets are kept.")] = None,
     data_dir: Annotated[Optional[Path], typer.Option(help=f"Accounts database folder; default {default_data_dir()}.")] = None,
     no_auth: Annotated[bool, typer.Option("--no-auth", help="Serve without tokens; loopback addresses only.")] = False,
@@ -68,7 +69,7 @@ def serve(
         settings = HubSettings(model=model, host=host, port=port, device=device, dtype=dtype,
                                max_draft_tokens=max_draft_tokens, max_context=max_context, kv_memory_gib=kv_memory_gib,
                                max_sessions=max_sessions, max_batch=max_batch, draft=draft, session_idle_s=session_idle_s,
-                               batch_wait_ms=batch_wait_ms, cache_dir=cache_dir, data_dir=data_dir,
+                               batch_wait_ms=batch_wait_ms, merge_wait_share=merge_wait_share, cache_dir=cache_dir, data_dir=data_dir,
                                auth=not no_auth, embedded_token=os.environ.pop(EMBEDDED_TOKEN_ENV, None) or None,
                                max_sessions_per_user=max_sessions_per_user, tokens_per_minute=tokens_per_minute,
                                max_queue_depth=max_queue_depth,
@@ -115,6 +116,7 @@ def bench(
     device: Annotated[str, typer.Option(help="Device of a hub started here.")] = "auto",
     dtype: Annotated[str, typer.Option(help=f"Dtype of a hub started here: one of {', '.join(DTYPES)}.")] = "auto",
     edge_tps: Annotated[float, typer.Option(help="Draft speed of each simulated user's own device, tokens/s; 0 measures the draft model here on one thread.")] = 0.0,
+    merge_wait_share: Annotated[float, typer.Option(help="--merge-wait-share of a hub started here.")] = 0.5,
     plot_path: Annotated[Path, typer.Option("--plot", help="Where to draw the PNG plot.")] = Path("hub-bench.png"),
     as_json: Annotated[bool, typer.Option("--json", help="Print JSON only.")] = False,
 ) -> None:
@@ -129,7 +131,8 @@ def bench(
     counts = [int(part) for part in clients.split(",") if part.strip()]
     chosen_modes = tuple(part.strip() for part in modes.split(",") if part.strip())
     shipped = load_prompts()[:prompts]
-    with LocalHub.maybe(model, draft, device, max_batch=max(counts), dtype=dtype) as local:
+    serve_args = ("--merge-wait-share", str(merge_wait_share))
+    with LocalHub.maybe(model, draft, device, max_batch=max(counts), dtype=dtype, serve_args=serve_args) as local:
         url = hub or local.url
         runs, workload = [], None
         for count in counts:

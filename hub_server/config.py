@@ -51,6 +51,7 @@ class HubSettings:
     session_idle_s: float = 600.0        # idle sessions are evicted after this long
     max_batch: int = 16                  # sessions verified in one forward pass
     batch_wait_ms: float = 2.0           # longest wait for work on its way to fill a batch
+    merge_wait_share: float = 0.5        # wait for users due back within this share of a pass's fixed cost
     cache_dir: Path | None = None        # where converted GGUF targets are kept
     data_dir: Path | None = None         # accounts database; None: default_data_dir()
     auth: bool = True                    # False (--no-auth) is allowed on loopback only
@@ -86,6 +87,8 @@ class HubSettings:
             raise ValueError(f"--log-format must be one of {', '.join(LOG_FORMATS)}, not {self.log_format!r}")
         if min(self.max_sessions_per_user, self.tokens_per_minute, self.max_queue_depth) < 0:
             raise ValueError("--max-sessions-per-user, --tokens-per-minute and --max-queue-depth must be 0 (no limit) or more")
+        if not 0 <= self.merge_wait_share <= 1:
+            raise ValueError(f"--merge-wait-share must be between 0 (never wait) and 1, not {self.merge_wait_share}")
         if self.shutdown_timeout_s < 0:
             raise ValueError("--shutdown-timeout must be 0 or more")
         if (self.ssl_keyfile is None) != (self.ssl_certfile is None):

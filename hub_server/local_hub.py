@@ -15,7 +15,8 @@ import httpx
 
 
 class LocalHub:
-    def __init__(self, model: str, draft: Path, device: str, max_batch: int, dtype: str = "auto"):
+    def __init__(self, model: str, draft: Path, device: str, max_batch: int, dtype: str = "auto",
+                 serve_args: tuple[str, ...] = ()):
         with socket.socket() as probe:
             probe.bind(("127.0.0.1", 0))
             port = probe.getsockname()[1]
@@ -25,7 +26,7 @@ class LocalHub:
         self._process = subprocess.Popen(
             [sys.executable, "-m", "hub_server", "serve", "--model", model, "--draft", str(draft),
              "--port", str(port), "--device", device, "--dtype", dtype, "--max-batch", str(max_batch), "--max-sessions", str(max(64, max_batch)),
-             "--no-auth"],  # loopback only, and a benchmark's own process
+             "--no-auth", *serve_args],  # loopback only, and a benchmark's own process
             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
             preexec_fn=(lambda: os.sched_setaffinity(0, hub_cores)) if hub_cores else None,
         )
@@ -36,12 +37,12 @@ class LocalHub:
     @classmethod
     @contextlib.contextmanager
     def maybe(cls, model: str | None, draft: Path, device: str, max_batch: int,
-              dtype: str = "auto") -> Iterator["LocalHub | None"]:
+              dtype: str = "auto", serve_args: tuple[str, ...] = ()) -> Iterator["LocalHub | None"]:
         """A local hub when `model` is given, else nothing (the caller measures a running hub)."""
         if model is None:
             yield None
             return
-        hub = cls(model, draft, device, max_batch, dtype)
+        hub = cls(model, draft, device, max_batch, dtype, serve_args)
         try:
             yield hub
         finally:

@@ -42,6 +42,9 @@ def render(metrics: HubMetrics, gauges: dict[str, float], scheduler_stats) -> st
     emit("batch_size_last", "gauge", "Sessions in the most recent forward pass.", [("", scheduler_stats.last_batch_size)])
     emit("batches_total", "counter", "Forward passes run for verifies.", [("", scheduler_stats.batches)])
     emit("batched_jobs_total", "counter", "Verify requests run inside those passes.", [("", scheduler_stats.jobs)])
+    emit("merge_waits_total", "counter", "Batches held for users due back soon, so they share the pass.",
+         [("", scheduler_stats.merge_waits)])
+    emit("merge_wait_seconds_total", "counter", "Seconds those batches were held.", [("", scheduler_stats.merge_wait_seconds)])
     emit("device_busy_seconds_total", "counter", "Seconds the device spent on the target's forward passes.",
          [("", gauges["device_busy_seconds"])])
     emit("prefill_seconds_total", "counter", "Of those, seconds spent feeding context (new prompts, "

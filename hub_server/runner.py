@@ -25,7 +25,7 @@ from transformers.cache_utils import Cache, DynamicLayer
 from hub_server.config import HubSettings, default_cache_dir
 from hub_server.kv_pool import GIB, KVPool, KVShape, KVSlot, column_positions, plan_kv
 from hub_server.loading import choose_device, choose_dtype, load_target, read_vocabulary
-from hub_server.verify import accept_tree, ancestor_masks, target_choices
+from hub_server.verify import accept_tree, ancestor_masks, chain_parents, target_choices
 
 FULL, SLIDING = "full_attention", "sliding_attention"
 # Without --kv-memory-gib, the KV pool may take this share of the memory left once the model
@@ -39,6 +39,11 @@ AUTO_KV_SHARE = {"cuda": 0.5, "cpu": 0.25}
 # on a GPU a small pass costs mostly its launches (~35 ms for Gemma 3 270M on an H100, flat
 # from 1 to 16 sessions), worth thousands of padded tokens.
 PASS_OVERHEAD_TOKENS = {"cuda": 4096, "cpu": 2}
+# A GPU loads each kernel the first time a pass needs it: on an H100 a fresh hub's first passes
+# took up to 4 s, and the first pass of each new batch size hundreds of ms. The hub runs these
+# shapes once at start (CUDA only), so its first users do not pay for them.
+WARM_UP_CONTEXT = 16
+WARM_UP_DRAFTS = (0, 8, 32)
 
 log = logging.getLogger("hub_server")
 
@@ -155,6 +160,8 @@ class ModelRunner:
         self.busy_seconds = 0.0  # time spent holding the device for forward passes
         self.feeds = [0, 0.0]    # context fed in passes of its own (prompts, resumes): [feeds, seconds]
         self.verify_passes: dict[int, list[float]] = {}   # sessions in a pass -> [passes, device seconds]
+        if self.device == "cuda":
+            self.warm_up(settings.max_batch, settings.max_draft_tokens)
 
     def _make_pool(self, settings: HubSettings, config) -> KVPool:
         """The KV pool for --max-sessions sessions, sized to the budget; KVBudgetError when it cannot be."""
@@ -204,6 +211,30 @@ class ModelRunner:
                 jobs[b].pending = jobs[b].pending[-1:]
             with self._device_time(self.verify_passes.setdefault(len(jobs), [0, 0.0])):
                 self._verify_pass(jobs)
+
+    def warm_up(self, max_batch: int, max_draft: int) -> None:
+        """One pass for each batch size (powers of two up to `max_batch`) and draft size on scratch
+        slots, then give the slots back and zero the device-time tallies."""
+        sizes = sorted({1 << i for i in range(max_batch.bit_length()) if 1 << i <= max_batch} | {max_batch})
+        drafts = sorted({d for d in WARM_UP_DRAFTS if d <= max_draft} | {max_draft})
+        tokens = [2 + i % (self.vocab_size - 2) for i in range(WARM_UP_CONTEXT + max(drafts))]
+        context = [1] + tokens[:WARM_UP_CONTEXT - 1]
+        slots = [slot for slot in (self.pool.take() for _ in range(max(sizes))) if slot is not None]
+        started = time.perf_counter()
+        try:
+            for slot in slots:
+                self.prefill(slot, context)
+            for size in (s for s in sizes if s <= len(slots)):
+                for draft in drafts:
+                    for slot in slots[:size]:
+                        slot.length = len(context) - 1
+                    self.verify_batch([VerifyJob(slot, context[-1:], tokens[-draft:] if draft else [], chain_parents(draft),
+                                                 0.0, 0, frozenset()) for slot in slots[:size]])
+        finally:
+            for slot in slots:
+                self.pool.give_back(slot)
+            self.busy_seconds, self.feeds, self.verify_passes = 0.0, [0, 0.0], {}
+        log.info("warmed up %d batch sizes x %d draft sizes in %.1f s", len(sizes), len(drafts), time.perf_counter() - started)
 
     # --- internals ----------------------------------------------------------------------
     def _verify_pass(self, jobs: list[VerifyJob]) -> None:

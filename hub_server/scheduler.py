@@ -12,19 +12,31 @@ pass ended). A hub-side generation announces itself once for its whole life and 
 announcement to `submit`: it counts as on its way whenever it has no job queued or running, so
 the many generations that come back together after one pass (their reply streamed, their next
 draft made) go to the device together again. It never waits for clients still drafting on their
-own machines: nothing says when they will come, and what comes while a pass runs forms the next
+own machines unless one is due back soon (below); what comes while a pass runs forms the next
 batch anyway. So a lone request, or a queue that already holds every request the hub has
 received, goes to the device at once.
+
+Returning users. A client session submits with its `key` (the session id). The scheduler learns
+how long each one takes to come back after its pass ends (drafting plus the round trip: the
+median of its last few returns; for a new session, the median of all users' recent returns) and
+so when it is next due. A pass costs a fixed part whatever
+it carries (on a GPU nearly all of it: kernel launches; on a CPU reading the weights) plus a part
+per session; the scheduler fits both to the passes it has timed. When the device comes free and
+a user is due back within `merge_share` of that fixed part, the batch waits for them (never
+longer than that): their verify then shares this pass instead of paying a pass of its own
+moments later, so the wait costs the device less than it saves. Users who think longer than
+that, or whose return time is not yet known, are never waited for.
 """
 
 from __future__ import annotations
 
 import contextlib
+import statistics
 import threading
 import time
 from collections import deque
 from concurrent.futures import Future
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any, Callable, Iterator
 
 
@@ -41,16 +53,69 @@ class SchedulerStats:
     batches: int = 0
     jobs: int = 0
     last_batch_size: int = 0
+    merge_waits: int = 0          # batches that waited for a user due back
+    merge_wait_seconds: float = 0.0
+
+
+RETURNS_KEPT = 4      # a user's return time is the median of their last this many
+USUAL_RETURNS_KEPT = 64   # ... or, before they have any, the median of all users' last this many
+FORGET_AFTER_S = 600  # a user not seen this long is no longer expected
+
+
+@dataclass
+class _Returning:
+    """A client session's rhythm: when its last pass ended and how long it takes to come back."""
+    done_at: float | None = None      # None while its job is queued or on the device
+    returns: list[float] = field(default_factory=list)
+
+    def due_at(self, usual: float | None) -> float | None:
+        """When it should be back: by its own returns, or by `usual` (all users') before it has any."""
+        if self.done_at is None:
+            return None
+        if self.returns:
+            return self.done_at + statistics.median(self.returns)
+        return None if usual is None else self.done_at + usual
+
+
+class PassCosts:
+    """Fits pass time = fixed + per_job x jobs to the passes timed so far (by batch size)."""
+
+    def __init__(self):
+        self._by_size: dict[int, list[float]] = {}   # size -> [passes, mean seconds]
+
+    def record(self, size: int, seconds: float) -> None:
+        tally = self._by_size.setdefault(size, [0, 0.0])
+        tally[0] = min(tally[0] + 1, 50)    # a running mean that keeps following the device
+        tally[1] += (seconds - tally[1]) / tally[0]
+
+    def fixed_s(self) -> float | None:
+        """The part of a pass's time that does not grow with its jobs; None until two batch
+        sizes have been timed."""
+        if len(self._by_size) < 2:
+            return None
+        weights = {size: count for size, (count, _) in self._by_size.items()}
+        total = sum(weights.values())
+        mean_size = sum(size * w for size, w in weights.items()) / total
+        mean_s = sum(self._by_size[size][1] * w for size, w in weights.items()) / total
+        spread = sum(w * (size - mean_size) ** 2 for size, w in weights.items())
+        slope = sum(w * (size - mean_size) * (self._by_size[size][1] - mean_s) for size, w in weights.items()) / spread
+        slope = max(slope, 0.0)
+        shortest = min(mean for _, mean in self._by_size.values())
+        return min(max(mean_s - slope * mean_size, 0.0), shortest)
 
 
 class Scheduler:
     def __init__(self, run_batch: Callable[[list[Any]], None], max_batch: int = 16,
-                 max_wait_s: float = 0.002, clock: Callable[[], float] = time.monotonic):
+                 max_wait_s: float = 0.002, merge_share: float = 0.5, clock: Callable[[], float] = time.monotonic):
         self._run_batch = run_batch
         self.max_batch = max_batch
         self.max_wait_s = max_wait_s
+        self.merge_share = merge_share
         self._clock = clock
-        self._queue: deque[tuple[Any, Future, float, Announcement | None]] = deque()
+        self._queue: deque[tuple[Any, Future, float, Announcement | None, Any]] = deque()
+        self._returning: dict[Any, _Returning] = {}   # key -> rhythm, for client sessions
+        self._recent_returns: deque[float] = deque(maxlen=USUAL_RETURNS_KEPT)   # all keys'
+        self.pass_costs = PassCosts()
         self._announced = 0     # jobs callers are preparing and will submit shortly
         self._free_since = clock()   # when the last pass ended
         self._ready = threading.Condition()
@@ -76,20 +141,36 @@ class Scheduler:
                 if not self._announced:   # a batch waiting for announced jobs can go now
                     self._ready.notify()
 
-    def submit(self, job: Any, announcement: Announcement | None = None) -> Future:
-        """Queue `job`; the future resolves once its batch has run (to the job, or its error)."""
+    def submit(self, job: Any, announcement: Announcement | None = None, key: Any = None) -> Future:
+        """Queue `job`; the future resolves once its batch has run (to the job, or its error).
+        `key` names a client session that comes back after each reply (see the module doc)."""
         future: Future = Future()
         with self._ready:
             if self._stopped:
                 raise RuntimeError("the scheduler has stopped")
+            now = self._clock()
             if announcement is not None and not announcement.closed and not announcement.queued:
                 announcement.queued = True    # here now: no longer on its way
                 self._announced -= 1
             else:
                 announcement = None
-            self._queue.append((job, future, self._clock(), announcement))
+            if key is not None:
+                self._arrived(key, now)
+            self._queue.append((job, future, now, announcement, key))
             self._ready.notify()
         return future
+
+    def forget(self, key: Any) -> None:
+        """The session `key` has closed: stop expecting it."""
+        with self._ready:
+            self._returning.pop(key, None)
+
+    def _arrived(self, key: Any, now: float) -> None:
+        rhythm = self._returning.setdefault(key, _Returning())
+        if rhythm.done_at is not None:
+            rhythm.returns = (rhythm.returns + [now - rhythm.done_at])[-RETURNS_KEPT:]
+            self._recent_returns.append(now - rhythm.done_at)
+        rhythm.done_at = None
 
     @property
     def queue_depth(self) -> int:
@@ -117,39 +198,72 @@ class Scheduler:
             # Wait for announced jobs, but never past max_wait_s after the oldest request came or,
             # for requests that queued during a pass, after that pass ended: the callers it
             # served get as long to come back as a lone request would wait.
-            deadline = max(self._queue[0][2], self._free_since) + self.max_wait_s
+            start = max(self._queue[0][2], self._free_since)
+            deadline = start + self.max_wait_s
             while len(self._queue) < self.max_batch and self._announced and not self._stopped:
                 remaining = deadline - self._clock()
                 if remaining <= 0:
                     break
                 self._ready.wait(remaining)
+            self._wait_for_returning(start)
             size = min(self.max_batch, len(self._queue))
             return [self._queue.popleft() for _ in range(size)]
 
-    def _run(self, batch: list[tuple[Any, Future, float, Announcement | None]]) -> None:
-        jobs = [job for job, _, _, _ in batch]
+    def _wait_for_returning(self, start: float) -> None:
+        """Hold the batch for client sessions due back within `merge_share` of a pass's fixed
+        cost (after `start`: when the device came free or the oldest request came)."""
+        fixed = self.pass_costs.fixed_s()
+        if not fixed or self.merge_share <= 0:
+            return
+        window = self.merge_share * fixed
+        deadline = start + window
+        waited_from = self._clock()
+        waited = False
+        usual = statistics.median(self._recent_returns) if self._recent_returns else None
+        while len(self._queue) < self.max_batch and not self._stopped:
+            now = self._clock()
+            due = [at for at in (r.due_at(usual) for r in self._returning.values())
+                   if at is not None and start - window <= at <= deadline]
+            if not due or now >= deadline:
+                break
+            waited = True
+            self._ready.wait(deadline - now)
+        if waited:
+            self.stats.merge_waits += 1
+            self.stats.merge_wait_seconds += self._clock() - waited_from
+
+    def _run(self, batch: list[tuple[Any, Future, float, Announcement | None, Any]]) -> None:
+        jobs = [job for job, *_ in batch]
+        started = self._clock()
         try:
             self._run_batch(jobs)
         except Exception as exc:  # the batch's callers each receive the error; the worker goes on
-            self._reannounce(batch)
-            for _, future, _, _ in batch:
+            self._done(batch)
+            for _, future, *_ in batch:
                 future.set_exception(exc)
         else:
-            self._reannounce(batch)
-            for job, future, _, _ in batch:
+            self.pass_costs.record(len(batch), self._clock() - started)
+            self._done(batch)
+            for job, future, *_ in batch:
                 future.set_result(job)
         finally:
             self._free_since = self._clock()
             self._record(len(batch))
 
-    def _reannounce(self, batch: list[tuple[Any, Future, float, Announcement | None]]) -> None:
-        """Callers still announced are on their way again the moment their pass is done."""
+    def _done(self, batch: list[tuple[Any, Future, float, Announcement | None, Any]]) -> None:
+        """Callers still announced are on their way again the moment their pass is done; client
+        sessions start their way back."""
         with self._ready:
-            for _, _, _, announcement in batch:
+            now = self._clock()
+            for _, _, _, announcement, key in batch:
                 if announcement is not None:
                     announcement.queued = False
                     if not announcement.closed:
                         self._announced += 1
+                if key is not None and key in self._returning:
+                    self._returning[key].done_at = now
+            for key in [k for k, r in self._returning.items() if r.done_at is not None and now - r.done_at > FORGET_AFTER_S]:
+                del self._returning[key]
 
     def _record(self, size: int) -> None:
         stats = self.stats

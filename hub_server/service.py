@@ -29,7 +29,7 @@ class Hub:
         self.runner = runner
         self.sessions = SessionStore()
         self.scheduler = Scheduler(runner.verify_batch, max_batch=settings.max_batch,
-                                   max_wait_s=settings.batch_wait_ms / 1000)
+                                   max_wait_s=settings.batch_wait_ms / 1000, merge_share=settings.merge_wait_share)
         self.metrics = HubMetrics()
         self.budgets = TokenBudgets(settings.tokens_per_minute)
         self.gate = AdmissionGate(settings.max_queue_depth)
@@ -124,7 +124,7 @@ class Hub:
             try:
                 # Checked and queued in one go on the event loop: nothing to announce.
                 job = self._verify_job(session, request)
-                future = self.scheduler.submit(job)
+                future = self.scheduler.submit(job, key=session.session_id)
             except BaseException:
                 session.lock.release()
                 raise
@@ -237,6 +237,7 @@ class Hub:
             if session.kv is not None:
                 self.runner.release(session.kv)
                 session.kv = None
+        self.scheduler.forget(session.session_id)
         if self.drafter:
             self.drafter.forget(session.session_id)
 

@@ -197,3 +197,18 @@ def test_sampled_tree_verify_equals_target_sampling(target):
     tree = job(runner, prefilled(runner, context), context, tokens, [-1, -1, 1, 1], temperature=1.0, seed=9)
     runner.verify_batch([tree])
     assert tree.emitted == sampled
+
+
+def test_warm_up_gives_its_slots_back_and_leaves_no_trace(target):
+    """A GPU hub runs every batch and draft size once at start; afterwards the pool, the tallies
+    and what sessions decode are as if it had not."""
+    runner, target_alone = target
+    used = runner.pool.used_bytes
+    runner.warm_up(max_batch=3, max_draft=5)
+    assert runner.busy_seconds == 0.0 and runner.verify_passes == {} and runner.feeds == [0, 0.0]
+    assert runner.pool.used_bytes == used
+    context = CONTEXTS[2]
+    expected = greedy(target_alone, context, 4)
+    single = job(runner, prefilled(runner, context), context, expected[:3])
+    runner.verify_batch([single])
+    assert single.emitted == expected
