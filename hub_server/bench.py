@@ -260,6 +260,8 @@ def run_mode(mode: str, config: BenchConfig, users: list[SimulatedUser], prompt_
         # Batches held for users due back soon (--merge-wait-share), and for how long in all.
         "merge_waits": after.get("specedge_merge_waits_total", 0.0) - before.get("specedge_merge_waits_total", 0.0),
         "merge_wait_s": after.get("specedge_merge_wait_seconds_total", 0.0) - before.get("specedge_merge_wait_seconds_total", 0.0),
+        "pass_fixed_ms": 1000 * after.get("specedge_pass_fixed_seconds", 0.0),
+        "user_return_ms": 1000 * after.get("specedge_user_return_seconds", 0.0),
         "pass_ms_by_sessions": _pass_ms_by_sessions(before, after),
         "wall_s": wall,
     }

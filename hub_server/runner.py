@@ -25,6 +25,7 @@ from transformers.cache_utils import Cache, DynamicLayer
 from hub_server.config import HubSettings, default_cache_dir
 from hub_server.kv_pool import GIB, KVPool, KVShape, KVSlot, column_positions, plan_kv
 from hub_server.loading import choose_device, choose_dtype, load_target, read_vocabulary
+from hub_server.scheduler import PassCostFit
 from hub_server.verify import accept_tree, ancestor_masks, chain_parents, target_choices
 
 FULL, SLIDING = "full_attention", "sliding_attention"
@@ -160,6 +161,7 @@ class ModelRunner:
         self.busy_seconds = 0.0  # time spent holding the device for forward passes
         self.feeds = [0, 0.0]    # context fed in passes of its own (prompts, resumes): [feeds, seconds]
         self.verify_passes: dict[int, list[float]] = {}   # sessions in a pass -> [passes, device seconds]
+        self.pass_costs = PassCostFit()   # verify passes' device time against their (padded) tokens
         if self.device == "cuda":
             self.warm_up(settings.max_batch, settings.max_draft_tokens)
 
@@ -209,8 +211,11 @@ class ModelRunner:
             for b in feed_apart(rows, PASS_OVERHEAD_TOKENS[self.device]):
                 self._feed(jobs[b].kv, jobs[b].pending[:-1])
                 jobs[b].pending = jobs[b].pending[-1:]
-            with self._device_time(self.verify_passes.setdefault(len(jobs), [0, 0.0])):
+            tally = self.verify_passes.setdefault(len(jobs), [0, 0.0])
+            before = tally[1]
+            with self._device_time(tally):
                 self._verify_pass(jobs)
+            self.pass_costs.add(len(jobs) * max(len(job.pending) + len(job.draft) for job in jobs), tally[1] - before)
 
     def warm_up(self, max_batch: int, max_draft: int) -> None:
         """One pass for each batch size (powers of two up to `max_batch`) and draft size on scratch
@@ -234,6 +239,7 @@ class ModelRunner:
             for slot in slots:
                 self.pool.give_back(slot)
             self.busy_seconds, self.feeds, self.verify_passes = 0.0, [0, 0.0], {}
+            self.pass_costs = PassCostFit()
         log.info("warmed up %d batch sizes x %d draft sizes in %.1f s", len(sizes), len(drafts), time.perf_counter() - started)
 
     # --- internals ----------------------------------------------------------------------

@@ -19,13 +19,13 @@ received, goes to the device at once.
 Returning users. A client session submits with its `key` (the session id). The scheduler learns
 how long each one takes to come back after its pass ends (drafting plus the round trip: the
 median of its last few returns; for a new session, the median of all users' recent returns) and
-so when it is next due. A pass costs a fixed part whatever
-it carries (on a GPU nearly all of it: kernel launches; on a CPU reading the weights) plus a part
-per session; the scheduler fits both to the passes it has timed. When the device comes free and
-a user is due back within `merge_share` of that fixed part, the batch waits for them (never
-longer than that): their verify then shares this pass instead of paying a pass of its own
-moments later, so the wait costs the device less than it saves. Users who think longer than
-that, or whose return time is not yet known, are never waited for.
+so when it is next due. A pass costs a fixed part whatever it carries (on a GPU nearly all of it:
+kernel launches; on a CPU reading the weights) plus a part per token; the runner fits both to
+the passes it has run (`PassCostFit`) and the scheduler reads the fixed part. When the device
+comes free and a user is due back within `merge_share` of that fixed part, the batch waits for
+them (never longer than that): their verify then shares this pass instead of paying a pass of
+its own moments later, so the wait costs the device less than it saves. Users who think longer
+than that, or whose return time is not yet known, are never waited for.
 """
 
 from __future__ import annotations
@@ -77,36 +77,40 @@ class _Returning:
         return None if usual is None else self.done_at + usual
 
 
-class PassCosts:
-    """Fits pass time = fixed + per_job x jobs to the passes timed so far (by batch size)."""
+class PassCostFit:
+    """A pass's device time as fixed + per_token x tokens, fitted by least squares to the passes
+    timed so far (older passes fade, so the fit follows the device). The runner feeds it; the
+    scheduler reads the fixed part."""
 
-    def __init__(self):
-        self._by_size: dict[int, list[float]] = {}   # size -> [passes, mean seconds]
+    def __init__(self, fade: float = 0.99):
+        self.fade = fade
+        self._sums = [0.0] * 5   # weight, sum x, sum y, sum x^2, sum x*y
+        self._lock = threading.Lock()
 
-    def record(self, size: int, seconds: float) -> None:
-        tally = self._by_size.setdefault(size, [0, 0.0])
-        tally[0] = min(tally[0] + 1, 50)    # a running mean that keeps following the device
-        tally[1] += (seconds - tally[1]) / tally[0]
+    def add(self, tokens: int, seconds: float) -> None:
+        with self._lock:
+            self._sums = [self.fade * total + term for total, term in
+                          zip(self._sums, (1.0, tokens, seconds, tokens * tokens, tokens * seconds))]
 
     def fixed_s(self) -> float | None:
-        """The part of a pass's time that does not grow with its jobs; None until two batch
-        sizes have been timed."""
-        if len(self._by_size) < 2:
+        """The part of a pass's time that does not grow with its tokens; None until passes of
+        different sizes have been timed."""
+        with self._lock:
+            n, x, y, xx, xy = self._sums
+        if n == 0:
             return None
-        weights = {size: count for size, (count, _) in self._by_size.items()}
-        total = sum(weights.values())
-        mean_size = sum(size * w for size, w in weights.items()) / total
-        mean_s = sum(self._by_size[size][1] * w for size, w in weights.items()) / total
-        spread = sum(w * (size - mean_size) ** 2 for size, w in weights.items())
-        slope = sum(w * (size - mean_size) * (self._by_size[size][1] - mean_s) for size, w in weights.items()) / spread
-        slope = max(slope, 0.0)
-        shortest = min(mean for _, mean in self._by_size.values())
-        return min(max(mean_s - slope * mean_size, 0.0), shortest)
+        spread = xx / n - (x / n) ** 2
+        if spread <= 1e-9 * max(1.0, xx / n):
+            return None
+        slope = max(0.0, (xy / n - (x / n) * (y / n)) / spread)
+        return min(max(y / n - slope * x / n, 0.0), y / n)
 
 
 class Scheduler:
     def __init__(self, run_batch: Callable[[list[Any]], None], max_batch: int = 16,
-                 max_wait_s: float = 0.002, merge_share: float = 0.5, clock: Callable[[], float] = time.monotonic):
+                 max_wait_s: float = 0.002, merge_share: float = 0.5,
+                 pass_fixed_s: Callable[[], float | None] = lambda: None,
+                 clock: Callable[[], float] = time.monotonic):
         self._run_batch = run_batch
         self.max_batch = max_batch
         self.max_wait_s = max_wait_s
@@ -115,7 +119,7 @@ class Scheduler:
         self._queue: deque[tuple[Any, Future, float, Announcement | None, Any]] = deque()
         self._returning: dict[Any, _Returning] = {}   # key -> rhythm, for client sessions
         self._recent_returns: deque[float] = deque(maxlen=USUAL_RETURNS_KEPT)   # all keys'
-        self.pass_costs = PassCosts()
+        self.pass_fixed_s = pass_fixed_s   # the device's fixed cost per pass (the runner's fit)
         self._announced = 0     # jobs callers are preparing and will submit shortly
         self._free_since = clock()   # when the last pass ended
         self._ready = threading.Condition()
@@ -159,6 +163,14 @@ class Scheduler:
             self._queue.append((job, future, now, announcement, key))
             self._ready.notify()
         return future
+
+    def usual_return_s(self) -> float | None:
+        """How long users usually take to come back after their pass (median of recent returns)."""
+        with self._ready:
+            return self._usual_return()
+
+    def _usual_return(self) -> float | None:
+        return statistics.median(self._recent_returns) if self._recent_returns else None
 
     def forget(self, key: Any) -> None:
         """The session `key` has closed: stop expecting it."""
@@ -212,14 +224,14 @@ class Scheduler:
     def _wait_for_returning(self, start: float) -> None:
         """Hold the batch for client sessions due back within `merge_share` of a pass's fixed
         cost (after `start`: when the device came free or the oldest request came)."""
-        fixed = self.pass_costs.fixed_s()
+        fixed = self.pass_fixed_s()
         if not fixed or self.merge_share <= 0:
             return
         window = self.merge_share * fixed
         deadline = start + window
         waited_from = self._clock()
         waited = False
-        usual = statistics.median(self._recent_returns) if self._recent_returns else None
+        usual = self._usual_return()
         while len(self._queue) < self.max_batch and not self._stopped:
             now = self._clock()
             due = [at for at in (r.due_at(usual) for r in self._returning.values())
@@ -234,7 +246,6 @@ class Scheduler:
 
     def _run(self, batch: list[tuple[Any, Future, float, Announcement | None, Any]]) -> None:
         jobs = [job for job, *_ in batch]
-        started = self._clock()
         try:
             self._run_batch(jobs)
         except Exception as exc:  # the batch's callers each receive the error; the worker goes on
@@ -242,7 +253,6 @@ class Scheduler:
             for _, future, *_ in batch:
                 future.set_exception(exc)
         else:
-            self.pass_costs.record(len(batch), self._clock() - started)
             self._done(batch)
             for job, future, *_ in batch:
                 future.set_result(job)

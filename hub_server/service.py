@@ -29,7 +29,8 @@ class Hub:
         self.runner = runner
         self.sessions = SessionStore()
         self.scheduler = Scheduler(runner.verify_batch, max_batch=settings.max_batch,
-                                   max_wait_s=settings.batch_wait_ms / 1000, merge_share=settings.merge_wait_share)
+                                   max_wait_s=settings.batch_wait_ms / 1000, merge_share=settings.merge_wait_share,
+                                   pass_fixed_s=lambda: runner.pass_costs.fixed_s())
         self.metrics = HubMetrics()
         self.budgets = TokenBudgets(settings.tokens_per_minute)
         self.gate = AdmissionGate(settings.max_queue_depth)
@@ -53,6 +54,8 @@ class Hub:
             "hub_draft_seconds": self.drafter.busy_seconds if self.drafter else 0.0,
             "device_busy_seconds": self.runner.busy_seconds,
             "prefill_seconds": self.runner.feeds[1],
+            "pass_fixed_seconds": self.runner.pass_costs.fixed_s() or 0.0,
+            "user_return_seconds": self.scheduler.usual_return_s() or 0.0,
             "verify_passes": {size: tuple(tally) for size, tally in sorted(self.runner.verify_passes.items())},
         }
         return render_metrics(self.metrics, gauges, self.scheduler.stats)

@@ -206,9 +206,12 @@ def test_warm_up_gives_its_slots_back_and_leaves_no_trace(target):
     used = runner.pool.used_bytes
     runner.warm_up(max_batch=3, max_draft=5)
     assert runner.busy_seconds == 0.0 and runner.verify_passes == {} and runner.feeds == [0, 0.0]
-    assert runner.pool.used_bytes == used
+    assert runner.pool.used_bytes == used and runner.pass_costs.fixed_s() is None
     context = CONTEXTS[2]
     expected = greedy(target_alone, context, 4)
     single = job(runner, prefilled(runner, context), context, expected[:3])
     runner.verify_batch([single])
     assert single.emitted == expected
+    pair = [job(runner, prefilled(runner, c), c, [5, 6, 7]) for c in CONTEXTS[:2]]
+    runner.verify_batch(pair)                  # a second pass size: the fixed part can be told apart
+    assert runner.pass_costs.fixed_s() >= 0.0

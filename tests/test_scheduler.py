@@ -5,7 +5,7 @@ from __future__ import annotations
 import threading
 import time
 
-from hub_server.scheduler import PassCosts, Scheduler
+from hub_server.scheduler import PassCostFit, Scheduler
 
 
 class SimulatedRunner:
@@ -146,27 +146,17 @@ def test_a_finished_generation_is_not_waited_for():
     scheduler.stop()
 
 
-def test_pass_costs_split_a_pass_into_its_fixed_part_and_a_part_per_job():
-    costs = PassCosts()
-    costs.record(4, 0.30)
-    assert costs.fixed_s() is None            # one batch size says nothing about the split
-    for size in (1, 2, 4, 8):
-        costs.record(size, 0.1 + 0.05 * size)
-    assert abs(costs.fixed_s() - 0.1) < 0.01
-    flat = PassCosts()                        # a GPU: a pass costs its launches, whatever it holds
-    for size in (1, 8, 16):
-        flat.record(size, 0.04)
-    assert abs(flat.fixed_s() - 0.04) < 1e-9
-
-
-def _teach_pass_costs(scheduler: Scheduler) -> None:
-    """Run a batch of one and a batch of two, so the scheduler can fit a pass's fixed cost."""
-    scheduler.submit("one").result(timeout=5)
-    blocker = scheduler.submit("blocker")
-    time.sleep(0.05)
-    pair = [scheduler.submit("pair1"), scheduler.submit("pair2")]
-    for future in [blocker, *pair]:
-        future.result(timeout=5)
+def test_the_pass_cost_fit_splits_a_pass_into_its_fixed_part_and_a_part_per_token():
+    fit = PassCostFit()
+    fit.add(36, 0.30)
+    assert fit.fixed_s() is None               # one pass size says nothing about the split
+    for tokens in (9, 18, 36, 72):             # a CPU: reading the weights, then every token
+        fit.add(tokens, 0.16 + 0.0067 * tokens)
+    assert abs(fit.fixed_s() - 0.16) < 0.02
+    flat = PassCostFit()                       # a GPU: a pass costs its launches, whatever it holds
+    for tokens in (1, 72, 144):
+        flat.add(tokens, 0.04)
+    assert abs(flat.fixed_s() - 0.04) < 1e-6
 
 
 def _returning_user_meets_a_queued_one(runner: SimulatedRunner, scheduler: Scheduler, think_s: float,
@@ -174,7 +164,6 @@ def _returning_user_meets_a_queued_one(runner: SimulatedRunner, scheduler: Sched
     """User B verifies, drafts for `think_s`, verifies again, a few times; then `newcomer` (B, or
     a new session) verifies, and during that pass user A queues. Returns the batches from that
     pass on."""
-    _teach_pass_costs(scheduler)
     for step in range(3):
         scheduler.submit(f"b{step}", key="B").result(timeout=5)
         time.sleep(think_s)
@@ -197,26 +186,26 @@ def _returning_user_meets_a_queued_one(runner: SimulatedRunner, scheduler: Sched
 
 def test_a_pass_waits_for_a_user_due_back_within_half_its_fixed_cost():
     """Passes cost 0.2 s whatever they hold; B comes back 0.03 s after each reply, well within
-    0.1 s: the pass that A queued for waits for B instead of running A alone."""
+    half of that: the pass that A queued for waits for B instead of running A alone."""
     runner = SimulatedRunner(0.2)
-    scheduler = Scheduler(runner, max_batch=8, max_wait_s=0.0, merge_share=0.5)
+    scheduler = Scheduler(runner, max_batch=8, max_wait_s=0.0, merge_share=0.5, pass_fixed_s=lambda: 0.2)
     assert _returning_user_meets_a_queued_one(runner, scheduler, think_s=0.03) == [["b3"], ["a", "b4"]]
     assert scheduler.stats.merge_waits >= 1
 
 
 def test_a_new_session_is_expected_back_as_soon_as_users_usually_come_back():
     runner = SimulatedRunner(0.2)
-    scheduler = Scheduler(runner, max_batch=8, max_wait_s=0.0, merge_share=0.5)
+    scheduler = Scheduler(runner, max_batch=8, max_wait_s=0.0, merge_share=0.5, pass_fixed_s=lambda: 0.2)
     assert _returning_user_meets_a_queued_one(runner, scheduler, think_s=0.03, newcomer="C") == [["b3"], ["a", "b4"]]
 
 
 def test_users_due_back_later_or_forgotten_are_not_waited_for():
     runner = SimulatedRunner(0.2)
-    scheduler = Scheduler(runner, max_batch=8, max_wait_s=0.0, merge_share=0.5)
+    scheduler = Scheduler(runner, max_batch=8, max_wait_s=0.0, merge_share=0.5, pass_fixed_s=lambda: 0.2)
     assert _returning_user_meets_a_queued_one(runner, scheduler, think_s=0.3) == [["b3"], ["a"], ["b4"]]
     runner = SimulatedRunner(0.2)
-    scheduler = Scheduler(runner, max_batch=8, max_wait_s=0.0, merge_share=0.5)
+    scheduler = Scheduler(runner, max_batch=8, max_wait_s=0.0, merge_share=0.5, pass_fixed_s=lambda: 0.2)
     assert _returning_user_meets_a_queued_one(runner, scheduler, think_s=0.03, forget=True) == [["b3"], ["a"], ["b4"]]
     runner = SimulatedRunner(0.2)
-    scheduler = Scheduler(runner, max_batch=8, max_wait_s=0.0, merge_share=0.0)   # switched off
+    scheduler = Scheduler(runner, max_batch=8, max_wait_s=0.0, merge_share=0.0, pass_fixed_s=lambda: 0.2)   # switched off
     assert _returning_user_meets_a_queued_one(runner, scheduler, think_s=0.03) == [["b3"], ["a"], ["b4"]]
