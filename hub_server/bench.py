@@ -385,7 +385,8 @@ def probe_bounds(runs: list[dict], model: str, device: str, dtype: str, workload
                  cores: set[int]) -> None:
     """Measure each run's bound directly, once the hub this bench started has stopped: a
     one-token pass and a verify pass over all N sessions on the hub's own runner, with the same
-    device, dtype and cores, at the runs' mean context length (prompt + half the reply)."""
+    device, dtype and cores, with contexts spread like the runs' (from the prompt to the reply's
+    end: a pass is as wide as its longest past)."""
     import torch
 
     from hub_server.probe import PassProbe
@@ -396,13 +397,14 @@ def probe_bounds(runs: list[dict], model: str, device: str, dtype: str, workload
     config = runs[0]["config"]
     prompt = statistics.fmean(len(p) for p in workload.prompt_tokens)
     context = int(prompt + config["max_tokens"] / 2)
+    spread = config["max_tokens"]     # users are anywhere between their prompt and its reply's end
     probe = PassProbe(model, device=device, dtype=dtype, sessions=max(run["config"]["clients"] for run in runs),
-                      context=context, draft_tokens=config["draft_len"])
+                      context=context, draft_tokens=config["draft_len"], spread=spread)
     for run in runs:
         results, clients = run["modes"], run["config"]["clients"]
         if "specedge" in results and "autoregressive" in results:
             one_token_ms, verify_ms = probe.pass_ms(clients, 0), probe.pass_ms(clients, config["draft_len"])
-            run["bound"] = _bound_from(results, clients, one_token_ms, verify_ms, f"probe: context {context}")
+            run["bound"] = _bound_from(results, clients, one_token_ms, verify_ms, f"probe: contexts {context - spread // 2}-{context + spread // 2}")
 
 
 def plot(runs: list[dict], path: Path) -> None:

@@ -221,7 +221,8 @@ class ModelRunner:
         """One pass for each batch size (powers of two up to `max_batch`) and draft size on scratch
         slots, then give the slots back and zero the device-time tallies."""
         sizes = sorted({1 << i for i in range(max_batch.bit_length()) if 1 << i <= max_batch} | {max_batch})
-        drafts = sorted({d for d in WARM_UP_DRAFTS if d <= max_draft} | {max_draft})
+        max_draft = min(max_draft, self.max_context - WARM_UP_CONTEXT - 1)   # what a session could send
+        drafts = sorted({d for d in WARM_UP_DRAFTS if d <= max_draft} | {max(max_draft, 0)})
         tokens = [2 + i % (self.vocab_size - 2) for i in range(WARM_UP_CONTEXT + max(drafts))]
         context = [1] + tokens[:WARM_UP_CONTEXT - 1]
         slots = [slot for slot in (self.pool.take() for _ in range(max(sizes))) if slot is not None]
