@@ -45,8 +45,9 @@ def render(metrics: HubMetrics, gauges: dict[str, float], scheduler_stats) -> st
     emit("merge_waits_total", "counter", "Batches held for users due back soon, so they share the pass.",
          [("", scheduler_stats.merge_waits)])
     emit("merge_wait_seconds_total", "counter", "Seconds those batches were held.", [("", scheduler_stats.merge_wait_seconds)])
-    emit("pass_fixed_seconds", "gauge", "A pass's time that does not grow with its sessions, as fitted "
-         "(0 until two batch sizes have run); batches wait at most --merge-wait-share of it.", [("", gauges["pass_fixed_seconds"])])
+    emit("pass_fixed_seconds", "gauge", "A verify pass's device time that does not grow with its tokens, as "
+         "fitted (0 until passes of two sizes have run); batches wait at most --merge-wait-share of it.",
+         [("", gauges["pass_fixed_seconds"])])
     emit("user_return_seconds", "gauge", "How long users take to send their next verify after a reply "
          "reaches them from the device (median of recent returns; 0: none yet).", [("", gauges["user_return_seconds"])])
     emit("device_busy_seconds_total", "counter", "Seconds the device spent on the target's forward passes.",
