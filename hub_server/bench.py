@@ -234,8 +234,11 @@ def run_mode(mode: str, config: BenchConfig, users: list[SimulatedUser], prompt_
             thread.join()
         wall = time.perf_counter() - started
         after = _scrape(client)
+    def grew(name: str) -> float:   # counters a hub of an older version may not have
+        return after.get(name, 0.0) - before.get(name, 0.0)
+
     busy = _hub_busy(after) - _hub_busy(before)
-    prefill = after.get("specedge_prefill_seconds_total", 0.0) - before.get("specedge_prefill_seconds_total", 0.0)
+    prefill = grew("specedge_prefill_seconds_total")
     passes = after["specedge_batches_total"] - before["specedge_batches_total"]
     verifies = after["specedge_verify_seconds_count"] - before["specedge_verify_seconds_count"]
     emitted = sum(u.record.emitted for u in users)
@@ -258,8 +261,8 @@ def run_mode(mode: str, config: BenchConfig, users: list[SimulatedUser], prompt_
         "busy_ms_per_pass": 1000 * (after["specedge_device_busy_seconds_total"] - before["specedge_device_busy_seconds_total"]) / passes if passes else 0.0,
         "verifies_per_pass": verifies / passes if passes else 0.0,
         # Batches held for users due back soon (--merge-wait-share), and for how long in all.
-        "merge_waits": after.get("specedge_merge_waits_total", 0.0) - before.get("specedge_merge_waits_total", 0.0),
-        "merge_wait_s": after.get("specedge_merge_wait_seconds_total", 0.0) - before.get("specedge_merge_wait_seconds_total", 0.0),
+        "merge_waits": grew("specedge_merge_waits_total"),
+        "merge_wait_s": grew("specedge_merge_wait_seconds_total"),
         "pass_fixed_ms": 1000 * after.get("specedge_pass_fixed_seconds", 0.0),
         "user_return_ms": 1000 * after.get("specedge_user_return_seconds", 0.0),
         "pass_ms_by_sessions": _pass_ms_by_sessions(before, after),

@@ -214,8 +214,8 @@ class ModelRunner:
             tally = self.verify_passes.setdefault(len(jobs), [0, 0.0])
             before = tally[1]
             with self._device_time(tally):
-                self._verify_pass(jobs)
-            self.pass_costs.add(len(jobs) * max(len(job.pending) + len(job.draft) for job in jobs), tally[1] - before)
+                tokens = self._verify_pass(jobs)
+            self.pass_costs.add(tokens, tally[1] - before)
 
     def warm_up(self, max_batch: int, max_draft: int) -> None:
         """One pass for each batch size (powers of two up to `max_batch`) and draft size on scratch
@@ -244,7 +244,8 @@ class ModelRunner:
         log.info("warmed up %d batch sizes x %d draft sizes in %.1f s", len(sizes), len(drafts), time.perf_counter() - started)
 
     # --- internals ----------------------------------------------------------------------
-    def _verify_pass(self, jobs: list[VerifyJob]) -> None:
+    def _verify_pass(self, jobs: list[VerifyJob]) -> int:
+        """One batched pass over the jobs; returns the tokens it computed, padding included."""
         batch = self._batch([job.kv for job in jobs], [job.pending + job.draft for job in jobs],
                             [_row_parents(len(job.pending), job.parents) for job in jobs])
         # Only columns from the earliest root onwards need logits: a long new prompt's
@@ -253,6 +254,7 @@ class ModelRunner:
         logits, cache = self._forward(batch, logits_to_keep=batch.width - first)
         kept = [self._accept(job, batch, b, logits[b], first) for b, job in enumerate(jobs)]
         self._keep(batch, cache, kept)
+        return batch.tokens.numel()
 
     def _feed(self, kv: KVSlot, tokens: list[int], chunk: int = 512) -> None:
         """Append `tokens` to `kv` in passes of this session alone, `chunk` tokens each."""
