@@ -26,23 +26,22 @@ from specedge_cli.drafting.engine import DraftEngine
 from specedge_cli.remote.client import HubClient
 
 
+def chains(depth: int) -> dict[str, DecodeSettings]:
+    """A chain of `depth` tokens, drafted only after each reply and drafted proactively."""
+    return {f"chain{depth}-plain": DecodeSettings(draft_len=depth, proactive=False),
+            f"chain{depth}": DecodeSettings(draft_len=depth)}
+
+
 def shapes(nodes: int) -> dict[str, DecodeSettings]:
     """Equal hub cost on a CPU: every shape sends at most `nodes` draft tokens per verify."""
-    return {
-        f"chain{nodes}-plain": DecodeSettings(draft_len=nodes, proactive=False),
-        f"chain{nodes}": DecodeSettings(draft_len=nodes),
-        f"tree{nodes}-w2": DecodeSettings(draft_len=nodes, tree_budget=nodes, tree_width=2),
-        f"tree{nodes}-w4": DecodeSettings(draft_len=nodes, tree_budget=nodes, tree_width=4),
-    }
+    return chains(nodes) | {
+        f"tree{nodes}-w{width}": DecodeSettings(draft_len=nodes, tree_budget=nodes, tree_width=width) for width in (2, 4)}
 
 
 def level_shapes(depth: int, budgets: list[int]) -> dict[str, DecodeSettings]:
     """Equal draft decodes: a chain of `depth` tokens and trees of `depth` levels, `budgets` nodes."""
-    chosen = {f"chain{depth}-plain": DecodeSettings(draft_len=depth, proactive=False),
-              f"chain{depth}": DecodeSettings(draft_len=depth)}
-    for budget in budgets:
-        chosen[f"tree{budget}-d{depth}-w4"] = DecodeSettings(draft_len=depth, tree_budget=budget, tree_width=4)
-    return chosen
+    return chains(depth) | {
+        f"tree{budget}-d{depth}-w4": DecodeSettings(draft_len=depth, tree_budget=budget, tree_width=4) for budget in budgets}
 
 
 def run_shape(engine, client, template, settings, prompts) -> dict:

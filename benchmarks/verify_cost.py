@@ -63,8 +63,7 @@ def main() -> None:
 
     rows = []
     for n in counts:
-        one = probe.pass_ms(n, 0, args.repeats)
-        verify = probe.pass_ms(n, args.draft_tokens, args.repeats)
+        one, verify = probe.pass_pair_ms(n, args.draft_tokens, args.repeats)
         rows.append({"sessions": n, "one_token_pass_ms": round(one, 3), "verify_pass_ms": round(verify, 3)})
     single = rows[0]["verify_pass_ms"] if counts[0] == 1 else None
 

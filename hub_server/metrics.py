@@ -48,12 +48,17 @@ def render(metrics: HubMetrics, gauges: dict[str, float], scheduler_stats) -> st
     emit("pass_fixed_seconds", "gauge", "A verify pass's device time that does not grow with its tokens, as "
          "fitted (0 until passes of two sizes have run); batches wait at most --merge-wait-share of it.",
          [("", gauges["pass_fixed_seconds"])])
+    emit("pass_token_seconds", "gauge", "What each token adds to a verify pass's device time, as fitted "
+         "(0 until passes of two sizes have run).", [("", gauges["pass_token_seconds"])])
     emit("user_return_seconds", "gauge", "How long users take to send their next verify after a reply "
          "reaches them from the device (median of recent returns; 0: none yet).", [("", gauges["user_return_seconds"])])
     emit("device_busy_seconds_total", "counter", "Seconds the device spent on the target's forward passes.",
          [("", gauges["device_busy_seconds"])])
     emit("prefill_seconds_total", "counter", "Of those, seconds spent feeding context (new prompts, "
          "resumed sessions) in passes of its own, apart from verifies.", [("", gauges["prefill_seconds"])])
+    emit("verify_context_tokens_total", "counter", "Tokens verify passes computed for the context they "
+         "carried (a new prompt sent with its first verify), padding included; times "
+         "specedge_pass_token_seconds, their device time.", [("", gauges["verify_context_tokens"])])
     passes = gauges["verify_passes"]
     emit("verify_passes_total", "counter", "Verify forward passes, by sessions in the pass.",
          [(f'{{sessions="{size}"}}', count) for size, (count, _) in passes.items()])

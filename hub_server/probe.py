@@ -40,17 +40,26 @@ class PassProbe:
     def pass_ms(self, sessions: int, draft_tokens: int, repeats: int = 5) -> float:
         """Median ms of a pass over `sessions` sessions, each with its last context token and
         `draft_tokens` draft tokens (0: the one-token step of autoregressive decoding)."""
-        times = []
-        for _ in range(repeats + 1):  # the first is a warm-up
-            jobs = []
-            for slot, context in zip(self.slots[:sessions], self.contexts):
-                slot.length = len(context) - 1
-                draft = self._random_tokens(draft_tokens)
-                jobs.append(VerifyJob(slot, [context[-1]], draft, chain_parents(len(draft)), 0.0, 0, frozenset()))
-            started = time.perf_counter()
-            self.runner.verify_batch(jobs)   # waits for the device (the runner's device time does)
-            times.append((time.perf_counter() - started) * 1000)
-        return statistics.median(times[1:])
+        self._timed_pass(sessions, draft_tokens)  # a warm-up
+        return statistics.median(self._timed_pass(sessions, draft_tokens) for _ in range(repeats))
+
+    def pass_pair_ms(self, sessions: int, draft_tokens: int, repeats: int = 9) -> tuple[float, float]:
+        """Median ms of a one-token pass and of a verify pass over `sessions` sessions, timed in
+        turns: a machine that speeds up or slows down meanwhile moves both alike, so their ratio
+        (the bench's bound) holds."""
+        self._timed_pass(sessions, 0), self._timed_pass(sessions, draft_tokens)  # warm-ups
+        pairs = [(self._timed_pass(sessions, 0), self._timed_pass(sessions, draft_tokens)) for _ in range(repeats)]
+        return statistics.median(one for one, _ in pairs), statistics.median(verify for _, verify in pairs)
+
+    def _timed_pass(self, sessions: int, draft_tokens: int) -> float:
+        jobs = []
+        for slot, context in zip(self.slots[:sessions], self.contexts):
+            slot.length = len(context) - 1
+            draft = self._random_tokens(draft_tokens)
+            jobs.append(VerifyJob(slot, [context[-1]], draft, chain_parents(len(draft)), 0.0, 0, frozenset()))
+        started = time.perf_counter()
+        self.runner.verify_batch(jobs)   # waits for the device (the runner's device time does)
+        return (time.perf_counter() - started) * 1000
 
     def _random_tokens(self, count: int) -> list[int]:
         return self._rng.integers(10, self.runner.vocab_size, count).tolist()

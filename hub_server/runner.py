@@ -25,7 +25,7 @@ from transformers.cache_utils import Cache, DynamicLayer
 from hub_server.config import HubSettings, default_cache_dir
 from hub_server.kv_pool import GIB, KVPool, KVShape, KVSlot, column_positions, plan_kv
 from hub_server.loading import choose_device, choose_dtype, load_target, read_vocabulary
-from hub_server.scheduler import PassCostFit
+from hub_server.pass_cost import PassCostFit
 from hub_server.verify import accept_tree, ancestor_masks, chain_parents, target_choices
 
 FULL, SLIDING = "full_attention", "sliding_attention"
@@ -160,6 +160,7 @@ class ModelRunner:
         self.device_lock = threading.Lock()
         self.busy_seconds = 0.0  # time spent holding the device for forward passes
         self.feeds = [0, 0.0]    # context fed in passes of its own (prompts, resumes): [feeds, seconds]
+        self.context_in_verify = 0   # tokens verify passes computed for the context they carried
         self.verify_passes: dict[int, list[float]] = {}   # sessions in a pass -> [passes, device seconds]
         self.pass_costs = PassCostFit()   # verify passes' device time against their (padded) tokens
         if self.device == "cuda":
@@ -216,6 +217,9 @@ class ModelRunner:
             with self._device_time(tally):
                 tokens = self._verify_pass(jobs)
             self.pass_costs.add(tokens, tally[1] - before)
+            # What the pass computed beyond a pass of every session's last token and draft: the
+            # context it carried (a new prompt) and the padding that context caused.
+            self.context_in_verify += tokens - len(jobs) * max(1 + len(job.draft) for job in jobs)
 
     def warm_up(self, max_batch: int, max_draft: int) -> None:
         """One pass for each batch size (powers of two up to `max_batch`) and draft size on scratch
@@ -239,7 +243,7 @@ class ModelRunner:
         finally:
             for slot in slots:
                 self.pool.give_back(slot)
-            self.busy_seconds, self.feeds, self.verify_passes = 0.0, [0, 0.0], {}
+            self.busy_seconds, self.feeds, self.verify_passes, self.context_in_verify = 0.0, [0, 0.0], {}, 0
             self.pass_costs = PassCostFit()
         log.info("warmed up %d batch sizes x %d draft sizes in %.1f s", len(sizes), len(drafts), time.perf_counter() - started)
 

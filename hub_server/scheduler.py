@@ -21,7 +21,7 @@ how long each one takes to come back after its pass ends (drafting plus the roun
 median of its last few returns; for a new session, the median of all users' recent returns) and
 so when it is next due. A pass costs a fixed part whatever it carries (on a GPU nearly all of it:
 kernel launches; on a CPU reading the weights) plus a part per token; the runner fits both to
-the passes it has run (`PassCostFit`) and the scheduler reads the fixed part. When the device
+the passes it has run (`pass_cost.PassCostFit`) and the scheduler reads the fixed part. When the device
 comes free and a user is due back within `merge_share` of that fixed part, the batch waits for
 them (never longer than that): their verify then shares this pass instead of paying a pass of
 its own moments later, so the wait costs the device less than it saves. Users who think longer
@@ -75,35 +75,6 @@ class _Returning:
         if self.returns:
             return self.done_at + statistics.median(self.returns)
         return None if usual is None else self.done_at + usual
-
-
-class PassCostFit:
-    """A pass's device time as fixed + per_token x tokens, fitted by least squares to the passes
-    timed so far (older passes fade, so the fit follows the device). The runner feeds it; the
-    scheduler reads the fixed part."""
-
-    def __init__(self, fade: float = 0.99):
-        self.fade = fade
-        self._sums = [0.0] * 5   # weight, sum x, sum y, sum x^2, sum x*y
-        self._lock = threading.Lock()
-
-    def add(self, tokens: int, seconds: float) -> None:
-        with self._lock:
-            self._sums = [self.fade * total + term for total, term in
-                          zip(self._sums, (1.0, tokens, seconds, tokens * tokens, tokens * seconds))]
-
-    def fixed_s(self) -> float | None:
-        """The part of a pass's time that does not grow with its tokens; None until passes of
-        different sizes have been timed."""
-        with self._lock:
-            n, x, y, xx, xy = self._sums
-        if n == 0:
-            return None
-        spread = xx / n - (x / n) ** 2
-        if spread <= 1e-9 * max(1.0, xx / n):
-            return None
-        slope = max(0.0, (xy / n - (x / n) * (y / n)) / spread)
-        return min(max(y / n - slope * x / n, 0.0), y / n)
 
 
 class Scheduler:

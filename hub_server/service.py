@@ -55,6 +55,8 @@ class Hub:
             "device_busy_seconds": self.runner.busy_seconds,
             "prefill_seconds": self.runner.feeds[1],
             "pass_fixed_seconds": self.runner.pass_costs.fixed_s() or 0.0,
+            "pass_token_seconds": self.runner.pass_costs.per_token_s() or 0.0,
+            "verify_context_tokens": self.runner.context_in_verify,
             "user_return_seconds": self.scheduler.usual_return_s() or 0.0,
             "verify_passes": {size: tuple(tally) for size, tally in sorted(self.runner.verify_passes.items())},
         }

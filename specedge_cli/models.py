@@ -51,6 +51,11 @@ PRESETS = {
 DEFAULT_MODEL = "gemma3-270m"
 
 
+def smallest_instruct_preset() -> Preset:
+    """The preset to suggest to someone who wants answers rather than continued text."""
+    return min((preset for preset in PRESETS.values() if not preset.base), key=lambda preset: preset.size)
+
+
 @dataclass(frozen=True)
 class ResolvedModel:
     path: Path

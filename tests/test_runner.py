@@ -128,6 +128,27 @@ def test_new_prompts_batched_with_drafts_decode_like_the_target_alone(target):
         assert kv.length == len(c) + 5
 
 
+def test_prompts_sent_with_their_first_verify_are_counted_as_context(target):
+    """Two new prompts of one length share a pass (nothing to save by feeding them apart): the
+    tokens computed for them beyond each session's last token are counted, so the bench can
+    tell prompt work from decoding; a pass of drafts alone counts none."""
+    runner, target_alone = target
+    contexts = [[1] + [20 + i for i in range(9)], [1] + [200 + i for i in range(9)]]
+    expected = [greedy(target_alone, c, 4) for c in contexts]
+    slots = [runner.new_kv(), runner.new_kv()]
+    counted = runner.context_in_verify
+    runner.verify_batch([job(runner, kv, c, e[:3]) for kv, c, e in zip(slots, contexts, expected)])
+    assert runner.context_in_verify - counted == 2 * (10 + 3) - 2 * (1 + 3)
+    assert [kv.length for kv in slots] == [len(c) + 3 for c in contexts]
+    contexts = [c + e for c, e in zip(contexts, expected)]
+    after = [greedy(target_alone, c, 3) for c in contexts]
+    counted = runner.context_in_verify
+    steady = [job(runner, kv, c, a[:2]) for kv, c, a in zip(slots, contexts, after)]
+    runner.verify_batch(steady)
+    assert runner.context_in_verify == counted
+    assert [j.emitted for j in steady] == after
+
+
 def test_batched_rounds_decode_exactly_like_the_target_alone(target):
     """Several sessions decode 30 tokens each through batched verifies with perfect drafts."""
     runner, target_alone = target

@@ -5,7 +5,8 @@ from __future__ import annotations
 import threading
 import time
 
-from hub_server.scheduler import PassCostFit, Scheduler
+from hub_server.pass_cost import PassCostFit
+from hub_server.scheduler import Scheduler
 
 
 class SimulatedRunner:
@@ -152,11 +153,11 @@ def test_the_pass_cost_fit_splits_a_pass_into_its_fixed_part_and_a_part_per_toke
     assert fit.fixed_s() is None               # one pass size says nothing about the split
     for tokens in (9, 18, 36, 72):             # a CPU: reading the weights, then every token
         fit.add(tokens, 0.16 + 0.0067 * tokens)
-    assert abs(fit.fixed_s() - 0.16) < 0.02
+    assert abs(fit.fixed_s() - 0.16) < 0.02 and abs(fit.per_token_s() - 0.0067) < 0.0005
     flat = PassCostFit()                       # a GPU: a pass costs its launches, whatever it holds
     for tokens in (1, 72, 144):
         flat.add(tokens, 0.04)
-    assert abs(flat.fixed_s() - 0.04) < 1e-6
+    assert abs(flat.fixed_s() - 0.04) < 1e-6 and flat.per_token_s() < 1e-9
 
 
 def _returning_user_meets_a_queued_one(runner: SimulatedRunner, scheduler: Scheduler, think_s: float,

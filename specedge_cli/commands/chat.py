@@ -15,7 +15,7 @@ from specedge_cli.drafting.chat_template import BUILTIN_TEMPLATES, ChatTemplate
 from specedge_cli.drafting.engine import DraftEngine
 from specedge_cli.errors import ModelFileError
 from specedge_cli.history import ConversationLog, History, SavedConversation, history_path
-from specedge_cli.models import DEFAULT_MODEL, ResolvedModel, resolve_model
+from specedge_cli.models import DEFAULT_MODEL, ResolvedModel, resolve_model, smallest_instruct_preset
 from specedge_cli.remote.client import HubClient
 from specedge_cli.remote.embedded import EmbeddedHub
 from specedge_cli.repl import Repl, Streamer, print_figures
@@ -56,7 +56,7 @@ def chat(
     if resolved.preset and resolved.preset.base:
         err.print(f"[dim]{resolved.preset.name} is a pretrained base model: it continues text and does not follow "
                   "instructions (it is the default because it runs anywhere). For answers, chat with an instruct "
-                  "model: --model qwen2.5-coder-0.5b.[/dim]")
+                  f"model: --model {smallest_instruct_preset().name}.[/dim]")
     address = config.hub_address(hub)
     # An embedded hub runs on this machine: drafting while it verifies would slow its pass down.
     proactive = chosen.proactive if chosen.proactive is not None else bool(address.url)

@@ -1,0 +1,49 @@
+"""What a verify pass costs the device: a fixed part plus a part per token, fitted as passes run.
+
+On a GPU nearly all of a small pass is fixed (kernel launches); on a CPU a pass costs its tokens
+plus reading the weights. The runner feeds every verify pass in; the scheduler reads the fixed
+part (how long a batch may wait for a user due back), and the accounting reads the part per
+token (what the context a verify carried, a new prompt, cost inside its pass).
+"""
+
+from __future__ import annotations
+
+import threading
+
+
+class PassCostFit:
+    """A pass's device time as fixed + per_token x tokens, fitted by least squares to the passes
+    timed so far; older passes fade, so the fit follows the device."""
+
+    def __init__(self, fade: float = 0.99):
+        self.fade = fade
+        self._sums = [0.0] * 5   # weight, sum x, sum y, sum x^2, sum x*y
+        self._lock = threading.Lock()
+
+    def add(self, tokens: int, seconds: float) -> None:
+        with self._lock:
+            self._sums = [self.fade * total + term for total, term in
+                          zip(self._sums, (1.0, tokens, seconds, tokens * tokens, tokens * seconds))]
+
+    def fixed_s(self) -> float | None:
+        """The part of a pass's time that does not grow with its tokens; None until passes of
+        different sizes have been timed."""
+        fit = self._fit()
+        return None if fit is None else fit[0]
+
+    def per_token_s(self) -> float | None:
+        """What each token adds to a pass; None until passes of different sizes have been timed."""
+        fit = self._fit()
+        return None if fit is None else fit[1]
+
+    def _fit(self) -> tuple[float, float] | None:
+        with self._lock:
+            n, x, y, xx, xy = self._sums
+        if n == 0:
+            return None
+        spread = xx / n - (x / n) ** 2
+        if spread <= 1e-9 * max(1.0, xx / n):
+            return None
+        slope = max(0.0, (xy / n - (x / n) * (y / n)) / spread)
+        fixed = min(max(y / n - slope * x / n, 0.0), y / n)
+        return fixed, (y / n - fixed) / (x / n) if x else 0.0
