@@ -45,10 +45,12 @@ def level_shapes(depth: int, budgets: list[int]) -> dict[str, DecodeSettings]:
 
 
 def run_shape(engine, client, template, settings, prompts) -> dict:
+    tally = replace(engine.branching)
     with httpx.Client(base_url=client.base_url) as http:
         before = _scrape(http)
         replies = _answer(engine, client, template, settings, prompts)
         after = _scrape(http)
+    drafts = engine.branching.drafts - tally.drafts
     rounds = sum(r.stats.verify_rounds for r in replies)
     busy = after["specedge_device_busy_seconds_total"] - before["specedge_device_busy_seconds_total"]
     ahead = sum(r.stats.proactive_drafts for r in replies)
@@ -58,6 +60,9 @@ def run_shape(engine, client, template, settings, prompts) -> dict:
         "itl_ms": sum(r.stats.itl_ms for r in replies) / len(replies),
         "proactive_hit_rate": sum(r.stats.proactive_hits for r in replies) / ahead if ahead else 0.0,
         "draft_wait_ms_per_verify": 1000 * sum(r.stats.draft_wait_s for r in replies) / rounds,
+        # Drafts that sent a second choice somewhere, and drafts where the target took one.
+        "branched": (engine.branching.branched - tally.branched) / drafts if drafts else 0.0,
+        "branch_taken": (engine.branching.taken - tally.taken) / drafts if drafts else 0.0,
         "tokens": [r.token_ids for r in replies],
     }
 
@@ -98,7 +103,7 @@ def main() -> None:
     for name, r in results.items():
         print(f"{name:<14} {r['tokens_per_verify']:6.2f} tok/verify   hub {r['hub_ms_per_verify']:7.1f} ms/verify   "
               f"ITL {r['itl_ms']:6.1f} ms   draft wait {r['draft_wait_ms_per_verify']:5.1f} ms/verify   "
-              f"proactive hits {r['proactive_hit_rate']:.0%}")
+              f"proactive hits {r['proactive_hit_rate']:.0%}   branched {r['branched']:.0%}, taken {r['branch_taken']:.0%}")
     print(f"identical output across shapes: {lossless}")
     print(json.dumps({name: {k: v for k, v in r.items() if k != "tokens"} for name, r in results.items()}))
 

@@ -9,6 +9,7 @@ import pytest
 from hub_server.verify import tree_problem
 from specedge_cli.drafting.draft_tree import DraftShape
 from specedge_cli.drafting.engine import DraftEngine
+from specedge_cli.drafting.sampling import Calibration
 
 
 @pytest.fixture(scope="module")
@@ -119,3 +120,20 @@ def test_sampled_drafts_follow_the_position_keyed_uniform(engines):
     fresh.set_sampling(0.0, 0)
     assert first == again      # seeded: the same draft for the same seed and positions
     assert first != other      # ... and another seed draws other tokens (6 draws from a random model)
+
+
+def test_the_engine_counts_drafts_that_branched_and_branches_the_target_took(engines):
+    engine, _ = engines
+    engine.reset()
+    engine.calibration = Calibration()   # the draft's own probabilities: a random model's are flat, so it branches
+    history = engine.tokenize("a tree of words", add_bos=True)
+    tree = engine.plan(history, DraftShape(depth=3, budget=9, width=3))
+    second = next(n for n in tree.branches() if tree.parents[n] == -1)   # a root child that is not the pick
+    before = copy.copy(engine.branching)
+    after = history + [tree.tokens[second], 5]     # the target took it, then drew 5
+    chain = engine.plan(after, DraftShape(depth=3, budget=3))
+    assert (engine.branching.drafts, engine.branching.branched, engine.branching.taken) == (
+        before.drafts + 1, before.branched + 1, before.taken + 1)
+    assert chain.branches() == set()               # a chain sends only the draft's own picks
+    engine.plan(after + chain.wire_tokens[:1] + [9], DraftShape(depth=3, budget=3))
+    assert (engine.branching.drafts, engine.branching.branched) == (before.drafts + 2, before.branched + 1)

@@ -124,6 +124,22 @@ class DraftTree:
                 break
         return shown
 
+    def branches(self) -> set[int]:
+        """The sent nodes that are not the draft's own pick below their parent: what a tree
+        spends on second choices, which a chain would have spent deeper."""
+        return {n for n in self.selected or [] if self.picks.get(self.parents[n]) != self.tokens[n]}
+
+    def accepted(self, continuation: list[int]) -> list[int]:
+        """The sent nodes the hub accepted, given its tokens `continuation` (path + bonus)."""
+        sent, path, parent = set(self.selected or []), [], ROOT
+        for token in continuation:
+            child = next((n for n in sent if self.parents[n] == parent and self.tokens[n] == token), None)
+            if child is None:
+                break
+            path.append(child)
+            parent = child
+        return path
+
     def matching_path(self, continuation: list[int]) -> list[int]:
         """The deepest chain of decoded nodes whose tokens begin `continuation`."""
         path: list[int] = []

@@ -11,6 +11,7 @@ import contextlib
 import hashlib
 import os
 import time
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable
 
@@ -31,6 +32,14 @@ def vocab_fingerprint(pieces: list[str]) -> str:
         digest.update(piece.replace(_SPACE_MARK, " ").encode("utf-8", "surrogatepass"))
         digest.update(b"\x00")
     return digest.hexdigest()
+
+
+@dataclass
+class BranchTally:
+    """Verified drafts, those that sent a second choice somewhere, and those where the hub took one."""
+    drafts: int = 0
+    branched: int = 0
+    taken: int = 0
 
 
 class DraftEngine:
@@ -68,6 +77,7 @@ class DraftEngine:
         self.max_tree_nodes = max_tree_nodes
         self.sampler = DraftSampler()
         self.calibration = Calibration()
+        self.branching = BranchTally()
         self._cached: list[int] = []              # the tokens sequence 0 holds
         self._current: DraftTree | None = None    # the last draft handed out, until the next plan
         self._ahead: DraftTree | None = None      # the proactive draft below the current one's guess
@@ -241,10 +251,16 @@ class DraftEngine:
         return float(np.log(max(self.calibration.acceptance(rank, probability), 1e-9)))
 
     def _learn(self, tree: DraftTree | None, history: list[int]) -> None:
-        """Feed the calibration what the hub's reply revealed about the target's draws."""
+        """Feed the calibration what the hub's reply revealed about the target's draws, and
+        count whether the tree branched and whether the target took a branch."""
         if tree is not None and history[: len(tree.root)] == tree.root:
-            for candidates, drawn in tree.revealed(history[len(tree.root):]):
+            continuation = history[len(tree.root):]
+            for candidates, drawn in tree.revealed(continuation):
                 self.calibration.observe(candidates, drawn)
+            branches = tree.branches()
+            self.branching.drafts += 1
+            self.branching.branched += bool(branches)
+            self.branching.taken += bool(branches & set(tree.accepted(continuation)))
 
     def _finish(self, tree: DraftTree) -> None:
         """Choose the nodes to send and give the undecoded ones their KV (so an accepted leaf is cached)."""
