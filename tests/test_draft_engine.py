@@ -137,3 +137,20 @@ def test_the_engine_counts_drafts_that_branched_and_branches_the_target_took(eng
     assert chain.branches() == set()               # a chain sends only the draft's own picks
     engine.plan(after + chain.wire_tokens[:1] + [9], DraftShape(depth=3, budget=3))
     assert (engine.branching.drafts, engine.branching.branched) == (before.drafts + 2, before.branched + 1)
+
+
+def test_a_tree_whose_first_choices_are_always_taken_drafts_only_the_chain(engines):
+    """When the target has taken the draft's first choice at every probability, second choices
+    cannot make the budget: the tree decodes nothing but the chain, the chain's own tokens."""
+    engine, fresh = engines
+    engine.reset()
+    engine.calibration = Calibration()
+    for b in range(Calibration.BINS):
+        for _ in range(50):
+            engine.calibration.observe([(1, (b + 0.5) / Calibration.BINS), (2, 0.01)], drawn=1)
+    history = engine.tokenize("the sea is", add_bos=True)
+    tree = engine.plan(history, DraftShape(depth=5, budget=5, width=3))
+    assert tree.wire_parents == [-1, 0, 1, 2, 3] and tree.branches() == set()
+    assert sum(tree.decoded(n) for n in range(len(tree.tokens))) == 5   # not one second choice decoded
+    fresh.reset()
+    assert tree.wire_tokens == fresh.draft(history, 5)

@@ -64,11 +64,13 @@ class DraftTree:
     def decoded(self, node: int) -> bool:
         return node == ROOT or self.sequences[node] >= 0
 
-    def cutoff(self, budget: int) -> float:
-        """The score a node needs to be among the `budget` best so far."""
-        if len(self.scores) <= budget:
+    def cutoff(self, budget: int, ahead: list[float] = ()) -> float:
+        """The score a node needs to be among the `budget` best so far, counting also the
+        scores `ahead` that nodes still to come are sure to reach."""
+        scores = self.scores + list(ahead)
+        if len(scores) <= budget:
             return -np.inf
-        return float(np.partition(np.asarray(self.scores), len(self.scores) - budget)[len(self.scores) - budget])
+        return float(np.partition(np.asarray(scores), len(scores) - budget)[len(scores) - budget])
 
     @property
     def finished(self) -> bool:

@@ -237,12 +237,22 @@ class DraftEngine:
             tree.levels += 1
             if tree.levels >= shape.depth:
                 break
-            cutoff = tree.cutoff(shape.budget)
+            # A node is decoded only to propose children, and none scores above it: skip nodes that
+            # cannot reach the budget's best, counting the chain the best node will at least grow.
+            best = max(level, key=lambda n: tree.scores[n])
+            cutoff = tree.cutoff(shape.budget, self._chain_ahead(tree.scores[best], shape.depth - tree.levels))
             beam = [n for n in sorted(level, key=lambda n: -tree.scores[n])[: shape.width] if tree.scores[n] >= cutoff]
             beam = self._decode_nodes(tree, beam, logits_for=set(beam))
             tree.frontier = [(node, self._context.logits(i).copy()) for i, node in enumerate(beam)]
             if stop is not None and stop():
                 break
+
+    def _chain_ahead(self, score: float, levels: int) -> list[float]:
+        """The least scores the first choices below a node of `score` will have over `levels`
+        levels: every first choice is accepted at least as often as the worst probability bin says."""
+        worst = min(self.calibration.acceptance(0, (b + 0.5) / Calibration.BINS) for b in range(Calibration.BINS))
+        step = float(np.log(max(worst, 1e-9)))
+        return [score + k * step for k in range(1, levels + 1)]
 
     def _log_acceptance(self, rank: int, probability: float, shape: DraftShape) -> float:
         """A child's score: the log of its estimated chance to be accepted given its parent is."""
