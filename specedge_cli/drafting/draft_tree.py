@@ -9,6 +9,7 @@ chain: the budget goes to depth where the draft is sure and to branches where it
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -64,7 +65,7 @@ class DraftTree:
     def decoded(self, node: int) -> bool:
         return node == ROOT or self.sequences[node] >= 0
 
-    def cutoff(self, budget: int, ahead: list[float] = ()) -> float:
+    def cutoff(self, budget: int, ahead: Sequence[float] = ()) -> float:
         """The score a node needs to be among the `budget` best so far, counting also the
         scores `ahead` that nodes still to come are sure to reach."""
         scores = self.scores + list(ahead)
