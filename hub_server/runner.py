@@ -158,11 +158,7 @@ class ModelRunner:
         self.vocab_size = min(self.vocab.size, self.model.get_input_embeddings().num_embeddings)
         # One thing at a time on the device: a forward pass here, or the hub's own drafting.
         self.device_lock = threading.Lock()
-        self.busy_seconds = 0.0  # time spent holding the device for forward passes
-        self.feeds = [0, 0.0]    # context fed in passes of its own (prompts, resumes): [feeds, seconds]
-        self.context_in_verify = 0   # tokens verify passes computed for the context they carried
-        self.verify_passes: dict[int, list[float]] = {}   # sessions in a pass -> [passes, device seconds]
-        self.pass_costs = PassCostFit()   # verify passes' device time against their (padded) tokens
+        self._zero_tallies()
         if self.device == "cuda":
             self.warm_up(settings.max_batch, settings.max_draft_tokens)
 
@@ -243,11 +239,18 @@ class ModelRunner:
         finally:
             for slot in slots:
                 self.pool.give_back(slot)
-            self.busy_seconds, self.feeds, self.verify_passes, self.context_in_verify = 0.0, [0, 0.0], {}, 0
-            self.pass_costs = PassCostFit()
+            self._zero_tallies()
         log.info("warmed up %d batch sizes x %d draft sizes in %.1f s", len(sizes), len(drafts), time.perf_counter() - started)
 
     # --- internals ----------------------------------------------------------------------
+    def _zero_tallies(self) -> None:
+        """What the device has done, as /metrics and the merge wait read it: nothing yet."""
+        self.busy_seconds = 0.0  # time spent holding the device for forward passes
+        self.feeds = [0, 0.0]    # context fed in passes of its own (prompts, resumes): [feeds, seconds]
+        self.context_in_verify = 0   # tokens verify passes computed for the context they carried
+        self.verify_passes: dict[int, list[float]] = {}   # sessions in a pass -> [passes, device seconds]
+        self.pass_costs = PassCostFit()   # verify passes' device time against their (padded) tokens
+
     def _verify_pass(self, jobs: list[VerifyJob]) -> int:
         """One batched pass over the jobs; returns the tokens it computed, padding included."""
         batch = self._batch([job.kv for job in jobs], [job.pending + job.draft for job in jobs],

@@ -117,15 +117,8 @@ class DraftTree:
     def revealed(self, continuation: list[int]) -> list[tuple[list[tuple[int, float]], int]]:
         """Where the hub's tokens `continuation` (accepted path + bonus) show what the target drew
         below a node whose children we proposed: (those children, the drawn token)."""
-        shown = []
-        node = ROOT
-        for token in continuation:
-            if node in self.proposed:
-                shown.append((self.proposed[node], token))
-            node = next((n for n in range(len(self.tokens)) if self.parents[n] == node and self.tokens[n] == token), None)
-            if node is None:
-                break
-        return shown
+        reached = [ROOT] + self._walk(continuation, range(len(self.tokens)))
+        return [(self.proposed[node], token) for node, token in zip(reached, continuation) if node in self.proposed]
 
     def branches(self) -> set[int]:
         """The sent nodes that are not the draft's own pick below their parent: what a tree
@@ -134,22 +127,20 @@ class DraftTree:
 
     def accepted(self, continuation: list[int]) -> list[int]:
         """The sent nodes the hub accepted, given its tokens `continuation` (path + bonus)."""
-        sent, path, parent = set(self.selected or []), [], ROOT
-        for token in continuation:
-            child = next((n for n in sent if self.parents[n] == parent and self.tokens[n] == token), None)
-            if child is None:
-                break
-            path.append(child)
-            parent = child
-        return path
+        return self._walk(continuation, self.selected or [])
 
     def matching_path(self, continuation: list[int]) -> list[int]:
         """The deepest chain of decoded nodes whose tokens begin `continuation`."""
+        return self._walk(continuation, [n for n in range(len(self.tokens)) if self.decoded(n)])
+
+    def _walk(self, continuation: list[int], among) -> list[int]:
+        """From the root, the deepest chain of nodes in `among` whose tokens begin `continuation`
+        (a node's children carry distinct tokens, so the chain is unique)."""
+        among = set(among)
         path: list[int] = []
         parent = ROOT
         for token in continuation:
-            child = next((n for n in range(len(self.tokens))
-                          if self.parents[n] == parent and self.tokens[n] == token and self.decoded(n)), None)
+            child = next((n for n in among if self.parents[n] == parent and self.tokens[n] == token), None)
             if child is None:
                 break
             path.append(child)
