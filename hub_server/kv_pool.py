@@ -148,14 +148,16 @@ class KVPool:
         with self._lock:
             self._free.append(slot.index)
 
-    def gather(self, layer: int, indices: list[int], width: int) -> tuple[torch.Tensor, torch.Tensor]:
-        """The first `width` columns of the given slots: keys and values [B, H, width, D]."""
+    def gather(self, layer: int, slots: int | torch.Tensor, width: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """The first `width` columns of the given slots: keys and values [B, H, width, D].
+
+        slots: one slot's index (a view, no copy), or the slots' indices [B] on the pool's device
+        (made once per pass by the caller, not once per layer).
+        """
         keys, values = self.keys[layer], self.values[layer]
-        if len(indices) == 1:       # a view, no copy
-            index = indices[0]
-            return keys[index: index + 1, :, :width], values[index: index + 1, :, :width]
-        rows = torch.tensor(indices, device=keys.device)
-        return keys[rows, :, :width], values[rows, :, :width]
+        if isinstance(slots, int):
+            return keys[slots: slots + 1, :, :width], values[slots: slots + 1, :, :width]
+        return keys[slots, :, :width], values[slots, :, :width]
 
     def write(self, layer: int, slots: torch.Tensor, columns: torch.Tensor,
               keys: torch.Tensor, values: torch.Tensor) -> None:

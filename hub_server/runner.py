@@ -259,7 +259,10 @@ class ModelRunner:
         # positions would otherwise each cost a full vocabulary projection.
         first = min(len(job.pending) for job in jobs) - 1
         logits, cache = self._forward(batch, logits_to_keep=batch.width - first)
-        kept = [self._accept(job, batch, b, logits[b], first) for b, job in enumerate(jobs)]
+        # Greedy rows read one argmax over the whole batch: one copy from the device, not one a row.
+        greedy = logits.argmax(dim=-1).tolist() if any(job.temperature == 0.0 for job in jobs) else None
+        kept = [self._accept(job, batch, b, logits[b], greedy[b] if greedy else None, first)
+                for b, job in enumerate(jobs)]
         self._keep(batch, cache, kept)
         return batch.tokens.numel()
 
@@ -304,16 +307,21 @@ class ModelRunner:
         pasts = {kind: min(longest, self.pool.capacities[self.layer_types.index(kind)]) for kind in set(self.layer_types)}
         return _Batch(slots, [len(row) for row in rows], tokens, ancestors, positions, lengths, pasts)
 
-    def _accept(self, job: VerifyJob, batch: _Batch, b: int, logits: torch.Tensor, first: int) -> list[int]:
+    def _accept(self, job: VerifyJob, batch: _Batch, b: int, logits: torch.Tensor, argmax: list[int] | None,
+                first: int) -> list[int]:
         """Apply the acceptance rule to row b; returns the row's columns to keep.
 
         logits: [S - first, V], column c holds the logits of row position first + c.
+        argmax: [S - first], their argmax (given when some row of the batch decodes greedily).
         """
         n_pending, size = len(job.pending), batch.sizes[b]
         # Position n_pending - 1 predicts after the root; position n_pending + i after draft node i.
-        scored = logits[n_pending - 1 - first: size - first]                      # [N + 1, V]
-        draw_positions = (batch.positions[b, n_pending - 1: size] + 1).tolist()
-        choices = target_choices(scored, job.temperature, job.seed, draw_positions)
+        scored = slice(n_pending - 1 - first, size - first)                      # N + 1 columns
+        if job.temperature == 0.0 and argmax is not None:
+            choices = argmax[scored]
+        else:
+            draw_positions = (batch.positions[b, n_pending - 1: size] + 1).tolist()
+            choices = target_choices(logits[scored], job.temperature, job.seed, draw_positions)
         job.path, job.emitted = accept_tree(job.draft, job.parents, choices, job.stop_token_ids)
         # Keep what the context now holds, but its last token: pending, then the accepted path.
         kept_nodes = job.path[: len(job.emitted) - 1]
@@ -324,7 +332,8 @@ class ModelRunner:
         """One pass over every row on top of its slot's past. Returns logits [B, S, V] and the
         pass's cache: per layer the gathered past columns, then the rows' new tokens."""
         indices = [slot.index for slot in batch.slots]
-        layers = [_PastLayer(*self.pool.gather(layer, indices, batch.pasts[kind]))
+        slots = indices[0] if len(indices) == 1 else torch.tensor(indices, device=self.device)
+        layers = [_PastLayer(*self.pool.gather(layer, slots, batch.pasts[kind]))
                   for layer, kind in enumerate(self.layer_types)]
         masks = {kind: self._mask(batch, kind).to(self.device) for kind in batch.pasts}
         out = self.model(
@@ -363,7 +372,8 @@ class ModelRunner:
                     sources.append(batch.pasts[kind] + keep[offset])
                     slots.append(slot.index)
                     columns.append((slot.length + offset) % capacity)
-            rows, sources, slots, columns = (torch.tensor(v, device=self.device) for v in (rows, sources, slots, columns))
+            # One copy to the device for all four index lists.
+            rows, sources, slots, columns = torch.tensor([rows, sources, slots, columns], device=self.device).unbind()
             for layer in (i for i, k in enumerate(self.layer_types) if k == kind):
                 new = cache.layers[layer]
                 self.pool.write(layer, slots, columns, new.keys[rows, :, sources], new.values[rows, :, sources])

@@ -220,6 +220,20 @@ def test_sampled_tree_verify_equals_target_sampling(target):
     assert tree.emitted == sampled
 
 
+def test_a_batch_of_greedy_and_sampled_rows_decodes_each_like_the_target_alone(target):
+    """Greedy rows read the batch's one argmax; a sampled row in the same pass draws its own."""
+    runner, target_alone = target
+    greedy_context, sampled_context = CONTEXTS[0], CONTEXTS[2]
+    expected_greedy = greedy(target_alone, greedy_context, 4)
+    expected_sampled = target_alone.decode(sampled_context, 3, temperature=1.0, seed=9)
+    greedy_job = job(runner, prefilled(runner, greedy_context), greedy_context, expected_greedy[:3])
+    sampled_job = job(runner, prefilled(runner, sampled_context), sampled_context, expected_sampled[:2],
+                      temperature=1.0, seed=9)
+    runner.verify_batch([greedy_job, sampled_job])
+    assert greedy_job.emitted == expected_greedy
+    assert sampled_job.emitted == expected_sampled
+
+
 def test_warm_up_gives_its_slots_back_and_leaves_no_trace(target):
     """A GPU hub runs every batch and draft size once at start; afterwards the pool, the tallies
     and what sessions decode are as if it had not."""
