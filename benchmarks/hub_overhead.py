@@ -64,17 +64,22 @@ class Probe:
         return elapsed, reply["verify_ms"]
 
     def device_busy_ms(self) -> float:
+        return self.metric("specedge_device_busy_seconds_total") * 1000
+
+    def metric(self, name: str) -> float:
         self.connection.request("GET", "/metrics")
         for line in self.connection.getresponse().read().decode().splitlines():
-            if line.startswith("specedge_device_busy_seconds_total "):
-                return float(line.split()[1]) * 1000
-        raise RuntimeError("the hub's /metrics has no specedge_device_busy_seconds_total")
+            if line.startswith(name + " "):
+                return float(line.split()[1])
+        raise RuntimeError(f"the hub's /metrics has no {name}")
 
 
-def measure(url: str, sessions: list[str], rounds: int) -> tuple[list[float], list[float], list[float]]:
+def measure(url: str, sessions: list[str], rounds: int) -> tuple[list[float], list[float], list[float], float]:
     """Round trip, time in the hub's verify call and device time (ms) of each of `rounds` verifies
-    per session, one at a time."""
+    per session, one at a time; and how many batches the scheduler held meanwhile (merge waits:
+    there should be none, since no other user is due back while one verify is out)."""
     probe = Probe(url)
+    held = probe.metric("specedge_merge_waits_total")
     body = json.dumps({"tokens": [], "draft": [5, 6, 7, 8]}).encode()
     round_trips, in_hub, forwards = [], [], []
     busy = probe.device_busy_ms()
@@ -86,8 +91,9 @@ def measure(url: str, sessions: list[str], rounds: int) -> tuple[list[float], li
             # Nothing else uses the hub, so the device time gained is this verify's own.
             busy, before = probe.device_busy_ms(), busy
             forwards.append(busy - before)
+    held = probe.metric("specedge_merge_waits_total") - held
     probe.connection.close()
-    return round_trips, in_hub, forwards
+    return round_trips, in_hub, forwards, held
 
 
 def percentile(values: list[float], share: float) -> float:
@@ -105,7 +111,7 @@ def main() -> None:
             httpx.Client(base_url=hub.url) as http:
         sessions = open_sessions(http, args.sessions)
         measure(hub.url, sessions[:4], 2)   # warm-up, not counted
-        round_trips, in_hub, forwards = measure(hub.url, sessions, args.rounds)
+        round_trips, in_hub, forwards, held = measure(hub.url, sessions, args.rounds)
     overheads = [trip - forward for trip, forward in zip(round_trips, forwards)]
     # Where the overhead is: around the pass inside the hub's verify call (queueing, the hops to
     # the scheduler's thread and back, applying the result), or outside that call (HTTP both ways,
@@ -117,7 +123,7 @@ def main() -> None:
           f"forward p50={statistics.median(forwards):.2f} ms "
           f"overhead p50={statistics.median(overheads):.2f} ms p95={percentile(overheads, 0.95):.2f} ms "
           f"(around the pass p50={statistics.median(around_pass):.2f} ms, "
-          f"outside the verify call p50={statistics.median(outside_call):.2f} ms)")
+          f"outside the verify call p50={statistics.median(outside_call):.2f} ms) merge waits={held:g}")
 
 
 if __name__ == "__main__":
