@@ -20,20 +20,22 @@ verifies reach the hub when N parallel edges would send them.
 
 The bound ("what the hardware allows") is tokens per verify x the cost of a one-token pass over
 all N sessions / that of a verify pass over all N. With a hub started here it is measured
-directly after the runs (`probe.py`); against a running hub it is read off the passes each mode
-ran (/metrics counts them by size). Prompts fed in passes of their own are counted apart
-(`prefill_busy_s`), and the share of the bound compares decode throughput without them: both
-modes feed the same prompts.
+directly after the runs (`probe.py`); against a running hub, through its API: N sessions send
+one-token and verify requests back to back, and /metrics counts the passes they make by size.
+Prompts fed in passes of their own are counted apart (`prefill_busy_s`), and the share of the
+bound compares decode throughput without them: both modes feed the same prompts.
 """
 
 from __future__ import annotations
 
 import json
 import os
+import random
 import statistics
 import threading
 import time
-from dataclasses import dataclass, field
+from collections.abc import Callable
+from dataclasses import dataclass, field, replace
 from importlib import resources
 from pathlib import Path
 
@@ -55,6 +57,39 @@ class BenchConfig:
     draft_len: int
     prompts: tuple[str, ...]
     edge_tps: float = 0.0   # each emulated edge's draft speed; 0: the speed measured here
+    token: str | None = None   # API token for a hub that needs one
+
+
+def hub_client(config: BenchConfig, timeout: float = 60) -> httpx.Client:
+    """A connection to the hub under test, with the token where one is given."""
+    headers = {"Authorization": f"Bearer {config.token}"} if config.token else {}
+    return httpx.Client(base_url=config.hub_url, timeout=timeout, headers=headers)
+
+
+def hub_info(client: httpx.Client) -> dict:
+    """The hub's /v1/info; a refusal (no token, a revoked one) raises httpx.HTTPStatusError."""
+    response = client.get("/v1/info")
+    response.raise_for_status()
+    return response.json()
+
+
+def run_all(calls: list[Callable[[], object]]) -> None:
+    """Run the calls in threads of their own, all at once; re-raise the first that failed."""
+    errors: list[BaseException] = []
+
+    def guarded(call) -> None:
+        try:
+            call()
+        except BaseException as exc:   # handed to the caller's thread below
+            errors.append(exc)
+
+    threads = [threading.Thread(target=guarded, args=(call,)) for call in calls]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    if errors:
+        raise errors[0]
 
 
 @dataclass
@@ -80,6 +115,12 @@ def _scrape(client: httpx.Client) -> dict[str, float]:
 
 def _hub_busy(metrics: dict[str, float]) -> float:
     return metrics.get("specedge_device_busy_seconds_total", 0.0) + metrics.get("specedge_hub_draft_seconds_total", 0.0)
+
+
+def _verify(client: httpx.Client, session: str, tokens: list[int], draft: list[int]) -> dict:
+    response = client.post(f"/v1/sessions/{session}/verify", json={"tokens": tokens, "draft": draft})
+    response.raise_for_status()
+    return response.json()
 
 
 def _open(client: httpx.Client, info: dict) -> str:
@@ -152,7 +193,7 @@ class SimulatedUser:
         self.replies: dict[tuple[int, ...], list[int]] = {}   # prompt -> what this user received
 
     def run(self, mode: str, prompt_tokens: list[list[int]]) -> None:
-        with httpx.Client(base_url=self.config.hub_url, timeout=600) as client:
+        with hub_client(self.config, timeout=600) as client:
             for prompt in prompt_tokens:
                 session = _open(client, self.info)
                 if mode == "specedge":
@@ -173,7 +214,7 @@ class SimulatedUser:
             room = self.config.max_tokens - produced - 1
             draft = self.edge.draft(context, min(self.config.draft_len, room)) if room > 0 else []
             self._half_rtt()
-            reply = client.post(f"/v1/sessions/{session}/verify", json={"tokens": pending, "draft": draft}).json()
+            reply = _verify(client, session, pending, draft)
             self._half_rtt()
             emitted = reply["tokens"]
             pending = []
@@ -190,6 +231,9 @@ class SimulatedUser:
         self._half_rtt()
         step_started, produced, reply = started, 0, []
         with client.stream("POST", f"/v1/sessions/{session}/generate", json=body) as response:
+            if response.is_error:
+                response.read()
+                response.raise_for_status()
             for line in response.iter_lines():
                 chunk = json.loads(line)
                 if chunk["done"]:
@@ -211,6 +255,11 @@ class SimulatedUser:
         self.record.step_itl_ms.extend([(now - step_started) * 1000 / tokens] * tokens)
 
 
+def _rotated(prompts: list[list[int]], start: int) -> list[list[int]]:
+    start %= len(prompts)
+    return prompts[start:] + prompts[:start]
+
+
 def _percentile(values: list[float], q: float) -> float:
     if not values:
         return 0.0
@@ -222,16 +271,11 @@ def run_mode(mode: str, config: BenchConfig, users: list[SimulatedUser], prompt_
     for user in users:
         user.record = ClientRecord()
         user.replies = {}
-    with httpx.Client(base_url=config.hub_url, timeout=60) as client:
+    with hub_client(config) as client:
         before = _scrape(client)
         started = time.perf_counter()
         # Each user starts at a different prompt so the mix is the same whatever N is.
-        threads = [threading.Thread(target=u.run, args=(mode, prompt_tokens[u.index % len(prompt_tokens):] + prompt_tokens[: u.index % len(prompt_tokens)]))
-                   for u in users]
-        for thread in threads:
-            thread.start()
-        for thread in threads:
-            thread.join()
+        run_all([lambda u=u: u.run(mode, _rotated(prompt_tokens, u.index)) for u in users])
         wall = time.perf_counter() - started
         after = _scrape(client)
     def grew(name: str) -> float:   # counters a hub of an older version may not have
@@ -317,24 +361,20 @@ class Workload:
 
 def prepare_workload(config: BenchConfig) -> Workload:
     """Ask the hub for each prompt's reply (autoregressive, untimed) and draft along every reply."""
+    with hub_client(config) as client:
+        info = hub_info(client)     # before loading the draft: a hub that refuses says so at once
     drafter = HubDrafter(config.draft, n_threads=1)
     prompt_tokens = [drafter.tokenize(p) for p in config.prompts]
-    with httpx.Client(base_url=config.hub_url, timeout=600) as client:
-        info = client.get("/v1/info").json()
     reference = SimulatedUser(0, config, None, info, frozenset())
-    threads = [threading.Thread(target=reference.run, args=("autoregressive", [p])) for p in prompt_tokens]
-    for thread in threads:
-        thread.start()
-    for thread in threads:
-        thread.join()
+    run_all([lambda p=p: reference.run("autoregressive", [p]) for p in prompt_tokens])
     edges = EmulatedEdges(drafter, config.edge_tps)
     edges.prepare([list(p) + r[:i] for p, r in reference.replies.items() for i in range(len(r))], config.draft_len)
     return Workload(prompt_tokens, reference.replies, edges, drafter.stop_token_ids())
 
 
 def run_bench(config: BenchConfig, modes: tuple[str, ...] = MODES, workload: Workload | None = None) -> dict:
-    with httpx.Client(base_url=config.hub_url, timeout=60) as client:
-        info = client.get("/v1/info").json()
+    with hub_client(config) as client:
+        info = hub_info(client)
     workload = workload or prepare_workload(config)
     users = [SimulatedUser(i, config, workload.edges, info, workload.stop_ids) for i in range(config.clients)]
     results = {}
@@ -417,6 +457,65 @@ def probe_bounds(runs: list[dict], model: str, device: str, dtype: str, workload
         if "specedge" in results and "autoregressive" in results:
             one_token_ms, verify_ms = probe.pass_pair_ms(clients, config["draft_len"])
             run["bound"] = _bound_from(results, clients, one_token_ms, verify_ms, f"probe: contexts {context - spread // 2}-{context + spread // 2}")
+
+
+def probe_bounds_through_hub(runs: list[dict], config: BenchConfig, workload: Workload, rounds: int = 4,
+                             verifies: int = 3) -> None:
+    """Measure each run's bound on a hub this bench did not start, through its public API.
+
+    N sessions, each holding one of the prompts, send verifies back to back with no round trip,
+    in turns of `verifies` each: with empty drafts (one-token passes) and with `draft_len` random
+    draft tokens (verify passes; what a pass costs does not depend on what it accepts). Users
+    due back at once share passes (the hub's merge wait), so most passes hold all N, and each
+    kind's cost at N is read off its own passes in /metrics, turn by turn, so that a machine
+    speeding up or slowing down moves both alike. Other users of the hub join those passes too:
+    measure a quiet hub.
+    """
+    for run in runs:
+        results, clients = run["modes"], run["config"]["clients"]
+        if not ("specedge" in results and "autoregressive" in results):
+            continue
+        one_token, verify = _passes_through_hub(replace(config, clients=clients), workload, rounds, verifies)
+        one_token_ms, verify_ms = pass_ms_at(one_token, clients), pass_ms_at(verify, clients)
+        if one_token_ms > 0 and verify_ms > 0:
+            sizes = "/".join(str(size) for size in sorted(set(one_token) | set(verify)))
+            run["bound"] = _bound_from(results, clients, one_token_ms, verify_ms,
+                                       f"through the hub's API: passes of {sizes} sessions")
+
+
+def _passes_through_hub(config: BenchConfig, workload: Workload, rounds: int,
+                        verifies: int) -> tuple[dict[int, list[float]], dict[int, list[float]]]:
+    """{sessions in a pass: [passes, mean device ms]} of the one-token passes and of the verify
+    passes that `probe_bounds_through_hub` has the hub run."""
+    rng = random.Random(0)
+    users = [hub_client(config) for _ in range(config.clients)]   # a connection each, as users have
+    try:
+        info = hub_info(users[0])
+        sessions = [_open(user, info) for user in users]
+        prompts = workload.prompt_tokens
+        run_all([lambda u=u, s=s, p=prompts[i % len(prompts)]: _verify(u, s, p, [])
+                 for i, (u, s) in enumerate(zip(users, sessions))])
+        seen: dict[int, dict[int, list[float]]] = {0: {}, config.draft_len: {}}
+        for _ in range(rounds):
+            for draft_len, table in seen.items():
+                drafts = [[rng.randrange(10, info["vocab_size"]) for _ in range(draft_len)] for _ in users]
+                before = _scrape(users[0])
+                run_all([lambda u=u, s=s, d=d: [_verify(u, s, [], d) for _ in range(verifies)]
+                         for u, s, d in zip(users, sessions, drafts)])
+                _add_passes(table, _pass_ms_by_sessions(before, _scrape(users[0])))
+        for user, session in zip(users, sessions):
+            user.delete(f"/v1/sessions/{session}")
+    finally:
+        for user in users:
+            user.close()
+    return seen[0], seen[config.draft_len]
+
+
+def _add_passes(table: dict[int, list[float]], more: dict[int, list[float]]) -> None:
+    """Fold `more` ({sessions: [passes, mean ms]}) into `table`."""
+    for size, (count, ms) in more.items():
+        had, had_ms = table.get(size, [0, 0.0])
+        table[size] = [had + count, round((had * had_ms + count * ms) / (had + count), 2)]
 
 
 def plot(runs: list[dict], path: Path) -> None:

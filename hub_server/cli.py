@@ -8,6 +8,7 @@ import signal
 from pathlib import Path
 from typing import Annotated, Optional
 
+import httpx
 import typer
 
 from hub_server.accounts import Accounts
@@ -107,6 +108,8 @@ def bench(
     draft: Annotated[Path, typer.Option(help="Draft .gguf the simulated users (and the hub's speculative mode) draft with.")],
     model: Annotated[Optional[str], typer.Option(help="Target to start a hub with (omit with --hub).")] = None,
     hub: Annotated[Optional[str], typer.Option(help="A running hub to measure instead (started with the same --draft).")] = None,
+    token: Annotated[Optional[str], typer.Option(envvar="SPECEDGE_TOKEN", show_default=False,
+                                                 help="API token for --hub (`hub_server tokens create --user NAME` makes one).")] = None,
     clients: Annotated[str, typer.Option(help="Concurrent users; a comma list (1,2,4,8) runs each and plots.")] = "1",
     rtt_ms: Annotated[float, typer.Option(help="Emulated network round trip, ms.")] = 14.0,
     max_tokens: Annotated[int, typer.Option(help="Tokens per reply.")] = 64,
@@ -123,7 +126,8 @@ def bench(
     """Measure server throughput and latency: SpecEdge against server-only baselines."""
     import json
 
-    from hub_server.bench import BenchConfig, load_prompts, plot, prepare_workload, probe_bounds, run_bench
+    from hub_server.bench import (BenchConfig, load_prompts, plot, prepare_workload, probe_bounds,
+                                  probe_bounds_through_hub, run_bench)
     from hub_server.local_hub import LocalHub
 
     if (model is None) == (hub is None):
@@ -132,15 +136,31 @@ def bench(
     chosen_modes = tuple(part.strip() for part in modes.split(",") if part.strip())
     shipped = load_prompts()[:prompts]
     serve_args = ("--merge-wait-share", str(merge_wait_share))
-    with LocalHub.maybe(model, draft, device, max_batch=max(counts), dtype=dtype, serve_args=serve_args) as local:
-        url = hub or local.url
-        runs, workload = [], None
-        for count in counts:
-            config = BenchConfig(url, draft, count, rtt_ms, max_tokens, draft_len, shipped, edge_tps)
-            workload = workload or prepare_workload(config)
-            runs.append(run_bench(config, chosen_modes, workload))
-            if not as_json:
-                typer.echo(_bench_table(runs[-1]), err=True)
+    runs, workload = [], None
+    try:
+        with LocalHub.maybe(model, draft, device, max_batch=max(counts), dtype=dtype, serve_args=serve_args) as local:
+            url = hub or local.url
+            for count in counts:
+                config = BenchConfig(url, draft, count, rtt_ms, max_tokens, draft_len, shipped, edge_tps,
+                                     token if hub else None)
+                workload = workload or prepare_workload(config)
+                runs.append(run_bench(config, chosen_modes, workload))
+                if not as_json:
+                    typer.echo(_bench_table(runs[-1]), err=True)
+            if local is None:
+                # The bound: full passes of both kinds, made through the hub's API.
+                probe_bounds_through_hub(runs, config, workload)
+                if not as_json:
+                    for run in runs:
+                        typer.echo(f"clients={run['config']['clients']} bound, measured through the hub's API: "
+                                   f"{run['bound']}", err=True)
+    except httpx.HTTPStatusError as exc:
+        typer.echo(f"Error: {_refusal(exc, token)}", err=True)
+        raise typer.Exit(1) from exc
+    except httpx.TransportError as exc:
+        typer.echo(f"Error: cannot reach the hub at {hub or 'this machine'}: {exc}; check the URL and that it "
+                   "is serving.", err=True)
+        raise typer.Exit(1) from exc
     if local is not None and workload is not None:
         # The hub has stopped: its device and cores are free to measure full passes directly.
         probe_bounds(runs, model, device, dtype, workload, local.hub_cores)
@@ -151,6 +171,19 @@ def bench(
     result = runs[0] if len(runs) == 1 else {"runs": runs}
     result["plot"] = str(plot_path)
     typer.echo(json.dumps(result, indent=None if as_json else 2))
+
+
+def _refusal(exc: httpx.HTTPStatusError, token: str | None) -> str:
+    """What a hub's refusal means for the bench, and what to do."""
+    status = exc.response.status_code
+    try:
+        said = exc.response.json()["error"]["message"]
+    except (ValueError, KeyError, TypeError):
+        said = exc.response.text[:200]
+    if status == 401 and not token:
+        return (f"the hub at {exc.request.url.host} needs an API token: pass --token or set SPECEDGE_TOKEN "
+                "(its operator makes one with `hub_server tokens create --user NAME`)")
+    return f"the hub refused {exc.request.method} {exc.request.url.path} ({status}): {said}"
 
 
 def _bench_table(run: dict) -> str:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 import subprocess
 import sys
 import time
@@ -47,6 +48,39 @@ def test_bench_reports_every_mode_ratios_bound_and_a_plot(tiny, tmp_path):
     assert report["config"]["clients"] == 2 and report["config"]["rtt_ms"] == 4
     assert report["config"]["edge_tps"] > 0   # measured on the draft model, since no --edge-tps
     assert plot.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def _active_sessions(hub, user: str) -> float:
+    with hub.client(user) as client:
+        lines = client.get("/metrics").text.splitlines()
+    return float(next(line.split()[1] for line in lines if line.startswith("specedge_active_sessions ")))
+
+
+def test_bench_against_a_running_hub_takes_its_token_and_measures_the_bound_through_its_api(tiny, auth_hub, tmp_path):
+    command = [sys.executable, "-m", "hub_server", "bench", "--hub", auth_hub.url, "--draft", str(tiny.gguf_q8),
+               "--clients", "2", "--rtt-ms", "4", "--max-tokens", "12", "--prompts", "2",
+               "--modes", "specedge,autoregressive", "--plot", str(tmp_path / "bench.png"), "--json"]
+    environment = {key: value for key, value in os.environ.items() if key != "SPECEDGE_TOKEN"}
+    refused = subprocess.run(command, cwd=REPO, capture_output=True, text=True, timeout=600, env=environment)
+    assert refused.returncode == 1
+    assert "needs an API token: pass --token or set SPECEDGE_TOKEN" in refused.stderr
+    assert "Traceback" not in refused.stderr
+
+    open_before = _active_sessions(auth_hub, "ada")
+    result = subprocess.run(command, cwd=REPO, capture_output=True, text=True, timeout=600,
+                            env={**environment, "SPECEDGE_TOKEN": auth_hub.tokens["ada"]})
+    assert result.returncode == 0, result.stderr[-3000:]
+    report = json.loads(result.stdout)
+    assert all(mode["lossless"] is True for mode in report["modes"].values())
+    bound = report["bound"]
+    # Passes of both kinds over the two sessions, made through the API, not read off the runs.
+    assert bound["measured"].startswith("through the hub's API: passes of") and bound["sessions_per_pass"] == 2
+    assert bound["one_token_pass_ms"] > 0 and bound["verify_pass_ms"] > 0 and bound["throughput_vs_autoregressive"] > 0
+    assert _active_sessions(auth_hub, "ada") == open_before   # every session it opened, it closed
+
+    revoked = subprocess.run([*command[:-1], "--token", "not-a-token", "--json"], cwd=REPO, capture_output=True,
+                             text=True, timeout=600, env=environment)
+    assert revoked.returncode == 1 and "(401)" in revoked.stderr and "Traceback" not in revoked.stderr
 
 
 def test_emulated_edges_give_the_draft_models_own_tokens_at_the_edge_speed(tiny):
