@@ -16,7 +16,10 @@ before the timed runs, the draft model drafts for real at every point of every p
 (the target's own greedy reply, asked of the hub once), and during a run each user takes its
 real draft from that store and waits as long as its own device would take to draft it, at the
 draft speed measured here (or `--edge-tps`). Drafting then costs the timed run no CPU, and the
-verifies reach the hub when N parallel edges would send them.
+verifies reach the hub when N parallel edges would send them. Like `specedge chat`, a user
+drafts its next round while a verify is out (`--no-proactive` turns that off), below the
+likeliest outcome: the whole draft accepted, then the draft model's own next token. When that
+comes back, the next draft is ready when a device that began it at the send would be done.
 
 The bound ("what the hardware allows") is tokens per verify x the cost of a one-token pass over
 all N sessions / that of a verify pass over all N. With a hub started here it is measured
@@ -58,6 +61,7 @@ class BenchConfig:
     prompts: tuple[str, ...]
     edge_tps: float = 0.0   # each emulated edge's draft speed; 0: the speed measured here
     token: str | None = None   # API token for a hub that needs one
+    proactive: bool = True     # edges draft ahead while a verify is out, as `specedge chat` does
 
 
 def hub_client(config: BenchConfig, timeout: float = 60) -> httpx.Client:
@@ -97,6 +101,8 @@ class ClientRecord:
     emitted: int = 0
     step_itl_ms: list[float] = field(default_factory=list)   # per token: step time / tokens in step
     ttft_ms: list[float] = field(default_factory=list)
+    drafts_ahead: int = 0    # verifies sent while the edge could draft the next round ahead
+    ahead_hits: int = 0      # ... whose guessed outcome came back, so that draft was sent
 
 
 def load_prompts() -> tuple[str, ...]:
@@ -154,12 +160,17 @@ class EmulatedEdges:
         if not self.tokens_per_second:
             self.tokens_per_second = self.steps / self.step_seconds if self.step_seconds else 1000.0
 
-    def draft(self, context: list[int], length: int) -> list[int]:
-        """`length` real draft tokens after `context`, returned when the user's device would be done."""
-        started = time.perf_counter()
+    def draft(self, context: list[int], length: int, since: float | None = None) -> list[int]:
+        """`length` real draft tokens after `context`, returned when the user's device would be
+        done drafting them had it started at `since` (a perf_counter time; default now)."""
+        started = time.perf_counter() if since is None else since
         tokens = self._draft(context, length)
         time.sleep(max(0.0, length / self.tokens_per_second - (time.perf_counter() - started)))
         return tokens
+
+    def next_token(self, context: list[int]) -> int:
+        """The draft model's own next token after `context` (no wait: a by-product of drafting)."""
+        return self._next_token(list(context))
 
     def _draft(self, context: list[int], length: int) -> list[int]:
         extended = list(context)
@@ -209,14 +220,17 @@ class SimulatedUser:
     def _specedge(self, client: httpx.Client, session: str, prompt: list[int]) -> list[int]:
         context, pending, produced = list(prompt), list(prompt), 0
         started = time.perf_counter()
+        drafting_since = None   # when the edge began the next draft, if before this step
         while produced < self.config.max_tokens:
             step_started = time.perf_counter()
             room = self.config.max_tokens - produced - 1
-            draft = self.edge.draft(context, min(self.config.draft_len, room)) if room > 0 else []
+            draft = self.edge.draft(context, min(self.config.draft_len, room), drafting_since) if room > 0 else []
+            sent = time.perf_counter()
             self._half_rtt()
             reply = _verify(client, session, pending, draft)
             self._half_rtt()
             emitted = reply["tokens"]
+            drafting_since = self._drafted_ahead(sent, context, draft, emitted, room)
             pending = []
             context += emitted
             produced += len(emitted)
@@ -224,6 +238,22 @@ class SimulatedUser:
             if emitted[-1] in self.stop_ids:
                 break
         return context[len(prompt):]
+
+    def _drafted_ahead(self, sent: float, context: list[int], draft: list[int], emitted: list[int],
+                       room: int) -> float | None:
+        """Proactive drafting, as the real client does it: while a verify is out, the edge drafts
+        the next round below its likeliest outcome, every draft token accepted and then the
+        draft model's own next token. When that is what comes back, the next draft began when
+        this verify was sent (returns that time); otherwise it begins now (None). The guess is
+        only looked at when the whole draft was accepted, so it never costs a draft step here.
+        `room`: the tokens this step could emit beyond its bonus token."""
+        if not (self.config.proactive and draft) or room - len(draft) - 1 <= 0:
+            return None   # no next round to draft for after the guessed outcome
+        self.record.drafts_ahead += 1
+        if emitted[:-1] == draft and emitted[-1] == self.edge.next_token(context + draft):
+            self.record.ahead_hits += 1
+            return sent
+        return None
 
     def _server_only(self, client: httpx.Client, session: str, prompt: list[int], mode: str) -> list[int]:
         body = {"mode": mode, "tokens": prompt, "max_tokens": self.config.max_tokens, "draft_len": self.config.draft_len}
@@ -291,6 +321,7 @@ def run_mode(mode: str, config: BenchConfig, users: list[SimulatedUser], prompt_
     verifies = after["specedge_verify_seconds_count"] - before["specedge_verify_seconds_count"]
     emitted = sum(u.record.emitted for u in users)
     itl = [x for u in users for x in u.record.step_itl_ms]
+    drafts_ahead, ahead_hits = (sum(u.record.drafts_ahead for u in users), sum(u.record.ahead_hits for u in users))
     ttft = [x for u in users for x in u.record.ttft_ms]
     return {
         "emitted_tokens": emitted,
@@ -317,6 +348,9 @@ def run_mode(mode: str, config: BenchConfig, users: list[SimulatedUser], prompt_
         "user_return_ms": 1000 * after.get("specedge_user_return_seconds", 0.0),
         "pass_ms_by_sessions": _pass_ms_by_sessions(before, after),
         "wall_s": wall,
+        # SpecEdge users' drafts made ahead while a verify was out, and the share that was sent.
+        "proactive_drafts": drafts_ahead,
+        "proactive_hit_rate": ahead_hits / drafts_ahead if drafts_ahead else 0.0,
     }
 
 
@@ -385,7 +419,7 @@ def run_bench(config: BenchConfig, modes: tuple[str, ...] = MODES, workload: Wor
             "config": {"hub": config.hub_url, "target": info["model"], "draft": config.draft.name,
                        "clients": config.clients, "rtt_ms": config.rtt_ms, "max_tokens": config.max_tokens,
                        "draft_len": config.draft_len, "prompts": len(config.prompts), "cpu_count": os.cpu_count(),
-                       "edge_tps": round(workload.edges.tokens_per_second, 1)}}
+                       "edge_tps": round(workload.edges.tokens_per_second, 1), "proactive": config.proactive}}
 
 
 def _ratio(a: float, b: float) -> float:

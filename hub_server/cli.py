@@ -120,6 +120,7 @@ def bench(
     dtype: Annotated[str, typer.Option(help=f"Dtype of a hub started here: one of {', '.join(DTYPES)}.")] = "auto",
     edge_tps: Annotated[float, typer.Option(help="Draft speed of each simulated user's own device, tokens/s; 0 measures the draft model here on one thread.")] = 0.0,
     merge_wait_share: Annotated[float, typer.Option(help="--merge-wait-share of a hub started here.")] = 0.5,
+    proactive: Annotated[bool, typer.Option(help="Simulated users draft the next round while a verify is out, as `specedge chat` does.")] = True,
     plot_path: Annotated[Path, typer.Option("--plot", help="Where to draw the PNG plot.")] = Path("hub-bench.png"),
     as_json: Annotated[bool, typer.Option("--json", help="Print JSON only.")] = False,
 ) -> None:
@@ -142,7 +143,7 @@ def bench(
             url = hub or local.url
             for count in counts:
                 config = BenchConfig(url, draft, count, rtt_ms, max_tokens, draft_len, shipped, edge_tps,
-                                     token if hub else None)
+                                     token if hub else None, proactive)
                 workload = workload or prepare_workload(config)
                 runs.append(run_bench(config, chosen_modes, workload))
                 if not as_json:
@@ -193,6 +194,10 @@ def _bench_table(run: dict) -> str:
     for mode, m in run["modes"].items():
         rows.append(f"{mode:<18}{m['server_throughput']:>11.1f}{m['wall_throughput']:>10.1f}{m['tokens_per_verify']:>11.2f}"
                     f"{m['itl_ms_mean']:>9.1f}{m['itl_ms_p95']:>9.1f}{m['ttft_ms_mean']:>9.0f}{m['hub_busy_fraction']:>7.0%}  {m['lossless']}")
+    ahead = run["modes"].get("specedge", {})
+    if ahead.get("proactive_drafts"):
+        rows.append(f"specedge drafts made ahead while a verify was out: {ahead['proactive_drafts']:g}, "
+                    f"sent {ahead['proactive_hit_rate']:.0%}")
     rows.append(f"ratios: {run['ratios']}  bound: {run['bound']}")
     return "\n".join(rows)
 

@@ -45,6 +45,10 @@ def test_bench_reports_every_mode_ratios_bound_and_a_plot(tiny, tmp_path):
     for mode in report["modes"].values():   # prompts, fed apart or inside verifies, are counted apart
         assert 0 <= mode["prefill_in_verify_s"] <= mode["prefill_busy_s"] < mode["hub_busy_s"]
         assert mode["decode_throughput"] >= mode["server_throughput"]
+    # The simulated users draft ahead while a verify is out, like the real client.
+    specedge = report["modes"]["specedge"]
+    assert specedge["proactive_drafts"] > 0 and 0 <= specedge["proactive_hit_rate"] <= 1
+    assert report["config"]["proactive"] is True
     assert report["config"]["clients"] == 2 and report["config"]["rtt_ms"] == 4
     assert report["config"]["edge_tps"] > 0   # measured on the draft model, since no --edge-tps
     assert plot.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
@@ -100,6 +104,33 @@ def test_emulated_edges_give_the_draft_models_own_tokens_at_the_edge_speed(tiny)
     assert waited >= 6 / 200.0         # as long as a 200 t/s device takes to draft six tokens
     # A context below an accepted token reuses what was drafted along the way.
     assert edges.draft(context + draft[:2], 4) == draft[2:6] and edges.steps == 6
+    # The draft model's own next token: the guess a proactive edge drafts below.
+    assert edges.next_token(context + draft[:5]) == draft[5] and edges.steps == 6
+    # A draft begun earlier (ahead, while a verify was out) is ready without a further wait.
+    started = time.perf_counter()
+    assert edges.draft(context, 6, since=started - 1.0) == draft
+    assert time.perf_counter() - started < 6 / 200.0
+
+
+def test_a_simulated_user_sends_its_draft_made_ahead_only_when_the_guessed_outcome_comes_back(tiny):
+    from hub_server.bench import BenchConfig, EmulatedEdges, SimulatedUser
+    from hub_server.drafter import HubDrafter
+
+    edges = EmulatedEdges(HubDrafter(tiny.gguf_q8, n_threads=1), tokens_per_second=200.0)
+    context = HubDrafter(tiny.gguf_q8, n_threads=1).tokenize("def fibonacci(n):")
+    draft = edges.draft(context, 4)
+    guess = draft + [edges.next_token(context + draft)]   # all accepted, then the draft model's token
+    config = BenchConfig("http://unused", tiny.gguf_q8, 1, 0.0, 32, 4, ())
+    user = SimulatedUser(0, config, edges, {}, frozenset())
+    sent = time.perf_counter()
+    assert user._drafted_ahead(sent, context, draft, guess, room=20) == sent    # the next draft began at the send
+    assert user._drafted_ahead(sent, context, draft, draft[:2] + [7], room=20) is None   # a rejection: draft anew
+    other = (guess[-1] + 1) % 512
+    assert user._drafted_ahead(sent, context, draft, draft + [other], room=20) is None   # another bonus token
+    assert (user.record.drafts_ahead, user.record.ahead_hits) == (3, 1)
+    assert user._drafted_ahead(sent, context, draft, guess, room=5) is None    # no round left after the guess
+    off = SimulatedUser(0, BenchConfig("http://unused", tiny.gguf_q8, 1, 0.0, 32, 4, (), proactive=False), edges, {}, frozenset())
+    assert off._drafted_ahead(sent, context, draft, guess, room=20) is None and off.record.drafts_ahead == 0
 
 
 def test_pass_cost_at_a_batch_size_follows_the_passes_seen():
