@@ -321,7 +321,7 @@ def run_mode(mode: str, config: BenchConfig, users: list[SimulatedUser], prompt_
     verifies = after["specedge_verify_seconds_count"] - before["specedge_verify_seconds_count"]
     emitted = sum(u.record.emitted for u in users)
     itl = [x for u in users for x in u.record.step_itl_ms]
-    drafts_ahead, ahead_hits = (sum(u.record.drafts_ahead for u in users), sum(u.record.ahead_hits for u in users))
+    drafts_ahead, ahead_hits = sum(u.record.drafts_ahead for u in users), sum(u.record.ahead_hits for u in users)
     ttft = [x for u in users for x in u.record.ttft_ms]
     return {
         "emitted_tokens": emitted,
@@ -523,9 +523,11 @@ def _passes_through_hub(config: BenchConfig, workload: Workload, rounds: int,
     passes that `probe_bounds_through_hub` has the hub run."""
     rng = random.Random(0)
     users = [hub_client(config) for _ in range(config.clients)]   # a connection each, as users have
+    sessions: list[str] = []
     try:
         info = hub_info(users[0])
-        sessions = [_open(user, info) for user in users]
+        for user in users:
+            sessions.append(_open(user, info))
         prompts = workload.prompt_tokens
         run_all([lambda u=u, s=s, p=prompts[i % len(prompts)]: _verify(u, s, p, [])
                  for i, (u, s) in enumerate(zip(users, sessions))])
@@ -537,9 +539,12 @@ def _passes_through_hub(config: BenchConfig, workload: Workload, rounds: int,
                 run_all([lambda u=u, s=s, d=d: [_verify(u, s, [], d) for _ in range(verifies)]
                          for u, s, d in zip(users, sessions, drafts)])
                 _add_passes(table, _pass_ms_by_sessions(before, _scrape(users[0])))
-        for user, session in zip(users, sessions):
-            user.delete(f"/v1/sessions/{session}")
     finally:
+        for user, session in zip(users, sessions):   # also when the hub refused something midway
+            try:
+                user.delete(f"/v1/sessions/{session}")
+            except httpx.HTTPError:
+                pass   # the hub is gone; it ends idle sessions itself
         for user in users:
             user.close()
     return seen[0], seen[config.draft_len]
