@@ -64,6 +64,22 @@ class BenchConfig:
     proactive: bool = True     # edges draft ahead while a verify is out, as `specedge chat` does
 
 
+class BenchRefused(ValueError):
+    """The bench cannot measure this hub as asked; the message says what to do instead."""
+
+
+def check_hub(info: dict, drafter: HubDrafter, modes: tuple[str, ...]) -> None:
+    """Refuse, before any run, a draft whose vocabulary is not the target's (its drafts would be
+    another model's token ids: lossless still, but every figure meaningless) and a mode the hub
+    does not serve."""
+    if drafter.vocab_fingerprint() != info["vocab_fingerprint"]:
+        raise BenchRefused(f"the draft {drafter.name} has another vocabulary than the hub's target "
+                           f"{info['model']}: pass the --draft that goes with that target")
+    if "server_only_spec" in modes and "speculative" not in info["modes"]:
+        raise BenchRefused(f"the hub serving {info['model']} has no draft model of its own, so it cannot run "
+                           "server_only_spec: pass --modes specedge,autoregressive, or start it with --draft")
+
+
 def hub_client(config: BenchConfig, timeout: float = 60) -> httpx.Client:
     """A connection to the hub under test, with the token where one is given."""
     headers = {"Authorization": f"Bearer {config.token}"} if config.token else {}
@@ -393,11 +409,13 @@ class Workload:
     stop_ids: frozenset[int]
 
 
-def prepare_workload(config: BenchConfig) -> Workload:
-    """Ask the hub for each prompt's reply (autoregressive, untimed) and draft along every reply."""
+def prepare_workload(config: BenchConfig, modes: tuple[str, ...] = MODES) -> Workload:
+    """Check that the hub can run `modes` with this draft, ask it for each prompt's reply
+    (autoregressive, untimed) and draft along every reply."""
     with hub_client(config) as client:
         info = hub_info(client)     # before loading the draft: a hub that refuses says so at once
     drafter = HubDrafter(config.draft, n_threads=1)
+    check_hub(info, drafter, modes)
     prompt_tokens = [drafter.tokenize(p) for p in config.prompts]
     reference = SimulatedUser(0, config, None, info, frozenset())
     run_all([lambda p=p: reference.run("autoregressive", [p]) for p in prompt_tokens])
@@ -409,7 +427,7 @@ def prepare_workload(config: BenchConfig) -> Workload:
 def run_bench(config: BenchConfig, modes: tuple[str, ...] = MODES, workload: Workload | None = None) -> dict:
     with hub_client(config) as client:
         info = hub_info(client)
-    workload = workload or prepare_workload(config)
+    workload = workload or prepare_workload(config, modes)
     users = [SimulatedUser(i, config, workload.edges, info, workload.stop_ids) for i in range(config.clients)]
     results = {}
     for mode in modes:

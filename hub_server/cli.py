@@ -127,7 +127,7 @@ def bench(
     """Measure server throughput and latency: SpecEdge against server-only baselines."""
     import json
 
-    from hub_server.bench import (BenchConfig, load_prompts, plot, prepare_workload, probe_bounds,
+    from hub_server.bench import (BenchConfig, BenchRefused, load_prompts, plot, prepare_workload, probe_bounds,
                                   probe_bounds_through_hub, run_bench)
     from hub_server.local_hub import LocalHub
 
@@ -144,7 +144,7 @@ def bench(
             for count in counts:
                 config = BenchConfig(url, draft, count, rtt_ms, max_tokens, draft_len, shipped, edge_tps,
                                      token if hub else None, proactive)
-                workload = workload or prepare_workload(config)
+                workload = workload or prepare_workload(config, chosen_modes)
                 runs.append(run_bench(config, chosen_modes, workload))
                 if not as_json:
                     typer.echo(_bench_table(runs[-1]), err=True)
@@ -155,6 +155,9 @@ def bench(
                     for run in runs:
                         typer.echo(f"clients={run['config']['clients']} bound, measured through the hub's API: "
                                    f"{run['bound']}", err=True)
+    except BenchRefused as exc:
+        typer.echo(f"Error: {exc}", err=True)
+        raise typer.Exit(1) from exc
     except httpx.HTTPStatusError as exc:
         typer.echo(f"Error: {_refusal(exc, token)}", err=True)
         raise typer.Exit(1) from exc

@@ -60,6 +60,14 @@ class HubDrafter:
     def tokenize(self, text: str) -> list[int]:
         return self._context("__vocabulary__").tokenize(text.encode("utf-8"), add_bos=True, special=False)
 
+    def vocab_fingerprint(self) -> str:
+        """The draft's vocabulary as the hub fingerprints its target's (`loading.vocab_fingerprint`)."""
+        from hub_server.loading import vocab_fingerprint
+
+        vocab = self._lib.llama_model_get_vocab(self._context("__vocabulary__").model)
+        return vocab_fingerprint([self._lib.llama_vocab_get_text(vocab, i).decode("utf-8", "replace")
+                                  for i in range(self._lib.llama_vocab_n_tokens(vocab))])
+
     def stop_token_ids(self) -> frozenset[int]:
         llm = self._context("__vocabulary__")
         vocab = self._lib.llama_model_get_vocab(llm.model)

@@ -87,6 +87,23 @@ def test_bench_against_a_running_hub_takes_its_token_and_measures_the_bound_thro
     assert revoked.returncode == 1 and "(401)" in revoked.stderr and "Traceback" not in revoked.stderr
 
 
+def test_bench_refuses_a_draft_of_another_vocabulary_and_a_mode_the_hub_cannot_serve(tiny, hub, tmp_path):
+    from tests.test_cli_chat import _gemma_path
+
+    def bench(draft, *extra):
+        return subprocess.run([sys.executable, "-m", "hub_server", "bench", "--hub", hub.url, "--draft", str(draft),
+                               "--clients", "1", "--max-tokens", "4", "--prompts", "1", "--plot", str(tmp_path / "b.png"),
+                               *extra], cwd=REPO, capture_output=True, text=True, timeout=600)
+
+    other = bench(_gemma_path(), "--modes", "specedge,autoregressive")
+    assert other.returncode == 1 and "another vocabulary than the hub's target" in other.stderr
+    assert "Traceback" not in other.stderr
+    # This hub was started without --draft: it has no speculative mode of its own.
+    no_draft = bench(tiny.gguf_q8)
+    assert no_draft.returncode == 1 and "pass --modes specedge,autoregressive" in no_draft.stderr
+    assert "Traceback" not in no_draft.stderr
+
+
 def test_emulated_edges_give_the_draft_models_own_tokens_at_the_edge_speed(tiny):
     from hub_server.bench import EmulatedEdges
     from hub_server.drafter import HubDrafter
