@@ -9,8 +9,10 @@ from __future__ import annotations
 
 import hashlib
 import logging
+import mmap
 import os
 import shutil
+import struct
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -56,12 +58,64 @@ def read_vocabulary(model_path: Path) -> Vocabulary:
 
 
 def _gguf_vocabulary(path: Path) -> Vocabulary:
-    import gguf
+    return Vocabulary(tuple(gguf_tokens(path)))
 
-    reader = gguf.GGUFReader(str(path))
-    field = reader.fields["tokenizer.ggml.tokens"]
-    pieces = tuple(bytes(field.parts[i]).decode("utf-8", "replace") for i in field.data)
-    return Vocabulary(pieces)
+
+# GGUF metadata value types (the GGUF specification): fixed-size scalars by their struct code,
+# then strings (a uint64 length and the bytes) and arrays (element type, uint64 count, elements).
+_GGUF_SCALARS = {0: "<B", 1: "<b", 2: "<H", 3: "<h", 4: "<I", 5: "<i", 6: "<f", 7: "<?", 10: "<Q", 11: "<q", 12: "<d"}
+_GGUF_STRING, _GGUF_ARRAY = 8, 9
+
+
+def gguf_tokens(path: Path) -> list[str]:
+    """The token pieces of a GGUF file (`tokenizer.ggml.tokens`), read straight from its header.
+
+    The metadata comes before the tensors, so this reads a few MB of a file of any size, one
+    key after another. gguf's own reader builds an array view for every element of every
+    metadata array: 10 s for Gemma's 262k tokens, against well under a second here.
+    """
+    with path.open("rb") as file, mmap.mmap(file.fileno(), 0, access=mmap.ACCESS_READ) as data:
+        magic, version, _, keys = struct.unpack_from("<4sIQQ", data, 0)
+        if magic != b"GGUF" or version < 2:
+            raise ValueError(f"{path} is not a GGUF file (version 2 or later)")
+        at = 24
+        for _ in range(keys):
+            key, at = _gguf_string(data, at)
+            (kind,) = struct.unpack_from("<I", data, at)
+            at += 4
+            if key == "tokenizer.ggml.tokens" and kind == _GGUF_ARRAY:
+                element, count = struct.unpack_from("<IQ", data, at)
+                at += 12
+                if element != _GGUF_STRING:
+                    raise ValueError(f"{path}: tokenizer.ggml.tokens holds no strings")
+                pieces = []
+                for _ in range(count):
+                    piece, at = _gguf_string(data, at)
+                    pieces.append(piece)
+                return pieces
+            at = _gguf_skip(data, at, kind)
+    raise ValueError(f"{path} has no tokenizer.ggml.tokens: it holds no vocabulary")
+
+
+def _gguf_string(data, at: int) -> tuple[str, int]:
+    (length,) = struct.unpack_from("<Q", data, at)
+    at += 8
+    return data[at: at + length].decode("utf-8", "replace"), at + length
+
+
+def _gguf_skip(data, at: int, kind: int) -> int:
+    """Where the value of type `kind` that starts at `at` ends."""
+    if kind == _GGUF_STRING:
+        return at + 8 + struct.unpack_from("<Q", data, at)[0]
+    if kind == _GGUF_ARRAY:
+        element, count = struct.unpack_from("<IQ", data, at)
+        at += 12
+        if element in _GGUF_SCALARS:
+            return at + count * struct.calcsize(_GGUF_SCALARS[element])
+        for _ in range(count):
+            at = _gguf_skip(data, at, element)
+        return at
+    return at + struct.calcsize(_GGUF_SCALARS[kind])
 
 
 def _hf_vocabulary(folder: Path) -> Vocabulary:

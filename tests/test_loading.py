@@ -1,12 +1,15 @@
-"""The converted-target cache: a GGUF target is converted into torch once, reused, and pruned."""
+"""The converted-target cache: a GGUF target is converted into torch once, reused, and pruned;
+a GGUF's vocabulary is read from its header."""
 
 from __future__ import annotations
 
 import os
 
+import gguf
+import pytest
 import torch
 
-from hub_server.loading import load_target, prune_converted
+from hub_server.loading import gguf_tokens, load_target, prune_converted, read_vocabulary
 
 
 def test_a_gguf_target_is_converted_once_and_reused(tiny, tmp_path):
@@ -38,3 +41,15 @@ def test_only_the_most_recently_used_conversions_are_kept(tmp_path):
     assert sorted(p.name for p in root.iterdir()) == ["model2-key", "model3-key", "model4-key", "model5-key",
                                                       "model6-key.partial-123"]
     assert sorted(p.name for p in removed) == ["model0-key", "model1-key", "model7-key.partial-456"]
+
+
+def test_a_gguf_vocabulary_read_from_its_header_is_what_the_gguf_library_reads(tiny, tmp_path):
+    for path in (tiny.gguf_f32, tiny.gguf_q8):
+        field = gguf.GGUFReader(str(path)).fields["tokenizer.ggml.tokens"]
+        assert gguf_tokens(path) == [bytes(field.parts[i]).decode("utf-8", "replace") for i in field.data]
+    # The same pieces as the tokenizer the GGUF was made from: one fingerprint for both.
+    assert read_vocabulary(tiny.gguf_q8).fingerprint == read_vocabulary(tiny.hf_dir).fingerprint
+    not_gguf = tmp_path / "weights.gguf"
+    not_gguf.write_bytes(b"PK\x03\x04" + bytes(60))
+    with pytest.raises(ValueError, match="is not a GGUF file"):
+        gguf_tokens(not_gguf)
