@@ -53,3 +53,7 @@ def test_a_gguf_vocabulary_read_from_its_header_is_what_the_gguf_library_reads(t
     not_gguf.write_bytes(b"PK\x03\x04" + bytes(60))
     with pytest.raises(ValueError, match="is not a GGUF file"):
         gguf_tokens(not_gguf)
+    cut = tmp_path / "cut.gguf"
+    cut.write_bytes(tiny.gguf_q8.read_bytes()[:2000])   # a download that stopped early
+    with pytest.raises(ValueError, match="damaged or cut short.*download it again"):
+        gguf_tokens(cut)
