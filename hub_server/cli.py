@@ -105,7 +105,8 @@ def _warn_about_exposure(settings: HubSettings) -> None:
 
 @app.command()
 def bench(
-    draft: Annotated[Path, typer.Option(help="Draft .gguf the simulated users (and the hub's speculative mode) draft with.")],
+    draft: Annotated[Path, typer.Option(exists=True, dir_okay=False,
+                                        help="Draft .gguf the simulated users (and the hub's speculative mode) draft with.")],
     model: Annotated[Optional[str], typer.Option(help="Target to start a hub with (omit with --hub).")] = None,
     hub: Annotated[Optional[str], typer.Option(help="A running hub to measure instead (started with the same --draft).")] = None,
     token: Annotated[Optional[str], typer.Option(envvar="SPECEDGE_TOKEN", show_default=False,
@@ -127,14 +128,18 @@ def bench(
     """Measure server throughput and latency: SpecEdge against server-only baselines."""
     import json
 
-    from hub_server.bench import (BenchConfig, BenchRefused, load_prompts, plot, prepare_workload, probe_bounds,
-                                  probe_bounds_through_hub, run_bench)
+    from hub_server.bench import (MODES, BenchConfig, BenchRefused, load_prompts, plot, prepare_workload,
+                                  probe_bounds, probe_bounds_through_hub, run_bench)
     from hub_server.local_hub import LocalHub
 
     if (model is None) == (hub is None):
         raise typer.BadParameter("give --model to start a hub here, or --hub URL to measure a running one")
     counts = [int(part) for part in clients.split(",") if part.strip()]
     chosen_modes = tuple(part.strip() for part in modes.split(",") if part.strip())
+    unknown = [mode for mode in chosen_modes if mode not in MODES]
+    if unknown or not chosen_modes:
+        raise typer.BadParameter(f"unknown mode {', '.join(unknown) or '(none given)'}: choose from {','.join(MODES)}",
+                                 param_hint="--modes")
     shipped = load_prompts()[:prompts]
     serve_args = ("--merge-wait-share", str(merge_wait_share))
     runs, workload = [], None

@@ -102,6 +102,8 @@ def test_bench_refuses_a_draft_of_another_vocabulary_and_a_mode_the_hub_cannot_s
     no_draft = bench(tiny.gguf_q8)
     assert no_draft.returncode == 1 and "pass --modes specedge,autoregressive" in no_draft.stderr
     assert "Traceback" not in no_draft.stderr
+    typo = bench(tiny.gguf_q8, "--modes", "specedg")   # would have run autoregressive under that name
+    assert typo.returncode == 2 and "unknown mode specedg" in typo.stderr
 
 
 def test_emulated_edges_give_the_draft_models_own_tokens_at_the_edge_speed(tiny):
