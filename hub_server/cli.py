@@ -192,6 +192,9 @@ def _refusal(exc: httpx.HTTPStatusError, token: str | None) -> str:
     if status == 401 and not token:
         return (f"the hub at {exc.request.url.host} needs an API token: pass --token or set SPECEDGE_TOKEN "
                 "(its operator makes one with `hub_server tokens create --user NAME`)")
+    if status == 401:
+        return (f"the hub at {exc.request.url.host} refused this token (401): it is unknown or revoked; its "
+                "operator makes a new one with `hub_server tokens create --user NAME`")
     return f"the hub refused {exc.request.method} {exc.request.url.path} ({status}): {said}"
 
 
