@@ -64,14 +64,18 @@ class HubDrafter:
         """The draft's vocabulary as the hub fingerprints its target's (`loading.vocab_fingerprint`)."""
         from hub_server.loading import vocab_fingerprint
 
-        vocab = self._lib.llama_model_get_vocab(self._context("__vocabulary__").model)
+        vocab, size = self._vocab()
         return vocab_fingerprint([self._lib.llama_vocab_get_text(vocab, i).decode("utf-8", "replace")
-                                  for i in range(self._lib.llama_vocab_n_tokens(vocab))])
+                                  for i in range(size)])
 
     def stop_token_ids(self) -> frozenset[int]:
+        vocab, size = self._vocab()
+        return frozenset(i for i in range(size) if self._lib.llama_vocab_is_eog(vocab, i))
+
+    def _vocab(self):
+        """llama.cpp's vocabulary handle for the draft model, and how many tokens it holds."""
         llm = self._context("__vocabulary__")
-        vocab = self._lib.llama_model_get_vocab(llm.model)
-        return frozenset(i for i in range(llm.n_vocab()) if self._lib.llama_vocab_is_eog(vocab, i))
+        return self._lib.llama_model_get_vocab(llm.model), llm.n_vocab()
 
     def forget(self, session_id: str) -> None:
         with self._lock:

@@ -23,9 +23,9 @@ so when it is next due. A pass costs a fixed part whatever it carries (on a GPU 
 kernel launches; on a CPU reading the weights) plus a part per token; the runner fits both to
 the passes it has run (`pass_cost.PassCostFit`) and the scheduler reads the fixed part. When
 the device comes free and a user is due back within `merge_share` of that fixed part, the batch
-waits for them (never longer than that): their verify then shares this pass instead of paying a pass of
-its own moments later, so the wait costs the device less than it saves. Users who think longer
-than that, or whose return time is not yet known, are never waited for.
+waits for them (never longer than that): their verify then shares this pass instead of paying a
+pass of its own moments later, so the wait costs the device less than it saves. Users who think
+longer than that, or whose return time is not yet known, are never waited for.
 """
 
 from __future__ import annotations
