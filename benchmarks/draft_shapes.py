@@ -21,27 +21,33 @@ import httpx
 from hub_server.bench import _scrape, load_prompts
 from hub_server.local_hub import LocalHub
 from specedge_cli.decoding import Conversation, DecodeSettings
-from specedge_cli.drafting.chat_template import BUILTIN_TEMPLATES, ChatTemplate
+from specedge_cli.drafting.chat_template import ChatTemplate
 from specedge_cli.drafting.engine import DraftEngine
 from specedge_cli.remote.client import HubClient
 
 
 def chains(depth: int) -> dict[str, DecodeSettings]:
     """A chain of `depth` tokens, drafted only after each reply and drafted proactively."""
-    return {f"chain{depth}-plain": DecodeSettings(draft_len=depth, proactive=False),
-            f"chain{depth}": DecodeSettings(draft_len=depth)}
+    return {
+        f"chain{depth}-plain": DecodeSettings(draft_len=depth, proactive=False),
+        f"chain{depth}": DecodeSettings(draft_len=depth),
+    }
 
 
 def shapes(nodes: int) -> dict[str, DecodeSettings]:
     """Equal hub cost on a CPU: every shape sends at most `nodes` draft tokens per verify."""
     return chains(nodes) | {
-        f"tree{nodes}-w{width}": DecodeSettings(draft_len=nodes, tree_budget=nodes, tree_width=width) for width in (2, 4)}
+        f"tree{nodes}-w{width}": DecodeSettings(draft_len=nodes, tree_budget=nodes, tree_width=width)
+        for width in (2, 4)
+    }
 
 
 def level_shapes(depth: int, budgets: list[int]) -> dict[str, DecodeSettings]:
     """Equal draft decodes: a chain of `depth` tokens and trees of `depth` levels, `budgets` nodes."""
     return chains(depth) | {
-        f"tree{budget}-d{depth}-w4": DecodeSettings(draft_len=depth, tree_budget=budget, tree_width=4) for budget in budgets}
+        f"tree{budget}-d{depth}-w4": DecodeSettings(draft_len=depth, tree_budget=budget, tree_width=4)
+        for budget in budgets
+    }
 
 
 def run_shape(engine, client, template, settings, prompts) -> dict:
@@ -84,26 +90,36 @@ def main() -> None:
     parser.add_argument("--max-tokens", type=int, default=64)
     parser.add_argument("--temperature", type=float, default=0.0)
     parser.add_argument("--prompts", type=int, default=0, help="use the first N shipped prompts (0: all)")
-    parser.add_argument("--depth", type=int, default=0, help="trees of this many levels with --nodes nodes, against a chain this deep")
+    parser.add_argument(
+        "--depth", type=int, default=0, help="trees of this many levels with --nodes nodes, against a chain this deep"
+    )
     parser.add_argument("--device", default="auto", help="the hub's device")
     args = parser.parse_args()
     prompts = load_prompts()[: args.prompts or None]
     results = {}
-    with LocalHub.maybe(args.target, args.draft, args.device, max_batch=1, dtype="float32") as hub, HubClient(hub.url) as client:
+    with (
+        LocalHub.maybe(args.target, args.draft, args.device, max_batch=1, dtype="float32") as hub,
+        HubClient(hub.url) as client,
+    ):
         engine = DraftEngine(args.draft, n_threads=1)
         bos = engine.detokenize([engine.bos_token_id], special=True).decode()
         template = ChatTemplate("{{ bos_token }}{{ messages[-1].content }}", bos_token=bos, eos_token="")
-        chosen = level_shapes(args.depth, args.nodes) if args.depth else {
-            name: settings for nodes in args.nodes for name, settings in shapes(nodes).items()}
+        chosen = (
+            level_shapes(args.depth, args.nodes)
+            if args.depth
+            else {name: settings for nodes in args.nodes for name, settings in shapes(nodes).items()}
+        )
         for name, settings in chosen.items():
             settings = replace(settings, max_tokens=args.max_tokens, temperature=args.temperature, seed=7)
             results[name] = run_shape(engine, client, template, settings, prompts)
     reference = next(iter(results.values()))["tokens"]
     lossless = all(r["tokens"] == reference for r in results.values())
     for name, r in results.items():
-        print(f"{name:<14} {r['tokens_per_verify']:6.2f} tok/verify   hub {r['hub_ms_per_verify']:7.1f} ms/verify   "
-              f"ITL {r['itl_ms']:6.1f} ms   draft wait {r['draft_wait_ms_per_verify']:5.1f} ms/verify   "
-              f"proactive hits {r['proactive_hit_rate']:.0%}   branched {r['branched']:.0%}, taken {r['branch_taken']:.0%}")
+        print(
+            f"{name:<14} {r['tokens_per_verify']:6.2f} tok/verify   hub {r['hub_ms_per_verify']:7.1f} ms/verify   "
+            f"ITL {r['itl_ms']:6.1f} ms   draft wait {r['draft_wait_ms_per_verify']:5.1f} ms/verify   "
+            f"proactive hits {r['proactive_hit_rate']:.0%}   branched {r['branched']:.0%}, taken {r['branch_taken']:.0%}"
+        )
     print(f"identical output across shapes: {lossless}")
     print(json.dumps({name: {k: v for k, v in r.items() if k != "tokens"} for name, r in results.items()}))
 

@@ -85,21 +85,30 @@ def edge(engine, link, template, settings, prompts) -> dict:
         emitted += len(reply.token_ids)
         ahead += reply.stats.proactive_drafts
         hits += reply.stats.proactive_hits
-    return {"itl_ms": statistics.fmean(itl), "tokens_per_verify": emitted / rounds,
-            "proactive_hit_rate": hits / ahead if ahead else 0.0, "tokens": tokens}
+    return {
+        "itl_ms": statistics.fmean(itl),
+        "tokens_per_verify": emitted / rounds,
+        "proactive_hit_rate": hits / ahead if ahead else 0.0,
+        "tokens": tokens,
+    }
 
 
 def server_only(engine, client: HubClient, rtt_ms: float, prompt_tokens, max_tokens: int, draft_len: int) -> dict:
     info = client.info()
     itl, tokens = [], []
     for prompt in prompt_tokens:
-        session = client.open_session(wire.OpenSessionRequest(
-            vocab_size=engine.vocab_size, vocab_fingerprint=info.vocab_fingerprint,
-            draft_model=engine.path.name, stop_token_ids=engine.stop_token_ids()))
+        session = client.open_session(
+            wire.OpenSessionRequest(
+                vocab_size=engine.vocab_size,
+                vocab_fingerprint=info.vocab_fingerprint,
+                draft_model=engine.path.name,
+                stop_token_ids=engine.stop_token_ids(),
+            )
+        )
         emissions, produced = Emissions(), []
         time.sleep(rtt_ms / 2000)
         request = wire.GenerateRequest(mode="speculative", tokens=prompt, max_tokens=max_tokens, draft_len=draft_len)
-        for number, chunk in enumerate(client.generate(session.session_id, request)):
+        for chunk in client.generate(session.session_id, request):
             if chunk.tokens:
                 if not emissions.times:
                     time.sleep(rtt_ms / 2000)  # the first chunk travels back; the rest stream behind it
@@ -133,18 +142,30 @@ def main() -> None:
         results["edge chain8"] = edge(engine, link, template, replace(auto, draft_len=8, proactive=False), prompts)
         prompt_tokens = [engine.tokenize(bos + p, add_bos=False) for p in prompts]
         for k in args.server_draft_len:
-            results[f"server-only spec k={k}"] = server_only(engine, client, args.rtt_ms, prompt_tokens, args.max_tokens, k)
+            results[f"server-only spec k={k}"] = server_only(
+                engine, client, args.rtt_ms, prompt_tokens, args.max_tokens, k
+            )
     reference = results["edge (auto, proactive)"]["tokens"]
     best_server = min((r["itl_ms"] for name, r in results.items() if name.startswith("server")), default=0.0)
     for name, r in results.items():
-        extra = (f"   {r['tokens_per_verify']:.2f} tok/verify   proactive hits {r['proactive_hit_rate']:.0%}"
-                 if "tokens_per_verify" in r else "")
+        extra = (
+            f"   {r['tokens_per_verify']:.2f} tok/verify   proactive hits {r['proactive_hit_rate']:.0%}"
+            if "tokens_per_verify" in r
+            else ""
+        )
         print(f"{name:<24} ITL {r['itl_ms']:6.1f} ms{extra}")
     edge_itl = results["edge (auto, proactive)"]["itl_ms"]
     print(f"identical output: {all(r['tokens'] == reference for r in results.values())}")
     print(f"ITL edge / best server-only speculative: {edge_itl / best_server:.3f}")
-    print(json.dumps({"rtt_ms": args.rtt_ms, "itl_vs_server_only_spec": edge_itl / best_server,
-                      "modes": {n: {k: v for k, v in r.items() if k != "tokens"} for n, r in results.items()}}))
+    print(
+        json.dumps(
+            {
+                "rtt_ms": args.rtt_ms,
+                "itl_vs_server_only_spec": edge_itl / best_server,
+                "modes": {n: {k: v for k, v in r.items() if k != "tokens"} for n, r in results.items()},
+            }
+        )
+    )
 
 
 if __name__ == "__main__":

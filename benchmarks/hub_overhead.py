@@ -34,8 +34,11 @@ SERVE_DEFAULT_MAX_BATCH = 16
 
 def open_sessions(http: httpx.Client, count: int) -> list[str]:
     info = http.get("/v1/info").json()
-    body = {"protocol_version": info["protocol_version"], "vocab_size": info["vocab_size"],
-            "vocab_fingerprint": info["vocab_fingerprint"]}
+    body = {
+        "protocol_version": info["protocol_version"],
+        "vocab_size": info["vocab_size"],
+        "vocab_fingerprint": info["vocab_fingerprint"],
+    }
     sessions = []
     for _ in range(count):
         session = http.post("/v1/sessions", json=body).json()["session_id"]
@@ -54,8 +57,9 @@ class Probe:
     def verify_ms(self, session: str, body: bytes) -> tuple[float, float]:
         """The round trip, and the time the hub's verify call took inside it (its `verify_ms`)."""
         started = time.perf_counter()
-        self.connection.request("POST", f"/v1/sessions/{session}/verify", body=body,
-                                headers={"Content-Type": "application/json"})
+        self.connection.request(
+            "POST", f"/v1/sessions/{session}/verify", body=body, headers={"Content-Type": "application/json"}
+        )
         response = self.connection.getresponse()
         reply = json.loads(response.read())
         elapsed = (time.perf_counter() - started) * 1000
@@ -107,10 +111,12 @@ def main() -> None:
     parser.add_argument("--sessions", type=int, default=64)
     parser.add_argument("--rounds", type=int, default=5)
     args = parser.parse_args()
-    with LocalHub.maybe(args.target, args.draft, "auto", max_batch=SERVE_DEFAULT_MAX_BATCH) as hub, \
-            httpx.Client(base_url=hub.url) as http:
+    with (
+        LocalHub.maybe(args.target, args.draft, "auto", max_batch=SERVE_DEFAULT_MAX_BATCH) as hub,
+        httpx.Client(base_url=hub.url) as http,
+    ):
         sessions = open_sessions(http, args.sessions)
-        measure(hub.url, sessions[:4], 2)   # warm-up, not counted
+        measure(hub.url, sessions[:4], 2)  # warm-up, not counted
         round_trips, in_hub, forwards, held = measure(hub.url, sessions, args.rounds)
     overheads = [trip - forward for trip, forward in zip(round_trips, forwards)]
     # Where the overhead is: around the pass inside the hub's verify call (queueing, the hops to
@@ -118,12 +124,14 @@ def main() -> None:
     # routing, checks, serialisation, the access log, the client and loopback).
     around_pass = [hub - forward for hub, forward in zip(in_hub, forwards)]
     outside_call = [trip - hub for trip, hub in zip(round_trips, in_hub)]
-    print(f"sessions={args.sessions} verifies={len(round_trips)} "
-          f"round trip p50={statistics.median(round_trips):.2f} ms p95={percentile(round_trips, 0.95):.2f} ms "
-          f"forward p50={statistics.median(forwards):.2f} ms "
-          f"overhead p50={statistics.median(overheads):.2f} ms p95={percentile(overheads, 0.95):.2f} ms "
-          f"(around the pass p50={statistics.median(around_pass):.2f} ms, "
-          f"outside the verify call p50={statistics.median(outside_call):.2f} ms) merge waits={held:g}")
+    print(
+        f"sessions={args.sessions} verifies={len(round_trips)} "
+        f"round trip p50={statistics.median(round_trips):.2f} ms p95={percentile(round_trips, 0.95):.2f} ms "
+        f"forward p50={statistics.median(forwards):.2f} ms "
+        f"overhead p50={statistics.median(overheads):.2f} ms p95={percentile(overheads, 0.95):.2f} ms "
+        f"(around the pass p50={statistics.median(around_pass):.2f} ms, "
+        f"outside the verify call p50={statistics.median(outside_call):.2f} ms) merge waits={held:g}"
+    )
 
 
 if __name__ == "__main__":

@@ -23,7 +23,7 @@ from hub_server.verify import chain_parents
 
 def settings_for(target: str, sessions: int, context: int) -> HubSettings:
     room = context + 64
-    if "kv_memory_gib" in inspect.signature(HubSettings).parameters:     # a KV pool to size
+    if "kv_memory_gib" in inspect.signature(HubSettings).parameters:  # a KV pool to size
         return HubSettings(model=target, device="cpu", max_sessions=sessions, max_context=room, kv_memory_gib=64)
     return HubSettings(model=target, device="cpu", max_context=room)
 
@@ -44,7 +44,7 @@ def pass_ms(runner: ModelRunner, sessions: int, context: int, rounds: int) -> fl
     for kv in slots:
         if hasattr(runner, "release"):
             runner.release(kv)
-    return 1000 * min(times)   # the least disturbed pass: other work on a shared machine only adds
+    return 1000 * min(times)  # the least disturbed pass: other work on a shared machine only adds
 
 
 def main() -> None:
@@ -62,7 +62,10 @@ def main() -> None:
         for sessions in args.sessions:
             started = time.perf_counter()
             ms = pass_ms(runner, sessions, context, args.rounds)
-            print(f"| {context} | {sessions} | {ms:.1f} | {ms / sessions:.1f} |  (setup {time.perf_counter() - started:.0f} s)", flush=True)
+            print(
+                f"| {context} | {sessions} | {ms:.1f} | {ms / sessions:.1f} |  (setup {time.perf_counter() - started:.0f} s)",
+                flush=True,
+            )
 
 
 if __name__ == "__main__":

@@ -28,7 +28,9 @@ _NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.@-]{0,63}")
 
 # Ordered and named; each runs once per database, in this order. Never edit one: append.
 MIGRATIONS = (
-    ("001_users_and_tokens", """
+    (
+        "001_users_and_tokens",
+        """
         CREATE TABLE users (
             id INTEGER PRIMARY KEY,
             name TEXT NOT NULL UNIQUE,
@@ -41,7 +43,8 @@ MIGRATIONS = (
             created_at TEXT NOT NULL,
             revoked_at TEXT
         );
-    """),
+    """,
+    ),
 )
 
 
@@ -102,8 +105,9 @@ class Accounts:
             self._db.execute("PRAGMA foreign_keys=ON")
             self._migrate()
         except (OSError, sqlite3.Error) as exc:
-            raise AccountError(f"cannot open the accounts database {path} ({exc}); "
-                               "give --data-dir a folder this user can write") from exc
+            raise AccountError(
+                f"cannot open the accounts database {path} ({exc}); give --data-dir a folder this user can write"
+            ) from exc
 
     def close(self) -> None:
         self._db.close()
@@ -114,7 +118,9 @@ class Accounts:
             done = {row[0] for row in self._db.execute("SELECT name FROM migrations")}
             for name, script in MIGRATIONS:
                 if name not in done:
-                    self._db.executescript(f"BEGIN; {script} INSERT INTO migrations VALUES ('{name}', '{_now()}'); COMMIT;")
+                    self._db.executescript(
+                        f"BEGIN; {script} INSERT INTO migrations VALUES ('{name}', '{_now()}'); COMMIT;"
+                    )
 
     def _query(self, sql: str, *args) -> list[tuple]:
         with self._lock:
@@ -132,7 +138,9 @@ class Accounts:
     def user(self, name: str) -> User:
         rows = self._query(
             "SELECT u.name, u.created_at, COUNT(t.id) FROM users u "
-            "LEFT JOIN tokens t ON t.user_id = u.id AND t.revoked_at IS NULL WHERE u.name = ? GROUP BY u.id", name)
+            "LEFT JOIN tokens t ON t.user_id = u.id AND t.revoked_at IS NULL WHERE u.name = ? GROUP BY u.id",
+            name,
+        )
         if not rows:
             raise AccountError(f"no user {name!r}; add one with `hub_server users add {name}`")
         return User(*rows[0])
@@ -140,7 +148,8 @@ class Accounts:
     def users(self) -> list[User]:
         rows = self._query(
             "SELECT u.name, u.created_at, COUNT(t.id) FROM users u "
-            "LEFT JOIN tokens t ON t.user_id = u.id AND t.revoked_at IS NULL GROUP BY u.id ORDER BY u.name")
+            "LEFT JOIN tokens t ON t.user_id = u.id AND t.revoked_at IS NULL GROUP BY u.id ORDER BY u.name"
+        )
         return [User(*row) for row in rows]
 
     def remove_user(self, name: str) -> None:
@@ -152,19 +161,30 @@ class Accounts:
         """A new token for `user`: its record and the secret, which is never stored and never shown again."""
         self.user(user)
         token, token_id = new_token(), "tok_" + secrets.token_hex(6)
-        self._query("INSERT INTO tokens (id, user_id, sha256, created_at) "
-                    "SELECT ?, id, ?, ? FROM users WHERE name = ?", token_id, token_digest(token), _now(), user)
+        self._query(
+            "INSERT INTO tokens (id, user_id, sha256, created_at) SELECT ?, id, ?, ? FROM users WHERE name = ?",
+            token_id,
+            token_digest(token),
+            _now(),
+            user,
+        )
         return self._token(token_id), token
 
     def tokens(self, user: str | None = None) -> list[TokenRecord]:
         sql = "SELECT t.id, u.name, t.created_at, t.revoked_at FROM tokens t JOIN users u ON u.id = t.user_id"
-        rows = self._query(sql + " WHERE u.name = ? ORDER BY t.created_at", user) if user else \
-            self._query(sql + " ORDER BY u.name, t.created_at")
+        rows = (
+            self._query(sql + " WHERE u.name = ? ORDER BY t.created_at", user)
+            if user
+            else self._query(sql + " ORDER BY u.name, t.created_at")
+        )
         return [TokenRecord(*row) for row in rows]
 
     def _token(self, token_id: str) -> TokenRecord:
-        rows = self._query("SELECT t.id, u.name, t.created_at, t.revoked_at FROM tokens t "
-                           "JOIN users u ON u.id = t.user_id WHERE t.id = ?", token_id)
+        rows = self._query(
+            "SELECT t.id, u.name, t.created_at, t.revoked_at FROM tokens t "
+            "JOIN users u ON u.id = t.user_id WHERE t.id = ?",
+            token_id,
+        )
         if not rows:
             raise AccountError(f"no token {token_id!r}; `hub_server tokens list` shows the ids")
         return TokenRecord(*rows[0])
@@ -175,6 +195,8 @@ class Accounts:
         return self._token(token_id)
 
     def user_for_token(self, token: str) -> str | None:
-        rows = self._query("SELECT u.name FROM tokens t JOIN users u ON u.id = t.user_id "
-                           "WHERE t.sha256 = ? AND t.revoked_at IS NULL", token_digest(token))
+        rows = self._query(
+            "SELECT u.name FROM tokens t JOIN users u ON u.id = t.user_id WHERE t.sha256 = ? AND t.revoked_at IS NULL",
+            token_digest(token),
+        )
         return rows[0][0] if rows else None

@@ -9,7 +9,7 @@ from __future__ import annotations
 import json
 from dataclasses import asdict
 from pathlib import Path
-from typing import Annotated, Optional
+from typing import Annotated
 
 import typer
 
@@ -20,7 +20,7 @@ from hub_server.errors import AccountError
 users_app = typer.Typer(help="Accounts that may use this hub.", no_args_is_help=True)
 tokens_app = typer.Typer(help="API tokens: shown once when created, stored only as hashes.", no_args_is_help=True)
 
-DataDir = Annotated[Optional[Path], typer.Option(help=f"Where the accounts database lives; default {default_data_dir()}.")]
+DataDir = Annotated[Path | None, typer.Option(help=f"Where the accounts database lives; default {default_data_dir()}.")]
 AsJson = Annotated[bool, typer.Option("--json", help="Print JSON only.")]
 
 
@@ -45,7 +45,11 @@ def _print(value, as_json: bool, text: str) -> None:
 def users_add(name: str, data_dir: DataDir = None, as_json: AsJson = False) -> None:
     """Add a user."""
     user = _run(lambda: _accounts(data_dir).add_user(name))
-    _print(asdict(user), as_json, f"added user {user.name}; create a token with `hub_server tokens create --user {user.name}`")
+    _print(
+        asdict(user),
+        as_json,
+        f"added user {user.name}; create a token with `hub_server tokens create --user {user.name}`",
+    )
 
 
 @users_app.command("list")
@@ -64,22 +68,31 @@ def users_remove(name: str, data_dir: DataDir = None, as_json: AsJson = False) -
 
 
 @tokens_app.command("create")
-def tokens_create(user: Annotated[str, typer.Option(help="Whose token.")], data_dir: DataDir = None,
-                  as_json: AsJson = False) -> None:
+def tokens_create(
+    user: Annotated[str, typer.Option(help="Whose token.")], data_dir: DataDir = None, as_json: AsJson = False
+) -> None:
     """Create a token; it is shown this once and never again."""
     record, token = _run(lambda: _accounts(data_dir).create_token(user))
-    _print({"token": token, **asdict(record)}, as_json,
-           f"{token}\n\ntoken {record.token_id} for {record.user}: this is the only time it is shown; "
-           f"the user runs `specedge login --hub URL` and pastes it")
+    _print(
+        {"token": token, **asdict(record)},
+        as_json,
+        f"{token}\n\ntoken {record.token_id} for {record.user}: this is the only time it is shown; "
+        f"the user runs `specedge login --hub URL` and pastes it",
+    )
 
 
 @tokens_app.command("list")
-def tokens_list(user: Annotated[Optional[str], typer.Option(help="Only this user's tokens.")] = None,
-                data_dir: DataDir = None, as_json: AsJson = False) -> None:
+def tokens_list(
+    user: Annotated[str | None, typer.Option(help="Only this user's tokens.")] = None,
+    data_dir: DataDir = None,
+    as_json: AsJson = False,
+) -> None:
     """List token ids (never the tokens themselves)."""
     records = _run(lambda: _accounts(data_dir).tokens(user))
-    lines = [f"{t.token_id}  {t.user:<24} created {t.created_at}" + (f"  revoked {t.revoked_at}" if t.revoked_at else "")
-             for t in records] or ["no tokens"]
+    lines = [
+        f"{t.token_id}  {t.user:<24} created {t.created_at}" + (f"  revoked {t.revoked_at}" if t.revoked_at else "")
+        for t in records
+    ] or ["no tokens"]
     _print([asdict(t) for t in records], as_json, "\n".join(lines))
 
 

@@ -10,7 +10,8 @@ from __future__ import annotations
 import logging
 import threading
 import time
-from typing import Annotated, Callable
+from collections.abc import Callable
+from typing import Annotated
 
 from fastapi import Depends, FastAPI, Request
 from fastapi.exceptions import RequestValidationError
@@ -129,8 +130,12 @@ class HubMiddleware:
     @staticmethod
     def _log(request: Request, status: int, started: float) -> None:
         # The path only: never headers (tokens) nor the query string.
-        fields = {"method": request.method, "path": request.url.path, "status": status,
-                  "duration_ms": round((time.perf_counter() - started) * 1000, 2)}
+        fields = {
+            "method": request.method,
+            "path": request.url.path,
+            "status": status,
+            "duration_ms": round((time.perf_counter() - started) * 1000, 2),
+        }
         if hasattr(request.state, "user"):
             fields["user"] = request.state.user
         # Health probes come every few seconds; they would drown the lines that matter.
@@ -156,21 +161,26 @@ async def _user_of(request: Request, token_check: TokenCheck | None) -> str:
         return LOCAL_USER
     scheme, _, token = request.headers.get("authorization", "").partition(" ")
     if scheme.lower() != "bearer" or not token.strip():
-        raise Unauthorized("this hub needs an API token: send `Authorization: Bearer <token>` "
-                           "(`specedge login`); the hub's operator creates tokens with `hub_server tokens create`")
-    if isinstance(token_check, SingleToken):   # in memory: no thread needed
+        raise Unauthorized(
+            "this hub needs an API token: send `Authorization: Bearer <token>` "
+            "(`specedge login`); the hub's operator creates tokens with `hub_server tokens create`"
+        )
+    if isinstance(token_check, SingleToken):  # in memory: no thread needed
         user = token_check.user_for_token(token.strip())
-    else:                                      # a database lookup must not block the event loop
+    else:  # a database lookup must not block the event loop
         user = await run_in_threadpool(token_check.user_for_token, token.strip())
     if user is None:
-        raise Unauthorized("the API token is unknown or revoked; ask the hub's operator for a new one and run `specedge login`")
+        raise Unauthorized(
+            "the API token is unknown or revoked; ask the hub's operator for a new one and run `specedge login`"
+        )
     return user
 
 
 def create_app(settings: HubSettings, make_runner: Callable[[HubSettings], object]) -> FastAPI:
     # The schema is served behind authentication like every other route; no public docs pages.
-    app = FastAPI(title="SpecEdge hub", version=str(wire.PROTOCOL_VERSION),
-                  openapi_url=None, docs_url=None, redoc_url=None)
+    app = FastAPI(
+        title="SpecEdge hub", version=str(wire.PROTOCOL_VERSION), openapi_url=None, docs_url=None, redoc_url=None
+    )
     state = HubState()
     token_check = token_check_for(settings)
 
@@ -197,7 +207,9 @@ def create_app(settings: HubSettings, make_runner: Callable[[HubSettings], objec
     @app.exception_handler(StarletteHTTPException)
     async def no_such_route(request: Request, exc: StarletteHTTPException) -> JSONResponse:
         code = {404: "not_found", 405: "method_not_allowed", 413: "body_too_large"}.get(exc.status_code, "http_error")
-        return _error(exc.status_code, code, f"{request.method} {request.url.path}: {exc.detail} (see docs/protocol.md)")
+        return _error(
+            exc.status_code, code, f"{request.method} {request.url.path}: {exc.detail} (see docs/protocol.md)"
+        )
 
     @app.exception_handler(RequestValidationError)
     async def malformed(request: Request, exc: RequestValidationError) -> JSONResponse:
@@ -240,8 +252,9 @@ def create_app(settings: HubSettings, make_runner: Callable[[HubSettings], objec
     @app.post("/v1/sessions/{session_id}/generate")
     def generate(session_id: str, body: wire.GenerateRequest, user: User) -> StreamingResponse:
         chunks = state.ready().generate(session_id, body, user)
-        return StreamingResponse((chunk.model_dump_json() + "\n" for chunk in chunks),
-                                 media_type="application/x-ndjson")
+        return StreamingResponse(
+            (chunk.model_dump_json() + "\n" for chunk in chunks), media_type="application/x-ndjson"
+        )
 
     @app.get("/metrics")
     def metrics() -> PlainTextResponse:

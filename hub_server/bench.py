@@ -59,9 +59,9 @@ class BenchConfig:
     max_tokens: int
     draft_len: int
     prompts: tuple[str, ...]
-    edge_tps: float = 0.0   # each emulated edge's draft speed; 0: the speed measured here
-    token: str | None = None   # API token for a hub that needs one
-    proactive: bool = True     # edges draft ahead while a verify is out, as `specedge chat` does
+    edge_tps: float = 0.0  # each emulated edge's draft speed; 0: the speed measured here
+    token: str | None = None  # API token for a hub that needs one
+    proactive: bool = True  # edges draft ahead while a verify is out, as `specedge chat` does
 
 
 class BenchRefused(ValueError):
@@ -73,11 +73,15 @@ def check_hub(info: dict, drafter: HubDrafter, modes: tuple[str, ...]) -> None:
     another model's token ids: lossless still, but every figure meaningless) and a mode the hub
     does not serve."""
     if drafter.vocab_fingerprint() != info["vocab_fingerprint"]:
-        raise BenchRefused(f"the draft {drafter.name} has another vocabulary than the hub's target "
-                           f"{info['model']}: pass the --draft that goes with that target")
+        raise BenchRefused(
+            f"the draft {drafter.name} has another vocabulary than the hub's target "
+            f"{info['model']}: pass the --draft that goes with that target"
+        )
     if "server_only_spec" in modes and "speculative" not in info["modes"]:
-        raise BenchRefused(f"the hub serving {info['model']} has no draft model of its own, so it cannot run "
-                           "server_only_spec: pass --modes specedge,autoregressive, or start it with --draft")
+        raise BenchRefused(
+            f"the hub serving {info['model']} has no draft model of its own, so it cannot run "
+            "server_only_spec: pass --modes specedge,autoregressive, or start it with --draft"
+        )
 
 
 def hub_client(config: BenchConfig, timeout: float = 60) -> httpx.Client:
@@ -100,7 +104,7 @@ def run_all(calls: list[Callable[[], object]]) -> None:
     def guarded(call) -> None:
         try:
             call()
-        except BaseException as exc:   # handed to the caller's thread below
+        except BaseException as exc:  # handed to the caller's thread below
             errors.append(exc)
 
     threads = [threading.Thread(target=guarded, args=(call,)) for call in calls]
@@ -115,10 +119,10 @@ def run_all(calls: list[Callable[[], object]]) -> None:
 @dataclass
 class ClientRecord:
     emitted: int = 0
-    step_itl_ms: list[float] = field(default_factory=list)   # per token: step time / tokens in step
+    step_itl_ms: list[float] = field(default_factory=list)  # per token: step time / tokens in step
     ttft_ms: list[float] = field(default_factory=list)
-    drafts_ahead: int = 0    # verifies sent while the edge could draft the next round ahead
-    ahead_hits: int = 0      # ... whose guessed outcome came back, so that draft was sent
+    drafts_ahead: int = 0  # verifies sent while the edge could draft the next round ahead
+    ahead_hits: int = 0  # ... whose guessed outcome came back, so that draft was sent
 
 
 def load_prompts() -> tuple[str, ...]:
@@ -146,8 +150,12 @@ def _verify(client: httpx.Client, session: str, tokens: list[int], draft: list[i
 
 
 def _open(client: httpx.Client, info: dict) -> str:
-    body = wire.OpenSessionRequest(protocol_version=wire.PROTOCOL_VERSION, vocab_size=info["vocab_size"],
-                                   vocab_fingerprint=info["vocab_fingerprint"], draft_model="bench")
+    body = wire.OpenSessionRequest(
+        protocol_version=wire.PROTOCOL_VERSION,
+        vocab_size=info["vocab_size"],
+        vocab_fingerprint=info["vocab_fingerprint"],
+        draft_model="bench",
+    )
     response = client.post("/v1/sessions", json=body.model_dump())
     response.raise_for_status()
     return response.json()["session_id"]
@@ -164,7 +172,7 @@ class EmulatedEdges:
     def __init__(self, drafter: HubDrafter, tokens_per_second: float = 0.0):
         self._drafter = drafter
         self._next: dict[tuple[int, ...], int] = {}
-        self._lock = threading.Lock()      # one llama.cpp context: one draft step at a time
+        self._lock = threading.Lock()  # one llama.cpp context: one draft step at a time
         self.tokens_per_second = tokens_per_second
         self.steps = 0
         self.step_seconds = 0.0
@@ -192,7 +200,7 @@ class EmulatedEdges:
         extended = list(context)
         for _ in range(length):
             extended.append(self._next_token(extended))
-        return extended[len(context):]
+        return extended[len(context) :]
 
     def _next_token(self, context: list[int]) -> int:
         key = tuple(context)
@@ -217,7 +225,7 @@ class SimulatedUser:
         self.info = info
         self.stop_ids = stop_ids
         self.record = ClientRecord()
-        self.replies: dict[tuple[int, ...], list[int]] = {}   # prompt -> what this user received
+        self.replies: dict[tuple[int, ...], list[int]] = {}  # prompt -> what this user received
 
     def run(self, mode: str, prompt_tokens: list[list[int]]) -> None:
         with hub_client(self.config, timeout=600) as client:
@@ -226,7 +234,9 @@ class SimulatedUser:
                 if mode == "specedge":
                     reply = self._specedge(client, session, prompt)
                 else:
-                    reply = self._server_only(client, session, prompt, "speculative" if mode == "server_only_spec" else "autoregressive")
+                    reply = self._server_only(
+                        client, session, prompt, "speculative" if mode == "server_only_spec" else "autoregressive"
+                    )
                 self.replies[tuple(prompt)] = reply
                 client.delete(f"/v1/sessions/{session}")
 
@@ -236,7 +246,7 @@ class SimulatedUser:
     def _specedge(self, client: httpx.Client, session: str, prompt: list[int]) -> list[int]:
         context, pending, produced = list(prompt), list(prompt), 0
         started = time.perf_counter()
-        drafting_since = None   # when the edge began the next draft, if before this step
+        drafting_since = None  # when the edge began the next draft, if before this step
         while produced < self.config.max_tokens:
             step_started = time.perf_counter()
             room = self.config.max_tokens - produced - 1
@@ -253,10 +263,11 @@ class SimulatedUser:
             self._record_step(started, step_started, len(emitted), first=produced == len(emitted))
             if emitted[-1] in self.stop_ids:
                 break
-        return context[len(prompt):]
+        return context[len(prompt) :]
 
-    def _drafted_ahead(self, sent: float, context: list[int], draft: list[int], emitted: list[int],
-                       room: int) -> float | None:
+    def _drafted_ahead(
+        self, sent: float, context: list[int], draft: list[int], emitted: list[int], room: int
+    ) -> float | None:
         """Proactive drafting, as the real client does it: while a verify is out, the edge drafts
         the next round below its likeliest outcome, every draft token accepted and then the
         draft model's own next token. When that is what comes back, the next draft began when
@@ -264,7 +275,7 @@ class SimulatedUser:
         only looked at when the whole draft was accepted, so it never costs a draft step here.
         `room`: the tokens this step could emit beyond its bonus token."""
         if not (self.config.proactive and draft) or room - len(draft) - 1 <= 0:
-            return None   # no next round to draft for after the guessed outcome
+            return None  # no next round to draft for after the guessed outcome
         self.record.drafts_ahead += 1
         if emitted[:-1] == draft and emitted[-1] == self.edge.next_token(context + draft):
             self.record.ahead_hits += 1
@@ -272,7 +283,12 @@ class SimulatedUser:
         return None
 
     def _server_only(self, client: httpx.Client, session: str, prompt: list[int], mode: str) -> list[int]:
-        body = {"mode": mode, "tokens": prompt, "max_tokens": self.config.max_tokens, "draft_len": self.config.draft_len}
+        body = {
+            "mode": mode,
+            "tokens": prompt,
+            "max_tokens": self.config.max_tokens,
+            "draft_len": self.config.draft_len,
+        }
         started = time.perf_counter()
         self._half_rtt()
         step_started, produced, reply = started, 0, []
@@ -324,7 +340,8 @@ def run_mode(mode: str, config: BenchConfig, users: list[SimulatedUser], prompt_
         run_all([lambda u=u: u.run(mode, _rotated(prompt_tokens, u.index)) for u in users])
         wall = time.perf_counter() - started
         after = _scrape(client)
-    def grew(name: str) -> float:   # counters a hub of an older version may not have
+
+    def grew(name: str) -> float:  # counters a hub of an older version may not have
         return after.get(name, 0.0) - before.get(name, 0.0)
 
     busy = _hub_busy(after) - _hub_busy(before)
@@ -351,11 +368,15 @@ def run_mode(mode: str, config: BenchConfig, users: list[SimulatedUser], prompt_
         "hub_busy_s": busy,
         # Prompts cost every mode alike; without them, what decoding costs.
         "prefill_busy_s": prefill,
-        "prefill_in_verify_s": in_verify_s,       # of which inside verify passes
+        "prefill_in_verify_s": in_verify_s,  # of which inside verify passes
         "verify_context_tokens": in_verify,
         "decode_throughput": emitted / (busy - prefill) if busy > prefill else 0.0,
         "forward_passes": passes,
-        "busy_ms_per_pass": 1000 * (after["specedge_device_busy_seconds_total"] - before["specedge_device_busy_seconds_total"]) / passes if passes else 0.0,
+        "busy_ms_per_pass": 1000
+        * (after["specedge_device_busy_seconds_total"] - before["specedge_device_busy_seconds_total"])
+        / passes
+        if passes
+        else 0.0,
         "verifies_per_pass": verifies / passes if passes else 0.0,
         # Batches held for users due back soon (--merge-wait-share), and for how long in all.
         "merge_waits": grew("specedge_merge_waits_total"),
@@ -404,7 +425,7 @@ class Workload:
     """What every run of one bench shares: the prompts, their target replies and the edges."""
 
     prompt_tokens: list[list[int]]
-    replies: dict[tuple[int, ...], list[int]]   # the target's own greedy reply to each prompt
+    replies: dict[tuple[int, ...], list[int]]  # the target's own greedy reply to each prompt
     edges: EmulatedEdges
     stop_ids: frozenset[int]
 
@@ -413,7 +434,7 @@ def prepare_workload(config: BenchConfig, modes: tuple[str, ...] = MODES) -> Wor
     """Check that the hub can run `modes` with this draft, ask it for each prompt's reply
     (autoregressive, untimed) and draft along every reply."""
     with hub_client(config) as client:
-        info = hub_info(client)     # before loading the draft: a hub that refuses says so at once
+        info = hub_info(client)  # before loading the draft: a hub that refuses says so at once
     drafter = HubDrafter(config.draft, n_threads=1)
     check_hub(info, drafter, modes)
     prompt_tokens = [drafter.tokenize(p) for p in config.prompts]
@@ -433,11 +454,24 @@ def run_bench(config: BenchConfig, modes: tuple[str, ...] = MODES, workload: Wor
     for mode in modes:
         results[mode] = run_mode(mode, config, users, workload.prompt_tokens)
         results[mode]["lossless"] = all(u.replies == workload.replies for u in users)
-    return {"modes": results, "ratios": _ratios(results), "bound": _bound(results, config.clients),
-            "config": {"hub": config.hub_url, "target": info["model"], "draft": config.draft.name,
-                       "clients": config.clients, "rtt_ms": config.rtt_ms, "max_tokens": config.max_tokens,
-                       "draft_len": config.draft_len, "prompts": len(config.prompts), "cpu_count": os.cpu_count(),
-                       "edge_tps": round(workload.edges.tokens_per_second, 1), "proactive": config.proactive}}
+    return {
+        "modes": results,
+        "ratios": _ratios(results),
+        "bound": _bound(results, config.clients),
+        "config": {
+            "hub": config.hub_url,
+            "target": info["model"],
+            "draft": config.draft.name,
+            "clients": config.clients,
+            "rtt_ms": config.rtt_ms,
+            "max_tokens": config.max_tokens,
+            "draft_len": config.draft_len,
+            "prompts": len(config.prompts),
+            "cpu_count": os.cpu_count(),
+            "edge_tps": round(workload.edges.tokens_per_second, 1),
+            "proactive": config.proactive,
+        },
+    }
 
 
 def _ratio(a: float, b: float) -> float:
@@ -476,17 +510,23 @@ def _bound_from(results: dict, clients: int, one_token_ms: float, verify_ms: flo
     # The bound counts passes only, so the share of it compares decoding alone: the prompts'
     # prefill, the same work in both modes, would otherwise pull any ratio towards 1.
     decode_ratio = spec["decode_throughput"] / ar["decode_throughput"] if ar["decode_throughput"] else 0.0
-    return {"throughput_vs_autoregressive": round(bound, 3), "measured": measured,
-            "sessions_per_pass": clients, "one_token_pass_ms": round(one_token_ms, 2), "verify_pass_ms": round(verify_ms, 2),
-            "decode_throughput_vs_autoregressive": round(decode_ratio, 3),
-            "share_of_bound": round(decode_ratio / bound, 3) if bound else 0.0,
-            # The share's two halves: each mode's decoding against full passes at the probe's cost.
-            "specedge_share_of_full_passes": round(spec["decode_throughput"] * verify_ms / (1000 * clients * spec["tokens_per_verify"]), 3),
-            "autoregressive_share_of_full_passes": round(ar["decode_throughput"] * one_token_ms / (1000 * clients), 3)}
+    return {
+        "throughput_vs_autoregressive": round(bound, 3),
+        "measured": measured,
+        "sessions_per_pass": clients,
+        "one_token_pass_ms": round(one_token_ms, 2),
+        "verify_pass_ms": round(verify_ms, 2),
+        "decode_throughput_vs_autoregressive": round(decode_ratio, 3),
+        "share_of_bound": round(decode_ratio / bound, 3) if bound else 0.0,
+        # The share's two halves: each mode's decoding against full passes at the probe's cost.
+        "specedge_share_of_full_passes": round(
+            spec["decode_throughput"] * verify_ms / (1000 * clients * spec["tokens_per_verify"]), 3
+        ),
+        "autoregressive_share_of_full_passes": round(ar["decode_throughput"] * one_token_ms / (1000 * clients), 3),
+    }
 
 
-def probe_bounds(runs: list[dict], model: str, device: str, dtype: str, workload: Workload,
-                 cores: set[int]) -> None:
+def probe_bounds(runs: list[dict], model: str, device: str, dtype: str, workload: Workload, cores: set[int]) -> None:
     """Measure each run's bound directly, once the hub this bench started has stopped: a
     one-token pass and a verify pass over all N sessions on the hub's own runner, with the same
     device, dtype and cores, with contexts spread like the runs' (from the prompt to the reply's
@@ -501,18 +541,32 @@ def probe_bounds(runs: list[dict], model: str, device: str, dtype: str, workload
     config = runs[0]["config"]
     prompt = statistics.fmean(len(p) for p in workload.prompt_tokens)
     context = int(prompt + config["max_tokens"] / 2)
-    spread = config["max_tokens"]     # users are anywhere between their prompt and its reply's end
-    probe = PassProbe(model, device=device, dtype=dtype, sessions=max(run["config"]["clients"] for run in runs),
-                      context=context, draft_tokens=config["draft_len"], spread=spread)
+    spread = config["max_tokens"]  # users are anywhere between their prompt and its reply's end
+    probe = PassProbe(
+        model,
+        device=device,
+        dtype=dtype,
+        sessions=max(run["config"]["clients"] for run in runs),
+        context=context,
+        draft_tokens=config["draft_len"],
+        spread=spread,
+    )
     for run in runs:
         results, clients = run["modes"], run["config"]["clients"]
         if "specedge" in results and "autoregressive" in results:
             one_token_ms, verify_ms = probe.pass_pair_ms(clients, config["draft_len"])
-            run["bound"] = _bound_from(results, clients, one_token_ms, verify_ms, f"probe: contexts {context - spread // 2}-{context + spread // 2}")
+            run["bound"] = _bound_from(
+                results,
+                clients,
+                one_token_ms,
+                verify_ms,
+                f"probe: contexts {context - spread // 2}-{context + spread // 2}",
+            )
 
 
-def probe_bounds_through_hub(runs: list[dict], config: BenchConfig, workload: Workload, rounds: int = 4,
-                             verifies: int = 3) -> None:
+def probe_bounds_through_hub(
+    runs: list[dict], config: BenchConfig, workload: Workload, rounds: int = 4, verifies: int = 3
+) -> None:
     """Measure each run's bound on a hub this bench did not start, through its public API.
 
     N sessions, each holding one of the prompts, send verifies back to back with no round trip,
@@ -531,38 +585,48 @@ def probe_bounds_through_hub(runs: list[dict], config: BenchConfig, workload: Wo
         one_token_ms, verify_ms = pass_ms_at(one_token, clients), pass_ms_at(verify, clients)
         if one_token_ms > 0 and verify_ms > 0:
             sizes = "/".join(str(size) for size in sorted(set(one_token) | set(verify)))
-            run["bound"] = _bound_from(results, clients, one_token_ms, verify_ms,
-                                       f"through the hub's API: passes of {sizes} sessions")
+            run["bound"] = _bound_from(
+                results, clients, one_token_ms, verify_ms, f"through the hub's API: passes of {sizes} sessions"
+            )
 
 
-def _passes_through_hub(config: BenchConfig, workload: Workload, rounds: int,
-                        verifies: int) -> tuple[dict[int, list[float]], dict[int, list[float]]]:
+def _passes_through_hub(
+    config: BenchConfig, workload: Workload, rounds: int, verifies: int
+) -> tuple[dict[int, list[float]], dict[int, list[float]]]:
     """{sessions in a pass: [passes, mean device ms]} of the one-token passes and of the verify
     passes that `probe_bounds_through_hub` has the hub run."""
     rng = random.Random(0)
-    users = [hub_client(config) for _ in range(config.clients)]   # a connection each, as users have
+    users = [hub_client(config) for _ in range(config.clients)]  # a connection each, as users have
     sessions: list[str] = []
     try:
         info = hub_info(users[0])
         for user in users:
             sessions.append(_open(user, info))
         prompts = workload.prompt_tokens
-        run_all([lambda u=u, s=s, p=prompts[i % len(prompts)]: _verify(u, s, p, [])
-                 for i, (u, s) in enumerate(zip(users, sessions))])
+        run_all(
+            [
+                lambda u=u, s=s, p=prompts[i % len(prompts)]: _verify(u, s, p, [])
+                for i, (u, s) in enumerate(zip(users, sessions))
+            ]
+        )
         seen: dict[int, dict[int, list[float]]] = {0: {}, config.draft_len: {}}
         for _ in range(rounds):
             for draft_len, table in seen.items():
                 drafts = [[rng.randrange(10, info["vocab_size"]) for _ in range(draft_len)] for _ in users]
                 before = _scrape(users[0])
-                run_all([lambda u=u, s=s, d=d: [_verify(u, s, [], d) for _ in range(verifies)]
-                         for u, s, d in zip(users, sessions, drafts)])
+                run_all(
+                    [
+                        lambda u=u, s=s, d=d: [_verify(u, s, [], d) for _ in range(verifies)]
+                        for u, s, d in zip(users, sessions, drafts)
+                    ]
+                )
                 _add_passes(table, _pass_ms_by_sessions(before, _scrape(users[0])))
     finally:
-        for user, session in zip(users, sessions):   # also when the hub refused something midway
+        for user, session in zip(users, sessions):  # also when the hub refused something midway
             try:
                 user.delete(f"/v1/sessions/{session}")
             except httpx.HTTPError:
-                pass   # the hub is gone; it ends idle sessions itself
+                pass  # the hub is gone; it ends idle sessions itself
         for user in users:
             user.close()
     return seen[0], seen[config.draft_len]
@@ -592,6 +656,8 @@ def plot(runs: list[dict], path: Path) -> None:
     for axis in (left, right):
         axis.grid(alpha=0.3)
         axis.legend()
-    figure.suptitle(f"{runs[0]['config']['target']} / {runs[0]['config']['draft']}, RTT {runs[0]['config']['rtt_ms']:g} ms")
+    figure.suptitle(
+        f"{runs[0]['config']['target']} / {runs[0]['config']['draft']}, RTT {runs[0]['config']['rtt_ms']:g} ms"
+    )
     figure.tight_layout()
     figure.savefig(path, dpi=100)

@@ -6,21 +6,24 @@ import logging
 import os
 import signal
 from pathlib import Path
-from typing import Annotated, Optional
+from typing import Annotated
 
 import httpx
 import typer
 
 from hub_server.accounts import Accounts
 from hub_server.admin import tokens_app, users_app
-from hub_server.errors import AccountError
 from hub_server.config import DEVICES, DTYPES, LOG_FORMATS, HubSettings, default_data_dir, is_loopback
+from hub_server.errors import AccountError
 
 # `specedge chat` hands its embedded hub a per-process token here, never on the command line.
 EMBEDDED_TOKEN_ENV = "SPECEDGE_HUB_EMBEDDED_TOKEN"
 
-app = typer.Typer(help="SpecEdge verification hub: serves a target model to drafting clients.",
-                  no_args_is_help=True, add_completion=False)
+app = typer.Typer(
+    help="SpecEdge verification hub: serves a target model to drafting clients.",
+    no_args_is_help=True,
+    add_completion=False,
+)
 app.add_typer(users_app, name="users")
 app.add_typer(tokens_app, name="tokens")
 
@@ -33,29 +36,57 @@ def main() -> None:
 @app.command()
 def serve(
     model: Annotated[str, typer.Option(help="Target model: a .gguf file or a Hugging Face model folder.")],
-    host: Annotated[str, typer.Option(help="Address to bind; loopback unless you mean to expose the hub.")] = "127.0.0.1",
+    host: Annotated[
+        str, typer.Option(help="Address to bind; loopback unless you mean to expose the hub.")
+    ] = "127.0.0.1",
     port: Annotated[int, typer.Option(help="Port to listen on.")] = 8000,
     device: Annotated[str, typer.Option(help=f"One of {', '.join(DEVICES)}.")] = "auto",
-    dtype: Annotated[str, typer.Option(help=f"One of {', '.join(DTYPES)}; auto is float32 on CPU, bfloat16 on CUDA.")] = "auto",
+    dtype: Annotated[
+        str, typer.Option(help=f"One of {', '.join(DTYPES)}; auto is float32 on CPU, bfloat16 on CUDA.")
+    ] = "auto",
     max_draft_tokens: Annotated[int, typer.Option(help="Longest draft one verify may carry.")] = 64,
-    max_context: Annotated[int, typer.Option(help="Context limit per session; 0: the model's, or less to fit the KV budget.")] = 0,
-    max_sessions: Annotated[int, typer.Option(help="Sessions served at once; each has its KV memory reserved at start.")] = 64,
-    kv_memory_gib: Annotated[float, typer.Option(help="KV memory budget in GiB; 0: half the GPU memory free after loading the model, a quarter on a CPU.")] = 0.0,
-    draft: Annotated[Optional[str], typer.Option(help="A .gguf draft model on the hub, for the server-only speculative mode.")] = None,
+    max_context: Annotated[
+        int, typer.Option(help="Context limit per session; 0: the model's, or less to fit the KV budget.")
+    ] = 0,
+    max_sessions: Annotated[
+        int, typer.Option(help="Sessions served at once; each has its KV memory reserved at start.")
+    ] = 64,
+    kv_memory_gib: Annotated[
+        float,
+        typer.Option(
+            help="KV memory budget in GiB; 0: half the GPU memory free after loading the model, a quarter on a CPU."
+        ),
+    ] = 0.0,
+    draft: Annotated[
+        str | None, typer.Option(help="A .gguf draft model on the hub, for the server-only speculative mode.")
+    ] = None,
     session_idle_s: Annotated[float, typer.Option(help="Evict sessions idle this many seconds.")] = 600.0,
     max_batch: Annotated[int, typer.Option(help="Sessions verified in one forward pass.")] = 16,
-    batch_wait_ms: Annotated[float, typer.Option(help="Longest wait, in ms, for a fuller batch when more work is on its way.")] = 2.0,
-    merge_wait_share: Annotated[float, typer.Option(help="Hold a batch for users due back within this share of a pass's fixed cost (measured), so they share the pass; 0: never.")] = 0.5,
-    cache_dir: Annotated[Optional[Path], typer.Option(help="Where converted GGUF targets are kept.")] = None,
-    data_dir: Annotated[Optional[Path], typer.Option(help=f"Accounts database folder; default {default_data_dir()}.")] = None,
+    batch_wait_ms: Annotated[
+        float, typer.Option(help="Longest wait, in ms, for a fuller batch when more work is on its way.")
+    ] = 2.0,
+    merge_wait_share: Annotated[
+        float,
+        typer.Option(
+            help="Hold a batch for users due back within this share of a pass's fixed cost (measured), so they share the pass; 0: never."
+        ),
+    ] = 0.5,
+    cache_dir: Annotated[Path | None, typer.Option(help="Where converted GGUF targets are kept.")] = None,
+    data_dir: Annotated[
+        Path | None, typer.Option(help=f"Accounts database folder; default {default_data_dir()}.")
+    ] = None,
     no_auth: Annotated[bool, typer.Option("--no-auth", help="Serve without tokens; loopback addresses only.")] = False,
     max_sessions_per_user: Annotated[int, typer.Option(help="Open sessions per user; 0: no per-user cap.")] = 0,
     tokens_per_minute: Annotated[int, typer.Option(help="Tokens each user may send per minute; 0: unlimited.")] = 0,
-    max_queue_depth: Annotated[int, typer.Option(help="Feeds and verifies in flight at once; more answer 429; 0: no cap.")] = 0,
+    max_queue_depth: Annotated[
+        int, typer.Option(help="Feeds and verifies in flight at once; more answer 429; 0: no cap.")
+    ] = 0,
     log_format: Annotated[str, typer.Option(help=f"One of {', '.join(LOG_FORMATS)}.")] = "text",
-    shutdown_timeout: Annotated[float, typer.Option(help="On SIGTERM, seconds in-flight requests get to finish.")] = 30.0,
-    ssl_keyfile: Annotated[Optional[Path], typer.Option(help="TLS private key (PEM), passed to uvicorn.")] = None,
-    ssl_certfile: Annotated[Optional[Path], typer.Option(help="TLS certificate chain (PEM), passed to uvicorn.")] = None,
+    shutdown_timeout: Annotated[
+        float, typer.Option(help="On SIGTERM, seconds in-flight requests get to finish.")
+    ] = 30.0,
+    ssl_keyfile: Annotated[Path | None, typer.Option(help="TLS private key (PEM), passed to uvicorn.")] = None,
+    ssl_certfile: Annotated[Path | None, typer.Option(help="TLS certificate chain (PEM), passed to uvicorn.")] = None,
 ) -> None:
     """Run the hub."""
     import uvicorn
@@ -67,15 +98,33 @@ def serve(
     if not Path(model).expanduser().exists():
         raise typer.BadParameter(f"{model} does not exist; pass a .gguf file or a model folder", param_hint="--model")
     try:
-        settings = HubSettings(model=model, host=host, port=port, device=device, dtype=dtype,
-                               max_draft_tokens=max_draft_tokens, max_context=max_context, kv_memory_gib=kv_memory_gib,
-                               max_sessions=max_sessions, max_batch=max_batch, draft=draft, session_idle_s=session_idle_s,
-                               batch_wait_ms=batch_wait_ms, merge_wait_share=merge_wait_share, cache_dir=cache_dir, data_dir=data_dir,
-                               auth=not no_auth, embedded_token=os.environ.pop(EMBEDDED_TOKEN_ENV, None) or None,
-                               max_sessions_per_user=max_sessions_per_user, tokens_per_minute=tokens_per_minute,
-                               max_queue_depth=max_queue_depth,
-                               log_format=log_format, shutdown_timeout_s=shutdown_timeout,
-                               ssl_keyfile=ssl_keyfile, ssl_certfile=ssl_certfile)
+        settings = HubSettings(
+            model=model,
+            host=host,
+            port=port,
+            device=device,
+            dtype=dtype,
+            max_draft_tokens=max_draft_tokens,
+            max_context=max_context,
+            kv_memory_gib=kv_memory_gib,
+            max_sessions=max_sessions,
+            max_batch=max_batch,
+            draft=draft,
+            session_idle_s=session_idle_s,
+            batch_wait_ms=batch_wait_ms,
+            merge_wait_share=merge_wait_share,
+            cache_dir=cache_dir,
+            data_dir=data_dir,
+            auth=not no_auth,
+            embedded_token=os.environ.pop(EMBEDDED_TOKEN_ENV, None) or None,
+            max_sessions_per_user=max_sessions_per_user,
+            tokens_per_minute=tokens_per_minute,
+            max_queue_depth=max_queue_depth,
+            log_format=log_format,
+            shutdown_timeout_s=shutdown_timeout,
+            ssl_keyfile=ssl_keyfile,
+            ssl_certfile=ssl_certfile,
+        )
     except ValueError as exc:
         raise typer.BadParameter(str(exc)) from exc
     configure_logging(settings.log_format)
@@ -86,50 +135,94 @@ def serve(
     # uvicorn drains in-flight requests on SIGTERM, then re-raises the signal; a no-op handler
     # for that re-raise lets the hub exit 0 after a clean shutdown instead of dying by the signal.
     signal.signal(signal.SIGTERM, lambda *_: None)
-    uvicorn.run(create_app(settings, ModelRunner), host=host, port=port, log_config=None, log_level="info",
-                access_log=False, timeout_graceful_shutdown=settings.shutdown_timeout_s,
-                ssl_keyfile=settings.ssl_keyfile and str(settings.ssl_keyfile),
-                ssl_certfile=settings.ssl_certfile and str(settings.ssl_certfile))
+    uvicorn.run(
+        create_app(settings, ModelRunner),
+        host=host,
+        port=port,
+        log_config=None,
+        log_level="info",
+        access_log=False,
+        timeout_graceful_shutdown=settings.shutdown_timeout_s,
+        ssl_keyfile=settings.ssl_keyfile and str(settings.ssl_keyfile),
+        ssl_certfile=settings.ssl_certfile and str(settings.ssl_certfile),
+    )
     logging.getLogger("hub_server").info("hub stopped")
 
 
 def _warn_about_exposure(settings: HubSettings) -> None:
     log = logging.getLogger("hub_server")
     if not is_loopback(settings.host):
-        log.warning("binding to %s: the hub is reachable from other machines%s", settings.host,
-                    "" if settings.ssl_certfile else "; serve it over TLS (--ssl-certfile or a proxy, see README)")
+        log.warning(
+            "binding to %s: the hub is reachable from other machines%s",
+            settings.host,
+            "" if settings.ssl_certfile else "; serve it over TLS (--ssl-certfile or a proxy, see README)",
+        )
     if settings.auth and not settings.embedded_token and not Accounts(settings.accounts_path).tokens():
-        log.warning("no API tokens exist yet: create one with `hub_server users add NAME` and "
-                    "`hub_server tokens create --user NAME`")
+        log.warning(
+            "no API tokens exist yet: create one with `hub_server users add NAME` and "
+            "`hub_server tokens create --user NAME`"
+        )
 
 
 @app.command()
 def bench(
-    draft: Annotated[Path, typer.Option(exists=True, dir_okay=False,
-                                        help="Draft .gguf the simulated users (and the hub's speculative mode) draft with.")],
-    model: Annotated[Optional[str], typer.Option(help="Target to start a hub with (omit with --hub).")] = None,
-    hub: Annotated[Optional[str], typer.Option(help="A running hub to measure instead (started with the same --draft).")] = None,
-    token: Annotated[Optional[str], typer.Option(envvar="SPECEDGE_TOKEN", show_default=False,
-                                                 help="API token for --hub (`hub_server tokens create --user NAME` makes one).")] = None,
+    draft: Annotated[
+        Path,
+        typer.Option(
+            exists=True,
+            dir_okay=False,
+            help="Draft .gguf the simulated users (and the hub's speculative mode) draft with.",
+        ),
+    ],
+    model: Annotated[str | None, typer.Option(help="Target to start a hub with (omit with --hub).")] = None,
+    hub: Annotated[
+        str | None, typer.Option(help="A running hub to measure instead (started with the same --draft).")
+    ] = None,
+    token: Annotated[
+        str | None,
+        typer.Option(
+            envvar="SPECEDGE_TOKEN",
+            show_default=False,
+            help="API token for --hub (`hub_server tokens create --user NAME` makes one).",
+        ),
+    ] = None,
     clients: Annotated[str, typer.Option(help="Concurrent users; a comma list (1,2,4,8) runs each and plots.")] = "1",
     rtt_ms: Annotated[float, typer.Option(help="Emulated network round trip, ms.")] = 14.0,
     max_tokens: Annotated[int, typer.Option(help="Tokens per reply.")] = 64,
     draft_len: Annotated[int, typer.Option(help="Draft tokens per verify.")] = 8,
     prompts: Annotated[int, typer.Option(help="How many prompts of the shipped set each user answers.")] = 6,
-    modes: Annotated[str, typer.Option(help="Comma list of specedge,server_only_spec,autoregressive.")] = "specedge,server_only_spec,autoregressive",
+    modes: Annotated[
+        str, typer.Option(help="Comma list of specedge,server_only_spec,autoregressive.")
+    ] = "specedge,server_only_spec,autoregressive",
     device: Annotated[str, typer.Option(help="Device of a hub started here.")] = "auto",
     dtype: Annotated[str, typer.Option(help=f"Dtype of a hub started here: one of {', '.join(DTYPES)}.")] = "auto",
-    edge_tps: Annotated[float, typer.Option(help="Draft speed of each simulated user's own device, tokens/s; 0 measures the draft model here on one thread.")] = 0.0,
+    edge_tps: Annotated[
+        float,
+        typer.Option(
+            help="Draft speed of each simulated user's own device, tokens/s; 0 measures the draft model here on one thread."
+        ),
+    ] = 0.0,
     merge_wait_share: Annotated[float, typer.Option(help="--merge-wait-share of a hub started here.")] = 0.5,
-    proactive: Annotated[bool, typer.Option(help="Simulated users draft the next round while a verify is out, as `specedge chat` does.")] = True,
+    proactive: Annotated[
+        bool, typer.Option(help="Simulated users draft the next round while a verify is out, as `specedge chat` does.")
+    ] = True,
     plot_path: Annotated[Path, typer.Option("--plot", help="Where to draw the PNG plot.")] = Path("hub-bench.png"),
     as_json: Annotated[bool, typer.Option("--json", help="Print JSON only.")] = False,
 ) -> None:
     """Measure server throughput and latency: SpecEdge against server-only baselines."""
     import json
 
-    from hub_server.bench import (MODES, BenchConfig, BenchRefused, load_prompts, plot, prepare_workload,
-                                  probe_bounds, probe_bounds_through_hub, run_bench)
+    from hub_server.bench import (
+        MODES,
+        BenchConfig,
+        BenchRefused,
+        load_prompts,
+        plot,
+        prepare_workload,
+        probe_bounds,
+        probe_bounds_through_hub,
+        run_bench,
+    )
     from hub_server.local_hub import LocalHub
 
     if (model is None) == (hub is None):
@@ -138,8 +231,9 @@ def bench(
     chosen_modes = tuple(part.strip() for part in modes.split(",") if part.strip())
     unknown = [mode for mode in chosen_modes if mode not in MODES]
     if unknown or not chosen_modes:
-        raise typer.BadParameter(f"unknown mode {', '.join(unknown) or '(none given)'}: choose from {','.join(MODES)}",
-                                 param_hint="--modes")
+        raise typer.BadParameter(
+            f"unknown mode {', '.join(unknown) or '(none given)'}: choose from {','.join(MODES)}", param_hint="--modes"
+        )
     shipped = load_prompts()[:prompts]
     serve_args = ("--merge-wait-share", str(merge_wait_share))
     runs, workload = [], None
@@ -147,8 +241,18 @@ def bench(
         with LocalHub.maybe(model, draft, device, max_batch=max(counts), dtype=dtype, serve_args=serve_args) as local:
             url = hub or local.url
             for count in counts:
-                config = BenchConfig(url, draft, count, rtt_ms, max_tokens, draft_len, shipped, edge_tps,
-                                     token if hub else None, proactive)
+                config = BenchConfig(
+                    url,
+                    draft,
+                    count,
+                    rtt_ms,
+                    max_tokens,
+                    draft_len,
+                    shipped,
+                    edge_tps,
+                    token if hub else None,
+                    proactive,
+                )
                 workload = workload or prepare_workload(config, chosen_modes)
                 runs.append(run_bench(config, chosen_modes, workload))
                 if not as_json:
@@ -158,8 +262,10 @@ def bench(
                 probe_bounds_through_hub(runs, config, workload)
                 if not as_json:
                     for run in runs:
-                        typer.echo(f"clients={run['config']['clients']} bound, measured through the hub's API: "
-                                   f"{run['bound']}", err=True)
+                        typer.echo(
+                            f"clients={run['config']['clients']} bound, measured through the hub's API: {run['bound']}",
+                            err=True,
+                        )
     except BenchRefused as exc:
         typer.echo(f"Error: {exc}", err=True)
         raise typer.Exit(1) from exc
@@ -167,8 +273,10 @@ def bench(
         typer.echo(f"Error: {_refusal(exc, token)}", err=True)
         raise typer.Exit(1) from exc
     except httpx.TransportError as exc:
-        typer.echo(f"Error: cannot reach the hub at {hub or 'this machine'}: {exc}; check the URL and that it "
-                   "is serving.", err=True)
+        typer.echo(
+            f"Error: cannot reach the hub at {hub or 'this machine'}: {exc}; check the URL and that it is serving.",
+            err=True,
+        )
         raise typer.Exit(1) from exc
     if local is not None and workload is not None:
         # The hub has stopped: its device and cores are free to measure full passes directly.
@@ -190,25 +298,35 @@ def _refusal(exc: httpx.HTTPStatusError, token: str | None) -> str:
     except (ValueError, KeyError, TypeError):
         said = exc.response.text[:200]
     if status == 401 and not token:
-        return (f"the hub at {exc.request.url.host} needs an API token: pass --token or set SPECEDGE_TOKEN "
-                "(its operator makes one with `hub_server tokens create --user NAME`)")
+        return (
+            f"the hub at {exc.request.url.host} needs an API token: pass --token or set SPECEDGE_TOKEN "
+            "(its operator makes one with `hub_server tokens create --user NAME`)"
+        )
     if status == 401:
-        return (f"the hub at {exc.request.url.host} refused this token (401): it is unknown or revoked; its "
-                "operator makes a new one with `hub_server tokens create --user NAME`")
+        return (
+            f"the hub at {exc.request.url.host} refused this token (401): it is unknown or revoked; its "
+            "operator makes a new one with `hub_server tokens create --user NAME`"
+        )
     return f"the hub refused {exc.request.method} {exc.request.url.path} ({status}): {said}"
 
 
 def _bench_table(run: dict) -> str:
-    rows = [f"clients={run['config']['clients']} rtt={run['config']['rtt_ms']:g}ms target={run['config']['target']} "
-            f"draft={run['config']['draft']} edge={run['config']['edge_tps']:g} t/s",
-            f"{'mode':<18}{'server t/s':>11}{'wall t/s':>10}{'tok/verify':>11}{'ITL ms':>9}{'ITL p95':>9}{'TTFT ms':>9}{'busy':>7}  lossless"]
+    rows = [
+        f"clients={run['config']['clients']} rtt={run['config']['rtt_ms']:g}ms target={run['config']['target']} "
+        f"draft={run['config']['draft']} edge={run['config']['edge_tps']:g} t/s",
+        f"{'mode':<18}{'server t/s':>11}{'wall t/s':>10}{'tok/verify':>11}{'ITL ms':>9}{'ITL p95':>9}{'TTFT ms':>9}{'busy':>7}  lossless",
+    ]
     for mode, m in run["modes"].items():
-        rows.append(f"{mode:<18}{m['server_throughput']:>11.1f}{m['wall_throughput']:>10.1f}{m['tokens_per_verify']:>11.2f}"
-                    f"{m['itl_ms_mean']:>9.1f}{m['itl_ms_p95']:>9.1f}{m['ttft_ms_mean']:>9.0f}{m['hub_busy_fraction']:>7.0%}  {m['lossless']}")
+        rows.append(
+            f"{mode:<18}{m['server_throughput']:>11.1f}{m['wall_throughput']:>10.1f}{m['tokens_per_verify']:>11.2f}"
+            f"{m['itl_ms_mean']:>9.1f}{m['itl_ms_p95']:>9.1f}{m['ttft_ms_mean']:>9.0f}{m['hub_busy_fraction']:>7.0%}  {m['lossless']}"
+        )
     ahead = run["modes"].get("specedge", {})
     if ahead.get("proactive_drafts"):
-        rows.append(f"specedge drafts made ahead while a verify was out: {ahead['proactive_drafts']:g}, "
-                    f"sent {ahead['proactive_hit_rate']:.0%}")
+        rows.append(
+            f"specedge drafts made ahead while a verify was out: {ahead['proactive_drafts']:g}, "
+            f"sent {ahead['proactive_hit_rate']:.0%}"
+        )
     rows.append(f"ratios: {run['ratios']}  bound: {run['bound']}")
     return "\n".join(rows)
 

@@ -38,31 +38,31 @@ def is_loopback(host: str) -> bool:
 
 @dataclass(frozen=True)
 class HubSettings:
-    model: str                           # a .gguf file or a Hugging Face model folder
+    model: str  # a .gguf file or a Hugging Face model folder
     host: str = "127.0.0.1"
     port: int = 8000
     device: str = "auto"
     dtype: str = "auto"
-    max_draft_tokens: int = 64           # longest draft one verify may carry
-    max_context: int = 0                 # 0: the model's limit, or less to fit the KV budget
-    max_sessions: int = 64               # also the KV pool's slots
-    kv_memory_gib: float = 0.0           # KV pool budget; 0: a share of the memory free after loading
-    draft: str | None = None             # a .gguf draft for the server-only speculative mode
-    session_idle_s: float = 600.0        # idle sessions are evicted after this long
-    max_batch: int = 16                  # sessions verified in one forward pass
-    batch_wait_ms: float = 2.0           # longest wait for work on its way to fill a batch
-    merge_wait_share: float = 0.5        # wait for users due back within this share of a pass's fixed cost
-    cache_dir: Path | None = None        # where converted GGUF targets are kept
-    data_dir: Path | None = None         # accounts database; None: default_data_dir()
-    auth: bool = True                    # False (--no-auth) is allowed on loopback only
+    max_draft_tokens: int = 64  # longest draft one verify may carry
+    max_context: int = 0  # 0: the model's limit, or less to fit the KV budget
+    max_sessions: int = 64  # also the KV pool's slots
+    kv_memory_gib: float = 0.0  # KV pool budget; 0: a share of the memory free after loading
+    draft: str | None = None  # a .gguf draft for the server-only speculative mode
+    session_idle_s: float = 600.0  # idle sessions are evicted after this long
+    max_batch: int = 16  # sessions verified in one forward pass
+    batch_wait_ms: float = 2.0  # longest wait for work on its way to fill a batch
+    merge_wait_share: float = 0.5  # wait for users due back within this share of a pass's fixed cost
+    cache_dir: Path | None = None  # where converted GGUF targets are kept
+    data_dir: Path | None = None  # accounts database; None: default_data_dir()
+    auth: bool = True  # False (--no-auth) is allowed on loopback only
     # A single pre-authorised token (the embedded hub of `specedge chat`); no database then.
     embedded_token: str | None = field(default=None, repr=False)
-    max_sessions_per_user: int = 0       # 0: no per-user cap (--max-sessions still applies)
-    tokens_per_minute: int = 0           # per user; 0: unlimited
-    max_queue_depth: int = 0             # feeds and verifies in flight at once; 0: no cap
+    max_sessions_per_user: int = 0  # 0: no per-user cap (--max-sessions still applies)
+    tokens_per_minute: int = 0  # per user; 0: unlimited
+    max_queue_depth: int = 0  # feeds and verifies in flight at once; 0: no cap
     log_format: str = "text"
-    shutdown_timeout_s: float = 30.0     # SIGTERM: how long in-flight requests may finish
-    ssl_keyfile: Path | None = None      # TLS served by uvicorn itself (or put a proxy in front)
+    shutdown_timeout_s: float = 30.0  # SIGTERM: how long in-flight requests may finish
+    ssl_keyfile: Path | None = None  # TLS served by uvicorn itself (or put a proxy in front)
     ssl_certfile: Path | None = None
 
     def __post_init__(self) -> None:
@@ -81,12 +81,16 @@ class HubSettings:
         if self.max_draft_tokens < 1:
             raise ValueError("--max-draft-tokens must be at least 1")
         if not self.auth and not is_loopback(self.host):
-            raise ValueError(f"--no-auth is only allowed on a loopback address, not {self.host}; "
-                             "create tokens with `hub_server tokens create --user NAME` instead")
+            raise ValueError(
+                f"--no-auth is only allowed on a loopback address, not {self.host}; "
+                "create tokens with `hub_server tokens create --user NAME` instead"
+            )
         if self.log_format not in LOG_FORMATS:
             raise ValueError(f"--log-format must be one of {', '.join(LOG_FORMATS)}, not {self.log_format!r}")
         if min(self.max_sessions_per_user, self.tokens_per_minute, self.max_queue_depth) < 0:
-            raise ValueError("--max-sessions-per-user, --tokens-per-minute and --max-queue-depth must be 0 (no limit) or more")
+            raise ValueError(
+                "--max-sessions-per-user, --tokens-per-minute and --max-queue-depth must be 0 (no limit) or more"
+            )
         if not 0 <= self.merge_wait_share <= 1:
             raise ValueError(f"--merge-wait-share must be between 0 (never wait) and 1, not {self.merge_wait_share}")
         if self.shutdown_timeout_s < 0:

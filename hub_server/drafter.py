@@ -17,8 +17,13 @@ import numpy as np
 
 
 class HubDrafter:
-    def __init__(self, model_path: Path, n_ctx: int = 4096, n_threads: int | None = None,
-                 device_lock: threading.Lock | None = None):
+    def __init__(
+        self,
+        model_path: Path,
+        n_ctx: int = 4096,
+        n_threads: int | None = None,
+        device_lock: threading.Lock | None = None,
+    ):
         import llama_cpp
 
         self._lib = llama_cpp
@@ -50,7 +55,7 @@ class HubDrafter:
                 break
             common += 1
         llm.n_tokens = min(common, len(history) - 1)  # eval() drops the KV from n_tokens on
-        llm.eval(history[llm.n_tokens:])
+        llm.eval(history[llm.n_tokens :])
         drafted = [self._argmax(llm)]
         while len(drafted) < min(length, self._n_ctx - len(history) - 1):
             llm.eval([drafted[-1]])
@@ -65,8 +70,9 @@ class HubDrafter:
         from hub_server.loading import vocab_fingerprint
 
         vocab, size = self._vocab()
-        return vocab_fingerprint([self._lib.llama_vocab_get_text(vocab, i).decode("utf-8", "replace")
-                                  for i in range(size)])
+        return vocab_fingerprint(
+            [self._lib.llama_vocab_get_text(vocab, i).decode("utf-8", "replace") for i in range(size)]
+        )
 
     def stop_token_ids(self) -> frozenset[int]:
         vocab, size = self._vocab()
@@ -85,8 +91,13 @@ class HubDrafter:
         with self._lock:
             llm = self._contexts.get(session_id)
             if llm is None:
-                llm = self._lib.Llama(model_path=str(self._model_path), n_ctx=self._n_ctx,
-                                      n_threads=self._n_threads, logits_all=False, verbose=False)
+                llm = self._lib.Llama(
+                    model_path=str(self._model_path),
+                    n_ctx=self._n_ctx,
+                    n_threads=self._n_threads,
+                    logits_all=False,
+                    verbose=False,
+                )
                 self._contexts[session_id] = llm
             return llm
 

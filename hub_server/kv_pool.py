@@ -19,14 +19,15 @@ import torch
 from hub_server.errors import KVBudgetError
 
 GIB = 1 << 30
-CONTEXT_STEP = 256          # an automatic context length is a multiple of this
-MIN_AUTO_CONTEXT = 512      # below this an automatic plan is refused rather than served
+CONTEXT_STEP = 256  # an automatic context length is a multiple of this
+MIN_AUTO_CONTEXT = 512  # below this an automatic plan is refused rather than served
 
 
 @dataclass
 class KVSlot:
     """One session's row of the pool. Invariant: it holds every context token but the last
     (`length` of them; sliding-window layers only the last capacity of those)."""
+
     index: int
     length: int = 0
 
@@ -34,6 +35,7 @@ class KVSlot:
 @dataclass(frozen=True)
 class KVShape:
     """What one token costs in every layer: kv heads, head size, element size, and each layer's window (0: full)."""
+
     heads: int
     dim: int
     element_size: int
@@ -52,16 +54,19 @@ class KVPlan:
     slots: int
     max_context: int
     budget_bytes: int
-    budget_source: str      # how the budget was chosen, for the start-up log line
+    budget_source: str  # how the budget was chosen, for the start-up log line
 
     def describe(self, shape: KVShape) -> str:
         reserved = self.slots * shape.slot_bytes(self.max_context)
-        return (f"KV memory: {self.slots} sessions x {self.max_context} tokens = {reserved / GIB:.2f} GiB reserved "
-                f"(budget {self.budget_bytes / GIB:.2f} GiB, {self.budget_source})")
+        return (
+            f"KV memory: {self.slots} sessions x {self.max_context} tokens = {reserved / GIB:.2f} GiB reserved "
+            f"(budget {self.budget_bytes / GIB:.2f} GiB, {self.budget_source})"
+        )
 
 
-def plan_kv(shape: KVShape, slots: int, max_context: int, model_limit: int, budget_bytes: int,
-            budget_source: str) -> KVPlan:
+def plan_kv(
+    shape: KVShape, slots: int, max_context: int, model_limit: int, budget_bytes: int, budget_source: str
+) -> KVPlan:
     """Sessions x context that fit `budget_bytes`. An explicit `max_context` (0: none) must fit
     as asked; without one, the longest context up to the model's limit that fits is chosen."""
     if max_context:
@@ -71,20 +76,22 @@ def plan_kv(shape: KVShape, slots: int, max_context: int, model_limit: int, budg
             raise KVBudgetError(
                 f"{slots} sessions x {context} tokens need {needed / GIB:.2f} GiB of KV memory, more than the "
                 f"budget of {budget_bytes / GIB:.2f} GiB ({budget_source}); lower --max-sessions or "
-                f"--max-context, or raise --kv-memory-gib")
+                f"--max-context, or raise --kv-memory-gib"
+            )
         return KVPlan(slots, context, budget_bytes, budget_source)
     context = _longest_fitting_context(shape, slots, model_limit, budget_bytes)
     if context < min(MIN_AUTO_CONTEXT, model_limit):
         raise KVBudgetError(
             f"the KV memory budget of {budget_bytes / GIB:.2f} GiB ({budget_source}) holds only {context} tokens "
-            f"for each of {slots} sessions; lower --max-sessions, or set --kv-memory-gib (and --max-context)")
+            f"for each of {slots} sessions; lower --max-sessions, or set --kv-memory-gib (and --max-context)"
+        )
     return KVPlan(slots, context, budget_bytes, budget_source)
 
 
 def _longest_fitting_context(shape: KVShape, slots: int, model_limit: int, budget_bytes: int) -> int:
     if slots * shape.slot_bytes(model_limit) <= budget_bytes:
         return model_limit
-    low, high = 0, model_limit // CONTEXT_STEP       # slot_bytes grows with the context: bisect
+    low, high = 0, model_limit // CONTEXT_STEP  # slot_bytes grows with the context: bisect
     while low < high:
         middle = (low + high + 1) // 2
         if slots * shape.slot_bytes(middle * CONTEXT_STEP) <= budget_bytes:
@@ -100,9 +107,9 @@ def column_positions(lengths: torch.Tensor, capacity: int, width: int) -> torch.
     lengths: [B] tokens stored per slot. Returns [B, width]. Position p lives in column
     p % capacity; a column holds the latest position written to it.
     """
-    columns = torch.arange(width)                                               # [W]
-    last = lengths[:, None] - 1                                                 # [B, 1]
-    positions = last - torch.remainder(last - columns, capacity)                # [B, W]
+    columns = torch.arange(width)  # [W]
+    last = lengths[:, None] - 1  # [B, 1]
+    positions = last - torch.remainder(last - columns, capacity)  # [B, W]
     held = columns < torch.clamp(lengths, max=capacity)[:, None]
     return torch.where(held, positions, -1)
 
@@ -114,8 +121,10 @@ class KVPool:
         self.capacities = shape.capacities(plan.max_context)
         self.slot_bytes = shape.slot_bytes(plan.max_context)
         # torch.empty: on a CPU the pages are only committed as slots are first used.
-        self.keys = [torch.empty(plan.slots, shape.heads, capacity, shape.dim, dtype=dtype, device=device)
-                     for capacity in self.capacities]
+        self.keys = [
+            torch.empty(plan.slots, shape.heads, capacity, shape.dim, dtype=dtype, device=device)
+            for capacity in self.capacities
+        ]
         self.values = [torch.empty_like(keys) for keys in self.keys]
         self._free = list(range(plan.slots - 1, -1, -1))
         self._lock = threading.Lock()
@@ -156,11 +165,12 @@ class KVPool:
         """
         keys, values = self.keys[layer], self.values[layer]
         if isinstance(slots, int):
-            return keys[slots: slots + 1, :, :width], values[slots: slots + 1, :, :width]
+            return keys[slots : slots + 1, :, :width], values[slots : slots + 1, :, :width]
         return keys[slots, :, :width], values[slots, :, :width]
 
-    def write(self, layer: int, slots: torch.Tensor, columns: torch.Tensor,
-              keys: torch.Tensor, values: torch.Tensor) -> None:
+    def write(
+        self, layer: int, slots: torch.Tensor, columns: torch.Tensor, keys: torch.Tensor, values: torch.Tensor
+    ) -> None:
         """Store token k's keys and values in column columns[k] of slot slots[k].
 
         slots, columns: [K]; keys, values: [K, H, D]

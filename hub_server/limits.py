@@ -11,15 +11,15 @@ import contextlib
 import math
 import threading
 import time
-from typing import Callable, Iterator
+from collections.abc import Callable, Iterator
 
 from hub_server.errors import HubFull, RateLimited
 
 
 class TokenBudgets:
     def __init__(self, tokens_per_minute: int, clock: Callable[[], float] = time.monotonic):
-        self.tokens_per_minute = tokens_per_minute        # 0: unlimited
-        self._rate = tokens_per_minute / 60.0             # tokens refilled per second
+        self.tokens_per_minute = tokens_per_minute  # 0: unlimited
+        self._rate = tokens_per_minute / 60.0  # tokens refilled per second
         self._clock = clock
         self._levels: dict[str, tuple[float, float]] = {}  # user -> (level, when)
         self._lock = threading.Lock()
@@ -34,7 +34,9 @@ class TokenBudgets:
                 wait_s = max(1, math.ceil((1e-6 - level) / self._rate))
                 raise RateLimited(
                     f"user {user!r} has used this hub's {self.tokens_per_minute} tokens per minute; "
-                    f"retry in {wait_s} s", retry_after_s=wait_s)
+                    f"retry in {wait_s} s",
+                    retry_after_s=wait_s,
+                )
             self._levels[user] = (level - tokens, self._clock())
 
     def remaining(self, user: str) -> int | None:

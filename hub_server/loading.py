@@ -21,7 +21,7 @@ import torch
 
 log = logging.getLogger("hub_server.loading")
 
-KEEP_CONVERTED = 4           # converted GGUF targets kept in the cache, the most recently used
+KEEP_CONVERTED = 4  # converted GGUF targets kept in the cache, the most recently used
 STALE_PARTIAL_S = 24 * 3600  # a conversion left half-written this long ago was abandoned
 
 # SentencePiece marks a leading space with U+2581; llama.cpp and transformers do not always
@@ -79,7 +79,7 @@ def gguf_tokens(path: Path) -> list[str]:
     try:
         with path.open("rb") as file, mmap.mmap(file.fileno(), 0, access=mmap.ACCESS_READ) as data:
             return _gguf_header_tokens(path, data)
-    except (struct.error, KeyError) as exc:   # a length or a type that runs past the end
+    except (struct.error, KeyError) as exc:  # a length or a type that runs past the end
         raise ValueError(f"{path} is damaged or cut short ({exc}): download it again") from exc
 
 
@@ -111,7 +111,7 @@ def _gguf_string(data, at: int) -> tuple[str, int]:
     at += 8
     if at + length > len(data):
         raise struct.error(f"a string at byte {at} runs past the end of the file")
-    return data[at: at + length].decode("utf-8", "replace"), at + length
+    return data[at : at + length].decode("utf-8", "replace"), at + length
 
 
 def _gguf_skip(data, at: int, kind: int) -> int:
@@ -189,8 +189,11 @@ def prune_converted(root: Path, keep: int) -> list[Path]:
     target is 6 GB, and every new file or dtype makes another), and conversions abandoned
     half-written; returns what was deleted. A hub already running keeps the weights it loaded."""
     entries = list(root.iterdir())
-    done = sorted((p for p in entries if (p / "config.json").exists() and ".partial-" not in p.name),
-                  key=lambda p: p.stat().st_mtime, reverse=True)
+    done = sorted(
+        (p for p in entries if (p / "config.json").exists() and ".partial-" not in p.name),
+        key=lambda p: p.stat().st_mtime,
+        reverse=True,
+    )
     abandoned = [p for p in entries if ".partial-" in p.name and time.time() - p.stat().st_mtime > STALE_PARTIAL_S]
     removed = done[keep:] + abandoned
     for old in removed:

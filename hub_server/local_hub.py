@@ -8,26 +8,53 @@ import socket
 import subprocess
 import sys
 import time
+from collections.abc import Iterator
 from pathlib import Path
-from typing import Iterator
 
 import httpx
 
 
 class LocalHub:
-    def __init__(self, model: str, draft: Path, device: str, max_batch: int, dtype: str = "auto",
-                 serve_args: tuple[str, ...] = ()):
+    def __init__(
+        self,
+        model: str,
+        draft: Path,
+        device: str,
+        max_batch: int,
+        dtype: str = "auto",
+        serve_args: tuple[str, ...] = (),
+    ):
         with socket.socket() as probe:
             probe.bind(("127.0.0.1", 0))
             port = probe.getsockname()[1]
         self.url = f"http://127.0.0.1:{port}"
         hub_cores, edge_cores = _split_cores()
-        self.hub_cores = hub_cores   # empty: not pinned
+        self.hub_cores = hub_cores  # empty: not pinned
         self._process = subprocess.Popen(
-            [sys.executable, "-m", "hub_server", "serve", "--model", model, "--draft", str(draft),
-             "--port", str(port), "--device", device, "--dtype", dtype, "--max-batch", str(max_batch), "--max-sessions", str(max(64, max_batch)),
-             "--no-auth", *serve_args],  # loopback only, and a benchmark's own process
-            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+            [
+                sys.executable,
+                "-m",
+                "hub_server",
+                "serve",
+                "--model",
+                model,
+                "--draft",
+                str(draft),
+                "--port",
+                str(port),
+                "--device",
+                device,
+                "--dtype",
+                dtype,
+                "--max-batch",
+                str(max_batch),
+                "--max-sessions",
+                str(max(64, max_batch)),
+                "--no-auth",
+                *serve_args,
+            ],  # loopback only, and a benchmark's own process
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.DEVNULL,
             preexec_fn=(lambda: os.sched_setaffinity(0, hub_cores)) if hub_cores else None,
         )
         if edge_cores:
@@ -36,8 +63,15 @@ class LocalHub:
 
     @classmethod
     @contextlib.contextmanager
-    def maybe(cls, model: str | None, draft: Path, device: str, max_batch: int,
-              dtype: str = "auto", serve_args: tuple[str, ...] = ()) -> Iterator["LocalHub | None"]:
+    def maybe(
+        cls,
+        model: str | None,
+        draft: Path,
+        device: str,
+        max_batch: int,
+        dtype: str = "auto",
+        serve_args: tuple[str, ...] = (),
+    ) -> Iterator[LocalHub | None]:
         """A local hub when `model` is given, else nothing (the caller measures a running hub)."""
         if model is None:
             yield None

@@ -15,7 +15,7 @@ import secrets
 import time
 
 REQUEST_ID_HEADER = "X-Request-ID"
-_current_request: contextvars.ContextVar[dict] = contextvars.ContextVar("hub_request", default={})
+_current_request: contextvars.ContextVar[dict] = contextvars.ContextVar("hub_request", default={})  # noqa: B039 (never mutated: set() replaces it)
 _SANE_REQUEST_ID = re.compile(r"[A-Za-z0-9._-]{1,64}")
 # Fields a record may carry besides its message; the JSON format writes those present.
 _FIELDS = ("request_id", "user", "method", "path", "status", "duration_ms")
@@ -41,8 +41,12 @@ class _RequestFields(logging.Filter):
 
 class JsonFormatter(logging.Formatter):
     def format(self, record: logging.LogRecord) -> str:
-        line = {"ts": time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(record.created)) + f".{int(record.msecs):03d}Z",
-                "level": record.levelname.lower(), "logger": record.name, "message": record.getMessage()}
+        line = {
+            "ts": time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(record.created)) + f".{int(record.msecs):03d}Z",
+            "level": record.levelname.lower(),
+            "logger": record.name,
+            "message": record.getMessage(),
+        }
         line.update({key: getattr(record, key) for key in _FIELDS if hasattr(record, key)})
         if record.exc_info:
             line["exception"] = self.formatException(record.exc_info)

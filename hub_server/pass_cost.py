@@ -17,13 +17,15 @@ class PassCostFit:
 
     def __init__(self, fade: float = 0.99):
         self.fade = fade
-        self._sums = [0.0] * 5   # weight, sum x, sum y, sum x^2, sum x*y
+        self._sums = [0.0] * 5  # weight, sum x, sum y, sum x^2, sum x*y
         self._lock = threading.Lock()
 
     def add(self, tokens: int, seconds: float) -> None:
         with self._lock:
-            self._sums = [self.fade * total + term for total, term in
-                          zip(self._sums, (1.0, tokens, seconds, tokens * tokens, tokens * seconds))]
+            self._sums = [
+                self.fade * total + term
+                for total, term in zip(self._sums, (1.0, tokens, seconds, tokens * tokens, tokens * seconds))
+            ]
 
     def fixed_s(self) -> float | None:
         """The part of a pass's time that does not grow with its tokens; None until passes of

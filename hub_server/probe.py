@@ -20,17 +20,32 @@ from hub_server.verify import chain_parents
 
 
 class PassProbe:
-    def __init__(self, model: str, device: str = "auto", dtype: str = "auto", sessions: int = 64,
-                 context: int = 128, draft_tokens: int = 8, spread: int = 0):
+    def __init__(
+        self,
+        model: str,
+        device: str = "auto",
+        dtype: str = "auto",
+        sessions: int = 64,
+        context: int = 128,
+        draft_tokens: int = 8,
+        spread: int = 0,
+    ):
         """Sessions' contexts average `context` tokens, spread evenly over `spread` tokens around
         it (a served batch mixes users at every point of their replies, and a pass is as wide as
         its longest past); any first k sessions are spread alike."""
-        self.runner = ModelRunner(HubSettings(model=model, device=device, dtype=dtype, max_sessions=sessions,
-                                              max_context=context + spread + draft_tokens + 8))
+        self.runner = ModelRunner(
+            HubSettings(
+                model=model,
+                device=device,
+                dtype=dtype,
+                max_sessions=sessions,
+                max_context=context + spread + draft_tokens + 8,
+            )
+        )
         self.draft_tokens = draft_tokens
         self._rng = np.random.default_rng(0)
         longest = [1] + self._random_tokens(context + spread // 2)
-        golden = (5 ** 0.5 - 1) / 2
+        golden = (5**0.5 - 1) / 2
         lengths = [max(2, round(context - spread / 2 + spread * ((i * golden) % 1))) for i in range(sessions)]
         self.contexts = [longest[:n] for n in lengths]
         self.slots = [self.runner.new_kv() for _ in range(sessions)]
@@ -58,7 +73,7 @@ class PassProbe:
             draft = self._random_tokens(draft_tokens)
             jobs.append(VerifyJob(slot, [context[-1]], draft, chain_parents(len(draft)), 0.0, 0, frozenset()))
         started = time.perf_counter()
-        self.runner.verify_batch(jobs)   # waits for the device (the runner's device time does)
+        self.runner.verify_batch(jobs)  # waits for the device (the runner's device time does)
         return (time.perf_counter() - started) * 1000
 
     def _random_tokens(self, count: int) -> list[int]:

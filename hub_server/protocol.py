@@ -61,22 +61,24 @@ class VerifyRequest(_Body):
 
 
 class VerifyResponse(_Body):
-    accepted: int          # how many draft tokens the target agreed with
-    tokens: list[int]      # the emitted tokens: the accepted draft prefix, then the bonus token
-    context_len: int       # tokens in the session's context after this verify (bonus included)
-    verify_ms: float       # hub time spent on this request, for the client's figures
+    accepted: int  # how many draft tokens the target agreed with
+    tokens: list[int]  # the emitted tokens: the accepted draft prefix, then the bonus token
+    context_len: int  # tokens in the session's context after this verify (bonus included)
+    verify_ms: float  # hub time spent on this request, for the client's figures
 
 
 class GenerateRequest(_Body):
     """Server-only decoding: the hub produces the tokens itself (the baselines, and users without a GPU)."""
+
     mode: Literal["autoregressive", "speculative"] = "autoregressive"
-    tokens: list[int] = Field(default_factory=list)     # appended to the context first
+    tokens: list[int] = Field(default_factory=list)  # appended to the context first
     max_tokens: int = Field(256, ge=1, le=65536)
-    draft_len: int = Field(8, ge=1, le=64)               # speculative mode: hub-side draft length
+    draft_len: int = Field(8, ge=1, le=64)  # speculative mode: hub-side draft length
 
 
 class GenerateChunk(_Body):
     """One line of the NDJSON stream a generate request answers; the last has done = true."""
+
     tokens: list[int]
     done: bool = False
     verifies: int = 0
@@ -90,20 +92,21 @@ class HubInfo(_Body):
     vocab_fingerprint: str
     max_draft_tokens: int
     max_context: int
-    modes: list[str] = Field(default_factory=list)    # serving modes this hub offers
+    modes: list[str] = Field(default_factory=list)  # serving modes this hub offers
 
 
 class UserLimits(_Body):
-    max_sessions_per_user: int    # 0: no per-user cap
-    tokens_per_minute: int        # 0: unlimited
+    max_sessions_per_user: int  # 0: no per-user cap
+    tokens_per_minute: int  # 0: unlimited
 
 
 class WhoAmIResponse(_Body):
     """`GET /v1/whoami`: who the token belongs to, their limits and what they use now."""
+
     user: str
     limits: UserLimits
-    sessions: int                 # sessions of this user open now
-    tokens_left: int | None       # tokens this user may send now; None when unlimited
+    sessions: int  # sessions of this user open now
+    tokens_left: int | None  # tokens this user may send now; None when unlimited
 
 
 class ErrorDetail(_Body):

@@ -52,28 +52,30 @@ log = logging.getLogger("hub_server")
 @dataclass
 class VerifyJob:
     """One session's share of a batched verify."""
+
     kv: KVSlot
-    pending: list[int]            # context tokens not yet in the KV; at least one
-    draft: list[int]              # tree nodes [N]
-    parents: list[int]            # [N], -1 for children of the last pending token
+    pending: list[int]  # context tokens not yet in the KV; at least one
+    draft: list[int]  # tree nodes [N]
+    parents: list[int]  # [N], -1 for children of the last pending token
     temperature: float
     seed: int
     stop_token_ids: frozenset[int]
-    path: list[int] = field(default_factory=list)      # filled in: accepted node indices
-    emitted: list[int] = field(default_factory=list)   # filled in: accepted tokens + bonus
+    path: list[int] = field(default_factory=list)  # filled in: accepted node indices
+    emitted: list[int] = field(default_factory=list)  # filled in: accepted tokens + bonus
 
 
 @dataclass
 class _Batch:
     """Sessions' new tokens laid out for one pass. B rows of S columns; row b's tokens are the
     pending tokens (a chain below the slot's past), then its draft nodes."""
+
     slots: list[KVSlot]
-    sizes: list[int]              # real tokens per row; the rest is padding
-    tokens: torch.Tensor          # [B, S]
-    ancestors: torch.Tensor       # [B, S, S] bool: token j is token i or one of its ancestors
-    positions: torch.Tensor       # [B, S] absolute context positions
-    lengths: torch.Tensor         # [B] tokens in each slot before the pass
-    pasts: dict[str, int]         # per layer kind: slot columns gathered into the pass
+    sizes: list[int]  # real tokens per row; the rest is padding
+    tokens: torch.Tensor  # [B, S]
+    ancestors: torch.Tensor  # [B, S, S] bool: token j is token i or one of its ancestors
+    positions: torch.Tensor  # [B, S] absolute context positions
+    lengths: torch.Tensor  # [B] tokens in each slot before the pass
+    pasts: dict[str, int]  # per layer kind: slot columns gathered into the pass
 
     @property
     def width(self) -> int:
@@ -97,8 +99,8 @@ def feed_apart(rows: list[tuple[int, int]], pass_overhead: int) -> list[int]:
     order = sorted(range(len(rows)), key=lambda b: -widths[b])
     best, best_saving, fed = 0, 0, 0
     for k, b in enumerate(order, start=1):
-        pending, draft = rows[b]
-        if pending <= 1:        # nothing to take out: no narrower batch beyond this row
+        pending = rows[b][0]
+        if pending <= 1:  # nothing to take out: no narrower batch beyond this row
             break
         fed += pending - 1 + pass_overhead
         rest = max([widths[c] for c in order[k:]] + [1 + rows[c][1] for c in order[:k]])
@@ -139,16 +141,20 @@ class ModelRunner:
             torch.backends.cuda.enable_cudnn_sdp(False)
         self.vocab = read_vocabulary(model_path)
         self.model = load_target(
-            model_path, self.device, choose_dtype(settings.dtype, self.device),
+            model_path,
+            self.device,
+            choose_dtype(settings.dtype, self.device),
             settings.cache_dir or default_cache_dir(),
         )
         if self.model.dtype != torch.float32:
             # Rounding at 16 bits depends on a pass's shape (its sessions, its draft), so a near
             # tie can go either way: measured on an H100, bf16 replies differed from the target
             # decoding alone, for the autoregressive baseline in a batch too; float32 matched.
-            log.info("target in %s: replies equal the target decoding alone up to its rounding "
-                     "(near ties can flip with a batch's shape); --dtype float32 makes them exact",
-                     str(self.model.dtype).removeprefix("torch."))
+            log.info(
+                "target in %s: replies equal the target decoding alone up to its rounding "
+                "(near ties can flip with a batch's shape); --dtype float32 makes them exact",
+                str(self.model.dtype).removeprefix("torch."),
+            )
         config = self.model.config.get_text_config(decoder=True)
         self.layer_types = list(getattr(config, "layer_types", None) or [FULL] * config.num_hidden_layers)
         self.window = int(getattr(config, "sliding_window", 0) or 0)
@@ -199,7 +205,7 @@ class ModelRunner:
     def prefill(self, kv: KVSlot, context: list[int]) -> None:
         """Bring `kv` up to all of `context` but its last token."""
         with self.device_lock:
-            self._feed(kv, context[kv.length: len(context) - 1])
+            self._feed(kv, context[kv.length : len(context) - 1])
 
     def verify_batch(self, jobs: list[VerifyJob]) -> None:
         """Verify every job's draft in one forward pass; fills in `path` and `emitted`."""
@@ -221,10 +227,10 @@ class ModelRunner:
         """One pass for each batch size (powers of two up to `max_batch`) and draft size on scratch
         slots, then give the slots back and zero the device-time tallies."""
         sizes = sorted({1 << i for i in range(max_batch.bit_length()) if 1 << i <= max_batch} | {max_batch})
-        max_draft = min(max_draft, self.max_context - WARM_UP_CONTEXT - 1)   # what a session could send
+        max_draft = min(max_draft, self.max_context - WARM_UP_CONTEXT - 1)  # what a session could send
         drafts = sorted({d for d in WARM_UP_DRAFTS if d <= max_draft} | {max(max_draft, 0)})
         tokens = [2 + i % (self.vocab_size - 2) for i in range(WARM_UP_CONTEXT + max(drafts))]
-        context = [1] + tokens[:WARM_UP_CONTEXT - 1]
+        context = [1] + tokens[: WARM_UP_CONTEXT - 1]
         slots = [slot for slot in (self.pool.take() for _ in range(max(sizes))) if slot is not None]
         started = time.perf_counter()
         try:
@@ -234,35 +240,56 @@ class ModelRunner:
                 for draft in drafts:
                     for slot in slots[:size]:
                         slot.length = len(context) - 1
-                    self.verify_batch([VerifyJob(slot, context[-1:], tokens[-draft:] if draft else [], chain_parents(draft),
-                                                 0.0, 0, frozenset()) for slot in slots[:size]])
+                    self.verify_batch(
+                        [
+                            VerifyJob(
+                                slot,
+                                context[-1:],
+                                tokens[-draft:] if draft else [],
+                                chain_parents(draft),
+                                0.0,
+                                0,
+                                frozenset(),
+                            )
+                            for slot in slots[:size]
+                        ]
+                    )
         finally:
             for slot in slots:
                 self.pool.give_back(slot)
             self._zero_tallies()
-        log.info("warmed up %d batch sizes x %d draft sizes in %.1f s", len(sizes), len(drafts), time.perf_counter() - started)
+        log.info(
+            "warmed up %d batch sizes x %d draft sizes in %.1f s",
+            len(sizes),
+            len(drafts),
+            time.perf_counter() - started,
+        )
 
     # --- internals ----------------------------------------------------------------------
     def _zero_tallies(self) -> None:
         """What the device has done, as /metrics and the merge wait read it: nothing yet."""
         self.busy_seconds = 0.0  # time spent holding the device for forward passes
-        self.feeds = [0, 0.0]    # context fed in passes of its own (prompts, resumes): [feeds, seconds]
-        self.context_in_verify = 0   # tokens verify passes computed for the context they carried
-        self.verify_passes: dict[int, list[float]] = {}   # sessions in a pass -> [passes, device seconds]
-        self.pass_costs = PassCostFit()   # verify passes' device time against their (padded) tokens
+        self.feeds = [0, 0.0]  # context fed in passes of its own (prompts, resumes): [feeds, seconds]
+        self.context_in_verify = 0  # tokens verify passes computed for the context they carried
+        self.verify_passes: dict[int, list[float]] = {}  # sessions in a pass -> [passes, device seconds]
+        self.pass_costs = PassCostFit()  # verify passes' device time against their (padded) tokens
 
     def _verify_pass(self, jobs: list[VerifyJob]) -> int:
         """One batched pass over the jobs; returns the tokens it computed, padding included."""
-        batch = self._batch([job.kv for job in jobs], [job.pending + job.draft for job in jobs],
-                            [_row_parents(len(job.pending), job.parents) for job in jobs])
+        batch = self._batch(
+            [job.kv for job in jobs],
+            [job.pending + job.draft for job in jobs],
+            [_row_parents(len(job.pending), job.parents) for job in jobs],
+        )
         # Only columns from the earliest root onwards need logits: a long new prompt's
         # positions would otherwise each cost a full vocabulary projection.
         first = min(len(job.pending) for job in jobs) - 1
         logits, cache = self._forward(batch, logits_to_keep=batch.width - first)
         # Greedy rows read one argmax over the whole batch: one copy from the device, not one a row.
         greedy = logits.argmax(dim=-1).tolist() if any(job.temperature == 0.0 for job in jobs) else None
-        kept = [self._accept(job, batch, b, logits[b], greedy[b] if greedy else None, first)
-                for b, job in enumerate(jobs)]
+        kept = [
+            self._accept(job, batch, b, logits[b], greedy[b] if greedy else None, first) for b, job in enumerate(jobs)
+        ]
         self._keep(batch, cache, kept)
         return batch.tokens.numel()
 
@@ -275,7 +302,7 @@ class ModelRunner:
 
     def _feed_passes(self, kv: KVSlot, tokens: list[int], chunk: int) -> None:
         for start in range(0, len(tokens), chunk):
-            part = tokens[start: start + chunk]
+            part = tokens[start : start + chunk]
             batch = self._batch([kv], [part], [_row_parents(len(part), [])])
             _, cache = self._forward(batch, logits_to_keep=1)
             self._keep(batch, cache, [list(range(len(part)))])
@@ -298,17 +325,20 @@ class ModelRunner:
 
     def _batch(self, slots: list[KVSlot], rows: list[list[int]], parents: list[list[int]]) -> _Batch:
         width = max(len(row) for row in rows)
-        ancestors = ancestor_masks(parents, width)                                   # [B, S, S]
-        lengths = torch.tensor([slot.length for slot in slots])                      # [B]
+        ancestors = ancestor_masks(parents, width)  # [B, S, S]
+        lengths = torch.tensor([slot.length for slot in slots])  # [B]
         # A token's depth below the slot's past is how many ancestors it has, itself included.
-        positions = lengths[:, None] + ancestors.sum(-1) - 1                         # [B, S]
-        tokens = torch.tensor([row + [0] * (width - len(row)) for row in rows])      # [B, S]
+        positions = lengths[:, None] + ancestors.sum(-1) - 1  # [B, S]
+        tokens = torch.tensor([row + [0] * (width - len(row)) for row in rows])  # [B, S]
         longest = int(lengths.max())
-        pasts = {kind: min(longest, self.pool.capacities[self.layer_types.index(kind)]) for kind in set(self.layer_types)}
+        pasts = {
+            kind: min(longest, self.pool.capacities[self.layer_types.index(kind)]) for kind in set(self.layer_types)
+        }
         return _Batch(slots, [len(row) for row in rows], tokens, ancestors, positions, lengths, pasts)
 
-    def _accept(self, job: VerifyJob, batch: _Batch, b: int, logits: torch.Tensor, argmax: list[int] | None,
-                first: int) -> list[int]:
+    def _accept(
+        self, job: VerifyJob, batch: _Batch, b: int, logits: torch.Tensor, argmax: list[int] | None, first: int
+    ) -> list[int]:
         """Apply the acceptance rule to row b; returns the row's columns to keep.
 
         logits: [S - first, V], column c holds the logits of row position first + c.
@@ -316,11 +346,11 @@ class ModelRunner:
         """
         n_pending, size = len(job.pending), batch.sizes[b]
         # Position n_pending - 1 predicts after the root; position n_pending + i after draft node i.
-        scored = slice(n_pending - 1 - first, size - first)                      # N + 1 columns
+        scored = slice(n_pending - 1 - first, size - first)  # N + 1 columns
         if job.temperature == 0.0 and argmax is not None:
             choices = argmax[scored]
         else:
-            draw_positions = (batch.positions[b, n_pending - 1: size] + 1).tolist()
+            draw_positions = (batch.positions[b, n_pending - 1 : size] + 1).tolist()
             choices = target_choices(logits[scored], job.temperature, job.seed, draw_positions)
         job.path, job.emitted = accept_tree(job.draft, job.parents, choices, job.stop_token_ids)
         # Keep what the context now holds, but its last token: pending, then the accepted path.
@@ -333,13 +363,18 @@ class ModelRunner:
         pass's cache: per layer the gathered past columns, then the rows' new tokens."""
         indices = [slot.index for slot in batch.slots]
         slots = indices[0] if len(indices) == 1 else torch.tensor(indices, device=self.device)
-        layers = [_PastLayer(*self.pool.gather(layer, slots, batch.pasts[kind]))
-                  for layer, kind in enumerate(self.layer_types)]
+        layers = [
+            _PastLayer(*self.pool.gather(layer, slots, batch.pasts[kind]))
+            for layer, kind in enumerate(self.layer_types)
+        ]
         masks = {kind: self._mask(batch, kind).to(self.device) for kind in batch.pasts}
         out = self.model(
-            input_ids=batch.tokens.to(self.device), position_ids=batch.positions.to(self.device),
+            input_ids=batch.tokens.to(self.device),
+            position_ids=batch.positions.to(self.device),
             attention_mask=masks if SLIDING in masks else masks[FULL],
-            cache=Cache(layers=layers), use_cache=True, logits_to_keep=logits_to_keep,
+            cache=Cache(layers=layers),
+            use_cache=True,
+            logits_to_keep=logits_to_keep,
         )
         return out.logits.float(), out.cache  # the forward appended the new tokens to each layer
 
@@ -352,9 +387,9 @@ class ModelRunner:
         """
         capacity = self.pool.capacities[self.layer_types.index(kind)]
         past_positions = column_positions(batch.lengths, capacity, batch.pasts[kind])  # [B, P]
-        queries = batch.positions                                                      # [B, S]
-        visible_past = (past_positions >= 0)[:, None, :].expand(-1, batch.width, -1)   # [B, S, P]
-        visible_new = batch.ancestors                                                  # [B, S, S]
+        queries = batch.positions  # [B, S]
+        visible_past = (past_positions >= 0)[:, None, :].expand(-1, batch.width, -1)  # [B, S, P]
+        visible_new = batch.ancestors  # [B, S, S]
         if kind == SLIDING and self.window:
             visible_past = visible_past & (queries[:, :, None] - past_positions[:, None, :] < self.window)
             visible_new = visible_new & (queries[:, :, None] - queries[:, None, :] < self.window)

@@ -35,16 +35,17 @@ import statistics
 import threading
 import time
 from collections import deque
+from collections.abc import Callable, Iterator
 from concurrent.futures import Future
 from dataclasses import dataclass, field
-from typing import Any, Callable, Iterator
+from typing import Any
 
 
 @dataclass
 class Announcement:
     """A caller that will submit (again) soon; see `Scheduler.announce`."""
 
-    queued: bool = False   # its job is queued or on the device: not on its way
+    queued: bool = False  # its job is queued or on the device: not on its way
     closed: bool = False
 
 
@@ -53,19 +54,20 @@ class SchedulerStats:
     batches: int = 0
     jobs: int = 0
     last_batch_size: int = 0
-    merge_waits: int = 0          # batches that waited for a user due back
+    merge_waits: int = 0  # batches that waited for a user due back
     merge_wait_seconds: float = 0.0
 
 
-RETURNS_KEPT = 4      # a user's return time is the median of their last this many
-USUAL_RETURNS_KEPT = 64   # ... or, before they have any, the median of all users' last this many
+RETURNS_KEPT = 4  # a user's return time is the median of their last this many
+USUAL_RETURNS_KEPT = 64  # ... or, before they have any, the median of all users' last this many
 FORGET_AFTER_S = 600  # a user not seen this long is no longer expected
 
 
 @dataclass
 class _Returning:
     """A client session's rhythm: when its last pass ended and how long it takes to come back."""
-    done_at: float | None = None      # None while its job is queued or on the device
+
+    done_at: float | None = None  # None while its job is queued or on the device
     returns: list[float] = field(default_factory=list)
 
     def due_at(self, usual: float | None) -> float | None:
@@ -78,21 +80,26 @@ class _Returning:
 
 
 class Scheduler:
-    def __init__(self, run_batch: Callable[[list[Any]], None], max_batch: int = 16,
-                 max_wait_s: float = 0.002, merge_share: float = 0.5,
-                 pass_fixed_s: Callable[[], float | None] = lambda: None,
-                 clock: Callable[[], float] = time.monotonic):
+    def __init__(
+        self,
+        run_batch: Callable[[list[Any]], None],
+        max_batch: int = 16,
+        max_wait_s: float = 0.002,
+        merge_share: float = 0.5,
+        pass_fixed_s: Callable[[], float | None] = lambda: None,
+        clock: Callable[[], float] = time.monotonic,
+    ):
         self._run_batch = run_batch
         self.max_batch = max_batch
         self.max_wait_s = max_wait_s
         self.merge_share = merge_share
         self._clock = clock
         self._queue: deque[tuple[Any, Future, float, Announcement | None, Any]] = deque()
-        self._returning: dict[Any, _Returning] = {}   # key -> rhythm, for client sessions
-        self._recent_returns: deque[float] = deque(maxlen=USUAL_RETURNS_KEPT)   # all keys'
-        self.pass_fixed_s = pass_fixed_s   # the device's fixed cost per pass (the runner's fit)
-        self._announced = 0     # jobs callers are preparing and will submit shortly
-        self._free_since = clock()   # when the last pass ended
+        self._returning: dict[Any, _Returning] = {}  # key -> rhythm, for client sessions
+        self._recent_returns: deque[float] = deque(maxlen=USUAL_RETURNS_KEPT)  # all keys'
+        self.pass_fixed_s = pass_fixed_s  # the device's fixed cost per pass (the runner's fit)
+        self._announced = 0  # jobs callers are preparing and will submit shortly
+        self._free_since = clock()  # when the last pass ended
         self._ready = threading.Condition()
         self._stopped = False
         self.stats = SchedulerStats()
@@ -113,7 +120,7 @@ class Scheduler:
                 announcement.closed = True
                 if not announcement.queued:
                     self._announced -= 1
-                if not self._announced:   # a batch waiting for announced jobs can go now
+                if not self._announced:  # a batch waiting for announced jobs can go now
                     self._ready.notify()
 
     def submit(self, job: Any, announcement: Announcement | None = None, key: Any = None) -> Future:
@@ -125,7 +132,7 @@ class Scheduler:
                 raise RuntimeError("the scheduler has stopped")
             now = self._clock()
             if announcement is not None and not announcement.closed and not announcement.queued:
-                announcement.queued = True    # here now: no longer on its way
+                announcement.queued = True  # here now: no longer on its way
                 self._announced -= 1
             else:
                 announcement = None
@@ -205,8 +212,11 @@ class Scheduler:
         usual = self._usual_return()
         while len(self._queue) < self.max_batch and not self._stopped:
             now = self._clock()
-            due = [at for at in (r.due_at(usual) for r in self._returning.values())
-                   if at is not None and start - window <= at <= deadline]
+            due = [
+                at
+                for at in (r.due_at(usual) for r in self._returning.values())
+                if at is not None and start - window <= at <= deadline
+            ]
             if not due or now >= deadline:
                 break
             waited = True
@@ -243,7 +253,9 @@ class Scheduler:
                         self._announced += 1
                 if key is not None and key in self._returning:
                     self._returning[key].done_at = now
-            for key in [k for k, r in self._returning.items() if r.done_at is not None and now - r.done_at > FORGET_AFTER_S]:
+            for key in [
+                k for k, r in self._returning.items() if r.done_at is not None and now - r.done_at > FORGET_AFTER_S
+            ]:
                 del self._returning[key]
 
     def _record(self, size: int) -> None:

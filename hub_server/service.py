@@ -5,9 +5,9 @@ from __future__ import annotations
 import asyncio
 import threading
 import time
+from collections.abc import Iterator
 from concurrent.futures import Future
 from pathlib import Path
-from typing import Iterator
 
 import anyio
 
@@ -28,29 +28,38 @@ class Hub:
         self.settings = settings
         self.runner = runner
         self.sessions = SessionStore()
-        self.scheduler = Scheduler(runner.verify_batch, max_batch=settings.max_batch,
-                                   max_wait_s=settings.batch_wait_ms / 1000, merge_share=settings.merge_wait_share,
-                                   pass_fixed_s=lambda: runner.pass_costs.fixed_s())
+        self.scheduler = Scheduler(
+            runner.verify_batch,
+            max_batch=settings.max_batch,
+            max_wait_s=settings.batch_wait_ms / 1000,
+            merge_share=settings.merge_wait_share,
+            pass_fixed_s=lambda: runner.pass_costs.fixed_s(),
+        )
         self.metrics = HubMetrics()
         self.budgets = TokenBudgets(settings.tokens_per_minute)
         self.gate = AdmissionGate(settings.max_queue_depth)
-        self._admission = threading.Lock()   # the session caps are checked and taken as one step
+        self._admission = threading.Lock()  # the session caps are checked and taken as one step
         self.drafter = make_drafter(settings, runner.device_lock)
         self._evictor = threading.Thread(target=self._evict_idle_forever, name="evictor", daemon=True)
         self._evictor.start()
 
     def info(self) -> wire.HubInfo:
         return wire.HubInfo(
-            protocol_version=wire.PROTOCOL_VERSION, model=self.runner.name,
-            vocab_size=self.runner.vocab.size, vocab_fingerprint=self.runner.vocab.fingerprint,
-            max_draft_tokens=self.settings.max_draft_tokens, max_context=self.runner.max_context,
+            protocol_version=wire.PROTOCOL_VERSION,
+            model=self.runner.name,
+            vocab_size=self.runner.vocab.size,
+            vocab_fingerprint=self.runner.vocab.fingerprint,
+            max_draft_tokens=self.settings.max_draft_tokens,
+            max_context=self.runner.max_context,
             modes=["specedge", "autoregressive"] + (["speculative"] if self.drafter else []),
         )
 
     def metrics_page(self) -> str:
         gauges = {
-            "active_sessions": len(self.sessions), "queue_depth": self.scheduler.queue_depth,
-            "kv_bytes": self.runner.pool.used_bytes, "kv_bytes_reserved": self.runner.pool.reserved_bytes,
+            "active_sessions": len(self.sessions),
+            "queue_depth": self.scheduler.queue_depth,
+            "kv_bytes": self.runner.pool.used_bytes,
+            "kv_bytes_reserved": self.runner.pool.reserved_bytes,
             "hub_draft_seconds": self.drafter.busy_seconds if self.drafter else 0.0,
             "device_busy_seconds": self.runner.busy_seconds,
             "prefill_seconds": self.runner.feeds[1],
@@ -63,10 +72,12 @@ class Hub:
         return render_metrics(self.metrics, gauges, self.scheduler.stats)
 
     def whoami(self, user: str) -> wire.WhoAmIResponse:
-        limits = wire.UserLimits(max_sessions_per_user=self.settings.max_sessions_per_user,
-                                 tokens_per_minute=self.settings.tokens_per_minute)
-        return wire.WhoAmIResponse(user=user, limits=limits, sessions=self.sessions.count(user),
-                                   tokens_left=self.budgets.remaining(user))
+        limits = wire.UserLimits(
+            max_sessions_per_user=self.settings.max_sessions_per_user, tokens_per_minute=self.settings.tokens_per_minute
+        )
+        return wire.WhoAmIResponse(
+            user=user, limits=limits, sessions=self.sessions.count(user), tokens_left=self.budgets.remaining(user)
+        )
 
     def open_session(self, request: wire.OpenSessionRequest, owner: str = LOCAL_USER) -> wire.OpenSessionResponse:
         if request.protocol_version != wire.PROTOCOL_VERSION:
@@ -92,19 +103,27 @@ class Hub:
                     f"the hub serves its maximum of {self.settings.max_sessions} sessions; retry in a few seconds"
                 )
             session = self.sessions.add(
-                request.sampling.temperature, request.sampling.seed,
-                frozenset(request.stop_token_ids), kv, owner,
+                request.sampling.temperature,
+                request.sampling.seed,
+                frozenset(request.stop_token_ids),
+                kv,
+                owner,
             )
         return wire.OpenSessionResponse(
-            session_id=session.session_id, model=self.runner.name,
-            max_draft_tokens=self.settings.max_draft_tokens, max_context=self.runner.max_context,
+            session_id=session.session_id,
+            model=self.runner.name,
+            max_draft_tokens=self.settings.max_draft_tokens,
+            max_context=self.runner.max_context,
         )
 
     def _check_user_sessions(self, owner: str) -> None:
         limit = self.settings.max_sessions_per_user
         if limit and self.sessions.count(owner) >= limit:
-            raise RateLimited(f"user {owner!r} already has {limit} open sessions, this hub's limit per user; "
-                              "close one (end another chat) or retry later", retry_after_s=10)
+            raise RateLimited(
+                f"user {owner!r} already has {limit} open sessions, this hub's limit per user; "
+                "close one (end another chat) or retry later",
+                retry_after_s=10,
+            )
 
     def feed(self, session_id: str, request: wire.FeedRequest, owner: str = LOCAL_USER) -> wire.FeedResponse:
         session = self.sessions.get(session_id, owner)
@@ -117,7 +136,9 @@ class Hub:
             self.runner.prefill(session.kv, session.context)
             return wire.FeedResponse(context_len=len(session.context))
 
-    async def verify(self, session_id: str, request: wire.VerifyRequest, owner: str = LOCAL_USER) -> wire.VerifyResponse:
+    async def verify(
+        self, session_id: str, request: wire.VerifyRequest, owner: str = LOCAL_USER
+    ) -> wire.VerifyResponse:
         """Verify one draft. Runs on the event loop: the only thread hops are to the scheduler's
         worker and back."""
         session = self.sessions.get(session_id, owner)
@@ -138,7 +159,9 @@ class Hub:
             future.add_done_callback(lambda done: self._finish(session, job, "specedge", started, done))
             await asyncio.shield(asyncio.wrap_future(future))
         return wire.VerifyResponse(
-            accepted=len(job.path), tokens=job.emitted, context_len=len(session.context),
+            accepted=len(job.path),
+            tokens=job.emitted,
+            context_len=len(session.context),
             verify_ms=(time.perf_counter() - started) * 1000,
         )
 
@@ -152,8 +175,13 @@ class Hub:
         self._check_room(len(session.context) + len(request.tokens) + max(node_depths(parents), default=0) + 1)
         session.context.extend(request.tokens)
         return VerifyJob(
-            session.kv, session.context[session.kv.length:], request.draft, parents,
-            session.temperature, session.seed, session.stop_token_ids,
+            session.kv,
+            session.context[session.kv.length :],
+            request.draft,
+            parents,
+            session.temperature,
+            session.seed,
+            session.stop_token_ids,
         )
 
     def _finish(self, session: Session, job: VerifyJob, mode: str, started: float, done: Future) -> None:
@@ -163,15 +191,18 @@ class Hub:
         finally:
             session.lock.release()
 
-    def generate(self, session_id: str, request: wire.GenerateRequest,
-                 owner: str = LOCAL_USER) -> Iterator[wire.GenerateChunk]:
+    def generate(
+        self, session_id: str, request: wire.GenerateRequest, owner: str = LOCAL_USER
+    ) -> Iterator[wire.GenerateChunk]:
         """Server-only decoding, streamed: autoregressive (one target token per pass) or
         speculative with the hub's own draft model. Checks run before the first chunk."""
         session = self.sessions.get(session_id, owner)
         self.budgets.charge(owner, len(request.tokens) + request.max_tokens)
         self._check_ids(request.tokens, "tokens")
         if request.mode == "speculative" and self.drafter is None:
-            raise BadRequest("this hub has no draft model for the speculative mode; start it with --draft, or use autoregressive")
+            raise BadRequest(
+                "this hub has no draft model for the speculative mode; start it with --draft, or use autoregressive"
+            )
         if not session.context and not request.tokens:
             raise BadRequest("the session has no context yet: send the prompt in `tokens` or feed it first")
         self._check_room(len(session.context) + len(request.tokens) + request.max_tokens)
@@ -189,8 +220,15 @@ class Hub:
                 draft = []
                 if request.mode == "speculative" and room > 0:
                     draft = self.drafter.draft(session.session_id, session.context, min(request.draft_len, room))
-                job = VerifyJob(session.kv, session.context[session.kv.length:], draft, chain_parents(len(draft)),
-                                session.temperature, session.seed, session.stop_token_ids)
+                job = VerifyJob(
+                    session.kv,
+                    session.context[session.kv.length :],
+                    draft,
+                    chain_parents(len(draft)),
+                    session.temperature,
+                    session.seed,
+                    session.stop_token_ids,
+                )
                 self._run(session, job, request.mode, announcement)
                 produced += len(job.emitted)
                 verifies += 1
@@ -222,7 +260,9 @@ class Hub:
         if request.parents is None:
             return chain_parents(len(request.draft))
         if len(request.parents) != len(request.draft):
-            raise BadRequest(f"parents has {len(request.parents)} entries for {len(request.draft)} draft tokens; send one per token")
+            raise BadRequest(
+                f"parents has {len(request.parents)} entries for {len(request.draft)} draft tokens; send one per token"
+            )
         problem = tree_problem(request.parents)
         if problem:
             raise BadRequest(problem)

@@ -13,7 +13,7 @@ from typing import Any
 
 from hub_server.errors import SessionNotFound
 
-LOCAL_USER = "local"   # the owner on a hub without accounts (--no-auth, embedded)
+LOCAL_USER = "local"  # the owner on a hub without accounts (--no-auth, embedded)
 
 
 @dataclass
@@ -22,8 +22,8 @@ class Session:
     temperature: float
     seed: int
     stop_token_ids: frozenset[int]
-    kv: Any                                   # the runner's KV handle; None once closed or evicted
-    owner: str = LOCAL_USER                   # the user who opened it; nobody else sees it
+    kv: Any  # the runner's KV handle; None once closed or evicted
+    owner: str = LOCAL_USER  # the user who opened it; nobody else sees it
     context: list[int] = field(default_factory=list)
     last_used: float = field(default_factory=time.monotonic)
     # One request at a time per session: a session's context is a sequence, not a set.
@@ -38,8 +38,9 @@ class SessionStore:
     def __len__(self) -> int:
         return len(self._sessions)
 
-    def add(self, temperature: float, seed: int, stop_token_ids: frozenset[int], kv: Any,
-            owner: str = LOCAL_USER) -> Session:
+    def add(
+        self, temperature: float, seed: int, stop_token_ids: frozenset[int], kv: Any, owner: str = LOCAL_USER
+    ) -> Session:
         session = Session(secrets.token_urlsafe(16), temperature, seed, stop_token_ids, kv, owner)
         with self._lock:
             self._sessions[session.session_id] = session

@@ -38,10 +38,7 @@ def target_choices(logits: torch.Tensor, temperature: float, seed: int, position
     """
     if temperature == 0.0:
         return logits.argmax(dim=-1).tolist()
-    return [
-        sample_row(row, temperature, position_uniform(seed, position))
-        for row, position in zip(logits, positions)
-    ]
+    return [sample_row(row, temperature, position_uniform(seed, position)) for row, position in zip(logits, positions)]
 
 
 def accept_chain(draft: list[int], choices: list[int], stop_token_ids: frozenset[int]) -> tuple[int, list[int]]:
@@ -59,6 +56,7 @@ def accept_chain(draft: list[int], choices: list[int], stop_token_ids: frozenset
 # A draft tree is tokens [N] plus parents [N]: parents[i] is the index of node i's parent, or -1
 # when its parent is the last context token (the root). A chain is parents = [-1, 0, 1, ...].
 
+
 def chain_parents(n: int) -> list[int]:
     return list(range(-1, n - 1))
 
@@ -67,8 +65,10 @@ def tree_problem(parents: list[int]) -> str | None:
     """Why `parents` is not a valid tree in topological order, or None when it is."""
     for index, parent in enumerate(parents):
         if not -1 <= parent < index:
-            return (f"parents[{index}] = {parent}: each node's parent must be -1 (the context) "
-                    f"or an earlier node, so trees have no cycles or forward references")
+            return (
+                f"parents[{index}] = {parent}: each node's parent must be -1 (the context) "
+                f"or an earlier node, so trees have no cycles or forward references"
+            )
     return None
 
 
@@ -95,13 +95,18 @@ def ancestor_masks(rows: list[list[int]], width: int) -> torch.Tensor:
         ancestors += [1 << index for index in range(len(parents), width)]
         for bits in ancestors:
             packed += bits.to_bytes(row_bytes, "little")
-    bits = np.unpackbits(np.frombuffer(bytes(packed), dtype=np.uint8).reshape(len(rows), width, row_bytes),
-                         axis=-1, count=width, bitorder="little")
+    bits = np.unpackbits(
+        np.frombuffer(bytes(packed), dtype=np.uint8).reshape(len(rows), width, row_bytes),
+        axis=-1,
+        count=width,
+        bitorder="little",
+    )
     return torch.from_numpy(bits.astype(bool))
 
 
-def accept_tree(tokens: list[int], parents: list[int], choices: list[int],
-                stop_token_ids: frozenset[int]) -> tuple[list[int], list[int]]:
+def accept_tree(
+    tokens: list[int], parents: list[int], choices: list[int], stop_token_ids: frozenset[int]
+) -> tuple[list[int], list[int]]:
     """The accepted path (node indices, root to leaf) and the emitted tokens.
 
     choices: [N + 1]; choices[0] is the target's token after the root, choices[i + 1] after node i.

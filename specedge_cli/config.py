@@ -67,7 +67,7 @@ def environment_token() -> str | None:
 class HubAddress:
     url: str | None
     token: str | None
-    insecure: bool = False      # plain http to another machine was allowed on purpose
+    insecure: bool = False  # plain http to another machine was allowed on purpose
 
 
 def hub_address(flag_url: str | None) -> HubAddress:

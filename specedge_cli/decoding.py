@@ -17,8 +17,9 @@ from __future__ import annotations
 import contextlib
 import threading
 import time
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field, replace
-from typing import Callable, Iterator, Protocol, TypeVar
+from typing import Protocol, TypeVar
 
 from specedge_cli.drafting.chat_template import ChatTemplate
 from specedge_cli.drafting.draft_tree import DraftTree
@@ -41,12 +42,12 @@ class TurnStats:
     ttft_ms: float = 0.0
     itl_ms: float = 0.0
     tokens_per_s: float = 0.0
-    draft_s: float = 0.0            # drafting time, proactive drafting included
-    draft_wait_s: float = 0.0       # drafting time the reply waited for
-    proactive_drafts: int = 0       # drafts made while a verify was in flight
-    proactive_hits: int = 0         # ... whose guess came true, so they were sent
+    draft_s: float = 0.0  # drafting time, proactive drafting included
+    draft_wait_s: float = 0.0  # drafting time the reply waited for
+    proactive_drafts: int = 0  # drafts made while a verify was in flight
+    proactive_hits: int = 0  # ... whose guess came true, so they were sent
     proactive_saved_s: float = 0.0  # drafting time those hits took off the critical path
-    depth_sum: int = 0              # draft depths, for the mean
+    depth_sum: int = 0  # draft depths, for the mean
     round_trip_ms: list[float] = field(default_factory=list)
 
     @property
@@ -55,11 +56,16 @@ class TurnStats:
 
     def to_json(self) -> dict:
         return {
-            "verify_rounds": self.verify_rounds, "draft_tokens": self.draft_tokens,
-            "accepted_tokens": self.accepted_tokens, "tokens_per_verify": round(self.tokens_per_verify, 3),
-            "ttft_ms": round(self.ttft_ms, 2), "itl_ms": round(self.itl_ms, 2),
-            "tokens_per_s": round(self.tokens_per_s, 2), "mean_depth": round(self.mean_depth, 2),
-            "proactive_drafts": self.proactive_drafts, "proactive_hits": self.proactive_hits,
+            "verify_rounds": self.verify_rounds,
+            "draft_tokens": self.draft_tokens,
+            "accepted_tokens": self.accepted_tokens,
+            "tokens_per_verify": round(self.tokens_per_verify, 3),
+            "ttft_ms": round(self.ttft_ms, 2),
+            "itl_ms": round(self.itl_ms, 2),
+            "tokens_per_s": round(self.tokens_per_s, 2),
+            "mean_depth": round(self.mean_depth, 2),
+            "proactive_drafts": self.proactive_drafts,
+            "proactive_hits": self.proactive_hits,
             "proactive_hit_rate": round(self.proactive_hit_rate, 3),
             "proactive_saved_ms": round(self.proactive_saved_s * 1000, 2),
             "draft_wait_ms": round(self.draft_wait_s * 1000, 2),
@@ -93,19 +99,20 @@ class Reply:
     token_ids: list[int]
     prompt_token_ids: list[int]
     stats: TurnStats
-    interrupted: bool = False   # Ctrl+C stopped it; `token_ids` are what was accepted by then
+    interrupted: bool = False  # Ctrl+C stopped it; `token_ids` are what was accepted by then
 
 
 @dataclass
 class Turn:
     """One user prompt and the reply to it, as text and as the token ids in the hub's context."""
+
     prompt: str
     prompt_token_ids: list[int]
     token_ids: list[int] = field(default_factory=list)
     reply: str = ""
     interrupted: bool = False
-    sent: bool = False          # the prompt reached the hub's context
-    log_id: int | None = None   # its row in the conversation log, when it is kept
+    sent: bool = False  # the prompt reached the hub's context
+    log_id: int | None = None  # its row in the conversation log, when it is kept
 
     def messages(self) -> list[dict]:
         return [{"role": "user", "content": self.prompt}, {"role": "assistant", "content": self.reply}]
@@ -124,11 +131,11 @@ class DecodeSettings:
     max_tokens: int = 256
     temperature: float = 0.0
     seed: int = 0
-    draft_len: int = 0          # chain length, or the tree's depth; 0 chooses it from measured timings
-    tree_budget: int = 0        # draft tree nodes per verify (at most, when the depth is chosen); 0 drafts a chain
-    tree_width: int = 4         # children proposed per node and nodes expanded per tree level
-    proactive: bool = True      # draft the next round while a verify is in flight
-    reconnect_s: float = 60.0   # how long to keep reopening the session while the hub is away
+    draft_len: int = 0  # chain length, or the tree's depth; 0 chooses it from measured timings
+    tree_budget: int = 0  # draft tree nodes per verify (at most, when the depth is chosen); 0 drafts a chain
+    tree_width: int = 4  # children proposed per node and nodes expanded per tree level
+    proactive: bool = True  # draft the next round while a verify is in flight
+    reconnect_s: float = 60.0  # how long to keep reopening the session while the hub is away
 
 
 class Conversation:
@@ -139,8 +146,15 @@ class Conversation:
     again exactly ours and decoding continues where it stopped.
     """
 
-    def __init__(self, engine: DraftEngine, hub: HubClient, template: ChatTemplate,
-                 settings: DecodeSettings, system: str = "", log: TurnLog | None = None):
+    def __init__(
+        self,
+        engine: DraftEngine,
+        hub: HubClient,
+        template: ChatTemplate,
+        settings: DecodeSettings,
+        system: str = "",
+        log: TurnLog | None = None,
+    ):
         self.engine = engine
         self.hub = hub
         self.template = template
@@ -153,7 +167,7 @@ class Conversation:
         self.session_id: str | None = None
         self.planner = self._new_planner(max_depth=64)
         self.reconnects = 0
-        self._reached_hub = False   # a hub never reached is a wrong address, not an outage to wait out
+        self._reached_hub = False  # a hub never reached is a wrong address, not an outage to wait out
         self._fingerprint: str | None = None
         self._session_in_doubt = False
 
@@ -165,12 +179,15 @@ class Conversation:
     # --- the hub session ------------------------------------------------------------------
     def open(self) -> None:
         """Open a hub session and feed it our history (empty for a new conversation)."""
-        opened = self.hub.open_session(wire.OpenSessionRequest(
-            vocab_size=self.engine.vocab_size, vocab_fingerprint=self.vocab_fingerprint(),
-            draft_model=self.engine.path.name,
-            sampling=wire.Sampling(temperature=self.settings.temperature, seed=self.settings.seed),
-            stop_token_ids=sorted(self.stop_token_ids),
-        ))
+        opened = self.hub.open_session(
+            wire.OpenSessionRequest(
+                vocab_size=self.engine.vocab_size,
+                vocab_fingerprint=self.vocab_fingerprint(),
+                draft_model=self.engine.path.name,
+                sampling=wire.Sampling(temperature=self.settings.temperature, seed=self.settings.seed),
+                stop_token_ids=sorted(self.stop_token_ids),
+            )
+        )
         self._session_in_doubt = True  # until our history is fed
         self.session_id = opened.session_id
         self._reached_hub = True
@@ -178,7 +195,7 @@ class Conversation:
         self.planner.tree_budget = min(self.settings.tree_budget, opened.max_draft_tokens)
         self.planner.fixed_depth = self.settings.draft_len
         for start in range(0, len(self.history), FEED_CHUNK):
-            self.hub.feed(self.session_id, self.history[start:start + FEED_CHUNK])
+            self.hub.feed(self.session_id, self.history[start : start + FEED_CHUNK])
         self._session_in_doubt = False
 
     def close(self) -> None:
@@ -189,8 +206,13 @@ class Conversation:
 
     def _new_planner(self, max_depth: int) -> DepthPlanner:
         s = self.settings
-        return DepthPlanner(fixed_depth=s.draft_len, tree_budget=s.tree_budget, tree_width=s.tree_width,
-                            max_depth=max_depth, proactive=s.proactive)
+        return DepthPlanner(
+            fixed_depth=s.draft_len,
+            tree_budget=s.tree_budget,
+            tree_width=s.tree_width,
+            max_depth=max_depth,
+            proactive=s.proactive,
+        )
 
     def vocab_fingerprint(self) -> str:
         if self._fingerprint is None:
@@ -228,8 +250,13 @@ class Conversation:
                 self.log.reply_done(turn, stats)
         elif self.log:  # Ctrl+C before the prompt reached the hub: as if it was never sent
             self.log.turn_dropped(turn)
-        return Reply(text=turn.reply, token_ids=turn.token_ids, prompt_token_ids=turn.prompt_token_ids,
-                     stats=stats, interrupted=turn.interrupted)
+        return Reply(
+            text=turn.reply,
+            token_ids=turn.token_ids,
+            prompt_token_ids=turn.prompt_token_ids,
+            stats=stats,
+            interrupted=turn.interrupted,
+        )
 
     def regenerate(self, on_tokens: Callable[[list[int]], None] | None = None) -> Reply | None:
         """Forget the last reply and answer its prompt again (with the next seed when sampling)."""
@@ -242,7 +269,7 @@ class Conversation:
 
     def drop_last_turn(self) -> Turn:
         last = self.turns.pop()
-        del self.history[len(self.history) - len(last.prompt_token_ids) - len(last.token_ids):]
+        del self.history[len(self.history) - len(last.prompt_token_ids) - len(last.token_ids) :]
         if self.log:
             self.log.turn_dropped(last)
         self._session_in_doubt = True  # the hub's context still holds that turn
@@ -300,7 +327,7 @@ class Conversation:
         except KeyboardInterrupt:
             turn.interrupted = True
         turn.sent = len(self.history) > start
-        turn.token_ids = self.history[start + prompt_len:]
+        turn.token_ids = self.history[start + prompt_len :]
         clock.finish(stats, len(turn.token_ids))
         return stats
 
@@ -332,7 +359,9 @@ class Conversation:
         tokens, parents = draft.wire_tokens, draft.wire_parents
         chain = parents == list(range(-1, len(parents) - 1))
         session_id = self.session_id
-        flight = _InFlight(lambda: self.hub.verify(session_id, tokens=pending, draft=tokens, parents=None if chain else parents))
+        flight = _InFlight(
+            lambda: self.hub.verify(session_id, tokens=pending, draft=tokens, parents=None if chain else parents)
+        )
         if self.settings.proactive:
             self._draft_ahead(draft, room, stats, flight)
         reply, elapsed_s = flight.result()
@@ -340,7 +369,7 @@ class Conversation:
         self.planner.observe_verify(elapsed_s, draft.levels, reply.accepted)
         return reply
 
-    def _draft_ahead(self, draft: DraftTree, room: int, stats: TurnStats, flight: "_InFlight") -> None:
+    def _draft_ahead(self, draft: DraftTree, room: int, stats: TurnStats, flight: _InFlight) -> None:
         """Draft the next round below the likeliest outcome of `draft` until the reply is in."""
         guess = self.engine.guess(draft)
         if guess is None:
@@ -367,7 +396,8 @@ class Conversation:
                     raise HubUnreachable(
                         f"lost the hub at {self.hub.base_url} and it did not come back in "
                         f"{self.settings.reconnect_s:.0f} s ({exc.message}); the conversation is saved: "
-                        "run `specedge chat --continue` when the hub is back") from exc
+                        "run `specedge chat --continue` when the hub is back"
+                    ) from exc
                 self._session_in_doubt = True
                 self.session_id = None  # the old one is gone or unknown; do not wait on it
                 self.reconnects += 1

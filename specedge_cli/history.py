@@ -10,10 +10,10 @@ from __future__ import annotations
 
 import json
 import sqlite3
+from collections.abc import Callable
 from dataclasses import dataclass
 from datetime import datetime, timezone
 from pathlib import Path
-from typing import Callable
 
 from specedge_cli.decoding import Turn, TurnStats
 from specedge_cli.errors import ConversationNotFound
@@ -100,19 +100,22 @@ class History:
     def start(self, model: str, hub: str, system: str, vocab_fingerprint: str) -> int:
         cursor = self.db.execute(
             "INSERT INTO conversations (created_at, model, hub, system, vocab_fingerprint) VALUES (?, ?, ?, ?, ?)",
-            (_now(), model, hub, system, vocab_fingerprint))
+            (_now(), model, hub, system, vocab_fingerprint),
+        )
         return int(cursor.lastrowid)
 
     def add_prompt(self, conversation_id: int, turn: Turn) -> int:
         cursor = self.db.execute(
             "INSERT INTO turns (conversation_id, created_at, prompt, prompt_token_ids) VALUES (?, ?, ?, ?)",
-            (conversation_id, _now(), turn.prompt, json.dumps(turn.prompt_token_ids)))
+            (conversation_id, _now(), turn.prompt, json.dumps(turn.prompt_token_ids)),
+        )
         return int(cursor.lastrowid)
 
     def add_reply(self, turn_id: int, turn: Turn, stats: TurnStats) -> None:
         self.db.execute(
             "UPDATE turns SET reply = ?, reply_token_ids = ?, interrupted = ?, stats = ? WHERE id = ?",
-            (turn.reply, json.dumps(turn.token_ids), int(turn.interrupted), json.dumps(stats.to_json()), turn_id))
+            (turn.reply, json.dumps(turn.token_ids), int(turn.interrupted), json.dumps(stats.to_json()), turn_id),
+        )
 
     def delete_turn(self, turn_id: int) -> None:
         self.db.execute("DELETE FROM turns WHERE id = ?", (turn_id,))
@@ -122,32 +125,47 @@ class History:
         return row[0]
 
     def summaries(self, limit: int = 50) -> list[ConversationSummary]:
-        rows = self.db.execute("""
+        rows = self.db.execute(
+            """
             SELECT c.id, c.created_at, c.model, c.hub,
                    (SELECT prompt FROM turns t WHERE t.conversation_id = c.id ORDER BY t.id LIMIT 1),
                    (SELECT count(*) FROM turns t WHERE t.conversation_id = c.id)
-            FROM conversations c ORDER BY c.id DESC LIMIT ?""", (limit,))
+            FROM conversations c ORDER BY c.id DESC LIMIT ?""",
+            (limit,),
+        )
         return [ConversationSummary(r[0], r[1], r[2], r[3], r[4] or "", r[5]) for r in rows]
 
     def load(self, conversation_id: int) -> SavedConversation:
         """A saved conversation; turns whose reply never completed are left out of its context."""
-        row = self.db.execute("SELECT id, model, hub, system, vocab_fingerprint FROM conversations WHERE id = ?",
-                              (conversation_id,)).fetchone()
+        row = self.db.execute(
+            "SELECT id, model, hub, system, vocab_fingerprint FROM conversations WHERE id = ?", (conversation_id,)
+        ).fetchone()
         if row is None:
-            raise ConversationNotFound(f"no conversation {conversation_id}; run `specedge logs list` to see the saved ones")
+            raise ConversationNotFound(
+                f"no conversation {conversation_id}; run `specedge logs list` to see the saved ones"
+            )
         return SavedConversation(*row, turns=self.turns(conversation_id, complete_only=True))
 
     def turns(self, conversation_id: int, complete_only: bool = False) -> list[Turn]:
         rows = self.db.execute(
             "SELECT id, prompt, prompt_token_ids, reply, reply_token_ids, interrupted FROM turns "
-            "WHERE conversation_id = ? ORDER BY id", (conversation_id,))
+            "WHERE conversation_id = ? ORDER BY id",
+            (conversation_id,),
+        )
         turns = [_turn(*row) for row in rows]
         return [t for t in turns if t.sent] if complete_only else turns
 
 
 def _turn(turn_id, prompt, prompt_ids, reply, reply_ids, interrupted) -> Turn:
-    return Turn(prompt=prompt, prompt_token_ids=json.loads(prompt_ids), token_ids=json.loads(reply_ids or "[]"),
-                reply=reply or "", interrupted=bool(interrupted), sent=reply is not None, log_id=turn_id)
+    return Turn(
+        prompt=prompt,
+        prompt_token_ids=json.loads(prompt_ids),
+        token_ids=json.loads(reply_ids or "[]"),
+        reply=reply or "",
+        interrupted=bool(interrupted),
+        sent=reply is not None,
+        log_id=turn_id,
+    )
 
 
 class ConversationLog:
@@ -157,8 +175,15 @@ class ConversationLog:
     anything leaves nothing behind.
     """
 
-    def __init__(self, history: History, model: str, hub: str, system: str, vocab_fingerprint: str,
-                 conversation_id: int | None = None):
+    def __init__(
+        self,
+        history: History,
+        model: str,
+        hub: str,
+        system: str,
+        vocab_fingerprint: str,
+        conversation_id: int | None = None,
+    ):
         self.history = history
         self.model, self.hub, self.system, self.fingerprint = model, hub, system, vocab_fingerprint
         self.conversation_id = conversation_id

@@ -15,8 +15,12 @@ from specedge_cli.commands.chat import chat
 from specedge_cli.commands.doctor import doctor
 from specedge_cli.errors import SpecEdgeError
 
-app = typer.Typer(help="Chat with a large model that lives on a SpecEdge hub, drafting on your own GPU.",
-                  no_args_is_help=True, add_completion=False, pretty_exceptions_enable=False)
+app = typer.Typer(
+    help="Chat with a large model that lives on a SpecEdge hub, drafting on your own GPU.",
+    no_args_is_help=True,
+    add_completion=False,
+    pretty_exceptions_enable=False,
+)
 app.command()(chat)
 app.command()(bench)
 app.command()(login)

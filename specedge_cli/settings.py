@@ -5,8 +5,9 @@ flag, then the environment (`SPECEDGE_MAX_TOKENS`, ...), then the config file
 from __future__ import annotations
 
 import os
+from collections.abc import Callable
 from dataclasses import dataclass, fields
-from typing import Any, Callable
+from typing import Any
 
 from specedge_cli import config
 from specedge_cli.errors import SettingError
@@ -19,21 +20,22 @@ class ChatSettings:
     max_tokens: int = 256
     temperature: float = 0.0
     seed: int = 0
-    draft_len: int = 0          # draft depth; 0 chooses it from measured timings
-    tree_budget: int = 0        # draft tree nodes per verify; 0 drafts a chain
+    draft_len: int = 0  # draft depth; 0 chooses it from measured timings
+    tree_budget: int = 0  # draft tree nodes per verify; 0 drafts a chain
     # Draft the next round while a verify is in flight. None (auto): on with a hub elsewhere, off
     # with an embedded hub, whose forward passes would compete with the drafting for this machine.
     proactive: bool | None = None
     system: str = ""
-    threads: int = 0            # 0: llama.cpp's default for this machine
+    threads: int = 0  # 0: llama.cpp's default for this machine
     offline: bool = False
     logs: bool = True
-    reconnect_s: float = 60.0   # how long a reply waits for a hub that went away
+    reconnect_s: float = 60.0  # how long a reply waits for a hub that went away
 
 
 @dataclass(frozen=True)
 class Reader:
     """How a setting's text is read, and what a refused value is told to be."""
+
     parse: Callable[[str], Any]
     expected: str = ""
 
@@ -53,22 +55,29 @@ def _boolean_or_auto(text: str) -> bool | None:
 
 def _number(kind: type, low: float, zero_means: str = "", unit: str = "") -> Reader:
     """A number of `kind` (int or float), at least `low`; `zero_means` says what 0 chooses."""
+
     def check(text: str):
         value = kind(text)
         if value < low:
             raise ValueError(text)
         return value
+
     noun = unit or ("a whole number" if kind is int else "a number")
     return Reader(check, f"{noun}, 0 for {zero_means}" if zero_means else f"{noun}, at least {low:g}")
 
 
 READERS: dict[str, Reader] = {
-    "model": Reader(str), "system": Reader(str),
-    "max_tokens": _number(int, 1), "temperature": _number(float, 0), "seed": _number(int, 0),
-    "draft_len": _number(int, 0, zero_means="automatic"), "tree_budget": _number(int, 0, zero_means="a chain"),
+    "model": Reader(str),
+    "system": Reader(str),
+    "max_tokens": _number(int, 1),
+    "temperature": _number(float, 0),
+    "seed": _number(int, 0),
+    "draft_len": _number(int, 0, zero_means="automatic"),
+    "tree_budget": _number(int, 0, zero_means="a chain"),
     "proactive": Reader(_boolean_or_auto, "on, off or auto"),
     "threads": _number(int, 0, zero_means="llama.cpp's default"),
-    "offline": Reader(_boolean, "on or off"), "logs": Reader(_boolean, "on or off"),
+    "offline": Reader(_boolean, "on or off"),
+    "logs": Reader(_boolean, "on or off"),
     "reconnect_s": _number(float, 0, unit="seconds"),
 }
 KEYS = [f.name for f in fields(ChatSettings)]
@@ -96,8 +105,10 @@ def parse(key: str, value: Any, where: str) -> Any:
         return reader.parse(value)
     except (TypeError, ValueError):
         expected = f" (expected {reader.expected})" if reader.expected else ""
-        raise SettingError(f"{where}: {value!r} is not a valid {key_name(key)}{expected}; "
-                           f"fix it or run `specedge config set {key_name(key)} VALUE`") from None
+        raise SettingError(
+            f"{where}: {value!r} is not a valid {key_name(key)}{expected}; "
+            f"fix it or run `specedge config set {key_name(key)} VALUE`"
+        ) from None
 
 
 def lookup(key: str, flag: Any = None, stored: dict | None = None) -> tuple[Any, str]:

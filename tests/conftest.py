@@ -61,16 +61,38 @@ class RunningHub:
     """`python -m hub_server serve` as a child process on a loopback port; without tokens
     (`--no-auth`) unless `no_auth=False`, then with the accounts in `--data-dir` of `extra`."""
 
-    def __init__(self, model: Path, cache_dir: Path, *extra: str, no_auth: bool = True, env: dict | None = None,
-                 port: int | None = None):
+    def __init__(
+        self,
+        model: Path,
+        cache_dir: Path,
+        *extra: str,
+        no_auth: bool = True,
+        env: dict | None = None,
+        port: int | None = None,
+    ):
         self.url = f"http://127.0.0.1:{port or free_port()}"
         port = self.url.rsplit(":", 1)[1]
         self.log = cache_dir / f"hub-{port}.log"
         cache_dir.mkdir(parents=True, exist_ok=True)
         self.process = subprocess.Popen(
-            [sys.executable, "-m", "hub_server", "serve", "--model", str(model), "--port", port,
-             "--cache-dir", str(cache_dir), *(["--no-auth"] if no_auth else []), *extra],
-            cwd=REPO, stdout=self.log.open("wb"), stderr=subprocess.STDOUT, env={**os.environ, **(env or {})},
+            [
+                sys.executable,
+                "-m",
+                "hub_server",
+                "serve",
+                "--model",
+                str(model),
+                "--port",
+                port,
+                "--cache-dir",
+                str(cache_dir),
+                *(["--no-auth"] if no_auth else []),
+                *extra,
+            ],
+            cwd=REPO,
+            stdout=self.log.open("wb"),
+            stderr=subprocess.STDOUT,
+            env={**os.environ, **(env or {})},
         )
         try:
             self._wait_ready()
@@ -108,8 +130,13 @@ def hub(tiny, tmp_path_factory):
 
 def hub_admin(data_dir: Path, *args: str):
     """Run an account command (`hub_server users|tokens ...`) as an operator would; its JSON answer."""
-    result = subprocess.run([sys.executable, "-m", "hub_server", *args, "--data-dir", str(data_dir), "--json"],
-                            cwd=REPO, capture_output=True, text=True, timeout=60)
+    result = subprocess.run(
+        [sys.executable, "-m", "hub_server", *args, "--data-dir", str(data_dir), "--json"],
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
     assert result.returncode == 0, result.stderr
     return json.loads(result.stdout)
 
@@ -133,8 +160,15 @@ class AuthHub(RunningHub):
 @pytest.fixture(scope="session")
 def auth_hub(tiny, tmp_path_factory):
     """A real hub with accounts (users ada and bob), JSON logs, no per-user limits."""
-    running = AuthHub(tiny.hf_dir, tmp_path_factory.mktemp("auth-hub"), ("ada", "bob"),
-                      "--max-draft-tokens", "16", "--log-format", "json")
+    running = AuthHub(
+        tiny.hf_dir,
+        tmp_path_factory.mktemp("auth-hub"),
+        ("ada", "bob"),
+        "--max-draft-tokens",
+        "16",
+        "--log-format",
+        "json",
+    )
     yield running
     running.stop()
 
@@ -149,8 +183,14 @@ class TargetAlone:
     def next_logits(self, context: list[int]) -> torch.Tensor:
         return self.model(input_ids=torch.tensor([context], device=self.model.device)).logits[0, -1].float()
 
-    def decode(self, context: list[int], max_tokens: int, stop_ids: frozenset[int] = frozenset(),
-               temperature: float = 0.0, seed: int = 0) -> list[int]:
+    def decode(
+        self,
+        context: list[int],
+        max_tokens: int,
+        stop_ids: frozenset[int] = frozenset(),
+        temperature: float = 0.0,
+        seed: int = 0,
+    ) -> list[int]:
         context = list(context)
         generated: list[int] = []
         while len(generated) < max_tokens:
@@ -173,8 +213,16 @@ def target_alone(tiny) -> TargetAlone:
     return TargetAlone(AutoModelForCausalLM.from_pretrained(str(tiny.hf_dir), dtype=torch.float32).eval())
 
 
-def run_specedge(*args: str, env_extra: dict | None = None, timeout: float = 300,
-                 input_text: str | None = None) -> subprocess.CompletedProcess:
+def run_specedge(
+    *args: str, env_extra: dict | None = None, timeout: float = 300, input_text: str | None = None
+) -> subprocess.CompletedProcess:
     env = {**os.environ, **(env_extra or {})}
-    return subprocess.run([sys.executable, "-m", "specedge_cli", *args], cwd=REPO, env=env,
-                          capture_output=True, text=True, timeout=timeout, input=input_text)
+    return subprocess.run(
+        [sys.executable, "-m", "specedge_cli", *args],
+        cwd=REPO,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+        input=input_text,
+    )

@@ -52,7 +52,7 @@ def test_clear_refusals(accounts):
 def test_database_is_wal_private_and_migrates_once(tmp_path):
     path = tmp_path / "accounts.sqlite3"
     Accounts(path).add_user("ada")
-    again = Accounts(path)                       # reopening runs no migration twice
+    again = Accounts(path)  # reopening runs no migration twice
     assert [u.name for u in again.users()] == ["ada"]
     assert again._query("PRAGMA journal_mode")[0][0] == "wal"
     assert path.stat().st_mode & 0o777 == 0o600
@@ -74,12 +74,12 @@ class Clock:
 
 def test_budget_admits_into_debt_then_waits_for_refill():
     clock = Clock()
-    budgets = TokenBudgets(60, clock)                 # one token per second
-    budgets.charge("ada", 100)                        # a long prompt passes once
+    budgets = TokenBudgets(60, clock)  # one token per second
+    budgets.charge("ada", 100)  # a long prompt passes once
     with pytest.raises(RateLimited) as refused:
         budgets.charge("ada", 1)
     assert refused.value.retry_after_s == 41
-    budgets.charge("bob", 1)                          # others are not held back
+    budgets.charge("bob", 1)  # others are not held back
     clock.now = 41
     budgets.charge("ada", 1)
     assert budgets.remaining("ada") == 0
@@ -93,10 +93,8 @@ def test_unlimited_budget():
 
 def test_admission_gate_refuses_past_its_limit_and_recovers():
     gate = AdmissionGate(2)
-    with gate.admit(), gate.admit():
-        with pytest.raises(HubFull, match="2 requests in flight"):
-            with gate.admit():
-                pass
+    with gate.admit(), gate.admit(), pytest.raises(HubFull, match="2 requests in flight"), gate.admit():
+        pass
     with gate.admit(), gate.admit():
         pass
     unlimited = AdmissionGate(0)

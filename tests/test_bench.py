@@ -16,9 +16,31 @@ from tests.conftest import REPO
 def test_bench_reports_every_mode_ratios_bound_and_a_plot(tiny, tmp_path):
     plot = tmp_path / "bench.png"
     result = subprocess.run(
-        [sys.executable, "-m", "hub_server", "bench", "--model", str(tiny.hf_dir), "--draft", str(tiny.gguf_q8),
-         "--clients", "2", "--rtt-ms", "4", "--max-tokens", "12", "--prompts", "2", "--plot", str(plot), "--json"],
-        cwd=REPO, capture_output=True, text=True, timeout=600,
+        [
+            sys.executable,
+            "-m",
+            "hub_server",
+            "bench",
+            "--model",
+            str(tiny.hf_dir),
+            "--draft",
+            str(tiny.gguf_q8),
+            "--clients",
+            "2",
+            "--rtt-ms",
+            "4",
+            "--max-tokens",
+            "12",
+            "--prompts",
+            "2",
+            "--plot",
+            str(plot),
+            "--json",
+        ],
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        timeout=600,
     )
     assert result.returncode == 0, result.stderr[-3000:]
     report = json.loads(result.stdout)
@@ -28,21 +50,35 @@ def test_bench_reports_every_mode_ratios_bound_and_a_plot(tiny, tmp_path):
     emitted = {mode["emitted_tokens"] for mode in report["modes"].values()}
     assert len(emitted) == 1 and 0 < emitted.pop() <= 2 * 2 * 12
     for mode in report["modes"].values():
-        for key in ("server_throughput", "wall_throughput", "tokens_per_verify", "itl_ms_mean", "itl_ms_p95",
-                    "ttft_ms_mean", "hub_busy_fraction"):
+        for key in (
+            "server_throughput",
+            "wall_throughput",
+            "tokens_per_verify",
+            "itl_ms_mean",
+            "itl_ms_p95",
+            "ttft_ms_mean",
+            "hub_busy_fraction",
+        ):
             assert mode[key] > 0, key
     assert report["modes"]["autoregressive"]["tokens_per_verify"] == 1.0
     assert report["modes"]["specedge"]["tokens_per_verify"] > 1.0
-    assert set(report["ratios"]) == {"throughput_vs_autoregressive", "throughput_vs_server_only_spec", "itl_vs_server_only_spec"}
+    assert set(report["ratios"]) == {
+        "throughput_vs_autoregressive",
+        "throughput_vs_server_only_spec",
+        "itl_vs_server_only_spec",
+    }
     bound = report["bound"]
     assert bound["throughput_vs_autoregressive"] > 0 and bound["sessions_per_pass"] == 2
-    assert bound["measured"].startswith("probe")   # full passes of both kinds, measured directly
+    assert bound["measured"].startswith("probe")  # full passes of both kinds, measured directly
     assert bound["one_token_pass_ms"] > 0 and bound["verify_pass_ms"] > 0
-    assert bound["share_of_bound"] == pytest.approx(bound["decode_throughput_vs_autoregressive"] / bound["throughput_vs_autoregressive"], rel=0.01)
+    assert bound["share_of_bound"] == pytest.approx(
+        bound["decode_throughput_vs_autoregressive"] / bound["throughput_vs_autoregressive"], rel=0.01
+    )
     # Its two halves: each mode's decoding against full passes at the probe's cost.
     assert bound["share_of_bound"] == pytest.approx(
-        bound["specedge_share_of_full_passes"] / bound["autoregressive_share_of_full_passes"], rel=0.02)
-    for mode in report["modes"].values():   # prompts, fed apart or inside verifies, are counted apart
+        bound["specedge_share_of_full_passes"] / bound["autoregressive_share_of_full_passes"], rel=0.02
+    )
+    for mode in report["modes"].values():  # prompts, fed apart or inside verifies, are counted apart
         assert 0 <= mode["prefill_in_verify_s"] <= mode["prefill_busy_s"] < mode["hub_busy_s"]
         assert mode["decode_throughput"] >= mode["server_throughput"]
     # The simulated users draft ahead while a verify is out, like the real client.
@@ -50,7 +86,7 @@ def test_bench_reports_every_mode_ratios_bound_and_a_plot(tiny, tmp_path):
     assert specedge["proactive_drafts"] > 0 and 0 <= specedge["proactive_hit_rate"] <= 1
     assert report["config"]["proactive"] is True
     assert report["config"]["clients"] == 2 and report["config"]["rtt_ms"] == 4
-    assert report["config"]["edge_tps"] > 0   # measured on the draft model, since no --edge-tps
+    assert report["config"]["edge_tps"] > 0  # measured on the draft model, since no --edge-tps
     assert plot.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
 
@@ -61,9 +97,29 @@ def _active_sessions(hub, user: str) -> float:
 
 
 def test_bench_against_a_running_hub_takes_its_token_and_measures_the_bound_through_its_api(tiny, auth_hub, tmp_path):
-    command = [sys.executable, "-m", "hub_server", "bench", "--hub", auth_hub.url, "--draft", str(tiny.gguf_q8),
-               "--clients", "2", "--rtt-ms", "4", "--max-tokens", "12", "--prompts", "2",
-               "--modes", "specedge,autoregressive", "--plot", str(tmp_path / "bench.png"), "--json"]
+    command = [
+        sys.executable,
+        "-m",
+        "hub_server",
+        "bench",
+        "--hub",
+        auth_hub.url,
+        "--draft",
+        str(tiny.gguf_q8),
+        "--clients",
+        "2",
+        "--rtt-ms",
+        "4",
+        "--max-tokens",
+        "12",
+        "--prompts",
+        "2",
+        "--modes",
+        "specedge,autoregressive",
+        "--plot",
+        str(tmp_path / "bench.png"),
+        "--json",
+    ]
     environment = {key: value for key, value in os.environ.items() if key != "SPECEDGE_TOKEN"}
     refused = subprocess.run(command, cwd=REPO, capture_output=True, text=True, timeout=600, env=environment)
     assert refused.returncode == 1
@@ -71,8 +127,14 @@ def test_bench_against_a_running_hub_takes_its_token_and_measures_the_bound_thro
     assert "Traceback" not in refused.stderr
 
     open_before = _active_sessions(auth_hub, "ada")
-    result = subprocess.run(command, cwd=REPO, capture_output=True, text=True, timeout=600,
-                            env={**environment, "SPECEDGE_TOKEN": auth_hub.tokens["ada"]})
+    result = subprocess.run(
+        command,
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        timeout=600,
+        env={**environment, "SPECEDGE_TOKEN": auth_hub.tokens["ada"]},
+    )
     assert result.returncode == 0, result.stderr[-3000:]
     report = json.loads(result.stdout)
     assert all(mode["lossless"] is True for mode in report["modes"].values())
@@ -80,10 +142,16 @@ def test_bench_against_a_running_hub_takes_its_token_and_measures_the_bound_thro
     # Passes of both kinds over the two sessions, made through the API, not read off the runs.
     assert bound["measured"].startswith("through the hub's API: passes of") and bound["sessions_per_pass"] == 2
     assert bound["one_token_pass_ms"] > 0 and bound["verify_pass_ms"] > 0 and bound["throughput_vs_autoregressive"] > 0
-    assert _active_sessions(auth_hub, "ada") == open_before   # every session it opened, it closed
+    assert _active_sessions(auth_hub, "ada") == open_before  # every session it opened, it closed
 
-    revoked = subprocess.run([*command[:-1], "--token", "not-a-token", "--json"], cwd=REPO, capture_output=True,
-                             text=True, timeout=600, env=environment)
+    revoked = subprocess.run(
+        [*command[:-1], "--token", "not-a-token", "--json"],
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        timeout=600,
+        env=environment,
+    )
     assert revoked.returncode == 1 and "refused this token (401)" in revoked.stderr
     assert "Traceback" not in revoked.stderr
 
@@ -92,9 +160,31 @@ def test_bench_refuses_a_draft_of_another_vocabulary_and_a_mode_the_hub_cannot_s
     from tests.test_cli_chat import _gemma_path
 
     def bench(draft, *extra):
-        return subprocess.run([sys.executable, "-m", "hub_server", "bench", "--hub", hub.url, "--draft", str(draft),
-                               "--clients", "1", "--max-tokens", "4", "--prompts", "1", "--plot", str(tmp_path / "b.png"),
-                               *extra], cwd=REPO, capture_output=True, text=True, timeout=600)
+        return subprocess.run(
+            [
+                sys.executable,
+                "-m",
+                "hub_server",
+                "bench",
+                "--hub",
+                hub.url,
+                "--draft",
+                str(draft),
+                "--clients",
+                "1",
+                "--max-tokens",
+                "4",
+                "--prompts",
+                "1",
+                "--plot",
+                str(tmp_path / "b.png"),
+                *extra,
+            ],
+            cwd=REPO,
+            capture_output=True,
+            text=True,
+            timeout=600,
+        )
 
     other = bench(_gemma_path(), "--modes", "specedge,autoregressive")
     assert other.returncode == 1 and "another vocabulary than the hub's target" in other.stderr
@@ -103,7 +193,7 @@ def test_bench_refuses_a_draft_of_another_vocabulary_and_a_mode_the_hub_cannot_s
     no_draft = bench(tiny.gguf_q8)
     assert no_draft.returncode == 1 and "pass --modes specedge,autoregressive" in no_draft.stderr
     assert "Traceback" not in no_draft.stderr
-    typo = bench(tiny.gguf_q8, "--modes", "specedg")   # would have run autoregressive under that name
+    typo = bench(tiny.gguf_q8, "--modes", "specedg")  # would have run autoregressive under that name
     assert typo.returncode == 2 and "unknown mode specedg" in typo.stderr
 
 
@@ -120,8 +210,8 @@ def test_emulated_edges_give_the_draft_models_own_tokens_at_the_edge_speed(tiny)
     draft = edges.draft(context, 6)
     waited = time.perf_counter() - started
     assert draft == reference.draft("fresh", context, 6)
-    assert edges.steps == 6            # the first four came from the store, two were drafted now
-    assert waited >= 6 / 200.0         # as long as a 200 t/s device takes to draft six tokens
+    assert edges.steps == 6  # the first four came from the store, two were drafted now
+    assert waited >= 6 / 200.0  # as long as a 200 t/s device takes to draft six tokens
     # A context below an accepted token reuses what was drafted along the way.
     assert edges.draft(context + draft[:2], 4) == draft[2:6] and edges.steps == 6
     # The draft model's own next token: the guess a proactive edge drafts below.
@@ -139,17 +229,19 @@ def test_a_simulated_user_sends_its_draft_made_ahead_only_when_the_guessed_outco
     edges = EmulatedEdges(HubDrafter(tiny.gguf_q8, n_threads=1), tokens_per_second=200.0)
     context = HubDrafter(tiny.gguf_q8, n_threads=1).tokenize("def fibonacci(n):")
     draft = edges.draft(context, 4)
-    guess = draft + [edges.next_token(context + draft)]   # all accepted, then the draft model's token
+    guess = draft + [edges.next_token(context + draft)]  # all accepted, then the draft model's token
     config = BenchConfig("http://unused", tiny.gguf_q8, 1, 0.0, 32, 4, ())
     user = SimulatedUser(0, config, edges, {}, frozenset())
     sent = time.perf_counter()
-    assert user._drafted_ahead(sent, context, draft, guess, room=20) == sent    # the next draft began at the send
-    assert user._drafted_ahead(sent, context, draft, draft[:2] + [7], room=20) is None   # a rejection: draft anew
+    assert user._drafted_ahead(sent, context, draft, guess, room=20) == sent  # the next draft began at the send
+    assert user._drafted_ahead(sent, context, draft, draft[:2] + [7], room=20) is None  # a rejection: draft anew
     other = (guess[-1] + 1) % 512
-    assert user._drafted_ahead(sent, context, draft, draft + [other], room=20) is None   # another bonus token
+    assert user._drafted_ahead(sent, context, draft, draft + [other], room=20) is None  # another bonus token
     assert (user.record.drafts_ahead, user.record.ahead_hits) == (3, 1)
-    assert user._drafted_ahead(sent, context, draft, guess, room=5) is None    # no round left after the guess
-    off = SimulatedUser(0, BenchConfig("http://unused", tiny.gguf_q8, 1, 0.0, 32, 4, (), proactive=False), edges, {}, frozenset())
+    assert user._drafted_ahead(sent, context, draft, guess, room=5) is None  # no round left after the guess
+    off = SimulatedUser(
+        0, BenchConfig("http://unused", tiny.gguf_q8, 1, 0.0, 32, 4, (), proactive=False), edges, {}, frozenset()
+    )
     assert off._drafted_ahead(sent, context, draft, guess, room=20) is None and off.record.drafts_ahead == 0
 
 

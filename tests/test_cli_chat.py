@@ -22,28 +22,67 @@ def chat_json(*args: str, env_extra: dict | None = None) -> dict:
 
 
 def test_prompt_json_through_a_separate_hub_equals_target_greedy(tiny, hub, target_alone):
-    out = chat_json("--prompt", "the dog ran", "--hub", hub.url, "--model", str(tiny.gguf_q8),
-                    "--temperature", "0", "--max-tokens", "24", "--draft-len", "4")
+    out = chat_json(
+        "--prompt",
+        "the dog ran",
+        "--hub",
+        hub.url,
+        "--model",
+        str(tiny.gguf_q8),
+        "--temperature",
+        "0",
+        "--max-tokens",
+        "24",
+        "--draft-len",
+        "4",
+    )
     assert set(out) == {"text", "token_ids", "prompt_token_ids", "model", "hub", "stats"}
-    assert set(out["stats"]) == {"verify_rounds", "draft_tokens", "accepted_tokens", "tokens_per_verify",
-                                 "ttft_ms", "itl_ms", "tokens_per_s", "mean_depth", "proactive_drafts",
-                                 "proactive_hits", "proactive_hit_rate", "proactive_saved_ms", "draft_wait_ms"}
+    assert set(out["stats"]) == {
+        "verify_rounds",
+        "draft_tokens",
+        "accepted_tokens",
+        "tokens_per_verify",
+        "ttft_ms",
+        "itl_ms",
+        "tokens_per_s",
+        "mean_depth",
+        "proactive_drafts",
+        "proactive_hits",
+        "proactive_hit_rate",
+        "proactive_saved_ms",
+        "draft_wait_ms",
+    }
     assert out["stats"]["mean_depth"] <= 4
-    assert out["stats"]["proactive_drafts"] > 0   # on by default with a hub elsewhere
+    assert out["stats"]["proactive_drafts"] > 0  # on by default with a hub elsewhere
     assert out["hub"] == hub.url and out["model"] == tiny.gguf_q8.name
     assert out["token_ids"] == target_alone.decode(out["prompt_token_ids"], 24)
-    assert out["stats"]["tokens_per_verify"] == pytest.approx(len(out["token_ids"]) / out["stats"]["verify_rounds"], abs=1e-3)
+    assert out["stats"]["tokens_per_verify"] == pytest.approx(
+        len(out["token_ids"]) / out["stats"]["verify_rounds"], abs=1e-3
+    )
 
 
 def test_tree_drafts_from_the_command_line_equal_target_greedy(tiny, hub, target_alone):
-    out = chat_json("--prompt", "once upon a time", "--hub", hub.url, "--model", str(tiny.gguf_q8),
-                    "--max-tokens", "20", "--draft-len", "5", "--tree-budget", "10")
+    out = chat_json(
+        "--prompt",
+        "once upon a time",
+        "--hub",
+        hub.url,
+        "--model",
+        str(tiny.gguf_q8),
+        "--max-tokens",
+        "20",
+        "--draft-len",
+        "5",
+        "--tree-budget",
+        "10",
+    )
     assert out["token_ids"] == target_alone.decode(out["prompt_token_ids"], 20)
 
 
 def test_hub_from_environment(tiny, hub):
-    out = chat_json("--prompt", "hi", "--model", str(tiny.gguf_f32), "--max-tokens", "4",
-                    env_extra={"SPECEDGE_HUB": hub.url})
+    out = chat_json(
+        "--prompt", "hi", "--model", str(tiny.gguf_f32), "--max-tokens", "4", env_extra={"SPECEDGE_HUB": hub.url}
+    )
     assert out["hub"] == hub.url
 
 
@@ -66,9 +105,24 @@ def test_interactive_chat_reads_turns_until_bye(tiny, hub):
     from tests.conftest import REPO
 
     result = subprocess.run(
-        [sys.executable, "-m", "specedge_cli", "chat", "--hub", hub.url, "--model", str(tiny.gguf_f32), "--max-tokens", "6"],
-        input="hello there\nsecond turn\n/bye\nnever sent\n", capture_output=True, text=True, cwd=REPO,
-        env={**os.environ}, timeout=120,
+        [
+            sys.executable,
+            "-m",
+            "specedge_cli",
+            "chat",
+            "--hub",
+            hub.url,
+            "--model",
+            str(tiny.gguf_f32),
+            "--max-tokens",
+            "6",
+        ],
+        input="hello there\nsecond turn\n/bye\nnever sent\n",
+        capture_output=True,
+        text=True,
+        cwd=REPO,
+        env={**os.environ},
+        timeout=120,
     )
     assert result.returncode == 0, result.stderr
     assert result.stdout.count(">>> ") == 3

@@ -30,15 +30,20 @@ def test_login_stores_hub_and_token_privately_then_whoami_and_logout(auth_hub):
     result = login(auth_hub)
     assert result.returncode == 0, result.stderr
     path = config.config_file()
-    assert f"as ada" in result.stdout and str(path) in result.stdout
+    assert "as ada" in result.stdout and str(path) in result.stdout
     assert stat.S_IMODE(path.stat().st_mode) == 0o600
     assert stat.S_IMODE(path.parent.stat().st_mode) == 0o700
     assert json.loads(path.read_text()) == {"hub": auth_hub.url, "token": auth_hub.tokens["ada"]}
 
     who = run_specedge("whoami", "--json")
     assert who.returncode == 0, who.stderr
-    assert json.loads(who.stdout) == {"hub": auth_hub.url, "user": "ada", "sessions": 0, "tokens_left": None,
-                                      "limits": {"max_sessions_per_user": 0, "tokens_per_minute": 0}}
+    assert json.loads(who.stdout) == {
+        "hub": auth_hub.url,
+        "user": "ada",
+        "sessions": 0,
+        "tokens_left": None,
+        "limits": {"max_sessions_per_user": 0, "tokens_per_minute": 0},
+    }
     assert "user: ada" in run_specedge("whoami").stdout
 
     out = run_specedge("logout")

@@ -31,7 +31,10 @@ def test_a_partial_or_corrupt_file_is_never_used_offline():
     target = preset_path(QWEN, models_dir())
     target.parent.mkdir(parents=True)
     target.write_bytes(b"not the model")
-    for command in (["models", "pull", QWEN.name, "--offline"], ["chat", "--offline", "--model", QWEN.name, "--prompt", "x"]):
+    for command in (
+        ["models", "pull", QWEN.name, "--offline"],
+        ["chat", "--offline", "--model", QWEN.name, "--prompt", "x"],
+    ):
         result = run_specedge(*command)
         assert result.returncode == 1 and "Traceback" not in result.stderr
         assert f"fails its sha256 check and --offline is set; run `specedge models pull {QWEN.name}`" in result.stderr
@@ -60,10 +63,12 @@ def test_a_local_file_registered_by_name_is_used_by_chat(tiny, hub, target_alone
     assert result.returncode == 0, result.stderr
     assert "tiny-q8" in run_specedge("models", "list").stdout
     assert run_specedge("models", "path", "tiny-q8").stdout.strip() == str(tiny.gguf_q8.resolve())
-    out = run_specedge("chat", "--json", "--prompt", "the dog", "--hub", hub.url, "--model", "tiny-q8", "--max-tokens", "6")
+    out = run_specedge(
+        "chat", "--json", "--prompt", "the dog", "--hub", hub.url, "--model", "tiny-q8", "--max-tokens", "6"
+    )
     assert out.returncode == 0, out.stderr
     reply = json.loads(out.stdout)
     assert reply["model"] == tiny.gguf_q8.name
-    assert reply["token_ids"] == target_alone.decode(reply["prompt_token_ids"], 6)[:len(reply["token_ids"])]
+    assert reply["token_ids"] == target_alone.decode(reply["prompt_token_ids"], 6)[: len(reply["token_ids"])]
     assert run_specedge("models", "rm", "tiny-q8").stdout.startswith("forgot tiny-q8")
     assert tiny.gguf_q8.exists()

@@ -69,7 +69,7 @@ def test_proactive_draft_is_used_when_the_guess_comes_true(engines, shape):
     history = engine.tokenize("the dog ran to", add_bos=True)
     tree = engine.plan(history, shape)
     path, bonus = engine.guess(tree)
-    assert path and tree.wire_tokens[: 1] == path[:1]
+    assert path and tree.wire_tokens[:1] == path[:1]
     learned = copy.deepcopy(engine.calibration)
     ahead = engine.draft_ahead(tree, shape)
     assert ahead is not None and ahead.finished
@@ -118,23 +118,26 @@ def test_sampled_drafts_follow_the_position_keyed_uniform(engines):
     other = _fresh_draft(fresh, history, DraftShape(depth=6, budget=6))[0]
     engine.set_sampling(0.0, 0)
     fresh.set_sampling(0.0, 0)
-    assert first == again      # seeded: the same draft for the same seed and positions
-    assert first != other      # ... and another seed draws other tokens (6 draws from a random model)
+    assert first == again  # seeded: the same draft for the same seed and positions
+    assert first != other  # ... and another seed draws other tokens (6 draws from a random model)
 
 
 def test_the_engine_counts_drafts_that_branched_and_branches_the_target_took(engines):
     engine, _ = engines
     engine.reset()
-    engine.calibration = Calibration()   # the draft's own probabilities: a random model's are flat, so it branches
+    engine.calibration = Calibration()  # the draft's own probabilities: a random model's are flat, so it branches
     history = engine.tokenize("a tree of words", add_bos=True)
     tree = engine.plan(history, DraftShape(depth=3, budget=9, width=3))
-    second = next(n for n in tree.branches() if tree.parents[n] == -1)   # a root child that is not the pick
+    second = next(n for n in tree.branches() if tree.parents[n] == -1)  # a root child that is not the pick
     before = copy.copy(engine.branching)
-    after = history + [tree.tokens[second], 5]     # the target took it, then drew 5
+    after = history + [tree.tokens[second], 5]  # the target took it, then drew 5
     chain = engine.plan(after, DraftShape(depth=3, budget=3))
     assert (engine.branching.drafts, engine.branching.branched, engine.branching.taken) == (
-        before.drafts + 1, before.branched + 1, before.taken + 1)
-    assert chain.branches() == set()               # a chain sends only the draft's own picks
+        before.drafts + 1,
+        before.branched + 1,
+        before.taken + 1,
+    )
+    assert chain.branches() == set()  # a chain sends only the draft's own picks
     engine.plan(after + chain.wire_tokens[:1] + [9], DraftShape(depth=3, budget=3))
     assert (engine.branching.drafts, engine.branching.branched) == (before.drafts + 2, before.branched + 1)
 
@@ -151,6 +154,6 @@ def test_a_tree_whose_first_choices_are_always_taken_drafts_only_the_chain(engin
     history = engine.tokenize("the sea is", add_bos=True)
     tree = engine.plan(history, DraftShape(depth=5, budget=5, width=3))
     assert tree.wire_parents == [-1, 0, 1, 2, 3] and tree.branches() == set()
-    assert sum(tree.decoded(n) for n in range(len(tree.tokens))) == 5   # not one second choice decoded
+    assert sum(tree.decoded(n) for n in range(len(tree.tokens))) == 5  # not one second choice decoded
     fresh.reset()
     assert tree.wire_tokens == fresh.draft(history, 5)

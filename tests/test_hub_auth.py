@@ -18,8 +18,11 @@ from tests.conftest import REPO, AuthHub, hub_admin
 
 
 def open_body(info: dict) -> dict:
-    return {"protocol_version": PROTOCOL_VERSION, "vocab_size": info["vocab_size"],
-            "vocab_fingerprint": info["vocab_fingerprint"]}
+    return {
+        "protocol_version": PROTOCOL_VERSION,
+        "vocab_size": info["vocab_size"],
+        "vocab_fingerprint": info["vocab_fingerprint"],
+    }
 
 
 def open_session(client: httpx.Client) -> str:
@@ -32,8 +35,11 @@ def open_session(client: httpx.Client) -> str:
 def test_no_route_but_health_answers_without_a_token(auth_hub):
     with auth_hub.client("ada") as ada:
         schema = ada.get("/openapi.json").json()
-    routes = [(method.upper(), path.replace("{session_id}", "any")) for path, methods in schema["paths"].items()
-              for method in methods]
+    routes = [
+        (method.upper(), path.replace("{session_id}", "any"))
+        for path, methods in schema["paths"].items()
+        for method in methods
+    ]
     routes += [("GET", "/openapi.json"), ("GET", "/docs"), ("GET", "/metrics"), ("GET", "/v1/whoami")]
     assert ("POST", "/v1/sessions/any/verify") in routes
     for headers in ({}, {"Authorization": "Bearer not-a-token"}, {"Authorization": f"Basic {auth_hub.tokens['ada']}"}):
@@ -51,16 +57,24 @@ def test_no_route_but_health_answers_without_a_token(auth_hub):
 def test_whoami_names_the_user_and_limits(auth_hub):
     with auth_hub.client("bob") as bob:
         answer = bob.get("/v1/whoami").json()
-    assert answer == {"user": "bob", "sessions": 0, "tokens_left": None,
-                      "limits": {"max_sessions_per_user": 0, "tokens_per_minute": 0}}
+    assert answer == {
+        "user": "bob",
+        "sessions": 0,
+        "tokens_left": None,
+        "limits": {"max_sessions_per_user": 0, "tokens_per_minute": 0},
+    }
 
 
 def test_one_users_session_is_invisible_to_another(auth_hub):
     with auth_hub.client("ada") as ada, auth_hub.client("bob") as bob:
         session = open_session(ada)
         assert ada.post(f"/v1/sessions/{session}/feed", json={"tokens": [1, 20, 30]}).status_code == 200
-        for method, path, body in [("POST", "feed", {"tokens": [5]}), ("POST", "verify", {"tokens": [5], "draft": []}),
-                                   ("POST", "generate", {"max_tokens": 2}), ("DELETE", "", None)]:
+        for method, path, body in [
+            ("POST", "feed", {"tokens": [5]}),
+            ("POST", "verify", {"tokens": [5], "draft": []}),
+            ("POST", "generate", {"max_tokens": 2}),
+            ("DELETE", "", None),
+        ]:
             response = bob.request(method, f"/v1/sessions/{session}/{path}".rstrip("/"), json=body)
             assert response.status_code == 404, response.text
             assert response.json()["error"]["code"] == "session_not_found"
@@ -108,24 +122,41 @@ def test_logs_are_json_with_request_ids_and_no_token(auth_hub):
 
 
 def test_no_auth_is_refused_off_loopback(tiny):
-    result = subprocess.run([sys.executable, "-m", "hub_server", "serve", "--model", str(tiny.hf_dir),
-                             "--host", "0.0.0.0", "--no-auth"], cwd=REPO, capture_output=True, text=True, timeout=60)
+    result = subprocess.run(
+        [sys.executable, "-m", "hub_server", "serve", "--model", str(tiny.hf_dir), "--host", "0.0.0.0", "--no-auth"],
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
     assert result.returncode != 0
     assert "--no-auth is only allowed on a loopback address" in result.stderr
 
 
 def test_an_unwritable_data_dir_is_one_clear_error(tiny):
     for command in (["users", "list"], ["serve", "--model", str(tiny.hf_dir)]):
-        result = subprocess.run([sys.executable, "-m", "hub_server", *command, "--data-dir", "/proc/no-such-dir"],
-                                cwd=REPO, capture_output=True, text=True, timeout=60)
+        result = subprocess.run(
+            [sys.executable, "-m", "hub_server", *command, "--data-dir", "/proc/no-such-dir"],
+            cwd=REPO,
+            capture_output=True,
+            text=True,
+            timeout=60,
+        )
         assert result.returncode != 0 and "Traceback" not in result.stderr
         assert "cannot open the accounts database" in result.stderr and "--data-dir" in result.stderr
 
 
 @pytest.fixture(scope="module")
 def limited_hub(tiny, tmp_path_factory):
-    running = AuthHub(tiny.hf_dir, tmp_path_factory.mktemp("limited-hub"), ("ada", "bob", "cy"),
-                      "--max-sessions-per-user", "2", "--tokens-per-minute", "60")
+    running = AuthHub(
+        tiny.hf_dir,
+        tmp_path_factory.mktemp("limited-hub"),
+        ("ada", "bob", "cy"),
+        "--max-sessions-per-user",
+        "2",
+        "--tokens-per-minute",
+        "60",
+    )
     yield running
     running.stop()
 
@@ -141,7 +172,7 @@ def test_sessions_per_user_answer_429_and_recover(limited_hub):
         first, _ = open_session(ada), open_session(ada)
         info = ada.get("/v1/info").json()
         assert assert_limited(ada.post("/v1/sessions", json=open_body(info))) > 0
-        open_session(bob)                               # another user's limit is their own
+        open_session(bob)  # another user's limit is their own
         assert ada.delete(f"/v1/sessions/{first}").status_code == 204
         open_session(ada)
         assert ada.get("/v1/whoami").json()["sessions"] == 2
@@ -183,13 +214,13 @@ def test_requests_past_the_queue_cap_answer_429_and_recover(tiny, tmp_path):
             def feed(session: str) -> httpx.Response:
                 return client.post(f"/v1/sessions/{session}/feed", json={"tokens": [7] * 900})
 
-            with ThreadPoolExecutor(len(sessions)) as pool:      # twelve long prefills at once
+            with ThreadPoolExecutor(len(sessions)) as pool:  # twelve long prefills at once
                 answers = list(pool.map(feed, sessions))
             statuses = [answer.status_code for answer in answers]
             assert 200 in statuses and set(statuses) <= {200, 429}, statuses
             refused = next(answer for answer in answers if answer.status_code == 429)
             assert refused.json()["error"]["code"] == "hub_full" and int(refused.headers["Retry-After"]) > 0
             retry = next(s for s, answer in zip(sessions, answers) if answer.status_code == 429)
-            assert feed(retry).status_code == 200               # one at a time passes
+            assert feed(retry).status_code == 200  # one at a time passes
     finally:
         hub.stop()

@@ -20,8 +20,12 @@ def info(http):
 
 
 def open_body(info, **changes) -> dict:
-    body = {"protocol_version": PROTOCOL_VERSION, "vocab_size": info["vocab_size"],
-            "vocab_fingerprint": info["vocab_fingerprint"], "sampling": {"temperature": 0.0, "seed": 0}}
+    body = {
+        "protocol_version": PROTOCOL_VERSION,
+        "vocab_size": info["vocab_size"],
+        "vocab_fingerprint": info["vocab_fingerprint"],
+        "sampling": {"temperature": 0.0, "seed": 0},
+    }
     body.update(changes)
     return body
 
@@ -50,7 +54,9 @@ def test_vocabulary_mismatch_is_refused(http, info):
 
 
 def test_wrong_protocol_version_is_refused(http, info):
-    assert_error(http.post("/v1/sessions", json=open_body(info, protocol_version=99)), 422, "bad_request", "protocol version")
+    assert_error(
+        http.post("/v1/sessions", json=open_body(info, protocol_version=99)), 422, "bad_request", "protocol version"
+    )
 
 
 @pytest.mark.parametrize("ids", [[-1], [10**9], [3, 512]])
@@ -73,40 +79,56 @@ def test_context_past_the_model_limit(http, session, info):
 
 
 def test_verify_on_empty_context(http, session):
-    assert_error(http.post(f"/v1/sessions/{session}/verify", json={"tokens": [], "draft": [5]}), 422, "bad_request", "no context")
+    assert_error(
+        http.post(f"/v1/sessions/{session}/verify", json={"tokens": [], "draft": [5]}), 422, "bad_request", "no context"
+    )
 
 
 def test_unknown_session(http):
-    assert_error(http.post("/v1/sessions/nope/verify", json={"tokens": [5], "draft": []}), 404, "session_not_found", "nope")
+    assert_error(
+        http.post("/v1/sessions/nope/verify", json={"tokens": [5], "draft": []}), 404, "session_not_found", "nope"
+    )
     assert_error(http.delete("/v1/sessions/nope"), 404, "session_not_found", "nope")
 
 
-@pytest.mark.parametrize("body", [
-    b"{not json", b"[]", b'{"tokens": "abc", "draft": []}', b'{"tokens": [1.5], "draft": []}',
-    b'{"tokens": [true], "draft": []}', b'{"tokens": [1], "draft": [], "surprise": 1}',
-])
+@pytest.mark.parametrize(
+    "body",
+    [
+        b"{not json",
+        b"[]",
+        b'{"tokens": "abc", "draft": []}',
+        b'{"tokens": [1.5], "draft": []}',
+        b'{"tokens": [true], "draft": []}',
+        b'{"tokens": [1], "draft": [], "surprise": 1}',
+    ],
+)
 def test_malformed_bodies(http, session, body):
     response = http.post(f"/v1/sessions/{session}/verify", content=body, headers={"content-type": "application/json"})
     assert_error(response, 422, "bad_request", "malformed request")
 
 
 def test_body_too_large(http, session):
-    response = http.post(f"/v1/sessions/{session}/verify", content=b"1" * (2 << 20), headers={"content-type": "application/json"})
+    response = http.post(
+        f"/v1/sessions/{session}/verify", content=b"1" * (2 << 20), headers={"content-type": "application/json"}
+    )
     assert_error(response, 413, "body_too_large", "limited")
 
 
 def test_chunked_body_too_large(http, session):
-    chunks = (b"[" + b"1," * 100_000 for _ in range(12))      # no Content-Length: sent chunked
+    chunks = (b"[" + b"1," * 100_000 for _ in range(12))  # no Content-Length: sent chunked
     response = http.post(f"/v1/sessions/{session}/verify", content=chunks, headers={"content-type": "application/json"})
     assert_error(response, 413, "body_too_large", "limited")
 
 
-@pytest.mark.parametrize("draft, parents, words", [
-    ([6, 7], [0, 0], "parents[0] = 0"),            # a node its own parent: a cycle
-    ([6, 7, 8], [-1, 2, 1], "parents[1] = 2"),     # a forward reference
-    ([6, 7], [-1, -7], "parents[1] = -7"),
-    ([6, 7], [-1], "one per token"),
-])
+@pytest.mark.parametrize(
+    "draft, parents, words",
+    [
+        ([6, 7], [0, 0], "parents[0] = 0"),  # a node its own parent: a cycle
+        ([6, 7, 8], [-1, 2, 1], "parents[1] = 2"),  # a forward reference
+        ([6, 7], [-1, -7], "parents[1] = -7"),
+        ([6, 7], [-1], "one per token"),
+    ],
+)
 def test_bad_trees(http, session, draft, parents, words):
     response = http.post(f"/v1/sessions/{session}/verify", json={"tokens": [5], "draft": draft, "parents": parents})
     assert_error(response, 422, "bad_request", words)

@@ -33,12 +33,17 @@ def field(valid):
 
 
 known_fields = {
-    "tokens": field(id_lists), "draft": field(id_lists), "parents": field(st.none() | parents),
+    "tokens": field(id_lists),
+    "draft": field(id_lists),
+    "parents": field(st.none() | parents),
     "protocol_version": field(st.sampled_from([PROTOCOL_VERSION, 0, -1, 99])),
-    "vocab_size": field(st.integers(-5, 1000)), "vocab_fingerprint": field(st.text(max_size=200)),
-    "draft_model": field(st.text(max_size=300)), "stop_token_ids": field(id_lists),
-    "sampling": field(st.fixed_dictionaries({}, optional={"temperature": field(st.floats(-1, 200)),
-                                                          "seed": field(token_ids)})),
+    "vocab_size": field(st.integers(-5, 1000)),
+    "vocab_fingerprint": field(st.text(max_size=200)),
+    "draft_model": field(st.text(max_size=300)),
+    "stop_token_ids": field(id_lists),
+    "sampling": field(
+        st.fixed_dictionaries({}, optional={"temperature": field(st.floats(-1, 200)), "seed": field(token_ids)})
+    ),
     "mode": field(st.sampled_from(["autoregressive", "speculative", "greedy", ""])),
     "max_tokens": field(st.integers(-3, 12) | st.integers(2000, 10**6)),
     "draft_len": field(st.integers(-3, 80)),
@@ -48,12 +53,22 @@ bodies = st.one_of(
     json_values,
     st.binary(max_size=64),
 )
-routes = st.sampled_from([
-    ("POST", "/v1/sessions"), ("POST", "/v1/sessions/{s}/feed"), ("POST", "/v1/sessions/{s}/verify"),
-    ("POST", "/v1/sessions/{s}/generate"), ("DELETE", "/v1/sessions/{s}"), ("GET", "/v1/info"),
-    ("GET", "/v1/whoami"), ("PUT", "/v1/sessions/{s}/verify"), ("GET", "/v1/sessions/{s}"),
-])
-session_ids = st.sampled_from(["live", "live", "live", "nope", "..", "%00", "a" * 300]) | st.text(min_size=1, max_size=20)
+routes = st.sampled_from(
+    [
+        ("POST", "/v1/sessions"),
+        ("POST", "/v1/sessions/{s}/feed"),
+        ("POST", "/v1/sessions/{s}/verify"),
+        ("POST", "/v1/sessions/{s}/generate"),
+        ("DELETE", "/v1/sessions/{s}"),
+        ("GET", "/v1/info"),
+        ("GET", "/v1/whoami"),
+        ("PUT", "/v1/sessions/{s}/verify"),
+        ("GET", "/v1/sessions/{s}"),
+    ]
+)
+session_ids = st.sampled_from(["live", "live", "live", "nope", "..", "%00", "a" * 300]) | st.text(
+    min_size=1, max_size=20
+)
 credentials = st.sampled_from(["ada", "ada", "ada", "bob", "none", "junk"])
 
 
@@ -71,12 +86,14 @@ def fuzz_target(auth_hub):
 def test_generated_requests_never_answer_5xx(fuzz_target):
     clients, info = fuzz_target
     ada = clients["ada"]
-    opening = {"protocol_version": PROTOCOL_VERSION, "vocab_size": info["vocab_size"],
-               "vocab_fingerprint": info["vocab_fingerprint"]}
+    opening = {
+        "protocol_version": PROTOCOL_VERSION,
+        "vocab_size": info["vocab_size"],
+        "vocab_fingerprint": info["vocab_fingerprint"],
+    }
     sent: list[int] = []
 
-    @settings(max_examples=EXAMPLES, deadline=None, database=None,
-              suppress_health_check=list(HealthCheck))
+    @settings(max_examples=EXAMPLES, deadline=None, database=None, suppress_health_check=list(HealthCheck))
     @given(route=routes, body=bodies, session_id=session_ids, who=credentials, prompt=st.booleans())
     def one_request(route, body, session_id, who, prompt):
         method, template = route
@@ -98,8 +115,10 @@ def test_generated_requests_never_answer_5xx(fuzz_target):
     started = time.monotonic()
     one_request()
     statuses = sorted(set(sent))
-    print(f"\nfuzz: {len(sent)} generated requests to a real hub in {time.monotonic() - started:.0f} s, "
-          f"statuses seen {statuses}")
+    print(
+        f"\nfuzz: {len(sent)} generated requests to a real hub in {time.monotonic() - started:.0f} s, "
+        f"statuses seen {statuses}"
+    )
     assert len(sent) >= 1000
     assert 200 in sent and 422 in sent and 401 in sent and 404 in sent
     session = ada.post("/v1/sessions", json=opening).json()["session_id"]

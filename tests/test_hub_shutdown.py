@@ -17,8 +17,14 @@ def test_sigterm_finishes_in_flight_requests_and_exits_0(tiny, tmp_path):
     hub = RunningHub(tiny.hf_dir, tmp_path, "--shutdown-timeout", "60")
     with httpx.Client(base_url=hub.url, timeout=60) as client:
         info = client.get("/v1/info").json()
-        session = client.post("/v1/sessions", json={"protocol_version": PROTOCOL_VERSION, "vocab_size": info["vocab_size"],
-                                                    "vocab_fingerprint": info["vocab_fingerprint"]}).json()["session_id"]
+        session = client.post(
+            "/v1/sessions",
+            json={
+                "protocol_version": PROTOCOL_VERSION,
+                "vocab_size": info["vocab_size"],
+                "vocab_fingerprint": info["vocab_fingerprint"],
+            },
+        ).json()["session_id"]
         chunks: list[dict] = []
         first_chunk = threading.Event()
 

@@ -21,9 +21,28 @@ pytestmark = pytest.mark.skipif(shutil.which("openssl") is None, reason="needs t
 def certificate(tmp_path_factory):
     """A self-signed certificate for 127.0.0.1: a private CA of one."""
     folder = tmp_path_factory.mktemp("tls")
-    subprocess.run(["openssl", "req", "-x509", "-newkey", "rsa:2048", "-nodes", "-days", "1", "-subj", "/CN=127.0.0.1",
-                    "-addext", "subjectAltName=IP:127.0.0.1", "-keyout", str(folder / "key.pem"),
-                    "-out", str(folder / "cert.pem")], check=True, capture_output=True)
+    subprocess.run(
+        [
+            "openssl",
+            "req",
+            "-x509",
+            "-newkey",
+            "rsa:2048",
+            "-nodes",
+            "-days",
+            "1",
+            "-subj",
+            "/CN=127.0.0.1",
+            "-addext",
+            "subjectAltName=IP:127.0.0.1",
+            "-keyout",
+            str(folder / "key.pem"),
+            "-out",
+            str(folder / "cert.pem"),
+        ],
+        check=True,
+        capture_output=True,
+    )
     return folder / "key.pem", folder / "cert.pem"
 
 
@@ -32,9 +51,26 @@ def tls_hub(tiny, certificate, tmp_path_factory):
     key, cert = certificate
     port = free_port()
     log = tmp_path_factory.mktemp("tls-hub") / "hub.log"
-    process = subprocess.Popen([sys.executable, "-m", "hub_server", "serve", "--model", str(tiny.hf_dir), "--port", str(port),
-                                "--no-auth", "--ssl-keyfile", str(key), "--ssl-certfile", str(cert)],
-                               cwd=REPO, stdout=log.open("wb"), stderr=subprocess.STDOUT)
+    process = subprocess.Popen(
+        [
+            sys.executable,
+            "-m",
+            "hub_server",
+            "serve",
+            "--model",
+            str(tiny.hf_dir),
+            "--port",
+            str(port),
+            "--no-auth",
+            "--ssl-keyfile",
+            str(key),
+            "--ssl-certfile",
+            str(cert),
+        ],
+        cwd=REPO,
+        stdout=log.open("wb"),
+        stderr=subprocess.STDOUT,
+    )
     url = f"https://127.0.0.1:{port}"
     trust = ssl.create_default_context(cafile=str(cert))
     deadline = time.monotonic() + 120

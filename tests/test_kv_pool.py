@@ -24,8 +24,12 @@ def test_sliding_layers_hold_only_their_window():
 
 def test_an_explicit_context_that_does_not_fit_is_refused_with_what_to_change():
     with pytest.raises(KVBudgetError, match="--max-sessions or --max-context, or raise --kv-memory-gib"):
-        plan_kv(BIG, slots=16, max_context=8192, model_limit=32768, budget_bytes=12 * GIB, budget_source="--kv-memory-gib")
-    plan = plan_kv(BIG, slots=8, max_context=4096, model_limit=32768, budget_bytes=10 * GIB, budget_source="--kv-memory-gib")
+        plan_kv(
+            BIG, slots=16, max_context=8192, model_limit=32768, budget_bytes=12 * GIB, budget_source="--kv-memory-gib"
+        )
+    plan = plan_kv(
+        BIG, slots=8, max_context=4096, model_limit=32768, budget_bytes=10 * GIB, budget_source="--kv-memory-gib"
+    )
     assert (plan.slots, plan.max_context) == (8, 4096)
 
 
@@ -62,8 +66,8 @@ def test_ancestor_masks_of_a_tree_and_a_padded_chain():
     # root -> 0 -> 1, root -> 2 ; then a chain of two padded to the same width.
     masks = ancestor_masks([[-1, 0, -1], [-1, 0]], width=3)
     assert masks[0].int().tolist() == [[1, 0, 0], [1, 1, 0], [0, 0, 1]]
-    assert masks[1].int().tolist() == [[1, 0, 0], [1, 1, 0], [0, 0, 1]]   # the padding sees itself
-    wide = ancestor_masks([list(range(-1, 69))], width=70)                 # past one byte of bits
+    assert masks[1].int().tolist() == [[1, 0, 0], [1, 1, 0], [0, 0, 1]]  # the padding sees itself
+    wide = ancestor_masks([list(range(-1, 69))], width=70)  # past one byte of bits
     assert torch.equal(wide[0], torch.tril(torch.ones(70, 70, dtype=torch.bool)))
 
 

@@ -100,7 +100,7 @@ def test_seeded_sampling_is_reproducible_and_equals_target_sampling(drafts, hub,
     first = runs[0][0]
     assert first.token_ids == target_alone.decode(first.prompt_token_ids, 30, stop, temperature=0.9, seed=1234)
     if kind == "perfect" and not tree_budget:  # the draft samples with the hub's position-keyed uniform
-        assert first.stats.acceptance > 0.9        # so the same model draws the same tokens
+        assert first.stats.acceptance > 0.9  # so the same model draws the same tokens
 
 
 def test_sampled_tokens_follow_the_target_distribution(drafts, hub, target_alone):
@@ -115,7 +115,7 @@ def test_sampled_tokens_follow_the_target_distribution(drafts, hub, target_alone
     counts: dict[int, int] = {}
     for seed in range(n_seeds):
         settings = DecodeSettings(max_tokens=2, temperature=temperature, seed=seed, draft_len=1)
-        (_, reply), = chat_turns(engine, hub, settings, [PROMPTS[0]])
+        ((_, reply),) = chat_turns(engine, hub, settings, [PROMPTS[0]])
         prompt_ids = reply.prompt_token_ids
         counts[reply.token_ids[0]] = counts.get(reply.token_ids[0], 0) + 1
     probs = torch.softmax(target_alone.next_logits(prompt_ids).double() / temperature, dim=-1).numpy()
@@ -136,4 +136,3 @@ def _binned(counts: dict[int, int], probs: np.ndarray, n: int) -> tuple[np.ndarr
         observed.append(rest_observed)
         expected_big.append(rest_expected)
     return np.array(observed, dtype=float), np.array(expected_big)
-

@@ -34,8 +34,11 @@ def test_same_field_names(client_cls, hub_cls):
 
 def test_client_requests_validate_on_the_hub():
     request = client_wire.OpenSessionRequest(
-        vocab_size=512, vocab_fingerprint="ab" * 32, draft_model="draft.gguf",
-        sampling=client_wire.Sampling(temperature=0.7, seed=11), stop_token_ids=[2],
+        vocab_size=512,
+        vocab_fingerprint="ab" * 32,
+        draft_model="draft.gguf",
+        sampling=client_wire.Sampling(temperature=0.7, seed=11),
+        stop_token_ids=[2],
     )
     parsed = hub_wire.OpenSessionRequest.model_validate(request.to_json())
     assert parsed.sampling.temperature == 0.7 and parsed.sampling.seed == 11
@@ -47,11 +50,14 @@ def test_client_requests_validate_on_the_hub():
 
 def test_hub_responses_parse_on_the_client():
     response = hub_wire.VerifyResponse(accepted=2, tokens=[4, 5, 6], context_len=30, verify_ms=1.5)
-    assert client_wire.VerifyResponse.from_json(response.model_dump()) == client_wire.VerifyResponse(2, [4, 5, 6], 30, 1.5)
+    assert client_wire.VerifyResponse.from_json(response.model_dump()) == client_wire.VerifyResponse(
+        2, [4, 5, 6], 30, 1.5
+    )
     opened = hub_wire.OpenSessionResponse(session_id="s", model="m", max_draft_tokens=8, max_context=100)
     assert client_wire.OpenSessionResponse.from_json(opened.model_dump()).session_id == "s"
-    info = hub_wire.HubInfo(protocol_version=1, model="m", vocab_size=3, vocab_fingerprint="f",
-                            max_draft_tokens=8, max_context=100)
+    info = hub_wire.HubInfo(
+        protocol_version=1, model="m", vocab_size=3, vocab_fingerprint="f", max_draft_tokens=8, max_context=100
+    )
     assert client_wire.HubInfo.from_json(info.model_dump()) == client_wire.HubInfo(1, "m", 3, "f", 8, 100)
     chunk = hub_wire.GenerateChunk(tokens=[1, 2], done=True, verifies=3, context_len=9)
     assert client_wire.GenerateChunk.from_json(chunk.model_dump()) == client_wire.GenerateChunk([1, 2], True, 3, 9)
@@ -67,7 +73,11 @@ def test_hub_refuses_unknown_and_mistyped_fields():
 
 
 def test_whoami_parses_on_the_client():
-    answer = hub_wire.WhoAmIResponse(user="ada", sessions=2, tokens_left=90,
-                                     limits=hub_wire.UserLimits(max_sessions_per_user=4, tokens_per_minute=100))
+    answer = hub_wire.WhoAmIResponse(
+        user="ada",
+        sessions=2,
+        tokens_left=90,
+        limits=hub_wire.UserLimits(max_sessions_per_user=4, tokens_per_minute=100),
+    )
     parsed = client_wire.WhoAmIResponse.from_json(answer.model_dump())
     assert parsed == client_wire.WhoAmIResponse("ada", client_wire.UserLimits(4, 100), 2, 90)

@@ -28,8 +28,11 @@ def restart_later(hub: RunningHub, tiny, tmp_path, started: list) -> threading.T
     hub.process.kill()
     hub.process.wait()
     port = int(hub.url.rsplit(":", 1)[1])
-    thread = threading.Thread(target=lambda: started.append(
-        RunningHub(tiny.hf_dir, tmp_path / "hub-again", "--max-draft-tokens", "16", port=port)))
+    thread = threading.Thread(
+        target=lambda: started.append(
+            RunningHub(tiny.hf_dir, tmp_path / "hub-again", "--max-draft-tokens", "16", port=port)
+        )
+    )
     thread.start()
     return thread
 

@@ -167,7 +167,12 @@ def test_continue_resumes_the_last_conversation_in_a_new_session(tiny, hub, targ
     shown = json.loads(run_specedge("logs", "show", "1", "--json").stdout)
     assert [t["token_ids"] for t in shown["turns"]] == [first["token_ids"], second["token_ids"], third["token_ids"]]
     listed = run_specedge("logs", "list").stdout.splitlines()
-    assert len(listed) == 1 and listed[0].split()[0] == "1" and tiny.gguf_q8.name in listed[0] and "the dog ran" in listed[0]
+    assert (
+        len(listed) == 1
+        and listed[0].split()[0] == "1"
+        and tiny.gguf_q8.name in listed[0]
+        and "the dog ran" in listed[0]
+    )
 
 
 def test_logs_off_keeps_nothing_and_on_keeps_again(tiny, hub):
@@ -185,8 +190,21 @@ def test_logs_off_keeps_nothing_and_on_keeps_again(tiny, hub):
 
 def test_a_hub_that_goes_away_is_one_line_and_the_repl_stays(tiny, tmp_path, target_alone):
     own_hub = RunningHub(tiny.hf_dir, tmp_path / "hub")
-    term = Terminal([sys.executable, "-m", "specedge_cli", "chat", "--hub", own_hub.url, "--model", str(tiny.gguf_f32),
-                     "--max-tokens", "6"], {"SPECEDGE_HOME": os.environ["SPECEDGE_HOME"], "SPECEDGE_RECONNECT_S": "1"})
+    term = Terminal(
+        [
+            sys.executable,
+            "-m",
+            "specedge_cli",
+            "chat",
+            "--hub",
+            own_hub.url,
+            "--model",
+            str(tiny.gguf_f32),
+            "--max-tokens",
+            "6",
+        ],
+        {"SPECEDGE_HOME": os.environ["SPECEDGE_HOME"], "SPECEDGE_RECONNECT_S": "1"},
+    )
     try:
         term.wait_for(">>> ")
         term.type("the cat sat on")

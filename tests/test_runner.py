@@ -24,10 +24,19 @@ def gemma_dir(tiny, tmp_path_factory):
     from transformers import AutoModelForCausalLM, Gemma3TextConfig
 
     config = Gemma3TextConfig(
-        vocab_size=512, hidden_size=64, intermediate_size=128, num_hidden_layers=4,
-        num_attention_heads=4, num_key_value_heads=2, head_dim=16, sliding_window=8,
+        vocab_size=512,
+        hidden_size=64,
+        intermediate_size=128,
+        num_hidden_layers=4,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        head_dim=16,
+        sliding_window=8,
         layer_types=["sliding_attention", "sliding_attention", "full_attention", "sliding_attention"],
-        max_position_embeddings=1024, bos_token_id=1, eos_token_id=2, pad_token_id=0,
+        max_position_embeddings=1024,
+        bos_token_id=1,
+        eos_token_id=2,
+        pad_token_id=0,
     )
     torch.manual_seed(5)
     model = AutoModelForCausalLM.from_config(config)
@@ -74,7 +83,7 @@ def prefilled(runner: ModelRunner, context: list[int]):
 
 def job(runner, kv, context, draft, parents=None, temperature=0.0, seed=0) -> VerifyJob:
     parents = chain_parents(len(draft)) if parents is None else parents
-    return VerifyJob(kv, context[kv.length:], draft, parents, temperature, seed, NO_STOP)
+    return VerifyJob(kv, context[kv.length :], draft, parents, temperature, seed, NO_STOP)
 
 
 CONTEXTS = [[1, 40, 41, 42], [1, 7] * 9, [1, 300, 301, 302, 303, 304, 305, 306, 307, 308, 309, 310, 311, 312]]
@@ -94,7 +103,9 @@ def test_batched_verify_equals_one_session_at_a_time(target):
         assert (a.path, a.emitted) == (t.path, t.emitted)
         assert a.kv.length == t.kv.length
         for layer in range(len(runner.layer_types)):
-            torch.testing.assert_close(runner.stored_kv(a.kv, layer), runner.stored_kv(t.kv, layer), atol=1e-4, rtol=1e-4)
+            torch.testing.assert_close(
+                runner.stored_kv(a.kv, layer), runner.stored_kv(t.kv, layer), atol=1e-4, rtol=1e-4
+            )
 
 
 def test_a_long_prompt_is_fed_apart_only_when_it_saves_padding():
@@ -102,9 +113,9 @@ def test_a_long_prompt_is_fed_apart_only_when_it_saves_padding():
     # (plus a pass) apart and 4 x 9 in the batch.
     assert feed_apart([(100, 0), (1, 8), (1, 8), (1, 8)], pass_overhead=2) == [0]
     assert feed_apart([(100, 0), (1, 8), (1, 8), (1, 8)], pass_overhead=4096) == []
-    assert feed_apart([(100, 8)], pass_overhead=0) == []           # alone, nothing is padded
-    assert feed_apart([(10, 8), (1, 8)], pass_overhead=2) == [0]   # 2 x 9 saved for 9 + 2
-    assert feed_apart([(10, 8), (1, 8)], pass_overhead=9) == []    # 2 x 9 saved for 9 + 9: no gain
+    assert feed_apart([(100, 8)], pass_overhead=0) == []  # alone, nothing is padded
+    assert feed_apart([(10, 8), (1, 8)], pass_overhead=2) == [0]  # 2 x 9 saved for 9 + 2
+    assert feed_apart([(10, 8), (1, 8)], pass_overhead=9) == []  # 2 x 9 saved for 9 + 9: no gain
     # Taking out the 80 alone leaves the batch 64 wide; taking out both leaves it 9 wide.
     assert feed_apart([(60, 4), (80, 0), (1, 8)], pass_overhead=2) == [1, 0]
     assert feed_apart([(1, 8), (1, 3)], pass_overhead=0) == []
@@ -122,7 +133,7 @@ def test_new_prompts_batched_with_drafts_decode_like_the_target_alone(target):
     assert len(jobs[0].pending) == len(long_prompt)
     feeds = list(runner.feeds)
     runner.verify_batch(jobs)
-    assert runner.feeds[0] == feeds[0] + 1 and runner.feeds[1] > feeds[1]   # fed apart, and timed
+    assert runner.feeds[0] == feeds[0] + 1 and runner.feeds[1] > feeds[1]  # fed apart, and timed
     for j, e, c, kv in zip(jobs, expected, contexts, slots):
         assert j.emitted == e
         assert kv.length == len(c) + 5
@@ -161,7 +172,7 @@ def test_batched_rounds_decode_exactly_like_the_target_alone(target):
         jobs = []
         for i, (context, kv) in enumerate(zip(contexts, slots)):
             # Perfect drafts of varying length, with one wrong token now and then.
-            want = expected[i][len(generated[i]): len(generated[i]) + 1 + (i + round_number) % 4]
+            want = expected[i][len(generated[i]) : len(generated[i]) + 1 + (i + round_number) % 4]
             draft = list(want)
             if round_number % 3 == i % 3 and draft:
                 draft[-1] = (draft[-1] + 1) % 512
@@ -191,7 +202,9 @@ def test_tree_picks_the_matching_branch_and_compacts_the_cache(target):
     runner.verify_batch([chain])
     assert chain.emitted == tree.emitted and tree.kv.length == chain.kv.length
     for layer in range(len(runner.layer_types)):
-        torch.testing.assert_close(runner.stored_kv(tree.kv, layer), runner.stored_kv(chain.kv, layer), atol=1e-4, rtol=1e-4)
+        torch.testing.assert_close(
+            runner.stored_kv(tree.kv, layer), runner.stored_kv(chain.kv, layer), atol=1e-4, rtol=1e-4
+        )
     # The compacted cache decodes on exactly like the target alone.
     next_context = context + tree.emitted
     follow = job(runner, tree.kv, next_context, greedy(target_alone, next_context, 3))
@@ -227,8 +240,9 @@ def test_a_batch_of_greedy_and_sampled_rows_decodes_each_like_the_target_alone(t
     expected_greedy = greedy(target_alone, greedy_context, 4)
     expected_sampled = target_alone.decode(sampled_context, 3, temperature=1.0, seed=9)
     greedy_job = job(runner, prefilled(runner, greedy_context), greedy_context, expected_greedy[:3])
-    sampled_job = job(runner, prefilled(runner, sampled_context), sampled_context, expected_sampled[:2],
-                      temperature=1.0, seed=9)
+    sampled_job = job(
+        runner, prefilled(runner, sampled_context), sampled_context, expected_sampled[:2], temperature=1.0, seed=9
+    )
     runner.verify_batch([greedy_job, sampled_job])
     assert greedy_job.emitted == expected_greedy
     assert sampled_job.emitted == expected_sampled
@@ -248,5 +262,5 @@ def test_warm_up_gives_its_slots_back_and_leaves_no_trace(target):
     runner.verify_batch([single])
     assert single.emitted == expected
     pair = [job(runner, prefilled(runner, c), c, [5, 6, 7]) for c in CONTEXTS[:2]]
-    runner.verify_batch(pair)                  # a second pass size: the fixed part can be told apart
+    runner.verify_batch(pair)  # a second pass size: the fixed part can be told apart
     assert runner.pass_costs.fixed_s() >= 0.0

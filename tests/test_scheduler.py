@@ -32,7 +32,7 @@ def test_a_lone_request_with_nothing_on_its_way_does_not_wait():
 def test_a_batch_waits_for_an_announced_job():
     runner = SimulatedRunner(0.0)
     scheduler = Scheduler(runner, max_batch=8, max_wait_s=60)
-    with scheduler.announce():           # a caller preparing "b" (e.g. the hub drafting)
+    with scheduler.announce():  # a caller preparing "b" (e.g. the hub drafting)
         first = scheduler.submit("a")
         time.sleep(0.05)
         second = scheduler.submit("b")
@@ -44,7 +44,7 @@ def test_a_batch_waits_for_an_announced_job():
 def test_the_wait_for_announced_jobs_is_bounded():
     runner = SimulatedRunner(0.0)
     scheduler = Scheduler(runner, max_batch=8, max_wait_s=0.05)
-    with scheduler.announce():           # announced, but never submitted while "a" waits
+    with scheduler.announce():  # announced, but never submitted while "a" waits
         assert scheduler.submit("a").result(timeout=5) == "a"
     assert runner.batches == [["a"]]
     scheduler.stop()
@@ -126,7 +126,7 @@ def test_generations_announced_for_their_life_share_the_next_pass():
         with scheduler.announce() as announcement:
             both_started.wait()
             for step in range(steps):
-                time.sleep(pause_s)      # streaming the chunk, drafting the next step
+                time.sleep(pause_s)  # streaming the chunk, drafting the next step
                 scheduler.submit(f"{name}{step}", announcement).result(timeout=10)
 
     threads = [threading.Thread(target=generation, args=(name, 3, pause)) for name, pause in (("a", 0.0), ("b", 0.05))]
@@ -140,7 +140,7 @@ def test_generations_announced_for_their_life_share_the_next_pass():
 
 def test_a_finished_generation_is_not_waited_for():
     runner = SimulatedRunner(0.0)
-    scheduler = Scheduler(runner, max_batch=8, max_wait_s=60)   # a wait would time the result out
+    scheduler = Scheduler(runner, max_batch=8, max_wait_s=60)  # a wait would time the result out
     with scheduler.announce() as announcement:
         scheduler.submit("last step", announcement).result(timeout=5)
     assert scheduler.submit("another user").result(timeout=5) == "another user"
@@ -150,18 +150,19 @@ def test_a_finished_generation_is_not_waited_for():
 def test_the_pass_cost_fit_splits_a_pass_into_its_fixed_part_and_a_part_per_token():
     fit = PassCostFit()
     fit.add(36, 0.30)
-    assert fit.fixed_s() is None               # one pass size says nothing about the split
-    for tokens in (9, 18, 36, 72):             # a CPU: reading the weights, then every token
+    assert fit.fixed_s() is None  # one pass size says nothing about the split
+    for tokens in (9, 18, 36, 72):  # a CPU: reading the weights, then every token
         fit.add(tokens, 0.16 + 0.0067 * tokens)
     assert abs(fit.fixed_s() - 0.16) < 0.02 and abs(fit.per_token_s() - 0.0067) < 0.0005
-    flat = PassCostFit()                       # a GPU: a pass costs its launches, whatever it holds
+    flat = PassCostFit()  # a GPU: a pass costs its launches, whatever it holds
     for tokens in (1, 72, 144):
         flat.add(tokens, 0.04)
     assert abs(flat.fixed_s() - 0.04) < 1e-6 and flat.per_token_s() < 1e-9
 
 
-def _returning_user_meets_a_queued_one(runner: SimulatedRunner, scheduler: Scheduler, think_s: float,
-                                       forget: bool = False, newcomer: str = "B") -> list[list[str]]:
+def _returning_user_meets_a_queued_one(
+    runner: SimulatedRunner, scheduler: Scheduler, think_s: float, forget: bool = False, newcomer: str = "B"
+) -> list[list[str]]:
     """User B verifies, drafts for `think_s`, verifies again, a few times; then `newcomer` (B, or
     a new session) verifies, and during that pass user A queues. Returns the batches from that
     pass on."""
@@ -169,9 +170,9 @@ def _returning_user_meets_a_queued_one(runner: SimulatedRunner, scheduler: Sched
         scheduler.submit(f"b{step}", key="B").result(timeout=5)
         time.sleep(think_s)
     if newcomer != "B":
-        scheduler.forget("B")                  # B's session closed; the newcomer's opens
+        scheduler.forget("B")  # B's session closed; the newcomer's opens
     last = scheduler.submit("b3", key=newcomer)
-    time.sleep(0.05)                           # b3 is on the device
+    time.sleep(0.05)  # b3 is on the device
     first = len(runner.batches) - 1
     if forget:
         scheduler.forget("B")
@@ -208,5 +209,7 @@ def test_users_due_back_later_or_forgotten_are_not_waited_for():
     scheduler = Scheduler(runner, max_batch=8, max_wait_s=0.0, merge_share=0.5, pass_fixed_s=lambda: 0.2)
     assert _returning_user_meets_a_queued_one(runner, scheduler, think_s=0.03, forget=True) == [["b3"], ["a"], ["b4"]]
     runner = SimulatedRunner(0.2)
-    scheduler = Scheduler(runner, max_batch=8, max_wait_s=0.0, merge_share=0.0, pass_fixed_s=lambda: 0.2)   # switched off
+    scheduler = Scheduler(
+        runner, max_batch=8, max_wait_s=0.0, merge_share=0.0, pass_fixed_s=lambda: 0.2
+    )  # switched off
     assert _returning_user_meets_a_queued_one(runner, scheduler, think_s=0.03) == [["b3"], ["a"], ["b4"]]

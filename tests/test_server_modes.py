@@ -4,9 +4,9 @@ from __future__ import annotations
 
 import pytest
 
+from specedge_cli.errors import HubRejected
 from specedge_cli.remote import protocol as wire
 from specedge_cli.remote.client import HubClient
-from specedge_cli.errors import HubRejected
 from tests.conftest import RunningHub
 
 PROMPT = [1, 261, 412, 425, 281, 300]
@@ -21,15 +21,20 @@ def hub_with_draft(tiny, tmp_path_factory):
 
 def open_session(client: HubClient, temperature: float = 0.0, seed: int = 0) -> str:
     info = client.info()
-    return client.open_session(wire.OpenSessionRequest(
-        vocab_size=info.vocab_size, vocab_fingerprint=info.vocab_fingerprint,
-        sampling=wire.Sampling(temperature=temperature, seed=seed),
-    )).session_id
+    return client.open_session(
+        wire.OpenSessionRequest(
+            vocab_size=info.vocab_size,
+            vocab_fingerprint=info.vocab_fingerprint,
+            sampling=wire.Sampling(temperature=temperature, seed=seed),
+        )
+    ).session_id
 
 
 def generate(client: HubClient, mode: str, max_tokens: int, **sampling) -> tuple[list[int], wire.GenerateChunk]:
     session = open_session(client, **sampling)
-    chunks = list(client.generate(session, wire.GenerateRequest(mode=mode, tokens=PROMPT, max_tokens=max_tokens, draft_len=4)))
+    chunks = list(
+        client.generate(session, wire.GenerateRequest(mode=mode, tokens=PROMPT, max_tokens=max_tokens, draft_len=4))
+    )
     client.close_session(session)
     assert chunks[-1].done and not any(c.done for c in chunks[:-1])
     return [t for c in chunks for t in c.tokens], chunks[-1]
@@ -61,8 +66,17 @@ def test_metrics_report_sessions_batches_and_tokens_by_mode(hub_with_draft):
     with HubClient(hub_with_draft.url) as client:
         generate(client, "autoregressive", 5)
         page = client._http.get("/metrics").text
-    for name in ("specedge_active_sessions", "specedge_queue_depth", "specedge_kv_bytes", "specedge_batch_size_last",
-                 "specedge_verify_seconds_count", "specedge_tokens_per_verify", "specedge_device_busy_seconds_total"):
+    for name in (
+        "specedge_active_sessions",
+        "specedge_queue_depth",
+        "specedge_kv_bytes",
+        "specedge_batch_size_last",
+        "specedge_verify_seconds_count",
+        "specedge_tokens_per_verify",
+        "specedge_device_busy_seconds_total",
+    ):
         assert name in page
-    emitted = [line for line in page.splitlines() if line.startswith('specedge_emitted_tokens_total{mode="autoregressive"}')]
+    emitted = [
+        line for line in page.splitlines() if line.startswith('specedge_emitted_tokens_total{mode="autoregressive"}')
+    ]
     assert emitted and float(emitted[0].split()[-1]) >= 5

@@ -17,15 +17,18 @@ PROMPT = [1, 300, 301, 302, 303]
 
 @pytest.fixture(scope="module")
 def small_hub(tiny, tmp_path_factory):
-    running = RunningHub(tiny.hf_dir, tmp_path_factory.mktemp("hub-small"), "--max-sessions", "2",
-                         "--session-idle-s", "1")
+    running = RunningHub(
+        tiny.hf_dir, tmp_path_factory.mktemp("hub-small"), "--max-sessions", "2", "--session-idle-s", "1"
+    )
     yield running
     running.stop()
 
 
 def open_session(client: HubClient) -> str:
     info = client.info()
-    return client.open_session(wire.OpenSessionRequest(vocab_size=info.vocab_size, vocab_fingerprint=info.vocab_fingerprint)).session_id
+    return client.open_session(
+        wire.OpenSessionRequest(vocab_size=info.vocab_size, vocab_fingerprint=info.vocab_fingerprint)
+    ).session_id
 
 
 def test_full_hub_answers_429_with_retry_after_and_recovers(small_hub):
@@ -53,7 +56,7 @@ def test_evicted_session_resumes_from_the_clients_history(small_hub, target_alon
         client.feed(resumed, history)
         generated = list(reply.tokens)
         while len(generated) < 12:
-            step = client.verify(resumed, tokens=[], draft=expected[len(generated): len(generated) + 2])
+            step = client.verify(resumed, tokens=[], draft=expected[len(generated) : len(generated) + 2])
             generated += step.tokens
         client.close_session(resumed)
     assert generated[:12] == expected

@@ -31,7 +31,9 @@ def test_config_set_show_unset_path():
     assert rows["temperature"][1:] == ["0.7", "config"] and rows["seed"][1:] == ["9", "env"]
     assert rows["max-tokens"][1:] == ["256", "default"]
     run_specedge("config", "unset", "temperature")
-    assert "default" in [line for line in run_specedge("config", "show").stdout.splitlines() if "temperature" in line][0]
+    assert (
+        "default" in [line for line in run_specedge("config", "show").stdout.splitlines() if "temperature" in line][0]
+    )
     assert run_specedge("config", "path").stdout.strip().endswith("config.json")
     bad = run_specedge("config", "set", "colour", "red")
     assert bad.returncode == 1 and "unknown setting 'colour'" in bad.stderr and "Traceback" not in bad.stderr
@@ -44,12 +46,12 @@ def test_chat_takes_settings_from_the_config_file(tiny, hub, target_alone):
     assert result.returncode == 0, result.stderr
     out = json.loads(result.stdout)
     assert len(out["token_ids"]) <= 6 and out["stats"]["draft_tokens"] <= 2 * out["stats"]["verify_rounds"]
-    assert out["token_ids"] == target_alone.decode(out["prompt_token_ids"], 6)[:len(out["token_ids"])]
+    assert out["token_ids"] == target_alone.decode(out["prompt_token_ids"], 6)[: len(out["token_ids"])]
 
 
 def test_proactive_is_on_off_or_auto_and_a_bad_value_says_which():
     assert run_specedge("config", "set", "proactive", "auto").returncode == 0
-    assert chat_settings().proactive is None          # chosen when the chat knows its hub
+    assert chat_settings().proactive is None  # chosen when the chat knows its hub
     assert "auto" in run_specedge("config", "show").stdout
     assert run_specedge("config", "set", "proactive", "off").returncode == 0
     assert chat_settings().proactive is False

@@ -16,14 +16,13 @@ import sentencepiece as spm
 import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
-from tests.tiny_models import (BOS_ID, EOS_ID, UNK_ID, VOCAB_SIZE, TinyModel, build_tiny_model,
-                               build_tokenizer)
+from tests.tiny_models import BOS_ID, EOS_ID, UNK_ID, VOCAB_SIZE, TinyModel, build_tiny_model, build_tokenizer
 
 PROMPTS = ["The cat sat on", "Once upon a time", "def add(a, b):", "What is your name?"]
 MORE_PROMPTS = PROMPTS + ["The weather today", "Good morning!", "The train leaves", "1 + 2 ="]
 SAMPLE_TEXTS = [
-    "Hello world, the cat  sat.",   # a double space: no whitespace collapsing
-    "Ünïcode 日本 café",            # characters outside the vocabulary: byte fallback
+    "Hello world, the cat  sat.",  # a double space: no whitespace collapsing
+    "Ünïcode 日本 café",  # characters outside the vocabulary: byte fallback
     "two\nlines\n\nend ",
     "numbers 12345 and 3.14",
     "tab\there",
@@ -47,8 +46,10 @@ def built(tmp_path_factory) -> tuple[TinyModel, TinyModel]:
     """The seed-0 model and an unrelated seed-1 model sharing its tokenizer."""
     root = tmp_path_factory.mktemp("tiny-models")
     tokenizer_dir = build_tokenizer(root / "tokenizer")
-    return (build_tiny_model(root / "seed0", seed=0, tokenizer_dir=tokenizer_dir),
-            build_tiny_model(root / "seed1", seed=1, tokenizer_dir=tokenizer_dir))
+    return (
+        build_tiny_model(root / "seed0", seed=0, tokenizer_dir=tokenizer_dir),
+        build_tiny_model(root / "seed1", seed=1, tokenizer_dir=tokenizer_dir),
+    )
 
 
 @pytest.fixture(scope="module")
@@ -67,8 +68,9 @@ def load_hf(folder: Path, gguf_file: str | None = None):
 
 
 def load_llama_cpp(path: Path, **kwargs) -> llama_cpp.Llama:
-    return llama_cpp.Llama(str(path), n_ctx=512, logits_all=False, n_threads=1, n_threads_batch=1,
-                           verbose=False, **kwargs)
+    return llama_cpp.Llama(
+        str(path), n_ctx=512, logits_all=False, n_threads=1, n_threads_batch=1, verbose=False, **kwargs
+    )
 
 
 # --- greedy decoding with either backend --------------------------------------------------
@@ -78,7 +80,7 @@ def hf_greedy(model, prompt: list[int], n: int) -> list[int]:
     context = list(prompt)
     for _ in range(n):
         context.append(int(model(input_ids=torch.tensor([context])).logits[0, -1].argmax()))
-    return context[len(prompt):]
+    return context[len(prompt) :]
 
 
 def llama_cpp_last_logits(llm: llama_cpp.Llama) -> np.ndarray:
@@ -110,7 +112,11 @@ def test_build_is_fast_and_bit_for_bit_deterministic(tmp_path, model):
     pairs = [(model.gguf_f32, again.gguf_f32), (model.gguf_q8, again.gguf_q8)]
     pairs += [(path, again.hf_dir / path.name) for path in sorted(model.hf_dir.iterdir())]
     assert {path.name for path in model.hf_dir.iterdir()} >= {
-        "config.json", "model.safetensors", "tokenizer.model", "tokenizer_config.json"}
+        "config.json",
+        "model.safetensors",
+        "tokenizer.model",
+        "tokenizer_config.json",
+    }
     for original, rebuilt in pairs:
         assert original.read_bytes() == rebuilt.read_bytes(), original.name
 
@@ -147,8 +153,7 @@ def test_transformers_reads_the_gguf_as_the_same_model(model, hf_tokenizer):
     with torch.inference_mode():
         for ids in batch:
             ids = torch.tensor([ids])
-            torch.testing.assert_close(from_gguf(input_ids=ids).logits, hf(input_ids=ids).logits,
-                                       atol=1e-4, rtol=0)
+            torch.testing.assert_close(from_gguf(input_ids=ids).logits, hf(input_ids=ids).logits, atol=1e-4, rtol=0)
 
 
 # --- one tokenizer --------------------------------------------------------------------------
@@ -160,8 +165,9 @@ def test_special_ids_and_vocabulary_are_shared(model, hf_tokenizer):
 
     assert llm.n_vocab() == len(hf_tokenizer) == VOCAB_SIZE
     assert llama_pieces == [hf_pieces[i] for i in range(VOCAB_SIZE)]
-    assert (llm.token_bos(), llm.token_eos()) == (BOS_ID, EOS_ID) == (
-        hf_tokenizer.bos_token_id, hf_tokenizer.eos_token_id)
+    assert (
+        (llm.token_bos(), llm.token_eos()) == (BOS_ID, EOS_ID) == (hf_tokenizer.bos_token_id, hf_tokenizer.eos_token_id)
+    )
     assert hf_tokenizer.unk_token_id == UNK_ID
     assert [i for i in range(VOCAB_SIZE) if llama_cpp.llama_vocab_is_eog(vocab, i)] == [EOS_ID]
 
@@ -189,7 +195,7 @@ def test_greedy_text_is_varied_and_made_of_real_pieces(model, hf_tokenizer):
     outputs = [hf_greedy(hf, hf_tokenizer(p)["input_ids"], 32) for p in PROMPTS]
     assert len({tuple(out) for out in outputs}) == len(PROMPTS)
     for out in outputs:
-        assert len(set(out)) >= 16, out                     # does not loop on a few tokens
+        assert len(set(out)) >= 16, out  # does not loop on a few tokens
         assert sum(token < 3 + 256 for token in out) <= 2, out  # control and byte pieces are rare
 
 
@@ -207,8 +213,10 @@ def test_q8_copy_is_an_imperfect_draft(model, hf_tokenizer):
 
 def test_other_seed_is_an_unrelated_model(built, hf_tokenizer):
     model, unrelated = built
-    assert unrelated.hf_dir.joinpath("tokenizer.model").read_bytes() == \
-        model.hf_dir.joinpath("tokenizer.model").read_bytes()
+    assert (
+        unrelated.hf_dir.joinpath("tokenizer.model").read_bytes()
+        == model.hf_dir.joinpath("tokenizer.model").read_bytes()
+    )
     hf, other = load_hf(model.hf_dir), load_hf(unrelated.hf_dir)
     llm_other = load_llama_cpp(unrelated.gguf_f32)
     agreeing = 0

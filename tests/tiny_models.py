@@ -86,9 +86,9 @@ In spring the flowers bloom, in summer the sun is hot, and in autumn the leaves 
 
 @dataclass(frozen=True)
 class TinyModel:
-    hf_dir: Path    # Hugging Face folder: config.json, model.safetensors, tokenizer files
+    hf_dir: Path  # Hugging Face folder: config.json, model.safetensors, tokenizer files
     gguf_f32: Path  # the same weights as GGUF f32 (llama.cpp, or transformers with gguf_file=)
-    gguf_q8: Path   # the same weights quantized to q8_0: an imperfect draft
+    gguf_q8: Path  # the same weights quantized to q8_0: an imperfect draft
 
 
 # --- tokenizer ----------------------------------------------------------------------------
@@ -105,11 +105,23 @@ def build_tokenizer(out_dir: Path) -> Path:
 
     model = io.BytesIO()
     spm.SentencePieceTrainer.train(
-        sentence_iterator=iter(_TRAINING_TEXT.splitlines()), model_writer=model,
-        model_type="bpe", vocab_size=VOCAB_SIZE, byte_fallback=True, character_coverage=1.0,
-        unk_id=UNK_ID, bos_id=BOS_ID, eos_id=EOS_ID, pad_id=-1,
-        normalization_rule_name="identity", remove_extra_whitespaces=False, add_dummy_prefix=True,
-        split_digits=True, allow_whitespace_only_pieces=True, num_threads=1, minloglevel=2,
+        sentence_iterator=iter(_TRAINING_TEXT.splitlines()),
+        model_writer=model,
+        model_type="bpe",
+        vocab_size=VOCAB_SIZE,
+        byte_fallback=True,
+        character_coverage=1.0,
+        unk_id=UNK_ID,
+        bos_id=BOS_ID,
+        eos_id=EOS_ID,
+        pad_id=-1,
+        normalization_rule_name="identity",
+        remove_extra_whitespaces=False,
+        add_dummy_prefix=True,
+        split_digits=True,
+        allow_whitespace_only_pieces=True,
+        num_threads=1,
+        minloglevel=2,
     )
     out_dir.mkdir(parents=True, exist_ok=True)
     (out_dir / "tokenizer.model").write_bytes(model.getvalue())
@@ -162,17 +174,19 @@ def _random_weights(seed: int) -> dict[str, np.ndarray]:
     weights = {"model.embed_tokens.weight": normal(EMBEDDING_STD, VOCAB_SIZE, HIDDEN_SIZE)}
     for layer in range(NUM_LAYERS):
         prefix = f"model.layers.{layer}."
-        weights.update({
-            prefix + "input_layernorm.weight": np.ones(HIDDEN_SIZE, np.float32),
-            prefix + "self_attn.q_proj.weight": normal(PROJECTION_STD, HIDDEN_SIZE, HIDDEN_SIZE),
-            prefix + "self_attn.k_proj.weight": normal(PROJECTION_STD, kv_size, HIDDEN_SIZE),
-            prefix + "self_attn.v_proj.weight": normal(PROJECTION_STD, kv_size, HIDDEN_SIZE),
-            prefix + "self_attn.o_proj.weight": normal(PROJECTION_STD, HIDDEN_SIZE, HIDDEN_SIZE),
-            prefix + "post_attention_layernorm.weight": np.ones(HIDDEN_SIZE, np.float32),
-            prefix + "mlp.gate_proj.weight": normal(PROJECTION_STD, INTERMEDIATE_SIZE, HIDDEN_SIZE),
-            prefix + "mlp.up_proj.weight": normal(PROJECTION_STD, INTERMEDIATE_SIZE, HIDDEN_SIZE),
-            prefix + "mlp.down_proj.weight": normal(PROJECTION_STD, HIDDEN_SIZE, INTERMEDIATE_SIZE),
-        })
+        weights.update(
+            {
+                prefix + "input_layernorm.weight": np.ones(HIDDEN_SIZE, np.float32),
+                prefix + "self_attn.q_proj.weight": normal(PROJECTION_STD, HIDDEN_SIZE, HIDDEN_SIZE),
+                prefix + "self_attn.k_proj.weight": normal(PROJECTION_STD, kv_size, HIDDEN_SIZE),
+                prefix + "self_attn.v_proj.weight": normal(PROJECTION_STD, kv_size, HIDDEN_SIZE),
+                prefix + "self_attn.o_proj.weight": normal(PROJECTION_STD, HIDDEN_SIZE, HIDDEN_SIZE),
+                prefix + "post_attention_layernorm.weight": np.ones(HIDDEN_SIZE, np.float32),
+                prefix + "mlp.gate_proj.weight": normal(PROJECTION_STD, INTERMEDIATE_SIZE, HIDDEN_SIZE),
+                prefix + "mlp.up_proj.weight": normal(PROJECTION_STD, INTERMEDIATE_SIZE, HIDDEN_SIZE),
+                prefix + "mlp.down_proj.weight": normal(PROJECTION_STD, HIDDEN_SIZE, INTERMEDIATE_SIZE),
+            }
+        )
     weights["model.norm.weight"] = np.ones(HIDDEN_SIZE, np.float32)
     lm_head = normal(OUTPUT_STD, VOCAB_SIZE, HIDDEN_SIZE)  # untied from the embedding
     lm_head[:_FIRST_TEXT_PIECE] *= NON_TEXT_OUTPUT_SCALE
@@ -229,8 +243,9 @@ def _write_hf_folder(folder: Path, weights: dict[str, np.ndarray], tokenizer_mod
     save_file(weights, str(folder / "model.safetensors"), metadata={"format": "pt"})
     (folder / "tokenizer.model").write_bytes(tokenizer_model.read_bytes())
     (folder / "tokenizer_config.json").write_text(json.dumps(_TOKENIZER_CONFIG, indent=2) + "\n")
-    (folder / "special_tokens_map.json").write_text(json.dumps(
-        {"bos_token": "<s>", "eos_token": "</s>", "unk_token": "<unk>"}, indent=2) + "\n")
+    (folder / "special_tokens_map.json").write_text(
+        json.dumps({"bos_token": "<s>", "eos_token": "</s>", "unk_token": "<unk>"}, indent=2) + "\n"
+    )
 
 
 # --- GGUF ---------------------------------------------------------------------------------
@@ -242,8 +257,7 @@ def _permute_for_llama_cpp(weight: np.ndarray, n_heads: int) -> np.ndarray:
     transformers' GGUF loader applies the inverse, so both backends compute the same attention.
     """
     rows, cols = weight.shape
-    return (weight.reshape(n_heads, 2, rows // n_heads // 2, cols)
-            .swapaxes(1, 2).reshape(rows, cols))
+    return weight.reshape(n_heads, 2, rows // n_heads // 2, cols).swapaxes(1, 2).reshape(rows, cols)
 
 
 def _gguf_tensors(weights: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
@@ -257,22 +271,23 @@ def _gguf_tensors(weights: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
         hf, cpp = f"model.layers.{layer}.", f"blk.{layer}."
         q_proj = weights[hf + "self_attn.q_proj.weight"]
         k_proj = weights[hf + "self_attn.k_proj.weight"]
-        tensors.update({
-            cpp + "attn_norm.weight": weights[hf + "input_layernorm.weight"],
-            cpp + "attn_q.weight": _permute_for_llama_cpp(q_proj, NUM_HEADS),
-            cpp + "attn_k.weight": _permute_for_llama_cpp(k_proj, NUM_KV_HEADS),
-            cpp + "attn_v.weight": weights[hf + "self_attn.v_proj.weight"],
-            cpp + "attn_output.weight": weights[hf + "self_attn.o_proj.weight"],
-            cpp + "ffn_norm.weight": weights[hf + "post_attention_layernorm.weight"],
-            cpp + "ffn_gate.weight": weights[hf + "mlp.gate_proj.weight"],
-            cpp + "ffn_up.weight": weights[hf + "mlp.up_proj.weight"],
-            cpp + "ffn_down.weight": weights[hf + "mlp.down_proj.weight"],
-        })
+        tensors.update(
+            {
+                cpp + "attn_norm.weight": weights[hf + "input_layernorm.weight"],
+                cpp + "attn_q.weight": _permute_for_llama_cpp(q_proj, NUM_HEADS),
+                cpp + "attn_k.weight": _permute_for_llama_cpp(k_proj, NUM_KV_HEADS),
+                cpp + "attn_v.weight": weights[hf + "self_attn.v_proj.weight"],
+                cpp + "attn_output.weight": weights[hf + "self_attn.o_proj.weight"],
+                cpp + "ffn_norm.weight": weights[hf + "post_attention_layernorm.weight"],
+                cpp + "ffn_gate.weight": weights[hf + "mlp.gate_proj.weight"],
+                cpp + "ffn_up.weight": weights[hf + "mlp.up_proj.weight"],
+                cpp + "ffn_down.weight": weights[hf + "mlp.down_proj.weight"],
+            }
+        )
     return tensors
 
 
-def _write_gguf(path: Path, name: str, weights: dict[str, np.ndarray], vocab: _Vocab,
-                quantize: bool) -> None:
+def _write_gguf(path: Path, name: str, weights: dict[str, np.ndarray], vocab: _Vocab, quantize: bool) -> None:
     """Write a llama.cpp GGUF: hyperparameters, the full tokenizer, then the tensors.
 
     With `quantize`, every matrix is stored as q8_0 (norm vectors stay f32, as llama.cpp's own
@@ -331,8 +346,7 @@ def build_tiny_model(out_dir: Path, seed: int = 0, tokenizer_dir: Path | None = 
     vocab = _read_vocab(tokenizer_model)
     weights = _random_weights(seed)
 
-    model = TinyModel(hf_dir=out_dir / "hf", gguf_f32=out_dir / "tiny-f32.gguf",
-                      gguf_q8=out_dir / "tiny-q8_0.gguf")
+    model = TinyModel(hf_dir=out_dir / "hf", gguf_f32=out_dir / "tiny-f32.gguf", gguf_q8=out_dir / "tiny-q8_0.gguf")
     _write_hf_folder(model.hf_dir, weights, tokenizer_model)
     _write_gguf(model.gguf_f32, f"tiny-llama-seed{seed}-f32", weights, vocab, quantize=False)
     _write_gguf(model.gguf_q8, f"tiny-llama-seed{seed}-q8_0", weights, vocab, quantize=True)

@@ -7,7 +7,7 @@ SPECEDGE_HUB and SPECEDGE_TOKEN override them.
 from __future__ import annotations
 
 import json
-from typing import Annotated, Optional
+from typing import Annotated
 
 import typer
 
@@ -16,13 +16,15 @@ from specedge_cli.errors import NotLoggedIn
 from specedge_cli.remote import protocol as wire
 from specedge_cli.remote.client import HubClient
 
-HubOption = Annotated[Optional[str], typer.Option("--hub", help="Hub URL; default: SPECEDGE_HUB or the stored login.")]
-InsecureOption = Annotated[bool, typer.Option("--insecure", help="Allow plain http to another machine (the token crosses in clear).")]
+HubOption = Annotated[str | None, typer.Option("--hub", help="Hub URL; default: SPECEDGE_HUB or the stored login.")]
+InsecureOption = Annotated[
+    bool, typer.Option("--insecure", help="Allow plain http to another machine (the token crosses in clear).")
+]
 
 
 def login(
     hub: HubOption = None,
-    token: Annotated[Optional[str], typer.Option(help="API token; asked for with hidden input when not given.")] = None,
+    token: Annotated[str | None, typer.Option(help="API token; asked for with hidden input when not given.")] = None,
     insecure: InsecureOption = False,
 ) -> None:
     """Check an API token against a hub and store both for later commands."""
@@ -32,8 +34,10 @@ def login(
     token = token or typer.prompt(f"API token for {url}", hide_input=True).strip()
     with HubClient(url, token, insecure=insecure) as client:
         who = client.whoami()
-    path = config.update_config_file({"hub": url, "token": token, "insecure": True} if insecure else
-                                     {"hub": url, "token": token}, remove=() if insecure else ("insecure",))
+    path = config.update_config_file(
+        {"hub": url, "token": token, "insecure": True} if insecure else {"hub": url, "token": token},
+        remove=() if insecure else ("insecure",),
+    )
     typer.echo(f"Logged in to {url} as {who.user}. Token stored in {path}")
 
 
@@ -70,4 +74,6 @@ def logout() -> None:
     else:
         typer.echo("No stored token: nothing to do.")
     if config.environment_token():
-        typer.echo("Warning: SPECEDGE_TOKEN is still set in your environment and will still be used; unset it.", err=True)
+        typer.echo(
+            "Warning: SPECEDGE_TOKEN is still set in your environment and will still be used; unset it.", err=True
+        )

@@ -13,7 +13,7 @@ import io
 import json
 import statistics
 import time
-from typing import Annotated, Optional
+from typing import Annotated
 
 import typer
 
@@ -29,13 +29,21 @@ HUB_PROMPTS = ("def quicksort(items):", "Question: Why is the sky blue?\nAnswer:
 
 
 def bench(
-    model: Annotated[str, typer.Option("--model", "-m", help="Draft model: a .gguf path or a preset name.")] = DEFAULT_MODEL,
-    threads: Annotated[Optional[int], typer.Option("--threads", "-t", min=1, help="llama.cpp threads.")] = None,
-    n_prompt: Annotated[int, typer.Option("--n-prompt", "-p", min=0, help="Prompt tokens for the pp test (0 skips it).")] = 512,
-    n_gen: Annotated[int, typer.Option("--n-gen", "-n", min=0, help="Generated tokens for the tg test (0 skips it).")] = 128,
+    model: Annotated[
+        str, typer.Option("--model", "-m", help="Draft model: a .gguf path or a preset name.")
+    ] = DEFAULT_MODEL,
+    threads: Annotated[int | None, typer.Option("--threads", "-t", min=1, help="llama.cpp threads.")] = None,
+    n_prompt: Annotated[
+        int, typer.Option("--n-prompt", "-p", min=0, help="Prompt tokens for the pp test (0 skips it).")
+    ] = 512,
+    n_gen: Annotated[
+        int, typer.Option("--n-gen", "-n", min=0, help="Generated tokens for the tg test (0 skips it).")
+    ] = 128,
     repetitions: Annotated[int, typer.Option("--repetitions", "-r", min=1, help="Repetitions of each test.")] = 5,
     output: Annotated[str, typer.Option("--output", "-o", help="md, json or csv.")] = "md",
-    hub: Annotated[Optional[str], typer.Option(help="Also measure through this hub (default: SPECEDGE_HUB or your login).")] = None,
+    hub: Annotated[
+        str | None, typer.Option(help="Also measure through this hub (default: SPECEDGE_HUB or your login).")
+    ] = None,
     hub_tokens: Annotated[int, typer.Option(min=1, help="Tokens per hub prompt.")] = 64,
 ) -> None:
     """Benchmark drafting speed, and end-to-end speed through a hub."""
@@ -60,14 +68,21 @@ def _model_columns(engine: DraftEngine, threads: int | None) -> dict:
     import llama_cpp
 
     backend = "GPU" if llama_cpp.llama_supports_gpu_offload() else "CPU"
-    return {"model": engine.path.name, "size": engine.path.stat().st_size,
-            "params": int(llama_cpp.llama_model_n_params(engine.llm.model)), "backend": backend,
-            "threads": engine.n_threads}
+    return {
+        "model": engine.path.name,
+        "size": engine.path.stat().st_size,
+        "params": int(llama_cpp.llama_model_n_params(engine.llm.model)),
+        "backend": backend,
+        "threads": engine.n_threads,
+    }
 
 
 def _mean_std(speeds: list[float]) -> dict:
-    return {"avg_ts": statistics.fmean(speeds), "stddev_ts": statistics.stdev(speeds) if len(speeds) > 1 else 0.0,
-            "samples_ts": speeds}
+    return {
+        "avg_ts": statistics.fmean(speeds),
+        "stddev_ts": statistics.stdev(speeds) if len(speeds) > 1 else 0.0,
+        "samples_ts": speeds,
+    }
 
 
 def _test_tokens(engine: DraftEngine, n: int) -> list[int]:
@@ -116,12 +131,24 @@ def _hub_rows(engine: DraftEngine, client: HubClient, base: dict, n_tokens: int,
         server_only.append(_server_only_speed(client, engine, reply.prompt_token_ids, n_tokens))
     hub_columns = {"hub": client.base_url}
     return [
-        {**base, **hub_columns, "test": "rtt", "rtt_ms_p50": _percentile(round_trips, 0.5),
-         "rtt_ms_p95": _percentile(round_trips, 0.95), **_mean_std([1000 / ms for ms in round_trips])},
-        {**base, **hub_columns, "test": f"hub-tg{n_tokens}", **_mean_std(edge),
-         "tokens_per_verify": statistics.fmean(tokens_per_verify),
-         "acceptance": accepted / drafted if drafted else 0.0, "itl_ms": statistics.fmean(itl),
-         "proactive_hit_rate": hits / ahead if ahead else 0.0},
+        {
+            **base,
+            **hub_columns,
+            "test": "rtt",
+            "rtt_ms_p50": _percentile(round_trips, 0.5),
+            "rtt_ms_p95": _percentile(round_trips, 0.95),
+            **_mean_std([1000 / ms for ms in round_trips]),
+        },
+        {
+            **base,
+            **hub_columns,
+            "test": f"hub-tg{n_tokens}",
+            **_mean_std(edge),
+            "tokens_per_verify": statistics.fmean(tokens_per_verify),
+            "acceptance": accepted / drafted if drafted else 0.0,
+            "itl_ms": statistics.fmean(itl),
+            "proactive_hit_rate": hits / ahead if ahead else 0.0,
+        },
         {**base, **hub_columns, "test": f"hub-only-tg{n_tokens}", **_mean_std(server_only)},
     ]
 
@@ -137,11 +164,21 @@ def _round_trips(client: HubClient, count: int) -> list[float]:
 
 def _server_only_speed(client: HubClient, engine: DraftEngine, prompt: list[int], n_tokens: int) -> float:
     info = client.info()
-    session = client.open_session(wire.OpenSessionRequest(vocab_size=engine.vocab_size, vocab_fingerprint=info.vocab_fingerprint,
-                                                          draft_model=engine.path.name, stop_token_ids=engine.stop_token_ids()))
+    session = client.open_session(
+        wire.OpenSessionRequest(
+            vocab_size=engine.vocab_size,
+            vocab_fingerprint=info.vocab_fingerprint,
+            draft_model=engine.path.name,
+            stop_token_ids=engine.stop_token_ids(),
+        )
+    )
     started = time.perf_counter()
-    produced = sum(len(chunk.tokens) for chunk in client.generate(
-        session.session_id, wire.GenerateRequest(mode="autoregressive", tokens=prompt, max_tokens=n_tokens)))
+    produced = sum(
+        len(chunk.tokens)
+        for chunk in client.generate(
+            session.session_id, wire.GenerateRequest(mode="autoregressive", tokens=prompt, max_tokens=n_tokens)
+        )
+    )
     elapsed = time.perf_counter() - started
     client.close_session(session.session_id)
     return produced / elapsed
@@ -156,8 +193,19 @@ def _render(rows: list[dict], output: str) -> str:
     if output == "json":
         return json.dumps(rows, indent=2)
     columns = ["model", "size", "params", "backend", "threads", "test", "t/s", "extra"]
-    table = [[row["model"], _size(row["size"]), _params(row["params"]), row["backend"], str(row["threads"]),
-              row["test"], f"{row['avg_ts']:.2f} ± {row['stddev_ts']:.2f}", _extra(row)] for row in rows]
+    table = [
+        [
+            row["model"],
+            _size(row["size"]),
+            _params(row["params"]),
+            row["backend"],
+            str(row["threads"]),
+            row["test"],
+            f"{row['avg_ts']:.2f} ± {row['stddev_ts']:.2f}",
+            _extra(row),
+        ]
+        for row in rows
+    ]
     if output == "csv":
         buffer = io.StringIO()
         writer = csv.writer(buffer)
@@ -174,8 +222,10 @@ def _extra(row: dict) -> str:
     if "rtt_ms_p50" in row:
         return f"RTT p50 {row['rtt_ms_p50']:.1f} ms, p95 {row['rtt_ms_p95']:.1f} ms"
     if "tokens_per_verify" in row:
-        return (f"{row['tokens_per_verify']:.2f} tok/verify, accepted {row['acceptance']:.0%}, "
-                f"ITL {row['itl_ms']:.1f} ms, proactive hits {row['proactive_hit_rate']:.0%}")
+        return (
+            f"{row['tokens_per_verify']:.2f} tok/verify, accepted {row['acceptance']:.0%}, "
+            f"ITL {row['itl_ms']:.1f} ms, proactive hits {row['proactive_hit_rate']:.0%}"
+        )
     return ""
 
 

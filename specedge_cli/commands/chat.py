@@ -4,7 +4,8 @@ from __future__ import annotations
 
 import contextlib
 import json
-from typing import Annotated, Callable, Iterator, Optional
+from collections.abc import Callable, Iterator
+from typing import Annotated
 
 import typer
 from rich.console import Console
@@ -25,22 +26,54 @@ err = Console(stderr=True)
 
 
 def chat(
-    prompt: Annotated[Optional[str], typer.Option("--prompt", "-p", help="Answer this one prompt and exit.")] = None,
+    prompt: Annotated[str | None, typer.Option("--prompt", "-p", help="Answer this one prompt and exit.")] = None,
     as_json: Annotated[bool, typer.Option("--json", help="With --prompt: print one JSON object.")] = False,
-    hub: Annotated[Optional[str], typer.Option(help="Hub URL; default: SPECEDGE_HUB, your login, or an embedded hub.")] = None,
-    model: Annotated[Optional[str], typer.Option("--model", "-m", help=f"Draft model: a .gguf path or a preset name [default: {DEFAULT_MODEL}].")] = None,
-    max_tokens: Annotated[Optional[int], typer.Option(min=1, help="Most tokens in one reply [default: 256].")] = None,
-    temperature: Annotated[Optional[float], typer.Option(min=0.0, help="0 decodes greedily [default: 0].")] = None,
-    seed: Annotated[Optional[int], typer.Option(min=0, help="Sampling seed for temperature > 0 [default: 0].")] = None,
-    draft_len: Annotated[Optional[int], typer.Option(min=0, max=64, help="Draft depth per verify; 0 follows the measured draft speed and round trip (up to 16) [default: 0].")] = None,
-    tree_budget: Annotated[Optional[int], typer.Option(min=0, max=64, help="Draft a tree of up to this many nodes per verify instead of a chain [default: 0, a chain].")] = None,
-    proactive: Annotated[Optional[bool], typer.Option("--proactive/--no-proactive", help="Draft the next round while a verify is in flight [default: on with a hub elsewhere, off with an embedded hub].")] = None,
-    system: Annotated[Optional[str], typer.Option(help="System prompt.")] = None,
-    threads: Annotated[Optional[int], typer.Option(min=1, help="llama.cpp threads for drafting.")] = None,
-    resume_last: Annotated[bool, typer.Option("--continue", "-c", help="Continue the last saved conversation.")] = False,
-    conversation_id: Annotated[Optional[int], typer.Option("--conversation", help="Continue the saved conversation with this id (`specedge logs list`).")] = None,
+    hub: Annotated[
+        str | None, typer.Option(help="Hub URL; default: SPECEDGE_HUB, your login, or an embedded hub.")
+    ] = None,
+    model: Annotated[
+        str | None,
+        typer.Option("--model", "-m", help=f"Draft model: a .gguf path or a preset name [default: {DEFAULT_MODEL}]."),
+    ] = None,
+    max_tokens: Annotated[int | None, typer.Option(min=1, help="Most tokens in one reply [default: 256].")] = None,
+    temperature: Annotated[float | None, typer.Option(min=0.0, help="0 decodes greedily [default: 0].")] = None,
+    seed: Annotated[int | None, typer.Option(min=0, help="Sampling seed for temperature > 0 [default: 0].")] = None,
+    draft_len: Annotated[
+        int | None,
+        typer.Option(
+            min=0,
+            max=64,
+            help="Draft depth per verify; 0 follows the measured draft speed and round trip (up to 16) [default: 0].",
+        ),
+    ] = None,
+    tree_budget: Annotated[
+        int | None,
+        typer.Option(
+            min=0,
+            max=64,
+            help="Draft a tree of up to this many nodes per verify instead of a chain [default: 0, a chain].",
+        ),
+    ] = None,
+    proactive: Annotated[
+        bool | None,
+        typer.Option(
+            "--proactive/--no-proactive",
+            help="Draft the next round while a verify is in flight [default: on with a hub elsewhere, off with an embedded hub].",
+        ),
+    ] = None,
+    system: Annotated[str | None, typer.Option(help="System prompt.")] = None,
+    threads: Annotated[int | None, typer.Option(min=1, help="llama.cpp threads for drafting.")] = None,
+    resume_last: Annotated[
+        bool, typer.Option("--continue", "-c", help="Continue the last saved conversation.")
+    ] = False,
+    conversation_id: Annotated[
+        int | None,
+        typer.Option("--conversation", help="Continue the saved conversation with this id (`specedge logs list`)."),
+    ] = None,
     offline: Annotated[bool, typer.Option("--offline", help="Never download a model; use what is on disk.")] = False,
-    insecure: Annotated[bool, typer.Option("--insecure", help="Allow plain http to a hub on another machine (a network you trust).")] = False,
+    insecure: Annotated[
+        bool, typer.Option("--insecure", help="Allow plain http to a hub on another machine (a network you trust).")
+    ] = False,
 ) -> None:
     """Chat with the target model; with --prompt, answer once and exit.
 
@@ -48,26 +81,46 @@ def chat(
     """
     if as_json and prompt is None:
         raise typer.BadParameter("--json needs --prompt", param_hint="--json")
-    chosen = chat_settings(max_tokens=max_tokens, temperature=temperature, seed=seed, draft_len=draft_len, tree_budget=tree_budget,
-                           proactive=proactive, system=system, threads=threads, offline=offline or None)
+    chosen = chat_settings(
+        max_tokens=max_tokens,
+        temperature=temperature,
+        seed=seed,
+        draft_len=draft_len,
+        tree_budget=tree_budget,
+        proactive=proactive,
+        system=system,
+        threads=threads,
+        offline=offline or None,
+    )
     history = History(history_path(config.data_dir())) if chosen.logs or resume_last or conversation_id else None
     saved = _saved_conversation(history, resume_last, conversation_id)
-    resolved = resolve_model(model or (saved.model if saved else chosen.model), config.models_dir(), offline=chosen.offline)
+    resolved = resolve_model(
+        model or (saved.model if saved else chosen.model), config.models_dir(), offline=chosen.offline
+    )
     if resolved.preset and resolved.preset.base:
-        err.print(f"[dim]{resolved.preset.name} is a pretrained base model: it continues text and does not follow "
-                  "instructions (it is the default because it runs anywhere). For answers, chat with an instruct "
-                  f"model: --model {smallest_instruct_preset().name}.[/dim]")
+        err.print(
+            f"[dim]{resolved.preset.name} is a pretrained base model: it continues text and does not follow "
+            "instructions (it is the default because it runs anywhere). For answers, chat with an instruct "
+            f"model: --model {smallest_instruct_preset().name}.[/dim]"
+        )
     address = config.hub_address(hub)
     # An embedded hub runs on this machine: drafting while it verifies would slow its pass down.
     proactive = chosen.proactive if chosen.proactive is not None else bool(address.url)
-    decode = DecodeSettings(max_tokens=chosen.max_tokens, temperature=chosen.temperature, seed=chosen.seed,
-                            draft_len=chosen.draft_len, tree_budget=chosen.tree_budget, proactive=proactive,
-                            reconnect_s=chosen.reconnect_s)
+    decode = DecodeSettings(
+        max_tokens=chosen.max_tokens,
+        temperature=chosen.temperature,
+        seed=chosen.seed,
+        draft_len=chosen.draft_len,
+        tree_budget=chosen.tree_budget,
+        proactive=proactive,
+        reconnect_s=chosen.reconnect_s,
+    )
     with _hub(address, resolved, insecure) as (client, hub_url, wait_for_hub):
         engine = DraftEngine(resolved.path, n_threads=chosen.threads or None)  # loads while an embedded hub starts
         wait_for_hub()
-        conversation = Conversation(engine, client, _template(engine, resolved), decode,
-                                    saved.system if saved else chosen.system)
+        conversation = Conversation(
+            engine, client, _template(engine, resolved), decode, saved.system if saved else chosen.system
+        )
         model_name = resolved.preset.name if resolved.preset else str(resolved.path.resolve())
         _keep(conversation, history if chosen.logs else None, saved, model_name, hub_url)
         try:
@@ -79,7 +132,9 @@ def chat(
             conversation.close()
 
 
-def _saved_conversation(history: History | None, resume_last: bool, conversation_id: int | None) -> SavedConversation | None:
+def _saved_conversation(
+    history: History | None, resume_last: bool, conversation_id: int | None
+) -> SavedConversation | None:
     if history is None or not (resume_last or conversation_id):
         return None
     conversation_id = conversation_id or history.last_id()
@@ -89,24 +144,29 @@ def _saved_conversation(history: History | None, resume_last: bool, conversation
     return history.load(conversation_id)
 
 
-def _keep(conversation: Conversation, history: History | None, saved: SavedConversation | None,
-          model: str, hub_url: str) -> None:
+def _keep(
+    conversation: Conversation, history: History | None, saved: SavedConversation | None, model: str, hub_url: str
+) -> None:
     """Take up the saved conversation, and write new turns to the log (unless logs are off)."""
     fingerprint = conversation.vocab_fingerprint()
     if saved:
         if saved.vocab_fingerprint != fingerprint:
-            raise ModelFileError(f"conversation {saved.id} was held with {saved.model}, whose vocabulary differs "
-                                 f"from {conversation.engine.path.name}; run with --model {saved.model}")
+            raise ModelFileError(
+                f"conversation {saved.id} was held with {saved.model}, whose vocabulary differs "
+                f"from {conversation.engine.path.name}; run with --model {saved.model}"
+            )
         conversation.restore(saved.turns)
         err.print(f"[dim]Continuing conversation {saved.id} ({len(saved.turns)} turns).[/dim]")
     if history is not None:
-        conversation.log = ConversationLog(history, model, hub_url, conversation.system, fingerprint,
-                                           saved.id if saved else None)
+        conversation.log = ConversationLog(
+            history, model, hub_url, conversation.system, fingerprint, saved.id if saved else None
+        )
 
 
 @contextlib.contextmanager
-def _hub(address: config.HubAddress, resolved: ResolvedModel,
-         insecure: bool = False) -> Iterator[tuple[HubClient, str, Callable[[], None]]]:
+def _hub(
+    address: config.HubAddress, resolved: ResolvedModel, insecure: bool = False
+) -> Iterator[tuple[HubClient, str, Callable[[], None]]]:
     """The hub client, its URL, and a function that waits until the hub is ready."""
     if address.url:
         with HubClient(address.url, address.token, insecure=address.insecure or insecure) as client:
@@ -115,8 +175,10 @@ def _hub(address: config.HubAddress, resolved: ResolvedModel,
     # No hub anywhere: serve the draft's own GGUF as the target, so the pipeline runs anywhere.
     embedded = EmbeddedHub(resolved.path, config.data_dir() / "embedded-hub.log")
     with embedded:
-        err.print(f"[dim]No hub configured: started an embedded hub at {embedded.url} "
-                  f"(target {resolved.path.name}); use --hub or `specedge login` for a real one.[/dim]")
+        err.print(
+            f"[dim]No hub configured: started an embedded hub at {embedded.url} "
+            f"(target {resolved.path.name}); use --hub or `specedge login` for a real one.[/dim]"
+        )
         with HubClient(embedded.url, embedded.token) as client:
             yield client, embedded.url, embedded.wait_ready
 
@@ -140,6 +202,10 @@ def _answer_once(conversation: Conversation, prompt: str, as_json: bool, hub_url
 
 def _reply_json(reply: Reply, conversation: Conversation, hub_url: str) -> dict:
     return {
-        "text": reply.text, "token_ids": reply.token_ids, "prompt_token_ids": reply.prompt_token_ids,
-        "model": conversation.engine.path.name, "hub": hub_url, "stats": reply.stats.to_json(),
+        "text": reply.text,
+        "token_ids": reply.token_ids,
+        "prompt_token_ids": reply.prompt_token_ids,
+        "model": conversation.engine.path.name,
+        "hub": hub_url,
+        "stats": reply.stats.to_json(),
     }

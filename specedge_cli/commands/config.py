@@ -21,14 +21,16 @@ def show() -> None:
     out.print(f"{'hub':<12} {hub.url or '(embedded hub)'}", markup=False)
     for key in settings.KEYS:
         value, source = settings.lookup(key, stored=stored)
-        shown = "auto" if value is None else repr(value)   # None: chosen when a chat starts
+        shown = "auto" if value is None else repr(value)  # None: chosen when a chat starts
         out.print(f"{settings.key_name(key):<12} {shown:<30} [dim]{source}[/dim]")
     out.print(f"{'login':<12} {'token stored' if stored.get('token') else 'not logged in'}", markup=False)
 
 
 @app.command("set")
-def set_value(key: Annotated[str, typer.Argument(help="A setting, e.g. max-tokens.")],
-              value: Annotated[str, typer.Argument(help="Its new value.")]) -> None:
+def set_value(
+    key: Annotated[str, typer.Argument(help="A setting, e.g. max-tokens.")],
+    value: Annotated[str, typer.Argument(help="Its new value.")],
+) -> None:
     """Keep a setting in the config file (flags and SPECEDGE_* variables still win)."""
     field = settings.field_of(key)
     parsed = settings.parse(field, value, key)

@@ -50,8 +50,10 @@ def backend_check() -> Check:
         return Check("backend", True, f"llama.cpp {llama_cpp.__version__} with {gpu}")
     fix = ""
     if shutil.which("nvidia-smi"):
-        fix = ('this machine has an NVIDIA GPU: CMAKE_ARGS="-DGGML_CUDA=on" pip install --force-reinstall '
-               "--no-cache-dir llama-cpp-python")
+        fix = (
+            'this machine has an NVIDIA GPU: CMAKE_ARGS="-DGGML_CUDA=on" pip install --force-reinstall '
+            "--no-cache-dir llama-cpp-python"
+        )
     return Check("backend", True, f"llama.cpp {llama_cpp.__version__} on the CPU", fix)
 
 
@@ -67,14 +69,25 @@ def model_check() -> Check:
 def hub_checks() -> list[Check]:
     address = config.hub_address(None)
     if not address.url:
-        return [Check("hub", True, "none configured: `specedge chat` starts an embedded hub",
-                      "run `specedge login` or set SPECEDGE_HUB to use a shared one")]
+        return [
+            Check(
+                "hub",
+                True,
+                "none configured: `specedge chat` starts an embedded hub",
+                "run `specedge login` or set SPECEDGE_HUB to use a shared one",
+            )
+        ]
     try:
         with HubClient(address.url, address.token, timeout_s=10, insecure=address.insecure) as client:
             round_trips, skew = _probe(address.url)
-            return [Check("hub", True, f"{address.url} answers"), _login_check(client, address.token),
-                    Check("rtt", True, f"{statistics.median(round_trips):.0f} ms to the hub (median of {len(round_trips)})"),
-                    _clock_check(skew)]
+            return [
+                Check("hub", True, f"{address.url} answers"),
+                _login_check(client, address.token),
+                Check(
+                    "rtt", True, f"{statistics.median(round_trips):.0f} ms to the hub (median of {len(round_trips)})"
+                ),
+                _clock_check(skew),
+            ]
     except (HubError, SpecEdgeError) as exc:
         return [Check("hub", False, exc.message)]
 
@@ -87,8 +100,10 @@ def _probe(url: str, times: int = 5) -> tuple[list[float], float | None]:
         try:
             response = httpx.get(f"{url.rstrip('/')}/health", timeout=10)
         except httpx.TransportError as exc:
-            raise HubError(f"cannot reach the hub at {url} ({exc.__class__.__name__}); "
-                           f"check the URL and that `curl {url}/health` answers") from exc
+            raise HubError(
+                f"cannot reach the hub at {url} ({exc.__class__.__name__}); "
+                f"check the URL and that `curl {url}/health` answers"
+            ) from exc
         round_trips.append((time.perf_counter() - sent) * 1000)
         if "date" in response.headers:
             skew = time.time() - email.utils.parsedate_to_datetime(response.headers["date"]).timestamp()

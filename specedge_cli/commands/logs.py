@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import json
 from dataclasses import asdict
-from typing import Annotated, Optional
+from typing import Annotated
 
 import typer
 from rich.console import Console
@@ -35,7 +35,7 @@ def list_conversations(
 
 @app.command()
 def show(
-    conversation_id: Annotated[Optional[int], typer.Argument(metavar="ID", help="Default: the last one.")] = None,
+    conversation_id: Annotated[int | None, typer.Argument(metavar="ID", help="Default: the last one.")] = None,
     as_json: Annotated[bool, typer.Option("--json", help="Turns with their token ids, as JSON.")] = False,
 ) -> None:
     """Print one conversation."""
@@ -46,14 +46,25 @@ def show(
     saved = history.load(conversation_id)
     turns = history.turns(conversation_id)
     if as_json:
-        print(json.dumps({"id": saved.id, "model": saved.model, "hub": saved.hub, "system": saved.system,
-                          "turns": [asdict(turn) for turn in turns]}))
+        print(
+            json.dumps(
+                {
+                    "id": saved.id,
+                    "model": saved.model,
+                    "hub": saved.hub,
+                    "system": saved.system,
+                    "turns": [asdict(turn) for turn in turns],
+                }
+            )
+        )
         return
     out.print(f"[dim]conversation {saved.id} · {saved.model} · {saved.hub}[/dim]")
     for turn in turns:
         out.print(f">>> {turn.prompt}", markup=False)
         note = " [dim](stopped)[/dim]" if turn.interrupted else ""
-        out.print(turn.reply if turn.sent else "[dim](no reply: the chat ended first)[/dim]", markup=not turn.sent, end="")
+        out.print(
+            turn.reply if turn.sent else "[dim](no reply: the chat ended first)[/dim]", markup=not turn.sent, end=""
+        )
         out.print(note)
 
 

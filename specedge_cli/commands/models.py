@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Annotated, Optional
+from typing import Annotated
 
 import typer
 from rich.console import Console
@@ -12,8 +12,16 @@ from rich.table import Table
 from specedge_cli import config
 from specedge_cli.errors import ModelFileError
 from specedge_cli.models import (
-    DEFAULT_MODEL, PRESETS, Preset, local_state, preset_path, register_model, registered_models,
-    remove_preset_files, resolve_model, unregister_model,
+    DEFAULT_MODEL,
+    PRESETS,
+    Preset,
+    local_state,
+    preset_path,
+    register_model,
+    registered_models,
+    remove_preset_files,
+    resolve_model,
+    unregister_model,
 )
 
 app = typer.Typer(help="Draft models: list, pull, rm, path.", no_args_is_help=True)
@@ -38,8 +46,13 @@ def list_models() -> None:
     models_dir = config.models_dir()
     for preset in PRESETS.values():
         name = preset.name + (" (default)" if preset.name == DEFAULT_MODEL else "")
-        table.add_row(name, preset.target_family, f"{preset.size / 1e6:.0f} MB",
-                      local_state(preset, models_dir), str(preset_path(preset, models_dir)))
+        table.add_row(
+            name,
+            preset.target_family,
+            f"{preset.size / 1e6:.0f} MB",
+            local_state(preset, models_dir),
+            str(preset_path(preset, models_dir)),
+        )
     for name, path in registered_models(models_dir).items():
         size = f"{path.stat().st_size / 1e6:.0f} MB" if path.is_file() else "-"
         table.add_row(name, "?", size, "local" if path.is_file() else "missing", str(path))
@@ -48,15 +61,19 @@ def list_models() -> None:
 
 @app.command()
 def pull(
-    name: Annotated[str, typer.Argument(help="A preset name (`specedge models list`), or a local .gguf file to register.")],
-    as_name: Annotated[Optional[str], typer.Option("--name", help="With a file: the name to use it by.")] = None,
+    name: Annotated[
+        str, typer.Argument(help="A preset name (`specedge models list`), or a local .gguf file to register.")
+    ],
+    as_name: Annotated[str | None, typer.Option("--name", help="With a file: the name to use it by.")] = None,
     offline: Offline = False,
 ) -> None:
     """Fetch a preset (resuming a partial download, checking its sha256), or register a local file."""
     if name.endswith(".gguf") or Path(name).is_file():
         local = Path(name).expanduser()
         register_model(as_name or local.stem, local, config.models_dir())
-        out.print(f"{as_name or local.stem} is {local.resolve()}; use it with `specedge chat --model {as_name or local.stem}`")
+        out.print(
+            f"{as_name or local.stem} is {local.resolve()}; use it with `specedge chat --model {as_name or local.stem}`"
+        )
         return
     resolved = resolve_model(_preset(name).name, config.models_dir(), offline=offline)
     out.print(f"{name} is ready: {resolved.path}")
@@ -73,7 +90,7 @@ def rm(name: Annotated[str, typer.Argument(help="A preset name, or a registered 
 
 
 @app.command()
-def path(name: Annotated[Optional[str], typer.Argument(help="A preset name; default: the models folder.")] = None) -> None:
+def path(name: Annotated[str | None, typer.Argument(help="A preset name; default: the models folder.")] = None) -> None:
     """Where models are kept, or where one preset's file is."""
     models_dir = config.models_dir()
     if name in registered_models(models_dir):

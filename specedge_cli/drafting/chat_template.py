@@ -42,8 +42,11 @@ class ChatTemplate:
     def render(self, messages: list[dict], add_generation_prompt: bool = True) -> str:
         system = next((m["content"] for m in messages if m["role"] == "system"), "")
         return self._template.render(
-            messages=messages, system=system, add_generation_prompt=add_generation_prompt,
-            bos_token=self._bos_token, eos_token=self._eos_token,
+            messages=messages,
+            system=system,
+            add_generation_prompt=add_generation_prompt,
+            bos_token=self._bos_token,
+            eos_token=self._eos_token,
         )
 
     def first_turn_text(self, messages: list[dict]) -> str:
@@ -59,5 +62,5 @@ class ChatTemplate:
         marked = [*messages[:-2], {"role": "assistant", "content": _REPLY_MARK}, messages[-1]]
         text = self.render(marked).split(_REPLY_MARK, 1)[1]
         if reply_stop_text and text.startswith(reply_stop_text):
-            text = text[len(reply_stop_text):]
+            text = text[len(reply_stop_text) :]
         return text

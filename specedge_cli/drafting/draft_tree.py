@@ -19,32 +19,34 @@ ROOT = -1  # the parent index of the root's children: the last context token
 
 @dataclass(frozen=True)
 class DraftShape:
-    depth: int       # levels below the root
-    budget: int      # nodes sent to the hub
-    width: int = 1   # children proposed per node and nodes expanded per level; 1 drafts a chain
+    depth: int  # levels below the root
+    budget: int  # nodes sent to the hub
+    width: int = 1  # children proposed per node and nodes expanded per level; 1 drafts a chain
 
 
 @dataclass
 class DraftTree:
-    root: list[int]          # the context tokens the tree continues
-    root_sequence: int       # the llama.cpp sequence holding them
-    slot: int                # which of the engine's two sequence pools the nodes use
+    root: list[int]  # the context tokens the tree continues
+    root_sequence: int  # the llama.cpp sequence holding them
+    slot: int  # which of the engine's two sequence pools the nodes use
     shape: DraftShape
     tokens: list[int] = field(default_factory=list)
     parents: list[int] = field(default_factory=list)
     scores: list[float] = field(default_factory=list)
     depths: list[int] = field(default_factory=list)
-    sequences: list[int] = field(default_factory=list)   # -1 until the node is decoded
+    sequences: list[int] = field(default_factory=list)  # -1 until the node is decoded
     picks: dict[int, int] = field(default_factory=dict)  # node -> the draft's own next token after it
-    proposed: dict[int, list[tuple[int, float]]] = field(default_factory=dict)  # node -> its children's (token, draft prob)
+    proposed: dict[int, list[tuple[int, float]]] = field(
+        default_factory=dict
+    )  # node -> its children's (token, draft prob)
     frontier: list[tuple[int, np.ndarray]] = field(default_factory=list)  # decoded nodes to expand, with logits
-    tips: dict[int, int] = field(default_factory=dict)   # sequence -> the deepest node it holds
-    levels: int = 0            # levels proposed so far
+    tips: dict[int, int] = field(default_factory=dict)  # sequence -> the deepest node it holds
+    levels: int = 0  # levels proposed so far
     selected: list[int] | None = None  # the nodes sent, in wire order, once finished
-    draft_s: float = 0.0       # drafting time spent on this tree before it was needed (all of it, unless proactive)
-    late_s: float = 0.0        # a proactive tree's drafting left for after the reply came
-    decodes: int = 0           # llama_decode calls spent on it
-    from_ahead: bool = False   # drafted proactively, while the previous verify was in flight
+    draft_s: float = 0.0  # drafting time spent on this tree before it was needed (all of it, unless proactive)
+    late_s: float = 0.0  # a proactive tree's drafting left for after the reply came
+    decodes: int = 0  # llama_decode calls spent on it
+    from_ahead: bool = False  # drafted proactively, while the previous verify was in flight
 
     # --- growing ---------------------------------------------------------------------
     def add(self, token: int, parent: int, score: float) -> int:

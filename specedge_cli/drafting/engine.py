@@ -11,9 +11,9 @@ import contextlib
 import hashlib
 import os
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable
 
 import numpy as np
 
@@ -37,6 +37,7 @@ def vocab_fingerprint(pieces: list[str]) -> str:
 @dataclass
 class BranchTally:
     """Verified drafts, those that sent a second choice somewhere, and those where the hub took one."""
+
     drafts: int = 0
     branched: int = 0
     taken: int = 0
@@ -52,24 +53,43 @@ class DraftEngine:
     tree (nothing accepted is recomputed) and drafts afresh.
     """
 
-    def __init__(self, model_path: Path, n_ctx: int = 4096, n_threads: int | None = None, n_gpu_layers: int = -1,
-                 max_tree_nodes: int = 64):
+    def __init__(
+        self,
+        model_path: Path,
+        n_ctx: int = 4096,
+        n_threads: int | None = None,
+        n_gpu_layers: int = -1,
+        max_tree_nodes: int = 64,
+    ):
         import llama_cpp
 
         self._lib = llama_cpp
         if not model_path.is_file():
-            raise ModelFileError(f"draft model {model_path} does not exist; run `specedge chat --model PATH` with a .gguf file")
+            raise ModelFileError(
+                f"draft model {model_path} does not exist; run `specedge chat --model PATH` with a .gguf file"
+            )
         try:
             with _quiet_stderr():
                 # The Llama object gives the tokenizer and metadata; drafting runs in a TreeContext.
                 self.llm = llama_cpp.Llama(
-                    model_path=str(model_path), n_ctx=64, n_threads=n_threads or _default_threads(),
-                    n_gpu_layers=n_gpu_layers, logits_all=False, verbose=False,
+                    model_path=str(model_path),
+                    n_ctx=64,
+                    n_threads=n_threads or _default_threads(),
+                    n_gpu_layers=n_gpu_layers,
+                    logits_all=False,
+                    verbose=False,
                 )
-                self._context = TreeContext(llama_cpp, self.llm.model, n_ctx, n_threads or _default_threads(),
-                                            max_sequences=1 + 2 * max_tree_nodes)
+                self._context = TreeContext(
+                    llama_cpp,
+                    self.llm.model,
+                    n_ctx,
+                    n_threads or _default_threads(),
+                    max_sequences=1 + 2 * max_tree_nodes,
+                )
         except ValueError as exc:
-            raise ModelFileError(f"llama.cpp could not load {model_path}: is it a complete .gguf file? ({exc})") from exc
+            raise ModelFileError(
+                f"llama.cpp could not load {model_path}: is it a complete .gguf file? ({exc})"
+            ) from exc
         self.path = model_path
         self.n_threads = n_threads or _default_threads()
         self._vocab = llama_cpp.llama_model_get_vocab(self.llm.model)
@@ -78,16 +98,15 @@ class DraftEngine:
         self.sampler = DraftSampler()
         self.calibration = Calibration()
         self.branching = BranchTally()
-        self._cached: list[int] = []              # the tokens sequence 0 holds
-        self._current: DraftTree | None = None    # the last draft handed out, until the next plan
-        self._ahead: DraftTree | None = None      # the proactive draft below the current one's guess
+        self._cached: list[int] = []  # the tokens sequence 0 holds
+        self._current: DraftTree | None = None  # the last draft handed out, until the next plan
+        self._ahead: DraftTree | None = None  # the proactive draft below the current one's guess
         self._free = {slot: self._pool(slot) for slot in (0, 1)}
 
     # --- vocabulary -------------------------------------------------------------------
     def vocab_pieces(self) -> list[str]:
         return [
-            self._lib.llama_vocab_get_text(self._vocab, i).decode("utf-8", "replace")
-            for i in range(self.vocab_size)
+            self._lib.llama_vocab_get_text(self._vocab, i).decode("utf-8", "replace") for i in range(self.vocab_size)
         ]
 
     def vocab_fingerprint(self) -> str:
@@ -141,7 +160,9 @@ class DraftEngine:
             return []
         return self.plan(history, DraftShape(depth=length, budget=length)).wire_tokens
 
-    def draft_tree(self, history: list[int], budget: int, width: int = 4, max_depth: int = 8) -> tuple[list[int], list[int]]:
+    def draft_tree(
+        self, history: list[int], budget: int, width: int = 4, max_depth: int = 8
+    ) -> tuple[list[int], list[int]]:
         """Draft a tree below `history`: tokens [N] and parents [N] (-1: child of the root)."""
         tree = self.plan(history, DraftShape(depth=max_depth, budget=budget, width=width))
         return tree.wire_tokens, tree.wire_parents
@@ -155,8 +176,11 @@ class DraftEngine:
         self._release(ahead)
         started = time.perf_counter()
         room = self.n_ctx - len(history) - 1
-        shape = DraftShape(max(0, min(shape.depth, room)), max(0, min(shape.budget, self.max_tree_nodes, room // 2)),
-                           max(1, shape.width))
+        shape = DraftShape(
+            max(0, min(shape.depth, room)),
+            max(0, min(shape.budget, self.max_tree_nodes, room // 2)),
+            max(1, shape.width),
+        )
         root_logits = self._sync(history)
         tree = DraftTree(list(history), root_sequence=0, slot=0, shape=shape)
         tree.frontier = [(ROOT, root_logits.copy())] if shape.depth and shape.budget else []
@@ -175,7 +199,9 @@ class DraftEngine:
             return None
         return [tree.tokens[n] for n in tree.path_to(leaf)], tree.picks[leaf]
 
-    def draft_ahead(self, tree: DraftTree, shape: DraftShape, stop: Callable[[], bool] | None = None) -> DraftTree | None:
+    def draft_ahead(
+        self, tree: DraftTree, shape: DraftShape, stop: Callable[[], bool] | None = None
+    ) -> DraftTree | None:
         """Draft the next tree now, below `tree`'s guessed outcome, until `stop()` says the reply is in.
 
         It is kept for the next `plan`, which uses it only if the hub's reply matches the guess.
@@ -194,8 +220,12 @@ class DraftEngine:
         end = len(tree.root) + len(path)
         source = tree.root_sequence if leaf == ROOT else tree.sequences[leaf]
         self._context.copy(source, root_sequence, 0, end)
-        ahead = DraftTree(tree.root + path + [bonus], root_sequence=root_sequence, slot=slot,
-                          shape=DraftShape(min(shape.depth, room), min(shape.budget, self.max_tree_nodes), max(1, shape.width)))
+        ahead = DraftTree(
+            tree.root + path + [bonus],
+            root_sequence=root_sequence,
+            slot=slot,
+            shape=DraftShape(min(shape.depth, room), min(shape.budget, self.max_tree_nodes), max(1, shape.width)),
+        )
         ahead.tips[root_sequence] = ROOT
         self._ahead = ahead
         self._context.decode([bonus], [end], [root_sequence], [True])
@@ -231,8 +261,10 @@ class DraftEngine:
                 candidates = self.sampler.candidates(logits, tree.position(parent) + 1, shape.width)
                 tree.picks[parent] = candidates[0][0]
                 tree.proposed[parent] = candidates
-                level += [tree.add(token, parent, tree.score(parent) + self._log_acceptance(rank, probability, shape))
-                          for rank, (token, probability) in enumerate(candidates)]
+                level += [
+                    tree.add(token, parent, tree.score(parent) + self._log_acceptance(rank, probability, shape))
+                    for rank, (token, probability) in enumerate(candidates)
+                ]
             tree.frontier = []
             tree.levels += 1
             if tree.levels >= shape.depth:
@@ -264,7 +296,7 @@ class DraftEngine:
         """Feed the calibration what the hub's reply revealed about the target's draws, and
         count whether the tree branched and whether the target took a branch."""
         if tree is not None and history[: len(tree.root)] == tree.root:
-            continuation = history[len(tree.root):]
+            continuation = history[len(tree.root) :]
             for candidates, drawn in tree.revealed(continuation):
                 self.calibration.observe(candidates, drawn)
             branches = tree.branches()
@@ -304,8 +336,12 @@ class DraftEngine:
             tree.tips[sequence] = node
             placed.append(node)
         if placed:
-            self._context.decode([tree.tokens[n] for n in placed], [tree.position(n) for n in placed],
-                                 [tree.sequences[n] for n in placed], [n in logits_for for n in placed])
+            self._context.decode(
+                [tree.tokens[n] for n in placed],
+                [tree.position(n) for n in placed],
+                [tree.sequences[n] for n in placed],
+                [n in logits_for for n in placed],
+            )
             tree.decodes += 1
         return placed
 
@@ -333,7 +369,7 @@ class DraftEngine:
         tree, self._current = self._current, None
         self._learn(tree, history)
         if tree is not None and self._cached == history[: len(tree.root)] and len(self._cached) == len(tree.root):
-            path = tree.matching_path(history[len(tree.root):])
+            path = tree.matching_path(history[len(tree.root) :])
             if path:
                 self._context.remove(0, len(tree.root), -1)
                 self._context.copy(tree.sequences[path[-1]], 0, len(tree.root), len(tree.root) + len(path))

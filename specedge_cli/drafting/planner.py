@@ -19,23 +19,29 @@ import math
 
 from specedge_cli.drafting.draft_tree import DraftShape
 
-MAX_AUTO_DEPTH = 16          # the deepest draft auto mode sends
-FIRST_DEPTH = 4              # before anything has been measured
+MAX_AUTO_DEPTH = 16  # the deepest draft auto mode sends
+FIRST_DEPTH = 4  # before anything has been measured
 MIN_DEEPEST_ACCEPTANCE = 0.1  # a draft stops where its last token would be accepted less often than this
-SMOOTHING = 0.3               # weight of the newest measurement in the running averages
-DECAY = 0.9                   # how fast old acceptance counts fade
+SMOOTHING = 0.3  # weight of the newest measurement in the running averages
+DECAY = 0.9  # how fast old acceptance counts fade
 
 
 class DepthPlanner:
-    def __init__(self, fixed_depth: int = 0, tree_budget: int = 0, tree_width: int = 4, max_depth: int = 64,
-                 proactive: bool = True):
-        self.fixed_depth = fixed_depth     # 0: choose online
-        self.tree_budget = tree_budget     # 0: chains
+    def __init__(
+        self,
+        fixed_depth: int = 0,
+        tree_budget: int = 0,
+        tree_width: int = 4,
+        max_depth: int = 64,
+        proactive: bool = True,
+    ):
+        self.fixed_depth = fixed_depth  # 0: choose online
+        self.tree_budget = tree_budget  # 0: chains
         self.tree_width = tree_width
-        self.max_depth = max_depth         # the hub's limit
+        self.max_depth = max_depth  # the hub's limit
         self.proactive = proactive
         self.decode_s: float | None = None  # one draft llama_decode (a chain token or a tree level)
-        self.wait_s: float | None = None    # send to reply: round trip + hub verify
+        self.wait_s: float | None = None  # send to reply: round trip + hub verify
         self._accepted = 0.0
         self._stops = 0.0
 

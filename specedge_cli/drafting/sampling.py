@@ -61,8 +61,8 @@ class Calibration:
     """
 
     BINS = 10
-    PRIOR_WEIGHT = 2.0   # pseudo-observations of the prior
-    MEMORY = 400.0       # counts are halved past this, so the estimate follows the conversation
+    PRIOR_WEIGHT = 2.0  # pseudo-observations of the prior
+    MEMORY = 400.0  # counts are halved past this, so the estimate follows the conversation
 
     def __init__(self, max_rank: int = 16):
         self._seen = np.zeros((max_rank, self.BINS))
@@ -75,7 +75,9 @@ class Calibration:
         it is young, on the draft's probability: few verifies are enough to get the shape right.
         """
         rank = min(rank, len(self._seen) - 1)
-        pooled = (self._hits[rank].sum() + self.PRIOR_WEIGHT * probability) / (self._seen[rank].sum() + self.PRIOR_WEIGHT)
+        pooled = (self._hits[rank].sum() + self.PRIOR_WEIGHT * probability) / (
+            self._seen[rank].sum() + self.PRIOR_WEIGHT
+        )
         cell = (rank, self._bin(probability))
         return (self._hits[cell] + self.PRIOR_WEIGHT * pooled) / (self._seen[cell] + self.PRIOR_WEIGHT)
 

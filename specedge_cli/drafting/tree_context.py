@@ -29,7 +29,9 @@ class TreeContext:
         params.kv_unified = True  # tree sequences share the conversation's cells
         self._ctx = llama_cpp.llama_init_from_model(model, params)
         if not self._ctx:
-            raise ModelFileError("llama.cpp could not create a drafting context; try a smaller --draft-budget or context")
+            raise ModelFileError(
+                "llama.cpp could not create a drafting context; try a smaller --draft-budget or context"
+            )
         self._memory = llama_cpp.llama_get_memory(self._ctx)
         self.n_ctx = n_ctx
         self.n_batch = params.n_batch
@@ -58,7 +60,9 @@ class TreeContext:
                 batch.logits[j] = want_logits[i]
             status = self._lib.llama_decode(self._ctx, batch)
             if status != 0:
-                raise ModelFileError(f"llama.cpp failed to decode a draft batch (status {status}); the context may be full")
+                raise ModelFileError(
+                    f"llama.cpp failed to decode a draft batch (status {status}); the context may be full"
+                )
 
     def logits(self, index: int) -> np.ndarray:
         """Logits after the last decode's batch token `index` (it must have asked for them; -1: the last): [V]."""

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import ipaddress
 import json
-from typing import Iterator
+from collections.abc import Iterator
 
 import httpx
 
@@ -18,8 +18,10 @@ def check_transport(url: str, insecure: bool = False) -> None:
     if parsed.scheme not in ("http", "https") or not parsed.host:
         raise InsecureHub(f"{url!r} is not a hub URL; give one like https://hub.example.com")
     if parsed.scheme == "http" and not insecure and not _is_loopback(parsed.host):
-        raise InsecureHub(f"refusing plain http to {parsed.host}: your token would cross the network unencrypted; "
-                          f"use https://, or pass --insecure (SPECEDGE_INSECURE=1) on a network you trust")
+        raise InsecureHub(
+            f"refusing plain http to {parsed.host}: your token would cross the network unencrypted; "
+            f"use https://, or pass --insecure (SPECEDGE_INSECURE=1) on a network you trust"
+        )
 
 
 def _is_loopback(host: str) -> bool:
@@ -32,8 +34,14 @@ def _is_loopback(host: str) -> bool:
 
 
 class HubClient:
-    def __init__(self, base_url: str, token: str | None = None, timeout_s: float = 120.0,
-                 transport: httpx.BaseTransport | None = None, insecure: bool = False):
+    def __init__(
+        self,
+        base_url: str,
+        token: str | None = None,
+        timeout_s: float = 120.0,
+        transport: httpx.BaseTransport | None = None,
+        insecure: bool = False,
+    ):
         check_transport(base_url, insecure)
         self.base_url = base_url.rstrip("/")
         headers = {"Authorization": f"Bearer {token}"} if token else {}
@@ -42,7 +50,7 @@ class HubClient:
     def close(self) -> None:
         self._http.close()
 
-    def __enter__(self) -> "HubClient":
+    def __enter__(self) -> HubClient:
         return self
 
     def __exit__(self, *exc) -> None:
@@ -64,8 +72,9 @@ class HubClient:
         body = wire.FeedRequest(tokens=tokens).to_json()
         return wire.FeedResponse.from_json(self._request("POST", f"/v1/sessions/{session_id}/feed", body))
 
-    def verify(self, session_id: str, tokens: list[int], draft: list[int],
-               parents: list[int] | None = None) -> wire.VerifyResponse:
+    def verify(
+        self, session_id: str, tokens: list[int], draft: list[int], parents: list[int] | None = None
+    ) -> wire.VerifyResponse:
         body = wire.VerifyRequest(tokens=tokens, draft=draft, parents=parents).to_json()
         return wire.VerifyResponse.from_json(self._request("POST", f"/v1/sessions/{session_id}/verify", body))
 
@@ -80,7 +89,9 @@ class HubClient:
                     if line:
                         yield wire.GenerateChunk.from_json(json.loads(line))
         except httpx.TransportError as exc:
-            raise HubUnreachable(f"the connection to the hub at {self.base_url} broke ({exc.__class__.__name__})") from exc
+            raise HubUnreachable(
+                f"the connection to the hub at {self.base_url} broke ({exc.__class__.__name__})"
+            ) from exc
 
     def close_session(self, session_id: str) -> None:
         self._request("DELETE", f"/v1/sessions/{session_id}")
@@ -99,10 +110,14 @@ class HubClient:
 
 def _unreachable(base_url: str, exc: httpx.TransportError) -> HubUnreachable:
     if "CERTIFICATE_VERIFY_FAILED" in str(exc):
-        return HubUnreachable(f"the TLS certificate of {base_url} could not be verified ({exc}); if the hub uses "
-                              f"a private CA, point SSL_CERT_FILE at its certificate")
-    return HubUnreachable(f"cannot reach the hub at {base_url} ({exc.__class__.__name__}); "
-                          f"check the URL and that `curl {base_url}/health` answers")
+        return HubUnreachable(
+            f"the TLS certificate of {base_url} could not be verified ({exc}); if the hub uses "
+            f"a private CA, point SSL_CERT_FILE at its certificate"
+        )
+    return HubUnreachable(
+        f"cannot reach the hub at {base_url} ({exc.__class__.__name__}); "
+        f"check the URL and that `curl {base_url}/health` answers"
+    )
 
 
 def _rejection(response: httpx.Response) -> HubRejected:
@@ -114,8 +129,11 @@ def _rejection(response: httpx.Response) -> HubRejected:
     status = response.status_code
     if status == 401:
         hub = str(response.request.url.copy_with(path="/", query=None)).rstrip("/")
-        return TokenRejected(f"the hub at {hub} did not accept your token (missing, wrong or revoked); "
-                             f"run `specedge login --hub {hub}`", status, code)
+        return TokenRejected(
+            f"the hub at {hub} did not accept your token (missing, wrong or revoked); run `specedge login --hub {hub}`",
+            status,
+            code,
+        )
     if status == 404 and code == "session_not_found":
         return SessionLost(message, status, code)
     if status in (429, 503):

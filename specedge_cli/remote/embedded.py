@@ -39,9 +39,21 @@ class EmbeddedHub:
         log_path.parent.mkdir(parents=True, exist_ok=True)
         self._log = log_path.open("ab")
         self._process = subprocess.Popen(
-            [sys.executable, "-m", "hub_server", "serve", "--model", str(target),
-             "--host", "127.0.0.1", "--port", str(self.port)],
-            stdout=self._log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
+            [
+                sys.executable,
+                "-m",
+                "hub_server",
+                "serve",
+                "--model",
+                str(target),
+                "--host",
+                "127.0.0.1",
+                "--port",
+                str(self.port),
+            ],
+            stdout=self._log,
+            stderr=subprocess.STDOUT,
+            stdin=subprocess.DEVNULL,
             env={**os.environ, EMBEDDED_TOKEN_ENV: self.token},
         )
 
@@ -54,7 +66,9 @@ class EmbeddedHub:
         deadline = time.monotonic() + self._timeout_s
         while time.monotonic() < deadline:
             if self._process.poll() is not None:
-                raise HubUnreachable(f"the embedded hub exited with code {self._process.returncode}; see {self.log_path}")
+                raise HubUnreachable(
+                    f"the embedded hub exited with code {self._process.returncode}; see {self.log_path}"
+                )
             try:
                 health = httpx.get(f"{self.url}/health", timeout=2)
             except httpx.TransportError:
@@ -62,7 +76,9 @@ class EmbeddedHub:
             if health is not None and health.status_code == 200:
                 return
             if health is not None and health.json().get("status") == "failed":
-                raise HubUnreachable(f"the embedded hub could not start: {health.json().get('reason')}; see {self.log_path}")
+                raise HubUnreachable(
+                    f"the embedded hub could not start: {health.json().get('reason')}; see {self.log_path}"
+                )
             time.sleep(0.2)
         raise HubUnreachable(f"the embedded hub did not become ready in {self._timeout_s:.0f} s; see {self.log_path}")
 
@@ -76,7 +92,7 @@ class EmbeddedHub:
                 self._process.wait()
         self._log.close()
 
-    def __enter__(self) -> "EmbeddedHub":
+    def __enter__(self) -> EmbeddedHub:
         return self
 
     def __exit__(self, *exc) -> None:

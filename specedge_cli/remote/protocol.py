@@ -110,6 +110,10 @@ class WhoAmIResponse(_Message):
     tokens_left: int | None = None
 
     @classmethod
-    def from_json(cls, body: dict) -> "WhoAmIResponse":
-        return cls(user=body["user"], limits=UserLimits.from_json(body.get("limits") or {}),
-                   sessions=body.get("sessions", 0), tokens_left=body.get("tokens_left"))
+    def from_json(cls, body: dict) -> WhoAmIResponse:
+        return cls(
+            user=body["user"],
+            limits=UserLimits.from_json(body.get("limits") or {}),
+            sessions=body.get("sessions", 0),
+            tokens_left=body.get("tokens_left"),
+        )
