@@ -22,8 +22,9 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 from hub_server import protocol as wire
 from hub_server.accounts import Accounts, SingleToken, TokenCheck
 from hub_server.config import HubSettings
-from hub_server.errors import BadRequest, HubError, KVBudgetError, NotReady, Unauthorized
-from hub_server.logs import REQUEST_ID_HEADER, bind_request, request_id_from
+from hub_server.engine_api import Engine
+from hub_server.errors import BadRequest, KVBudgetError, NotReady, RequestRefused, Unauthorized
+from hub_server.logging_setup import REQUEST_ID_HEADER, bind_request, request_id_from
 from hub_server.service import Hub
 from hub_server.sessions import LOCAL_USER
 
@@ -176,7 +177,7 @@ async def _user_of(request: Request, token_check: TokenCheck | None) -> str:
     return user
 
 
-def create_app(settings: HubSettings, make_runner: Callable[[HubSettings], object]) -> FastAPI:
+def create_app(settings: HubSettings, make_engine: Callable[[HubSettings], Engine]) -> FastAPI:
     # The schema is served behind authentication like every other route; no public docs pages.
     app = FastAPI(
         title="SpecEdge hub", version=str(wire.PROTOCOL_VERSION), openapi_url=None, docs_url=None, redoc_url=None
@@ -186,7 +187,7 @@ def create_app(settings: HubSettings, make_runner: Callable[[HubSettings], objec
 
     def load() -> None:
         try:
-            state.hub = Hub(settings, make_runner(settings))
+            state.hub = Hub(settings, make_engine(settings))
             log.info("hub ready: %s", settings.model)
         except KVBudgetError as exc:  # a configuration to change, not a crash: no traceback
             state.failure = f"the hub cannot hold its sessions: {exc}"
@@ -199,8 +200,8 @@ def create_app(settings: HubSettings, make_runner: Callable[[HubSettings], objec
     app.state.hub_state = state
     app.add_middleware(HubMiddleware, token_check=token_check, max_bytes=MAX_BODY_BYTES)
 
-    @app.exception_handler(HubError)
-    async def hub_error(request: Request, exc: HubError) -> JSONResponse:
+    @app.exception_handler(RequestRefused)
+    async def refused(request: Request, exc: RequestRefused) -> JSONResponse:
         headers = {"Retry-After": str(exc.retry_after_s)} if hasattr(exc, "retry_after_s") else None
         return _error(exc.status, exc.code, exc.message, headers)
 
@@ -221,7 +222,7 @@ def create_app(settings: HubSettings, make_runner: Callable[[HubSettings], objec
             return JSONResponse({"status": "failed", "reason": state.failure}, status_code=503)
         if state.hub is None:
             return JSONResponse({"status": "loading", "reason": "the target model is loading"}, status_code=503)
-        return JSONResponse({"status": "ok", "model": state.hub.runner.name})
+        return JSONResponse({"status": "ok", "model": state.hub.engine.name})
 
     @app.get("/openapi.json", include_in_schema=False)
     def openapi() -> dict:

@@ -13,11 +13,10 @@ import typer
 
 from hub_server.accounts import Accounts
 from hub_server.admin import tokens_app, users_app
-from hub_server.config import DEVICES, DTYPES, LOG_FORMATS, HubSettings, default_data_dir, is_loopback
+from hub_server.config import DEVICES, DTYPES, LOG_FORMATS, HubSettings, default_data_dir
 from hub_server.errors import AccountError
-
-# `specedge chat` hands its embedded hub a per-process token here, never on the command line.
-EMBEDDED_TOKEN_ENV = "SPECEDGE_HUB_EMBEDDED_TOKEN"
+from specedge_common.launcher import EMBEDDED_TOKEN_ENV
+from specedge_common.net import is_loopback
 
 app = typer.Typer(
     help="SpecEdge verification hub: serves a target model to drafting clients.",
@@ -92,8 +91,8 @@ def serve(
     import uvicorn
 
     from hub_server.app import create_app
-    from hub_server.logs import configure_logging
-    from hub_server.runner import ModelRunner
+    from hub_server.engine.runner import ModelRunner
+    from hub_server.logging_setup import configure_logging
 
     if not Path(model).expanduser().exists():
         raise typer.BadParameter(f"{model} does not exist; pass a .gguf file or a model folder", param_hint="--model")
