@@ -10,7 +10,7 @@ from __future__ import annotations
 import logging
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from typing import Annotated
 
 from fastapi import Depends, FastAPI, Request
@@ -177,7 +177,8 @@ async def _user_of(request: Request, token_check: TokenCheck | None) -> str:
     return user
 
 
-def create_app(settings: HubSettings, make_engine: Callable[[HubSettings], Engine]) -> FastAPI:
+def create_app(settings: HubSettings, make_engines: Callable[[HubSettings], Sequence[Engine]]) -> FastAPI:
+    """The hub's app; its engines (one in-process, or one proxy per Ray worker) load in the background."""
     # The schema is served behind authentication like every other route; no public docs pages.
     app = FastAPI(
         title="SpecEdge hub", version=str(wire.PROTOCOL_VERSION), openapi_url=None, docs_url=None, redoc_url=None
@@ -187,7 +188,7 @@ def create_app(settings: HubSettings, make_engine: Callable[[HubSettings], Engin
 
     def load() -> None:
         try:
-            state.hub = Hub(settings, make_engine(settings))
+            state.hub = Hub(settings, *make_engines(settings))
             log.info("hub ready: %s", settings.model)
         except KVBudgetError as exc:  # a configuration to change, not a crash: no traceback
             state.failure = f"the hub cannot hold its sessions: {exc}"
@@ -222,7 +223,10 @@ def create_app(settings: HubSettings, make_engine: Callable[[HubSettings], Engin
             return JSONResponse({"status": "failed", "reason": state.failure}, status_code=503)
         if state.hub is None:
             return JSONResponse({"status": "loading", "reason": "the target model is loading"}, status_code=503)
-        return JSONResponse({"status": "ok", "model": state.hub.engine.name})
+        workers = state.hub.workers_ready()
+        body = {"status": "ok", "model": state.hub.engine.name, "workers": workers.model_dump()}
+        # A hub whose every worker is lost serves nothing until one comes back.
+        return JSONResponse(body if workers.ready else {**body, "status": "degraded"}, 200 if workers.ready else 503)
 
     @app.get("/openapi.json", include_in_schema=False)
     def openapi() -> dict:
@@ -260,6 +264,15 @@ def create_app(settings: HubSettings, make_engine: Callable[[HubSettings], Engin
     @app.get("/metrics")
     def metrics() -> PlainTextResponse:
         return PlainTextResponse(state.ready().metrics_page(), media_type="text/plain; version=0.0.4")
+
+    # For operators. Until operator roles exist, the hub's tokens guard these like every route.
+    @app.get("/v1/workers")
+    def workers() -> wire.WorkerList:
+        return state.ready().worker_list()
+
+    @app.post("/v1/workers/{worker_id}/drain")
+    def drain(worker_id: str) -> wire.WorkerInfo:
+        return state.ready().drain(worker_id)
 
     @app.delete("/v1/sessions/{session_id}", status_code=204)
     def close(session_id: str, user: User) -> None:

@@ -5,8 +5,9 @@ from __future__ import annotations
 import logging
 import os
 import signal
+from collections.abc import Callable, Sequence
 from pathlib import Path
-from typing import Annotated
+from typing import TYPE_CHECKING, Annotated
 
 import httpx
 import typer
@@ -14,9 +15,13 @@ import typer
 from hub_server.accounts import Accounts
 from hub_server.admin import tokens_app, users_app
 from hub_server.config import DEVICES, DTYPES, LOG_FORMATS, HubSettings, default_data_dir
-from hub_server.errors import AccountError
+from hub_server.errors import AccountError, ClusterError
+from hub_server.workers_cmd import workers_app
 from specedge_common.launcher import EMBEDDED_TOKEN_ENV
 from specedge_common.net import is_loopback
+
+if TYPE_CHECKING:
+    from hub_server.engine_api import Engine
 
 app = typer.Typer(
     help="SpecEdge verification hub: serves a target model to drafting clients.",
@@ -25,6 +30,7 @@ app = typer.Typer(
 )
 app.add_typer(users_app, name="users")
 app.add_typer(tokens_app, name="tokens")
+app.add_typer(workers_app, name="workers")
 
 
 @app.callback()
@@ -86,12 +92,27 @@ def serve(
     ] = 30.0,
     ssl_keyfile: Annotated[Path | None, typer.Option(help="TLS private key (PEM), passed to uvicorn.")] = None,
     ssl_certfile: Annotated[Path | None, typer.Option(help="TLS certificate chain (PEM), passed to uvicorn.")] = None,
+    workers: Annotated[
+        int,
+        typer.Option(
+            help="Engine workers on --device, each with the target and its own KV pool; more than one run on Ray."
+        ),
+    ] = 1,
+    devices: Annotated[
+        str | None,
+        typer.Option(help="One worker per device, comma separated: cuda:0,cuda:1 or cpu,cpu (instead of --workers)."),
+    ] = None,
+    ray_address: Annotated[
+        str | None,
+        typer.Option(
+            help="Join a Ray cluster (auto, or the head's HOST:PORT) and place workers on any node's free devices."
+        ),
+    ] = None,
 ) -> None:
     """Run the hub."""
     import uvicorn
 
     from hub_server.app import create_app
-    from hub_server.engine.runner import ModelRunner
     from hub_server.logging_setup import configure_logging
 
     if not Path(model).expanduser().exists():
@@ -123,6 +144,9 @@ def serve(
             shutdown_timeout_s=shutdown_timeout,
             ssl_keyfile=ssl_keyfile,
             ssl_certfile=ssl_certfile,
+            workers=workers,
+            devices=tuple(d.strip() for d in devices.split(",") if d.strip()) if devices else (),
+            ray_address=ray_address,
         )
     except ValueError as exc:
         raise typer.BadParameter(str(exc)) from exc
@@ -135,7 +159,7 @@ def serve(
     # for that re-raise lets the hub exit 0 after a clean shutdown instead of dying by the signal.
     signal.signal(signal.SIGTERM, lambda *_: None)
     uvicorn.run(
-        create_app(settings, ModelRunner),
+        create_app(settings, _engine_maker(settings)),
         host=host,
         port=port,
         log_config=None,
@@ -146,6 +170,21 @@ def serve(
         ssl_certfile=settings.ssl_certfile and str(settings.ssl_certfile),
     )
     logging.getLogger("hub_server").info("hub stopped")
+
+
+def _engine_maker(settings: HubSettings) -> Callable[[HubSettings], Sequence[Engine]]:
+    """In-process for one worker (no Ray imported, nothing started); Ray workers otherwise."""
+    if settings.in_process:
+        from hub_server.engine.runner import ModelRunner
+
+        return lambda s: [ModelRunner(s)]
+    from hub_server.workers import connect, start_workers
+
+    try:
+        connect(settings)
+    except ClusterError as exc:
+        raise typer.BadParameter(str(exc), param_hint="--ray-address") from exc
+    return start_workers
 
 
 def _warn_about_exposure(settings: HubSettings) -> None:

@@ -5,14 +5,18 @@
     ├── VocabMismatch         409      draft and target vocabularies differ
     ├── ContextTooLong        422      context would pass the model's limit
     ├── SessionNotFound       404      unknown (or another user's) session
+    │   └── WorkerLost        404      the engine worker holding the session died (same code:
+    │                                  clients reopen the session and feed its context again)
     ├── HubFull               429      no room for another session now (with Retry-After)
     ├── Unauthorized          401      missing, unknown or revoked API token
     ├── RateLimited           429      a per-user limit (sessions, tokens per minute; with Retry-After)
-    └── NotReady              503      the model is still loading
+    ├── NotReady              503      the model is still loading
+    └── UnknownWorker         404      `hub_server workers drain ID`: no worker of that id
 
     AccountError              the admin commands (`hub_server users|tokens`): unknown or
                               duplicate user, bad name, unknown token id
     KVBudgetError             start-up: the configured sessions x context do not fit the KV budget
+    ClusterError              start-up: the Ray cluster for the workers cannot be joined or started
 
 Route handlers raise these; one exception handler in `app.py` turns them into JSON bodies.
 """
@@ -49,6 +53,17 @@ class SessionNotFound(RequestRefused):
     code = "session_not_found"
 
 
+class WorkerLost(SessionNotFound):
+    """The worker that held a session is gone (process killed, device error, node lost), so is
+    the session's KV cache. Raised where Ray's errors enter (`workers.py`); the code stays
+    `session_not_found`, which every client already answers by reopening the session."""
+
+
+class UnknownWorker(RequestRefused):
+    status = 404
+    code = "worker_not_found"
+
+
 class NotReady(RequestRefused):
     status = 503
     code = "not_ready"
@@ -80,3 +95,7 @@ class AccountError(Exception):
 
 class KVBudgetError(ValueError):
     """The configured sessions and context do not fit the KV memory budget; the message says what to change."""
+
+
+class ClusterError(RuntimeError):
+    """The Ray cluster for the engine workers cannot be joined or started; the message says what to check."""

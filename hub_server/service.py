@@ -1,9 +1,18 @@
 """What the hub does for each request, checked; independent of HTTP and of torch (the engine is
-reached only through `engine_api.Engine`)."""
+reached only through `engine_api.Engine`).
+
+The hub's front end serves one or more workers (`placement.py`): each a device with its engine
+and its own batch scheduler. Accounts, per-user limits and the session table are the front end's,
+one set for all workers; a session's feeds, verifies and generations go to the worker it was
+placed on. A worker in another process (Ray, `workers.py`) is probed; when it is lost its
+sessions are dropped, so clients reopen them on a live worker, and it rejoins once restarted.
+"""
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
+import logging
 import threading
 import time
 from collections.abc import Iterator
@@ -15,11 +24,21 @@ import anyio
 
 from hub_server import protocol as wire
 from hub_server.config import HubSettings
-from hub_server.engine_api import Engine, VerifyJob
-from hub_server.errors import BadRequest, ContextTooLong, HubFull, RateLimited, SessionNotFound, VocabMismatch
+from hub_server.engine_api import Engine, KVHandle, VerifyJob
+from hub_server.errors import (
+    BadRequest,
+    ContextTooLong,
+    HubFull,
+    RateLimited,
+    SessionNotFound,
+    UnknownWorker,
+    VocabMismatch,
+    WorkerLost,
+)
 from hub_server.limits import AdmissionGate, TokenBudgets
-from hub_server.metrics import HubMetrics
+from hub_server.metrics import HubMetrics, WorkerFigures
 from hub_server.metrics import render as render_metrics
+from hub_server.placement import LOST, Supervised, Worker, local_identity, placement_order
 from hub_server.scheduler import Announcement, Scheduler
 from hub_server.sessions import LOCAL_USER, Session, SessionStore
 from hub_server.tree import chain_parents, node_depths, tree_problem
@@ -27,26 +46,50 @@ from hub_server.tree import chain_parents, node_depths, tree_problem
 if TYPE_CHECKING:
     from hub_server.engine.drafter import HubDrafter
 
+log = logging.getLogger("hub_server")
+
+PROBE_PERIOD_S = 0.5  # how often a worker in another process is asked whether it lives
+
 
 class Hub:
-    def __init__(self, settings: HubSettings, engine: Engine):
+    def __init__(self, settings: HubSettings, *engines: Engine):
+        if not engines:
+            raise ValueError("a hub needs at least one engine")
         self.settings = settings
-        self.engine = engine
+        # Every worker loads the same target: the first one states its name, vocabulary and context.
+        self.engine = engines[0]
+        self.workers = [self._worker(str(index), engine) for index, engine in enumerate(engines)]
         self.sessions = SessionStore()
-        self.scheduler = Scheduler(
-            engine.verify_batch,
-            max_batch=settings.max_batch,
-            max_wait_s=settings.batch_wait_ms / 1000,
-            merge_share=settings.merge_wait_share,
-            pass_fixed_s=engine.pass_fixed_s,
-        )
         self.metrics = HubMetrics()
         self.budgets = TokenBudgets(settings.tokens_per_minute)
         self.gate = AdmissionGate(settings.max_queue_depth)
         self._admission = threading.Lock()  # the session caps are checked and taken as one step
-        self.drafter = make_drafter(settings, engine.device_lock)
+        self.drafter = make_drafter(settings, self.engine.device_lock)
         self._evictor = threading.Thread(target=self._evict_idle_forever, name="evictor", daemon=True)
         self._evictor.start()
+        for worker in self.workers:
+            if worker.supervised:
+                name = f"probe-worker-{worker.worker_id}"
+                threading.Thread(target=self._probe_forever, args=(worker,), name=name, daemon=True).start()
+
+    def _worker(self, worker_id: str, engine: Engine) -> Worker:
+        scheduler = Scheduler(
+            engine.verify_batch,
+            max_batch=self.settings.max_batch,
+            max_wait_s=self.settings.batch_wait_ms / 1000,
+            merge_share=self.settings.merge_wait_share,
+            pass_fixed_s=engine.pass_fixed_s,
+        )
+        identity = engine.probe() if isinstance(engine, Supervised) else local_identity(engine, self.settings.device)
+        return Worker(worker_id, engine, scheduler, identity)
+
+    @property
+    def scheduler(self) -> Scheduler:
+        """The first worker's scheduler (the only one of an in-process hub)."""
+        return self.workers[0].scheduler
+
+    def workers_ready(self) -> wire.WorkerCount:
+        return wire.WorkerCount(ready=sum(w.state != LOST for w in self.workers), total=len(self.workers))
 
     def info(self) -> wire.HubInfo:
         return wire.HubInfo(
@@ -57,25 +100,67 @@ class Hub:
             max_draft_tokens=self.settings.max_draft_tokens,
             max_context=self.engine.max_context,
             modes=["specedge", "autoregressive"] + (["speculative"] if self.drafter else []),
+            workers=self.workers_ready(),
         )
 
     def metrics_page(self) -> str:
-        device = self.engine.stats()
+        labelled = len(self.workers) > 1  # one worker: the series as they always were, unlabelled
+        figures = [self._figures(worker, labelled) for worker in self.workers]
         gauges = {
             "active_sessions": len(self.sessions),
-            "queue_depth": self.scheduler.queue_depth,
-            "kv_bytes": device.kv_bytes_used,
-            "kv_bytes_reserved": device.kv_bytes_reserved,
             "hub_draft_seconds": self.drafter.busy_seconds if self.drafter else 0.0,
-            "device_busy_seconds": device.device_busy_seconds,
-            "prefill_seconds": device.feeds.seconds,
-            "pass_fixed_seconds": device.pass_fixed_seconds or 0.0,
-            "pass_token_seconds": device.pass_token_seconds or 0.0,
-            "verify_context_tokens": device.context_in_verify,
-            "user_return_seconds": self.scheduler.usual_return_s() or 0.0,
-            "verify_passes": {size: (tally.passes, tally.seconds) for size, tally in device.verify_passes.items()},
+            "workers_ready": self.workers_ready().ready,
+            "workers_total": len(self.workers),
         }
-        return render_metrics(self.metrics, gauges, self.scheduler.stats)
+        return render_metrics(self.metrics, gauges, figures)
+
+    def _figures(self, worker: Worker, labelled: bool) -> WorkerFigures:
+        return WorkerFigures(
+            worker.worker_id if labelled else None,
+            worker.engine.stats(),
+            worker.scheduler.stats,
+            worker.scheduler.queue_depth,
+            worker.scheduler.usual_return_s() or 0.0,
+            self.sessions.count_on(worker.worker_id),
+        )
+
+    def worker_list(self) -> wire.WorkerList:
+        """Each worker as operators see it (`GET /v1/workers`, `hub_server workers`)."""
+        return wire.WorkerList(workers=[self._describe(worker) for worker in self.workers])
+
+    def _describe(self, worker: Worker) -> wire.WorkerInfo:
+        device = worker.engine.stats()
+        return wire.WorkerInfo(
+            worker_id=worker.worker_id,
+            node=worker.identity.node,
+            pid=worker.identity.pid,
+            device=worker.identity.device,
+            state=worker.state,
+            sessions=self.sessions.count_on(worker.worker_id),
+            kv_slots=self.settings.max_sessions,
+            kv_bytes_used=device.kv_bytes_used,
+            kv_bytes_reserved=device.kv_bytes_reserved,
+            queue_depth=worker.scheduler.queue_depth,
+            passes=worker.scheduler.stats.batches,
+            restarts=worker.restarts,
+        )
+
+    def drain(self, worker_id: str) -> wire.WorkerInfo:
+        """Stop placing new sessions on a worker; its open sessions finish there."""
+        worker = self._find_worker(worker_id)
+        worker.drain()
+        log.info("worker %s draining: %d sessions left", worker_id, self.sessions.count_on(worker_id))
+        return self._describe(worker)
+
+    def _find_worker(self, worker_id: str) -> Worker:
+        for worker in self.workers:
+            if worker.worker_id == worker_id:
+                return worker
+        known = ", ".join(w.worker_id for w in self.workers)
+        raise UnknownWorker(f"no worker {worker_id!r} on this hub (workers: {known}); see `hub_server workers`")
+
+    def _worker_of(self, session: Session) -> Worker:
+        return self.workers[int(session.worker_id)]
 
     def whoami(self, user: str) -> wire.WhoAmIResponse:
         limits = wire.UserLimits(
@@ -101,25 +186,49 @@ class Hub:
         self._check_ids(request.stop_token_ids, "stop_token_ids")
         with self._admission:
             self._check_user_sessions(owner)
-            if len(self.sessions) >= self.settings.max_sessions:
+            placed = self._place()
+            if placed is None:
                 self._evict(self.settings.session_idle_s / 10)  # when full, idle sessions go sooner
-            kv = self.engine.new_kv() if len(self.sessions) < self.settings.max_sessions else None
-            if kv is None:
-                raise HubFull(
-                    f"the hub serves its maximum of {self.settings.max_sessions} sessions; retry in a few seconds"
-                )
+                placed = self._place()
+            if placed is None:
+                raise HubFull(self._full_message())
+            worker, kv = placed
             session = self.sessions.add(
                 request.sampling.temperature,
                 request.sampling.seed,
                 frozenset(request.stop_token_ids),
                 kv,
                 owner,
+                worker.worker_id,
             )
         return wire.OpenSessionResponse(
             session_id=session.session_id,
             model=self.engine.name,
             max_draft_tokens=self.settings.max_draft_tokens,
             max_context=self.engine.max_context,
+        )
+
+    def _place(self) -> tuple[Worker, KVHandle] | None:
+        """A worker for a new session and a KV slot on it, best worker first; None when all are full."""
+        loads = [w.load(self.sessions.count_on(w.worker_id), self.settings.max_sessions) for w in self.workers]
+        for worker_id in placement_order(loads):
+            worker = self.workers[int(worker_id)]
+            try:
+                kv = worker.engine.new_kv()
+            except WorkerLost:  # its probe will say so shortly; the next worker may take it
+                continue
+            if kv is not None:
+                return worker, kv
+        return None
+
+    def _full_message(self) -> str:
+        limit = self.settings.max_sessions
+        if len(self.workers) == 1:
+            return f"the hub serves its maximum of {limit} sessions; retry in a few seconds"
+        up = self.workers_ready()
+        return (
+            f"the hub's {up.ready} ready workers (of {up.total}) serve their maximum of {limit} sessions each; "
+            "retry in a few seconds"
         )
 
     def _check_user_sessions(self, owner: str) -> None:
@@ -139,7 +248,7 @@ class Hub:
             self._check_ids(request.tokens, "tokens")
             self._check_room(len(session.context) + len(request.tokens))
             session.context.extend(request.tokens)
-            self.engine.prefill(session.kv, session.context)
+            self._worker_of(session).engine.prefill(session.kv, session.context)
             return wire.FeedResponse(context_len=len(session.context))
 
     async def verify(
@@ -156,7 +265,7 @@ class Hub:
             try:
                 # Checked and queued in one go on the event loop: nothing to announce.
                 job = self._verify_job(session, request)
-                future = self.scheduler.submit(job, key=session.session_id)
+                future = self._worker_of(session).scheduler.submit(job, key=session.session_id)
             except BaseException:
                 session.lock.release()
                 raise
@@ -217,7 +326,8 @@ class Hub:
     def _generate(self, session: Session, request: wire.GenerateRequest) -> Iterator[wire.GenerateChunk]:
         # Announced for its whole life: between passes (streaming a chunk, drafting) the next
         # batch may wait briefly for this session, so concurrent generations share passes.
-        with session.lock, self.scheduler.announce() as announcement:
+        scheduler = self._worker_of(session).scheduler
+        with session.lock, scheduler.announce() as announcement:
             _check_open(session)
             session.context.extend(request.tokens)
             produced = verifies = 0
@@ -235,7 +345,7 @@ class Hub:
                     session.seed,
                     session.stop_token_ids,
                 )
-                self._run(session, job, request.mode, announcement)
+                self._run(scheduler, session, job, request.mode, announcement)
                 produced += len(job.emitted)
                 verifies += 1
                 yield wire.GenerateChunk(tokens=job.emitted)
@@ -243,10 +353,12 @@ class Hub:
                     break
             yield wire.GenerateChunk(tokens=[], done=True, verifies=verifies, context_len=len(session.context))
 
-    def _run(self, session: Session, job: VerifyJob, mode: str, announcement: Announcement) -> None:
+    def _run(
+        self, scheduler: Scheduler, session: Session, job: VerifyJob, mode: str, announcement: Announcement
+    ) -> None:
         """Queue one verify for the device and apply its result (blocking: generation threads)."""
         started = time.perf_counter()
-        self.scheduler.submit(job, announcement).result()
+        scheduler.submit(job, announcement).result()
         self._apply(session, job, mode, time.perf_counter() - started)
 
     def _apply(self, session: Session, job: VerifyJob, mode: str, seconds: float) -> None:
@@ -284,13 +396,51 @@ class Hub:
 
     def _retire(self, session: Session) -> None:
         """Give a removed session's KV slot back, once any request still running on it is done."""
+        worker = self._worker_of(session)
         with session.lock:
             if session.kv is not None:
-                self.engine.release(session.kv)
+                with contextlib.suppress(WorkerLost):  # a lost worker took the slot with it
+                    worker.engine.release(session.kv)
                 session.kv = None
-        self.scheduler.forget(session.session_id)
+        self._forget(worker, session)
+
+    def _forget(self, worker: Worker, session: Session) -> None:
+        worker.scheduler.forget(session.session_id)
         if self.drafter:
             self.drafter.forget(session.session_id)
+
+    def _probe_forever(self, worker: Worker) -> None:
+        while True:
+            time.sleep(PROBE_PERIOD_S)
+            self._probe(worker)
+
+    def _probe(self, worker: Worker) -> None:
+        """Notice a lost worker (its sessions dropped at once), and one that came back (a new
+        process: an empty KV pool) so that placement uses it again."""
+        try:
+            identity = worker.engine.probe()  # type: ignore[attr-defined]
+        except WorkerLost as exc:
+            if worker.state != LOST:
+                self._lose(worker, str(exc))
+            return
+        if identity.incarnation == worker.identity.incarnation:
+            return
+        if worker.state != LOST:  # it died and came back between two probes
+            self._lose(worker, "its process restarted")
+        worker.rejoin(identity)
+        log.info("worker %s rejoined: pid %d on %s (%s)", worker.worker_id, identity.pid, identity.node, worker.state)
+
+    def _lose(self, worker: Worker, reason: str) -> None:
+        worker.lose()
+        lost = self.sessions.drop_worker(worker.worker_id)
+        for session in lost:
+            # Its KV slot died with the worker; a request still running on it fails by itself.
+            session.kv = None
+            self._forget(worker, session)
+        self.metrics.lost_sessions += len(lost)
+        log.warning(
+            "worker %s lost (%s): %d sessions dropped, clients reopen them", worker.worker_id, reason, len(lost)
+        )
 
     def _evict_idle_forever(self) -> None:
         while True:
