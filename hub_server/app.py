@@ -90,6 +90,17 @@ class NDJSONResponse(StreamingResponse):
     media_type = "application/x-ndjson"
 
 
+def _errors_as_json(schema: dict) -> dict:
+    """FastAPI gives a route's error answers its success media type; a refusal of the NDJSON
+    stream is a JSON error body all the same (application/json), so the schema says so."""
+    for operation in (op for path in schema["paths"].values() for op in path.values()):
+        for status, answer in operation.get("responses", {}).items():
+            content = answer.get("content", {})
+            if status.startswith(("4", "5")) and "application/x-ndjson" in content:
+                content["application/json"] = content.pop("application/x-ndjson")
+    return schema
+
+
 def _describe_validation(exc: RequestValidationError) -> str:
     problems = []
     for error in exc.errors()[:3]:
@@ -270,7 +281,7 @@ def create_app(settings: HubSettings, make_runner: Callable[[HubSettings], objec
 
     @app.get("/openapi.json", include_in_schema=False)
     def openapi() -> dict:
-        return app.openapi()
+        return _errors_as_json(app.openapi())
 
     plain = _answers(401, 429, 503)  # what any authenticated route may answer
     on_session = _answers(401, 404, 413, 422, 429, 503)

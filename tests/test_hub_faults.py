@@ -213,8 +213,9 @@ def test_the_schema_declares_every_answer_and_its_media_type(http):
         assert set(paths[f"/v1/sessions/{{session_id}}/{route}"]["post"]["responses"]) >= {"401", "404", "413", "422"}
     assert set(paths["/v1/sessions/{session_id}"]["delete"]["responses"]) >= {"204", "404"}
     assert list(paths["/metrics"]["get"]["responses"]["200"]["content"]) == ["text/plain"]
-    generated = paths["/v1/sessions/{session_id}/generate"]["post"]["responses"]["200"]["content"]
-    assert list(generated) == ["application/x-ndjson"]
+    generate = paths["/v1/sessions/{session_id}/generate"]["post"]["responses"]
+    assert list(generate["200"]["content"]) == ["application/x-ndjson"]
+    assert list(generate["404"]["content"]) == ["application/json"]  # a refusal is a JSON error body
 
 
 def test_a_shutdown_timeout_that_cuts_a_reply_exits_non_zero(tiny, tmp_path):
