@@ -70,12 +70,9 @@ class LogTail:
         return [piece.strip() for piece in pieces if piece.strip()]
 
 
-def progress_line(lines: list[str]) -> str | None:
-    """The newest line worth showing: a progress bar, or the hub saying it converts the target."""
-    for line in reversed(lines):
-        if _PROGRESS.search(line) or _CONVERTING.search(line):
-            return line
-    return None
+def progress_lines(lines: list[str]) -> list[str]:
+    """The lines worth showing: progress bars, and the hub saying it converts the target."""
+    return [line for line in lines if _PROGRESS.search(line) or _CONVERTING.search(line)]
 
 
 def wait_for_embedded(wait_ready, log: LogTail, console: Console) -> None:
@@ -93,8 +90,7 @@ def wait_for_embedded(wait_ready, log: LogTail, console: Console) -> None:
     show = _StatusLine(console)
     try:
         while waiter.is_alive():
-            line = progress_line(log.new_lines())
-            if line:
+            for line in progress_lines(log.new_lines()):
                 show.update(line)
             waiter.join(0.25)
     finally:
