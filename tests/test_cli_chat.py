@@ -99,6 +99,17 @@ def test_embedded_hub_when_none_is_configured(tiny, target_alone):
     assert out["stats"]["proactive_drafts"] == 0
 
 
+def test_the_first_conversion_of_the_target_shows_its_progress(tiny, tmp_path):
+    """A cold hub cache: the embedded hub converts the GGUF target, and the chat shows it doing so."""
+    result = run_specedge(
+        "chat", "a b", "--model", str(tiny.gguf_f32), "-n", "2", env_extra={"XDG_CACHE_HOME": str(tmp_path / "cold")}
+    )
+    assert result.returncode == 0, result.stderr
+    shown = [line for line in result.stderr.splitlines() if line.startswith("embedded hub: ")]
+    assert any(f"converting {tiny.gguf_f32.name} into torch" in line for line in shown), result.stderr
+    assert any("100%|" in line for line in shown), result.stderr
+
+
 def test_piped_stdin_is_the_prompt_and_stdout_is_only_the_reply(tiny, hub):
     common = ["--hub", hub.url, "--model", str(tiny.gguf_f32), "--max-tokens", "6"]
     piped = run_specedge("chat", *common, input_text="hello there\n")
