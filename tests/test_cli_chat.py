@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import time
 from pathlib import Path
 
 import pytest
@@ -190,6 +191,33 @@ def test_default_gemma_pair_through_embedded_hub_equals_target_greedy():
     stop = frozenset(DraftEngine(gemma, n_ctx=256).stop_token_ids())
     assert out["token_ids"] == target.decode(out["prompt_token_ids"], 16, stop)
     assert out["stats"]["tokens_per_verify"] > 2
+
+
+@pytest.mark.gemma
+def test_a_hub_still_loading_is_waited_for_and_the_base_model_completes_text(tmp_path):
+    """A hub converting its target (a cold cache: a minute or more) answers 503 `loading`: the chat
+    says it waits, waits, and then answers; the default base model continues the demo's prompt."""
+    import httpx
+
+    from specedge_common.launcher import HubProcess
+
+    gemma = _gemma_path()
+    cold = {"XDG_CACHE_HOME": str(tmp_path / "cold-cache")}
+    with HubProcess(["--model", str(gemma), "--no-auth"], log_path=tmp_path / "hub.log", env=cold) as hub:
+        while True:  # until its HTTP side is up: the target takes far longer
+            try:
+                assert httpx.get(f"{hub.url}/health", timeout=2).json()["status"] == "loading"
+                break
+            except httpx.TransportError:
+                time.sleep(0.2)
+        result = run_specedge(
+            "chat", "Here is one sentence about the sea:", "--hub", hub.url + "/v1", "-n", "24", "--temperature", "0"
+        )
+    assert result.returncode == 0, result.stderr
+    assert f"The hub at {hub.url} is still loading its target model; waiting" in result.stderr
+    reply = result.stdout.strip()
+    assert reply and "sea" not in reply.split()[:1] and "mendatang" not in reply  # continues, does not echo
+    print(reply)
 
 
 def test_plain_http_to_another_machine_needs_insecure(tiny):
