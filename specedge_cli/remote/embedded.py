@@ -7,6 +7,7 @@ process only, handed over in the child's environment (never its command line, wh
 
 from __future__ import annotations
 
+import importlib.util
 import os
 import secrets
 import socket
@@ -17,7 +18,7 @@ from pathlib import Path
 
 import httpx
 
-from specedge_cli.errors import HubUnreachable
+from specedge_cli.errors import HubNotInstalled, HubUnreachable
 
 # Read by `hub_server serve` as its single pre-authorised token.
 EMBEDDED_TOKEN_ENV = "SPECEDGE_HUB_EMBEDDED_TOKEN"
@@ -29,8 +30,23 @@ def _free_port() -> int:
         return probe.getsockname()[1]
 
 
+# The hub's own packages, installed by `pip install 'specedge[hub]'` (the client needs none of them).
+HUB_MODULES = ("hub_server", "torch", "transformers", "fastapi", "uvicorn", "gguf")
+
+
+def check_hub_installed() -> None:
+    """Refuse, in one line that says what to install, when the hub's packages are missing."""
+    missing = [name for name in HUB_MODULES if importlib.util.find_spec(name) is None]
+    if missing:
+        raise HubNotInstalled(
+            f"no hub is configured and the embedded hub needs packages this install lacks "
+            f"({', '.join(missing)}): run `pip install 'specedge[hub]'`, or use a hub with --hub URL or `specedge login`"
+        )
+
+
 class EmbeddedHub:
     def __init__(self, target: Path, log_path: Path, startup_timeout_s: float = 600.0):
+        check_hub_installed()
         self.port = _free_port()
         self.url = f"http://127.0.0.1:{self.port}"
         self.token = secrets.token_urlsafe(32)
