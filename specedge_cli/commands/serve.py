@@ -9,7 +9,7 @@ from typing import Annotated
 import typer
 from rich.console import Console
 
-from specedge_cli import config
+from specedge_cli import paths
 from specedge_cli.commands.chat import _template as chat_template  # the same prompt as `specedge chat`
 from specedge_cli.decoding import Conversation, DecodeSettings
 from specedge_cli.drafting.engine import DraftEngine
@@ -63,14 +63,14 @@ def serve(
             f"refusing to listen on {host} without --api-key: anyone who can reach it could use your hub"
         )
     chosen = chat_settings(max_tokens=max_tokens, threads=threads, offline=offline or None)
-    resolved = resolve_model(model or chosen.model, config.models_dir(), offline=chosen.offline)
+    resolved = resolve_model(model or chosen.model, paths.models_dir(), offline=chosen.offline)
     address = config.hub_address(hub)
     with connect_hub(
         address.url,
         address.token,
         address.insecure or insecure,
         resolved.path,
-        config.data_dir() / "embedded-hub.log",
+        paths.data_dir() / "embedded-hub.log",
         on_embedded=lambda embedded: err.print(
             f"[dim]No hub configured: started an embedded hub at {embedded.url} (target {resolved.path.name}).[/dim]"
         ),
