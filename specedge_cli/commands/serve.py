@@ -15,11 +15,11 @@ from specedge_cli.decoding import Conversation, DecodeSettings
 from specedge_cli.drafting.engine import DraftEngine
 from specedge_cli.errors import SpecEdgeError
 from specedge_cli.models import DEFAULT_MODEL, resolve_model
-from specedge_cli.remote.client import _is_loopback
 from specedge_cli.remote.connect import HubConnection, connect_hub
 from specedge_cli.serve.http import ApiServer
 from specedge_cli.serve.slots import EdgeModel, Slot, SlotPool
-from specedge_cli.settings import ChatSettings, chat_settings
+from specedge_cli.settings import ChatSettings, chat_settings, hub_address
+from specedge_common.net import is_loopback
 
 DEFAULT_PORT = 11435  # one above ollama's 11434, so both can run
 err = Console(stderr=True, highlight=False)
@@ -58,13 +58,13 @@ def serve(
 
     Fields a request leaves out (temperature, seed, max_tokens) take your `specedge config` settings.
     """
-    if not _is_loopback(host) and not api_key:
+    if not is_loopback(host) and not api_key:
         raise SpecEdgeError(
             f"refusing to listen on {host} without --api-key: anyone who can reach it could use your hub"
         )
     chosen = chat_settings(max_tokens=max_tokens, threads=threads, offline=offline or None)
     resolved = resolve_model(model or chosen.model, paths.models_dir(), offline=chosen.offline)
-    address = config.hub_address(hub)
+    address = hub_address(hub)
     with connect_hub(
         address.url,
         address.token,
