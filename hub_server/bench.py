@@ -132,7 +132,9 @@ def load_prompts() -> tuple[str, ...]:
 
 def _scrape(client: httpx.Client) -> dict[str, float]:
     values = {}
-    for line in client.get("/metrics").text.splitlines():
+    page = client.get("/metrics")
+    page.raise_for_status()  # 403 for a token that is not an operator's: the refusal says so
+    for line in page.text.splitlines():
         if line and not line.startswith("#"):
             name, value = line.rsplit(" ", 1)
             values[name] = float(value)

@@ -9,12 +9,16 @@
     │                                  clients reopen the session and feed its context again)
     ├── HubFull               429      no room for another session now (with Retry-After)
     ├── Unauthorized          401      missing, unknown or revoked API token
+    │   └── TokenExpired      401      a token past its expiry
+    ├── Forbidden             403      a route for the hub's operators (/metrics) asked by another user
     ├── RateLimited           429      a per-user limit (sessions, tokens per minute; with Retry-After)
     ├── NotReady              503      the model is still loading
-    └── UnknownWorker         404      `hub_server workers drain ID`: no worker of that id
+    ├── UnknownWorker         404      `hub_server workers drain ID`: no worker of that id
+    └── AccountsUnavailable   503      the accounts database cannot be read now (damaged, locked)
 
     AccountError              the admin commands (`hub_server users|tokens`): unknown or
                               duplicate user, bad name, unknown token id
+    └── AccountsDamaged       the accounts database is damaged: refused at open, by `serve` too
     KVBudgetError             start-up: the configured sessions x context do not fit the KV budget
     ClusterError              start-up: the Ray cluster for the workers cannot be joined or started
 
@@ -80,6 +84,21 @@ class Unauthorized(RequestRefused):
     code = "unauthorized"
 
 
+class TokenExpired(Unauthorized):
+    pass
+
+
+class Forbidden(RequestRefused):
+    status = 403
+    code = "forbidden"
+
+
+class AccountsUnavailable(RequestRefused):
+    status = 503
+    code = "accounts_unavailable"
+    retry_after_s = 30
+
+
 class RateLimited(RequestRefused):
     status = 429
     code = "rate_limited"
@@ -91,6 +110,10 @@ class RateLimited(RequestRefused):
 
 class AccountError(Exception):
     """An admin command cannot do what it was asked; the message says why."""
+
+
+class AccountsDamaged(AccountError):
+    """The accounts database is damaged; the message says how to recover."""
 
 
 class KVBudgetError(ValueError):

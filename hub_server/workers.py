@@ -25,13 +25,13 @@ import threading
 import uuid
 from collections.abc import Iterator
 from dataclasses import dataclass, replace
-from typing import Any
+from typing import Any, cast
 
 import ray
 from ray.exceptions import GetTimeoutError, RayError, RayTaskError
 
 from hub_server.config import HubSettings
-from hub_server.engine_api import EngineStats, PassTally, VerifyJob
+from hub_server.engine_api import Engine, EngineStats, PassTally, VerifyJob
 from hub_server.errors import ClusterError, WorkerLost
 from hub_server.placement import WorkerIdentity
 from hub_server.vocabulary import Vocabulary
@@ -90,11 +90,15 @@ class EngineWorker:
     def describe(self) -> WorkerDescription:
         runner = self.runner
         return WorkerDescription(
-            runner.name, runner.vocab.pieces, runner.vocab_size, runner.max_context, self.identity()
+            runner.name, runner.vocab.pieces, runner.vocab_size, runner.max_context, self._identity()
         )
 
     @ray.method(concurrency_group="probe")
     def identity(self) -> WorkerIdentity:
+        """Answered on a thread of its own, so a probe does not wait for a pass."""
+        return self._identity()
+
+    def _identity(self) -> WorkerIdentity:
         context = ray.get_runtime_context()
         node = f"{ray.util.get_node_ip_address()}/{context.get_node_id()[:12]}"
         return WorkerIdentity(node, os.getpid(), str(self.runner.device), self.incarnation)
@@ -186,10 +190,10 @@ class RayEngine:
         opened = self._call(self._actor.new_kv.remote())
         return None if opened is None else RemoteKV(*opened)
 
-    def release(self, kv: RemoteKV) -> None:  # type: ignore[override]
+    def release(self, kv: RemoteKV) -> None:
         self._call(self._actor.release.remote(kv.incarnation, kv.index))
 
-    def prefill(self, kv: RemoteKV, context: list[int]) -> None:  # type: ignore[override]
+    def prefill(self, kv: RemoteKV, context: list[int]) -> None:
         kv.length = self._call(self._actor.prefill.remote(kv.incarnation, kv.index, context))
 
     def verify_batch(self, jobs: list[VerifyJob]) -> None:
@@ -256,7 +260,7 @@ def _get(ref: Any, timeout: float | None) -> Any:
 # --- starting the workers ----------------------------------------------------------------------
 
 
-def start_workers(settings: HubSettings) -> list[RayEngine]:
+def start_workers(settings: HubSettings) -> list[Engine]:
     """Start one worker per device on the cluster `connect` joined, and wait for all of them to
     load the target."""
     devices = _resolve_auto(settings.worker_devices)
@@ -272,7 +276,8 @@ def start_workers(settings: HubSettings) -> list[RayEngine]:
     for index, description in enumerate(descriptions):
         who = description.identity
         log.info("worker %d ready: %s, pid %d on node %s", index, who.device, who.pid, who.node)
-    return [RayEngine(actor, description) for actor, description in zip(actors, descriptions)]
+    # Engine's slots are the runner's type; a RayEngine's are RemoteKV, which the service only hands back.
+    return [cast("Engine", RayEngine(actor, description)) for actor, description in zip(actors, descriptions)]
 
 
 def connect(settings: HubSettings) -> None:
@@ -310,13 +315,14 @@ def _resolve_auto(devices: tuple[str, ...]) -> tuple[str, ...]:
 def _actor_class(device: str) -> Any:
     """The worker actor with what it needs from a node: one GPU, or one CPU core."""
     on_gpu = device.startswith("cuda")
-    return ray.remote(
-        num_cpus=0 if on_gpu else 1,
-        num_gpus=1 if on_gpu else 0,
-        max_restarts=MAX_RESTARTS,
-        max_task_retries=0,  # a pass is not repeated behind the client's back: the session is lost
-        concurrency_groups={"probe": 1},
-    )(EngineWorker)
+    options: dict[str, Any] = {
+        "num_cpus": 0 if on_gpu else 1,
+        "num_gpus": 1 if on_gpu else 0,
+        "max_restarts": MAX_RESTARTS,
+        "max_task_retries": 0,  # a pass is not repeated behind the client's back: the session is lost
+        "concurrency_groups": {"probe": 1},  # probes and stats on a thread of their own
+    }
+    return ray.remote(**options)(EngineWorker)
 
 
 def _worker_settings(settings: HubSettings, device: str) -> HubSettings:

@@ -71,7 +71,7 @@ def _said(response: httpx.Response) -> str:
 
 
 def _table(workers: list[dict]) -> str:
-    rows = [COLUMNS]
+    rows: list[tuple[str, ...]] = [COLUMNS]
     for w in workers:
         kv = f"{w['sessions']}/{w['kv_slots']} ({w['kv_bytes_used'] / 2**20:.0f} MiB)"
         rows.append(tuple(str(w[name]) if name != "kv" else kv for name in COLUMNS))

@@ -31,12 +31,14 @@ MAX_TOKENS = 40
 
 @pytest.fixture(scope="module")
 def two_workers(tiny, tmp_path_factory) -> Iterator[AuthHub]:
-    """A hub with accounts (ada, bob) over two CPU workers on a Ray cluster it starts itself."""
+    """A hub with accounts (ada, bob, and the operator ops) over two CPU workers on a Ray cluster it
+    starts itself."""
     hub = AuthHub(
         tiny.hf_dir,
         tmp_path_factory.mktemp("ray-hub"),
         ("ada", "bob"),
         *("--workers", "2", "--device", "cpu", "--max-draft-tokens", "16", "--max-sessions-per-user", "4"),
+        operators=("ops",),
         ready_timeout_s=START_S,
     )
     yield hub
@@ -79,7 +81,7 @@ def test_sessions_spread_over_both_workers_and_replies_equal_the_target_alone(tw
         chats = [conversation(draft, client, temperature) for temperature in (0.0, 0.0, 0.9, 0.9)]
         try:
             replies = [chat.ask(prompt) for chat, prompt in zip(chats, PROMPTS)]
-            placed = workers_of(two_workers.url, token)
+            placed = workers_of(two_workers.url, two_workers.tokens["ops"])
             assert [w["sessions"] for w in placed] == [2, 2]
             assert len({w["pid"] for w in placed}) == 2 and all(w["passes"] > 0 for w in placed)
         finally:
@@ -91,13 +93,14 @@ def test_sessions_spread_over_both_workers_and_replies_equal_the_target_alone(tw
 
 def test_limits_and_ownership_hold_across_workers(two_workers):
     ada, bob = two_workers.client("ada"), two_workers.client("bob")
+    assert ada.get("/v1/workers").status_code == 403  # the workers list is the operators'
     info = ada.get("/v1/info").json()
     body = {k: info[k] for k in ("protocol_version", "vocab_size", "vocab_fingerprint")}
     sessions = [ada.post("/v1/sessions", json=body).json()["session_id"] for _ in range(4)]
     try:
         refused = ada.post("/v1/sessions", json=body)
         assert (refused.status_code, refused.json()["error"]["code"]) == (429, "rate_limited")
-        assert sorted(w["sessions"] for w in workers_of(two_workers.url, two_workers.tokens["ada"])) == [2, 2]
+        assert sorted(w["sessions"] for w in workers_of(two_workers.url, two_workers.tokens["ops"])) == [2, 2]
         for session in sessions:  # on either worker, ada's session is unknown to bob
             answer = bob.post(f"/v1/sessions/{session}/feed", json={"tokens": [1, 2]})
             assert (answer.status_code, answer.json()["error"]["code"]) == (404, "session_not_found")
@@ -115,7 +118,7 @@ def test_a_worker_killed_mid_reply_costs_no_reply_and_comes_back(two_workers, dr
     def kill_its_worker(tokens: list[int]) -> None:
         rounds["n"] += 1
         if rounds["n"] == 2:
-            holder = next(w for w in workers_of(two_workers.url, token) if w["sessions"])
+            holder = next(w for w in workers_of(two_workers.url, two_workers.tokens["ops"]) if w["sessions"])
             os.kill(holder["pid"], signal.SIGKILL)
             killed.append(holder)
 
@@ -131,7 +134,7 @@ def test_a_worker_killed_mid_reply_costs_no_reply_and_comes_back(two_workers, dr
     lost_id = killed[0]["worker_id"]
 
     def back() -> bool:
-        worker = next(w for w in workers_of(two_workers.url, token) if w["worker_id"] == lost_id)
+        worker = next(w for w in workers_of(two_workers.url, two_workers.tokens["ops"]) if w["worker_id"] == lost_id)
         return worker["state"] == "ready" and worker["restarts"] >= 1 and worker["pid"] != killed[0]["pid"]
 
     wait_for(back, 300, f"worker {lost_id} restarting")
@@ -140,7 +143,10 @@ def test_a_worker_killed_mid_reply_costs_no_reply_and_comes_back(two_workers, dr
     body = {k: info[k] for k in ("protocol_version", "vocab_size", "vocab_fingerprint")}
     opened = [ada.post("/v1/sessions", json=body).json()["session_id"] for _ in range(2)]
     try:
-        assert [w["sessions"] for w in workers_of(two_workers.url, token)] == [1, 1]  # it takes sessions again
+        assert [w["sessions"] for w in workers_of(two_workers.url, two_workers.tokens["ops"])] == [
+            1,
+            1,
+        ]  # it takes sessions again
         for session in opened:
             assert ada.post(f"/v1/sessions/{session}/feed", json={"tokens": [1, 300, 301]}).status_code == 200
             assert ada.post(f"/v1/sessions/{session}/verify", json={"draft": [5, 6]}).status_code == 200
