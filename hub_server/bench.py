@@ -34,6 +34,7 @@ from __future__ import annotations
 import json
 import os
 import random
+import re
 import statistics
 import threading
 import time
@@ -131,14 +132,19 @@ def load_prompts() -> tuple[str, ...]:
 
 
 def _scrape(client: httpx.Client) -> dict[str, float]:
-    values = {}
+    """The hub's /metrics, each series of several workers summed over them (their `worker` label dropped)."""
+    values: dict[str, float] = {}
     page = client.get("/metrics")
     page.raise_for_status()  # 403 for a token that is not an operator's: the refusal says so
     for line in page.text.splitlines():
         if line and not line.startswith("#"):
             name, value = line.rsplit(" ", 1)
-            values[name] = float(value)
+            name = _WORKER_LABEL.sub("", name).replace("{,", "{").replace("{}", "")
+            values[name] = values.get(name, 0.0) + float(value)
     return values
+
+
+_WORKER_LABEL = re.compile(r'worker="[^"]*",?')
 
 
 def _hub_busy(metrics: dict[str, float]) -> float:

@@ -289,6 +289,12 @@ def bench(
         bool, typer.Option(help="Simulated users draft the next round while a verify is out, as `specedge chat` does.")
     ] = True,
     plot_path: Annotated[Path, typer.Option("--plot", help="Where to draw the PNG plot.")] = Path("hub-bench.png"),
+    workers: Annotated[
+        str,
+        typer.Option(
+            help="Engine workers of the hub started here; a comma list (1,2) runs each, with --clients users per worker."
+        ),
+    ] = "1",
     as_json: Annotated[bool, typer.Option("--json", help="Print JSON only.")] = False,
 ) -> None:
     """Measure server throughput and latency: SpecEdge against server-only baselines."""
@@ -317,37 +323,50 @@ def bench(
             f"unknown mode {', '.join(unknown) or '(none given)'}: choose from {','.join(MODES)}", param_hint="--modes"
         )
     shipped = load_prompts()[:prompts]
-    serve_args = ("--merge-wait-share", str(merge_wait_share))
+    worker_counts = [int(part) for part in workers.split(",") if part.strip()]
+    if hub and worker_counts != [1]:
+        raise typer.BadParameter("--workers starts hubs here: give it with --model, not --hub", param_hint="--workers")
     runs, workload = [], None
     try:
-        with LocalHub.maybe(model, draft, device, max_batch=max(counts), dtype=dtype, serve_args=serve_args) as local:
-            url = hub or local.url
-            for count in counts:
-                config = BenchConfig(
-                    url,
-                    draft,
-                    count,
-                    rtt_ms,
-                    max_tokens,
-                    draft_len,
-                    shipped,
-                    edge_tps,
-                    token if hub else None,
-                    proactive,
-                )
-                workload = workload or prepare_workload(config, chosen_modes)
-                runs.append(run_bench(config, chosen_modes, workload))
-                if not as_json:
-                    typer.echo(_bench_table(runs[-1]), err=True)
-            if local is None:
-                # The bound: full passes of both kinds, made through the hub's API.
-                probe_bounds_through_hub(runs, config, workload)
-                if not as_json:
-                    for run in runs:
-                        typer.echo(
-                            f"clients={run['config']['clients']} bound, measured through the hub's API: {run['bound']}",
-                            err=True,
-                        )
+        for workers_now in worker_counts:
+            # Each worker gets the users one worker gets: throughput should grow with the workers.
+            serve_args = ("--merge-wait-share", str(merge_wait_share), "--workers", str(workers_now))
+            with LocalHub.maybe(
+                model,
+                draft,
+                device,
+                max_batch=max(counts),
+                dtype=dtype,
+                serve_args=serve_args,
+                pin_hub=workers_now == 1,  # more workers pin themselves, one core each
+            ) as local:
+                url = hub or local.url
+                for count in counts:
+                    config = BenchConfig(
+                        url,
+                        draft,
+                        count * workers_now,
+                        rtt_ms,
+                        max_tokens,
+                        draft_len,
+                        shipped,
+                        edge_tps,
+                        token if hub else None,
+                        proactive,
+                    )
+                    workload = workload or prepare_workload(config, chosen_modes)
+                    runs.append({**run_bench(config, chosen_modes, workload), "workers": workers_now})
+                    if not as_json:
+                        typer.echo(f"workers={workers_now} " + _bench_table(runs[-1]), err=True)
+                if local is None:
+                    # The bound: full passes of both kinds, made through the hub's API.
+                    probe_bounds_through_hub(runs, config, workload)
+                    if not as_json:
+                        for run in runs:
+                            typer.echo(
+                                f"clients={run['config']['clients']} bound, measured through the hub's API: {run['bound']}",
+                                err=True,
+                            )
     except BenchRefused as exc:
         typer.echo(f"Error: {exc}", err=True)
         raise typer.Exit(1) from exc
@@ -360,7 +379,7 @@ def bench(
             err=True,
         )
         raise typer.Exit(1) from exc
-    if local is not None and workload is not None:
+    if local is not None and workload is not None and worker_counts == [1]:
         # The hub has stopped: its device and cores are free to measure full passes directly.
         probe_bounds(runs, model, device, dtype, workload, local.hub_cores)
         if not as_json:

@@ -202,6 +202,9 @@ def test_workers_sit_on_both_nodes_and_a_lost_node_rehomes_its_sessions(two_node
             if rounds["n"] == 2:
                 assert workers_of(hub.url)[int(on_second[0]["worker_id"])]["sessions"] == 1
                 cluster.remove_node(second, allow_graceful=False)
+                # Its worker process may outlive its raylet a moment, serving still; wait until it is gone.
+                lost = on_second[0]["worker_id"]
+                wait_for(lambda: workers_of(hub.url)[int(lost)]["state"] == "lost", 60, "the lost node noticed")
 
         chat = conversation(draft, client, 0.0)
         try:
