@@ -28,6 +28,7 @@ class LocalHub:
         # --no-auth: loopback only, and a benchmark's own process.
         self._process = HubProcess([*args, "--no-auth", *serve_args], cores=hub_cores)
         self.url = self._process.url
+        self._caller_cores = os.sched_getaffinity(0)  # given back at stop: a next hub may want them all
         if edge_cores:
             os.sched_setaffinity(0, edge_cores)
         try:
@@ -60,6 +61,7 @@ class LocalHub:
 
     def stop(self) -> None:
         self._process.stop(timeout_s=30)
+        os.sched_setaffinity(0, self._caller_cores)
 
 
 def _split_cores() -> tuple[set[int], set[int]]:

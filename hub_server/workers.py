@@ -302,7 +302,8 @@ def _start_local_cluster(devices: tuple[str, ...]) -> None:
     gpu_ids = [device.partition(":")[2] for device in devices if device.startswith("cuda:")]
     if gpu_ids:  # exactly the devices asked for, and Ray hands each worker one of them
         os.environ["CUDA_VISIBLE_DEVICES"] = ",".join(gpu_ids)
-    cpus = max(len(os.sched_getaffinity(0)), sum(device == "cpu" for device in devices))
+    # A CPU worker takes one CPU of Ray's; `auto` may turn out to be one (no GPU here).
+    cpus = max(len(os.sched_getaffinity(0)), sum(device in ("cpu", "auto") for device in devices))
     ray.init(num_cpus=cpus, include_dashboard=False, logging_level=logging.WARNING)
 
 
