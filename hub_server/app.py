@@ -24,8 +24,9 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 from hub_server import protocol as wire
 from hub_server.accounts import Accounts, SingleToken, TokenCheck
 from hub_server.config import HubSettings
-from hub_server.errors import BadRequest, Forbidden, HubError, KVBudgetError, NotReady, Unauthorized
-from hub_server.logs import REQUEST_ID_HEADER, bind_request, request_id_from
+from hub_server.engine_api import Engine
+from hub_server.errors import BadRequest, Forbidden, KVBudgetError, NotReady, RequestRefused, Unauthorized
+from hub_server.logging_setup import REQUEST_ID_HEADER, bind_request, request_id_from
 from hub_server.service import Hub
 from hub_server.sessions import LOCAL_OWNER, Owner
 
@@ -63,7 +64,7 @@ def _error(status: int, code: str, message: str, headers: dict | None = None) ->
     return JSONResponse(body.model_dump(), status_code=status, headers=headers)
 
 
-def _error_headers(exc: HubError) -> dict | None:
+def _error_headers(exc: RequestRefused) -> dict | None:
     if isinstance(exc, Unauthorized):
         return {"WWW-Authenticate": "Bearer"}
     if hasattr(exc, "retry_after_s"):
@@ -152,7 +153,7 @@ class HubMiddleware:
             return None
         try:
             owner = await _owner_of(request, self.token_check)
-        except HubError as exc:  # refused or expired tokens; an unreadable accounts database (503)
+        except RequestRefused as exc:  # refused or expired tokens; an unreadable accounts database (503)
             if exc.status >= 500:
                 log.error("%s", exc.message)
             return _error(exc.status, exc.code, exc.message, _error_headers(exc))
@@ -224,7 +225,7 @@ async def _owner_of(request: Request, token_check: TokenCheck | None) -> Owner:
     return owner
 
 
-def create_app(settings: HubSettings, make_runner: Callable[[HubSettings], object]) -> FastAPI:
+def create_app(settings: HubSettings, make_engine: Callable[[HubSettings], Engine]) -> FastAPI:
     # The schema is served behind authentication like every other route; no public docs pages.
     app = FastAPI(
         title="SpecEdge hub", version=str(wire.PROTOCOL_VERSION), openapi_url=None, docs_url=None, redoc_url=None
@@ -234,7 +235,7 @@ def create_app(settings: HubSettings, make_runner: Callable[[HubSettings], objec
 
     def load() -> None:
         try:
-            state.hub = Hub(settings, make_runner(settings))
+            state.hub = Hub(settings, make_engine(settings))
             log.info("hub ready: %s", settings.model)
         except KVBudgetError as exc:  # a configuration to change, not a crash: no traceback
             state.failure = f"the hub cannot hold its sessions: {exc}"
@@ -247,8 +248,8 @@ def create_app(settings: HubSettings, make_runner: Callable[[HubSettings], objec
     app.state.hub_state = state
     app.add_middleware(HubMiddleware, token_check=token_check, max_bytes=MAX_BODY_BYTES)
 
-    @app.exception_handler(HubError)
-    async def hub_error(request: Request, exc: HubError) -> JSONResponse:
+    @app.exception_handler(RequestRefused)
+    async def refused(request: Request, exc: RequestRefused) -> JSONResponse:
         return _error(exc.status, exc.code, exc.message, _error_headers(exc))
 
     @app.exception_handler(StarletteHTTPException)
@@ -277,7 +278,7 @@ def create_app(settings: HubSettings, make_runner: Callable[[HubSettings], objec
             return JSONResponse({"status": "failed", "reason": state.failure}, status_code=503)
         if state.hub is None:
             return JSONResponse({"status": "loading", "reason": "the target model is loading"}, status_code=503)
-        return JSONResponse({"status": "ok", "model": state.hub.runner.name})
+        return JSONResponse({"status": "ok", "model": state.hub.engine.name})
 
     @app.get("/openapi.json", include_in_schema=False)
     def openapi() -> dict:

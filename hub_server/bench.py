@@ -45,7 +45,7 @@ from pathlib import Path
 import httpx
 
 from hub_server import protocol as wire
-from hub_server.drafter import HubDrafter
+from hub_server.engine.drafter import HubDrafter
 
 MODES = ("specedge", "server_only_spec", "autoregressive")
 
@@ -535,7 +535,7 @@ def probe_bounds(runs: list[dict], model: str, device: str, dtype: str, workload
     end: a pass is as wide as its longest past)."""
     import torch
 
-    from hub_server.probe import PassProbe
+    from hub_server.engine.probe import PassProbe
 
     if cores:
         os.sched_setaffinity(0, cores)

@@ -13,11 +13,10 @@ import typer
 
 from hub_server.accounts import Accounts
 from hub_server.admin import tokens_app, users_app
-from hub_server.config import DEVICES, DTYPES, LOG_FORMATS, HubSettings, default_data_dir, is_loopback
+from hub_server.config import DEVICES, DTYPES, LOG_FORMATS, HubSettings, default_data_dir
 from hub_server.errors import AccountError, AccountsUnavailable
-
-# `specedge chat` hands its embedded hub a per-process token here, never on the command line.
-EMBEDDED_TOKEN_ENV = "SPECEDGE_HUB_EMBEDDED_TOKEN"
+from specedge_common.launcher import EMBEDDED_TOKEN_ENV
+from specedge_common.net import is_loopback
 
 app = typer.Typer(
     help="SpecEdge verification hub: serves a target model to drafting clients.",
@@ -157,8 +156,8 @@ def _run_hub(settings: HubSettings, has_tokens: bool) -> None:
 
     from hub_server.app import create_app
     from hub_server.connections import HubServer, guarded_protocol
-    from hub_server.logs import configure_logging
-    from hub_server.runner import ModelRunner
+    from hub_server.engine.runner import ModelRunner
+    from hub_server.logging_setup import configure_logging
 
     configure_logging(settings.log_format)
     log = logging.getLogger("hub_server")

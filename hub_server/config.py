@@ -2,11 +2,12 @@
 
 from __future__ import annotations
 
-import ipaddress
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import platformdirs
+
+from specedge_common.net import is_loopback
 
 DTYPES = ("auto", "float32", "bfloat16", "float16")
 DEVICES = ("auto", "cpu", "cuda")
@@ -25,15 +26,6 @@ def default_data_dir() -> Path:
 
 def accounts_path(data_dir: Path | None) -> Path:
     return (data_dir or default_data_dir()) / "accounts.sqlite3"
-
-
-def is_loopback(host: str) -> bool:
-    if host == "localhost":
-        return True
-    try:
-        return ipaddress.ip_address(host).is_loopback
-    except ValueError:
-        return False
 
 
 @dataclass(frozen=True)

@@ -1,6 +1,6 @@
 """Errors the hub reports to clients.
 
-    HubError                  base: an HTTP status, a stable code and a message saying what to do
+    RequestRefused            base: an HTTP status, a stable code and a message saying what to do
     ├── BadRequest            400/422  malformed body, ids out of range, draft too long
     ├── VocabMismatch         409      draft and target vocabularies differ
     ├── ContextTooLong        422      context would pass the model's limit
@@ -24,7 +24,7 @@ Route handlers raise these; one exception handler in `app.py` turns them into JS
 from __future__ import annotations
 
 
-class HubError(Exception):
+class RequestRefused(Exception):
     status = 500
     code = "internal"
 
@@ -33,38 +33,38 @@ class HubError(Exception):
         self.message = message
 
 
-class BadRequest(HubError):
+class BadRequest(RequestRefused):
     status = 422
     code = "bad_request"
 
 
-class VocabMismatch(HubError):
+class VocabMismatch(RequestRefused):
     status = 409
     code = "vocab_mismatch"
 
 
-class ContextTooLong(HubError):
+class ContextTooLong(RequestRefused):
     status = 422
     code = "context_too_long"
 
 
-class SessionNotFound(HubError):
+class SessionNotFound(RequestRefused):
     status = 404
     code = "session_not_found"
 
 
-class NotReady(HubError):
+class NotReady(RequestRefused):
     status = 503
     code = "not_ready"
 
 
-class HubFull(HubError):
+class HubFull(RequestRefused):
     status = 429
     code = "hub_full"
     retry_after_s = 5
 
 
-class Unauthorized(HubError):
+class Unauthorized(RequestRefused):
     status = 401
     code = "unauthorized"
 
@@ -73,18 +73,18 @@ class TokenExpired(Unauthorized):
     pass
 
 
-class Forbidden(HubError):
+class Forbidden(RequestRefused):
     status = 403
     code = "forbidden"
 
 
-class AccountsUnavailable(HubError):
+class AccountsUnavailable(RequestRefused):
     status = 503
     code = "accounts_unavailable"
     retry_after_s = 30
 
 
-class RateLimited(HubError):
+class RateLimited(RequestRefused):
     status = 429
     code = "rate_limited"
 

@@ -199,7 +199,7 @@ def test_bench_refuses_a_draft_of_another_vocabulary_and_a_mode_the_hub_cannot_s
 
 def test_emulated_edges_give_the_draft_models_own_tokens_at_the_edge_speed(tiny):
     from hub_server.bench import EmulatedEdges
-    from hub_server.drafter import HubDrafter
+    from hub_server.engine.drafter import HubDrafter
 
     reference = HubDrafter(tiny.gguf_q8, n_threads=1)
     edges = EmulatedEdges(HubDrafter(tiny.gguf_q8, n_threads=1), tokens_per_second=200.0)
@@ -224,7 +224,7 @@ def test_emulated_edges_give_the_draft_models_own_tokens_at_the_edge_speed(tiny)
 
 def test_a_simulated_user_sends_its_draft_made_ahead_only_when_the_guessed_outcome_comes_back(tiny):
     from hub_server.bench import BenchConfig, EmulatedEdges, SimulatedUser
-    from hub_server.drafter import HubDrafter
+    from hub_server.engine.drafter import HubDrafter
 
     edges = EmulatedEdges(HubDrafter(tiny.gguf_q8, n_threads=1), tokens_per_second=200.0)
     context = HubDrafter(tiny.gguf_q8, n_threads=1).tokenize("def fibonacci(n):")

@@ -10,7 +10,7 @@ import pytest
 import torch
 
 from hub_server.config import default_cache_dir
-from hub_server.loading import load_target
+from hub_server.engine.loading import load_target
 from specedge_cli.drafting.engine import DraftEngine
 from tests.conftest import TargetAlone, run_specedge
 

@@ -8,7 +8,6 @@ are rolled back, and only the new tokens (a user turn, the hub's bonus token) ar
 from __future__ import annotations
 
 import contextlib
-import hashlib
 import os
 import time
 from collections.abc import Callable
@@ -21,17 +20,7 @@ from specedge_cli.drafting.draft_tree import ROOT, DraftShape, DraftTree
 from specedge_cli.drafting.sampling import Calibration, DraftSampler
 from specedge_cli.drafting.tree_context import TreeContext
 from specedge_cli.errors import ModelFileError
-
-_SPACE_MARK = "\u2581"
-
-
-def vocab_fingerprint(pieces: list[str]) -> str:
-    """sha256 over token pieces in id order, whitespace marks normalised (as the hub does)."""
-    digest = hashlib.sha256()
-    for piece in pieces:
-        digest.update(piece.replace(_SPACE_MARK, " ").encode("utf-8", "surrogatepass"))
-        digest.update(b"\x00")
-    return digest.hexdigest()
+from specedge_common.vocab import llama_stop_ids, llama_vocab_pieces, vocab_fingerprint
 
 
 @dataclass
@@ -105,15 +94,13 @@ class DraftEngine:
 
     # --- vocabulary -------------------------------------------------------------------
     def vocab_pieces(self) -> list[str]:
-        return [
-            self._lib.llama_vocab_get_text(self._vocab, i).decode("utf-8", "replace") for i in range(self.vocab_size)
-        ]
+        return llama_vocab_pieces(self._lib, self._vocab, self.vocab_size)
 
     def vocab_fingerprint(self) -> str:
         return vocab_fingerprint(self.vocab_pieces())
 
     def stop_token_ids(self) -> list[int]:
-        return [i for i in range(self.vocab_size) if self._lib.llama_vocab_is_eog(self._vocab, i)]
+        return llama_stop_ids(self._lib, self._vocab, self.vocab_size)
 
     def metadata(self, key: str) -> str | None:
         return self.llm.metadata.get(key)
