@@ -7,7 +7,9 @@ leaves with 0.
 
 from __future__ import annotations
 
+import functools
 import sys
+from collections.abc import Callable
 from dataclasses import fields, replace
 
 import typer
@@ -16,6 +18,7 @@ from rich.console import Console
 from specedge_cli import settings
 from specedge_cli.decoding import Conversation, DecodeSettings, Reply
 from specedge_cli.errors import HubBusy, HubError, HubUnreachable, SettingError
+from specedge_cli.history import ConversationLog
 from specedge_cli.rendering import ReplyView
 
 err = Console(stderr=True, highlight=False)
@@ -111,7 +114,7 @@ class Repl:
             if text.strip().startswith("/"):
                 self._command(text.strip())
             elif text.strip():
-                self._reply(lambda on_tokens, text=text: self.conversation.ask(text, on_tokens))
+                self._reply(functools.partial(self.conversation.ask, text))
 
     # --- input ------------------------------------------------------------------------------
     def _read(self) -> str | None:
@@ -144,7 +147,7 @@ class Repl:
         err.print("[dim]Press Ctrl+C again or Ctrl+D to leave.[/dim]", markup=True)
 
     # --- replies ----------------------------------------------------------------------------
-    def _reply(self, ask) -> None:
+    def _reply(self, ask: Callable[[ReplyView], Reply | None]) -> None:
         view = ReplyView.of(self.conversation)
         try:
             reply = ask(view)
@@ -208,12 +211,12 @@ class Repl:
 
     def _new_conversation(self, system: str) -> None:
         self.conversation.reset(system)
-        if self.conversation.log is not None:
+        if isinstance(self.conversation.log, ConversationLog):
             self.conversation.log.new_conversation(system)
 
     def _show(self) -> None:
         c, s = self.conversation, self.conversation.settings
-        log = c.log
+        log = c.log if isinstance(c.log, ConversationLog) else None
         saved = f"{log.conversation_id}" if log and log.conversation_id else ("new" if log else "not kept (logs off)")
         print(
             f"model        {c.engine.path}\nhub          {self.hub_url}\ntarget       {self._target()}\n"

@@ -10,9 +10,11 @@ from __future__ import annotations
 import re
 import threading
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 from rich.console import Console
+from rich.status import Status
 
 from specedge_cli.errors import HubUnreachable
 from specedge_cli.remote.client import HubClient
@@ -75,7 +77,7 @@ def progress_lines(lines: list[str]) -> list[str]:
     return [line for line in lines if _PROGRESS.search(line) or _CONVERTING.search(line)]
 
 
-def wait_for_embedded(wait_ready, log: LogTail, console: Console) -> None:
+def wait_for_embedded(wait_ready: Callable[[], None], log: LogTail, console: Console) -> None:
     """Run `wait_ready` (the embedded hub's) while showing its log's progress lines on stderr."""
     outcome: dict = {}
 
@@ -104,7 +106,7 @@ class _StatusLine:
 
     def __init__(self, console: Console):
         self.console = console
-        self._status = None
+        self._status: Status | None = None
         self._last = ""
 
     def update(self, line: str) -> None:
@@ -113,7 +115,8 @@ class _StatusLine:
             if self._status is None:
                 self._status = self.console.status(text)
                 self._status.start()
-            self._status.update(text)
+            else:
+                self._status.update(text)
             return
         if self._step(line) != self._step(self._last):
             self.console.print(text, markup=False, highlight=False, soft_wrap=True)

@@ -211,13 +211,17 @@ def test_a_hub_still_loading_is_waited_for_and_the_base_model_completes_text(tmp
             except httpx.TransportError:
                 time.sleep(0.2)
         result = run_specedge(
-            "chat", "Here is one sentence about the sea:", "--hub", hub.url + "/v1", "-n", "24", "--temperature", "0"
+            "chat",
+            "Here is one sentence about the sea:",
+            *("--hub", hub.url + "/v1", "-n", "24", "--temperature", "0"),
+            timeout=1200,
         )
     assert result.returncode == 0, result.stderr
     assert f"The hub at {hub.url} is still loading its target model; waiting" in result.stderr
     reply = result.stdout.strip()
-    assert reply and "sea" not in reply.split()[:1] and "mendatang" not in reply  # continues, does not echo
-    print(reply)
+    # Plain completion continues the text (seen: "The sea is the most beautiful ..."); under a chat
+    # template this base model echoed the prompt and drifted ("... mendatang").
+    assert reply and not reply.startswith("Here is one sentence") and "mendatang" not in reply
 
 
 def test_plain_http_to_another_machine_needs_insecure(tiny):
