@@ -15,6 +15,7 @@ from specedge_cli.commands.auth import login, logout, whoami
 from specedge_cli.commands.bench import bench
 from specedge_cli.commands.chat import chat
 from specedge_cli.commands.doctor import doctor
+from specedge_cli.commands.serve import serve
 from specedge_cli.errors import SpecEdgeError, TokenRejected
 from specedge_cli.settings import environment_token
 
@@ -25,6 +26,7 @@ app = typer.Typer(
     pretty_exceptions_enable=False,
 )
 app.command()(chat)
+app.command()(serve)
 app.command()(bench)
 app.command()(login)
 app.command()(whoami)
