@@ -16,7 +16,7 @@ import typer
 from rich.console import Console
 
 from specedge_cli import settings
-from specedge_cli.decoding import Conversation, DecodeSettings, Reply
+from specedge_cli.decoding import LENGTH, Conversation, DecodeSettings, Reply
 from specedge_cli.errors import HubBusy, HubError, HubUnreachable, SettingError
 from specedge_cli.history import ConversationLog
 from specedge_cli.rendering import ReplyView
@@ -70,21 +70,9 @@ def print_figures(reply: Reply, verbose: bool = False) -> None:
     err.print(f"[dim]{figures_line(reply, verbose)}[/dim]", markup=True, soft_wrap=True)
 
 
-def finish_reason(reply: Reply, conversation: Conversation) -> str:
-    """Why the reply ended: `stop` (a stop token), `length` (the token limit) or `interrupted` (Ctrl+C)."""
-    reason = getattr(reply, "finish_reason", None)  # the decode loop's own word, where it gives one
-    if reason:
-        return reason
-    if reply.interrupted:
-        return "interrupted"
-    if reply.token_ids and reply.token_ids[-1] in conversation.stop_token_ids:
-        return "stop"
-    return "length" if len(reply.token_ids) >= conversation.settings.max_tokens else "stop"
-
-
 def note_finish(reply: Reply, conversation: Conversation, how_to_raise: str = "--max-tokens N") -> None:
     """One dim line when the token limit cut the reply, so it does not pass for a complete one."""
-    if finish_reason(reply, conversation) == "length":
+    if reply.finish_reason == LENGTH:
         err.print(
             f"[dim](cut at the limit of {conversation.settings.max_tokens} tokens; {how_to_raise} for longer replies)[/dim]",
             markup=True,

@@ -18,12 +18,21 @@ from rich.status import Status
 
 from specedge_cli.errors import HubUnreachable
 from specedge_cli.remote.client import HubClient
+from specedge_cli.remote.connect import HubConnection
 
 REMOTE_LOAD_TIMEOUT_S = 600.0
 POLL_S = 1.0
 # tqdm's bar (`Converting ... tensors:  45%|████▌  | 100/222`) and the hub's own conversion line.
 _PROGRESS = re.compile(r"\d+%\|")
 _CONVERTING = re.compile(r"converting .* into torch", re.IGNORECASE)
+
+
+def wait_until_ready(connection: HubConnection, log: LogTail, console: Console) -> None:
+    """Wait for the hub of `connection`: an embedded one with its log's progress, another while it loads."""
+    if connection.embedded is not None:
+        wait_for_embedded(connection.wait_ready, log, console)
+    else:
+        wait_for_remote(connection.client, console)
 
 
 def wait_for_remote(client: HubClient, console: Console, timeout_s: float = REMOTE_LOAD_TIMEOUT_S) -> None:
@@ -56,6 +65,11 @@ class LogTail:
         self.path = path
         self.offset = offset
         self._pending = ""
+
+    @classmethod
+    def of_next_run(cls, path: Path) -> LogTail:
+        """The lines a hub about to start will append to `path` (it keeps earlier runs' lines)."""
+        return cls(path, path.stat().st_size if path.exists() else 0)
 
     def new_lines(self) -> list[str]:
         """Complete lines (split at newlines and at tqdm's carriage returns) written since the last call."""

@@ -129,6 +129,8 @@ def test_piped_stdin_with_a_prompt_is_context_before_it(tiny, hub):
     assert both["prompt_token_ids"] == alone["prompt_token_ids"] and both["token_ids"] == alone["token_ids"]
     twice = run_specedge("chat", "one", "--prompt", "two", *common)
     assert twice.returncode == 2 and "give the prompt once" in twice.stderr
+    empty = run_specedge("chat", *common, input_text="\n")
+    assert empty.returncode == 2 and "the prompt is empty" in empty.stderr
 
 
 def test_a_reply_cut_by_the_token_limit_says_so(tiny, hub):

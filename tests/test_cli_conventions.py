@@ -11,6 +11,7 @@ from tests.conftest import run_specedge
 COMMANDS = [
     [],
     ["chat"],
+    ["serve"],
     ["bench"],
     ["login"],
     ["whoami"],

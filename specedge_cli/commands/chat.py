@@ -19,11 +19,11 @@ from specedge_cli.errors import ModelFileError
 from specedge_cli.history import ConversationLog, History, SavedConversation, history_path
 from specedge_cli.models import DEFAULT_MODEL, ResolvedModel, resolve_model, smallest_instruct_preset
 from specedge_cli.remote.client import HubClient
-from specedge_cli.remote.embedded import EmbeddedHub
+from specedge_cli.remote.connect import connect_hub
 from specedge_cli.rendering import ReplyView
-from specedge_cli.repl import Repl, finish_reason, note_finish, print_figures
+from specedge_cli.repl import Repl, note_finish, print_figures
 from specedge_cli.settings import chat_settings
-from specedge_cli.waiting import LogTail, wait_for_embedded, wait_for_remote
+from specedge_cli.waiting import LogTail, wait_until_ready
 
 err = Console(stderr=True)
 
@@ -95,6 +95,8 @@ def chat(
     Every setting but --hub, --prompt and --json also comes from SPECEDGE_<NAME> or `specedge config set`.
     """
     prompt = one_shot_prompt(text, prompt, sys.stdin)
+    if prompt is not None and not prompt.strip():
+        raise typer.BadParameter("the prompt is empty (so was stdin, if piped); give one", param_hint="PROMPT")
     if as_json and prompt is None:
         raise typer.BadParameter("--json needs a prompt", param_hint="--json")
     chosen = chat_settings(
@@ -202,22 +204,20 @@ def _keep(
 def _hub(
     address: settings.HubAddress, resolved: ResolvedModel, insecure: bool = False
 ) -> Iterator[tuple[HubClient, str, Callable[[], None]]]:
-    """The hub client, its URL, and a function that waits until the hub is ready."""
-    if address.url:
-        with HubClient(address.url, address.token, insecure=address.insecure or insecure) as client:
-            yield client, address.url, lambda: wait_for_remote(client, err)
-        return
-    # No hub anywhere: serve the draft's own GGUF as the target, so the pipeline runs anywhere.
-    log_path = paths.data_dir() / "embedded-hub.log"
-    log = LogTail(log_path, log_path.stat().st_size if log_path.exists() else 0)  # this run's lines only
-    embedded = EmbeddedHub(resolved.path, log_path)
-    with embedded:
-        err.print(
+    """The hub client, its URL, and a function that waits until the hub is ready (saying what it does)."""
+    log = LogTail.of_next_run(paths.data_dir() / "embedded-hub.log")
+    with connect_hub(
+        address.url,
+        address.token,
+        address.insecure or insecure,
+        resolved.path,
+        log.path,
+        on_embedded=lambda embedded: err.print(
             f"[dim]No hub configured: started an embedded hub at {embedded.url} "
             f"(target {resolved.path.name}); use --hub or `specedge login` for a real one.[/dim]"
-        )
-        with HubClient(embedded.url, embedded.token) as client:
-            yield client, embedded.url, lambda: wait_for_embedded(embedded.wait_ready, log, err)
+        ),
+    ) as connection:
+        yield connection.client, connection.url, lambda: wait_until_ready(connection, log, err)
 
 
 def _template(engine: DraftEngine, resolved: ResolvedModel) -> ChatTemplate:
@@ -255,7 +255,7 @@ def _reply_json(reply: Reply, conversation: Conversation, hub_url: str) -> dict:
         "text": reply.text,
         "token_ids": reply.token_ids,
         "prompt_token_ids": reply.prompt_token_ids,
-        "finish_reason": finish_reason(reply, conversation),
+        "finish_reason": reply.finish_reason,
         "model": conversation.engine.path.name,
         "hub": hub_url,
         "stats": reply.stats.to_json(),
