@@ -9,18 +9,18 @@ from typing import Annotated
 import typer
 from rich.console import Console
 
-from specedge_cli import paths, settings
+from specedge_cli import paths
 from specedge_cli.commands.chat import _template as chat_template  # the same prompt as `specedge chat`
 from specedge_cli.decoding import Conversation, DecodeSettings
 from specedge_cli.drafting.engine import DraftEngine
 from specedge_cli.errors import SpecEdgeError
 from specedge_cli.models import DEFAULT_MODEL, resolve_model
-from specedge_cli.remote.client import _is_loopback
 from specedge_cli.remote.connect import HubConnection, connect_hub
 from specedge_cli.serve.http import ApiServer
 from specedge_cli.serve.slots import EdgeModel, Slot, SlotPool
-from specedge_cli.settings import ChatSettings, chat_settings
+from specedge_cli.settings import ChatSettings, chat_settings, hub_address
 from specedge_cli.waiting import LogTail, wait_until_ready
+from specedge_common.net import is_loopback
 
 DEFAULT_PORT = 11435  # one above ollama's 11434, so both can run
 err = Console(stderr=True, highlight=False)
@@ -59,13 +59,13 @@ def serve(
 
     Fields a request leaves out (temperature, seed, max_tokens) take your `specedge config` settings.
     """
-    if not _is_loopback(host) and not api_key:
+    if not is_loopback(host) and not api_key:
         raise SpecEdgeError(
             f"refusing to listen on {host} without --api-key: anyone who can reach it could use your hub"
         )
     chosen = chat_settings(max_tokens=max_tokens, threads=threads, offline=offline or None)
     resolved = resolve_model(model or chosen.model, paths.models_dir(), offline=chosen.offline)
-    address = settings.hub_address(hub)
+    address = hub_address(hub)
     log = LogTail.of_next_run(paths.data_dir() / "embedded-hub.log")
     with connect_hub(
         address.url,
