@@ -151,7 +151,15 @@ def test_ctrl_c_in_a_one_shot_keeps_what_was_printed_and_exits_130(tiny, hub):
 
     command = [sys.executable, "-m", "specedge_cli", "chat", "once upon a time", "--hub", hub.url]
     command += ["--model", str(tiny.gguf_q8), "--max-tokens", "2000", "--draft-len", "1"]
-    process = subprocess.Popen(command, cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    process = subprocess.Popen(
+        command,
+        cwd=REPO,
+        stdin=subprocess.DEVNULL,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        # A test runner started in the background ignores SIGINT, and a child would inherit that.
+        preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL),
+    )
     first = process.stdout.read1(1)  # the reply has begun
     process.send_signal(signal.SIGINT)
     _, errors = process.communicate(timeout=60)

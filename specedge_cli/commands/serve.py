@@ -47,9 +47,14 @@ def serve(
         typer.Option(envvar="SPECEDGE_API_KEY", help="Require this key (Authorization: Bearer KEY) on /v1 routes."),
     ] = None,
     max_tokens: Annotated[
-        int | None, typer.Option(min=1, help="Most tokens in a reply a request does not limit (default: 256).")
+        int | None,
+        typer.Option(
+            "--max-tokens", "-n", min=1, help="Most tokens in a reply a request does not limit (default: 256)."
+        ),
     ] = None,
-    threads: Annotated[int | None, typer.Option(min=1, help="llama.cpp threads per drafting context.")] = None,
+    threads: Annotated[
+        int | None, typer.Option("--threads", "-t", min=1, help="llama.cpp threads per drafting context.")
+    ] = None,
     offline: Annotated[bool, typer.Option("--offline", help="Never download a model; use what is on disk.")] = False,
     insecure: Annotated[
         bool, typer.Option("--insecure", help="Allow plain http to a hub on another machine (a network you trust).")
