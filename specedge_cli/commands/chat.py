@@ -22,7 +22,7 @@ from specedge_cli.remote.client import HubClient
 from specedge_cli.remote.connect import connect_hub
 from specedge_cli.rendering import ReplyView
 from specedge_cli.repl import Repl, note_finish, print_figures
-from specedge_cli.settings import chat_settings
+from specedge_cli.settings import ChatSettings, chat_settings
 from specedge_cli.waiting import LogTail, wait_until_ready
 
 err = Console(stderr=True)
@@ -115,24 +115,9 @@ def chat(
     resolved = resolve_model(
         model or (saved.model if saved else chosen.model), paths.models_dir(), offline=chosen.offline
     )
-    if resolved.preset and resolved.preset.base:
-        err.print(
-            f"[dim]{resolved.preset.name} is a pretrained base model: it continues your text rather than "
-            "answering it, so it runs as plain completion (the default because it runs anywhere). For answers, "
-            f"chat with an instruct model: --model {smallest_instruct_preset().name}.[/dim]"
-        )
+    _note_base_model(resolved)
     address = settings.hub_address(hub)
-    # An embedded hub runs on this machine: drafting while it verifies would slow its pass down.
-    proactive = chosen.proactive if chosen.proactive is not None else bool(address.url)
-    decode = DecodeSettings(
-        max_tokens=chosen.max_tokens,
-        temperature=chosen.temperature,
-        seed=chosen.seed,
-        draft_len=chosen.draft_len,
-        tree_budget=chosen.tree_budget,
-        proactive=proactive,
-        reconnect_s=chosen.reconnect_s,
-    )
+    decode = _decode_settings(chosen, hub_elsewhere=bool(address.url))
     with _hub(address, resolved, insecure) as (client, hub_url, wait_for_hub):
         engine = DraftEngine(resolved.path, n_threads=chosen.threads or None)  # loads while an embedded hub starts
         wait_for_hub()
@@ -148,6 +133,29 @@ def chat(
                 Repl(conversation, hub_url, auto_proactive=bool(address.url)).run()
         finally:
             conversation.close()
+
+
+def _note_base_model(resolved: ResolvedModel) -> None:
+    if resolved.preset and resolved.preset.base:
+        err.print(
+            f"[dim]{resolved.preset.name} is a pretrained base model: it continues your text rather than "
+            "answering it, so it runs as plain completion (the default because it runs anywhere). For answers, "
+            f"chat with an instruct model: --model {smallest_instruct_preset().name}.[/dim]"
+        )
+
+
+def _decode_settings(chosen: ChatSettings, hub_elsewhere: bool) -> DecodeSettings:
+    # An embedded hub runs on this machine: drafting while it verifies would slow its pass down.
+    proactive = chosen.proactive if chosen.proactive is not None else hub_elsewhere
+    return DecodeSettings(
+        max_tokens=chosen.max_tokens,
+        temperature=chosen.temperature,
+        seed=chosen.seed,
+        draft_len=chosen.draft_len,
+        tree_budget=chosen.tree_budget,
+        proactive=proactive,
+        reconnect_s=chosen.reconnect_s,
+    )
 
 
 def one_shot_prompt(text: str | None, option: str | None, stdin: TextIO) -> str | None:
