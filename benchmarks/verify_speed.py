@@ -53,11 +53,12 @@ def worker(args: argparse.Namespace) -> None:
 
     from hub_server.config import HubSettings
 
-    try:
+    try:  # the hub by role (torch in hub_server/engine/), or a tree from before it
         from hub_server.engine.runner import ModelRunner, VerifyJob
+        from hub_server.tree import chain_parents
     except ImportError:
         from hub_server.runner import ModelRunner, VerifyJob
-    from hub_server.verify import chain_parents
+        from hub_server.verify import chain_parents
 
     torch.set_num_threads(args.threads)
     fields = {

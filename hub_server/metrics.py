@@ -115,6 +115,37 @@ def render(metrics: HubMetrics, gauges: dict[str, float], scheduler_stats) -> st
         [(f'{{sessions="{size}"}}', seconds) for size, (_, seconds) in passes.items()],
     )
     emit(
+        "past_kv_bytes_copied_total",
+        "counter",
+        "Bytes of sessions' past keys and values that passes copied before attending "
+        "to them (the attention reads the KV pool in place: 0).",
+        [("", gauges.get("past_kv_bytes_copied", 0))],
+    )
+    emit(
+        "kept_kv_bytes_moved_total",
+        "counter",
+        "Bytes of accepted draft-tree nodes' keys and values moved within their slots to close a gap.",
+        [("", gauges.get("kept_kv_bytes_moved", 0))],
+    )
+    emit(
+        "compiled_pass_hits_total",
+        "counter",
+        "Verify passes run by a pass shape compiled at start (--compile on).",
+        [("", gauges.get("compiled_pass_hits", 0))],
+    )
+    emit(
+        "compiled_pass_misses_total",
+        "counter",
+        "Verify passes no compiled pass shape fitted, run eagerly (--compile on).",
+        [("", gauges.get("compiled_pass_misses", 0))],
+    )
+    emit(
+        "compiled_pass_buckets",
+        "gauge",
+        "Pass shapes (sessions x tokens) compiled at start; 0 with --compile off.",
+        [("", gauges.get("compiled_pass_buckets", 0))],
+    )
+    emit(
         "hub_draft_seconds_total",
         "counter",
         "Seconds the hub spent drafting (server-only speculative mode).",

@@ -11,8 +11,8 @@ from __future__ import annotations
 import pytest
 
 from hub_server.config import HubSettings
-from hub_server.runner import ModelRunner, VerifyJob
-from hub_server.verify import chain_parents
+from hub_server.engine.runner import ModelRunner, VerifyJob
+from hub_server.tree import chain_parents
 from tests.conftest import TargetAlone
 from tests.test_runner import CONTEXTS, gemma_dir  # noqa: F401  (a fixture)
 

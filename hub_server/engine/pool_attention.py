@@ -32,7 +32,7 @@ from transformers import AttentionInterface
 from transformers.integrations.sdpa_attention import sdpa_attention_forward
 from transformers.masking_utils import AttentionMaskInterface, sdpa_mask
 
-from hub_server.kv_pool import column_positions
+from hub_server.engine.kv_pool import column_positions
 
 POOL_ATTENTION = "specedge_pool"
 FULL, SLIDING = "full_attention", "sliding_attention"
