@@ -63,7 +63,7 @@ def worker(args: argparse.Namespace) -> None:
     torch.set_num_threads(args.threads)
     fields = {
         "model": args.target,
-        "device": "cpu",
+        "device": args.device,
         "max_sessions": args.sessions,
         "max_context": max(args.contexts) + args.draft_tokens + 64,
         "kv_memory_gib": 64,
@@ -102,7 +102,7 @@ def run_tree(tree: Path, args: argparse.Namespace, target: str, compile_mode: st
     command = [sys.executable, str(Path(__file__).resolve()), "--worker", "--target", target]
     command += ["--contexts", *map(str, args.contexts), "--sessions", str(args.sessions)]
     command += ["--draft-tokens", str(args.draft_tokens), "--rounds", str(args.rounds)]
-    command += ["--threads", str(args.threads), "--compile", compile_mode]
+    command += ["--threads", str(args.threads), "--compile", compile_mode, "--device", args.device]
     env = dict(os.environ, PYTHONPATH=str(tree))
     out = subprocess.run(command, env=env, capture_output=True, text=True, cwd=tree)
     lines = [line for line in out.stdout.splitlines() if line.startswith("RESULT ")]
@@ -125,7 +125,8 @@ def main() -> None:
     parser.add_argument("--draft-tokens", type=int, default=8)
     parser.add_argument("--rounds", type=int, default=20)
     parser.add_argument("--threads", type=int, default=1)
-    parser.add_argument("--compile", default="on", help="this tree's --compile (off, auto, on)")
+    parser.add_argument("--device", default="cpu", help="cpu or cuda (the runner's device)")
+    parser.add_argument("--compile", default="on", help="this tree's --compile: off, auto, on, or several (off,on)")
     parser.add_argument("--base", default="7ade0de", help="the commit to compare against ('' for none)")
     parser.add_argument("--turns", type=int, default=2)
     parser.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
@@ -135,7 +136,7 @@ def main() -> None:
 
     with tempfile.TemporaryDirectory() as scratch:
         target = resolve_target(args.target, Path(tempfile.gettempdir()) / "specedge-bench-targets")
-        trees = {f"this tree (--compile {args.compile})": (REPO, args.compile)}
+        trees = {f"this tree (--compile {mode})": (REPO, mode) for mode in args.compile.split(",")}
         if args.base:
             trees = {f"{args.base} (eager)": (unpack(args.base, Path(scratch)), "off")} | trees
         best: dict[str, dict] = {}
@@ -152,14 +153,18 @@ def main() -> None:
 def report(best: dict[str, dict], args: argparse.Namespace, target: str) -> None:
     print(
         f"target {Path(target).name}, {args.sessions} sessions per pass, chain drafts of {args.draft_tokens}, "
-        f"{args.threads} torch thread(s); device ms per verify (median of {args.rounds} passes, best of {args.turns} turns)"
+        f"{args.device}, {args.threads} torch thread(s); device ms per verify (median of {args.rounds} passes, best of {args.turns} turns)"
     )
     names = list(best)
-    print(f"{'context':>8} " + " ".join(f"{name:>32}" for name in names) + ("   ratio" if len(names) == 2 else ""))
+    base = names[0] if args.base else None
+    ratios = [f"{base[:8]}/{name.split('(')[-1].rstrip(')')}" for name in names[1:]] if base else []
+    print(f"{'context':>8} " + " ".join(f"{name:>28}" for name in names) + " " + " ".join(f"{r:>22}" for r in ratios))
     for context in map(str, args.contexts):
         cells = [best[name][context]["median_ms"] for name in names]
-        ratio = f"   {cells[0] / cells[1]:.2f}x" if len(cells) == 2 else ""
-        print(f"{context:>8} " + " ".join(f"{cell:>32.3f}" for cell in cells) + ratio)
+        shown = [f"{cells[0] / cell:.2f}x" for cell in cells[1:]] if base else []
+        print(
+            f"{context:>8} " + " ".join(f"{cell:>28.3f}" for cell in cells) + " " + " ".join(f"{r:>22}" for r in shown)
+        )
     print("JSON " + json.dumps({"target": Path(target).name, "args": vars(args), "figures": best}))
 
 

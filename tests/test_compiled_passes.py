@@ -8,6 +8,8 @@ place: no byte of past KV is copied.
 
 from __future__ import annotations
 
+import os
+
 import pytest
 
 from hub_server.config import HubSettings
@@ -17,12 +19,13 @@ from tests.conftest import TargetAlone
 from tests.test_runner import CONTEXTS, gemma_dir  # noqa: F401  (a fixture)
 
 MAX_DRAFT = 7  # rows of 8: one width bucket
+DEVICE = os.environ.get("SPECEDGE_TEST_DEVICE", "cpu")  # benchmarks/gpu_check.sh runs it on cuda
 
 
 @pytest.fixture(scope="module", params=["llama", "gemma-sliding"])
 def runners(request, tiny, gemma_dir):  # noqa: F811
     folder = str(tiny.hf_dir if request.param == "llama" else gemma_dir)
-    settings = {"model": folder, "device": "cpu", "max_batch": 2, "max_draft_tokens": MAX_DRAFT, "max_sessions": 8}
+    settings = {"model": folder, "device": DEVICE, "max_batch": 2, "max_draft_tokens": MAX_DRAFT, "max_sessions": 8}
     eager = ModelRunner(HubSettings(**settings, compile="off"))
     compiled = ModelRunner(HubSettings(**settings, compile="on"))
     return eager, compiled, TargetAlone(eager.model)

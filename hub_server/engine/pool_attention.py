@@ -17,7 +17,8 @@ later one, still needs.
 The work runs inside one custom operator, opaque to torch.compile: a compiled pass fuses
 everything around it (projections, norms, MLPs, rotary embeddings) and calls this operator once
 a layer, whatever the slots and contexts of the pass; the pass's layout is set beforehand with
-`PoolPass.active()`.
+`PoolPass.active()`. On a GPU with CUDA graphs the operator runs between the graphs (it is
+tagged unsafe to capture), so each layer's other kernels replay as graphs.
 """
 
 from __future__ import annotations
@@ -109,17 +110,24 @@ class PoolPass:
 
 def _copied(view: torch.Tensor, pool: torch.Tensor) -> int:
     """Bytes of `view` that are not the pool's own memory (a copy), 0 for a view."""
-    return 0 if view.untyped_storage().data_ptr() == pool.untyped_storage().data_ptr() else view.nbytes
+    return 0 if view._base is pool else view.nbytes
 
 
-@torch.library.custom_op("specedge::pool_attention", mutates_args=())
-def pool_attention(
-    query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, layer: int, scale: float
-) -> torch.Tensor:
+def _attend_active(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, layer: int, scale: float):
     """The active pass's attention for `layer` (see `PoolPass.attend`)."""
     if PoolPass._active is None:
         raise RuntimeError("the pool attention ran outside a pass: run the model inside PoolPass.active()")
     return PoolPass._active.attend(query, key, value, layer, scale)
+
+
+# cudagraph_unsafe: a CUDA graph must not capture it (its slots and masks change every pass), so
+# under reduce-overhead inductor splits each pass's graph around it, one graph between layers.
+@torch.library.custom_op("specedge::pool_attention", mutates_args=(), tags=(torch.Tag.cudagraph_unsafe,))
+def pool_attention(
+    query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, layer: int, scale: float
+) -> torch.Tensor:
+    """`_attend_active` as one operator a compiled graph calls without looking inside."""
+    return _attend_active(query, key, value, layer, scale)
 
 
 @pool_attention.register_fake
@@ -150,7 +158,9 @@ def pool_attention_forward(
     if softcap is not None:
         raise ValueError(f"{type(module).__name__} caps its attention logits, which the pool attention does not do")
     scale = scaling if scaling is not None else query.shape[-1] ** -0.5
-    return torch.ops.specedge.pool_attention(query, key, value, module.layer_idx, scale), None
+    if torch.compiler.is_compiling():  # the compiled graph calls the operator, opaque to it
+        return torch.ops.specedge.pool_attention(query, key, value, module.layer_idx, scale), None
+    return _attend_active(query, key, value, module.layer_idx, scale), None  # eager: no dispatcher hop
 
 
 AttentionInterface.register(POOL_ATTENTION, pool_attention_forward)
