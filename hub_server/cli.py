@@ -13,7 +13,7 @@ import typer
 
 from hub_server.accounts import Accounts
 from hub_server.admin import tokens_app, users_app
-from hub_server.config import DEVICES, DTYPES, LOG_FORMATS, HubSettings, default_data_dir
+from hub_server.config import COMPILE_MODES, DEVICES, DTYPES, LOG_FORMATS, HubSettings, default_data_dir
 from hub_server.errors import AccountError, AccountsUnavailable
 from specedge_common.launcher import EMBEDDED_TOKEN_ENV
 from specedge_common.net import is_loopback
@@ -70,7 +70,16 @@ def serve(
             help="Hold a batch for users due back within this share of a pass's fixed cost (measured), so they share the pass; 0: never."
         ),
     ] = 0.5,
-    cache_dir: Annotated[Path | None, typer.Option(help="Where converted GGUF targets are kept.")] = None,
+    cache_dir: Annotated[
+        Path | None, typer.Option(help="Where converted GGUF targets and compiled passes are kept.")
+    ] = None,
+    compile: Annotated[
+        str,
+        typer.Option(
+            help=f"One of {', '.join(COMPILE_MODES)}: compiled fixed-shape passes (CUDA graphs on a GPU), "
+            "compiled at start; auto is on for CUDA only."
+        ),
+    ] = "auto",
     data_dir: Annotated[
         Path | None, typer.Option(help=f"Accounts database folder; default {default_data_dir()}.")
     ] = None,
@@ -115,6 +124,7 @@ def serve(
             batch_wait_ms=batch_wait_ms,
             merge_wait_share=merge_wait_share,
             cache_dir=cache_dir,
+            compile=compile,
             data_dir=data_dir,
             auth=not no_auth,
             embedded_token=os.environ.pop(EMBEDDED_TOKEN_ENV, None) or None,

@@ -80,3 +80,6 @@ def test_metrics_report_sessions_batches_and_tokens_by_mode(hub_with_draft):
         line for line in page.splitlines() if line.startswith('specedge_emitted_tokens_total{mode="autoregressive"}')
     ]
     assert emitted and float(emitted[0].split()[-1]) >= 5
+    # The verify passes read the KV pool in place: nothing of any session's past was copied.
+    copied = [line for line in page.splitlines() if line.startswith("specedge_past_kv_bytes_copied_total")]
+    assert copied and float(copied[0].split()[-1]) == 0

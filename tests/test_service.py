@@ -67,7 +67,7 @@ class CountingTarget:
         return None
 
     def stats(self) -> EngineStats:
-        return EngineStats(0, 4096, 0.25, PassTally(1, 0.5), 0, {2: PassTally(3, 0.75)}, None, None)
+        return EngineStats(0, 4096, 0.25, PassTally(1, 0.5), 0, {2: PassTally(3, 0.75)}, None, None, compiled_hits=5)
 
 
 def make_hub(**settings) -> tuple[Hub, CountingTarget]:
@@ -207,6 +207,8 @@ def test_the_metrics_page_shows_the_engines_figures():
     assert metric(hub, "specedge_prefill_seconds_total") == 0.5
     assert metric(hub, 'specedge_verify_passes_total{sessions="2"}') == 3
     assert metric(hub, "process_resident_memory_bytes") > 0
+    assert metric(hub, "specedge_compiled_pass_hits_total") == 5
+    assert metric(hub, "specedge_past_kv_bytes_copied_total") == 0
 
 
 def test_each_hub_has_its_own_series_and_verifies_fill_the_histograms():
