@@ -224,14 +224,16 @@ async def _owner_of(request: Request, token_check: TokenCheck | None) -> Owner:
     return owner
 
 
-def create_app(settings: HubSettings, make_engine: Callable[[HubSettings], Engine]) -> FastAPI:
+def create_app(
+    settings: HubSettings, make_engine: Callable[[HubSettings], Engine], metrics: HubMetrics | None = None
+) -> FastAPI:
     # The schema is served behind authentication like every other route; no public docs pages.
     app = FastAPI(
         title="SpecEdge hub", version=str(wire.PROTOCOL_VERSION), openapi_url=None, docs_url=None, redoc_url=None
     )
     state = HubState()
     token_check = token_check_for(settings)
-    metrics = HubMetrics()  # before the model loads: refusals meanwhile count too
+    metrics = metrics or HubMetrics()  # before the model loads: refusals meanwhile count too
 
     def refuse(status: int, code: str, message: str, headers: dict | None = None) -> JSONResponse:
         metrics.record_refusal(code)

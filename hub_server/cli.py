@@ -168,6 +168,7 @@ def _run_hub(settings: HubSettings, has_tokens: bool) -> None:
     from hub_server.connections import HubServer, guarded_protocol
     from hub_server.engine.runner import ModelRunner
     from hub_server.logging_setup import configure_logging
+    from hub_server.metrics import HubMetrics
 
     configure_logging(settings.log_format)
     log = logging.getLogger("hub_server")
@@ -175,11 +176,12 @@ def _run_hub(settings: HubSettings, has_tokens: bool) -> None:
     # uvicorn drains in-flight requests on SIGTERM, then re-raises the signal; a no-op handler
     # for that re-raise lets the hub exit 0 after a clean shutdown instead of dying by the signal.
     signal.signal(signal.SIGTERM, lambda *_: None)
+    metrics = HubMetrics()  # shared by the app and the connection guard: refusals of both are counted
     config = uvicorn.Config(
-        create_app(settings, ModelRunner),
+        create_app(settings, ModelRunner, metrics),
         host=settings.host,
         port=settings.port,
-        http=guarded_protocol(settings.request_timeout_s, settings.max_connections),
+        http=guarded_protocol(settings.request_timeout_s, settings.max_connections, metrics.record_refusal),
         log_config=None,
         log_level="info",
         access_log=False,
