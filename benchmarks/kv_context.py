@@ -17,8 +17,9 @@ import time
 import torch
 
 from hub_server.config import HubSettings
-from hub_server.runner import ModelRunner, VerifyJob
-from hub_server.verify import chain_parents
+from hub_server.engine.runner import ModelRunner
+from hub_server.engine_api import VerifyJob
+from hub_server.tree import chain_parents
 
 
 def settings_for(target: str, sessions: int, context: int) -> HubSettings:

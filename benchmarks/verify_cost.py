@@ -21,7 +21,7 @@ from __future__ import annotations
 import argparse
 import json
 
-from hub_server.probe import PassProbe
+from hub_server.engine.probe import PassProbe
 
 
 def profile(probe: PassProbe, sessions: int) -> None:

@@ -45,7 +45,7 @@ from pathlib import Path
 import httpx
 
 from hub_server import protocol as wire
-from hub_server.drafter import HubDrafter
+from hub_server.engine.drafter import HubDrafter
 
 MODES = ("specedge", "server_only_spec", "autoregressive")
 
@@ -132,7 +132,9 @@ def load_prompts() -> tuple[str, ...]:
 
 def _scrape(client: httpx.Client) -> dict[str, float]:
     values = {}
-    for line in client.get("/metrics").text.splitlines():
+    page = client.get("/metrics")
+    page.raise_for_status()  # 403 for a token that is not an operator's: the refusal says so
+    for line in page.text.splitlines():
         if line and not line.startswith("#"):
             name, value = line.rsplit(" ", 1)
             values[name] = float(value)
@@ -533,7 +535,7 @@ def probe_bounds(runs: list[dict], model: str, device: str, dtype: str, workload
     end: a pass is as wide as its longest past)."""
     import torch
 
-    from hub_server.probe import PassProbe
+    from hub_server.engine.probe import PassProbe
 
     if cores:
         os.sched_setaffinity(0, cores)

@@ -5,6 +5,7 @@ from __future__ import annotations
 import logging
 import os
 import signal
+import sys
 from pathlib import Path
 from typing import Annotated
 
@@ -13,11 +14,11 @@ import typer
 
 from hub_server.accounts import Accounts
 from hub_server.admin import tokens_app, users_app
-from hub_server.config import DEVICES, DTYPES, LOG_FORMATS, HubSettings, default_data_dir, is_loopback
-from hub_server.errors import AccountError
-
-# `specedge chat` hands its embedded hub a per-process token here, never on the command line.
-EMBEDDED_TOKEN_ENV = "SPECEDGE_HUB_EMBEDDED_TOKEN"
+from hub_server.config import DEVICES, DTYPES, LOG_FORMATS, HubSettings, default_data_dir
+from hub_server.errors import AccountError, AccountsUnavailable
+from specedge_common.extras import HUB_INSTALL, missing_hub_modules
+from specedge_common.launcher import EMBEDDED_TOKEN_ENV
+from specedge_common.net import is_loopback
 
 app = typer.Typer(
     help="SpecEdge verification hub: serves a target model to drafting clients.",
@@ -83,18 +84,20 @@ def serve(
     ] = 0,
     log_format: Annotated[str, typer.Option(help=f"One of {', '.join(LOG_FORMATS)}.")] = "text",
     shutdown_timeout: Annotated[
-        float, typer.Option(help="On SIGTERM, seconds in-flight requests get to finish.")
+        float,
+        typer.Option(help="On SIGTERM, seconds in-flight requests get to finish; cutting any exits with status 1."),
     ] = 30.0,
+    request_timeout_s: Annotated[
+        float,
+        typer.Option(help="A request whose headers and body have not all arrived in this many seconds is closed."),
+    ] = 30.0,
+    max_connections: Annotated[
+        int, typer.Option(help="Open connections at most; one more is answered 503 and closed.")
+    ] = 1024,
     ssl_keyfile: Annotated[Path | None, typer.Option(help="TLS private key (PEM), passed to uvicorn.")] = None,
     ssl_certfile: Annotated[Path | None, typer.Option(help="TLS certificate chain (PEM), passed to uvicorn.")] = None,
 ) -> None:
     """Run the hub."""
-    import uvicorn
-
-    from hub_server.app import create_app
-    from hub_server.logs import configure_logging
-    from hub_server.runner import ModelRunner
-
     if not Path(model).expanduser().exists():
         raise typer.BadParameter(f"{model} does not exist; pass a .gguf file or a model folder", param_hint="--model")
     try:
@@ -122,23 +125,53 @@ def serve(
             max_queue_depth=max_queue_depth,
             log_format=log_format,
             shutdown_timeout_s=shutdown_timeout,
+            request_timeout_s=request_timeout_s,
+            max_connections=max_connections,
             ssl_keyfile=ssl_keyfile,
             ssl_certfile=ssl_certfile,
         )
     except ValueError as exc:
         raise typer.BadParameter(str(exc)) from exc
-    configure_logging(settings.log_format)
+    # Before anything loads: a damaged or unreachable accounts database is one line and status 1.
+    has_tokens = _check_accounts(settings)
+    _run_hub(settings, has_tokens)
+
+
+def _check_accounts(settings: HubSettings) -> bool:
+    """Open the accounts database as the hub will (integrity checked); whether it holds any token."""
+    if not settings.auth or settings.embedded_token:
+        return True
     try:
-        _warn_about_exposure(settings)
-    except AccountError as exc:
-        raise typer.BadParameter(str(exc), param_hint="--data-dir") from exc
+        accounts = Accounts(settings.accounts_path)
+        try:
+            return bool(accounts.tokens())
+        finally:
+            accounts.close()
+    except (AccountError, AccountsUnavailable) as exc:
+        typer.echo(f"Error: {exc}", err=True)
+        raise typer.Exit(1) from exc
+
+
+def _run_hub(settings: HubSettings, has_tokens: bool) -> None:
+    """Serve until SIGTERM; exit 1 when the shutdown timeout cut replies short."""
+    import uvicorn
+
+    from hub_server.app import create_app
+    from hub_server.connections import HubServer, guarded_protocol
+    from hub_server.engine.runner import ModelRunner
+    from hub_server.logging_setup import configure_logging
+
+    configure_logging(settings.log_format)
+    log = logging.getLogger("hub_server")
+    _warn_about_exposure(settings, has_tokens)
     # uvicorn drains in-flight requests on SIGTERM, then re-raises the signal; a no-op handler
     # for that re-raise lets the hub exit 0 after a clean shutdown instead of dying by the signal.
     signal.signal(signal.SIGTERM, lambda *_: None)
-    uvicorn.run(
+    config = uvicorn.Config(
         create_app(settings, ModelRunner),
-        host=host,
-        port=port,
+        host=settings.host,
+        port=settings.port,
+        http=guarded_protocol(settings.request_timeout_s, settings.max_connections),
         log_config=None,
         log_level="info",
         access_log=False,
@@ -146,10 +179,20 @@ def serve(
         ssl_keyfile=settings.ssl_keyfile and str(settings.ssl_keyfile),
         ssl_certfile=settings.ssl_certfile and str(settings.ssl_certfile),
     )
-    logging.getLogger("hub_server").info("hub stopped")
+    server = HubServer(config)
+    server.run()
+    if not server.started:  # the port is taken, say: uvicorn has logged why
+        raise typer.Exit(3)
+    if server.cut_short:
+        log.error(
+            "hub stopped: the shutdown timeout (%g s) cut replies still in flight; give --shutdown-timeout more time",
+            settings.shutdown_timeout_s,
+        )
+        raise typer.Exit(1)
+    log.info("hub stopped")
 
 
-def _warn_about_exposure(settings: HubSettings) -> None:
+def _warn_about_exposure(settings: HubSettings, has_tokens: bool) -> None:
     log = logging.getLogger("hub_server")
     if not is_loopback(settings.host):
         log.warning(
@@ -157,7 +200,7 @@ def _warn_about_exposure(settings: HubSettings) -> None:
             settings.host,
             "" if settings.ssl_certfile else "; serve it over TLS (--ssl-certfile or a proxy, see README)",
         )
-    if settings.auth and not settings.embedded_token and not Accounts(settings.accounts_path).tokens():
+    if not has_tokens:
         log.warning(
             "no API tokens exist yet: create one with `hub_server users add NAME` and "
             "`hub_server tokens create --user NAME`"
@@ -183,7 +226,8 @@ def bench(
         typer.Option(
             envvar="SPECEDGE_TOKEN",
             show_default=False,
-            help="API token for --hub (`hub_server tokens create --user NAME` makes one).",
+            help="An operator's API token for --hub: the bench reads its /metrics "
+            "(`hub_server users add NAME --role operator`, then `hub_server tokens create --user NAME`).",
         ),
     ] = None,
     clients: Annotated[str, typer.Option(help="Concurrent users; a comma list (1,2,4,8) runs each and plots.")] = "1",
@@ -331,5 +375,14 @@ def _bench_table(run: dict) -> str:
     return "\n".join(rows)
 
 
+def run() -> None:
+    """Entry point: the hub's packages come with the `hub` extra; without them, one line says so."""
+    missing = missing_hub_modules()
+    if missing:
+        sys.stderr.write(f"Error: hub_server needs the hub's packages ({', '.join(missing)}): run `{HUB_INSTALL}`\n")
+        sys.exit(1)
+    app(prog_name="hub_server")
+
+
 if __name__ == "__main__":
-    app()
+    run()

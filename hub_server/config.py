@@ -2,11 +2,12 @@
 
 from __future__ import annotations
 
-import ipaddress
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import platformdirs
+
+from specedge_common.net import is_loopback
 
 DTYPES = ("auto", "float32", "bfloat16", "float16")
 DEVICES = ("auto", "cpu", "cuda")
@@ -25,15 +26,6 @@ def default_data_dir() -> Path:
 
 def accounts_path(data_dir: Path | None) -> Path:
     return (data_dir or default_data_dir()) / "accounts.sqlite3"
-
-
-def is_loopback(host: str) -> bool:
-    if host == "localhost":
-        return True
-    try:
-        return ipaddress.ip_address(host).is_loopback
-    except ValueError:
-        return False
 
 
 @dataclass(frozen=True)
@@ -62,6 +54,8 @@ class HubSettings:
     max_queue_depth: int = 0  # feeds and verifies in flight at once; 0: no cap
     log_format: str = "text"
     shutdown_timeout_s: float = 30.0  # SIGTERM: how long in-flight requests may finish
+    request_timeout_s: float = 30.0  # a request's headers and body must all arrive within this
+    max_connections: int = 1024  # open connections; one more is answered 503 and closed
     ssl_keyfile: Path | None = None  # TLS served by uvicorn itself (or put a proxy in front)
     ssl_certfile: Path | None = None
 
@@ -95,6 +89,8 @@ class HubSettings:
             raise ValueError(f"--merge-wait-share must be between 0 (never wait) and 1, not {self.merge_wait_share}")
         if self.shutdown_timeout_s < 0:
             raise ValueError("--shutdown-timeout must be 0 or more")
+        if self.request_timeout_s <= 0 or self.max_connections < 1:
+            raise ValueError("--request-timeout-s must be above 0 and --max-connections at least 1")
         if (self.ssl_keyfile is None) != (self.ssl_certfile is None):
             raise ValueError("give both --ssl-keyfile and --ssl-certfile, or neither")
 

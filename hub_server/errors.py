@@ -1,17 +1,21 @@
 """Errors the hub reports to clients.
 
-    HubError                  base: an HTTP status, a stable code and a message saying what to do
+    RequestRefused            base: an HTTP status, a stable code and a message saying what to do
     ├── BadRequest            400/422  malformed body, ids out of range, draft too long
     ├── VocabMismatch         409      draft and target vocabularies differ
     ├── ContextTooLong        422      context would pass the model's limit
     ├── SessionNotFound       404      unknown (or another user's) session
     ├── HubFull               429      no room for another session now (with Retry-After)
     ├── Unauthorized          401      missing, unknown or revoked API token
+    │   └── TokenExpired      401      a token past its expiry
+    ├── Forbidden             403      a route for the hub's operators (/metrics) asked by another user
     ├── RateLimited           429      a per-user limit (sessions, tokens per minute; with Retry-After)
-    └── NotReady              503      the model is still loading
+    ├── NotReady              503      the model is still loading
+    └── AccountsUnavailable   503      the accounts database cannot be read now (damaged, locked)
 
     AccountError              the admin commands (`hub_server users|tokens`): unknown or
                               duplicate user, bad name, unknown token id
+    └── AccountsDamaged       the accounts database is damaged: refused at open, by `serve` too
     KVBudgetError             start-up: the configured sessions x context do not fit the KV budget
 
 Route handlers raise these; one exception handler in `app.py` turns them into JSON bodies.
@@ -20,7 +24,7 @@ Route handlers raise these; one exception handler in `app.py` turns them into JS
 from __future__ import annotations
 
 
-class HubError(Exception):
+class RequestRefused(Exception):
     status = 500
     code = "internal"
 
@@ -29,43 +33,58 @@ class HubError(Exception):
         self.message = message
 
 
-class BadRequest(HubError):
+class BadRequest(RequestRefused):
     status = 422
     code = "bad_request"
 
 
-class VocabMismatch(HubError):
+class VocabMismatch(RequestRefused):
     status = 409
     code = "vocab_mismatch"
 
 
-class ContextTooLong(HubError):
+class ContextTooLong(RequestRefused):
     status = 422
     code = "context_too_long"
 
 
-class SessionNotFound(HubError):
+class SessionNotFound(RequestRefused):
     status = 404
     code = "session_not_found"
 
 
-class NotReady(HubError):
+class NotReady(RequestRefused):
     status = 503
     code = "not_ready"
 
 
-class HubFull(HubError):
+class HubFull(RequestRefused):
     status = 429
     code = "hub_full"
     retry_after_s = 5
 
 
-class Unauthorized(HubError):
+class Unauthorized(RequestRefused):
     status = 401
     code = "unauthorized"
 
 
-class RateLimited(HubError):
+class TokenExpired(Unauthorized):
+    pass
+
+
+class Forbidden(RequestRefused):
+    status = 403
+    code = "forbidden"
+
+
+class AccountsUnavailable(RequestRefused):
+    status = 503
+    code = "accounts_unavailable"
+    retry_after_s = 30
+
+
+class RateLimited(RequestRefused):
     status = 429
     code = "rate_limited"
 
@@ -76,6 +95,10 @@ class RateLimited(HubError):
 
 class AccountError(Exception):
     """An admin command cannot do what it was asked; the message says why."""
+
+
+class AccountsDamaged(AccountError):
+    """The accounts database is damaged; the message says how to recover."""
 
 
 class KVBudgetError(ValueError):

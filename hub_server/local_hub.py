@@ -4,14 +4,10 @@ from __future__ import annotations
 
 import contextlib
 import os
-import socket
-import subprocess
-import sys
-import time
 from collections.abc import Iterator
 from pathlib import Path
 
-import httpx
+from specedge_common.launcher import HubProcess
 
 
 class LocalHub:
@@ -24,42 +20,20 @@ class LocalHub:
         dtype: str = "auto",
         serve_args: tuple[str, ...] = (),
     ):
-        with socket.socket() as probe:
-            probe.bind(("127.0.0.1", 0))
-            port = probe.getsockname()[1]
-        self.url = f"http://127.0.0.1:{port}"
         hub_cores, edge_cores = _split_cores()
         self.hub_cores = hub_cores  # empty: not pinned
-        self._process = subprocess.Popen(
-            [
-                sys.executable,
-                "-m",
-                "hub_server",
-                "serve",
-                "--model",
-                model,
-                "--draft",
-                str(draft),
-                "--port",
-                str(port),
-                "--device",
-                device,
-                "--dtype",
-                dtype,
-                "--max-batch",
-                str(max_batch),
-                "--max-sessions",
-                str(max(64, max_batch)),
-                "--no-auth",
-                *serve_args,
-            ],  # loopback only, and a benchmark's own process
-            stdout=subprocess.DEVNULL,
-            stderr=subprocess.DEVNULL,
-            preexec_fn=(lambda: os.sched_setaffinity(0, hub_cores)) if hub_cores else None,
-        )
+        args = ["--model", model, "--draft", str(draft), "--device", device, "--dtype", dtype]
+        args += ["--max-batch", str(max_batch), "--max-sessions", str(max(64, max_batch))]
+        # --no-auth: loopback only, and a benchmark's own process.
+        self._process = HubProcess([*args, "--no-auth", *serve_args], cores=hub_cores)
+        self.url = self._process.url
         if edge_cores:
             os.sched_setaffinity(0, edge_cores)
-        self._wait_ready()
+        try:
+            self._process.wait_ready(timeout_s=900)
+        except BaseException:
+            self.stop()
+            raise
 
     @classmethod
     @contextlib.contextmanager
@@ -82,20 +56,8 @@ class LocalHub:
         finally:
             hub.stop()
 
-    def _wait_ready(self, timeout_s: float = 900) -> None:
-        deadline = time.monotonic() + timeout_s
-        while time.monotonic() < deadline:
-            if self._process.poll() is not None:
-                raise RuntimeError(f"the hub exited with code {self._process.returncode}")
-            with contextlib.suppress(httpx.TransportError):
-                if httpx.get(f"{self.url}/health", timeout=2).status_code == 200:
-                    return
-            time.sleep(0.2)
-        raise TimeoutError("the hub did not become ready")
-
     def stop(self) -> None:
-        self._process.terminate()
-        self._process.wait(timeout=30)
+        self._process.stop(timeout_s=30)
 
 
 def _split_cores() -> tuple[set[int], set[int]]:

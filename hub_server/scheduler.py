@@ -79,6 +79,17 @@ class _Returning:
         return None if usual is None else self.done_at + usual
 
 
+@dataclass
+class _Queued:
+    """A submitted job waiting for its pass."""
+
+    job: Any
+    future: Future
+    arrived: float  # the clock when it was submitted
+    announcement: Announcement | None  # a caller staying announced between passes
+    key: Any  # the client session it belongs to, or None
+
+
 class Scheduler:
     def __init__(
         self,
@@ -94,7 +105,7 @@ class Scheduler:
         self.max_wait_s = max_wait_s
         self.merge_share = merge_share
         self._clock = clock
-        self._queue: deque[tuple[Any, Future, float, Announcement | None, Any]] = deque()
+        self._queue: deque[_Queued] = deque()
         self._returning: dict[Any, _Returning] = {}  # key -> rhythm, for client sessions
         self._recent_returns: deque[float] = deque(maxlen=USUAL_RETURNS_KEPT)  # all keys'
         self.pass_fixed_s = pass_fixed_s  # the device's fixed cost per pass (the runner's fit)
@@ -138,7 +149,7 @@ class Scheduler:
                 announcement = None
             if key is not None:
                 self._arrived(key, now)
-            self._queue.append((job, future, now, announcement, key))
+            self._queue.append(_Queued(job, future, now, announcement, key))
             self._ready.notify()
         return future
 
@@ -179,7 +190,7 @@ class Scheduler:
                 return
             self._run(batch)
 
-    def _next_batch(self) -> list[tuple[Any, Future, float, Announcement | None]] | None:
+    def _next_batch(self) -> list[_Queued] | None:
         with self._ready:
             while not self._queue and not self._stopped:
                 self._ready.wait()
@@ -188,7 +199,7 @@ class Scheduler:
             # Wait for announced jobs, but never past max_wait_s after the oldest request came or,
             # for requests that queued during a pass, after that pass ended: the callers it
             # served get as long to come back as a lone request would wait.
-            start = max(self._queue[0][2], self._free_since)
+            start = max(self._queue[0].arrived, self._free_since)
             deadline = start + self.max_wait_s
             while len(self._queue) < self.max_batch and self._announced and not self._stopped:
                 remaining = deadline - self._clock()
@@ -225,28 +236,29 @@ class Scheduler:
             self.stats.merge_waits += 1
             self.stats.merge_wait_seconds += self._clock() - waited_from
 
-    def _run(self, batch: list[tuple[Any, Future, float, Announcement | None, Any]]) -> None:
-        jobs = [job for job, *_ in batch]
+    def _run(self, batch: list[_Queued]) -> None:
+        jobs = [queued.job for queued in batch]
         try:
             self._run_batch(jobs)
         except Exception as exc:  # the batch's callers each receive the error; the worker goes on
             self._done(batch)
-            for _, future, *_ in batch:
-                future.set_exception(exc)
+            for queued in batch:
+                queued.future.set_exception(exc)
         else:
             self._done(batch)
-            for job, future, *_ in batch:
-                future.set_result(job)
+            for queued in batch:
+                queued.future.set_result(queued.job)
         finally:
             self._free_since = self._clock()
             self._record(len(batch))
 
-    def _done(self, batch: list[tuple[Any, Future, float, Announcement | None, Any]]) -> None:
+    def _done(self, batch: list[_Queued]) -> None:
         """Callers still announced are on their way again the moment their pass is done; client
         sessions start their way back."""
         with self._ready:
             now = self._clock()
-            for _, _, _, announcement, key in batch:
+            for queued in batch:
+                announcement, key = queued.announcement, queued.key
                 if announcement is not None:
                     announcement.queued = False
                     if not announcement.closed:

@@ -1,4 +1,5 @@
-"""What the hub does for each request, checked and independent of HTTP."""
+"""What the hub does for each request, checked; independent of HTTP and of torch (the engine is
+reached only through `engine_api.Engine`)."""
 
 from __future__ import annotations
 
@@ -8,66 +9,71 @@ import time
 from collections.abc import Iterator
 from concurrent.futures import Future
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import anyio
 
 from hub_server import protocol as wire
 from hub_server.config import HubSettings
+from hub_server.engine_api import Engine, VerifyJob
 from hub_server.errors import BadRequest, ContextTooLong, HubFull, RateLimited, SessionNotFound, VocabMismatch
 from hub_server.limits import AdmissionGate, TokenBudgets
 from hub_server.metrics import HubMetrics
 from hub_server.metrics import render as render_metrics
-from hub_server.runner import VerifyJob
 from hub_server.scheduler import Announcement, Scheduler
 from hub_server.sessions import LOCAL_USER, Session, SessionStore
-from hub_server.verify import chain_parents, node_depths, tree_problem
+from hub_server.tree import chain_parents, node_depths, tree_problem
+
+if TYPE_CHECKING:
+    from hub_server.engine.drafter import HubDrafter
 
 
 class Hub:
-    def __init__(self, settings: HubSettings, runner):
+    def __init__(self, settings: HubSettings, engine: Engine):
         self.settings = settings
-        self.runner = runner
+        self.engine = engine
         self.sessions = SessionStore()
         self.scheduler = Scheduler(
-            runner.verify_batch,
+            engine.verify_batch,
             max_batch=settings.max_batch,
             max_wait_s=settings.batch_wait_ms / 1000,
             merge_share=settings.merge_wait_share,
-            pass_fixed_s=lambda: runner.pass_costs.fixed_s(),
+            pass_fixed_s=engine.pass_fixed_s,
         )
         self.metrics = HubMetrics()
         self.budgets = TokenBudgets(settings.tokens_per_minute)
         self.gate = AdmissionGate(settings.max_queue_depth)
         self._admission = threading.Lock()  # the session caps are checked and taken as one step
-        self.drafter = make_drafter(settings, runner.device_lock)
+        self.drafter = make_drafter(settings, engine.device_lock)
         self._evictor = threading.Thread(target=self._evict_idle_forever, name="evictor", daemon=True)
         self._evictor.start()
 
     def info(self) -> wire.HubInfo:
         return wire.HubInfo(
             protocol_version=wire.PROTOCOL_VERSION,
-            model=self.runner.name,
-            vocab_size=self.runner.vocab.size,
-            vocab_fingerprint=self.runner.vocab.fingerprint,
+            model=self.engine.name,
+            vocab_size=self.engine.vocab.size,
+            vocab_fingerprint=self.engine.vocab.fingerprint,
             max_draft_tokens=self.settings.max_draft_tokens,
-            max_context=self.runner.max_context,
+            max_context=self.engine.max_context,
             modes=["specedge", "autoregressive"] + (["speculative"] if self.drafter else []),
         )
 
     def metrics_page(self) -> str:
+        device = self.engine.stats()
         gauges = {
             "active_sessions": len(self.sessions),
             "queue_depth": self.scheduler.queue_depth,
-            "kv_bytes": self.runner.pool.used_bytes,
-            "kv_bytes_reserved": self.runner.pool.reserved_bytes,
+            "kv_bytes": device.kv_bytes_used,
+            "kv_bytes_reserved": device.kv_bytes_reserved,
             "hub_draft_seconds": self.drafter.busy_seconds if self.drafter else 0.0,
-            "device_busy_seconds": self.runner.busy_seconds,
-            "prefill_seconds": self.runner.feeds[1],
-            "pass_fixed_seconds": self.runner.pass_costs.fixed_s() or 0.0,
-            "pass_token_seconds": self.runner.pass_costs.per_token_s() or 0.0,
-            "verify_context_tokens": self.runner.context_in_verify,
+            "device_busy_seconds": device.device_busy_seconds,
+            "prefill_seconds": device.feeds.seconds,
+            "pass_fixed_seconds": device.pass_fixed_seconds or 0.0,
+            "pass_token_seconds": device.pass_token_seconds or 0.0,
+            "verify_context_tokens": device.context_in_verify,
             "user_return_seconds": self.scheduler.usual_return_s() or 0.0,
-            "verify_passes": {size: tuple(tally) for size, tally in sorted(self.runner.verify_passes.items())},
+            "verify_passes": {size: (tally.passes, tally.seconds) for size, tally in device.verify_passes.items()},
         }
         return render_metrics(self.metrics, gauges, self.scheduler.stats)
 
@@ -85,11 +91,11 @@ class Hub:
                 f"this hub speaks protocol version {wire.PROTOCOL_VERSION}, the client "
                 f"{request.protocol_version}; upgrade the older of the two"
             )
-        vocab = self.runner.vocab
+        vocab = self.engine.vocab
         if request.vocab_size != vocab.size or request.vocab_fingerprint != vocab.fingerprint:
             raise VocabMismatch(
                 f"the draft model {request.draft_model or '(unnamed)'} has a vocabulary of "
-                f"{request.vocab_size} tokens that differs from the target {self.runner.name} "
+                f"{request.vocab_size} tokens that differs from the target {self.engine.name} "
                 f"({vocab.size} tokens); use a draft model of the target's family"
             )
         self._check_ids(request.stop_token_ids, "stop_token_ids")
@@ -97,7 +103,7 @@ class Hub:
             self._check_user_sessions(owner)
             if len(self.sessions) >= self.settings.max_sessions:
                 self._evict(self.settings.session_idle_s / 10)  # when full, idle sessions go sooner
-            kv = self.runner.new_kv() if len(self.sessions) < self.settings.max_sessions else None
+            kv = self.engine.new_kv() if len(self.sessions) < self.settings.max_sessions else None
             if kv is None:
                 raise HubFull(
                     f"the hub serves its maximum of {self.settings.max_sessions} sessions; retry in a few seconds"
@@ -111,9 +117,9 @@ class Hub:
             )
         return wire.OpenSessionResponse(
             session_id=session.session_id,
-            model=self.runner.name,
+            model=self.engine.name,
             max_draft_tokens=self.settings.max_draft_tokens,
-            max_context=self.runner.max_context,
+            max_context=self.engine.max_context,
         )
 
     def _check_user_sessions(self, owner: str) -> None:
@@ -133,7 +139,7 @@ class Hub:
             self._check_ids(request.tokens, "tokens")
             self._check_room(len(session.context) + len(request.tokens))
             session.context.extend(request.tokens)
-            self.runner.prefill(session.kv, session.context)
+            self.engine.prefill(session.kv, session.context)
             return wire.FeedResponse(context_len=len(session.context))
 
     async def verify(
@@ -280,7 +286,7 @@ class Hub:
         """Give a removed session's KV slot back, once any request still running on it is done."""
         with session.lock:
             if session.kv is not None:
-                self.runner.release(session.kv)
+                self.engine.release(session.kv)
                 session.kv = None
         self.scheduler.forget(session.session_id)
         if self.drafter:
@@ -292,18 +298,18 @@ class Hub:
             self._evict(self.settings.session_idle_s)
 
     def _check_ids(self, tokens: list[int], name: str) -> None:
-        bad = [t for t in tokens if not 0 <= t < self.runner.vocab_size]
+        bad = [t for t in tokens if not 0 <= t < self.engine.vocab_size]
         if bad:
             raise BadRequest(
                 f"{name} holds token id {bad[0]} outside this model's vocabulary "
-                f"[0, {self.runner.vocab_size}); is the draft model of the target's family?"
+                f"[0, {self.engine.vocab_size}); is the draft model of the target's family?"
             )
 
     def _check_room(self, needed: int) -> None:
-        if needed > self.runner.max_context:
+        if needed > self.engine.max_context:
             raise ContextTooLong(
                 f"the conversation would need {needed} tokens, more than this model's context "
-                f"of {self.runner.max_context}; start a new conversation"
+                f"of {self.engine.max_context}; start a new conversation"
             )
 
 
@@ -319,10 +325,10 @@ async def _take_turn(session: Session) -> None:
         await anyio.to_thread.run_sync(session.lock.acquire)
 
 
-def make_drafter(settings: HubSettings, device_lock: threading.Lock | None = None):
+def make_drafter(settings: HubSettings, device_lock: threading.Lock | None = None) -> HubDrafter | None:
     """The hub's own draft model for the speculative mode, when one is configured."""
     if not settings.draft:
         return None
-    from hub_server.drafter import HubDrafter
+    from hub_server.engine.drafter import HubDrafter
 
     return HubDrafter(Path(settings.draft).expanduser(), device_lock=device_lock)

@@ -13,7 +13,22 @@ from typing import Any
 
 from hub_server.errors import SessionNotFound
 
-LOCAL_USER = "local"  # the owner on a hub without accounts (--no-auth, embedded)
+LOCAL_USER = "local"  # the owner's name on a hub without accounts (--no-auth, embedded)
+
+
+@dataclass(frozen=True)
+class Owner:
+    """Who a session belongs to: an account, not a name. A user removed and added again under the
+    same name is a new account and does not see the old one's sessions."""
+
+    account_id: str
+    name: str
+    # Operators may read hub-wide figures (/metrics); a role change does not change whose sessions are whose.
+    operator: bool = field(default=False, compare=False)
+
+
+# The one owner of every session on a hub without accounts: its user runs the hub, so operates it too.
+LOCAL_OWNER = Owner(account_id=LOCAL_USER, name=LOCAL_USER, operator=True)
 
 
 @dataclass

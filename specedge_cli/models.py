@@ -108,6 +108,11 @@ def resolve_model(name: str, models_dir: Path, offline: bool = False) -> Resolve
     return ResolvedModel(_preset_file(preset, models_dir, offline), preset)
 
 
+def known_model(name: str, models_dir: Path) -> bool:
+    """Whether `name` names a model `resolve_model` can use: a preset, a registered name or an existing file."""
+    return name in PRESETS or name in registered_models(models_dir) or Path(name).expanduser().is_file()
+
+
 # --- local files registered by name ---------------------------------------------------
 def _registry(models_dir: Path) -> Path:
     return models_dir / "registered.json"

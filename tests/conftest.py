@@ -5,17 +5,18 @@ from __future__ import annotations
 
 import json
 import os
-import socket
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import httpx
 import pytest
 import torch
 
-from hub_server.verify import position_uniform, sample_row
+from hub_server.engine.sampling import sample_row
+from hub_server.tree import position_uniform
+from specedge_common.launcher import HubProcess, HubStartError
+from specedge_common.net import free_port
 from tests.tiny_models import TinyModel, build_tiny_model, build_tokenizer
 
 REPO = Path(__file__).resolve().parent.parent
@@ -51,12 +52,6 @@ def unrelated(tiny_dir, tiny_tokenizer) -> TinyModel:
     return build_tiny_model(tiny_dir / "unrelated", seed=1, tokenizer_dir=tiny_tokenizer)
 
 
-def free_port() -> int:
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        return probe.getsockname()[1]
-
-
 class RunningHub:
     """`python -m hub_server serve` as a child process on a loopback port; without tokens
     (`--no-auth`) unless `no_auth=False`, then with the accounts in `--data-dir` of `extra`."""
@@ -70,54 +65,22 @@ class RunningHub:
         env: dict | None = None,
         port: int | None = None,
     ):
-        self.url = f"http://127.0.0.1:{port or free_port()}"
-        port = self.url.rsplit(":", 1)[1]
+        port = port or free_port()
         self.log = cache_dir / f"hub-{port}.log"
-        cache_dir.mkdir(parents=True, exist_ok=True)
-        self.process = subprocess.Popen(
-            [
-                sys.executable,
-                "-m",
-                "hub_server",
-                "serve",
-                "--model",
-                str(model),
-                "--port",
-                port,
-                "--cache-dir",
-                str(cache_dir),
-                *(["--no-auth"] if no_auth else []),
-                *extra,
-            ],
-            cwd=REPO,
-            stdout=self.log.open("wb"),
-            stderr=subprocess.STDOUT,
-            env={**os.environ, **(env or {})},
-        )
+        args = ["--model", str(model), "--cache-dir", str(cache_dir), *(["--no-auth"] if no_auth else []), *extra]
+        self._hub = HubProcess(args, log_path=self.log, env=env, port=port, cwd=REPO)
+        self.url, self.process = self._hub.url, self._hub.process
         try:
-            self._wait_ready()
-        except BaseException:
+            self._hub.wait_ready(timeout_s=120)
+        except HubStartError as exc:
             self.stop()  # a hub that failed to start must not outlive the test run
+            raise RuntimeError(f"{exc}\n{self.log.read_text()}") from exc
+        except BaseException:
+            self.stop()
             raise
 
-    def _wait_ready(self, timeout_s: float = 120) -> None:
-        deadline = time.monotonic() + timeout_s
-        while time.monotonic() < deadline:
-            assert self.process.poll() is None, self.log.read_text()
-            try:
-                health = httpx.get(f"{self.url}/health", timeout=1)
-            except httpx.TransportError:
-                health = None
-            if health is not None and health.status_code == 200:
-                return
-            if health is not None and health.json().get("status") == "failed":
-                raise RuntimeError(self.log.read_text())
-            time.sleep(0.1)
-        raise TimeoutError(self.log.read_text())
-
     def stop(self) -> None:
-        self.process.terminate()
-        self.process.wait(timeout=30)
+        self._hub.stop(timeout_s=30)
 
 
 @pytest.fixture(scope="session")
@@ -142,13 +105,17 @@ def hub_admin(data_dir: Path, *args: str):
 
 
 class AuthHub(RunningHub):
-    """A hub that needs tokens, with users in its own accounts database; `tokens[name]` is theirs."""
+    """A hub that needs tokens, with users in its own accounts database; `tokens[name]` is theirs.
+    Names in `operators` are added with `--role operator` (they may read /metrics)."""
 
-    def __init__(self, model: Path, workdir: Path, users: tuple[str, ...], *extra: str):
+    def __init__(
+        self, model: Path, workdir: Path, users: tuple[str, ...], *extra: str, operators: tuple[str, ...] = ()
+    ):
         self.data_dir = workdir / "data"
         self.tokens = {}
-        for name in users:
-            hub_admin(self.data_dir, "users", "add", name)
+        for name in users + operators:
+            role = "operator" if name in operators else "user"
+            hub_admin(self.data_dir, "users", "add", name, "--role", role)
             self.tokens[name] = hub_admin(self.data_dir, "tokens", "create", "--user", name)["token"]
         super().__init__(model, workdir / "cache", "--data-dir", str(self.data_dir), *extra, no_auth=False)
 
@@ -159,7 +126,7 @@ class AuthHub(RunningHub):
 
 @pytest.fixture(scope="session")
 def auth_hub(tiny, tmp_path_factory):
-    """A real hub with accounts (users ada and bob), JSON logs, no per-user limits."""
+    """A real hub with accounts (users ada and bob, the operator ops), JSON logs, no per-user limits."""
     running = AuthHub(
         tiny.hf_dir,
         tmp_path_factory.mktemp("auth-hub"),
@@ -168,6 +135,7 @@ def auth_hub(tiny, tmp_path_factory):
         "16",
         "--log-format",
         "json",
+        operators=("ops",),
     )
     yield running
     running.stop()

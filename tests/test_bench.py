@@ -126,14 +126,14 @@ def test_bench_against_a_running_hub_takes_its_token_and_measures_the_bound_thro
     assert "needs an API token: pass --token or set SPECEDGE_TOKEN" in refused.stderr
     assert "Traceback" not in refused.stderr
 
-    open_before = _active_sessions(auth_hub, "ada")
+    open_before = _active_sessions(auth_hub, "ops")
     result = subprocess.run(
         command,
         cwd=REPO,
         capture_output=True,
         text=True,
         timeout=600,
-        env={**environment, "SPECEDGE_TOKEN": auth_hub.tokens["ada"]},
+        env={**environment, "SPECEDGE_TOKEN": auth_hub.tokens["ops"]},  # an operator's: the bench reads /metrics
     )
     assert result.returncode == 0, result.stderr[-3000:]
     report = json.loads(result.stdout)
@@ -142,7 +142,7 @@ def test_bench_against_a_running_hub_takes_its_token_and_measures_the_bound_thro
     # Passes of both kinds over the two sessions, made through the API, not read off the runs.
     assert bound["measured"].startswith("through the hub's API: passes of") and bound["sessions_per_pass"] == 2
     assert bound["one_token_pass_ms"] > 0 and bound["verify_pass_ms"] > 0 and bound["throughput_vs_autoregressive"] > 0
-    assert _active_sessions(auth_hub, "ada") == open_before  # every session it opened, it closed
+    assert _active_sessions(auth_hub, "ops") == open_before  # every session it opened, it closed
 
     revoked = subprocess.run(
         [*command[:-1], "--token", "not-a-token", "--json"],
@@ -199,7 +199,7 @@ def test_bench_refuses_a_draft_of_another_vocabulary_and_a_mode_the_hub_cannot_s
 
 def test_emulated_edges_give_the_draft_models_own_tokens_at_the_edge_speed(tiny):
     from hub_server.bench import EmulatedEdges
-    from hub_server.drafter import HubDrafter
+    from hub_server.engine.drafter import HubDrafter
 
     reference = HubDrafter(tiny.gguf_q8, n_threads=1)
     edges = EmulatedEdges(HubDrafter(tiny.gguf_q8, n_threads=1), tokens_per_second=200.0)
@@ -224,7 +224,7 @@ def test_emulated_edges_give_the_draft_models_own_tokens_at_the_edge_speed(tiny)
 
 def test_a_simulated_user_sends_its_draft_made_ahead_only_when_the_guessed_outcome_comes_back(tiny):
     from hub_server.bench import BenchConfig, EmulatedEdges, SimulatedUser
-    from hub_server.drafter import HubDrafter
+    from hub_server.engine.drafter import HubDrafter
 
     edges = EmulatedEdges(HubDrafter(tiny.gguf_q8, n_threads=1), tokens_per_second=200.0)
     context = HubDrafter(tiny.gguf_q8, n_threads=1).tokenize("def fibonacci(n):")

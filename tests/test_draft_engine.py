@@ -6,7 +6,7 @@ import copy
 
 import pytest
 
-from hub_server.verify import tree_problem
+from hub_server.tree import tree_problem
 from specedge_cli.drafting.draft_tree import DraftShape
 from specedge_cli.drafting.engine import DraftEngine
 from specedge_cli.drafting.sampling import Calibration

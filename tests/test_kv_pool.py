@@ -7,8 +7,8 @@ import pytest
 import torch
 
 from hub_server.config import HubSettings
-from hub_server.kv_pool import GIB, KVBudgetError, KVPlan, KVPool, KVShape, column_positions, plan_kv
-from hub_server.verify import ancestor_masks
+from hub_server.engine.kv_pool import GIB, KVBudgetError, KVPlan, KVPool, KVShape, column_positions, plan_kv
+from hub_server.engine.sampling import ancestor_masks
 
 # Gemma 3 270M: 18 layers, 1 kv head of 256, a 512-token window on 5 layers of 6; fp32.
 GEMMA = KVShape(heads=1, dim=256, element_size=4, windows=tuple(0 if (i + 1) % 6 == 0 else 512 for i in range(18)))
@@ -72,7 +72,7 @@ def test_ancestor_masks_of_a_tree_and_a_padded_chain():
 
 
 def test_a_runner_that_cannot_hold_its_sessions_refuses_to_start(tiny):
-    from hub_server.runner import ModelRunner
+    from hub_server.engine.runner import ModelRunner
 
     settings = HubSettings(model=str(tiny.hf_dir), max_sessions=64, max_context=1024, kv_memory_gib=0.001)
     with pytest.raises(KVBudgetError, match="64 sessions x 1024 tokens need"):

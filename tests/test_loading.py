@@ -9,7 +9,8 @@ import gguf
 import pytest
 import torch
 
-from hub_server.loading import gguf_tokens, load_target, prune_converted, read_vocabulary
+from hub_server.engine.loading import load_target, prune_converted, read_vocabulary
+from hub_server.vocabulary import gguf_tokens
 
 
 def test_a_gguf_target_is_converted_once_and_reused(tiny, tmp_path):

@@ -12,8 +12,9 @@ import pytest
 import torch
 
 from hub_server.config import HubSettings
-from hub_server.runner import ModelRunner, VerifyJob, feed_apart
-from hub_server.verify import chain_parents
+from hub_server.engine.runner import ModelRunner, feed_apart
+from hub_server.engine_api import PassTally, VerifyJob
+from hub_server.tree import chain_parents
 from tests.conftest import TargetAlone
 
 NO_STOP = frozenset()
@@ -131,9 +132,10 @@ def test_new_prompts_batched_with_drafts_decode_like_the_target_alone(target):
     slots = [runner.new_kv(), prefilled(runner, contexts[1]), prefilled(runner, contexts[2])]
     jobs = [job(runner, kv, c, e[:5]) for kv, c, e in zip(slots, contexts, expected)]
     assert len(jobs[0].pending) == len(long_prompt)
-    feeds = list(runner.feeds)
+    feeds = runner.stats().feeds
     runner.verify_batch(jobs)
-    assert runner.feeds[0] == feeds[0] + 1 and runner.feeds[1] > feeds[1]  # fed apart, and timed
+    after = runner.stats().feeds
+    assert after.passes == feeds.passes + 1 and after.seconds > feeds.seconds  # fed apart, and timed
     for j, e, c, kv in zip(jobs, expected, contexts, slots):
         assert j.emitted == e
         assert kv.length == len(c) + 5
@@ -254,7 +256,7 @@ def test_warm_up_gives_its_slots_back_and_leaves_no_trace(target):
     runner, target_alone = target
     used = runner.pool.used_bytes
     runner.warm_up(max_batch=3, max_draft=5)
-    assert runner.busy_seconds == 0.0 and runner.verify_passes == {} and runner.feeds == [0, 0.0]
+    assert runner.busy_seconds == 0.0 and runner.verify_passes == {} and runner.feeds == PassTally()
     assert runner.pool.used_bytes == used and runner.pass_costs.fixed_s() is None
     context = CONTEXTS[2]
     expected = greedy(target_alone, context, 4)

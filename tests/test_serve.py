@@ -21,7 +21,8 @@ from specedge_cli.decoding import Conversation, DecodeSettings
 from specedge_cli.drafting.engine import DraftEngine
 from specedge_cli.models import resolve_model
 from specedge_cli.remote.client import HubClient
-from tests.conftest import REPO, free_port, run_specedge
+from specedge_common.net import free_port
+from tests.conftest import REPO, run_specedge
 
 API_KEY = "test-key-4c1d"
 PROMPT = "the dog ran"

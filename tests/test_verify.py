@@ -2,7 +2,8 @@
 
 import torch
 
-from hub_server.verify import accept_chain, position_uniform, sample_row, target_choices
+from hub_server.engine.sampling import sample_row, target_choices
+from hub_server.tree import accept_chain, position_uniform
 
 NO_STOP = frozenset()
 

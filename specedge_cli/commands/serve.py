@@ -9,17 +9,18 @@ from typing import Annotated
 import typer
 from rich.console import Console
 
-from specedge_cli import config
+from specedge_cli import paths, settings
+from specedge_cli.commands.chat import _hub as connect_hub  # the same hub as `specedge chat`, waited for alike
 from specedge_cli.commands.chat import _template as chat_template  # the same prompt as `specedge chat`
 from specedge_cli.decoding import Conversation, DecodeSettings
 from specedge_cli.drafting.engine import DraftEngine
 from specedge_cli.errors import SpecEdgeError
 from specedge_cli.models import DEFAULT_MODEL, resolve_model
-from specedge_cli.remote.client import _is_loopback
-from specedge_cli.remote.connect import HubConnection, connect_hub
+from specedge_cli.remote.client import HubClient
 from specedge_cli.serve.http import ApiServer
 from specedge_cli.serve.slots import EdgeModel, Slot, SlotPool
 from specedge_cli.settings import ChatSettings, chat_settings
+from specedge_common.net import is_loopback
 
 DEFAULT_PORT = 11435  # one above ollama's 11434, so both can run
 err = Console(stderr=True, highlight=False)
@@ -58,31 +59,21 @@ def serve(
 
     Fields a request leaves out (temperature, seed, max_tokens) take your `specedge config` settings.
     """
-    if not _is_loopback(host) and not api_key:
+    if not is_loopback(host) and not api_key:
         raise SpecEdgeError(
             f"refusing to listen on {host} without --api-key: anyone who can reach it could use your hub"
         )
     chosen = chat_settings(max_tokens=max_tokens, threads=threads, offline=offline or None)
-    resolved = resolve_model(model or chosen.model, config.models_dir(), offline=chosen.offline)
-    address = config.hub_address(hub)
-    with connect_hub(
-        address.url,
-        address.token,
-        address.insecure or insecure,
-        resolved.path,
-        config.data_dir() / "embedded-hub.log",
-        on_embedded=lambda embedded: err.print(
-            f"[dim]No hub configured: started an embedded hub at {embedded.url} (target {resolved.path.name}).[/dim]"
-        ),
-    ) as connection:
+    resolved = resolve_model(model or chosen.model, paths.models_dir(), offline=chosen.offline)
+    address = settings.hub_address(hub)
+    with connect_hub(address, resolved, insecure) as (client, hub_url, wait_for_hub):
         engines = [DraftEngine(resolved.path, n_threads=chosen.threads or None) for _ in range(parallel)]
-        connection.wait_ready()
-        edge = _edge_model(
-            connection, engines, chat_template(engines[0], resolved), _decode_settings(chosen, connection), queue
-        )
+        wait_for_hub()
+        decode = _decode_settings(chosen, embedded=not address.url)
+        edge = _edge_model(client, engines, chat_template(engines[0], resolved), decode, queue)
         with _listening(host, port, edge, api_key) as server:
             err.print(
-                f"specedge serve: http://{host}:{port}/v1 · model {edge.model_id} · hub {connection.url} · "
+                f"specedge serve: http://{host}:{port}/v1 · model {edge.model_id} · hub {hub_url} · "
                 f"{parallel} drafting context{'s' if parallel > 1 else ''}; Ctrl+C stops"
             )
             with contextlib.suppress(KeyboardInterrupt):
@@ -91,9 +82,9 @@ def serve(
             slot.conversation.close()
 
 
-def _decode_settings(chosen: ChatSettings, connection: HubConnection) -> DecodeSettings:
+def _decode_settings(chosen: ChatSettings, embedded: bool) -> DecodeSettings:
     # An embedded hub runs on this machine: drafting while it verifies would slow its pass down.
-    proactive = chosen.proactive if chosen.proactive is not None else connection.embedded is None
+    proactive = chosen.proactive if chosen.proactive is not None else not embedded
     return DecodeSettings(
         max_tokens=chosen.max_tokens,
         temperature=chosen.temperature,
@@ -106,17 +97,17 @@ def _decode_settings(chosen: ChatSettings, connection: HubConnection) -> DecodeS
 
 
 def _edge_model(
-    connection: HubConnection, engines: list[DraftEngine], template, settings: DecodeSettings, max_waiting: int
+    client: HubClient, engines: list[DraftEngine], template, decode: DecodeSettings, max_waiting: int
 ) -> EdgeModel:
     """The pool of drafting contexts; the first opens a hub session now, so a refused draft fails at start."""
     fingerprint = engines[0].vocab_fingerprint()
     conversations = [
-        Conversation(engine, connection.client, template, settings, vocab_fingerprint=fingerprint) for engine in engines
+        Conversation(engine, client, template, decode, vocab_fingerprint=fingerprint) for engine in engines
     ]
     conversations[0].open()
-    info = connection.client.info()
+    info = client.info()
     add_bos = engines[0].metadata("tokenizer.ggml.add_bos_token") != "false"
-    return EdgeModel(info.model, SlotPool([Slot(c) for c in conversations], max_waiting), settings, add_bos)
+    return EdgeModel(info.model, SlotPool([Slot(c) for c in conversations], max_waiting), decode, add_bos)
 
 
 @contextlib.contextmanager

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import ipaddress
 import json
 from collections.abc import Iterator
 
@@ -10,6 +9,7 @@ import httpx
 
 from specedge_cli.errors import HubBusy, HubRejected, HubUnreachable, InsecureHub, SessionLost, TokenRejected
 from specedge_cli.remote import protocol as wire
+from specedge_common.net import is_loopback
 
 
 def check_transport(url: str, insecure: bool = False) -> None:
@@ -17,20 +17,11 @@ def check_transport(url: str, insecure: bool = False) -> None:
     parsed = httpx.URL(url)
     if parsed.scheme not in ("http", "https") or not parsed.host:
         raise InsecureHub(f"{url!r} is not a hub URL; give one like https://hub.example.com")
-    if parsed.scheme == "http" and not insecure and not _is_loopback(parsed.host):
+    if parsed.scheme == "http" and not insecure and not is_loopback(parsed.host):
         raise InsecureHub(
             f"refusing plain http to {parsed.host}: your token would cross the network unencrypted; "
             f"use https://, or pass --insecure (SPECEDGE_INSECURE=1) on a network you trust"
         )
-
-
-def _is_loopback(host: str) -> bool:
-    if host == "localhost":
-        return True
-    try:
-        return ipaddress.ip_address(host).is_loopback
-    except ValueError:
-        return False
 
 
 class HubClient:

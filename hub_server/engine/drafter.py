@@ -15,6 +15,8 @@ from pathlib import Path
 
 import numpy as np
 
+from specedge_common.vocab import llama_stop_ids, llama_vocab_pieces, vocab_fingerprint
+
 
 class HubDrafter:
     def __init__(
@@ -66,17 +68,11 @@ class HubDrafter:
         return self._context("__vocabulary__").tokenize(text.encode("utf-8"), add_bos=True, special=False)
 
     def vocab_fingerprint(self) -> str:
-        """The draft's vocabulary as the hub fingerprints its target's (`loading.vocab_fingerprint`)."""
-        from hub_server.loading import vocab_fingerprint
-
-        vocab, size = self._vocab()
-        return vocab_fingerprint(
-            [self._lib.llama_vocab_get_text(vocab, i).decode("utf-8", "replace") for i in range(size)]
-        )
+        """The draft's vocabulary fingerprint, as a client computes it for the same file."""
+        return vocab_fingerprint(llama_vocab_pieces(self._lib, *self._vocab()))
 
     def stop_token_ids(self) -> frozenset[int]:
-        vocab, size = self._vocab()
-        return frozenset(i for i in range(size) if self._lib.llama_vocab_is_eog(vocab, i))
+        return frozenset(llama_stop_ids(self._lib, *self._vocab()))
 
     def _vocab(self):
         """llama.cpp's vocabulary handle for the draft model, and how many tokens it holds."""

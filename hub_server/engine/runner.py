@@ -1,4 +1,4 @@
-"""The model runner: the only part of the hub that touches torch and the device.
+"""The model runner: the engine that owns the target model, its KV pool and the forward passes.
 
 It owns the target model and the KV pool that holds every session's keys and values
 (`kv_pool.py`, allocated once at start). One forward pass verifies the drafts of many sessions
@@ -16,17 +16,19 @@ import logging
 import os
 import threading
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import torch
 from transformers.cache_utils import Cache, DynamicLayer
 
 from hub_server.config import HubSettings, default_cache_dir
-from hub_server.kv_pool import GIB, KVPool, KVShape, KVSlot, column_positions, plan_kv
-from hub_server.loading import choose_device, choose_dtype, load_target, read_vocabulary
+from hub_server.engine.kv_pool import GIB, KVPool, KVShape, KVSlot, column_positions, plan_kv
+from hub_server.engine.loading import choose_device, choose_dtype, load_target, read_vocabulary
+from hub_server.engine.sampling import ancestor_masks, target_choices
+from hub_server.engine_api import EngineStats, PassTally, VerifyJob
 from hub_server.pass_cost import PassCostFit
-from hub_server.verify import accept_tree, ancestor_masks, chain_parents, target_choices
+from hub_server.tree import accept_tree, chain_parents
 
 FULL, SLIDING = "full_attention", "sliding_attention"
 # Without --kv-memory-gib, the KV pool may take this share of the memory left once the model
@@ -47,21 +49,6 @@ WARM_UP_CONTEXT = 16
 WARM_UP_DRAFTS = (0, 8, 32)
 
 log = logging.getLogger("hub_server")
-
-
-@dataclass
-class VerifyJob:
-    """One session's share of a batched verify."""
-
-    kv: KVSlot
-    pending: list[int]  # context tokens not yet in the KV; at least one
-    draft: list[int]  # tree nodes [N]
-    parents: list[int]  # [N], -1 for children of the last pending token
-    temperature: float
-    seed: int
-    stop_token_ids: frozenset[int]
-    path: list[int] = field(default_factory=list)  # filled in: accepted node indices
-    emitted: list[int] = field(default_factory=list)  # filled in: accepted tokens + bonus
 
 
 @dataclass
@@ -194,6 +181,21 @@ class ModelRunner:
     def release(self, kv: KVSlot) -> None:
         self.pool.give_back(kv)
 
+    def pass_fixed_s(self) -> float | None:
+        return self.pass_costs.fixed_s()
+
+    def stats(self) -> EngineStats:
+        return EngineStats(
+            kv_bytes_used=self.pool.used_bytes,
+            kv_bytes_reserved=self.pool.reserved_bytes,
+            device_busy_seconds=self.busy_seconds,
+            feeds=replace(self.feeds),
+            context_in_verify=self.context_in_verify,
+            verify_passes={size: replace(tally) for size, tally in sorted(self.verify_passes.items())},
+            pass_fixed_seconds=self.pass_costs.fixed_s(),
+            pass_token_seconds=self.pass_costs.per_token_s(),
+        )
+
     def stored_kv(self, kv: KVSlot, layer: int) -> tuple[torch.Tensor, torch.Tensor]:
         """The keys and values a slot holds for `layer`, in position order: [H, n, D] each."""
         capacity = self.pool.capacities[layer]
@@ -214,11 +216,11 @@ class ModelRunner:
             for b in feed_apart(rows, PASS_OVERHEAD_TOKENS[self.device]):
                 self._feed(jobs[b].kv, jobs[b].pending[:-1])
                 jobs[b].pending = jobs[b].pending[-1:]
-            tally = self.verify_passes.setdefault(len(jobs), [0, 0.0])
-            before = tally[1]
+            tally = self.verify_passes.setdefault(len(jobs), PassTally())
+            before = tally.seconds
             with self._device_time(tally):
                 tokens = self._verify_pass(jobs)
-            self.pass_costs.add(tokens, tally[1] - before)
+            self.pass_costs.add(tokens, tally.seconds - before)
             # What the pass computed beyond a pass of every session's last token and draft: the
             # context it carried (a new prompt) and the padding that context caused.
             self.context_in_verify += tokens - len(jobs) * max(1 + len(job.draft) for job in jobs)
@@ -269,9 +271,9 @@ class ModelRunner:
     def _zero_tallies(self) -> None:
         """What the device has done, as /metrics and the merge wait read it: nothing yet."""
         self.busy_seconds = 0.0  # time spent holding the device for forward passes
-        self.feeds = [0, 0.0]  # context fed in passes of its own (prompts, resumes): [feeds, seconds]
+        self.feeds = PassTally()  # context fed in passes of its own (prompts, resumes)
         self.context_in_verify = 0  # tokens verify passes computed for the context they carried
-        self.verify_passes: dict[int, list[float]] = {}  # sessions in a pass -> [passes, device seconds]
+        self.verify_passes: dict[int, PassTally] = {}  # by sessions in a pass
         self.pass_costs = PassCostFit()  # verify passes' device time against their (padded) tokens
 
     def _verify_pass(self, jobs: list[VerifyJob]) -> int:
@@ -308,9 +310,9 @@ class ModelRunner:
             self._keep(batch, cache, [list(range(len(part)))])
 
     @contextlib.contextmanager
-    def _device_time(self, tally: list[float]):
+    def _device_time(self, tally: PassTally):
         """Count the time inside it as device time (taken inside the lock: waiting is not busy),
-        in `busy_seconds` and in `tally` ([passes, seconds]). On a GPU it waits for the last
+        in `busy_seconds` and in `tally`. On a GPU it waits for the last
         kernels (the KV writes) first."""
         started = time.perf_counter()
         try:
@@ -320,8 +322,7 @@ class ModelRunner:
                 torch.cuda.synchronize()
             seconds = time.perf_counter() - started
             self.busy_seconds += seconds
-            tally[0] += 1
-            tally[1] += seconds
+            tally.add(seconds)
 
     def _batch(self, slots: list[KVSlot], rows: list[list[int]], parents: list[list[int]]) -> _Batch:
         width = max(len(row) for row in rows)

@@ -1,0 +1,90 @@
+"""What the service asks of the engine, and what the engine tells it, without torch.
+
+The engine (`hub_server/engine/`, the only part of the hub that imports torch) owns the target
+model, the KV memory and the forward passes. The service, the scheduler and the HTTP layer see
+it only through `Engine`; its device figures arrive as one `EngineStats` snapshot.
+"""
+
+from __future__ import annotations
+
+import threading
+from dataclasses import dataclass, field
+from typing import Protocol
+
+from hub_server.vocabulary import Vocabulary
+
+
+class KVHandle(Protocol):
+    """A session's slot of KV memory: which slot, and how many context tokens it holds."""
+
+    index: int
+    length: int
+
+
+@dataclass
+class VerifyJob:
+    """One session's share of a batched verify."""
+
+    kv: KVHandle
+    pending: list[int]  # context tokens not yet in the KV; at least one
+    draft: list[int]  # tree nodes [N]
+    parents: list[int]  # [N], -1 for children of the last pending token
+    temperature: float
+    seed: int
+    stop_token_ids: frozenset[int]
+    path: list[int] = field(default_factory=list)  # filled in: accepted node indices
+    emitted: list[int] = field(default_factory=list)  # filled in: accepted tokens + bonus
+
+
+@dataclass
+class PassTally:
+    """Passes of one kind and the device seconds they took."""
+
+    passes: int = 0
+    seconds: float = 0.0
+
+    def add(self, seconds: float) -> None:
+        self.passes += 1
+        self.seconds += seconds
+
+
+@dataclass(frozen=True)
+class EngineStats:
+    """What the device has done since start (warm-up excluded), as /metrics shows it."""
+
+    kv_bytes_used: int  # held by open sessions' slots
+    kv_bytes_reserved: int  # allocated at start for all slots
+    device_busy_seconds: float  # holding the device for forward passes
+    feeds: PassTally  # context fed in passes of its own (prompts, resumes)
+    context_in_verify: int  # tokens verify passes computed for the context they carried
+    verify_passes: dict[int, PassTally]  # by sessions in the pass
+    pass_fixed_seconds: float | None  # fitted device time of a pass beyond its tokens
+    pass_token_seconds: float | None  # fitted device time per token of a pass
+
+
+class Engine(Protocol):
+    """The target model on one device, with the KV memory of its sessions."""
+
+    name: str  # the target model's name, as /health and /v1/info report it
+    vocab: Vocabulary
+    vocab_size: int  # ids the hub accepts: known to the tokenizer and the embedding table
+    max_context: int
+    device_lock: threading.Lock  # one thing at a time on the device (a pass, or the hub's draft)
+
+    def new_kv(self) -> KVHandle | None:
+        """A slot for a new session, or None when all are taken."""
+
+    def release(self, kv: KVHandle) -> None:
+        """Give a closed session's slot back."""
+
+    def prefill(self, kv: KVHandle, context: list[int]) -> None:
+        """Bring `kv` up to all of `context` but its last token."""
+
+    def verify_batch(self, jobs: list[VerifyJob]) -> None:
+        """Verify every job's draft in one forward pass; fills in `path` and `emitted`."""
+
+    def pass_fixed_s(self) -> float | None:
+        """A verify pass's fitted device time beyond its tokens (None until it can be fitted)."""
+
+    def stats(self) -> EngineStats:
+        """A snapshot of the device's figures."""

@@ -1,0 +1,136 @@
+"""Waiting for a hub to be ready, saying on stderr what it is doing meanwhile.
+
+A hub answers /health 503 `loading` while it loads its target. A chat waits for it instead of
+failing with "retry shortly". An embedded hub converts a GGUF target into torch on its first
+run (a minute or two); its log has the conversion's progress bar, which is shown while waiting.
+"""
+
+from __future__ import annotations
+
+import re
+import threading
+import time
+from pathlib import Path
+
+from rich.console import Console
+
+from specedge_cli.errors import HubUnreachable
+from specedge_cli.remote.client import HubClient
+
+REMOTE_LOAD_TIMEOUT_S = 600.0
+POLL_S = 1.0
+# tqdm's bar (`Converting ... tensors:  45%|████▌  | 100/222`) and the hub's own conversion line.
+_PROGRESS = re.compile(r"\d+%\|")
+_CONVERTING = re.compile(r"converting .* into torch", re.IGNORECASE)
+
+
+def wait_for_remote(client: HubClient, console: Console, timeout_s: float = REMOTE_LOAD_TIMEOUT_S) -> None:
+    """Return once the hub has its target loaded; say once that it is loading, if it is."""
+    deadline = time.monotonic() + timeout_s
+    told = False
+    while True:
+        health = client.health()
+        status = health.get("status")
+        if status == "failed":
+            raise HubUnreachable(f"the hub at {client.base_url} could not load its target: {health.get('reason')}")
+        if status != "loading":
+            return
+        if not told:
+            console.print(
+                f"[dim]The hub at {client.base_url} is still loading its target model; waiting (Ctrl+C to stop)…[/dim]"
+            )
+            told = True
+        if time.monotonic() > deadline:
+            raise HubUnreachable(
+                f"the hub at {client.base_url} was still loading its target after {timeout_s:.0f} s; try again later"
+            )
+        time.sleep(POLL_S)
+
+
+class LogTail:
+    """What a log file gained since `offset`, read as the hub writes it."""
+
+    def __init__(self, path: Path, offset: int):
+        self.path = path
+        self.offset = offset
+        self._pending = ""
+
+    def new_lines(self) -> list[str]:
+        """Complete lines (split at newlines and at tqdm's carriage returns) written since the last call."""
+        try:
+            with self.path.open("rb") as log:
+                log.seek(self.offset)
+                data = log.read()
+        except OSError:
+            return []
+        self.offset += len(data)
+        text = self._pending + data.decode("utf-8", "replace")
+        pieces = re.split(r"[\r\n]", text)
+        self._pending = pieces.pop()
+        return [piece.strip() for piece in pieces if piece.strip()]
+
+
+def progress_line(lines: list[str]) -> str | None:
+    """The newest line worth showing: a progress bar, or the hub saying it converts the target."""
+    for line in reversed(lines):
+        if _PROGRESS.search(line) or _CONVERTING.search(line):
+            return line
+    return None
+
+
+def wait_for_embedded(wait_ready, log: LogTail, console: Console) -> None:
+    """Run `wait_ready` (the embedded hub's) while showing its log's progress lines on stderr."""
+    outcome: dict = {}
+
+    def wait() -> None:
+        try:
+            wait_ready()
+        except BaseException as exc:  # handed to the waiting thread below
+            outcome["error"] = exc
+
+    waiter = threading.Thread(target=wait, name="specedge-hub-wait", daemon=True)
+    waiter.start()
+    show = _StatusLine(console)
+    try:
+        while waiter.is_alive():
+            line = progress_line(log.new_lines())
+            if line:
+                show.update(line)
+            waiter.join(0.25)
+    finally:
+        show.close()
+    if "error" in outcome:
+        raise outcome["error"]
+
+
+class _StatusLine:
+    """One line that updates in place in a terminal; elsewhere a line per new message or 25% step."""
+
+    def __init__(self, console: Console):
+        self.console = console
+        self._status = None
+        self._last = ""
+
+    def update(self, line: str) -> None:
+        text = f"embedded hub: {line}"
+        if self.console.is_terminal:
+            if self._status is None:
+                self._status = self.console.status(text)
+                self._status.start()
+            self._status.update(text)
+            return
+        if self._step(line) != self._step(self._last):
+            self.console.print(text, markup=False, highlight=False, soft_wrap=True)
+        self._last = line
+
+    @staticmethod
+    def _step(line: str) -> tuple[str, int]:
+        """A line's message and its percentage rounded down to 25%: what a log reader needs to see."""
+        percent = re.search(r"(\d+)%\|", line)
+        message = line.split(":", 1)[0] if percent else line
+        return message, int(percent.group(1)) // 25 if percent else -1
+
+    def close(self) -> None:
+        if self._status is not None:
+            self._status.stop()
+            self._status = None
