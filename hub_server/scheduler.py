@@ -99,8 +99,10 @@ class Scheduler:
         merge_share: float = 0.5,
         pass_fixed_s: Callable[[], float | None] = lambda: None,
         clock: Callable[[], float] = time.monotonic,
+        on_pass: Callable[[list[float]], None] = lambda waits: None,
     ):
         self._run_batch = run_batch
+        self._on_pass = on_pass  # told, as each pass starts, how long each of its jobs queued
         self.max_batch = max_batch
         self.max_wait_s = max_wait_s
         self.merge_share = merge_share
@@ -238,7 +240,9 @@ class Scheduler:
 
     def _run(self, batch: list[_Queued]) -> None:
         jobs = [queued.job for queued in batch]
+        now = self._clock()
         try:
+            self._on_pass([now - queued.arrived for queued in batch])
             self._run_batch(jobs)
         except Exception as exc:  # the batch's callers each receive the error; the worker goes on
             self._done(batch)

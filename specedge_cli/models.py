@@ -270,6 +270,8 @@ def download(url: str, target: Path, sha256: str, size: int) -> None:
                 for chunk in response.iter_bytes(1 << 20):
                     out.write(chunk)
                     progress.update(task, advance=len(chunk))
+    except (httpx.ConnectError, httpx.ConnectTimeout) as exc:  # nothing was fetched: there is no network
+        raise ModelDownloadError(_no_network(url, target, exc)) from exc
     except httpx.HTTPError as exc:
         raise ModelDownloadError(f"downloading {url} failed ({exc}); run the command again to resume") from exc
     if file_sha256(partial) != sha256:
@@ -277,3 +279,11 @@ def download(url: str, target: Path, sha256: str, size: int) -> None:
         raise ModelDownloadError(f"{url} did not match its sha256; the partial file was removed, run the command again")
     partial.rename(target)
     _mark(target, sha256)
+
+
+def _no_network(url: str, target: Path, exc: Exception) -> str:
+    host = url.split("://", 1)[-1].split("/", 1)[0]
+    return (
+        f"no network: cannot reach {host} ({exc}). With the .gguf file at hand, register it: "
+        f"`specedge models pull PATH/{target.name} --name NAME` (or pass --model PATH.gguf)"
+    )

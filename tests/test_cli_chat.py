@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import time
 from pathlib import Path
 
 import pytest
@@ -99,6 +100,17 @@ def test_embedded_hub_when_none_is_configured(tiny, target_alone):
     assert out["stats"]["proactive_drafts"] == 0
 
 
+def test_the_first_conversion_of_the_target_shows_its_progress(tiny, tmp_path):
+    """A cold hub cache: the embedded hub converts the GGUF target, and the chat shows it doing so."""
+    result = run_specedge(
+        "chat", "a b", "--model", str(tiny.gguf_f32), "-n", "2", env_extra={"XDG_CACHE_HOME": str(tmp_path / "cold")}
+    )
+    assert result.returncode == 0, result.stderr
+    shown = [line for line in result.stderr.splitlines() if line.startswith("embedded hub: ")]
+    assert any(f"converting {tiny.gguf_f32.name} into torch" in line for line in shown), result.stderr
+    assert any("100%|" in line for line in shown), result.stderr
+
+
 def test_piped_stdin_is_the_prompt_and_stdout_is_only_the_reply(tiny, hub):
     common = ["--hub", hub.url, "--model", str(tiny.gguf_f32), "--max-tokens", "6"]
     piped = run_specedge("chat", *common, input_text="hello there\n")
@@ -117,6 +129,8 @@ def test_piped_stdin_with_a_prompt_is_context_before_it(tiny, hub):
     assert both["prompt_token_ids"] == alone["prompt_token_ids"] and both["token_ids"] == alone["token_ids"]
     twice = run_specedge("chat", "one", "--prompt", "two", *common)
     assert twice.returncode == 2 and "give the prompt once" in twice.stderr
+    empty = run_specedge("chat", *common, input_text="\n")
+    assert empty.returncode == 2 and "the prompt is empty" in empty.stderr
 
 
 def test_a_reply_cut_by_the_token_limit_says_so(tiny, hub):
@@ -137,7 +151,15 @@ def test_ctrl_c_in_a_one_shot_keeps_what_was_printed_and_exits_130(tiny, hub):
 
     command = [sys.executable, "-m", "specedge_cli", "chat", "once upon a time", "--hub", hub.url]
     command += ["--model", str(tiny.gguf_q8), "--max-tokens", "2000", "--draft-len", "1"]
-    process = subprocess.Popen(command, cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    process = subprocess.Popen(
+        command,
+        cwd=REPO,
+        stdin=subprocess.DEVNULL,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        # A test runner started in the background ignores SIGINT, and a child would inherit that.
+        preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL),
+    )
     first = process.stdout.read1(1)  # the reply has begun
     process.send_signal(signal.SIGINT)
     _, errors = process.communicate(timeout=60)
@@ -179,6 +201,37 @@ def test_default_gemma_pair_through_embedded_hub_equals_target_greedy():
     stop = frozenset(DraftEngine(gemma, n_ctx=256).stop_token_ids())
     assert out["token_ids"] == target.decode(out["prompt_token_ids"], 16, stop)
     assert out["stats"]["tokens_per_verify"] > 2
+
+
+@pytest.mark.gemma
+def test_a_hub_still_loading_is_waited_for_and_the_base_model_completes_text(tmp_path):
+    """A hub converting its target (a cold cache: a minute or more) answers 503 `loading`: the chat
+    says it waits, waits, and then answers; the default base model continues the demo's prompt."""
+    import httpx
+
+    from specedge_common.launcher import HubProcess
+
+    gemma = _gemma_path()
+    cold = {"XDG_CACHE_HOME": str(tmp_path / "cold-cache")}
+    with HubProcess(["--model", str(gemma), "--no-auth"], log_path=tmp_path / "hub.log", env=cold) as hub:
+        while True:  # until its HTTP side is up: the target takes far longer
+            try:
+                assert httpx.get(f"{hub.url}/health", timeout=2).json()["status"] == "loading"
+                break
+            except httpx.TransportError:
+                time.sleep(0.2)
+        result = run_specedge(
+            "chat",
+            "Here is one sentence about the sea:",
+            *("--hub", hub.url + "/v1", "-n", "24", "--temperature", "0"),
+            timeout=1200,
+        )
+    assert result.returncode == 0, result.stderr
+    assert f"The hub at {hub.url} is still loading its target model; waiting" in result.stderr
+    reply = result.stdout.strip()
+    # Plain completion continues the text (seen: "The sea is the most beautiful ..."); under a chat
+    # template this base model echoed the prompt and drifted ("... mendatang").
+    assert reply and not reply.startswith("Here is one sentence") and "mendatang" not in reply
 
 
 def test_plain_http_to_another_machine_needs_insecure(tiny):

@@ -9,7 +9,9 @@ from __future__ import annotations
 
 import contextlib
 import os
+from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 from specedge_cli.errors import ModelFileError
 from specedge_common.vocab import llama_stop_ids, llama_vocab_pieces, vocab_fingerprint
@@ -18,7 +20,7 @@ from specedge_common.vocab import llama_stop_ids, llama_vocab_pieces, vocab_fing
 class Vocabulary:
     """The vocabulary of a loaded `llama_cpp.Llama` (a full model or a vocabulary-only one)."""
 
-    def __init__(self, llm):
+    def __init__(self, llm: Any):
         import llama_cpp
 
         self._lib = llama_cpp
@@ -61,7 +63,7 @@ class Vocabulary:
 
 
 @contextlib.contextmanager
-def quiet_stderr():
+def quiet_stderr() -> Iterator[None]:
     """llama.cpp prints its load log on fd 2 even with verbose=False; keep the terminal clean."""
     if os.environ.get("SPECEDGE_DEBUG"):
         yield
