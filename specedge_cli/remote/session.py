@@ -17,7 +17,7 @@ import sys
 import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
-from typing import TypeVar
+from typing import TextIO, TypeVar
 
 from specedge_cli.errors import HubBusy, HubError, HubUnreachable, SessionLost
 from specedge_cli.remote import protocol as wire
@@ -206,7 +206,7 @@ class ReconnectNotice:
     and erased when the hub is back (the cursor returns to the line above, where the reply's live
     text ends, so its redraw lands where it was); elsewhere it is written once."""
 
-    def __init__(self, stream=None):
+    def __init__(self, stream: TextIO | None = None):
         self.stream = stream or sys.stderr
         self._showing = False
 
