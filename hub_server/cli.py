@@ -5,6 +5,7 @@ from __future__ import annotations
 import logging
 import os
 import signal
+import sys
 from pathlib import Path
 from typing import Annotated
 
@@ -15,6 +16,7 @@ from hub_server.accounts import Accounts
 from hub_server.admin import tokens_app, users_app
 from hub_server.config import COMPILE_MODES, DEVICES, DTYPES, LOG_FORMATS, HubSettings, default_data_dir
 from hub_server.errors import AccountError, AccountsUnavailable
+from specedge_common.extras import HUB_INSTALL, missing_hub_modules
 from specedge_common.launcher import EMBEDDED_TOKEN_ENV
 from specedge_common.net import is_loopback
 
@@ -385,5 +387,14 @@ def _bench_table(run: dict) -> str:
     return "\n".join(rows)
 
 
+def run() -> None:
+    """Entry point: the hub's packages come with the `hub` extra; without them, one line says so."""
+    missing = missing_hub_modules()
+    if missing:
+        sys.stderr.write(f"Error: hub_server needs the hub's packages ({', '.join(missing)}): run `{HUB_INSTALL}`\n")
+        sys.exit(1)
+    app(prog_name="hub_server")
+
+
 if __name__ == "__main__":
-    app()
+    run()

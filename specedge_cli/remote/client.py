@@ -44,7 +44,7 @@ class HubClient:
     def __enter__(self) -> HubClient:
         return self
 
-    def __exit__(self, *exc) -> None:
+    def __exit__(self, *exc: object) -> None:
         self.close()
 
     def health(self) -> dict:
