@@ -192,8 +192,11 @@ def test_an_idle_session_is_evicted_and_the_client_resumes_where_it_was():
 
 def test_the_metrics_page_shows_the_engines_figures():
     hub, _ = make_hub()
-    page = hub.metrics_page()
-    assert "specedge_kv_bytes_reserved 4096" in page
-    assert "specedge_device_busy_seconds_total 0.25" in page
-    assert "specedge_prefill_seconds_total 0.5" in page
-    assert 'specedge_verify_passes_total{sessions="2"} 3' in page
+    from specedge_bench.metrics import MetricsPage
+    from specedge_common import metric_names as names
+
+    page = MetricsPage.parse(hub.metrics_page())
+    assert page.value(names.KV_BYTES_RESERVED) == 4096
+    assert page.value(names.DEVICE_BUSY_SECONDS) == 0.25
+    assert page.value(names.PREFILL_SECONDS) == 0.5
+    assert page.value(names.VERIFY_PASSES, sessions="2") == 3
