@@ -2,7 +2,7 @@
 
     .venv/bin/python benchmarks/fleet_sim.py [--pair gemma|qwen] [--workers 16] [--users 1000] [--rtt-ms 14 50]
         [--sweep 1 2 4 8 16 32 48 64 96 128] [--sweep-workers 4] [--json docs/bench/fleet-sim.json]
-        [--plot docs/bench/fleet-sim.png]
+        [--plot docs/bench/fleet-sim.png] [--skip-fleet]
 
 Torch-free and model-free (`specedge_bench/fleet.py` says what is real, measured and modelled).
 For each round trip: the fleet (`--users` over `--workers`) with SpecEdge users and with
@@ -89,11 +89,12 @@ def main() -> None:
     parser.add_argument("--sweep-workers", type=int, default=4)
     parser.add_argument("--duration-s", type=float, default=40.0)
     parser.add_argument("--warmup-s", type=float, default=10.0)
+    parser.add_argument("--skip-fleet", action="store_true", help="only the sweep")
     parser.add_argument("--json", type=Path)
     parser.add_argument("--plot", type=Path)
     args = parser.parse_args()
     base = FleetConfig(workers=args.workers, users=args.users, duration_s=args.duration_s, warmup_s=args.warmup_s)
-    fleet = fleet_rows(base, args.pair, args.rtt_ms)
+    fleet = [] if args.skip_fleet else fleet_rows(base, args.pair, args.rtt_ms)
     for row in fleet:
         print(_line(row))
     swept = sweep(base, args.pair, args.rtt_ms, args.sweep, args.sweep_workers) if args.sweep else []

@@ -440,6 +440,8 @@ def _figures(fleet: Fleet, pair: Pair, costs: PassCosts) -> dict:
         "edge_busy_s": fleet.edge_busy_s,
         # Cost per million tokens: server time as busy time (as the bench counts it: a shared
         # fleet serves others while idle) and as rented time (every worker paid for all along).
+        "server_usd_per_million_tokens_busy": per_million * server_hours_busy * config.server_price_per_hour,
+        "edge_usd_per_million_tokens": per_million * edge_usd,
         "usd_per_million_tokens_busy": per_million * (server_hours_busy * config.server_price_per_hour + edge_usd),
         "usd_per_million_tokens_rented": per_million * (server_hours_rented * config.server_price_per_hour + edge_usd),
         "pass_costs_ms": {

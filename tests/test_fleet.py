@@ -47,3 +47,17 @@ def test_placement_spreads_users_evenly_and_the_scheduler_batches_them():
     assert result["worker_tokens_max_over_mean"] < 1.3
     assert result["sessions_per_pass"] > 1.5  # users share passes on their worker
     assert result["refused_arrivals"] == 0
+
+
+def test_the_fleets_cost_splits_into_server_and_edge_time_at_their_prices():
+    result = simulate(QUIET, SURE)
+    counted_h = (QUIET.duration_s - QUIET.warmup_s) / 3600
+    server = result["busy_fraction"] * counted_h * 4.05 * 1e6 / result["emitted_tokens"]
+    edge = result["edge_busy_s"] / 3600 * 0.35 * 1e6 / result["emitted_tokens"]
+    assert result["server_usd_per_million_tokens_busy"] == pytest.approx(server, rel=1e-6)
+    assert result["edge_usd_per_million_tokens"] == pytest.approx(edge, rel=1e-6)
+    assert result["usd_per_million_tokens_busy"] == pytest.approx(server + edge, rel=1e-6)
+    # Rented: the worker is paid for all along, busy or not.
+    assert result["usd_per_million_tokens_rented"] == pytest.approx(
+        counted_h * 4.05 * 1e6 / result["emitted_tokens"] + edge, rel=1e-6
+    )
