@@ -2,7 +2,7 @@
 
     .venv/bin/python benchmarks/fleet_sim.py [--pair gemma|qwen] [--workers 16] [--users 1000] [--rtt-ms 14 50]
         [--sweep 1 2 4 8 16 32 48 64 96 128] [--sweep-workers 4] [--json docs/bench/fleet-sim.json]
-        [--plot docs/bench/fleet-sim.png] [--skip-fleet]
+        [--plot docs/bench/fleet-sim.png] [--skip-fleet] [--slots 1024] [--max-batch 64]
 
 Torch-free and model-free (`specedge_bench/fleet.py` says what is real, measured and modelled).
 For each round trip: the fleet (`--users` over `--workers`) with SpecEdge users and with
@@ -85,15 +85,24 @@ def main() -> None:
     parser.add_argument("--workers", type=int, default=16)
     parser.add_argument("--users", type=int, default=1000)
     parser.add_argument("--rtt-ms", type=float, nargs="+", default=[14.0, 50.0])
-    parser.add_argument("--sweep", type=int, nargs="*", default=[1, 2, 4, 8, 16, 32, 48, 64, 96, 128])
+    parser.add_argument("--sweep", type=int, nargs="*", default=[1, 2, 4, 8, 16, 32, 64, 128, 256, 512])
     parser.add_argument("--sweep-workers", type=int, default=4)
     parser.add_argument("--duration-s", type=float, default=40.0)
     parser.add_argument("--warmup-s", type=float, default=10.0)
+    parser.add_argument("--slots", type=int, default=1024, help="KV slots per worker (sessions it can hold)")
+    parser.add_argument("--max-batch", type=int, default=64, help="sessions in a pass at most (measured up to 64)")
     parser.add_argument("--skip-fleet", action="store_true", help="only the sweep")
     parser.add_argument("--json", type=Path)
     parser.add_argument("--plot", type=Path)
     args = parser.parse_args()
-    base = FleetConfig(workers=args.workers, users=args.users, duration_s=args.duration_s, warmup_s=args.warmup_s)
+    base = FleetConfig(
+        workers=args.workers,
+        users=args.users,
+        duration_s=args.duration_s,
+        warmup_s=args.warmup_s,
+        slots=args.slots,
+        max_batch=args.max_batch,
+    )
     fleet = [] if args.skip_fleet else fleet_rows(base, args.pair, args.rtt_ms)
     for row in fleet:
         print(_line(row))

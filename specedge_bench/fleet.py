@@ -131,7 +131,7 @@ class FleetConfig:
     replies: int = 3  # turns before a user leaves
     think_s: float = 5.0  # mean reading time between replies
     away_s: float = 2.0  # mean gap before a leaving user's place is taken
-    slots: int = 128  # KV slots per worker (sessions it can hold)
+    slots: int = 1024  # KV slots per worker (sessions it can hold; a 270M target leaves room for many)
     max_batch: int = 64
     max_wait_s: float = 0.002  # `hub_server serve --batch-wait-ms 2`
     merge_share: float = 0.5  # `--merge-wait-share`
