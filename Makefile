@@ -7,7 +7,7 @@ STAMP  := $(VENV)/.specedge-installed
 LLAMA_CMAKE_ARGS ?= -DGGML_NATIVE=OFF -DLLAMA_BUILD_TESTS=OFF -DLLAMA_BUILD_EXAMPLES=OFF -DLLAMA_BUILD_TOOLS=OFF -DLLAMA_BUILD_SERVER=OFF
 # A CPU build of torch where no NVIDIA GPU is present; users with one get pip's default.
 TORCH_SPEC ?= $(shell command -v nvidia-smi >/dev/null 2>&1 && echo torch || echo torch==2.13.0)
-DEMO_PROMPT ?= Write one sentence about the sea.
+DEMO_PROMPT ?= Here is one sentence about the sea:
 
 .PHONY: demo test setup clean tmux
 

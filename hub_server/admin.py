@@ -7,15 +7,17 @@ revoked one stops working on the next request, without a restart.
 from __future__ import annotations
 
 import json
+import re
 from dataclasses import asdict
+from datetime import datetime, timedelta, timezone
 from pathlib import Path
 from typing import Annotated
 
 import typer
 
-from hub_server.accounts import Accounts
+from hub_server.accounts import ROLES, Accounts
 from hub_server.config import accounts_path, default_data_dir
-from hub_server.errors import AccountError
+from hub_server.errors import AccountError, AccountsUnavailable
 
 users_app = typer.Typer(help="Accounts that may use this hub.", no_args_is_help=True)
 tokens_app = typer.Typer(help="API tokens: shown once when created, stored only as hashes.", no_args_is_help=True)
@@ -32,7 +34,7 @@ def _run(action):
     """Run an account action; a refusal is one line on stderr and exit code 1."""
     try:
         return action()
-    except AccountError as exc:
+    except (AccountError, AccountsUnavailable) as exc:
         typer.echo(f"Error: {exc}", err=True)
         raise typer.Exit(1) from exc
 
@@ -42,21 +44,30 @@ def _print(value, as_json: bool, text: str) -> None:
 
 
 @users_app.command("add")
-def users_add(name: str, data_dir: DataDir = None, as_json: AsJson = False) -> None:
+def users_add(
+    name: str,
+    role: Annotated[
+        str, typer.Option(help=f"One of {', '.join(ROLES)}; an operator's tokens also read the hub-wide /metrics.")
+    ] = "user",
+    data_dir: DataDir = None,
+    as_json: AsJson = False,
+) -> None:
     """Add a user."""
-    user = _run(lambda: _accounts(data_dir).add_user(name))
+    user = _run(lambda: _accounts(data_dir).add_user(name, role))
     _print(
         asdict(user),
         as_json,
-        f"added user {user.name}; create a token with `hub_server tokens create --user {user.name}`",
+        f"added {user.role} {user.name}; create a token with `hub_server tokens create --user {user.name}`",
     )
 
 
 @users_app.command("list")
 def users_list(data_dir: DataDir = None, as_json: AsJson = False) -> None:
-    """List users and how many active tokens each has."""
+    """List users, their role and how many active tokens each has."""
     users = _run(lambda: _accounts(data_dir).users())
-    lines = [f"{u.name:<24} {u.active_tokens} token(s)  since {u.created_at}" for u in users] or ["no users yet"]
+    lines = [f"{u.name:<24} {u.role:<9} {u.active_tokens} token(s)  since {u.created_at}" for u in users] or [
+        "no users yet"
+    ]
     _print([asdict(u) for u in users], as_json, "\n".join(lines))
 
 
@@ -67,18 +78,64 @@ def users_remove(name: str, data_dir: DataDir = None, as_json: AsJson = False) -
     _print({"removed": name}, as_json, f"removed user {name} and their tokens")
 
 
+_UNITS = {"s": 1, "m": 60, "h": 3600, "d": 86400, "w": 7 * 86400}
+
+
+def parse_duration(text: str) -> timedelta:
+    """'30d', '12h', '90m', '45s', '2w' as a duration."""
+    match = re.fullmatch(r"\s*(\d+(?:\.\d+)?)\s*([smhdw])\s*", text)
+    if not match or float(match[1]) <= 0:
+        raise typer.BadParameter(f"{text!r} is not a duration: write e.g. 30d, 12h, 90m (s m h d w)")
+    return timedelta(seconds=float(match[1]) * _UNITS[match[2]])
+
+
+def parse_moment(text: str) -> datetime:
+    """An ISO date or date and time; without a zone it is UTC."""
+    try:
+        moment = datetime.fromisoformat(text.strip().replace("Z", "+00:00"))
+    except ValueError as exc:
+        raise typer.BadParameter(f"{text!r} is not a date: write e.g. 2027-01-31 or 2027-01-31T18:00:00Z") from exc
+    return moment if moment.tzinfo else moment.replace(tzinfo=timezone.utc)
+
+
+def _expiry(expires_in: str | None, expires_at: str | None) -> datetime | None:
+    if expires_in and expires_at:
+        raise typer.BadParameter("give --expires-in or --expires-at, not both")
+    if expires_in:
+        return datetime.now(timezone.utc) + parse_duration(expires_in)
+    return parse_moment(expires_at) if expires_at else None
+
+
 @tokens_app.command("create")
 def tokens_create(
-    user: Annotated[str, typer.Option(help="Whose token.")], data_dir: DataDir = None, as_json: AsJson = False
+    user: Annotated[str, typer.Option(help="Whose token.")],
+    expires_in: Annotated[
+        str | None, typer.Option(help="Valid for this long from now: 30d, 12h, 90m, 2w; default: until revoked.")
+    ] = None,
+    expires_at: Annotated[
+        str | None, typer.Option(help="Valid until this moment: 2027-01-31 or 2027-01-31T18:00:00Z (UTC).")
+    ] = None,
+    data_dir: DataDir = None,
+    as_json: AsJson = False,
 ) -> None:
     """Create a token; it is shown this once and never again."""
-    record, token = _run(lambda: _accounts(data_dir).create_token(user))
+    expiry = _expiry(expires_in, expires_at)
+    record, token = _run(lambda: _accounts(data_dir).create_token(user, expiry))
+    until = f", valid until {record.expires_at}" if record.expires_at else ""
     _print(
         {"token": token, **asdict(record)},
         as_json,
-        f"{token}\n\ntoken {record.token_id} for {record.user}: this is the only time it is shown; "
+        f"{token}\n\ntoken {record.token_id} for {record.user}{until}: this is the only time it is shown; "
         f"the user runs `specedge login --hub URL` and pastes it",
     )
+
+
+def _token_line(t) -> str:
+    line = f"{t.token_id}  {t.user:<24} created {t.created_at}"
+    if t.expires_at:
+        past = datetime.fromisoformat(t.expires_at) <= datetime.now(timezone.utc)
+        line += f"  {'expired' if past else 'expires'} {t.expires_at}"
+    return line + (f"  revoked {t.revoked_at}" if t.revoked_at else "")
 
 
 @tokens_app.command("list")
@@ -89,10 +146,7 @@ def tokens_list(
 ) -> None:
     """List token ids (never the tokens themselves)."""
     records = _run(lambda: _accounts(data_dir).tokens(user))
-    lines = [
-        f"{t.token_id}  {t.user:<24} created {t.created_at}" + (f"  revoked {t.revoked_at}" if t.revoked_at else "")
-        for t in records
-    ] or ["no tokens"]
+    lines = [_token_line(t) for t in records] or ["no tokens"]
     _print([asdict(t) for t in records], as_json, "\n".join(lines))
 
 

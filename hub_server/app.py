@@ -2,7 +2,9 @@
 
 The model loads in a background thread so that `/health` can answer 503 while it does.
 Every route but `/health` needs `Authorization: Bearer <token>`: a middleware checks it before a
-body is even read, and routes get the user through the `current_user` dependency.
+body is even read, and routes get the account through the `current_owner` dependency. `/metrics`
+shows hub-wide figures, so it needs an operator's token (a user added with `--role operator`);
+on a hub without accounts (`--no-auth`, the embedded hub) its one user is the operator.
 """
 
 from __future__ import annotations
@@ -23,10 +25,12 @@ from hub_server import protocol as wire
 from hub_server.accounts import Accounts, SingleToken, TokenCheck
 from hub_server.config import HubSettings
 from hub_server.engine_api import Engine
-from hub_server.errors import BadRequest, KVBudgetError, NotReady, RequestRefused, Unauthorized
+from hub_server.errors import BadRequest, Forbidden, KVBudgetError, NotReady, RequestRefused, Unauthorized
 from hub_server.logging_setup import REQUEST_ID_HEADER, bind_request, request_id_from
+from hub_server.metrics import MEDIA_TYPE as METRICS_MEDIA_TYPE
+from hub_server.metrics import HubMetrics
 from hub_server.service import Hub
-from hub_server.sessions import LOCAL_USER
+from hub_server.sessions import LOCAL_OWNER, Owner
 
 log = logging.getLogger("hub_server")
 
@@ -43,17 +47,55 @@ def token_check_for(settings: HubSettings) -> TokenCheck | None:
     return Accounts(settings.accounts_path)
 
 
-async def current_user(request: Request) -> str:
-    """The user the request's token belongs to (set by the authentication middleware)."""
-    return request.state.user
+async def current_owner(request: Request) -> Owner:
+    """The account the request's token belongs to (set by the authentication middleware)."""
+    return request.state.owner
 
 
-User = Annotated[str, Depends(current_user)]
+Caller = Annotated[Owner, Depends(current_owner)]
 
 
 def _error(status: int, code: str, message: str, headers: dict | None = None) -> JSONResponse:
     body = wire.ErrorResponse(error=wire.ErrorDetail(code=code, message=message))
     return JSONResponse(body.model_dump(), status_code=status, headers=headers)
+
+
+def _error_headers(exc: RequestRefused) -> dict | None:
+    if isinstance(exc, Unauthorized):
+        return {"WWW-Authenticate": "Bearer"}
+    if hasattr(exc, "retry_after_s"):
+        return {"Retry-After": str(exc.retry_after_s)}
+    return None
+
+
+def _answers(*statuses: int) -> dict:
+    """The error answers a route declares in the OpenAPI schema, all with our error body."""
+    said = {
+        401: "No, an unknown, revoked or expired token",
+        403: "Not an operator's token",
+        404: "No such session (or another user's)",
+        409: "Draft and target vocabularies differ",
+        413: "Body over 1 MiB",
+        422: "Malformed body, or a request the hub cannot serve as sent",
+        429: "A limit: the hub is full, or a per-user limit (Retry-After)",
+        503: "The model is still loading, or the accounts database cannot be read",
+    }
+    return {status: {"model": wire.ErrorResponse, "description": said[status]} for status in statuses}
+
+
+class NDJSONResponse(StreamingResponse):
+    media_type = "application/x-ndjson"
+
+
+def _errors_as_json(schema: dict) -> dict:
+    """FastAPI gives a route's error answers its success media type; a refusal of the NDJSON
+    stream is a JSON error body all the same (application/json), so the schema says so."""
+    for operation in (op for path in schema["paths"].values() for op in path.values()):
+        for status, answer in operation.get("responses", {}).items():
+            content = answer.get("content", {})
+            if status.startswith(("4", "5")) and "application/x-ndjson" in content:
+                content["application/json"] = content.pop("application/x-ndjson")
+    return schema
 
 
 def _describe_validation(exc: RequestValidationError) -> str:
@@ -69,10 +111,11 @@ class HubMiddleware:
     a request id, bodies over `max_bytes` refused (declared or not), the token checked before a
     body is read, and one access log line."""
 
-    def __init__(self, app, token_check: TokenCheck | None, max_bytes: int):
+    def __init__(self, app, token_check: TokenCheck | None, max_bytes: int, metrics: HubMetrics):
         self.app = app
         self.token_check = token_check
         self.max_bytes = max_bytes
+        self.metrics = metrics  # refusals are counted by code
 
     async def __call__(self, scope, receive, send):
         if scope["type"] != "http":
@@ -102,15 +145,19 @@ class HubMiddleware:
         """The answer to a request refused before its body is read, or None to serve it."""
         length = request.headers.get("content-length")
         if length is not None and (not length.isdigit() or int(length) > self.max_bytes):
+            self.metrics.record_refusal("body_too_large")
             return _error(413, "body_too_large", f"request bodies are limited to {self.max_bytes} bytes")
         if request.url.path in OPEN_PATHS:
             return None
         try:
-            user = await _user_of(request, self.token_check)
-        except Unauthorized as exc:
-            return _error(exc.status, exc.code, exc.message, {"WWW-Authenticate": "Bearer"})
-        request.state.user = user
-        bind_request(user=user)
+            owner = await _owner_of(request, self.token_check)
+        except RequestRefused as exc:  # refused or expired tokens; an unreadable accounts database (503)
+            if exc.status >= 500:
+                log.error("%s", exc.message)
+            self.metrics.record_refusal(exc.code)
+            return _error(exc.status, exc.code, exc.message, _error_headers(exc))
+        request.state.owner = owner
+        bind_request(user=owner.name)
         return None
 
     def _counted(self, receive):
@@ -137,8 +184,8 @@ class HubMiddleware:
             "status": status,
             "duration_ms": round((time.perf_counter() - started) * 1000, 2),
         }
-        if hasattr(request.state, "user"):
-            fields["user"] = request.state.user
+        if hasattr(request.state, "owner"):
+            fields["user"] = request.state.owner.name
         # Health probes come every few seconds; they would drown the lines that matter.
         level = logging.DEBUG if request.url.path in OPEN_PATHS else logging.INFO
         log.log(level, "%s %s %d", request.method, request.url.path, status, extra=fields)
@@ -157,9 +204,9 @@ class HubState:
         return self.hub
 
 
-async def _user_of(request: Request, token_check: TokenCheck | None) -> str:
+async def _owner_of(request: Request, token_check: TokenCheck | None) -> Owner:
     if token_check is None:
-        return LOCAL_USER
+        return LOCAL_OWNER
     scheme, _, token = request.headers.get("authorization", "").partition(" ")
     if scheme.lower() != "bearer" or not token.strip():
         raise Unauthorized(
@@ -167,14 +214,14 @@ async def _user_of(request: Request, token_check: TokenCheck | None) -> str:
             "(`specedge login`); the hub's operator creates tokens with `hub_server tokens create`"
         )
     if isinstance(token_check, SingleToken):  # in memory: no thread needed
-        user = token_check.user_for_token(token.strip())
+        owner = token_check.owner_for_token(token.strip())
     else:  # a database lookup must not block the event loop
-        user = await run_in_threadpool(token_check.user_for_token, token.strip())
-    if user is None:
+        owner = await run_in_threadpool(token_check.owner_for_token, token.strip())
+    if owner is None:
         raise Unauthorized(
             "the API token is unknown or revoked; ask the hub's operator for a new one and run `specedge login`"
         )
-    return user
+    return owner
 
 
 def create_app(settings: HubSettings, make_engine: Callable[[HubSettings], Engine]) -> FastAPI:
@@ -184,10 +231,15 @@ def create_app(settings: HubSettings, make_engine: Callable[[HubSettings], Engin
     )
     state = HubState()
     token_check = token_check_for(settings)
+    metrics = HubMetrics()  # before the model loads: refusals meanwhile count too
+
+    def refuse(status: int, code: str, message: str, headers: dict | None = None) -> JSONResponse:
+        metrics.record_refusal(code)
+        return _error(status, code, message, headers)
 
     def load() -> None:
         try:
-            state.hub = Hub(settings, make_engine(settings))
+            state.hub = Hub(settings, make_engine(settings), metrics, token_check)
             log.info("hub ready: %s", settings.model)
         except KVBudgetError as exc:  # a configuration to change, not a crash: no traceback
             state.failure = f"the hub cannot hold its sessions: {exc}"
@@ -198,25 +250,33 @@ def create_app(settings: HubSettings, make_engine: Callable[[HubSettings], Engin
 
     threading.Thread(target=load, name="model-load", daemon=True).start()
     app.state.hub_state = state
-    app.add_middleware(HubMiddleware, token_check=token_check, max_bytes=MAX_BODY_BYTES)
+    app.add_middleware(HubMiddleware, token_check=token_check, max_bytes=MAX_BODY_BYTES, metrics=metrics)
 
     @app.exception_handler(RequestRefused)
     async def refused(request: Request, exc: RequestRefused) -> JSONResponse:
-        headers = {"Retry-After": str(exc.retry_after_s)} if hasattr(exc, "retry_after_s") else None
-        return _error(exc.status, exc.code, exc.message, headers)
+        return refuse(exc.status, exc.code, exc.message, _error_headers(exc))
 
     @app.exception_handler(StarletteHTTPException)
     async def no_such_route(request: Request, exc: StarletteHTTPException) -> JSONResponse:
+        if exc.status_code == 400:  # FastAPI's "error parsing the body": bytes that are not UTF-8, JSON nested too deep
+            return refuse(
+                BadRequest.status,
+                BadRequest.code,
+                "malformed request: the body is not JSON in UTF-8, or is nested too deep (see docs/protocol.md)",
+            )
         code = {404: "not_found", 405: "method_not_allowed", 413: "body_too_large"}.get(exc.status_code, "http_error")
-        return _error(
-            exc.status_code, code, f"{request.method} {request.url.path}: {exc.detail} (see docs/protocol.md)"
+        return refuse(
+            exc.status_code,
+            code,
+            f"{request.method} {request.url.path}: {exc.detail} (see docs/protocol.md)",
+            exc.headers,  # a 405 says which methods the route has (Allow)
         )
 
     @app.exception_handler(RequestValidationError)
     async def malformed(request: Request, exc: RequestValidationError) -> JSONResponse:
-        return _error(BadRequest.status, BadRequest.code, _describe_validation(exc))
+        return refuse(BadRequest.status, BadRequest.code, _describe_validation(exc))
 
-    @app.get("/health")
+    @app.get("/health", responses={503: {"description": "Loading, or failed to load: `reason` says why"}})
     def health() -> JSONResponse:
         if state.failure:
             return JSONResponse({"status": "failed", "reason": state.failure}, status_code=503)
@@ -226,43 +286,53 @@ def create_app(settings: HubSettings, make_engine: Callable[[HubSettings], Engin
 
     @app.get("/openapi.json", include_in_schema=False)
     def openapi() -> dict:
-        return app.openapi()
+        return _errors_as_json(app.openapi())
 
-    @app.get("/v1/info")
+    plain = _answers(401, 429, 503)  # what any authenticated route may answer
+    on_session = _answers(401, 404, 413, 422, 429, 503)
+
+    @app.get("/v1/info", responses=plain)
     def info() -> wire.HubInfo:
         return state.ready().info()
 
-    @app.get("/v1/whoami")
-    def whoami(user: User) -> wire.WhoAmIResponse:
-        return state.ready().whoami(user)
+    @app.get("/v1/whoami", responses=plain)
+    def whoami(owner: Caller) -> wire.WhoAmIResponse:
+        return state.ready().whoami(owner)
 
-    @app.post("/v1/sessions")
-    def open_session(body: wire.OpenSessionRequest, user: User) -> wire.OpenSessionResponse:
-        return state.ready().open_session(body, user)
+    @app.post("/v1/sessions", responses=_answers(401, 409, 413, 422, 429, 503))
+    def open_session(body: wire.OpenSessionRequest, owner: Caller) -> wire.OpenSessionResponse:
+        return state.ready().open_session(body, owner)
 
-    @app.post("/v1/sessions/{session_id}/feed")
-    def feed(session_id: str, body: wire.FeedRequest, user: User) -> wire.FeedResponse:
-        return state.ready().feed(session_id, body, user)
+    @app.post("/v1/sessions/{session_id}/feed", responses=on_session)
+    def feed(session_id: str, body: wire.FeedRequest, owner: Caller) -> wire.FeedResponse:
+        return state.ready().feed(session_id, body, owner)
 
     # The hot route: on the event loop (no thread pool), the reply serialised once by pydantic.
-    @app.post("/v1/sessions/{session_id}/verify", response_model=wire.VerifyResponse)
-    async def verify(session_id: str, body: wire.VerifyRequest, user: User) -> Response:
-        reply = await state.ready().verify(session_id, body, user)
+    @app.post("/v1/sessions/{session_id}/verify", response_model=wire.VerifyResponse, responses=on_session)
+    async def verify(session_id: str, body: wire.VerifyRequest, owner: Caller) -> Response:
+        reply = await state.ready().verify(session_id, body, owner)
         return Response(reply.model_dump_json(), media_type="application/json")
 
-    @app.post("/v1/sessions/{session_id}/generate")
-    def generate(session_id: str, body: wire.GenerateRequest, user: User) -> StreamingResponse:
-        chunks = state.ready().generate(session_id, body, user)
-        return StreamingResponse(
-            (chunk.model_dump_json() + "\n" for chunk in chunks), media_type="application/x-ndjson"
-        )
+    @app.post(
+        "/v1/sessions/{session_id}/generate",
+        response_class=NDJSONResponse,
+        responses={200: {"model": wire.GenerateChunk, "description": "One GenerateChunk per line"}, **on_session},
+    )
+    def generate(session_id: str, body: wire.GenerateRequest, owner: Caller) -> NDJSONResponse:
+        chunks = state.ready().generate(session_id, body, owner)
+        return NDJSONResponse(chunk.model_dump_json() + "\n" for chunk in chunks)
 
-    @app.get("/metrics")
-    def metrics() -> PlainTextResponse:
-        return PlainTextResponse(state.ready().metrics_page(), media_type="text/plain; version=0.0.4")
+    @app.get("/metrics", response_class=PlainTextResponse, responses=_answers(401, 403, 503))
+    def metrics_page(owner: Caller) -> Response:
+        if not owner.operator:
+            raise Forbidden(
+                f"the metrics page shows the whole hub, so it is for its operators; {owner.name!r} is not one "
+                "(the operator adds a scraping user with `hub_server users add NAME --role operator`)"
+            )
+        return Response(state.ready().metrics_page(), media_type=METRICS_MEDIA_TYPE)
 
-    @app.delete("/v1/sessions/{session_id}", status_code=204)
-    def close(session_id: str, user: User) -> None:
-        state.ready().close(session_id, user)
+    @app.delete("/v1/sessions/{session_id}", status_code=204, responses=_answers(401, 404, 429, 503))
+    def close(session_id: str, owner: Caller) -> None:
+        state.ready().close(session_id, owner)
 
     return app

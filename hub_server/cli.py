@@ -12,8 +12,8 @@ import typer
 
 from hub_server.accounts import Accounts
 from hub_server.admin import tokens_app, users_app
-from hub_server.config import DEVICES, DTYPES, LOG_FORMATS, HubSettings, default_data_dir
-from hub_server.errors import AccountError
+from hub_server.config import COMPILE_MODES, DEVICES, DTYPES, LOG_FORMATS, HubSettings, default_data_dir
+from hub_server.errors import AccountError, AccountsUnavailable
 from specedge_common.launcher import EMBEDDED_TOKEN_ENV
 from specedge_common.net import is_loopback
 
@@ -69,7 +69,16 @@ def serve(
             help="Hold a batch for users due back within this share of a pass's fixed cost (measured), so they share the pass; 0: never."
         ),
     ] = 0.5,
-    cache_dir: Annotated[Path | None, typer.Option(help="Where converted GGUF targets are kept.")] = None,
+    cache_dir: Annotated[
+        Path | None, typer.Option(help="Where converted GGUF targets and compiled passes are kept.")
+    ] = None,
+    compile: Annotated[
+        str,
+        typer.Option(
+            help=f"One of {', '.join(COMPILE_MODES)}: compiled fixed-shape passes (CUDA graphs on a GPU), "
+            "compiled at start; auto is on for CUDA only."
+        ),
+    ] = "auto",
     data_dir: Annotated[
         Path | None, typer.Option(help=f"Accounts database folder; default {default_data_dir()}.")
     ] = None,
@@ -81,18 +90,20 @@ def serve(
     ] = 0,
     log_format: Annotated[str, typer.Option(help=f"One of {', '.join(LOG_FORMATS)}.")] = "text",
     shutdown_timeout: Annotated[
-        float, typer.Option(help="On SIGTERM, seconds in-flight requests get to finish.")
+        float,
+        typer.Option(help="On SIGTERM, seconds in-flight requests get to finish; cutting any exits with status 1."),
     ] = 30.0,
+    request_timeout_s: Annotated[
+        float,
+        typer.Option(help="A request whose headers and body have not all arrived in this many seconds is closed."),
+    ] = 30.0,
+    max_connections: Annotated[
+        int, typer.Option(help="Open connections at most; one more is answered 503 and closed.")
+    ] = 1024,
     ssl_keyfile: Annotated[Path | None, typer.Option(help="TLS private key (PEM), passed to uvicorn.")] = None,
     ssl_certfile: Annotated[Path | None, typer.Option(help="TLS certificate chain (PEM), passed to uvicorn.")] = None,
 ) -> None:
     """Run the hub."""
-    import uvicorn
-
-    from hub_server.app import create_app
-    from hub_server.engine.runner import ModelRunner
-    from hub_server.logging_setup import configure_logging
-
     if not Path(model).expanduser().exists():
         raise typer.BadParameter(f"{model} does not exist; pass a .gguf file or a model folder", param_hint="--model")
     try:
@@ -112,6 +123,7 @@ def serve(
             batch_wait_ms=batch_wait_ms,
             merge_wait_share=merge_wait_share,
             cache_dir=cache_dir,
+            compile=compile,
             data_dir=data_dir,
             auth=not no_auth,
             embedded_token=os.environ.pop(EMBEDDED_TOKEN_ENV, None) or None,
@@ -120,23 +132,53 @@ def serve(
             max_queue_depth=max_queue_depth,
             log_format=log_format,
             shutdown_timeout_s=shutdown_timeout,
+            request_timeout_s=request_timeout_s,
+            max_connections=max_connections,
             ssl_keyfile=ssl_keyfile,
             ssl_certfile=ssl_certfile,
         )
     except ValueError as exc:
         raise typer.BadParameter(str(exc)) from exc
-    configure_logging(settings.log_format)
+    # Before anything loads: a damaged or unreachable accounts database is one line and status 1.
+    has_tokens = _check_accounts(settings)
+    _run_hub(settings, has_tokens)
+
+
+def _check_accounts(settings: HubSettings) -> bool:
+    """Open the accounts database as the hub will (integrity checked); whether it holds any token."""
+    if not settings.auth or settings.embedded_token:
+        return True
     try:
-        _warn_about_exposure(settings)
-    except AccountError as exc:
-        raise typer.BadParameter(str(exc), param_hint="--data-dir") from exc
+        accounts = Accounts(settings.accounts_path)
+        try:
+            return bool(accounts.tokens())
+        finally:
+            accounts.close()
+    except (AccountError, AccountsUnavailable) as exc:
+        typer.echo(f"Error: {exc}", err=True)
+        raise typer.Exit(1) from exc
+
+
+def _run_hub(settings: HubSettings, has_tokens: bool) -> None:
+    """Serve until SIGTERM; exit 1 when the shutdown timeout cut replies short."""
+    import uvicorn
+
+    from hub_server.app import create_app
+    from hub_server.connections import HubServer, guarded_protocol
+    from hub_server.engine.runner import ModelRunner
+    from hub_server.logging_setup import configure_logging
+
+    configure_logging(settings.log_format)
+    log = logging.getLogger("hub_server")
+    _warn_about_exposure(settings, has_tokens)
     # uvicorn drains in-flight requests on SIGTERM, then re-raises the signal; a no-op handler
     # for that re-raise lets the hub exit 0 after a clean shutdown instead of dying by the signal.
     signal.signal(signal.SIGTERM, lambda *_: None)
-    uvicorn.run(
+    config = uvicorn.Config(
         create_app(settings, ModelRunner),
-        host=host,
-        port=port,
+        host=settings.host,
+        port=settings.port,
+        http=guarded_protocol(settings.request_timeout_s, settings.max_connections),
         log_config=None,
         log_level="info",
         access_log=False,
@@ -144,10 +186,20 @@ def serve(
         ssl_keyfile=settings.ssl_keyfile and str(settings.ssl_keyfile),
         ssl_certfile=settings.ssl_certfile and str(settings.ssl_certfile),
     )
-    logging.getLogger("hub_server").info("hub stopped")
+    server = HubServer(config)
+    server.run()
+    if not server.started:  # the port is taken, say: uvicorn has logged why
+        raise typer.Exit(3)
+    if server.cut_short:
+        log.error(
+            "hub stopped: the shutdown timeout (%g s) cut replies still in flight; give --shutdown-timeout more time",
+            settings.shutdown_timeout_s,
+        )
+        raise typer.Exit(1)
+    log.info("hub stopped")
 
 
-def _warn_about_exposure(settings: HubSettings) -> None:
+def _warn_about_exposure(settings: HubSettings, has_tokens: bool) -> None:
     log = logging.getLogger("hub_server")
     if not is_loopback(settings.host):
         log.warning(
@@ -155,7 +207,7 @@ def _warn_about_exposure(settings: HubSettings) -> None:
             settings.host,
             "" if settings.ssl_certfile else "; serve it over TLS (--ssl-certfile or a proxy, see README)",
         )
-    if settings.auth and not settings.embedded_token and not Accounts(settings.accounts_path).tokens():
+    if not has_tokens:
         log.warning(
             "no API tokens exist yet: create one with `hub_server users add NAME` and "
             "`hub_server tokens create --user NAME`"
@@ -181,7 +233,8 @@ def bench(
         typer.Option(
             envvar="SPECEDGE_TOKEN",
             show_default=False,
-            help="API token for --hub (`hub_server tokens create --user NAME` makes one).",
+            help="An operator's API token for --hub: the bench reads its /metrics "
+            "(`hub_server users add NAME --role operator`, then `hub_server tokens create --user NAME`).",
         ),
     ] = None,
     clients: Annotated[str, typer.Option(help="Concurrent users; a comma list (1,2,4,8) runs each and plots.")] = "1",

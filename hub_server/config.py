@@ -11,6 +11,7 @@ from specedge_common.net import is_loopback
 
 DTYPES = ("auto", "float32", "bfloat16", "float16")
 DEVICES = ("auto", "cpu", "cuda")
+COMPILE_MODES = ("auto", "on", "off")
 
 
 LOG_FORMATS = ("text", "json")
@@ -44,7 +45,8 @@ class HubSettings:
     max_batch: int = 16  # sessions verified in one forward pass
     batch_wait_ms: float = 2.0  # longest wait for work on its way to fill a batch
     merge_wait_share: float = 0.5  # wait for users due back within this share of a pass's fixed cost
-    cache_dir: Path | None = None  # where converted GGUF targets are kept
+    cache_dir: Path | None = None  # where converted GGUF targets and compiled passes are kept
+    compile: str = "auto"  # compiled fixed-shape passes: on, off, or auto (on for CUDA)
     data_dir: Path | None = None  # accounts database; None: default_data_dir()
     auth: bool = True  # False (--no-auth) is allowed on loopback only
     # A single pre-authorised token (the embedded hub of `specedge chat`); no database then.
@@ -54,12 +56,16 @@ class HubSettings:
     max_queue_depth: int = 0  # feeds and verifies in flight at once; 0: no cap
     log_format: str = "text"
     shutdown_timeout_s: float = 30.0  # SIGTERM: how long in-flight requests may finish
+    request_timeout_s: float = 30.0  # a request's headers and body must all arrive within this
+    max_connections: int = 1024  # open connections; one more is answered 503 and closed
     ssl_keyfile: Path | None = None  # TLS served by uvicorn itself (or put a proxy in front)
     ssl_certfile: Path | None = None
 
     def __post_init__(self) -> None:
         if self.device not in DEVICES:
             raise ValueError(f"--device must be one of {', '.join(DEVICES)}, not {self.device!r}")
+        if self.compile not in COMPILE_MODES:
+            raise ValueError(f"--compile must be one of {', '.join(COMPILE_MODES)}, not {self.compile!r}")
         if self.dtype not in DTYPES:
             raise ValueError(f"--dtype must be one of {', '.join(DTYPES)}, not {self.dtype!r}")
         if not 0 < self.port < 65536 and self.port != 0:
@@ -87,6 +93,8 @@ class HubSettings:
             raise ValueError(f"--merge-wait-share must be between 0 (never wait) and 1, not {self.merge_wait_share}")
         if self.shutdown_timeout_s < 0:
             raise ValueError("--shutdown-timeout must be 0 or more")
+        if self.request_timeout_s <= 0 or self.max_connections < 1:
+            raise ValueError("--request-timeout-s must be above 0 and --max-connections at least 1")
         if (self.ssl_keyfile is None) != (self.ssl_certfile is None):
             raise ValueError("give both --ssl-keyfile and --ssl-certfile, or neither")
 

@@ -7,11 +7,15 @@
     ├── SessionNotFound       404      unknown (or another user's) session
     ├── HubFull               429      no room for another session now (with Retry-After)
     ├── Unauthorized          401      missing, unknown or revoked API token
+    │   └── TokenExpired      401      a token past its expiry
+    ├── Forbidden             403      a route for the hub's operators (/metrics) asked by another user
     ├── RateLimited           429      a per-user limit (sessions, tokens per minute; with Retry-After)
-    └── NotReady              503      the model is still loading
+    ├── NotReady              503      the model is still loading
+    └── AccountsUnavailable   503      the accounts database cannot be read now (damaged, locked)
 
     AccountError              the admin commands (`hub_server users|tokens`): unknown or
                               duplicate user, bad name, unknown token id
+    └── AccountsDamaged       the accounts database is damaged: refused at open, by `serve` too
     KVBudgetError             start-up: the configured sessions x context do not fit the KV budget
 
 Route handlers raise these; one exception handler in `app.py` turns them into JSON bodies.
@@ -65,6 +69,21 @@ class Unauthorized(RequestRefused):
     code = "unauthorized"
 
 
+class TokenExpired(Unauthorized):
+    pass
+
+
+class Forbidden(RequestRefused):
+    status = 403
+    code = "forbidden"
+
+
+class AccountsUnavailable(RequestRefused):
+    status = 503
+    code = "accounts_unavailable"
+    retry_after_s = 30
+
+
 class RateLimited(RequestRefused):
     status = 429
     code = "rate_limited"
@@ -76,6 +95,10 @@ class RateLimited(RequestRefused):
 
 class AccountError(Exception):
     """An admin command cannot do what it was asked; the message says why."""
+
+
+class AccountsDamaged(AccountError):
+    """The accounts database is damaged; the message says how to recover."""
 
 
 class KVBudgetError(ValueError):

@@ -99,9 +99,11 @@ class Scheduler:
         merge_share: float = 0.5,
         pass_fixed_s: Callable[[], float | None] = lambda: None,
         clock: Callable[[], float] = time.monotonic,
+        on_pass: Callable[[list[float]], None] = lambda waits: None,
         worker: bool = True,
     ):
         self._run_batch = run_batch
+        self._on_pass = on_pass  # told, as each pass starts, how long each of its jobs queued
         self.max_batch = max_batch
         self.max_wait_s = max_wait_s
         self.merge_share = merge_share
@@ -195,11 +197,13 @@ class Scheduler:
         pass to run now (call `finish` once it has run), or the clock time to look again (a batch
         is waiting for someone), or None (nothing queued: look again after a `submit`)."""
         with self._ready:
-            plan = self._plan(self._clock())
-            if isinstance(plan, list):
-                self._running = plan
-                return [queued.job for queued in plan]
-            return plan
+            now = self._clock()
+            plan = self._plan(now)
+            if not isinstance(plan, list):
+                return plan
+            self._running = plan
+        self._on_pass([now - queued.arrived for queued in plan])
+        return [queued.job for queued in plan]
 
     def finish(self, error: BaseException | None = None) -> None:
         """The pass `poll` handed out has run (or failed with `error`): resolve its futures."""
@@ -267,8 +271,11 @@ class Scheduler:
         return deadline if any(at is not None and start - window <= at <= deadline for at in due) else None
 
     def _run(self, batch: list[_Queued]) -> None:
+        jobs = [queued.job for queued in batch]
+        now = self._clock()
         try:
-            self._run_batch([queued.job for queued in batch])
+            self._on_pass([now - queued.arrived for queued in batch])
+            self._run_batch(jobs)
         except Exception as exc:  # the batch's callers each receive the error; the worker goes on
             self._finish(batch, exc)
         else:

@@ -34,6 +34,12 @@ def explain(exc: HubError | InsecureHub, hub: str, token: str | None) -> str:
             f"refusing plain http to {hub} with a token (it would cross the network unencrypted): "
             "measure the hub over https://, or from its own machine"
         )
+    if isinstance(exc, HubRejected) and exc.status == 403:
+        return (
+            f"the hub at {hub} refused this token ({exc.code}): the bench reads its /metrics, which "
+            "needs an operator's token (`hub_server users add NAME --role operator`, then "
+            "`hub_server tokens create --user NAME`)"
+        )
     if isinstance(exc, HubRejected):
         return f"the hub at {hub} refused a request ({exc.status} {exc.code}): {exc.message}"
     return f"{exc.message}; check the URL and that the hub is serving"

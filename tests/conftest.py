@@ -105,13 +105,17 @@ def hub_admin(data_dir: Path, *args: str):
 
 
 class AuthHub(RunningHub):
-    """A hub that needs tokens, with users in its own accounts database; `tokens[name]` is theirs."""
+    """A hub that needs tokens, with users in its own accounts database; `tokens[name]` is theirs.
+    Names in `operators` are added with `--role operator` (they may read /metrics)."""
 
-    def __init__(self, model: Path, workdir: Path, users: tuple[str, ...], *extra: str):
+    def __init__(
+        self, model: Path, workdir: Path, users: tuple[str, ...], *extra: str, operators: tuple[str, ...] = ()
+    ):
         self.data_dir = workdir / "data"
         self.tokens = {}
-        for name in users:
-            hub_admin(self.data_dir, "users", "add", name)
+        for name in users + operators:
+            role = "operator" if name in operators else "user"
+            hub_admin(self.data_dir, "users", "add", name, "--role", role)
             self.tokens[name] = hub_admin(self.data_dir, "tokens", "create", "--user", name)["token"]
         super().__init__(model, workdir / "cache", "--data-dir", str(self.data_dir), *extra, no_auth=False)
 
@@ -122,7 +126,7 @@ class AuthHub(RunningHub):
 
 @pytest.fixture(scope="session")
 def auth_hub(tiny, tmp_path_factory):
-    """A real hub with accounts (users ada and bob), JSON logs, no per-user limits."""
+    """A real hub with accounts (users ada and bob, the operator ops), JSON logs, no per-user limits."""
     running = AuthHub(
         tiny.hf_dir,
         tmp_path_factory.mktemp("auth-hub"),
@@ -131,6 +135,7 @@ def auth_hub(tiny, tmp_path_factory):
         "16",
         "--log-format",
         "json",
+        operators=("ops",),
     )
     yield running
     running.stop()
@@ -187,5 +192,5 @@ def run_specedge(
         capture_output=True,
         text=True,
         timeout=timeout,
-        input=input_text,
+        input="" if input_text is None else input_text,  # never the test runner's own stdin
     )

@@ -2,10 +2,14 @@
 
 from __future__ import annotations
 
+import sqlite3
+import time
+from datetime import datetime, timedelta, timezone
+
 import pytest
 
-from hub_server.accounts import Accounts, SingleToken, token_digest
-from hub_server.errors import AccountError, HubFull, RateLimited
+from hub_server.accounts import MIGRATIONS, Accounts, SingleToken, token_digest
+from hub_server.errors import AccountError, AccountsDamaged, HubFull, RateLimited, TokenExpired
 from hub_server.limits import AdmissionGate, TokenBudgets
 
 
@@ -19,10 +23,10 @@ def accounts(tmp_path):
 def test_tokens_authenticate_their_user_until_revoked(accounts):
     accounts.add_user("ada")
     record, token = accounts.create_token("ada")
-    assert accounts.user_for_token(token) == "ada"
-    assert accounts.user_for_token(token + "x") is None
+    assert accounts.owner_for_token(token).name == "ada"
+    assert accounts.owner_for_token(token + "x") is None
     accounts.revoke_token(record.token_id)
-    assert accounts.user_for_token(token) is None
+    assert accounts.owner_for_token(token) is None
     assert accounts.user("ada").active_tokens == 0
 
 
@@ -30,7 +34,7 @@ def test_removing_a_user_removes_their_tokens(accounts):
     accounts.add_user("ada")
     _, token = accounts.create_token("ada")
     accounts.remove_user("ada")
-    assert accounts.user_for_token(token) is None and accounts.tokens() == []
+    assert accounts.owner_for_token(token) is None and accounts.tokens() == []
 
 
 @pytest.mark.parametrize("name", ["", "a b", "x" * 65, "-lead", "semi;colon"])
@@ -58,9 +62,56 @@ def test_database_is_wal_private_and_migrates_once(tmp_path):
     assert path.stat().st_mode & 0o777 == 0o600
 
 
+def test_a_name_added_again_is_a_new_account(accounts):
+    accounts.add_user("carol")
+    _, old = accounts.create_token("carol")
+    first = accounts.owner_for_token(old)
+    accounts.remove_user("carol")
+    accounts.add_user("carol")
+    _, new = accounts.create_token("carol")
+    second = accounts.owner_for_token(new)
+    assert first.name == second.name == "carol" and first != second
+    assert accounts.gone({first, second}) == {first}
+
+
+def test_operators_are_told_apart(accounts):
+    accounts.add_user("prom", role="operator")
+    accounts.add_user("ada")
+    assert accounts.owner_for_token(accounts.create_token("prom")[1]).operator
+    assert not accounts.owner_for_token(accounts.create_token("ada")[1]).operator
+    with pytest.raises(AccountError, match="not a role"):
+        accounts.add_user("eve", role="root")
+
+
+def test_an_expired_token_says_it_expired(accounts):
+    accounts.add_user("ada")
+    soon = datetime.now(timezone.utc) + timedelta(seconds=1.5)
+    record, token = accounts.create_token("ada", soon)
+    assert record.expires_at and accounts.owner_for_token(token).name == "ada"
+    assert accounts.user("ada").active_tokens == 1
+    time.sleep(2)
+    with pytest.raises(TokenExpired, match="expired at"):
+        accounts.owner_for_token(token)
+    assert accounts.user("ada").active_tokens == 0
+    with pytest.raises(AccountError, match="already past"):
+        accounts.create_token("ada", datetime.now(timezone.utc) - timedelta(days=1))
+
+
+def test_a_database_of_the_first_schema_migrates_with_its_tokens(tmp_path):
+    path = tmp_path / "accounts.sqlite3"
+    with sqlite3.connect(path) as old:  # as the hub's first release left it
+        old.executescript(MIGRATIONS[0][1])
+        old.execute("CREATE TABLE migrations (name TEXT PRIMARY KEY, applied_at TEXT NOT NULL)")
+        old.execute("INSERT INTO migrations VALUES ('001_users_and_tokens', '2026-11-30')")
+        old.execute("INSERT INTO users (name, created_at) VALUES ('ada', '2026-11-30')")
+        old.execute("INSERT INTO tokens VALUES ('tok_1', 1, ?, '2026-11-30', NULL)", (token_digest("seh_old"),))
+    owner = Accounts(path).owner_for_token("seh_old")
+    assert owner.name == "ada" and owner.account_id.startswith("acct_") and not owner.operator
+
+
 def test_single_token():
     check = SingleToken("s3cret")
-    assert check.user_for_token("s3cret") == "local" and check.user_for_token("s3cre") is None
+    assert check.owner_for_token("s3cret").name == "local" and check.owner_for_token("s3cre") is None
     assert token_digest("s3cret") != "s3cret"
 
 
@@ -100,3 +151,12 @@ def test_admission_gate_refuses_past_its_limit_and_recovers():
     unlimited = AdmissionGate(0)
     with unlimited.admit(), unlimited.admit(), unlimited.admit():
         pass
+
+
+def test_an_empty_file_where_accounts_were_is_damage_not_no_accounts(tmp_path):
+    path = tmp_path / "accounts.sqlite3"
+    Accounts(path).add_user("ada")
+    path.write_bytes(b"")
+    with pytest.raises(AccountsDamaged, match="0 bytes.*restore it from a backup, or move it aside"):
+        Accounts(path)
+    assert path.read_bytes() == b""

@@ -161,14 +161,14 @@ def test_bench_against_a_running_hub_takes_its_token_and_measures_the_bound_thro
     assert "needs an API token: pass --token or set SPECEDGE_TOKEN" in refused.stderr
     assert "Traceback" not in refused.stderr
 
-    open_before = _active_sessions(auth_hub, "ada")
+    open_before = _active_sessions(auth_hub, "ops")
     result = subprocess.run(
         command,
         cwd=REPO,
         capture_output=True,
         text=True,
         timeout=600,
-        env={**environment, "SPECEDGE_TOKEN": auth_hub.tokens["ada"]},
+        env={**environment, "SPECEDGE_TOKEN": auth_hub.tokens["ops"]},  # an operator's: the bench reads /metrics
     )
     assert result.returncode == 0, result.stderr[-3000:]
     report = json.loads(result.stdout)
@@ -177,7 +177,7 @@ def test_bench_against_a_running_hub_takes_its_token_and_measures_the_bound_thro
     # Passes of both kinds over the two sessions, made through the API, not read off the runs.
     assert bound["measured"].startswith("through the hub's API: passes of") and bound["sessions_per_pass"] == 2
     assert bound["one_token_pass_ms"] > 0 and bound["verify_pass_ms"] > 0 and bound["throughput_vs_autoregressive"] > 0
-    assert _active_sessions(auth_hub, "ada") == open_before  # every session it opened, it closed
+    assert _active_sessions(auth_hub, "ops") == open_before  # every session it opened, it closed
 
     revoked = subprocess.run(
         [*command[:-1], "--token", "not-a-token", "--json"],

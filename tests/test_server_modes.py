@@ -79,3 +79,5 @@ def test_metrics_report_sessions_batches_and_tokens_by_mode(hub_with_draft):
     ):
         assert page.has(name), name
     assert page.value(names.EMITTED_TOKENS, mode="autoregressive") >= 5
+    # The verify passes read the KV pool in place: nothing of any session's past was copied.
+    assert page.has(names.PAST_KV_BYTES_COPIED) and page.value(names.PAST_KV_BYTES_COPIED) == 0

@@ -1,0 +1,129 @@
+"""Connections a hub can afford: a deadline for each request to arrive, and a cap on open ones.
+
+uvicorn closes idle keep-alive connections (`timeout_keep_alive`) but gives a client all the time
+it likes to send a request's headers and body: a hundred clients trickling bytes hold a hundred
+connections forever (slowloris). Nor does it cap connections: `limit_concurrency` answers 503 to
+requests, but only once their headers are in. So the hub runs uvicorn's httptools protocol with two
+additions:
+
+- a request whose headers and body have not all arrived `request_timeout_s` after its first byte
+  (or, on a new connection, after it opened) is answered 408 when nothing of it has reached the
+  app yet, and its connection closed either way;
+- a connection past `max_connections` open ones is answered 503 at once and closed.
+
+Once a request has fully arrived its deadline is off: a long streamed reply is not cut. The next
+request on a kept-alive connection starts its own deadline at its first byte; until then
+uvicorn's keep-alive timer closes an idle connection.
+
+`HubServer` is uvicorn's server that remembers whether its shutdown timeout cut requests short,
+so that `hub_server serve` can exit non-zero then.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+
+import uvicorn
+from uvicorn.protocols.http.httptools_impl import HttpToolsProtocol
+
+
+def _raw_error(status: str, code: str, message: str, retry_after_s: int | None = None) -> bytes:
+    """A whole HTTP/1.1 error answer with our JSON error body, written straight to the socket."""
+    body = json.dumps({"error": {"code": code, "message": message}}).encode()
+    head = [f"HTTP/1.1 {status}", "content-type: application/json", f"content-length: {len(body)}"]
+    if retry_after_s is not None:
+        head.append(f"retry-after: {retry_after_s}")
+    head.append("connection: close")
+    return ("\r\n".join(head) + "\r\n\r\n").encode() + body
+
+
+class GuardedHttpProtocol(HttpToolsProtocol):
+    """uvicorn's httptools protocol with a per-request arrival deadline and a connection cap.
+    `guarded_protocol` makes the class with the hub's settings."""
+
+    request_timeout_s = 30.0
+    max_connections = 1024
+
+    def connection_made(self, transport: asyncio.Transport) -> None:  # type: ignore[override]
+        super().connection_made(transport)
+        self._deadline: asyncio.TimerHandle | None = None
+        self._headers_in = False
+        if len(self.connections) > self.max_connections:
+            transport.write(
+                _raw_error(
+                    "503 Service Unavailable",
+                    "hub_full",
+                    f"the hub has {self.max_connections} connections open, its limit; retry in a few seconds",
+                    retry_after_s=5,
+                )
+            )
+            transport.close()
+            return
+        self._arm()  # a connection that never sends a byte is held no longer than a slow request
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        self._disarm()
+        super().connection_lost(exc)
+
+    def on_message_begin(self) -> None:
+        super().on_message_begin()
+        self._headers_in = False
+        if self._deadline is None:
+            self._arm()
+
+    def on_headers_complete(self) -> None:
+        self._headers_in = True
+        super().on_headers_complete()
+
+    def on_message_complete(self) -> None:
+        self._disarm()  # all of it is here: what the app does with it takes as long as it takes
+        super().on_message_complete()
+
+    def _arm(self) -> None:
+        self._disarm()
+        self._deadline = self.loop.call_later(self.request_timeout_s, self._too_slow)
+
+    def _disarm(self) -> None:
+        deadline = getattr(self, "_deadline", None)
+        if deadline is not None:
+            deadline.cancel()
+            self._deadline = None
+
+    def _too_slow(self) -> None:
+        self._deadline = None
+        if self.transport.is_closing():
+            return
+        if not self._headers_in:  # the app has not seen this request: it can still be told why
+            self.transport.write(
+                _raw_error(
+                    "408 Request Timeout",
+                    "request_timeout",
+                    f"the request did not arrive within {self.request_timeout_s:g} s; send it whole, then wait",
+                )
+            )
+        self.transport.close()
+
+
+def guarded_protocol(request_timeout_s: float, max_connections: int) -> type[GuardedHttpProtocol]:
+    """The protocol class for `uvicorn.Config(http=...)` with these limits."""
+    return type(
+        "HubHttpProtocol",
+        (GuardedHttpProtocol,),
+        {"request_timeout_s": request_timeout_s, "max_connections": max_connections},
+    )
+
+
+class HubServer(uvicorn.Server):
+    """uvicorn's server; `cut_short` tells whether the graceful shutdown ran out of time and
+    cancelled requests still in flight (a reply cut off: the exit status must say so)."""
+
+    cut_short = False
+
+    async def _wait_tasks_to_complete(self) -> None:
+        # uvicorn waits for this under `timeout_graceful_shutdown` and cancels it when time is up.
+        try:
+            await super()._wait_tasks_to_complete()
+        except asyncio.CancelledError:
+            self.cut_short = True
+            raise
