@@ -186,7 +186,7 @@ def _run_hub(settings: HubSettings, has_tokens: bool) -> None:
         log_config=None,
         log_level="info",
         access_log=False,
-        timeout_graceful_shutdown=settings.shutdown_timeout_s,
+        timeout_graceful_shutdown=settings.shutdown_timeout_s,  # type: ignore[arg-type]  # a float works
         ssl_keyfile=settings.ssl_keyfile and str(settings.ssl_keyfile),
         ssl_certfile=settings.ssl_certfile and str(settings.ssl_certfile),
     )

@@ -18,6 +18,7 @@ from __future__ import annotations
 import threading
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
+from typing import Any
 
 from prometheus_client import (
     CONTENT_TYPE_LATEST,
@@ -204,7 +205,9 @@ def _engine_families(engines: dict[str | None, EngineStats]) -> Iterator:
     labelled = any(worker is not None for worker in engines)
     base = ["worker"] if labelled else []
 
-    def family(kind, name: str, help_text: str, extra: tuple[str, ...] = ()):
+    def family(
+        kind: type[CounterMetricFamily | GaugeMetricFamily], name: str, help_text: str, extra: tuple[str, ...] = ()
+    ) -> Any:
         return kind(f"specedge_{name}", help_text, labels=base + list(extra))
 
     kv = family(GaugeMetricFamily, "kv_bytes", "KV memory held by open sessions' slots, in bytes.")

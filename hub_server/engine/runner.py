@@ -41,7 +41,7 @@ from hub_server.engine.pool_attention import (
     slot_runs,
 )
 from hub_server.engine.sampling import target_choices
-from hub_server.engine_api import EngineStats, PassTally, VerifyJob
+from hub_server.engine_api import EngineStats, KVHandle, PassTally, VerifyJob
 from hub_server.pass_cost import PassCostFit
 from hub_server.tree import accept_tree, chain_parents
 
@@ -216,7 +216,7 @@ class ModelRunner:
         """A slot for a new session, or None when all are taken."""
         return self.pool.take()
 
-    def release(self, kv: KVSlot) -> None:
+    def release(self, kv: KVHandle) -> None:
         self.pool.give_back(kv)
 
     def pass_fixed_s(self) -> float | None:
@@ -249,7 +249,7 @@ class ModelRunner:
         return self.pool.keys[layer][kv.index, :, columns], self.pool.values[layer][kv.index, :, columns]
 
     # --- public operations --------------------------------------------------------------
-    def prefill(self, kv: KVSlot, context: list[int]) -> None:
+    def prefill(self, kv: KVHandle, context: list[int]) -> None:
         """Bring `kv` up to all of `context` but its last token."""
         with self.device_lock:
             self._feed(kv, context[kv.length : len(context) - 1])
