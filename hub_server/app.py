@@ -12,7 +12,7 @@ from __future__ import annotations
 import logging
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from typing import Annotated
 
 from fastapi import Depends, FastAPI, Request
@@ -20,6 +20,7 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, PlainTextResponse, Response, StreamingResponse
 from starlette.concurrency import run_in_threadpool
 from starlette.exceptions import HTTPException as StarletteHTTPException
+from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from hub_server import protocol as wire
 from hub_server.accounts import Accounts, SingleToken, TokenCheck
@@ -55,7 +56,7 @@ async def current_owner(request: Request) -> Owner:
 Caller = Annotated[Owner, Depends(current_owner)]
 
 
-def _error(status: int, code: str, message: str, headers: dict | None = None) -> JSONResponse:
+def _error(status: int, code: str, message: str, headers: Mapping[str, str] | None = None) -> JSONResponse:
     body = wire.ErrorResponse(error=wire.ErrorDetail(code=code, message=message))
     return JSONResponse(body.model_dump(), status_code=status, headers=headers)
 
@@ -111,13 +112,13 @@ class HubMiddleware:
     a request id, bodies over `max_bytes` refused (declared or not), the token checked before a
     body is read, and one access log line."""
 
-    def __init__(self, app, token_check: TokenCheck | None, max_bytes: int, metrics: HubMetrics):
+    def __init__(self, app: ASGIApp, token_check: TokenCheck | None, max_bytes: int, metrics: HubMetrics) -> None:
         self.app = app
         self.token_check = token_check
         self.max_bytes = max_bytes
         self.metrics = metrics  # refusals are counted by code
 
-    async def __call__(self, scope, receive, send):
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] != "http":
             return await self.app(scope, receive, send)
         request = Request(scope)
@@ -126,7 +127,7 @@ class HubMiddleware:
         started = time.perf_counter()
         status = 500
 
-        async def send_with_id(message):
+        async def send_with_id(message: Message) -> None:
             nonlocal status
             if message["type"] == "http.response.start":
                 status = message["status"]
@@ -160,11 +161,11 @@ class HubMiddleware:
         bind_request(user=owner.name)
         return None
 
-    def _counted(self, receive):
+    def _counted(self, receive: Receive) -> Receive:
         """`receive`, refusing a body past the limit as it arrives (a chunked upload declares no length)."""
         received = 0
 
-        async def counted_receive():
+        async def counted_receive() -> Message:
             nonlocal received
             message = await receive()
             received += len(message.get("body", b""))
@@ -235,7 +236,7 @@ def create_app(
     token_check = token_check_for(settings)
     metrics = metrics or HubMetrics()  # before the model loads: refusals meanwhile count too
 
-    def refuse(status: int, code: str, message: str, headers: dict | None = None) -> JSONResponse:
+    def refuse(status: int, code: str, message: str, headers: Mapping[str, str] | None = None) -> JSONResponse:
         metrics.record_refusal(code)
         return _error(status, code, message, headers)
 

@@ -272,8 +272,8 @@ class Hub:
             produced = verifies = 0
             while produced < request.max_tokens:
                 room = request.max_tokens - produced - 1
-                draft = []
-                if request.mode == "speculative" and room > 0:
+                draft: list[int] = []
+                if request.mode == "speculative" and room > 0 and self.drafter is not None:
                     draft = self.drafter.draft(session.session_id, session.context, min(request.draft_len, room))
                 job = VerifyJob(
                     session.kv,

@@ -1,10 +1,16 @@
 """Edge-assisted decoding: draft locally, verify on the hub, emit what the hub accepts.
 
-The client's `history` is always exactly the hub session's context: the first verify of a turn
-carries the turn's new tokens, and every verify's emitted tokens (accepted draft + bonus) are
-appended on both sides. A second turn therefore sends only its own tokens. Because the history is
-ours, a lost session (hub restart, dropped connection, Ctrl+C mid-verify) is rebuilt by opening a
-new one and feeding it the history; decoding then continues as if nothing had happened.
+Three layers, each on the one below:
+- `HubSession` (`remote/session.py`) keeps one hub session's context equal to a token history:
+  it feeds what the hub lacks, reopens a lost session and waits out outages.
+- `Decoder` is the draft-verify loop over one token history: the first verify of a reply
+  carries the new tokens (a user turn, a prompt), every verify's emitted tokens (accepted draft +
+  bonus) are appended on both sides, so a reply never re-sends what the hub holds.
+- `Conversation` turns chat messages into that history: turns, the chat template, the log.
+
+Because the history is ours, a lost session (hub restart, dropped connection, Ctrl+C mid-verify)
+is rebuilt by opening a new one and feeding it the history; decoding then continues as if nothing
+had happened.
 
 Proactive drafting: while a verify is in flight (on a worker thread), the draft engine guesses
 its outcome (the likeliest path and bonus token) and drafts the next tree below it. When the
@@ -14,12 +20,11 @@ the measured timings (`drafting/planner.py`) unless `draft_len` fixes it.
 
 from __future__ import annotations
 
-import contextlib
 import threading
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from dataclasses import dataclass, field, replace
-from typing import Protocol, TypeVar
+from typing import Generic, Protocol, TypeVar
 
 from specedge_cli.drafting.chat_template import ChatTemplate
 from specedge_cli.drafting.draft_tree import DraftTree
@@ -28,9 +33,16 @@ from specedge_cli.drafting.planner import DepthPlanner
 from specedge_cli.errors import HubBusy, HubError, HubUnreachable, SessionLost
 from specedge_cli.remote import protocol as wire
 from specedge_cli.remote.client import HubClient
+from specedge_cli.remote.session import DraftIdentity, HubSession, Reconnecting, ReconnectNotice
 
 T = TypeVar("T")
-FEED_CHUNK = 4096  # tokens per feed request when a session is rebuilt (keeps bodies well under 1 MiB)
+
+# Why a reply ended (OpenAI's names): a stop token or stop sequence, the token limit, or cut short
+# (Ctrl+C, a client that went away, a hub that did not come back).
+STOP, LENGTH, INTERRUPTED = "stop", "length", "interrupted"
+
+# Sees the tokens of each verify as they are accepted; returning True ends the reply there (a stop sequence).
+OnTokens = Callable[[list[int]], "bool | None"]
 
 
 @dataclass
@@ -99,7 +111,11 @@ class Reply:
     token_ids: list[int]
     prompt_token_ids: list[int]
     stats: TurnStats
-    interrupted: bool = False  # Ctrl+C stopped it; `token_ids` are what was accepted by then
+    finish_reason: str = STOP  # STOP, LENGTH or INTERRUPTED (then `token_ids` are what was accepted by then)
+
+    @property
+    def interrupted(self) -> bool:
+        return self.finish_reason == INTERRUPTED
 
 
 @dataclass
@@ -111,7 +127,7 @@ class Turn:
     token_ids: list[int] = field(default_factory=list)
     reply: str = ""
     interrupted: bool = False
-    sent: bool = False  # the prompt reached the hub's context
+    sent: bool = False  # the prompt is part of the context
     log_id: int | None = None  # its row in the conversation log, when it is kept
 
     def messages(self) -> list[dict]:
@@ -137,72 +153,48 @@ class DecodeSettings:
     proactive: bool = True  # draft the next round while a verify is in flight
     reconnect_s: float = 60.0  # how long to keep reopening the session while the hub is away
 
+    @property
+    def sampling(self) -> wire.Sampling:
+        return wire.Sampling(temperature=self.temperature, seed=self.seed)
 
-class Conversation:
-    """One chat with the hub: turns on our side, one hub session holding their tokens.
 
-    The session is disposable: whenever it is lost (the hub restarted, a verify was cut short by
-    Ctrl+C, the settings changed) a new one is opened and fed `history`, so the hub's context is
-    again exactly ours and decoding continues where it stopped.
-    """
+@dataclass
+class Generation:
+    """What one reply added to the history: `tokens` after the pending ones, and why it ended."""
 
-    def __init__(
-        self,
-        engine: DraftEngine,
-        hub: HubClient,
-        template: ChatTemplate,
-        settings: DecodeSettings,
-        system: str = "",
-        log: TurnLog | None = None,
-    ):
+    tokens: list[int]
+    finish_reason: str
+    stats: TurnStats
+    pending_sent: bool  # the pending tokens reached the history (and the hub)
+    error: HubError | None = None  # the hub failure that cut it short, if one did
+
+
+def draft_identity(engine: DraftEngine) -> DraftIdentity:
+    """What the hub checks a draft by (the fingerprint reads the whole vocabulary: computed once)."""
+    return DraftIdentity(
+        vocab_size=engine.vocab_size,
+        vocab_fingerprint=engine.vocab_fingerprint(),
+        draft_model=engine.path.name,
+        stop_token_ids=tuple(engine.stop_token_ids()),
+    )
+
+
+class Decoder:
+    """The draft-verify loop over one token history, which `session` keeps on the hub."""
+
+    def __init__(self, engine: DraftEngine, session: HubSession, settings: DecodeSettings):
         self.engine = engine
-        self.hub = hub
-        self.template = template
+        self.session = session
         self.settings = settings
-        self.system = system
-        self.log = log
-        self.turns: list[Turn] = []
         self.history: list[int] = []
         self.stop_token_ids = frozenset(engine.stop_token_ids())
-        self.session_id: str | None = None
         self.planner = self._new_planner(max_depth=64)
-        self.reconnects = 0
-        self._reached_hub = False  # a hub never reached is a wrong address, not an outage to wait out
-        self._fingerprint: str | None = None
-        self._session_in_doubt = False
 
-    @property
-    def messages(self) -> list[dict]:
-        system = [{"role": "system", "content": self.system}] if self.system else []
-        return system + [m for turn in self.turns for m in turn.messages()]
-
-    # --- the hub session ------------------------------------------------------------------
-    def open(self) -> None:
-        """Open a hub session and feed it our history (empty for a new conversation)."""
-        opened = self.hub.open_session(
-            wire.OpenSessionRequest(
-                vocab_size=self.engine.vocab_size,
-                vocab_fingerprint=self.vocab_fingerprint(),
-                draft_model=self.engine.path.name,
-                sampling=wire.Sampling(temperature=self.settings.temperature, seed=self.settings.seed),
-                stop_token_ids=sorted(self.stop_token_ids),
-            )
-        )
-        self._session_in_doubt = True  # until our history is fed
-        self.session_id = opened.session_id
-        self._reached_hub = True
-        self.planner.max_depth = opened.max_draft_tokens
-        self.planner.tree_budget = min(self.settings.tree_budget, opened.max_draft_tokens)
-        self.planner.fixed_depth = self.settings.draft_len
-        for start in range(0, len(self.history), FEED_CHUNK):
-            self.hub.feed(self.session_id, self.history[start : start + FEED_CHUNK])
-        self._session_in_doubt = False
-
-    def close(self) -> None:
-        if self.session_id is not None:
-            session_id, self.session_id = self.session_id, None
-            with contextlib.suppress(HubError):
-                self.hub.close_session(session_id)
+    def change_settings(self, settings: DecodeSettings) -> None:
+        """New settings; new sampling reopens the session (fed our history) at the next reply."""
+        self.settings = settings
+        self.session.reconnect_s = settings.reconnect_s
+        self.planner = self._new_planner(self.planner.max_depth)
 
     def _new_planner(self, max_depth: int) -> DepthPlanner:
         s = self.settings
@@ -214,122 +206,48 @@ class Conversation:
             proactive=s.proactive,
         )
 
-    def vocab_fingerprint(self) -> str:
-        if self._fingerprint is None:
-            self._fingerprint = self.engine.vocab_fingerprint()
-        return self._fingerprint
+    def sync(self) -> None:
+        """Bring the hub session up to our history (waiting out an outage), and fit the planner to it."""
+        self.session.retrying(self._sync_once)
 
-    def _ensure_session(self) -> None:
-        if self.session_id is None or self._session_in_doubt:
-            self.close()
-            self.open()
+    def _sync_once(self) -> None:
+        self.session.sync(self.history, self.settings.sampling)
+        self.planner.max_depth = self.session.max_draft_tokens
+        self.planner.tree_budget = min(self.settings.tree_budget, self.session.max_draft_tokens)
+        self.planner.fixed_depth = self.settings.draft_len
 
-    # --- turns ----------------------------------------------------------------------------
-    def ask(self, prompt: str, on_tokens: Callable[[list[int]], None] | None = None) -> Reply:
-        """Send one user turn and decode the reply; `on_tokens` sees tokens as they are accepted.
+    def generate(self, pending: list[int], on_tokens: OnTokens | None = None) -> Generation:
+        """Draft and verify after history + `pending` until a stop token, `max_tokens`, or `on_tokens`
+        returns True; the reply is what `history` gained after `pending`.
 
-        Ctrl+C stops the reply: what was accepted so far is kept (on both sides) and the reply
-        comes back with `interrupted` set.
+        Ctrl+C or a hub that stays away ends it early (INTERRUPTED): what was accepted by then is kept.
         """
-        self._with_reconnects(self._ensure_session)
-        turn_tokens = self._turn_tokens(prompt)
-        turn = Turn(prompt, turn_tokens)
-        if self.log:
-            self.log.prompt_sent(turn)
+        self.sync()
+        stats, clock = TurnStats(), _Clock()
         start = len(self.history)
-        try:
-            stats = self._decode(turn, on_tokens)
-        except HubError:  # the hub stayed away: forget the half reply, as a resumed conversation would
-            del self.history[start:]
-            self._session_in_doubt = True
-            raise
-        turn.reply = self._text(turn.token_ids)
-        if turn.sent:
-            self.turns.append(turn)
-            if self.log:
-                self.log.reply_done(turn, stats)
-        elif self.log:  # Ctrl+C before the prompt reached the hub: as if it was never sent
-            self.log.turn_dropped(turn)
-        return Reply(
-            text=turn.reply,
-            token_ids=turn.token_ids,
-            prompt_token_ids=turn.prompt_token_ids,
-            stats=stats,
-            interrupted=turn.interrupted,
-        )
-
-    def regenerate(self, on_tokens: Callable[[list[int]], None] | None = None) -> Reply | None:
-        """Forget the last reply and answer its prompt again (with the next seed when sampling)."""
-        if not self.turns:
-            return None
-        last = self.drop_last_turn()
-        if self.settings.temperature > 0:
-            self.settings = replace(self.settings, seed=self.settings.seed + 1)
-        return self.ask(last.prompt, on_tokens)
-
-    def drop_last_turn(self) -> Turn:
-        last = self.turns.pop()
-        del self.history[len(self.history) - len(last.prompt_token_ids) - len(last.token_ids) :]
-        if self.log:
-            self.log.turn_dropped(last)
-        self._session_in_doubt = True  # the hub's context still holds that turn
-        return last
-
-    def restore(self, turns: list[Turn]) -> None:
-        """Take up a saved conversation: its turns become our history, fed to the next session."""
-        self.turns = list(turns)
-        self.history = [t for turn in turns for t in turn.prompt_token_ids + turn.token_ids]
-        self._session_in_doubt = True
-
-    def reset(self, system: str | None = None) -> None:
-        """Start a new conversation (optionally with a new system prompt)."""
-        self.turns, self.history = [], []
-        if system is not None:
-            self.system = system
-        self._session_in_doubt = True
-
-    def change_settings(self, settings: DecodeSettings) -> None:
-        """New decode settings; sampling ones take a new session (fed our history)."""
-        resample = (settings.temperature, settings.seed) != (self.settings.temperature, self.settings.seed)
-        self.settings = settings
-        self.planner = self._new_planner(self.planner.max_depth)
-        self._session_in_doubt = self._session_in_doubt or resample
-
-    def _text(self, tokens: list[int]) -> str:
-        return self.engine.detokenize([t for t in tokens if t not in self.stop_token_ids]).decode("utf-8", "replace")
-
-    def _turn_tokens(self, prompt: str) -> list[int]:
-        messages = self.messages + [{"role": "user", "content": prompt}]
-        if not self.history:
-            return self.engine.tokenize(self.template.first_turn_text(messages), add_bos=False)
-        last = self.turns[-1].token_ids[-1:] if self.turns else []
-        stop_text = ""
-        if last and last[0] in self.stop_token_ids:
-            stop_text = self.engine.detokenize(last, special=True).decode("utf-8", "replace")
-        return self.engine.tokenize(self.template.next_turn_text(messages, stop_text), add_bos=False)
-
-    # --- the draft-verify loop --------------------------------------------------------------
-    def _decode(self, turn: Turn, on_tokens) -> TurnStats:
-        """Draft and verify until a stop token or max_tokens; the reply is what `history` gained."""
-        stats = TurnStats()
-        clock = _Clock()
-        start, prompt_len = len(self.history), len(turn.prompt_token_ids)
+        finish, error = LENGTH, None
         self.engine.set_sampling(self.settings.temperature, self.settings.seed)
         try:
-            while (produced := max(0, len(self.history) - start - prompt_len)) < self.settings.max_tokens:
-                pending = [] if len(self.history) > start else turn.prompt_token_ids
-                emitted = self._round(pending, self.settings.max_tokens - produced, stats)
+            while (produced := max(0, len(self.history) - start - len(pending))) < self.settings.max_tokens:
+                emitted = self._round(
+                    [] if len(self.history) > start else pending, self.settings.max_tokens - produced, stats
+                )
                 clock.tokens_emitted(stats.verify_rounds)
-                if on_tokens:
-                    on_tokens(emitted)
+                if on_tokens and on_tokens(emitted):
+                    finish = STOP
+                    break
                 if emitted[-1] in self.stop_token_ids:
+                    finish = STOP
                     break
         except KeyboardInterrupt:
-            turn.interrupted = True
-        turn.sent = len(self.history) > start
-        turn.token_ids = self.history[start + prompt_len :]
-        clock.finish(stats, len(turn.token_ids))
-        return stats
+            finish = INTERRUPTED
+        except HubError as exc:
+            finish, error = INTERRUPTED, exc
+            self.session.forget()
+        sent = len(self.history) > start
+        tokens = self.history[start + len(pending) :]
+        clock.finish(stats, len(tokens))
+        return Generation(tokens, finish, stats, sent, error)
 
     def _round(self, pending: list[int], room: int, stats: TurnStats) -> list[int]:
         """One draft and verify; the emitted tokens are in `history` when it returns."""
@@ -340,13 +258,10 @@ class Conversation:
         if draft.from_ahead:
             stats.proactive_hits += 1
             stats.proactive_saved_s += draft.draft_s
-            stats.draft_s += waited  # its earlier part was counted when it was drafted
-        else:
-            stats.draft_s += waited
+        stats.draft_s += waited  # a proactive draft's earlier part was counted when it was drafted
         self.planner.observe_draft(draft.decodes, draft.draft_s + draft.late_s)
-        reply = self._with_reconnects(lambda: self._verify(pending, draft, room, stats))
+        reply = self.session.retrying(lambda: self._verify(pending, draft, room, stats))
         self.history += pending + reply.tokens
-        self._session_in_doubt = False
         stats.verify_rounds += 1
         stats.draft_tokens += len(draft.wire_tokens)
         stats.accepted_tokens += reply.accepted
@@ -354,17 +269,14 @@ class Conversation:
         return reply.tokens
 
     def _verify(self, pending: list[int], draft: DraftTree, room: int, stats: TurnStats) -> wire.VerifyResponse:
-        self._ensure_session()
-        self._session_in_doubt = True
+        self._sync_once()
         tokens, parents = draft.wire_tokens, draft.wire_parents
         chain = parents == list(range(-1, len(parents) - 1))
-        session_id = self.session_id
-        flight = _InFlight(
-            lambda: self.hub.verify(session_id, tokens=pending, draft=tokens, parents=None if chain else parents)
-        )
+        flight = _InFlight(self.session.verify_request(pending, tokens, None if chain else parents))
         if self.settings.proactive:
             self._draft_ahead(draft, room, stats, flight)
         reply, elapsed_s = flight.result()
+        self.session.settle(pending, reply)
         stats.round_trip_ms.append(elapsed_s * 1000 - reply.verify_ms)
         self.planner.observe_verify(elapsed_s, draft.levels, reply.accepted)
         return reply
@@ -383,35 +295,199 @@ class Conversation:
         stats.draft_s += time.perf_counter() - started
         stats.proactive_drafts += 1
 
-    def _with_reconnects(self, call: Callable[[], T]) -> T:
-        """Run `call`, reopening the session with backoff while the hub is away or restarting."""
-        deadline = time.monotonic() + self.settings.reconnect_s
-        for delay in _backoff():
-            try:
-                return call()
-            except (HubUnreachable, SessionLost, HubBusy) as exc:
-                if not self._reached_hub or (isinstance(exc, HubBusy) and exc.code != "not_ready"):
-                    raise  # a full hub says when to come back; that is the user's call
-                if time.monotonic() + delay > deadline:
-                    raise HubUnreachable(
-                        f"lost the hub at {self.hub.base_url} and it did not come back in "
-                        f"{self.settings.reconnect_s:.0f} s ({exc.message}); the conversation is saved: "
-                        "run `specedge chat --continue` when the hub is back"
-                    ) from exc
-                self._session_in_doubt = True
-                self.session_id = None  # the old one is gone or unknown; do not wait on it
-                self.reconnects += 1
-                time.sleep(delay)
-        raise AssertionError("unreachable")
+    def text(self, tokens: list[int]) -> str:
+        """The reply text of `tokens` (stop tokens left out)."""
+        return self.engine.detokenize([t for t in tokens if t not in self.stop_token_ids]).decode("utf-8", "replace")
 
 
-class _InFlight:
+class Conversation:
+    """One chat with the hub: turns on our side, one hub session holding their tokens.
+
+    The session is disposable: whenever it is lost (the hub restarted, a verify was cut short by
+    Ctrl+C, the settings changed) a new one is opened and fed `history`, so the hub's context is
+    again exactly ours and decoding continues where it stopped.
+    """
+
+    def __init__(
+        self,
+        engine: DraftEngine,
+        hub: HubClient,
+        template: ChatTemplate,
+        settings: DecodeSettings,
+        system: str = "",
+        log: TurnLog | None = None,
+        on_reconnect: Callable[[Reconnecting], None] | None = None,
+        vocab_fingerprint: str | None = None,  # the engine's, when already known (it reads the whole vocabulary)
+    ):
+        self.engine = engine
+        self.hub = hub
+        self.template = template
+        self.system = system
+        self.log = log
+        self.turns: list[Turn] = []
+        self._fingerprint = vocab_fingerprint
+        session = HubSession(
+            hub,
+            self._identity,
+            reconnect_s=settings.reconnect_s,
+            on_reconnect=on_reconnect if on_reconnect is not None else ReconnectNotice(),
+        )
+        self.decoder = Decoder(engine, session, settings)
+
+    # --- what the layers below hold ---------------------------------------------------------------
+    @property
+    def session(self) -> HubSession:
+        return self.decoder.session
+
+    @property
+    def history(self) -> list[int]:
+        """The conversation's tokens: exactly the hub session's context once it is synced."""
+        return self.decoder.history
+
+    @history.setter
+    def history(self, tokens: list[int]) -> None:
+        self.decoder.history = tokens
+
+    @property
+    def settings(self) -> DecodeSettings:
+        return self.decoder.settings
+
+    @property
+    def planner(self) -> DepthPlanner:
+        return self.decoder.planner
+
+    @property
+    def stop_token_ids(self) -> frozenset[int]:
+        return self.decoder.stop_token_ids
+
+    @property
+    def session_id(self) -> str | None:
+        return self.session.session_id
+
+    @property
+    def reconnects(self) -> int:
+        return self.session.reconnects
+
+    @property
+    def messages(self) -> list[dict]:
+        system = [{"role": "system", "content": self.system}] if self.system else []
+        return system + [m for turn in self.turns for m in turn.messages()]
+
+    def vocab_fingerprint(self) -> str:
+        if self._fingerprint is None:
+            self._fingerprint = self.engine.vocab_fingerprint()
+        return self._fingerprint
+
+    def _identity(self) -> DraftIdentity:
+        return DraftIdentity(
+            self.engine.vocab_size, self.vocab_fingerprint(), self.engine.path.name, tuple(sorted(self.stop_token_ids))
+        )
+
+    def open(self) -> None:
+        """Open the hub session now (and feed it our history) rather than at the first reply."""
+        self.decoder.sync()
+
+    def close(self) -> None:
+        self.session.close()
+
+    # --- turns ----------------------------------------------------------------------------
+    def ask(self, prompt: str, on_tokens: OnTokens | None = None) -> Reply:
+        """Send one user turn and decode the reply; `on_tokens` sees tokens as they are accepted
+        (and may return True to end the reply there).
+
+        Ctrl+C stops the reply: what was accepted so far is kept (on both sides) and the reply
+        comes back with finish_reason INTERRUPTED. A hub that stays away past the reconnect window
+        raises HubUnreachable, after the turn (its prompt and what was accepted) is kept and logged.
+        """
+        self.decoder.sync()  # a wrong address fails here, before the prompt is logged
+        turn = Turn(prompt, self._turn_tokens(prompt))
+        if self.log:
+            self.log.prompt_sent(turn)
+        generation = self.decoder.generate(turn.prompt_token_ids, on_tokens)
+        turn.token_ids, turn.interrupted = generation.tokens, generation.finish_reason == INTERRUPTED
+        turn.sent = generation.pending_sent or self._keep_unanswered(turn, generation.error)
+        turn.reply = self.decoder.text(turn.token_ids)
+        self._record(turn, generation.stats)
+        if generation.error is not None:
+            raise generation.error
+        return Reply(turn.reply, turn.token_ids, turn.prompt_token_ids, generation.stats, generation.finish_reason)
+
+    def _keep_unanswered(self, turn: Turn, error: HubError | None) -> bool:
+        """An outage before the prompt reached the hub keeps it in the context (unanswered), so
+        `--continue` has it; a prompt the hub refused, or one stopped by Ctrl+C, is dropped."""
+        if not isinstance(error, (HubUnreachable, HubBusy, SessionLost)):
+            return False
+        self.history += turn.prompt_token_ids
+        return True
+
+    def _record(self, turn: Turn, stats: TurnStats) -> None:
+        if turn.sent:
+            self.turns.append(turn)
+            if self.log:
+                self.log.reply_done(turn, stats)
+        elif self.log:  # Ctrl+C before the prompt reached the hub: as if it was never sent
+            self.log.turn_dropped(turn)
+
+    def regenerate(self, on_tokens: OnTokens | None = None) -> Reply | None:
+        """Forget the last reply and answer its prompt again (with the next seed when sampling)."""
+        if not self.turns:
+            return None
+        last = self.drop_last_turn()
+        if self.settings.temperature > 0:
+            self.change_settings(replace(self.settings, seed=self.settings.seed + 1))
+        return self.ask(last.prompt, on_tokens)
+
+    def drop_last_turn(self) -> Turn:
+        """Forget the last turn (the hub's session, which still holds it, is replaced at the next reply)."""
+        last = self.turns.pop()
+        del self.history[len(self.history) - len(last.prompt_token_ids) - len(last.token_ids) :]
+        if self.log:
+            self.log.turn_dropped(last)
+        return last
+
+    def restore(self, turns: list[Turn]) -> None:
+        """Take up a saved conversation: its turns become our history, fed to the next session."""
+        self.turns = list(turns)
+        self.history = [t for turn in turns for t in turn.prompt_token_ids + turn.token_ids]
+
+    def add_exchange(self, prompt: str, reply: str) -> None:
+        """Take an earlier exchange as text (an API client sent it back): its tokens join the
+        history, and reach the hub with the next reply."""
+        turn = Turn(prompt, self._turn_tokens(prompt), reply=reply, sent=True)
+        turn.token_ids = self.engine.tokenize(reply, add_bos=False)
+        self.turns.append(turn)
+        self.history += turn.prompt_token_ids + turn.token_ids
+
+    def reset(self, system: str | None = None) -> None:
+        """Start a new conversation (optionally with a new system prompt)."""
+        self.turns, self.history = [], []
+        if system is not None:
+            self.system = system
+
+    def change_settings(self, settings: DecodeSettings) -> None:
+        """New decode settings; sampling ones take a new session (fed our history)."""
+        self.decoder.change_settings(settings)
+
+    def _turn_tokens(self, prompt: str) -> list[int]:
+        """The tokens a new user turn appends to the context (the whole prompt for the first turn)."""
+        messages = self.messages + [{"role": "user", "content": prompt}]
+        if not self.history:
+            return self.engine.tokenize(self.template.first_turn_text(messages), add_bos=False)
+        last = self.turns[-1].token_ids[-1:] if self.turns else []
+        stop_text = ""
+        if last and last[0] in self.stop_token_ids:
+            stop_text = self.engine.detokenize(last, special=True).decode("utf-8", "replace")
+        return self.engine.tokenize(self.template.next_turn_text(messages, stop_text), add_bos=False)
+
+
+class _InFlight(Generic[T]):
     """A call running on its own thread (a verify request), so drafting can go on meanwhile."""
 
     def __init__(self, call: Callable[[], T]):
         self._call = call
         self._done = threading.Event()
-        self._value = self._error = None
+        self._value: T | None = None
+        self._error: BaseException | None = None
         self._started = time.perf_counter()
         self._elapsed = 0.0
         threading.Thread(target=self._run, daemon=True, name="specedge-verify").start()
@@ -427,19 +503,12 @@ class _InFlight:
     def done(self) -> bool:
         return self._done.is_set()
 
-    def result(self):
+    def result(self) -> tuple[T, float]:
         """(the call's value, seconds it took); its exception is raised here."""
         self._done.wait()
         if self._error is not None:
             raise self._error
-        return self._value, self._elapsed
-
-
-def _backoff() -> Iterator[float]:
-    delay = 0.2
-    while True:
-        yield delay
-        delay = min(delay * 2, 4.0)
+        return self._value, self._elapsed  # type: ignore[return-value]  # set when no error was
 
 
 class _Clock:

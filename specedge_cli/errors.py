@@ -7,6 +7,8 @@
     ├── InsecureHub            plain http to a host that is not this machine, without --insecure
     ├── ConversationNotFound   --conversation names no saved conversation
     ├── SettingError           a config key or value `specedge` does not know
+    ├── HubNotInstalled        the embedded hub's packages are missing: pip install 'specedge[hub]'
+    ├── ApiError               `specedge serve` refuses a request (sent in OpenAI's error shape)
     └── HubError               anything the hub said or did not say
         ├── HubUnreachable     no answer from the hub URL
         ├── HubRejected        the hub answered 4xx (bad input, vocabulary mismatch, ...)
@@ -52,6 +54,24 @@ class ConversationNotFound(SpecEdgeError):
 
 class SettingError(SpecEdgeError):
     pass
+
+
+class HubNotInstalled(SpecEdgeError):
+    pass
+
+
+class ApiError(SpecEdgeError):
+    """A request `specedge serve` refuses: the HTTP status and OpenAI's error `type`, `code` and `param`."""
+
+    def __init__(self, message: str, status: int = 400, code: str | None = None, param: str | None = None):
+        super().__init__(message)
+        self.status = status
+        self.code = code
+        self.param = param
+
+    @property
+    def type(self) -> str:
+        return "server_error" if self.status >= 500 else "invalid_request_error"
 
 
 class HubError(SpecEdgeError):

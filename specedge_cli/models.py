@@ -108,6 +108,11 @@ def resolve_model(name: str, models_dir: Path, offline: bool = False) -> Resolve
     return ResolvedModel(_preset_file(preset, models_dir, offline), preset)
 
 
+def known_model(name: str, models_dir: Path) -> bool:
+    """Whether `name` names a model `resolve_model` can use: a preset, a registered name or an existing file."""
+    return name in PRESETS or name in registered_models(models_dir) or Path(name).expanduser().is_file()
+
+
 # --- local files registered by name ---------------------------------------------------
 def _registry(models_dir: Path) -> Path:
     return models_dir / "registered.json"
@@ -265,6 +270,8 @@ def download(url: str, target: Path, sha256: str, size: int) -> None:
                 for chunk in response.iter_bytes(1 << 20):
                     out.write(chunk)
                     progress.update(task, advance=len(chunk))
+    except (httpx.ConnectError, httpx.ConnectTimeout) as exc:  # nothing was fetched: there is no network
+        raise ModelDownloadError(_no_network(url, target, exc)) from exc
     except httpx.HTTPError as exc:
         raise ModelDownloadError(f"downloading {url} failed ({exc}); run the command again to resume") from exc
     if file_sha256(partial) != sha256:
@@ -272,3 +279,11 @@ def download(url: str, target: Path, sha256: str, size: int) -> None:
         raise ModelDownloadError(f"{url} did not match its sha256; the partial file was removed, run the command again")
     partial.rename(target)
     _mark(target, sha256)
+
+
+def _no_network(url: str, target: Path, exc: Exception) -> str:
+    host = url.split("://", 1)[-1].split("/", 1)[0]
+    return (
+        f"no network: cannot reach {host} ({exc}). With the .gguf file at hand, register it: "
+        f"`specedge models pull PATH/{target.name} --name NAME` (or pass --model PATH.gguf)"
+    )

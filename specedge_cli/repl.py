@@ -7,48 +7,38 @@ leaves with 0.
 
 from __future__ import annotations
 
-import codecs
+import functools
 import sys
-from dataclasses import replace
+from collections.abc import Callable
+from dataclasses import fields, replace
 
 import typer
 from rich.console import Console
 
-from specedge_cli.decoding import Conversation, Reply
-from specedge_cli.errors import HubBusy, HubUnreachable
+from specedge_cli import settings
+from specedge_cli.decoding import LENGTH, Conversation, DecodeSettings, Reply
+from specedge_cli.errors import HubBusy, HubError, HubUnreachable, SettingError
+from specedge_cli.history import ConversationLog
+from specedge_cli.rendering import ReplyView
 
 err = Console(stderr=True, highlight=False)
 
 HELP = """Available commands:
   /set temperature T   0 decodes greedily
   /set max-tokens N    most tokens in one reply
+  /set seed N          sampling seed for temperature > 0
+  /set draft-len N     draft depth per verify (0: automatic)
+  /set tree-budget N   draft trees of up to N nodes (0: chains)
+  /set proactive on|off|auto   draft ahead while a verify is out
   /set system TEXT     set the system prompt (starts a new conversation)
   /set verbose [off]   more figures after each reply
-  /show                model, hub and settings
+  /show                model, hub, its target model and settings
   /clear               start a new conversation
   /regen               answer the last prompt again
   /bye                 leave (or Ctrl+D)
   /?                   this help
 
 Use \"\"\" to begin and end a multi-line message."""
-
-
-class Streamer:
-    """Prints reply text as tokens are accepted, holding back incomplete UTF-8 sequences."""
-
-    def __init__(self, conversation: Conversation):
-        self._conversation = conversation
-        self._tokens: list[int] = []
-        self._printed = 0
-        self._decoder = codecs.getincrementaldecoder("utf-8")("replace")
-
-    def __call__(self, tokens: list[int]) -> None:
-        stops = self._conversation.stop_token_ids
-        self._tokens += [t for t in tokens if t not in stops]
-        data = self._conversation.engine.detokenize(self._tokens)
-        sys.stdout.write(self._decoder.decode(data[self._printed :]))
-        sys.stdout.flush()
-        self._printed = len(data)
 
 
 def figures_line(reply: Reply, verbose: bool = False) -> str:
@@ -80,10 +70,25 @@ def print_figures(reply: Reply, verbose: bool = False) -> None:
     err.print(f"[dim]{figures_line(reply, verbose)}[/dim]", markup=True, soft_wrap=True)
 
 
+def note_finish(reply: Reply, conversation: Conversation, how_to_raise: str = "--max-tokens N") -> None:
+    """One dim line when the token limit cut the reply, so it does not pass for a complete one."""
+    if reply.finish_reason == LENGTH:
+        err.print(
+            f"[dim](cut at the limit of {conversation.settings.max_tokens} tokens; {how_to_raise} for longer replies)[/dim]",
+            markup=True,
+        )
+
+
+# The chat settings `/set` changes in a running chat: those the decode loop reads.
+DECODE_FIELDS = {f.name for f in fields(DecodeSettings)} & set(settings.KEYS)
+SET_KEYS = [settings.key_name(key) for key in settings.KEYS if key in DECODE_FIELDS]
+
+
 class Repl:
-    def __init__(self, conversation: Conversation, hub_url: str):
+    def __init__(self, conversation: Conversation, hub_url: str, auto_proactive: bool = True):
         self.conversation = conversation
         self.hub_url = hub_url
+        self.auto_proactive = auto_proactive  # what `proactive auto` means with this hub
         self.verbose = False
         self._interrupts = 0  # Ctrl+C in a row at the prompt
 
@@ -97,7 +102,7 @@ class Repl:
             if text.strip().startswith("/"):
                 self._command(text.strip())
             elif text.strip():
-                self._reply(lambda on_tokens, text=text: self.conversation.ask(text, on_tokens))
+                self._reply(functools.partial(self.conversation.ask, text))
 
     # --- input ------------------------------------------------------------------------------
     def _read(self) -> str | None:
@@ -130,23 +135,25 @@ class Repl:
         err.print("[dim]Press Ctrl+C again or Ctrl+D to leave.[/dim]", markup=True)
 
     # --- replies ----------------------------------------------------------------------------
-    def _reply(self, ask) -> None:
+    def _reply(self, ask: Callable[[ReplyView], Reply | None]) -> None:
+        view = ReplyView.of(self.conversation)
         try:
-            reply = ask(Streamer(self.conversation))
+            reply = ask(view)
         except KeyboardInterrupt:  # before decoding began (opening the session)
-            print()
+            view.finish()
             return
         except (HubUnreachable, HubBusy) as exc:  # the conversation is kept: try again later
-            print()
+            view.finish()
             err.print(f"[red]Error:[/red] {exc.message}", markup=True)
             return
-        print()
         if reply is None:
             err.print("Nothing to regenerate yet.")
             return
+        view.finish()
         if reply.interrupted:
             err.print("[dim](stopped)[/dim]", markup=True)
         print_figures(reply, self.verbose)
+        note_finish(reply, self.conversation, "/set max-tokens N")
 
     # --- slash commands ----------------------------------------------------------------------
     def _command(self, line: str) -> None:
@@ -166,48 +173,52 @@ class Repl:
             err.print(f"Unknown command {name!r}; type /? for help.")
 
     def _set(self, key: str, value: str) -> None:
-        settings = self.conversation.settings
-        try:
-            if key == "temperature":
-                self.conversation.change_settings(replace(settings, temperature=_at_least(float(value), 0.0)))
-            elif key == "max-tokens":
-                self.conversation.change_settings(replace(settings, max_tokens=int(_at_least(int(value), 1))))
-            elif key == "system":
-                self._new_conversation(value.strip())
-                err.print("System prompt set; a new conversation started.")
-                return
-            elif key == "verbose":
-                self.verbose = value.strip().lower() not in ("off", "false", "0", "no")
-            else:
-                err.print("Usage: /set temperature T | max-tokens N | system TEXT | verbose [off]")
-                return
-        except ValueError:
-            err.print(f"{value!r} is not a valid {key}; see /?")
+        """Change a setting for the rest of this chat, read by the same parser as flags and config."""
+        value = value.strip()
+        if key == "system":
+            self._new_conversation(value)
+            err.print("System prompt set; a new conversation started.")
             return
+        if key == "verbose":
+            self.verbose = value.lower() not in ("off", "false", "0", "no")
+            err.print("Set verbose.")
+            return
+        try:
+            field = settings.field_of(key) if key else ""
+            if field not in DECODE_FIELDS:
+                err.print(f"Usage: /set {' | '.join(SET_KEYS)} VALUE, or /set verbose [off]; see /?")
+                return
+            parsed = settings.parse(field, value, f"/set {key}")
+        except SettingError as exc:
+            err.print(exc.message.split("; fix it")[0] + "; see /?")
+            return
+        if field == "proactive" and parsed is None:
+            parsed = self.auto_proactive
+        self.conversation.change_settings(replace(self.conversation.settings, **{field: parsed}))
         err.print(f"Set {key}.")
 
     def _new_conversation(self, system: str) -> None:
         self.conversation.reset(system)
-        if self.conversation.log is not None:
+        if isinstance(self.conversation.log, ConversationLog):
             self.conversation.log.new_conversation(system)
 
     def _show(self) -> None:
         c, s = self.conversation, self.conversation.settings
-        log = c.log
+        log = c.log if isinstance(c.log, ConversationLog) else None
         saved = f"{log.conversation_id}" if log and log.conversation_id else ("new" if log else "not kept (logs off)")
         print(
-            f"model        {c.engine.path}\nhub          {self.hub_url}\n"
+            f"model        {c.engine.path}\nhub          {self.hub_url}\ntarget       {self._target()}\n"
             f"temperature  {s.temperature:g}\nmax-tokens   {s.max_tokens}\nseed         {s.seed}\n"
             f"draft-len    {s.draft_len or f'auto (now {c.planner.depth})'}\n"
             f"proactive    {'on' if s.proactive else 'off'}\nsystem       {c.system or '(none)'}\n"
             f"verbose      {'on' if self.verbose else 'off'}\nconversation {saved} ({len(c.turns)} turns)"
         )
 
-
-def _at_least(value, low):
-    if value < low:
-        raise ValueError(value)
-    return value
+    def _target(self) -> str:
+        try:
+            return self.conversation.hub.info().model
+        except HubError as exc:
+            return f"(unknown: {exc.message})"
 
 
 def _line_editing() -> None:

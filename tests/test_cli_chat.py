@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import time
 from pathlib import Path
 
 import pytest
@@ -36,7 +37,8 @@ def test_prompt_json_through_a_separate_hub_equals_target_greedy(tiny, hub, targ
         "--draft-len",
         "4",
     )
-    assert set(out) == {"text", "token_ids", "prompt_token_ids", "model", "hub", "stats"}
+    assert set(out) == {"text", "token_ids", "prompt_token_ids", "finish_reason", "model", "hub", "stats"}
+    assert out["finish_reason"] == ("stop" if len(out["token_ids"]) < 24 else "length")
     assert set(out["stats"]) == {
         "verify_rounds",
         "draft_tokens",
@@ -98,35 +100,71 @@ def test_embedded_hub_when_none_is_configured(tiny, target_alone):
     assert out["stats"]["proactive_drafts"] == 0
 
 
-def test_interactive_chat_reads_turns_until_bye(tiny, hub):
+def test_the_first_conversion_of_the_target_shows_its_progress(tiny, tmp_path):
+    """A cold hub cache: the embedded hub converts the GGUF target, and the chat shows it doing so."""
+    result = run_specedge(
+        "chat", "a b", "--model", str(tiny.gguf_f32), "-n", "2", env_extra={"XDG_CACHE_HOME": str(tmp_path / "cold")}
+    )
+    assert result.returncode == 0, result.stderr
+    shown = [line for line in result.stderr.splitlines() if line.startswith("embedded hub: ")]
+    assert any(f"converting {tiny.gguf_f32.name} into torch" in line for line in shown), result.stderr
+    assert any("100%|" in line for line in shown), result.stderr
+
+
+def test_piped_stdin_is_the_prompt_and_stdout_is_only_the_reply(tiny, hub):
+    common = ["--hub", hub.url, "--model", str(tiny.gguf_f32), "--max-tokens", "6"]
+    piped = run_specedge("chat", *common, input_text="hello there\n")
+    assert piped.returncode == 0, piped.stderr
+    assert ">>> " not in piped.stdout and "tok/verify" in piped.stderr  # no REPL; figures go to stderr
+    same = json.loads(run_specedge("chat", "--json", "hello there", *common).stdout)
+    assert piped.stdout == same["text"] + "\n"
+    dash = run_specedge("chat", "-p", "-", *common, input_text="hello there")
+    assert dash.returncode == 0 and dash.stdout == piped.stdout  # `-p -` reads stdin, not the prompt "-"
+
+
+def test_piped_stdin_with_a_prompt_is_context_before_it(tiny, hub):
+    common = ["--json", "--hub", hub.url, "--model", str(tiny.gguf_f32), "--max-tokens", "4"]
+    both = json.loads(run_specedge("chat", "summarize", *common, input_text="the notes\n").stdout)
+    alone = json.loads(run_specedge("chat", "-p", "the notes\n\nsummarize", *common).stdout)
+    assert both["prompt_token_ids"] == alone["prompt_token_ids"] and both["token_ids"] == alone["token_ids"]
+    twice = run_specedge("chat", "one", "--prompt", "two", *common)
+    assert twice.returncode == 2 and "give the prompt once" in twice.stderr
+    empty = run_specedge("chat", *common, input_text="\n")
+    assert empty.returncode == 2 and "the prompt is empty" in empty.stderr
+
+
+def test_a_reply_cut_by_the_token_limit_says_so(tiny, hub):
+    result = run_specedge("chat", "the dog ran", "--hub", hub.url, "--model", str(tiny.gguf_f32), "-n", "3")
+    assert result.returncode == 0, result.stderr
+    assert "(cut at the limit of 3 tokens; --max-tokens N for longer replies)" in result.stderr
+    assert "cut at" not in result.stdout
+    out = chat_json("-p", "the dog ran", "--hub", hub.url, "--model", str(tiny.gguf_f32), "-n", "3")
+    assert out["finish_reason"] == "length" and len(out["token_ids"]) == 3
+
+
+def test_ctrl_c_in_a_one_shot_keeps_what_was_printed_and_exits_130(tiny, hub):
+    import signal
     import subprocess
     import sys
 
     from tests.conftest import REPO
 
-    result = subprocess.run(
-        [
-            sys.executable,
-            "-m",
-            "specedge_cli",
-            "chat",
-            "--hub",
-            hub.url,
-            "--model",
-            str(tiny.gguf_f32),
-            "--max-tokens",
-            "6",
-        ],
-        input="hello there\nsecond turn\n/bye\nnever sent\n",
-        capture_output=True,
-        text=True,
+    command = [sys.executable, "-m", "specedge_cli", "chat", "once upon a time", "--hub", hub.url]
+    command += ["--model", str(tiny.gguf_q8), "--max-tokens", "2000", "--draft-len", "1"]
+    process = subprocess.Popen(
+        command,
         cwd=REPO,
-        env={**os.environ},
-        timeout=120,
+        stdin=subprocess.DEVNULL,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        # A test runner started in the background ignores SIGINT, and a child would inherit that.
+        preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL),
     )
-    assert result.returncode == 0, result.stderr
-    assert result.stdout.count(">>> ") == 3
-    assert result.stderr.count("tok/verify") == 2
+    first = process.stdout.read1(1)  # the reply has begun
+    process.send_signal(signal.SIGINT)
+    _, errors = process.communicate(timeout=60)
+    assert first and process.returncode == 130, errors
+    assert b"Traceback" not in errors
 
 
 def test_errors_are_one_line_without_traceback(tiny, hub):
@@ -165,6 +203,37 @@ def test_default_gemma_pair_through_embedded_hub_equals_target_greedy():
     assert out["stats"]["tokens_per_verify"] > 2
 
 
+@pytest.mark.gemma
+def test_a_hub_still_loading_is_waited_for_and_the_base_model_completes_text(tmp_path):
+    """A hub converting its target (a cold cache: a minute or more) answers 503 `loading`: the chat
+    says it waits, waits, and then answers; the default base model continues the demo's prompt."""
+    import httpx
+
+    from specedge_common.launcher import HubProcess
+
+    gemma = _gemma_path()
+    cold = {"XDG_CACHE_HOME": str(tmp_path / "cold-cache")}
+    with HubProcess(["--model", str(gemma), "--no-auth"], log_path=tmp_path / "hub.log", env=cold) as hub:
+        while True:  # until its HTTP side is up: the target takes far longer
+            try:
+                assert httpx.get(f"{hub.url}/health", timeout=2).json()["status"] == "loading"
+                break
+            except httpx.TransportError:
+                time.sleep(0.2)
+        result = run_specedge(
+            "chat",
+            "Here is one sentence about the sea:",
+            *("--hub", hub.url + "/v1", "-n", "24", "--temperature", "0"),
+            timeout=1200,
+        )
+    assert result.returncode == 0, result.stderr
+    assert f"The hub at {hub.url} is still loading its target model; waiting" in result.stderr
+    reply = result.stdout.strip()
+    # Plain completion continues the text (seen: "The sea is the most beautiful ..."); under a chat
+    # template this base model echoed the prompt and drifted ("... mendatang").
+    assert reply and not reply.startswith("Here is one sentence") and "mendatang" not in reply
+
+
 def test_plain_http_to_another_machine_needs_insecure(tiny):
     # 192.0.2.0/24 is reserved for documentation: the refusal comes before any connection.
     result = run_specedge("chat", "--prompt", "x", "--hub", "http://192.0.2.10:8000", "--model", str(tiny.gguf_f32))
@@ -175,4 +244,22 @@ def test_the_base_default_model_says_it_continues_text():
     """The default preset is a pretrained model; a first-time user is told before its reply."""
     result = run_specedge("chat", "--prompt", "x", "--hub", "http://192.0.2.10:8000", "--offline")
     assert "pretrained base model" in result.stderr and "qwen2.5-coder-0.5b" in result.stderr
+    assert "plain completion" in result.stderr
     assert result.returncode == 1 and "--insecure" in result.stderr
+
+
+def test_base_models_run_as_plain_completion():
+    """A pretrained model gets the prompt as text to continue, even where its GGUF has a chat template."""
+    from specedge_cli.commands.chat import template_source
+    from specedge_cli.drafting.chat_template import BUILTIN_TEMPLATES, ChatTemplate
+    from specedge_cli.models import PRESETS, ResolvedModel
+
+    gemma = ResolvedModel(Path("gemma.gguf"), PRESETS["gemma3-270m"])
+    completion = ChatTemplate(template_source("{{ 'a chat template' }}", gemma), bos_token="<bos>", eos_token="")
+    turn = [{"role": "user", "content": "Here is one sentence about the sea:"}]
+    assert completion.first_turn_text(turn) == "<bos>Here is one sentence about the sea:"
+    reply = [*turn, {"role": "assistant", "content": " It is wide."}, {"role": "user", "content": "Another:"}]
+    assert completion.next_turn_text(reply, "") == "\n\nAnother:"
+    instruct = ResolvedModel(Path("qwen.gguf"), PRESETS["qwen2.5-coder-0.5b"])
+    assert template_source("{{ 'a chat template' }}", instruct) == "{{ 'a chat template' }}"
+    assert template_source(None, ResolvedModel(Path("own.gguf"), None)) == BUILTIN_TEMPLATES["completion"]

@@ -7,7 +7,7 @@ import stat
 
 import pytest
 
-from specedge_cli import config
+from specedge_cli import paths, settings
 from specedge_cli.errors import InsecureHub
 from specedge_cli.remote.client import check_transport
 from tests.conftest import run_specedge
@@ -29,7 +29,7 @@ def assert_one_line_error(result, *words: str) -> None:
 def test_login_stores_hub_and_token_privately_then_whoami_and_logout(auth_hub):
     result = login(auth_hub)
     assert result.returncode == 0, result.stderr
-    path = config.config_file()
+    path = paths.config_file()
     assert "as ada" in result.stdout and str(path) in result.stdout
     assert stat.S_IMODE(path.stat().st_mode) == 0o600
     assert stat.S_IMODE(path.parent.stat().st_mode) == 0o700
@@ -39,17 +39,36 @@ def test_login_stores_hub_and_token_privately_then_whoami_and_logout(auth_hub):
     assert who.returncode == 0, who.stderr
     assert json.loads(who.stdout) == {
         "hub": auth_hub.url,
+        "target": "hf",  # the tiny target's folder name: what the hub verifies with
         "user": "ada",
         "sessions": 0,
         "tokens_left": None,
         "limits": {"max_sessions_per_user": 0, "tokens_per_minute": 0},
     }
-    assert "user: ada" in run_specedge("whoami").stdout
+    shown = run_specedge("whoami").stdout
+    assert "user:     ada" in shown and "target:   hf" in shown
 
     out = run_specedge("logout")
-    assert out.returncode == 0 and "removed the token" in out.stdout
-    assert json.loads(path.read_text()) == {"hub": auth_hub.url}
+    assert out.returncode == 0 and "removed the hub and token" in out.stdout
+    assert json.loads(path.read_text()) == {}
+    assert settings.hub_address(None).url is None  # chat is local again: an embedded hub
     assert_one_line_error(run_specedge("whoami"), "specedge login")
+
+
+def test_a_hub_url_with_the_api_prefix_is_the_same_hub(auth_hub):
+    result = run_specedge("login", "--hub", auth_hub.url + "/v1/", "--token", auth_hub.tokens["ada"])
+    assert result.returncode == 0, result.stderr
+    assert json.loads(paths.config_file().read_text())["hub"] == auth_hub.url
+    assert json.loads(run_specedge("whoami", "--json", "--hub", auth_hub.url + "/v1").stdout)["user"] == "ada"
+
+
+def test_config_unset_hub_forgets_the_login(auth_hub):
+    assert login(auth_hub).returncode == 0
+    result = run_specedge("config", "unset", "hub")
+    assert result.returncode == 0, result.stderr
+    assert json.loads(paths.config_file().read_text()) == {}
+    assert run_specedge("config", "set", "hub", auth_hub.url + "/v1").returncode == 0
+    assert settings.hub_address(None) == settings.HubAddress(auth_hub.url, None)
 
 
 def test_token_asked_with_hidden_input(auth_hub):
@@ -61,9 +80,9 @@ def test_token_asked_with_hidden_input(auth_hub):
 def test_wrong_token_is_one_line_saying_to_log_in(auth_hub):
     result = run_specedge("login", "--hub", auth_hub.url, "--token", "seh_wrong")
     assert_one_line_error(result, "did not accept your token", "specedge login")
-    assert not config.config_file().exists()
+    assert not paths.config_file().exists()
     result = run_specedge("whoami", "--hub", auth_hub.url, env_extra={"SPECEDGE_TOKEN": "seh_wrong"})
-    assert_one_line_error(result, "specedge login")
+    assert_one_line_error(result, "the token in SPECEDGE_TOKEN", "unset it")
 
 
 def test_environment_overrides_the_stored_login(auth_hub):
@@ -94,8 +113,8 @@ def test_plain_http_to_another_machine_is_refused():
 
 
 def test_a_stored_token_is_not_sent_to_another_hub(auth_hub, monkeypatch):
-    config.update_config_file({"hub": auth_hub.url, "token": "seh_stored"})
-    assert config.hub_address(None).token == "seh_stored"
-    assert config.hub_address("https://other.example").token is None
+    settings.update_config_file({"hub": auth_hub.url, "token": "seh_stored"})
+    assert settings.hub_address(None).token == "seh_stored"
+    assert settings.hub_address("https://other.example").token is None
     monkeypatch.setenv("SPECEDGE_TOKEN", "seh_env")
-    assert config.hub_address("https://other.example").token == "seh_env"
+    assert settings.hub_address("https://other.example").token == "seh_env"

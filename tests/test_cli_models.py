@@ -72,3 +72,12 @@ def test_a_local_file_registered_by_name_is_used_by_chat(tiny, hub, target_alone
     assert reply["token_ids"] == target_alone.decode(reply["prompt_token_ids"], 6)[: len(reply["token_ids"])]
     assert run_specedge("models", "rm", "tiny-q8").stdout.startswith("forgot tiny-q8")
     assert tiny.gguf_q8.exists()
+
+
+def test_pull_without_a_network_says_so_and_how_to_use_a_local_file():
+    """This machine reaches no model hub: the real download fails as a user's offline one does."""
+    result = run_specedge("models", "pull", QWEN.name)
+    assert result.returncode == 1 and "Traceback" not in result.stderr
+    assert "no network: cannot reach huggingface.co" in result.stderr
+    assert f"specedge models pull PATH/{QWEN.hf_file} --name NAME" in result.stderr
+    assert "run the command again to resume" not in result.stderr

@@ -6,6 +6,7 @@ import json
 
 import pytest
 
+from specedge_cli import paths
 from specedge_cli.errors import SettingError
 from specedge_cli.settings import chat_settings
 from tests.conftest import run_specedge
@@ -57,3 +58,11 @@ def test_proactive_is_on_off_or_auto_and_a_bad_value_says_which():
     assert chat_settings().proactive is False
     refused = run_specedge("config", "set", "proactive", "maybe")
     assert refused.returncode != 0 and "expected on, off or auto" in refused.stderr
+
+
+def test_config_set_model_checks_the_name(tiny):
+    refused = run_specedge("config", "set", "model", "nosuchmodel")
+    assert refused.returncode == 1 and "unknown model 'nosuchmodel'" in refused.stderr
+    assert "specedge models list" in refused.stderr and not paths.config_file().exists()
+    for name in ("qwen2.5-coder-0.5b", str(tiny.gguf_f32)):
+        assert run_specedge("config", "set", "model", name).returncode == 0

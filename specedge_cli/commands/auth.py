@@ -1,18 +1,20 @@
 """`specedge login`, `specedge whoami`, `specedge logout`: one login, then every command just works.
 
 The hub address and token are stored in the config file (0600 in a 0700 folder);
-SPECEDGE_HUB and SPECEDGE_TOKEN override them.
+SPECEDGE_HUB and SPECEDGE_TOKEN override them. `logout` forgets both, so chat is local again
+(an embedded hub) until the next login.
 """
 
 from __future__ import annotations
 
 import json
+import os
 from typing import Annotated
 
 import typer
 
-from specedge_cli import config
-from specedge_cli.errors import NotLoggedIn
+from specedge_cli import settings
+from specedge_cli.errors import HubBusy, NotLoggedIn
 from specedge_cli.remote import protocol as wire
 from specedge_cli.remote.client import HubClient
 
@@ -28,13 +30,13 @@ def login(
     insecure: InsecureOption = False,
 ) -> None:
     """Check an API token against a hub and store both for later commands."""
-    url = config.hub_address(hub).url
+    url = settings.hub_address(hub).url
     if not url:
         raise NotLoggedIn("which hub? run `specedge login --hub https://your-hub.example`")
     token = token or typer.prompt(f"API token for {url}", hide_input=True).strip()
     with HubClient(url, token, insecure=insecure) as client:
         who = client.whoami()
-    path = config.update_config_file(
+    path = settings.update_config_file(
         {"hub": url, "token": token, "insecure": True} if insecure else {"hub": url, "token": token},
         remove=() if insecure else ("insecure",),
     )
@@ -46,16 +48,25 @@ def whoami(
     insecure: InsecureOption = False,
     as_json: Annotated[bool, typer.Option("--json", help="Print one JSON object.")] = False,
 ) -> None:
-    """Show who the hub thinks you are, and your limits there."""
-    address = config.hub_address(hub)
+    """Show who the hub thinks you are, its target model, and your limits there."""
+    address = settings.hub_address(hub)
     if not address.url:
         raise NotLoggedIn("no hub configured; run `specedge login --hub URL`")
     with HubClient(address.url, address.token, insecure=insecure or address.insecure) as client:
         who = client.whoami()
+        target = target_model(client)
     if as_json:
-        typer.echo(json.dumps({"hub": address.url, **who.to_json()}))
+        typer.echo(json.dumps({"hub": address.url, "target": target, **who.to_json()}))
     else:
-        typer.echo(f"user: {who.user}\nhub:  {address.url}\n{_describe_limits(who)}")
+        typer.echo(f"user:     {who.user}\nhub:      {address.url}\ntarget:   {target}\n{_describe_limits(who)}")
+
+
+def target_model(client: HubClient) -> str:
+    """The model the hub verifies with, or what it says while that model is still loading."""
+    try:
+        return client.info().model
+    except HubBusy:
+        return "(still loading)"
 
 
 def _describe_limits(who: wire.WhoAmIResponse) -> str:
@@ -66,14 +77,15 @@ def _describe_limits(who: wire.WhoAmIResponse) -> str:
 
 
 def logout() -> None:
-    """Forget the stored token (the hub address stays, for the next login)."""
-    stored = config.read_config_file()
-    if "token" in stored:
-        path = config.update_config_file({}, remove=("token", "insecure"))
-        typer.echo(f"Logged out of {stored.get('hub', 'the hub')}: removed the token from {path}")
+    """Forget the stored hub and token: chat is local again (an embedded hub) until the next login."""
+    stored = settings.read_config_file()
+    if any(key in stored for key in settings.LOGIN_KEYS):
+        path = settings.update_config_file({}, remove=settings.LOGIN_KEYS)
+        typer.echo(f"Logged out of {stored.get('hub', 'the hub')}: removed the hub and token from {path}")
     else:
-        typer.echo("No stored token: nothing to do.")
-    if config.environment_token():
-        typer.echo(
-            "Warning: SPECEDGE_TOKEN is still set in your environment and will still be used; unset it.", err=True
-        )
+        typer.echo("Not logged in: nothing to do.")
+    for variable in ("SPECEDGE_TOKEN", "SPECEDGE_HUB"):
+        if os.environ.get(variable):
+            typer.echo(
+                f"Warning: {variable} is still set in your environment and will still be used; unset it.", err=True
+            )

@@ -4,13 +4,14 @@ from __future__ import annotations
 
 import contextlib
 import json
+import sys
 from collections.abc import Callable, Iterator
-from typing import Annotated
+from typing import Annotated, TextIO
 
 import typer
 from rich.console import Console
 
-from specedge_cli import config
+from specedge_cli import paths, settings
 from specedge_cli.decoding import Conversation, DecodeSettings, Reply
 from specedge_cli.drafting.chat_template import BUILTIN_TEMPLATES, ChatTemplate
 from specedge_cli.drafting.engine import DraftEngine
@@ -18,32 +19,42 @@ from specedge_cli.errors import ModelFileError
 from specedge_cli.history import ConversationLog, History, SavedConversation, history_path
 from specedge_cli.models import DEFAULT_MODEL, ResolvedModel, resolve_model, smallest_instruct_preset
 from specedge_cli.remote.client import HubClient
-from specedge_cli.remote.embedded import EmbeddedHub
-from specedge_cli.repl import Repl, Streamer, print_figures
-from specedge_cli.settings import chat_settings
+from specedge_cli.remote.connect import connect_hub
+from specedge_cli.rendering import ReplyView
+from specedge_cli.repl import Repl, note_finish, print_figures
+from specedge_cli.settings import ChatSettings, chat_settings
+from specedge_cli.waiting import LogTail, wait_until_ready
 
 err = Console(stderr=True)
 
 
 def chat(
-    prompt: Annotated[str | None, typer.Option("--prompt", "-p", help="Answer this one prompt and exit.")] = None,
-    as_json: Annotated[bool, typer.Option("--json", help="With --prompt: print one JSON object.")] = False,
+    text: Annotated[
+        str | None, typer.Argument(metavar="[PROMPT]", help="Answer this one prompt and exit (like --prompt).")
+    ] = None,
+    prompt: Annotated[
+        str | None,
+        typer.Option("--prompt", "-p", help="Answer this one prompt and exit; - reads it from stdin."),
+    ] = None,
+    as_json: Annotated[bool, typer.Option("--json", help="With a prompt: print one JSON object.")] = False,
     hub: Annotated[
         str | None, typer.Option(help="Hub URL; default: SPECEDGE_HUB, your login, or an embedded hub.")
     ] = None,
     model: Annotated[
         str | None,
-        typer.Option("--model", "-m", help=f"Draft model: a .gguf path or a preset name [default: {DEFAULT_MODEL}]."),
+        typer.Option("--model", "-m", help=f"Draft model: a .gguf path or a preset name (default: {DEFAULT_MODEL})."),
     ] = None,
-    max_tokens: Annotated[int | None, typer.Option(min=1, help="Most tokens in one reply [default: 256].")] = None,
-    temperature: Annotated[float | None, typer.Option(min=0.0, help="0 decodes greedily [default: 0].")] = None,
-    seed: Annotated[int | None, typer.Option(min=0, help="Sampling seed for temperature > 0 [default: 0].")] = None,
+    max_tokens: Annotated[
+        int | None, typer.Option("--max-tokens", "-n", min=1, help="Most tokens in one reply (default: 256).")
+    ] = None,
+    temperature: Annotated[float | None, typer.Option(min=0.0, help="0 decodes greedily (default: 0).")] = None,
+    seed: Annotated[int | None, typer.Option(min=0, help="Sampling seed for temperature > 0 (default: 0).")] = None,
     draft_len: Annotated[
         int | None,
         typer.Option(
             min=0,
             max=64,
-            help="Draft depth per verify; 0 follows the measured draft speed and round trip (up to 16) [default: 0].",
+            help="Draft depth per verify; 0 follows the measured draft speed and round trip, up to 16 (default: 0).",
         ),
     ] = None,
     tree_budget: Annotated[
@@ -51,18 +62,20 @@ def chat(
         typer.Option(
             min=0,
             max=64,
-            help="Draft a tree of up to this many nodes per verify instead of a chain [default: 0, a chain].",
+            help="Draft a tree of up to this many nodes per verify instead of a chain (default: 0, a chain).",
         ),
     ] = None,
     proactive: Annotated[
         bool | None,
         typer.Option(
             "--proactive/--no-proactive",
-            help="Draft the next round while a verify is in flight [default: on with a hub elsewhere, off with an embedded hub].",
+            help="Draft the next round while a verify is in flight (default: on with a hub elsewhere, off with an embedded hub).",
         ),
     ] = None,
     system: Annotated[str | None, typer.Option(help="System prompt.")] = None,
-    threads: Annotated[int | None, typer.Option(min=1, help="llama.cpp threads for drafting.")] = None,
+    threads: Annotated[
+        int | None, typer.Option("--threads", "-t", min=1, help="llama.cpp threads for drafting.")
+    ] = None,
     resume_last: Annotated[
         bool, typer.Option("--continue", "-c", help="Continue the last saved conversation.")
     ] = False,
@@ -75,12 +88,17 @@ def chat(
         bool, typer.Option("--insecure", help="Allow plain http to a hub on another machine (a network you trust).")
     ] = False,
 ) -> None:
-    """Chat with the target model; with --prompt, answer once and exit.
+    """Chat with the target model; given a prompt, answer once and exit.
+
+    Piped input is the prompt, or with a prompt, context put before it: `cat notes | specedge chat "summarize"`.
 
     Every setting but --hub, --prompt and --json also comes from SPECEDGE_<NAME> or `specedge config set`.
     """
+    prompt = one_shot_prompt(text, prompt, sys.stdin)
+    if prompt is not None and not prompt.strip():
+        raise typer.BadParameter("the prompt is empty (so was stdin, if piped); give one", param_hint="PROMPT")
     if as_json and prompt is None:
-        raise typer.BadParameter("--json needs --prompt", param_hint="--json")
+        raise typer.BadParameter("--json needs a prompt", param_hint="--json")
     chosen = chat_settings(
         max_tokens=max_tokens,
         temperature=temperature,
@@ -92,29 +110,14 @@ def chat(
         threads=threads,
         offline=offline or None,
     )
-    history = History(history_path(config.data_dir())) if chosen.logs or resume_last or conversation_id else None
+    history = History(history_path(paths.data_dir())) if chosen.logs or resume_last or conversation_id else None
     saved = _saved_conversation(history, resume_last, conversation_id)
     resolved = resolve_model(
-        model or (saved.model if saved else chosen.model), config.models_dir(), offline=chosen.offline
+        model or (saved.model if saved else chosen.model), paths.models_dir(), offline=chosen.offline
     )
-    if resolved.preset and resolved.preset.base:
-        err.print(
-            f"[dim]{resolved.preset.name} is a pretrained base model: it continues text and does not follow "
-            "instructions (it is the default because it runs anywhere). For answers, chat with an instruct "
-            f"model: --model {smallest_instruct_preset().name}.[/dim]"
-        )
-    address = config.hub_address(hub)
-    # An embedded hub runs on this machine: drafting while it verifies would slow its pass down.
-    proactive = chosen.proactive if chosen.proactive is not None else bool(address.url)
-    decode = DecodeSettings(
-        max_tokens=chosen.max_tokens,
-        temperature=chosen.temperature,
-        seed=chosen.seed,
-        draft_len=chosen.draft_len,
-        tree_budget=chosen.tree_budget,
-        proactive=proactive,
-        reconnect_s=chosen.reconnect_s,
-    )
+    _note_base_model(resolved)
+    address = settings.hub_address(hub)
+    decode = _decode_settings(chosen, hub_elsewhere=bool(address.url))
     with _hub(address, resolved, insecure) as (client, hub_url, wait_for_hub):
         engine = DraftEngine(resolved.path, n_threads=chosen.threads or None)  # loads while an embedded hub starts
         wait_for_hub()
@@ -127,9 +130,51 @@ def chat(
             if prompt is not None:
                 _answer_once(conversation, prompt, as_json, hub_url)
             else:
-                Repl(conversation, hub_url).run()
+                Repl(conversation, hub_url, auto_proactive=bool(address.url)).run()
         finally:
             conversation.close()
+
+
+def _note_base_model(resolved: ResolvedModel) -> None:
+    if resolved.preset and resolved.preset.base:
+        err.print(
+            f"[dim]{resolved.preset.name} is a pretrained base model: it continues your text rather than "
+            "answering it, so it runs as plain completion (the default because it runs anywhere). For answers, "
+            f"chat with an instruct model: --model {smallest_instruct_preset().name}.[/dim]"
+        )
+
+
+def _decode_settings(chosen: ChatSettings, hub_elsewhere: bool) -> DecodeSettings:
+    # An embedded hub runs on this machine: drafting while it verifies would slow its pass down.
+    proactive = chosen.proactive if chosen.proactive is not None else hub_elsewhere
+    return DecodeSettings(
+        max_tokens=chosen.max_tokens,
+        temperature=chosen.temperature,
+        seed=chosen.seed,
+        draft_len=chosen.draft_len,
+        tree_budget=chosen.tree_budget,
+        proactive=proactive,
+        reconnect_s=chosen.reconnect_s,
+    )
+
+
+def one_shot_prompt(text: str | None, option: str | None, stdin: TextIO) -> str | None:
+    """The prompt of a one-shot chat, or None for the REPL.
+
+    `-p -` reads the prompt from stdin; otherwise piped stdin is the prompt when none is given,
+    and context before the given one when one is (how `llm` and `ollama run` treat pipes).
+    """
+    if text is not None and option is not None:
+        raise typer.BadParameter("give the prompt once: as an argument or with --prompt", param_hint="--prompt")
+    given = text if text is not None else option
+    if given == "-":
+        return stdin.read().strip()
+    if stdin is None or stdin.isatty():
+        return given
+    piped = stdin.read().strip()
+    if given is None:
+        return piped
+    return f"{piped}\n\n{given}" if piped else given
 
 
 def _saved_conversation(
@@ -165,39 +210,52 @@ def _keep(
 
 @contextlib.contextmanager
 def _hub(
-    address: config.HubAddress, resolved: ResolvedModel, insecure: bool = False
+    address: settings.HubAddress, resolved: ResolvedModel, insecure: bool = False
 ) -> Iterator[tuple[HubClient, str, Callable[[], None]]]:
-    """The hub client, its URL, and a function that waits until the hub is ready."""
-    if address.url:
-        with HubClient(address.url, address.token, insecure=address.insecure or insecure) as client:
-            yield client, address.url, lambda: None
-        return
-    # No hub anywhere: serve the draft's own GGUF as the target, so the pipeline runs anywhere.
-    embedded = EmbeddedHub(resolved.path, config.data_dir() / "embedded-hub.log")
-    with embedded:
-        err.print(
+    """The hub client, its URL, and a function that waits until the hub is ready (saying what it does)."""
+    log = LogTail.of_next_run(paths.data_dir() / "embedded-hub.log")
+    with connect_hub(
+        address.url,
+        address.token,
+        address.insecure or insecure,
+        resolved.path,
+        log.path,
+        on_embedded=lambda embedded: err.print(
             f"[dim]No hub configured: started an embedded hub at {embedded.url} "
             f"(target {resolved.path.name}); use --hub or `specedge login` for a real one.[/dim]"
-        )
-        with HubClient(embedded.url, embedded.token) as client:
-            yield client, embedded.url, embedded.wait_ready
+        ),
+    ) as connection:
+        yield connection.client, connection.url, lambda: wait_until_ready(connection, log, err)
 
 
 def _template(engine: DraftEngine, resolved: ResolvedModel) -> ChatTemplate:
-    source = engine.metadata("tokenizer.chat_template") or BUILTIN_TEMPLATES[resolved.chat_template or "plain"]
+    source = template_source(engine.metadata("tokenizer.chat_template"), resolved)
     bos = engine.detokenize([engine.bos_token_id], special=True).decode("utf-8", "replace")
     add_bos = engine.metadata("tokenizer.ggml.add_bos_token") != "false"
     return ChatTemplate(source, bos_token=bos if add_bos else "", eos_token="")
 
 
+def template_source(gguf_template: str | None, resolved: ResolvedModel) -> str:
+    """The template the prompt is laid out with. A base model gets plain completion even when its
+    GGUF carries a chat template (Gemma's base GGUF does): it was never trained to follow one."""
+    if resolved.preset and resolved.preset.base:
+        return BUILTIN_TEMPLATES["completion"]
+    return gguf_template or BUILTIN_TEMPLATES[resolved.chat_template or "completion"]
+
+
 def _answer_once(conversation: Conversation, prompt: str, as_json: bool, hub_url: str) -> None:
+    """One reply on stdout (only the reply: figures and notes go to stderr); Ctrl+C exits 130."""
     if as_json:
         reply = conversation.ask(prompt)
         print(json.dumps(_reply_json(reply, conversation, hub_url)))
-        return
-    reply = conversation.ask(prompt, on_tokens=Streamer(conversation))
-    print()
-    print_figures(reply)
+    else:
+        view = ReplyView.of(conversation)
+        reply = conversation.ask(prompt, on_tokens=view)
+        view.finish()
+        print_figures(reply)
+        note_finish(reply, conversation)
+    if reply.interrupted:
+        raise typer.Exit(130)
 
 
 def _reply_json(reply: Reply, conversation: Conversation, hub_url: str) -> dict:
@@ -205,6 +263,7 @@ def _reply_json(reply: Reply, conversation: Conversation, hub_url: str) -> dict:
         "text": reply.text,
         "token_ids": reply.token_ids,
         "prompt_token_ids": reply.prompt_token_ids,
+        "finish_reason": reply.finish_reason,
         "model": conversation.engine.path.name,
         "hub": hub_url,
         "stats": reply.stats.to_json(),

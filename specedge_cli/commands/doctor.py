@@ -7,14 +7,17 @@ import shutil
 import statistics
 import time
 from dataclasses import dataclass
+from pathlib import Path
 
 import httpx
 import typer
 from rich.console import Console
 
-from specedge_cli import config
-from specedge_cli.errors import HubError, SpecEdgeError
-from specedge_cli.models import resolve_model
+from specedge_cli import paths, settings
+from specedge_cli.drafting.vocabulary import Vocabulary
+from specedge_cli.errors import HubBusy, HubError, SpecEdgeError
+from specedge_cli.models import PRESETS, resolve_model
+from specedge_cli.remote import protocol as wire
 from specedge_cli.remote.client import HubClient
 from specedge_cli.settings import chat_settings
 
@@ -31,8 +34,9 @@ class Check:
 
 
 def doctor() -> None:
-    """Check the draft backend, the draft model, the hub, your login, round-trip time and clock."""
-    checks = [backend_check(), model_check(), *hub_checks()]
+    """Check the draft backend and model, the hub and its target, your login, the vocabulary, round trip and clock."""
+    model, draft = model_check()
+    checks = [backend_check(), model, *hub_checks(draft)]
     for check in checks:
         mark = "[green]ok[/green]  " if check.ok else "[red]fail[/red]"
         fix = f" [yellow]→ {check.fix}[/yellow]" if check.fix else ""
@@ -57,17 +61,18 @@ def backend_check() -> Check:
     return Check("backend", True, f"llama.cpp {llama_cpp.__version__} on the CPU", fix)
 
 
-def model_check() -> Check:
-    name = chat_settings().model
+def model_check() -> tuple[Check, Path | None]:
+    """The draft model's check, and its file when there is one."""
     try:
-        resolved = resolve_model(name, config.models_dir(), offline=True)
+        name = chat_settings().model
+        resolved = resolve_model(name, paths.models_dir(), offline=True)
     except SpecEdgeError as exc:
-        return Check("model", False, f"{name}: {exc.message}")
-    return Check("model", True, f"{name}: {resolved.path}")
+        return Check("model", False, exc.message), None
+    return Check("model", True, f"{name}: {resolved.path}"), resolved.path
 
 
-def hub_checks() -> list[Check]:
-    address = config.hub_address(None)
+def hub_checks(draft: Path | None) -> list[Check]:
+    address = settings.hub_address(None)
     if not address.url:
         return [
             Check(
@@ -80,9 +85,12 @@ def hub_checks() -> list[Check]:
     try:
         with HubClient(address.url, address.token, timeout_s=10, insecure=address.insecure) as client:
             round_trips, skew = _probe(address.url)
+            login = _login_check(client, address)
+            info = _hub_info(client) if login.ok else None
             return [
-                Check("hub", True, f"{address.url} answers"),
-                _login_check(client, address.token),
+                Check("hub", True, f"{address.url} answers" + (f", target {info.model}" if info else "")),
+                login,
+                *([_vocab_check(draft, info)] if info and draft else []),
                 Check(
                     "rtt", True, f"{statistics.median(round_trips):.0f} ms to the hub (median of {len(round_trips)})"
                 ),
@@ -110,12 +118,40 @@ def _probe(url: str, times: int = 5) -> tuple[list[float], float | None]:
     return round_trips, skew
 
 
-def _login_check(client: HubClient, token: str | None) -> Check:
+def _login_check(client: HubClient, address: settings.HubAddress) -> Check:
     try:
         who = client.whoami()
     except HubError as exc:
-        return Check("login", False, exc.message, "run `specedge login`")
-    return Check("login", True, f"signed in as {who.user}" if token else f"the hub needs no token ({who.user})")
+        fix = (
+            "fix or unset SPECEDGE_TOKEN (it overrides your login)"
+            if address.token_from_env
+            else "run `specedge login`"
+        )
+        return Check("login", False, exc.message, fix)
+    return Check("login", True, f"signed in as {who.user}" if address.token else f"the hub needs no token ({who.user})")
+
+
+def _hub_info(client: HubClient) -> wire.HubInfo | None:
+    try:
+        return client.info()
+    except HubBusy:  # still loading its target: nothing to compare with yet
+        return None
+
+
+def _squash(name: str) -> str:
+    """gemma-3-270m and gemma3 alike: lower case without separators."""
+    return "".join(c for c in name.lower() if c not in "-_ ")
+
+
+def _vocab_check(draft: Path, info: wire.HubInfo) -> Check:
+    """The hub refuses a session whose draft vocabulary is not its target's: say so before a chat does."""
+    fingerprint = Vocabulary.load(draft).fingerprint()
+    if fingerprint == info.vocab_fingerprint:
+        return Check("vocab", True, f"{draft.name} shares the vocabulary of the target {info.model}")
+    target = _squash(info.model)
+    family = [p.name for p in PRESETS.values() if _squash(p.target_family) in target]
+    fix = f"use a draft of the target's family: --model {family[0]}" if family else "use a draft made for that target"
+    return Check("vocab", False, f"{draft.name} has another vocabulary than the hub's target {info.model}", fix)
 
 
 def _clock_check(skew: float | None) -> Check:

@@ -9,7 +9,7 @@ from typing import Annotated
 import typer
 from rich.console import Console
 
-from specedge_cli import config
+from specedge_cli import paths, settings
 from specedge_cli.errors import ConversationNotFound
 from specedge_cli.history import History, history_path
 
@@ -18,7 +18,7 @@ out = Console(highlight=False, soft_wrap=True)
 
 
 def _history() -> History:
-    return History(history_path(config.data_dir()))
+    return History(history_path(paths.data_dir()))
 
 
 @app.command("list")
@@ -71,18 +71,18 @@ def show(
 @app.command()
 def path() -> None:
     """Where the conversation database is."""
-    print(history_path(config.data_dir()))
+    print(history_path(paths.data_dir()))
 
 
 @app.command()
 def off() -> None:
     """Stop saving new conversations."""
-    config.update_config_file({"logs": False})
+    settings.update_config_file({"logs": False})
     out.print("Conversations will not be saved; `specedge logs on` turns it back on.")
 
 
 @app.command()
 def on() -> None:
     """Save conversations (the default)."""
-    config.update_config_file({"logs": True})
-    out.print(f"Conversations are saved in {history_path(config.data_dir())}.")
+    settings.update_config_file({"logs": True})
+    out.print(f"Conversations are saved in {history_path(paths.data_dir())}.")

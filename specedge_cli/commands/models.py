@@ -9,7 +9,7 @@ import typer
 from rich.console import Console
 from rich.table import Table
 
-from specedge_cli import config
+from specedge_cli import paths
 from specedge_cli.errors import ModelFileError
 from specedge_cli.models import (
     DEFAULT_MODEL,
@@ -43,7 +43,7 @@ def list_models() -> None:
     table = Table(box=None, pad_edge=False)
     for column in ("name", "fits", "size", "state", "file"):
         table.add_column(column)
-    models_dir = config.models_dir()
+    models_dir = paths.models_dir()
     for preset in PRESETS.values():
         name = preset.name + (" (default)" if preset.name == DEFAULT_MODEL else "")
         table.add_row(
@@ -70,29 +70,29 @@ def pull(
     """Fetch a preset (resuming a partial download, checking its sha256), or register a local file."""
     if name.endswith(".gguf") or Path(name).is_file():
         local = Path(name).expanduser()
-        register_model(as_name or local.stem, local, config.models_dir())
+        register_model(as_name or local.stem, local, paths.models_dir())
         out.print(
             f"{as_name or local.stem} is {local.resolve()}; use it with `specedge chat --model {as_name or local.stem}`"
         )
         return
-    resolved = resolve_model(_preset(name).name, config.models_dir(), offline=offline)
+    resolved = resolve_model(_preset(name).name, paths.models_dir(), offline=offline)
     out.print(f"{name} is ready: {resolved.path}")
 
 
 @app.command()
 def rm(name: Annotated[str, typer.Argument(help="A preset name, or a registered file's name.")]) -> None:
     """Delete a preset's file (and any partial download); forget a registered file (kept on disk)."""
-    if unregister_model(name, config.models_dir()):
+    if unregister_model(name, paths.models_dir()):
         out.print(f"forgot {name} (the file itself is kept)")
         return
-    removed = remove_preset_files(_preset(name), config.models_dir())
+    removed = remove_preset_files(_preset(name), paths.models_dir())
     out.print(f"removed {len(removed)} file(s) of {name}" if removed else f"{name} has no files here")
 
 
 @app.command()
 def path(name: Annotated[str | None, typer.Argument(help="A preset name; default: the models folder.")] = None) -> None:
     """Where models are kept, or where one preset's file is."""
-    models_dir = config.models_dir()
+    models_dir = paths.models_dir()
     if name in registered_models(models_dir):
         print(registered_models(models_dir)[name])
         return

@@ -1,7 +1,9 @@
 """Turning chat messages into the token ids the hub sees.
 
 A GGUF that carries `tokenizer.chat_template` is rendered with it; otherwise a named built-in
-template (a preset names one) or a plain `User:`/`Assistant:` layout.
+template (a preset names one). A base model (pretrained only, or a GGUF with no template meant
+for it) runs as plain completion: the prompt is the text it continues, and a later prompt
+follows the reply after a blank line, as in a document being written.
 """
 
 from __future__ import annotations
@@ -18,6 +20,12 @@ BUILTIN_TEMPLATES = {
         "{{ m.content }}<end_of_turn>\n"
         "{% endfor %}"
         "{% if add_generation_prompt %}<start_of_turn>model\n{% endif %}"
+    ),
+    "completion": (
+        "{{ bos_token }}{% if system %}{{ system }}\n\n{% endif %}"
+        "{% for m in messages if m.role != 'system' %}"
+        "{{ m.content }}{% if m.role == 'assistant' %}\n\n{% endif %}"
+        "{% endfor %}"
     ),
     "plain": (
         "{{ bos_token }}{% if system %}{{ system }}\n\n{% endif %}"

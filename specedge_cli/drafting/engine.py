@@ -7,7 +7,6 @@ are rolled back, and only the new tokens (a user turn, the hub's bonus token) ar
 
 from __future__ import annotations
 
-import contextlib
 import os
 import time
 from collections.abc import Callable
@@ -18,9 +17,10 @@ import numpy as np
 
 from specedge_cli.drafting.draft_tree import ROOT, DraftShape, DraftTree
 from specedge_cli.drafting.sampling import Calibration, DraftSampler
+from specedge_cli.drafting.sequence_pool import SequencePools
 from specedge_cli.drafting.tree_context import TreeContext
+from specedge_cli.drafting.vocabulary import Vocabulary, quiet_stderr
 from specedge_cli.errors import ModelFileError
-from specedge_common.vocab import llama_stop_ids, llama_vocab_pieces, vocab_fingerprint
 
 
 @dataclass
@@ -35,9 +35,9 @@ class BranchTally:
 class DraftEngine:
     """Drafts chains and trees with llama.cpp, one llama_decode per tree level.
 
-    Sequence 0 holds the conversation. Draft trees live in two pools of sequences (slots): the
-    draft now being verified in one, the proactive draft below its likeliest outcome in the
-    other. `plan` syncs sequence 0 to the history the hub confirmed: it takes the proactive
+    Sequence 0 holds the conversation. Draft trees live in two pools of sequences (slots,
+    `sequence_pool.py`): the draft now being verified in one, the proactive draft below its
+    likeliest outcome in the other. `plan` syncs sequence 0 to the history the hub confirmed: it takes the proactive
     draft when its guess came true, otherwise it adopts the accepted path's cells from the old
     tree (nothing accepted is recomputed) and drafts afresh.
     """
@@ -58,7 +58,7 @@ class DraftEngine:
                 f"draft model {model_path} does not exist; run `specedge chat --model PATH` with a .gguf file"
             )
         try:
-            with _quiet_stderr():
+            with quiet_stderr():
                 # The Llama object gives the tokenizer and metadata; drafting runs in a TreeContext.
                 self.llm = llama_cpp.Llama(
                     model_path=str(model_path),
@@ -81,8 +81,8 @@ class DraftEngine:
             ) from exc
         self.path = model_path
         self.n_threads = n_threads or _default_threads()
-        self._vocab = llama_cpp.llama_model_get_vocab(self.llm.model)
-        self.vocab_size = llama_cpp.llama_vocab_n_tokens(self._vocab)
+        self.vocab = Vocabulary(self.llm)
+        self.vocab_size = self.vocab.size
         self.max_tree_nodes = max_tree_nodes
         self.sampler = DraftSampler()
         self.calibration = Calibration()
@@ -90,30 +90,30 @@ class DraftEngine:
         self._cached: list[int] = []  # the tokens sequence 0 holds
         self._current: DraftTree | None = None  # the last draft handed out, until the next plan
         self._ahead: DraftTree | None = None  # the proactive draft below the current one's guess
-        self._free = {slot: self._pool(slot) for slot in (0, 1)}
+        self._pools = SequencePools(self._context, max_tree_nodes)
 
-    # --- vocabulary -------------------------------------------------------------------
+    # --- vocabulary (`vocabulary.py`; kept here for the decode loop's convenience) --------
     def vocab_pieces(self) -> list[str]:
-        return llama_vocab_pieces(self._lib, self._vocab, self.vocab_size)
+        return self.vocab.pieces()
 
     def vocab_fingerprint(self) -> str:
-        return vocab_fingerprint(self.vocab_pieces())
+        return self.vocab.fingerprint()
 
     def stop_token_ids(self) -> list[int]:
-        return llama_stop_ids(self._lib, self._vocab, self.vocab_size)
+        return self.vocab.stop_token_ids()
 
     def metadata(self, key: str) -> str | None:
-        return self.llm.metadata.get(key)
+        return self.vocab.metadata(key)
 
     def tokenize(self, text: str, add_bos: bool) -> list[int]:
-        return self.llm.tokenize(text.encode("utf-8"), add_bos=add_bos, special=True)
+        return self.vocab.tokenize(text, add_bos)
 
     def detokenize(self, tokens: list[int], special: bool = False) -> bytes:
-        return self.llm.detokenize(tokens, special=special)
+        return self.vocab.detokenize(tokens, special)
 
     @property
     def bos_token_id(self) -> int:
-        return self.llm.token_bos()
+        return self.vocab.bos_token_id
 
     @property
     def n_ctx(self) -> int:
@@ -162,12 +162,7 @@ class DraftEngine:
             return self._promote(ahead)
         self._release(ahead)
         started = time.perf_counter()
-        room = self.n_ctx - len(history) - 1
-        shape = DraftShape(
-            max(0, min(shape.depth, room)),
-            max(0, min(shape.budget, self.max_tree_nodes, room // 2)),
-            max(1, shape.width),
-        )
+        shape = self._fit(shape, room=self.n_ctx - len(history) - 1)
         root_logits = self._sync(history)
         tree = DraftTree(list(history), root_sequence=0, slot=0, shape=shape)
         tree.frontier = [(ROOT, root_logits.copy())] if shape.depth and shape.budget else []
@@ -176,6 +171,12 @@ class DraftEngine:
         tree.draft_s = time.perf_counter() - started
         self._current = tree
         return tree
+
+    def _fit(self, shape: DraftShape, room: int) -> DraftShape:
+        """`shape` within the node budget and the context's room. A tree of `budget` nodes is at
+        most `budget` deep: levels past it would be drafted and never sent."""
+        budget = max(0, min(shape.budget, self.max_tree_nodes, room // 2))
+        return DraftShape(max(0, min(shape.depth, room, budget)), budget, max(1, shape.width))
 
     def guess(self, tree: DraftTree) -> tuple[list[int], int] | None:
         """The likeliest outcome of verifying `tree`: the accepted path's tokens and the bonus token."""
@@ -203,7 +204,9 @@ class DraftEngine:
         leaf = tree.guess_leaf()
         path, bonus = guess
         slot = 1 - tree.slot
-        root_sequence = self._free[slot].pop()
+        root_sequence = self._pools.take(slot)
+        if root_sequence is None:
+            return None
         end = len(tree.root) + len(path)
         source = tree.root_sequence if leaf == ROOT else tree.sequences[leaf]
         self._context.copy(source, root_sequence, 0, end)
@@ -211,7 +214,7 @@ class DraftEngine:
             tree.root + path + [bonus],
             root_sequence=root_sequence,
             slot=slot,
-            shape=DraftShape(min(shape.depth, room), min(shape.budget, self.max_tree_nodes), max(1, shape.width)),
+            shape=self._fit(shape, room),
         )
         ahead.tips[root_sequence] = ROOT
         self._ahead = ahead
@@ -314,8 +317,8 @@ class DraftEngine:
             source = tree.root_sequence if parent == ROOT else tree.sequences[parent]
             if source != 0 and tree.tips.get(source) == parent:
                 sequence = source
-            elif self._free[tree.slot]:
-                sequence = self._free[tree.slot].pop()
+            elif (taken := self._pools.take(tree.slot)) is not None:
+                sequence = taken
                 self._context.copy(source, sequence, 0, tree.position(node))
             else:
                 break
@@ -363,37 +366,11 @@ class DraftEngine:
                 self._cached = self._cached + [tree.tokens[n] for n in path]
         self._release(tree)
 
-    # --- sequence pools ---------------------------------------------------------------
-    def _pool(self, slot: int) -> list[int]:
-        first = 1 + slot * self.max_tree_nodes
-        return list(range(first + self.max_tree_nodes - 1, first - 1, -1))  # pop() hands out the lowest first
-
     def _release(self, tree: DraftTree | None) -> None:
         """Drop a tree's sequences (cells shared with sequence 0 stay)."""
-        if tree is None:
-            return
-        used = set(self._pool(tree.slot)) - set(self._free[tree.slot])
-        for sequence in used:
-            self._context.remove(sequence)
-        self._free[tree.slot] = self._pool(tree.slot)
+        if tree is not None:
+            self._pools.release(tree.slot)
 
 
 def _default_threads() -> int:
     return max(1, min(8, (os.cpu_count() or 2)))
-
-
-@contextlib.contextmanager
-def _quiet_stderr():
-    """llama.cpp prints its load log on fd 2 even with verbose=False; keep the terminal clean."""
-    if os.environ.get("SPECEDGE_DEBUG"):
-        yield
-        return
-    saved = os.dup(2)
-    devnull = os.open(os.devnull, os.O_WRONLY)
-    try:
-        os.dup2(devnull, 2)
-        yield
-    finally:
-        os.dup2(saved, 2)
-        os.close(devnull)
-        os.close(saved)

@@ -11,12 +11,24 @@ import secrets
 from pathlib import Path
 from types import TracebackType
 
-from specedge_cli.errors import HubUnreachable
+from specedge_cli.errors import HubNotInstalled, HubUnreachable
+from specedge_common.extras import HUB_INSTALL, missing_hub_modules
 from specedge_common.launcher import HubProcess, HubStartError
+
+
+def check_hub_installed() -> None:
+    """Refuse, in one line that says what to install, when the hub's packages are missing."""
+    missing = missing_hub_modules()
+    if missing:
+        raise HubNotInstalled(
+            f"no hub is configured, and the embedded hub needs packages this install lacks ({', '.join(missing)}): "
+            f"run `{HUB_INSTALL}`, or use a hub with --hub URL or `specedge login`"
+        )
 
 
 class EmbeddedHub:
     def __init__(self, target: Path, log_path: Path, startup_timeout_s: float = 600.0):
+        check_hub_installed()
         self.token = secrets.token_urlsafe(32)
         self.log_path = log_path
         self._timeout_s = startup_timeout_s

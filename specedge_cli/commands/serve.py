@@ -1,0 +1,144 @@
+"""`specedge serve`: an OpenAI-compatible server on loopback, like `ollama serve`, decoding
+edge-assisted (the local draft, the configured hub or an embedded one)."""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import Iterator
+from typing import Annotated
+
+import typer
+from rich.console import Console
+
+from specedge_cli import paths
+from specedge_cli.commands.chat import _template as chat_template  # the same prompt as `specedge chat`
+from specedge_cli.decoding import Conversation, DecodeSettings
+from specedge_cli.drafting.chat_template import ChatTemplate
+from specedge_cli.drafting.engine import DraftEngine
+from specedge_cli.errors import SpecEdgeError
+from specedge_cli.models import DEFAULT_MODEL, resolve_model
+from specedge_cli.remote.connect import HubConnection, connect_hub
+from specedge_cli.serve.http import ApiServer
+from specedge_cli.serve.slots import EdgeModel, Slot, SlotPool
+from specedge_cli.settings import ChatSettings, chat_settings, hub_address
+from specedge_cli.waiting import LogTail, wait_until_ready
+from specedge_common.net import is_loopback
+
+DEFAULT_PORT = 11435  # one above ollama's 11434, so both can run
+err = Console(stderr=True, highlight=False)
+
+
+def serve(
+    host: Annotated[str, typer.Option(help="Address to listen on; loopback unless --api-key is set.")] = "127.0.0.1",
+    port: Annotated[int, typer.Option(min=1, max=65535, help="Port to listen on.")] = DEFAULT_PORT,
+    model: Annotated[
+        str | None,
+        typer.Option("--model", "-m", help=f"Draft model: a .gguf path or a preset name (default: {DEFAULT_MODEL})."),
+    ] = None,
+    hub: Annotated[
+        str | None, typer.Option(help="Hub URL; default: SPECEDGE_HUB, your login, or an embedded hub.")
+    ] = None,
+    parallel: Annotated[
+        int, typer.Option(min=1, max=32, help="Requests decoded at once (one drafting context each); more wait.")
+    ] = 1,
+    queue: Annotated[
+        int, typer.Option(min=0, help="Requests that may wait for a drafting context; more get 503.")
+    ] = 64,
+    api_key: Annotated[
+        str | None,
+        typer.Option(envvar="SPECEDGE_API_KEY", help="Require this key (Authorization: Bearer KEY) on /v1 routes."),
+    ] = None,
+    max_tokens: Annotated[
+        int | None,
+        typer.Option(
+            "--max-tokens", "-n", min=1, help="Most tokens in a reply a request does not limit (default: 256)."
+        ),
+    ] = None,
+    threads: Annotated[
+        int | None, typer.Option("--threads", "-t", min=1, help="llama.cpp threads per drafting context.")
+    ] = None,
+    offline: Annotated[bool, typer.Option("--offline", help="Never download a model; use what is on disk.")] = False,
+    insecure: Annotated[
+        bool, typer.Option("--insecure", help="Allow plain http to a hub on another machine (a network you trust).")
+    ] = False,
+) -> None:
+    """Serve the hub's model through an OpenAI-compatible API (/v1/chat/completions, /v1/completions).
+
+    Fields a request leaves out (temperature, seed, max_tokens) take your `specedge config` settings.
+    """
+    if not is_loopback(host) and not api_key:
+        raise SpecEdgeError(
+            f"refusing to listen on {host} without --api-key: anyone who can reach it could use your hub"
+        )
+    chosen = chat_settings(max_tokens=max_tokens, threads=threads, offline=offline or None)
+    resolved = resolve_model(model or chosen.model, paths.models_dir(), offline=chosen.offline)
+    address = hub_address(hub)
+    log = LogTail.of_next_run(paths.data_dir() / "embedded-hub.log")
+    with connect_hub(
+        address.url,
+        address.token,
+        address.insecure or insecure,
+        resolved.path,
+        log.path,
+        on_embedded=lambda embedded: err.print(
+            f"[dim]No hub configured: started an embedded hub at {embedded.url} (target {resolved.path.name}).[/dim]"
+        ),
+    ) as connection:
+        engines = [DraftEngine(resolved.path, n_threads=chosen.threads or None) for _ in range(parallel)]
+        wait_until_ready(connection, log, err)  # a loading hub is waited for; a conversion shows its progress
+        edge = _edge_model(
+            connection, engines, chat_template(engines[0], resolved), _decode_settings(chosen, connection), queue
+        )
+        with _listening(host, port, edge, api_key) as server:
+            err.print(
+                f"specedge serve: http://{host}:{port}/v1 · model {edge.model_id} · hub {connection.url} · "
+                f"{parallel} drafting context{'s' if parallel > 1 else ''}; Ctrl+C stops"
+            )
+            with contextlib.suppress(KeyboardInterrupt):
+                server.serve_forever()
+        for slot in edge.pool.slots:
+            slot.conversation.close()
+
+
+def _decode_settings(chosen: ChatSettings, connection: HubConnection) -> DecodeSettings:
+    # An embedded hub runs on this machine: drafting while it verifies would slow its pass down.
+    proactive = chosen.proactive if chosen.proactive is not None else connection.embedded is None
+    return DecodeSettings(
+        max_tokens=chosen.max_tokens,
+        temperature=chosen.temperature,
+        seed=chosen.seed,
+        draft_len=chosen.draft_len,
+        tree_budget=chosen.tree_budget,
+        proactive=proactive,
+        reconnect_s=chosen.reconnect_s,
+    )
+
+
+def _edge_model(
+    connection: HubConnection,
+    engines: list[DraftEngine],
+    template: ChatTemplate,
+    settings: DecodeSettings,
+    max_waiting: int,
+) -> EdgeModel:
+    """The pool of drafting contexts; the first opens a hub session now, so a refused draft fails at start."""
+    fingerprint = engines[0].vocab_fingerprint()
+    conversations = [
+        Conversation(engine, connection.client, template, settings, vocab_fingerprint=fingerprint) for engine in engines
+    ]
+    conversations[0].open()
+    info = connection.client.info()
+    add_bos = engines[0].metadata("tokenizer.ggml.add_bos_token") != "false"
+    return EdgeModel(info.model, SlotPool([Slot(c) for c in conversations], max_waiting), settings, add_bos)
+
+
+@contextlib.contextmanager
+def _listening(host: str, port: int, edge: EdgeModel, api_key: str | None) -> Iterator[ApiServer]:
+    try:
+        server = ApiServer((host, port), edge, api_key)
+    except OSError as exc:
+        raise SpecEdgeError(f"cannot listen on {host}:{port} ({exc.strerror}); choose another with --port") from exc
+    try:
+        yield server
+    finally:
+        server.server_close()

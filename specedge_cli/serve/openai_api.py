@@ -1,0 +1,265 @@
+"""The part of OpenAI's API that `specedge serve` speaks: requests checked into dataclasses, answers
+and stream chunks built as plain dicts (no validation library, so the client stays light).
+
+What SpecEdge cannot honour is refused with a clear 400 rather than ignored: the reply is always
+exactly the target's own decoding at the given temperature, so nucleus sampling, penalties,
+several choices, log-probabilities and tools are not offered.
+"""
+
+from __future__ import annotations
+
+import secrets
+import time
+from dataclasses import dataclass
+from typing import Any
+
+from specedge_cli.errors import ApiError
+
+MAX_STOPS = 4  # as OpenAI
+
+
+@dataclass(frozen=True)
+class Options:
+    """What a request asks of the decoding; None takes the server's setting."""
+
+    max_tokens: int | None = None
+    temperature: float | None = None
+    seed: int | None = None
+    stop: tuple[str, ...] = ()
+    stream: bool = False
+    include_usage: bool = False
+
+
+@dataclass(frozen=True)
+class ChatRequest:
+    model: str
+    system: str
+    exchanges: tuple[tuple[str, str], ...]  # the (user, assistant) pairs before the last user message
+    prompt: str  # the last user message
+    options: Options
+
+
+@dataclass(frozen=True)
+class CompletionRequest:
+    model: str
+    prompt: str | tuple[int, ...]  # text, or token ids
+    options: Options
+
+
+@dataclass(frozen=True)
+class Answer:
+    """A finished reply, in the terms OpenAI's answers need."""
+
+    text: str
+    finish_reason: str
+    prompt_tokens: int
+    completion_tokens: int
+    cached_tokens: int  # prompt tokens the hub session and the draft already held from an earlier request
+
+    def usage(self) -> dict:
+        return {
+            "prompt_tokens": self.prompt_tokens,
+            "completion_tokens": self.completion_tokens,
+            "total_tokens": self.prompt_tokens + self.completion_tokens,
+            "prompt_tokens_details": {"cached_tokens": self.cached_tokens},
+        }
+
+
+# --- reading requests --------------------------------------------------------------------------
+_REFUSED: dict[
+    str, tuple[tuple[object, ...], str]
+] = {  # field: (the values that ask for nothing, why any other is refused)
+    "n": ((1,), "n must be 1: one choice per request"),
+    "best_of": ((1,), "best_of must be 1: one choice per request"),
+    "logprobs": ((False, 0), "logprobs are not available: the hub sends token ids only"),
+    "top_logprobs": ((0,), "logprobs are not available: the hub sends token ids only"),
+    "echo": ((False,), "echo is not supported"),
+    "suffix": (("",), "suffix (insertion) is not supported"),
+    "top_p": ((1,), "top_p must be 1: SpecEdge samples the target's whole distribution at the temperature"),
+    "frequency_penalty": ((0,), "frequency_penalty must be 0: the reply is the target's own distribution"),
+    "presence_penalty": ((0,), "presence_penalty must be 0: the reply is the target's own distribution"),
+    "logit_bias": (({},), "logit_bias is not supported: the reply is the target's own distribution"),
+    "tools": (([],), "tools are not supported"),
+    "functions": (([],), "functions are not supported"),
+}
+
+
+def chat_request(body: Any) -> ChatRequest:
+    """A `POST /v1/chat/completions` body, checked."""
+    body = _object(body)
+    system, turns = _conversation(_required(body, "messages", list))
+    if not turns or turns[-1][0] != "user":
+        raise ApiError("the last message must come from the user", param="messages")
+    exchanges = tuple((turns[i][1], turns[i + 1][1]) for i in range(0, len(turns) - 1, 2))
+    return ChatRequest(_model(body), system, exchanges, turns[-1][1], _options(body))
+
+
+def completion_request(body: Any) -> CompletionRequest:
+    """A `POST /v1/completions` body, checked: the prompt is one text or one list of token ids."""
+    body = _object(body)
+    return CompletionRequest(_model(body), _prompt(body.get("prompt")), _options(body))
+
+
+def _object(body: Any) -> dict:
+    if not isinstance(body, dict):
+        raise ApiError("the request body must be a JSON object")
+    for name, (neutral, why) in _REFUSED.items():
+        value = body.get(name)
+        if value is not None and value not in neutral:
+            raise ApiError(why, param=name)
+    return body
+
+
+def _required(body: dict, name: str, kind: type) -> Any:
+    if name not in body:
+        raise ApiError(f"missing required parameter: {name!r}", param=name)
+    value = body[name]
+    if not isinstance(value, kind):
+        raise ApiError(f"{name!r} must be {_kind_name(kind)}", param=name)
+    return value
+
+
+def _model(body: dict) -> str:
+    return _required(body, "model", str)
+
+
+def _conversation(messages: list) -> tuple[str, list[tuple[str, str]]]:
+    """The system prompt and the user/assistant turns, which must alternate, starting with the user."""
+    system: list[str] = []
+    turns: list[tuple[str, str]] = []
+    for index, message in enumerate(messages):
+        param = f"messages[{index}]"
+        if not isinstance(message, dict) or not isinstance(message.get("role"), str):
+            raise ApiError(f"{param} must be an object with a 'role'", param=param)
+        role, content = message["role"], _content(message.get("content"), param)
+        if role in ("system", "developer"):
+            if turns:
+                raise ApiError(f"{param}: system messages must come before the conversation", param=param)
+            system.append(content)
+        elif role in ("user", "assistant"):
+            expected = "user" if len(turns) % 2 == 0 else "assistant"
+            if role != expected:
+                raise ApiError(f"{param}: expected a {expected} message (user and assistant take turns)", param=param)
+            turns.append((role, content))
+        else:
+            raise ApiError(f"{param}: role {role!r} is not supported (system, user, assistant)", param=param)
+    return "\n\n".join(system), turns
+
+
+def _content(content: Any, param: str) -> str:
+    """A message's text: a string, or a list of text parts."""
+    if isinstance(content, str):
+        return content
+    if isinstance(content, list) and all(isinstance(p, dict) and p.get("type") == "text" for p in content):
+        return "".join(str(part.get("text", "")) for part in content)
+    raise ApiError(f"{param}.content must be text (a string or text parts)", param=f"{param}.content")
+
+
+def _prompt(prompt: Any) -> str | tuple[int, ...]:
+    if isinstance(prompt, list) and len(prompt) == 1 and isinstance(prompt[0], (str, list)):
+        prompt = prompt[0]  # a batch of one
+    if isinstance(prompt, str):
+        return prompt
+    if isinstance(prompt, list) and prompt and all(isinstance(t, int) and not isinstance(t, bool) for t in prompt):
+        return tuple(prompt)
+    raise ApiError("'prompt' must be a string or a list of token ids (one prompt per request)", param="prompt")
+
+
+def _options(body: dict) -> Options:
+    stream = _optional(body, "stream", bool, False)
+    stream_options = _optional(body, "stream_options", dict, None)
+    if stream_options is not None and not stream:
+        raise ApiError("stream_options is only allowed with stream: true", param="stream_options")
+    limit = body.get("max_completion_tokens", body.get("max_tokens"))
+    return Options(
+        max_tokens=_number("max_tokens", limit, int, low=1),
+        temperature=_number("temperature", body.get("temperature"), float, low=0, high=2),
+        seed=_number("seed", body.get("seed"), int, low=0),
+        stop=_stops(body.get("stop")),
+        stream=stream,
+        include_usage=bool((stream_options or {}).get("include_usage", False)),
+    )
+
+
+def _optional(body: dict, name: str, kind: type, default: Any) -> Any:
+    value = body.get(name)
+    if value is None:
+        return default
+    if not isinstance(value, kind):
+        raise ApiError(f"{name!r} must be {_kind_name(kind)}", param=name)
+    return value
+
+
+def _number(name: str, value: Any, kind: type, low: float, high: float | None = None) -> Any:
+    if value is None:
+        return None
+    whole = isinstance(value, int) or (isinstance(value, float) and value.is_integer())
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or (kind is int and not whole):
+        raise ApiError(f"{name!r} must be {_kind_name(kind)}", param=name)
+    if value < low or (high is not None and value > high):
+        bounds = f"between {low:g} and {high:g}" if high is not None else f"at least {low:g}"
+        raise ApiError(f"{name!r} must be {bounds}, not {value!r}", param=name)
+    return kind(value)
+
+
+def _stops(stop: Any) -> tuple[str, ...]:
+    if stop is None:
+        return ()
+    stops = [stop] if isinstance(stop, str) else stop
+    if not isinstance(stops, list) or not all(isinstance(s, str) and s for s in stops) or len(stops) > MAX_STOPS:
+        raise ApiError(f"'stop' must be a non-empty string or a list of up to {MAX_STOPS} of them", param="stop")
+    return tuple(stops)
+
+
+def _kind_name(kind: type) -> str:
+    return {int: "an integer", float: "a number", bool: "a boolean", str: "a string", list: "an array"}.get(
+        kind, "an object"
+    )
+
+
+# --- writing answers ---------------------------------------------------------------------------
+def error_body(error: ApiError) -> dict:
+    return {"error": {"message": error.message, "type": error.type, "param": error.param, "code": error.code}}
+
+
+def new_id(kind: str) -> str:
+    return f"{'chatcmpl' if kind == 'chat' else 'cmpl'}-{secrets.token_hex(12)}"
+
+
+def model_list(model: str, created: int) -> dict:
+    return {"object": "list", "data": [model_card(model, created)]}
+
+
+def model_card(model: str, created: int) -> dict:
+    return {"id": model, "object": "model", "created": created, "owned_by": "specedge"}
+
+
+def chat_completion(request_id: str, model: str, answer: Answer) -> dict:
+    message = {"role": "assistant", "content": answer.text, "refusal": None}
+    choice = {"index": 0, "message": message, "logprobs": None, "finish_reason": answer.finish_reason}
+    return _envelope(request_id, "chat.completion", model, [choice]) | {"usage": answer.usage()}
+
+
+def text_completion(request_id: str, model: str, answer: Answer) -> dict:
+    choice = {"index": 0, "text": answer.text, "logprobs": None, "finish_reason": answer.finish_reason}
+    return _envelope(request_id, "text_completion", model, [choice]) | {"usage": answer.usage()}
+
+
+def chat_chunk(request_id: str, model: str, delta: dict, finish_reason: str | None = None) -> dict:
+    choice = {"index": 0, "delta": delta, "logprobs": None, "finish_reason": finish_reason}
+    return _envelope(request_id, "chat.completion.chunk", model, [choice])
+
+
+def text_chunk(request_id: str, model: str, text: str, finish_reason: str | None = None) -> dict:
+    choice = {"index": 0, "text": text, "logprobs": None, "finish_reason": finish_reason}
+    return _envelope(request_id, "text_completion", model, [choice])
+
+
+def usage_chunk(request_id: str, model: str, kind: str, answer: Answer) -> dict:
+    """The last chunk of a stream that asked for `stream_options.include_usage`: no choices, the usage."""
+    obj = "chat.completion.chunk" if kind == "chat" else "text_completion"
+    return _envelope(request_id, obj, model, []) | {"usage": answer.usage()}
+
+
+def _envelope(request_id: str, obj: str, model: str, choices: list) -> dict:
+    return {"id": request_id, "object": obj, "created": int(time.time()), "model": model, "choices": choices}

@@ -1,0 +1,241 @@
+"""Drafting contexts for `specedge serve`, and the requests they decode.
+
+A slot is one draft engine (its llama.cpp context and KV cache) with the hub session of the
+conversation it last served. A request goes to the free slot whose history it continues furthest:
+a chat whose earlier turns are that slot's turns (same texts, so the same token ids: the replies'
+tokens are the ones the target produced), or a completion whose prompt tokens start with that
+slot's history. Then only the new tokens travel to the hub, and the draft re-evaluates nothing it
+holds. With every slot busy, requests wait in a queue, first come first served.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import threading
+import time
+from collections import deque
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, replace
+
+from specedge_cli.decoding import STOP, Conversation, DecodeSettings
+from specedge_cli.errors import ApiError, HubBusy, HubError, HubRejected, HubUnreachable, SpecEdgeError
+from specedge_cli.serve.openai_api import Answer, ChatRequest, CompletionRequest, Options
+from specedge_cli.serve.reply_text import ReplyText
+
+# Sees reply text as it becomes final; returns False when the client has gone away.
+OnText = Callable[[str], bool]
+
+
+@dataclass
+class Slot:
+    conversation: Conversation
+    holds_chat: bool = True  # the conversation's turns describe its history (not so after a completion)
+    last_used: float = 0.0
+
+    def chat_overlap(self, request: ChatRequest) -> int:
+        """How many of this slot's history tokens `request` continues: the turns both have."""
+        return sum(
+            len(t.prompt_token_ids) + len(t.token_ids) for t in self.conversation.turns[: self._same_turns(request)]
+        )
+
+    def _same_turns(self, request: ChatRequest) -> int:
+        conversation = self.conversation
+        if not self.holds_chat or conversation.system != request.system:
+            return 0
+        same = 0
+        for turn, (prompt, reply) in zip(conversation.turns, request.exchanges):
+            if turn.prompt != prompt or turn.reply != reply or turn.interrupted:
+                break
+            same += 1
+        return same
+
+    def token_overlap(self, tokens: list[int]) -> int:
+        """How many of this slot's history tokens start `tokens` (all of them, or none)."""
+        history = self.conversation.history
+        return len(history) if history == tokens[: len(history)] else 0
+
+    def take_up_chat(self, request: ChatRequest) -> None:
+        """Make the conversation the request's history: the turns both have, then the rest from its text."""
+        conversation, same = self.conversation, self._same_turns(request)
+        if same:
+            conversation.restore(conversation.turns[:same])
+        else:
+            conversation.reset(request.system)
+        for prompt, reply in request.exchanges[same:]:
+            conversation.add_exchange(prompt, reply)
+        self.holds_chat = True
+
+    def take_up_tokens(self, tokens: list[int]) -> list[int]:
+        """Make the conversation hold the part of `tokens` it can keep; the rest, to send."""
+        keep = self.token_overlap(tokens)
+        self.conversation.reset()
+        self.conversation.history = tokens[:keep]
+        self.holds_chat = False
+        return tokens[keep:]
+
+
+class SlotPool:
+    """The slots, handed to one request at a time each; the others queue, first come first served."""
+
+    def __init__(self, slots: list[Slot], max_waiting: int = 64):
+        self.slots = slots
+        self.max_waiting = max_waiting
+        self._free = list(slots)
+        self._queue: deque[object] = deque()
+        self._changed = threading.Condition()
+
+    @contextlib.contextmanager
+    def take(self, overlap: Callable[[Slot], int]) -> Iterator[Slot]:
+        """The free slot with the largest `overlap` (then the one idle longest), once it is this request's turn."""
+        slot = self._acquire(overlap)
+        try:
+            yield slot
+        finally:
+            with self._changed:
+                slot.last_used = time.monotonic()
+                self._free.append(slot)
+                self._changed.notify_all()
+
+    def _acquire(self, overlap: Callable[[Slot], int]) -> Slot:
+        ticket = object()
+        with self._changed:
+            if not self._free and len(self._queue) >= self.max_waiting:
+                raise ApiError(
+                    f"the server is busy ({len(self.slots)} requests decoding, {len(self._queue)} waiting); "
+                    "retry shortly, or start `specedge serve` with a larger --parallel",
+                    status=503,
+                    code="server_busy",
+                )
+            self._queue.append(ticket)
+            while self._queue[0] is not ticket or not self._free:
+                self._changed.wait()
+            self._queue.popleft()
+            slot = max(self._free, key=lambda s: (overlap(s), -s.last_used))
+            self._free.remove(slot)
+            self._changed.notify_all()  # the next in the queue may take another free slot
+            return slot
+
+
+class EdgeModel:
+    """The one model `specedge serve` offers: the hub's target, drafted for by the pool's slots."""
+
+    def __init__(self, model_id: str, pool: SlotPool, defaults: DecodeSettings, add_bos: bool):
+        self.model_id = model_id
+        self.pool = pool
+        self.defaults = defaults
+        self.add_bos = add_bos
+        self.created = int(time.time())
+        self._tokenizer = pool.slots[0].conversation.engine  # tokenizing reads the vocabulary only
+
+    def check_model(self, model: str) -> None:
+        if model not in (self.model_id, "specedge"):
+            raise ApiError(
+                f"the model {model!r} does not exist here; this server serves {self.model_id!r} (GET /v1/models)",
+                status=404,
+                code="model_not_found",
+                param="model",
+            )
+
+    def chat(self, request: ChatRequest, on_text: OnText) -> Answer:
+        """Answer the last user message of a chat, as `specedge chat` would after the same turns."""
+        self.check_model(request.model)
+        with self.pool.take(lambda slot: slot.chat_overlap(request)) as slot:
+            conversation = slot.conversation
+            conversation.change_settings(self._settings(request.options))
+            slot.take_up_chat(request)
+            cached, before = self._held(conversation), len(conversation.history)
+            text = self._reply_text(conversation, request.options)
+            relay = _Relay(text, on_text)
+            try:
+                reply = conversation.ask(request.prompt, on_tokens=relay)
+            except HubError as exc:
+                raise _hub_failure(exc) from exc
+            return self._answer(
+                text, relay, reply.finish_reason, before + len(reply.prompt_token_ids), reply.token_ids, cached
+            )
+
+    def complete(self, request: CompletionRequest, on_text: OnText) -> Answer:
+        """Continue a prompt (plain completion: no chat template)."""
+        self.check_model(request.model)
+        tokens = self._prompt_tokens(request.prompt)
+        with self.pool.take(lambda slot: slot.token_overlap(tokens)) as slot:
+            conversation = slot.conversation
+            conversation.change_settings(self._settings(request.options))
+            pending = slot.take_up_tokens(tokens)
+            cached = self._held(conversation)
+            text = self._reply_text(conversation, request.options)
+            relay = _Relay(text, on_text)
+            try:
+                generation = conversation.decoder.generate(pending, on_tokens=relay)
+            except HubError as exc:
+                raise _hub_failure(exc) from exc
+            if generation.error is not None:
+                raise _hub_failure(generation.error) from generation.error
+            return self._answer(text, relay, generation.finish_reason, len(tokens), generation.tokens, cached)
+
+    def _settings(self, options: Options) -> DecodeSettings:
+        """The server's settings, with what the request chose."""
+        d = self.defaults
+        return replace(
+            d,
+            max_tokens=d.max_tokens if options.max_tokens is None else options.max_tokens,
+            temperature=d.temperature if options.temperature is None else options.temperature,
+            seed=d.seed if options.seed is None else options.seed,
+        )
+
+    def _prompt_tokens(self, prompt: str | tuple[int, ...]) -> list[int]:
+        if isinstance(prompt, tuple):
+            vocab = self._tokenizer.vocab_size
+            if not all(0 <= token < vocab for token in prompt):
+                raise ApiError(f"'prompt' holds token ids outside the vocabulary [0, {vocab})", param="prompt")
+            return list(prompt)
+        tokens = self._tokenizer.tokenize(prompt, add_bos=self.add_bos)
+        if not tokens:
+            raise ApiError("'prompt' is empty", param="prompt")
+        return tokens
+
+    @staticmethod
+    def _held(conversation: Conversation) -> int:
+        return conversation.session.reusable_for(conversation.history, conversation.settings.sampling)
+
+    @staticmethod
+    def _reply_text(conversation: Conversation, options: Options) -> ReplyText:
+        return ReplyText(conversation.engine.detokenize, conversation.stop_token_ids, options.stop)
+
+    @staticmethod
+    def _answer(
+        text: ReplyText, relay: _Relay, finish_reason: str, prompt_tokens: int, reply_tokens: list[int], cached: int
+    ) -> Answer:
+        rest = text.finish()
+        if rest:
+            relay.on_text(rest)
+        if text.stopped:
+            finish_reason = STOP
+        return Answer(text.text, finish_reason, prompt_tokens, len(reply_tokens), cached)
+
+
+class _Relay:
+    """Hands reply text to the client as tokens are accepted; ends the reply at a stop sequence
+    or when the client has gone away."""
+
+    def __init__(self, text: ReplyText, on_text: OnText):
+        self.text = text
+        self.on_text = on_text
+        self.client_gone = False
+
+    def __call__(self, tokens: list[int]) -> bool:
+        piece = self.text.add(tokens)
+        if piece and not self.on_text(piece):
+            self.client_gone = True
+        return self.client_gone or self.text.stopped
+
+
+def _hub_failure(exc: SpecEdgeError) -> ApiError:
+    """A hub failure, as the API's client should see it."""
+    if isinstance(exc, HubRejected) and exc.code == "context_too_long":
+        return ApiError(exc.message, status=400, code="context_length_exceeded", param="messages")
+    if isinstance(exc, HubBusy):
+        return ApiError(exc.message, status=429, code="hub_busy")
+    if isinstance(exc, HubUnreachable):
+        return ApiError(exc.message, status=503, code="hub_unreachable")
+    return ApiError(exc.message, status=502, code="hub_error")
