@@ -73,9 +73,14 @@ def users_list(data_dir: DataDir = None, as_json: AsJson = False) -> None:
 
 @users_app.command("remove")
 def users_remove(name: str, data_dir: DataDir = None, as_json: AsJson = False) -> None:
-    """Remove a user and all of their tokens (effective on their next request)."""
+    """Remove a user and all of their tokens (effective on their next request); a running hub
+    closes their sessions within seconds."""
     _run(lambda: _accounts(data_dir).remove_user(name))
-    _print({"removed": name}, as_json, f"removed user {name} and their tokens")
+    _print(
+        {"removed": name},
+        as_json,
+        f"removed user {name} and their tokens; a running hub closes their sessions within seconds",
+    )
 
 
 _UNITS = {"s": 1, "m": 60, "h": 3600, "d": 86400, "w": 7 * 86400}

@@ -60,6 +60,11 @@ class EngineStats:
     verify_passes: dict[int, PassTally]  # by sessions in the pass
     pass_fixed_seconds: float | None  # fitted device time of a pass beyond its tokens
     pass_token_seconds: float | None  # fitted device time per token of a pass
+    past_kv_bytes_copied: int = 0  # sessions' past keys and values passes read through a copy (0: in place)
+    kept_kv_bytes_moved: int = 0  # keys and values of accepted tree nodes moved within their slots
+    compiled_hits: int = 0  # verify passes run by a bucket compiled at start (--compile on)
+    compiled_misses: int = 0  # verify passes no compiled bucket fitted, run eagerly
+    compiled_buckets: int = 0  # pass shapes compiled at start
 
 
 class Engine(Protocol):

@@ -4,6 +4,7 @@ reached only through `engine_api.Engine`)."""
 from __future__ import annotations
 
 import asyncio
+import logging
 import threading
 import time
 from collections.abc import Iterator
@@ -14,33 +15,57 @@ from typing import TYPE_CHECKING
 import anyio
 
 from hub_server import protocol as wire
+from hub_server.accounts import TokenCheck
 from hub_server.config import HubSettings
 from hub_server.engine_api import Engine, VerifyJob
-from hub_server.errors import BadRequest, ContextTooLong, HubFull, RateLimited, SessionNotFound, VocabMismatch
+from hub_server.errors import (
+    AccountsUnavailable,
+    BadRequest,
+    ContextTooLong,
+    HubFull,
+    RateLimited,
+    SessionNotFound,
+    VocabMismatch,
+)
 from hub_server.limits import AdmissionGate, TokenBudgets
-from hub_server.metrics import HubMetrics
-from hub_server.metrics import render as render_metrics
+from hub_server.metrics import HubCollector, HubFigures, HubMetrics
 from hub_server.scheduler import Announcement, Scheduler
-from hub_server.sessions import LOCAL_USER, Session, SessionStore
+from hub_server.sessions import LOCAL_OWNER, Owner, Session, SessionStore
 from hub_server.tree import chain_parents, node_depths, tree_problem
 
 if TYPE_CHECKING:
     from hub_server.engine.drafter import HubDrafter
 
+log = logging.getLogger("hub_server")
+
+# A full hub gives a new session the slot of its longest-idle session, but only of one idle at
+# least this long (or --session-idle-s, if that is shorter): a user reading a reply keeps theirs.
+FULL_HUB_IDLE_FLOOR_S = 30.0
+SWEEP_EVERY_S = 2.0  # how often idle sessions and those of removed accounts are looked for
+
 
 class Hub:
-    def __init__(self, settings: HubSettings, engine: Engine):
+    def __init__(
+        self,
+        settings: HubSettings,
+        engine: Engine,
+        metrics: HubMetrics | None = None,
+        accounts: TokenCheck | None = None,
+    ):
         self.settings = settings
         self.engine = engine
+        self.accounts = accounts  # where removed accounts are found out; None: no accounts
         self.sessions = SessionStore()
+        self.metrics = metrics or HubMetrics()
         self.scheduler = Scheduler(
-            engine.verify_batch,
+            self._verify_pass,
             max_batch=settings.max_batch,
             max_wait_s=settings.batch_wait_ms / 1000,
             merge_share=settings.merge_wait_share,
             pass_fixed_s=engine.pass_fixed_s,
+            on_pass=self.metrics.record_pass,
         )
-        self.metrics = HubMetrics()
+        self.metrics.registry.register(HubCollector(self._figures, lambda: {None: self.engine.stats()}))
         self.budgets = TokenBudgets(settings.tokens_per_minute)
         self.gate = AdmissionGate(settings.max_queue_depth)
         self._admission = threading.Lock()  # the session caps are checked and taken as one step
@@ -59,33 +84,44 @@ class Hub:
             modes=["specedge", "autoregressive"] + (["speculative"] if self.drafter else []),
         )
 
-    def metrics_page(self) -> str:
-        device = self.engine.stats()
-        gauges = {
-            "active_sessions": len(self.sessions),
-            "queue_depth": self.scheduler.queue_depth,
-            "kv_bytes": device.kv_bytes_used,
-            "kv_bytes_reserved": device.kv_bytes_reserved,
-            "hub_draft_seconds": self.drafter.busy_seconds if self.drafter else 0.0,
-            "device_busy_seconds": device.device_busy_seconds,
-            "prefill_seconds": device.feeds.seconds,
-            "pass_fixed_seconds": device.pass_fixed_seconds or 0.0,
-            "pass_token_seconds": device.pass_token_seconds or 0.0,
-            "verify_context_tokens": device.context_in_verify,
-            "user_return_seconds": self.scheduler.usual_return_s() or 0.0,
-            "verify_passes": {size: (tally.passes, tally.seconds) for size, tally in device.verify_passes.items()},
-        }
-        return render_metrics(self.metrics, gauges, self.scheduler.stats)
+    def metrics_page(self) -> bytes:
+        """The Prometheus text page of this hub's registry."""
+        return self.metrics.page()
 
-    def whoami(self, user: str) -> wire.WhoAmIResponse:
+    def _figures(self) -> HubFigures:
+        stats = self.scheduler.stats
+        return HubFigures(
+            active_sessions=len(self.sessions),
+            queue_depth=self.scheduler.queue_depth,
+            last_batch_size=stats.last_batch_size,
+            batches=stats.batches,
+            batched_jobs=stats.jobs,
+            merge_waits=stats.merge_waits,
+            merge_wait_seconds=stats.merge_wait_seconds,
+            user_return_seconds=self.scheduler.usual_return_s() or 0.0,
+            hub_draft_seconds=self.drafter.busy_seconds if self.drafter else 0.0,
+            tokens_per_verify=self.metrics.mean_tokens_per_verify(),
+        )
+
+    def _verify_pass(self, jobs: list[VerifyJob]) -> None:
+        """One batched pass on the engine (the scheduler's thread), its device time observed: the
+        engine's verify-pass tallies grow by exactly this pass's, as only this thread runs them."""
+        before = _verify_pass_seconds(self.engine)
+        self.engine.verify_batch(jobs)
+        self.metrics.pass_device_seconds.observe(_verify_pass_seconds(self.engine) - before)
+
+    def whoami(self, owner: Owner = LOCAL_OWNER) -> wire.WhoAmIResponse:
         limits = wire.UserLimits(
             max_sessions_per_user=self.settings.max_sessions_per_user, tokens_per_minute=self.settings.tokens_per_minute
         )
         return wire.WhoAmIResponse(
-            user=user, limits=limits, sessions=self.sessions.count(user), tokens_left=self.budgets.remaining(user)
+            user=owner.name,
+            limits=limits,
+            sessions=self.sessions.count(owner),
+            tokens_left=self.budgets.remaining(owner),
         )
 
-    def open_session(self, request: wire.OpenSessionRequest, owner: str = LOCAL_USER) -> wire.OpenSessionResponse:
+    def open_session(self, request: wire.OpenSessionRequest, owner: Owner = LOCAL_OWNER) -> wire.OpenSessionResponse:
         if request.protocol_version != wire.PROTOCOL_VERSION:
             raise BadRequest(
                 f"this hub speaks protocol version {wire.PROTOCOL_VERSION}, the client "
@@ -102,7 +138,7 @@ class Hub:
         with self._admission:
             self._check_user_sessions(owner)
             if len(self.sessions) >= self.settings.max_sessions:
-                self._evict(self.settings.session_idle_s / 10)  # when full, idle sessions go sooner
+                self._make_room()
             kv = self.engine.new_kv() if len(self.sessions) < self.settings.max_sessions else None
             if kv is None:
                 raise HubFull(
@@ -122,16 +158,25 @@ class Hub:
             max_context=self.engine.max_context,
         )
 
-    def _check_user_sessions(self, owner: str) -> None:
+    def _make_room(self) -> None:
+        """A full hub: the longest-idle session gives up its slot, if it has idled long enough.
+        Only one: a new session needs one slot, and every user evicted pays a prefill to resume."""
+        floor = min(FULL_HUB_IDLE_FLOOR_S, self.settings.session_idle_s)
+        session = self.sessions.take_longest_idle(floor)
+        if session is not None:
+            self.metrics.evicted_sessions.inc()
+            self._retire(session)
+
+    def _check_user_sessions(self, owner: Owner) -> None:
         limit = self.settings.max_sessions_per_user
         if limit and self.sessions.count(owner) >= limit:
             raise RateLimited(
-                f"user {owner!r} already has {limit} open sessions, this hub's limit per user; "
+                f"user {owner.name!r} already has {limit} open sessions, this hub's limit per user; "
                 "close one (end another chat) or retry later",
                 retry_after_s=10,
             )
 
-    def feed(self, session_id: str, request: wire.FeedRequest, owner: str = LOCAL_USER) -> wire.FeedResponse:
+    def feed(self, session_id: str, request: wire.FeedRequest, owner: Owner = LOCAL_OWNER) -> wire.FeedResponse:
         session = self.sessions.get(session_id, owner)
         self.budgets.charge(owner, len(request.tokens))
         with self.gate.admit(), session.lock:
@@ -143,10 +188,11 @@ class Hub:
             return wire.FeedResponse(context_len=len(session.context))
 
     async def verify(
-        self, session_id: str, request: wire.VerifyRequest, owner: str = LOCAL_USER
+        self, session_id: str, request: wire.VerifyRequest, owner: Owner = LOCAL_OWNER
     ) -> wire.VerifyResponse:
         """Verify one draft. Runs on the event loop: the only thread hops are to the scheduler's
         worker and back."""
+        arrived = time.perf_counter()
         session = self.sessions.get(session_id, owner)
         # The target computes every sent token and every draft node, plus the bonus token.
         self.budgets.charge(owner, len(request.tokens) + len(request.draft) + 1)
@@ -162,7 +208,7 @@ class Hub:
                 raise
             # The result is applied, and the session released, when the pass ends, even if this
             # request is cancelled meanwhile: the session's KV and context must stay in step.
-            future.add_done_callback(lambda done: self._finish(session, job, "specedge", started, done))
+            future.add_done_callback(lambda done: self._finish(session, job, "specedge", arrived, done))
             await asyncio.shield(asyncio.wrap_future(future))
         return wire.VerifyResponse(
             accepted=len(job.path),
@@ -190,18 +236,19 @@ class Hub:
             session.stop_token_ids,
         )
 
-    def _finish(self, session: Session, job: VerifyJob, mode: str, started: float, done: Future) -> None:
+    def _finish(self, session: Session, job: VerifyJob, mode: str, arrived: float, done: Future) -> None:
         try:
             if done.exception() is None:
-                self._apply(session, job, mode, time.perf_counter() - started)
+                self._apply(session, job, mode, time.perf_counter() - arrived)
         finally:
             session.lock.release()
 
     def generate(
-        self, session_id: str, request: wire.GenerateRequest, owner: str = LOCAL_USER
+        self, session_id: str, request: wire.GenerateRequest, owner: Owner = LOCAL_OWNER
     ) -> Iterator[wire.GenerateChunk]:
         """Server-only decoding, streamed: autoregressive (one target token per pass) or
         speculative with the hub's own draft model. Checks run before the first chunk."""
+        arrived = time.perf_counter()
         session = self.sessions.get(session_id, owner)
         self.budgets.charge(owner, len(request.tokens) + request.max_tokens)
         self._check_ids(request.tokens, "tokens")
@@ -212,9 +259,11 @@ class Hub:
         if not session.context and not request.tokens:
             raise BadRequest("the session has no context yet: send the prompt in `tokens` or feed it first")
         self._check_room(len(session.context) + len(request.tokens) + request.max_tokens)
-        return self._generate(session, request)
+        return self._generate(session, request, arrived)
 
-    def _generate(self, session: Session, request: wire.GenerateRequest) -> Iterator[wire.GenerateChunk]:
+    def _generate(
+        self, session: Session, request: wire.GenerateRequest, arrived: float
+    ) -> Iterator[wire.GenerateChunk]:
         # Announced for its whole life: between passes (streaming a chunk, drafting) the next
         # batch may wait briefly for this session, so concurrent generations share passes.
         with session.lock, self.scheduler.announce() as announcement:
@@ -223,8 +272,8 @@ class Hub:
             produced = verifies = 0
             while produced < request.max_tokens:
                 room = request.max_tokens - produced - 1
-                draft = []
-                if request.mode == "speculative" and room > 0:
+                draft: list[int] = []
+                if request.mode == "speculative" and room > 0 and self.drafter is not None:
                     draft = self.drafter.draft(session.session_id, session.context, min(request.draft_len, room))
                 job = VerifyJob(
                     session.kv,
@@ -238,6 +287,8 @@ class Hub:
                 self._run(session, job, request.mode, announcement)
                 produced += len(job.emitted)
                 verifies += 1
+                if verifies == 1:
+                    self.metrics.time_to_first_token.labels(request.mode).observe(time.perf_counter() - arrived)
                 yield wire.GenerateChunk(tokens=job.emitted)
                 if job.emitted[-1] in session.stop_token_ids:
                     break
@@ -274,12 +325,27 @@ class Hub:
             raise BadRequest(problem)
         return request.parents
 
-    def close(self, session_id: str, owner: str = LOCAL_USER) -> None:
+    def close(self, session_id: str, owner: Owner = LOCAL_OWNER) -> None:
         self._retire(self.sessions.remove(session_id, owner))
 
     def _evict(self, max_idle_s: float) -> None:
         for session in self.sessions.evict_idle(max_idle_s):
-            self.metrics.evicted_sessions += 1
+            self.metrics.evicted_sessions.inc()
+            self._retire(session)
+
+    def close_sessions_of_removed_accounts(self) -> None:
+        """Close every session whose account is gone (`hub_server users remove` writes the
+        database, not this process), so that its KV slot is free again."""
+        if self.accounts is None:
+            return
+        owners = {session.owner for session in self.sessions.all()}
+        try:
+            gone = self.accounts.gone(owners)
+        except AccountsUnavailable as exc:  # the requests say so to users; here, keep serving
+            log.warning("cannot check for removed accounts: %s", exc.message)
+            return
+        for session in self.sessions.remove_owned_by(gone):
+            self.metrics.closed_for_removed_accounts.inc()
             self._retire(session)
 
     def _retire(self, session: Session) -> None:
@@ -294,8 +360,9 @@ class Hub:
 
     def _evict_idle_forever(self) -> None:
         while True:
-            time.sleep(min(10.0, self.settings.session_idle_s / 4))
+            time.sleep(min(SWEEP_EVERY_S, self.settings.session_idle_s / 4))
             self._evict(self.settings.session_idle_s)
+            self.close_sessions_of_removed_accounts()
 
     def _check_ids(self, tokens: list[int], name: str) -> None:
         bad = [t for t in tokens if not 0 <= t < self.engine.vocab_size]
@@ -311,6 +378,10 @@ class Hub:
                 f"the conversation would need {needed} tokens, more than this model's context "
                 f"of {self.engine.max_context}; start a new conversation"
             )
+
+
+def _verify_pass_seconds(engine: Engine) -> float:
+    return sum(tally.seconds for tally in engine.stats().verify_passes.values())
 
 
 def _check_open(session: Session) -> None:

@@ -102,14 +102,14 @@ class History:
             "INSERT INTO conversations (created_at, model, hub, system, vocab_fingerprint) VALUES (?, ?, ?, ?, ?)",
             (_now(), model, hub, system, vocab_fingerprint),
         )
-        return int(cursor.lastrowid)
+        return int(cursor.lastrowid or 0)
 
     def add_prompt(self, conversation_id: int, turn: Turn) -> int:
         cursor = self.db.execute(
             "INSERT INTO turns (conversation_id, created_at, prompt, prompt_token_ids) VALUES (?, ?, ?, ?)",
             (conversation_id, _now(), turn.prompt, json.dumps(turn.prompt_token_ids)),
         )
-        return int(cursor.lastrowid)
+        return int(cursor.lastrowid or 0)
 
     def add_reply(self, turn_id: int, turn: Turn, stats: TurnStats) -> None:
         self.db.execute(
@@ -144,7 +144,9 @@ class History:
             raise ConversationNotFound(
                 f"no conversation {conversation_id}; run `specedge logs list` to see the saved ones"
             )
-        return SavedConversation(*row, turns=self.turns(conversation_id, complete_only=True))
+        conversation_id, model, hub, system, fingerprint = row
+        turns = self.turns(conversation_id, complete_only=True)
+        return SavedConversation(conversation_id, model, hub, system, fingerprint, turns=turns)
 
     def turns(self, conversation_id: int, complete_only: bool = False) -> list[Turn]:
         rows = self.db.execute(
@@ -156,7 +158,9 @@ class History:
         return [t for t in turns if t.sent] if complete_only else turns
 
 
-def _turn(turn_id, prompt, prompt_ids, reply, reply_ids, interrupted) -> Turn:
+def _turn(
+    turn_id: int, prompt: str, prompt_ids: str, reply: str | None, reply_ids: str | None, interrupted: int
+) -> Turn:
     return Turn(
         prompt=prompt,
         prompt_token_ids=json.loads(prompt_ids),

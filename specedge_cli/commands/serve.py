@@ -4,6 +4,7 @@ edge-assisted (the local draft, the configured hub or an embedded one)."""
 from __future__ import annotations
 
 import contextlib
+from collections.abc import Iterator
 from typing import Annotated
 
 import typer
@@ -12,6 +13,7 @@ from rich.console import Console
 from specedge_cli import paths
 from specedge_cli.commands.chat import _template as chat_template  # the same prompt as `specedge chat`
 from specedge_cli.decoding import Conversation, DecodeSettings
+from specedge_cli.drafting.chat_template import ChatTemplate
 from specedge_cli.drafting.engine import DraftEngine
 from specedge_cli.errors import SpecEdgeError
 from specedge_cli.models import DEFAULT_MODEL, resolve_model
@@ -113,7 +115,11 @@ def _decode_settings(chosen: ChatSettings, connection: HubConnection) -> DecodeS
 
 
 def _edge_model(
-    connection: HubConnection, engines: list[DraftEngine], template, settings: DecodeSettings, max_waiting: int
+    connection: HubConnection,
+    engines: list[DraftEngine],
+    template: ChatTemplate,
+    settings: DecodeSettings,
+    max_waiting: int,
 ) -> EdgeModel:
     """The pool of drafting contexts; the first opens a hub session now, so a refused draft fails at start."""
     fingerprint = engines[0].vocab_fingerprint()
@@ -127,7 +133,7 @@ def _edge_model(
 
 
 @contextlib.contextmanager
-def _listening(host: str, port: int, edge: EdgeModel, api_key: str | None):
+def _listening(host: str, port: int, edge: EdgeModel, api_key: str | None) -> Iterator[ApiServer]:
     try:
         server = ApiServer((host, port), edge, api_key)
     except OSError as exc:

@@ -78,10 +78,11 @@ class DepthPlanner:
         """The inter-token latency a draft of `depth` would give, with acceptance `a` (once timed)."""
         assert self.decode_s is not None and self.wait_s is not None, "called once both are measured"
         emitted = depth + 1 if a >= 1.0 else (1 - a ** (depth + 1)) / (1 - a)
-        drafting = depth * self.decode_s
+        decode_s, wait_s = self.decode_s or 0.0, self.wait_s or 0.0  # measured before it is asked
+        drafting = depth * decode_s
         hit = a ** (depth + 1) if self.proactive else 0.0
-        exposed = drafting - hit * min(drafting, self.wait_s)
-        return (self.wait_s + exposed) / emitted
+        exposed = drafting - hit * min(drafting, wait_s)
+        return (wait_s + exposed) / emitted
 
     def shape(self, room: int) -> DraftShape:
         """The next draft's shape, never deeper than `room` tokens."""

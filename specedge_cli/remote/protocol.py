@@ -6,17 +6,21 @@ Plain dataclasses: the client does not need a validation library to speak to a h
 from __future__ import annotations
 
 from dataclasses import asdict, dataclass, field, fields
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    from typing_extensions import Self
 
 PROTOCOL_VERSION = 1
 
 
 class _Message:
-    def to_json(self) -> dict:
-        return asdict(self)
+    def to_json(self) -> dict[str, Any]:
+        return asdict(self)  # type: ignore[call-overload]  # every subclass is a dataclass
 
     @classmethod
-    def from_json(cls, body: dict):
-        names = {f.name for f in fields(cls)}
+    def from_json(cls, body: dict[str, Any]) -> Self:
+        names = {f.name for f in fields(cls)}  # type: ignore[arg-type]
         return cls(**{key: value for key, value in body.items() if key in names})
 
 
