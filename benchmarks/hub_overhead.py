@@ -1,6 +1,6 @@
 """Hub overhead per verify (HTTP, scheduling, serialisation: everything but the forward pass).
 
-    .venv/bin/python benchmarks/hub_overhead.py --target MODEL_DIR_OR_GGUF --draft DRAFT.gguf [--sessions 64] [--rounds 5]
+    .venv/bin/python benchmarks/hub_overhead.py --target MODEL_DIR_OR_GGUF --draft DRAFT.gguf [--sessions 64] [--rounds 5] [--workers 2]
 
 Starts a hub on loopback with the serving defaults (`--max-batch 16`, `--batch-wait-ms 2`),
 pinned to half the cores and this client to the other half; opens N sessions with a short prompt
@@ -108,9 +108,13 @@ def main() -> None:
     parser.add_argument("--draft", required=True, help="any .gguf of the target's family (the local hub loads it)")
     parser.add_argument("--sessions", type=int, default=64)
     parser.add_argument("--rounds", type=int, default=5)
+    parser.add_argument("--workers", type=int, default=1, help="engine workers (more than one: on Ray)")
     args = parser.parse_args()
+    serve_args = ("--workers", str(args.workers))
     with (
-        LocalHub.maybe(args.target, args.draft, "auto", max_batch=SERVE_DEFAULT_MAX_BATCH) as hub,
+        LocalHub.maybe(
+            args.target, args.draft, "auto", max_batch=SERVE_DEFAULT_MAX_BATCH, serve_args=serve_args
+        ) as hub,
         HubClient(hub.url) as client,
     ):
         sessions = open_sessions(client, args.sessions)
@@ -123,7 +127,7 @@ def main() -> None:
     around_pass = [hub - forward for hub, forward in zip(in_hub, forwards)]
     outside_call = [trip - hub for trip, hub in zip(round_trips, in_hub)]
     print(
-        f"sessions={args.sessions} verifies={len(round_trips)} "
+        f"workers={args.workers} sessions={args.sessions} verifies={len(round_trips)} "
         f"round trip p50={statistics.median(round_trips):.2f} ms p95={percentile(round_trips, 0.95):.2f} ms "
         f"forward p50={statistics.median(forwards):.2f} ms "
         f"overhead p50={statistics.median(overheads):.2f} ms p95={percentile(overheads, 0.95):.2f} ms "

@@ -12,7 +12,7 @@ from __future__ import annotations
 import logging
 import threading
 import time
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Mapping, Sequence
 from typing import Annotated
 
 from fastapi import Depends, FastAPI, Request
@@ -225,9 +225,20 @@ async def _owner_of(request: Request, token_check: TokenCheck | None) -> Owner:
     return owner
 
 
+def _operators_only(owner: Owner, why: str) -> None:
+    if not owner.operator:
+        raise Forbidden(
+            f"{why}, so it is for its operators; {owner.name!r} is not one "
+            "(the operator adds a user with `hub_server users add NAME --role operator`)"
+        )
+
+
 def create_app(
-    settings: HubSettings, make_engine: Callable[[HubSettings], Engine], metrics: HubMetrics | None = None
+    settings: HubSettings,
+    make_engines: Callable[[HubSettings], Sequence[Engine]],
+    metrics: HubMetrics | None = None,
 ) -> FastAPI:
+    """The hub's app; its engines (one in-process, or one proxy per Ray worker) load in the background."""
     # The schema is served behind authentication like every other route; no public docs pages.
     app = FastAPI(
         title="SpecEdge hub", version=str(wire.PROTOCOL_VERSION), openapi_url=None, docs_url=None, redoc_url=None
@@ -242,7 +253,7 @@ def create_app(
 
     def load() -> None:
         try:
-            state.hub = Hub(settings, make_engine(settings), metrics, token_check)
+            state.hub = Hub(settings, make_engines(settings), metrics, token_check)
             log.info("hub ready: %s", settings.model)
         except KVBudgetError as exc:  # a configuration to change, not a crash: no traceback
             state.failure = f"the hub cannot hold its sessions: {exc}"
@@ -285,7 +296,10 @@ def create_app(
             return JSONResponse({"status": "failed", "reason": state.failure}, status_code=503)
         if state.hub is None:
             return JSONResponse({"status": "loading", "reason": "the target model is loading"}, status_code=503)
-        return JSONResponse({"status": "ok", "model": state.hub.engine.name})
+        workers = state.hub.workers_ready()
+        body = {"status": "ok", "model": state.hub.engine.name, "workers": workers.model_dump()}
+        # A hub whose every worker is lost serves nothing until one comes back.
+        return JSONResponse(body if workers.ready else {**body, "status": "degraded"}, 200 if workers.ready else 503)
 
     @app.get("/openapi.json", include_in_schema=False)
     def openapi() -> dict:
@@ -327,12 +341,18 @@ def create_app(
 
     @app.get("/metrics", response_class=PlainTextResponse, responses=_answers(401, 403, 503))
     def metrics_page(owner: Caller) -> Response:
-        if not owner.operator:
-            raise Forbidden(
-                f"the metrics page shows the whole hub, so it is for its operators; {owner.name!r} is not one "
-                "(the operator adds a scraping user with `hub_server users add NAME --role operator`)"
-            )
+        _operators_only(owner, "the metrics page shows the whole hub")
         return Response(state.ready().metrics_page(), media_type=METRICS_MEDIA_TYPE)
+
+    @app.get("/v1/workers", responses=_answers(401, 403, 503))
+    def workers(owner: Caller) -> wire.WorkerList:
+        _operators_only(owner, "the workers list shows the whole hub")
+        return state.ready().worker_list()
+
+    @app.post("/v1/workers/{worker_id}/drain", responses=_answers(401, 403, 404, 503))
+    def drain(worker_id: str, owner: Caller) -> wire.WorkerInfo:
+        _operators_only(owner, "draining a worker changes the whole hub")
+        return state.ready().drain(worker_id)
 
     @app.delete("/v1/sessions/{session_id}", status_code=204, responses=_answers(401, 404, 429, 503))
     def close(session_id: str, owner: Caller) -> None:

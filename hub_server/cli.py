@@ -6,18 +6,23 @@ import logging
 import os
 import signal
 import sys
+from collections.abc import Callable, Sequence
 from pathlib import Path
-from typing import Annotated
+from typing import TYPE_CHECKING, Annotated, cast
 
 import typer
 
 from hub_server.accounts import Accounts
 from hub_server.admin import tokens_app, users_app
 from hub_server.config import COMPILE_MODES, DEVICES, DTYPES, LOG_FORMATS, HubSettings, default_data_dir
-from hub_server.errors import AccountError, AccountsUnavailable
+from hub_server.errors import AccountError, AccountsUnavailable, ClusterError
+from hub_server.workers_cmd import workers_app
 from specedge_common.extras import HUB_INSTALL, missing_hub_modules
 from specedge_common.launcher import EMBEDDED_TOKEN_ENV
 from specedge_common.net import is_loopback
+
+if TYPE_CHECKING:
+    from hub_server.engine_api import Engine
 
 app = typer.Typer(
     help="SpecEdge verification hub: serves a target model to drafting clients.",
@@ -26,6 +31,7 @@ app = typer.Typer(
 )
 app.add_typer(users_app, name="users")
 app.add_typer(tokens_app, name="tokens")
+app.add_typer(workers_app, name="workers")
 
 
 @app.callback()
@@ -104,6 +110,22 @@ def serve(
     ] = 1024,
     ssl_keyfile: Annotated[Path | None, typer.Option(help="TLS private key (PEM), passed to uvicorn.")] = None,
     ssl_certfile: Annotated[Path | None, typer.Option(help="TLS certificate chain (PEM), passed to uvicorn.")] = None,
+    workers: Annotated[
+        int,
+        typer.Option(
+            help="Engine workers on --device, each with the target and its own KV pool; more than one run on Ray."
+        ),
+    ] = 1,
+    devices: Annotated[
+        str | None,
+        typer.Option(help="One worker per device, comma separated: cuda:0,cuda:1 or cpu,cpu (instead of --workers)."),
+    ] = None,
+    ray_address: Annotated[
+        str | None,
+        typer.Option(
+            help="Join a Ray cluster (auto, or the head's HOST:PORT) and place workers on any node's free devices."
+        ),
+    ] = None,
 ) -> None:
     """Run the hub."""
     if not Path(model).expanduser().exists():
@@ -138,6 +160,9 @@ def serve(
             max_connections=max_connections,
             ssl_keyfile=ssl_keyfile,
             ssl_certfile=ssl_certfile,
+            workers=workers,
+            devices=tuple(d.strip() for d in devices.split(",") if d.strip()) if devices else (),
+            ray_address=ray_address,
         )
     except ValueError as exc:
         raise typer.BadParameter(str(exc)) from exc
@@ -167,7 +192,6 @@ def _run_hub(settings: HubSettings, has_tokens: bool) -> None:
 
     from hub_server.app import create_app
     from hub_server.connections import HubServer, guarded_protocol
-    from hub_server.engine.runner import ModelRunner
     from hub_server.logging_setup import configure_logging
     from hub_server.metrics import HubMetrics
 
@@ -179,7 +203,7 @@ def _run_hub(settings: HubSettings, has_tokens: bool) -> None:
     signal.signal(signal.SIGTERM, lambda *_: None)
     metrics = HubMetrics()  # shared by the app and the connection guard: refusals of both are counted
     config = uvicorn.Config(
-        create_app(settings, ModelRunner, metrics),
+        create_app(settings, _engine_maker(settings), metrics),
         host=settings.host,
         port=settings.port,
         http=guarded_protocol(settings.request_timeout_s, settings.max_connections, metrics.record_refusal),
@@ -201,6 +225,22 @@ def _run_hub(settings: HubSettings, has_tokens: bool) -> None:
         )
         raise typer.Exit(1)
     log.info("hub stopped")
+
+
+def _engine_maker(settings: HubSettings) -> Callable[[HubSettings], Sequence[Engine]]:
+    """In-process for one worker (no Ray imported, nothing started); Ray workers otherwise."""
+    if settings.in_process:
+        from hub_server.engine.runner import ModelRunner
+
+        # The runner's slots are its own KVSlot, which the service only hands back to it.
+        return lambda s: [cast("Engine", ModelRunner(s))]
+    from hub_server.workers import connect, start_workers
+
+    try:
+        connect(settings)
+    except ClusterError as exc:
+        raise typer.BadParameter(str(exc), param_hint="--ray-address") from exc
+    return start_workers
 
 
 def _warn_about_exposure(settings: HubSettings, has_tokens: bool) -> None:
@@ -268,6 +308,12 @@ def bench(
         float, typer.Option(help="$ per hour of a user's device drafting (the paper's RTX 4090).")
     ] = 0.35,
     plot_path: Annotated[Path, typer.Option("--plot", help="Where to draw the PNG plot.")] = Path("hub-bench.png"),
+    workers: Annotated[
+        str,
+        typer.Option(
+            help="Engine workers of the hub started here; a comma list (1,2) runs each, with --clients users per worker."
+        ),
+    ] = "1",
     as_json: Annotated[bool, typer.Option("--json", help="Print JSON only.")] = False,
 ) -> None:
     """Measure server throughput, latency and cost: SpecEdge against server-only baselines."""
@@ -297,6 +343,7 @@ def bench(
             edge_price_per_hour=edge_price_per_hour,
             plot_path=plot_path,
             as_json=as_json,
+            workers=workers,
         )
     )
 

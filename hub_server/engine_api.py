@@ -85,8 +85,9 @@ class Engine(Protocol):
     def prefill(self, kv: KVHandle, context: list[int]) -> None:
         """Bring `kv` up to all of `context` but its last token."""
 
-    def verify_batch(self, jobs: list[VerifyJob]) -> None:
-        """Verify every job's draft in one forward pass; fills in `path` and `emitted`."""
+    def verify_batch(self, jobs: list[VerifyJob]) -> float:
+        """Verify every job's draft in one forward pass; fills in `path` and `emitted`. Returns the
+        pass's device seconds (what the hub's histogram of pass times observes)."""
 
     def pass_fixed_s(self) -> float | None:
         """A verify pass's fitted device time beyond its tokens (None until it can be fitted)."""

@@ -110,6 +110,11 @@ class HubMetrics:
         self.evicted_sessions = Counter(
             "specedge_evicted_sessions", "Sessions evicted: idle too long, or for a new one on a full hub.", registry=r
         )
+        self.lost_sessions = Counter(
+            "specedge_lost_sessions",
+            "Sessions dropped with a lost engine worker; their clients reopen them on a live one.",
+            registry=r,
+        )
         self.closed_for_removed_accounts = Counter(
             "specedge_sessions_closed_account_removed",
             "Sessions closed because their account was removed.",
@@ -158,6 +163,8 @@ class HubFigures:
     user_return_seconds: float
     hub_draft_seconds: float
     tokens_per_verify: float
+    workers_ready: int = 1
+    workers_total: int = 1
 
 
 class HubCollector(Collector):
@@ -198,6 +205,8 @@ def _hub_families(f: HubFigures) -> Iterator:
         "hub_draft_seconds", "Seconds the hub spent drafting (server-only speculative mode).", f.hub_draft_seconds
     )
     yield _gauge("tokens_per_verify", "Mean tokens emitted per verify.", f.tokens_per_verify)
+    yield _gauge("workers_ready", "Engine workers serving (ready or draining).", f.workers_ready)
+    yield _gauge("workers_total", "Engine workers configured.", f.workers_total)
 
 
 def _engine_families(engines: dict[str | None, EngineStats]) -> Iterator:

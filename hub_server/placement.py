@@ -20,12 +20,15 @@ import os
 import socket
 from collections.abc import Iterable
 from dataclasses import dataclass
-from typing import Protocol, runtime_checkable
+from typing import Literal, Protocol, runtime_checkable
 
 from hub_server.engine_api import Engine
 from hub_server.scheduler import Scheduler
 
-READY, DRAINING, LOST = "ready", "draining", "lost"
+WorkerState = Literal["ready", "draining", "lost"]
+READY: WorkerState = "ready"
+DRAINING: WorkerState = "draining"
+LOST: WorkerState = "lost"
 
 
 @dataclass(frozen=True)
@@ -52,7 +55,7 @@ class WorkerLoad:
     """What placement needs to know of one worker."""
 
     worker_id: str
-    state: str
+    state: WorkerState
     free_slots: int
     queue_depth: int
 
@@ -73,7 +76,7 @@ class Worker:
         self.engine = engine
         self.scheduler = scheduler
         self.identity = identity
-        self.state = READY
+        self.state: WorkerState = READY
         self.draining = False  # kept across a loss: a drained worker that comes back stays drained
         self.restarts = 0  # times it came back as a new process
 

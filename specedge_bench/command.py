@@ -48,20 +48,27 @@ class BenchOptions:
     edge_price_per_hour: float
     plot_path: Path
     as_json: bool
+    workers: str = "1"  # engine workers of the hub started here; a comma list runs each
 
 
 def bench(options: BenchOptions) -> None:
     """Run the bench as `options` ask; exit 1 with one line on a failure."""
     counts, modes = _parse(options)
+    worker_counts = _worker_counts(options)
+    runs: list[dict] = []
+    workload: Workload | None = None
+    local_cores: set[int] | None = None
     try:
-        runs, workload, local_cores = _run_counts(options, counts, modes)
+        for workers in worker_counts:
+            more, workload, local_cores = _run_counts(options, counts, modes, workers, workload)
+            runs += more
     except BenchRefused as exc:
         _fail(str(exc), exc)
     except (HubError, InsecureHub) as exc:
         _fail(explain(exc, options.hub or "this machine", options.token if options.hub else None), exc)
     except HubStartError as exc:
         _fail(f"the hub to measure did not start: {exc}", exc)
-    if local_cores is not None and workload is not None and options.model is not None:
+    if local_cores is not None and workload is not None and options.model is not None and worker_counts == [1]:
         # The hub has stopped: its device and cores are free to measure full passes directly.
         probe_bounds(runs, options.model, options.device, options.dtype, workload, local_cores)
         _say_bounds(options, runs, "measured directly")
@@ -84,22 +91,35 @@ def _parse(options: BenchOptions) -> tuple[list[int], tuple[str, ...]]:
     return counts, modes
 
 
+def _worker_counts(options: BenchOptions) -> list[int]:
+    counts = [int(part) for part in options.workers.split(",") if part.strip()]
+    if not counts or min(counts) < 1:
+        raise typer.BadParameter("give worker counts of 1 or more, like 1,2", param_hint="--workers")
+    if options.hub and counts != [1]:
+        raise typer.BadParameter("--workers starts hubs here: give it with --model, not --hub", param_hint="--workers")
+    return counts
+
+
 def _run_counts(
-    options: BenchOptions, counts: list[int], modes: tuple[str, ...]
+    options: BenchOptions, counts: list[int], modes: tuple[str, ...], workers: int, workload: Workload | None
 ) -> tuple[list[dict], Workload | None, set[int] | None]:
-    """Every client count on one workload; the runs, the workload, and the cores of the hub
-    started here (None against a running hub)."""
-    serve_args = ("--merge-wait-share", str(options.merge_wait_share))
+    """Every client count on one workload, with a hub of `workers` engine workers started here
+    (each gets the users one worker gets: throughput should grow with the workers); the runs,
+    the workload, and the cores of the hub started here (None against a running hub)."""
+    serve_args = ("--merge-wait-share", str(options.merge_wait_share), "--workers", str(workers))
     runs: list[dict] = []
-    workload = None
-    with LocalHub.maybe(options.model, options.draft, options.device, max(counts), options.dtype, serve_args) as local:
+    # More than one worker: Ray pins each to a core of its own.
+    hub = LocalHub.maybe(
+        options.model, options.draft, options.device, max(counts), options.dtype, serve_args, pin_hub=workers == 1
+    )
+    with hub as local:
         url = options.hub or (local.url if local else "")
         for count in counts:
-            config = _config(options, url, count)
+            config = _config(options, url, count * workers)
             workload = workload or prepare_workload(config, modes)
-            runs.append(run_bench(config, modes, workload))
+            runs.append({**run_bench(config, modes, workload), "workers": workers})
             if not options.as_json:
-                typer.echo(table(runs[-1]), err=True)
+                typer.echo(f"workers={workers} " + table(runs[-1]), err=True)
         if local is None and workload is not None:
             # The bound: full passes of both kinds, made through the hub's API.
             probe_bounds_through_hub(runs, config, workload)

@@ -254,8 +254,9 @@ class ModelRunner:
         with self.device_lock:
             self._feed(kv, context[kv.length : len(context) - 1])
 
-    def verify_batch(self, jobs: list[VerifyJob]) -> None:
-        """Verify every job's draft in one forward pass; fills in `path` and `emitted`."""
+    def verify_batch(self, jobs: list[VerifyJob]) -> float:
+        """Verify every job's draft in one forward pass; fills in `path` and `emitted`. Returns the
+        pass's device seconds."""
         with self.device_lock:
             rows = [(len(job.pending), len(job.draft)) for job in jobs]
             apart = set(feed_apart(rows, PASS_OVERHEAD_TOKENS[self.device]))
@@ -272,6 +273,7 @@ class ModelRunner:
             # What the pass computed beyond a pass of every session's last token and draft: the
             # context it carried (a new prompt) and the padding that context caused.
             self.context_in_verify += tokens - len(jobs) * max(1 + len(job.draft) for job in jobs)
+            return tally.seconds - before
 
     def warm_up(self, max_batch: int, max_draft: int) -> None:
         """One pass for each batch size (powers of two up to `max_batch`) and draft size on scratch
