@@ -48,15 +48,18 @@ def resolve_target(target: str, work: Path) -> str:
 
 # --- the worker: one tree's runner ------------------------------------------------------
 def worker(args: argparse.Namespace) -> None:
+    # Only the tree on PYTHONPATH: an editable install of another checkout would otherwise lend
+    # this one the modules it lacks (hub_server.engine to a tree from before it existed).
+    sys.meta_path[:] = [finder for finder in sys.meta_path if "editable" not in repr(finder).lower()]
     import numpy as np
     import torch
 
     from hub_server.config import HubSettings
 
-    try:  # the hub by role (torch in hub_server/engine/), or a tree from before it
+    if (Path.cwd() / "hub_server" / "engine" / "runner.py").exists():  # the hub by role, or a tree from before it
         from hub_server.engine.runner import ModelRunner, VerifyJob
         from hub_server.tree import chain_parents
-    except ImportError:
+    else:
         from hub_server.runner import ModelRunner, VerifyJob
         from hub_server.verify import chain_parents
 
@@ -73,6 +76,7 @@ def worker(args: argparse.Namespace) -> None:
     }
     accepted = inspect.signature(HubSettings).parameters
     runner = ModelRunner(HubSettings(**{k: v for k, v in fields.items() if k in accepted}))
+    print(f"worker: {sys.modules[ModelRunner.__module__].__file__}", file=sys.stderr)
     rng = np.random.default_rng(0)
     figures = {}
     for context in args.contexts:
