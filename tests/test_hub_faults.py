@@ -176,6 +176,8 @@ def test_slow_requests_are_closed_and_connections_capped(tiny, tmp_path):
                     chunks.append(json.loads(line))
                     time.sleep(0.1)  # read slowly: 40 tokens take longer than the request timeout
             assert chunks[-1]["done"] and sum(len(c["tokens"]) for c in chunks) == 40
+            assert _metric(client, 'specedge_refusals_total{code="request_timeout"}') >= 4
+            assert _metric(client, 'specedge_refusals_total{code="hub_full"}') >= 1
     finally:
         hub.stop()
     assert "Traceback" not in hub.log.read_text()
