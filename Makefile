@@ -23,7 +23,11 @@ $(STAMP): pyproject.toml
 demo: $(STAMP)
 	$(VENV)/bin/specedge chat --prompt "$(DEMO_PROMPT)" --max-tokens 64 --temperature 0
 
+# The gates first (lint, format, types: seconds), then the suite.
 test: $(STAMP) tmux
+	$(PY) -m ruff check .
+	$(PY) -m ruff format --check .
+	$(PY) -m mypy
 	$(PY) -m pytest -q
 
 # The chat REPL is tested in a real terminal under tmux; install it where it is missing.

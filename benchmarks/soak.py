@@ -57,6 +57,9 @@ def reference_replies(model_dir: Path, max_tokens: int, vocab: int) -> dict[tupl
     """For each prompt and sampling setting (seed 0: greedy), the prompt and the target's reply alone."""
     from transformers import AutoModelForCausalLM
 
+    # One thread: on a machine whose cores are busy (the hub, 64 clients) torch's threads spin
+    # against each other (measured here: 440 ms a pass of the tiny model on 2 threads, 15 ms on 1).
+    torch.set_num_threads(1)
     model = AutoModelForCausalLM.from_pretrained(str(model_dir), dtype=torch.float32).eval()
     rng = random.Random(18)
     replies = {}
@@ -175,7 +178,8 @@ def free_port() -> int:
         return probe.getsockname()[1]
 
 
-def start_hub(target: Path, sessions: int, workdir: Path):
+def start_hub(target: Path, sessions: int, workdir: Path, threads: int = 0):
+    import os
     import subprocess
 
     port = free_port()
@@ -201,6 +205,8 @@ def start_hub(target: Path, sessions: int, workdir: Path):
         cwd=REPO,
         stdout=log,
         stderr=subprocess.STDOUT,
+        # torch reads OMP_NUM_THREADS at start: its intra-op threads for the hub's passes.
+        env={**os.environ, **({"OMP_NUM_THREADS": str(threads)} if threads else {})},
     )
     url = f"http://127.0.0.1:{port}"
     deadline = time.monotonic() + 180
@@ -243,7 +249,7 @@ def soak(args) -> dict:
     with tempfile.TemporaryDirectory(prefix="specedge-soak-") as scratch:
         workdir = Path(scratch)
         target = Path(args.target) if args.target else tiny_target(workdir)
-        process, url = start_hub(target, args.sessions, workdir)
+        process, url = start_hub(target, args.sessions, workdir, args.hub_threads)
         try:
             return _run(args, target, process, url)
         finally:
@@ -274,6 +280,7 @@ def _run(args, target: Path, process, url: str) -> dict:
         "sessions": args.sessions,
         "minutes": args.minutes,
         "target": target.name,
+        "hub_threads": args.hub_threads or "default",
         "sessions_served": tally.sessions,
         "verifies": len(tally.verifies),
         "tokens_checked": tally.tokens,
@@ -306,6 +313,7 @@ def main() -> None:
     parser.add_argument(
         "--think-ms", type=float, default=20.0, help="longest pause between a reply and the next verify"
     )
+    parser.add_argument("--hub-threads", type=int, default=0, help="torch threads of the hub; 0: torch's default")
     parser.add_argument("--scrape-to", help="record the hub's /metrics every 5 s into this JSON-lines file")
     parser.add_argument("--json", action="store_true", help="print JSON only")
     args = parser.parse_args()

@@ -12,7 +12,7 @@ from __future__ import annotations
 import logging
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Mapping, Sequence
 from typing import Annotated
 
 from fastapi import Depends, FastAPI, Request
@@ -20,6 +20,7 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, PlainTextResponse, Response, StreamingResponse
 from starlette.concurrency import run_in_threadpool
 from starlette.exceptions import HTTPException as StarletteHTTPException
+from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from hub_server import protocol as wire
 from hub_server.accounts import Accounts, SingleToken, TokenCheck
@@ -55,7 +56,7 @@ async def current_owner(request: Request) -> Owner:
 Caller = Annotated[Owner, Depends(current_owner)]
 
 
-def _error(status: int, code: str, message: str, headers: dict | None = None) -> JSONResponse:
+def _error(status: int, code: str, message: str, headers: Mapping[str, str] | None = None) -> JSONResponse:
     body = wire.ErrorResponse(error=wire.ErrorDetail(code=code, message=message))
     return JSONResponse(body.model_dump(), status_code=status, headers=headers)
 
@@ -111,13 +112,13 @@ class HubMiddleware:
     a request id, bodies over `max_bytes` refused (declared or not), the token checked before a
     body is read, and one access log line."""
 
-    def __init__(self, app, token_check: TokenCheck | None, max_bytes: int, metrics: HubMetrics):
+    def __init__(self, app: ASGIApp, token_check: TokenCheck | None, max_bytes: int, metrics: HubMetrics) -> None:
         self.app = app
         self.token_check = token_check
         self.max_bytes = max_bytes
         self.metrics = metrics  # refusals are counted by code
 
-    async def __call__(self, scope, receive, send):
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] != "http":
             return await self.app(scope, receive, send)
         request = Request(scope)
@@ -126,7 +127,7 @@ class HubMiddleware:
         started = time.perf_counter()
         status = 500
 
-        async def send_with_id(message):
+        async def send_with_id(message: Message) -> None:
             nonlocal status
             if message["type"] == "http.response.start":
                 status = message["status"]
@@ -160,11 +161,11 @@ class HubMiddleware:
         bind_request(user=owner.name)
         return None
 
-    def _counted(self, receive):
+    def _counted(self, receive: Receive) -> Receive:
         """`receive`, refusing a body past the limit as it arrives (a chunked upload declares no length)."""
         received = 0
 
-        async def counted_receive():
+        async def counted_receive() -> Message:
             nonlocal received
             message = await receive()
             received += len(message.get("body", b""))
@@ -224,22 +225,35 @@ async def _owner_of(request: Request, token_check: TokenCheck | None) -> Owner:
     return owner
 
 
-def create_app(settings: HubSettings, make_engine: Callable[[HubSettings], Engine]) -> FastAPI:
+def _operators_only(owner: Owner, why: str) -> None:
+    if not owner.operator:
+        raise Forbidden(
+            f"{why}, so it is for its operators; {owner.name!r} is not one "
+            "(the operator adds a user with `hub_server users add NAME --role operator`)"
+        )
+
+
+def create_app(
+    settings: HubSettings,
+    make_engines: Callable[[HubSettings], Sequence[Engine]],
+    metrics: HubMetrics | None = None,
+) -> FastAPI:
+    """The hub's app; its engines (one in-process, or one proxy per Ray worker) load in the background."""
     # The schema is served behind authentication like every other route; no public docs pages.
     app = FastAPI(
         title="SpecEdge hub", version=str(wire.PROTOCOL_VERSION), openapi_url=None, docs_url=None, redoc_url=None
     )
     state = HubState()
     token_check = token_check_for(settings)
-    metrics = HubMetrics()  # before the model loads: refusals meanwhile count too
+    metrics = metrics or HubMetrics()  # before the model loads: refusals meanwhile count too
 
-    def refuse(status: int, code: str, message: str, headers: dict | None = None) -> JSONResponse:
+    def refuse(status: int, code: str, message: str, headers: Mapping[str, str] | None = None) -> JSONResponse:
         metrics.record_refusal(code)
         return _error(status, code, message, headers)
 
     def load() -> None:
         try:
-            state.hub = Hub(settings, make_engine(settings), metrics, token_check)
+            state.hub = Hub(settings, make_engines(settings), metrics, token_check)
             log.info("hub ready: %s", settings.model)
         except KVBudgetError as exc:  # a configuration to change, not a crash: no traceback
             state.failure = f"the hub cannot hold its sessions: {exc}"
@@ -282,7 +296,10 @@ def create_app(settings: HubSettings, make_engine: Callable[[HubSettings], Engin
             return JSONResponse({"status": "failed", "reason": state.failure}, status_code=503)
         if state.hub is None:
             return JSONResponse({"status": "loading", "reason": "the target model is loading"}, status_code=503)
-        return JSONResponse({"status": "ok", "model": state.hub.engine.name})
+        workers = state.hub.workers_ready()
+        body = {"status": "ok", "model": state.hub.engine.name, "workers": workers.model_dump()}
+        # A hub whose every worker is lost serves nothing until one comes back.
+        return JSONResponse(body if workers.ready else {**body, "status": "degraded"}, 200 if workers.ready else 503)
 
     @app.get("/openapi.json", include_in_schema=False)
     def openapi() -> dict:
@@ -324,12 +341,18 @@ def create_app(settings: HubSettings, make_engine: Callable[[HubSettings], Engin
 
     @app.get("/metrics", response_class=PlainTextResponse, responses=_answers(401, 403, 503))
     def metrics_page(owner: Caller) -> Response:
-        if not owner.operator:
-            raise Forbidden(
-                f"the metrics page shows the whole hub, so it is for its operators; {owner.name!r} is not one "
-                "(the operator adds a scraping user with `hub_server users add NAME --role operator`)"
-            )
+        _operators_only(owner, "the metrics page shows the whole hub")
         return Response(state.ready().metrics_page(), media_type=METRICS_MEDIA_TYPE)
+
+    @app.get("/v1/workers", responses=_answers(401, 403, 503))
+    def workers(owner: Caller) -> wire.WorkerList:
+        _operators_only(owner, "the workers list shows the whole hub")
+        return state.ready().worker_list()
+
+    @app.post("/v1/workers/{worker_id}/drain", responses=_answers(401, 403, 404, 503))
+    def drain(worker_id: str, owner: Caller) -> wire.WorkerInfo:
+        _operators_only(owner, "draining a worker changes the whole hub")
+        return state.ready().drain(worker_id)
 
     @app.delete("/v1/sessions/{session_id}", status_code=204, responses=_answers(401, 404, 429, 503))
     def close(session_id: str, owner: Caller) -> None:

@@ -11,6 +11,7 @@ from specedge_common.net import is_loopback
 
 DTYPES = ("auto", "float32", "bfloat16", "float16")
 DEVICES = ("auto", "cpu", "cuda")
+COMPILE_MODES = ("auto", "on", "off")
 
 
 LOG_FORMATS = ("text", "json")
@@ -44,7 +45,8 @@ class HubSettings:
     max_batch: int = 16  # sessions verified in one forward pass
     batch_wait_ms: float = 2.0  # longest wait for work on its way to fill a batch
     merge_wait_share: float = 0.5  # wait for users due back within this share of a pass's fixed cost
-    cache_dir: Path | None = None  # where converted GGUF targets are kept
+    cache_dir: Path | None = None  # where converted GGUF targets and compiled passes are kept
+    compile: str = "auto"  # compiled fixed-shape passes: on, off, or auto (on for CUDA)
     data_dir: Path | None = None  # accounts database; None: default_data_dir()
     auth: bool = True  # False (--no-auth) is allowed on loopback only
     # A single pre-authorised token (the embedded hub of `specedge chat`); no database then.
@@ -58,10 +60,15 @@ class HubSettings:
     max_connections: int = 1024  # open connections; one more is answered 503 and closed
     ssl_keyfile: Path | None = None  # TLS served by uvicorn itself (or put a proxy in front)
     ssl_certfile: Path | None = None
+    workers: int = 1  # engine workers on --device; more than one run on Ray
+    devices: tuple[str, ...] = ()  # one worker per device (cpu, cuda, cuda:N); overrides workers
+    ray_address: str | None = None  # join this Ray cluster (auto, HOST:PORT); None: in-process or a local one
 
     def __post_init__(self) -> None:
         if self.device not in DEVICES:
             raise ValueError(f"--device must be one of {', '.join(DEVICES)}, not {self.device!r}")
+        if self.compile not in COMPILE_MODES:
+            raise ValueError(f"--compile must be one of {', '.join(COMPILE_MODES)}, not {self.compile!r}")
         if self.dtype not in DTYPES:
             raise ValueError(f"--dtype must be one of {', '.join(DTYPES)}, not {self.dtype!r}")
         if not 0 < self.port < 65536 and self.port != 0:
@@ -93,6 +100,36 @@ class HubSettings:
             raise ValueError("--request-timeout-s must be above 0 and --max-connections at least 1")
         if (self.ssl_keyfile is None) != (self.ssl_certfile is None):
             raise ValueError("give both --ssl-keyfile and --ssl-certfile, or neither")
+        self._check_workers()
+
+    def _check_workers(self) -> None:
+        if self.workers < 1:
+            raise ValueError("--workers must be at least 1")
+        if self.devices and self.workers not in (1, len(self.devices)):
+            raise ValueError(
+                f"--workers {self.workers} disagrees with the {len(self.devices)} --devices; give one of them"
+            )
+        for device in self.devices:
+            kind, _, index = device.partition(":")
+            if kind not in ("cpu", "cuda") or (index and (kind != "cuda" or not index.isdigit())):
+                raise ValueError(f"--devices takes cpu, cuda or cuda:N, not {device!r}")
+            if index and self.ray_address:
+                raise ValueError(
+                    f"--devices {device}: on a Ray cluster each worker gets a free GPU of some node; "
+                    "give --workers N --device cuda instead"
+                )
+        if self.ray_address is not None and not self.ray_address.strip():
+            raise ValueError("--ray-address takes auto or HOST:PORT")
+
+    @property
+    def worker_devices(self) -> tuple[str, ...]:
+        """The device of each engine worker."""
+        return self.devices or (self.device,) * self.workers
+
+    @property
+    def in_process(self) -> bool:
+        """One worker and no cluster: the engine runs in the hub's own process, without Ray."""
+        return len(self.worker_devices) == 1 and self.ray_address is None
 
     @property
     def accounts_path(self) -> Path:

@@ -5,18 +5,22 @@
     ├── VocabMismatch         409      draft and target vocabularies differ
     ├── ContextTooLong        422      context would pass the model's limit
     ├── SessionNotFound       404      unknown (or another user's) session
+    │   └── WorkerLost        404      the engine worker holding the session died (same code:
+    │                                  clients reopen the session and feed its context again)
     ├── HubFull               429      no room for another session now (with Retry-After)
     ├── Unauthorized          401      missing, unknown or revoked API token
     │   └── TokenExpired      401      a token past its expiry
     ├── Forbidden             403      a route for the hub's operators (/metrics) asked by another user
     ├── RateLimited           429      a per-user limit (sessions, tokens per minute; with Retry-After)
     ├── NotReady              503      the model is still loading
+    ├── UnknownWorker         404      `hub_server workers drain ID`: no worker of that id
     └── AccountsUnavailable   503      the accounts database cannot be read now (damaged, locked)
 
     AccountError              the admin commands (`hub_server users|tokens`): unknown or
                               duplicate user, bad name, unknown token id
     └── AccountsDamaged       the accounts database is damaged: refused at open, by `serve` too
     KVBudgetError             start-up: the configured sessions x context do not fit the KV budget
+    ClusterError              start-up: the Ray cluster for the workers cannot be joined or started
 
 Route handlers raise these; one exception handler in `app.py` turns them into JSON bodies.
 """
@@ -51,6 +55,17 @@ class ContextTooLong(RequestRefused):
 class SessionNotFound(RequestRefused):
     status = 404
     code = "session_not_found"
+
+
+class WorkerLost(SessionNotFound):
+    """The worker that held a session is gone (process killed, device error, node lost), so is
+    the session's KV cache. Raised where Ray's errors enter (`workers.py`); the code stays
+    `session_not_found`, which every client already answers by reopening the session."""
+
+
+class UnknownWorker(RequestRefused):
+    status = 404
+    code = "worker_not_found"
 
 
 class NotReady(RequestRefused):
@@ -103,3 +118,7 @@ class AccountsDamaged(AccountError):
 
 class KVBudgetError(ValueError):
     """The configured sessions and context do not fit the KV memory budget; the message says what to change."""
+
+
+class ClusterError(RuntimeError):
+    """The Ray cluster for the engine workers cannot be joined or started; the message says what to check."""

@@ -18,6 +18,7 @@ from __future__ import annotations
 import threading
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
+from typing import Any
 
 from prometheus_client import (
     CONTENT_TYPE_LATEST,
@@ -109,6 +110,11 @@ class HubMetrics:
         self.evicted_sessions = Counter(
             "specedge_evicted_sessions", "Sessions evicted: idle too long, or for a new one on a full hub.", registry=r
         )
+        self.lost_sessions = Counter(
+            "specedge_lost_sessions",
+            "Sessions dropped with a lost engine worker; their clients reopen them on a live one.",
+            registry=r,
+        )
         self.closed_for_removed_accounts = Counter(
             "specedge_sessions_closed_account_removed",
             "Sessions closed because their account was removed.",
@@ -157,6 +163,8 @@ class HubFigures:
     user_return_seconds: float
     hub_draft_seconds: float
     tokens_per_verify: float
+    workers_ready: int = 1
+    workers_total: int = 1
 
 
 class HubCollector(Collector):
@@ -197,6 +205,8 @@ def _hub_families(f: HubFigures) -> Iterator:
         "hub_draft_seconds", "Seconds the hub spent drafting (server-only speculative mode).", f.hub_draft_seconds
     )
     yield _gauge("tokens_per_verify", "Mean tokens emitted per verify.", f.tokens_per_verify)
+    yield _gauge("workers_ready", "Engine workers serving (ready or draining).", f.workers_ready)
+    yield _gauge("workers_total", "Engine workers configured.", f.workers_total)
 
 
 def _engine_families(engines: dict[str | None, EngineStats]) -> Iterator:
@@ -204,7 +214,9 @@ def _engine_families(engines: dict[str | None, EngineStats]) -> Iterator:
     labelled = any(worker is not None for worker in engines)
     base = ["worker"] if labelled else []
 
-    def family(kind, name: str, help_text: str, extra: tuple[str, ...] = ()):
+    def family(
+        kind: type[CounterMetricFamily | GaugeMetricFamily], name: str, help_text: str, extra: tuple[str, ...] = ()
+    ) -> Any:
         return kind(f"specedge_{name}", help_text, labels=base + list(extra))
 
     kv = family(GaugeMetricFamily, "kv_bytes", "KV memory held by open sessions' slots, in bytes.")
@@ -243,8 +255,37 @@ def _engine_families(engines: dict[str | None, EngineStats]) -> Iterator:
         "Device seconds of those passes, by sessions in the pass.",
         ("sessions",),
     )
+    copied = family(
+        CounterMetricFamily,
+        "past_kv_bytes_copied",
+        "Bytes of sessions' past keys and values that passes copied before attending to them "
+        "(the attention reads the KV pool in place: 0).",
+    )
+    moved = family(
+        CounterMetricFamily,
+        "kept_kv_bytes_moved",
+        "Bytes of accepted draft-tree nodes' keys and values moved within their slots to close a gap.",
+    )
+    hits = family(
+        CounterMetricFamily, "compiled_pass_hits", "Verify passes run by a pass shape compiled at start (--compile on)."
+    )
+    misses = family(
+        CounterMetricFamily,
+        "compiled_pass_misses",
+        "Verify passes no compiled pass shape fitted, run eagerly (--compile on).",
+    )
+    buckets = family(
+        GaugeMetricFamily,
+        "compiled_pass_buckets",
+        "Pass shapes (sessions x tokens) compiled at start; 0 with --compile off.",
+    )
     for worker, stats in engines.items():
         at = [worker] if labelled else []
+        copied.add_metric(at, stats.past_kv_bytes_copied)
+        moved.add_metric(at, stats.kept_kv_bytes_moved)
+        hits.add_metric(at, stats.compiled_hits)
+        misses.add_metric(at, stats.compiled_misses)
+        buckets.add_metric(at, stats.compiled_buckets)
         kv.add_metric(at, stats.kv_bytes_used)
         reserved.add_metric(at, stats.kv_bytes_reserved)
         busy.add_metric(at, stats.device_busy_seconds)
@@ -256,3 +297,4 @@ def _engine_families(engines: dict[str | None, EngineStats]) -> Iterator:
             passes.add_metric([*at, str(size)], tally.passes)
             pass_seconds.add_metric([*at, str(size)], tally.seconds)
     yield from (kv, reserved, busy, prefill, carried, fixed, per_token, passes, pass_seconds)
+    yield from (copied, moved, hits, misses, buckets)

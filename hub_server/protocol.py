@@ -32,7 +32,7 @@ class OpenSessionRequest(_Body):
     vocab_size: int = Field(gt=0)
     vocab_fingerprint: str = Field(min_length=1, max_length=128)
     draft_model: str = Field("", max_length=256)
-    sampling: Sampling = Field(default_factory=Sampling)
+    sampling: Sampling = Sampling(temperature=0.0, seed=0)
     # Acceptance stops at the first stop token, so the hub's context ends where the reply ends.
     stop_token_ids: list[int] = Field(default_factory=list, max_length=64)
 
@@ -85,6 +85,13 @@ class GenerateChunk(_Body):
     context_len: int = 0
 
 
+class WorkerCount(_Body):
+    """Engine workers serving now (ready or draining) and configured; /v1/info and /health."""
+
+    ready: int
+    total: int
+
+
 class HubInfo(_Body):
     protocol_version: int
     model: str
@@ -93,6 +100,28 @@ class HubInfo(_Body):
     max_draft_tokens: int
     max_context: int
     modes: list[str] = Field(default_factory=list)  # serving modes this hub offers
+    workers: WorkerCount = WorkerCount(ready=1, total=1)
+
+
+class WorkerInfo(_Body):
+    """One engine worker, for operators (`GET /v1/workers`, `hub_server workers`)."""
+
+    worker_id: str
+    node: str  # host name (in-process) or Ray node id
+    pid: int
+    device: str
+    state: Literal["ready", "draining", "lost"]
+    sessions: int  # open sessions placed on it
+    kv_slots: int  # sessions its KV pool holds (--max-sessions)
+    kv_bytes_used: int
+    kv_bytes_reserved: int
+    queue_depth: int  # verifies waiting for its device
+    passes: int  # verify passes it has run
+    restarts: int  # times it came back as a new process
+
+
+class WorkerList(_Body):
+    workers: list[WorkerInfo]
 
 
 class UserLimits(_Body):

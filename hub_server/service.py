@@ -1,13 +1,21 @@
 """What the hub does for each request, checked; independent of HTTP and of torch (the engine is
-reached only through `engine_api.Engine`)."""
+reached only through `engine_api.Engine`).
+
+The hub's front end serves one or more workers (`placement.py`): each a device with its engine
+and its own batch scheduler. Accounts, per-user limits and the session table are the front end's,
+one set for all workers; a session's feeds, verifies and generations go to the worker it was
+placed on. A worker in another process (Ray, `workers.py`) is probed; when it is lost its
+sessions are dropped, so clients reopen them on a live worker, and it rejoins once restarted.
+"""
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from concurrent.futures import Future
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -17,7 +25,7 @@ import anyio
 from hub_server import protocol as wire
 from hub_server.accounts import TokenCheck
 from hub_server.config import HubSettings
-from hub_server.engine_api import Engine, VerifyJob
+from hub_server.engine_api import Engine, EngineStats, KVHandle, VerifyJob
 from hub_server.errors import (
     AccountsUnavailable,
     BadRequest,
@@ -25,10 +33,13 @@ from hub_server.errors import (
     HubFull,
     RateLimited,
     SessionNotFound,
+    UnknownWorker,
     VocabMismatch,
+    WorkerLost,
 )
 from hub_server.limits import AdmissionGate, TokenBudgets
 from hub_server.metrics import HubCollector, HubFigures, HubMetrics
+from hub_server.placement import LOST, Supervised, Worker, local_identity, placement_order
 from hub_server.scheduler import Announcement, Scheduler
 from hub_server.sessions import LOCAL_OWNER, Owner, Session, SessionStore
 from hub_server.tree import chain_parents, node_depths, tree_problem
@@ -42,36 +53,57 @@ log = logging.getLogger("hub_server")
 # least this long (or --session-idle-s, if that is shorter): a user reading a reply keeps theirs.
 FULL_HUB_IDLE_FLOOR_S = 30.0
 SWEEP_EVERY_S = 2.0  # how often idle sessions and those of removed accounts are looked for
+PROBE_PERIOD_S = 0.5  # how often a worker in another process is asked whether it lives
 
 
 class Hub:
     def __init__(
         self,
         settings: HubSettings,
-        engine: Engine,
+        engines: Sequence[Engine],
         metrics: HubMetrics | None = None,
         accounts: TokenCheck | None = None,
     ):
+        if not engines:
+            raise ValueError("a hub needs at least one engine")
         self.settings = settings
-        self.engine = engine
+        # Every worker loads the same target: the first one states its name, vocabulary and context.
+        self.engine = engines[0]
         self.accounts = accounts  # where removed accounts are found out; None: no accounts
         self.sessions = SessionStore()
         self.metrics = metrics or HubMetrics()
-        self.scheduler = Scheduler(
-            self._verify_pass,
-            max_batch=settings.max_batch,
-            max_wait_s=settings.batch_wait_ms / 1000,
-            merge_share=settings.merge_wait_share,
-            pass_fixed_s=engine.pass_fixed_s,
-            on_pass=self.metrics.record_pass,
-        )
-        self.metrics.registry.register(HubCollector(self._figures, lambda: {None: self.engine.stats()}))
+        self.workers = [self._worker(str(index), engine) for index, engine in enumerate(engines)]
+        self.metrics.registry.register(HubCollector(self._figures, self._engine_stats))
         self.budgets = TokenBudgets(settings.tokens_per_minute)
         self.gate = AdmissionGate(settings.max_queue_depth)
         self._admission = threading.Lock()  # the session caps are checked and taken as one step
-        self.drafter = make_drafter(settings, engine.device_lock)
+        self.drafter = make_drafter(settings, self.engine.device_lock)
         self._evictor = threading.Thread(target=self._evict_idle_forever, name="evictor", daemon=True)
         self._evictor.start()
+        for worker in self.workers:
+            if worker.supervised:
+                name = f"probe-worker-{worker.worker_id}"
+                threading.Thread(target=self._probe_forever, args=(worker,), name=name, daemon=True).start()
+
+    def _worker(self, worker_id: str, engine: Engine) -> Worker:
+        scheduler = Scheduler(
+            lambda jobs: self._verify_pass(engine, jobs),
+            max_batch=self.settings.max_batch,
+            max_wait_s=self.settings.batch_wait_ms / 1000,
+            merge_share=self.settings.merge_wait_share,
+            pass_fixed_s=engine.pass_fixed_s,
+            on_pass=self.metrics.record_pass,
+        )
+        identity = engine.probe() if isinstance(engine, Supervised) else local_identity(engine, self.settings.device)
+        return Worker(worker_id, engine, scheduler, identity)
+
+    @property
+    def scheduler(self) -> Scheduler:
+        """The first worker's scheduler (the only one of an in-process hub)."""
+        return self.workers[0].scheduler
+
+    def workers_ready(self) -> wire.WorkerCount:
+        return wire.WorkerCount(ready=sum(w.state != LOST for w in self.workers), total=len(self.workers))
 
     def info(self) -> wire.HubInfo:
         return wire.HubInfo(
@@ -82,33 +114,79 @@ class Hub:
             max_draft_tokens=self.settings.max_draft_tokens,
             max_context=self.engine.max_context,
             modes=["specedge", "autoregressive"] + (["speculative"] if self.drafter else []),
+            workers=self.workers_ready(),
         )
 
     def metrics_page(self) -> bytes:
         """The Prometheus text page of this hub's registry."""
         return self.metrics.page()
 
-    def _figures(self) -> HubFigures:
-        stats = self.scheduler.stats
-        return HubFigures(
-            active_sessions=len(self.sessions),
-            queue_depth=self.scheduler.queue_depth,
-            last_batch_size=stats.last_batch_size,
-            batches=stats.batches,
-            batched_jobs=stats.jobs,
-            merge_waits=stats.merge_waits,
-            merge_wait_seconds=stats.merge_wait_seconds,
-            user_return_seconds=self.scheduler.usual_return_s() or 0.0,
-            hub_draft_seconds=self.drafter.busy_seconds if self.drafter else 0.0,
-            tokens_per_verify=self.metrics.mean_tokens_per_verify(),
+    def worker_list(self) -> wire.WorkerList:
+        """Each worker as operators see it (`GET /v1/workers`, `hub_server workers`)."""
+        return wire.WorkerList(workers=[self._describe(worker) for worker in self.workers])
+
+    def _describe(self, worker: Worker) -> wire.WorkerInfo:
+        device = worker.engine.stats()
+        return wire.WorkerInfo(
+            worker_id=worker.worker_id,
+            node=worker.identity.node,
+            pid=worker.identity.pid,
+            device=worker.identity.device,
+            state=worker.state,
+            sessions=self.sessions.count_on(worker.worker_id),
+            kv_slots=self.settings.max_sessions,
+            kv_bytes_used=device.kv_bytes_used,
+            kv_bytes_reserved=device.kv_bytes_reserved,
+            queue_depth=worker.scheduler.queue_depth,
+            passes=worker.scheduler.stats.batches,
+            restarts=worker.restarts,
         )
 
-    def _verify_pass(self, jobs: list[VerifyJob]) -> None:
-        """One batched pass on the engine (the scheduler's thread), its device time observed: the
-        engine's verify-pass tallies grow by exactly this pass's, as only this thread runs them."""
-        before = _verify_pass_seconds(self.engine)
-        self.engine.verify_batch(jobs)
-        self.metrics.pass_device_seconds.observe(_verify_pass_seconds(self.engine) - before)
+    def drain(self, worker_id: str) -> wire.WorkerInfo:
+        """Stop placing new sessions on a worker; its open sessions finish there."""
+        worker = self._find_worker(worker_id)
+        worker.drain()
+        log.info("worker %s draining: %d sessions left", worker_id, self.sessions.count_on(worker_id))
+        return self._describe(worker)
+
+    def _find_worker(self, worker_id: str) -> Worker:
+        for worker in self.workers:
+            if worker.worker_id == worker_id:
+                return worker
+        known = ", ".join(w.worker_id for w in self.workers)
+        raise UnknownWorker(f"no worker {worker_id!r} on this hub (workers: {known}); see `hub_server workers`")
+
+    def _worker_of(self, session: Session) -> Worker:
+        return self.workers[int(session.worker_id)]
+
+    def _figures(self) -> HubFigures:
+        """The hub-wide figures: every worker's scheduler together."""
+        schedulers = [worker.scheduler for worker in self.workers]
+        stats = [scheduler.stats for scheduler in schedulers]
+        returns = [r for r in (scheduler.usual_return_s() for scheduler in schedulers) if r is not None]
+        return HubFigures(
+            active_sessions=len(self.sessions),
+            queue_depth=sum(scheduler.queue_depth for scheduler in schedulers),
+            last_batch_size=max(s.last_batch_size for s in stats),
+            batches=sum(s.batches for s in stats),
+            batched_jobs=sum(s.jobs for s in stats),
+            merge_waits=sum(s.merge_waits for s in stats),
+            merge_wait_seconds=sum(s.merge_wait_seconds for s in stats),
+            user_return_seconds=min(returns, default=0.0),
+            hub_draft_seconds=self.drafter.busy_seconds if self.drafter else 0.0,
+            tokens_per_verify=self.metrics.mean_tokens_per_verify(),
+            workers_ready=self.workers_ready().ready,
+            workers_total=len(self.workers),
+        )
+
+    def _engine_stats(self) -> dict[str | None, EngineStats]:
+        """Each worker's device figures; labelled by worker only where there are several."""
+        labelled = len(self.workers) > 1  # one worker: the series as they always were, unlabelled
+        return {(worker.worker_id if labelled else None): worker.engine.stats() for worker in self.workers}
+
+    def _verify_pass(self, engine: Engine, jobs: list[VerifyJob]) -> None:
+        """One batched pass on a worker's engine (its scheduler's thread), its device time observed."""
+        self.metrics.pass_device_seconds.observe(engine.verify_batch(jobs))
 
     def whoami(self, owner: Owner = LOCAL_OWNER) -> wire.WhoAmIResponse:
         limits = wire.UserLimits(
@@ -137,19 +215,20 @@ class Hub:
         self._check_ids(request.stop_token_ids, "stop_token_ids")
         with self._admission:
             self._check_user_sessions(owner)
-            if len(self.sessions) >= self.settings.max_sessions:
-                self._make_room()
-            kv = self.engine.new_kv() if len(self.sessions) < self.settings.max_sessions else None
-            if kv is None:
-                raise HubFull(
-                    f"the hub serves its maximum of {self.settings.max_sessions} sessions; retry in a few seconds"
-                )
+            placed = self._place()
+            if placed is None:
+                self._make_room()  # the longest-idle session, if it idled long enough, gives up its slot
+                placed = self._place()
+            if placed is None:
+                raise HubFull(self._full_message())
+            worker, kv = placed
             session = self.sessions.add(
                 request.sampling.temperature,
                 request.sampling.seed,
                 frozenset(request.stop_token_ids),
                 kv,
                 owner,
+                worker.worker_id,
             )
         return wire.OpenSessionResponse(
             session_id=session.session_id,
@@ -166,6 +245,29 @@ class Hub:
         if session is not None:
             self.metrics.evicted_sessions.inc()
             self._retire(session)
+
+    def _place(self) -> tuple[Worker, KVHandle] | None:
+        """A worker for a new session and a KV slot on it, best worker first; None when all are full."""
+        loads = [w.load(self.sessions.count_on(w.worker_id), self.settings.max_sessions) for w in self.workers]
+        for worker_id in placement_order(loads):
+            worker = self.workers[int(worker_id)]
+            try:
+                kv = worker.engine.new_kv()
+            except WorkerLost:  # its probe will say so shortly; the next worker may take it
+                continue
+            if kv is not None:
+                return worker, kv
+        return None
+
+    def _full_message(self) -> str:
+        limit = self.settings.max_sessions
+        if len(self.workers) == 1:
+            return f"the hub serves its maximum of {limit} sessions; retry in a few seconds"
+        up = self.workers_ready()
+        return (
+            f"the hub's {up.ready} ready workers (of {up.total}) serve their maximum of {limit} sessions each; "
+            "retry in a few seconds"
+        )
 
     def _check_user_sessions(self, owner: Owner) -> None:
         limit = self.settings.max_sessions_per_user
@@ -184,7 +286,7 @@ class Hub:
             self._check_ids(request.tokens, "tokens")
             self._check_room(len(session.context) + len(request.tokens))
             session.context.extend(request.tokens)
-            self.engine.prefill(session.kv, session.context)
+            self._worker_of(session).engine.prefill(session.kv, session.context)
             return wire.FeedResponse(context_len=len(session.context))
 
     async def verify(
@@ -202,7 +304,7 @@ class Hub:
             try:
                 # Checked and queued in one go on the event loop: nothing to announce.
                 job = self._verify_job(session, request)
-                future = self.scheduler.submit(job, key=session.session_id)
+                future = self._worker_of(session).scheduler.submit(job, key=session.session_id)
             except BaseException:
                 session.lock.release()
                 raise
@@ -266,7 +368,8 @@ class Hub:
     ) -> Iterator[wire.GenerateChunk]:
         # Announced for its whole life: between passes (streaming a chunk, drafting) the next
         # batch may wait briefly for this session, so concurrent generations share passes.
-        with session.lock, self.scheduler.announce() as announcement:
+        scheduler = self._worker_of(session).scheduler
+        with session.lock, scheduler.announce() as announcement:
             _check_open(session)
             session.context.extend(request.tokens)
             produced = verifies = 0
@@ -284,7 +387,7 @@ class Hub:
                     session.seed,
                     session.stop_token_ids,
                 )
-                self._run(session, job, request.mode, announcement)
+                self._run(scheduler, session, job, request.mode, announcement)
                 produced += len(job.emitted)
                 verifies += 1
                 if verifies == 1:
@@ -294,10 +397,12 @@ class Hub:
                     break
             yield wire.GenerateChunk(tokens=[], done=True, verifies=verifies, context_len=len(session.context))
 
-    def _run(self, session: Session, job: VerifyJob, mode: str, announcement: Announcement) -> None:
+    def _run(
+        self, scheduler: Scheduler, session: Session, job: VerifyJob, mode: str, announcement: Announcement
+    ) -> None:
         """Queue one verify for the device and apply its result (blocking: generation threads)."""
         started = time.perf_counter()
-        self.scheduler.submit(job, announcement).result()
+        scheduler.submit(job, announcement).result()
         self._apply(session, job, mode, time.perf_counter() - started)
 
     def _apply(self, session: Session, job: VerifyJob, mode: str, seconds: float) -> None:
@@ -350,13 +455,51 @@ class Hub:
 
     def _retire(self, session: Session) -> None:
         """Give a removed session's KV slot back, once any request still running on it is done."""
+        worker = self._worker_of(session)
         with session.lock:
             if session.kv is not None:
-                self.engine.release(session.kv)
+                with contextlib.suppress(WorkerLost):  # a lost worker took the slot with it
+                    worker.engine.release(session.kv)
                 session.kv = None
-        self.scheduler.forget(session.session_id)
+        self._forget(worker, session)
+
+    def _forget(self, worker: Worker, session: Session) -> None:
+        worker.scheduler.forget(session.session_id)
         if self.drafter:
             self.drafter.forget(session.session_id)
+
+    def _probe_forever(self, worker: Worker) -> None:
+        while True:
+            time.sleep(PROBE_PERIOD_S)
+            self._probe(worker)
+
+    def _probe(self, worker: Worker) -> None:
+        """Notice a lost worker (its sessions dropped at once), and one that came back (a new
+        process: an empty KV pool) so that placement uses it again."""
+        try:
+            identity = worker.engine.probe()  # type: ignore[attr-defined]
+        except WorkerLost as exc:
+            if worker.state != LOST:
+                self._lose(worker, str(exc))
+            return
+        if identity.incarnation == worker.identity.incarnation:
+            return
+        if worker.state != LOST:  # it died and came back between two probes
+            self._lose(worker, "its process restarted")
+        worker.rejoin(identity)
+        log.info("worker %s rejoined: pid %d on %s (%s)", worker.worker_id, identity.pid, identity.node, worker.state)
+
+    def _lose(self, worker: Worker, reason: str) -> None:
+        worker.lose()
+        lost = self.sessions.drop_worker(worker.worker_id)
+        for session in lost:
+            # Its KV slot died with the worker; a request still running on it fails by itself.
+            session.kv = None
+            self._forget(worker, session)
+        self.metrics.lost_sessions.inc(len(lost))
+        log.warning(
+            "worker %s lost (%s): %d sessions dropped, clients reopen them", worker.worker_id, reason, len(lost)
+        )
 
     def _evict_idle_forever(self) -> None:
         while True:
@@ -378,10 +521,6 @@ class Hub:
                 f"the conversation would need {needed} tokens, more than this model's context "
                 f"of {self.engine.max_context}; start a new conversation"
             )
-
-
-def _verify_pass_seconds(engine: Engine) -> float:
-    return sum(tally.seconds for tally in engine.stats().verify_passes.values())
 
 
 def _check_open(session: Session) -> None:

@@ -1,6 +1,7 @@
 """Sessions: each user's token context and settings. Plain Python, no torch.
 
-The KV cache lives in the model runner; a session only holds an opaque handle to it.
+The KV cache lives in the model runner; a session only holds an opaque handle to it, and the id
+of the worker whose engine holds that cache (`placement.py`): the store is the hub's session table.
 """
 
 from __future__ import annotations
@@ -39,6 +40,7 @@ class Session:
     stop_token_ids: frozenset[int]
     kv: Any  # the runner's KV handle; None once closed or evicted
     owner: Owner = LOCAL_OWNER  # the account that opened it; nobody else sees it
+    worker_id: str = "0"  # the worker whose engine holds its KV cache; all its requests go there
     context: list[int] = field(default_factory=list)
     last_used: float = field(default_factory=time.monotonic)
     # One request at a time per session: a session's context is a sequence, not a set.
@@ -54,9 +56,15 @@ class SessionStore:
         return len(self._sessions)
 
     def add(
-        self, temperature: float, seed: int, stop_token_ids: frozenset[int], kv: Any, owner: Owner = LOCAL_OWNER
+        self,
+        temperature: float,
+        seed: int,
+        stop_token_ids: frozenset[int],
+        kv: Any,
+        owner: Owner = LOCAL_OWNER,
+        worker_id: str = "0",
     ) -> Session:
-        session = Session(secrets.token_urlsafe(16), temperature, seed, stop_token_ids, kv, owner)
+        session = Session(secrets.token_urlsafe(16), temperature, seed, stop_token_ids, kv, owner, worker_id)
         with self._lock:
             self._sessions[session.session_id] = session
         return session
@@ -73,6 +81,18 @@ class SessionStore:
     def count(self, owner: Owner) -> int:
         with self._lock:
             return sum(1 for s in self._sessions.values() if s.owner == owner)
+
+    def count_on(self, worker_id: str) -> int:
+        with self._lock:
+            return sum(1 for s in self._sessions.values() if s.worker_id == worker_id)
+
+    def drop_worker(self, worker_id: str) -> list[Session]:
+        """Remove every session the worker held (it is lost, and their KV caches with it)."""
+        with self._lock:
+            lost = [s for s in self._sessions.values() if s.worker_id == worker_id]
+            for session in lost:
+                del self._sessions[session.session_id]
+        return lost
 
     def all(self) -> list[Session]:
         with self._lock:

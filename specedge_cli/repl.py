@@ -21,7 +21,7 @@ from specedge_cli.errors import HubBusy, HubError, HubUnreachable, SettingError
 from specedge_cli.history import ConversationLog
 from specedge_cli.rendering import ReplyView
 
-err = Console(stderr=True, highlight=False)
+err = Console(stderr=True, highlight=False, soft_wrap=True)  # a message wraps where the terminal does, never mid-copy
 
 HELP = """Available commands:
   /set temperature T   0 decodes greedily

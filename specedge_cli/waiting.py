@@ -25,6 +25,8 @@ POLL_S = 1.0
 # tqdm's bar (`Converting ... tensors:  45%|████▌  | 100/222`) and the hub's own conversion line.
 _PROGRESS = re.compile(r"\d+%\|")
 _CONVERTING = re.compile(r"converting .* into torch", re.IGNORECASE)
+# The hub's text log format: `2026-12-01 22:55:54,142 INFO hub_server.loading: message`.
+_LOG_PREFIX = re.compile(r"^\d{4}-\d\d-\d\d [\d:,.]+ [A-Z]+ [\w.]+: ")
 
 
 def wait_until_ready(connection: HubConnection, log: LogTail, console: Console) -> None:
@@ -87,8 +89,8 @@ class LogTail:
 
 
 def progress_lines(lines: list[str]) -> list[str]:
-    """The lines worth showing: progress bars, and the hub saying it converts the target."""
-    return [line for line in lines if _PROGRESS.search(line) or _CONVERTING.search(line)]
+    """The lines worth showing (progress bars, the hub saying it converts the target), without the log's prefix."""
+    return [_LOG_PREFIX.sub("", line) for line in lines if _PROGRESS.search(line) or _CONVERTING.search(line)]
 
 
 def wait_for_embedded(wait_ready: Callable[[], None], log: LogTail, console: Console) -> None:

@@ -64,6 +64,7 @@ class RunningHub:
         no_auth: bool = True,
         env: dict | None = None,
         port: int | None = None,
+        ready_timeout_s: float = 120,
     ):
         port = port or free_port()
         self.log = cache_dir / f"hub-{port}.log"
@@ -71,7 +72,7 @@ class RunningHub:
         self._hub = HubProcess(args, log_path=self.log, env=env, port=port, cwd=REPO)
         self.url, self.process = self._hub.url, self._hub.process
         try:
-            self._hub.wait_ready(timeout_s=120)
+            self._hub.wait_ready(timeout_s=ready_timeout_s)
         except HubStartError as exc:
             self.stop()  # a hub that failed to start must not outlive the test run
             raise RuntimeError(f"{exc}\n{self.log.read_text()}") from exc
@@ -109,7 +110,13 @@ class AuthHub(RunningHub):
     Names in `operators` are added with `--role operator` (they may read /metrics)."""
 
     def __init__(
-        self, model: Path, workdir: Path, users: tuple[str, ...], *extra: str, operators: tuple[str, ...] = ()
+        self,
+        model: Path,
+        workdir: Path,
+        users: tuple[str, ...],
+        *extra: str,
+        operators: tuple[str, ...] = (),
+        ready_timeout_s: float = 120,
     ):
         self.data_dir = workdir / "data"
         self.tokens = {}
@@ -117,7 +124,15 @@ class AuthHub(RunningHub):
             role = "operator" if name in operators else "user"
             hub_admin(self.data_dir, "users", "add", name, "--role", role)
             self.tokens[name] = hub_admin(self.data_dir, "tokens", "create", "--user", name)["token"]
-        super().__init__(model, workdir / "cache", "--data-dir", str(self.data_dir), *extra, no_auth=False)
+        super().__init__(
+            model,
+            workdir / "cache",
+            "--data-dir",
+            str(self.data_dir),
+            *extra,
+            no_auth=False,
+            ready_timeout_s=ready_timeout_s,
+        )
 
     def client(self, user: str | None = None, **kwargs) -> httpx.Client:
         headers = {"Authorization": f"Bearer {self.tokens[user]}"} if user else {}

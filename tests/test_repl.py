@@ -230,4 +230,5 @@ def test_a_hub_that_goes_away_is_one_line_and_the_repl_stays(tiny, tmp_path, tar
         own_hub.stop()
     history = History(history_path(Path(os.environ["SPECEDGE_HOME"]) / "data"))
     assert [turn.prompt for turn in history.turns(1)] == ["the cat sat on", "and then"]
-    assert [turn.prompt for turn in history.load(1).turns] == ["the cat sat on"]  # the unanswered one is not context
+    # The prompt the outage left unanswered stays in the context, so `--continue` answers it in context.
+    assert [turn.prompt for turn in history.load(1).turns] == ["the cat sat on", "and then"]

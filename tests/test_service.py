@@ -8,6 +8,7 @@ plus one. Decoding itself is tested against the real target alone elsewhere.
 from __future__ import annotations
 
 import asyncio
+import re
 import threading
 import time
 from dataclasses import dataclass
@@ -56,23 +57,24 @@ class CountingTarget:
     def prefill(self, kv: KVHandle, context: list[int]) -> None:
         kv.length = len(context) - 1
 
-    def verify_batch(self, jobs: list[VerifyJob]) -> None:
+    def verify_batch(self, jobs: list[VerifyJob]) -> float:
         self.passes.append(len(jobs))
         for job in jobs:
             choices = [(job.pending[-1] + 1) % VOCAB] + [(token + 1) % VOCAB for token in job.draft]
             job.path, job.emitted = accept_tree(job.draft, job.parents, choices, job.stop_token_ids)
             job.kv.length += len(job.pending) + len(job.emitted) - 1
+        return 0.001 * len(jobs)  # what the pass would have taken on a device
 
     def pass_fixed_s(self) -> float | None:
         return None
 
     def stats(self) -> EngineStats:
-        return EngineStats(0, 4096, 0.25, PassTally(1, 0.5), 0, {2: PassTally(3, 0.75)}, None, None)
+        return EngineStats(0, 4096, 0.25, PassTally(1, 0.5), 0, {2: PassTally(3, 0.75)}, None, None, compiled_hits=5)
 
 
 def make_hub(**settings) -> tuple[Hub, CountingTarget]:
     engine = CountingTarget(slots=settings.pop("slots", 4), max_context=settings.pop("max_context", 64))
-    return Hub(HubSettings(model="unused", **settings), engine), engine
+    return Hub(HubSettings(model="unused", **settings), [engine]), engine
 
 
 def open_request(engine: CountingTarget, **overrides) -> wire.OpenSessionRequest:
@@ -193,11 +195,14 @@ def test_an_idle_session_is_evicted_and_the_client_resumes_where_it_was():
 
 
 def metric(hub: Hub, series: str) -> float:
-    """One series' value on the hub's /metrics page, by its full name with labels."""
-    for line in hub.metrics_page().decode().splitlines():
-        if line.startswith(series + " "):
-            return float(line.split()[-1])
-    raise AssertionError(f"{series} is not on the page")
+    """One series' value on the hub's /metrics page, by its name with labels (`name{a="1"}`),
+    read with the one /metrics reader."""
+    from specedge_bench.metrics import MetricsPage
+
+    name, _, labels = series.partition("{")
+    page = MetricsPage.parse(hub.metrics_page().decode())
+    assert page.has(name), f"{name} is not on the page"
+    return page.value(name, **dict(re.findall(r'(\w+)="([^"]*)"', labels)))
 
 
 def test_the_metrics_page_shows_the_engines_figures():
@@ -207,6 +212,8 @@ def test_the_metrics_page_shows_the_engines_figures():
     assert metric(hub, "specedge_prefill_seconds_total") == 0.5
     assert metric(hub, 'specedge_verify_passes_total{sessions="2"}') == 3
     assert metric(hub, "process_resident_memory_bytes") > 0
+    assert metric(hub, "specedge_compiled_pass_hits_total") == 5
+    assert metric(hub, "specedge_past_kv_bytes_copied_total") == 0
 
 
 def test_each_hub_has_its_own_series_and_verifies_fill_the_histograms():

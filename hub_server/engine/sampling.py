@@ -54,8 +54,8 @@ def ancestor_masks(rows: list[list[int]], width: int) -> torch.Tensor:
         for index, parent in enumerate(parents):
             ancestors.append((ancestors[parent] if parent >= 0 else 0) | (1 << index))
         ancestors += [1 << index for index in range(len(parents), width)]
-        for bits in ancestors:
-            packed += bits.to_bytes(row_bytes, "little")
+        for mask in ancestors:
+            packed += mask.to_bytes(row_bytes, "little")
     bits = np.unpackbits(
         np.frombuffer(bytes(packed), dtype=np.uint8).reshape(len(rows), width, row_bytes),
         axis=-1,

@@ -98,6 +98,7 @@ class HubInfo(_Message):
     max_draft_tokens: int
     max_context: int
     modes: list[str] = field(default_factory=list)
+    workers: dict[str, int] = field(default_factory=lambda: {"ready": 1, "total": 1})  # engine workers
 
 
 @dataclass(frozen=True)

@@ -1,4 +1,4 @@
-"""A hub started as a child process for `hub_server bench`, pinned away from the simulated edges."""
+"""A hub started as a child process for `hub_server bench` and the benchmarks, pinned away from the simulated edges."""
 
 from __future__ import annotations
 
@@ -19,8 +19,9 @@ class LocalHub:
         max_batch: int,
         dtype: str = "auto",
         serve_args: tuple[str, ...] = (),
+        pin_hub: bool = True,
     ):
-        hub_cores, edge_cores = _split_cores()
+        hub_cores, edge_cores = _split_cores() if pin_hub else (set(), set())
         self.hub_cores = hub_cores  # empty: not pinned
         args = ["--model", model, "--draft", str(draft), "--device", device, "--dtype", dtype]
         args += ["--max-batch", str(max_batch), "--max-sessions", str(max(64, max_batch))]
@@ -45,12 +46,13 @@ class LocalHub:
         max_batch: int,
         dtype: str = "auto",
         serve_args: tuple[str, ...] = (),
+        pin_hub: bool = True,
     ) -> Iterator[LocalHub | None]:
         """A local hub when `model` is given, else nothing (the caller measures a running hub)."""
         if model is None:
             yield None
             return
-        hub = cls(model, draft, device, max_batch, dtype, serve_args)
+        hub = cls(model, draft, device, max_batch, dtype, serve_args, pin_hub)
         try:
             yield hub
         finally:

@@ -1,0 +1,107 @@
+"""The hub's engine workers as the front end sees them, and where a new session goes. Plain Python.
+
+A worker is one engine (one device with the target and its KV pool) and the batch scheduler that
+feeds it, so a verify never waits on another device. In-process there is one worker; with Ray
+(`hub_server/workers.py`) each engine is a proxy to an actor on some node. The front end keeps
+the session table (each `Session` names its worker) and chooses a worker for each new session:
+the one with the most free KV slots, then the shortest queue. A session stays on its worker for
+its whole life, since its KV cache lives there.
+
+Worker states:
+- `ready`     takes new sessions
+- `draining`  its open sessions finish, no new ones come (`hub_server workers drain ID`)
+- `lost`      its process, device or node is gone; its sessions were dropped (they answer 404
+              `session_not_found`, and clients reopen them elsewhere) until it comes back
+"""
+
+from __future__ import annotations
+
+import os
+import socket
+from collections.abc import Iterable
+from dataclasses import dataclass
+from typing import Literal, Protocol, runtime_checkable
+
+from hub_server.engine_api import Engine
+from hub_server.scheduler import Scheduler
+
+WorkerState = Literal["ready", "draining", "lost"]
+READY: WorkerState = "ready"
+DRAINING: WorkerState = "draining"
+LOST: WorkerState = "lost"
+
+
+@dataclass(frozen=True)
+class WorkerIdentity:
+    """Where a worker runs. `incarnation` changes whenever its process starts again (its KV pool
+    is then empty: sessions it held before are gone)."""
+
+    node: str
+    pid: int
+    device: str
+    incarnation: str
+
+
+@runtime_checkable
+class Supervised(Protocol):
+    """An engine in another process, which may die: the front end probes it."""
+
+    def probe(self) -> WorkerIdentity:
+        """Its identity now; raises `errors.WorkerLost` when it does not answer in time."""
+
+
+@dataclass(frozen=True)
+class WorkerLoad:
+    """What placement needs to know of one worker."""
+
+    worker_id: str
+    state: WorkerState
+    free_slots: int
+    queue_depth: int
+
+
+def placement_order(loads: Iterable[WorkerLoad]) -> list[str]:
+    """Workers that may take a new session, best first: most free KV slots, then the shortest
+    queue (then the id, so ties break the same way every time). Empty when every one is full."""
+    open_ = [load for load in loads if load.state == READY and load.free_slots > 0]
+    open_.sort(key=lambda load: (-load.free_slots, load.queue_depth, load.worker_id))
+    return [load.worker_id for load in open_]
+
+
+class Worker:
+    """One engine, its own scheduler, and what the front end knows of it."""
+
+    def __init__(self, worker_id: str, engine: Engine, scheduler: Scheduler, identity: WorkerIdentity):
+        self.worker_id = worker_id
+        self.engine = engine
+        self.scheduler = scheduler
+        self.identity = identity
+        self.state: WorkerState = READY
+        self.draining = False  # kept across a loss: a drained worker that comes back stays drained
+        self.restarts = 0  # times it came back as a new process
+
+    @property
+    def supervised(self) -> bool:
+        return isinstance(self.engine, Supervised)
+
+    def load(self, sessions: int, slots: int) -> WorkerLoad:
+        return WorkerLoad(self.worker_id, self.state, slots - sessions, self.scheduler.queue_depth)
+
+    def lose(self) -> None:
+        self.state = LOST
+
+    def rejoin(self, identity: WorkerIdentity) -> None:
+        self.identity = identity
+        self.restarts += 1
+        self.state = DRAINING if self.draining else READY
+
+    def drain(self) -> None:
+        self.draining = True
+        if self.state == READY:
+            self.state = DRAINING
+
+
+def local_identity(engine: Engine, fallback_device: str) -> WorkerIdentity:
+    """The identity of an engine in this process."""
+    device = str(getattr(engine, "device", fallback_device))
+    return WorkerIdentity(socket.gethostname(), os.getpid(), device, incarnation="in-process")

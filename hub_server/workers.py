@@ -1,0 +1,346 @@
+"""Engine workers on Ray: one actor per device, each holding the target, its KV pool and its passes.
+
+The only module of the hub that imports Ray, and the one place Ray's errors are translated:
+whatever way a worker is lost (its process killed, a device error, its node gone, no answer to a
+probe within `PROBE_TIMEOUT_S`), a call to it raises `errors.WorkerLost`. The front end
+(`service.Hub`) sees each worker through `RayEngine`, an `engine_api.Engine` like the in-process
+runner, and keeps everything else: HTTP, accounts, limits, the session table, placement and one
+batch scheduler per worker (a whole batch crosses to the worker in one call).
+
+Ray restarts a lost actor (`max_restarts`), which loads the model again into a fresh KV pool
+under a new `incarnation`; slots name the incarnation they belong to, so a call that still names
+an old one is refused rather than served from another session's memory.
+
+    front end (the hub process: a Ray driver)            worker actors (one per device, any node)
+    Hub ── Scheduler ── RayEngine ── verify_batch ──▶    EngineWorker ── ModelRunner (torch)
+        └─ probe thread ─────────── identity ───────▶    (own thread: answers during a pass)
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import os
+import threading
+import uuid
+from collections.abc import Iterator
+from dataclasses import dataclass, replace
+from typing import Any, cast
+
+import ray
+from ray.exceptions import GetTimeoutError, RayError, RayTaskError
+
+from hub_server.config import HubSettings
+from hub_server.engine_api import Engine, EngineStats, PassTally, VerifyJob
+from hub_server.errors import ClusterError, WorkerLost
+from hub_server.placement import WorkerIdentity
+from hub_server.vocabulary import Vocabulary
+
+log = logging.getLogger("hub_server")
+
+PROBE_TIMEOUT_S = 3.0  # a worker that does not answer a probe this long is lost (and killed)
+STATS_TIMEOUT_S = 3.0
+START_TIMEOUT_S = 1800.0  # loading a large target onto a device
+POLL_S = 0.25  # a call in flight checks this often whether its worker was lost meanwhile
+MAX_RESTARTS = -1  # Ray restarts a lost worker every time (a failing model load is not restarted)
+
+
+class StaleSlot(Exception):
+    """A call named a KV slot of an earlier incarnation of the worker: the session is gone."""
+
+
+@dataclass
+class RemoteKV:
+    """A session's slot in a worker's KV pool, as the front end tracks it."""
+
+    index: int
+    incarnation: str
+    length: int = 0
+
+
+@dataclass(frozen=True)
+class WorkerDescription:
+    """What a worker tells the front end once its model has loaded."""
+
+    name: str
+    pieces: tuple[str, ...]
+    vocab_size: int
+    max_context: int
+    identity: WorkerIdentity
+
+
+# One verify job as it crosses to the worker, as plain values (cheap to pickle): (incarnation, slot,
+# pending, draft, parents, temperature, seed, stop ids); and back: (path, emitted, slot length).
+JobWire = tuple[str, int, list[int], list[int], list[int], float, int, tuple[int, ...]]
+ResultWire = tuple[list[int], list[int], int]
+
+
+class EngineWorker:
+    """The Ray actor: one device's `ModelRunner` (imported here, so torch loads only in workers)."""
+
+    def __init__(self, settings: HubSettings, cores: tuple[int, ...] = ()):
+        if cores:  # a CPU worker keeps to its own core, so two never share one
+            os.sched_setaffinity(0, cores)
+        from hub_server.engine.runner import ModelRunner
+
+        self.runner = ModelRunner(settings)
+        self.incarnation = uuid.uuid4().hex
+        self.slots: dict[int, Any] = {}  # index -> the runner's KV slot, for open sessions
+
+    def describe(self) -> WorkerDescription:
+        runner = self.runner
+        return WorkerDescription(
+            runner.name, runner.vocab.pieces, runner.vocab_size, runner.max_context, self._identity()
+        )
+
+    @ray.method(concurrency_group="probe")
+    def identity(self) -> WorkerIdentity:
+        """Answered on a thread of its own, so a probe does not wait for a pass."""
+        return self._identity()
+
+    def _identity(self) -> WorkerIdentity:
+        context = ray.get_runtime_context()
+        node = f"{ray.util.get_node_ip_address()}/{context.get_node_id()[:12]}"
+        return WorkerIdentity(node, os.getpid(), str(self.runner.device), self.incarnation)
+
+    @ray.method(concurrency_group="probe")
+    def stats(self) -> EngineStats:
+        return self.runner.stats()
+
+    def new_kv(self) -> tuple[int, str] | None:
+        slot = self.runner.new_kv()
+        if slot is None:
+            return None
+        self.slots[slot.index] = slot
+        return slot.index, self.incarnation
+
+    def release(self, incarnation: str, index: int) -> None:
+        if incarnation == self.incarnation and index in self.slots:
+            self.runner.release(self.slots.pop(index))
+
+    def prefill(self, incarnation: str, index: int, context: list[int]) -> int:
+        slot = self._slot(incarnation, index)
+        with _device_failure_exits():
+            self.runner.prefill(slot, context)
+        return slot.length
+
+    def verify_batch(self, jobs: list[JobWire]) -> tuple[list[ResultWire], float | None, float]:
+        """One pass over the jobs; their results, the pass's fitted fixed cost and its device seconds."""
+        runnable = [
+            VerifyJob(self._slot(incarnation, index), pending, draft, parents, temperature, seed, frozenset(stops))
+            for incarnation, index, pending, draft, parents, temperature, seed, stops in jobs
+        ]
+        with _device_failure_exits():
+            seconds = self.runner.verify_batch(runnable)
+        return [(job.path, job.emitted, job.kv.length) for job in runnable], self.runner.pass_fixed_s(), seconds
+
+    def _slot(self, incarnation: str, index: int) -> Any:
+        if incarnation != self.incarnation or index not in self.slots:
+            raise StaleSlot(f"slot {index} of {incarnation[:8]} is not open on this worker ({self.incarnation[:8]})")
+        return self.slots[index]
+
+
+@contextlib.contextmanager
+def _device_failure_exits() -> Iterator[None]:
+    """A device error leaves the device unusable for this process: exit, so that Ray starts a
+    fresh one, instead of failing every later pass."""
+    from hub_server.engine.faults import device_failed
+
+    try:
+        yield
+    except Exception as exc:
+        if device_failed(exc):
+            log.error("device error, worker exits to be restarted: %s", exc)
+            os._exit(1)
+        raise
+
+
+class RayEngine:
+    """The front end's view of one worker actor: an `Engine`, and `placement.Supervised`."""
+
+    def __init__(self, actor: Any, description: WorkerDescription):
+        self._actor = actor
+        self.name = description.name
+        self.vocab = Vocabulary(description.pieces)
+        self.vocab_size = description.vocab_size
+        self.max_context = description.max_context
+        # The device is in the worker's process; this lock only serves the front end's own drafter.
+        self.device_lock = threading.Lock()
+        self.identity = description.identity
+        self._lost = False  # set by a failed probe: calls in flight give up instead of waiting
+        self._pass_fixed_s: float | None = None
+        self._last_stats = EngineStats(0, 0, 0.0, PassTally(), 0, {}, None, None)
+
+    def probe(self) -> WorkerIdentity:
+        ref = self._actor.identity.remote()
+        try:
+            self.identity = _get(ref, PROBE_TIMEOUT_S)
+        except WorkerLost as exc:
+            _cancel(ref)  # probes must not pile up behind a worker that is restarting
+            if not self._lost and isinstance(exc.__cause__, GetTimeoutError):
+                # Alive but not answering: restart it, so that what it holds is known (nothing).
+                with contextlib.suppress(RayError):
+                    ray.kill(self._actor, no_restart=False)
+            self._lost = True
+            raise
+        self._lost = False
+        return self.identity
+
+    def new_kv(self) -> RemoteKV | None:
+        opened = self._call(self._actor.new_kv.remote())
+        return None if opened is None else RemoteKV(*opened)
+
+    def release(self, kv: RemoteKV) -> None:
+        self._call(self._actor.release.remote(kv.incarnation, kv.index))
+
+    def prefill(self, kv: RemoteKV, context: list[int]) -> None:
+        kv.length = self._call(self._actor.prefill.remote(kv.incarnation, kv.index, context))
+
+    def verify_batch(self, jobs: list[VerifyJob]) -> float:
+        wire = [
+            (
+                job.kv.incarnation,  # type: ignore[attr-defined]
+                job.kv.index,
+                job.pending,
+                job.draft,
+                job.parents,
+                job.temperature,
+                job.seed,
+                tuple(job.stop_token_ids),
+            )
+            for job in jobs
+        ]
+        results, self._pass_fixed_s, seconds = self._call(self._actor.verify_batch.remote(wire))
+        for job, (path, emitted, length) in zip(jobs, results):
+            job.path, job.emitted, job.kv.length = path, emitted, length
+        return float(seconds)
+
+    def pass_fixed_s(self) -> float | None:
+        return self._pass_fixed_s
+
+    def stats(self) -> EngineStats:
+        """The worker's figures, or the last ones it gave while it is lost."""
+        if not self._lost:
+            with contextlib.suppress(WorkerLost):
+                self._last_stats = _get(self._actor.stats.remote(), STATS_TIMEOUT_S)
+        return self._last_stats
+
+    def _call(self, ref: Any) -> Any:
+        """The call's result; WorkerLost as soon as the worker is known lost, however it went."""
+        while not ray.wait([ref], timeout=POLL_S)[0]:
+            if self._lost:
+                _cancel(ref)
+                raise WorkerLost("the engine worker holding this session was lost; open a new session")
+        return _get(ref, None)
+
+
+def _cancel(ref: Any) -> None:
+    """Drop a call not yet run (a worker that already ran or lost it leaves nothing to cancel)."""
+    with contextlib.suppress(RayError, ValueError):
+        ray.cancel(ref)
+
+
+def _get(ref: Any, timeout: float | None) -> Any:
+    """`ray.get`, with Ray's failures translated: the one boundary where they enter the hub."""
+    try:
+        return ray.get(ref, timeout=timeout)
+    except GetTimeoutError as exc:
+        raise WorkerLost(f"the engine worker did not answer within {timeout:g} s; open a new session") from exc
+    except RayTaskError as exc:
+        if isinstance(exc.cause, StaleSlot):  # the worker restarted since the session opened
+            raise WorkerLost(
+                f"the engine worker holding this session restarted ({exc.cause}); open a new session"
+            ) from exc
+        raise exc.cause from exc  # an error of the engine itself, as it would be in process
+    except RayError as exc:  # the actor died, is restarting, or its node is gone
+        raise WorkerLost(
+            f"the engine worker holding this session was lost ({type(exc).__name__}); open a new session"
+        ) from exc
+
+
+# --- starting the workers ----------------------------------------------------------------------
+
+
+def start_workers(settings: HubSettings) -> list[Engine]:
+    """Start one worker per device on the cluster `connect` joined, and wait for all of them to
+    load the target."""
+    devices = _resolve_auto(settings.worker_devices)
+    cores = _cores_for(devices) if settings.ray_address is None else [() for _ in devices]
+    actors = [
+        _actor_class(device).remote(_worker_settings(settings, device), cores=core)
+        for device, core in zip(devices, cores)
+    ]
+    try:
+        descriptions = [_get(actor.describe.remote(), START_TIMEOUT_S) for actor in actors]
+    except WorkerLost as exc:
+        raise RuntimeError(f"an engine worker failed to start: {exc.__cause__ or exc}") from exc
+    for index, description in enumerate(descriptions):
+        who = description.identity
+        log.info("worker %d ready: %s, pid %d on node %s", index, who.device, who.pid, who.node)
+    # Engine's slots are the runner's type; a RayEngine's are RemoteKV, which the service only hands back.
+    return [cast("Engine", RayEngine(actor, description)) for actor, description in zip(actors, descriptions)]
+
+
+def connect(settings: HubSettings) -> None:
+    """Join `--ray-address`, or start a Ray cluster on this machine for the workers. Call it on the
+    main thread: a local cluster's processes die with the thread that started them (PDEATHSIG)."""
+    if settings.ray_address:
+        try:
+            ray.init(address=settings.ray_address, logging_level=logging.WARNING)
+        except (ConnectionError, RuntimeError, ValueError) as exc:
+            raise ClusterError(
+                f"cannot join the Ray cluster at {settings.ray_address} ({exc}); start it with `ray start --head` "
+                "(see README, Running a hub on many GPUs)"
+            ) from exc
+    else:
+        _start_local_cluster(settings.worker_devices)
+    # Ray builds its serialisers on first use, importing as it goes; done here, before the threads
+    # that start and call the workers (importing on two threads at once fails now and then).
+    ray.put(None)
+
+
+def _start_local_cluster(devices: tuple[str, ...]) -> None:
+    gpu_ids = [device.partition(":")[2] for device in devices if device.startswith("cuda:")]
+    if gpu_ids:  # exactly the devices asked for, and Ray hands each worker one of them
+        os.environ["CUDA_VISIBLE_DEVICES"] = ",".join(gpu_ids)
+    cpus = max(len(os.sched_getaffinity(0)), sum(device == "cpu" for device in devices))
+    ray.init(num_cpus=cpus, include_dashboard=False, logging_level=logging.WARNING)
+
+
+def _resolve_auto(devices: tuple[str, ...]) -> tuple[str, ...]:
+    """`auto`: a GPU where the cluster has any, else the CPU (decided here: the front end has no torch)."""
+    kind = "cuda" if ray.cluster_resources().get("GPU", 0) >= 1 else "cpu"
+    return tuple(kind if device == "auto" else device for device in devices)
+
+
+def _actor_class(device: str) -> Any:
+    """The worker actor with what it needs from a node: one GPU, or one CPU core."""
+    on_gpu = device.startswith("cuda")
+    options: dict[str, Any] = {
+        "num_cpus": 0 if on_gpu else 1,
+        "num_gpus": 1 if on_gpu else 0,
+        "max_restarts": MAX_RESTARTS,
+        "max_task_retries": 0,  # a pass is not repeated behind the client's back: the session is lost
+        "concurrency_groups": {"probe": 1},  # probes and stats on a thread of their own
+    }
+    return ray.remote(**options)(EngineWorker)
+
+
+def _worker_settings(settings: HubSettings, device: str) -> HubSettings:
+    """The settings a worker loads its engine with: its own device kind (Ray chose which one)."""
+    kind = "cuda" if device.startswith("cuda") else device
+    return replace(settings, device=kind, devices=(), workers=1, ray_address=None, draft=None)
+
+
+def _cores_for(devices: tuple[str, ...]) -> list[tuple[int, ...]]:
+    """On this machine, one core of this process's own for each CPU worker (round robin)."""
+    cores = sorted(os.sched_getaffinity(0))
+    cpu_index = 0
+    chosen: list[tuple[int, ...]] = []
+    for device in devices:
+        if device == "cpu":
+            chosen.append((cores[cpu_index % len(cores)],))
+            cpu_index += 1
+        else:
+            chosen.append(())
+    return chosen

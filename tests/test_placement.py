@@ -1,0 +1,164 @@
+"""Placement, the session table and lost workers, in process: the front end's rules with several
+fake engines (tests/test_service.py's counting target), no Ray and no model. The same rules with
+real Ray workers: tests/test_ray_workers.py."""
+
+from __future__ import annotations
+
+import pytest
+
+from hub_server import protocol as wire
+from hub_server.config import HubSettings
+from hub_server.errors import HubFull, RateLimited, SessionNotFound, UnknownWorker, WorkerLost
+from hub_server.placement import DRAINING, LOST, READY, WorkerIdentity, WorkerLoad, placement_order
+from hub_server.service import Hub
+from tests.test_service import ALICE, BOB, CountingTarget, metric, open_request, verify
+
+
+class MortalTarget(CountingTarget):
+    """A counting target in "another process": it answers probes until it dies, and comes back
+    as a new incarnation with an empty KV pool."""
+
+    def __init__(self, slots: int = 4):
+        super().__init__(slots=slots)
+        self.slots = slots
+        self.incarnation = 0
+        self.alive = True
+
+    def probe(self) -> WorkerIdentity:
+        if not self.alive:
+            raise WorkerLost("gone")
+        return WorkerIdentity("node-a", 4242, "cpu", str(self.incarnation))
+
+    def die(self) -> None:
+        self.alive = False
+
+    def restart(self) -> None:
+        incarnation = self.incarnation
+        self.__init__(self.slots)  # type: ignore[misc]
+        self.incarnation = incarnation + 1
+
+
+def hub_of(*engines: CountingTarget, **settings: object) -> Hub:
+    return Hub(HubSettings(model="unused", **settings), engines)  # type: ignore[arg-type]
+
+
+def test_placement_prefers_free_slots_then_the_shorter_queue_and_skips_full_or_unready_workers():
+    loads = [
+        WorkerLoad("0", READY, free_slots=2, queue_depth=0),
+        WorkerLoad("1", READY, free_slots=5, queue_depth=3),
+        WorkerLoad("2", READY, free_slots=5, queue_depth=1),
+        WorkerLoad("3", READY, free_slots=0, queue_depth=0),
+        WorkerLoad("4", DRAINING, free_slots=9, queue_depth=0),
+        WorkerLoad("5", LOST, free_slots=9, queue_depth=0),
+    ]
+    assert placement_order(loads) == ["2", "1", "0"]
+    assert placement_order([WorkerLoad("0", READY, 0, 0)]) == []
+
+
+def test_sessions_spread_over_workers_and_each_request_goes_to_its_own_worker():
+    first, second = CountingTarget(slots=4), CountingTarget(slots=4)
+    hub = hub_of(first, second, max_sessions=4)
+    sessions = [hub.open_session(open_request(first)).session_id for _ in range(4)]
+    assert (len(first.free), len(second.free)) == (2, 2)
+    for session in sessions:
+        assert verify(hub, session, [3], [4, 5]).tokens == [4, 5, 6]
+    assert (len(first.passes), len(second.passes)) == (2, 2)
+    assert [w.sessions for w in hub.worker_list().workers] == [2, 2]
+
+
+def test_hub_full_only_when_every_worker_is_full():
+    first, second = CountingTarget(slots=1), CountingTarget(slots=1)
+    hub = hub_of(first, second, max_sessions=1)
+    hub.open_session(open_request(first))
+    hub.open_session(open_request(first))  # the first worker is full: the second takes it
+    with pytest.raises(HubFull, match="2 ready workers \\(of 2\\) serve their maximum of 1 sessions each"):
+        hub.open_session(open_request(first))
+
+
+def test_per_user_limits_and_ownership_hold_across_workers():
+    first, second = CountingTarget(), CountingTarget()
+    hub = hub_of(first, second, max_sessions_per_user=2)
+    alice = [hub.open_session(open_request(first), owner=ALICE).session_id for _ in range(2)]
+    assert {hub.sessions.get(s, ALICE).worker_id for s in alice} == {"0", "1"}
+    with pytest.raises(RateLimited, match="already has 2 open sessions"):
+        hub.open_session(open_request(first), owner=ALICE)
+    for session in alice:  # whichever worker holds it, it is not bob's
+        with pytest.raises(SessionNotFound):
+            verify(hub, session, [1], [2], owner=BOB)
+        with pytest.raises(SessionNotFound):
+            hub.close(session, owner=BOB)
+
+
+def test_a_drained_worker_takes_no_new_sessions_while_its_open_ones_go_on():
+    first, second = CountingTarget(), CountingTarget()
+    hub = hub_of(first, second)
+    on_first = hub.open_session(open_request(first)).session_id
+    assert hub.drain("0").state == DRAINING
+    for _ in range(3):
+        assert hub.sessions.get(hub.open_session(open_request(first)).session_id).worker_id == "1"
+    assert verify(hub, on_first, [3], [4]).tokens == [4, 5]
+    with pytest.raises(UnknownWorker, match="no worker '7'"):
+        hub.drain("7")
+
+
+def test_a_lost_worker_drops_its_sessions_and_rejoins_once_restarted():
+    steady, mortal = CountingTarget(), MortalTarget()
+    hub = hub_of(steady, mortal)
+    sessions = [hub.open_session(open_request(steady)).session_id for _ in range(2)]
+    lost, kept = sorted(sessions, key=lambda s: hub.sessions.get(s).worker_id, reverse=True)
+    mortal.die()
+    hub._probe(hub.workers[1])
+    assert hub.workers_ready() == wire.WorkerCount(ready=1, total=2)
+    with pytest.raises(SessionNotFound):  # the client reopens it, on the worker that lives
+        verify(hub, lost, [1], [2])
+    assert verify(hub, kept, [1], [2]).tokens == [2, 3]
+    assert hub.sessions.get(hub.open_session(open_request(steady)).session_id).worker_id == "0"
+    mortal.restart()
+    hub._probe(hub.workers[1])
+    assert [w.state for w in hub.worker_list().workers] == [READY, READY]
+    assert hub.worker_list().workers[1].restarts == 1
+    assert hub.sessions.get(hub.open_session(open_request(steady)).session_id).worker_id == "1"
+
+
+def test_a_worker_that_restarted_between_two_probes_is_lost_and_back_at_once():
+    steady, mortal = CountingTarget(), MortalTarget()
+    hub = hub_of(steady, mortal)
+    sessions = [hub.open_session(open_request(steady)).session_id for _ in range(2)]
+    on_mortal = next(s for s in sessions if hub.sessions.get(s).worker_id == "1")
+    mortal.restart()  # its KV pool is empty now: the session's cache is gone
+    hub._probe(hub.workers[1])
+    with pytest.raises(SessionNotFound):
+        verify(hub, on_mortal, [1], [2])
+    assert hub.workers[1].state == READY
+
+
+def test_one_worker_reports_its_series_unlabelled_and_several_label_theirs():
+    single = hub_of(CountingTarget())
+    assert metric(single, "specedge_device_busy_seconds_total") == 0.25
+    assert 'worker="' not in single.metrics_page().decode()
+    several = hub_of(CountingTarget(), CountingTarget())
+    assert metric(several, 'specedge_device_busy_seconds_total{worker="1"}') == 0.25
+    assert metric(several, 'specedge_verify_passes_total{worker="0",sessions="2"}') == 3
+    assert metric(several, "specedge_device_busy_seconds_total") == 0.5  # summed over the workers
+    assert metric(several, "specedge_workers_ready") == 2
+
+
+def test_most_free_slots_first_then_the_shortest_queue_then_the_id():
+    loads = [
+        WorkerLoad("w0", READY, free_slots=3, queue_depth=0),
+        WorkerLoad("w1", READY, free_slots=5, queue_depth=4),
+        WorkerLoad("w2", READY, free_slots=5, queue_depth=1),
+        WorkerLoad("w3", READY, free_slots=5, queue_depth=1),
+    ]
+    assert placement_order(loads) == ["w2", "w3", "w1", "w0"]
+
+
+def test_full_draining_and_lost_workers_take_no_new_session():
+    loads = [
+        WorkerLoad("full", READY, free_slots=0, queue_depth=0),
+        WorkerLoad("drain", DRAINING, free_slots=9, queue_depth=0),
+        WorkerLoad("lost", LOST, free_slots=9, queue_depth=0),
+        WorkerLoad("ok", READY, free_slots=1, queue_depth=7),
+    ]
+    assert placement_order(loads) == ["ok"]
+    assert placement_order(loads[:3]) == []  # every worker full: the hub answers 429 hub_full

@@ -1,0 +1,218 @@
+"""A hub over two engine workers on Ray (real Ray processes, CPU): sessions spread over both,
+replies equal the target alone on each, a worker killed mid-reply costs no reply (the chat
+client's own recovery reopens the session on the live worker) and comes back; on a Ray cluster
+of two nodes the workers sit on both and losing a node re-homes its sessions.
+
+Ray starts once per hub (a module fixture each), with one CPU per worker and no dashboard.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import time
+from collections.abc import Callable, Iterator
+
+import httpx
+import pytest
+
+from specedge_cli.decoding import Conversation, DecodeSettings, Reply
+from specedge_cli.drafting.engine import DraftEngine
+from specedge_cli.remote.client import HubClient
+from tests.conftest import AuthHub, RunningHub
+from tests.test_lossless import plain_template
+
+ray = pytest.importorskip("ray")
+
+PROMPTS = ["once upon a time there was", "the cat sat on", "a little bird", "in the morning"]
+START_S = 600  # Ray and two model loads on a shared two-core machine
+MAX_TOKENS = 40
+
+
+@pytest.fixture(scope="module")
+def two_workers(tiny, tmp_path_factory) -> Iterator[AuthHub]:
+    """A hub with accounts (ada, bob, and the operator ops) over two CPU workers on a Ray cluster it
+    starts itself."""
+    hub = AuthHub(
+        tiny.hf_dir,
+        tmp_path_factory.mktemp("ray-hub"),
+        ("ada", "bob"),
+        *("--workers", "2", "--device", "cpu", "--max-draft-tokens", "16", "--max-sessions-per-user", "4"),
+        operators=("ops",),
+        ready_timeout_s=START_S,
+    )
+    yield hub
+    hub.stop()
+
+
+@pytest.fixture(scope="module")
+def draft(tiny) -> DraftEngine:
+    return DraftEngine(tiny.gguf_q8, n_ctx=1024, n_threads=1)  # imperfect: rejections happen
+
+
+def workers_of(url: str, token: str | None = None) -> list[dict]:
+    headers = {"Authorization": f"Bearer {token}"} if token else {}
+    return httpx.get(f"{url}/v1/workers", headers=headers, timeout=30).json()["workers"]
+
+
+def wait_for(check: Callable[[], bool], timeout_s: float, what: str) -> None:
+    deadline = time.monotonic() + timeout_s
+    while not check():
+        assert time.monotonic() < deadline, f"{what} did not happen within {timeout_s} s"
+        time.sleep(0.5)
+
+
+def expected(target_alone, draft: DraftEngine, reply: Reply, temperature: float) -> list[int]:
+    stop = frozenset(draft.stop_token_ids())
+    return target_alone.decode(reply.prompt_token_ids, MAX_TOKENS, stop, temperature=temperature, seed=7)
+
+
+def conversation(draft: DraftEngine, client: HubClient, temperature: float) -> Conversation:
+    settings = DecodeSettings(max_tokens=MAX_TOKENS, temperature=temperature, seed=7, draft_len=3)
+    return Conversation(draft, client, plain_template(draft), settings)
+
+
+def test_sessions_spread_over_both_workers_and_replies_equal_the_target_alone(two_workers, draft, target_alone):
+    health = httpx.get(f"{two_workers.url}/health").json()
+    assert health["workers"] == {"ready": 2, "total": 2}
+    token = two_workers.tokens["ada"]
+    with HubClient(two_workers.url, token=token) as client:
+        # Opened one after another while all stay open: greedy and seeded land on each worker.
+        chats = [conversation(draft, client, temperature) for temperature in (0.0, 0.0, 0.9, 0.9)]
+        try:
+            replies = [chat.ask(prompt) for chat, prompt in zip(chats, PROMPTS)]
+            placed = workers_of(two_workers.url, two_workers.tokens["ops"])
+            assert [w["sessions"] for w in placed] == [2, 2]
+            assert len({w["pid"] for w in placed}) == 2 and all(w["passes"] > 0 for w in placed)
+        finally:
+            for chat in chats:
+                chat.close()
+    for reply, temperature in zip(replies, (0.0, 0.0, 0.9, 0.9)):
+        assert reply.token_ids == expected(target_alone, draft, reply, temperature)
+
+
+def test_limits_and_ownership_hold_across_workers(two_workers):
+    ada, bob = two_workers.client("ada"), two_workers.client("bob")
+    assert ada.get("/v1/workers").status_code == 403  # the workers list is the operators'
+    info = ada.get("/v1/info").json()
+    body = {k: info[k] for k in ("protocol_version", "vocab_size", "vocab_fingerprint")}
+    sessions = [ada.post("/v1/sessions", json=body).json()["session_id"] for _ in range(4)]
+    try:
+        refused = ada.post("/v1/sessions", json=body)
+        assert (refused.status_code, refused.json()["error"]["code"]) == (429, "rate_limited")
+        assert sorted(w["sessions"] for w in workers_of(two_workers.url, two_workers.tokens["ops"])) == [2, 2]
+        for session in sessions:  # on either worker, ada's session is unknown to bob
+            answer = bob.post(f"/v1/sessions/{session}/feed", json={"tokens": [1, 2]})
+            assert (answer.status_code, answer.json()["error"]["code"]) == (404, "session_not_found")
+            assert bob.delete(f"/v1/sessions/{session}").status_code == 404
+    finally:
+        for session in sessions:
+            ada.delete(f"/v1/sessions/{session}")
+
+
+def test_a_worker_killed_mid_reply_costs_no_reply_and_comes_back(two_workers, draft, target_alone):
+    token = two_workers.tokens["ada"]
+    rounds = {"n": 0}
+    killed: list[dict] = []
+
+    def kill_its_worker(tokens: list[int]) -> None:
+        rounds["n"] += 1
+        if rounds["n"] == 2:
+            holder = next(w for w in workers_of(two_workers.url, two_workers.tokens["ops"]) if w["sessions"])
+            os.kill(holder["pid"], signal.SIGKILL)
+            killed.append(holder)
+
+    with HubClient(two_workers.url, token=token) as client:
+        chat = conversation(draft, client, 0.9)
+        try:
+            reply = chat.ask(PROMPTS[0], on_tokens=kill_its_worker)
+            assert killed and chat.reconnects >= 1
+        finally:
+            chat.close()
+    assert reply.token_ids == expected(target_alone, draft, reply, 0.9)
+
+    lost_id = killed[0]["worker_id"]
+
+    def back() -> bool:
+        worker = next(w for w in workers_of(two_workers.url, two_workers.tokens["ops"]) if w["worker_id"] == lost_id)
+        return worker["state"] == "ready" and worker["restarts"] >= 1 and worker["pid"] != killed[0]["pid"]
+
+    wait_for(back, 300, f"worker {lost_id} restarting")
+    ada = two_workers.client("ada")
+    info = ada.get("/v1/info").json()
+    body = {k: info[k] for k in ("protocol_version", "vocab_size", "vocab_fingerprint")}
+    opened = [ada.post("/v1/sessions", json=body).json()["session_id"] for _ in range(2)]
+    try:
+        assert [w["sessions"] for w in workers_of(two_workers.url, two_workers.tokens["ops"])] == [
+            1,
+            1,
+        ]  # it takes sessions again
+        for session in opened:
+            assert ada.post(f"/v1/sessions/{session}/feed", json={"tokens": [1, 300, 301]}).status_code == 200
+            assert ada.post(f"/v1/sessions/{session}/verify", json={"draft": [5, 6]}).status_code == 200
+    finally:
+        for session in opened:
+            ada.delete(f"/v1/sessions/{session}")
+
+
+@pytest.fixture(scope="module")
+def two_nodes(tiny, tmp_path_factory) -> Iterator[tuple[object, object, RunningHub]]:
+    """A Ray cluster of two nodes on this machine (one CPU each) and a hub that joins it."""
+    from ray.cluster_utils import Cluster
+
+    cluster = Cluster(initialize_head=True, head_node_args={"num_cpus": 1, "include_dashboard": False})
+    try:
+        second = cluster.add_node(num_cpus=1)
+        cluster.wait_for_nodes()
+        hub = RunningHub(
+            tiny.hf_dir,
+            tmp_path_factory.mktemp("cluster-hub"),
+            *("--workers", "2", "--device", "cpu", "--max-draft-tokens", "16", "--ray-address", cluster.address),
+            ready_timeout_s=START_S,
+        )
+        try:
+            yield cluster, second, hub
+        finally:
+            hub.stop()
+    finally:
+        cluster.shutdown()
+
+
+def test_workers_sit_on_both_nodes_and_a_lost_node_rehomes_its_sessions(two_nodes, draft, target_alone):
+    cluster, second, hub = two_nodes
+    workers = workers_of(hub.url)
+    on_second = [w for w in workers if w["node"].endswith(second.node_id[:12])]
+    assert len({w["node"] for w in workers}) == 2 and len(on_second) == 1
+    filler = None
+    with HubClient(hub.url) as client:
+        if on_second[0]["worker_id"] != "0":  # ties go to worker 0: fill it, so the chat lands on the second node
+            info = client.info()
+            filler = httpx.post(
+                f"{hub.url}/v1/sessions",
+                json={
+                    "protocol_version": 1,
+                    "vocab_size": info.vocab_size,
+                    "vocab_fingerprint": info.vocab_fingerprint,
+                },
+            ).json()["session_id"]
+        rounds = {"n": 0}
+
+        def lose_the_node(tokens: list[int]) -> None:
+            rounds["n"] += 1
+            if rounds["n"] == 2:
+                assert workers_of(hub.url)[int(on_second[0]["worker_id"])]["sessions"] == 1
+                cluster.remove_node(second, allow_graceful=False)
+                # Its worker process may outlive its raylet a moment, serving still; wait until it is gone.
+                lost = on_second[0]["worker_id"]
+                wait_for(lambda: workers_of(hub.url)[int(lost)]["state"] == "lost", 60, "the lost node noticed")
+
+        chat = conversation(draft, client, 0.0)
+        try:
+            reply = chat.ask(PROMPTS[1], on_tokens=lose_the_node)
+            assert rounds["n"] >= 2 and chat.reconnects >= 1
+        finally:
+            chat.close()
+    assert reply.token_ids == expected(target_alone, draft, reply, 0.0)
+    states = {w["worker_id"]: w["state"] for w in workers_of(hub.url)}
+    assert states[on_second[0]["worker_id"]] == "lost"  # no node has room to restart it
+    assert filler is None or httpx.delete(f"{hub.url}/v1/sessions/{filler}").status_code == 204
