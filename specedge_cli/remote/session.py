@@ -152,7 +152,7 @@ class HubSession:
     # --- outages --------------------------------------------------------------------------------
     def retrying(self, call: Callable[[], T]) -> T:
         """Run `call`, reopening the session with backoff while the hub is away or restarting."""
-        deadline = time.monotonic() + self.reconnect_s
+        deadline = None  # the window opens at the first failure, however long the call took
         attempt = 0
         for delay in _backoff():
             try:
@@ -160,6 +160,7 @@ class HubSession:
             except (HubUnreachable, SessionLost, HubBusy) as exc:
                 if not self._worth_waiting_for(exc):
                     raise
+                deadline = deadline or time.monotonic() + self.reconnect_s
                 if time.monotonic() + delay > deadline:
                     raise self._gone(exc) from exc
                 attempt += 1
