@@ -336,6 +336,8 @@ class SimUser:
     # Server-only: the hub decodes one token a pass, staying announced for the generation's life.
     def _generate(self, left: int, start: float) -> None:
         assert self.worker is not None
+        # The hub's generate loop holds `with scheduler.announce()` for the generation's life; in
+        # virtual time that life spans many events, so the context is entered and left by hand.
         announcing = self.worker.scheduler.announce()
         announcement = announcing.__enter__()
         self._generate_step(left, start, announcing, announcement, produced=0, step_start=start)
