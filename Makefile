@@ -17,13 +17,17 @@ $(STAMP): pyproject.toml
 	test -x $(PY) || python3 -m venv $(VENV)
 	$(PY) -m pip install --quiet --upgrade pip
 	$(PY) -m pip install --quiet "$(TORCH_SPEC)"
-	CMAKE_ARGS="$(LLAMA_CMAKE_ARGS)" $(PY) -m pip install --quiet -e ".[dev]"
+	CMAKE_ARGS="$(LLAMA_CMAKE_ARGS)" $(PY) -m pip install --quiet -e ".[hub,dev]"
 	touch $(STAMP)
 
 demo: $(STAMP)
 	$(VENV)/bin/specedge chat --prompt "$(DEMO_PROMPT)" --max-tokens 64 --temperature 0
 
+# The gates first (lint, format, types: seconds), then the suite.
 test: $(STAMP) tmux
+	$(PY) -m ruff check .
+	$(PY) -m ruff format --check .
+	$(PY) -m mypy
 	$(PY) -m pytest -q
 
 # The chat REPL is tested in a real terminal under tmux; install it where it is missing.

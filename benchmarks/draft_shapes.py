@@ -16,14 +16,14 @@ import json
 from dataclasses import replace
 from pathlib import Path
 
-import httpx
-
-from hub_server.bench import _scrape, load_prompts
-from hub_server.local_hub import LocalHub
+from specedge_bench.config import load_prompts
+from specedge_bench.local_hub import LocalHub
+from specedge_bench.metrics import MetricsPage
 from specedge_cli.decoding import Conversation, DecodeSettings
 from specedge_cli.drafting.chat_template import ChatTemplate
 from specedge_cli.drafting.engine import DraftEngine
 from specedge_cli.remote.client import HubClient
+from specedge_common.metric_names import DEVICE_BUSY_SECONDS
 
 
 def chains(depth: int) -> dict[str, DecodeSettings]:
@@ -52,13 +52,11 @@ def level_shapes(depth: int, budgets: list[int]) -> dict[str, DecodeSettings]:
 
 def run_shape(engine, client, template, settings, prompts) -> dict:
     tally = replace(engine.branching)
-    with httpx.Client(base_url=client.base_url) as http:
-        before = _scrape(http)
-        replies = _answer(engine, client, template, settings, prompts)
-        after = _scrape(http)
+    before = MetricsPage.parse(client.metrics())
+    replies = _answer(engine, client, template, settings, prompts)
+    busy = MetricsPage.parse(client.metrics()).since(before).value(DEVICE_BUSY_SECONDS)
     drafts = engine.branching.drafts - tally.drafts
     rounds = sum(r.stats.verify_rounds for r in replies)
-    busy = after["specedge_device_busy_seconds_total"] - before["specedge_device_busy_seconds_total"]
     ahead = sum(r.stats.proactive_drafts for r in replies)
     return {
         "tokens_per_verify": sum(len(r.token_ids) for r in replies) / rounds,

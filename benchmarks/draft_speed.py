@@ -2,8 +2,10 @@
 
     .venv/bin/python benchmarks/draft_speed.py --model DRAFT.gguf [-n 128] [-r 5] [-t 2]
 
-Both decode the same n tokens greedily one at a time after the same one-token prompt, with the
-same thread count; repetitions alternate between the two so machine noise hits both alike.
+Both decode the same n tokens greedily after the same one-token prompt, with the same thread
+count; repetitions alternate between the two so machine noise hits both alike. The engine drafts
+as a chat does (chains of at most its node budget), and both must return exactly n tokens.
+`specedge bench --compare-raw` prints the same comparison as table rows.
 """
 
 from __future__ import annotations
@@ -13,26 +15,14 @@ import statistics
 import time
 from pathlib import Path
 
-import llama_cpp
-import numpy as np
-
+from specedge_cli.commands.bench import RawDecoder, draft_tokens
 from specedge_cli.drafting.engine import DraftEngine
 
 
-def raw_speed(llm: llama_cpp.Llama, n: int) -> float:
-    llm.reset()
+def timed(run, n: int) -> float:
     started = time.perf_counter()
-    llm.eval([llm.token_bos()])
-    for _ in range(n - 1):
-        logits = np.ctypeslib.as_array(llama_cpp.llama_get_logits_ith(llm.ctx, -1), shape=(llm.n_vocab(),))
-        llm.eval([int(logits.argmax())])
-    return n / (time.perf_counter() - started)
-
-
-def engine_speed(engine: DraftEngine, n: int) -> float:
-    engine.reset()
-    started = time.perf_counter()
-    engine.draft([engine.bos_token_id], n)
+    made = run(n)
+    assert made == n, f"decoded {made} tokens, not {n}"
     return n / (time.perf_counter() - started)
 
 
@@ -43,16 +33,16 @@ def main() -> None:
     parser.add_argument("-r", type=int, default=5)
     parser.add_argument("-t", type=int, default=2)
     args = parser.parse_args()
-    llm = llama_cpp.Llama(model_path=str(args.model), n_ctx=1024, n_threads=args.t, logits_all=False, verbose=False)
+    raw = RawDecoder(args.model, args.t, n_ctx=1024)
     engine = DraftEngine(args.model, n_ctx=1024, n_threads=args.t)
-    raw_speed(llm, 8), engine_speed(engine, 8)  # warm up both
-    raw, ours = [], []
+    timed(raw.decode, 8), timed(lambda n: draft_tokens(engine, n), 8)  # warm up both
+    theirs, ours = [], []
     for _ in range(args.r):
-        raw.append(raw_speed(llm, args.n))
-        ours.append(engine_speed(engine, args.n))
-    print(f"raw llama-cpp-python tg{args.n}: {statistics.fmean(raw):.2f} ± {statistics.stdev(raw):.2f} t/s")
+        theirs.append(timed(raw.decode, args.n))
+        ours.append(timed(lambda n: draft_tokens(engine, n), args.n))
+    print(f"raw llama-cpp-python tg{args.n}: {statistics.fmean(theirs):.2f} ± {statistics.stdev(theirs):.2f} t/s")
     print(f"specedge draft engine tg{args.n}: {statistics.fmean(ours):.2f} ± {statistics.stdev(ours):.2f} t/s")
-    print(f"ratio: {statistics.fmean(ours) / statistics.fmean(raw):.3f}")
+    print(f"ratio: {statistics.fmean(ours) / statistics.fmean(theirs):.3f}")
 
 
 if __name__ == "__main__":

@@ -22,12 +22,12 @@ import time
 from dataclasses import replace
 from pathlib import Path
 
-from hub_server.bench import load_prompts
-from hub_server.local_hub import LocalHub
+from specedge_bench.config import BenchConfig, load_prompts
+from specedge_bench.local_hub import LocalHub
+from specedge_bench.users import ClientRecord, SimulatedUser
 from specedge_cli.decoding import Conversation, DecodeSettings
 from specedge_cli.drafting.chat_template import ChatTemplate
 from specedge_cli.drafting.engine import DraftEngine
-from specedge_cli.remote import protocol as wire
 from specedge_cli.remote.client import HubClient
 
 
@@ -93,30 +93,17 @@ def edge(engine, link, template, settings, prompts) -> dict:
     }
 
 
-def server_only(engine, client: HubClient, rtt_ms: float, prompt_tokens, max_tokens: int, draft_len: int) -> dict:
-    info = client.info()
+def server_only(engine, client: HubClient, args: argparse.Namespace, prompt_tokens, draft_len: int) -> dict:
+    """The hub's own speculative decoding, one prompt at a time, as the bench's simulated user
+    asks for it (streamed, behind the same emulated round trip)."""
+    config = BenchConfig(client.base_url, args.draft, 1, args.rtt_ms, args.max_tokens, draft_len, ())
+    user = SimulatedUser(0, config, None, client.info(), frozenset(engine.stop_token_ids()))
     itl, tokens = [], []
     for prompt in prompt_tokens:
-        session = client.open_session(
-            wire.OpenSessionRequest(
-                vocab_size=engine.vocab_size,
-                vocab_fingerprint=info.vocab_fingerprint,
-                draft_model=engine.path.name,
-                stop_token_ids=engine.stop_token_ids(),
-            )
-        )
-        emissions, produced = Emissions(), []
-        time.sleep(rtt_ms / 2000)
-        request = wire.GenerateRequest(mode="speculative", tokens=prompt, max_tokens=max_tokens, draft_len=draft_len)
-        for chunk in client.generate(session.session_id, request):
-            if chunk.tokens:
-                if not emissions.times:
-                    time.sleep(rtt_ms / 2000)  # the first chunk travels back; the rest stream behind it
-                emissions(chunk.tokens)
-                produced += chunk.tokens
-        client.close_session(session.session_id)
-        itl.append(emissions.itl_ms())
-        tokens.append(produced)
+        user.record = ClientRecord()
+        tokens.append(user.answer(client, "server_only_spec", prompt))
+        # Its per-token ITL after the first chunk, averaged: (last - first emission) / tokens after the first.
+        itl.append(statistics.fmean(user.record.step_itl_ms) if user.record.step_itl_ms else 0.0)
     return {"itl_ms": statistics.fmean(itl), "tokens": tokens}
 
 
@@ -142,9 +129,7 @@ def main() -> None:
         results["edge chain8"] = edge(engine, link, template, replace(auto, draft_len=8, proactive=False), prompts)
         prompt_tokens = [engine.tokenize(bos + p, add_bos=False) for p in prompts]
         for k in args.server_draft_len:
-            results[f"server-only spec k={k}"] = server_only(
-                engine, client, args.rtt_ms, prompt_tokens, args.max_tokens, k
-            )
+            results[f"server-only spec k={k}"] = server_only(engine, client, args, prompt_tokens, k)
     reference = results["edge (auto, proactive)"]["tokens"]
     best_server = min((r["itl_ms"] for name, r in results.items() if name.startswith("server")), default=0.0)
     for name, r in results.items():

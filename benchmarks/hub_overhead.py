@@ -25,24 +25,22 @@ import statistics
 import time
 from urllib.parse import urlsplit
 
-import httpx
-
-from hub_server.local_hub import LocalHub
+from specedge_bench.local_hub import LocalHub
+from specedge_bench.metrics import MetricsPage
+from specedge_bench.users import open_session
+from specedge_cli.remote.client import HubClient
+from specedge_common import metric_names as names
 
 SERVE_DEFAULT_MAX_BATCH = 16
 
 
-def open_sessions(http: httpx.Client, count: int) -> list[str]:
-    info = http.get("/v1/info").json()
-    body = {
-        "protocol_version": info["protocol_version"],
-        "vocab_size": info["vocab_size"],
-        "vocab_fingerprint": info["vocab_fingerprint"],
-    }
+def open_sessions(client: HubClient, count: int) -> list[str]:
+    """`count` sessions, each holding a short prompt."""
+    info = client.info()
     sessions = []
     for _ in range(count):
-        session = http.post("/v1/sessions", json=body).json()["session_id"]
-        http.post(f"/v1/sessions/{session}/feed", json={"tokens": [1, 300, 301, 302]}).raise_for_status()
+        session = open_session(client, info)
+        client.feed(session, [1, 300, 301, 302])
         sessions.append(session)
     return sessions
 
@@ -68,19 +66,14 @@ class Probe:
         return elapsed, reply["verify_ms"]
 
     def device_busy_ms(self) -> float:
-        return self.metric("specedge_device_busy_seconds_total") * 1000
+        return self.metrics().value(names.DEVICE_BUSY_SECONDS) * 1000
 
-    def metric(self, name: str) -> float:
-        """The series `name`, summed over workers (a hub of several labels theirs `worker="<id>"`)."""
+    def metrics(self) -> MetricsPage:
         self.connection.request("GET", "/metrics")
-        samples = [
-            float(line.rsplit(" ", 1)[1])
-            for line in self.connection.getresponse().read().decode().splitlines()
-            if line.startswith((name + " ", name + "{"))
-        ]
-        if not samples:
-            raise RuntimeError(f"the hub's /metrics has no {name}")
-        return sum(samples)
+        page = MetricsPage.parse(self.connection.getresponse().read().decode())
+        if not page.has(names.DEVICE_BUSY_SECONDS):
+            raise RuntimeError("the hub's /metrics has no device busy time")
+        return page
 
 
 def measure(url: str, sessions: list[str], rounds: int) -> tuple[list[float], list[float], list[float], float]:
@@ -88,7 +81,7 @@ def measure(url: str, sessions: list[str], rounds: int) -> tuple[list[float], li
     per session, one at a time; and how many batches the scheduler held meanwhile (merge waits:
     there should be none, since no other user is due back while one verify is out)."""
     probe = Probe(url)
-    held = probe.metric("specedge_merge_waits_total")
+    held = probe.metrics().value(names.MERGE_WAITS)
     body = json.dumps({"tokens": [], "draft": [5, 6, 7, 8]}).encode()
     round_trips, in_hub, forwards = [], [], []
     busy = probe.device_busy_ms()
@@ -100,7 +93,7 @@ def measure(url: str, sessions: list[str], rounds: int) -> tuple[list[float], li
             # Nothing else uses the hub, so the device time gained is this verify's own.
             busy, before = probe.device_busy_ms(), busy
             forwards.append(busy - before)
-    held = probe.metric("specedge_merge_waits_total") - held
+    held = probe.metrics().value(names.MERGE_WAITS) - held
     probe.connection.close()
     return round_trips, in_hub, forwards, held
 
@@ -122,9 +115,9 @@ def main() -> None:
         LocalHub.maybe(
             args.target, args.draft, "auto", max_batch=SERVE_DEFAULT_MAX_BATCH, serve_args=serve_args
         ) as hub,
-        httpx.Client(base_url=hub.url) as http,
+        HubClient(hub.url) as client,
     ):
-        sessions = open_sessions(http, args.sessions)
+        sessions = open_sessions(client, args.sessions)
         measure(hub.url, sessions[:4], 2)  # warm-up, not counted
         round_trips, in_hub, forwards, held = measure(hub.url, sessions, args.rounds)
     overheads = [trip - forward for trip, forward in zip(round_trips, forwards)]

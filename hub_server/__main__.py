@@ -1,3 +1,3 @@
-from hub_server.cli import app
+from hub_server.cli import run
 
-app(prog_name="hub_server")
+run()

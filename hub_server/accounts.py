@@ -177,7 +177,7 @@ class Accounts:
                         f"BEGIN; {script} INSERT INTO migrations VALUES ('{name}', '{_now()}'); COMMIT;"
                     )
 
-    def _query(self, sql: str, *args) -> list[tuple]:
+    def _query(self, sql: str, *args: object) -> list[tuple]:
         """Run one statement. A database that became unreadable while the hub runs is a 503 that
         says why, never a 500; a broken constraint is the caller's to explain."""
         with self._lock:

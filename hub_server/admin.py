@@ -8,14 +8,15 @@ from __future__ import annotations
 
 import json
 import re
+from collections.abc import Callable
 from dataclasses import asdict
 from datetime import datetime, timedelta, timezone
 from pathlib import Path
-from typing import Annotated
+from typing import Annotated, TypeVar
 
 import typer
 
-from hub_server.accounts import ROLES, Accounts
+from hub_server.accounts import ROLES, Accounts, TokenRecord
 from hub_server.config import accounts_path, default_data_dir
 from hub_server.errors import AccountError, AccountsUnavailable
 
@@ -30,7 +31,10 @@ def _accounts(data_dir: Path | None) -> Accounts:
     return Accounts(accounts_path(data_dir))
 
 
-def _run(action):
+T = TypeVar("T")
+
+
+def _run(action: Callable[[], T]) -> T:
     """Run an account action; a refusal is one line on stderr and exit code 1."""
     try:
         return action()
@@ -39,7 +43,7 @@ def _run(action):
         raise typer.Exit(1) from exc
 
 
-def _print(value, as_json: bool, text: str) -> None:
+def _print(value: object, as_json: bool, text: str) -> None:
     typer.echo(json.dumps(value) if as_json else text)
 
 
@@ -73,9 +77,14 @@ def users_list(data_dir: DataDir = None, as_json: AsJson = False) -> None:
 
 @users_app.command("remove")
 def users_remove(name: str, data_dir: DataDir = None, as_json: AsJson = False) -> None:
-    """Remove a user and all of their tokens (effective on their next request)."""
+    """Remove a user and all of their tokens (effective on their next request); a running hub
+    closes their sessions within seconds."""
     _run(lambda: _accounts(data_dir).remove_user(name))
-    _print({"removed": name}, as_json, f"removed user {name} and their tokens")
+    _print(
+        {"removed": name},
+        as_json,
+        f"removed user {name} and their tokens; a running hub closes their sessions within seconds",
+    )
 
 
 _UNITS = {"s": 1, "m": 60, "h": 3600, "d": 86400, "w": 7 * 86400}
@@ -130,7 +139,7 @@ def tokens_create(
     )
 
 
-def _token_line(t) -> str:
+def _token_line(t: TokenRecord) -> str:
     line = f"{t.token_id}  {t.user:<24} created {t.created_at}"
     if t.expires_at:
         past = datetime.fromisoformat(t.expires_at) <= datetime.now(timezone.utc)

@@ -2,7 +2,7 @@
 
 The model loads in a background thread so that `/health` can answer 503 while it does.
 Every route but `/health` needs `Authorization: Bearer <token>`: a middleware checks it before a
-body is even read, and routes get the user through the `current_user` dependency. `/metrics`
+body is even read, and routes get the account through the `current_owner` dependency. `/metrics`
 shows hub-wide figures, so it needs an operator's token (a user added with `--role operator`);
 on a hub without accounts (`--no-auth`, the embedded hub) its one user is the operator.
 """
@@ -12,7 +12,7 @@ from __future__ import annotations
 import logging
 import threading
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from typing import Annotated
 
 from fastapi import Depends, FastAPI, Request
@@ -20,6 +20,7 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, PlainTextResponse, Response, StreamingResponse
 from starlette.concurrency import run_in_threadpool
 from starlette.exceptions import HTTPException as StarletteHTTPException
+from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from hub_server import protocol as wire
 from hub_server.accounts import Accounts, SingleToken, TokenCheck
@@ -27,6 +28,8 @@ from hub_server.config import HubSettings
 from hub_server.engine_api import Engine
 from hub_server.errors import BadRequest, Forbidden, KVBudgetError, NotReady, RequestRefused, Unauthorized
 from hub_server.logging_setup import REQUEST_ID_HEADER, bind_request, request_id_from
+from hub_server.metrics import MEDIA_TYPE as METRICS_MEDIA_TYPE
+from hub_server.metrics import HubMetrics
 from hub_server.service import Hub
 from hub_server.sessions import LOCAL_OWNER, Owner
 
@@ -45,21 +48,15 @@ def token_check_for(settings: HubSettings) -> TokenCheck | None:
     return Accounts(settings.accounts_path)
 
 
-async def current_user(request: Request) -> str:
-    """The user the request's token belongs to (set by the authentication middleware)."""
-    return request.state.owner.name
-
-
 async def current_owner(request: Request) -> Owner:
     """The account the request's token belongs to (set by the authentication middleware)."""
     return request.state.owner
 
 
-User = Annotated[str, Depends(current_user)]
 Caller = Annotated[Owner, Depends(current_owner)]
 
 
-def _error(status: int, code: str, message: str, headers: dict | None = None) -> JSONResponse:
+def _error(status: int, code: str, message: str, headers: Mapping[str, str] | None = None) -> JSONResponse:
     body = wire.ErrorResponse(error=wire.ErrorDetail(code=code, message=message))
     return JSONResponse(body.model_dump(), status_code=status, headers=headers)
 
@@ -115,12 +112,13 @@ class HubMiddleware:
     a request id, bodies over `max_bytes` refused (declared or not), the token checked before a
     body is read, and one access log line."""
 
-    def __init__(self, app, token_check: TokenCheck | None, max_bytes: int):
+    def __init__(self, app: ASGIApp, token_check: TokenCheck | None, max_bytes: int, metrics: HubMetrics) -> None:
         self.app = app
         self.token_check = token_check
         self.max_bytes = max_bytes
+        self.metrics = metrics  # refusals are counted by code
 
-    async def __call__(self, scope, receive, send):
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] != "http":
             return await self.app(scope, receive, send)
         request = Request(scope)
@@ -129,7 +127,7 @@ class HubMiddleware:
         started = time.perf_counter()
         status = 500
 
-        async def send_with_id(message):
+        async def send_with_id(message: Message) -> None:
             nonlocal status
             if message["type"] == "http.response.start":
                 status = message["status"]
@@ -148,6 +146,7 @@ class HubMiddleware:
         """The answer to a request refused before its body is read, or None to serve it."""
         length = request.headers.get("content-length")
         if length is not None and (not length.isdigit() or int(length) > self.max_bytes):
+            self.metrics.record_refusal("body_too_large")
             return _error(413, "body_too_large", f"request bodies are limited to {self.max_bytes} bytes")
         if request.url.path in OPEN_PATHS:
             return None
@@ -156,16 +155,17 @@ class HubMiddleware:
         except RequestRefused as exc:  # refused or expired tokens; an unreadable accounts database (503)
             if exc.status >= 500:
                 log.error("%s", exc.message)
+            self.metrics.record_refusal(exc.code)
             return _error(exc.status, exc.code, exc.message, _error_headers(exc))
         request.state.owner = owner
         bind_request(user=owner.name)
         return None
 
-    def _counted(self, receive):
+    def _counted(self, receive: Receive) -> Receive:
         """`receive`, refusing a body past the limit as it arrives (a chunked upload declares no length)."""
         received = 0
 
-        async def counted_receive():
+        async def counted_receive() -> Message:
             nonlocal received
             message = await receive()
             received += len(message.get("body", b""))
@@ -233,7 +233,11 @@ def _operators_only(owner: Owner, why: str) -> None:
         )
 
 
-def create_app(settings: HubSettings, make_engines: Callable[[HubSettings], Sequence[Engine]]) -> FastAPI:
+def create_app(
+    settings: HubSettings,
+    make_engines: Callable[[HubSettings], Sequence[Engine]],
+    metrics: HubMetrics | None = None,
+) -> FastAPI:
     """The hub's app; its engines (one in-process, or one proxy per Ray worker) load in the background."""
     # The schema is served behind authentication like every other route; no public docs pages.
     app = FastAPI(
@@ -241,10 +245,15 @@ def create_app(settings: HubSettings, make_engines: Callable[[HubSettings], Sequ
     )
     state = HubState()
     token_check = token_check_for(settings)
+    metrics = metrics or HubMetrics()  # before the model loads: refusals meanwhile count too
+
+    def refuse(status: int, code: str, message: str, headers: Mapping[str, str] | None = None) -> JSONResponse:
+        metrics.record_refusal(code)
+        return _error(status, code, message, headers)
 
     def load() -> None:
         try:
-            state.hub = Hub(settings, *make_engines(settings))
+            state.hub = Hub(settings, make_engines(settings), metrics, token_check)
             log.info("hub ready: %s", settings.model)
         except KVBudgetError as exc:  # a configuration to change, not a crash: no traceback
             state.failure = f"the hub cannot hold its sessions: {exc}"
@@ -255,22 +264,22 @@ def create_app(settings: HubSettings, make_engines: Callable[[HubSettings], Sequ
 
     threading.Thread(target=load, name="model-load", daemon=True).start()
     app.state.hub_state = state
-    app.add_middleware(HubMiddleware, token_check=token_check, max_bytes=MAX_BODY_BYTES)
+    app.add_middleware(HubMiddleware, token_check=token_check, max_bytes=MAX_BODY_BYTES, metrics=metrics)
 
     @app.exception_handler(RequestRefused)
     async def refused(request: Request, exc: RequestRefused) -> JSONResponse:
-        return _error(exc.status, exc.code, exc.message, _error_headers(exc))
+        return refuse(exc.status, exc.code, exc.message, _error_headers(exc))
 
     @app.exception_handler(StarletteHTTPException)
     async def no_such_route(request: Request, exc: StarletteHTTPException) -> JSONResponse:
         if exc.status_code == 400:  # FastAPI's "error parsing the body": bytes that are not UTF-8, JSON nested too deep
-            return _error(
+            return refuse(
                 BadRequest.status,
                 BadRequest.code,
                 "malformed request: the body is not JSON in UTF-8, or is nested too deep (see docs/protocol.md)",
             )
         code = {404: "not_found", 405: "method_not_allowed", 413: "body_too_large"}.get(exc.status_code, "http_error")
-        return _error(
+        return refuse(
             exc.status_code,
             code,
             f"{request.method} {request.url.path}: {exc.detail} (see docs/protocol.md)",
@@ -279,7 +288,7 @@ def create_app(settings: HubSettings, make_engines: Callable[[HubSettings], Sequ
 
     @app.exception_handler(RequestValidationError)
     async def malformed(request: Request, exc: RequestValidationError) -> JSONResponse:
-        return _error(BadRequest.status, BadRequest.code, _describe_validation(exc))
+        return refuse(BadRequest.status, BadRequest.code, _describe_validation(exc))
 
     @app.get("/health", responses={503: {"description": "Loading, or failed to load: `reason` says why"}})
     def health() -> JSONResponse:
@@ -304,21 +313,21 @@ def create_app(settings: HubSettings, make_engines: Callable[[HubSettings], Sequ
         return state.ready().info()
 
     @app.get("/v1/whoami", responses=plain)
-    def whoami(user: User) -> wire.WhoAmIResponse:
-        return state.ready().whoami(user)
+    def whoami(owner: Caller) -> wire.WhoAmIResponse:
+        return state.ready().whoami(owner)
 
     @app.post("/v1/sessions", responses=_answers(401, 409, 413, 422, 429, 503))
-    def open_session(body: wire.OpenSessionRequest, user: User) -> wire.OpenSessionResponse:
-        return state.ready().open_session(body, user)
+    def open_session(body: wire.OpenSessionRequest, owner: Caller) -> wire.OpenSessionResponse:
+        return state.ready().open_session(body, owner)
 
     @app.post("/v1/sessions/{session_id}/feed", responses=on_session)
-    def feed(session_id: str, body: wire.FeedRequest, user: User) -> wire.FeedResponse:
-        return state.ready().feed(session_id, body, user)
+    def feed(session_id: str, body: wire.FeedRequest, owner: Caller) -> wire.FeedResponse:
+        return state.ready().feed(session_id, body, owner)
 
     # The hot route: on the event loop (no thread pool), the reply serialised once by pydantic.
     @app.post("/v1/sessions/{session_id}/verify", response_model=wire.VerifyResponse, responses=on_session)
-    async def verify(session_id: str, body: wire.VerifyRequest, user: User) -> Response:
-        reply = await state.ready().verify(session_id, body, user)
+    async def verify(session_id: str, body: wire.VerifyRequest, owner: Caller) -> Response:
+        reply = await state.ready().verify(session_id, body, owner)
         return Response(reply.model_dump_json(), media_type="application/json")
 
     @app.post(
@@ -326,14 +335,14 @@ def create_app(settings: HubSettings, make_engines: Callable[[HubSettings], Sequ
         response_class=NDJSONResponse,
         responses={200: {"model": wire.GenerateChunk, "description": "One GenerateChunk per line"}, **on_session},
     )
-    def generate(session_id: str, body: wire.GenerateRequest, user: User) -> NDJSONResponse:
-        chunks = state.ready().generate(session_id, body, user)
+    def generate(session_id: str, body: wire.GenerateRequest, owner: Caller) -> NDJSONResponse:
+        chunks = state.ready().generate(session_id, body, owner)
         return NDJSONResponse(chunk.model_dump_json() + "\n" for chunk in chunks)
 
     @app.get("/metrics", response_class=PlainTextResponse, responses=_answers(401, 403, 503))
-    def metrics(owner: Caller) -> PlainTextResponse:
+    def metrics_page(owner: Caller) -> Response:
         _operators_only(owner, "the metrics page shows the whole hub")
-        return PlainTextResponse(state.ready().metrics_page(), media_type="text/plain; version=0.0.4")
+        return Response(state.ready().metrics_page(), media_type=METRICS_MEDIA_TYPE)
 
     @app.get("/v1/workers", responses=_answers(401, 403, 503))
     def workers(owner: Caller) -> wire.WorkerList:
@@ -346,7 +355,7 @@ def create_app(settings: HubSettings, make_engines: Callable[[HubSettings], Sequ
         return state.ready().drain(worker_id)
 
     @app.delete("/v1/sessions/{session_id}", status_code=204, responses=_answers(401, 404, 429, 503))
-    def close(session_id: str, user: User) -> None:
-        state.ready().close(session_id, user)
+    def close(session_id: str, owner: Caller) -> None:
+        state.ready().close(session_id, owner)
 
     return app

@@ -5,18 +5,19 @@ from __future__ import annotations
 import logging
 import os
 import signal
+import sys
 from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Annotated, cast
 
-import httpx
 import typer
 
 from hub_server.accounts import Accounts
 from hub_server.admin import tokens_app, users_app
-from hub_server.config import DEVICES, DTYPES, LOG_FORMATS, HubSettings, default_data_dir
+from hub_server.config import COMPILE_MODES, DEVICES, DTYPES, LOG_FORMATS, HubSettings, default_data_dir
 from hub_server.errors import AccountError, AccountsUnavailable, ClusterError
 from hub_server.workers_cmd import workers_app
+from specedge_common.extras import HUB_INSTALL, missing_hub_modules
 from specedge_common.launcher import EMBEDDED_TOKEN_ENV
 from specedge_common.net import is_loopback
 
@@ -76,7 +77,16 @@ def serve(
             help="Hold a batch for users due back within this share of a pass's fixed cost (measured), so they share the pass; 0: never."
         ),
     ] = 0.5,
-    cache_dir: Annotated[Path | None, typer.Option(help="Where converted GGUF targets are kept.")] = None,
+    cache_dir: Annotated[
+        Path | None, typer.Option(help="Where converted GGUF targets and compiled passes are kept.")
+    ] = None,
+    compile: Annotated[
+        str,
+        typer.Option(
+            help=f"One of {', '.join(COMPILE_MODES)}: compiled fixed-shape passes (CUDA graphs on a GPU), "
+            "compiled at start; auto is on for CUDA only."
+        ),
+    ] = "auto",
     data_dir: Annotated[
         Path | None, typer.Option(help=f"Accounts database folder; default {default_data_dir()}.")
     ] = None,
@@ -137,6 +147,7 @@ def serve(
             batch_wait_ms=batch_wait_ms,
             merge_wait_share=merge_wait_share,
             cache_dir=cache_dir,
+            compile=compile,
             data_dir=data_dir,
             auth=not no_auth,
             embedded_token=os.environ.pop(EMBEDDED_TOKEN_ENV, None) or None,
@@ -182,6 +193,7 @@ def _run_hub(settings: HubSettings, has_tokens: bool) -> None:
     from hub_server.app import create_app
     from hub_server.connections import HubServer, guarded_protocol
     from hub_server.logging_setup import configure_logging
+    from hub_server.metrics import HubMetrics
 
     configure_logging(settings.log_format)
     log = logging.getLogger("hub_server")
@@ -189,15 +201,16 @@ def _run_hub(settings: HubSettings, has_tokens: bool) -> None:
     # uvicorn drains in-flight requests on SIGTERM, then re-raises the signal; a no-op handler
     # for that re-raise lets the hub exit 0 after a clean shutdown instead of dying by the signal.
     signal.signal(signal.SIGTERM, lambda *_: None)
+    metrics = HubMetrics()  # shared by the app and the connection guard: refusals of both are counted
     config = uvicorn.Config(
-        create_app(settings, _engine_maker(settings)),
+        create_app(settings, _engine_maker(settings), metrics),
         host=settings.host,
         port=settings.port,
-        http=guarded_protocol(settings.request_timeout_s, settings.max_connections),
+        http=guarded_protocol(settings.request_timeout_s, settings.max_connections, metrics.record_refusal),
         log_config=None,
         log_level="info",
         access_log=False,
-        timeout_graceful_shutdown=settings.shutdown_timeout_s,
+        timeout_graceful_shutdown=settings.shutdown_timeout_s,  # type: ignore[arg-type]  # a float works
         ssl_keyfile=settings.ssl_keyfile and str(settings.ssl_keyfile),
         ssl_certfile=settings.ssl_certfile and str(settings.ssl_certfile),
     )
@@ -288,6 +301,12 @@ def bench(
     proactive: Annotated[
         bool, typer.Option(help="Simulated users draft the next round while a verify is out, as `specedge chat` does.")
     ] = True,
+    server_price_per_hour: Annotated[
+        float, typer.Option(help="$ per hour of the hub's busy time, for cost per token (the paper's A100-40GB).")
+    ] = 4.05,
+    edge_price_per_hour: Annotated[
+        float, typer.Option(help="$ per hour of a user's device drafting (the paper's RTX 4090).")
+    ] = 0.35,
     plot_path: Annotated[Path, typer.Option("--plot", help="Where to draw the PNG plot.")] = Path("hub-bench.png"),
     workers: Annotated[
         str,
@@ -297,140 +316,46 @@ def bench(
     ] = "1",
     as_json: Annotated[bool, typer.Option("--json", help="Print JSON only.")] = False,
 ) -> None:
-    """Measure server throughput and latency: SpecEdge against server-only baselines."""
-    import json
+    """Measure server throughput, latency and cost: SpecEdge against server-only baselines."""
+    # The bench is a client of the hub (package specedge_bench): imported only when it runs, so
+    # the hub's own modules never load the client's.
+    from specedge_bench.command import BenchOptions
+    from specedge_bench.command import bench as run
 
-    from hub_server.bench import (
-        MODES,
-        BenchConfig,
-        BenchRefused,
-        load_prompts,
-        plot,
-        prepare_workload,
-        probe_bounds,
-        probe_bounds_through_hub,
-        run_bench,
+    run(
+        BenchOptions(
+            draft=draft,
+            model=model,
+            hub=hub,
+            token=token,
+            clients=clients,
+            rtt_ms=rtt_ms,
+            max_tokens=max_tokens,
+            draft_len=draft_len,
+            prompts=prompts,
+            modes=modes,
+            device=device,
+            dtype=dtype,
+            edge_tps=edge_tps,
+            merge_wait_share=merge_wait_share,
+            proactive=proactive,
+            server_price_per_hour=server_price_per_hour,
+            edge_price_per_hour=edge_price_per_hour,
+            plot_path=plot_path,
+            as_json=as_json,
+            workers=workers,
+        )
     )
-    from hub_server.local_hub import LocalHub
-
-    if (model is None) == (hub is None):
-        raise typer.BadParameter("give --model to start a hub here, or --hub URL to measure a running one")
-    counts = [int(part) for part in clients.split(",") if part.strip()]
-    chosen_modes = tuple(part.strip() for part in modes.split(",") if part.strip())
-    unknown = [mode for mode in chosen_modes if mode not in MODES]
-    if unknown or not chosen_modes:
-        raise typer.BadParameter(
-            f"unknown mode {', '.join(unknown) or '(none given)'}: choose from {','.join(MODES)}", param_hint="--modes"
-        )
-    shipped = load_prompts()[:prompts]
-    worker_counts = [int(part) for part in workers.split(",") if part.strip()]
-    if hub and worker_counts != [1]:
-        raise typer.BadParameter("--workers starts hubs here: give it with --model, not --hub", param_hint="--workers")
-    runs, workload = [], None
-    try:
-        for workers_now in worker_counts:
-            # Each worker gets the users one worker gets: throughput should grow with the workers.
-            serve_args = ("--merge-wait-share", str(merge_wait_share), "--workers", str(workers_now))
-            with LocalHub.maybe(
-                model,
-                draft,
-                device,
-                max_batch=max(counts),
-                dtype=dtype,
-                serve_args=serve_args,
-                pin_hub=workers_now == 1,  # more workers pin themselves, one core each
-            ) as local:
-                url = hub or local.url
-                for count in counts:
-                    config = BenchConfig(
-                        url,
-                        draft,
-                        count * workers_now,
-                        rtt_ms,
-                        max_tokens,
-                        draft_len,
-                        shipped,
-                        edge_tps,
-                        token if hub else None,
-                        proactive,
-                    )
-                    workload = workload or prepare_workload(config, chosen_modes)
-                    runs.append({**run_bench(config, chosen_modes, workload), "workers": workers_now})
-                    if not as_json:
-                        typer.echo(f"workers={workers_now} " + _bench_table(runs[-1]), err=True)
-                if local is None:
-                    # The bound: full passes of both kinds, made through the hub's API.
-                    probe_bounds_through_hub(runs, config, workload)
-                    if not as_json:
-                        for run in runs:
-                            typer.echo(
-                                f"clients={run['config']['clients']} bound, measured through the hub's API: {run['bound']}",
-                                err=True,
-                            )
-    except BenchRefused as exc:
-        typer.echo(f"Error: {exc}", err=True)
-        raise typer.Exit(1) from exc
-    except httpx.HTTPStatusError as exc:
-        typer.echo(f"Error: {_refusal(exc, token)}", err=True)
-        raise typer.Exit(1) from exc
-    except httpx.TransportError as exc:
-        typer.echo(
-            f"Error: cannot reach the hub at {hub or 'this machine'}: {exc}; check the URL and that it is serving.",
-            err=True,
-        )
-        raise typer.Exit(1) from exc
-    if local is not None and workload is not None and worker_counts == [1]:
-        # The hub has stopped: its device and cores are free to measure full passes directly.
-        probe_bounds(runs, model, device, dtype, workload, local.hub_cores)
-        if not as_json:
-            for run in runs:
-                typer.echo(f"clients={run['config']['clients']} bound, measured directly: {run['bound']}", err=True)
-    plot(runs, plot_path)
-    result = runs[0] if len(runs) == 1 else {"runs": runs}
-    result["plot"] = str(plot_path)
-    typer.echo(json.dumps(result, indent=None if as_json else 2))
 
 
-def _refusal(exc: httpx.HTTPStatusError, token: str | None) -> str:
-    """What a hub's refusal means for the bench, and what to do."""
-    status = exc.response.status_code
-    try:
-        said = exc.response.json()["error"]["message"]
-    except (ValueError, KeyError, TypeError):
-        said = exc.response.text[:200]
-    if status == 401 and not token:
-        return (
-            f"the hub at {exc.request.url.host} needs an API token: pass --token or set SPECEDGE_TOKEN "
-            "(its operator makes one with `hub_server tokens create --user NAME`)"
-        )
-    if status == 401:
-        return (
-            f"the hub at {exc.request.url.host} refused this token (401): it is unknown or revoked; its "
-            "operator makes a new one with `hub_server tokens create --user NAME`"
-        )
-    return f"the hub refused {exc.request.method} {exc.request.url.path} ({status}): {said}"
-
-
-def _bench_table(run: dict) -> str:
-    rows = [
-        f"clients={run['config']['clients']} rtt={run['config']['rtt_ms']:g}ms target={run['config']['target']} "
-        f"draft={run['config']['draft']} edge={run['config']['edge_tps']:g} t/s",
-        f"{'mode':<18}{'server t/s':>11}{'wall t/s':>10}{'tok/verify':>11}{'ITL ms':>9}{'ITL p95':>9}{'TTFT ms':>9}{'busy':>7}  lossless",
-    ]
-    for mode, m in run["modes"].items():
-        rows.append(
-            f"{mode:<18}{m['server_throughput']:>11.1f}{m['wall_throughput']:>10.1f}{m['tokens_per_verify']:>11.2f}"
-            f"{m['itl_ms_mean']:>9.1f}{m['itl_ms_p95']:>9.1f}{m['ttft_ms_mean']:>9.0f}{m['hub_busy_fraction']:>7.0%}  {m['lossless']}"
-        )
-    ahead = run["modes"].get("specedge", {})
-    if ahead.get("proactive_drafts"):
-        rows.append(
-            f"specedge drafts made ahead while a verify was out: {ahead['proactive_drafts']:g}, "
-            f"sent {ahead['proactive_hit_rate']:.0%}"
-        )
-    rows.append(f"ratios: {run['ratios']}  bound: {run['bound']}")
-    return "\n".join(rows)
+def run() -> None:
+    """Entry point: the hub's packages come with the `hub` extra; without them, one line says so."""
+    missing = missing_hub_modules()
+    if missing:
+        sys.stderr.write(f"Error: hub_server needs the hub's packages ({', '.join(missing)}): run `{HUB_INSTALL}`\n")
+        sys.exit(1)
+    app(prog_name="hub_server")
 
 
 if __name__ == "__main__":
-    app()
+    run()

@@ -11,6 +11,7 @@ from specedge_common.net import is_loopback
 
 DTYPES = ("auto", "float32", "bfloat16", "float16")
 DEVICES = ("auto", "cpu", "cuda")
+COMPILE_MODES = ("auto", "on", "off")
 
 
 LOG_FORMATS = ("text", "json")
@@ -44,7 +45,8 @@ class HubSettings:
     max_batch: int = 16  # sessions verified in one forward pass
     batch_wait_ms: float = 2.0  # longest wait for work on its way to fill a batch
     merge_wait_share: float = 0.5  # wait for users due back within this share of a pass's fixed cost
-    cache_dir: Path | None = None  # where converted GGUF targets are kept
+    cache_dir: Path | None = None  # where converted GGUF targets and compiled passes are kept
+    compile: str = "auto"  # compiled fixed-shape passes: on, off, or auto (on for CUDA)
     data_dir: Path | None = None  # accounts database; None: default_data_dir()
     auth: bool = True  # False (--no-auth) is allowed on loopback only
     # A single pre-authorised token (the embedded hub of `specedge chat`); no database then.
@@ -65,6 +67,8 @@ class HubSettings:
     def __post_init__(self) -> None:
         if self.device not in DEVICES:
             raise ValueError(f"--device must be one of {', '.join(DEVICES)}, not {self.device!r}")
+        if self.compile not in COMPILE_MODES:
+            raise ValueError(f"--compile must be one of {', '.join(COMPILE_MODES)}, not {self.compile!r}")
         if self.dtype not in DTYPES:
             raise ValueError(f"--dtype must be one of {', '.join(DTYPES)}, not {self.dtype!r}")
         if not 0 < self.port < 65536 and self.port != 0:

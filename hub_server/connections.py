@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+from collections.abc import Callable
 
 import uvicorn
 from uvicorn.protocols.http.httptools_impl import HttpToolsProtocol
@@ -44,12 +45,14 @@ class GuardedHttpProtocol(HttpToolsProtocol):
 
     request_timeout_s = 30.0
     max_connections = 1024
+    on_refusal: Callable[[str], None] = staticmethod(lambda code: None)  # counts refusals by code
 
     def connection_made(self, transport: asyncio.Transport) -> None:  # type: ignore[override]
         super().connection_made(transport)
         self._deadline: asyncio.TimerHandle | None = None
         self._headers_in = False
         if len(self.connections) > self.max_connections:
+            self.on_refusal("hub_full")
             transport.write(
                 _raw_error(
                     "503 Service Unavailable",
@@ -94,6 +97,7 @@ class GuardedHttpProtocol(HttpToolsProtocol):
         self._deadline = None
         if self.transport.is_closing():
             return
+        self.on_refusal("request_timeout")
         if not self._headers_in:  # the app has not seen this request: it can still be told why
             self.transport.write(
                 _raw_error(
@@ -105,12 +109,19 @@ class GuardedHttpProtocol(HttpToolsProtocol):
         self.transport.close()
 
 
-def guarded_protocol(request_timeout_s: float, max_connections: int) -> type[GuardedHttpProtocol]:
-    """The protocol class for `uvicorn.Config(http=...)` with these limits."""
+def guarded_protocol(
+    request_timeout_s: float, max_connections: int, on_refusal: Callable[[str], None] = lambda code: None
+) -> type[GuardedHttpProtocol]:
+    """The protocol class for `uvicorn.Config(http=...)` with these limits; `on_refusal(code)` is
+    told of each connection it refuses or closes for being slow."""
     return type(
         "HubHttpProtocol",
         (GuardedHttpProtocol,),
-        {"request_timeout_s": request_timeout_s, "max_connections": max_connections},
+        {
+            "request_timeout_s": request_timeout_s,
+            "max_connections": max_connections,
+            "on_refusal": staticmethod(on_refusal),
+        },
     )
 
 

@@ -60,6 +60,11 @@ class EngineStats:
     verify_passes: dict[int, PassTally]  # by sessions in the pass
     pass_fixed_seconds: float | None  # fitted device time of a pass beyond its tokens
     pass_token_seconds: float | None  # fitted device time per token of a pass
+    past_kv_bytes_copied: int = 0  # sessions' past keys and values passes read through a copy (0: in place)
+    kept_kv_bytes_moved: int = 0  # keys and values of accepted tree nodes moved within their slots
+    compiled_hits: int = 0  # verify passes run by a bucket compiled at start (--compile on)
+    compiled_misses: int = 0  # verify passes no compiled bucket fitted, run eagerly
+    compiled_buckets: int = 0  # pass shapes compiled at start
 
 
 class Engine(Protocol):
@@ -80,8 +85,9 @@ class Engine(Protocol):
     def prefill(self, kv: KVHandle, context: list[int]) -> None:
         """Bring `kv` up to all of `context` but its last token."""
 
-    def verify_batch(self, jobs: list[VerifyJob]) -> None:
-        """Verify every job's draft in one forward pass; fills in `path` and `emitted`."""
+    def verify_batch(self, jobs: list[VerifyJob]) -> float:
+        """Verify every job's draft in one forward pass; fills in `path` and `emitted`. Returns the
+        pass's device seconds (what the hub's histogram of pass times observes)."""
 
     def pass_fixed_s(self) -> float | None:
         """A verify pass's fitted device time beyond its tokens (None until it can be fitted)."""

@@ -14,6 +14,7 @@ import time
 from collections.abc import Callable, Iterator
 
 from hub_server.errors import HubFull, RateLimited
+from hub_server.sessions import Owner
 
 
 class TokenBudgets:
@@ -21,10 +22,10 @@ class TokenBudgets:
         self.tokens_per_minute = tokens_per_minute  # 0: unlimited
         self._rate = tokens_per_minute / 60.0  # tokens refilled per second
         self._clock = clock
-        self._levels: dict[str, tuple[float, float]] = {}  # user -> (level, when)
+        self._levels: dict[Owner, tuple[float, float]] = {}  # account -> (level, when)
         self._lock = threading.Lock()
 
-    def charge(self, user: str, tokens: int) -> None:
+    def charge(self, user: Owner, tokens: int) -> None:
         """Take `tokens` from `user`'s bucket, or raise RateLimited with when to retry."""
         if not self.tokens_per_minute:
             return
@@ -33,20 +34,20 @@ class TokenBudgets:
             if level <= 0:
                 wait_s = max(1, math.ceil((1e-6 - level) / self._rate))
                 raise RateLimited(
-                    f"user {user!r} has used this hub's {self.tokens_per_minute} tokens per minute; "
+                    f"user {user.name!r} has used this hub's {self.tokens_per_minute} tokens per minute; "
                     f"retry in {wait_s} s",
                     retry_after_s=wait_s,
                 )
             self._levels[user] = (level - tokens, self._clock())
 
-    def remaining(self, user: str) -> int | None:
+    def remaining(self, user: Owner) -> int | None:
         """Tokens `user` may still send now; None when unlimited."""
         if not self.tokens_per_minute:
             return None
         with self._lock:
             return max(0, math.floor(self._level(user)))
 
-    def _level(self, user: str) -> float:
+    def _level(self, user: Owner) -> float:
         level, when = self._levels.get(user, (float(self.tokens_per_minute), self._clock()))
         return min(float(self.tokens_per_minute), level + (self._clock() - when) * self._rate)
 

@@ -1,192 +1,300 @@
-"""Hub metrics in the Prometheus text format. Plain counters; no client library needed."""
+"""The hub's `/metrics` page, through prometheus-client: histograms of what takes time, counters
+of what happened, and the engine's and scheduler's figures read when the page is scraped.
+
+Each hub has a registry of its own (`HubMetrics.registry`), so that several hubs can live in one
+process (tests) without sharing series. What the service observes as it happens (a verify's
+time, a pass's queue wait and device time, a refusal) goes into prometheus-client's histograms
+and counters; what the engine and the scheduler already keep (device busy time, passes by
+size, KV bytes, the fitted pass cost) is read from their snapshots at scrape time by
+`HubCollector`, so nothing is counted twice. Series keep the `specedge_` names outside readers
+know (`specedge_common/metric_names.py`); `specedge_verify_seconds` is now a histogram (its
+`_sum` and `_count` mean what the summary's did). Engine series take a `worker` label once a hub
+has several engines (`engines()` names them); a hub of one engine has no such label.
+Plain Python, no torch.
+"""
 
 from __future__ import annotations
 
 import threading
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
+from typing import Any
+
+from prometheus_client import (
+    CONTENT_TYPE_LATEST,
+    GC_COLLECTOR,
+    CollectorRegistry,
+    Counter,
+    GCCollector,
+    Histogram,
+    PlatformCollector,
+    ProcessCollector,
+    generate_latest,
+)
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
+from prometheus_client.registry import Collector
 
 from hub_server.engine_api import EngineStats
-from hub_server.scheduler import SchedulerStats
+
+del GC_COLLECTOR  # the process-wide default; each hub registers its own below
+
+# Milliseconds to seconds: a verify on a GPU takes a few ms, a long prompt's pass on a CPU seconds.
+LATENCY_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.02, 0.035, 0.05, 0.075, 0.1, 0.15, 0.25, 0.5, 1, 2.5, 5, 10, 30)
+SESSIONS_BUCKETS = (1, 2, 3, 4, 6, 8, 12, 16, 24, 32, 48, 64, 128)
+TOKENS_BUCKETS = (1, 2, 3, 4, 5, 6, 8, 10, 12, 16, 24, 32, 48, 64)
+MEDIA_TYPE = CONTENT_TYPE_LATEST
 
 
 @dataclass
-class HubMetrics:
+class VerifyTotals:
+    """Running totals the mean-tokens-per-verify gauge is computed from."""
+
     verifies: int = 0
-    verify_seconds: float = 0.0
-    draft_tokens: int = 0
-    accepted_tokens: int = 0
-    emitted_by_mode: dict[str, int] = field(default_factory=dict)
-    evicted_sessions: int = 0
-    lost_sessions: int = 0
-    _lock: threading.Lock = field(default_factory=threading.Lock, repr=False)
+    emitted: int = 0
+    lock: threading.Lock = field(default_factory=threading.Lock, repr=False)
+
+
+class HubMetrics:
+    """Everything the hub observes as it happens, in one registry of its own."""
+
+    def __init__(self) -> None:
+        self.registry = CollectorRegistry()
+        for process_collector in (ProcessCollector, PlatformCollector, GCCollector):
+            process_collector(registry=self.registry)
+        r = self.registry
+        self.verify_seconds = Histogram(
+            "specedge_verify_seconds",
+            "Hub time per verify, from its arrival to its answer, queueing included (every mode's).",
+            buckets=LATENCY_BUCKETS,
+            registry=r,
+        )
+        self.queue_wait_seconds = Histogram(
+            "specedge_queue_wait_seconds",
+            "Time a verify waited in the scheduler's queue before its pass began.",
+            buckets=LATENCY_BUCKETS,
+            registry=r,
+        )
+        self.pass_device_seconds = Histogram(
+            "specedge_pass_device_seconds",
+            "Device time of each verify pass (the forward pass, masks and KV writes).",
+            buckets=LATENCY_BUCKETS,
+            registry=r,
+        )
+        self.sessions_per_pass = Histogram(
+            "specedge_sessions_per_pass",
+            "Sessions verified together in one pass.",
+            buckets=SESSIONS_BUCKETS,
+            registry=r,
+        )
+        self.tokens_per_verify = Histogram(
+            "specedge_verify_tokens",
+            "Tokens a verify emitted (accepted draft tokens plus the bonus token).",
+            buckets=TOKENS_BUCKETS,
+            registry=r,
+        )
+        self.time_to_first_token = Histogram(
+            "specedge_time_to_first_token_seconds",
+            "Server-only modes: from a generate request's arrival to its first tokens.",
+            ["mode"],
+            buckets=LATENCY_BUCKETS,
+            registry=r,
+        )
+        self.refusals = Counter(
+            "specedge_refusals", "Requests refused, by error code (see docs/protocol.md).", ["code"], registry=r
+        )
+        self.draft_tokens = Counter("specedge_draft_tokens", "Draft tokens received.", registry=r)
+        self.accepted_tokens = Counter("specedge_accepted_tokens", "Draft tokens accepted.", registry=r)
+        self.emitted_tokens = Counter(
+            "specedge_emitted_tokens", "Tokens emitted, by serving mode.", ["mode"], registry=r
+        )
+        self.evicted_sessions = Counter(
+            "specedge_evicted_sessions", "Sessions evicted: idle too long, or for a new one on a full hub.", registry=r
+        )
+        self.lost_sessions = Counter(
+            "specedge_lost_sessions",
+            "Sessions dropped with a lost engine worker; their clients reopen them on a live one.",
+            registry=r,
+        )
+        self.closed_for_removed_accounts = Counter(
+            "specedge_sessions_closed_account_removed",
+            "Sessions closed because their account was removed.",
+            registry=r,
+        )
+        self.totals = VerifyTotals()
 
     def record_verify(self, mode: str, seconds: float, drafted: int, accepted: int, emitted: int) -> None:
-        with self._lock:
-            self.verifies += 1
-            self.verify_seconds += seconds
-            self.draft_tokens += drafted
-            self.accepted_tokens += accepted
-            self.emitted_by_mode[mode] = self.emitted_by_mode.get(mode, 0) + emitted
+        self.verify_seconds.observe(seconds)
+        self.tokens_per_verify.observe(emitted)
+        self.draft_tokens.inc(drafted)
+        self.accepted_tokens.inc(accepted)
+        self.emitted_tokens.labels(mode).inc(emitted)
+        with self.totals.lock:
+            self.totals.verifies += 1
+            self.totals.emitted += emitted
+
+    def record_pass(self, queue_waits: list[float]) -> None:
+        """A pass is about to run: how long each of its verifies waited for it."""
+        self.sessions_per_pass.observe(len(queue_waits))
+        for wait in queue_waits:
+            self.queue_wait_seconds.observe(wait)
+
+    def record_refusal(self, code: str) -> None:
+        self.refusals.labels(code).inc()
+
+    def mean_tokens_per_verify(self) -> float:
+        with self.totals.lock:
+            return self.totals.emitted / self.totals.verifies if self.totals.verifies else 0.0
+
+    def page(self) -> bytes:
+        return generate_latest(self.registry)
 
 
 @dataclass(frozen=True)
-class WorkerFigures:
-    """One worker's point-in-time figures for the page; `worker` labels its series (None: unlabelled,
-    the one worker of an in-process hub)."""
+class HubFigures:
+    """What the collector reads from the hub at scrape time."""
 
-    worker: str | None
-    device: EngineStats
-    scheduler: SchedulerStats
+    active_sessions: int
     queue_depth: int
+    last_batch_size: int
+    batches: int
+    batched_jobs: int
+    merge_waits: int
+    merge_wait_seconds: float
     user_return_seconds: float
-    sessions: int
+    hub_draft_seconds: float
+    tokens_per_verify: float
+    workers_ready: int = 1
+    workers_total: int = 1
 
 
-def render(metrics: HubMetrics, gauges: dict[str, float], workers: list[WorkerFigures]) -> str:
-    """The /metrics page. `gauges` holds the hub's point-in-time values; device and batching
-    series come per worker, labelled `worker="<id>"` when there are several."""
-    lines: list[str] = []
+class HubCollector(Collector):
+    """The hub's and its engines' own figures, read when `/metrics` is scraped."""
 
-    def emit(name: str, kind: str, help_text: str, samples: list[tuple[str, float]]) -> None:
-        lines.append(f"# HELP specedge_{name} {help_text}")
-        lines.append(f"# TYPE specedge_{name} {kind}")
-        lines.extend(f"specedge_{name}{labels} {value:g}" for labels, value in samples)
+    def __init__(self, figures: Callable[[], HubFigures], engines: Callable[[], dict[str | None, EngineStats]]):
+        self._figures = figures
+        self._engines = engines  # worker name -> stats; None: the hub's one local engine
 
-    def per_worker(name: str, kind: str, help_text: str, value: Callable[[WorkerFigures], float]) -> None:
-        emit(name, kind, help_text, [(_labels(w.worker), value(w)) for w in workers])
+    def collect(self) -> Iterator:
+        yield from _hub_families(self._figures())
+        yield from _engine_families(self._engines())
 
-    emit("active_sessions", "gauge", "Sessions open on the hub.", [("", gauges["active_sessions"])])
-    emit("workers_ready", "gauge", "Engine workers serving (ready or draining).", [("", gauges["workers_ready"])])
-    emit("workers_total", "gauge", "Engine workers configured.", [("", gauges["workers_total"])])
-    if any(w.worker is not None for w in workers):
-        per_worker("worker_sessions", "gauge", "Sessions open on each worker.", lambda w: w.sessions)
-    per_worker("queue_depth", "gauge", "Verify requests waiting for the device.", lambda w: w.queue_depth)
-    per_worker(
-        "kv_bytes", "gauge", "KV memory held by open sessions' slots, in bytes.", lambda w: w.device.kv_bytes_used
-    )
-    per_worker(
-        "kv_bytes_reserved",
-        "gauge",
-        "KV memory allocated at start for all slots, in bytes.",
-        lambda w: w.device.kv_bytes_reserved,
-    )
-    per_worker(
-        "batch_size_last", "gauge", "Sessions in the most recent forward pass.", lambda w: w.scheduler.last_batch_size
-    )
-    per_worker("batches_total", "counter", "Forward passes run for verifies.", lambda w: w.scheduler.batches)
-    per_worker("batched_jobs_total", "counter", "Verify requests run inside those passes.", lambda w: w.scheduler.jobs)
-    per_worker(
-        "merge_waits_total",
-        "counter",
-        "Batches held for users due back soon, so they share the pass.",
-        lambda w: w.scheduler.merge_waits,
-    )
-    per_worker(
-        "merge_wait_seconds_total",
-        "counter",
-        "Seconds those batches were held.",
-        lambda w: w.scheduler.merge_wait_seconds,
-    )
-    per_worker(
-        "pass_fixed_seconds",
-        "gauge",
-        "A verify pass's device time that does not grow with its tokens, as "
-        "fitted (0 until passes of two sizes have run); batches wait at most --merge-wait-share of it.",
-        lambda w: w.device.pass_fixed_seconds or 0.0,
-    )
-    per_worker(
-        "pass_token_seconds",
-        "gauge",
-        "What each token adds to a verify pass's device time, as fitted (0 until passes of two sizes have run).",
-        lambda w: w.device.pass_token_seconds or 0.0,
-    )
-    per_worker(
+
+def _gauge(name: str, help_text: str, value: float) -> GaugeMetricFamily:
+    return GaugeMetricFamily(f"specedge_{name}", help_text, value=value)
+
+
+def _counter(name: str, help_text: str, value: float) -> CounterMetricFamily:
+    return CounterMetricFamily(f"specedge_{name}", help_text, value=value)
+
+
+def _hub_families(f: HubFigures) -> Iterator:
+    yield _gauge("active_sessions", "Sessions open on the hub.", f.active_sessions)
+    yield _gauge("queue_depth", "Verify requests waiting for the device.", f.queue_depth)
+    yield _gauge("batch_size_last", "Sessions in the most recent forward pass.", f.last_batch_size)
+    yield _counter("batches", "Forward passes run for verifies.", f.batches)
+    yield _counter("batched_jobs", "Verify requests run inside those passes.", f.batched_jobs)
+    yield _counter("merge_waits", "Batches held for users due back soon, so they share the pass.", f.merge_waits)
+    yield _counter("merge_wait_seconds", "Seconds those batches were held.", f.merge_wait_seconds)
+    yield _gauge(
         "user_return_seconds",
-        "gauge",
-        "How long users take to send their next verify after a reply "
-        "reaches them from the device (median of recent returns; 0: none yet).",
-        lambda w: w.user_return_seconds,
+        "How long users take to send their next verify after a reply reaches them from the device "
+        "(median of recent returns; 0: none yet).",
+        f.user_return_seconds,
     )
-    per_worker(
-        "device_busy_seconds_total",
-        "counter",
-        "Seconds the device spent on the target's forward passes.",
-        lambda w: w.device.device_busy_seconds,
+    yield _counter(
+        "hub_draft_seconds", "Seconds the hub spent drafting (server-only speculative mode).", f.hub_draft_seconds
     )
-    per_worker(
-        "prefill_seconds_total",
-        "counter",
-        "Of those, seconds spent feeding context (new prompts, "
-        "resumed sessions) in passes of its own, apart from verifies.",
-        lambda w: w.device.feeds.seconds,
+    yield _gauge("tokens_per_verify", "Mean tokens emitted per verify.", f.tokens_per_verify)
+    yield _gauge("workers_ready", "Engine workers serving (ready or draining).", f.workers_ready)
+    yield _gauge("workers_total", "Engine workers configured.", f.workers_total)
+
+
+def _engine_families(engines: dict[str | None, EngineStats]) -> Iterator:
+    """One family per figure, a sample per engine (labelled by worker where there are several)."""
+    labelled = any(worker is not None for worker in engines)
+    base = ["worker"] if labelled else []
+
+    def family(
+        kind: type[CounterMetricFamily | GaugeMetricFamily], name: str, help_text: str, extra: tuple[str, ...] = ()
+    ) -> Any:
+        return kind(f"specedge_{name}", help_text, labels=base + list(extra))
+
+    kv = family(GaugeMetricFamily, "kv_bytes", "KV memory held by open sessions' slots, in bytes.")
+    reserved = family(GaugeMetricFamily, "kv_bytes_reserved", "KV memory allocated at start for all slots, in bytes.")
+    busy = family(
+        CounterMetricFamily, "device_busy_seconds", "Seconds the device spent on the target's forward passes."
     )
-    per_worker(
-        "verify_context_tokens_total",
-        "counter",
-        "Tokens verify passes computed for the context they "
-        "carried (a new prompt sent with its first verify), padding included; times "
-        "specedge_pass_token_seconds, their device time.",
-        lambda w: w.device.context_in_verify,
+    prefill = family(
+        CounterMetricFamily,
+        "prefill_seconds",
+        "Of those, seconds spent feeding context (new prompts, resumed sessions) in passes of its own, apart from verifies.",
     )
-    emit(
-        "verify_passes_total",
-        "counter",
-        "Verify forward passes, by sessions in the pass.",
-        [
-            (_labels(w.worker, sessions=size), tally.passes)
-            for w in workers
-            for size, tally in w.device.verify_passes.items()
-        ],
+    carried = family(
+        CounterMetricFamily,
+        "verify_context_tokens",
+        "Tokens verify passes computed for the context they carried (a new prompt sent with its first verify), "
+        "padding included; times specedge_pass_token_seconds, their device time.",
     )
-    emit(
-        "verify_pass_seconds_total",
-        "counter",
+    fixed = family(
+        GaugeMetricFamily,
+        "pass_fixed_seconds",
+        "A verify pass's device time that does not grow with its tokens, as fitted (0 until passes of two sizes "
+        "have run); batches wait at most --merge-wait-share of it.",
+    )
+    per_token = family(
+        GaugeMetricFamily,
+        "pass_token_seconds",
+        "What each token adds to a verify pass's device time, as fitted (0 until passes of two sizes have run).",
+    )
+    passes = family(
+        CounterMetricFamily, "verify_passes", "Verify forward passes, by sessions in the pass.", ("sessions",)
+    )
+    pass_seconds = family(
+        CounterMetricFamily,
+        "verify_pass_seconds",
         "Device seconds of those passes, by sessions in the pass.",
-        [
-            (_labels(w.worker, sessions=size), tally.seconds)
-            for w in workers
-            for size, tally in w.device.verify_passes.items()
-        ],
+        ("sessions",),
     )
-    emit(
-        "hub_draft_seconds_total",
-        "counter",
-        "Seconds the hub spent drafting (server-only speculative mode).",
-        [("", gauges["hub_draft_seconds"])],
+    copied = family(
+        CounterMetricFamily,
+        "past_kv_bytes_copied",
+        "Bytes of sessions' past keys and values that passes copied before attending to them "
+        "(the attention reads the KV pool in place: 0).",
     )
-    emit(
-        "verify_seconds",
-        "summary",
-        "Hub time per verify request, queueing included.",
-        [("_sum", metrics.verify_seconds), ("_count", metrics.verifies)],
+    moved = family(
+        CounterMetricFamily,
+        "kept_kv_bytes_moved",
+        "Bytes of accepted draft-tree nodes' keys and values moved within their slots to close a gap.",
     )
-    emit("draft_tokens_total", "counter", "Draft tokens received.", [("", metrics.draft_tokens)])
-    emit("accepted_tokens_total", "counter", "Draft tokens accepted.", [("", metrics.accepted_tokens)])
-    emitted = sum(metrics.emitted_by_mode.values())
-    emit(
-        "tokens_per_verify",
-        "gauge",
-        "Mean tokens emitted per verify.",
-        [("", emitted / metrics.verifies if metrics.verifies else 0.0)],
+    hits = family(
+        CounterMetricFamily, "compiled_pass_hits", "Verify passes run by a pass shape compiled at start (--compile on)."
     )
-    emit(
-        "emitted_tokens_total",
-        "counter",
-        "Tokens emitted, by serving mode.",
-        [(f'{{mode="{mode}"}}', count) for mode, count in sorted(metrics.emitted_by_mode.items())],
+    misses = family(
+        CounterMetricFamily,
+        "compiled_pass_misses",
+        "Verify passes no compiled pass shape fitted, run eagerly (--compile on).",
     )
-    emit("evicted_sessions_total", "counter", "Sessions evicted after idling.", [("", metrics.evicted_sessions)])
-    emit(
-        "lost_sessions_total",
-        "counter",
-        "Sessions dropped because their worker was lost (clients reopen them on another).",
-        [("", metrics.lost_sessions)],
+    buckets = family(
+        GaugeMetricFamily,
+        "compiled_pass_buckets",
+        "Pass shapes (sessions x tokens) compiled at start; 0 with --compile off.",
     )
-    return "\n".join(lines) + "\n"
-
-
-def _labels(worker: str | None, **more: object) -> str:
-    """`{worker="1",sessions="4"}`, the worker left out when unlabelled; "" when nothing is left."""
-    pairs = ([("worker", worker)] if worker is not None else []) + list(more.items())
-    return "{" + ",".join(f'{key}="{value}"' for key, value in pairs) + "}" if pairs else ""
+    for worker, stats in engines.items():
+        at = [worker] if labelled else []
+        copied.add_metric(at, stats.past_kv_bytes_copied)
+        moved.add_metric(at, stats.kept_kv_bytes_moved)
+        hits.add_metric(at, stats.compiled_hits)
+        misses.add_metric(at, stats.compiled_misses)
+        buckets.add_metric(at, stats.compiled_buckets)
+        kv.add_metric(at, stats.kv_bytes_used)
+        reserved.add_metric(at, stats.kv_bytes_reserved)
+        busy.add_metric(at, stats.device_busy_seconds)
+        prefill.add_metric(at, stats.feeds.seconds)
+        carried.add_metric(at, stats.context_in_verify)
+        fixed.add_metric(at, stats.pass_fixed_seconds or 0.0)
+        per_token.add_metric(at, stats.pass_token_seconds or 0.0)
+        for size, tally in sorted(stats.verify_passes.items()):
+            passes.add_metric([*at, str(size)], tally.passes)
+            pass_seconds.add_metric([*at, str(size)], tally.seconds)
+    yield from (kv, reserved, busy, prefill, carried, fixed, per_token, passes, pass_seconds)
+    yield from (copied, moved, hits, misses, buckets)

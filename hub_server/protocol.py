@@ -32,7 +32,7 @@ class OpenSessionRequest(_Body):
     vocab_size: int = Field(gt=0)
     vocab_fingerprint: str = Field(min_length=1, max_length=128)
     draft_model: str = Field("", max_length=256)
-    sampling: Sampling = Field(default_factory=Sampling)
+    sampling: Sampling = Sampling(temperature=0.0, seed=0)
     # Acceptance stops at the first stop token, so the hub's context ends where the reply ends.
     stop_token_ids: list[int] = Field(default_factory=list, max_length=64)
 

@@ -99,8 +99,11 @@ class Scheduler:
         merge_share: float = 0.5,
         pass_fixed_s: Callable[[], float | None] = lambda: None,
         clock: Callable[[], float] = time.monotonic,
+        on_pass: Callable[[list[float]], None] = lambda waits: None,
+        worker: bool = True,
     ):
         self._run_batch = run_batch
+        self._on_pass = on_pass  # told, as each pass starts, how long each of its jobs queued
         self.max_batch = max_batch
         self.max_wait_s = max_wait_s
         self.merge_share = merge_share
@@ -113,9 +116,14 @@ class Scheduler:
         self._free_since = clock()  # when the last pass ended
         self._ready = threading.Condition()
         self._stopped = False
+        self._merge_wait_from: float | None = None  # when the next batch began waiting for a user due back
+        self._running: list[_Queued] = []  # the batch `poll` handed out, until `finish`
         self.stats = SchedulerStats()
-        self._worker = threading.Thread(target=self._loop, name="verify-scheduler", daemon=True)
-        self._worker.start()
+        # worker=False: no thread; a driver in virtual time (the fleet simulation) calls `poll`
+        # and `finish` itself, with `clock` its own, so the very same batching decisions run.
+        self._worker = threading.Thread(target=self._loop, name="verify-scheduler", daemon=True) if worker else None
+        if self._worker is not None:
+            self._worker.start()
 
     @contextlib.contextmanager
     def announce(self) -> Iterator[Announcement]:
@@ -181,7 +189,26 @@ class Scheduler:
         with self._ready:
             self._stopped = True
             self._ready.notify()
-        self._worker.join(timeout=30)
+        if self._worker is not None:
+            self._worker.join(timeout=30)
+
+    def poll(self) -> list[Any] | float | None:
+        """Without blocking, for a driver of a scheduler made with `worker=False`: the jobs of the
+        pass to run now (call `finish` once it has run), or the clock time to look again (a batch
+        is waiting for someone), or None (nothing queued: look again after a `submit`)."""
+        with self._ready:
+            now = self._clock()
+            plan = self._plan(now)
+            if not isinstance(plan, list):
+                return plan
+            self._running = plan
+        self._on_pass([now - queued.arrived for queued in plan])
+        return [queued.job for queued in plan]
+
+    def finish(self, error: BaseException | None = None) -> None:
+        """The pass `poll` handed out has run (or failed with `error`): resolve its futures."""
+        batch, self._running = self._running, []
+        self._finish(batch, error)
 
     def _loop(self) -> None:
         while True:
@@ -192,65 +219,77 @@ class Scheduler:
 
     def _next_batch(self) -> list[_Queued] | None:
         with self._ready:
-            while not self._queue and not self._stopped:
-                self._ready.wait()
-            if self._stopped and not self._queue:
-                return None
-            # Wait for announced jobs, but never past max_wait_s after the oldest request came or,
-            # for requests that queued during a pass, after that pass ended: the callers it
-            # served get as long to come back as a lone request would wait.
-            start = max(self._queue[0].arrived, self._free_since)
-            deadline = start + self.max_wait_s
-            while len(self._queue) < self.max_batch and self._announced and not self._stopped:
-                remaining = deadline - self._clock()
-                if remaining <= 0:
-                    break
-                self._ready.wait(remaining)
-            self._wait_for_returning(start)
-            size = min(self.max_batch, len(self._queue))
-            return [self._queue.popleft() for _ in range(size)]
+            while True:
+                if self._stopped and not self._queue:
+                    return None
+                plan = self._plan(self._clock())
+                if isinstance(plan, list):
+                    return plan
+                self._ready.wait(None if plan is None else max(0.0, plan - self._clock()))
 
-    def _wait_for_returning(self, start: float) -> None:
-        """Hold the batch for client sessions due back within `merge_share` of a pass's fixed
-        cost (after `start`: when the device came free or the oldest request came)."""
+    def _plan(self, now: float) -> list[_Queued] | float | None:
+        """The batching decision at `now` (under the lock): the batch to run now, taken off the
+        queue; or when to decide again (a float); or None while nothing is queued."""
+        if not self._queue:
+            return None
+        # Wait for announced jobs, but never past max_wait_s after the oldest request came or,
+        # for requests that queued during a pass, after that pass ended: the callers it served
+        # get as long to come back as a lone request would wait.
+        start = max(self._queue[0].arrived, self._free_since)
+        if len(self._queue) >= self.max_batch or self._stopped:
+            return self._take(now)
+        if self._announced and now < start + self.max_wait_s:
+            return start + self.max_wait_s
+        held_until = self._returning_deadline(start, now)
+        if held_until is not None:
+            if self._merge_wait_from is None:
+                self._merge_wait_from = now
+            return held_until
+        return self._take(now)
+
+    def _take(self, now: float) -> list[_Queued]:
+        if self._merge_wait_from is not None:
+            self.stats.merge_waits += 1
+            self.stats.merge_wait_seconds += now - self._merge_wait_from
+            self._merge_wait_from = None
+        size = min(self.max_batch, len(self._queue))
+        return [self._queue.popleft() for _ in range(size)]
+
+    def _returning_deadline(self, start: float, now: float) -> float | None:
+        """Until when to hold the batch for client sessions due back within `merge_share` of a
+        pass's fixed cost (after `start`: when the device came free or the oldest request came);
+        None when no one is due that soon."""
         fixed = self.pass_fixed_s()
         if not fixed or self.merge_share <= 0:
-            return
+            return None
         window = self.merge_share * fixed
         deadline = start + window
-        waited_from = self._clock()
-        waited = False
+        if now >= deadline:
+            return None
         usual = self._usual_return()
-        while len(self._queue) < self.max_batch and not self._stopped:
-            now = self._clock()
-            due = [
-                at
-                for at in (r.due_at(usual) for r in self._returning.values())
-                if at is not None and start - window <= at <= deadline
-            ]
-            if not due or now >= deadline:
-                break
-            waited = True
-            self._ready.wait(deadline - now)
-        if waited:
-            self.stats.merge_waits += 1
-            self.stats.merge_wait_seconds += self._clock() - waited_from
+        due = (r.due_at(usual) for r in self._returning.values())
+        return deadline if any(at is not None and start - window <= at <= deadline for at in due) else None
 
     def _run(self, batch: list[_Queued]) -> None:
         jobs = [queued.job for queued in batch]
+        now = self._clock()
         try:
+            self._on_pass([now - queued.arrived for queued in batch])
             self._run_batch(jobs)
         except Exception as exc:  # the batch's callers each receive the error; the worker goes on
-            self._done(batch)
-            for queued in batch:
-                queued.future.set_exception(exc)
+            self._finish(batch, exc)
         else:
-            self._done(batch)
-            for queued in batch:
+            self._finish(batch, None)
+
+    def _finish(self, batch: list[_Queued], error: BaseException | None) -> None:
+        self._done(batch)
+        for queued in batch:
+            if error is None:
                 queued.future.set_result(queued.job)
-        finally:
-            self._free_since = self._clock()
-            self._record(len(batch))
+            else:
+                queued.future.set_exception(error)
+        self._free_since = self._clock()
+        self._record(len(batch))
 
     def _done(self, batch: list[_Queued]) -> None:
         """Callers still announced are on their way again the moment their pass is done; client

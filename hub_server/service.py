@@ -15,7 +15,7 @@ import contextlib
 import logging
 import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from concurrent.futures import Future
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -23,9 +23,11 @@ from typing import TYPE_CHECKING
 import anyio
 
 from hub_server import protocol as wire
+from hub_server.accounts import TokenCheck
 from hub_server.config import HubSettings
-from hub_server.engine_api import Engine, KVHandle, VerifyJob
+from hub_server.engine_api import Engine, EngineStats, KVHandle, VerifyJob
 from hub_server.errors import (
+    AccountsUnavailable,
     BadRequest,
     ContextTooLong,
     HubFull,
@@ -36,11 +38,10 @@ from hub_server.errors import (
     WorkerLost,
 )
 from hub_server.limits import AdmissionGate, TokenBudgets
-from hub_server.metrics import HubMetrics, WorkerFigures
-from hub_server.metrics import render as render_metrics
+from hub_server.metrics import HubCollector, HubFigures, HubMetrics
 from hub_server.placement import LOST, Supervised, Worker, local_identity, placement_order
 from hub_server.scheduler import Announcement, Scheduler
-from hub_server.sessions import LOCAL_USER, Session, SessionStore
+from hub_server.sessions import LOCAL_OWNER, Owner, Session, SessionStore
 from hub_server.tree import chain_parents, node_depths, tree_problem
 
 if TYPE_CHECKING:
@@ -48,19 +49,31 @@ if TYPE_CHECKING:
 
 log = logging.getLogger("hub_server")
 
+# A full hub gives a new session the slot of its longest-idle session, but only of one idle at
+# least this long (or --session-idle-s, if that is shorter): a user reading a reply keeps theirs.
+FULL_HUB_IDLE_FLOOR_S = 30.0
+SWEEP_EVERY_S = 2.0  # how often idle sessions and those of removed accounts are looked for
 PROBE_PERIOD_S = 0.5  # how often a worker in another process is asked whether it lives
 
 
 class Hub:
-    def __init__(self, settings: HubSettings, *engines: Engine):
+    def __init__(
+        self,
+        settings: HubSettings,
+        engines: Sequence[Engine],
+        metrics: HubMetrics | None = None,
+        accounts: TokenCheck | None = None,
+    ):
         if not engines:
             raise ValueError("a hub needs at least one engine")
         self.settings = settings
         # Every worker loads the same target: the first one states its name, vocabulary and context.
         self.engine = engines[0]
-        self.workers = [self._worker(str(index), engine) for index, engine in enumerate(engines)]
+        self.accounts = accounts  # where removed accounts are found out; None: no accounts
         self.sessions = SessionStore()
-        self.metrics = HubMetrics()
+        self.metrics = metrics or HubMetrics()
+        self.workers = [self._worker(str(index), engine) for index, engine in enumerate(engines)]
+        self.metrics.registry.register(HubCollector(self._figures, self._engine_stats))
         self.budgets = TokenBudgets(settings.tokens_per_minute)
         self.gate = AdmissionGate(settings.max_queue_depth)
         self._admission = threading.Lock()  # the session caps are checked and taken as one step
@@ -74,11 +87,12 @@ class Hub:
 
     def _worker(self, worker_id: str, engine: Engine) -> Worker:
         scheduler = Scheduler(
-            engine.verify_batch,
+            lambda jobs: self._verify_pass(engine, jobs),
             max_batch=self.settings.max_batch,
             max_wait_s=self.settings.batch_wait_ms / 1000,
             merge_share=self.settings.merge_wait_share,
             pass_fixed_s=engine.pass_fixed_s,
+            on_pass=self.metrics.record_pass,
         )
         identity = engine.probe() if isinstance(engine, Supervised) else local_identity(engine, self.settings.device)
         return Worker(worker_id, engine, scheduler, identity)
@@ -103,26 +117,9 @@ class Hub:
             workers=self.workers_ready(),
         )
 
-    def metrics_page(self) -> str:
-        labelled = len(self.workers) > 1  # one worker: the series as they always were, unlabelled
-        figures = [self._figures(worker, labelled) for worker in self.workers]
-        gauges = {
-            "active_sessions": len(self.sessions),
-            "hub_draft_seconds": self.drafter.busy_seconds if self.drafter else 0.0,
-            "workers_ready": self.workers_ready().ready,
-            "workers_total": len(self.workers),
-        }
-        return render_metrics(self.metrics, gauges, figures)
-
-    def _figures(self, worker: Worker, labelled: bool) -> WorkerFigures:
-        return WorkerFigures(
-            worker.worker_id if labelled else None,
-            worker.engine.stats(),
-            worker.scheduler.stats,
-            worker.scheduler.queue_depth,
-            worker.scheduler.usual_return_s() or 0.0,
-            self.sessions.count_on(worker.worker_id),
-        )
+    def metrics_page(self) -> bytes:
+        """The Prometheus text page of this hub's registry."""
+        return self.metrics.page()
 
     def worker_list(self) -> wire.WorkerList:
         """Each worker as operators see it (`GET /v1/workers`, `hub_server workers`)."""
@@ -162,15 +159,47 @@ class Hub:
     def _worker_of(self, session: Session) -> Worker:
         return self.workers[int(session.worker_id)]
 
-    def whoami(self, user: str) -> wire.WhoAmIResponse:
+    def _figures(self) -> HubFigures:
+        """The hub-wide figures: every worker's scheduler together."""
+        schedulers = [worker.scheduler for worker in self.workers]
+        stats = [scheduler.stats for scheduler in schedulers]
+        returns = [r for r in (scheduler.usual_return_s() for scheduler in schedulers) if r is not None]
+        return HubFigures(
+            active_sessions=len(self.sessions),
+            queue_depth=sum(scheduler.queue_depth for scheduler in schedulers),
+            last_batch_size=max(s.last_batch_size for s in stats),
+            batches=sum(s.batches for s in stats),
+            batched_jobs=sum(s.jobs for s in stats),
+            merge_waits=sum(s.merge_waits for s in stats),
+            merge_wait_seconds=sum(s.merge_wait_seconds for s in stats),
+            user_return_seconds=min(returns, default=0.0),
+            hub_draft_seconds=self.drafter.busy_seconds if self.drafter else 0.0,
+            tokens_per_verify=self.metrics.mean_tokens_per_verify(),
+            workers_ready=self.workers_ready().ready,
+            workers_total=len(self.workers),
+        )
+
+    def _engine_stats(self) -> dict[str | None, EngineStats]:
+        """Each worker's device figures; labelled by worker only where there are several."""
+        labelled = len(self.workers) > 1  # one worker: the series as they always were, unlabelled
+        return {(worker.worker_id if labelled else None): worker.engine.stats() for worker in self.workers}
+
+    def _verify_pass(self, engine: Engine, jobs: list[VerifyJob]) -> None:
+        """One batched pass on a worker's engine (its scheduler's thread), its device time observed."""
+        self.metrics.pass_device_seconds.observe(engine.verify_batch(jobs))
+
+    def whoami(self, owner: Owner = LOCAL_OWNER) -> wire.WhoAmIResponse:
         limits = wire.UserLimits(
             max_sessions_per_user=self.settings.max_sessions_per_user, tokens_per_minute=self.settings.tokens_per_minute
         )
         return wire.WhoAmIResponse(
-            user=user, limits=limits, sessions=self.sessions.count(user), tokens_left=self.budgets.remaining(user)
+            user=owner.name,
+            limits=limits,
+            sessions=self.sessions.count(owner),
+            tokens_left=self.budgets.remaining(owner),
         )
 
-    def open_session(self, request: wire.OpenSessionRequest, owner: str = LOCAL_USER) -> wire.OpenSessionResponse:
+    def open_session(self, request: wire.OpenSessionRequest, owner: Owner = LOCAL_OWNER) -> wire.OpenSessionResponse:
         if request.protocol_version != wire.PROTOCOL_VERSION:
             raise BadRequest(
                 f"this hub speaks protocol version {wire.PROTOCOL_VERSION}, the client "
@@ -188,7 +217,7 @@ class Hub:
             self._check_user_sessions(owner)
             placed = self._place()
             if placed is None:
-                self._evict(self.settings.session_idle_s / 10)  # when full, idle sessions go sooner
+                self._make_room()  # the longest-idle session, if it idled long enough, gives up its slot
                 placed = self._place()
             if placed is None:
                 raise HubFull(self._full_message())
@@ -207,6 +236,15 @@ class Hub:
             max_draft_tokens=self.settings.max_draft_tokens,
             max_context=self.engine.max_context,
         )
+
+    def _make_room(self) -> None:
+        """A full hub: the longest-idle session gives up its slot, if it has idled long enough.
+        Only one: a new session needs one slot, and every user evicted pays a prefill to resume."""
+        floor = min(FULL_HUB_IDLE_FLOOR_S, self.settings.session_idle_s)
+        session = self.sessions.take_longest_idle(floor)
+        if session is not None:
+            self.metrics.evicted_sessions.inc()
+            self._retire(session)
 
     def _place(self) -> tuple[Worker, KVHandle] | None:
         """A worker for a new session and a KV slot on it, best worker first; None when all are full."""
@@ -231,16 +269,16 @@ class Hub:
             "retry in a few seconds"
         )
 
-    def _check_user_sessions(self, owner: str) -> None:
+    def _check_user_sessions(self, owner: Owner) -> None:
         limit = self.settings.max_sessions_per_user
         if limit and self.sessions.count(owner) >= limit:
             raise RateLimited(
-                f"user {owner!r} already has {limit} open sessions, this hub's limit per user; "
+                f"user {owner.name!r} already has {limit} open sessions, this hub's limit per user; "
                 "close one (end another chat) or retry later",
                 retry_after_s=10,
             )
 
-    def feed(self, session_id: str, request: wire.FeedRequest, owner: str = LOCAL_USER) -> wire.FeedResponse:
+    def feed(self, session_id: str, request: wire.FeedRequest, owner: Owner = LOCAL_OWNER) -> wire.FeedResponse:
         session = self.sessions.get(session_id, owner)
         self.budgets.charge(owner, len(request.tokens))
         with self.gate.admit(), session.lock:
@@ -252,10 +290,11 @@ class Hub:
             return wire.FeedResponse(context_len=len(session.context))
 
     async def verify(
-        self, session_id: str, request: wire.VerifyRequest, owner: str = LOCAL_USER
+        self, session_id: str, request: wire.VerifyRequest, owner: Owner = LOCAL_OWNER
     ) -> wire.VerifyResponse:
         """Verify one draft. Runs on the event loop: the only thread hops are to the scheduler's
         worker and back."""
+        arrived = time.perf_counter()
         session = self.sessions.get(session_id, owner)
         # The target computes every sent token and every draft node, plus the bonus token.
         self.budgets.charge(owner, len(request.tokens) + len(request.draft) + 1)
@@ -271,7 +310,7 @@ class Hub:
                 raise
             # The result is applied, and the session released, when the pass ends, even if this
             # request is cancelled meanwhile: the session's KV and context must stay in step.
-            future.add_done_callback(lambda done: self._finish(session, job, "specedge", started, done))
+            future.add_done_callback(lambda done: self._finish(session, job, "specedge", arrived, done))
             await asyncio.shield(asyncio.wrap_future(future))
         return wire.VerifyResponse(
             accepted=len(job.path),
@@ -299,18 +338,19 @@ class Hub:
             session.stop_token_ids,
         )
 
-    def _finish(self, session: Session, job: VerifyJob, mode: str, started: float, done: Future) -> None:
+    def _finish(self, session: Session, job: VerifyJob, mode: str, arrived: float, done: Future) -> None:
         try:
             if done.exception() is None:
-                self._apply(session, job, mode, time.perf_counter() - started)
+                self._apply(session, job, mode, time.perf_counter() - arrived)
         finally:
             session.lock.release()
 
     def generate(
-        self, session_id: str, request: wire.GenerateRequest, owner: str = LOCAL_USER
+        self, session_id: str, request: wire.GenerateRequest, owner: Owner = LOCAL_OWNER
     ) -> Iterator[wire.GenerateChunk]:
         """Server-only decoding, streamed: autoregressive (one target token per pass) or
         speculative with the hub's own draft model. Checks run before the first chunk."""
+        arrived = time.perf_counter()
         session = self.sessions.get(session_id, owner)
         self.budgets.charge(owner, len(request.tokens) + request.max_tokens)
         self._check_ids(request.tokens, "tokens")
@@ -321,9 +361,11 @@ class Hub:
         if not session.context and not request.tokens:
             raise BadRequest("the session has no context yet: send the prompt in `tokens` or feed it first")
         self._check_room(len(session.context) + len(request.tokens) + request.max_tokens)
-        return self._generate(session, request)
+        return self._generate(session, request, arrived)
 
-    def _generate(self, session: Session, request: wire.GenerateRequest) -> Iterator[wire.GenerateChunk]:
+    def _generate(
+        self, session: Session, request: wire.GenerateRequest, arrived: float
+    ) -> Iterator[wire.GenerateChunk]:
         # Announced for its whole life: between passes (streaming a chunk, drafting) the next
         # batch may wait briefly for this session, so concurrent generations share passes.
         scheduler = self._worker_of(session).scheduler
@@ -348,6 +390,8 @@ class Hub:
                 self._run(scheduler, session, job, request.mode, announcement)
                 produced += len(job.emitted)
                 verifies += 1
+                if verifies == 1:
+                    self.metrics.time_to_first_token.labels(request.mode).observe(time.perf_counter() - arrived)
                 yield wire.GenerateChunk(tokens=job.emitted)
                 if job.emitted[-1] in session.stop_token_ids:
                     break
@@ -386,12 +430,27 @@ class Hub:
             raise BadRequest(problem)
         return request.parents
 
-    def close(self, session_id: str, owner: str = LOCAL_USER) -> None:
+    def close(self, session_id: str, owner: Owner = LOCAL_OWNER) -> None:
         self._retire(self.sessions.remove(session_id, owner))
 
     def _evict(self, max_idle_s: float) -> None:
         for session in self.sessions.evict_idle(max_idle_s):
-            self.metrics.evicted_sessions += 1
+            self.metrics.evicted_sessions.inc()
+            self._retire(session)
+
+    def close_sessions_of_removed_accounts(self) -> None:
+        """Close every session whose account is gone (`hub_server users remove` writes the
+        database, not this process), so that its KV slot is free again."""
+        if self.accounts is None:
+            return
+        owners = {session.owner for session in self.sessions.all()}
+        try:
+            gone = self.accounts.gone(owners)
+        except AccountsUnavailable as exc:  # the requests say so to users; here, keep serving
+            log.warning("cannot check for removed accounts: %s", exc.message)
+            return
+        for session in self.sessions.remove_owned_by(gone):
+            self.metrics.closed_for_removed_accounts.inc()
             self._retire(session)
 
     def _retire(self, session: Session) -> None:
@@ -437,15 +496,16 @@ class Hub:
             # Its KV slot died with the worker; a request still running on it fails by itself.
             session.kv = None
             self._forget(worker, session)
-        self.metrics.lost_sessions += len(lost)
+        self.metrics.lost_sessions.inc(len(lost))
         log.warning(
             "worker %s lost (%s): %d sessions dropped, clients reopen them", worker.worker_id, reason, len(lost)
         )
 
     def _evict_idle_forever(self) -> None:
         while True:
-            time.sleep(min(10.0, self.settings.session_idle_s / 4))
+            time.sleep(min(SWEEP_EVERY_S, self.settings.session_idle_s / 4))
             self._evict(self.settings.session_idle_s)
+            self.close_sessions_of_removed_accounts()
 
     def _check_ids(self, tokens: list[int], name: str) -> None:
         bad = [t for t in tokens if not 0 <= t < self.engine.vocab_size]

@@ -39,7 +39,7 @@ class Session:
     seed: int
     stop_token_ids: frozenset[int]
     kv: Any  # the runner's KV handle; None once closed or evicted
-    owner: str = LOCAL_USER  # the user who opened it; nobody else sees it
+    owner: Owner = LOCAL_OWNER  # the account that opened it; nobody else sees it
     worker_id: str = "0"  # the worker whose engine holds its KV cache; all its requests go there
     context: list[int] = field(default_factory=list)
     last_used: float = field(default_factory=time.monotonic)
@@ -61,7 +61,7 @@ class SessionStore:
         seed: int,
         stop_token_ids: frozenset[int],
         kv: Any,
-        owner: str = LOCAL_USER,
+        owner: Owner = LOCAL_OWNER,
         worker_id: str = "0",
     ) -> Session:
         session = Session(secrets.token_urlsafe(16), temperature, seed, stop_token_ids, kv, owner, worker_id)
@@ -69,7 +69,7 @@ class SessionStore:
             self._sessions[session.session_id] = session
         return session
 
-    def get(self, session_id: str, owner: str = LOCAL_USER) -> Session:
+    def get(self, session_id: str, owner: Owner = LOCAL_OWNER) -> Session:
         """The session, if `owner` opened it; another user's session is as unknown as a missing one."""
         with self._lock:
             session = self._sessions.get(session_id)
@@ -78,7 +78,7 @@ class SessionStore:
         session.last_used = time.monotonic()
         return session
 
-    def count(self, owner: str) -> int:
+    def count(self, owner: Owner) -> int:
         with self._lock:
             return sum(1 for s in self._sessions.values() if s.owner == owner)
 
@@ -107,7 +107,27 @@ class SessionStore:
                 del self._sessions[session.session_id]
         return idle
 
-    def remove(self, session_id: str, owner: str = LOCAL_USER) -> Session:
+    def take_longest_idle(self, min_idle_s: float) -> Session | None:
+        """Remove and return the session unused the longest, if unused at least `min_idle_s`
+        and not busy (a full hub makes room for a new session this way, one at a time)."""
+        cutoff = time.monotonic() - min_idle_s
+        with self._lock:
+            idle = [s for s in self._sessions.values() if s.last_used <= cutoff and not s.lock.locked()]
+            if not idle:
+                return None
+            session = min(idle, key=lambda s: s.last_used)
+            del self._sessions[session.session_id]
+        return session
+
+    def remove_owned_by(self, owners: set[Owner]) -> list[Session]:
+        """Remove every session of these accounts (removed from the accounts database)."""
+        with self._lock:
+            gone = [s for s in self._sessions.values() if s.owner in owners]
+            for session in gone:
+                del self._sessions[session.session_id]
+        return gone
+
+    def remove(self, session_id: str, owner: Owner = LOCAL_OWNER) -> Session:
         with self._lock:
             session = self._sessions.get(session_id)
             if session is None or session.owner != owner:

@@ -124,15 +124,15 @@ class EngineWorker:
             self.runner.prefill(slot, context)
         return slot.length
 
-    def verify_batch(self, jobs: list[JobWire]) -> tuple[list[ResultWire], float | None]:
-        """One pass over the jobs; their results and the pass's fitted fixed cost."""
+    def verify_batch(self, jobs: list[JobWire]) -> tuple[list[ResultWire], float | None, float]:
+        """One pass over the jobs; their results, the pass's fitted fixed cost and its device seconds."""
         runnable = [
             VerifyJob(self._slot(incarnation, index), pending, draft, parents, temperature, seed, frozenset(stops))
             for incarnation, index, pending, draft, parents, temperature, seed, stops in jobs
         ]
         with _device_failure_exits():
-            self.runner.verify_batch(runnable)
-        return [(job.path, job.emitted, job.kv.length) for job in runnable], self.runner.pass_fixed_s()
+            seconds = self.runner.verify_batch(runnable)
+        return [(job.path, job.emitted, job.kv.length) for job in runnable], self.runner.pass_fixed_s(), seconds
 
     def _slot(self, incarnation: str, index: int) -> Any:
         if incarnation != self.incarnation or index not in self.slots:
@@ -196,7 +196,7 @@ class RayEngine:
     def prefill(self, kv: RemoteKV, context: list[int]) -> None:
         kv.length = self._call(self._actor.prefill.remote(kv.incarnation, kv.index, context))
 
-    def verify_batch(self, jobs: list[VerifyJob]) -> None:
+    def verify_batch(self, jobs: list[VerifyJob]) -> float:
         wire = [
             (
                 job.kv.incarnation,  # type: ignore[attr-defined]
@@ -210,9 +210,10 @@ class RayEngine:
             )
             for job in jobs
         ]
-        results, self._pass_fixed_s = self._call(self._actor.verify_batch.remote(wire))
+        results, self._pass_fixed_s, seconds = self._call(self._actor.verify_batch.remote(wire))
         for job, (path, emitted, length) in zip(jobs, results):
             job.path, job.emitted, job.kv.length = path, emitted, length
+        return float(seconds)
 
     def pass_fixed_s(self) -> float | None:
         return self._pass_fixed_s

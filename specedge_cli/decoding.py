@@ -24,7 +24,7 @@ import threading
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field, replace
-from typing import Protocol, TypeVar
+from typing import Generic, Protocol, TypeVar
 
 from specedge_cli.drafting.chat_template import ChatTemplate
 from specedge_cli.drafting.draft_tree import DraftTree
@@ -480,13 +480,14 @@ class Conversation:
         return self.engine.tokenize(self.template.next_turn_text(messages, stop_text), add_bos=False)
 
 
-class _InFlight:
+class _InFlight(Generic[T]):
     """A call running on its own thread (a verify request), so drafting can go on meanwhile."""
 
     def __init__(self, call: Callable[[], T]):
         self._call = call
         self._done = threading.Event()
-        self._value = self._error = None
+        self._value: T | None = None
+        self._error: BaseException | None = None
         self._started = time.perf_counter()
         self._elapsed = 0.0
         threading.Thread(target=self._run, daemon=True, name="specedge-verify").start()
@@ -502,12 +503,12 @@ class _InFlight:
     def done(self) -> bool:
         return self._done.is_set()
 
-    def result(self):
+    def result(self) -> tuple[T, float]:
         """(the call's value, seconds it took); its exception is raised here."""
         self._done.wait()
         if self._error is not None:
             raise self._error
-        return self._value, self._elapsed
+        return self._value, self._elapsed  # type: ignore[return-value]  # set when no error was
 
 
 class _Clock:

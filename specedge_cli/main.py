@@ -9,6 +9,7 @@ from typing import Annotated
 
 import typer
 from rich.console import Console
+from rich.markup import escape
 
 from specedge_cli.commands import config, logs, models
 from specedge_cli.commands.auth import login, logout, whoami
@@ -68,7 +69,8 @@ def run() -> None:
     except SpecEdgeError as exc:
         if os.environ.get("SPECEDGE_DEBUG"):
             raise
-        Console(stderr=True).print(f"[red]Error:[/red] {_message(exc)}", highlight=False, soft_wrap=True)
+        # The message is plain text: escaped, so `specedge[hub]` or `[0, 512)` is not read as markup.
+        Console(stderr=True).print(f"[red]Error:[/red] {escape(_message(exc))}", highlight=False, soft_wrap=True)
         sys.exit(exc.exit_code)
 
 

@@ -12,6 +12,7 @@ from __future__ import annotations
 import codecs
 import sys
 from collections.abc import Callable, Collection
+from typing import Any, TextIO
 
 from rich.console import Console
 from rich.live import Live
@@ -90,7 +91,7 @@ class MarkdownStream:
 class RawStream:
     """Text in, as it comes: for pipes and files."""
 
-    def __init__(self, out=None):
+    def __init__(self, out: TextIO | None = None):
         self.out = out or sys.stdout
         self.text = ""
 
@@ -122,7 +123,7 @@ class ReplyView:
         self.stream = stream or default_stream()
 
     @classmethod
-    def of(cls, conversation) -> ReplyView:
+    def of(cls, conversation: Any) -> ReplyView:
         """A view for a reply of `conversation` (anything with `engine.detokenize` and `stop_token_ids`)."""
         return cls(conversation.engine.detokenize, conversation.stop_token_ids)
 

@@ -7,18 +7,21 @@ leaves with 0.
 
 from __future__ import annotations
 
+import functools
 import sys
+from collections.abc import Callable
 from dataclasses import fields, replace
 
 import typer
 from rich.console import Console
 
 from specedge_cli import settings
-from specedge_cli.decoding import Conversation, DecodeSettings, Reply
+from specedge_cli.decoding import LENGTH, Conversation, DecodeSettings, Reply
 from specedge_cli.errors import HubBusy, HubError, HubUnreachable, SettingError
+from specedge_cli.history import ConversationLog
 from specedge_cli.rendering import ReplyView
 
-err = Console(stderr=True, highlight=False)
+err = Console(stderr=True, highlight=False, soft_wrap=True)  # a message wraps where the terminal does, never mid-copy
 
 HELP = """Available commands:
   /set temperature T   0 decodes greedily
@@ -67,21 +70,9 @@ def print_figures(reply: Reply, verbose: bool = False) -> None:
     err.print(f"[dim]{figures_line(reply, verbose)}[/dim]", markup=True, soft_wrap=True)
 
 
-def finish_reason(reply: Reply, conversation: Conversation) -> str:
-    """Why the reply ended: `stop` (a stop token), `length` (the token limit) or `interrupted` (Ctrl+C)."""
-    reason = getattr(reply, "finish_reason", None)  # the decode loop's own word, where it gives one
-    if reason:
-        return reason
-    if reply.interrupted:
-        return "interrupted"
-    if reply.token_ids and reply.token_ids[-1] in conversation.stop_token_ids:
-        return "stop"
-    return "length" if len(reply.token_ids) >= conversation.settings.max_tokens else "stop"
-
-
 def note_finish(reply: Reply, conversation: Conversation, how_to_raise: str = "--max-tokens N") -> None:
     """One dim line when the token limit cut the reply, so it does not pass for a complete one."""
-    if finish_reason(reply, conversation) == "length":
+    if reply.finish_reason == LENGTH:
         err.print(
             f"[dim](cut at the limit of {conversation.settings.max_tokens} tokens; {how_to_raise} for longer replies)[/dim]",
             markup=True,
@@ -111,7 +102,7 @@ class Repl:
             if text.strip().startswith("/"):
                 self._command(text.strip())
             elif text.strip():
-                self._reply(lambda on_tokens, text=text: self.conversation.ask(text, on_tokens))
+                self._reply(functools.partial(self.conversation.ask, text))
 
     # --- input ------------------------------------------------------------------------------
     def _read(self) -> str | None:
@@ -144,7 +135,7 @@ class Repl:
         err.print("[dim]Press Ctrl+C again or Ctrl+D to leave.[/dim]", markup=True)
 
     # --- replies ----------------------------------------------------------------------------
-    def _reply(self, ask) -> None:
+    def _reply(self, ask: Callable[[ReplyView], Reply | None]) -> None:
         view = ReplyView.of(self.conversation)
         try:
             reply = ask(view)
@@ -208,12 +199,12 @@ class Repl:
 
     def _new_conversation(self, system: str) -> None:
         self.conversation.reset(system)
-        if self.conversation.log is not None:
+        if isinstance(self.conversation.log, ConversationLog):
             self.conversation.log.new_conversation(system)
 
     def _show(self) -> None:
         c, s = self.conversation, self.conversation.settings
-        log = c.log
+        log = c.log if isinstance(c.log, ConversationLog) else None
         saved = f"{log.conversation_id}" if log and log.conversation_id else ("new" if log else "not kept (logs off)")
         print(
             f"model        {c.engine.path}\nhub          {self.hub_url}\ntarget       {self._target()}\n"

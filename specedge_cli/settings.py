@@ -60,7 +60,7 @@ def _boolean_or_auto(text: str) -> bool | None:
 def _number(kind: type, low: float, zero_means: str = "", unit: str = "") -> Reader:
     """A number of `kind` (int or float), at least `low`; `zero_means` says what 0 chooses."""
 
-    def check(text: str) -> int | float:
+    def check(text: str) -> Any:
         value = kind(text)
         if value < low:
             raise ValueError(text)

@@ -10,18 +10,31 @@ from __future__ import annotations
 import re
 import threading
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 from rich.console import Console
+from rich.status import Status
 
 from specedge_cli.errors import HubUnreachable
 from specedge_cli.remote.client import HubClient
+from specedge_cli.remote.connect import HubConnection
 
 REMOTE_LOAD_TIMEOUT_S = 600.0
 POLL_S = 1.0
 # tqdm's bar (`Converting ... tensors:  45%|████▌  | 100/222`) and the hub's own conversion line.
 _PROGRESS = re.compile(r"\d+%\|")
 _CONVERTING = re.compile(r"converting .* into torch", re.IGNORECASE)
+# The hub's text log format: `2026-12-01 22:55:54,142 INFO hub_server.loading: message`.
+_LOG_PREFIX = re.compile(r"^\d{4}-\d\d-\d\d [\d:,.]+ [A-Z]+ [\w.]+: ")
+
+
+def wait_until_ready(connection: HubConnection, log: LogTail, console: Console) -> None:
+    """Wait for the hub of `connection`: an embedded one with its log's progress, another while it loads."""
+    if connection.embedded is not None:
+        wait_for_embedded(connection.wait_ready, log, console)
+    else:
+        wait_for_remote(connection.client, console)
 
 
 def wait_for_remote(client: HubClient, console: Console, timeout_s: float = REMOTE_LOAD_TIMEOUT_S) -> None:
@@ -55,6 +68,11 @@ class LogTail:
         self.offset = offset
         self._pending = ""
 
+    @classmethod
+    def of_next_run(cls, path: Path) -> LogTail:
+        """The lines a hub about to start will append to `path` (it keeps earlier runs' lines)."""
+        return cls(path, path.stat().st_size if path.exists() else 0)
+
     def new_lines(self) -> list[str]:
         """Complete lines (split at newlines and at tqdm's carriage returns) written since the last call."""
         try:
@@ -71,11 +89,11 @@ class LogTail:
 
 
 def progress_lines(lines: list[str]) -> list[str]:
-    """The lines worth showing: progress bars, and the hub saying it converts the target."""
-    return [line for line in lines if _PROGRESS.search(line) or _CONVERTING.search(line)]
+    """The lines worth showing (progress bars, the hub saying it converts the target), without the log's prefix."""
+    return [_LOG_PREFIX.sub("", line) for line in lines if _PROGRESS.search(line) or _CONVERTING.search(line)]
 
 
-def wait_for_embedded(wait_ready, log: LogTail, console: Console) -> None:
+def wait_for_embedded(wait_ready: Callable[[], None], log: LogTail, console: Console) -> None:
     """Run `wait_ready` (the embedded hub's) while showing its log's progress lines on stderr."""
     outcome: dict = {}
 
@@ -104,7 +122,7 @@ class _StatusLine:
 
     def __init__(self, console: Console):
         self.console = console
-        self._status = None
+        self._status: Status | None = None
         self._last = ""
 
     def update(self, line: str) -> None:
@@ -113,7 +131,8 @@ class _StatusLine:
             if self._status is None:
                 self._status = self.console.status(text)
                 self._status.start()
-            self._status.update(text)
+            else:
+                self._status.update(text)
             return
         if self._step(line) != self._step(self._last):
             self.console.print(text, markup=False, highlight=False, soft_wrap=True)

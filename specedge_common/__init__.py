@@ -7,5 +7,6 @@ torch-free parts of the hub can both depend on it:
 - `net`: the loopback check and free loopback ports;
 - `launcher`: the one way to start `hub_server serve` as a child process (the embedded hub of
   `specedge chat`, `hub_server bench`, the tests), and the embedded hub's token variable;
+- `extras`: the hub's own packages (the `hub` extra), so either side can say what to install;
 - `metric_names`: the `/metrics` names that readers outside the hub look up.
 """

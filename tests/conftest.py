@@ -207,5 +207,5 @@ def run_specedge(
         capture_output=True,
         text=True,
         timeout=timeout,
-        input=input_text,
+        input="" if input_text is None else input_text,  # never the test runner's own stdin
     )

@@ -11,6 +11,9 @@ import pytest
 from hub_server.accounts import MIGRATIONS, Accounts, SingleToken, token_digest
 from hub_server.errors import AccountError, AccountsDamaged, HubFull, RateLimited, TokenExpired
 from hub_server.limits import AdmissionGate, TokenBudgets
+from hub_server.sessions import Owner
+
+ADA, BOB = Owner("acct_ada", "ada"), Owner("acct_bob", "bob")  # budgets are kept per account
 
 
 @pytest.fixture()
@@ -126,20 +129,20 @@ class Clock:
 def test_budget_admits_into_debt_then_waits_for_refill():
     clock = Clock()
     budgets = TokenBudgets(60, clock)  # one token per second
-    budgets.charge("ada", 100)  # a long prompt passes once
+    budgets.charge(ADA, 100)  # a long prompt passes once
     with pytest.raises(RateLimited) as refused:
-        budgets.charge("ada", 1)
+        budgets.charge(ADA, 1)
     assert refused.value.retry_after_s == 41
-    budgets.charge("bob", 1)  # others are not held back
+    budgets.charge(BOB, 1)  # others are not held back
     clock.now = 41
-    budgets.charge("ada", 1)
-    assert budgets.remaining("ada") == 0
+    budgets.charge(ADA, 1)
+    assert budgets.remaining(ADA) == 0
 
 
 def test_unlimited_budget():
     budgets = TokenBudgets(0)
-    budgets.charge("ada", 10**9)
-    assert budgets.remaining("ada") is None
+    budgets.charge(ADA, 10**9)
+    assert budgets.remaining(ADA) is None
 
 
 def test_admission_gate_refuses_past_its_limit_and_recovers():

@@ -66,7 +66,10 @@ def test_bench_reports_every_mode_ratios_bound_and_a_plot(tiny, tmp_path):
         "throughput_vs_autoregressive",
         "throughput_vs_server_only_spec",
         "itl_vs_server_only_spec",
+        "cost_efficiency_vs_server_only_spec",
+        "cost_efficiency_vs_autoregressive",
     }
+    _check_costs(report)
     bound = report["bound"]
     assert bound["throughput_vs_autoregressive"] > 0 and bound["sessions_per_pass"] == 2
     assert bound["measured"].startswith("probe")  # full passes of both kinds, measured directly
@@ -90,10 +93,42 @@ def test_bench_reports_every_mode_ratios_bound_and_a_plot(tiny, tmp_path):
     assert plot.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
 
+def _check_costs(report: dict) -> None:
+    """Every mode's cost follows from its own busy seconds at the default prices (the paper's)."""
+    assert (report["config"]["server_price_per_hour"], report["config"]["edge_price_per_hour"]) == (4.05, 0.35)
+    for name, mode in report["modes"].items():
+        cost = mode["cost"]
+        assert cost["server_s"] == pytest.approx(mode["hub_busy_s"], abs=1e-3)
+        dollars = cost["server_s"] * 4.05 / 3600 + cost["edge_busy_s"] * 0.35 / 3600
+        assert cost["usd_per_million_tokens"] == pytest.approx(1e6 * dollars / mode["emitted_tokens"], rel=0.01)
+        assert cost["tokens_per_dollar"] == pytest.approx(mode["emitted_tokens"] / dollars, rel=0.01)
+        # Only SpecEdge users draft on a device of their own; server-only modes use none.
+        assert (cost["edge_busy_s"] > 0) == (name == "specedge")
+    # Each user's device drafts at most all the time the run took.
+    specedge = report["modes"]["specedge"]
+    assert specedge["cost"]["edge_busy_s"] <= report["config"]["clients"] * specedge["wall_s"]
+    spec_tpd = specedge["cost"]["tokens_per_dollar"]
+    sos_tpd = report["modes"]["server_only_spec"]["cost"]["tokens_per_dollar"]
+    assert report["ratios"]["cost_efficiency_vs_server_only_spec"] == pytest.approx(spec_tpd / sos_tpd, rel=0.01)
+
+
+def test_cost_of_a_mode_counts_server_and_edge_time_at_their_prices():
+    from specedge_bench.cost import mode_cost
+
+    # One hour of server time at $4.05 and two of edge time at $0.35, for 1,000 tokens.
+    cost = mode_cost(1000, server_s=3600, edge_s=7200, server_per_hour=4.05, edge_per_hour=0.35)
+    assert cost["server_usd"] == pytest.approx(4.05) and cost["edge_usd"] == pytest.approx(0.70)
+    assert cost["usd_per_million_tokens"] == pytest.approx(4750.0)
+    assert cost["tokens_per_dollar"] == pytest.approx(1000 / 4.75, abs=0.1)
+    assert mode_cost(0, 0, 0, 4.05, 0.35)["tokens_per_dollar"] == 0.0
+
+
 def _active_sessions(hub, user: str) -> float:
+    from specedge_bench.metrics import MetricsPage
+    from specedge_common.metric_names import ACTIVE_SESSIONS
+
     with hub.client(user) as client:
-        lines = client.get("/metrics").text.splitlines()
-    return float(next(line.split()[1] for line in lines if line.startswith("specedge_active_sessions ")))
+        return MetricsPage.parse(client.get("/metrics").text).value(ACTIVE_SESSIONS)
 
 
 def test_bench_against_a_running_hub_takes_its_token_and_measures_the_bound_through_its_api(tiny, auth_hub, tmp_path):
@@ -198,8 +233,8 @@ def test_bench_refuses_a_draft_of_another_vocabulary_and_a_mode_the_hub_cannot_s
 
 
 def test_emulated_edges_give_the_draft_models_own_tokens_at_the_edge_speed(tiny):
-    from hub_server.bench import EmulatedEdges
     from hub_server.engine.drafter import HubDrafter
+    from specedge_bench.edges import EmulatedEdges
 
     reference = HubDrafter(tiny.gguf_q8, n_threads=1)
     edges = EmulatedEdges(HubDrafter(tiny.gguf_q8, n_threads=1), tokens_per_second=200.0)
@@ -216,22 +251,26 @@ def test_emulated_edges_give_the_draft_models_own_tokens_at_the_edge_speed(tiny)
     assert edges.draft(context + draft[:2], 4) == draft[2:6] and edges.steps == 6
     # The draft model's own next token: the guess a proactive edge drafts below.
     assert edges.next_token(context + draft[:5]) == draft[5] and edges.steps == 6
-    # A draft begun earlier (ahead, while a verify was out) is ready without a further wait.
+    # A draft begun earlier (ahead, while a verify was out) is ready without a further wait: on
+    # a 2 t/s device six tokens take 3 s, begun 10 s ago they are ready now (a margin for a busy machine).
+    edges.tokens_per_second = 2.0
     started = time.perf_counter()
-    assert edges.draft(context, 6, since=started - 1.0) == draft
-    assert time.perf_counter() - started < 6 / 200.0
+    assert edges.draft(context, 6, since=started - 10.0) == draft
+    assert time.perf_counter() - started < 1.5
 
 
 def test_a_simulated_user_sends_its_draft_made_ahead_only_when_the_guessed_outcome_comes_back(tiny):
-    from hub_server.bench import BenchConfig, EmulatedEdges, SimulatedUser
     from hub_server.engine.drafter import HubDrafter
+    from specedge_bench.config import BenchConfig
+    from specedge_bench.edges import EmulatedEdges
+    from specedge_bench.users import SimulatedUser
 
     edges = EmulatedEdges(HubDrafter(tiny.gguf_q8, n_threads=1), tokens_per_second=200.0)
     context = HubDrafter(tiny.gguf_q8, n_threads=1).tokenize("def fibonacci(n):")
     draft = edges.draft(context, 4)
     guess = draft + [edges.next_token(context + draft)]  # all accepted, then the draft model's token
     config = BenchConfig("http://unused", tiny.gguf_q8, 1, 0.0, 32, 4, ())
-    user = SimulatedUser(0, config, edges, {}, frozenset())
+    user = SimulatedUser(0, config, edges, None, frozenset())
     sent = time.perf_counter()
     assert user._drafted_ahead(sent, context, draft, guess, room=20) == sent  # the next draft began at the send
     assert user._drafted_ahead(sent, context, draft, draft[:2] + [7], room=20) is None  # a rejection: draft anew
@@ -240,13 +279,13 @@ def test_a_simulated_user_sends_its_draft_made_ahead_only_when_the_guessed_outco
     assert (user.record.drafts_ahead, user.record.ahead_hits) == (3, 1)
     assert user._drafted_ahead(sent, context, draft, guess, room=5) is None  # no round left after the guess
     off = SimulatedUser(
-        0, BenchConfig("http://unused", tiny.gguf_q8, 1, 0.0, 32, 4, (), proactive=False), edges, {}, frozenset()
+        0, BenchConfig("http://unused", tiny.gguf_q8, 1, 0.0, 32, 4, (), proactive=False), edges, None, frozenset()
     )
     assert off._drafted_ahead(sent, context, draft, guess, room=20) is None and off.record.drafts_ahead == 0
 
 
 def test_pass_cost_at_a_batch_size_follows_the_passes_seen():
-    from hub_server.bench import pass_ms_at
+    from specedge_bench.bound import pass_ms_at
 
     # Passes of 1 and 3 sessions cost 100 and 300 ms: a full pass of 8 costs 800 ms.
     assert pass_ms_at({1: [10, 100.0], 3: [10, 300.0]}, 8) == 800.0
@@ -255,3 +294,33 @@ def test_pass_cost_at_a_batch_size_follows_the_passes_seen():
     # One size seen: its mean, whatever is asked.
     assert pass_ms_at({4: [5, 250.0]}, 8) == 250.0
     assert pass_ms_at({}, 8) == 0.0
+
+
+def test_the_metrics_reader_sums_over_workers_and_reads_what_grew():
+    from specedge_bench.metrics import MetricsPage, hub_busy_s, pass_ms_by_sessions
+    from specedge_common import metric_names as names
+
+    def page(busy: float, passes: int) -> MetricsPage:
+        return MetricsPage.parse(
+            "# TYPE specedge_device_busy_seconds_total counter\n"
+            f'specedge_device_busy_seconds_total{{worker="0"}} {busy}\n'
+            f'specedge_device_busy_seconds_total{{worker="1"}} {2 * busy}\n'
+            "# TYPE specedge_verify_passes_total counter\n"
+            f'specedge_verify_passes_total{{sessions="4",worker="0"}} {passes}\n'
+            f'specedge_verify_passes_total{{sessions="4",worker="1"}} {passes}\n'
+            "# TYPE specedge_verify_pass_seconds_total counter\n"
+            f'specedge_verify_pass_seconds_total{{sessions="4",worker="0"}} {busy}\n'
+            f'specedge_verify_pass_seconds_total{{sessions="4",worker="1"}} {2 * busy}\n'
+            "# TYPE specedge_verify_seconds summary\n"
+            f"specedge_verify_seconds_sum {busy}\nspecedge_verify_seconds_count {4 * passes}\n"
+        )
+
+    before, after = page(1.0, 10), page(3.0, 30)
+    assert after.value(names.DEVICE_BUSY_SECONDS) == 9.0  # both workers
+    assert after.value(names.DEVICE_BUSY_SECONDS, worker="1") == 6.0
+    assert after.value(names.VERIFY_REQUESTS) == 120 and after.has(names.VERIFY_REQUESTS)
+    assert not after.has(names.HUB_DRAFT_SECONDS) and after.value(names.HUB_DRAFT_SECONDS) == 0.0  # an older hub
+    grown = after.since(before)
+    assert hub_busy_s(grown) == 6.0
+    # 40 passes of 4 sessions grew, costing 6 s in all: 150 ms each.
+    assert pass_ms_by_sessions(grown) == {4: [40.0, 150.0]}

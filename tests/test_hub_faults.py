@@ -176,6 +176,8 @@ def test_slow_requests_are_closed_and_connections_capped(tiny, tmp_path):
                     chunks.append(json.loads(line))
                     time.sleep(0.1)  # read slowly: 40 tokens take longer than the request timeout
             assert chunks[-1]["done"] and sum(len(c["tokens"]) for c in chunks) == 40
+            assert _metric(client, 'specedge_refusals_total{code="request_timeout"}') >= 4
+            assert _metric(client, 'specedge_refusals_total{code="hub_full"}') >= 1
     finally:
         hub.stop()
     assert "Traceback" not in hub.log.read_text()
@@ -306,3 +308,48 @@ def test_metrics_are_for_operators(auth_hub, hub):
         page = ops.get("/metrics")
         assert page.status_code == 200 and "specedge_active_sessions" in page.text
     assert httpx.get(f"{hub.url}/metrics").status_code == 200  # a hub without accounts: its one user operates it
+
+
+@pytest.mark.parametrize("temperature", [1e-308, 5e-324])
+def test_a_tiny_temperature_decodes_as_the_target_alone_does(http, target_alone, temperature):
+    info = http.get("/v1/info").json()
+    prompt = [1, 20, 30, 40]
+    expected = target_alone.decode(prompt, 12, temperature=temperature, seed=7)
+    assert expected == target_alone.decode(prompt, 12)  # the top token every time: greedy
+    session = http.post("/v1/sessions", json=open_body(info, temperature=temperature, seed=7)).json()["session_id"]
+    first = http.post(f"/v1/sessions/{session}/verify", json={"tokens": prompt, "draft": expected[:3]}).json()
+    assert first["tokens"] == expected[:4]
+    body = {"max_tokens": 8}
+    lines = http.post(f"/v1/sessions/{session}/generate", json=body).text.splitlines()
+    assert [t for line in lines for t in json.loads(line)["tokens"]] == expected[4:12]
+
+
+def test_a_removed_users_sessions_close_and_a_new_account_of_that_name_cannot_see_them(tiny, tmp_path):
+    hub = AuthHub(tiny.hf_dir, tmp_path, ("carol",), operators=("ops",))
+    try:
+        with hub.client("carol") as carol, hub.client("ops") as ops:
+            info = carol.get("/v1/info").json()
+            old = carol.post("/v1/sessions", json=open_body(info)).json()["session_id"]
+            assert carol.post(f"/v1/sessions/{old}/feed", json={"tokens": [1, 20, 30]}).status_code == 200
+            kv_held = _metric(ops, "specedge_kv_bytes")
+            hub_admin(hub.data_dir, "users", "remove", "carol")
+            hub_admin(hub.data_dir, "users", "add", "carol")
+            token = hub_admin(hub.data_dir, "tokens", "create", "--user", "carol")["token"]
+            again = {"Authorization": f"Bearer {token}"}
+            answer = httpx.post(f"{hub.url}/v1/sessions/{old}/verify", json={"tokens": [], "draft": [5]}, headers=again)
+            assert answer.status_code == 404 and answer.json()["error"]["code"] == "session_not_found"
+            deadline = time.monotonic() + 15
+            while _metric(ops, "specedge_active_sessions") and time.monotonic() < deadline:
+                time.sleep(0.2)
+            assert _metric(ops, "specedge_active_sessions") == 0
+            assert _metric(ops, "specedge_sessions_closed_account_removed_total") == 1
+            assert _metric(ops, "specedge_kv_bytes") < kv_held or kv_held == 0
+    finally:
+        hub.stop()
+
+
+def _metric(client: httpx.Client, series: str) -> float:
+    for line in client.get("/metrics").text.splitlines():
+        if line.startswith(series + " "):
+            return float(line.split()[-1])
+    raise AssertionError(f"{series} is not on the page")

@@ -77,3 +77,24 @@ def test_a_runner_that_cannot_hold_its_sessions_refuses_to_start(tiny):
     settings = HubSettings(model=str(tiny.hf_dir), max_sessions=64, max_context=1024, kv_memory_gib=0.001)
     with pytest.raises(KVBudgetError, match="64 sessions x 1024 tokens need"):
         ModelRunner(settings)
+
+
+def test_ancestor_closure_agrees_with_the_bit_set_masks():
+    from hub_server.engine.pool_attention import ancestor_closure
+
+    rows = [[-1, 0, -1, 2, 1], [-1, 0, 1, 2, 3]]
+    assert torch.equal(ancestor_closure(torch.tensor(rows)), ancestor_masks(rows, width=5))
+
+
+def test_a_ring_pass_sees_its_window_and_its_new_tokens_not_what_they_overwrote():
+    from hub_server.engine.pool_attention import LayerKind, kind_mask
+
+    # Window 4, ring of 3 + 3 spare columns. 7 tokens held: column c holds position 6 - (6 - c) % 6,
+    # so columns 0..5 hold 6, 1, 2, 3, 4, 5. Two new tokens (a chain) land in columns 1 and 2.
+    kind = LayerKind(capacity=6, window=4)
+    positions = torch.tensor([[7, 8]])
+    ancestors = torch.tensor([[[True, False], [True, True]]])
+    columns, sees = kind_mask(kind, torch.tensor([7]), torch.tensor([2]), positions, ancestors, width=6)
+    assert columns.tolist() == [[1, 2]]
+    # Position 7 sees 4, 5, 6 and itself; position 8 sees 5, 6, 7 and itself (never 1, 2 or 3).
+    assert sees[0, 0].int().tolist() == [[1, 1, 0, 0, 1, 1], [1, 1, 1, 0, 0, 1]]

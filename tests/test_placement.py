@@ -11,7 +11,7 @@ from hub_server.config import HubSettings
 from hub_server.errors import HubFull, RateLimited, SessionNotFound, UnknownWorker, WorkerLost
 from hub_server.placement import DRAINING, LOST, READY, WorkerIdentity, WorkerLoad, placement_order
 from hub_server.service import Hub
-from tests.test_service import CountingTarget, open_request, verify
+from tests.test_service import ALICE, BOB, CountingTarget, metric, open_request, verify
 
 
 class MortalTarget(CountingTarget):
@@ -39,7 +39,7 @@ class MortalTarget(CountingTarget):
 
 
 def hub_of(*engines: CountingTarget, **settings: object) -> Hub:
-    return Hub(HubSettings(model="unused", **settings), *engines)  # type: ignore[arg-type]
+    return Hub(HubSettings(model="unused", **settings), engines)  # type: ignore[arg-type]
 
 
 def test_placement_prefers_free_slots_then_the_shorter_queue_and_skips_full_or_unready_workers():
@@ -78,15 +78,15 @@ def test_hub_full_only_when_every_worker_is_full():
 def test_per_user_limits_and_ownership_hold_across_workers():
     first, second = CountingTarget(), CountingTarget()
     hub = hub_of(first, second, max_sessions_per_user=2)
-    alice = [hub.open_session(open_request(first), owner="alice").session_id for _ in range(2)]
-    assert {hub.sessions.get(s, "alice").worker_id for s in alice} == {"0", "1"}
+    alice = [hub.open_session(open_request(first), owner=ALICE).session_id for _ in range(2)]
+    assert {hub.sessions.get(s, ALICE).worker_id for s in alice} == {"0", "1"}
     with pytest.raises(RateLimited, match="already has 2 open sessions"):
-        hub.open_session(open_request(first), owner="alice")
+        hub.open_session(open_request(first), owner=ALICE)
     for session in alice:  # whichever worker holds it, it is not bob's
         with pytest.raises(SessionNotFound):
-            verify(hub, session, [1], [2], owner="bob")
+            verify(hub, session, [1], [2], owner=BOB)
         with pytest.raises(SessionNotFound):
-            hub.close(session, owner="bob")
+            hub.close(session, owner=BOB)
 
 
 def test_a_drained_worker_takes_no_new_sessions_while_its_open_ones_go_on():
@@ -133,9 +133,32 @@ def test_a_worker_that_restarted_between_two_probes_is_lost_and_back_at_once():
 
 
 def test_one_worker_reports_its_series_unlabelled_and_several_label_theirs():
-    single = hub_of(CountingTarget()).metrics_page()
-    assert "specedge_device_busy_seconds_total 0.25" in single and 'worker="' not in single
-    several = hub_of(CountingTarget(), CountingTarget()).metrics_page()
-    assert 'specedge_device_busy_seconds_total{worker="1"} 0.25' in several
-    assert 'specedge_verify_passes_total{worker="0",sessions="2"} 3' in several
-    assert "specedge_workers_ready 2" in several
+    single = hub_of(CountingTarget())
+    assert metric(single, "specedge_device_busy_seconds_total") == 0.25
+    assert 'worker="' not in single.metrics_page().decode()
+    several = hub_of(CountingTarget(), CountingTarget())
+    assert metric(several, 'specedge_device_busy_seconds_total{worker="1"}') == 0.25
+    assert metric(several, 'specedge_verify_passes_total{worker="0",sessions="2"}') == 3
+    assert metric(several, "specedge_device_busy_seconds_total") == 0.5  # summed over the workers
+    assert metric(several, "specedge_workers_ready") == 2
+
+
+def test_most_free_slots_first_then_the_shortest_queue_then_the_id():
+    loads = [
+        WorkerLoad("w0", READY, free_slots=3, queue_depth=0),
+        WorkerLoad("w1", READY, free_slots=5, queue_depth=4),
+        WorkerLoad("w2", READY, free_slots=5, queue_depth=1),
+        WorkerLoad("w3", READY, free_slots=5, queue_depth=1),
+    ]
+    assert placement_order(loads) == ["w2", "w3", "w1", "w0"]
+
+
+def test_full_draining_and_lost_workers_take_no_new_session():
+    loads = [
+        WorkerLoad("full", READY, free_slots=0, queue_depth=0),
+        WorkerLoad("drain", DRAINING, free_slots=9, queue_depth=0),
+        WorkerLoad("lost", LOST, free_slots=9, queue_depth=0),
+        WorkerLoad("ok", READY, free_slots=1, queue_depth=7),
+    ]
+    assert placement_order(loads) == ["ok"]
+    assert placement_order(loads[:3]) == []  # every worker full: the hub answers 429 hub_full

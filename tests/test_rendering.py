@@ -78,11 +78,11 @@ def test_the_hub_logs_progress_lines_are_found_as_they_are_written(tmp_path):
     log.write_text("an older run's line: 100%|#| 9/9\n")
     tail = LogTail(log, log.stat().st_size)
     with log.open("a") as hub:
-        hub.write("INFO hub_server.loading: converting t.gguf into torch (once)\n")
+        hub.write("2026-12-01 22:55:54,142 INFO hub_server.loading: converting t.gguf into torch (once)\n")
         hub.write("Converting tensors:   0%|          | 0/9\rConverting tensors:  44%|####      | 4/9")
     first = tail.new_lines()
     assert progress_lines(first) == [
-        "INFO hub_server.loading: converting t.gguf into torch (once)",
+        "converting t.gguf into torch (once)",
         "Converting tensors:   0%|          | 0/9",
     ]  # the 44% bar is still being written
     with log.open("a") as hub:

@@ -100,6 +100,7 @@ def test_repl_turns_commands_and_figures(terminal, tiny, target_alone):
     term.type("the cat sat on")
     screen = term.wait_for("tok/verify")
     figures = [line for line in screen.splitlines() if "tok/verify" in line][-1]
+    assert "(cut at the limit of 12 tokens; /set max-tokens N for longer replies)" in term.wait_for("(cut at")
     assert figures.startswith("[ draft ") and " t/s | accepted " in figures and "% | " in figures
     assert "| RTT " in figures and figures.endswith(" t/s ]")
     term.type('"""numbers: one')
@@ -107,9 +108,16 @@ def test_repl_turns_commands_and_figures(terminal, tiny, target_alone):
     term.type('two three"""')
     term.wait_for("tok/verify", count=2)
     term.type("/set max-tokens 5")
+    term.type("/set temperature hot")  # refused by the parser flags and `config set` use, in its words
+    term.wait_for("/set temperature: 'hot' is not a valid temperature (expected a number, at least 0); see /?")
+    term.type("/set proactive maybe")
+    term.wait_for("expected on, off or auto")
     term.type("/show")
     screen = term.wait_for("max-tokens   5")
     assert str(tiny.gguf_q8) in screen and "conversation 1 (2 turns)" in screen
+    assert (
+        "target       hf" in screen and "temperature  0\n" in screen
+    )  # the hub's model; the refused value left no trace
     term.type("/regen")
     term.wait_for("tok/verify", count=3)
     term.type("/clear")
@@ -222,4 +230,5 @@ def test_a_hub_that_goes_away_is_one_line_and_the_repl_stays(tiny, tmp_path, tar
         own_hub.stop()
     history = History(history_path(Path(os.environ["SPECEDGE_HOME"]) / "data"))
     assert [turn.prompt for turn in history.turns(1)] == ["the cat sat on", "and then"]
-    assert [turn.prompt for turn in history.load(1).turns] == ["the cat sat on"]  # the unanswered one is not context
+    # The prompt the outage left unanswered stays in the context, so `--continue` answers it in context.
+    assert [turn.prompt for turn in history.load(1).turns] == ["the cat sat on", "and then"]

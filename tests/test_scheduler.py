@@ -5,6 +5,8 @@ from __future__ import annotations
 import threading
 import time
 
+import pytest
+
 from hub_server.pass_cost import PassCostFit
 from hub_server.scheduler import Scheduler
 
@@ -213,3 +215,59 @@ def test_users_due_back_later_or_forgotten_are_not_waited_for():
         runner, max_batch=8, max_wait_s=0.0, merge_share=0.0, pass_fixed_s=lambda: 0.2
     )  # switched off
     assert _returning_user_meets_a_queued_one(runner, scheduler, think_s=0.03) == [["b3"], ["a"], ["b4"]]
+
+
+class VirtualTime:
+    def __init__(self) -> None:
+        self.now = 0.0
+
+    def __call__(self) -> float:
+        return self.now
+
+
+def test_driven_in_virtual_time_it_makes_the_same_decisions_without_a_thread():
+    """worker=False: a driver calls poll and finish on its own clock (the fleet simulation)."""
+    clock = VirtualTime()
+    scheduler = Scheduler(_never, max_batch=8, max_wait_s=0.002, clock=clock, worker=False)
+    assert scheduler.poll() is None  # nothing queued
+    lone = scheduler.submit("a")
+    assert scheduler.poll() == ["a"]  # a lone request goes at once
+    clock.now = 0.02
+    scheduler.finish()
+    assert lone.result(timeout=0) == "a" and scheduler.stats.batches == 1
+    with scheduler.announce():
+        scheduler.submit("b")
+        assert scheduler.poll() == 0.02 + 0.002  # waits for the announced job, until then
+        clock.now = 0.021
+        scheduler.submit("c")
+    assert scheduler.poll() == ["b", "c"]
+    scheduler.finish(RuntimeError("device lost"))
+
+
+def test_in_virtual_time_a_pass_waits_for_a_user_due_back():
+    """Passes cost 0.2 s; B comes back 0.03 s after each reply: A's pass waits for B, until B comes."""
+    clock = VirtualTime()
+    scheduler = Scheduler(
+        _never, max_batch=8, max_wait_s=0.0, merge_share=0.5, pass_fixed_s=lambda: 0.2, clock=clock, worker=False
+    )
+    for step in range(3):  # B's rhythm: a pass, then back 0.03 s later
+        scheduler.submit(f"b{step}", key="B")
+        assert scheduler.poll() == [f"b{step}"]
+        clock.now += 0.2
+        scheduler.finish()
+        clock.now += 0.03
+    scheduler.submit("b3", key="B")
+    assert scheduler.poll() == ["b3"]
+    clock.now += 0.2
+    scheduler.finish()  # B is due back at now + 0.03, within half the fixed 0.2 s
+    scheduler.submit("a", key="A")
+    held_until = scheduler.poll()
+    assert isinstance(held_until, float) and held_until == pytest.approx(clock.now + 0.1)
+    clock.now += 0.03
+    scheduler.submit("b4", key="B")
+    assert scheduler.poll() == ["a", "b4"]
+    assert scheduler.stats.merge_waits == 1 and scheduler.stats.merge_wait_seconds == pytest.approx(0.03)
+
+
+def _never(jobs: list[str]) -> None:
+    raise AssertionError("a driven scheduler runs no batch itself")

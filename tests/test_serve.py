@@ -21,7 +21,8 @@ from specedge_cli.decoding import Conversation, DecodeSettings
 from specedge_cli.drafting.engine import DraftEngine
 from specedge_cli.models import resolve_model
 from specedge_cli.remote.client import HubClient
-from tests.conftest import REPO, free_port, run_specedge
+from specedge_common.net import free_port
+from tests.conftest import REPO, RunningHub, run_specedge
 
 API_KEY = "test-key-4c1d"
 PROMPT = "the dog ran"
@@ -30,7 +31,7 @@ PROMPT = "the dog ran"
 class Served:
     """`specedge serve` in a child process, on a free loopback port."""
 
-    def __init__(self, draft: Path, hub_url: str, home: Path, *extra: str):
+    def __init__(self, draft: Path, hub_url: str, home: Path, *extra: str, env: dict | None = None):
         self.port = free_port()
         self.url = f"http://127.0.0.1:{self.port}"
         self.log = home / f"serve-{self.port}.log"
@@ -41,7 +42,7 @@ class Served:
             cwd=REPO,
             stdout=self.log.open("wb"),
             stderr=subprocess.STDOUT,
-            env={**os.environ, "SPECEDGE_HOME": str(home)},
+            env={**os.environ, "SPECEDGE_HOME": str(home), **(env or {})},
         )
         self._wait_ready()
 
@@ -318,3 +319,29 @@ def _stops(tiny) -> frozenset[int]:
 @functools.cache
 def _stop_ids(path: Path) -> frozenset[int]:
     return frozenset(DraftEngine(path, n_ctx=1024, n_threads=1).stop_token_ids())
+
+
+def test_a_hub_lost_mid_stream_ends_the_stream_with_an_error(tiny, tmp_path):
+    own_hub = RunningHub(tiny.hf_dir, tmp_path / "hub", "--max-draft-tokens", "4")
+    try:
+        # One token drafted per verify: the reply takes many rounds, so the hub dies in the middle.
+        env = {"SPECEDGE_RECONNECT_S": "1", "SPECEDGE_DRAFT_LEN": "1"}
+        server = Served(tiny.gguf_q8, own_hub.url, tmp_path / "home", env=env)
+    except BaseException:
+        own_hub.stop()
+        raise
+    try:
+        client = server.client()
+        stream = client.chat.completions.create(
+            model="specedge", messages=[{"role": "user", "content": "once upon a time"}], max_tokens=400, stream=True
+        )
+        with pytest.raises(openai.APIError, match="did not come back"):
+            for index, _chunk in enumerate(stream):
+                if index == 1:
+                    own_hub.process.kill()
+                    own_hub.process.wait()
+        # The server itself is fine: it answers, and says why a request cannot be decoded now.
+        assert httpx.get(f"{server.url}/health").status_code == 200
+    finally:
+        server.stop()
+        own_hub.stop()

@@ -4,9 +4,11 @@ from __future__ import annotations
 
 import pytest
 
+from specedge_bench.metrics import MetricsPage
 from specedge_cli.errors import HubRejected
 from specedge_cli.remote import protocol as wire
 from specedge_cli.remote.client import HubClient
+from specedge_common import metric_names as names
 from tests.conftest import RunningHub
 
 PROMPT = [1, 261, 412, 425, 281, 300]
@@ -65,18 +67,17 @@ def test_speculative_mode_without_a_draft_is_refused(hub):
 def test_metrics_report_sessions_batches_and_tokens_by_mode(hub_with_draft):
     with HubClient(hub_with_draft.url) as client:
         generate(client, "autoregressive", 5)
-        page = client._http.get("/metrics").text
+        page = MetricsPage.parse(client.metrics())
     for name in (
-        "specedge_active_sessions",
-        "specedge_queue_depth",
-        "specedge_kv_bytes",
-        "specedge_batch_size_last",
-        "specedge_verify_seconds_count",
-        "specedge_tokens_per_verify",
-        "specedge_device_busy_seconds_total",
+        names.ACTIVE_SESSIONS,
+        names.QUEUE_DEPTH,
+        names.KV_BYTES,
+        names.BATCH_SIZE_LAST,
+        names.VERIFY_REQUESTS,
+        names.TOKENS_PER_VERIFY,
+        names.DEVICE_BUSY_SECONDS,
     ):
-        assert name in page
-    emitted = [
-        line for line in page.splitlines() if line.startswith('specedge_emitted_tokens_total{mode="autoregressive"}')
-    ]
-    assert emitted and float(emitted[0].split()[-1]) >= 5
+        assert page.has(name), name
+    assert page.value(names.EMITTED_TOKENS, mode="autoregressive") >= 5
+    # The verify passes read the KV pool in place: nothing of any session's past was copied.
+    assert page.has(names.PAST_KV_BYTES_COPIED) and page.value(names.PAST_KV_BYTES_COPIED) == 0

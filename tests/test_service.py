@@ -8,6 +8,7 @@ plus one. Decoding itself is tested against the real target alone elsewhere.
 from __future__ import annotations
 
 import asyncio
+import re
 import threading
 import time
 from dataclasses import dataclass
@@ -19,10 +20,12 @@ from hub_server.config import HubSettings
 from hub_server.engine_api import EngineStats, KVHandle, PassTally, VerifyJob
 from hub_server.errors import BadRequest, ContextTooLong, HubFull, RateLimited, SessionNotFound, VocabMismatch
 from hub_server.service import Hub
+from hub_server.sessions import LOCAL_OWNER, Owner
 from hub_server.tree import accept_tree
 from hub_server.vocabulary import Vocabulary
 
 VOCAB = 64
+ALICE, BOB, CAROL = Owner("acct_a", "alice"), Owner("acct_b", "bob"), Owner("acct_c", "carol")
 
 
 @dataclass
@@ -54,23 +57,24 @@ class CountingTarget:
     def prefill(self, kv: KVHandle, context: list[int]) -> None:
         kv.length = len(context) - 1
 
-    def verify_batch(self, jobs: list[VerifyJob]) -> None:
+    def verify_batch(self, jobs: list[VerifyJob]) -> float:
         self.passes.append(len(jobs))
         for job in jobs:
             choices = [(job.pending[-1] + 1) % VOCAB] + [(token + 1) % VOCAB for token in job.draft]
             job.path, job.emitted = accept_tree(job.draft, job.parents, choices, job.stop_token_ids)
             job.kv.length += len(job.pending) + len(job.emitted) - 1
+        return 0.001 * len(jobs)  # what the pass would have taken on a device
 
     def pass_fixed_s(self) -> float | None:
         return None
 
     def stats(self) -> EngineStats:
-        return EngineStats(0, 4096, 0.25, PassTally(1, 0.5), 0, {2: PassTally(3, 0.75)}, None, None)
+        return EngineStats(0, 4096, 0.25, PassTally(1, 0.5), 0, {2: PassTally(3, 0.75)}, None, None, compiled_hits=5)
 
 
 def make_hub(**settings) -> tuple[Hub, CountingTarget]:
     engine = CountingTarget(slots=settings.pop("slots", 4), max_context=settings.pop("max_context", 64))
-    return Hub(HubSettings(model="unused", **settings), engine), engine
+    return Hub(HubSettings(model="unused", **settings), [engine]), engine
 
 
 def open_request(engine: CountingTarget, **overrides) -> wire.OpenSessionRequest:
@@ -82,7 +86,7 @@ def open_request(engine: CountingTarget, **overrides) -> wire.OpenSessionRequest
     return wire.OpenSessionRequest(**{**fields, **overrides})
 
 
-def verify(hub: Hub, session_id: str, tokens: list[int], draft: list[int], owner: str = "local", parents=None):
+def verify(hub: Hub, session_id: str, tokens: list[int], draft: list[int], owner: Owner = LOCAL_OWNER, parents=None):
     request = wire.VerifyRequest(tokens=tokens, draft=draft, parents=parents)
     return asyncio.run(hub.verify(session_id, request, owner))
 
@@ -114,25 +118,25 @@ def test_a_session_opens_only_for_the_targets_vocabulary_and_protocol():
 
 def test_another_users_session_is_unknown_to_them_for_every_request():
     hub, engine = make_hub()
-    alice = hub.open_session(open_request(engine), owner="alice").session_id
+    alice = hub.open_session(open_request(engine), owner=ALICE).session_id
     with pytest.raises(SessionNotFound):
-        verify(hub, alice, [1], [2], owner="bob")
+        verify(hub, alice, [1], [2], owner=BOB)
     with pytest.raises(SessionNotFound):
-        hub.feed(alice, wire.FeedRequest(tokens=[1, 2]), owner="bob")
+        hub.feed(alice, wire.FeedRequest(tokens=[1, 2]), owner=BOB)
     with pytest.raises(SessionNotFound):
-        hub.close(alice, owner="bob")
-    assert verify(hub, alice, [1], [2], owner="alice").accepted == 1  # still hers, untouched
+        hub.close(alice, owner=BOB)
+    assert verify(hub, alice, [1], [2], owner=ALICE).accepted == 1  # still hers, untouched
 
 
 def test_the_per_user_session_cap_and_the_hub_wide_cap():
     hub, engine = make_hub(max_sessions_per_user=2, max_sessions=3, slots=3)
     for _ in range(2):
-        hub.open_session(open_request(engine), owner="alice")
+        hub.open_session(open_request(engine), owner=ALICE)
     with pytest.raises(RateLimited, match="already has 2 open sessions"):
-        hub.open_session(open_request(engine), owner="alice")
-    hub.open_session(open_request(engine), owner="bob")
+        hub.open_session(open_request(engine), owner=ALICE)
+    hub.open_session(open_request(engine), owner=BOB)
     with pytest.raises(HubFull, match="maximum of 3 sessions"):
-        hub.open_session(open_request(engine), owner="carol")
+        hub.open_session(open_request(engine), owner=CAROL)
 
 
 def test_closing_a_session_gives_its_kv_slot_back():
@@ -151,7 +155,7 @@ def test_a_users_token_budget_is_charged_for_every_token_the_target_computes():
     hub, engine = make_hub(tokens_per_minute=10)
     session = hub.open_session(open_request(engine)).session_id
     verify(hub, session, [1, 2, 3], [4, 5, 6])  # 3 sent + 3 drafted + the bonus: 7
-    assert hub.whoami("local").tokens_left == 3
+    assert hub.whoami(LOCAL_OWNER).tokens_left == 3
     verify(hub, session, [], [8, 9, 10])  # a request may overdraw what is left ...
     with pytest.raises(RateLimited, match="tokens per minute; retry in"):
         verify(hub, session, [], [12])  # ... and the next waits until the bucket refills
@@ -184,16 +188,96 @@ def test_an_idle_session_is_evicted_and_the_client_resumes_where_it_was():
         time.sleep(0.05)
     with pytest.raises(SessionNotFound):
         verify(hub, session, [], [5])
-    assert len(engine.free) == 1 and hub.metrics.evicted_sessions == 1
+    assert len(engine.free) == 1 and metric(hub, "specedge_evicted_sessions_total") == 1
     resumed = hub.open_session(open_request(engine)).session_id
     hub.feed(resumed, wire.FeedRequest(tokens=history))
     assert verify(hub, resumed, [], [5, 6]).tokens == [5, 6, 7]
 
 
+def metric(hub: Hub, series: str) -> float:
+    """One series' value on the hub's /metrics page, by its name with labels (`name{a="1"}`),
+    read with the one /metrics reader."""
+    from specedge_bench.metrics import MetricsPage
+
+    name, _, labels = series.partition("{")
+    page = MetricsPage.parse(hub.metrics_page().decode())
+    assert page.has(name), f"{name} is not on the page"
+    return page.value(name, **dict(re.findall(r'(\w+)="([^"]*)"', labels)))
+
+
 def test_the_metrics_page_shows_the_engines_figures():
     hub, _ = make_hub()
-    page = hub.metrics_page()
-    assert "specedge_kv_bytes_reserved 4096" in page
-    assert "specedge_device_busy_seconds_total 0.25" in page
-    assert "specedge_prefill_seconds_total 0.5" in page
-    assert 'specedge_verify_passes_total{sessions="2"} 3' in page
+    assert metric(hub, "specedge_kv_bytes_reserved") == 4096
+    assert metric(hub, "specedge_device_busy_seconds_total") == 0.25
+    assert metric(hub, "specedge_prefill_seconds_total") == 0.5
+    assert metric(hub, 'specedge_verify_passes_total{sessions="2"}') == 3
+    assert metric(hub, "process_resident_memory_bytes") > 0
+    assert metric(hub, "specedge_compiled_pass_hits_total") == 5
+    assert metric(hub, "specedge_past_kv_bytes_copied_total") == 0
+
+
+def test_each_hub_has_its_own_series_and_verifies_fill_the_histograms():
+    first, engine = make_hub()
+    second, _ = make_hub()
+    session = first.open_session(open_request(engine)).session_id
+    verify(first, session, [1, 2], [3, 4, 30])  # 2 accepted + the bonus: 3 tokens
+    assert metric(first, "specedge_verify_seconds_count") == 1
+    assert metric(first, 'specedge_verify_tokens_bucket{le="3.0"}') == 1
+    assert metric(first, 'specedge_verify_tokens_bucket{le="2.0"}') == 0
+    assert metric(first, "specedge_sessions_per_pass_count") == 1
+    assert metric(first, "specedge_queue_wait_seconds_count") == 1
+    assert metric(first, "specedge_pass_device_seconds_count") == 1
+    assert metric(first, 'specedge_emitted_tokens_total{mode="specedge"}') == 3
+    assert metric(first, "specedge_tokens_per_verify") == 3
+    assert metric(second, "specedge_verify_seconds_count") == 0  # another hub in this process: apart
+
+
+def test_a_full_hub_evicts_only_the_longest_idle_session_and_only_past_the_floor():
+    # The week's finding: --max-sessions 4 --session-idle-s 6, four sessions idle 1 s, one new
+    # open evicted all four. Now: none has idled long enough, so the new one waits its turn.
+    hub, engine = make_hub(max_sessions=4, slots=4, session_idle_s=6)
+    sessions = [hub.open_session(open_request(engine)) for _ in range(4)]
+    for session in hub.sessions.all():
+        session.last_used -= 1.0
+    with pytest.raises(HubFull):
+        hub.open_session(open_request(engine))
+    assert len(hub.sessions) == 4
+    # At the default idle limit (600 s): two sessions paused 40 s and 90 s; only the one paused longest goes.
+    hub, engine = make_hub(max_sessions=4, slots=4)
+    sessions = [hub.open_session(open_request(engine)).session_id for _ in range(4)]
+    store = {s.session_id: s for s in hub.sessions.all()}
+    store[sessions[1]].last_used -= 40
+    store[sessions[2]].last_used -= 90
+    hub.open_session(open_request(engine))
+    assert {s.session_id for s in hub.sessions.all()} >= {sessions[0], sessions[1], sessions[3]}
+    assert sessions[2] not in {s.session_id for s in hub.sessions.all()}
+    assert metric(hub, "specedge_evicted_sessions_total") == 1
+
+
+class Accounts:
+    """The accounts as the hub sees them: which still exist."""
+
+    def __init__(self, *owners: Owner):
+        self.alive = set(owners)
+
+    def gone(self, owners: set[Owner]) -> set[Owner]:
+        return owners - self.alive
+
+
+def test_sessions_belong_to_the_account_and_close_when_it_is_removed():
+    hub, engine = make_hub(slots=3, max_sessions=3)
+    accounts = Accounts(ALICE, CAROL)
+    hub.accounts = accounts
+    old = hub.open_session(open_request(engine), owner=CAROL).session_id
+    hub.open_session(open_request(engine), owner=ALICE)
+    verify(hub, old, [1], [2], owner=CAROL)
+    carol_again = Owner("acct_c2", "carol")  # removed, then added again under the same name
+    with pytest.raises(SessionNotFound):
+        verify(hub, old, [], [3], owner=carol_again)
+    assert hub.whoami(carol_again).sessions == 0
+    accounts.alive.discard(CAROL)
+    hub.close_sessions_of_removed_accounts()
+    assert len(hub.sessions) == 1 and len(engine.free) == 2  # her slot is free again
+    with pytest.raises(SessionNotFound):
+        verify(hub, old, [], [3], owner=CAROL)
+    assert metric(hub, "specedge_sessions_closed_account_removed_total") == 1

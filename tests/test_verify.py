@@ -1,5 +1,6 @@
 """The token-only acceptance rule on hand-made tensors."""
 
+import pytest
 import torch
 
 from hub_server.engine.sampling import sample_row, target_choices
@@ -62,3 +63,16 @@ def test_sampled_choice_does_not_depend_on_round_split():
     whole = target_choices(logits, 0.8, seed=3, positions=[10, 11, 12, 13])
     split = target_choices(logits[:2], 0.8, 3, [10, 11]) + target_choices(logits[2:], 0.8, 3, [12, 13])
     assert whole == split
+
+
+@pytest.mark.parametrize("temperature", [1e-308, 5e-324, 1e-30])
+def test_a_tiny_temperature_draws_the_top_token_not_nan(temperature):
+    logits = torch.randn(512, generator=torch.Generator().manual_seed(7)) * 5
+    top = int(logits.argmax())
+    assert top != 511
+    for uniform in (0.0, 0.3, 0.999999):
+        assert sample_row(logits, temperature, uniform) == top
+    # The draft samples by the same rule: its pick agrees with the hub's.
+    from specedge_cli.drafting.sampling import DraftSampler
+
+    assert DraftSampler(temperature, 7).pick(logits.numpy(), 12) == top

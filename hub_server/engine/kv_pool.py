@@ -4,8 +4,9 @@ Each layer has one keys tensor and one values tensor [slots, H, capacity, D]; a 
 slot (the same row of every layer) from the moment it opens until it closes or is evicted.
 Full-attention layers hold `max_context` positions. Sliding-window layers hold only the last
 window - 1, all that a later query can see, as a ring: position p lives in column p % capacity.
-Nothing grows or moves as a session advances: a verify writes the keys and values of the tokens
-it keeps in place. The sizes are planned before allocating (`plan_kv`), so a hub that cannot
+Every layer has `spare` columns more, where a pass writes its new tokens before it knows which
+it keeps (`pool_attention.py`). Nothing grows or moves as a session advances, and a pass reads
+every slot where it lives. The sizes are planned before allocating (`plan_kv`), so a hub that cannot
 hold its configured sessions refuses to start instead of running out of memory later.
 """
 
@@ -34,16 +35,20 @@ class KVSlot:
 
 @dataclass(frozen=True)
 class KVShape:
-    """What one token costs in every layer: kv heads, head size, element size, and each layer's window (0: full)."""
+    """What one token costs in every layer: kv heads, head size, element size, each layer's window
+    (0: full), and the spare columns every layer has beyond what it keeps: a pass writes its new
+    tokens' keys there before it knows which it will keep (the widest row a pass may carry)."""
 
     heads: int
     dim: int
     element_size: int
     windows: tuple[int, ...]
+    spare: int = 0
 
     def capacities(self, max_context: int) -> list[int]:
-        """Columns each layer keeps per session."""
-        return [min(window - 1, max_context) if window else max_context for window in self.windows]
+        """Columns each layer has per session."""
+        full = max_context + self.spare
+        return [min(window - 1 + self.spare, full) if window else full for window in self.windows]
 
     def slot_bytes(self, max_context: int) -> int:
         return 2 * self.heads * self.dim * self.element_size * sum(self.capacities(max_context))
@@ -156,17 +161,6 @@ class KVPool:
     def give_back(self, slot: KVSlot) -> None:
         with self._lock:
             self._free.append(slot.index)
-
-    def gather(self, layer: int, slots: int | torch.Tensor, width: int) -> tuple[torch.Tensor, torch.Tensor]:
-        """The first `width` columns of the given slots: keys and values [B, H, width, D].
-
-        slots: one slot's index (a view, no copy), or the slots' indices [B] on the pool's device
-        (made once per pass by the caller, not once per layer).
-        """
-        keys, values = self.keys[layer], self.values[layer]
-        if isinstance(slots, int):
-            return keys[slots : slots + 1, :, :width], values[slots : slots + 1, :, :width]
-        return keys[slots, :, :width], values[slots, :, :width]
 
     def write(
         self, layer: int, slots: torch.Tensor, columns: torch.Tensor, keys: torch.Tensor, values: torch.Tensor

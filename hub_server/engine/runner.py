@@ -2,11 +2,16 @@
 
 It owns the target model and the KV pool that holds every session's keys and values
 (`kv_pool.py`, allocated once at start). One forward pass verifies the drafts of many sessions
-at once, whatever their context lengths and draft shapes: each session's slot is gathered into
-one batch, its new tokens (pending context tokens, then draft tree nodes) are laid out in a row
-with their own positions, and a 4D attention mask lets each token see exactly its session's
-past and its own ancestors. After the pass, each session's slot takes the keys and values of
-its pending tokens and of its accepted path, written in place; nothing else is kept.
+at once, whatever their context lengths and draft shapes: each session's new tokens (pending
+context tokens, then draft tree nodes) are laid out in a row with their own positions, and the
+attention (`pool_attention.py`) reads each session's past where it lives in the pool, with a
+mask that lets each token see exactly its session's past and its own ancestors. The new
+tokens' keys and values are written into the slots during the pass; afterwards each slot keeps
+those of its pending tokens and its accepted path, nothing else.
+
+With `--compile on` the passes take a few fixed shapes (rows and widths rounded up to powers of
+two), each compiled once at start by torch.compile (CUDA graphs on a GPU); the compile cache is
+kept under the hub's cache directory, so a restart compiles nothing new.
 """
 
 from __future__ import annotations
@@ -17,22 +22,31 @@ import os
 import threading
 import time
 from dataclasses import dataclass, replace
+from itertools import chain
 from pathlib import Path
 
 import torch
-from transformers.cache_utils import Cache, DynamicLayer
 
 from hub_server.config import HubSettings, default_cache_dir
 from hub_server.engine.kv_pool import GIB, KVPool, KVShape, KVSlot, column_positions, plan_kv
 from hub_server.engine.loading import choose_device, choose_dtype, load_target, read_vocabulary
-from hub_server.engine.sampling import ancestor_masks, target_choices
-from hub_server.engine_api import EngineStats, PassTally, VerifyJob
+from hub_server.engine.pool_attention import (
+    FULL,
+    POOL_ATTENTION,
+    SLIDING,
+    LayerKind,
+    PoolPass,
+    ancestor_closure,
+    kind_mask,
+    slot_runs,
+)
+from hub_server.engine.sampling import target_choices
+from hub_server.engine_api import EngineStats, KVHandle, PassTally, VerifyJob
 from hub_server.pass_cost import PassCostFit
 from hub_server.tree import accept_tree, chain_parents
 
-FULL, SLIDING = "full_attention", "sliding_attention"
 # Without --kv-memory-gib, the KV pool may take this share of the memory left once the model
-# is loaded: on a GPU the rest is for the passes themselves (a batch's gathered KV, logits);
+# is loaded: on a GPU the rest is for the passes themselves (activations, logits);
 # a CPU machine is shared with the rest of the system.
 AUTO_KV_SHARE = {"cuda": 0.5, "cpu": 0.25}
 # A batch pads every row to its widest, so one session's new prompt would make every other
@@ -47,22 +61,25 @@ PASS_OVERHEAD_TOKENS = {"cuda": 4096, "cpu": 2}
 # shapes once at start (CUDA only), so its first users do not pay for them.
 WARM_UP_CONTEXT = 16
 WARM_UP_DRAFTS = (0, 8, 32)
+# A prompt is fed in passes of at most this many tokens. The widest row a pass carries (this, or
+# a verify's last token and longest draft) sets the spare columns of every slot (kv_pool.py).
+FEED_CHUNK = 128
+SMALLEST_WIDTH = 16  # the narrowest compiled row: narrower ones cost about as much on any device
 
 log = logging.getLogger("hub_server")
 
 
 @dataclass
 class _Batch:
-    """Sessions' new tokens laid out for one pass. B rows of S columns; row b's tokens are the
-    pending tokens (a chain below the slot's past), then its draft nodes."""
+    """Sessions' new tokens laid out for one pass: rows (sessions, in slot order) of width S;
+    row b's tokens are its pending tokens (a chain below the slot's past), then its draft nodes.
+    A compiled pass runs more rows and columns than it has (a bucket): the rest is padding."""
 
     slots: list[KVSlot]
-    sizes: list[int]  # real tokens per row; the rest is padding
-    tokens: torch.Tensor  # [B, S]
-    ancestors: torch.Tensor  # [B, S, S] bool: token j is token i or one of its ancestors
-    positions: torch.Tensor  # [B, S] absolute context positions
-    lengths: torch.Tensor  # [B] tokens in each slot before the pass
-    pasts: dict[str, int]  # per layer kind: slot columns gathered into the pass
+    sizes: list[int]  # real tokens per row
+    tokens: torch.Tensor  # [B', S'] on the device
+    positions: torch.Tensor  # [B', S'] absolute context positions
+    layout: PoolPass  # where the new tokens go in the pool, and what each sees
 
     @property
     def width(self) -> int:
@@ -72,6 +89,16 @@ class _Batch:
 def _row_parents(n_pending: int, parents: list[int]) -> list[int]:
     """Parents within the row: pending tokens form a chain; draft roots hang off the last of them."""
     return list(range(-1, n_pending - 1)) + [n_pending - 1 if p < 0 else n_pending + p for p in parents]
+
+
+def buckets(limit: int, smallest: int = 1) -> list[int]:
+    """Powers of two from `smallest` up to `limit`, and `limit` itself: the shapes a compiled pass takes."""
+    sizes = {1 << i for i in range(limit.bit_length()) if smallest <= 1 << i <= limit}
+    return sorted(sizes | {limit})
+
+
+def _bucket(size: int, sizes: list[int]) -> int | None:
+    return next((bucket for bucket in sizes if bucket >= size), None)
 
 
 def feed_apart(rows: list[tuple[int, int]], pass_overhead: int) -> list[int]:
@@ -95,15 +122,6 @@ def feed_apart(rows: list[tuple[int, int]], pass_overhead: int) -> list[int]:
         if saving > best_saving:
             best, best_saving = k, saving
     return order[:best]
-
-
-class _PastLayer(DynamicLayer):
-    """One layer of a pass's cache, starting from the gathered past as it is (no copy)."""
-
-    def __init__(self, keys: torch.Tensor, values: torch.Tensor):
-        super().__init__()
-        self.lazy_initialization(keys, values)
-        self.keys, self.values = keys, values
 
 
 def available_memory(device: torch.device) -> int:
@@ -133,6 +151,7 @@ class ModelRunner:
             choose_dtype(settings.dtype, self.device),
             settings.cache_dir or default_cache_dir(),
         )
+        self.model.set_attn_implementation(POOL_ATTENTION)
         if self.model.dtype != torch.float32:
             # Rounding at 16 bits depends on a pass's shape (its sessions, its draft), so a near
             # tie can go either way: measured on an H100, bf16 replies differed from the target
@@ -145,14 +164,33 @@ class ModelRunner:
         config = self.model.config.get_text_config(decoder=True)
         self.layer_types = list(getattr(config, "layer_types", None) or [FULL] * config.num_hidden_layers)
         self.window = int(getattr(config, "sliding_window", 0) or 0)
+        self.logit_softcap = getattr(config, "final_logit_softcapping", None)
+        # The widest row a pass carries: a fed chunk, or a verify's last token and longest draft.
+        self.widest_row = max(FEED_CHUNK, 1 + settings.max_draft_tokens)
         self.pool = self._make_pool(settings, config)
         self.max_context = self.pool.max_context
+        self.kinds = {
+            kind: LayerKind(self.pool.capacities[self.layer_types.index(kind)], self.window if kind == SLIDING else 0)
+            for kind in set(self.layer_types)
+        }
+        # The pool attention builds its own masks; a 4D placeholder keeps transformers from building any.
+        placeholder = torch.ones(1, 1, 1, 1, dtype=torch.bool, device=self.device)
+        self._placeholder_mask = {kind: placeholder for kind in self.kinds} if SLIDING in self.kinds else placeholder
         # Ids the hub accepts: known to both the tokenizer and the embedding table.
         self.vocab_size = min(self.vocab.size, self.model.get_input_embeddings().num_embeddings)
         # One thing at a time on the device: a forward pass here, or the hub's own drafting.
         self.device_lock = threading.Lock()
+        self.compiled = _compile_wanted(settings.compile, self.device)
+        self.batch_buckets = buckets(settings.max_batch)
+        # Verify rows: a session's last token and its draft; longer pending context is fed apart first.
+        widest_verify = 1 + settings.max_draft_tokens
+        self.width_buckets = buckets(widest_verify, min(SMALLEST_WIDTH, widest_verify))
+        self._decoder = self._compiled_decoder(settings) if self.compiled else self._decode
+        self.compiled_shapes: set[tuple[int, int]] = set()  # buckets run through the compiled decoder
         self._zero_tallies()
-        if self.device == "cuda":
+        if self.compiled:
+            self.compile_buckets()
+        elif self.device == "cuda":
             self.warm_up(settings.max_batch, settings.max_draft_tokens)
 
     def _make_pool(self, settings: HubSettings, config) -> KVPool:
@@ -160,7 +198,7 @@ class ModelRunner:
         heads = getattr(config, "num_key_value_heads", None) or config.num_attention_heads
         dim = getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
         windows = tuple(self.window if kind == SLIDING else 0 for kind in self.layer_types)
-        shape = KVShape(heads, dim, self.model.dtype.itemsize, windows)
+        shape = KVShape(heads, dim, self.model.dtype.itemsize, windows, spare=self.widest_row)
         model_limit = int(getattr(config, "max_position_embeddings", 0) or 2**31)
         if settings.kv_memory_gib:
             budget, source = int(settings.kv_memory_gib * GIB), "--kv-memory-gib"
@@ -178,7 +216,7 @@ class ModelRunner:
         """A slot for a new session, or None when all are taken."""
         return self.pool.take()
 
-    def release(self, kv: KVSlot) -> None:
+    def release(self, kv: KVHandle) -> None:
         self.pool.give_back(kv)
 
     def pass_fixed_s(self) -> float | None:
@@ -194,26 +232,37 @@ class ModelRunner:
             verify_passes={size: replace(tally) for size, tally in sorted(self.verify_passes.items())},
             pass_fixed_seconds=self.pass_costs.fixed_s(),
             pass_token_seconds=self.pass_costs.per_token_s(),
+            past_kv_bytes_copied=self.past_kv_bytes_copied,
+            kept_kv_bytes_moved=self.kept_kv_bytes_moved,
+            compiled_hits=self.compiled_hits,
+            compiled_misses=self.compiled_misses,
+            compiled_buckets=len(self.compiled_shapes),
         )
 
     def stored_kv(self, kv: KVSlot, layer: int) -> tuple[torch.Tensor, torch.Tensor]:
-        """The keys and values a slot holds for `layer`, in position order: [H, n, D] each."""
+        """The keys and values a slot holds for `layer`, in position order: [H, n, D] each
+        (sliding layers: the last window - 1 positions, all a later query can see)."""
         capacity = self.pool.capacities[layer]
+        kept = min(kv.length, capacity, self.window - 1 if self.layer_types[layer] == SLIDING else capacity)
         positions = column_positions(torch.tensor([kv.length]), capacity, min(kv.length, capacity))[0]
-        columns = torch.argsort(positions).to(self.device)
+        columns = torch.argsort(positions)[-kept:].to(self.device) if kept else torch.zeros(0, dtype=torch.long)
         return self.pool.keys[layer][kv.index, :, columns], self.pool.values[layer][kv.index, :, columns]
 
     # --- public operations --------------------------------------------------------------
-    def prefill(self, kv: KVSlot, context: list[int]) -> None:
+    def prefill(self, kv: KVHandle, context: list[int]) -> None:
         """Bring `kv` up to all of `context` but its last token."""
         with self.device_lock:
             self._feed(kv, context[kv.length : len(context) - 1])
 
-    def verify_batch(self, jobs: list[VerifyJob]) -> None:
-        """Verify every job's draft in one forward pass; fills in `path` and `emitted`."""
+    def verify_batch(self, jobs: list[VerifyJob]) -> float:
+        """Verify every job's draft in one forward pass; fills in `path` and `emitted`. Returns the
+        pass's device seconds."""
         with self.device_lock:
             rows = [(len(job.pending), len(job.draft)) for job in jobs]
-            for b in feed_apart(rows, PASS_OVERHEAD_TOKENS[self.device]):
+            apart = set(feed_apart(rows, PASS_OVERHEAD_TOKENS[self.device]))
+            widest = self.width_buckets[-1] if self.compiled else self.widest_row
+            apart |= {b for b, (pending, draft) in enumerate(rows) if pending + draft > widest}
+            for b in sorted(apart):
                 self._feed(jobs[b].kv, jobs[b].pending[:-1])
                 jobs[b].pending = jobs[b].pending[-1:]
             tally = self.verify_passes.setdefault(len(jobs), PassTally())
@@ -224,24 +273,60 @@ class ModelRunner:
             # What the pass computed beyond a pass of every session's last token and draft: the
             # context it carried (a new prompt) and the padding that context caused.
             self.context_in_verify += tokens - len(jobs) * max(1 + len(job.draft) for job in jobs)
+            return tally.seconds - before
 
     def warm_up(self, max_batch: int, max_draft: int) -> None:
         """One pass for each batch size (powers of two up to `max_batch`) and draft size on scratch
         slots, then give the slots back and zero the device-time tallies."""
-        sizes = sorted({1 << i for i in range(max_batch.bit_length()) if 1 << i <= max_batch} | {max_batch})
         max_draft = min(max_draft, self.max_context - WARM_UP_CONTEXT - 1)  # what a session could send
         drafts = sorted({d for d in WARM_UP_DRAFTS if d <= max_draft} | {max(max_draft, 0)})
-        tokens = [2 + i % (self.vocab_size - 2) for i in range(WARM_UP_CONTEXT + max(drafts))]
-        context = [1] + tokens[: WARM_UP_CONTEXT - 1]
-        slots = [slot for slot in (self.pool.take() for _ in range(max(sizes))) if slot is not None]
         started = time.perf_counter()
+        self._scratch_passes([(size, draft) for size in buckets(max_batch) for draft in drafts])
+        log.info(
+            "warmed up %d batch sizes x %d draft sizes in %.1f s",
+            len(buckets(max_batch)),
+            len(drafts),
+            time.perf_counter() - started,
+        )
+
+    def compile_buckets(self) -> None:
+        """Compile the decoder for every bucket (rows x width) by running it once on scratch slots."""
+        shapes = [(rows, width) for rows in self.batch_buckets for width in self.width_buckets]
+        started = time.perf_counter()
+        for done, (rows, width) in enumerate(shapes, start=1):
+            shape_started = time.perf_counter()
+            self._scratch_passes([(rows, width - 1)])
+            log.info(
+                "compiled pass %d of %d: %d rows x %d tokens (%.1f s)",
+                done,
+                len(shapes),
+                rows,
+                width,
+                time.perf_counter() - shape_started,
+            )
+        log.info(
+            "compiled %d pass shapes in %.1f s: rows %s x widths %s",
+            len(shapes),
+            time.perf_counter() - started,
+            self.batch_buckets,
+            self.width_buckets,
+        )
+
+    # --- internals ----------------------------------------------------------------------
+    def _scratch_passes(self, passes: list[tuple[int, int]]) -> None:
+        """Verify passes of (sessions, draft tokens) on scratch slots with a short context, then
+        give the slots back and zero the tallies: what a hub does before its first users."""
+        longest = max(draft for _, draft in passes)
+        tokens = [2 + i % (self.vocab_size - 2) for i in range(WARM_UP_CONTEXT + longest)]
+        context = [1] + tokens[: WARM_UP_CONTEXT - 1]
+        slots = [slot for slot in (self.pool.take() for _ in range(max(n for n, _ in passes))) if slot is not None]
         try:
             for slot in slots:
                 self.prefill(slot, context)
-            for size in (s for s in sizes if s <= len(slots)):
-                for draft in drafts:
-                    for slot in slots[:size]:
-                        slot.length = len(context) - 1
+            for size, draft in passes:
+                for slot in slots[:size]:
+                    slot.length = len(context) - 1
+                if size <= len(slots):
                     self.verify_batch(
                         [
                             VerifyJob(
@@ -260,14 +345,7 @@ class ModelRunner:
             for slot in slots:
                 self.pool.give_back(slot)
             self._zero_tallies()
-        log.info(
-            "warmed up %d batch sizes x %d draft sizes in %.1f s",
-            len(sizes),
-            len(drafts),
-            time.perf_counter() - started,
-        )
 
-    # --- internals ----------------------------------------------------------------------
     def _zero_tallies(self) -> None:
         """What the device has done, as /metrics and the merge wait read it: nothing yet."""
         self.busy_seconds = 0.0  # time spent holding the device for forward passes
@@ -275,39 +353,44 @@ class ModelRunner:
         self.context_in_verify = 0  # tokens verify passes computed for the context they carried
         self.verify_passes: dict[int, PassTally] = {}  # by sessions in a pass
         self.pass_costs = PassCostFit()  # verify passes' device time against their (padded) tokens
+        self.past_kv_bytes_copied = 0  # past keys and values a pass read through a copy: 0 by design
+        self.kept_kv_bytes_moved = 0  # a tree's accepted nodes moved down to close the gap
+        self.compiled_hits = 0  # passes run by a compiled bucket
+        self.compiled_misses = 0  # passes (with --compile on) no bucket was compiled for: run eagerly
 
     def _verify_pass(self, jobs: list[VerifyJob]) -> int:
         """One batched pass over the jobs; returns the tokens it computed, padding included."""
+        jobs = sorted(jobs, key=lambda job: job.kv.index)  # consecutive slots share an attention call
         batch = self._batch(
             [job.kv for job in jobs],
             [job.pending + job.draft for job in jobs],
             [_row_parents(len(job.pending), job.parents) for job in jobs],
+            bucketed=self.compiled,
         )
-        # Only columns from the earliest root onwards need logits: a long new prompt's
-        # positions would otherwise each cost a full vocabulary projection.
-        first = min(len(job.pending) for job in jobs) - 1
-        logits, cache = self._forward(batch, logits_to_keep=batch.width - first)
+        hidden = self._forward(batch, counted=True)
+        # Position n_pending - 1 predicts after the root; position n_pending + i after draft node i.
+        scored = [range(len(job.pending) - 1, size) for job, size in zip(jobs, batch.sizes)]
+        logits = self._logits(hidden, [b * batch.width + c for b, columns in enumerate(scored) for c in columns])
         # Greedy rows read one argmax over the whole batch: one copy from the device, not one a row.
         greedy = logits.argmax(dim=-1).tolist() if any(job.temperature == 0.0 for job in jobs) else None
-        kept = [
-            self._accept(job, batch, b, logits[b], greedy[b] if greedy else None, first) for b, job in enumerate(jobs)
-        ]
-        self._keep(batch, cache, kept)
+        kept, first = [], 0
+        for job, columns, size in zip(jobs, scored, batch.sizes):
+            end = first + len(columns)
+            kept.append(self._accept(job, logits[first:end], greedy[first:end] if greedy else None, batch, size))
+            first = end
+        self._keep(batch, kept)
         return batch.tokens.numel()
 
-    def _feed(self, kv: KVSlot, tokens: list[int], chunk: int = 512) -> None:
-        """Append `tokens` to `kv` in passes of this session alone, `chunk` tokens each."""
+    def _feed(self, kv: KVSlot, tokens: list[int]) -> None:
+        """Append `tokens` to `kv` in passes of this session alone, FEED_CHUNK tokens each."""
         if not tokens:
             return
         with self._device_time(self.feeds):
-            self._feed_passes(kv, tokens, chunk)
-
-    def _feed_passes(self, kv: KVSlot, tokens: list[int], chunk: int) -> None:
-        for start in range(0, len(tokens), chunk):
-            part = tokens[start : start + chunk]
-            batch = self._batch([kv], [part], [_row_parents(len(part), [])])
-            _, cache = self._forward(batch, logits_to_keep=1)
-            self._keep(batch, cache, [list(range(len(part)))])
+            for start in range(0, len(tokens), FEED_CHUNK):
+                part = tokens[start : start + FEED_CHUNK]
+                batch = self._batch([kv], [part], [_row_parents(len(part), [])])
+                self._forward(batch)
+                self._keep(batch, [(len(part), [])])
 
     @contextlib.contextmanager
     def _device_time(self, tally: PassTally):
@@ -324,94 +407,157 @@ class ModelRunner:
             self.busy_seconds += seconds
             tally.add(seconds)
 
-    def _batch(self, slots: list[KVSlot], rows: list[list[int]], parents: list[list[int]]) -> _Batch:
-        width = max(len(row) for row in rows)
-        ancestors = ancestor_masks(parents, width)  # [B, S, S]
-        lengths = torch.tensor([slot.length for slot in slots])  # [B]
+    def _batch(
+        self, slots: list[KVSlot], rows: list[list[int]], parents: list[list[int]], bucketed: bool = False
+    ) -> _Batch:
+        """Lay the rows out for a pass (`bucketed`: in a compiled bucket when there is one) and
+        plan where their keys go and what each token sees; rows are in slot order."""
+        sizes = [len(row) for row in rows]
+        height, width = len(rows), max(sizes)
+        if bucketed:
+            height = _bucket(height, self.batch_buckets) or height
+            width = _bucket(width, self.width_buckets) or width
+        device = self.device
+        lengths = torch.tensor([slot.length for slot in slots], device=device)  # [B]
+        sizes_t = torch.tensor(sizes, device=device)  # [B]
+        # Each real token's place in the flattened [B', S'] rows, with no loop over rows.
+        row_of = torch.repeat_interleave(torch.arange(len(rows), device=device), sizes_t)  # [T]
+        starts = torch.cumsum(sizes_t, 0) - sizes_t  # [B]
+        sources = row_of * width + torch.arange(row_of.numel(), device=device) - starts[row_of]  # [T]
+        tokens = torch.zeros(height * width, dtype=torch.long, device=device)
+        tokens[sources] = torch.tensor(list(chain.from_iterable(rows)), device=device)
+        row_parents = torch.full((height * width,), -1, dtype=torch.long, device=device)
+        row_parents[sources] = torch.tensor(list(chain.from_iterable(parents)), device=device)
+        ancestors = ancestor_closure(row_parents.view(height, width))[: len(rows)]  # [B, S', S']
+        positions = torch.zeros(height, width, dtype=torch.long, device=device)
         # A token's depth below the slot's past is how many ancestors it has, itself included.
-        positions = lengths[:, None] + ancestors.sum(-1) - 1  # [B, S]
-        tokens = torch.tensor([row + [0] * (width - len(row)) for row in rows])  # [B, S]
-        longest = int(lengths.max())
-        pasts = {
-            kind: min(longest, self.pool.capacities[self.layer_types.index(kind)]) for kind in set(self.layer_types)
-        }
-        return _Batch(slots, [len(row) for row in rows], tokens, ancestors, positions, lengths, pasts)
+        positions[: len(rows)] = lengths[:, None] + ancestors.sum(-1) - 1
+        longest = max(slot.length + size for slot, size in zip(slots, sizes))
+        columns, masks, widths = {}, {}, {}
+        for name, kind in self.kinds.items():
+            widths[name] = min(longest, kind.capacity)
+            columns[name], masks[name] = kind_mask(
+                kind, lengths, sizes_t, positions[: len(rows)], ancestors, widths[name]
+            )
+            columns[name] = columns[name].reshape(-1)[sources]  # [T]
+        layout = PoolPass(
+            keys=self.pool.keys,
+            values=self.pool.values,
+            kinds=self.layer_types,
+            rows=len(rows),
+            sources=sources,
+            slots=torch.tensor([slot.index for slot in slots], device=device)[row_of],
+            columns=columns,
+            widths=widths,
+            masks=masks,
+            runs=slot_runs([slot.index for slot in slots]),
+        )
+        return _Batch(slots, sizes, tokens.view(height, width), positions, layout)
 
     def _accept(
-        self, job: VerifyJob, batch: _Batch, b: int, logits: torch.Tensor, argmax: list[int] | None, first: int
-    ) -> list[int]:
-        """Apply the acceptance rule to row b; returns the row's columns to keep.
+        self, job: VerifyJob, logits: torch.Tensor, argmax: list[int] | None, batch: _Batch, size: int
+    ) -> tuple[int, list[int]]:
+        """Apply the acceptance rule to one row; returns (pending tokens, accepted nodes to keep).
 
-        logits: [S - first, V], column c holds the logits of row position first + c.
-        argmax: [S - first], their argmax (given when some row of the batch decodes greedily).
+        logits: [N + 1, V], the row's scored positions (its last pending token, then its nodes).
+        argmax: [N + 1], their argmax (given when some row of the batch decodes greedily).
         """
-        n_pending, size = len(job.pending), batch.sizes[b]
-        # Position n_pending - 1 predicts after the root; position n_pending + i after draft node i.
-        scored = slice(n_pending - 1 - first, size - first)  # N + 1 columns
+        n_pending = len(job.pending)
         if job.temperature == 0.0 and argmax is not None:
-            choices = argmax[scored]
+            choices = argmax
         else:
-            draw_positions = (batch.positions[b, n_pending - 1 : size] + 1).tolist()
-            choices = target_choices(logits[scored], job.temperature, job.seed, draw_positions)
+            row = batch.slots.index(job.kv)
+            draw_positions = (batch.positions[row, n_pending - 1 : size] + 1).tolist()
+            choices = target_choices(logits, job.temperature, job.seed, draw_positions)
         job.path, job.emitted = accept_tree(job.draft, job.parents, choices, job.stop_token_ids)
         # Keep what the context now holds, but its last token: pending, then the accepted path.
-        kept_nodes = job.path[: len(job.emitted) - 1]
-        return list(range(n_pending)) + [n_pending + i for i in kept_nodes]
+        return n_pending, job.path[: len(job.emitted) - 1]
 
     @torch.inference_mode()
-    def _forward(self, batch: _Batch, logits_to_keep: int = 0) -> tuple[torch.Tensor, Cache]:
-        """One pass over every row on top of its slot's past. Returns logits [B, S, V] and the
-        pass's cache: per layer the gathered past columns, then the rows' new tokens."""
-        indices = [slot.index for slot in batch.slots]
-        slots = indices[0] if len(indices) == 1 else torch.tensor(indices, device=self.device)
-        layers = [
-            _PastLayer(*self.pool.gather(layer, slots, batch.pasts[kind]))
-            for layer, kind in enumerate(self.layer_types)
-        ]
-        masks = {kind: self._mask(batch, kind).to(self.device) for kind in batch.pasts}
-        out = self.model(
-            input_ids=batch.tokens.to(self.device),
-            position_ids=batch.positions.to(self.device),
-            attention_mask=masks if SLIDING in masks else masks[FULL],
-            cache=Cache(layers=layers),
-            use_cache=True,
-            logits_to_keep=logits_to_keep,
+    def _forward(self, batch: _Batch, counted: bool = False) -> torch.Tensor:
+        """One pass over every row on top of its slot's past, writing the rows' keys and values
+        into the slots as it goes. Returns the last hidden states [B', S', hidden].
+        A verify pass (`counted`) counts as a compiled-bucket hit or miss; a prompt fed in
+        passes of its own runs eagerly (long rows: few passes, each worth its launches)."""
+        shape = tuple(batch.tokens.shape)
+        compiled = self.compiled and shape[0] in self.batch_buckets and shape[1] in self.width_buckets
+        with batch.layout.active():
+            if compiled:
+                self.compiled_shapes.add(shape)
+                hidden = self._decoder(batch.tokens, batch.positions)
+            else:
+                hidden = self._decode(batch.tokens, batch.positions)
+        if self.compiled and counted:
+            self.compiled_hits += compiled
+            self.compiled_misses += not compiled
+        self.past_kv_bytes_copied += batch.layout.copied_bytes
+        return hidden
+
+    def _decode(self, tokens: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
+        """The target's decoder (everything but the vocabulary projection): [B, S] -> [B, S, hidden]."""
+        out = self.model.model(
+            input_ids=tokens,
+            position_ids=positions,
+            attention_mask=self._placeholder_mask,
+            use_cache=False,
+            kv_pool=True,
         )
-        return out.logits.float(), out.cache  # the forward appended the new tokens to each layer
+        return out.last_hidden_state
 
-    def _mask(self, batch: _Batch, kind: str) -> torch.Tensor:
-        """Which keys each query sees: [B, 1, S, P + S] bool.
+    def _compiled_decoder(self, settings: HubSettings):
+        """`_decode` compiled by torch.compile: CUDA graphs on a GPU, fused C++ kernels on a CPU."""
+        cache = (settings.cache_dir or default_cache_dir()) / "torch-compile"
+        # Inductor's and the FX graph cache's home: a restart with the same model and shapes
+        # loads its kernels from here instead of compiling them again.
+        os.environ.setdefault("TORCHINDUCTOR_CACHE_DIR", str(cache))
+        import torch._dynamo
 
-        Past columns are the slot's gathered columns (empty ones hidden); new columns are the
-        row's own tokens, visible along the ancestor path only (padding sees itself). Sliding
-        layers also drop keys window or more positions back.
+        # One compiled graph per bucket; without this, torch.compile stops compiling after 8.
+        shapes = len(self.batch_buckets) * len(self.width_buckets)
+        torch._dynamo.config.recompile_limit = max(torch._dynamo.config.recompile_limit, shapes + 4)
+        torch._dynamo.config.cache_size_limit = max(torch._dynamo.config.cache_size_limit, shapes + 4)
+        mode = "reduce-overhead" if self.device == "cuda" else None
+        return torch.compile(self._decode, mode=mode, dynamic=False, fullgraph=True)
+
+    def _logits(self, hidden: torch.Tensor, columns: list[int]) -> torch.Tensor:
+        """The target's logits at the given flattened columns of `hidden`: [K, V] float32.
+        Only scored positions are projected: on a 262k-token vocabulary, most of a pass."""
+        states = hidden.reshape(-1, hidden.shape[-1])[torch.tensor(columns, device=self.device)]
+        with torch.inference_mode():
+            logits = self.model.lm_head(states)
+        if self.logit_softcap:
+            logits = torch.tanh(logits / self.logit_softcap) * self.logit_softcap
+        return logits.float()
+
+    def _keep(self, batch: _Batch, kept: list[tuple[int, list[int]]]) -> None:
+        """Keep each row's pending tokens and accepted nodes: (pending, nodes) per row.
+
+        The pass wrote every new token after its slot's past, pending tokens first, so those
+        and a chain's accepted nodes already stand where they belong; a tree's accepted nodes
+        that do not are moved down, in one copy a layer for the whole batch.
         """
-        capacity = self.pool.capacities[self.layer_types.index(kind)]
-        past_positions = column_positions(batch.lengths, capacity, batch.pasts[kind])  # [B, P]
-        queries = batch.positions  # [B, S]
-        visible_past = (past_positions >= 0)[:, None, :].expand(-1, batch.width, -1)  # [B, S, P]
-        visible_new = batch.ancestors  # [B, S, S]
-        if kind == SLIDING and self.window:
-            visible_past = visible_past & (queries[:, :, None] - past_positions[:, None, :] < self.window)
-            visible_new = visible_new & (queries[:, :, None] - queries[:, None, :] < self.window)
-        return torch.cat([visible_past, visible_new], dim=-1)[:, None]
-
-    def _keep(self, batch: _Batch, cache: Cache, kept: list[list[int]]) -> None:
-        """Write the kept new-token columns of each row into its slot, in place."""
-        for kind in batch.pasts:
-            capacity = self.pool.capacities[self.layer_types.index(kind)]
-            rows, sources, slots, columns = [], [], [], []
-            for b, (slot, keep) in enumerate(zip(batch.slots, kept)):
-                # A ring smaller than what is kept takes only the latest tokens.
-                for offset in range(max(0, len(keep) - capacity), len(keep)):
-                    rows.append(b)
-                    sources.append(batch.pasts[kind] + keep[offset])
+        slots, sources, targets = [], [], []
+        for slot, (pending, nodes) in zip(batch.slots, kept):
+            for k, node in enumerate(nodes):
+                if node != k:
                     slots.append(slot.index)
-                    columns.append((slot.length + offset) % capacity)
-            # One copy to the device for all four index lists.
-            rows, sources, slots, columns = torch.tensor([rows, sources, slots, columns], device=self.device).unbind()
-            for layer in (i for i, k in enumerate(self.layer_types) if k == kind):
-                new = cache.layers[layer]
-                self.pool.write(layer, slots, columns, new.keys[rows, :, sources], new.values[rows, :, sources])
-        for slot, keep in zip(batch.slots, kept):
-            slot.length += len(keep)
+                    sources.append(slot.length + pending + node)
+                    targets.append(slot.length + pending + k)
+        if slots:
+            self._move_columns(slots, sources, targets)
+        for slot, (pending, nodes) in zip(batch.slots, kept):
+            slot.length += pending + len(nodes)
+
+    def _move_columns(self, slots: list[int], sources: list[int], targets: list[int]) -> None:
+        """In every layer, copy the keys and values at position sources[k] of slot slots[k] to targets[k]."""
+        slots_t, sources_t, targets_t = torch.tensor([slots, sources, targets], device=self.device).unbind()
+        for layer, capacity in enumerate(self.pool.capacities):
+            keys, values = self.pool.keys[layer], self.pool.values[layer]
+            source, target = sources_t % capacity, targets_t % capacity
+            self.pool.write(layer, slots_t, target, keys[slots_t, :, source], values[slots_t, :, source])
+            self.kept_kv_bytes_moved += 2 * keys[0, :, 0].nbytes * len(slots)
+
+
+def _compile_wanted(mode: str, device: str) -> bool:
+    """--compile: on, off, or auto (on for CUDA, where a pass is bound by launching kernels)."""
+    return mode == "on" or (mode == "auto" and device == "cuda")

@@ -15,11 +15,19 @@ from hub_server.tree import position_uniform
 def sample_row(logits: torch.Tensor, temperature: float, uniform: float) -> int:
     """Inverse-CDF sample of one token from softmax(logits / temperature).
 
+    The logits are shifted so that their largest is 0 before they are divided: a tiny temperature
+    (1e-308, 5e-324) then sends the others to -inf, never the top to +inf (inf - inf is NaN, and a
+    NaN softmax drew the last vocabulary id). So any temperature > 0 samples; one so small that
+    every other token's probability underflows draws the top token (a tie, by the uniform number).
+
     logits: [V]
     """
-    probs = torch.softmax(logits.double() / temperature, dim=-1)  # [V], float64 for a stable CDF
+    shifted = logits.double() - logits.double().max()  # [V], float64 for a stable CDF; max 0
+    probs = torch.softmax(shifted / temperature, dim=-1)  # [V]
     cdf = torch.cumsum(probs, dim=-1)
-    token = int(torch.searchsorted(cdf, torch.tensor([uniform * float(cdf[-1])], dtype=cdf.dtype, device=cdf.device)))
+    # The first token whose CDF passes the uniform number (right: a token of probability 0 is never drawn).
+    point = torch.tensor([uniform * float(cdf[-1])], dtype=cdf.dtype, device=cdf.device)
+    token = int(torch.searchsorted(cdf, point, right=True))
     return min(token, logits.shape[-1] - 1)
 
 
@@ -46,8 +54,8 @@ def ancestor_masks(rows: list[list[int]], width: int) -> torch.Tensor:
         for index, parent in enumerate(parents):
             ancestors.append((ancestors[parent] if parent >= 0 else 0) | (1 << index))
         ancestors += [1 << index for index in range(len(parents), width)]
-        for bits in ancestors:
-            packed += bits.to_bytes(row_bytes, "little")
+        for mask in ancestors:
+            packed += mask.to_bytes(row_bytes, "little")
     bits = np.unpackbits(
         np.frombuffer(bytes(packed), dtype=np.uint8).reshape(len(rows), width, row_bytes),
         axis=-1,

@@ -143,12 +143,12 @@ def _generation_rows(engine: DraftEngine, base: dict, n: int, repetitions: int, 
     """The tg row; with `compare_raw`, raw llama-cpp-python's row and the ratio, runs alternating
     between the two so the machine's noise falls on both alike."""
     if not compare_raw:
-        yield {**base, "test": f"tg{n}", **_mean_std(_timed(lambda: _draft_tokens(engine, n), n, repetitions))}
+        yield {**base, "test": f"tg{n}", **_mean_std(_timed(lambda: draft_tokens(engine, n), n, repetitions))}
         return
     raw = RawDecoder(engine.path, engine.n_threads, n_ctx=max(1024, n + 16))
     ours, theirs = [], []
     for _ in range(repetitions + 1):  # the first round warms both up and is not counted
-        ours.append(_timed(lambda: _draft_tokens(engine, n), n, 1)[0])
+        ours.append(_timed(lambda: draft_tokens(engine, n), n, 1)[0])
         theirs.append(_timed(lambda: raw.decode(n), n, 1)[0])
     speed = _mean_std(ours[1:])
     raw_speed = _mean_std(theirs[1:])
@@ -169,7 +169,7 @@ def _timed(run: Callable[[], int], n: int, repetitions: int) -> list[float]:
     return speeds
 
 
-def _draft_tokens(engine: DraftEngine, n: int) -> int:
+def draft_tokens(engine: DraftEngine, n: int) -> int:
     """Draft `n` tokens greedily after BOS as a chat drafts: chains of at most the node budget,
     each continuing from the last (its accepted path is adopted, nothing is recomputed)."""
     engine.reset()

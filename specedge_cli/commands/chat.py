@@ -19,11 +19,11 @@ from specedge_cli.errors import ModelFileError
 from specedge_cli.history import ConversationLog, History, SavedConversation, history_path
 from specedge_cli.models import DEFAULT_MODEL, ResolvedModel, resolve_model, smallest_instruct_preset
 from specedge_cli.remote.client import HubClient
-from specedge_cli.remote.embedded import EmbeddedHub
+from specedge_cli.remote.connect import connect_hub
 from specedge_cli.rendering import ReplyView
-from specedge_cli.repl import Repl, finish_reason, note_finish, print_figures
-from specedge_cli.settings import chat_settings
-from specedge_cli.waiting import LogTail, wait_for_embedded, wait_for_remote
+from specedge_cli.repl import Repl, note_finish, print_figures
+from specedge_cli.settings import ChatSettings, chat_settings
+from specedge_cli.waiting import LogTail, wait_until_ready
 
 err = Console(stderr=True)
 
@@ -95,6 +95,8 @@ def chat(
     Every setting but --hub, --prompt and --json also comes from SPECEDGE_<NAME> or `specedge config set`.
     """
     prompt = one_shot_prompt(text, prompt, sys.stdin)
+    if prompt is not None and not prompt.strip():
+        raise typer.BadParameter("the prompt is empty (so was stdin, if piped); give one", param_hint="PROMPT")
     if as_json and prompt is None:
         raise typer.BadParameter("--json needs a prompt", param_hint="--json")
     chosen = chat_settings(
@@ -113,24 +115,9 @@ def chat(
     resolved = resolve_model(
         model or (saved.model if saved else chosen.model), paths.models_dir(), offline=chosen.offline
     )
-    if resolved.preset and resolved.preset.base:
-        err.print(
-            f"[dim]{resolved.preset.name} is a pretrained base model: it continues your text rather than "
-            "answering it, so it runs as plain completion (the default because it runs anywhere). For answers, "
-            f"chat with an instruct model: --model {smallest_instruct_preset().name}.[/dim]"
-        )
+    _note_base_model(resolved)
     address = settings.hub_address(hub)
-    # An embedded hub runs on this machine: drafting while it verifies would slow its pass down.
-    proactive = chosen.proactive if chosen.proactive is not None else bool(address.url)
-    decode = DecodeSettings(
-        max_tokens=chosen.max_tokens,
-        temperature=chosen.temperature,
-        seed=chosen.seed,
-        draft_len=chosen.draft_len,
-        tree_budget=chosen.tree_budget,
-        proactive=proactive,
-        reconnect_s=chosen.reconnect_s,
-    )
+    decode = _decode_settings(chosen, hub_elsewhere=bool(address.url))
     with _hub(address, resolved, insecure) as (client, hub_url, wait_for_hub):
         engine = DraftEngine(resolved.path, n_threads=chosen.threads or None)  # loads while an embedded hub starts
         wait_for_hub()
@@ -146,6 +133,29 @@ def chat(
                 Repl(conversation, hub_url, auto_proactive=bool(address.url)).run()
         finally:
             conversation.close()
+
+
+def _note_base_model(resolved: ResolvedModel) -> None:
+    if resolved.preset and resolved.preset.base:
+        err.print(
+            f"[dim]{resolved.preset.name} is a pretrained base model: it continues your text rather than "
+            "answering it, so it runs as plain completion (the default because it runs anywhere). For answers, "
+            f"chat with an instruct model: --model {smallest_instruct_preset().name}.[/dim]"
+        )
+
+
+def _decode_settings(chosen: ChatSettings, hub_elsewhere: bool) -> DecodeSettings:
+    # An embedded hub runs on this machine: drafting while it verifies would slow its pass down.
+    proactive = chosen.proactive if chosen.proactive is not None else hub_elsewhere
+    return DecodeSettings(
+        max_tokens=chosen.max_tokens,
+        temperature=chosen.temperature,
+        seed=chosen.seed,
+        draft_len=chosen.draft_len,
+        tree_budget=chosen.tree_budget,
+        proactive=proactive,
+        reconnect_s=chosen.reconnect_s,
+    )
 
 
 def one_shot_prompt(text: str | None, option: str | None, stdin: TextIO) -> str | None:
@@ -202,22 +212,20 @@ def _keep(
 def _hub(
     address: settings.HubAddress, resolved: ResolvedModel, insecure: bool = False
 ) -> Iterator[tuple[HubClient, str, Callable[[], None]]]:
-    """The hub client, its URL, and a function that waits until the hub is ready."""
-    if address.url:
-        with HubClient(address.url, address.token, insecure=address.insecure or insecure) as client:
-            yield client, address.url, lambda: wait_for_remote(client, err)
-        return
-    # No hub anywhere: serve the draft's own GGUF as the target, so the pipeline runs anywhere.
-    log_path = paths.data_dir() / "embedded-hub.log"
-    log = LogTail(log_path, log_path.stat().st_size if log_path.exists() else 0)  # this run's lines only
-    embedded = EmbeddedHub(resolved.path, log_path)
-    with embedded:
-        err.print(
+    """The hub client, its URL, and a function that waits until the hub is ready (saying what it does)."""
+    log = LogTail.of_next_run(paths.data_dir() / "embedded-hub.log")
+    with connect_hub(
+        address.url,
+        address.token,
+        address.insecure or insecure,
+        resolved.path,
+        log.path,
+        on_embedded=lambda embedded: err.print(
             f"[dim]No hub configured: started an embedded hub at {embedded.url} "
             f"(target {resolved.path.name}); use --hub or `specedge login` for a real one.[/dim]"
-        )
-        with HubClient(embedded.url, embedded.token) as client:
-            yield client, embedded.url, lambda: wait_for_embedded(embedded.wait_ready, log, err)
+        ),
+    ) as connection:
+        yield connection.client, connection.url, lambda: wait_until_ready(connection, log, err)
 
 
 def _template(engine: DraftEngine, resolved: ResolvedModel) -> ChatTemplate:
@@ -255,7 +263,7 @@ def _reply_json(reply: Reply, conversation: Conversation, hub_url: str) -> dict:
         "text": reply.text,
         "token_ids": reply.token_ids,
         "prompt_token_ids": reply.prompt_token_ids,
-        "finish_reason": finish_reason(reply, conversation),
+        "finish_reason": reply.finish_reason,
         "model": conversation.engine.path.name,
         "hub": hub_url,
         "stats": reply.stats.to_json(),

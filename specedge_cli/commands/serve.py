@@ -4,6 +4,7 @@ edge-assisted (the local draft, the configured hub or an embedded one)."""
 from __future__ import annotations
 
 import contextlib
+from collections.abc import Iterator
 from typing import Annotated
 
 import typer
@@ -12,6 +13,7 @@ from rich.console import Console
 from specedge_cli import paths
 from specedge_cli.commands.chat import _template as chat_template  # the same prompt as `specedge chat`
 from specedge_cli.decoding import Conversation, DecodeSettings
+from specedge_cli.drafting.chat_template import ChatTemplate
 from specedge_cli.drafting.engine import DraftEngine
 from specedge_cli.errors import SpecEdgeError
 from specedge_cli.models import DEFAULT_MODEL, resolve_model
@@ -19,6 +21,7 @@ from specedge_cli.remote.connect import HubConnection, connect_hub
 from specedge_cli.serve.http import ApiServer
 from specedge_cli.serve.slots import EdgeModel, Slot, SlotPool
 from specedge_cli.settings import ChatSettings, chat_settings, hub_address
+from specedge_cli.waiting import LogTail, wait_until_ready
 from specedge_common.net import is_loopback
 
 DEFAULT_PORT = 11435  # one above ollama's 11434, so both can run
@@ -30,7 +33,7 @@ def serve(
     port: Annotated[int, typer.Option(min=1, max=65535, help="Port to listen on.")] = DEFAULT_PORT,
     model: Annotated[
         str | None,
-        typer.Option("--model", "-m", help=f"Draft model: a .gguf path or a preset name [default: {DEFAULT_MODEL}]."),
+        typer.Option("--model", "-m", help=f"Draft model: a .gguf path or a preset name (default: {DEFAULT_MODEL})."),
     ] = None,
     hub: Annotated[
         str | None, typer.Option(help="Hub URL; default: SPECEDGE_HUB, your login, or an embedded hub.")
@@ -46,9 +49,14 @@ def serve(
         typer.Option(envvar="SPECEDGE_API_KEY", help="Require this key (Authorization: Bearer KEY) on /v1 routes."),
     ] = None,
     max_tokens: Annotated[
-        int | None, typer.Option(min=1, help="Most tokens in a reply a request does not limit [default: 256].")
+        int | None,
+        typer.Option(
+            "--max-tokens", "-n", min=1, help="Most tokens in a reply a request does not limit (default: 256)."
+        ),
     ] = None,
-    threads: Annotated[int | None, typer.Option(min=1, help="llama.cpp threads per drafting context.")] = None,
+    threads: Annotated[
+        int | None, typer.Option("--threads", "-t", min=1, help="llama.cpp threads per drafting context.")
+    ] = None,
     offline: Annotated[bool, typer.Option("--offline", help="Never download a model; use what is on disk.")] = False,
     insecure: Annotated[
         bool, typer.Option("--insecure", help="Allow plain http to a hub on another machine (a network you trust).")
@@ -65,18 +73,19 @@ def serve(
     chosen = chat_settings(max_tokens=max_tokens, threads=threads, offline=offline or None)
     resolved = resolve_model(model or chosen.model, paths.models_dir(), offline=chosen.offline)
     address = hub_address(hub)
+    log = LogTail.of_next_run(paths.data_dir() / "embedded-hub.log")
     with connect_hub(
         address.url,
         address.token,
         address.insecure or insecure,
         resolved.path,
-        paths.data_dir() / "embedded-hub.log",
+        log.path,
         on_embedded=lambda embedded: err.print(
             f"[dim]No hub configured: started an embedded hub at {embedded.url} (target {resolved.path.name}).[/dim]"
         ),
     ) as connection:
         engines = [DraftEngine(resolved.path, n_threads=chosen.threads or None) for _ in range(parallel)]
-        connection.wait_ready()
+        wait_until_ready(connection, log, err)  # a loading hub is waited for; a conversion shows its progress
         edge = _edge_model(
             connection, engines, chat_template(engines[0], resolved), _decode_settings(chosen, connection), queue
         )
@@ -106,7 +115,11 @@ def _decode_settings(chosen: ChatSettings, connection: HubConnection) -> DecodeS
 
 
 def _edge_model(
-    connection: HubConnection, engines: list[DraftEngine], template, settings: DecodeSettings, max_waiting: int
+    connection: HubConnection,
+    engines: list[DraftEngine],
+    template: ChatTemplate,
+    settings: DecodeSettings,
+    max_waiting: int,
 ) -> EdgeModel:
     """The pool of drafting contexts; the first opens a hub session now, so a refused draft fails at start."""
     fingerprint = engines[0].vocab_fingerprint()
@@ -120,7 +133,7 @@ def _edge_model(
 
 
 @contextlib.contextmanager
-def _listening(host: str, port: int, edge: EdgeModel, api_key: str | None):
+def _listening(host: str, port: int, edge: EdgeModel, api_key: str | None) -> Iterator[ApiServer]:
     try:
         server = ApiServer((host, port), edge, api_key)
     except OSError as exc:

@@ -9,7 +9,7 @@ chain: the budget goes to depth where the draft is sure and to branches where it
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -135,7 +135,7 @@ class DraftTree:
         """The deepest chain of decoded nodes whose tokens begin `continuation`."""
         return self._walk(continuation, [n for n in range(len(self.tokens)) if self.decoded(n)])
 
-    def _walk(self, continuation: list[int], among: list[int]) -> list[int]:
+    def _walk(self, continuation: list[int], among: Iterable[int]) -> list[int]:
         """From the root, the deepest chain of nodes in `among` whose tokens begin `continuation`
         (a node's children carry distinct tokens, so the chain is unique)."""
         among = set(among)

@@ -75,6 +75,8 @@ class DepthPlanner:
         return min(range(1, deepest + 1), key=lambda d: (self.predicted_itl_s(d, a), d))
 
     def predicted_itl_s(self, depth: int, a: float) -> float:
+        """The inter-token latency a draft of `depth` would give, with acceptance `a` (once timed)."""
+        assert self.decode_s is not None and self.wait_s is not None, "called once both are measured"
         emitted = depth + 1 if a >= 1.0 else (1 - a ** (depth + 1)) / (1 - a)
         decode_s, wait_s = self.decode_s or 0.0, self.wait_s or 0.0  # measured before it is asked
         drafting = depth * decode_s

@@ -21,9 +21,12 @@ def position_uniform(seed: int, position: int) -> float:
 
 
 def log_softmax(logits: np.ndarray, temperature: float = 1.0) -> np.ndarray:
-    scaled = logits.astype(np.float64) / temperature
-    shifted = scaled - scaled.max()
-    return shifted - np.log(np.exp(shifted).sum())
+    """log softmax(logits / temperature), shifted to a maximum of 0 before dividing, as the hub
+    does: a tiny temperature sends the other tokens to -inf instead of the top one to +inf (NaN)."""
+    shifted = logits.astype(np.float64) - float(logits.max())
+    with np.errstate(over="ignore", divide="ignore"):
+        scaled = shifted / temperature
+    return scaled - np.log(np.exp(scaled).sum())
 
 
 @dataclass(frozen=True)
@@ -36,7 +39,8 @@ class DraftSampler:
         if self.temperature == 0.0:
             return int(logits.argmax())
         cdf = np.cumsum(np.exp(log_softmax(logits, self.temperature)))
-        token = int(np.searchsorted(cdf, position_uniform(self.seed, position) * cdf[-1], side="left"))
+        # The first token whose CDF passes the uniform number, as the hub draws it.
+        token = int(np.searchsorted(cdf, position_uniform(self.seed, position) * cdf[-1], side="right"))
         return min(token, len(logits) - 1)
 
     def candidates(self, logits: np.ndarray, position: int, width: int) -> list[tuple[int, float]]:

@@ -19,7 +19,7 @@ from specedge_cli.errors import ModelFileError
 
 
 class TreeContext:
-    def __init__(self, llama_cpp: Any, model: Any, n_ctx: int, n_threads: int, max_sequences: int) -> None:
+    def __init__(self, llama_cpp: Any, model: Any, n_ctx: int, n_threads: int, max_sequences: int):
         self._lib = llama_cpp
         params = llama_cpp.llama_context_default_params()
         params.n_ctx = n_ctx

@@ -20,7 +20,7 @@ from specedge_common.vocab import llama_stop_ids, llama_vocab_pieces, vocab_fing
 class Vocabulary:
     """The vocabulary of a loaded `llama_cpp.Llama` (a full model or a vocabulary-only one)."""
 
-    def __init__(self, llm: Any) -> None:
+    def __init__(self, llm: Any):
         import llama_cpp
 
         self._lib = llama_cpp

@@ -44,7 +44,7 @@ class HubClient:
     def __enter__(self) -> HubClient:
         return self
 
-    def __exit__(self, *exc) -> None:
+    def __exit__(self, *exc: object) -> None:
         self.close()
 
     def health(self) -> dict:
@@ -86,6 +86,16 @@ class HubClient:
 
     def close_session(self, session_id: str) -> None:
         self._request("DELETE", f"/v1/sessions/{session_id}")
+
+    def metrics(self) -> str:
+        """The hub's /metrics page, as text (Prometheus format; `specedge_bench.metrics` reads it)."""
+        try:
+            response = self._http.get("/metrics")
+        except httpx.TransportError as exc:
+            raise _unreachable(self.base_url, exc) from exc
+        if not response.is_success:
+            raise _rejection(response)
+        return response.text
 
     def _request(self, method: str, path: str, body: dict | None = None, allow_unavailable: bool = False) -> dict:
         try:

@@ -7,25 +7,22 @@ process only, handed over in the child's environment (never its command line, wh
 
 from __future__ import annotations
 
-import importlib.util
 import secrets
 from pathlib import Path
 from types import TracebackType
 
 from specedge_cli.errors import HubNotInstalled, HubUnreachable
+from specedge_common.extras import HUB_INSTALL, missing_hub_modules
 from specedge_common.launcher import HubProcess, HubStartError
-
-# The hub's own packages, installed by `pip install 'specedge[hub]'` (the client needs none of them).
-HUB_MODULES = ("hub_server", "torch", "transformers", "fastapi", "uvicorn", "gguf")
 
 
 def check_hub_installed() -> None:
     """Refuse, in one line that says what to install, when the hub's packages are missing."""
-    missing = [name for name in HUB_MODULES if importlib.util.find_spec(name) is None]
+    missing = missing_hub_modules()
     if missing:
         raise HubNotInstalled(
-            f"no hub is configured and the embedded hub needs packages this install lacks "
-            f"({', '.join(missing)}): run `pip install 'specedge[hub]'`, or use a hub with --hub URL or `specedge login`"
+            f"no hub is configured, and the embedded hub needs packages this install lacks ({', '.join(missing)}): "
+            f"run `{HUB_INSTALL}`, or use a hub with --hub URL or `specedge login`"
         )
 
 

@@ -17,7 +17,7 @@ import sys
 import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
-from typing import TypeVar
+from typing import TextIO, TypeVar
 
 from specedge_cli.errors import HubBusy, HubError, HubUnreachable, SessionLost
 from specedge_cli.remote import protocol as wire
@@ -152,7 +152,7 @@ class HubSession:
     # --- outages --------------------------------------------------------------------------------
     def retrying(self, call: Callable[[], T]) -> T:
         """Run `call`, reopening the session with backoff while the hub is away or restarting."""
-        deadline = time.monotonic() + self.reconnect_s
+        deadline = None  # the window opens at the first failure, however long the call took
         attempt = 0
         for delay in _backoff():
             try:
@@ -160,6 +160,7 @@ class HubSession:
             except (HubUnreachable, SessionLost, HubBusy) as exc:
                 if not self._worth_waiting_for(exc):
                     raise
+                deadline = deadline or time.monotonic() + self.reconnect_s
                 if time.monotonic() + delay > deadline:
                     raise self._gone(exc) from exc
                 attempt += 1
@@ -202,9 +203,11 @@ def _backoff() -> Iterator[float]:
 
 
 class ReconnectNotice:
-    """Shows an outage as one line on stderr, rewritten in place on a terminal, erased when the hub is back."""
+    """Shows an outage as one line on stderr: on a terminal it is rewritten in place at each attempt
+    and erased when the hub is back (the cursor returns to the line above, where the reply's live
+    text ends, so its redraw lands where it was); elsewhere it is written once."""
 
-    def __init__(self, stream=None):
+    def __init__(self, stream: TextIO | None = None):
         self.stream = stream or sys.stderr
         self._showing = False
 
@@ -212,7 +215,7 @@ class ReconnectNotice:
         tty = self.stream.isatty()
         if event.back:
             if self._showing and tty:
-                self.stream.write("\r\x1b[K")
+                self.stream.write("\r\x1b[K\x1b[1A")
             self._showing = False
         elif not self._showing or tty:
             lead = "\r" if self._showing else "\n"

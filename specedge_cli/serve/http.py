@@ -16,7 +16,7 @@ from collections.abc import Callable
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from typing import Any
 
-from specedge_cli.errors import ApiError
+from specedge_cli.errors import ApiError, SpecEdgeError
 from specedge_cli.serve import openai_api as api
 from specedge_cli.serve.slots import EdgeModel
 
@@ -99,10 +99,10 @@ class ApiHandler(BaseHTTPRequestHandler):
         stream = _EventStream(self, kind, request_id, model.model_id)
         try:
             answer = decode(request, stream.text)  # type: ignore[arg-type]
-        except ApiError as exc:
+        except SpecEdgeError as exc:
             if not stream.started:
                 raise
-            stream.error(exc)  # the status line is out: the failure goes in the stream
+            stream.error(_api_error(exc))  # the status line is out: the failure goes in the stream
         else:
             stream.finish(answer, request.options.include_usage)
         stream.close()
@@ -111,8 +111,9 @@ class ApiHandler(BaseHTTPRequestHandler):
     def _handle(self, route: Callable[[], None]) -> None:
         try:
             route()
-        except ApiError as exc:
-            self._send_json(exc.status, api.error_body(exc))
+        except SpecEdgeError as exc:  # refused: by us, or by the draft's side (a context past its size, ...)
+            error = _api_error(exc)
+            self._send_json(error.status, api.error_body(error))
         except (BrokenPipeError, ConnectionResetError):
             self.close_connection = True  # the client went away; nothing to answer
         except Exception as exc:  # a bug: answer 500 in OpenAI's shape and keep serving the others
@@ -162,6 +163,11 @@ class ApiHandler(BaseHTTPRequestHandler):
 
     def log_message(self, format: str, *args: Any) -> None:
         sys.stderr.write(f"{self.address_string()} {format % args}\n")
+
+
+def _api_error(exc: SpecEdgeError) -> ApiError:
+    """An error as the API answers it: ours as it is, the client's others (the draft's side) as 400."""
+    return exc if isinstance(exc, ApiError) else ApiError(exc.message, status=400, code="invalid_request")
 
 
 class _EventStream:

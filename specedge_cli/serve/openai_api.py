@@ -66,7 +66,9 @@ class Answer:
 
 
 # --- reading requests --------------------------------------------------------------------------
-_REFUSED = {  # field: (the values that ask for nothing, why any other is refused)
+_REFUSED: dict[
+    str, tuple[tuple[object, ...], str]
+] = {  # field: (the values that ask for nothing, why any other is refused)
     "n": ((1,), "n must be 1: one choice per request"),
     "best_of": ((1,), "best_of must be 1: one choice per request"),
     "logprobs": ((False, 0), "logprobs are not available: the hub sends token ids only"),

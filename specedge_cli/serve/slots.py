@@ -174,12 +174,14 @@ class EdgeModel:
             return self._answer(text, relay, generation.finish_reason, len(tokens), generation.tokens, cached)
 
     def _settings(self, options: Options) -> DecodeSettings:
-        chosen = {
-            "max_tokens": options.max_tokens,
-            "temperature": options.temperature,
-            "seed": options.seed,
-        }
-        return replace(self.defaults, **{key: value for key, value in chosen.items() if value is not None})
+        """The server's settings, with what the request chose."""
+        d = self.defaults
+        return replace(
+            d,
+            max_tokens=d.max_tokens if options.max_tokens is None else options.max_tokens,
+            temperature=d.temperature if options.temperature is None else options.temperature,
+            seed=d.seed if options.seed is None else options.seed,
+        )
 
     def _prompt_tokens(self, prompt: str | tuple[int, ...]) -> list[int]:
         if isinstance(prompt, tuple):

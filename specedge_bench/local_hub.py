@@ -1,4 +1,4 @@
-"""A hub started as a child process for `hub_server bench`, pinned away from the simulated edges."""
+"""A hub started as a child process for `hub_server bench` and the benchmarks, pinned away from the simulated edges."""
 
 from __future__ import annotations
 

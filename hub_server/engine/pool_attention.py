@@ -1,0 +1,232 @@
+"""Attention that reads the KV pool where it lives: no copy of any session's past.
+
+The runner's target runs with this attention function (registered with transformers' attention
+interface as `POOL_ATTENTION`). In each layer it first writes the pass's new keys and values
+into their sessions' slots, at the columns right after each slot's past ("tentative" columns:
+a draft node's keys are written before anyone knows whether it will be accepted), then runs
+SDPA over the slots as views of the pool: rows whose slots are consecutive share one call.
+A boolean mask, built once per pass and layer kind on the device, lets each query see its
+session's past (within the window on sliding layers), the pass's pending tokens and its own
+draft ancestors, nothing else. After the pass the runner keeps the accepted path: a chain's
+accepted nodes already stand where they belong; a tree's are moved down to close the gap.
+
+A ring (sliding layers) has `spare` columns beyond its window, as wide as the widest row a
+pass may carry, so the tentative columns never overwrite a key some query of the pass, or any
+later one, still needs.
+
+The work runs inside one custom operator, opaque to torch.compile: a compiled pass fuses
+everything around it (projections, norms, MLPs, rotary embeddings) and calls this operator once
+a layer, whatever the slots and contexts of the pass; the pass's layout is set beforehand with
+`PoolPass.active()`. On a GPU with CUDA graphs the operator runs between the graphs (it is
+tagged unsafe to capture), so each layer's other kernels replay as graphs.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from dataclasses import dataclass, field
+from typing import ClassVar
+
+import torch
+import torch.nn.functional as F
+from transformers import AttentionInterface
+from transformers.integrations.sdpa_attention import sdpa_attention_forward
+from transformers.masking_utils import AttentionMaskInterface, sdpa_mask
+
+from hub_server.engine.kv_pool import column_positions
+
+POOL_ATTENTION = "specedge_pool"
+FULL, SLIDING = "full_attention", "sliding_attention"
+
+
+@dataclass
+class LayerKind:
+    """What the layers of one kind share: the pool columns each slot has, and the window."""
+
+    capacity: int
+    window: int  # 0: full attention
+
+
+@dataclass
+class PoolPass:
+    """One pass's layout in the pool: where its new tokens go, and what each token sees.
+
+    B rows of S columns (a row is one session's new tokens, padded); T real tokens in all.
+    """
+
+    keys: list[torch.Tensor]  # per layer: the pool's [slots, H, capacity, D]
+    values: list[torch.Tensor]
+    kinds: list[str]  # per layer
+    rows: int  # B: real rows (a compiled pass may run more, as padding)
+    sources: torch.Tensor  # [T] each real new token's index in the flattened [B * S] rows
+    slots: torch.Tensor  # [T] its slot
+    columns: dict[str, torch.Tensor]  # per kind: [T] its column
+    widths: dict[str, int]  # per kind: slot columns the pass's views cover
+    masks: dict[str, torch.Tensor]  # per kind: [B, 1, S, width] bool, what each query sees
+    runs: list[tuple[int, int, int]]  # (first row, end row, first slot): rows of consecutive slots
+    copied_bytes: int = field(default=0)  # past KV read through a copy instead of a view: 0 here
+
+    _active: ClassVar[PoolPass | None] = None  # the pass the operator serves now (one at a time: the device lock)
+
+    @contextlib.contextmanager
+    def active(self):
+        PoolPass._active = self
+        try:
+            yield self
+        finally:
+            PoolPass._active = None
+
+    def attend(self, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, layer: int, scale: float):
+        """Write the layer's new keys and values into their slots, then attend over the slots.
+
+        query: [B', Hq, S, D]; key, value: [B', Hkv, S, D] for B' >= B rows. Returns [B', S, Hq, D].
+        """
+        kind = self.kinds[layer]
+        pool_keys, pool_values = self.keys[layer], self.values[layer]
+        heads, dim = key.shape[1], key.shape[3]
+        columns = self.columns[kind]
+        pool_keys[self.slots, :, columns] = key.transpose(1, 2).reshape(-1, heads, dim)[self.sources]
+        pool_values[self.slots, :, columns] = value.transpose(1, 2).reshape(-1, heads, dim)[self.sources]
+        width, mask = self.widths[kind], self.masks[kind]
+        outputs = []
+        for first, end, slot in self.runs:
+            keys = pool_keys[slot : slot + end - first, :, :width]  # a view: the past is not copied
+            values = pool_values[slot : slot + end - first, :, :width]
+            self.copied_bytes += _copied(keys, pool_keys) + _copied(values, pool_values)
+            outputs.append(
+                F.scaled_dot_product_attention(
+                    query[first:end],
+                    keys,
+                    values,
+                    attn_mask=mask[first:end],
+                    scale=scale,
+                    enable_gqa=query.shape[1] != heads,
+                )
+            )
+        if query.shape[0] > self.rows:  # padding rows of a compiled bucket: nothing to see
+            outputs.append(query.new_zeros(query.shape[0] - self.rows, *query.shape[1:]))
+        return (torch.cat(outputs) if len(outputs) > 1 else outputs[0]).transpose(1, 2).contiguous()
+
+
+def _copied(view: torch.Tensor, pool: torch.Tensor) -> int:
+    """Bytes of `view` that are not the pool's own memory (a copy), 0 for a view."""
+    return 0 if view._base is pool else view.nbytes
+
+
+def _attend_active(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, layer: int, scale: float):
+    """The active pass's attention for `layer` (see `PoolPass.attend`)."""
+    if PoolPass._active is None:
+        raise RuntimeError("the pool attention ran outside a pass: run the model inside PoolPass.active()")
+    return PoolPass._active.attend(query, key, value, layer, scale)
+
+
+# cudagraph_unsafe: a CUDA graph must not capture it (its slots and masks change every pass), so
+# under reduce-overhead inductor splits each pass's graph around it, one graph between layers.
+@torch.library.custom_op("specedge::pool_attention", mutates_args=(), tags=(torch.Tag.cudagraph_unsafe,))
+def pool_attention(
+    query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, layer: int, scale: float
+) -> torch.Tensor:
+    """`_attend_active` as one operator a compiled graph calls without looking inside."""
+    return _attend_active(query, key, value, layer, scale)
+
+
+@pool_attention.register_fake
+def _(query, key, value, layer, scale):
+    return query.new_empty(query.shape[0], query.shape[2], query.shape[1], query.shape[3])
+
+
+def pool_attention_forward(
+    module: torch.nn.Module,
+    query: torch.Tensor,
+    key: torch.Tensor,
+    value: torch.Tensor,
+    attention_mask: torch.Tensor | None,
+    dropout: float = 0.0,
+    scaling: float | None = None,
+    softcap: float | None = None,
+    **kwargs,
+) -> tuple[torch.Tensor, None]:
+    """transformers' attention interface: the layer's queries, keys and values of the new tokens.
+
+    Only a pass that asks for it (`kv_pool=True`, the runner's) reads the pool; any other call
+    of the model (a reference decoding in a test, the hub's own tools) gets plain SDPA.
+    """
+    if not kwargs.pop("kv_pool", False):
+        return sdpa_attention_forward(
+            module, query, key, value, attention_mask, dropout=dropout, scaling=scaling, softcap=softcap, **kwargs
+        )
+    if softcap is not None:
+        raise ValueError(f"{type(module).__name__} caps its attention logits, which the pool attention does not do")
+    scale = scaling if scaling is not None else query.shape[-1] ** -0.5
+    if torch.compiler.is_compiling():  # the compiled graph calls the operator, opaque to it
+        return torch.ops.specedge.pool_attention(query, key, value, module.layer_idx, scale), None
+    return _attend_active(query, key, value, module.layer_idx, scale), None  # eager: no dispatcher hop
+
+
+AttentionInterface.register(POOL_ATTENTION, pool_attention_forward)
+# Outside a pool pass the model builds SDPA's masks, as with attn_implementation="sdpa"; a pool
+# pass hands the model a 4D placeholder instead, which transformers passes through unbuilt.
+AttentionMaskInterface.register(POOL_ATTENTION, sdpa_mask)
+
+
+# --- a pass's layout, built on the device -------------------------------------------------
+def ancestor_closure(parents: torch.Tensor) -> torch.Tensor:
+    """ancestors[b, i, j]: token j of row b is token i or one of its ancestors. [B, S, S] bool.
+
+    parents: [B, S] each token's parent within its row, -1 for none. Squaring the one-step
+    relation doubles the hops it covers: log2(S) matrix products, no loop over rows or tokens.
+    """
+    rows, width = parents.shape
+    reach = torch.eye(width, dtype=torch.float32, device=parents.device).expand(rows, -1, -1).clone()
+    has_parent = parents >= 0
+    reach[has_parent.nonzero(as_tuple=True) + (parents[has_parent],)] = 1.0
+    for _ in range(max(1, (width - 1).bit_length())):
+        reach = torch.clamp(torch.bmm(reach, reach), max=1.0)
+    return reach > 0
+
+
+def kind_mask(
+    kind: LayerKind,
+    lengths: torch.Tensor,
+    sizes: torch.Tensor,
+    positions: torch.Tensor,
+    ancestors: torch.Tensor,
+    width: int,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """The columns of each row's new tokens [B, S] and what each query sees [B, 1, S, width].
+
+    lengths: [B] tokens each slot held before the pass; sizes: [B] real tokens per row;
+    positions: [B, S] context positions; ancestors: [B, S, S]. Column c of a slot holds a new
+    token when the pass writes one there, else the latest past position that maps to it.
+    """
+    rows, span = positions.shape
+    offsets = torch.arange(span, device=lengths.device)
+    real = offsets[None, :] < sizes[:, None]  # [B, S]
+    columns = torch.remainder(lengths[:, None] + offsets[None, :], kind.capacity)  # [B, S]
+    # Which new token each column holds (-1: none); padding tokens are sent to a column past the end.
+    holder = torch.full((rows, width + 1), -1, dtype=torch.long, device=lengths.device)
+    holder.scatter_(1, torch.where(real, columns, width), offsets.expand(rows, -1).contiguous())
+    holder = holder[:, :width]  # [B, P]
+    past = column_positions(lengths, kind.capacity, width)  # [B, P]
+    sees_past = ((past >= 0) & (holder < 0))[:, None, :].expand(-1, span, -1)  # [B, S, P]
+    held = holder.clamp(min=0)
+    sees_new = torch.gather(ancestors, 2, held[:, None, :].expand(-1, span, -1)) & (holder >= 0)[:, None, :]
+    if kind.window:
+        queries = positions[:, :, None]
+        sees_past = sees_past & (queries - past[:, None, :] < kind.window)
+        sees_new = sees_new & (queries - torch.gather(positions, 1, held)[:, None, :] < kind.window)
+    sees = sees_past | sees_new
+    # Padding queries see the first column, so no row of the attention is empty (their output is dropped).
+    sees[:, :, 0] |= ~real
+    return columns, sees[:, None]
+
+
+def slot_runs(slots: list[int]) -> list[tuple[int, int, int]]:
+    """(first row, end row, first slot) for each run of consecutive slot indices, rows in order."""
+    runs: list[tuple[int, int, int]] = []
+    for row, slot in enumerate(slots):
+        if runs and slot == runs[-1][2] + row - runs[-1][0]:
+            runs[-1] = (runs[-1][0], row + 1, runs[-1][2])
+        else:
+            runs.append((row, row + 1, slot))
+    return runs

@@ -1,0 +1,91 @@
+"""Compiled fixed-shape passes (`--compile on`) against eager ones and the target alone.
+
+Small buckets only (up to 2 sessions, drafts up to 7 tokens: one width), so the compile at start
+stays within a CI budget; the tiny Llama (full attention) and the tiny Gemma 3 with an 8-token
+window (sliding layers whose ring the contexts pass) both run. Every pass reads the pool in
+place: no byte of past KV is copied.
+"""
+
+from __future__ import annotations
+
+import os
+
+import pytest
+
+from hub_server.config import HubSettings
+from hub_server.engine.runner import ModelRunner, VerifyJob
+from hub_server.tree import chain_parents
+from tests.conftest import TargetAlone
+from tests.test_runner import CONTEXTS, gemma_dir  # noqa: F401  (a fixture)
+
+MAX_DRAFT = 7  # rows of 8: one width bucket
+DEVICE = os.environ.get("SPECEDGE_TEST_DEVICE", "cpu")  # benchmarks/gpu_check.sh runs it on cuda
+
+
+@pytest.fixture(scope="module", params=["llama", "gemma-sliding"])
+def runners(request, tiny, gemma_dir):  # noqa: F811
+    folder = str(tiny.hf_dir if request.param == "llama" else gemma_dir)
+    settings = {"model": folder, "device": DEVICE, "max_batch": 2, "max_draft_tokens": MAX_DRAFT, "max_sessions": 8}
+    eager = ModelRunner(HubSettings(**settings, compile="off"))
+    compiled = ModelRunner(HubSettings(**settings, compile="on"))
+    return eager, compiled, TargetAlone(eager.model)
+
+
+def decode(runner: ModelRunner, contexts, drafts_of, rounds: int, temperature: float = 0.0):
+    """Decode every context through batched verifies of the drafts `drafts_of(i, round, generated)`
+    gives; returns what each session emitted, round by round."""
+    slots = [runner.new_kv() for _ in contexts]
+    contexts = [list(c) for c in contexts]
+    emitted = [[] for _ in contexts]
+    try:
+        for slot, context in zip(slots, contexts):
+            runner.prefill(slot, context)
+        for round_number in range(rounds):
+            jobs = []
+            for i, (slot, context) in enumerate(zip(slots, contexts)):
+                draft, parents = drafts_of(i, round_number, emitted[i])
+                jobs.append(VerifyJob(slot, context[slot.length :], draft, parents, temperature, 7 + i, frozenset()))
+            runner.verify_batch(jobs)
+            for i, job in enumerate(jobs):
+                contexts[i].extend(job.emitted)
+                emitted[i].append(job.emitted)
+    finally:
+        for slot in slots:
+            runner.release(slot)
+    return emitted
+
+
+def test_compiled_and_eager_passes_emit_the_same_tokens(runners):
+    """Greedy and seeded, chains and trees, two sessions batched and one alone."""
+    eager, compiled, target_alone = runners
+    expected = [target_alone.decode(c, 40) for c in CONTEXTS[:2]]
+
+    def drafts(i, round_number, emitted):
+        done = sum(len(e) for e in emitted)
+        truth = expected[i][done : done + 4]
+        if round_number % 3 == 2 and len(truth) >= 2:  # a tree: a wrong first branch, then the truth
+            return [(truth[0] + 1) % 512, *truth[:3]], [-1, -1, 1, 2][: 1 + len(truth[:3])]
+        draft = list(truth)
+        if round_number % 2 and draft:
+            draft[-1] = (draft[-1] + 5) % 512  # a rejection now and then
+        return draft, chain_parents(len(draft))
+
+    for contexts in (CONTEXTS[:2], CONTEXTS[:1]):
+        got_eager = decode(eager, contexts, drafts, rounds=8)
+        got_compiled = decode(compiled, contexts, drafts, rounds=8)
+        assert got_compiled == got_eager
+        for i, rounds in enumerate(got_compiled):
+            flat = [token for reply in rounds for token in reply]
+            assert flat == expected[i][: len(flat)]
+    seeded = decode(compiled, CONTEXTS[:2], lambda i, r, e: ([], []), rounds=6, temperature=1.0)
+    assert seeded == decode(eager, CONTEXTS[:2], lambda i, r, e: ([], []), rounds=6, temperature=1.0)
+    for i, context in enumerate(CONTEXTS[:2]):
+        assert [reply[0] for reply in seeded[i]] == target_alone.decode(context, 6, temperature=1.0, seed=7 + i)
+    assert compiled.compiled_hits > 0 and compiled.compiled_misses == 0
+    assert compiled.past_kv_bytes_copied == 0 and eager.past_kv_bytes_copied == 0
+
+
+def test_compiled_buckets_are_the_powers_of_two_up_to_the_limits(runners):
+    _, compiled, _ = runners
+    assert compiled.batch_buckets == [1, 2] and compiled.width_buckets == [MAX_DRAFT + 1]
+    assert compiled.compiled_shapes >= {(1, MAX_DRAFT + 1), (2, MAX_DRAFT + 1)}
