@@ -21,8 +21,8 @@ from __future__ import annotations
 import argparse
 import json
 import random
-import socket
 import statistics
+import subprocess
 import sys
 import tempfile
 import threading
@@ -38,6 +38,7 @@ sys.path.insert(0, str(REPO))
 
 from hub_server.engine.sampling import sample_row  # noqa: E402
 from hub_server.tree import position_uniform  # noqa: E402
+from specedge_common.launcher import HubProcess, HubStartError  # noqa: E402
 
 PROMPTS = 16  # distinct prompts; each with greedy and sampled settings
 TEMPERATURE = 0.8
@@ -172,55 +173,19 @@ def rss_bytes(pid: int) -> int:
     raise RuntimeError(f"no VmRSS for process {pid}")
 
 
-def free_port() -> int:
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        return probe.getsockname()[1]
-
-
-def start_hub(target: Path, sessions: int, workdir: Path, threads: int = 0):
-    import os
-    import subprocess
-
-    port = free_port()
-    log = (workdir / "hub.log").open("wb")
-    process = subprocess.Popen(
-        [
-            sys.executable,
-            "-m",
-            "hub_server",
-            "serve",
-            "--model",
-            str(target),
-            "--port",
-            str(port),
-            "--no-auth",
-            "--cache-dir",
-            str(workdir / "cache"),
-            "--max-sessions",
-            str(sessions + 8),
-            "--max-draft-tokens",
-            "16",
-        ],
-        cwd=REPO,
-        stdout=log,
-        stderr=subprocess.STDOUT,
-        # torch reads OMP_NUM_THREADS at start: its intra-op threads for the hub's passes.
-        env={**os.environ, **({"OMP_NUM_THREADS": str(threads)} if threads else {})},
-    )
-    url = f"http://127.0.0.1:{port}"
-    deadline = time.monotonic() + 180
-    while time.monotonic() < deadline:
-        if process.poll() is not None:
-            raise RuntimeError((workdir / "hub.log").read_text()[-3000:])
-        try:
-            if httpx.get(f"{url}/health", timeout=1).status_code == 200:
-                return process, url
-        except httpx.TransportError:
-            pass
-        time.sleep(0.2)
-    process.kill()
-    raise TimeoutError("the hub did not become ready in 180 s")
+def start_hub(target: Path, sessions: int, workdir: Path, threads: int = 0) -> tuple[subprocess.Popen, str]:
+    """The hub under soak, through the project's one launcher; its process and URL."""
+    args = ["--model", str(target), "--no-auth", "--cache-dir", str(workdir / "cache")]
+    args += ["--max-sessions", str(sessions + 8), "--max-draft-tokens", "16"]
+    # torch reads OMP_NUM_THREADS at start: its intra-op threads for the hub's passes.
+    env = {"OMP_NUM_THREADS": str(threads)} if threads else {}
+    hub = HubProcess(args, log_path=workdir / "hub.log", env=env, cwd=REPO)
+    try:
+        hub.wait_ready(timeout_s=180)
+    except HubStartError as exc:
+        hub.stop()
+        raise RuntimeError(f"{exc}\n{(workdir / 'hub.log').read_text()[-3000:]}") from exc
+    return hub.process, hub.url
 
 
 def tiny_target(workdir: Path) -> Path:

@@ -117,7 +117,7 @@ def chat(
     )
     _note_base_model(resolved)
     address = settings.hub_address(hub)
-    decode = _decode_settings(chosen, hub_elsewhere=bool(address.url))
+    decode = decode_settings(chosen, hub_elsewhere=bool(address.url))
     with _hub(address, resolved, insecure) as (client, hub_url, wait_for_hub):
         engine = DraftEngine(resolved.path, n_threads=chosen.threads or None)  # loads while an embedded hub starts
         wait_for_hub()
@@ -144,7 +144,8 @@ def _note_base_model(resolved: ResolvedModel) -> None:
         )
 
 
-def _decode_settings(chosen: ChatSettings, hub_elsewhere: bool) -> DecodeSettings:
+def decode_settings(chosen: ChatSettings, hub_elsewhere: bool) -> DecodeSettings:
+    """A chat's decode settings; `hub_elsewhere`: the hub is not an embedded one on this machine."""
     # An embedded hub runs on this machine: drafting while it verifies would slow its pass down.
     proactive = chosen.proactive if chosen.proactive is not None else hub_elsewhere
     return DecodeSettings(

@@ -12,6 +12,7 @@ from rich.console import Console
 
 from specedge_cli import paths
 from specedge_cli.commands.chat import _template as chat_template  # the same prompt as `specedge chat`
+from specedge_cli.commands.chat import decode_settings
 from specedge_cli.decoding import Conversation, DecodeSettings
 from specedge_cli.drafting.chat_template import ChatTemplate
 from specedge_cli.drafting.engine import DraftEngine
@@ -20,7 +21,7 @@ from specedge_cli.models import DEFAULT_MODEL, resolve_model
 from specedge_cli.remote.connect import HubConnection, connect_hub
 from specedge_cli.serve.http import ApiServer
 from specedge_cli.serve.slots import EdgeModel, Slot, SlotPool
-from specedge_cli.settings import ChatSettings, chat_settings, hub_address
+from specedge_cli.settings import chat_settings, hub_address
 from specedge_cli.waiting import LogTail, wait_until_ready
 from specedge_common.net import is_loopback
 
@@ -87,7 +88,11 @@ def serve(
         engines = [DraftEngine(resolved.path, n_threads=chosen.threads or None) for _ in range(parallel)]
         wait_until_ready(connection, log, err)  # a loading hub is waited for; a conversion shows its progress
         edge = _edge_model(
-            connection, engines, chat_template(engines[0], resolved), _decode_settings(chosen, connection), queue
+            connection,
+            engines,
+            chat_template(engines[0], resolved),
+            decode_settings(chosen, hub_elsewhere=connection.embedded is None),
+            queue,
         )
         with _listening(host, port, edge, api_key) as server:
             err.print(
@@ -98,20 +103,6 @@ def serve(
                 server.serve_forever()
         for slot in edge.pool.slots:
             slot.conversation.close()
-
-
-def _decode_settings(chosen: ChatSettings, connection: HubConnection) -> DecodeSettings:
-    # An embedded hub runs on this machine: drafting while it verifies would slow its pass down.
-    proactive = chosen.proactive if chosen.proactive is not None else connection.embedded is None
-    return DecodeSettings(
-        max_tokens=chosen.max_tokens,
-        temperature=chosen.temperature,
-        seed=chosen.seed,
-        draft_len=chosen.draft_len,
-        tree_budget=chosen.tree_budget,
-        proactive=proactive,
-        reconnect_s=chosen.reconnect_s,
-    )
 
 
 def _edge_model(
