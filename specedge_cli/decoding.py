@@ -222,12 +222,12 @@ class Decoder:
 
         Ctrl+C or a hub that stays away ends it early (INTERRUPTED): what was accepted by then is kept.
         """
-        self.sync()
         stats, clock = TurnStats(), _Clock()
         start = len(self.history)
         finish, error = LENGTH, None
         self.engine.set_sampling(self.settings.temperature, self.settings.seed)
         try:
+            self.sync()  # an outage here, too, is one the caller keeps the prompt through
             while (produced := max(0, len(self.history) - start - len(pending))) < self.settings.max_tokens:
                 emitted = self._round(
                     [] if len(self.history) > start else pending, self.settings.max_tokens - produced, stats
