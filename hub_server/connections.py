@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import socket
 from collections.abc import Callable
 
 import uvicorn
@@ -130,6 +131,13 @@ class HubServer(uvicorn.Server):
     cancelled requests still in flight (a reply cut off: the exit status must say so)."""
 
     cut_short = False
+
+    async def shutdown(self, sockets: list[socket.socket] | None = None) -> None:
+        if self.config.timeout_graceful_shutdown == 0 and self.server_state.tasks:
+            # No time at all: uvicorn cancels its wait before it starts, so the hook below never
+            # runs; whatever is in flight now is cut.
+            self.cut_short = True
+        await super().shutdown(sockets)
 
     async def _wait_tasks_to_complete(self) -> None:
         # uvicorn waits for this under `timeout_graceful_shutdown` and cancels it when time is up.

@@ -220,8 +220,9 @@ def test_the_schema_declares_every_answer_and_its_media_type(http):
     assert list(generate["404"]["content"]) == ["application/json"]  # a refusal is a JSON error body
 
 
-def test_a_shutdown_timeout_that_cuts_a_reply_exits_non_zero(tiny, tmp_path):
-    hub = RunningHub(tiny.hf_dir, tmp_path, "--shutdown-timeout", "1")
+@pytest.mark.parametrize("timeout_s", ["1", "0"])
+def test_a_shutdown_timeout_that_cuts_a_reply_exits_non_zero(tiny, tmp_path, timeout_s):
+    hub = RunningHub(tiny.hf_dir, tmp_path, "--shutdown-timeout", timeout_s)
     with httpx.Client(base_url=hub.url, timeout=60) as client:
         info = client.get("/v1/info").json()
         session = client.post("/v1/sessions", json=open_body(info)).json()["session_id"]
