@@ -34,6 +34,7 @@ from hub_server.engine.pool_attention import (
     FULL,
     POOL_ATTENTION,
     SLIDING,
+    USER_INDUCTOR_CACHE,
     LayerKind,
     PoolPass,
     ancestor_closure,
@@ -506,8 +507,9 @@ class ModelRunner:
         """`_decode` compiled by torch.compile: CUDA graphs on a GPU, fused C++ kernels on a CPU."""
         cache = (settings.cache_dir or default_cache_dir()) / "torch-compile"
         # Inductor's and the FX graph cache's home: a restart with the same model and shapes
-        # loads its kernels from here instead of compiling them again.
-        os.environ.setdefault("TORCHINDUCTOR_CACHE_DIR", str(cache))
+        # loads its kernels from here instead of compiling them again (unless the user chose one).
+        os.environ["TORCHINDUCTOR_CACHE_DIR"] = USER_INDUCTOR_CACHE or str(cache)
+        log.info("compile cache: %s", os.environ["TORCHINDUCTOR_CACHE_DIR"])
         import torch._dynamo
 
         # One compiled graph per bucket; without this, torch.compile stops compiling after 8.
