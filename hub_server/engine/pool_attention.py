@@ -24,7 +24,6 @@ tagged unsafe to capture), so each layer's other kernels replay as graphs.
 from __future__ import annotations
 
 import contextlib
-import os
 from dataclasses import dataclass, field
 from typing import ClassVar
 
@@ -37,9 +36,6 @@ from transformers.masking_utils import AttentionMaskInterface, sdpa_mask
 from hub_server.engine.kv_pool import column_positions
 
 POOL_ATTENTION = "specedge_pool"
-# Registering the operator below makes inductor settle its cache folder (it writes its default
-# into TORCHINDUCTOR_CACHE_DIR): what the user set, if anything, is read before that.
-USER_INDUCTOR_CACHE = os.environ.get("TORCHINDUCTOR_CACHE_DIR")
 FULL, SLIDING = "full_attention", "sliding_attention"
 
 

@@ -34,7 +34,6 @@ from hub_server.engine.pool_attention import (
     FULL,
     POOL_ATTENTION,
     SLIDING,
-    USER_INDUCTOR_CACHE,
     LayerKind,
     PoolPass,
     ancestor_closure,
@@ -508,7 +507,12 @@ class ModelRunner:
         cache = (settings.cache_dir or default_cache_dir()) / "torch-compile"
         # Inductor's and the FX graph cache's home: a restart with the same model and shapes
         # loads its kernels from here instead of compiling them again (unless the user chose one).
-        os.environ["TORCHINDUCTOR_CACHE_DIR"] = USER_INDUCTOR_CACHE or str(cache)
+        # Inductor writes its default into the variable the first time anything asks (importing
+        # transformers does), so only a value other than that default is the user's own choice.
+        from torch._inductor.runtime.cache_dir_utils import default_cache_dir as inductor_default
+
+        if os.environ.get("TORCHINDUCTOR_CACHE_DIR", inductor_default()) == inductor_default():
+            os.environ["TORCHINDUCTOR_CACHE_DIR"] = str(cache)
         log.info("compile cache: %s", os.environ["TORCHINDUCTOR_CACHE_DIR"])
         import torch._dynamo
 
