@@ -9,8 +9,10 @@ working tree) it starts a worker process with PYTHONPATH pointing there, so each
 batched verify passes of all of them, each session with its last context token and a chain draft
 of `--draft-tokens` random tokens; slot lengths are reset after each pass, so every pass sees the
 same contexts. The figure is the runner's own device time (`busy_seconds`) per pass divided by
-the sessions in it: device time per verify. Trees run in turns (`--turns`), one torch thread
-each, and the best turn's median is kept: a shared machine only ever adds time.
+the sessions in it: device time per verify; beside it the process's CPU time over the same pass
+(one torch thread: on a loaded machine it leaves out the time the process waited for a core).
+Trees run in turns (`--turns`), one torch thread each, and the best turn's median is kept: a
+shared machine only ever adds time.
 
 `--target dispatch` builds the dispatch-bound stand-in (benchmarks/dispatch_target.py); `gemma`
 is the default Gemma 3 270M GGUF (assembled from its PyPI package).
@@ -26,6 +28,7 @@ import statistics
 import subprocess
 import sys
 import tempfile
+import time
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parent.parent
@@ -84,20 +87,25 @@ def worker(args: argparse.Namespace) -> None:
         contexts = [[1] + rng.integers(10, runner.vocab_size, context - 1).tolist() for _ in slots]
         for slot, tokens in zip(slots, contexts):
             runner.prefill(slot, tokens)
-        times = []
+        times, cpu_times = [], []
         for round_ in range(args.rounds + 2):  # two warm-up passes
             jobs = []
             for slot, tokens in zip(slots, contexts):
                 slot.length = len(tokens) - 1
                 draft = rng.integers(10, runner.vocab_size, args.draft_tokens).tolist()
                 jobs.append(VerifyJob(slot, tokens[-1:], draft, chain_parents(len(draft)), 0.0, 0, frozenset()))
-            busy = runner.busy_seconds
+            busy, cpu = runner.busy_seconds, time.process_time()
             runner.verify_batch(jobs)
             if round_ >= 2:
                 times.append((runner.busy_seconds - busy) * 1000 / args.sessions)
+                cpu_times.append((time.process_time() - cpu) * 1000 / args.sessions)
         for slot in slots:
             runner.release(slot)
-        figures[str(context)] = {"median_ms": statistics.median(times), "min_ms": min(times)}
+        figures[str(context)] = {
+            "median_ms": statistics.median(times),
+            "min_ms": min(times),
+            "cpu_median_ms": statistics.median(cpu_times),
+        }
     print("RESULT " + json.dumps(figures), flush=True)
 
 
@@ -163,12 +171,17 @@ def report(best: dict[str, dict], args: argparse.Namespace, target: str) -> None
     base = names[0] if args.base else None
     ratios = [f"{base[:8]}/{name.split('(')[-1].rstrip(')')}" for name in names[1:]] if base else []
     print(f"{'context':>8} " + " ".join(f"{name:>28}" for name in names) + " " + " ".join(f"{r:>22}" for r in ratios))
-    for context in map(str, args.contexts):
-        cells = [best[name][context]["median_ms"] for name in names]
-        shown = [f"{cells[0] / cell:.2f}x" for cell in cells[1:]] if base else []
-        print(
-            f"{context:>8} " + " ".join(f"{cell:>28.3f}" for cell in cells) + " " + " ".join(f"{r:>22}" for r in shown)
-        )
+    for figure, label in (("median_ms", "device time"), ("cpu_median_ms", "the process's CPU time")):
+        print(f"-- {label}, ms per verify")
+        for context in map(str, args.contexts):
+            cells = [best[name][context][figure] for name in names]
+            shown = [f"{cells[0] / cell:.2f}x" for cell in cells[1:]] if base else []
+            print(
+                f"{context:>8} "
+                + " ".join(f"{cell:>28.3f}" for cell in cells)
+                + " "
+                + " ".join(f"{r:>22}" for r in shown)
+            )
     print("JSON " + json.dumps({"target": Path(target).name, "args": vars(args), "figures": best}))
 
 

@@ -508,8 +508,14 @@ class ModelRunner:
         """`_decode` compiled by torch.compile: CUDA graphs on a GPU, fused C++ kernels on a CPU."""
         cache = (settings.cache_dir or default_cache_dir()) / "torch-compile"
         # Inductor's and the FX graph cache's home: a restart with the same model and shapes
-        # loads its kernels from here instead of compiling them again.
-        os.environ.setdefault("TORCHINDUCTOR_CACHE_DIR", str(cache))
+        # loads its kernels from here instead of compiling them again (unless the user chose one).
+        # Inductor writes its default into the variable the first time anything asks (importing
+        # transformers does), so only a value other than that default is the user's own choice.
+        from torch._inductor.runtime.cache_dir_utils import default_cache_dir as inductor_default
+
+        if os.environ.get("TORCHINDUCTOR_CACHE_DIR", inductor_default()) == inductor_default():
+            os.environ["TORCHINDUCTOR_CACHE_DIR"] = str(cache)
+        log.info("compile cache: %s", os.environ["TORCHINDUCTOR_CACHE_DIR"])
         import torch._dynamo
 
         # One compiled graph per bucket; without this, torch.compile stops compiling after 8.
