@@ -13,6 +13,7 @@ import subprocess
 import sys
 import threading
 import time
+from datetime import datetime
 from pathlib import Path
 
 import httpx
@@ -258,12 +259,14 @@ def test_a_shutdown_timeout_that_cuts_a_reply_exits_non_zero(tiny, tmp_path, tim
 def test_tokens_expire_and_say_so(tiny, tmp_path):
     hub = AuthHub(tiny.hf_dir, tmp_path, ("ada",))
     try:
-        short = hub_admin(hub.data_dir, "tokens", "create", "--user", "ada", "--expires-in", "3s")
         long = hub_admin(hub.data_dir, "tokens", "create", "--user", "ada", "--expires-at", "2099-01-31")
+        # Long enough to be used once even on a loaded machine (the command itself takes seconds there).
+        short = hub_admin(hub.data_dir, "tokens", "create", "--user", "ada", "--expires-in", "10s")
         assert long["expires_at"] == "2099-01-31T00:00:00+00:00" and short["expires_at"]
         headers = {"Authorization": f"Bearer {short['token']}"}
         assert httpx.get(f"{hub.url}/v1/whoami", headers=headers).status_code == 200
-        time.sleep(3.5)
+        expires = datetime.fromisoformat(short["expires_at"]).timestamp()
+        time.sleep(max(0.0, expires - time.time()) + 0.5)
         answer = httpx.get(f"{hub.url}/v1/whoami", headers=headers)
         assert answer.status_code == 401 and "expired at" in answer.json()["error"]["message"]
         listed = subprocess.run(
