@@ -97,11 +97,6 @@ class Hub:
         identity = engine.probe() if isinstance(engine, Supervised) else local_identity(engine, self.settings.device)
         return Worker(worker_id, engine, scheduler, identity)
 
-    @property
-    def scheduler(self) -> Scheduler:
-        """The first worker's scheduler (the only one of an in-process hub)."""
-        return self.workers[0].scheduler
-
     def workers_ready(self) -> wire.WorkerCount:
         return wire.WorkerCount(ready=sum(w.state != LOST for w in self.workers), total=len(self.workers))
 
