@@ -354,6 +354,11 @@ def create_app(
         _operators_only(owner, "draining a worker changes the whole hub")
         return state.ready().drain(worker_id)
 
+    @app.post("/v1/workers/{worker_id}/undrain", responses=_answers(401, 403, 404, 503))
+    def undrain(worker_id: str, owner: Caller) -> wire.WorkerInfo:
+        _operators_only(owner, "undraining a worker changes the whole hub")
+        return state.ready().undrain(worker_id)
+
     @app.delete("/v1/sessions/{session_id}", status_code=204, responses=_answers(401, 404, 429, 503))
     def close(session_id: str, owner: Caller) -> None:
         state.ready().close(session_id, owner)

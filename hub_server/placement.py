@@ -9,7 +9,8 @@ its whole life, since its KV cache lives there.
 
 Worker states:
 - `ready`     takes new sessions
-- `draining`  its open sessions finish, no new ones come (`hub_server workers drain ID`)
+- `draining`  its open sessions finish, no new ones come (`hub_server workers drain ID`;
+              `undrain ID` makes it ready again)
 - `lost`      its process, device or node is gone; its sessions were dropped (they answer 404
               `session_not_found`, and clients reopen them elsewhere) until it comes back
 """
@@ -99,6 +100,11 @@ class Worker:
         self.draining = True
         if self.state == READY:
             self.state = DRAINING
+
+    def undrain(self) -> None:
+        self.draining = False
+        if self.state == DRAINING:
+            self.state = READY
 
 
 def local_identity(engine: Engine, fallback_device: str) -> WorkerIdentity:

@@ -39,7 +39,7 @@ from hub_server.errors import (
 )
 from hub_server.limits import AdmissionGate, TokenBudgets
 from hub_server.metrics import HubCollector, HubFigures, HubMetrics
-from hub_server.placement import LOST, Supervised, Worker, local_identity, placement_order
+from hub_server.placement import LOST, READY, Supervised, Worker, local_identity, placement_order
 from hub_server.scheduler import Announcement, Scheduler
 from hub_server.sessions import LOCAL_OWNER, Owner, Session, SessionStore
 from hub_server.tree import chain_parents, node_depths, tree_problem
@@ -144,6 +144,13 @@ class Hub:
         log.info("worker %s draining: %d sessions left", worker_id, self.sessions.count_on(worker_id))
         return self._describe(worker)
 
+    def undrain(self, worker_id: str) -> wire.WorkerInfo:
+        """Place new sessions on a drained worker again (a lost one takes them once it is back)."""
+        worker = self._find_worker(worker_id)
+        worker.undrain()
+        log.info("worker %s takes new sessions again (%s)", worker_id, worker.state)
+        return self._describe(worker)
+
     def _find_worker(self, worker_id: str) -> Worker:
         for worker in self.workers:
             if worker.worker_id == worker_id:
@@ -241,11 +248,13 @@ class Hub:
             self.metrics.evicted_sessions.inc()
             self._retire(session)
 
-    def _place(self) -> tuple[Worker, KVHandle] | None:
+    def _place(self, excluded: Worker | None = None) -> tuple[Worker, KVHandle] | None:
         """A worker for a new session and a KV slot on it, best worker first; None when all are full."""
         loads = [w.load(self.sessions.count_on(w.worker_id), self.settings.max_sessions) for w in self.workers]
         for worker_id in placement_order(loads):
             worker = self.workers[int(worker_id)]
+            if worker is excluded:
+                continue
             try:
                 kv = worker.engine.new_kv()
             except WorkerLost:  # its probe will say so shortly; the next worker may take it
@@ -256,6 +265,9 @@ class Hub:
 
     def _full_message(self) -> str:
         limit = self.settings.max_sessions
+        if not any(worker.state == READY for worker in self.workers):
+            states = ", ".join(f"worker {w.worker_id} {w.state}" for w in self.workers)
+            return f"no worker of this hub takes new sessions now ({states}); retry in a while"
         if len(self.workers) == 1:
             return f"the hub serves its maximum of {limit} sessions; retry in a few seconds"
         up = self.workers_ready()
@@ -361,36 +373,63 @@ class Hub:
     def _generate(
         self, session: Session, request: wire.GenerateRequest, arrived: float
     ) -> Iterator[wire.GenerateChunk]:
-        # Announced for its whole life: between passes (streaming a chunk, drafting) the next
-        # batch may wait briefly for this session, so concurrent generations share passes.
-        scheduler = self._worker_of(session).scheduler
-        with session.lock, scheduler.announce() as announcement:
+        with session.lock:
             _check_open(session)
             session.context.extend(request.tokens)
-            produced = verifies = 0
-            while produced < request.max_tokens:
-                room = request.max_tokens - produced - 1
-                draft: list[int] = []
-                if request.mode == "speculative" and room > 0 and self.drafter is not None:
-                    draft = self.drafter.draft(session.session_id, session.context, min(request.draft_len, room))
-                job = VerifyJob(
-                    session.kv,
-                    session.context[session.kv.length :],
-                    draft,
-                    chain_parents(len(draft)),
-                    session.temperature,
-                    session.seed,
-                    session.stop_token_ids,
-                )
-                self._run(scheduler, session, job, request.mode, announcement)
-                produced += len(job.emitted)
-                verifies += 1
-                if verifies == 1:
-                    self.metrics.time_to_first_token.labels(request.mode).observe(time.perf_counter() - arrived)
-                yield wire.GenerateChunk(tokens=job.emitted)
-                if job.emitted[-1] in session.stop_token_ids:
-                    break
+            produced = verifies = rehomed = 0
+            stopped = False
+            while produced < request.max_tokens and not stopped:
+                worker = self._worker_of(session)
+                try:
+                    # Announced for its whole life on a worker: between passes (streaming a chunk,
+                    # drafting) the next batch may wait briefly for this session, so concurrent
+                    # generations share passes.
+                    with worker.scheduler.announce() as announcement:
+                        while produced < request.max_tokens and not stopped:
+                            job = self._generation_step(session, request, request.max_tokens - produced - 1)
+                            self._run(worker.scheduler, session, job, request.mode, announcement)
+                            produced += len(job.emitted)
+                            verifies += 1
+                            if verifies == 1:
+                                elapsed = time.perf_counter() - arrived
+                                self.metrics.time_to_first_token.labels(request.mode).observe(elapsed)
+                            yield wire.GenerateChunk(tokens=job.emitted)
+                            stopped = job.emitted[-1] in session.stop_token_ids
+                except WorkerLost:
+                    # The hub holds the whole context, so it does what a client's recovery would:
+                    # a slot on a live worker, the context fed there, the stream goes on.
+                    rehomed += 1
+                    if rehomed > len(self.workers):
+                        raise
+                    self._rehome(session, worker)
             yield wire.GenerateChunk(tokens=[], done=True, verifies=verifies, context_len=len(session.context))
+
+    def _generation_step(self, session: Session, request: wire.GenerateRequest, room: int) -> VerifyJob:
+        """The next verify of a server-only generation (`room`: tokens it may emit beyond its bonus one)."""
+        draft: list[int] = []
+        if request.mode == "speculative" and room > 0 and self.drafter is not None:
+            draft = self.drafter.draft(session.session_id, session.context, min(request.draft_len, room))
+        return VerifyJob(
+            session.kv,
+            session.context[session.kv.length :],
+            draft,
+            chain_parents(len(draft)),
+            session.temperature,
+            session.seed,
+            session.stop_token_ids,
+        )
+
+    def _rehome(self, session: Session, lost: Worker) -> None:
+        """Give a session whose worker was lost a slot on a live one (held under its lock: a
+        generation in flight); its context is fed there by its next pass."""
+        with self._admission:
+            placed = self._place(excluded=lost)
+        if placed is None:
+            raise HubFull(f"{self._full_message()} (the worker holding this session was lost)")
+        worker, kv = placed
+        self._forget(lost, session)
+        self.sessions.rehome(session, worker.worker_id, kv)
+        log.warning("session moved from lost worker %s to worker %s", lost.worker_id, worker.worker_id)
 
     def _run(
         self, scheduler: Scheduler, session: Session, job: VerifyJob, mode: str, announcement: Announcement
@@ -450,8 +489,8 @@ class Hub:
 
     def _retire(self, session: Session) -> None:
         """Give a removed session's KV slot back, once any request still running on it is done."""
-        worker = self._worker_of(session)
         with session.lock:
+            worker = self._worker_of(session)  # under the lock: a generation may have moved it
             if session.kv is not None:
                 with contextlib.suppress(WorkerLost):  # a lost worker took the slot with it
                     worker.engine.release(session.kv)
@@ -489,7 +528,6 @@ class Hub:
         lost = self.sessions.drop_worker(worker.worker_id)
         for session in lost:
             # Its KV slot died with the worker; a request still running on it fails by itself.
-            session.kv = None
             self._forget(worker, session)
         self.metrics.lost_sessions.inc(len(lost))
         log.warning(

@@ -87,12 +87,25 @@ class SessionStore:
             return sum(1 for s in self._sessions.values() if s.worker_id == worker_id)
 
     def drop_worker(self, worker_id: str) -> list[Session]:
-        """Remove every session the worker held (it is lost, and their KV caches with it)."""
+        """Remove every session the worker held (it is lost, and their KV caches with it): a
+        request that waited for one of them then finds it gone."""
         with self._lock:
             lost = [s for s in self._sessions.values() if s.worker_id == worker_id]
             for session in lost:
                 del self._sessions[session.session_id]
+                session.kv = None
         return lost
+
+    def rehome(self, session: Session, worker_id: str, kv: Any) -> None:
+        """Move a session to a slot on another worker (its own was lost), and back into the table
+        if the lost worker's sessions were dropped meanwhile. One step with `drop_worker`: either
+        the drop comes first and this undoes it, or it comes after and no longer sees the session.
+        A session its user closed meanwhile stays out (its closing then gives the new slot back)."""
+        with self._lock:
+            dropped = session.session_id not in self._sessions and session.kv is None
+            session.worker_id, session.kv = worker_id, kv
+            if dropped:
+                self._sessions[session.session_id] = session
 
     def all(self) -> list[Session]:
         with self._lock:

@@ -1,6 +1,6 @@
 """`hub_server workers`: the engine workers of a running hub, and draining one of them.
 
-They speak to the hub over HTTP (`GET /v1/workers`, `POST /v1/workers/ID/drain`) with an API
+They speak to the hub over HTTP (`GET /v1/workers`, `POST /v1/workers/ID/drain` and `/undrain`) with an API
 token, like any client; the hub may run on another machine.
 """
 
@@ -13,7 +13,7 @@ import httpx
 import typer
 
 workers_app = typer.Typer(
-    help="The engine workers of a running hub: list them (no command), or drain one.",
+    help="The engine workers of a running hub: list them (no command), drain one, or undrain it.",
     invoke_without_command=True,
 )
 
@@ -47,6 +47,13 @@ def drain(worker_id: str, hub: HubUrl, token: Token = None, as_json: AsJson = Fa
         if as_json
         else f"worker {worker['worker_id']} is {worker['state']}: {worker['sessions']} open sessions finish there"
     )
+
+
+@workers_app.command("undrain")
+def undrain(worker_id: str, hub: HubUrl, token: Token = None, as_json: AsJson = False) -> None:
+    """Place new sessions on worker ID again (after `drain`)."""
+    worker = _ask(hub, token, "POST", f"/v1/workers/{worker_id}/undrain")
+    typer.echo(json.dumps(worker) if as_json else f"worker {worker['worker_id']} is {worker['state']}")
 
 
 def _ask(hub: str, token: str | None, method: str, path: str) -> Any:

@@ -61,6 +61,18 @@ class MetricsPage:
             yield sample, labels, value
 
 
+def per_worker(page: MetricsPage, name: str) -> dict[str, float]:
+    """`name`'s values by worker; a hub of one worker labels nothing, and reads as worker ''."""
+    return page.by_label(name, "worker") or {"": page.value(name)}
+
+
+def worker_mean(page: MetricsPage, name: str) -> float:
+    """A per-worker gauge (a fitted cost, say) as one figure: its mean over the workers. Summing
+    it, as `value` does, would count a hub of two workers' cost per token twice."""
+    values = per_worker(page, name)
+    return sum(values.values()) / len(values)
+
+
 def hub_busy_s(page: MetricsPage) -> float:
     """The hub's busy seconds: its device's forward passes plus its own drafting (server-only speculative)."""
     return page.value(names.DEVICE_BUSY_SECONDS) + page.value(names.HUB_DRAFT_SECONDS)

@@ -15,7 +15,7 @@ from typing import Any
 from specedge_bench.bound import bound_from_runs
 from specedge_bench.config import MODES, BenchConfig
 from specedge_bench.cost import cost_ratios, mode_cost
-from specedge_bench.metrics import MetricsPage, hub_busy_s, pass_ms_by_sessions
+from specedge_bench.metrics import MetricsPage, hub_busy_s, pass_ms_by_sessions, per_worker, worker_mean
 from specedge_bench.users import ClientRecord, SimulatedUser, connect, run_all
 from specedge_bench.workload import Workload, hub_info, prepare_workload
 from specedge_common import metric_names as names
@@ -56,7 +56,10 @@ def _figures(
     # Context is fed apart from verifies, or inside a verify pass (a prompt sent with its first
     # verify, as clients do): those tokens at the fitted cost per token.
     in_verify = grown.value(names.VERIFY_CONTEXT_TOKENS)
-    in_verify_s = in_verify * after.value(names.PASS_TOKEN_SECONDS)
+    token_s = per_worker(after, names.PASS_TOKEN_SECONDS)  # each worker's own fitted cost
+    in_verify_s = sum(
+        tokens * token_s.get(w, 0.0) for w, tokens in per_worker(grown, names.VERIFY_CONTEXT_TOKENS).items()
+    )
     prefill = grown.value(names.PREFILL_SECONDS) + in_verify_s
     passes = grown.value(names.BATCHES)
     verifies = grown.value(names.VERIFY_REQUESTS)
@@ -87,7 +90,7 @@ def _figures(
         # Batches held for users due back soon (--merge-wait-share), and for how long in all.
         "merge_waits": grown.value(names.MERGE_WAITS),
         "merge_wait_s": grown.value(names.MERGE_WAIT_SECONDS),
-        "pass_fixed_ms": 1000 * after.value(names.PASS_FIXED_SECONDS),
+        "pass_fixed_ms": 1000 * worker_mean(after, names.PASS_FIXED_SECONDS),
         "user_return_ms": 1000 * after.value(names.USER_RETURN_SECONDS),
         "pass_ms_by_sessions": pass_ms_by_sessions(grown),
         "wall_s": wall,

@@ -7,6 +7,7 @@ import os
 import subprocess
 import sys
 import time
+from pathlib import Path
 
 import pytest
 
@@ -324,3 +325,31 @@ def test_the_metrics_reader_sums_over_workers_and_reads_what_grew():
     assert hub_busy_s(grown) == 6.0
     # 40 passes of 4 sessions grew, costing 6 s in all: 150 ms each.
     assert pass_ms_by_sessions(grown) == {4: [40.0, 150.0]}
+
+
+def test_per_worker_gauges_are_averaged_and_prompt_costs_use_each_workers_own_fit():
+    from specedge_bench.config import BenchConfig
+    from specedge_bench.metrics import MetricsPage, worker_mean
+    from specedge_bench.runs import _figures
+    from specedge_common import metric_names as names
+
+    def page(context_tokens: float) -> MetricsPage:
+        return MetricsPage.parse(
+            "# TYPE specedge_pass_token_seconds gauge\n"
+            'specedge_pass_token_seconds{worker="0"} 0.001\nspecedge_pass_token_seconds{worker="1"} 0.003\n'
+            "# TYPE specedge_pass_fixed_seconds gauge\n"
+            'specedge_pass_fixed_seconds{worker="0"} 0.010\nspecedge_pass_fixed_seconds{worker="1"} 0.030\n'
+            "# TYPE specedge_verify_context_tokens_total counter\n"
+            f'specedge_verify_context_tokens_total{{worker="0"}} {context_tokens}\n'
+            f'specedge_verify_context_tokens_total{{worker="1"}} {2 * context_tokens}\n'
+        )
+
+    before, after = page(0.0), page(100.0)
+    assert worker_mean(after, names.PASS_FIXED_SECONDS) == pytest.approx(0.020)  # not 0.040, their sum
+    config = BenchConfig("http://hub", Path("draft.gguf"), 1, 0.0, 8, 4, ())
+    figures = _figures(config, [], after, after.since(before), wall=1.0)
+    # 100 tokens at worker 0's 1 ms and 200 at worker 1's 3 ms: 0.7 s (a summed gauge would say 1.2 s).
+    assert figures["prefill_in_verify_s"] == pytest.approx(0.7)
+    assert figures["pass_fixed_ms"] == pytest.approx(20.0)
+    one_worker = MetricsPage.parse("# TYPE specedge_pass_fixed_seconds gauge\nspecedge_pass_fixed_seconds 0.05\n")
+    assert worker_mean(one_worker, names.PASS_FIXED_SECONDS) == pytest.approx(0.05)

@@ -4,6 +4,7 @@ never stored or logged in clear, limits answer 429 and recover. Real hubs on loo
 from __future__ import annotations
 
 import json
+import os
 import sqlite3
 import subprocess
 import sys
@@ -224,3 +225,39 @@ def test_requests_past_the_queue_cap_answer_429_and_recover(tiny, tmp_path):
             assert feed(retry).status_code == 200  # one at a time passes
     finally:
         hub.stop()
+
+
+def hub_workers(auth_hub, *args: str, token: str) -> subprocess.CompletedProcess:
+    """`hub_server workers ... --hub URL` as an operator types it, the token in SPECEDGE_TOKEN."""
+    return subprocess.run(
+        [sys.executable, "-m", "hub_server", "workers", *args, "--hub", auth_hub.url],
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        timeout=60,
+        env={**os.environ, "SPECEDGE_TOKEN": token},
+    )
+
+
+def test_operators_list_drain_and_undrain_workers_from_the_command_line(auth_hub):
+    ops, ada = auth_hub.tokens["ops"], auth_hub.tokens["ada"]
+    listed = hub_workers(auth_hub, token=ops)
+    assert listed.returncode == 0, listed.stderr
+    header, row = listed.stdout.splitlines()
+    assert header.split()[:3] == ["worker_id", "state", "device"] and row.split()[:2] == ["0", "ready"]
+    drained = hub_workers(auth_hub, "drain", "0", "--json", token=ops)
+    assert json.loads(drained.stdout)["state"] == "draining"
+    info = auth_hub.client("ada").post("/v1/sessions", json={"protocol_version": PROTOCOL_VERSION, **_vocab(auth_hub)})
+    assert (info.status_code, info.json()["error"]["code"]) == (429, "hub_full")  # its only worker drains
+    assert "worker 0 draining" in info.json()["error"]["message"]
+    assert hub_workers(auth_hub, "undrain", "0", token=ops).stdout.strip() == "worker 0 is ready"
+    assert json.loads(hub_workers(auth_hub, "--json", token=ops).stdout)[0]["state"] == "ready"
+    refused = hub_workers(auth_hub, "drain", "0", token=ada)
+    assert refused.returncode == 1 and "403" in refused.stderr and "operator" in refused.stderr
+    unknown = hub_workers(auth_hub, "undrain", "9", token=ops)
+    assert unknown.returncode == 1 and "no worker '9'" in unknown.stderr
+
+
+def _vocab(auth_hub) -> dict:
+    info = auth_hub.client("ada").get("/v1/info").json()
+    return {"vocab_size": info["vocab_size"], "vocab_fingerprint": info["vocab_fingerprint"]}

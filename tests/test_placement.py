@@ -99,6 +99,8 @@ def test_a_drained_worker_takes_no_new_sessions_while_its_open_ones_go_on():
     assert verify(hub, on_first, [3], [4]).tokens == [4, 5]
     with pytest.raises(UnknownWorker, match="no worker '7'"):
         hub.drain("7")
+    assert hub.undrain("0").state == READY
+    assert hub.sessions.get(hub.open_session(open_request(first)).session_id).worker_id == "0"
 
 
 def test_a_lost_worker_drops_its_sessions_and_rejoins_once_restarted():

@@ -18,6 +18,7 @@ import pytest
 
 from specedge_cli.decoding import Conversation, DecodeSettings, Reply
 from specedge_cli.drafting.engine import DraftEngine
+from specedge_cli.remote import protocol as wire
 from specedge_cli.remote.client import HubClient
 from tests.conftest import AuthHub, RunningHub
 from tests.test_lossless import plain_template
@@ -153,6 +154,38 @@ def test_a_worker_killed_mid_reply_costs_no_reply_and_comes_back(two_workers, dr
     finally:
         for session in opened:
             ada.delete(f"/v1/sessions/{session}")
+
+
+def test_a_worker_killed_mid_generation_costs_no_token(two_workers, draft, target_alone):
+    """Server-only decoding streams from the hub's own loop; the hub holds the context, so it moves
+    the stream to the live worker itself and the tokens are those of an undisturbed stream."""
+    prompt = draft.tokenize(PROMPTS[2], add_bos=True)
+    stop = draft.stop_token_ids()
+    with HubClient(two_workers.url, token=two_workers.tokens["bob"]) as client:
+        info = client.info()
+        opened = client.open_session(
+            wire.OpenSessionRequest(
+                vocab_size=info.vocab_size,
+                vocab_fingerprint=info.vocab_fingerprint,
+                sampling=wire.Sampling(temperature=0.9, seed=7),
+                stop_token_ids=stop,
+            )
+        )
+        request = wire.GenerateRequest(mode="autoregressive", tokens=prompt, max_tokens=MAX_TOKENS)
+        tokens: list[int] = []
+        killed: list[dict] = []
+        try:
+            for chunk in client.generate(opened.session_id, request):
+                tokens += chunk.tokens
+                if len(tokens) == 3:
+                    holder = next(w for w in workers_of(two_workers.url, two_workers.tokens["ops"]) if w["sessions"])
+                    os.kill(holder["pid"], signal.SIGKILL)
+                    killed.append(holder)
+            placed = {w["worker_id"]: w["sessions"] for w in workers_of(two_workers.url, two_workers.tokens["ops"])}
+        finally:
+            client.close_session(opened.session_id)
+    assert killed and placed[killed[0]["worker_id"]] == 0  # it finished on the other worker
+    assert tokens == target_alone.decode(prompt, MAX_TOKENS, frozenset(stop), temperature=0.9, seed=7)
 
 
 @pytest.fixture(scope="module")

@@ -18,7 +18,16 @@ import pytest
 from hub_server import protocol as wire
 from hub_server.config import HubSettings
 from hub_server.engine_api import EngineStats, KVHandle, PassTally, VerifyJob
-from hub_server.errors import BadRequest, ContextTooLong, HubFull, RateLimited, SessionNotFound, VocabMismatch
+from hub_server.errors import (
+    BadRequest,
+    ContextTooLong,
+    HubFull,
+    RateLimited,
+    SessionNotFound,
+    VocabMismatch,
+    WorkerLost,
+)
+from hub_server.placement import WorkerIdentity
 from hub_server.service import Hub
 from hub_server.sessions import LOCAL_OWNER, Owner
 from hub_server.tree import accept_tree
@@ -281,3 +290,51 @@ def test_sessions_belong_to_the_account_and_close_when_it_is_removed():
     with pytest.raises(SessionNotFound):
         verify(hub, old, [], [3], owner=CAROL)
     assert metric(hub, "specedge_sessions_closed_account_removed_total") == 1
+
+
+class LosableWorker(CountingTarget):
+    """A `CountingTarget` in 'another process': probed, and lost once `lost` is set (its slots with it)."""
+
+    def __init__(self, name: str, **kwargs):
+        super().__init__(**kwargs)
+        self.lost = False
+        self.identity = WorkerIdentity("node", 1, "cpu", name)
+
+    def probe(self) -> WorkerIdentity:
+        if self.lost:
+            raise WorkerLost("the engine worker holding this session was lost; open a new session")
+        return self.identity
+
+    def new_kv(self) -> KVHandle | None:
+        if self.lost:
+            raise WorkerLost("lost")
+        return super().new_kv()
+
+    def verify_batch(self, jobs: list[VerifyJob]) -> float:
+        if self.lost:
+            raise WorkerLost("lost")
+        return super().verify_batch(jobs)
+
+
+def test_a_generation_whose_worker_is_lost_goes_on_on_another_and_gives_the_same_tokens():
+    first, second = LosableWorker("first"), LosableWorker("second")
+    hub = Hub(HubSettings(model="unused"), [first, second])
+    session = hub.open_session(open_request(first)).session_id
+    holder = first if len(first.free) < 4 else second
+    request = wire.GenerateRequest(mode="autoregressive", tokens=[3, 4], max_tokens=12)
+    tokens = []
+    for chunk in hub.generate(session, request):
+        tokens += chunk.tokens
+        if len(tokens) == 3:
+            holder.lost = True  # its process is gone mid-stream
+    assert tokens == [(5 + i) % VOCAB for i in range(12)]  # undisturbed: the counting target's own
+    moved = next(s for s in hub.sessions.all() if s.session_id == session)
+    other = second if holder is first else first
+    assert hub.workers[int(moved.worker_id)].engine is other and len(other.free) == 3
+    # The probe then notices the loss; the moved session is not dropped with the lost worker's.
+    deadline = time.monotonic() + 10
+    while hub.workers_ready().ready == 2 and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert hub.workers_ready().ready == 1
+    more = hub.generate(session, wire.GenerateRequest(mode="autoregressive", max_tokens=2))
+    assert [token for chunk in more for token in chunk.tokens] == [17, 18]
