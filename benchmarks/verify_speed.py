@@ -7,12 +7,16 @@ For each tree (the commit `--base`, unpacked with `git archive` into a temporary
 working tree) it starts a worker process with PYTHONPATH pointing there, so each measures its own
 `ModelRunner`. A worker fills `--sessions` KV slots with contexts of each length, then times
 batched verify passes of all of them, each session with its last context token and a chain draft
-of `--draft-tokens` random tokens; slot lengths are reset after each pass, so every pass sees the
+of `--draft-tokens` tokens (see `--accepted`); slot lengths are reset after each pass, so every pass sees the
 same contexts. The figure is the runner's own device time (`busy_seconds`) per pass divided by
 the sessions in it: device time per verify; beside it the process's CPU time over the same pass
 (one torch thread: on a loaded machine it leaves out the time the process waited for a core).
 Trees run in turns (`--turns`), one torch thread each, and the best turn's median is kept: a
 shared machine only ever adds time.
+
+`--accepted 0 4 8` times drafts the target accepts that far: each starts with that many of the
+target's own greedy next tokens (decoded by the runner first), then tokens it would not choose;
+the default 0 is a draft the target rejects at once.
 
 `--target dispatch` builds the dispatch-bound stand-in (benchmarks/dispatch_target.py); `gemma`
 is the default Gemma 3 270M GGUF (assembled from its PyPI package).
@@ -87,26 +91,49 @@ def worker(args: argparse.Namespace) -> None:
         contexts = [[1] + rng.integers(10, runner.vocab_size, context - 1).tolist() for _ in slots]
         for slot, tokens in zip(slots, contexts):
             runner.prefill(slot, tokens)
-        times, cpu_times = [], []
-        for round_ in range(args.rounds + 2):  # two warm-up passes
-            jobs = []
-            for slot, tokens in zip(slots, contexts):
-                slot.length = len(tokens) - 1
-                draft = rng.integers(10, runner.vocab_size, args.draft_tokens).tolist()
-                jobs.append(VerifyJob(slot, tokens[-1:], draft, chain_parents(len(draft)), 0.0, 0, frozenset()))
-            busy, cpu = runner.busy_seconds, time.process_time()
-            runner.verify_batch(jobs)
-            if round_ >= 2:
-                times.append((runner.busy_seconds - busy) * 1000 / args.sessions)
-                cpu_times.append((time.process_time() - cpu) * 1000 / args.sessions)
+        truths = target_continuations(runner, VerifyJob, slots, contexts, args.draft_tokens)
+        for accepted in args.accepted:
+            times, cpu_times = [], []
+            for round_ in range(args.rounds + 2):  # two warm-up passes
+                jobs = []
+                for slot, tokens, truth in zip(slots, contexts, truths):
+                    slot.length = len(tokens) - 1
+                    # The target's own next tokens for the first `accepted`, then a token it would not choose.
+                    wrong = [(t + 1 + int(rng.integers(1, runner.vocab_size - 11))) % runner.vocab_size for t in truth]
+                    draft = (truth[:accepted] + wrong[accepted:])[: args.draft_tokens]
+                    jobs.append(VerifyJob(slot, tokens[-1:], draft, chain_parents(len(draft)), 0.0, 0, frozenset()))
+                busy, cpu = runner.busy_seconds, time.process_time()
+                runner.verify_batch(jobs)
+                if round_ >= 2:
+                    times.append((runner.busy_seconds - busy) * 1000 / args.sessions)
+                    cpu_times.append((time.process_time() - cpu) * 1000 / args.sessions)
+            figures[key(context, accepted, args)] = {
+                "median_ms": statistics.median(times),
+                "min_ms": min(times),
+                "cpu_median_ms": statistics.median(cpu_times),
+            }
         for slot in slots:
             runner.release(slot)
-        figures[str(context)] = {
-            "median_ms": statistics.median(times),
-            "min_ms": min(times),
-            "cpu_median_ms": statistics.median(cpu_times),
-        }
     print("RESULT " + json.dumps(figures), flush=True)
+
+
+def target_continuations(runner, VerifyJob, slots, contexts, n: int) -> list[list[int]]:
+    """Each session's next `n` greedy tokens, as the target decodes them (one verify pass a token,
+    all sessions batched); the slots are left as they were."""
+    extended = [list(tokens) for tokens in contexts]
+    for _ in range(n):
+        jobs = [
+            VerifyJob(slot, tokens[slot.length :], [], [], 0.0, 0, frozenset()) for slot, tokens in zip(slots, extended)
+        ]
+        runner.verify_batch(jobs)
+        for tokens, job in zip(extended, jobs):
+            tokens.extend(job.emitted)
+    return [tokens[len(context) :] for tokens, context in zip(extended, contexts)]
+
+
+def key(context: int, accepted: int, args: argparse.Namespace) -> str:
+    """A figure's name: its context, and its accepted draft tokens when more than one count is run."""
+    return str(context) if len(args.accepted) == 1 else f"{context}/{accepted}"
 
 
 # --- the driver: both trees in turns ----------------------------------------------------
@@ -115,6 +142,7 @@ def run_tree(tree: Path, args: argparse.Namespace, target: str, compile_mode: st
     command += ["--contexts", *map(str, args.contexts), "--sessions", str(args.sessions)]
     command += ["--draft-tokens", str(args.draft_tokens), "--rounds", str(args.rounds)]
     command += ["--threads", str(args.threads), "--compile", compile_mode, "--device", args.device]
+    command += ["--accepted", *map(str, args.accepted)]
     env = dict(os.environ, PYTHONPATH=str(tree))
     out = subprocess.run(command, env=env, capture_output=True, text=True, cwd=tree)
     lines = [line for line in out.stdout.splitlines() if line.startswith("RESULT ")]
@@ -141,6 +169,13 @@ def main() -> None:
     parser.add_argument("--compile", default="on", help="this tree's --compile: off, auto, on, or several (off,on)")
     parser.add_argument("--base", default="7ade0de", help="the commit to compare against ('' for none)")
     parser.add_argument("--turns", type=int, default=2)
+    parser.add_argument(
+        "--accepted",
+        type=int,
+        nargs="+",
+        default=[0],
+        help="draft tokens the target accepts: each draft starts with this many of the target's own next tokens",
+    )
     parser.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.worker:
@@ -173,7 +208,7 @@ def report(best: dict[str, dict], args: argparse.Namespace, target: str) -> None
     print(f"{'context':>8} " + " ".join(f"{name:>28}" for name in names) + " " + " ".join(f"{r:>22}" for r in ratios))
     for figure, label in (("median_ms", "device time"), ("cpu_median_ms", "the process's CPU time")):
         print(f"-- {label}, ms per verify")
-        for context in map(str, args.contexts):
+        for context in [key(c, a, args) for c in args.contexts for a in args.accepted]:
             cells = [best[name][context][figure] for name in names]
             shown = [f"{cells[0] / cell:.2f}x" for cell in cells[1:]] if base else []
             print(

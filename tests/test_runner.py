@@ -63,6 +63,16 @@ def greedy(target_alone: TargetAlone, context: list[int], n: int) -> list[int]:
     return target_alone.decode(context, n)
 
 
+@pytest.fixture(autouse=True, params=["levels", "all"])
+def projection(request, target):
+    """Every test runs with the projection walking the drafts level by level and computing every
+    node at once (`auto` chooses one of the two per level, by cost)."""
+    runner, _ = target
+    runner.projection = request.param
+    yield request.param
+    runner.projection = "auto"
+
+
 @pytest.fixture(autouse=True)
 def slots_given_back(target):
     """Each test's sessions give their KV slots back, as closed sessions do."""
@@ -266,3 +276,22 @@ def test_warm_up_gives_its_slots_back_and_leaves_no_trace(target):
     pair = [job(runner, prefilled(runner, c), c, [5, 6, 7]) for c in CONTEXTS[:2]]
     runner.verify_batch(pair)  # a second pass size: the fixed part can be told apart
     assert runner.pass_costs.fixed_s() >= 0.0
+
+
+def test_the_projection_computes_only_the_rows_the_acceptance_rule_reads_when_walking(target, projection):
+    """A tree whose every first-level node is rejected: walking level by level projects its root
+    row alone; computing every node at once projects all of them. The tokens are the same."""
+    runner, target_alone = target
+    context = CONTEXTS[0]
+    truth = greedy(target_alone, context, 3)
+    tokens = [(truth[0] + 1) % 512, truth[1], truth[2], (truth[0] + 2) % 512, 9]  # root -> {0 -> 1 -> 2, 3 -> 4}
+    before = runner.projected_rows
+    tree = job(runner, prefilled(runner, context), context, tokens, [-1, 0, 1, -1, 3])
+    runner.verify_batch([tree])
+    assert tree.emitted == truth[:1]
+    assert runner.projected_rows - before == (1 if projection == "levels" else 1 + len(tokens))
+    chain = job(runner, prefilled(runner, context), context, truth[:2] + [(truth[2] + 1) % 512])
+    before = runner.projected_rows
+    runner.verify_batch([chain])  # two accepted, the third rejected: three rows are read
+    assert chain.emitted == truth[:3]
+    assert runner.projected_rows - before == (3 if projection == "levels" else 4)

@@ -21,6 +21,7 @@ import logging
 import os
 import threading
 import time
+from collections import Counter
 from dataclasses import dataclass, replace
 from itertools import chain
 from pathlib import Path
@@ -40,10 +41,10 @@ from hub_server.engine.pool_attention import (
     kind_mask,
     slot_runs,
 )
-from hub_server.engine.sampling import target_choices
+from hub_server.engine.sampling import sample_row
 from hub_server.engine_api import EngineStats, KVHandle, PassTally, VerifyJob
 from hub_server.pass_cost import PassCostFit
-from hub_server.tree import accept_tree, chain_parents
+from hub_server.tree import accept_tree, chain_parents, node_depths, position_uniform
 
 # Without --kv-memory-gib, the KV pool may take this share of the memory left once the model
 # is loaded: on a GPU the rest is for the passes themselves (activations, logits);
@@ -65,6 +66,9 @@ WARM_UP_DRAFTS = (0, 8, 32)
 # a verify's last token and longest draft) sets the spare columns of every slot (kv_pool.py).
 FEED_CHUNK = 128
 SMALLEST_WIDTH = 16  # the narrowest compiled row: narrower ones cost about as much on any device
+# How fast the estimate of how often a projected draft node leads on to an accepted child follows
+# the drafts (`ModelRunner._choices`).
+SURVIVAL_FADE = 0.1
 
 log = logging.getLogger("hub_server")
 
@@ -89,6 +93,31 @@ class _Batch:
 def _row_parents(n_pending: int, parents: list[int]) -> list[int]:
     """Parents within the row: pending tokens form a chain; draft roots hang off the last of them."""
     return list(range(-1, n_pending - 1)) + [n_pending - 1 if p < 0 else n_pending + p for p in parents]
+
+
+def _children(parents: list[int]) -> dict[int, list[int]]:
+    """Each node's children in a draft tree (-1: the root's)."""
+    kids: dict[int, list[int]] = {}
+    for node, parent in enumerate(parents):
+        kids.setdefault(parent, []).append(node)
+    return kids
+
+
+def _opens(job: VerifyJob, node: int, choice: int) -> bool:
+    """Whether draft `node` is accepted (its token is the target's choice at its accepted parent)
+    and has a choice of its own to read: a stop token ends its path."""
+    token = job.draft[node]
+    return token == choice and token not in job.stop_token_ids
+
+
+def _descendants(kids: dict[int, list[int]], node: int) -> list[int]:
+    """Every node below `node`."""
+    found, stack = [], list(kids.get(node, ()))
+    while stack:
+        child = stack.pop()
+        found.append(child)
+        stack.extend(kids.get(child, ()))
+    return found
 
 
 def buckets(limit: int, smallest: int = 1) -> list[int]:
@@ -186,12 +215,28 @@ class ModelRunner:
         widest_verify = 1 + settings.max_draft_tokens
         self.width_buckets = buckets(widest_verify, min(SMALLEST_WIDTH, widest_verify))
         self._decoder = self._compiled_decoder(settings) if self.compiled else self._decode
+        # Which draft nodes the vocabulary projection computes (`_choices`): `auto` decides by its
+        # measured cost, `levels` walks level by level, `all` computes every node in one go.
+        self.projection = "auto"
+        self.projection_costs = PassCostFit(fade=0.995)  # the projection's time against its rows
+        self._survival: list[float] = []  # by depth: how often a projected node led on to an accepted child
+        self._time_projection(settings.max_batch * (1 + settings.max_draft_tokens))
         self.compiled_shapes: set[tuple[int, int]] = set()  # buckets run through the compiled decoder
         self._zero_tallies()
         if self.compiled:
             self.compile_buckets()
         elif self.device == "cuda":
             self.warm_up(settings.max_batch, settings.max_draft_tokens)
+
+    def _time_projection(self, most_rows: int) -> None:
+        """Time the vocabulary projection on one row and on many, so that the first passes
+        already know what a row of it costs against a call of it."""
+        hidden_size = self.model.get_output_embeddings().weight.shape[1]
+        hidden = torch.zeros(max(2, min(most_rows, 64)), hidden_size, dtype=self.model.dtype, device=self.device)
+        for rows in (1, hidden.shape[0]) * 2:
+            started = time.perf_counter()
+            self._logits(hidden, list(range(rows))).argmax(dim=-1).tolist()
+            self.projection_costs.add(rows, time.perf_counter() - started)
 
     def _make_pool(self, settings: HubSettings, config) -> KVPool:
         """The KV pool for --max-sessions sessions, sized to the budget; KVBudgetError when it cannot be."""
@@ -357,6 +402,7 @@ class ModelRunner:
         self.kept_kv_bytes_moved = 0  # a tree's accepted nodes moved down to close the gap
         self.compiled_hits = 0  # passes run by a compiled bucket
         self.compiled_misses = 0  # passes (with --compile on) no bucket was compiled for: run eagerly
+        self.projected_rows = 0  # verify rows the vocabulary projection computed (`_choices`)
 
     def _verify_pass(self, jobs: list[VerifyJob]) -> int:
         """One batched pass over the jobs; returns the tokens it computed, padding included."""
@@ -368,18 +414,112 @@ class ModelRunner:
             bucketed=self.compiled,
         )
         hidden = self._forward(batch, counted=True)
-        # Position n_pending - 1 predicts after the root; position n_pending + i after draft node i.
-        scored = [range(len(job.pending) - 1, size) for job, size in zip(jobs, batch.sizes)]
-        logits = self._logits(hidden, [b * batch.width + c for b, columns in enumerate(scored) for c in columns])
-        # Greedy rows read one argmax over the whole batch: one copy from the device, not one a row.
-        greedy = logits.argmax(dim=-1).tolist() if any(job.temperature == 0.0 for job in jobs) else None
-        kept, first = [], 0
-        for job, columns, size in zip(jobs, scored, batch.sizes):
-            end = first + len(columns)
-            kept.append(self._accept(job, logits[first:end], greedy[first:end] if greedy else None, batch, size))
-            first = end
+        kept = []
+        for job, choices in zip(jobs, self._choices(jobs, batch, hidden)):
+            job.path, job.emitted = accept_tree(job.draft, job.parents, choices, job.stop_token_ids)
+            # Keep what the context now holds, but its last token: pending, then the accepted path.
+            kept.append((len(job.pending), job.path[: len(job.emitted) - 1]))
         self._keep(batch, kept)
         return batch.tokens.numel()
+
+    def _choices(self, jobs: list[VerifyJob], batch: _Batch, hidden: torch.Tensor) -> list[list[int]]:
+        """The target's choice at each row's root and draft nodes, as `accept_tree` reads them
+        (choices[0] after the root, choices[i + 1] after node i); -1 where it reads none.
+
+        The acceptance rule reads a node's choice only when the node itself is accepted, so the
+        vocabulary projection (on a 262k-token vocabulary, most of a pass on a CPU) need not run
+        for the others. The walk goes down the drafts a level at a time from the roots; at each
+        level it either projects only the nodes it has reached, or every node still below them
+        at once, whichever the projection's measured cost says is cheaper (`_walk_on`).
+        """
+        kids = [_children(job.parents) for job in jobs]
+        depths = [[0, *node_depths(job.parents)] for job in jobs]  # by node + 1: the root at depth 0
+        choices = [[-1] * (len(job.draft) + 1) for job in jobs]
+        frontier = [(b, -1) for b in range(len(jobs))]  # (row, node): choice needed, not yet computed
+        depth = 0  # of every node in the frontier
+        while frontier:
+            below = [(b, d) for b, node in frontier for d in _descendants(kids[b], node)]
+            under = Counter(depths[b][d + 1] for b, d in below)  # nodes still below, by depth
+            wanted = frontier if self._walk_on(depth, len(frontier), under) else frontier + below
+            for (b, node), choice in zip(wanted, self._choose(jobs, batch, hidden, wanted)):
+                choices[b][node + 1] = choice
+            # On through the nodes just computed, to the next ones not computed; by depth, how
+            # many of those reached had children and how many led on to one (what walking pays).
+            walking, frontier = list(frontier), []
+            seen, led = Counter[int](), Counter[int]()
+            while walking:
+                b, node = walking.pop()
+                at = depths[b][node + 1]
+                opened = [child for child in kids[b].get(node, ()) if _opens(jobs[b], child, choices[b][node + 1])]
+                seen[at] += bool(kids[b].get(node))
+                led[at] += bool(opened)
+                for child in opened:
+                    (walking if choices[b][child + 1] >= 0 else frontier).append((b, child))
+            for at, count in seen.items():
+                if count:
+                    self._learn_survival(at, led[at] / count)
+            depth += 1
+        return choices
+
+    def _learn_survival(self, depth: int, share: float) -> None:
+        while len(self._survival) <= depth:
+            self._survival.append(0.5)
+        self._survival[depth] += SURVIVAL_FADE * (share - self._survival[depth])
+
+    def _walk_on(self, depth: int, reached: int, under: Counter) -> bool:
+        """Whether to project only the `reached` nodes at `depth` now, leaving the nodes below
+        them (`under`: how many at each depth) for later levels, rather than all of them at once.
+
+        Each projection costs a fixed part and a part per row (fitted as passes run). Walking on
+        saves the rows under every node that turns out rejected, and costs one projection more
+        a level; with how often a node at each depth led on lately, the expected cost of
+        projecting everything left at depth k is compared for every k, and the walk goes on
+        while a deeper k is cheaper than now."""
+        if not under or self.projection == "all":
+            return False
+        if self.projection == "levels":
+            return True
+        fixed, per_row = self.projection_costs.fixed_s(), self.projection_costs.per_token_s()
+        if fixed is None or per_row is None:
+            return False
+        # Expected nodes reached at each depth: those of this level, then as many as led on lately.
+        deepest, reach = max(under), {depth: float(reached)}
+        for d in range(depth + 1, deepest + 1):
+            survival = self._survival[d - 1] if d - 1 < len(self._survival) else 0.5
+            reach[d] = min(float(under.get(d, 0)), reach[d - 1] * survival)
+
+        def projection(rows: float) -> float:  # expected cost of one projection (none if no rows)
+            return fixed * min(1.0, rows) + per_row * rows
+
+        def all_at(k: int) -> float:  # walk to depth k alone, then project all that is left there
+            walked = sum(projection(reach[d]) for d in range(depth, k))
+            if k > deepest:
+                return walked
+            share = reach[k] / under[k] if k > depth and under.get(k) else 1.0  # of depth k reached
+            left = reach[k] + share * sum(under.get(d, 0) for d in range(k + 1, deepest + 1))
+            return walked + projection(left)
+
+        now = all_at(depth)
+        return any(all_at(k) < now for k in range(depth + 1, deepest + 2))
+
+    def _choose(self, jobs: list[VerifyJob], batch: _Batch, hidden: torch.Tensor, wanted: list[tuple[int, int]]):
+        """The target's token after each (row, node) of `wanted` (node -1: the row's root)."""
+        columns = [len(jobs[b].pending) + node for b, node in wanted]
+        started = time.perf_counter()
+        logits = self._logits(hidden, [b * batch.width + c for (b, _), c in zip(wanted, columns)])
+        # Greedy rows read one argmax over all of them: one copy from the device, not one a row.
+        greedy = logits.argmax(dim=-1).tolist() if any(jobs[b].temperature == 0.0 for b, _ in wanted) else None
+        self.projection_costs.add(len(wanted), time.perf_counter() - started)
+        self.projected_rows += len(wanted)
+        chosen = []
+        for k, ((b, _), column) in enumerate(zip(wanted, columns)):
+            job = jobs[b]
+            if job.temperature == 0.0 and greedy is not None:
+                chosen.append(greedy[k])
+            else:
+                position = int(batch.positions[b, column]) + 1
+                chosen.append(sample_row(logits[k], job.temperature, position_uniform(job.seed, position)))
+        return chosen
 
     def _feed(self, kv: KVSlot, tokens: list[int]) -> None:
         """Append `tokens` to `kv` in passes of this session alone, FEED_CHUNK tokens each."""
@@ -453,25 +593,6 @@ class ModelRunner:
             runs=slot_runs([slot.index for slot in slots]),
         )
         return _Batch(slots, sizes, tokens.view(height, width), positions, layout)
-
-    def _accept(
-        self, job: VerifyJob, logits: torch.Tensor, argmax: list[int] | None, batch: _Batch, size: int
-    ) -> tuple[int, list[int]]:
-        """Apply the acceptance rule to one row; returns (pending tokens, accepted nodes to keep).
-
-        logits: [N + 1, V], the row's scored positions (its last pending token, then its nodes).
-        argmax: [N + 1], their argmax (given when some row of the batch decodes greedily).
-        """
-        n_pending = len(job.pending)
-        if job.temperature == 0.0 and argmax is not None:
-            choices = argmax
-        else:
-            row = batch.slots.index(job.kv)
-            draw_positions = (batch.positions[row, n_pending - 1 : size] + 1).tolist()
-            choices = target_choices(logits, job.temperature, job.seed, draw_positions)
-        job.path, job.emitted = accept_tree(job.draft, job.parents, choices, job.stop_token_ids)
-        # Keep what the context now holds, but its last token: pending, then the accepted path.
-        return n_pending, job.path[: len(job.emitted) - 1]
 
     @torch.inference_mode()
     def _forward(self, batch: _Batch, counted: bool = False) -> torch.Tensor:
