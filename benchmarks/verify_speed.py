@@ -89,9 +89,11 @@ def worker(args: argparse.Namespace) -> None:
     for context in args.contexts:
         slots = [runner.new_kv() for _ in range(args.sessions)]
         contexts = [[1] + rng.integers(10, runner.vocab_size, context - 1).tolist() for _ in slots]
+        torch.set_num_threads(len(os.sched_getaffinity(0)))  # untimed: the contexts, on every core
         for slot, tokens in zip(slots, contexts):
             runner.prefill(slot, tokens)
         truths = target_continuations(runner, VerifyJob, slots, contexts, args.draft_tokens)
+        torch.set_num_threads(args.threads)
         for accepted in args.accepted:
             times, cpu_times = [], []
             for round_ in range(args.rounds + 2):  # two warm-up passes

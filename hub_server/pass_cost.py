@@ -49,3 +49,47 @@ class PassCostFit:
         slope = max(0.0, (xy / n - (x / n) * (y / n)) / spread)
         fixed = min(max(y / n - slope * x / n, 0.0), y / n)
         return fixed, (y / n - fixed) / (x / n) if x else 0.0
+
+
+class RowCosts:
+    """What one call costs by the rows it computes, measured at the row counts seen (each an
+    average that follows the device) and interpolated between them: the vocabulary projection's
+    cost is far from linear in its rows on a CPU (one row reads the weight as a vector product;
+    two to sixteen cost about the same, twice one; past that it grows with the rows)."""
+
+    def __init__(self, fade: float = 0.2):
+        self.fade = fade
+        self._seconds: dict[int, float] = {}
+        self._lock = threading.Lock()
+
+    def add(self, rows: int, seconds: float) -> None:
+        with self._lock:
+            known = self._seconds.get(rows)
+            self._seconds[rows] = seconds if known is None else known + self.fade * (seconds - known)
+
+    def known(self) -> bool:
+        return len(self._seconds) >= 2
+
+    def seconds(self, rows: float) -> float:
+        """The expected cost of computing `rows` rows (fewer than one: the chance of a call of one)."""
+        if rows <= 0:
+            return 0.0
+        with self._lock:
+            points = sorted(self._seconds.items())
+        if rows < 1:
+            return rows * self._at(points, 1.0)
+        return self._at(points, rows)
+
+    @staticmethod
+    def _at(points: list[tuple[int, float]], rows: float) -> float:
+        below = [p for p in points if p[0] <= rows]
+        above = [p for p in points if p[0] >= rows]
+        if below and above:
+            (x0, y0), (x1, y1) = below[-1], above[0]
+        elif len(points) >= 2:  # beyond what was measured: the line through the nearest two
+            (x0, y0), (x1, y1) = points[-2:] if not above else points[:2]
+        else:
+            return points[0][1] if points else 0.0
+        if x1 == x0:
+            return y0
+        return max(0.0, y0 + (y1 - y0) * (rows - x0) / (x1 - x0))

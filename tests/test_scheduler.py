@@ -7,7 +7,7 @@ import time
 
 import pytest
 
-from hub_server.pass_cost import PassCostFit
+from hub_server.pass_cost import PassCostFit, RowCosts
 from hub_server.scheduler import Scheduler
 
 
@@ -271,3 +271,18 @@ def test_in_virtual_time_a_pass_waits_for_a_user_due_back():
 
 def _never(jobs: list[str]) -> None:
     raise AssertionError("a driven scheduler runs no batch itself")
+
+
+def test_row_costs_interpolate_between_the_counts_measured_and_follow_the_device():
+    costs = RowCosts(fade=0.5)
+    assert not costs.known()
+    for rows, seconds in ((1, 0.070), (2, 0.150), (16, 0.180), (64, 0.550)):
+        costs.add(rows, seconds)
+    assert costs.known()
+    assert costs.seconds(0) == 0.0
+    assert costs.seconds(0.5) == pytest.approx(0.035)  # the chance of a call of one row
+    assert costs.seconds(2) == pytest.approx(0.150)
+    assert costs.seconds(9) == pytest.approx(0.165)  # halfway from 2 to 16
+    assert costs.seconds(72) == pytest.approx(0.550 + 8 * (0.370 / 48))  # on the line beyond 64
+    costs.add(2, 0.250)  # the device got slower: half way there
+    assert costs.seconds(2) == pytest.approx(0.200)

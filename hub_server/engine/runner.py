@@ -43,7 +43,7 @@ from hub_server.engine.pool_attention import (
 )
 from hub_server.engine.sampling import sample_row
 from hub_server.engine_api import EngineStats, KVHandle, PassTally, VerifyJob
-from hub_server.pass_cost import PassCostFit
+from hub_server.pass_cost import PassCostFit, RowCosts
 from hub_server.tree import accept_tree, chain_parents, node_depths, position_uniform
 
 # Without --kv-memory-gib, the KV pool may take this share of the memory left once the model
@@ -68,7 +68,8 @@ FEED_CHUNK = 128
 SMALLEST_WIDTH = 16  # the narrowest compiled row: narrower ones cost about as much on any device
 # How fast the estimate of how often a projected draft node leads on to an accepted child follows
 # the drafts (`ModelRunner._choices`).
-SURVIVAL_FADE = 0.1
+SURVIVAL_FADE = 0.3
+PROJECTION_TIMED_ROWS = 64  # the projection is timed at start up to this many rows (linear beyond)
 
 log = logging.getLogger("hub_server")
 
@@ -218,9 +219,9 @@ class ModelRunner:
         # Which draft nodes the vocabulary projection computes (`_choices`): `auto` decides by its
         # measured cost, `levels` walks level by level, `all` computes every node in one go.
         self.projection = "auto"
-        self.projection_costs = PassCostFit(fade=0.995)  # the projection's time against its rows
+        self.projection_costs = RowCosts()  # the projection's time by the rows it computes
         self._survival: list[float] = []  # by depth: how often a projected node led on to an accepted child
-        self._time_projection(settings.max_batch * (1 + settings.max_draft_tokens))
+        self._time_projection(min(PROJECTION_TIMED_ROWS, settings.max_batch * (1 + settings.max_draft_tokens)))
         self.compiled_shapes: set[tuple[int, int]] = set()  # buckets run through the compiled decoder
         self._zero_tallies()
         if self.compiled:
@@ -229,11 +230,12 @@ class ModelRunner:
             self.warm_up(settings.max_batch, settings.max_draft_tokens)
 
     def _time_projection(self, most_rows: int) -> None:
-        """Time the vocabulary projection on one row and on many, so that the first passes
-        already know what a row of it costs against a call of it."""
+        """Time the vocabulary projection at powers of two up to `most_rows` rows, so that the
+        first passes already know what its rows cost against a call of it."""
         hidden_size = self.model.get_output_embeddings().weight.shape[1]
-        hidden = torch.zeros(max(2, min(most_rows, 64)), hidden_size, dtype=self.model.dtype, device=self.device)
-        for rows in (1, hidden.shape[0]) * 2:
+        hidden = torch.randn(max(2, most_rows), hidden_size, generator=torch.Generator().manual_seed(0))
+        hidden = hidden.to(self.device, self.model.dtype)
+        for rows in [1, *buckets(max(2, most_rows), 2)]:
             started = time.perf_counter()
             self._logits(hidden, list(range(rows))).argmax(dim=-1).tolist()
             self.projection_costs.add(rows, time.perf_counter() - started)
@@ -470,7 +472,7 @@ class ModelRunner:
         """Whether to project only the `reached` nodes at `depth` now, leaving the nodes below
         them (`under`: how many at each depth) for later levels, rather than all of them at once.
 
-        Each projection costs a fixed part and a part per row (fitted as passes run). Walking on
+        A projection's cost by its rows is measured (at start, then as passes run). Walking on
         saves the rows under every node that turns out rejected, and costs one projection more
         a level; with how often a node at each depth led on lately, the expected cost of
         projecting everything left at depth k is compared for every k, and the walk goes on
@@ -479,8 +481,7 @@ class ModelRunner:
             return False
         if self.projection == "levels":
             return True
-        fixed, per_row = self.projection_costs.fixed_s(), self.projection_costs.per_token_s()
-        if fixed is None or per_row is None:
+        if not self.projection_costs.known():
             return False
         # Expected nodes reached at each depth: those of this level, then as many as led on lately.
         deepest, reach = max(under), {depth: float(reached)}
@@ -488,8 +489,7 @@ class ModelRunner:
             survival = self._survival[d - 1] if d - 1 < len(self._survival) else 0.5
             reach[d] = min(float(under.get(d, 0)), reach[d - 1] * survival)
 
-        def projection(rows: float) -> float:  # expected cost of one projection (none if no rows)
-            return fixed * min(1.0, rows) + per_row * rows
+        projection = self.projection_costs.seconds  # expected cost of one call (none if no rows)
 
         def all_at(k: int) -> float:  # walk to depth k alone, then project all that is left there
             walked = sum(projection(reach[d]) for d in range(depth, k))
