@@ -425,7 +425,9 @@ class Hub:
         with self._admission:
             placed = self._place(excluded=lost)
         if placed is None:
-            raise HubFull(f"{self._full_message()} (the worker holding this session was lost)")
+            message = f"{self._full_message()} (the worker holding this session was lost)"
+            log.warning("generation of session %s cut off: %s", session.session_id, message)
+            raise HubFull(message)
         worker, kv = placed
         self._forget(lost, session)
         self.sessions.rehome(session, worker.worker_id, kv)
