@@ -250,8 +250,7 @@ def test_the_base_default_model_says_it_continues_text():
 
 def test_base_models_run_as_plain_completion():
     """A pretrained model gets the prompt as text to continue, even where its GGUF has a chat template."""
-    from specedge_cli.commands.chat import template_source
-    from specedge_cli.drafting.chat_template import BUILTIN_TEMPLATES, ChatTemplate
+    from specedge_cli.drafting.chat_template import BUILTIN_TEMPLATES, ChatTemplate, template_source
     from specedge_cli.models import PRESETS, ResolvedModel
 
     gemma = ResolvedModel(Path("gemma.gguf"), PRESETS["gemma3-270m"])

@@ -16,8 +16,8 @@ import httpx
 import openai
 import pytest
 
-from specedge_cli.commands.chat import _template as chat_template
 from specedge_cli.decoding import Conversation, DecodeSettings
+from specedge_cli.drafting.chat_template import template_for
 from specedge_cli.drafting.engine import DraftEngine
 from specedge_cli.models import resolve_model
 from specedge_cli.remote.client import HubClient
@@ -87,7 +87,7 @@ def reference(tiny, hub):
     engine = DraftEngine(tiny.gguf_q8, n_ctx=1024, n_threads=2)
     resolved = resolve_model(str(tiny.gguf_q8), Path("unused"))
     with HubClient(hub.url) as client:
-        yield lambda settings: Conversation(engine, client, chat_template(engine, resolved), settings)
+        yield lambda settings: Conversation(engine, client, template_for(engine, resolved), settings)
 
 
 def chat_json(tiny, hub, prompt: str, max_tokens: int, *extra: str) -> dict:

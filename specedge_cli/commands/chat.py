@@ -13,7 +13,7 @@ from rich.console import Console
 
 from specedge_cli import paths, settings
 from specedge_cli.decoding import Conversation, DecodeSettings, Reply
-from specedge_cli.drafting.chat_template import BUILTIN_TEMPLATES, ChatTemplate
+from specedge_cli.drafting.chat_template import template_for
 from specedge_cli.drafting.engine import DraftEngine
 from specedge_cli.errors import ModelFileError
 from specedge_cli.history import ConversationLog, History, SavedConversation, history_path
@@ -122,7 +122,7 @@ def chat(
         engine = DraftEngine(resolved.path, n_threads=chosen.threads or None)  # loads while an embedded hub starts
         wait_for_hub()
         conversation = Conversation(
-            engine, client, _template(engine, resolved), decode, saved.system if saved else chosen.system
+            engine, client, template_for(engine, resolved), decode, saved.system if saved else chosen.system
         )
         model_name = resolved.preset.name if resolved.preset else str(resolved.path.resolve())
         _keep(conversation, history if chosen.logs else None, saved, model_name, hub_url)
@@ -227,21 +227,6 @@ def _hub(
         ),
     ) as connection:
         yield connection.client, connection.url, lambda: wait_until_ready(connection, log, err)
-
-
-def _template(engine: DraftEngine, resolved: ResolvedModel) -> ChatTemplate:
-    source = template_source(engine.metadata("tokenizer.chat_template"), resolved)
-    bos = engine.detokenize([engine.bos_token_id], special=True).decode("utf-8", "replace")
-    add_bos = engine.metadata("tokenizer.ggml.add_bos_token") != "false"
-    return ChatTemplate(source, bos_token=bos if add_bos else "", eos_token="")
-
-
-def template_source(gguf_template: str | None, resolved: ResolvedModel) -> str:
-    """The template the prompt is laid out with. A base model gets plain completion even when its
-    GGUF carries a chat template (Gemma's base GGUF does): it was never trained to follow one."""
-    if resolved.preset and resolved.preset.base:
-        return BUILTIN_TEMPLATES["completion"]
-    return gguf_template or BUILTIN_TEMPLATES[resolved.chat_template or "completion"]
 
 
 def _answer_once(conversation: Conversation, prompt: str, as_json: bool, hub_url: str) -> None:

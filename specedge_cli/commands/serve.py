@@ -11,10 +11,9 @@ import typer
 from rich.console import Console
 
 from specedge_cli import paths
-from specedge_cli.commands.chat import _template as chat_template  # the same prompt as `specedge chat`
 from specedge_cli.commands.chat import decode_settings
 from specedge_cli.decoding import Conversation, DecodeSettings
-from specedge_cli.drafting.chat_template import ChatTemplate
+from specedge_cli.drafting.chat_template import ChatTemplate, template_for
 from specedge_cli.drafting.engine import DraftEngine
 from specedge_cli.errors import SpecEdgeError
 from specedge_cli.models import DEFAULT_MODEL, resolve_model
@@ -90,7 +89,7 @@ def serve(
         edge = _edge_model(
             connection,
             engines,
-            chat_template(engines[0], resolved),
+            template_for(engines[0], resolved),
             decode_settings(chosen, hub_elsewhere=connection.embedded is None),
             queue,
         )

@@ -8,7 +8,13 @@ follows the reply after a blank line, as in a document being written.
 
 from __future__ import annotations
 
+from typing import TYPE_CHECKING
+
 from jinja2.sandbox import ImmutableSandboxedEnvironment
+
+if TYPE_CHECKING:
+    from specedge_cli.drafting.engine import DraftEngine
+    from specedge_cli.models import ResolvedModel
 
 BUILTIN_TEMPLATES = {
     "gemma": (
@@ -72,3 +78,20 @@ class ChatTemplate:
         if reply_stop_text and text.startswith(reply_stop_text):
             text = text[len(reply_stop_text) :]
         return text
+
+
+def template_for(engine: DraftEngine, resolved: ResolvedModel) -> ChatTemplate:
+    """The template a chat with this draft model lays its prompts out with (`specedge chat` and
+    `specedge serve` alike): the GGUF's own, or the preset's built-in one."""
+    source = template_source(engine.metadata("tokenizer.chat_template"), resolved)
+    bos = engine.detokenize([engine.bos_token_id], special=True).decode("utf-8", "replace")
+    add_bos = engine.metadata("tokenizer.ggml.add_bos_token") != "false"
+    return ChatTemplate(source, bos_token=bos if add_bos else "", eos_token="")
+
+
+def template_source(gguf_template: str | None, resolved: ResolvedModel) -> str:
+    """The template the prompt is laid out with. A base model gets plain completion even when its
+    GGUF carries a chat template (Gemma's base GGUF does): it was never trained to follow one."""
+    if resolved.preset and resolved.preset.base:
+        return BUILTIN_TEMPLATES["completion"]
+    return gguf_template or BUILTIN_TEMPLATES[resolved.chat_template or "completion"]
