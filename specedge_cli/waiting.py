@@ -107,9 +107,13 @@ def wait_for_embedded(wait_ready: Callable[[], None], log: LogTail, console: Con
     waiter.start()
     show = _StatusLine(console)
     try:
-        while waiter.is_alive():
+        while True:
+            done = not waiter.is_alive()
+            # Read once more after the hub is ready: what it wrote in the last wait is shown too.
             for line in progress_lines(log.new_lines()):
                 show.update(line)
+            if done:
+                break
             waiter.join(0.25)
     finally:
         show.close()
