@@ -41,10 +41,10 @@ from hub_server.engine.pool_attention import (
     kind_mask,
     slot_runs,
 )
-from hub_server.engine.sampling import sample_row
+from hub_server.engine.sampling import target_choices
 from hub_server.engine_api import EngineStats, KVHandle, PassTally, VerifyJob
 from hub_server.pass_cost import PassCostFit, RowCosts
-from hub_server.tree import accept_tree, chain_parents, node_depths, position_uniform
+from hub_server.tree import accept_tree, chain_parents, node_depths
 
 # Without --kv-memory-gib, the KV pool may take this share of the memory left once the model
 # is loaded: on a GPU the rest is for the passes themselves (activations, logits);
@@ -520,7 +520,7 @@ class ModelRunner:
                 chosen.append(greedy[k])
             else:
                 position = int(batch.positions[b, column]) + 1
-                chosen.append(sample_row(logits[k], job.temperature, position_uniform(job.seed, position)))
+                chosen += target_choices(logits[k : k + 1], job.temperature, job.seed, [position])
         return chosen
 
     def _feed(self, kv: KVSlot, tokens: list[int]) -> None:
