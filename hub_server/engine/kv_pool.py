@@ -112,7 +112,7 @@ def column_positions(lengths: torch.Tensor, capacity: int, width: int) -> torch.
     lengths: [B] tokens stored per slot. Returns [B, width]. Position p lives in column
     p % capacity; a column holds the latest position written to it.
     """
-    columns = torch.arange(width)  # [W]
+    columns = torch.arange(width, device=lengths.device)  # [W]
     last = lengths[:, None] - 1  # [B, 1]
     positions = last - torch.remainder(last - columns, capacity)  # [B, W]
     held = columns < torch.clamp(lengths, max=capacity)[:, None]

@@ -66,6 +66,7 @@ class PoolPass:
     runs: list[tuple[int, int, int]]  # (first row, end row, first slot): rows of consecutive slots
     copied_bytes: int = field(default=0)  # past KV read through a copy instead of a view: 0 here
     _grouped: dict[tuple[str, int], torch.Tensor] = field(default_factory=dict)  # masks for grouped queries
+    _targets: dict[str, tuple[torch.Tensor, torch.Tensor]] = field(default_factory=dict)  # `_writes`, by kind
 
     _active: ClassVar[PoolPass | None] = None  # the pass the operator serves now (one at a time: the device lock)
 
@@ -84,19 +85,21 @@ class PoolPass:
         """
         kind = self.kinds[layer]
         pool_keys, pool_values = self.keys[layer], self.values[layer]
-        heads, dim = key.shape[1], key.shape[3]
-        columns = self.columns[kind]
-        pool_keys[self.slots, :, columns] = key.transpose(1, 2).reshape(-1, heads, dim)[self.sources]
-        pool_values[self.slots, :, columns] = value.transpose(1, 2).reshape(-1, heads, dim)[self.sources]
+        rows, query_heads, span, dim = query.shape
+        heads = key.shape[1]
+        # The new keys and values go to their columns in two indexed copies: the pass's rows are
+        # read in the order their tensors hold them, the pool as one row per (slot, head, column).
+        sources, targets = self._writes(kind, key.shape, pool_keys.shape)
+        pool_keys.view(-1, dim).index_copy_(0, targets, key.reshape(-1, dim).index_select(0, sources))
+        pool_values.view(-1, dim).index_copy_(0, targets, value.reshape(-1, dim).index_select(0, sources))
         width = self.widths[kind]
-        rows, query_heads, span = query.shape[0], query.shape[1], query.shape[2]
         groups = query_heads // heads
         # Grouped-query attention as plain attention: the query heads that share a kv head become
         # more queries of it ([B, Hkv, G * S, D]), so each kv head is read once by one call and
         # SDPA needs no GQA path (on this CPU its GQA path cost 1.4x more at 2,000 columns, with
         # the same results to the bit; on CUDA a masked GQA call would fall back to the math path).
         grouped = query.reshape(rows, heads, groups * span, dim) if groups > 1 else query
-        mask = self._grouped_mask(kind, groups)
+        mask = self._grouped_mask(kind, groups, query.dtype)
         outputs = []
         for first, end, slot in self.runs:
             keys = pool_keys[slot : slot + end - first, :, :width]  # a view: the past is not copied
@@ -110,17 +113,33 @@ class PoolPass:
         attended = torch.cat(outputs) if len(outputs) > 1 else outputs[0]
         return attended.reshape(rows, query_heads, span, dim).transpose(1, 2).contiguous()
 
-    def _grouped_mask(self, kind: str, groups: int) -> torch.Tensor:
-        """The kind's mask for grouped queries: each query's row repeated for every head of its
-        group ([B, 1, G * S, width]), built once a pass."""
-        if groups == 1:
-            return self.masks[kind]
+    def _writes(self, kind: str, shape: torch.Size, pool: torch.Size) -> tuple[torch.Tensor, torch.Tensor]:
+        """Where the layer kind's new keys go, built once a pass: for each real token and kv head,
+        its row in the layer's [B', H, S', D] keys seen as [B' * H * S', D] (sources) and in the
+        pool seen as [slots * H * capacity, D] (targets)."""
+        if kind not in self._targets:
+            heads, span, capacity = shape[1], shape[2], pool[2]
+            head = torch.arange(heads, device=self.slots.device)[None, :]
+            row, column = self.sources[:, None] // span, self.sources[:, None] % span
+            self._targets[kind] = (
+                ((row * heads + head) * span + column).reshape(-1),
+                ((self.slots[:, None] * heads + head) * capacity + self.columns[kind][:, None]).reshape(-1),
+            )
+        return self._targets[kind]
+
+    def _grouped_mask(self, kind: str, groups: int, dtype: torch.dtype) -> torch.Tensor:
+        """The kind's mask for grouped queries, built once a pass: each query's row repeated for
+        every head of its group ([B, 1, G * S, width]), as the scores' additive mask (0 where a
+        query sees, -inf where not), which SDPA adds as it is instead of converting a boolean
+        mask in every layer."""
         key = (kind, groups)
         if key not in self._grouped:
             mask = self.masks[kind]
             rows, _, span, width = mask.shape
-            self._grouped[key] = (
-                mask[:, :, None].expand(rows, 1, groups, span, width).reshape(rows, 1, groups * span, width)
+            if groups > 1:
+                mask = mask[:, :, None].expand(rows, 1, groups, span, width).reshape(rows, 1, groups * span, width)
+            self._grouped[key] = torch.zeros(mask.shape, dtype=dtype, device=mask.device).masked_fill_(
+                ~mask, float("-inf")
             )
         return self._grouped[key]
 

@@ -560,16 +560,17 @@ class ModelRunner:
             height = _bucket(height, self.batch_buckets) or height
             width = _bucket(width, self.width_buckets) or width
         device = self.device
-        lengths = torch.tensor([slot.length for slot in slots], device=device)  # [B]
-        sizes_t = torch.tensor(sizes, device=device)  # [B]
-        # Each real token's place in the flattened [B', S'] rows, with no loop over rows.
-        row_of = torch.repeat_interleave(torch.arange(len(rows), device=device), sizes_t)  # [T]
-        starts = torch.cumsum(sizes_t, 0) - sizes_t  # [B]
-        sources = row_of * width + torch.arange(row_of.numel(), device=device) - starts[row_of]  # [T]
+        # What the host knows of each row, sent to the device in one copy: each real token's
+        # place in the flattened [B', S'] rows, its id and its parent within the row; then each
+        # row's slot, the tokens that slot held before the pass, and its real tokens.
+        sources = [b * width + i for b, size in enumerate(sizes) for i in range(size)]
+        known = torch.tensor([sources, list(chain.from_iterable(rows)), list(chain.from_iterable(parents))])
+        per_row = torch.tensor([[slot.index for slot in slots], [slot.length for slot in slots], sizes])
+        (sources_t, ids, parent_ids), (slot_of_row, lengths, sizes_t) = known.to(device), per_row.to(device)
         tokens = torch.zeros(height * width, dtype=torch.long, device=device)
-        tokens[sources] = torch.tensor(list(chain.from_iterable(rows)), device=device)
+        tokens[sources_t] = ids
         row_parents = torch.full((height * width,), -1, dtype=torch.long, device=device)
-        row_parents[sources] = torch.tensor(list(chain.from_iterable(parents)), device=device)
+        row_parents[sources_t] = parent_ids
         ancestors = ancestor_closure(row_parents.view(height, width))[: len(rows)]  # [B, S', S']
         positions = torch.zeros(height, width, dtype=torch.long, device=device)
         # A token's depth below the slot's past is how many ancestors it has, itself included.
@@ -581,14 +582,14 @@ class ModelRunner:
             columns[name], masks[name] = kind_mask(
                 kind, lengths, sizes_t, positions[: len(rows)], ancestors, widths[name]
             )
-            columns[name] = columns[name].reshape(-1)[sources]  # [T]
+            columns[name] = columns[name].reshape(-1)[sources_t]  # [T]
         layout = PoolPass(
             keys=self.pool.keys,
             values=self.pool.values,
             kinds=self.layer_types,
             rows=len(rows),
-            sources=sources,
-            slots=torch.tensor([slot.index for slot in slots], device=device)[row_of],
+            sources=sources_t,
+            slots=slot_of_row[sources_t // width],
             columns=columns,
             widths=widths,
             masks=masks,
@@ -640,6 +641,7 @@ class ModelRunner:
             os.environ["TORCHINDUCTOR_CACHE_DIR"] = str(cache)
         log.info("compile cache: %s", os.environ["TORCHINDUCTOR_CACHE_DIR"])
         import torch._dynamo
+        import torch._inductor.config
 
         # One compiled graph per bucket; without this, torch.compile stops compiling after 8.
         shapes = len(self.batch_buckets) * len(self.width_buckets)
@@ -651,7 +653,21 @@ class ModelRunner:
         options: dict = {"guard_filter_fn": torch.compiler.skip_guard_on_all_nn_modules_unsafe}
         if self.device == "cuda":
             options["triton.cudagraphs"] = True  # what mode="reduce-overhead" sets
-        return torch.compile(self._decode, dynamic=False, fullgraph=True, options=options)
+            return torch.compile(self._decode, dynamic=False, fullgraph=True, options=options)
+        # On a CPU a pass is bound by the calls it makes: the weights become constants of the
+        # compiled graph (freezing), packed once for MKL's matrix products, and the projections
+        # that read the same input become one product (q, k and v; gate and up). The packed
+        # weights are a second copy of the linear layers' weights, beside the model's own that
+        # eager passes (prompts fed apart, a bucket's miss) still use. Dynamo reads `freezing`
+        # from the global config as it traces, so it is set around each call, not as an option.
+        options["cpp.enable_concat_linear"] = True
+        compiled = torch.compile(self._decode, dynamic=False, fullgraph=True, options=options)
+
+        def frozen(tokens: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
+            with torch._inductor.config.patch(freezing=True):
+                return compiled(tokens, positions)
+
+        return frozen
 
     def _logits(self, hidden: torch.Tensor, columns: list[int]) -> torch.Tensor:
         """The target's logits at the given flattened columns of `hidden`: [K, V] float32.
