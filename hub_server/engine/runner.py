@@ -654,9 +654,10 @@ class ModelRunner:
         if self.device == "cuda":
             options["triton.cudagraphs"] = True  # what mode="reduce-overhead" sets
             return torch.compile(self._decode, dynamic=False, fullgraph=True, options=options)
-        # On a CPU a pass is bound by the calls it makes: the weights become constants of the
-        # compiled graph (freezing), packed once for MKL's matrix products, and the projections
-        # that read the same input become one product (q, k and v; gate and up). The packed
+        # On a CPU each call of a small pass costs as much as its work: the weights become
+        # constants of the compiled graph (freezing), packed once for MKL's matrix products, and
+        # the projections that read the same input become one product (q, k and v; gate and up)
+        # (113 -> 64 products a pass on the dispatch-bound target). The packed
         # weights are a second copy of the linear layers' weights, beside the model's own that
         # eager passes (prompts fed apart, a bucket's miss) still use. Dynamo reads `freezing`
         # from the global config as it traces, so it is set around each call, not as an option.
