@@ -11,8 +11,10 @@ from __future__ import annotations
 import os
 
 import pytest
+import torch
 
 from hub_server.config import HubSettings
+from hub_server.engine.rotary import rotary_table, tabled
 from hub_server.engine.runner import ModelRunner, VerifyJob
 from hub_server.tree import chain_parents
 from tests.conftest import TargetAlone
@@ -89,3 +91,33 @@ def test_compiled_buckets_are_the_powers_of_two_up_to_the_limits(runners):
     _, compiled, _ = runners
     assert compiled.batch_buckets == [1, 2] and compiled.width_buckets == [MAX_DRAFT + 1]
     assert compiled.compiled_shapes >= {(1, MAX_DRAFT + 1), (2, MAX_DRAFT + 1)}
+
+
+def test_the_rotary_table_gives_the_models_own_cosines_and_sines(runners):
+    """Compiled passes read the rotary embedding from a table (rotary.py): at any positions it
+    equals what the model's own module computes, for each layer kind; a type whose frequencies
+    move with the context is not tabled."""
+    eager, _, _ = runners
+    decoder = eager.model.model
+    table = rotary_table(decoder, 300, eager.model.dtype)
+    assert table is not None
+    device = eager.model.device
+    positions = torch.tensor([[0, 5, 299, 17], [298, 3, 64, 1]], device=device)
+    probe = torch.zeros(1, dtype=eager.model.dtype, device=device)
+    kinds = list(table.kinds)
+    for kind in kinds:
+        args = (probe, positions) if kind is None else (probe, positions, kind)
+        with torch.inference_mode():
+            own, tabled_ = decoder.rotary_emb(*args), table(*args)
+        for a, b in zip(own, tabled_):
+            assert a.shape == b.shape and torch.equal(a, b)
+    with tabled(decoder, table):
+        assert decoder.rotary_emb is table
+    assert decoder.rotary_emb is not table
+    if kinds == [None]:  # Llama: one rotary type
+        own_type = decoder.rotary_emb.rope_type
+        decoder.rotary_emb.rope_type = "dynamic"
+        try:
+            assert rotary_table(decoder, 300, eager.model.dtype) is None
+        finally:
+            decoder.rotary_emb.rope_type = own_type

@@ -41,6 +41,7 @@ from hub_server.engine.pool_attention import (
     kind_mask,
     slot_runs,
 )
+from hub_server.engine.rotary import rotary_table, tabled
 from hub_server.engine.sampling import target_choices
 from hub_server.engine_api import EngineStats, KVHandle, PassTally, VerifyJob
 from hub_server.pass_cost import PassCostFit, RowCosts
@@ -651,9 +652,18 @@ class ModelRunner:
         # attributes before each call (most of dynamo's guards: 0.8 ms a pass on the CPU machine);
         # the guards on the inputs' shapes, which pick a bucket's graph, stay.
         options: dict = {"guard_filter_fn": torch.compiler.skip_guard_on_all_nn_modules_unsafe}
+        # Compiled passes read the rotary cosines and sines from a table (rotary.py): inductor
+        # would otherwise compute them again in every layer's kernel.
+        table = rotary_table(self.model.model, self.max_context + self.widest_row + 1, self.model.dtype)
         if self.device == "cuda":
             options["triton.cudagraphs"] = True  # what mode="reduce-overhead" sets
-            return torch.compile(self._decode, dynamic=False, fullgraph=True, options=options)
+            graphed = torch.compile(self._decode, dynamic=False, fullgraph=True, options=options)
+
+            def tabled_pass(tokens: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
+                with tabled(self.model.model, table):
+                    return graphed(tokens, positions)
+
+            return tabled_pass
         # On a CPU each call of a small pass costs as much as its work: the weights become
         # constants of the compiled graph (freezing), packed once for MKL's matrix products, and
         # the projections that read the same input become one product (q, k and v; gate and up)
@@ -665,7 +675,7 @@ class ModelRunner:
         compiled = torch.compile(self._decode, dynamic=False, fullgraph=True, options=options)
 
         def frozen(tokens: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
-            with torch._inductor.config.patch(freezing=True):
+            with torch._inductor.config.patch(freezing=True), tabled(self.model.model, table):
                 return compiled(tokens, positions)
 
         return frozen
