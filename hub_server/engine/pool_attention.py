@@ -88,10 +88,12 @@ class PoolPass:
         rows, query_heads, span, dim = query.shape
         heads = key.shape[1]
         # The new keys and values go to their columns in two indexed copies: the pass's rows are
-        # read in the order their tensors hold them, the pool as one row per (slot, head, column).
+        # read as [B', S', H] rows of D (the order the projections wrote them, so reading them
+        # copies nothing), the pool as one row per (slot, head, column).
         sources, targets = self._writes(kind, key.shape, pool_keys.shape)
-        pool_keys.view(-1, dim).index_copy_(0, targets, key.reshape(-1, dim).index_select(0, sources))
-        pool_values.view(-1, dim).index_copy_(0, targets, value.reshape(-1, dim).index_select(0, sources))
+        new_keys, new_values = key.transpose(1, 2).reshape(-1, dim), value.transpose(1, 2).reshape(-1, dim)
+        pool_keys.view(-1, dim).index_copy_(0, targets, new_keys.index_select(0, sources))
+        pool_values.view(-1, dim).index_copy_(0, targets, new_values.index_select(0, sources))
         width = self.widths[kind]
         groups = query_heads // heads
         # Grouped-query attention as plain attention: the query heads that share a kv head become
@@ -115,14 +117,13 @@ class PoolPass:
 
     def _writes(self, kind: str, shape: torch.Size, pool: torch.Size) -> tuple[torch.Tensor, torch.Tensor]:
         """Where the layer kind's new keys go, built once a pass: for each real token and kv head,
-        its row in the layer's [B', H, S', D] keys seen as [B' * H * S', D] (sources) and in the
-        pool seen as [slots * H * capacity, D] (targets)."""
+        its row in the layer's keys seen as [B' * S' * H, D] (sources: the token's place in the
+        flattened rows, then its head) and in the pool seen as [slots * H * capacity, D] (targets)."""
         if kind not in self._targets:
-            heads, span, capacity = shape[1], shape[2], pool[2]
+            heads, capacity = shape[1], pool[2]
             head = torch.arange(heads, device=self.slots.device)[None, :]
-            row, column = self.sources[:, None] // span, self.sources[:, None] % span
             self._targets[kind] = (
-                ((row * heads + head) * span + column).reshape(-1),
+                (self.sources[:, None] * heads + head).reshape(-1),
                 ((self.slots[:, None] * heads + head) * capacity + self.columns[kind][:, None]).reshape(-1),
             )
         return self._targets[kind]
@@ -156,17 +157,19 @@ def _attend_active(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, 
     return PoolPass._active.attend(query, key, value, layer, scale)
 
 
+# The operator is defined at the dispatcher's own level, not with `torch.library.custom_op`,
+# whose Python wrapper (autograd and aliasing checks) cost ~20 us a call, 16 calls a pass.
 # cudagraph_unsafe: a CUDA graph must not capture it (its slots and masks change every pass), so
 # under reduce-overhead inductor splits each pass's graph around it, one graph between layers.
-@torch.library.custom_op("specedge::pool_attention", mutates_args=(), tags=(torch.Tag.cudagraph_unsafe,))
-def pool_attention(
-    query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, layer: int, scale: float
-) -> torch.Tensor:
-    """`_attend_active` as one operator a compiled graph calls without looking inside."""
-    return _attend_active(query, key, value, layer, scale)
+_LIBRARY = torch.library.Library("specedge", "DEF")
+_LIBRARY.define(
+    "pool_attention(Tensor query, Tensor key, Tensor value, int layer, float scale) -> Tensor",
+    tags=(torch.Tag.cudagraph_unsafe,),
+)
+_LIBRARY.impl("pool_attention", _attend_active, "CompositeExplicitAutograd")  # passes run in inference mode
 
 
-@pool_attention.register_fake
+@torch.library.register_fake("specedge::pool_attention")
 def _(query, key, value, layer, scale):
     return query.new_empty(query.shape[0], query.shape[2], query.shape[1], query.shape[3])
 
@@ -214,8 +217,9 @@ def ancestor_closure(parents: torch.Tensor) -> torch.Tensor:
     """
     rows, width = parents.shape
     reach = torch.eye(width, dtype=torch.float32, device=parents.device).expand(rows, -1, -1).clone()
-    has_parent = parents >= 0
-    reach[has_parent.nonzero(as_tuple=True) + (parents[has_parent],)] = 1.0
+    # Each token's parent, by a scatter (a token without one adds 0 at column 0): no host sync.
+    has_parent = (parents >= 0).to(torch.float32)
+    reach.view(rows * width, width).scatter_add_(1, parents.clamp(min=0).view(-1, 1), has_parent.view(-1, 1))
     for _ in range(max(1, (width - 1).bit_length())):
         reach = torch.clamp(torch.bmm(reach, reach), max=1.0)
     return reach > 0

@@ -26,6 +26,7 @@ from dataclasses import dataclass, replace
 from itertools import chain
 from pathlib import Path
 
+import numpy as np
 import torch
 
 from hub_server.config import HubSettings, default_cache_dir
@@ -560,14 +561,19 @@ class ModelRunner:
         if bucketed:
             height = _bucket(height, self.batch_buckets) or height
             width = _bucket(width, self.width_buckets) or width
-        device = self.device
-        # What the host knows of each row, sent to the device in one copy: each real token's
-        # place in the flattened [B', S'] rows, its id and its parent within the row; then each
-        # row's slot, the tokens that slot held before the pass, and its real tokens.
-        sources = [b * width + i for b, size in enumerate(sizes) for i in range(size)]
-        known = torch.tensor([sources, list(chain.from_iterable(rows)), list(chain.from_iterable(parents))])
+        device, total = self.device, sum(sizes)
+        # What the host knows, sent to the device in two copies: each real token's id and parent
+        # within its row (through numpy: torch.tensor of a list of Python ints costs ~0.2 us an
+        # int, 0.9 ms for 64 rows of 33), then each row's slot, the tokens that slot held before
+        # the pass, and its real tokens.
+        flat = chain(chain.from_iterable(rows), chain.from_iterable(parents))
+        known = torch.from_numpy(np.fromiter(flat, dtype=np.int64, count=2 * total)).view(2, total)
         per_row = torch.tensor([[slot.index for slot in slots], [slot.length for slot in slots], sizes])
-        (sources_t, ids, parent_ids), (slot_of_row, lengths, sizes_t) = known.to(device), per_row.to(device)
+        (ids, parent_ids), (slot_of_row, lengths, sizes_t) = known.to(device), per_row.to(device)
+        # Each real token's place in the flattened [B', S'] rows, on the device with no loop over
+        # rows or tokens: its row's start, plus its rank among that row's tokens.
+        row_of = torch.repeat_interleave(torch.arange(len(rows), device=device), sizes_t, output_size=total)
+        sources_t = row_of * width + torch.arange(total, device=device) - (torch.cumsum(sizes_t, 0) - sizes_t)[row_of]
         tokens = torch.zeros(height * width, dtype=torch.long, device=device)
         tokens[sources_t] = ids
         row_parents = torch.full((height * width,), -1, dtype=torch.long, device=device)
@@ -590,7 +596,7 @@ class ModelRunner:
             kinds=self.layer_types,
             rows=len(rows),
             sources=sources_t,
-            slots=slot_of_row[sources_t // width],
+            slots=slot_of_row[row_of],
             columns=columns,
             widths=widths,
             masks=masks,
