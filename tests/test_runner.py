@@ -6,13 +6,15 @@ sliding window of 8 tokens, so contexts pass the window and the sliding-layer ma
 
 from __future__ import annotations
 
+import random
 import shutil
+from collections import Counter
 
 import pytest
 import torch
 
 from hub_server.config import HubSettings
-from hub_server.engine.runner import ModelRunner, feed_apart
+from hub_server.engine.runner import ModelRunner, _shape, feed_apart
 from hub_server.engine_api import PassTally, VerifyJob
 from hub_server.tree import chain_parents
 from tests.conftest import TargetAlone
@@ -295,3 +297,24 @@ def test_the_projection_computes_only_the_rows_the_acceptance_rule_reads_when_wa
     runner.verify_batch([chain])  # two accepted, the third rejected: three rows are read
     assert chain.emitted == truth[:3]
     assert runner.projected_rows - before == (3 if projection == "levels" else 4)
+
+
+def test_a_draft_shape_lists_each_nodes_children_depth_and_everything_under_it():
+    """`_shape`, which the projection's walk reads, against the tree's definition: a node is under
+    another when that other is on its way up to the root."""
+    rng = random.Random(5)
+    for _ in range(50):
+        parents = [rng.randrange(-1, i) for i in range(rng.randrange(0, 12))]
+        shape = _shape(tuple(parents))
+
+        def ancestors(node, parents=parents):
+            while node >= 0:
+                node = parents[node]
+                yield node
+
+        for node in range(-1, len(parents)):
+            under = {d for d in range(len(parents)) if node in ancestors(d)}
+            assert sorted(shape.below[node + 1]) == sorted(under)
+            assert list(shape.kids[node + 1]) == [d for d, p in enumerate(parents) if p == node]
+            assert shape.under[node + 1] == Counter(shape.depths[d + 1] for d in under)
+        assert list(shape.depths[1:]) == [1 + sum(1 for a in ancestors(d) if a >= 0) for d in range(len(parents))]

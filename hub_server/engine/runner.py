@@ -17,6 +17,7 @@ kept under the hub's cache directory, so a restart compiles nothing new.
 from __future__ import annotations
 
 import contextlib
+import functools
 import logging
 import os
 import threading
@@ -98,12 +99,29 @@ def _row_parents(n_pending: int, parents: list[int]) -> list[int]:
     return list(range(-1, n_pending - 1)) + [n_pending - 1 if p < 0 else n_pending + p for p in parents]
 
 
-def _children(parents: list[int]) -> dict[int, list[int]]:
-    """Each node's children in a draft tree (-1: the root's)."""
-    kids: dict[int, list[int]] = {}
+@dataclass(frozen=True)
+class _Shape:
+    """What `_choices` reads of a draft tree's shape, by node + 1 (index 0: the root)."""
+
+    kids: tuple[tuple[int, ...], ...]  # each node's children
+    depths: tuple[int, ...]  # each node's depth: the root 0, its children 1
+    below: tuple[tuple[int, ...], ...]  # every node under each node
+    under: tuple[Counter, ...]  # how many nodes under each node, by depth
+
+
+@functools.lru_cache(maxsize=1024)
+def _shape(parents: tuple[int, ...]) -> _Shape:
+    """A draft's shape, worked out once for each shape the drafts take (a chain of each length,
+    the few trees a drafter makes): 64 sessions x 32 nodes cost ~5 ms a pass to redo each time."""
+    kids: list[list[int]] = [[] for _ in range(len(parents) + 1)]
     for node, parent in enumerate(parents):
-        kids.setdefault(parent, []).append(node)
-    return kids
+        kids[parent + 1].append(node)
+    depths = (0, *node_depths(list(parents)))
+    below: list[tuple[int, ...]] = [()] * (len(parents) + 1)
+    for node in range(len(parents) - 1, -2, -1):  # children come after their parents
+        below[node + 1] = tuple(chain.from_iterable((child, *below[child + 1]) for child in kids[node + 1]))
+    under = tuple(Counter(depths[d + 1] for d in nodes) for nodes in below)
+    return _Shape(tuple(map(tuple, kids)), depths, tuple(below), under)
 
 
 def _opens(job: VerifyJob, node: int, choice: int) -> bool:
@@ -111,16 +129,6 @@ def _opens(job: VerifyJob, node: int, choice: int) -> bool:
     and has a choice of its own to read: a stop token ends its path."""
     token = job.draft[node]
     return token == choice and token not in job.stop_token_ids
-
-
-def _descendants(kids: dict[int, list[int]], node: int) -> list[int]:
-    """Every node below `node`."""
-    found, stack = [], list(kids.get(node, ()))
-    while stack:
-        child = stack.pop()
-        found.append(child)
-        stack.extend(kids.get(child, ()))
-    return found
 
 
 def buckets(limit: int, smallest: int = 1) -> list[int]:
@@ -438,15 +446,18 @@ class ModelRunner:
         level it either projects only the nodes it has reached, or every node still below them
         at once, whichever the projection's measured cost says is cheaper (`_walk_on`).
         """
-        kids = [_children(job.parents) for job in jobs]
-        depths = [[0, *node_depths(job.parents)] for job in jobs]  # by node + 1: the root at depth 0
+        shapes = [_shape(tuple(job.parents)) for job in jobs]
         choices = [[-1] * (len(job.draft) + 1) for job in jobs]
         frontier = [(b, -1) for b in range(len(jobs))]  # (row, node): choice needed, not yet computed
         depth = 0  # of every node in the frontier
         while frontier:
-            below = [(b, d) for b, node in frontier for d in _descendants(kids[b], node)]
-            under = Counter(depths[b][d + 1] for b, d in below)  # nodes still below, by depth
-            wanted = frontier if self._walk_on(depth, len(frontier), under) else frontier + below
+            under = Counter[int]()  # nodes still below the frontier, by depth
+            for b, node in frontier:
+                under.update(shapes[b].under[node + 1])
+            if self._walk_on(depth, len(frontier), under):
+                wanted = frontier
+            else:
+                wanted = frontier + [(b, d) for b, node in frontier for d in shapes[b].below[node + 1]]
             for (b, node), choice in zip(wanted, self._choose(jobs, batch, hidden, wanted)):
                 choices[b][node + 1] = choice
             # On through the nodes just computed, to the next ones not computed; by depth, how
@@ -455,9 +466,9 @@ class ModelRunner:
             seen, led = Counter[int](), Counter[int]()
             while walking:
                 b, node = walking.pop()
-                at = depths[b][node + 1]
-                opened = [child for child in kids[b].get(node, ()) if _opens(jobs[b], child, choices[b][node + 1])]
-                seen[at] += bool(kids[b].get(node))
+                at, kids = shapes[b].depths[node + 1], shapes[b].kids[node + 1]
+                opened = [child for child in kids if _opens(jobs[b], child, choices[b][node + 1])]
+                seen[at] += bool(kids)
                 led[at] += bool(opened)
                 for child in opened:
                     (walking if choices[b][child + 1] >= 0 else frontier).append((b, child))
