@@ -3,6 +3,8 @@ and the tree masks the runner builds from parents; hand-made inputs, no model.""
 
 from __future__ import annotations
 
+import random
+
 import pytest
 import torch
 
@@ -84,6 +86,10 @@ def test_ancestor_closure_agrees_with_the_bit_set_masks():
 
     rows = [[-1, 0, -1, 2, 1], [-1, 0, 1, 2, 3]]
     assert torch.equal(ancestor_closure(torch.tensor(rows)), ancestor_masks(rows, width=5))
+    rng = random.Random(3)  # deep chains (a depth past every power of two up to 64) and random trees
+    for width in (1, 2, 3, 4, 5, 9, 16, 17, 33, 65):
+        rows = [list(range(-1, width - 1)), [rng.randrange(-1, i) for i in range(width)], [-1] * width]
+        assert torch.equal(ancestor_closure(torch.tensor(rows)), ancestor_masks(rows, width=width))
 
 
 def test_a_ring_pass_sees_its_window_and_its_new_tokens_not_what_they_overwrote():

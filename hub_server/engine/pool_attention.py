@@ -212,17 +212,23 @@ AttentionMaskInterface.register(POOL_ATTENTION, sdpa_mask)
 def ancestor_closure(parents: torch.Tensor) -> torch.Tensor:
     """ancestors[b, i, j]: token j of row b is token i or one of its ancestors. [B, S, S] bool.
 
-    parents: [B, S] each token's parent within its row, -1 for none. Squaring the one-step
-    relation doubles the hops it covers: log2(S) matrix products, no loop over rows or tokens.
+    parents: [B, S] each token's parent within its row, -1 for none. By pointer doubling: each
+    step adds to a token's set what its 2^k-th ancestor's set holds, so log2(S) steps of two
+    reads cover any depth, with no loop over rows or tokens (on this CPU, 64 rows of 33 tokens,
+    ~5x cheaper than squaring the relation as matrices, whose products took 0.9 ms a pass).
     """
     rows, width = parents.shape
-    reach = torch.eye(width, dtype=torch.float32, device=parents.device).expand(rows, -1, -1).clone()
-    # Each token's parent, by a scatter (a token without one adds 0 at column 0): no host sync.
-    has_parent = (parents >= 0).to(torch.float32)
-    reach.view(rows * width, width).scatter_add_(1, parents.clamp(min=0).view(-1, 1), has_parent.view(-1, 1))
-    for _ in range(max(1, (width - 1).bit_length())):
-        reach = torch.clamp(torch.bmm(reach, reach), max=1.0)
-    return reach > 0
+    index = torch.arange(width, device=parents.device).expand(rows, width)
+    jump = torch.where(parents >= 0, parents, index)  # the 2^k-th ancestor; the row's top one once past it
+    reach = (index[:, :, None] == index[:, None, :]) | (jump[:, :, None] == index[:, None, :])  # itself, its parent
+    starts = torch.arange(0, rows * width, width, device=parents.device)[:, None]  # each row's first token
+    for _ in range((width - 2).bit_length() if width > 1 else 0):
+        # Each token's 2^k-th ancestor's set, read as whole rows of the flattened [B * S, S] sets.
+        reach = reach | reach.view(rows * width, width).index_select(0, (jump + starts).view(-1)).view(
+            rows, width, width
+        )
+        jump = torch.gather(jump, 1, jump)
+    return reach
 
 
 def kind_mask(
@@ -250,7 +256,12 @@ def kind_mask(
     past = column_positions(lengths, kind.capacity, width)  # [B, P]
     sees_past = ((past >= 0) & (holder < 0))[:, None, :].expand(-1, span, -1)  # [B, S, P]
     held = holder.clamp(min=0)
-    sees_new = torch.gather(ancestors, 2, held[:, None, :].expand(-1, span, -1)) & (holder >= 0)[:, None, :]
+    # Whether each column's new token is the query or one of its ancestors: the ancestor sets
+    # seen by column, read as whole rows (a gather along the last axis cost 4x more here).
+    by_column = ancestors.transpose(1, 2).reshape(rows * span, span)  # [B * S, S]: who has token j
+    starts = torch.arange(0, rows * span, span, device=lengths.device)[:, None]
+    has = by_column.index_select(0, (held + starts).view(-1)).view(rows, width, span).transpose(1, 2)  # [B, S, P]
+    sees_new = has & (holder >= 0)[:, None, :]
     if kind.window:
         queries = positions[:, :, None]
         sees_past = sees_past & (queries - past[:, None, :] < kind.window)
