@@ -14,6 +14,10 @@ the sessions in it: device time per verify; beside it the process's CPU time ove
 Trees run in turns (`--turns`), one torch thread each, and the best turn's median is kept: a
 shared machine only ever adds time.
 
+Beside the device time it prints the host-side parts of a pass the tree's runner has (timed
+by wrapping its methods): laying the pass out (`_batch`) and reading the target's choices
+(`_choices`), ms per pass, both included in the device time.
+
 `--accepted 0 4 8` times drafts the target accepts that far: each starts with that many of the
 target's own greedy next tokens (decoded by the runner first), then tokens it would not choose;
 the default 0 is a draft the target rejects at once.
@@ -84,6 +88,7 @@ def worker(args: argparse.Namespace) -> None:
     accepted = inspect.signature(HubSettings).parameters
     runner = ModelRunner(HubSettings(**{k: v for k, v in fields.items() if k in accepted}))
     print(f"worker: {sys.modules[ModelRunner.__module__].__file__}", file=sys.stderr)
+    parts = time_parts(runner)
     rng = np.random.default_rng(0)
     figures = {}
     for context in args.contexts:
@@ -96,6 +101,7 @@ def worker(args: argparse.Namespace) -> None:
         torch.set_num_threads(args.threads)
         for accepted in args.accepted:
             times, cpu_times = [], []
+            part_times: dict[str, list[float]] = {}
             for round_ in range(args.rounds + 2):  # two warm-up passes
                 jobs = []
                 for slot, tokens, truth in zip(slots, contexts, truths):
@@ -104,19 +110,45 @@ def worker(args: argparse.Namespace) -> None:
                     wrong = [(t + 1 + int(rng.integers(1, runner.vocab_size - 11))) % runner.vocab_size for t in truth]
                     draft = (truth[:accepted] + wrong[accepted:])[: args.draft_tokens]
                     jobs.append(VerifyJob(slot, tokens[-1:], draft, chain_parents(len(draft)), 0.0, 0, frozenset()))
+                for spent in parts.values():
+                    spent.clear()
                 busy, cpu = runner.busy_seconds, time.process_time()
                 runner.verify_batch(jobs)
                 if round_ >= 2:
                     times.append((runner.busy_seconds - busy) * 1000 / args.sessions)
                     cpu_times.append((time.process_time() - cpu) * 1000 / args.sessions)
+                    for name, spent in parts.items():
+                        part_times.setdefault(name, []).append(sum(spent) * 1000)
             figures[key(context, accepted, args)] = {
                 "median_ms": statistics.median(times),
                 "min_ms": min(times),
                 "cpu_median_ms": statistics.median(cpu_times),
-            }
+            } | {f"{name}_pass_ms": statistics.median(spent) for name, spent in part_times.items()}
         for slot in slots:
             runner.release(slot)
     print("RESULT " + json.dumps(figures), flush=True)
+
+
+def time_parts(runner) -> dict[str, list[float]]:
+    """The host-side parts of a pass, timed by wrapping the runner's own methods (where the tree
+    has them): laying the pass out (`_batch`: ids, places, positions, masks) and reading the
+    target's choices (`_choices`: the projection's walk, argmax included). Whole ms per pass."""
+    parts: dict[str, list[float]] = {}
+    for name, method in (("layout", "_batch"), ("choices", "_choices")):
+        own = getattr(runner, method, None)
+        if own is None:
+            continue
+        spent = parts[name] = []
+
+        def timed(*args, _own=own, _spent=spent, **kwargs):
+            started = time.perf_counter()
+            try:
+                return _own(*args, **kwargs)
+            finally:
+                _spent.append(time.perf_counter() - started)
+
+        setattr(runner, method, timed)
+    return parts
 
 
 def target_continuations(runner, VerifyJob, slots, contexts, n: int) -> list[list[int]]:
@@ -212,6 +244,22 @@ def report(best: dict[str, dict], args: argparse.Namespace, target: str) -> None
         print(f"-- {label}, ms per verify")
         for context in [key(c, a, args) for c in args.contexts for a in args.accepted]:
             cells = [best[name][context][figure] for name in names]
+            shown = [f"{cells[0] / cell:.2f}x" for cell in cells[1:]] if base else []
+            print(
+                f"{context:>8} "
+                + " ".join(f"{cell:>28.3f}" for cell in cells)
+                + " "
+                + " ".join(f"{r:>22}" for r in shown)
+            )
+    for part, label in (
+        ("layout_pass_ms", "laying a pass out (_batch)"),
+        ("choices_pass_ms", "the choices (_choices)"),
+    ):
+        if not all(part in row for rows in best.values() for row in rows.values()):
+            continue
+        print(f"-- {label}, host ms per pass (included in the device time)")
+        for context in [key(c, a, args) for c in args.contexts for a in args.accepted]:
+            cells = [best[name][context][part] for name in names]
             shown = [f"{cells[0] / cell:.2f}x" for cell in cells[1:]] if base else []
             print(
                 f"{context:>8} "
