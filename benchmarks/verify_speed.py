@@ -240,26 +240,17 @@ def report(best: dict[str, dict], args: argparse.Namespace, target: str) -> None
     base = names[0] if args.base else None
     ratios = [f"{base[:8]}/{name.split('(')[-1].rstrip(')')}" for name in names[1:]] if base else []
     print(f"{'context':>8} " + " ".join(f"{name:>28}" for name in names) + " " + " ".join(f"{r:>22}" for r in ratios))
-    for figure, label in (("median_ms", "device time"), ("cpu_median_ms", "the process's CPU time")):
-        print(f"-- {label}, ms per verify")
+    figures = [("median_ms", "device time, ms per verify"), ("cpu_median_ms", "the process's CPU time, ms per verify")]
+    # The host-side parts of a pass, where every tree's runner has them.
+    parts = [
+        ("layout_pass_ms", "laying a pass out (_batch), host ms per pass (included in the device time)"),
+        ("choices_pass_ms", "the choices (_choices), host ms per pass (included in the device time)"),
+    ]
+    figures += [part for part in parts if all(part[0] in row for rows in best.values() for row in rows.values())]
+    for figure, label in figures:
+        print(f"-- {label}")
         for context in [key(c, a, args) for c in args.contexts for a in args.accepted]:
             cells = [best[name][context][figure] for name in names]
-            shown = [f"{cells[0] / cell:.2f}x" for cell in cells[1:]] if base else []
-            print(
-                f"{context:>8} "
-                + " ".join(f"{cell:>28.3f}" for cell in cells)
-                + " "
-                + " ".join(f"{r:>22}" for r in shown)
-            )
-    for part, label in (
-        ("layout_pass_ms", "laying a pass out (_batch)"),
-        ("choices_pass_ms", "the choices (_choices)"),
-    ):
-        if not all(part in row for rows in best.values() for row in rows.values()):
-            continue
-        print(f"-- {label}, host ms per pass (included in the device time)")
-        for context in [key(c, a, args) for c in args.contexts for a in args.accepted]:
-            cells = [best[name][context][part] for name in names]
             shown = [f"{cells[0] / cell:.2f}x" for cell in cells[1:]] if base else []
             print(
                 f"{context:>8} "
