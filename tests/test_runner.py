@@ -314,7 +314,7 @@ def test_a_draft_shape_lists_each_nodes_children_depth_and_everything_under_it()
 
         for node in range(-1, len(parents)):
             under = {d for d in range(len(parents)) if node in ancestors(d)}
-            assert sorted(shape.below[node + 1]) == sorted(under)
+            assert sorted(shape.below(node)) == sorted(under)
             assert list(shape.kids[node + 1]) == [d for d, p in enumerate(parents) if p == node]
-            assert shape.under[node + 1] == Counter(shape.depths[d + 1] for d in under)
+            assert shape.under(node) == Counter(shape.depths[d + 1] for d in under)
         assert list(shape.depths[1:]) == [1 + sum(1 for a in ancestors(d) if a >= 0) for d in range(len(parents))]

@@ -101,27 +101,45 @@ def _row_parents(n_pending: int, parents: list[int]) -> list[int]:
 
 @dataclass(frozen=True)
 class _Shape:
-    """What `_choices` reads of a draft tree's shape, by node + 1 (index 0: the root)."""
+    """What `_choices` reads of a draft tree's shape, by node + 1 (index 0: the root). Its size
+    grows with the nodes, not with nodes x depth, so caching a client's long chains costs little."""
 
     kids: tuple[tuple[int, ...], ...]  # each node's children
     depths: tuple[int, ...]  # each node's depth: the root 0, its children 1
-    below: tuple[tuple[int, ...], ...]  # every node under each node
-    under: tuple[Counter, ...]  # how many nodes under each node, by depth
+    order: tuple[int, ...]  # the nodes depth first: each node's descendants come right after it
+    spans: tuple[tuple[int, int], ...]  # where each node's descendants lie in `order`
+    all_under: Counter  # every node, by depth: what lies under the root
+
+    def below(self, node: int) -> tuple[int, ...]:
+        """Every node under `node` (-1: the root)."""
+        start, end = self.spans[node + 1]
+        return self.order[start:end]
+
+    def under(self, node: int) -> Counter:
+        """How many nodes lie under `node` at each depth."""
+        return self.all_under if node < 0 else Counter(self.depths[d + 1] for d in self.below(node))
 
 
 @functools.lru_cache(maxsize=1024)
 def _shape(parents: tuple[int, ...]) -> _Shape:
     """A draft's shape, worked out once for each shape the drafts take (a chain of each length,
-    the few trees a drafter makes): 64 sessions x 32 nodes cost ~5 ms a pass to redo each time."""
+    the few trees a drafter makes) instead of in every pass."""
     kids: list[list[int]] = [[] for _ in range(len(parents) + 1)]
     for node, parent in enumerate(parents):
         kids[parent + 1].append(node)
     depths = (0, *node_depths(list(parents)))
-    below: list[tuple[int, ...]] = [()] * (len(parents) + 1)
-    for node in range(len(parents) - 1, -2, -1):  # children come after their parents
-        below[node + 1] = tuple(chain.from_iterable((child, *below[child + 1]) for child in kids[node + 1]))
-    under = tuple(Counter(depths[d + 1] for d in nodes) for nodes in below)
-    return _Shape(tuple(map(tuple, kids)), depths, tuple(below), under)
+    sizes = [1] * (len(parents) + 1)  # each node's subtree, itself included
+    for node in range(len(parents) - 1, -1, -1):  # children come after their parents
+        sizes[parents[node] + 1] += sizes[node + 1]
+    order: list[int] = []
+    spans = [(0, len(parents))] * (len(parents) + 1)
+    stack = list(reversed(kids[0]))
+    while stack:
+        node = stack.pop()
+        order.append(node)
+        spans[node + 1] = (len(order), len(order) + sizes[node + 1] - 1)
+        stack.extend(reversed(kids[node + 1]))
+    return _Shape(tuple(map(tuple, kids)), depths, tuple(order), tuple(spans), Counter(depths[1:]))
 
 
 def _opens(job: VerifyJob, node: int, choice: int) -> bool:
@@ -453,11 +471,11 @@ class ModelRunner:
         while frontier:
             under = Counter[int]()  # nodes still below the frontier, by depth
             for b, node in frontier:
-                under.update(shapes[b].under[node + 1])
+                under.update(shapes[b].under(node))
             if self._walk_on(depth, len(frontier), under):
                 wanted = frontier
             else:
-                wanted = frontier + [(b, d) for b, node in frontier for d in shapes[b].below[node + 1]]
+                wanted = frontier + [(b, d) for b, node in frontier for d in shapes[b].below(node)]
             for (b, node), choice in zip(wanted, self._choose(jobs, batch, hidden, wanted)):
                 choices[b][node + 1] = choice
             # On through the nodes just computed, to the next ones not computed; by depth, how
