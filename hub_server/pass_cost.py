@@ -9,6 +9,7 @@ token (what the context a verify carried, a new prompt, cost inside its pass).
 from __future__ import annotations
 
 import threading
+from collections.abc import Callable
 
 
 class PassCostFit:
@@ -72,13 +73,21 @@ class RowCosts:
 
     def seconds(self, rows: float) -> float:
         """The expected cost of computing `rows` rows (fewer than one: the chance of a call of one)."""
-        if rows <= 0:
-            return 0.0
+        return self.curve()(rows)
+
+    def curve(self) -> Callable[[float], float]:
+        """`seconds` over the costs measured so far, for many questions in a row (one lock, one sort)."""
         with self._lock:
             points = sorted(self._seconds.items())
-        if rows < 1:
-            return rows * self._at(points, 1.0)
-        return self._at(points, rows)
+
+        def seconds(rows: float) -> float:
+            if rows <= 0:
+                return 0.0
+            if rows < 1:
+                return rows * self._at(points, 1.0)
+            return self._at(points, rows)
+
+        return seconds
 
     @staticmethod
     def _at(points: list[tuple[int, float]], rows: float) -> float:

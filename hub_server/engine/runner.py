@@ -22,7 +22,7 @@ import logging
 import os
 import threading
 import time
-from collections import Counter
+from collections import Counter, OrderedDict
 from dataclasses import dataclass, replace
 from itertools import chain
 from pathlib import Path
@@ -72,6 +72,7 @@ SMALLEST_WIDTH = 16  # the narrowest compiled row: narrower ones cost about as m
 # How fast the estimate of how often a projected draft node leads on to an accepted child follows
 # the drafts (`ModelRunner._choices`).
 SURVIVAL_FADE = 0.3
+ROW_SHAPES_KEPT = 64  # pass row shapes kept on the device (`ModelRunner._rows`), least recent dropped first
 PROJECTION_TIMED_ROWS = 64  # the projection is timed at start up to this many rows (linear beyond)
 
 log = logging.getLogger("hub_server")
@@ -92,6 +93,19 @@ class _Batch:
     @property
     def width(self) -> int:
         return self.tokens.shape[1]
+
+
+@dataclass(frozen=True)
+class _Rows:
+    """The shape of a pass's rows on the device, which depends only on each row's parents (and
+    the bucket): the same for pass after pass of one batch's chains, so it is built once per
+    shape (`ModelRunner._rows`). Nothing downstream writes into these tensors."""
+
+    row_of: torch.Tensor  # [T] each real token's row
+    sources: torch.Tensor  # [T] its place in the flattened [B', S'] rows
+    sizes: torch.Tensor  # [B] real tokens per row
+    ancestors: torch.Tensor  # [B, S', S'] bool: token j of row b is token i or one of its ancestors
+    depths: torch.Tensor  # [B, S'] how many ancestors each token has (0: a row's first token)
 
 
 def _row_parents(n_pending: int, parents: list[int]) -> list[int]:
@@ -251,6 +265,7 @@ class ModelRunner:
         self._survival: list[float] = []  # by depth: how often a projected node led on to an accepted child
         self._time_projection(min(PROJECTION_TIMED_ROWS, settings.max_batch * (1 + settings.max_draft_tokens)))
         self.compiled_shapes: set[tuple[int, int]] = set()  # buckets run through the compiled decoder
+        self._row_shapes: OrderedDict[tuple, _Rows] = OrderedDict()  # by (rows, width, parents)
         self._zero_tallies()
         if self.compiled:
             self.compile_buckets()
@@ -522,15 +537,21 @@ class ModelRunner:
             survival = self._survival[d - 1] if d - 1 < len(self._survival) else 0.5
             reach[d] = min(float(under.get(d, 0)), reach[d - 1] * survival)
 
-        projection = self.projection_costs.seconds  # expected cost of one call (none if no rows)
+        projection = self.projection_costs.curve()  # expected cost of one call (none if no rows)
+        # What walking costs up to each depth (one projection a level), and how many nodes lie
+        # deeper than each depth: sums built once, not again for every depth compared.
+        walked = [0.0]
+        for d in range(depth, deepest + 1):
+            walked.append(walked[-1] + projection(reach[d]))
+        deeper = {deepest: 0}
+        for d in range(deepest, depth, -1):
+            deeper[d - 1] = deeper[d] + under.get(d, 0)
 
         def all_at(k: int) -> float:  # walk to depth k alone, then project all that is left there
-            walked = sum(projection(reach[d]) for d in range(depth, k))
             if k > deepest:
-                return walked
+                return walked[k - depth]
             share = reach[k] / under[k] if k > depth and under.get(k) else 1.0  # of depth k reached
-            left = reach[k] + share * sum(under.get(d, 0) for d in range(k + 1, deepest + 1))
-            return walked + projection(left)
+            return walked[k - depth] + projection(reach[k] + share * deeper[k])
 
         now = all_at(depth)
         return any(all_at(k) < now for k in range(depth + 1, deepest + 2))
@@ -591,47 +612,65 @@ class ModelRunner:
             height = _bucket(height, self.batch_buckets) or height
             width = _bucket(width, self.width_buckets) or width
         device, total = self.device, sum(sizes)
-        # What the host knows, sent to the device in two copies: each real token's id and parent
-        # within its row (through numpy: torch.tensor of a list of Python ints costs ~0.2 us an
-        # int, 0.9 ms for 64 rows of 33), then each row's slot, the tokens that slot held before
-        # the pass, and its real tokens.
-        flat = chain(chain.from_iterable(rows), chain.from_iterable(parents))
-        known = torch.from_numpy(np.fromiter(flat, dtype=np.int64, count=2 * total)).view(2, total)
-        per_row = torch.tensor([[slot.index for slot in slots], [slot.length for slot in slots], sizes])
-        (ids, parent_ids), (slot_of_row, lengths, sizes_t) = known.to(device), per_row.to(device)
-        # Each real token's place in the flattened [B', S'] rows, on the device with no loop over
-        # rows or tokens: its row's start, plus its rank among that row's tokens.
-        row_of = torch.repeat_interleave(torch.arange(len(rows), device=device), sizes_t, output_size=total)
-        sources_t = row_of * width + torch.arange(total, device=device) - (torch.cumsum(sizes_t, 0) - sizes_t)[row_of]
+        shape = self._rows(height, width, parents)
+        # What the host knows, sent to the device in two copies: each real token's id (through
+        # numpy: torch.tensor of a list of Python ints costs ~0.2 us an int, 0.9 ms for 64 rows
+        # of 33), then each row's slot and the tokens that slot held before the pass.
+        ids = torch.from_numpy(np.fromiter(chain.from_iterable(rows), dtype=np.int64, count=total)).to(device)
+        per_row = torch.tensor([[slot.index for slot in slots], [slot.length for slot in slots]])
+        slot_of_row, lengths = per_row.to(device)
         tokens = torch.zeros(height * width, dtype=torch.long, device=device)
-        tokens[sources_t] = ids
-        row_parents = torch.full((height * width,), -1, dtype=torch.long, device=device)
-        row_parents[sources_t] = parent_ids
-        ancestors = ancestor_closure(row_parents.view(height, width))[: len(rows)]  # [B, S', S']
+        tokens[shape.sources] = ids
         positions = torch.zeros(height, width, dtype=torch.long, device=device)
-        # A token's depth below the slot's past is how many ancestors it has, itself included.
-        positions[: len(rows)] = lengths[:, None] + ancestors.sum(-1) - 1
+        positions[: len(rows)] = lengths[:, None] + shape.depths  # below the slot's past
         longest = max(slot.length + size for slot, size in zip(slots, sizes))
         columns, masks, widths = {}, {}, {}
         for name, kind in self.kinds.items():
             widths[name] = min(longest, kind.capacity)
             columns[name], masks[name] = kind_mask(
-                kind, lengths, sizes_t, positions[: len(rows)], ancestors, widths[name]
+                kind, lengths, shape.sizes, positions[: len(rows)], shape.ancestors, widths[name]
             )
-            columns[name] = columns[name].reshape(-1)[sources_t]  # [T]
+            columns[name] = columns[name].reshape(-1)[shape.sources]  # [T]
         layout = PoolPass(
             keys=self.pool.keys,
             values=self.pool.values,
             kinds=self.layer_types,
             rows=len(rows),
-            sources=sources_t,
-            slots=slot_of_row[row_of],
+            sources=shape.sources,
+            slots=slot_of_row[shape.row_of],
             columns=columns,
             widths=widths,
             masks=masks,
             runs=slot_runs([slot.index for slot in slots]),
         )
         return _Batch(slots, sizes, tokens.view(height, width), positions, layout)
+
+    def _rows(self, height: int, width: int, parents: list[list[int]]) -> _Rows:
+        """The shape of rows with these parents in a [height, width] pass, built on the device
+        the first time (no loop over rows or tokens, no host sync) and kept for the next passes
+        of the same shape: ~40 small operations a pass (0.4 ms on this CPU at 8 x 9 tokens;
+        as many kernel launches on a GPU)."""
+        key = (height, width, tuple(map(tuple, parents)))
+        shape = self._row_shapes.get(key)
+        if shape is not None:
+            self._row_shapes.move_to_end(key)
+            return shape
+        device, sizes = self.device, [len(row) for row in parents]
+        total = sum(sizes)
+        parent_ids = torch.from_numpy(np.fromiter(chain.from_iterable(parents), dtype=np.int64, count=total))
+        parent_ids, sizes_t = parent_ids.to(device), torch.tensor(sizes).to(device)
+        # Each real token's place in the flattened rows: its row's start, plus its rank among
+        # that row's tokens (repeat_interleave told its total: no host sync).
+        row_of = torch.repeat_interleave(torch.arange(len(parents), device=device), sizes_t, output_size=total)
+        sources = row_of * width + torch.arange(total, device=device) - (torch.cumsum(sizes_t, 0) - sizes_t)[row_of]
+        row_parents = torch.full((height * width,), -1, dtype=torch.long, device=device)
+        row_parents[sources] = parent_ids
+        ancestors = ancestor_closure(row_parents.view(height, width))[: len(parents)]  # [B, S', S']
+        shape = _Rows(row_of, sources, sizes_t, ancestors, ancestors.sum(-1) - 1)
+        self._row_shapes[key] = shape
+        if len(self._row_shapes) > ROW_SHAPES_KEPT:
+            self._row_shapes.popitem(last=False)
+        return shape
 
     @torch.inference_mode()
     def _forward(self, batch: _Batch, counted: bool = False) -> torch.Tensor:
