@@ -14,7 +14,7 @@ import pytest
 import torch
 
 from hub_server.config import HubSettings
-from hub_server.engine.runner import ModelRunner, _shape, feed_apart
+from hub_server.engine.runner import ROW_SHAPES_KEPT, ModelRunner, _shape, feed_apart
 from hub_server.engine_api import PassTally, VerifyJob
 from hub_server.tree import chain_parents
 from tests.conftest import TargetAlone
@@ -318,3 +318,20 @@ def test_a_draft_shape_lists_each_nodes_children_depth_and_everything_under_it()
             assert list(shape.kids[node + 1]) == [d for d, p in enumerate(parents) if p == node]
             assert shape.under(node) == Counter(shape.depths[d + 1] for d in under)
         assert list(shape.depths[1:]) == [1 + sum(1 for a in ancestors(d) if a >= 0) for d in range(len(parents))]
+
+
+def test_a_pass_row_shape_is_kept_for_the_most_recent_shapes_and_matches_a_fresh_one(target):
+    """`_rows` keeps the last ROW_SHAPES_KEPT shapes; a kept shape is what building it anew gives."""
+    runner, _ = target
+    runner._row_shapes.clear()
+    tree = [[-1, 0, 0, 1], [-1, 0, 1]]  # a tree and a chain, padded to width 4
+    first = runner._rows(2, 4, tree)
+    for n in range(1, ROW_SHAPES_KEPT + 1):  # as many chains again: the tree's shape is the oldest, dropped
+        runner._rows(1, n, [list(range(-1, n - 1))])
+    assert len(runner._row_shapes) == ROW_SHAPES_KEPT
+    again = runner._rows(2, 4, tree)
+    assert again is not first
+    for a, b in zip(vars(first).values(), vars(again).values()):
+        assert torch.equal(a, b)
+    assert again.depths.tolist() == [[0, 1, 1, 2], [0, 1, 2, 0]] and again.sources.tolist() == [0, 1, 2, 3, 4, 5, 6]
+    assert runner._rows(2, 4, tree) is again
