@@ -323,12 +323,12 @@ def test_a_draft_shape_lists_each_nodes_children_depth_and_everything_under_it()
 def test_a_pass_row_shape_is_kept_for_the_most_recent_shapes_and_matches_a_fresh_one(target):
     """`_rows` keeps the last ROW_SHAPES_KEPT shapes; a kept shape is what building it anew gives."""
     runner, _ = target
-    runner._row_shapes.clear()
+    runner._row_shapes.cache_clear()
     tree = [[-1, 0, 0, 1], [-1, 0, 1]]  # a tree and a chain, padded to width 4
     first = runner._rows(2, 4, tree)
     for n in range(1, ROW_SHAPES_KEPT + 1):  # as many chains again: the tree's shape is the oldest, dropped
         runner._rows(1, n, [list(range(-1, n - 1))])
-    assert len(runner._row_shapes) == ROW_SHAPES_KEPT
+    assert runner._row_shapes.cache_info().currsize == ROW_SHAPES_KEPT
     again = runner._rows(2, 4, tree)
     assert again is not first
     for a, b in zip(vars(first).values(), vars(again).values()):

@@ -221,14 +221,19 @@ def ancestor_closure(parents: torch.Tensor) -> torch.Tensor:
     index = torch.arange(width, device=parents.device).expand(rows, width)
     jump = torch.where(parents >= 0, parents, index)  # the 2^k-th ancestor; the row's top one once past it
     reach = (index[:, :, None] == index[:, None, :]) | (jump[:, :, None] == index[:, None, :])  # itself, its parent
-    starts = torch.arange(0, rows * width, width, device=parents.device)[:, None]  # each row's first token
     for _ in range((width - 2).bit_length() if width > 1 else 0):
-        # Each token's 2^k-th ancestor's set, read as whole rows of the flattened [B * S, S] sets.
-        reach = reach | reach.view(rows * width, width).index_select(0, (jump + starts).view(-1)).view(
-            rows, width, width
-        )
+        reach = reach | rows_of(reach, jump)  # each token's 2^k-th ancestor's set
         jump = torch.gather(jump, 1, jump)
     return reach
+
+
+def rows_of(table: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
+    """For each b, rows index[b] of table[b]: [B, R, W] by [B, N] -> [B, N, W]. Read as whole
+    rows of the flattened table (a gather along the last axis cost 4-7x more on this CPU)."""
+    batch, height, width = table.shape
+    starts = torch.arange(0, batch * height, height, device=table.device)[:, None]  # each b's first row
+    flat = table.reshape(batch * height, width).index_select(0, (index + starts).view(-1))
+    return flat.view(batch, index.shape[1], width)
 
 
 def kind_mask(
@@ -256,11 +261,9 @@ def kind_mask(
     past = column_positions(lengths, kind.capacity, width)  # [B, P]
     sees_past = ((past >= 0) & (holder < 0))[:, None, :].expand(-1, span, -1)  # [B, S, P]
     held = holder.clamp(min=0)
-    # Whether each column's new token is the query or one of its ancestors: the ancestor sets
-    # seen by column, read as whole rows (a gather along the last axis cost 4x more here).
-    by_column = ancestors.transpose(1, 2).reshape(rows * span, span)  # [B * S, S]: who has token j
-    starts = torch.arange(0, rows * span, span, device=lengths.device)[:, None]
-    has = by_column.index_select(0, (held + starts).view(-1)).view(rows, width, span).transpose(1, 2)  # [B, S, P]
+    # Whether each column's new token is the query or one of its ancestors: for each column, the
+    # queries that have its token ([B, S, S] by token j: who has j), seen as [B, S, P].
+    has = rows_of(ancestors.transpose(1, 2), held).transpose(1, 2)
     sees_new = has & (holder >= 0)[:, None, :]
     if kind.window:
         queries = positions[:, :, None]

@@ -22,7 +22,7 @@ import logging
 import os
 import threading
 import time
-from collections import Counter, OrderedDict
+from collections import Counter
 from dataclasses import dataclass, replace
 from itertools import chain
 from pathlib import Path
@@ -265,7 +265,8 @@ class ModelRunner:
         self._survival: list[float] = []  # by depth: how often a projected node led on to an accepted child
         self._time_projection(min(PROJECTION_TIMED_ROWS, settings.max_batch * (1 + settings.max_draft_tokens)))
         self.compiled_shapes: set[tuple[int, int]] = set()  # buckets run through the compiled decoder
-        self._row_shapes: OrderedDict[tuple, _Rows] = OrderedDict()  # by (rows, width, parents)
+        # Row shapes on this runner's device, by (rows, width, parents); the least recent dropped first.
+        self._row_shapes = functools.lru_cache(maxsize=ROW_SHAPES_KEPT)(self._lay_rows)
         self._zero_tallies()
         if self.compiled:
             self.compile_buckets()
@@ -650,11 +651,9 @@ class ModelRunner:
         the first time (no loop over rows or tokens, no host sync) and kept for the next passes
         of the same shape: ~40 small operations a pass (0.4 ms on this CPU at 8 x 9 tokens;
         as many kernel launches on a GPU)."""
-        key = (height, width, tuple(map(tuple, parents)))
-        shape = self._row_shapes.get(key)
-        if shape is not None:
-            self._row_shapes.move_to_end(key)
-            return shape
+        return self._row_shapes(height, width, tuple(map(tuple, parents)))
+
+    def _lay_rows(self, height: int, width: int, parents: tuple[tuple[int, ...], ...]) -> _Rows:
         device, sizes = self.device, [len(row) for row in parents]
         total = sum(sizes)
         parent_ids = torch.from_numpy(np.fromiter(chain.from_iterable(parents), dtype=np.int64, count=total))
@@ -666,11 +665,7 @@ class ModelRunner:
         row_parents = torch.full((height * width,), -1, dtype=torch.long, device=device)
         row_parents[sources] = parent_ids
         ancestors = ancestor_closure(row_parents.view(height, width))[: len(parents)]  # [B, S', S']
-        shape = _Rows(row_of, sources, sizes_t, ancestors, ancestors.sum(-1) - 1)
-        self._row_shapes[key] = shape
-        if len(self._row_shapes) > ROW_SHAPES_KEPT:
-            self._row_shapes.popitem(last=False)
-        return shape
+        return _Rows(row_of, sources, sizes_t, ancestors, ancestors.sum(-1) - 1)
 
     @torch.inference_mode()
     def _forward(self, batch: _Batch, counted: bool = False) -> torch.Tensor:
@@ -729,30 +724,26 @@ class ModelRunner:
         # Compiled passes read the rotary cosines and sines from a table (rotary.py): inductor
         # would otherwise compute them again in every layer's kernel.
         table = rotary_table(self.model.model, self.max_context + self.widest_row + 1, self.model.dtype)
+        freezing: contextlib.AbstractContextManager = contextlib.nullcontext()
         if self.device == "cuda":
             options["triton.cudagraphs"] = True  # what mode="reduce-overhead" sets
-            graphed = torch.compile(self._decode, dynamic=False, fullgraph=True, options=options)
-
-            def tabled_pass(tokens: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
-                with tabled(self.model.model, table):
-                    return graphed(tokens, positions)
-
-            return tabled_pass
-        # On a CPU each call of a small pass costs as much as its work: the weights become
-        # constants of the compiled graph (freezing), packed once for MKL's matrix products, and
-        # the projections that read the same input become one product (q, k and v; gate and up)
-        # (113 -> 64 products a pass on the dispatch-bound target). The packed
-        # weights are a second copy of the linear layers' weights, beside the model's own that
-        # eager passes (prompts fed apart, a bucket's miss) still use. Dynamo reads `freezing`
-        # from the global config as it traces, so it is set around each call, not as an option.
-        options["cpp.enable_concat_linear"] = True
+        else:
+            # On a CPU each call of a small pass costs as much as its work: the weights become
+            # constants of the compiled graph (freezing), packed once for MKL's matrix products,
+            # and the projections that read the same input become one product (q, k and v; gate
+            # and up) (113 -> 64 products a pass on the dispatch-bound target). The packed
+            # weights are a second copy of the linear layers' weights, beside the model's own that
+            # eager passes (prompts fed apart, a bucket's miss) still use. Dynamo reads `freezing`
+            # from the global config as it traces, so it is set around each call, not as an option.
+            options["cpp.enable_concat_linear"] = True
+            freezing = torch._inductor.config.patch(freezing=True)
         compiled = torch.compile(self._decode, dynamic=False, fullgraph=True, options=options)
 
-        def frozen(tokens: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
-            with torch._inductor.config.patch(freezing=True), tabled(self.model.model, table):
+        def compiled_pass(tokens: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
+            with freezing, tabled(self.model.model, table):
                 return compiled(tokens, positions)
 
-        return frozen
+        return compiled_pass
 
     def _logits(self, hidden: torch.Tensor, columns: list[int]) -> torch.Tensor:
         """The target's logits at the given flattened columns of `hidden`: [K, V] float32.
