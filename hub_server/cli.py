@@ -14,7 +14,7 @@ import typer
 
 from hub_server.accounts import Accounts
 from hub_server.admin import tokens_app, users_app
-from hub_server.config import COMPILE_MODES, DEVICES, DTYPES, LOG_FORMATS, HubSettings, default_data_dir
+from hub_server.config import COMPILE_MODES, CPU_MATMULS, DEVICES, DTYPES, LOG_FORMATS, HubSettings, default_data_dir
 from hub_server.errors import AccountError, AccountsUnavailable, ClusterError
 from hub_server.workers_cmd import workers_app
 from specedge_common.extras import HUB_INSTALL, missing_hub_modules
@@ -87,6 +87,13 @@ def serve(
             "compiled at start; auto is on for CUDA only."
         ),
     ] = "auto",
+    cpu_matmul: Annotated[
+        str,
+        typer.Option(
+            help=f"One of {', '.join(CPU_MATMULS)}: the library for a CPU target's float32 matrix products; "
+            "auto times both at start and takes the faster."
+        ),
+    ] = "auto",
     data_dir: Annotated[
         Path | None, typer.Option(help=f"Accounts database folder; default {default_data_dir()}.")
     ] = None,
@@ -148,6 +155,7 @@ def serve(
             merge_wait_share=merge_wait_share,
             cache_dir=cache_dir,
             compile=compile,
+            cpu_matmul=cpu_matmul,
             data_dir=data_dir,
             auth=not no_auth,
             embedded_token=os.environ.pop(EMBEDDED_TOKEN_ENV, None) or None,

@@ -12,6 +12,7 @@ from specedge_common.net import is_loopback
 DTYPES = ("auto", "float32", "bfloat16", "float16")
 DEVICES = ("auto", "cpu", "cuda")
 COMPILE_MODES = ("auto", "on", "off")
+CPU_MATMULS = ("auto", "mkl", "onednn")
 
 
 LOG_FORMATS = ("text", "json")
@@ -47,6 +48,7 @@ class HubSettings:
     merge_wait_share: float = 0.5  # wait for users due back within this share of a pass's fixed cost
     cache_dir: Path | None = None  # where converted GGUF targets and compiled passes are kept
     compile: str = "auto"  # compiled fixed-shape passes: on, off, or auto (on for CUDA)
+    cpu_matmul: str = "auto"  # a CPU target's float32 products: mkl, onednn, or auto (the faster, timed at start)
     data_dir: Path | None = None  # accounts database; None: default_data_dir()
     auth: bool = True  # False (--no-auth) is allowed on loopback only
     # A single pre-authorised token (the embedded hub of `specedge chat`); no database then.
@@ -69,6 +71,8 @@ class HubSettings:
             raise ValueError(f"--device must be one of {', '.join(DEVICES)}, not {self.device!r}")
         if self.compile not in COMPILE_MODES:
             raise ValueError(f"--compile must be one of {', '.join(COMPILE_MODES)}, not {self.compile!r}")
+        if self.cpu_matmul not in CPU_MATMULS:
+            raise ValueError(f"--cpu-matmul must be one of {', '.join(CPU_MATMULS)}, not {self.cpu_matmul!r}")
         if self.dtype not in DTYPES:
             raise ValueError(f"--dtype must be one of {', '.join(DTYPES)}, not {self.dtype!r}")
         if not 0 < self.port < 65536 and self.port != 0:

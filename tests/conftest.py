@@ -87,7 +87,11 @@ class RunningHub:
 @pytest.fixture(scope="session")
 def hub(tiny, tmp_path_factory):
     """A real hub serving the tiny target (its Hugging Face folder) on loopback."""
-    running = RunningHub(tiny.hf_dir, tmp_path_factory.mktemp("hub-cache"), "--max-draft-tokens", "16")
+    # oneDNN's products, not MKL's: the suite's equality tests then cover the path a CPU hub takes
+    # where oneDNN is faster (`--cpu-matmul auto`), against the target alone on MKL.
+    running = RunningHub(
+        tiny.hf_dir, tmp_path_factory.mktemp("hub-cache"), "--max-draft-tokens", "16", "--cpu-matmul", "onednn"
+    )
     yield running
     running.stop()
 
@@ -189,11 +193,17 @@ class TargetAlone:
         return generated
 
 
-@pytest.fixture(scope="session")
-def target_alone(tiny) -> TargetAlone:
+def plain_target(folder: Path, device: str = "cpu") -> TargetAlone:
+    """The target in the folder as transformers loads it by itself (float32, its own attention and
+    matrix products): what the hub's replies must equal."""
     from transformers import AutoModelForCausalLM
 
-    return TargetAlone(AutoModelForCausalLM.from_pretrained(str(tiny.hf_dir), dtype=torch.float32).eval())
+    return TargetAlone(AutoModelForCausalLM.from_pretrained(str(folder), dtype=torch.float32).to(device).eval())
+
+
+@pytest.fixture(scope="session")
+def target_alone(tiny) -> TargetAlone:
+    return plain_target(tiny.hf_dir)
 
 
 def run_specedge(

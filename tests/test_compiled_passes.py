@@ -17,7 +17,7 @@ from hub_server.config import HubSettings
 from hub_server.engine.rotary import rotary_table, tabled
 from hub_server.engine.runner import ModelRunner, VerifyJob
 from hub_server.tree import chain_parents
-from tests.conftest import TargetAlone
+from tests.conftest import plain_target
 from tests.test_runner import CONTEXTS, gemma_dir  # noqa: F401  (a fixture)
 
 MAX_DRAFT = 7  # rows of 8: one width bucket
@@ -30,7 +30,7 @@ def runners(request, tiny, gemma_dir):  # noqa: F811
     settings = {"model": folder, "device": DEVICE, "max_batch": 2, "max_draft_tokens": MAX_DRAFT, "max_sessions": 8}
     eager = ModelRunner(HubSettings(**settings, compile="off"))
     compiled = ModelRunner(HubSettings(**settings, compile="on"))
-    return eager, compiled, TargetAlone(eager.model)
+    return eager, compiled, plain_target(folder, DEVICE)
 
 
 def decode(runner: ModelRunner, contexts, drafts_of, rounds: int, temperature: float = 0.0):

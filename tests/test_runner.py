@@ -17,7 +17,7 @@ from hub_server.config import HubSettings
 from hub_server.engine.runner import ROW_SHAPES_KEPT, ModelRunner, _shape, feed_apart
 from hub_server.engine_api import PassTally, VerifyJob
 from hub_server.tree import chain_parents
-from tests.conftest import TargetAlone
+from tests.conftest import TargetAlone, plain_target
 
 NO_STOP = frozenset()
 
@@ -57,8 +57,8 @@ def gemma_dir(tiny, tmp_path_factory):
 @pytest.fixture(scope="module", params=["llama", "gemma-sliding"])
 def target(request, tiny, gemma_dir):
     folder = tiny.hf_dir if request.param == "llama" else gemma_dir
-    runner = ModelRunner(HubSettings(model=str(folder)))
-    return runner, TargetAlone(runner.model)
+    runner = ModelRunner(HubSettings(model=str(folder), cpu_matmul="onednn"))
+    return runner, plain_target(folder)
 
 
 def greedy(target_alone: TargetAlone, context: list[int], n: int) -> list[int]:

@@ -66,7 +66,7 @@ class PoolPass:
     runs: list[tuple[int, int, int]]  # (first row, end row, first slot): rows of consecutive slots
     copied_bytes: int = field(default=0)  # past KV read through a copy instead of a view: 0 here
     _grouped: dict[tuple[str, int], torch.Tensor] = field(default_factory=dict)  # masks for grouped queries
-    _targets: dict[str, tuple[torch.Tensor, torch.Tensor]] = field(default_factory=dict)  # `_writes`, by kind
+    _targets: dict[str, tuple[torch.Tensor | None, torch.Tensor]] = field(default_factory=dict)  # `_writes`, by kind
 
     _active: ClassVar[PoolPass | None] = None  # the pass the operator serves now (one at a time: the device lock)
 
@@ -92,8 +92,10 @@ class PoolPass:
         # copies nothing), the pool as one row per (slot, head, column).
         sources, targets = self._writes(kind, key.shape, pool_keys.shape)
         new_keys, new_values = key.transpose(1, 2).reshape(-1, dim), value.transpose(1, 2).reshape(-1, dim)
-        pool_keys.view(-1, dim).index_copy_(0, targets, new_keys.index_select(0, sources))
-        pool_values.view(-1, dim).index_copy_(0, targets, new_values.index_select(0, sources))
+        if sources is not None:  # some rows are padded: only the real tokens' rows are written
+            new_keys, new_values = new_keys.index_select(0, sources), new_values.index_select(0, sources)
+        pool_keys.view(-1, dim).index_copy_(0, targets, new_keys)
+        pool_values.view(-1, dim).index_copy_(0, targets, new_values)
         width = self.widths[kind]
         groups = query_heads // heads
         # Grouped-query attention as plain attention: the query heads that share a kv head become
@@ -115,15 +117,18 @@ class PoolPass:
         attended = torch.cat(outputs) if len(outputs) > 1 else outputs[0]
         return attended.reshape(rows, query_heads, span, dim).transpose(1, 2).contiguous()
 
-    def _writes(self, kind: str, shape: torch.Size, pool: torch.Size) -> tuple[torch.Tensor, torch.Tensor]:
+    def _writes(self, kind: str, shape: torch.Size, pool: torch.Size) -> tuple[torch.Tensor | None, torch.Tensor]:
         """Where the layer kind's new keys go, built once a pass: for each real token and kv head,
         its row in the layer's keys seen as [B' * S' * H, D] (sources: the token's place in the
-        flattened rows, then its head) and in the pool seen as [slots * H * capacity, D] (targets)."""
+        flattened rows, then its head) and in the pool seen as [slots * H * capacity, D] (targets).
+        Sources are None when every place holds a real token (no padding: the rows are read as
+        they are, one operation less for keys and values in every layer)."""
         if kind not in self._targets:
             heads, capacity = shape[1], pool[2]
             head = torch.arange(heads, device=self.slots.device)[None, :]
+            unpadded = self.sources.numel() == shape[0] * shape[2]  # sources: increasing places, so all of them
             self._targets[kind] = (
-                (self.sources[:, None] * heads + head).reshape(-1),
+                None if unpadded else (self.sources[:, None] * heads + head).reshape(-1),
                 ((self.slots[:, None] * heads + head) * capacity + self.columns[kind][:, None]).reshape(-1),
             )
         return self._targets[kind]

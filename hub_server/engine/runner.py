@@ -31,6 +31,7 @@ import numpy as np
 import torch
 
 from hub_server.config import HubSettings, default_cache_dir
+from hub_server.engine.cpu_products import choose_cpu_products
 from hub_server.engine.kv_pool import GIB, KVPool, KVShape, KVSlot, column_positions, plan_kv
 from hub_server.engine.loading import choose_device, choose_dtype, load_target, read_vocabulary
 from hub_server.engine.pool_attention import (
@@ -252,6 +253,9 @@ class ModelRunner:
         self.vocab_size = min(self.vocab.size, self.model.get_input_embeddings().num_embeddings)
         # One thing at a time on the device: a forward pass here, or the hub's own drafting.
         self.device_lock = threading.Lock()
+        self.cpu_products = choose_cpu_products(
+            self.model, settings.cpu_matmul, sorted({1, min(64, settings.max_batch * (1 + settings.max_draft_tokens))})
+        )
         self.compiled = _compile_wanted(settings.compile, self.device)
         self.batch_buckets = buckets(settings.max_batch)
         # Verify rows: a session's last token and its draft; longer pending context is fed apart first.

@@ -1,0 +1,93 @@
+"""Which library computes a CPU target's float32 matrix products: MKL (torch's default) or oneDNN.
+
+On a CPU a verify pass is mostly matrix products of few rows (a pass's tokens) by large weights:
+the vocabulary projection and every layer's projections. torch sends float32 products to MKL,
+which on the AMD EPYC machine here ran them at 42-47 GFLOP/s against oneDNN's 81-86 (72 rows by
+Gemma 3's projection or Qwen2.5's MLP, one thread: `benchmarks/cpu_products.py`). Which is faster
+depends on the CPU (MKL is Intel's own), so the runner measures both at start on a slice of the
+model's own projection and uses the faster (`--cpu-matmul auto`).
+
+oneDNN reads the model's weights as they are: no second copy, no packing at start. Its results
+differ from MKL's in the last bits, as MKL's own do between row counts; the replies still equal
+the target decoding alone (the hub's equality tests run through oneDNN against transformers on
+MKL). Compiled passes keep inductor's own products (MKL, packed once when the weights are
+frozen): only eager calls take this path.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+import types
+
+import torch
+import torch.nn.functional as F
+
+log = logging.getLogger(__name__)
+
+TIMED_COLUMNS = 8192  # output columns of the projection timed at start: ~20 ms for both libraries
+TIMED_REPEATS = 3
+FASTER_BY = 0.9  # oneDNN is chosen when it takes at most this share of MKL's time
+
+
+def onednn_available() -> bool:
+    return torch.backends.mkldnn.is_available() and hasattr(torch.ops.mkldnn, "_linear_pointwise")
+
+
+def onednn_linear(input: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
+    """F.linear through oneDNN: input [..., K] by weight [N, K] (+ bias [N]) -> [..., N]."""
+    return torch.ops.mkldnn._linear_pointwise(input.contiguous(), weight, bias, "none", [], "")
+
+
+def _onednn_forward(module: torch.nn.Linear, input: torch.Tensor) -> torch.Tensor:
+    if torch.compiler.is_compiling():  # inductor packs its own products
+        return F.linear(input, module.weight, module.bias)
+    return onednn_linear(input, module.weight, module.bias)
+
+
+def time_products(weight: torch.Tensor, rows: list[int]) -> dict[str, float]:
+    """Seconds each library takes for products of `rows` rows by `weight` [N, K] (the sum over
+    the row counts, best of TIMED_REPEATS, the libraries taking turns)."""
+    generator = torch.Generator().manual_seed(0)
+    inputs = [torch.randn(count, weight.shape[1], generator=generator, dtype=weight.dtype) for count in rows]
+    products = {"mkl": lambda x: F.linear(x, weight), "onednn": lambda x: onednn_linear(x, weight, None)}
+    spent: dict[str, list[float]] = {name: [] for name in products}
+    with torch.inference_mode():
+        for _ in range(TIMED_REPEATS + 1):  # the first round warms both up
+            for name, product in products.items():
+                started = time.perf_counter()
+                for x in inputs:
+                    product(x)
+                spent[name].append(time.perf_counter() - started)
+    return {name: min(times[1:]) for name, times in spent.items()}
+
+
+def choose_cpu_products(model, choice: str, rows: list[int]) -> str:
+    """Route the float32 CPU `model`'s (a transformers model) linear layers through the library
+    `choice` names, or the faster one measured on its projection (`auto`). Returns the library
+    in use: mkl, onednn, or default (not a float32 CPU target: torch's own choice)."""
+    projection = model.get_output_embeddings().weight
+    if projection.device.type != "cpu" or projection.dtype != torch.float32:
+        return "default"  # CUDA's own libraries; a 16-bit CPU target goes to oneDNN already
+    if choice == "mkl":
+        return "mkl"
+    if not onednn_available():
+        if choice == "onednn":
+            raise ValueError("--cpu-matmul onednn: this torch build has no oneDNN; use auto or mkl")
+        return "mkl"
+    if choice == "auto":
+        seconds = time_products(projection[:TIMED_COLUMNS].detach(), rows)
+        faster = seconds["onednn"] <= FASTER_BY * seconds["mkl"]
+        log.info(
+            "CPU matrix products: %s (timed on the projection, %s rows: MKL %.1f ms, oneDNN %.1f ms)",
+            "oneDNN" if faster else "MKL",
+            "/".join(map(str, rows)),
+            seconds["mkl"] * 1e3,
+            seconds["onednn"] * 1e3,
+        )
+        if not faster:
+            return "mkl"
+    for module in model.modules():
+        if isinstance(module, torch.nn.Linear) and module.weight.dtype == torch.float32:
+            module.forward = types.MethodType(_onednn_forward, module)  # type: ignore[method-assign]
+    return "onednn"
