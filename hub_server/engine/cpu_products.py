@@ -1,11 +1,12 @@
 """Which library computes a CPU target's float32 matrix products: MKL (torch's default) or oneDNN.
 
 On a CPU a verify pass is mostly matrix products of few rows (a pass's tokens) by large weights:
-the vocabulary projection and every layer's projections. torch sends float32 products to MKL,
-which on the AMD EPYC machine here ran them at 42-47 GFLOP/s against oneDNN's 81-86 (72 rows by
-Gemma 3's projection or Qwen2.5's MLP, one thread: `benchmarks/cpu_products.py`). Which is faster
+the vocabulary projection and every layer's projections. torch sends float32 products to MKL;
+on the AMD EPYC machine here oneDNN ran Gemma 3's and Qwen2.5's projections and MLPs 1.5-2.0x
+faster at 8 and 72 rows (one thread, `benchmarks/cpu_products.py`). Which is faster
 depends on the CPU (MKL is Intel's own), so the runner measures both at start on a slice of the
-model's own projection and uses the faster (`--cpu-matmul auto`).
+model's own projection and uses the faster (`--cpu-matmul auto`), for every layer but the
+smallest, where a call's fixed cost decides.
 
 oneDNN reads the model's weights as they are: no second copy, no packing at start. Its results
 differ from MKL's in the last bits, as MKL's own do between row counts; the replies still equal
@@ -28,6 +29,9 @@ log = logging.getLogger(__name__)
 TIMED_COLUMNS = 8192  # output columns of the projection timed at start: ~20 ms for both libraries
 TIMED_REPEATS = 3
 FASTER_BY = 0.9  # oneDNN is chosen when it takes at most this share of MKL's time
+# Under this many weights a product is a few microseconds, and oneDNN's ~20 us a call more than
+# MKL's loses (here: 0.4x at 512 x 64 by 9 rows, 1.1-1.4x from 256 x 640 up): `auto` leaves them on MKL.
+SMALLEST_ROUTED = 1 << 17
 
 
 def onednn_available() -> bool:
@@ -75,6 +79,7 @@ def choose_cpu_products(model, choice: str, rows: list[int]) -> str:
         if choice == "onednn":
             raise ValueError("--cpu-matmul onednn: this torch build has no oneDNN; use auto or mkl")
         return "mkl"
+    smallest = 0  # --cpu-matmul onednn: every layer
     if choice == "auto":
         seconds = time_products(projection[:TIMED_COLUMNS].detach(), rows)
         faster = seconds["onednn"] <= FASTER_BY * seconds["mkl"]
@@ -87,7 +92,9 @@ def choose_cpu_products(model, choice: str, rows: list[int]) -> str:
         )
         if not faster:
             return "mkl"
+        smallest = SMALLEST_ROUTED
     for module in model.modules():
-        if isinstance(module, torch.nn.Linear) and module.weight.dtype == torch.float32:
-            module.forward = types.MethodType(_onednn_forward, module)  # type: ignore[method-assign]
+        routed = isinstance(module, torch.nn.Linear) and module.weight.dtype == torch.float32
+        if routed and module.weight.numel() >= smallest:
+            module.forward = types.MethodType(_onednn_forward, module)
     return "onednn"
