@@ -13,6 +13,7 @@ import httpx
 import pytest
 import torch
 
+from hub_server.engine.cpu_products import onednn_available
 from hub_server.engine.sampling import sample_row
 from hub_server.tree import position_uniform
 from specedge_common.launcher import HubProcess, HubStartError
@@ -87,10 +88,11 @@ class RunningHub:
 @pytest.fixture(scope="session")
 def hub(tiny, tmp_path_factory):
     """A real hub serving the tiny target (its Hugging Face folder) on loopback."""
-    # oneDNN's products, not MKL's: the suite's equality tests then cover the path a CPU hub takes
-    # where oneDNN is faster (`--cpu-matmul auto`), against the target alone on MKL.
+    # oneDNN's products where torch has them, not MKL's: the suite's equality tests then cover the
+    # path a CPU hub takes where oneDNN is faster (`--cpu-matmul auto`), against the target alone on MKL.
+    products = "onednn" if onednn_available() else "mkl"
     running = RunningHub(
-        tiny.hf_dir, tmp_path_factory.mktemp("hub-cache"), "--max-draft-tokens", "16", "--cpu-matmul", "onednn"
+        tiny.hf_dir, tmp_path_factory.mktemp("hub-cache"), "--max-draft-tokens", "16", "--cpu-matmul", products
     )
     yield running
     running.stop()

@@ -14,6 +14,7 @@ import pytest
 import torch
 
 from hub_server.config import HubSettings
+from hub_server.engine.cpu_products import onednn_available
 from hub_server.engine.runner import ROW_SHAPES_KEPT, ModelRunner, _shape, feed_apart
 from hub_server.engine_api import PassTally, VerifyJob
 from hub_server.tree import chain_parents
@@ -57,7 +58,7 @@ def gemma_dir(tiny, tmp_path_factory):
 @pytest.fixture(scope="module", params=["llama", "gemma-sliding"])
 def target(request, tiny, gemma_dir):
     folder = tiny.hf_dir if request.param == "llama" else gemma_dir
-    runner = ModelRunner(HubSettings(model=str(folder), cpu_matmul="onednn"))
+    runner = ModelRunner(HubSettings(model=str(folder), cpu_matmul="onednn" if onednn_available() else "mkl"))
     return runner, plain_target(folder)
 
 
