@@ -16,6 +16,7 @@ from hub_server.engine.cpu_products import (
     onednn_linear,
     time_products,
 )
+from tests.conftest import plain_target
 
 pytestmark = pytest.mark.skipif(not onednn_available(), reason="this torch build has no oneDNN")
 
@@ -24,10 +25,8 @@ def linears(model: torch.nn.Module) -> list[torch.nn.Linear]:
     return [module for module in model.modules() if isinstance(module, torch.nn.Linear)]
 
 
-def fresh(tiny):
-    from transformers import AutoModelForCausalLM
-
-    return AutoModelForCausalLM.from_pretrained(str(tiny.hf_dir), dtype=torch.float32).eval()
+def fresh(tiny) -> torch.nn.Module:
+    return plain_target(tiny.hf_dir).model
 
 
 def test_a_onednn_product_is_the_matrix_product_to_rounding():

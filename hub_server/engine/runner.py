@@ -253,9 +253,9 @@ class ModelRunner:
         self.vocab_size = min(self.vocab.size, self.model.get_input_embeddings().num_embeddings)
         # One thing at a time on the device: a forward pass here, or the hub's own drafting.
         self.device_lock = threading.Lock()
-        self.cpu_products = choose_cpu_products(
-            self.model, settings.cpu_matmul, sorted({1, min(64, settings.max_batch * (1 + settings.max_draft_tokens))})
-        )
+        # The most rows a pass projects that start-up timings cover (the widest verify pass, capped).
+        timed_rows = min(PROJECTION_TIMED_ROWS, settings.max_batch * (1 + settings.max_draft_tokens))
+        choose_cpu_products(self.model, settings.cpu_matmul, sorted({1, timed_rows}))
         self.compiled = _compile_wanted(settings.compile, self.device)
         self.batch_buckets = buckets(settings.max_batch)
         # Verify rows: a session's last token and its draft; longer pending context is fed apart first.
@@ -267,7 +267,7 @@ class ModelRunner:
         self.projection = "auto"
         self.projection_costs = RowCosts()  # the projection's time by the rows it computes
         self._survival: list[float] = []  # by depth: how often a projected node led on to an accepted child
-        self._time_projection(min(PROJECTION_TIMED_ROWS, settings.max_batch * (1 + settings.max_draft_tokens)))
+        self._time_projection(timed_rows)
         self.compiled_shapes: set[tuple[int, int]] = set()  # buckets run through the compiled decoder
         # Row shapes on this runner's device, by (rows, width, parents); the least recent dropped first.
         self._row_shapes = functools.lru_cache(maxsize=ROW_SHAPES_KEPT)(self._lay_rows)
