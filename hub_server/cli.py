@@ -14,7 +14,16 @@ import typer
 
 from hub_server.accounts import Accounts
 from hub_server.admin import tokens_app, users_app
-from hub_server.config import COMPILE_MODES, CPU_MATMULS, DEVICES, DTYPES, LOG_FORMATS, HubSettings, default_data_dir
+from hub_server.config import (
+    COMPILE_MODES,
+    CPU_ATTENTIONS,
+    CPU_MATMULS,
+    DEVICES,
+    DTYPES,
+    LOG_FORMATS,
+    HubSettings,
+    default_data_dir,
+)
 from hub_server.errors import AccountError, AccountsUnavailable, ClusterError
 from hub_server.workers_cmd import workers_app
 from specedge_common.extras import HUB_INSTALL, missing_hub_modules
@@ -94,6 +103,13 @@ def serve(
             "auto times both at start and takes the faster."
         ),
     ] = "auto",
+    cpu_attention: Annotated[
+        str,
+        typer.Option(
+            help=f"One of {', '.join(CPU_ATTENTIONS)}: a CPU target's float32 attention; kernel is the hub's own "
+            "(built at start with the C compiler), auto uses it for passes up to 512 columns and SDPA beyond."
+        ),
+    ] = "auto",
     data_dir: Annotated[
         Path | None, typer.Option(help=f"Accounts database folder; default {default_data_dir()}.")
     ] = None,
@@ -156,6 +172,7 @@ def serve(
             cache_dir=cache_dir,
             compile=compile,
             cpu_matmul=cpu_matmul,
+            cpu_attention=cpu_attention,
             data_dir=data_dir,
             auth=not no_auth,
             embedded_token=os.environ.pop(EMBEDDED_TOKEN_ENV, None) or None,

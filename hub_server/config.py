@@ -13,6 +13,7 @@ DTYPES = ("auto", "float32", "bfloat16", "float16")
 DEVICES = ("auto", "cpu", "cuda")
 COMPILE_MODES = ("auto", "on", "off")
 CPU_MATMULS = ("auto", "mkl", "onednn")
+CPU_ATTENTIONS = ("auto", "kernel", "sdpa")
 
 
 LOG_FORMATS = ("text", "json")
@@ -49,6 +50,9 @@ class HubSettings:
     cache_dir: Path | None = None  # where converted GGUF targets and compiled passes are kept
     compile: str = "auto"  # compiled fixed-shape passes: on, off, or auto (on for CUDA)
     cpu_matmul: str = "auto"  # a CPU target's float32 products: mkl, onednn, or auto (the faster, timed at start)
+    cpu_attention: str = (
+        "auto"  # a CPU target's float32 attention: kernel (ours), sdpa, or auto (kernel for short passes)
+    )
     data_dir: Path | None = None  # accounts database; None: default_data_dir()
     auth: bool = True  # False (--no-auth) is allowed on loopback only
     # A single pre-authorised token (the embedded hub of `specedge chat`); no database then.
@@ -73,6 +77,8 @@ class HubSettings:
             raise ValueError(f"--compile must be one of {', '.join(COMPILE_MODES)}, not {self.compile!r}")
         if self.cpu_matmul not in CPU_MATMULS:
             raise ValueError(f"--cpu-matmul must be one of {', '.join(CPU_MATMULS)}, not {self.cpu_matmul!r}")
+        if self.cpu_attention not in CPU_ATTENTIONS:
+            raise ValueError(f"--cpu-attention must be one of {', '.join(CPU_ATTENTIONS)}, not {self.cpu_attention!r}")
         if self.dtype not in DTYPES:
             raise ValueError(f"--dtype must be one of {', '.join(DTYPES)}, not {self.dtype!r}")
         if not 0 < self.port < 65536 and self.port != 0:

@@ -4,7 +4,8 @@ The runner's target runs with this attention function (registered with transform
 interface as `POOL_ATTENTION`). In each layer it first writes the pass's new keys and values
 into their sessions' slots, at the columns right after each slot's past ("tentative" columns:
 a draft node's keys are written before anyone knows whether it will be accepted), then runs
-SDPA over the slots as views of the pool: rows whose slots are consecutive share one call.
+SDPA over the slots as views of the pool: rows whose slots are consecutive share one call. On a
+CPU the hub's own kernel (`pool_kernel.c`) does both in one call instead, where it was built.
 A boolean mask, built once per pass and layer kind on the device, lets each query see its
 session's past (within the window on sliding layers), the pass's pending tokens and its own
 draft ancestors, nothing else. After the pass the runner keeps the accepted path: a chain's
@@ -34,6 +35,7 @@ from transformers.integrations.sdpa_attention import sdpa_attention_forward
 from transformers.masking_utils import AttentionMaskInterface, sdpa_mask
 
 from hub_server.engine.kv_pool import column_positions
+from hub_server.engine.pool_kernel import PoolKernel
 
 POOL_ATTENTION = "specedge_pool"
 FULL, SLIDING = "full_attention", "sliding_attention"
@@ -64,6 +66,8 @@ class PoolPass:
     widths: dict[str, int]  # per kind: slot columns the pass's views cover
     masks: dict[str, torch.Tensor]  # per kind: [B, 1, S, width] bool, what each query sees
     runs: list[tuple[int, int, int]]  # (first row, end row, first slot): rows of consecutive slots
+    row_slots: torch.Tensor | None = None  # [B] each row's slot (for the CPU kernel)
+    kernel: PoolKernel | None = None  # the CPU pool kernel, where the hub attends through it
     copied_bytes: int = field(default=0)  # past KV read through a copy instead of a view: 0 here
     _grouped: dict[tuple[str, int], torch.Tensor] = field(default_factory=dict)  # masks for grouped queries
     _targets: dict[str, tuple[torch.Tensor | None, torch.Tensor]] = field(default_factory=dict)  # `_writes`, by kind
@@ -86,7 +90,14 @@ class PoolPass:
         kind = self.kinds[layer]
         pool_keys, pool_values = self.keys[layer], self.values[layer]
         rows, query_heads, span, dim = query.shape
-        heads = key.shape[1]
+        heads, width = key.shape[1], self.widths[kind]
+        if self.kernel is not None and self.row_slots is not None and self.kernel.serves(query, width):
+            # One call writes and attends, reading the slots in place (pool_kernel.c).
+            bias = self._grouped_mask(kind, 1, query.dtype).view(self.rows, span, width)
+            writes = (self.sources, self.slots, self.columns[kind])
+            return self.kernel.attend(
+                query, key, value, pool_keys, pool_values, writes, self.rows, self.row_slots, bias, scale
+            )
         # The new keys and values go to their columns in two indexed copies: the pass's rows are
         # read as [B', S', H] rows of D (the order the projections wrote them, so reading them
         # copies nothing), the pool as one row per (slot, head, column).
@@ -96,7 +107,6 @@ class PoolPass:
             new_keys, new_values = new_keys.index_select(0, sources), new_values.index_select(0, sources)
         pool_keys.view(-1, dim).index_copy_(0, targets, new_keys)
         pool_values.view(-1, dim).index_copy_(0, targets, new_values)
-        width = self.widths[kind]
         groups = query_heads // heads
         # Grouped-query attention as plain attention: the query heads that share a kv head become
         # more queries of it ([B, Hkv, G * S, D]), so each kv head is read once by one call and

@@ -44,6 +44,7 @@ from hub_server.engine.pool_attention import (
     kind_mask,
     slot_runs,
 )
+from hub_server.engine.pool_kernel import load_pool_kernel
 from hub_server.engine.rotary import rotary_table, tabled
 from hub_server.engine.sampling import target_choices
 from hub_server.engine_api import EngineStats, KVHandle, PassTally, VerifyJob
@@ -256,6 +257,9 @@ class ModelRunner:
         # The most rows a pass projects that start-up timings cover (the widest verify pass, capped).
         timed_rows = min(PROJECTION_TIMED_ROWS, settings.max_batch * (1 + settings.max_draft_tokens))
         choose_cpu_products(self.model, settings.cpu_matmul, sorted({1, timed_rows}))
+        self.pool_kernel = load_pool_kernel(
+            settings.cpu_attention, self.device, self.model.dtype, settings.cache_dir or default_cache_dir()
+        )
         self.compiled = _compile_wanted(settings.compile, self.device)
         self.batch_buckets = buckets(settings.max_batch)
         # Verify rows: a session's last token and its draft; longer pending context is fed apart first.
@@ -647,6 +651,8 @@ class ModelRunner:
             widths=widths,
             masks=masks,
             runs=slot_runs([slot.index for slot in slots]),
+            row_slots=slot_of_row,
+            kernel=self.pool_kernel,
         )
         return _Batch(slots, sizes, tokens.view(height, width), positions, layout)
 
