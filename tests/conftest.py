@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -19,6 +20,10 @@ from hub_server.tree import position_uniform
 from specedge_common.launcher import HubProcess, HubStartError
 from specedge_common.net import free_port
 from tests.tiny_models import TinyModel, build_tiny_model, build_tokenizer
+
+# The hub's own CPU attention kernel where a C compiler can build it (`--cpu-attention kernel`:
+# every pass, whatever `auto` would have timed), so the suite's equality tests run through it.
+CPU_ATTENTION = "kernel" if shutil.which(os.environ.get("CC") or "cc") else "sdpa"
 
 REPO = Path(__file__).resolve().parent.parent
 
@@ -92,7 +97,9 @@ def hub(tiny, tmp_path_factory):
     # path a CPU hub takes where oneDNN is faster (`--cpu-matmul auto`), against the target alone on MKL.
     products = "onednn" if onednn_available() else "mkl"
     running = RunningHub(
-        tiny.hf_dir, tmp_path_factory.mktemp("hub-cache"), "--max-draft-tokens", "16", "--cpu-matmul", products
+        tiny.hf_dir,
+        tmp_path_factory.mktemp("hub-cache"),
+        *("--max-draft-tokens", "16", "--cpu-matmul", products, "--cpu-attention", CPU_ATTENTION),
     )
     yield running
     running.stop()

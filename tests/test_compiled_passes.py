@@ -17,7 +17,7 @@ from hub_server.config import HubSettings
 from hub_server.engine.rotary import rotary_table, tabled
 from hub_server.engine.runner import ModelRunner, VerifyJob
 from hub_server.tree import chain_parents
-from tests.conftest import plain_target
+from tests.conftest import CPU_ATTENTION, plain_target
 from tests.test_runner import CONTEXTS, gemma_dir  # noqa: F401  (a fixture)
 
 MAX_DRAFT = 7  # rows of 8: one width bucket
@@ -28,6 +28,7 @@ DEVICE = os.environ.get("SPECEDGE_TEST_DEVICE", "cpu")  # benchmarks/gpu_check.s
 def runners(request, tiny, gemma_dir):  # noqa: F811
     folder = str(tiny.hf_dir if request.param == "llama" else gemma_dir)
     settings = {"model": folder, "device": DEVICE, "max_batch": 2, "max_draft_tokens": MAX_DRAFT, "max_sessions": 8}
+    settings["cpu_attention"] = CPU_ATTENTION  # a CUDA runner leaves it aside
     eager = ModelRunner(HubSettings(**settings, compile="off"))
     compiled = ModelRunner(HubSettings(**settings, compile="on"))
     return eager, compiled, plain_target(folder, DEVICE)

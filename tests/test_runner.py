@@ -18,7 +18,7 @@ from hub_server.engine.cpu_products import onednn_available
 from hub_server.engine.runner import ROW_SHAPES_KEPT, ModelRunner, _shape, feed_apart
 from hub_server.engine_api import PassTally, VerifyJob
 from hub_server.tree import chain_parents
-from tests.conftest import TargetAlone, plain_target
+from tests.conftest import CPU_ATTENTION, TargetAlone, plain_target
 
 NO_STOP = frozenset()
 
@@ -58,7 +58,8 @@ def gemma_dir(tiny, tmp_path_factory):
 @pytest.fixture(scope="module", params=["llama", "gemma-sliding"])
 def target(request, tiny, gemma_dir):
     folder = tiny.hf_dir if request.param == "llama" else gemma_dir
-    runner = ModelRunner(HubSettings(model=str(folder), cpu_matmul="onednn" if onednn_available() else "mkl"))
+    products = "onednn" if onednn_available() else "mkl"
+    runner = ModelRunner(HubSettings(model=str(folder), cpu_matmul=products, cpu_attention=CPU_ATTENTION))
     return runner, plain_target(folder)
 
 

@@ -25,8 +25,9 @@ tagged unsafe to capture), so each layer's other kernels replay as graphs.
 from __future__ import annotations
 
 import contextlib
+import time
 from dataclasses import dataclass, field
-from typing import ClassVar
+from typing import TYPE_CHECKING, ClassVar
 
 import torch
 import torch.nn.functional as F
@@ -35,7 +36,9 @@ from transformers.integrations.sdpa_attention import sdpa_attention_forward
 from transformers.masking_utils import AttentionMaskInterface, sdpa_mask
 
 from hub_server.engine.kv_pool import column_positions
-from hub_server.engine.pool_kernel import PoolKernel
+
+if TYPE_CHECKING:
+    from hub_server.engine.pool_kernel import PoolKernel
 
 POOL_ATTENTION = "specedge_pool"
 FULL, SLIDING = "full_attention", "sliding_attention"
@@ -299,3 +302,51 @@ def slot_runs(slots: list[int]) -> list[tuple[int, int, int]]:
         else:
             runs.append((row, row + 1, slot))
     return runs
+
+
+# --- a sample pass, for timing the attention ----------------------------------------------
+def sample_pass(
+    shape: tuple[int, int, int, int, int], width: int, kernel: PoolKernel | None
+) -> tuple[PoolPass, tuple[torch.Tensor, torch.Tensor, torch.Tensor]]:
+    """One full-attention layer's pass of `shape` (rows, tokens a row, query heads, kv heads,
+    head dims) over slot views of `width` columns: each row's past, then its chain of new tokens.
+    Returns the pass (attending through `kernel`, or SDPA for None) and its queries, keys, values."""
+    rows, span, query_heads, heads, dim = shape
+    generator = torch.Generator().manual_seed(width)
+    keys, values = (torch.randn(rows, heads, width + span, dim, generator=generator) for _ in range(2))
+    past = max(width - span, 0)
+    sees = torch.ones(rows, 1, span, width, dtype=torch.bool)
+    sees[..., past:] = torch.ones(span, width - past, dtype=torch.bool).tril()
+    layout = PoolPass(
+        keys=[keys],
+        values=[values],
+        kinds=[FULL],
+        rows=rows,
+        sources=torch.arange(rows * span),
+        slots=torch.arange(rows).repeat_interleave(span),
+        columns={FULL: past + torch.arange(span).repeat(rows)},
+        widths={FULL: width},
+        masks={FULL: sees},
+        runs=[(0, rows, 0)],
+        row_slots=torch.arange(rows),
+        kernel=kernel,
+    )
+    query, key, value = (
+        torch.randn(rows, span, count, dim, generator=generator).transpose(1, 2)
+        for count in (query_heads, heads, heads)
+    )
+    return layout, (query, key, value)
+
+
+@torch.inference_mode()
+def timed_layer(
+    kernel: PoolKernel | None, shape: tuple[int, int, int, int, int], width: int, repeats: int = 5
+) -> float:
+    """Seconds one layer of `sample_pass` takes through `kernel` (SDPA for None), best of `repeats`."""
+    layout, (query, key, value) = sample_pass(shape, width, kernel)
+    best = float("inf")
+    for _ in range(repeats + 1):  # one warm-up
+        started = time.perf_counter()
+        layout.attend(query, key, value, 0, 1.0)
+        best = min(best, time.perf_counter() - started)
+    return best

@@ -1,12 +1,14 @@
 """The CPU pool-attention kernel (`pool_kernel.c`): built at start with the machine's C compiler.
 
 `PoolPass.attend` hands a CPU layer to it instead of ATen's SDPA when the hub was started with
-`--cpu-attention auto` (the default: for passes whose widest slot view is at most `AUTO_WIDEST`
-columns) or `kernel` (every pass). On the project's CPU machine one layer of 8 sessions x 9
-tokens over 59 columns took ~46 us in the kernel against ~140 us for the operator's SDPA and
-index writes, and the two were even at 2,009 columns (one thread; `benchmarks/pool_kernel.py`).
-SDPA spreads a long pass over all threads where the kernel keeps to one, so `auto` leaves wide
-passes to SDPA.
+`--cpu-attention kernel` (every pass), or `auto` (the default) for the passes it measured the
+kernel faster on: at start, `auto` times one layer of the hub's own verify shape through both,
+at widening slot views (`TIMED_WIDTHS`), and keeps the kernel up to the widest view where it
+took at most 90% of SDPA's time (none: SDPA everywhere). On the project's CPU machine, one layer
+of the dispatch-bound target (8 sessions x 9 tokens, heads of 16) over 59 columns took 83 us
+in the kernel against 148 us through SDPA and its index writes, even at 192 columns; with
+Gemma's or Qwen's heads of 256 or 128 dims SDPA was faster from 64 columns on
+(`benchmarks/pool_kernel.py`). The kernel keeps to one thread.
 
 The library is built once per source, compiler and CPU into `<cache-dir>/pool-kernel/` (under a
 second with gcc); a machine with no C compiler keeps SDPA (`auto`) or refuses to start (`kernel`).
@@ -31,7 +33,8 @@ log = logging.getLogger(__name__)
 
 SOURCE = Path(__file__).with_name("pool_kernel.c")
 FLAGS = ("-O3", "-march=native", "-fno-math-errno", "-fno-trapping-math", "-shared", "-fPIC")
-AUTO_WIDEST = 512  # `auto`: the widest slot view (columns) a pass hands to the kernel
+TIMED_WIDTHS = (64, 128, 256, 512)  # `auto`: the slot views (columns) timed at start
+FASTER = 0.9  # `auto`: the kernel's time at most this share of SDPA's
 _I64, _PTR = ctypes.c_int64, ctypes.c_void_p
 
 
@@ -97,11 +100,18 @@ class PoolKernel:
         return out
 
 
-def load_pool_kernel(mode: str, device: torch.device | str, dtype: torch.dtype, cache_dir: Path) -> PoolKernel | None:
+def load_pool_kernel(
+    mode: str,
+    device: torch.device | str,
+    dtype: torch.dtype,
+    cache_dir: Path,
+    shape: tuple[int, int, int, int, int] = (8, 9, 4, 2, 16),
+) -> PoolKernel | None:
     """The kernel for `--cpu-attention mode` on this target, or None where SDPA attends.
 
-    mode: auto (the kernel where it builds, for passes up to AUTO_WIDEST columns), kernel
-    (every pass; an error if it cannot be built), sdpa (never)."""
+    mode: auto (the kernel where it builds, for the slot views it was timed faster on), kernel
+    (every pass; an error if it cannot be built), sdpa (never). shape: the verify pass `auto`
+    times, (rows, tokens a row, query heads, kv heads, head dims)."""
     if mode == "sdpa" or torch.device(device).type != "cpu" or dtype != torch.float32:
         return None
     try:
@@ -111,9 +121,38 @@ def load_pool_kernel(mode: str, device: torch.device | str, dtype: torch.dtype, 
             raise RuntimeError(f"--cpu-attention kernel: {error}; start with --cpu-attention sdpa") from error
         log.warning("CPU attention: SDPA (the pool kernel was not built: %s)", error)
         return None
-    widest = AUTO_WIDEST if mode == "auto" else 1 << 62
-    log.info("CPU attention: the pool kernel (%s) for passes up to %s columns", library.name, widest)
-    return PoolKernel(library, widest)
+    kernel = PoolKernel(library, 1 << 62)
+    if mode == "kernel":
+        log.info("CPU attention: the pool kernel (%s) for every pass", library.name)
+        return kernel
+    kernel.widest, timings = widest_faster(kernel, shape)
+    measured = ", ".join(f"{width}: {ours * 1e6:.0f} against {sdpa * 1e6:.0f} us" for width, ours, sdpa in timings)
+    if not kernel.widest:
+        log.info("CPU attention: SDPA (the pool kernel was not faster on a layer of this target: %s)", measured)
+        return None
+    log.info(
+        "CPU attention: the pool kernel up to %d columns, SDPA beyond (a layer, by columns: %s)",
+        kernel.widest,
+        measured,
+    )
+    return kernel
+
+
+def widest_faster(
+    kernel: PoolKernel, shape: tuple[int, int, int, int, int]
+) -> tuple[int, list[tuple[int, float, float]]]:
+    """The widest of `TIMED_WIDTHS` up to which the kernel ran a layer of `shape` in at most
+    FASTER of SDPA's time (0 if none), and the timings: (width, kernel s, SDPA s), best of 5."""
+    from hub_server.engine.pool_attention import timed_layer  # the pool attention imports this module
+
+    timings = []
+    for width in TIMED_WIDTHS:
+        ours, sdpa = timed_layer(kernel, shape, width), timed_layer(None, shape, width)
+        timings.append((width, ours, sdpa))
+        if ours > FASTER * sdpa:
+            break
+    faster = [width for width, ours, sdpa in timings if ours <= FASTER * sdpa]
+    return (faster[-1] if faster else 0), timings
 
 
 def build(folder: Path) -> Path:
@@ -129,9 +168,12 @@ def build(folder: Path) -> Path:
     folder.mkdir(parents=True, exist_ok=True)
     with tempfile.TemporaryDirectory(dir=folder) as scratch:  # built aside, then moved in whole
         built = Path(scratch) / library.name
-        result = subprocess.run(
-            [compiler, *FLAGS, str(SOURCE), "-o", str(built)], capture_output=True, text=True, check=False
-        )
+        try:
+            result = subprocess.run(
+                [compiler, *FLAGS, str(SOURCE), "-o", str(built)], capture_output=True, text=True, check=False
+            )
+        except OSError as error:
+            raise RuntimeError(f"the C compiler {compiler} did not run ({error})") from error
         if result.returncode != 0:
             raise RuntimeError(f"{compiler} failed to build {SOURCE.name}: {result.stderr.strip()[-500:]}")
         os.replace(built, library)

@@ -257,8 +257,17 @@ class ModelRunner:
         # The most rows a pass projects that start-up timings cover (the widest verify pass, capped).
         timed_rows = min(PROJECTION_TIMED_ROWS, settings.max_batch * (1 + settings.max_draft_tokens))
         choose_cpu_products(self.model, settings.cpu_matmul, sorted({1, timed_rows}))
+        # `auto` times the CPU kernel on a typical verify pass: up to 8 sessions of a token and an 8-token draft.
+        heads, dim = self.pool.shape.heads, self.pool.shape.dim
+        timed = (
+            min(settings.max_batch, 8),
+            min(1 + settings.max_draft_tokens, 9),
+            config.num_attention_heads,
+            heads,
+            dim,
+        )
         self.pool_kernel = load_pool_kernel(
-            settings.cpu_attention, self.device, self.model.dtype, settings.cache_dir or default_cache_dir()
+            settings.cpu_attention, self.device, self.model.dtype, settings.cache_dir or default_cache_dir(), timed
         )
         self.compiled = _compile_wanted(settings.compile, self.device)
         self.batch_buckets = buckets(settings.max_batch)
