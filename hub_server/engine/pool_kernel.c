@@ -4,7 +4,7 @@
  * Built at hub start by `pool_kernel.py` with the machine's C compiler (-O3 -march=native) and
  * called through ctypes from `PoolPass.attend`. What it replaces is ATen's SDPA, whose CPU
  * kernel pays a fixed cost per (row, head) that dominates the few dozen columns of a short
- * context; here a (row, kv head) is three small tiled loops: scores (4 queries x 8 columns a
+ * context; here a (row, kv head) is three small tiled loops: scores (4 queries x 16 columns a
  * tile), softmax, weighted values (4 queries x 16 dims a tile). GCC/Clang vector extensions
  * keep the tiles in registers on any target the compiler knows.
  *
@@ -24,36 +24,38 @@
 typedef float v8 __attribute__((vector_size(32)));
 typedef float v8u __attribute__((vector_size(32), aligned(4))); /* an unaligned load or store */
 typedef int32_t i8 __attribute__((vector_size(32)));
+typedef float v16 __attribute__((vector_size(64))); /* one AVX-512 register, two AVX ones */
+typedef float v16u __attribute__((vector_size(64), aligned(4)));
+typedef int32_t i16 __attribute__((vector_size(64)));
 
-static inline v8 splat(float x) { return (v8){x, x, x, x, x, x, x, x}; }
+static inline v16 splat(float x) { return (v16){x, x, x, x, x, x, x, x, x, x, x, x, x, x, x, x}; }
 
-/* e^x for x <= 0, 8 lanes, within ~2 ulp of expf; 0 below -87 (a masked score, -inf included). */
-static inline v8 max8(v8 a, v8 b);
-static inline v8 exp8(v8 x) {
-    i8 kept = x >= -87.f;
-    x = max8(x, splat(-88.f)); /* keeps the conversion below in range */
-    v8 n = __builtin_convertvector(__builtin_convertvector(x * 1.44269504f - 0.5f, i8), v8); /* round(x / ln 2) */
-    v8 r = x - n * 0.693145752f; /* ln 2 in two parts: r exact to float */
+static inline v16 max16(v16 a, v16 b) {
+    i16 m = a > b;
+    return (v16)(((i16)a & m) | ((i16)b & ~m));
+}
+
+/* e^x for x <= 0, 16 lanes, within ~2 ulp of expf; 0 below -87 (a masked score, -inf included). */
+static inline v16 exp16(v16 x) {
+    i16 kept = x >= -87.f;
+    x = max16(x, splat(-88.f)); /* keeps the conversion below in range */
+    v16 n = __builtin_convertvector(__builtin_convertvector(x * 1.44269504f - 0.5f, i16), v16); /* round(x / ln 2) */
+    v16 r = x - n * 0.693145752f; /* ln 2 in two parts: r exact to float */
     r = r - n * 1.42860677e-6f;
-    v8 p = splat(1.98756912e-4f);
+    v16 p = splat(1.98756912e-4f);
     p = p * r + 1.39819994e-3f;
     p = p * r + 8.33345205e-3f;
     p = p * r + 4.16657962e-2f;
     p = p * r + 1.66666672e-1f;
     p = p * r + 5.0e-1f;
     p = p * r * r + r + 1.f;
-    v8 scale = (v8)((__builtin_convertvector(n, i8) + 127) << 23); /* 2^n */
-    return (v8)((i8)(p * scale) & kept);
-}
-
-static inline v8 max8(v8 a, v8 b) {
-    i8 m = a > b;
-    return (v8)(((i8)a & m) | ((i8)b & ~m));
+    v16 scale = (v16)((__builtin_convertvector(n, i16) + 127) << 23); /* 2^n */
+    return (v16)((i16)(p * scale) & kept);
 }
 
 /* Floats of scratch a call needs. */
 int64_t pool_scratch(int64_t dim, int64_t block, int64_t width) {
-    int64_t wp = (width + 7) / 8 * 8, bp = (block + 3) / 4 * 4;
+    int64_t wp = (width + 15) / 16 * 16, bp = (block + 3) / 4 * 4;
     return dim * wp + bp * wp + bp * dim + bp;
 }
 
@@ -72,7 +74,7 @@ void pool_attend(const float *q, int64_t qb, int64_t qh, int64_t qs, const float
         }
     }
     int64_t groups = qheads / heads, block = groups * span; /* a kv head's queries: its group's heads x S */
-    int64_t wp = (width + 7) / 8 * 8, bp = (block + 3) / 4 * 4; /* padded to the tiles */
+    int64_t wp = (width + 15) / 16 * 16, bp = (block + 3) / 4 * 4; /* padded to the tiles */
     float *restrict kt = scratch;       /* [D, wp]: the slot's keys, transposed */
     float *restrict p = kt + dim * wp;  /* [bp, wp]: scores, then weights */
     float *restrict qq = p + bp * wp;   /* [bp, D]: the block's queries, scaled */
@@ -99,34 +101,34 @@ void pool_attend(const float *q, int64_t qb, int64_t qh, int64_t qs, const float
                 for (int64_t c = width; c < wp; c++) pi[c] = -3.0e38f;
             }
             for (int64_t i0 = 0; i0 < bp; i0 += 4) /* scores */
-                for (int64_t c0 = 0; c0 < wp; c0 += 8) {
-                    v8 a0 = {0}, a1 = {0}, a2 = {0}, a3 = {0};
+                for (int64_t c0 = 0; c0 < wp; c0 += 16) {
+                    v16 a0 = {0}, a1 = {0}, a2 = {0}, a3 = {0};
                     const float *restrict q0 = qq + i0 * dim;
                     for (int64_t d = 0; d < dim; d++) {
-                        v8 key = *(const v8u *)(kt + d * wp + c0);
+                        v16 key = *(const v16u *)(kt + d * wp + c0);
                         a0 += q0[d] * key;
                         a1 += q0[dim + d] * key;
                         a2 += q0[2 * dim + d] * key;
                         a3 += q0[3 * dim + d] * key;
                     }
                     float *restrict p0 = p + i0 * wp + c0;
-                    *(v8u *)p0 += a0;
-                    *(v8u *)(p0 + wp) += a1;
-                    *(v8u *)(p0 + 2 * wp) += a2;
-                    *(v8u *)(p0 + 3 * wp) += a3;
+                    *(v16u *)p0 += a0;
+                    *(v16u *)(p0 + wp) += a1;
+                    *(v16u *)(p0 + 2 * wp) += a2;
+                    *(v16u *)(p0 + 3 * wp) += a3;
                 }
             for (int64_t i = 0; i < bp; i++) { /* softmax, the sum's inverse kept for the end */
                 float *restrict pi = p + i * wp;
-                v8 top = splat(-3.0e38f), total = {0};
-                for (int64_t c = 0; c < wp; c += 8) top = max8(*(v8u *)(pi + c), top);
+                v16 top = splat(-3.0e38f), total = {0};
+                for (int64_t c = 0; c < wp; c += 16) top = max16(*(v16u *)(pi + c), top);
                 float most = top[0], sum = 0.f;
-                for (int j = 1; j < 8; j++) most = top[j] > most ? top[j] : most;
-                for (int64_t c = 0; c < wp; c += 8) {
-                    v8 e = exp8(*(v8u *)(pi + c) - most);
-                    *(v8u *)(pi + c) = e;
+                for (int j = 1; j < 16; j++) most = top[j] > most ? top[j] : most;
+                for (int64_t c = 0; c < wp; c += 16) {
+                    v16 e = exp16(*(v16u *)(pi + c) - most);
+                    *(v16u *)(pi + c) = e;
                     total += e;
                 }
-                for (int j = 0; j < 8; j++) sum += total[j];
+                for (int j = 0; j < 16; j++) sum += total[j];
                 inv[i] = 1.f / sum;
             }
             for (int64_t i0 = 0; i0 < bp; i0 += 4) /* weighted values */
