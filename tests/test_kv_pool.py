@@ -104,3 +104,24 @@ def test_a_ring_pass_sees_its_window_and_its_new_tokens_not_what_they_overwrote(
     assert columns.tolist() == [[1, 2]]
     # Position 7 sees 4, 5, 6 and itself; position 8 sees 5, 6, 7 and itself (never 1, 2 or 3).
     assert sees[0, 0].int().tolist() == [[1, 1, 0, 0, 1, 1], [1, 1, 1, 0, 0, 1]]
+
+
+def test_a_full_attention_mask_is_the_ring_mask_of_a_ring_that_never_wraps():
+    from hub_server.engine.pool_attention import LayerKind, ancestor_closure, kind_mask
+
+    rng = random.Random(5)
+    for span in (1, 3, 9):
+        rows = 4
+        sizes = torch.tensor([span - rng.randrange(0, span) if b else span for b in range(rows)])
+        lengths = torch.tensor([rng.randrange(0, 40) for _ in range(rows)])
+        parents = torch.tensor(
+            [[rng.randrange(-1, i) if i < sizes[b] else -1 for i in range(span)] for b in range(rows)]
+        )
+        ancestors = ancestor_closure(parents)
+        positions = lengths[:, None] + ancestors.sum(-1) - 1
+        width = int((lengths + sizes).max())
+        full = kind_mask(LayerKind(capacity=100, window=0), lengths, sizes, positions, ancestors, width)
+        ring = kind_mask(LayerKind(capacity=100, window=10**6), lengths, sizes, positions, ancestors, width)
+        real = torch.arange(span)[None, :] < sizes[:, None]
+        assert torch.equal(full[0][real], ring[0][real])  # padding tokens' columns are never written
+        assert torch.equal(full[1], ring[1])

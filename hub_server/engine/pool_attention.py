@@ -74,6 +74,7 @@ class PoolPass:
     copied_bytes: int = field(default=0)  # past KV read through a copy instead of a view: 0 here
     _grouped: dict[tuple[str, int], torch.Tensor] = field(default_factory=dict)  # masks for grouped queries
     _targets: dict[str, tuple[torch.Tensor | None, torch.Tensor]] = field(default_factory=dict)  # `_writes`, by kind
+    _kernel_args: dict[str, tuple[int, ...]] = field(default_factory=dict)  # the kernel's, by kind
 
     _active: ClassVar[PoolPass | None] = None  # the pass the operator serves now (one at a time: the device lock)
 
@@ -96,11 +97,13 @@ class PoolPass:
         heads, width = key.shape[1], self.widths[kind]
         if self.kernel is not None and self.row_slots is not None and self.kernel.serves(query, width):
             # One call writes and attends, reading the slots in place (pool_kernel.c).
-            bias = self._grouped_mask(kind, 1, query.dtype).view(self.rows, span, width)
-            writes = (self.sources, self.slots, self.columns[kind])
-            return self.kernel.attend(
-                query, key, value, pool_keys, pool_values, writes, self.rows, self.row_slots, bias, scale
-            )
+            if kind not in self._kernel_args:
+                bias = self._grouped_mask(kind, 1, query.dtype).view(self.rows, span, width)
+                writes = (self.sources, self.slots, self.columns[kind])
+                self._kernel_args[kind] = self.kernel.prepare(
+                    query, key, pool_keys, writes, self.rows, self.row_slots, bias
+                )
+            return self.kernel.attend(query, key, value, pool_keys, pool_values, self._kernel_args[kind], scale)
         # The new keys and values go to their columns in two indexed copies: the pass's rows are
         # read as [B', S', H] rows of D (the order the projections wrote them, so reading them
         # copies nothing), the pool as one row per (slot, head, column).
@@ -271,6 +274,8 @@ def kind_mask(
     rows, span = positions.shape
     offsets = torch.arange(span, device=lengths.device)
     real = offsets[None, :] < sizes[:, None]  # [B, S]
+    if not kind.window:
+        return _full_mask(lengths, sizes, ancestors, width, offsets, real)
     columns = torch.remainder(lengths[:, None] + offsets[None, :], kind.capacity)  # [B, S]
     # Which new token each column holds (-1: none); padding tokens are sent to a column past the end.
     holder = torch.full((rows, width + 1), -1, dtype=torch.long, device=lengths.device)
@@ -290,6 +295,27 @@ def kind_mask(
     sees = sees_past | sees_new
     # Padding queries see the first column, so no row of the attention is empty (their output is dropped).
     sees[:, :, 0] |= ~real
+    return columns, sees[:, None]
+
+
+def _full_mask(
+    lengths: torch.Tensor,
+    sizes: torch.Tensor,
+    ancestors: torch.Tensor,
+    width: int,
+    offsets: torch.Tensor,
+    real: torch.Tensor,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """`kind_mask` for a layer of full attention, whose slots never wrap: a row's past fills its
+    first columns and its new tokens follow them, so a query sees every past column and the new
+    tokens that are its ancestors (a third of the ring's operations: ~0.2 ms a pass on the CPU
+    machine, where the ring's way took ~0.37)."""
+    columns = lengths[:, None] + offsets[None, :]  # [B, S]
+    held = torch.arange(width, device=lengths.device)[None, :] - lengths[:, None]  # [B, P]: which new token, if any
+    new = (held >= 0) & (held < sizes[:, None])
+    has = rows_of(ancestors.transpose(1, 2), held.clamp(0, ancestors.shape[-1] - 1)).transpose(1, 2)
+    sees = (held < 0)[:, None, :] | (has & new[:, None, :])
+    sees[:, :, 0] |= ~real  # padding queries see the first column (their output is dropped)
     return columns, sees[:, None]
 
 

@@ -62,6 +62,32 @@ class PoolKernel:
             and query.shape[-1] % 8 == 0
         )
 
+    def prepare(
+        self,
+        query: torch.Tensor,
+        key: torch.Tensor,
+        pool_keys: torch.Tensor,
+        writes: tuple[torch.Tensor, torch.Tensor, torch.Tensor],
+        rows: int,
+        row_slots: torch.Tensor,
+        bias: torch.Tensor,
+    ) -> tuple[int, ...]:
+        """The arguments every layer of one kind shares in a pass, worked out once a pass (the
+        tensors they point into must live as long: the pass holds them).
+
+        writes: each real token's (place in the flattened rows, slot, column), int64;
+        row_slots: [rows] each row's slot; bias: [rows, S, width] additive mask, contiguous."""
+        padded_rows, query_heads, span, dim = query.shape
+        heads, width = key.shape[1], bias.shape[-1]
+        needed = self._scratch_floats(dim, query_heads // heads * span, width)
+        if self._scratch.numel() < needed:
+            self._scratch = torch.empty(needed)
+        sources, slots, columns = writes
+        return (
+            heads, pool_keys.shape[2], dim, sources.numel(), sources.data_ptr(), slots.data_ptr(),
+            columns.data_ptr(), rows, padded_rows, span, query_heads, row_slots.data_ptr(), bias.data_ptr(), width,
+        )  # fmt: skip
+
     def attend(
         self,
         query: torch.Tensor,
@@ -69,33 +95,19 @@ class PoolKernel:
         value: torch.Tensor,
         pool_keys: torch.Tensor,
         pool_values: torch.Tensor,
-        writes: tuple[torch.Tensor, torch.Tensor, torch.Tensor],
-        rows: int,
-        row_slots: torch.Tensor,
-        bias: torch.Tensor,
+        shared: tuple[int, ...],
         scale: float,
     ) -> torch.Tensor:
-        """Write the new keys and values into the pool and attend; returns [B', S, Hq, D].
-
-        writes: each real token's (place in the flattened rows, slot, column), int64;
-        row_slots: [rows] each row's slot; bias: [rows, S, width] additive mask, contiguous."""
-        padded_rows, query_heads, span, dim = query.shape
-        heads, capacity, width = key.shape[1], pool_keys.shape[2], bias.shape[-1]
+        """Write the layer's new keys and values into the pool and attend; returns [B', S, Hq, D].
+        shared: `prepare`'s arguments for the pass and the layer's kind."""
         if query.stride(-1) != 1 or key.stride(-1) != 1 or value.stride(-1) != 1:
             query, key, value = query.contiguous(), key.contiguous(), value.contiguous()
-        needed = self._scratch_floats(dim, query_heads // heads * span, width)
-        if self._scratch.numel() < needed:
-            self._scratch = torch.empty(needed)
+        padded_rows, query_heads, span, dim = query.shape
         out = query.new_empty(padded_rows, span, query_heads, dim)
-        sources, slots, columns = writes
+        q, k, v = query.stride(), key.stride(), value.stride()
         self._attend(
-            query.data_ptr(), *query.stride()[:3],
-            key.data_ptr(), *key.stride()[:3],
-            value.data_ptr(), *value.stride()[:3],
-            pool_keys.data_ptr(), pool_values.data_ptr(), heads, capacity, dim,
-            sources.numel(), sources.data_ptr(), slots.data_ptr(), columns.data_ptr(),
-            rows, padded_rows, span, query_heads, row_slots.data_ptr(), bias.data_ptr(), width, scale,
-            out.data_ptr(), self._scratch.data_ptr(),
+            query.data_ptr(), q[0], q[1], q[2], key.data_ptr(), k[0], k[1], k[2], value.data_ptr(), v[0], v[1], v[2],
+            pool_keys.data_ptr(), pool_values.data_ptr(), *shared, scale, out.data_ptr(), self._scratch.data_ptr(),
         )  # fmt: skip
         return out
 
