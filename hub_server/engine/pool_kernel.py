@@ -5,9 +5,9 @@
 kernel faster on: at start, `auto` times one layer of the hub's own verify shape through both,
 at widening slot views (`TIMED_WIDTHS`), and keeps the kernel up to the widest view where it
 took at most 90% of SDPA's time (none: SDPA everywhere). On the project's CPU machine, one layer
-of the dispatch-bound target (8 sessions x 9 tokens, heads of 16) over 59 columns took 83 us
-in the kernel against 148 us through SDPA and its index writes, even at 192 columns; with
-Gemma's or Qwen's heads of 256 or 128 dims SDPA was faster from 64 columns on
+of the dispatch-bound target (8 sessions x 9 tokens, heads of 16) over 59 columns took 49 us
+in the kernel against 90 us through SDPA and its index writes, and still 1.13x less at 256
+columns; with Gemma's or Qwen's heads of 256 or 128 dims SDPA was faster from 64 columns on
 (`benchmarks/pool_kernel.py`). The kernel keeps to one thread.
 
 The library is built once per source, compiler and CPU into `<cache-dir>/pool-kernel/` (under a
