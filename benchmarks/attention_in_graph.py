@@ -14,12 +14,12 @@ operator (docs/benchmarks.md, eleventh session).
 from __future__ import annotations
 
 import argparse
-import statistics
-import time
+from functools import partial
 from typing import ClassVar
 
 import torch
 import torch.nn.functional as F
+from turns import medians_in_turns
 
 SESSIONS, QUERY_HEADS, KV_HEADS, TOKENS, DIM, LAYERS, CAPACITY = 8, 4, 2, 9, 16, 16, 2081
 GROUPS = QUERY_HEADS // KV_HEADS
@@ -98,13 +98,10 @@ def main() -> None:
             batch = inputs(columns, torch.Generator().manual_seed(0))
             torch._dynamo.mark_dynamic(batch[-1], 3)  # the columns a pass covers change every pass
             worst = max((a - b).abs().max().item() for a, b in zip(compiled(*batch), operator(*batch)))
-            spent: dict[str, list[float]] = {"in graph": [], "operator": []}
-            for _ in range(args.passes):
-                for name, attend in (("in graph", compiled), ("operator", operator)):
-                    started = time.perf_counter()
-                    attend(*batch)
-                    spent[name].append(time.perf_counter() - started)
-            graph, op = (statistics.median(spent[name]) * 1e3 for name in ("in graph", "operator"))
+            medians = medians_in_turns(
+                {"in graph": partial(compiled, *batch), "operator": partial(operator, *batch)}, args.passes
+            )
+            graph, op = medians["in graph"] * 1e3, medians["operator"] * 1e3
             print(
                 f"{columns} columns: in graph {graph:.3f} ms, operator {op:.3f} ms a pass of {LAYERS} layers, "
                 f"operator / in graph {op / graph:.2f}x (outputs differ by at most {worst:.1e})"

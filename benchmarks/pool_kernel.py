@@ -14,12 +14,12 @@ tokens); Gemma 3 270M is `--query-heads 4 --kv-heads 1 --dim 256`, Qwen2.5 1.5B
 from __future__ import annotations
 
 import argparse
-import statistics
 import tempfile
-import time
+from functools import partial
 from pathlib import Path
 
 import torch
+from turns import medians_in_turns
 
 from hub_server.engine.pool_attention import sample_pass
 from hub_server.engine.pool_kernel import load_pool_kernel
@@ -47,14 +47,13 @@ def main() -> None:
             shape = (args.sessions, args.tokens, args.query_heads, args.kv_heads, args.dim)
             through_kernel, inputs = sample_pass(shape, columns, kernel)
             through_sdpa, _ = sample_pass(shape, columns, None)
-            spent: dict[str, list[float]] = {"kernel": [], "sdpa": []}
-            for _ in range(args.passes):
-                for name, layout in (("kernel", through_kernel), ("sdpa", through_sdpa)):
-                    started = time.perf_counter()
-                    layout.attend(*inputs, 0, scale)
-                    spent[name].append(time.perf_counter() - started)
+            ways = {
+                name: partial(layout.attend, *inputs, 0, scale)
+                for name, layout in (("kernel", through_kernel), ("sdpa", through_sdpa))
+            }
+            medians = medians_in_turns(ways, args.passes)
             worst = (through_kernel.attend(*inputs, 0, scale) - through_sdpa.attend(*inputs, 0, scale)).abs().max()
-            ours, sdpa = (statistics.median(spent[name]) * 1e6 for name in ("kernel", "sdpa"))
+            ours, sdpa = medians["kernel"] * 1e6, medians["sdpa"] * 1e6
             print(
                 f"{columns:>6} columns: kernel {ours:8.1f} us, SDPA {sdpa:8.1f} us, SDPA / kernel {sdpa / ours:5.2f}x"
                 f" (outputs differ by at most {worst:.1e})"
