@@ -107,7 +107,7 @@ def serve(
         str,
         typer.Option(
             help=f"One of {', '.join(CPU_ATTENTIONS)}: a CPU target's float32 attention; kernel is the hub's own "
-            "(built at start with the C compiler), auto uses it for passes up to 512 columns and SDPA beyond."
+            "(built at start with the C compiler); auto times both at start and uses it up to the widest pass it won."
         ),
     ] = "auto",
     data_dir: Annotated[

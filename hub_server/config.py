@@ -50,9 +50,7 @@ class HubSettings:
     cache_dir: Path | None = None  # where converted GGUF targets and compiled passes are kept
     compile: str = "auto"  # compiled fixed-shape passes: on, off, or auto (on for CUDA)
     cpu_matmul: str = "auto"  # a CPU target's float32 products: mkl, onednn, or auto (the faster, timed at start)
-    cpu_attention: str = (
-        "auto"  # a CPU target's float32 attention: kernel (ours), sdpa, or auto (kernel for short passes)
-    )
+    cpu_attention: str = "auto"  # a CPU target's float32 attention: kernel (ours), sdpa, or auto (timed at start)
     data_dir: Path | None = None  # accounts database; None: default_data_dir()
     auth: bool = True  # False (--no-auth) is allowed on loopback only
     # A single pre-authorised token (the embedded hub of `specedge chat`); no database then.
