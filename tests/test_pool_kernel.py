@@ -73,8 +73,8 @@ def test_the_kernel_attends_and_writes_as_sdpa_over_the_pool_does(
     layout, query, key, value = random_pass(
         generator, rows, padded_rows, span, sizes, lengths, query_heads, heads, dim, kernel
     )
-    reference = PoolPass(**{**vars(layout), "kernel": None, "keys": [layout.keys[0].clone()]})
-    reference.values = [layout.values[0].clone()]
+    pool = {"keys": [layout.keys[0].clone()], "values": [layout.values[0].clone()]}
+    reference = PoolPass(**{**vars(layout), "kernel": None, **pool})
     scale = dim**-0.5
     got = layout.attend(query, key, value, 0, scale)
     expected = reference.attend(query, key, value, 0, scale)

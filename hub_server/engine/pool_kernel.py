@@ -157,14 +157,14 @@ def widest_faster(
     FASTER of SDPA's time (0 if none), and the timings: (width, kernel s, SDPA s), best of 5."""
     from hub_server.engine.pool_attention import timed_layer  # the pool attention imports this module
 
-    timings = []
+    widest, timings = 0, []
     for width in TIMED_WIDTHS:
         ours, sdpa = timed_layer(kernel, shape, width), timed_layer(None, shape, width)
         timings.append((width, ours, sdpa))
         if ours > FASTER * sdpa:
             break
-    faster = [width for width, ours, sdpa in timings if ours <= FASTER * sdpa]
-    return (faster[-1] if faster else 0), timings
+        widest = width
+    return widest, timings
 
 
 def build(folder: Path) -> Path:
