@@ -62,7 +62,7 @@ def random_pass(generator, rows, padded_rows, span, sizes, lengths, query_heads,
 
 @pytest.mark.parametrize(
     "rows, padded_rows, span, query_heads, heads, dim",
-    [(3, 4, 9, 4, 2, 16), (1, 1, 1, 2, 2, 8), (5, 8, 6, 8, 1, 24), (2, 2, 17, 2, 1, 64)],
+    [(3, 4, 9, 4, 2, 16), (1, 1, 1, 2, 2, 8), (5, 8, 6, 8, 1, 24), (2, 2, 17, 2, 1, 64), (4, 4, 5, 6, 3, 40)],
 )
 def test_the_kernel_attends_and_writes_as_sdpa_over_the_pool_does(
     kernel, rows, padded_rows, span, query_heads, heads, dim

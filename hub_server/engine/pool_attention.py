@@ -38,6 +38,8 @@ from transformers.masking_utils import AttentionMaskInterface, sdpa_mask
 from hub_server.engine.kv_pool import column_positions
 
 if TYPE_CHECKING:
+    import ctypes
+
     from hub_server.engine.pool_kernel import PoolKernel
 
 POOL_ATTENTION = "specedge_pool"
@@ -74,7 +76,7 @@ class PoolPass:
     copied_bytes: int = field(default=0)  # past KV read through a copy instead of a view: 0 here
     _grouped: dict[tuple[str, int], torch.Tensor] = field(default_factory=dict)  # masks for grouped queries
     _targets: dict[str, tuple[torch.Tensor | None, torch.Tensor]] = field(default_factory=dict)  # `_writes`, by kind
-    _kernel_args: dict[str, tuple[int, ...]] = field(default_factory=dict)  # the kernel's, by kind
+    _kernel_args: dict[str, ctypes.Array[ctypes.c_int64]] = field(default_factory=dict)  # the kernel's, by kind
 
     _active: ClassVar[PoolPass | None] = None  # the pass the operator serves now (one at a time: the device lock)
 

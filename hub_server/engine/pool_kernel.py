@@ -22,10 +22,10 @@ import logging
 import os
 import platform
 import shutil
+import struct
 import subprocess
 import tempfile
 from pathlib import Path
-from typing import Any
 
 import torch
 
@@ -36,6 +36,8 @@ FLAGS = ("-O3", "-march=native", "-fno-math-errno", "-fno-trapping-math", "-shar
 TIMED_WIDTHS = (64, 128, 256, 512)  # `auto`: the slot views (columns) timed at start
 FASTER = 0.9  # `auto`: the kernel's time at most this share of SDPA's
 _I64, _PTR = ctypes.c_int64, ctypes.c_void_p
+LAYER = struct.Struct("=16qf")  # pool_kernel.c's `struct layer`: 16 pointers and strides, the scale
+LAYER_FIELDS = 17  # int64s that hold it, with the C struct's padding
 
 
 class PoolKernel:
@@ -45,10 +47,9 @@ class PoolKernel:
         self.library = ctypes.CDLL(str(library))
         self.widest = widest  # passes with a wider slot view go to SDPA
         self._attend = self.library.pool_attend
-        arguments: list[Any] = [_PTR, _I64, _I64, _I64] * 3 + [_PTR, _PTR] + [_I64] * 4 + [_PTR] * 3
-        arguments += [_I64] * 4 + [_PTR, _PTR, _I64, ctypes.c_float, _PTR, _PTR]
-        self._attend.argtypes = arguments
-        self._attend.restype = None
+        self._attend.argtypes, self._attend.restype = [_PTR, _PTR], None
+        self._layer = (_I64 * LAYER_FIELDS)()  # one layer's `struct layer`, packed anew each call
+        self._layer_address = ctypes.addressof(self._layer)
         self._scratch_floats = self.library.pool_scratch
         self._scratch_floats.argtypes, self._scratch_floats.restype = [_I64] * 3, _I64
         self._scratch = torch.empty(0)
@@ -71,9 +72,9 @@ class PoolKernel:
         rows: int,
         row_slots: torch.Tensor,
         bias: torch.Tensor,
-    ) -> tuple[int, ...]:
-        """The arguments every layer of one kind shares in a pass, worked out once a pass (the
-        tensors they point into must live as long: the pass holds them).
+    ) -> ctypes.Array[ctypes.c_int64]:
+        """What every layer of one kind shares in a pass, packed once a pass as pool_kernel.c's
+        `struct pass` (the tensors it points into must live as long: the pass holds them).
 
         writes: each real token's (place in the flattened rows, slot, column), int64;
         row_slots: [rows] each row's slot; bias: [rows, S, width] additive mask, contiguous."""
@@ -83,10 +84,11 @@ class PoolKernel:
         if self._scratch.numel() < needed:
             self._scratch = torch.empty(needed)
         sources, slots, columns = writes
-        return (
+        fields = (
             heads, pool_keys.shape[2], dim, sources.numel(), sources.data_ptr(), slots.data_ptr(),
             columns.data_ptr(), rows, padded_rows, span, query_heads, row_slots.data_ptr(), bias.data_ptr(), width,
         )  # fmt: skip
+        return (_I64 * len(fields))(*fields)
 
     def attend(
         self,
@@ -95,20 +97,22 @@ class PoolKernel:
         value: torch.Tensor,
         pool_keys: torch.Tensor,
         pool_values: torch.Tensor,
-        shared: tuple[int, ...],
+        shared: ctypes.Array[ctypes.c_int64],
         scale: float,
     ) -> torch.Tensor:
         """Write the layer's new keys and values into the pool and attend; returns [B', S, Hq, D].
-        shared: `prepare`'s arguments for the pass and the layer's kind."""
+        shared: `prepare`'s `struct pass` for the pass and the layer's kind."""
         if query.stride(-1) != 1 or key.stride(-1) != 1 or value.stride(-1) != 1:
             query, key, value = query.contiguous(), key.contiguous(), value.contiguous()
         padded_rows, query_heads, span, dim = query.shape
         out = query.new_empty(padded_rows, span, query_heads, dim)
         q, k, v = query.stride(), key.stride(), value.stride()
-        self._attend(
-            query.data_ptr(), q[0], q[1], q[2], key.data_ptr(), k[0], k[1], k[2], value.data_ptr(), v[0], v[1], v[2],
-            pool_keys.data_ptr(), pool_values.data_ptr(), *shared, scale, out.data_ptr(), self._scratch.data_ptr(),
+        LAYER.pack_into(
+            self._layer, 0, query.data_ptr(), q[0], q[1], q[2], key.data_ptr(), k[0], k[1], k[2], value.data_ptr(),
+            v[0], v[1], v[2], pool_keys.data_ptr(), pool_values.data_ptr(), out.data_ptr(), self._scratch.data_ptr(),
+            scale,
         )  # fmt: skip
+        self._attend(self._layer_address, ctypes.addressof(shared))
         return out
 
 
