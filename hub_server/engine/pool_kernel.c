@@ -70,7 +70,8 @@ static inline float sum16(v16 x) {
 static inline v16 exp16(v16 x) {
     i16 kept = x >= -87.f;
     x = max16(x, splat(-88.f)); /* keeps the conversion below in range */
-    v16 n = __builtin_convertvector(__builtin_convertvector(x * 1.44269504f - 0.5f, i16), v16); /* round(x / ln 2) */
+    i16 whole = __builtin_convertvector(x * 1.44269504f - 0.5f, i16); /* round(x / ln 2) */
+    v16 n = __builtin_convertvector(whole, v16);
     v16 r = x - n * 0.693145752f; /* ln 2 in two parts: r exact to float */
     r = r - n * 1.42860677e-6f;
     v16 p = splat(1.98756912e-4f);
@@ -80,7 +81,7 @@ static inline v16 exp16(v16 x) {
     p = p * r + 1.66666672e-1f;
     p = p * r + 5.0e-1f;
     p = p * r * r + r + 1.f;
-    v16 scale = (v16)((__builtin_convertvector(n, i16) + 127) << 23); /* 2^n */
+    v16 scale = (v16)((whole + 127) << 23); /* 2^n */
     return (v16)((i16)(p * scale) & kept);
 }
 
@@ -135,7 +136,7 @@ static void transpose(float *restrict kt, const float *restrict K, int64_t width
 /* Floats of scratch a call needs. */
 int64_t pool_scratch(int64_t dim, int64_t block, int64_t width) {
     int64_t wp = (width + 15) / 16 * 16, bp = (block + 3) / 4 * 4;
-    return dim * wp + bp * wp + bp * dim + bp;
+    return dim * wp + bp * wp + bp * dim + 2 * bp;
 }
 
 /* What every layer of one kind shares in a pass (`PoolKernel.prepare` packs it once a pass). */
@@ -186,6 +187,7 @@ void pool_attend(const struct layer *layer, const struct pass *pass) {
     float *restrict p = kt + dim * wp;  /* [bp, wp]: scores, then weights */
     float *restrict qq = p + bp * wp;   /* [bp, D]: the block's queries, scaled */
     float *restrict inv = qq + bp * dim; /* [bp]: 1 / each query's sum of weights */
+    float *restrict top = inv + bp;      /* [bp]: each query's largest score */
     for (int64_t b = 0; b < rows; b++)
         for (int64_t h = 0; h < heads; h++) {
             const float *restrict K = pool_keys + (row_slots[b] * heads + h) * capacity * dim;
@@ -207,6 +209,7 @@ void pool_attend(const struct layer *layer, const struct pass *pass) {
             for (int64_t i0 = 0; i0 < bp; i0 += 4) { /* scores */
                 const float *restrict q0 = qq + i0 * dim;
                 float *restrict p0 = p + i0 * wp;
+                v16 m0 = splat(-3.0e38f), m1 = m0, m2 = m0, m3 = m0; /* each query's largest score so far */
                 int64_t c0 = 0;
                 for (; c0 + 32 <= wp; c0 += 32) {
                     v16 a0 = {0}, a1 = {0}, a2 = {0}, a3 = {0}, b0 = {0}, b1 = {0}, b2 = {0}, b3 = {0};
@@ -218,10 +221,10 @@ void pool_attend(const struct layer *layer, const struct pass *pass) {
                         a2 += w2 * key, b2 += w2 * next;
                         a3 += w3 * key, b3 += w3 * next;
                     }
-                    *(v16u *)(p0 + c0) += a0, *(v16u *)(p0 + c0 + 16) += b0;
-                    *(v16u *)(p0 + wp + c0) += a1, *(v16u *)(p0 + wp + c0 + 16) += b1;
-                    *(v16u *)(p0 + 2 * wp + c0) += a2, *(v16u *)(p0 + 2 * wp + c0 + 16) += b2;
-                    *(v16u *)(p0 + 3 * wp + c0) += a3, *(v16u *)(p0 + 3 * wp + c0 + 16) += b3;
+                    m0 = max16(m0, max16(*(v16u *)(p0 + c0) += a0, *(v16u *)(p0 + c0 + 16) += b0));
+                    m1 = max16(m1, max16(*(v16u *)(p0 + wp + c0) += a1, *(v16u *)(p0 + wp + c0 + 16) += b1));
+                    m2 = max16(m2, max16(*(v16u *)(p0 + 2 * wp + c0) += a2, *(v16u *)(p0 + 2 * wp + c0 + 16) += b2));
+                    m3 = max16(m3, max16(*(v16u *)(p0 + 3 * wp + c0) += a3, *(v16u *)(p0 + 3 * wp + c0 + 16) += b3));
                 }
                 if (c0 < wp) { /* the last 16 columns */
                     v16 a0 = {0}, a1 = {0}, a2 = {0}, a3 = {0};
@@ -232,11 +235,12 @@ void pool_attend(const struct layer *layer, const struct pass *pass) {
                         a2 += q0[2 * dim + d] * key;
                         a3 += q0[3 * dim + d] * key;
                     }
-                    *(v16u *)(p0 + c0) += a0;
-                    *(v16u *)(p0 + wp + c0) += a1;
-                    *(v16u *)(p0 + 2 * wp + c0) += a2;
-                    *(v16u *)(p0 + 3 * wp + c0) += a3;
+                    m0 = max16(m0, *(v16u *)(p0 + c0) += a0);
+                    m1 = max16(m1, *(v16u *)(p0 + wp + c0) += a1);
+                    m2 = max16(m2, *(v16u *)(p0 + 2 * wp + c0) += a2);
+                    m3 = max16(m3, *(v16u *)(p0 + 3 * wp + c0) += a3);
                 }
+                top[i0] = most16(m0), top[i0 + 1] = most16(m1), top[i0 + 2] = most16(m2), top[i0 + 3] = most16(m3);
             }
             for (int64_t i = 0; i < bp; i++) { /* softmax, the sum's inverse kept for the end */
                 float *restrict pi = p + i * wp;
@@ -244,9 +248,7 @@ void pool_attend(const struct layer *layer, const struct pass *pass) {
                     memset(pi, 0, wp * sizeof(float));
                     continue;
                 }
-                v16 top = *(v16u *)pi, total = {0};
-                for (int64_t c = 16; c < wp; c += 16) top = max16(*(v16u *)(pi + c), top);
-                v16 most = splat(most16(top));
+                v16 most = splat(top[i]), total = {0};
                 for (int64_t c = 0; c < wp; c += 16) {
                     v16 e = exp16(*(v16u *)(pi + c) - most);
                     *(v16u *)(pi + c) = e;
