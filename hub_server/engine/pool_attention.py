@@ -76,7 +76,7 @@ class PoolPass:
     copied_bytes: int = field(default=0)  # past KV read through a copy instead of a view: 0 here
     _grouped: dict[tuple[str, int], torch.Tensor] = field(default_factory=dict)  # masks for grouped queries
     _targets: dict[str, tuple[torch.Tensor | None, torch.Tensor]] = field(default_factory=dict)  # `_writes`, by kind
-    _kernel_args: dict[str, ctypes.Array[ctypes.c_int64]] = field(default_factory=dict)  # the kernel's, by kind
+    _kernel_args: dict[str, ctypes.Array[ctypes.c_int64] | None] = field(default_factory=dict)  # by kind: None for SDPA
 
     _active: ClassVar[PoolPass | None] = None  # the pass the operator serves now (one at a time: the device lock)
 
@@ -95,17 +95,13 @@ class PoolPass:
         """
         kind = self.kinds[layer]
         pool_keys, pool_values = self.keys[layer], self.values[layer]
+        if kind not in self._kernel_args:  # the first layer of its kind in this pass: the kernel's or SDPA's
+            self._kernel_args[kind] = self._kernel_pass(kind, query, key, pool_keys)
+        shared = self._kernel_args[kind]
+        if shared is not None and self.kernel is not None:  # one call writes and attends in place (pool_kernel.c)
+            return self.kernel.attend(query, key, value, pool_keys, pool_values, shared, scale)
         rows, query_heads, span, dim = query.shape
         heads, width = key.shape[1], self.widths[kind]
-        if self.kernel is not None and self.row_slots is not None and self.kernel.serves(query, width):
-            # One call writes and attends, reading the slots in place (pool_kernel.c).
-            if kind not in self._kernel_args:
-                bias = self._grouped_mask(kind, 1, query.dtype).view(self.rows, span, width)
-                writes = (self.sources, self.slots, self.columns[kind])
-                self._kernel_args[kind] = self.kernel.prepare(
-                    query, key, pool_keys, writes, self.rows, self.row_slots, bias
-                )
-            return self.kernel.attend(query, key, value, pool_keys, pool_values, self._kernel_args[kind], scale)
         # The new keys and values go to their columns in two indexed copies: the pass's rows are
         # read as [B', S', H] rows of D (the order the projections wrote them, so reading them
         # copies nothing), the pool as one row per (slot, head, column).
@@ -134,6 +130,15 @@ class PoolPass:
             outputs.append(grouped.new_zeros(rows - self.rows, *grouped.shape[1:]))
         attended = torch.cat(outputs) if len(outputs) > 1 else outputs[0]
         return attended.reshape(rows, query_heads, span, dim).transpose(1, 2).contiguous()
+
+    def _kernel_pass(self, kind: str, query: torch.Tensor, key: torch.Tensor, pool_keys: torch.Tensor):
+        """The kernel's arguments for this kind's layers in this pass, or None where SDPA attends them."""
+        width, span = self.widths[kind], query.shape[2]
+        if self.kernel is None or self.row_slots is None or not self.kernel.serves(query, width):
+            return None
+        bias = self._grouped_mask(kind, 1, query.dtype).view(self.rows, span, width)
+        writes = (self.sources, self.slots, self.columns[kind])
+        return self.kernel.prepare(query, key, pool_keys, writes, self.rows, self.row_slots, bias)
 
     def _writes(self, kind: str, shape: torch.Size, pool: torch.Size) -> tuple[torch.Tensor | None, torch.Tensor]:
         """Where the layer kind's new keys go, built once a pass: for each real token and kv head,

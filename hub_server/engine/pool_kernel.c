@@ -92,6 +92,20 @@ static inline void copy(float *restrict to, const float *restrict from, int64_t 
     if (d < dim) *(v8u *)(to + d) = *(const v8u *)(from + d);
 }
 
+/* dim floats (a multiple of 8) times `scale`. */
+static inline void scaled(float *restrict to, const float *restrict from, float scale, int64_t dim) {
+    int64_t d = 0;
+    for (; d + 16 <= dim; d += 16) *(v16u *)(to + d) = *(const v16u *)(from + d) * scale;
+    if (d < dim) *(v8u *)(to + d) = *(const v8u *)(from + d) * scale;
+}
+
+/* Scores plus their bias, written to `to`; returns them. */
+static inline v16 store(float *restrict to, v16 scores, const float *restrict bias) {
+    v16 x = scores + *(const v16u *)bias;
+    *(v16u *)to = x;
+    return x;
+}
+
 /* kt[d, c] = K[c, d] for the slot's first `width` columns, zeros up to wp (a multiple of 16). */
 static void transpose(float *restrict kt, const float *restrict K, int64_t width, int64_t wp, int64_t dim) {
     int64_t d0 = 0;
@@ -136,7 +150,7 @@ static void transpose(float *restrict kt, const float *restrict K, int64_t width
 /* Floats of scratch a call needs. */
 int64_t pool_scratch(int64_t dim, int64_t block, int64_t width) {
     int64_t wp = (width + 15) / 16 * 16, bp = (block + 3) / 4 * 4;
-    return dim * wp + bp * wp + bp * dim + 2 * bp;
+    return dim * wp + 2 * bp * wp + bp * dim + 2 * bp; /* the bias rows: S <= block */
 }
 
 /* What every layer of one kind shares in a pass (`PoolKernel.prepare` packs it once a pass). */
@@ -188,27 +202,31 @@ void pool_attend(const struct layer *layer, const struct pass *pass) {
     float *restrict qq = p + bp * wp;   /* [bp, D]: the block's queries, scaled */
     float *restrict inv = qq + bp * dim; /* [bp]: 1 / each query's sum of weights */
     float *restrict top = inv + bp;      /* [bp]: each query's largest score */
-    for (int64_t b = 0; b < rows; b++)
+    float *restrict mask = top + bp;     /* [S, wp]: the row's bias, -3e38 past its width */
+    for (int64_t b = 0; b < rows; b++) {
+        for (int64_t s = 0; s < span; s++) { /* every head of the row reads the same bias */
+            memcpy(mask + s * wp, bias + (b * span + s) * width, width * sizeof(float));
+            for (int64_t c = width; c < wp; c++) mask[s * wp + c] = -3.0e38f;
+        }
         for (int64_t h = 0; h < heads; h++) {
             const float *restrict K = pool_keys + (row_slots[b] * heads + h) * capacity * dim;
             const float *restrict V = pool_values + (row_slots[b] * heads + h) * capacity * dim;
             transpose(kt, K, width, wp, dim);
             for (int64_t i = 0; i < bp; i++) {
-                float *restrict pi = p + i * wp;
                 if (i < block) {
                     int64_t hq = h * groups + i / span, s = i % span;
-                    const float *restrict qi = q + b * qb + hq * qh + s * qs;
-                    for (int64_t d = 0; d < dim; d++) qq[i * dim + d] = qi[d] * scale;
-                    memcpy(pi, bias + (b * span + s) * width, width * sizeof(float));
-                } else { /* a padding query of the last tile: sees everything, its output is dropped */
-                    for (int64_t d = 0; d < dim; d++) qq[i * dim + d] = 0.f;
-                    for (int64_t c = 0; c < width; c++) pi[c] = 0.f;
+                    scaled(qq + i * dim, q + b * qb + hq * qh + s * qs, scale, dim);
+                } else { /* a padding query of the last tile: its output is dropped */
+                    memset(qq + i * dim, 0, dim * sizeof(float));
                 }
-                for (int64_t c = width; c < wp; c++) pi[c] = -3.0e38f;
             }
-            for (int64_t i0 = 0; i0 < bp; i0 += 4) { /* scores */
+            for (int64_t i0 = 0; i0 < bp; i0 += 4) { /* scores, the bias added as they are written */
                 const float *restrict q0 = qq + i0 * dim;
                 float *restrict p0 = p + i0 * wp;
+                const float *restrict bias0 = mask + (i0 < block ? i0 % span : 0) * wp;
+                const float *restrict bias1 = mask + (i0 + 1 < block ? (i0 + 1) % span : 0) * wp;
+                const float *restrict bias2 = mask + (i0 + 2 < block ? (i0 + 2) % span : 0) * wp;
+                const float *restrict bias3 = mask + (i0 + 3 < block ? (i0 + 3) % span : 0) * wp;
                 v16 m0 = splat(-3.0e38f), m1 = m0, m2 = m0, m3 = m0; /* each query's largest score so far */
                 int64_t c0 = 0;
                 for (; c0 + 32 <= wp; c0 += 32) {
@@ -221,10 +239,10 @@ void pool_attend(const struct layer *layer, const struct pass *pass) {
                         a2 += w2 * key, b2 += w2 * next;
                         a3 += w3 * key, b3 += w3 * next;
                     }
-                    m0 = max16(m0, max16(*(v16u *)(p0 + c0) += a0, *(v16u *)(p0 + c0 + 16) += b0));
-                    m1 = max16(m1, max16(*(v16u *)(p0 + wp + c0) += a1, *(v16u *)(p0 + wp + c0 + 16) += b1));
-                    m2 = max16(m2, max16(*(v16u *)(p0 + 2 * wp + c0) += a2, *(v16u *)(p0 + 2 * wp + c0 + 16) += b2));
-                    m3 = max16(m3, max16(*(v16u *)(p0 + 3 * wp + c0) += a3, *(v16u *)(p0 + 3 * wp + c0 + 16) += b3));
+                    m0 = max16(m0, max16(store(p0 + c0, a0, bias0 + c0), store(p0 + c0 + 16, b0, bias0 + c0 + 16)));
+                    m1 = max16(m1, max16(store(p0 + wp + c0, a1, bias1 + c0), store(p0 + wp + c0 + 16, b1, bias1 + c0 + 16)));
+                    m2 = max16(m2, max16(store(p0 + 2 * wp + c0, a2, bias2 + c0), store(p0 + 2 * wp + c0 + 16, b2, bias2 + c0 + 16)));
+                    m3 = max16(m3, max16(store(p0 + 3 * wp + c0, a3, bias3 + c0), store(p0 + 3 * wp + c0 + 16, b3, bias3 + c0 + 16)));
                 }
                 if (c0 < wp) { /* the last 16 columns */
                     v16 a0 = {0}, a1 = {0}, a2 = {0}, a3 = {0};
@@ -235,10 +253,10 @@ void pool_attend(const struct layer *layer, const struct pass *pass) {
                         a2 += q0[2 * dim + d] * key;
                         a3 += q0[3 * dim + d] * key;
                     }
-                    m0 = max16(m0, *(v16u *)(p0 + c0) += a0);
-                    m1 = max16(m1, *(v16u *)(p0 + wp + c0) += a1);
-                    m2 = max16(m2, *(v16u *)(p0 + 2 * wp + c0) += a2);
-                    m3 = max16(m3, *(v16u *)(p0 + 3 * wp + c0) += a3);
+                    m0 = max16(m0, store(p0 + c0, a0, bias0 + c0));
+                    m1 = max16(m1, store(p0 + wp + c0, a1, bias1 + c0));
+                    m2 = max16(m2, store(p0 + 2 * wp + c0, a2, bias2 + c0));
+                    m3 = max16(m3, store(p0 + 3 * wp + c0, a3, bias3 + c0));
                 }
                 top[i0] = most16(m0), top[i0 + 1] = most16(m1), top[i0 + 2] = most16(m2), top[i0 + 3] = most16(m3);
             }
@@ -292,6 +310,7 @@ void pool_attend(const struct layer *layer, const struct pass *pass) {
                 }
             }
         }
+    }
     if (padded_rows > rows)
         memset(out + rows * span * qheads * dim, 0, (padded_rows - rows) * span * qheads * dim * sizeof(float));
 }

@@ -102,11 +102,12 @@ class PoolKernel:
     ) -> torch.Tensor:
         """Write the layer's new keys and values into the pool and attend; returns [B', S, Hq, D].
         shared: `prepare`'s `struct pass` for the pass and the layer's kind."""
-        if query.stride(-1) != 1 or key.stride(-1) != 1 or value.stride(-1) != 1:
+        q, k, v = query.stride(), key.stride(), value.stride()
+        if q[3] != 1 or k[3] != 1 or v[3] != 1:  # the kernel reads each head's dims in a row
             query, key, value = query.contiguous(), key.contiguous(), value.contiguous()
+            q, k, v = query.stride(), key.stride(), value.stride()
         padded_rows, query_heads, span, dim = query.shape
         out = query.new_empty(padded_rows, span, query_heads, dim)
-        q, k, v = query.stride(), key.stride(), value.stride()
         LAYER.pack_into(
             self._layer, 0, query.data_ptr(), q[0], q[1], q[2], key.data_ptr(), k[0], k[1], k[2], value.data_ptr(),
             v[0], v[1], v[2], pool_keys.data_ptr(), pool_values.data_ptr(), out.data_ptr(), self._scratch.data_ptr(),
