@@ -277,6 +277,24 @@ void pool_attend(const struct layer *layer, const struct pass *pass) {
             for (int64_t i0 = 0; i0 < bp; i0 += 4) { /* weighted values */
                 const float *restrict p0 = p + i0 * wp;
                 int64_t d0 = 0;
+                for (; d0 + 32 <= dim; d0 += 32) { /* wide heads: 32 dims a tile, each weight read once for both halves */
+                    v16 a0 = {0}, a1 = {0}, a2 = {0}, a3 = {0}, b0 = {0}, b1 = {0}, b2 = {0}, b3 = {0};
+                    for (int64_t c = 0; c < width; c++) {
+                        v16 x = *(const v16u *)(V + c * dim + d0), y = *(const v16u *)(V + c * dim + d0 + 16);
+                        float w0 = p0[c], w1 = p0[wp + c], w2 = p0[2 * wp + c], w3 = p0[3 * wp + c];
+                        a0 += w0 * x, b0 += w0 * y;
+                        a1 += w1 * x, b1 += w1 * y;
+                        a2 += w2 * x, b2 += w2 * y;
+                        a3 += w3 * x, b3 += w3 * y;
+                    }
+                    v16 lo[4] = {a0, a1, a2, a3}, hi[4] = {b0, b1, b2, b3};
+                    for (int r = 0; r < 4 && i0 + r < block; r++) {
+                        int64_t i = i0 + r, hq = h * groups + i / span, s = i % span;
+                        float *restrict o = out + ((b * span + s) * qheads + hq) * dim + d0;
+                        *(v16u *)o = lo[r] * inv[i];
+                        *(v16u *)(o + 16) = hi[r] * inv[i];
+                    }
+                }
                 for (; d0 + 16 <= dim; d0 += 16) { /* even and odd columns in their own sums */
                     v16 a0 = {0}, a1 = {0}, a2 = {0}, a3 = {0}, b0 = {0}, b1 = {0}, b2 = {0}, b3 = {0};
                     int64_t c = 0;

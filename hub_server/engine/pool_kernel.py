@@ -33,7 +33,7 @@ log = logging.getLogger(__name__)
 
 SOURCE = Path(__file__).with_name("pool_kernel.c")
 FLAGS = ("-O3", "-march=native", "-fno-math-errno", "-fno-trapping-math", "-shared", "-fPIC")
-TIMED_WIDTHS = (64, 128, 256, 512)  # `auto`: the slot views (columns) timed at start
+TIMED_WIDTHS = (64, 128, 256, 512, 1024, 2048, 4096)  # `auto`: the slot views (columns) timed at start
 FASTER = 0.9  # `auto`: the kernel's time at most this share of SDPA's
 _I64, _PTR = ctypes.c_int64, ctypes.c_void_p
 LAYER = struct.Struct("=16qf")  # pool_kernel.c's `struct layer`: 16 pointers and strides, the scale
