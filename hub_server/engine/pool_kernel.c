@@ -4,11 +4,14 @@
  * Built at hub start by `pool_kernel.py` with the machine's C compiler (-O3 -march=native) and
  * called through ctypes from `PoolPass.attend`. What it replaces is ATen's SDPA, whose CPU
  * kernel pays a fixed cost per (row, head) that dominates the few dozen columns of a short
- * context; here a (row, kv head) is four small tiled steps: the slot's keys transposed (16 x 16
- * blocks in registers), scores (4 queries x 32 columns a tile, eight accumulators to cover the
- * multiply-add's latency), softmax (tree reductions across the lanes), weighted values (4
- * queries x 16 dims, even and odd columns apart). GCC/Clang vector extensions keep the tiles in
- * registers on any target the compiler knows.
+ * context; here a (row, kv head) is four small tiled steps: the slot's keys transposed (W x W
+ * blocks in registers, W the target's lanes: 16 with AVX-512, 8 with AVX, 4 otherwise), scores
+ * (4 queries x 2W columns a tile: eight accumulators cover the multiply-add's latency; the bias
+ * added and each query's largest score kept as they are written), softmax (tree reductions
+ * across the lanes), weighted values (4 queries x 2W dims a tile; W dims with even and odd
+ * columns apart where fewer are left). GCC/Clang vector extensions keep the tiles in registers
+ * on any target the compiler knows; arguments come packed in two structs (ctypes converts each
+ * argument of a call: 34 cost ~4 us).
  *
  * Layouts (floats, the last axis contiguous):
  *   q      [rows', Hq, S, D] by the given strides (rows' >= rows: the pass's padding rows)
@@ -23,122 +26,133 @@
 #include <stdint.h>
 #include <string.h>
 
-typedef float v8 __attribute__((vector_size(32)));
-typedef float v8u __attribute__((vector_size(32), aligned(4))); /* an unaligned load or store */
-typedef int32_t i8 __attribute__((vector_size(32)));
-typedef float v16 __attribute__((vector_size(64))); /* one AVX-512 register, two AVX ones */
-typedef float v16u __attribute__((vector_size(64), aligned(4)));
-typedef int32_t i16 __attribute__((vector_size(64)));
-
-#if defined(__clang__) || __GNUC__ >= 12
-#define SHUFFLE __builtin_shufflevector /* the 16 x 16 transpose in registers */
+/* Lanes a vector: the widest register the target has (GCC lowers a wider vector through the
+ * stack: 16 lanes built for AVX2 ran ~13x slower than for AVX-512). */
+#if defined(__AVX512F__)
+#define W 16
+#elif defined(__AVX__)
+#define W 8
+#else
+#define W 4 /* SSE, NEON */
+#endif
+typedef float vec __attribute__((vector_size(4 * W)));
+typedef float vecu __attribute__((vector_size(4 * W), aligned(4))); /* an unaligned load or store */
+typedef int32_t ivec __attribute__((vector_size(4 * W)));
+#if W == 16 /* heads of 8k dims: the last 8 in a half vector */
+typedef float half __attribute__((vector_size(32)));
+typedef float halfu __attribute__((vector_size(32), aligned(4)));
 #endif
 
-static inline v16 splat(float x) { return (v16){x, x, x, x, x, x, x, x, x, x, x, x, x, x, x, x}; }
+#if defined(__clang__) || __GNUC__ >= 12
+#define SHUFFLE __builtin_shufflevector /* the keys' transpose in registers */
+#endif
 
-static inline v16 max16(v16 a, v16 b) {
-    i16 m = a > b;
-    return (v16)(((i16)a & m) | ((i16)b & ~m));
+static inline vec splat(float x) {
+    vec v = {0};
+    return v + x;
 }
 
-static inline v8 max8(v8 a, v8 b) {
-    i8 m = a > b;
-    return (v8)(((i8)a & m) | ((i8)b & ~m));
+static inline vec vmax(vec a, vec b) {
+    ivec m = a > b;
+    return (vec)(((ivec)a & m) | ((ivec)b & ~m));
 }
 
-/* The largest and the sum of a vector's lanes, halving it (a tree, not 16 steps in a row). */
-static inline float most16(v16 x) {
-    v8 lo, hi;
-    memcpy(&lo, &x, sizeof lo);
-    memcpy(&hi, (char *)&x + sizeof lo, sizeof hi);
-    v8 m = max8(lo, hi);
-    float a = m[0] > m[4] ? m[0] : m[4], b = m[1] > m[5] ? m[1] : m[5];
-    float c = m[2] > m[6] ? m[2] : m[6], d = m[3] > m[7] ? m[3] : m[7];
-    a = a > c ? a : c, b = b > d ? b : d;
-    return a > b ? a : b;
+/* The largest and the sum of a vector's lanes, halving it (a tree, not W steps in a row). */
+static inline float most(vec x) {
+    float t[W];
+    memcpy(t, &x, sizeof t);
+    for (int w = W / 2; w >= 1; w /= 2)
+        for (int j = 0; j < w; j++) t[j] = t[j] > t[j + w] ? t[j] : t[j + w];
+    return t[0];
 }
 
-static inline float sum16(v16 x) {
-    v8 lo, hi;
-    memcpy(&lo, &x, sizeof lo);
-    memcpy(&hi, (char *)&x + sizeof lo, sizeof hi);
-    v8 s = lo + hi;
-    return ((s[0] + s[4]) + (s[2] + s[6])) + ((s[1] + s[5]) + (s[3] + s[7]));
+static inline float sum(vec x) {
+    float t[W];
+    memcpy(t, &x, sizeof t);
+    for (int w = W / 2; w >= 1; w /= 2)
+        for (int j = 0; j < w; j++) t[j] += t[j + w];
+    return t[0];
 }
 
-/* e^x for x <= 0, 16 lanes, within ~2 ulp of expf; 0 below -87 (a masked score, -inf included). */
-static inline v16 exp16(v16 x) {
-    i16 kept = x >= -87.f;
-    x = max16(x, splat(-88.f)); /* keeps the conversion below in range */
-    i16 whole = __builtin_convertvector(x * 1.44269504f - 0.5f, i16); /* round(x / ln 2) */
-    v16 n = __builtin_convertvector(whole, v16);
-    v16 r = x - n * 0.693145752f; /* ln 2 in two parts: r exact to float */
+/* e^x for x <= 0, W lanes, within ~2 ulp of expf; 0 below -87 (a masked score, -inf included). */
+static inline vec vexp(vec x) {
+    ivec kept = x >= -87.f;
+    x = vmax(x, splat(-88.f)); /* keeps the conversion below in range */
+    ivec whole = __builtin_convertvector(x * 1.44269504f - 0.5f, ivec); /* round(x / ln 2) */
+    vec n = __builtin_convertvector(whole, vec);
+    vec r = x - n * 0.693145752f; /* ln 2 in two parts: r exact to float */
     r = r - n * 1.42860677e-6f;
-    v16 p = splat(1.98756912e-4f);
+    vec p = splat(1.98756912e-4f);
     p = p * r + 1.39819994e-3f;
     p = p * r + 8.33345205e-3f;
     p = p * r + 4.16657962e-2f;
     p = p * r + 1.66666672e-1f;
     p = p * r + 5.0e-1f;
     p = p * r * r + r + 1.f;
-    v16 scale = (v16)((whole + 127) << 23); /* 2^n */
-    return (v16)((i16)(p * scale) & kept);
+    vec scale = (vec)((whole + 127) << 23); /* 2^n */
+    return (vec)((ivec)(p * scale) & kept);
 }
 
-/* dim floats (a multiple of 8) from one place to another. */
-static inline void copy(float *restrict to, const float *restrict from, int64_t dim) {
-    int64_t d = 0;
-    for (; d + 16 <= dim; d += 16) *(v16u *)(to + d) = *(const v16u *)(from + d);
-    if (d < dim) *(v8u *)(to + d) = *(const v8u *)(from + d);
-}
-
-/* dim floats (a multiple of 8) times `scale`. */
+/* dim floats (a multiple of 8) times `scale`, from one place to another. */
 static inline void scaled(float *restrict to, const float *restrict from, float scale, int64_t dim) {
     int64_t d = 0;
-    for (; d + 16 <= dim; d += 16) *(v16u *)(to + d) = *(const v16u *)(from + d) * scale;
-    if (d < dim) *(v8u *)(to + d) = *(const v8u *)(from + d) * scale;
+    for (; d + W <= dim; d += W) *(vecu *)(to + d) = *(const vecu *)(from + d) * scale;
+#if W == 16
+    if (d < dim) *(halfu *)(to + d) = *(const halfu *)(from + d) * scale;
+#endif
 }
 
 /* Scores plus their bias, written to `to`; returns them. */
-static inline v16 store(float *restrict to, v16 scores, const float *restrict bias) {
-    v16 x = scores + *(const v16u *)bias;
-    *(v16u *)to = x;
+static inline vec store(float *restrict to, vec scores, const float *restrict bias) {
+    vec x = scores + *(const vecu *)bias;
+    *(vecu *)to = x;
     return x;
 }
+
+/* One round of the W x W transpose: swap the b x b blocks off the diagonal of each 2b x 2b block
+ * (rows r and r + b exchange lanes); log2(W) rounds transpose the whole block. */
+#define ROUND(b)                                                                                   \
+    for (int r = 0; r < W; r++) {                                                                  \
+        if (r & b) continue;                                                                       \
+        vec x = t[r], y = t[r + b];                                                                \
+        t[r] = SHUFFLE(x, y, LOW##b), t[r + b] = SHUFFLE(x, y, HIGH##b);                           \
+    }
+#if W == 16
+#define LOW1 0, 16, 2, 18, 4, 20, 6, 22, 8, 24, 10, 26, 12, 28, 14, 30
+#define HIGH1 1, 17, 3, 19, 5, 21, 7, 23, 9, 25, 11, 27, 13, 29, 15, 31
+#define LOW2 0, 1, 16, 17, 4, 5, 20, 21, 8, 9, 24, 25, 12, 13, 28, 29
+#define HIGH2 2, 3, 18, 19, 6, 7, 22, 23, 10, 11, 26, 27, 14, 15, 30, 31
+#define LOW4 0, 1, 2, 3, 16, 17, 18, 19, 8, 9, 10, 11, 24, 25, 26, 27
+#define HIGH4 4, 5, 6, 7, 20, 21, 22, 23, 12, 13, 14, 15, 28, 29, 30, 31
+#define LOW8 0, 1, 2, 3, 4, 5, 6, 7, 16, 17, 18, 19, 20, 21, 22, 23
+#define HIGH8 8, 9, 10, 11, 12, 13, 14, 15, 24, 25, 26, 27, 28, 29, 30, 31
+#define ROUNDS ROUND(1) ROUND(2) ROUND(4) ROUND(8)
+#elif W == 8
+#define LOW1 0, 8, 2, 10, 4, 12, 6, 14
+#define HIGH1 1, 9, 3, 11, 5, 13, 7, 15
+#define LOW2 0, 1, 8, 9, 4, 5, 12, 13
+#define HIGH2 2, 3, 10, 11, 6, 7, 14, 15
+#define LOW4 0, 1, 2, 3, 8, 9, 10, 11
+#define HIGH4 4, 5, 6, 7, 12, 13, 14, 15
+#define ROUNDS ROUND(1) ROUND(2) ROUND(4)
+#else
+#define LOW1 0, 4, 2, 6
+#define HIGH1 1, 5, 3, 7
+#define LOW2 0, 1, 4, 5
+#define HIGH2 2, 3, 6, 7
+#define ROUNDS ROUND(1) ROUND(2)
+#endif
 
 /* kt[d, c] = K[c, d] for the slot's first `width` columns, zeros up to wp (a multiple of 16). */
 static void transpose(float *restrict kt, const float *restrict K, int64_t width, int64_t wp, int64_t dim) {
     int64_t d0 = 0;
 #ifdef SHUFFLE
-    for (; d0 + 16 <= dim; d0 += 16)
-        for (int64_t c0 = 0; c0 < wp; c0 += 16) {
-            v16 t[16];
-            for (int r = 0; r < 16; r++)
-                t[r] = c0 + r < width ? *(const v16u *)(K + (c0 + r) * dim + d0) : splat(0.f);
-            /* Four rounds; round b swaps the b x b blocks off the diagonal of each 2b x 2b block. */
-            for (int r = 0; r < 16; r += 2) {
-                v16 a = t[r], z = t[r + 1];
-                t[r] = SHUFFLE(a, z, 0, 16, 2, 18, 4, 20, 6, 22, 8, 24, 10, 26, 12, 28, 14, 30);
-                t[r + 1] = SHUFFLE(a, z, 1, 17, 3, 19, 5, 21, 7, 23, 9, 25, 11, 27, 13, 29, 15, 31);
-            }
-            for (int r = 0; r < 16; r++) {
-                if (r & 2) continue;
-                v16 a = t[r], z = t[r + 2];
-                t[r] = SHUFFLE(a, z, 0, 1, 16, 17, 4, 5, 20, 21, 8, 9, 24, 25, 12, 13, 28, 29);
-                t[r + 2] = SHUFFLE(a, z, 2, 3, 18, 19, 6, 7, 22, 23, 10, 11, 26, 27, 14, 15, 30, 31);
-            }
-            for (int r = 0; r < 16; r++) {
-                if (r & 4) continue;
-                v16 a = t[r], z = t[r + 4];
-                t[r] = SHUFFLE(a, z, 0, 1, 2, 3, 16, 17, 18, 19, 8, 9, 10, 11, 24, 25, 26, 27);
-                t[r + 4] = SHUFFLE(a, z, 4, 5, 6, 7, 20, 21, 22, 23, 12, 13, 14, 15, 28, 29, 30, 31);
-            }
-            for (int r = 0; r < 8; r++) {
-                v16 a = t[r], z = t[r + 8];
-                t[r] = SHUFFLE(a, z, 0, 1, 2, 3, 4, 5, 6, 7, 16, 17, 18, 19, 20, 21, 22, 23);
-                t[r + 8] = SHUFFLE(a, z, 8, 9, 10, 11, 12, 13, 14, 15, 24, 25, 26, 27, 28, 29, 30, 31);
-            }
-            for (int r = 0; r < 16; r++) *(v16u *)(kt + (d0 + r) * wp + c0) = t[r];
+    for (; d0 + W <= dim; d0 += W)
+        for (int64_t c0 = 0; c0 < wp; c0 += W) {
+            vec t[W];
+            for (int r = 0; r < W; r++) t[r] = c0 + r < width ? *(const vecu *)(K + (c0 + r) * dim + d0) : splat(0.f);
+            ROUNDS
+            for (int r = 0; r < W; r++) *(vecu *)(kt + (d0 + r) * wp + c0) = t[r];
         }
 #endif
     for (int64_t c = 0; c < width; c++)
@@ -191,8 +205,8 @@ void pool_attend(const struct layer *layer, const struct pass *pass) {
         int64_t b = sources[t] / span, s = sources[t] % span;
         for (int64_t h = 0; h < heads; h++) {
             int64_t to = ((slots[t] * heads + h) * capacity + columns[t]) * dim;
-            copy(pool_keys + to, k + b * kb + h * kh + s * ks, dim);
-            copy(pool_values + to, v + b * vb + h * vh + s * vs, dim);
+            scaled(pool_keys + to, k + b * kb + h * kh + s * ks, 1.f, dim);
+            scaled(pool_values + to, v + b * vb + h * vh + s * vs, 1.f, dim);
         }
     }
     int64_t groups = qheads / heads, block = groups * span; /* a kv head's queries: its group's heads x S */
@@ -227,38 +241,38 @@ void pool_attend(const struct layer *layer, const struct pass *pass) {
                 const float *restrict bias1 = mask + (i0 + 1 < block ? (i0 + 1) % span : 0) * wp;
                 const float *restrict bias2 = mask + (i0 + 2 < block ? (i0 + 2) % span : 0) * wp;
                 const float *restrict bias3 = mask + (i0 + 3 < block ? (i0 + 3) % span : 0) * wp;
-                v16 m0 = splat(-3.0e38f), m1 = m0, m2 = m0, m3 = m0; /* each query's largest score so far */
+                vec m0 = splat(-3.0e38f), m1 = m0, m2 = m0, m3 = m0; /* each query's largest score so far */
                 int64_t c0 = 0;
-                for (; c0 + 32 <= wp; c0 += 32) {
-                    v16 a0 = {0}, a1 = {0}, a2 = {0}, a3 = {0}, b0 = {0}, b1 = {0}, b2 = {0}, b3 = {0};
+                for (; c0 + 2 * W <= wp; c0 += 2 * W) {
+                    vec a0 = {0}, a1 = {0}, a2 = {0}, a3 = {0}, b0 = {0}, b1 = {0}, b2 = {0}, b3 = {0};
                     for (int64_t d = 0; d < dim; d++) {
-                        v16 key = *(const v16u *)(kt + d * wp + c0), next = *(const v16u *)(kt + d * wp + c0 + 16);
+                        vec key = *(const vecu *)(kt + d * wp + c0), next = *(const vecu *)(kt + d * wp + c0 + W);
                         float w0 = q0[d], w1 = q0[dim + d], w2 = q0[2 * dim + d], w3 = q0[3 * dim + d];
                         a0 += w0 * key, b0 += w0 * next;
                         a1 += w1 * key, b1 += w1 * next;
                         a2 += w2 * key, b2 += w2 * next;
                         a3 += w3 * key, b3 += w3 * next;
                     }
-                    m0 = max16(m0, max16(store(p0 + c0, a0, bias0 + c0), store(p0 + c0 + 16, b0, bias0 + c0 + 16)));
-                    m1 = max16(m1, max16(store(p0 + wp + c0, a1, bias1 + c0), store(p0 + wp + c0 + 16, b1, bias1 + c0 + 16)));
-                    m2 = max16(m2, max16(store(p0 + 2 * wp + c0, a2, bias2 + c0), store(p0 + 2 * wp + c0 + 16, b2, bias2 + c0 + 16)));
-                    m3 = max16(m3, max16(store(p0 + 3 * wp + c0, a3, bias3 + c0), store(p0 + 3 * wp + c0 + 16, b3, bias3 + c0 + 16)));
+                    m0 = vmax(m0, vmax(store(p0 + c0, a0, bias0 + c0), store(p0 + c0 + W, b0, bias0 + c0 + W)));
+                    m1 = vmax(m1, vmax(store(p0 + wp + c0, a1, bias1 + c0), store(p0 + wp + c0 + W, b1, bias1 + c0 + W)));
+                    m2 = vmax(m2, vmax(store(p0 + 2 * wp + c0, a2, bias2 + c0), store(p0 + 2 * wp + c0 + W, b2, bias2 + c0 + W)));
+                    m3 = vmax(m3, vmax(store(p0 + 3 * wp + c0, a3, bias3 + c0), store(p0 + 3 * wp + c0 + W, b3, bias3 + c0 + W)));
                 }
-                if (c0 < wp) { /* the last 16 columns */
-                    v16 a0 = {0}, a1 = {0}, a2 = {0}, a3 = {0};
+                for (; c0 < wp; c0 += W) { /* the last W columns */
+                    vec a0 = {0}, a1 = {0}, a2 = {0}, a3 = {0};
                     for (int64_t d = 0; d < dim; d++) {
-                        v16 key = *(const v16u *)(kt + d * wp + c0);
+                        vec key = *(const vecu *)(kt + d * wp + c0);
                         a0 += q0[d] * key;
                         a1 += q0[dim + d] * key;
                         a2 += q0[2 * dim + d] * key;
                         a3 += q0[3 * dim + d] * key;
                     }
-                    m0 = max16(m0, store(p0 + c0, a0, bias0 + c0));
-                    m1 = max16(m1, store(p0 + wp + c0, a1, bias1 + c0));
-                    m2 = max16(m2, store(p0 + 2 * wp + c0, a2, bias2 + c0));
-                    m3 = max16(m3, store(p0 + 3 * wp + c0, a3, bias3 + c0));
+                    m0 = vmax(m0, store(p0 + c0, a0, bias0 + c0));
+                    m1 = vmax(m1, store(p0 + wp + c0, a1, bias1 + c0));
+                    m2 = vmax(m2, store(p0 + 2 * wp + c0, a2, bias2 + c0));
+                    m3 = vmax(m3, store(p0 + 3 * wp + c0, a3, bias3 + c0));
                 }
-                top[i0] = most16(m0), top[i0 + 1] = most16(m1), top[i0 + 2] = most16(m2), top[i0 + 3] = most16(m3);
+                top[i0] = most(m0), top[i0 + 1] = most(m1), top[i0 + 2] = most(m2), top[i0 + 3] = most(m3);
             }
             for (int64_t i = 0; i < bp; i++) { /* softmax, the sum's inverse kept for the end */
                 float *restrict pi = p + i * wp;
@@ -266,66 +280,68 @@ void pool_attend(const struct layer *layer, const struct pass *pass) {
                     memset(pi, 0, wp * sizeof(float));
                     continue;
                 }
-                v16 most = splat(top[i]), total = {0};
-                for (int64_t c = 0; c < wp; c += 16) {
-                    v16 e = exp16(*(v16u *)(pi + c) - most);
-                    *(v16u *)(pi + c) = e;
+                vec largest = splat(top[i]), total = {0};
+                for (int64_t c = 0; c < wp; c += W) {
+                    vec e = vexp(*(vecu *)(pi + c) - largest);
+                    *(vecu *)(pi + c) = e;
                     total += e;
                 }
-                inv[i] = 1.f / sum16(total);
+                inv[i] = 1.f / sum(total);
             }
             for (int64_t i0 = 0; i0 < bp; i0 += 4) { /* weighted values */
                 const float *restrict p0 = p + i0 * wp;
                 int64_t d0 = 0;
-                for (; d0 + 32 <= dim; d0 += 32) { /* wide heads: 32 dims a tile, each weight read once for both halves */
-                    v16 a0 = {0}, a1 = {0}, a2 = {0}, a3 = {0}, b0 = {0}, b1 = {0}, b2 = {0}, b3 = {0};
+                for (; d0 + 2 * W <= dim; d0 += 2 * W) { /* 2W dims a tile, each weight read once for both halves */
+                    vec a0 = {0}, a1 = {0}, a2 = {0}, a3 = {0}, b0 = {0}, b1 = {0}, b2 = {0}, b3 = {0};
                     for (int64_t c = 0; c < width; c++) {
-                        v16 x = *(const v16u *)(V + c * dim + d0), y = *(const v16u *)(V + c * dim + d0 + 16);
+                        vec x = *(const vecu *)(V + c * dim + d0), y = *(const vecu *)(V + c * dim + d0 + W);
                         float w0 = p0[c], w1 = p0[wp + c], w2 = p0[2 * wp + c], w3 = p0[3 * wp + c];
                         a0 += w0 * x, b0 += w0 * y;
                         a1 += w1 * x, b1 += w1 * y;
                         a2 += w2 * x, b2 += w2 * y;
                         a3 += w3 * x, b3 += w3 * y;
                     }
-                    v16 lo[4] = {a0, a1, a2, a3}, hi[4] = {b0, b1, b2, b3};
+                    vec lo[4] = {a0, a1, a2, a3}, hi[4] = {b0, b1, b2, b3};
                     for (int r = 0; r < 4 && i0 + r < block; r++) {
                         int64_t i = i0 + r, hq = h * groups + i / span, s = i % span;
                         float *restrict o = out + ((b * span + s) * qheads + hq) * dim + d0;
-                        *(v16u *)o = lo[r] * inv[i];
-                        *(v16u *)(o + 16) = hi[r] * inv[i];
+                        *(vecu *)o = lo[r] * inv[i];
+                        *(vecu *)(o + W) = hi[r] * inv[i];
                     }
                 }
-                for (; d0 + 16 <= dim; d0 += 16) { /* even and odd columns in their own sums */
-                    v16 a0 = {0}, a1 = {0}, a2 = {0}, a3 = {0}, b0 = {0}, b1 = {0}, b2 = {0}, b3 = {0};
+                for (; d0 + W <= dim; d0 += W) { /* W dims left: even and odd columns in their own sums */
+                    vec a0 = {0}, a1 = {0}, a2 = {0}, a3 = {0}, b0 = {0}, b1 = {0}, b2 = {0}, b3 = {0};
                     int64_t c = 0;
                     for (; c + 2 <= width; c += 2) {
-                        v16 x = *(const v16u *)(V + c * dim + d0), y = *(const v16u *)(V + (c + 1) * dim + d0);
+                        vec x = *(const vecu *)(V + c * dim + d0), y = *(const vecu *)(V + (c + 1) * dim + d0);
                         a0 += p0[c] * x, b0 += p0[c + 1] * y;
                         a1 += p0[wp + c] * x, b1 += p0[wp + c + 1] * y;
                         a2 += p0[2 * wp + c] * x, b2 += p0[2 * wp + c + 1] * y;
                         a3 += p0[3 * wp + c] * x, b3 += p0[3 * wp + c + 1] * y;
                     }
                     if (c < width) {
-                        v16 x = *(const v16u *)(V + c * dim + d0);
+                        vec x = *(const vecu *)(V + c * dim + d0);
                         a0 += p0[c] * x, a1 += p0[wp + c] * x, a2 += p0[2 * wp + c] * x, a3 += p0[3 * wp + c] * x;
                     }
-                    v16 sums[4] = {a0 + b0, a1 + b1, a2 + b2, a3 + b3};
+                    vec sums[4] = {a0 + b0, a1 + b1, a2 + b2, a3 + b3};
                     for (int r = 0; r < 4 && i0 + r < block; r++) {
                         int64_t i = i0 + r, hq = h * groups + i / span, s = i % span;
-                        *(v16u *)(out + ((b * span + s) * qheads + hq) * dim + d0) = sums[r] * inv[i];
+                        *(vecu *)(out + ((b * span + s) * qheads + hq) * dim + d0) = sums[r] * inv[i];
                     }
                 }
+#if W == 16
                 if (d0 < dim) { /* the last 8 dims */
-                    v8 a[4] = {{0}};
+                    half a[4] = {{0}};
                     for (int64_t c = 0; c < width; c++) {
-                        v8 x = *(const v8u *)(V + c * dim + d0);
+                        half x = *(const halfu *)(V + c * dim + d0);
                         for (int r = 0; r < 4; r++) a[r] += p0[r * wp + c] * x;
                     }
                     for (int r = 0; r < 4 && i0 + r < block; r++) {
                         int64_t i = i0 + r, hq = h * groups + i / span, s = i % span;
-                        *(v8u *)(out + ((b * span + s) * qheads + hq) * dim + d0) = a[r] * inv[i];
+                        *(halfu *)(out + ((b * span + s) * qheads + hq) * dim + d0) = a[r] * inv[i];
                     }
                 }
+#endif
             }
         }
     }
