@@ -56,7 +56,7 @@ def test_onednn_routes_every_linear_layer_and_mkl_none(tiny):
 def test_auto_times_both_and_says_which_it_took(tiny, caplog):
     model = fresh(tiny)
     seconds = time_products(model.get_output_embeddings().weight.detach(), [1, 8])
-    assert set(seconds) == {"mkl", "onednn"} and all(value > 0 for value in seconds.values())
+    assert set(seconds) == {"mkl", "onednn"} and all(len(times) == 2 and min(times) > 0 for times in seconds.values())
     with caplog.at_level(logging.INFO, logger="hub_server.engine.cpu_products"):
         chosen = choose_cpu_products(model, "auto", [1, 8])
     assert chosen in ("mkl", "onednn")

@@ -254,9 +254,9 @@ class ModelRunner:
         self.vocab_size = min(self.vocab.size, self.model.get_input_embeddings().num_embeddings)
         # One thing at a time on the device: a forward pass here, or the hub's own drafting.
         self.device_lock = threading.Lock()
-        # The most rows a pass projects that start-up timings cover (the widest verify pass, capped).
+        # The rows a pass projects that start-up timings cover: its sessions' roots, and the widest verify pass (capped).
         timed_rows = min(PROJECTION_TIMED_ROWS, settings.max_batch * (1 + settings.max_draft_tokens))
-        choose_cpu_products(self.model, settings.cpu_matmul, sorted({1, timed_rows}))
+        choose_cpu_products(self.model, settings.cpu_matmul, sorted({min(settings.max_batch, timed_rows), timed_rows}))
         # `auto` times the CPU kernel on a typical verify pass: up to 8 sessions of a token and an 8-token draft.
         heads, dim = self.pool.shape.heads, self.pool.shape.dim
         timed = (
