@@ -3,7 +3,8 @@
 On a CPU a verify pass is mostly matrix products of few rows (a pass's tokens) by large weights:
 the vocabulary projection and every layer's projections. torch sends float32 products to MKL;
 on the AMD EPYC machine here oneDNN ran Gemma 3's and Qwen2.5's projections and MLPs 1.5-2.0x
-faster at 8 and 72 rows (one thread, `benchmarks/cpu_products.py`). Which is faster
+faster at 8 and 72 rows (one thread, `benchmarks/cpu_products.py`); on the Intel Xeon here it
+took half MKL's time for 8 rows of Gemma's whole projection and 0.9x for 72. Which is faster
 depends on the CPU (MKL is Intel's own), so the runner measures both at start on a slice of the
 model's own projection and uses the faster (`--cpu-matmul auto`), for every layer but the
 smallest, where a call's fixed cost decides.

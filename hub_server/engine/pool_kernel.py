@@ -4,11 +4,12 @@
 `--cpu-attention kernel` (every pass), or `auto` (the default) for the passes it measured the
 kernel faster on: at start, `auto` times one layer of the hub's own verify shape through both,
 at widening slot views (`TIMED_WIDTHS`), and keeps the kernel up to the widest view where it
-took at most 90% of SDPA's time (none: SDPA everywhere). On the project's CPU machine, one layer
-of the dispatch-bound target (8 sessions x 9 tokens, heads of 16) over 59 columns took 49 us
-in the kernel against 90 us through SDPA and its index writes, and still 1.13x less at 256
-columns; with Gemma's or Qwen's heads of 256 or 128 dims SDPA was faster from 64 columns on
-(`benchmarks/pool_kernel.py`). The kernel keeps to one thread.
+took at most 90% of SDPA's time (none: SDPA everywhere). On the project's CPU machine (one
+thread), one layer of the dispatch-bound target (8 sessions x 9 tokens, heads of 16) over 59
+columns took 24 us in the kernel against 85 us through SDPA and its index writes, 1.6x less at
+256 columns and 1.3x at 2,009; with Gemma's heads of 256 dims 1.3x less at 64 columns, even at
+256 (`benchmarks/pool_kernel.py`). The kernel keeps to one thread, so where torch has several,
+SDPA, which spreads over them, wins sooner and `auto` keeps the kernel to fewer columns.
 
 The library is built once per source, compiler and CPU into `<cache-dir>/pool-kernel/` (under a
 second with gcc); a machine with no C compiler keeps SDPA (`auto`) or refuses to start (`kernel`).
