@@ -102,6 +102,15 @@ static inline void scaled(float *restrict to, const float *restrict from, float 
 #endif
 }
 
+/* One step of a tile of 4 queries x 2W lanes (eight accumulators: enough to cover the
+ * multiply-add's latency): query r's weight, w[r * stride], times x into a[r] and y into z[r]. */
+static inline void step(vec a[4], vec z[4], const float *restrict w, int64_t stride, vec x, vec y) {
+    for (int r = 0; r < 4; r++) {
+        float weight = w[r * stride];
+        a[r] += weight * x, z[r] += weight * y;
+    }
+}
+
 /* Scores plus their bias, written to `to`; returns them. */
 static inline vec store(float *restrict to, vec scores, const float *restrict bias) {
     vec x = scores + *(const vecu *)bias;
@@ -244,19 +253,13 @@ void pool_attend(const struct layer *layer, const struct pass *pass) {
                 vec m0 = splat(-3.0e38f), m1 = m0, m2 = m0, m3 = m0; /* each query's largest score so far */
                 int64_t c0 = 0;
                 for (; c0 + 2 * W <= wp; c0 += 2 * W) {
-                    vec a0 = {0}, a1 = {0}, a2 = {0}, a3 = {0}, b0 = {0}, b1 = {0}, b2 = {0}, b3 = {0};
-                    for (int64_t d = 0; d < dim; d++) {
-                        vec key = *(const vecu *)(kt + d * wp + c0), next = *(const vecu *)(kt + d * wp + c0 + W);
-                        float w0 = q0[d], w1 = q0[dim + d], w2 = q0[2 * dim + d], w3 = q0[3 * dim + d];
-                        a0 += w0 * key, b0 += w0 * next;
-                        a1 += w1 * key, b1 += w1 * next;
-                        a2 += w2 * key, b2 += w2 * next;
-                        a3 += w3 * key, b3 += w3 * next;
-                    }
-                    m0 = vmax(m0, vmax(store(p0 + c0, a0, bias0 + c0), store(p0 + c0 + W, b0, bias0 + c0 + W)));
-                    m1 = vmax(m1, vmax(store(p0 + wp + c0, a1, bias1 + c0), store(p0 + wp + c0 + W, b1, bias1 + c0 + W)));
-                    m2 = vmax(m2, vmax(store(p0 + 2 * wp + c0, a2, bias2 + c0), store(p0 + 2 * wp + c0 + W, b2, bias2 + c0 + W)));
-                    m3 = vmax(m3, vmax(store(p0 + 3 * wp + c0, a3, bias3 + c0), store(p0 + 3 * wp + c0 + W, b3, bias3 + c0 + W)));
+                    vec a[4] = {{0}}, z[4] = {{0}};
+                    for (int64_t d = 0; d < dim; d++)
+                        step(a, z, q0 + d, dim, *(const vecu *)(kt + d * wp + c0), *(const vecu *)(kt + d * wp + c0 + W));
+                    m0 = vmax(m0, vmax(store(p0 + c0, a[0], bias0 + c0), store(p0 + c0 + W, z[0], bias0 + c0 + W)));
+                    m1 = vmax(m1, vmax(store(p0 + wp + c0, a[1], bias1 + c0), store(p0 + wp + c0 + W, z[1], bias1 + c0 + W)));
+                    m2 = vmax(m2, vmax(store(p0 + 2 * wp + c0, a[2], bias2 + c0), store(p0 + 2 * wp + c0 + W, z[2], bias2 + c0 + W)));
+                    m3 = vmax(m3, vmax(store(p0 + 3 * wp + c0, a[3], bias3 + c0), store(p0 + 3 * wp + c0 + W, z[3], bias3 + c0 + W)));
                 }
                 for (; c0 < wp; c0 += W) { /* the last W columns */
                     vec a0 = {0}, a1 = {0}, a2 = {0}, a3 = {0};
@@ -292,21 +295,14 @@ void pool_attend(const struct layer *layer, const struct pass *pass) {
                 const float *restrict p0 = p + i0 * wp;
                 int64_t d0 = 0;
                 for (; d0 + 2 * W <= dim; d0 += 2 * W) { /* 2W dims a tile, each weight read once for both halves */
-                    vec a0 = {0}, a1 = {0}, a2 = {0}, a3 = {0}, b0 = {0}, b1 = {0}, b2 = {0}, b3 = {0};
-                    for (int64_t c = 0; c < width; c++) {
-                        vec x = *(const vecu *)(V + c * dim + d0), y = *(const vecu *)(V + c * dim + d0 + W);
-                        float w0 = p0[c], w1 = p0[wp + c], w2 = p0[2 * wp + c], w3 = p0[3 * wp + c];
-                        a0 += w0 * x, b0 += w0 * y;
-                        a1 += w1 * x, b1 += w1 * y;
-                        a2 += w2 * x, b2 += w2 * y;
-                        a3 += w3 * x, b3 += w3 * y;
-                    }
-                    vec lo[4] = {a0, a1, a2, a3}, hi[4] = {b0, b1, b2, b3};
+                    vec a[4] = {{0}}, z[4] = {{0}};
+                    for (int64_t c = 0; c < width; c++)
+                        step(a, z, p0 + c, wp, *(const vecu *)(V + c * dim + d0), *(const vecu *)(V + c * dim + d0 + W));
                     for (int r = 0; r < 4 && i0 + r < block; r++) {
                         int64_t i = i0 + r, hq = h * groups + i / span, s = i % span;
                         float *restrict o = out + ((b * span + s) * qheads + hq) * dim + d0;
-                        *(vecu *)o = lo[r] * inv[i];
-                        *(vecu *)(o + W) = hi[r] * inv[i];
+                        *(vecu *)o = a[r] * inv[i];
+                        *(vecu *)(o + W) = z[r] * inv[i];
                     }
                 }
                 for (; d0 + W <= dim; d0 += W) { /* W dims left: even and odd columns in their own sums */
