@@ -39,6 +39,7 @@ FASTER = 0.9  # `auto`: the kernel's time at most this share of SDPA's
 _I64, _PTR = ctypes.c_int64, ctypes.c_void_p
 LAYER = struct.Struct("=16qf")  # pool_kernel.c's `struct layer`: 16 pointers and strides, the scale
 LAYER_FIELDS = 17  # int64s that hold it, with the C struct's padding
+PASS_FIELDS = 14  # pool_kernel.c's `struct pass`: int64s and pointers
 
 
 class PoolKernel:
@@ -51,6 +52,10 @@ class PoolKernel:
         self._attend.argtypes, self._attend.restype = [_PTR, _PTR], None
         self._layer = (_I64 * LAYER_FIELDS)()  # one layer's `struct layer`, packed anew each call
         self._layer_address = ctypes.addressof(self._layer)
+        sizes = self.library.pool_struct_bytes
+        sizes.argtypes, sizes.restype = [], _I64
+        if sizes() != LAYER_FIELDS * 8 * 1000 + PASS_FIELDS * 8:  # the C structs and what is packed here
+            raise RuntimeError(f"{library.name}: its structs are not the ones pool_kernel.py packs")
         self._scratch_floats = self.library.pool_scratch
         self._scratch_floats.argtypes, self._scratch_floats.restype = [_I64] * 3, _I64
         self._scratch = torch.empty(0)
@@ -89,7 +94,7 @@ class PoolKernel:
             heads, pool_keys.shape[2], dim, sources.numel(), sources.data_ptr(), slots.data_ptr(),
             columns.data_ptr(), rows, padded_rows, span, query_heads, row_slots.data_ptr(), bias.data_ptr(), width,
         )  # fmt: skip
-        return (_I64 * len(fields))(*fields)
+        return (_I64 * PASS_FIELDS)(*fields)
 
     def attend(
         self,
