@@ -93,7 +93,7 @@ static inline vec vexp(vec x) {
     return (vec)((ivec)(p * scale) & kept);
 }
 
-/* dim floats (a multiple of 8) times `scale`, from one place to another. */
+/* dim floats (a multiple of 8) times `scale`, from one place to another (1: the pool writes' copy). */
 static inline void scaled(float *restrict to, const float *restrict from, float scale, int64_t dim) {
     int64_t d = 0;
     for (; d + W <= dim; d += W) *(vecu *)(to + d) = *(const vecu *)(from + d) * scale;
@@ -249,36 +249,31 @@ void pool_attend(const struct layer *layer, const struct pass *pass) {
             for (int64_t i0 = 0; i0 < bp; i0 += 4) { /* scores, the bias added as they are written */
                 const float *restrict q0 = qq + i0 * dim;
                 float *restrict p0 = p + i0 * wp;
-                const float *restrict bias0 = mask + (i0 < block ? i0 % span : 0) * wp;
-                const float *restrict bias1 = mask + (i0 + 1 < block ? (i0 + 1) % span : 0) * wp;
-                const float *restrict bias2 = mask + (i0 + 2 < block ? (i0 + 2) % span : 0) * wp;
-                const float *restrict bias3 = mask + (i0 + 3 < block ? (i0 + 3) % span : 0) * wp;
-                vec m0 = splat(-3.0e38f), m1 = m0, m2 = m0, m3 = m0; /* each query's largest score so far */
+                const float *restrict rb[4]; /* each query's bias row (a padding query reads the first) */
+                vec m[4];                    /* each query's largest score so far */
+                for (int r = 0; r < 4; r++) {
+                    rb[r] = mask + (i0 + r < block ? (i0 + r) % span : 0) * wp;
+                    m[r] = splat(-3.0e38f);
+                }
                 int64_t c0 = 0;
                 for (; c0 + 2 * W <= wp; c0 += 2 * W) {
                     vec a[4] = {{0}}, z[4] = {{0}};
                     for (int64_t d = 0; d < dim; d++)
                         step(a, z, q0 + d, dim, *(const vecu *)(kt + d * wp + c0), *(const vecu *)(kt + d * wp + c0 + W));
-                    m0 = vmax(m0, vmax(store(p0 + c0, a[0], bias0 + c0), store(p0 + c0 + W, z[0], bias0 + c0 + W)));
-                    m1 = vmax(m1, vmax(store(p0 + wp + c0, a[1], bias1 + c0), store(p0 + wp + c0 + W, z[1], bias1 + c0 + W)));
-                    m2 = vmax(m2, vmax(store(p0 + 2 * wp + c0, a[2], bias2 + c0), store(p0 + 2 * wp + c0 + W, z[2], bias2 + c0 + W)));
-                    m3 = vmax(m3, vmax(store(p0 + 3 * wp + c0, a[3], bias3 + c0), store(p0 + 3 * wp + c0 + W, z[3], bias3 + c0 + W)));
+                    for (int r = 0; r < 4; r++) {
+                        float *restrict pr = p0 + r * wp + c0;
+                        m[r] = vmax(m[r], vmax(store(pr, a[r], rb[r] + c0), store(pr + W, z[r], rb[r] + c0 + W)));
+                    }
                 }
                 for (; c0 < wp; c0 += W) { /* the last W columns */
-                    vec a0 = {0}, a1 = {0}, a2 = {0}, a3 = {0};
+                    vec a[4] = {{0}};
                     for (int64_t d = 0; d < dim; d++) {
                         vec key = *(const vecu *)(kt + d * wp + c0);
-                        a0 += q0[d] * key;
-                        a1 += q0[dim + d] * key;
-                        a2 += q0[2 * dim + d] * key;
-                        a3 += q0[3 * dim + d] * key;
+                        for (int r = 0; r < 4; r++) a[r] += q0[r * dim + d] * key;
                     }
-                    m0 = vmax(m0, store(p0 + c0, a0, bias0 + c0));
-                    m1 = vmax(m1, store(p0 + wp + c0, a1, bias1 + c0));
-                    m2 = vmax(m2, store(p0 + 2 * wp + c0, a2, bias2 + c0));
-                    m3 = vmax(m3, store(p0 + 3 * wp + c0, a3, bias3 + c0));
+                    for (int r = 0; r < 4; r++) m[r] = vmax(m[r], store(p0 + r * wp + c0, a[r], rb[r] + c0));
                 }
-                top[i0] = most(m0), top[i0 + 1] = most(m1), top[i0 + 2] = most(m2), top[i0 + 3] = most(m3);
+                for (int r = 0; r < 4; r++) top[i0 + r] = most(m[r]);
             }
             for (int64_t i = 0; i < bp; i++) { /* softmax, the sum's inverse kept for the end */
                 float *restrict pi = p + i * wp;
@@ -309,23 +304,19 @@ void pool_attend(const struct layer *layer, const struct pass *pass) {
                     }
                 }
                 for (; d0 + W <= dim; d0 += W) { /* W dims left: even and odd columns in their own sums */
-                    vec a0 = {0}, a1 = {0}, a2 = {0}, a3 = {0}, b0 = {0}, b1 = {0}, b2 = {0}, b3 = {0};
+                    vec a[4] = {{0}}, z[4] = {{0}};
                     int64_t c = 0;
                     for (; c + 2 <= width; c += 2) {
                         vec x = *(const vecu *)(V + c * dim + d0), y = *(const vecu *)(V + (c + 1) * dim + d0);
-                        a0 += p0[c] * x, b0 += p0[c + 1] * y;
-                        a1 += p0[wp + c] * x, b1 += p0[wp + c + 1] * y;
-                        a2 += p0[2 * wp + c] * x, b2 += p0[2 * wp + c + 1] * y;
-                        a3 += p0[3 * wp + c] * x, b3 += p0[3 * wp + c + 1] * y;
+                        for (int r = 0; r < 4; r++) a[r] += p0[r * wp + c] * x, z[r] += p0[r * wp + c + 1] * y;
                     }
                     if (c < width) {
                         vec x = *(const vecu *)(V + c * dim + d0);
-                        a0 += p0[c] * x, a1 += p0[wp + c] * x, a2 += p0[2 * wp + c] * x, a3 += p0[3 * wp + c] * x;
+                        for (int r = 0; r < 4; r++) a[r] += p0[r * wp + c] * x;
                     }
-                    vec sums[4] = {a0 + b0, a1 + b1, a2 + b2, a3 + b3};
                     for (int r = 0; r < 4 && i0 + r < block; r++) {
                         int64_t i = i0 + r, hq = h * groups + i / span, s = i % span;
-                        *(vecu *)(out + ((b * span + s) * qheads + hq) * dim + d0) = sums[r] * inv[i];
+                        *(vecu *)(out + ((b * span + s) * qheads + hq) * dim + d0) = (a[r] + z[r]) * inv[i];
                     }
                 }
 #if W == 16

@@ -38,7 +38,7 @@ TIMED_WIDTHS = (64, 128, 256, 512, 1024, 2048, 4096)  # `auto`: the slot views (
 FASTER = 0.9  # `auto`: the kernel's time at most this share of SDPA's
 _I64, _PTR = ctypes.c_int64, ctypes.c_void_p
 LAYER = struct.Struct("=16qf")  # pool_kernel.c's `struct layer`: 16 pointers and strides, the scale
-LAYER_FIELDS = 17  # int64s that hold it, with the C struct's padding
+LAYER_FIELDS = -(-LAYER.size // 8)  # int64s that hold it, with the C struct's padding (17)
 PASS_FIELDS = 14  # pool_kernel.c's `struct pass`: int64s and pointers
 
 
