@@ -8,6 +8,10 @@ write while a running hub reads. Plain Python, no torch, no HTTP.
 A damaged database is refused when it is opened (SQLite's integrity check), by `hub_server serve`
 as by the admin commands, with what to do: restore it, or move it aside. A 0-byte file where the
 accounts were is damage too, never "no accounts": every user's token would silently stop working.
+
+A database file replaced while the hub runs (a backup restored with `mv`, a file deleted and put
+back) is noticed within `RECHECK_S`: the hub reopens the file now at the path, so revocations made
+there take effect; while no file is there, requests are refused 503 saying so.
 """
 
 from __future__ import annotations
@@ -19,6 +23,7 @@ import re
 import secrets
 import sqlite3
 import threading
+import time
 from dataclasses import dataclass
 from datetime import datetime, timezone
 from pathlib import Path
@@ -30,6 +35,7 @@ from hub_server.sessions import LOCAL_OWNER, Owner
 TOKEN_PREFIX = "seh_"
 _NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.@-]{0,63}")
 ROLES = ("user", "operator")  # operators may also read the hub-wide /metrics page
+RECHECK_S = 1.0  # how often the hub looks whether its database file was replaced
 
 # Ordered and named; each runs once per database, in this order. Never edit one: append.
 MIGRATIONS = (
@@ -62,6 +68,12 @@ MIGRATIONS = (
     ),
     ("004_roles", "ALTER TABLE users ADD COLUMN role TEXT NOT NULL DEFAULT 'user';"),
 )
+
+
+def _file_identity(path: Path) -> tuple[int, int]:
+    """Which file is at `path` (a replaced file has another inode)."""
+    status = os.stat(path)
+    return status.st_dev, status.st_ino
 
 
 def token_digest(token: str) -> str:
@@ -125,15 +137,22 @@ class Accounts:
 
     def __init__(self, path: Path):
         self.path = path
-        self._lock = threading.Lock()
+        self._lock = threading.RLock()  # a reopen under it migrates under it
+        self._identity: tuple[int, int] | None = None
+        self._open()
+
+    def _open(self) -> None:
+        path = self.path
         if path.is_file() and path.stat().st_size == 0:
             raise self._damaged("it is empty: 0 bytes where the accounts were")
         try:
             path.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
             self._db = sqlite3.connect(path, check_same_thread=False, isolation_level=None, timeout=5.0)
             os.chmod(path, 0o600)
+            self._identity = _file_identity(path)
         except (OSError, sqlite3.Error) as exc:
             raise self._unreachable(exc) from exc
+        self._checked_at = time.monotonic()
         try:
             self._check_integrity()
             self._db.execute("PRAGMA journal_mode=WAL")
@@ -177,10 +196,33 @@ class Accounts:
                         f"BEGIN; {script} INSERT INTO migrations VALUES ('{name}', '{_now()}'); COMMIT;"
                     )
 
+    def _follow_replacement(self) -> None:
+        """Reopen the file at our path if it is no longer the one open (under the lock)."""
+        now = time.monotonic()
+        if now - self._checked_at < RECHECK_S:
+            return
+        self._checked_at = now
+        try:
+            identity = _file_identity(self.path)
+        except OSError as exc:
+            raise AccountsUnavailable(
+                f"the accounts database {self.path} is gone ({exc.strerror}); operator: restore it from a backup "
+                "(the hub reads it again within a second of its return)"
+            ) from exc
+        if identity == self._identity:
+            return
+        self._db.close()
+        try:
+            self._open()
+        except AccountError as exc:  # a damaged or unreadable replacement: refuse until a good one is there
+            self._identity = None
+            raise AccountsUnavailable(f"the hub cannot use its replaced accounts database: {exc}") from exc
+
     def _query(self, sql: str, *args: object) -> list[tuple]:
         """Run one statement. A database that became unreadable while the hub runs is a 503 that
         says why, never a 500; a broken constraint is the caller's to explain."""
         with self._lock:
+            self._follow_replacement()
             try:
                 return self._db.execute(sql, args).fetchall()
             except sqlite3.IntegrityError:

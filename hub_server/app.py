@@ -27,6 +27,7 @@ from hub_server.accounts import Accounts, SingleToken, TokenCheck
 from hub_server.config import HubSettings
 from hub_server.engine_api import Engine
 from hub_server.errors import BadRequest, Forbidden, KVBudgetError, NotReady, RequestRefused, Unauthorized
+from hub_server.generation import Generation
 from hub_server.logging_setup import REQUEST_ID_HEADER, bind_request, request_id_from
 from hub_server.metrics import MEDIA_TYPE as METRICS_MEDIA_TYPE
 from hub_server.metrics import HubMetrics
@@ -78,7 +79,7 @@ def _answers(*statuses: int) -> dict:
         409: "Draft and target vocabularies differ",
         413: "Body over 1 MiB",
         422: "Malformed body, or a request the hub cannot serve as sent",
-        429: "A limit: the hub is full, or a per-user limit (Retry-After)",
+        429: "A limit: the hub is full, a per-user limit, or requests already waiting on the session (Retry-After)",
         503: "The model is still loading, or the accounts database cannot be read",
     }
     return {status: {"model": wire.ErrorResponse, "description": said[status]} for status in statuses}
@@ -88,14 +89,31 @@ class NDJSONResponse(StreamingResponse):
     media_type = "application/x-ndjson"
 
 
+class GenerationStream(NDJSONResponse):
+    """A generation's chunks, one per line; the generation is closed (its session's turn given
+    back) however the response ends: finished, failed, or its client gone mid-stream."""
+
+    def __init__(self, generation: Generation) -> None:
+        self.generation = generation
+        super().__init__(chunk.model_dump_json() + "\n" async for chunk in generation)
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        try:
+            await super().__call__(scope, receive, send)
+        finally:
+            await self.generation.aclose()
+
+
 def _errors_as_json(schema: dict) -> dict:
     """FastAPI gives a route's error answers its success media type; a refusal of the NDJSON
-    stream is a JSON error body all the same (application/json), so the schema says so."""
+    stream or of the metrics page is a JSON error body all the same (application/json), so the
+    schema says so."""
     for operation in (op for path in schema["paths"].values() for op in path.values()):
         for status, answer in operation.get("responses", {}).items():
             content = answer.get("content", {})
-            if status.startswith(("4", "5")) and "application/x-ndjson" in content:
-                content["application/json"] = content.pop("application/x-ndjson")
+            for media_type in ("application/x-ndjson", "text/plain"):
+                if status.startswith(("4", "5")) and media_type in content:
+                    content["application/json"] = content.pop(media_type)
     return schema
 
 
@@ -320,9 +338,10 @@ def create_app(
     def open_session(body: wire.OpenSessionRequest, owner: Caller) -> wire.OpenSessionResponse:
         return state.ready().open_session(body, owner)
 
+    # Routes that wait for a session's turn run on the event loop: a waiting request holds no thread.
     @app.post("/v1/sessions/{session_id}/feed", responses=on_session)
-    def feed(session_id: str, body: wire.FeedRequest, owner: Caller) -> wire.FeedResponse:
-        return state.ready().feed(session_id, body, owner)
+    async def feed(session_id: str, body: wire.FeedRequest, owner: Caller) -> wire.FeedResponse:
+        return await state.ready().feed(session_id, body, owner)
 
     # The hot route: on the event loop (no thread pool), the reply serialised once by pydantic.
     @app.post("/v1/sessions/{session_id}/verify", response_model=wire.VerifyResponse, responses=on_session)
@@ -335,9 +354,8 @@ def create_app(
         response_class=NDJSONResponse,
         responses={200: {"model": wire.GenerateChunk, "description": "One GenerateChunk per line"}, **on_session},
     )
-    def generate(session_id: str, body: wire.GenerateRequest, owner: Caller) -> NDJSONResponse:
-        chunks = state.ready().generate(session_id, body, owner)
-        return NDJSONResponse(chunk.model_dump_json() + "\n" for chunk in chunks)
+    async def generate(session_id: str, body: wire.GenerateRequest, owner: Caller) -> GenerationStream:
+        return GenerationStream(await state.ready().generate(session_id, body, owner))
 
     @app.get("/metrics", response_class=PlainTextResponse, responses=_answers(401, 403, 503))
     def metrics_page(owner: Caller) -> Response:
@@ -360,7 +378,7 @@ def create_app(
         return state.ready().undrain(worker_id)
 
     @app.delete("/v1/sessions/{session_id}", status_code=204, responses=_answers(401, 404, 429, 503))
-    def close(session_id: str, owner: Caller) -> None:
-        state.ready().close(session_id, owner)
+    async def close(session_id: str, owner: Caller) -> None:
+        await state.ready().close(session_id, owner)
 
     return app

@@ -9,7 +9,10 @@ additions:
 - a request whose headers and body have not all arrived `request_timeout_s` after its first byte
   (or, on a new connection, after it opened) is answered 408 when nothing of it has reached the
   app yet, and its connection closed either way;
-- a connection past `max_connections` open ones is answered 503 at once and closed.
+- a connection past `max_connections` open ones is answered 503 at once and closed;
+- a request whose line and headers pass `max_head_bytes` is answered 431 and its connection
+  closed as soon as they do: uvicorn would otherwise gather any size of header (a 100 MB one
+  took 14 s of the event loop, every other request waiting).
 
 Once a request has fully arrived its deadline is off: a long streamed reply is not cut. The next
 request on a kept-alive connection starts its own deadline at its first byte; until then
@@ -23,7 +26,10 @@ from __future__ import annotations
 
 import asyncio
 import json
+import logging
+import os
 import socket
+import threading
 from collections.abc import Callable
 
 import uvicorn
@@ -40,18 +46,23 @@ def _raw_error(status: str, code: str, message: str, retry_after_s: int | None =
     return ("\r\n".join(head) + "\r\n\r\n").encode() + body
 
 
+MAX_HEAD_BYTES = 64 * 1024  # a request's line and headers; a bearer token and a few headers need < 1 KiB
+
+
 class GuardedHttpProtocol(HttpToolsProtocol):
     """uvicorn's httptools protocol with a per-request arrival deadline and a connection cap.
     `guarded_protocol` makes the class with the hub's settings."""
 
     request_timeout_s = 30.0
     max_connections = 1024
+    max_head_bytes = MAX_HEAD_BYTES
     on_refusal: Callable[[str], None] = staticmethod(lambda code: None)  # counts refusals by code
 
     def connection_made(self, transport: asyncio.Transport) -> None:  # type: ignore[override]
         super().connection_made(transport)
         self._deadline: asyncio.TimerHandle | None = None
         self._headers_in = False
+        self._head_bytes = 0  # of the request whose headers are arriving
         if len(self.connections) > self.max_connections:
             self.on_refusal("hub_full")
             transport.write(
@@ -83,6 +94,31 @@ class GuardedHttpProtocol(HttpToolsProtocol):
     def on_message_complete(self) -> None:
         self._disarm()  # all of it is here: what the app does with it takes as long as it takes
         super().on_message_complete()
+        self._headers_in = False  # what comes next on this connection is the next request's head
+        self._head_bytes = 0
+
+    def data_received(self, data: bytes) -> None:
+        if not self._headers_in:
+            self._head_bytes += len(data)
+            if self._head_bytes > self.max_head_bytes:
+                self._refuse_head()
+                return
+        super().data_received(data)
+
+    def _refuse_head(self) -> None:
+        self._disarm()
+        if self.transport.is_closing():
+            return
+        self.on_refusal("headers_too_large")
+        limit_kib = self.max_head_bytes // 1024
+        self.transport.write(
+            _raw_error(
+                "431 Request Header Fields Too Large",
+                "headers_too_large",
+                f"a request's line and headers are limited to {limit_kib} KiB here; send fewer or shorter headers",
+            )
+        )
+        self.transport.close()
 
     def _arm(self) -> None:
         self._disarm()
@@ -133,6 +169,7 @@ class HubServer(uvicorn.Server):
     cut_short = False
 
     async def shutdown(self, sockets: list[socket.socket] | None = None) -> None:
+        _exit_later(self.config.timeout_graceful_shutdown or 0.0)
         if self.config.timeout_graceful_shutdown == 0 and self.server_state.tasks:
             # No time at all: uvicorn cancels its wait before it starts, so the hook below never
             # runs; whatever is in flight now is cut.
@@ -146,3 +183,19 @@ class HubServer(uvicorn.Server):
         except asyncio.CancelledError:
             self.cut_short = True
             raise
+
+
+EXIT_GRACE_S = 5.0  # past the shutdown timeout, for what runs after the server stops (threads, Ray)
+
+
+def _exit_later(timeout_s: float) -> None:
+    """End the process `EXIT_GRACE_S` after the shutdown timeout whatever still runs then (a
+    thread stuck in an engine call, a worker that does not answer): a stop always stops."""
+
+    def exit_now() -> None:
+        logging.getLogger("hub_server").error("hub stopped: still busy %g s after the shutdown timeout", EXIT_GRACE_S)
+        os._exit(1)
+
+    timer = threading.Timer(timeout_s + EXIT_GRACE_S, exit_now)
+    timer.daemon = True
+    timer.start()

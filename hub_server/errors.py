@@ -8,10 +8,13 @@
     │   └── WorkerLost        404      the engine worker holding the session died (same code:
     │                                  clients reopen the session and feed its context again)
     ├── HubFull               429      no room for another session now (with Retry-After)
+    ├── KVMemoryFull          503      a session's context needs KV blocks and none is free nor
+    │                                  reclaimable now (with Retry-After)
     ├── Unauthorized          401      missing, unknown or revoked API token
     │   └── TokenExpired      401      a token past its expiry
     ├── Forbidden             403      a route for the hub's operators (/metrics) asked by another user
     ├── RateLimited           429      a per-user limit (sessions, tokens per minute; with Retry-After)
+    │   └── SessionBusy       429      too many requests already wait for one session's turn
     ├── NotReady              503      the model is still loading
     ├── UnknownWorker         404      `hub_server workers drain ID`: no worker of that id
     └── AccountsUnavailable   503      the accounts database cannot be read now (damaged, locked)
@@ -79,6 +82,15 @@ class HubFull(RequestRefused):
     retry_after_s = 5
 
 
+class KVMemoryFull(RequestRefused):
+    """A growing session found no free KV block, no cached one to reclaim and no idle session to
+    evict: the request is refused before any pass runs, so the session stays as it was."""
+
+    status = 503
+    code = "kv_memory_full"
+    retry_after_s = 5
+
+
 class Unauthorized(RequestRefused):
     status = 401
     code = "unauthorized"
@@ -106,6 +118,10 @@ class RateLimited(RequestRefused):
     def __init__(self, message: str, retry_after_s: int):
         super().__init__(message)
         self.retry_after_s = retry_after_s
+
+
+class SessionBusy(RateLimited):
+    code = "session_busy"
 
 
 class AccountError(Exception):

@@ -1,8 +1,9 @@
 """Per-user limits on tokens per minute, and a global cap on requests in flight. Plain Python, no torch.
 
 Each user has a bucket that holds up to a minute's worth of tokens and refills continuously.
-A request is admitted while the bucket is not empty and its tokens are then taken, even into
-debt: a long prompt passes once and its user then waits, rather than never passing at all.
+A request is admitted while the bucket is not empty, and the tokens of the work it was accepted for
+are then taken, even into debt: a long prompt passes once and its user then waits, rather than
+never passing at all. A refused request (malformed, too long, a busy session) takes nothing.
 """
 
 from __future__ import annotations
@@ -25,20 +26,27 @@ class TokenBudgets:
         self._levels: dict[Owner, tuple[float, float]] = {}  # account -> (level, when)
         self._lock = threading.Lock()
 
-    def charge(self, user: Owner, tokens: int) -> None:
-        """Take `tokens` from `user`'s bucket, or raise RateLimited with when to retry."""
+    def check(self, user: Owner) -> None:
+        """Raise RateLimited, with when to retry, while `user`'s bucket is empty (or in debt)."""
         if not self.tokens_per_minute:
             return
         with self._lock:
             level = self._level(user)
-            if level <= 0:
-                wait_s = max(1, math.ceil((1e-6 - level) / self._rate))
-                raise RateLimited(
-                    f"user {user.name!r} has used this hub's {self.tokens_per_minute} tokens per minute; "
-                    f"retry in {wait_s} s",
-                    retry_after_s=wait_s,
-                )
-            self._levels[user] = (level - tokens, self._clock())
+        if level <= 0:
+            wait_s = max(1, math.ceil((1e-6 - level) / self._rate))
+            raise RateLimited(
+                f"user {user.name!r} has used this hub's {self.tokens_per_minute} tokens per minute; "
+                f"retry in {wait_s} s",
+                retry_after_s=wait_s,
+            )
+
+    def charge(self, user: Owner, tokens: int) -> None:
+        """Take `tokens` the hub has taken on for `user`, even into debt; a request is charged
+        only once it is accepted, so a refused one costs nothing."""
+        if not self.tokens_per_minute or not tokens:
+            return
+        with self._lock:
+            self._levels[user] = (self._level(user) - tokens, self._clock())
 
     def remaining(self, user: Owner) -> int | None:
         """Tokens `user` may still send now; None when unlimited."""

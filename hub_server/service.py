@@ -15,7 +15,7 @@ import contextlib
 import logging
 import threading
 import time
-from collections.abc import Iterator, Sequence
+from collections.abc import Sequence
 from concurrent.futures import Future
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -37,10 +37,11 @@ from hub_server.errors import (
     VocabMismatch,
     WorkerLost,
 )
+from hub_server.generation import Generation
 from hub_server.limits import AdmissionGate, TokenBudgets
 from hub_server.metrics import HubCollector, HubFigures, HubMetrics
 from hub_server.placement import LOST, READY, Supervised, Worker, local_identity, placement_order
-from hub_server.scheduler import Announcement, Scheduler
+from hub_server.scheduler import Scheduler
 from hub_server.sessions import LOCAL_OWNER, Owner, Session, SessionStore
 from hub_server.tree import chain_parents, node_depths, tree_problem
 
@@ -52,6 +53,10 @@ log = logging.getLogger("hub_server")
 # A full hub gives a new session the slot of its longest-idle session, but only of one idle at
 # least this long (or --session-idle-s, if that is shorter): a user reading a reply keeps theirs.
 FULL_HUB_IDLE_FLOOR_S = 30.0
+# Threads for engine calls that block for a pass or more (a prompt's prefill, the hub's own drafting,
+# KV slots given back to a remote worker): a pool of their own, so they never take the threads that
+# quick routes (tokens, info, opening a session) run on. Waiting for a session's turn takes none.
+ENGINE_CALL_THREADS = 16
 SWEEP_EVERY_S = 2.0  # how often idle sessions and those of removed accounts are looked for
 PROBE_PERIOD_S = 0.5  # how often a worker in another process is asked whether it lives
 
@@ -76,6 +81,7 @@ class Hub:
         self.metrics.registry.register(HubCollector(self._figures, self._engine_stats))
         self.budgets = TokenBudgets(settings.tokens_per_minute)
         self.gate = AdmissionGate(settings.max_queue_depth)
+        self.engine_calls = anyio.CapacityLimiter(ENGINE_CALL_THREADS)
         self._admission = threading.Lock()  # the session caps are checked and taken as one step
         self.drafter = make_drafter(settings, self.engine.device_lock)
         self._evictor = threading.Thread(target=self._evict_idle_forever, name="evictor", daemon=True)
@@ -158,7 +164,7 @@ class Hub:
         known = ", ".join(w.worker_id for w in self.workers)
         raise UnknownWorker(f"no worker {worker_id!r} on this hub (workers: {known}); see `hub_server workers`")
 
-    def _worker_of(self, session: Session) -> Worker:
+    def worker_of(self, session: Session) -> Worker:
         return self.workers[int(session.worker_id)]
 
     def _figures(self) -> HubFigures:
@@ -285,16 +291,25 @@ class Hub:
                 retry_after_s=10,
             )
 
-    def feed(self, session_id: str, request: wire.FeedRequest, owner: Owner = LOCAL_OWNER) -> wire.FeedResponse:
+    async def feed(self, session_id: str, request: wire.FeedRequest, owner: Owner = LOCAL_OWNER) -> wire.FeedResponse:
+        """Append a prompt to a session's context and compute its KV (on a thread of the engine
+        pool: the prompt's pass blocks it)."""
         session = self.sessions.get(session_id, owner)
-        self.budgets.charge(owner, len(request.tokens))
-        with self.gate.admit(), session.lock:
-            _check_open(session)
-            self._check_ids(request.tokens, "tokens")
-            self._check_room(len(session.context) + len(request.tokens))
-            session.context.extend(request.tokens)
-            self._worker_of(session).engine.prefill(session.kv, session.context)
-            return wire.FeedResponse(context_len=len(session.context))
+        self.budgets.check(owner)
+        self._check_ids(request.tokens, "tokens")
+        with self.gate.admit():
+            await session.turn.take()
+            try:
+                _check_open(session)
+                self._check_room(len(session.context) + len(request.tokens))
+                self.budgets.charge(owner, len(request.tokens))
+                session.context.extend(request.tokens)
+                engine = self.worker_of(session).engine
+                # Not abandoned when the request is cancelled: the turn is released once the KV is written.
+                await anyio.to_thread.run_sync(engine.prefill, session.kv, session.context, limiter=self.engine_calls)
+            finally:
+                session.turn.release()
+        return wire.FeedResponse(context_len=len(session.context))
 
     async def verify(
         self, session_id: str, request: wire.VerifyRequest, owner: Owner = LOCAL_OWNER
@@ -303,18 +318,19 @@ class Hub:
         worker and back."""
         arrived = time.perf_counter()
         session = self.sessions.get(session_id, owner)
-        # The target computes every sent token and every draft node, plus the bonus token.
-        self.budgets.charge(owner, len(request.tokens) + len(request.draft) + 1)
+        self.budgets.check(owner)
         with self.gate.admit():
-            await _take_turn(session)
+            await session.turn.take()
             started = time.perf_counter()
             try:
                 # Checked and queued in one go on the event loop: nothing to announce.
                 job = self._verify_job(session, request)
-                future = self._worker_of(session).scheduler.submit(job, key=session.session_id)
+                future = self.worker_of(session).scheduler.submit(job, key=session.session_id)
             except BaseException:
-                session.lock.release()
+                session.turn.release()
                 raise
+            # The target computes every sent token and every draft node, plus the bonus token.
+            self.budgets.charge(owner, len(request.tokens) + len(request.draft) + 1)
             # The result is applied, and the session released, when the pass ends, even if this
             # request is cancelled meanwhile: the session's KV and context must stay in step.
             future.add_done_callback(lambda done: self._finish(session, job, "specedge", arrived, done))
@@ -348,18 +364,17 @@ class Hub:
     def _finish(self, session: Session, job: VerifyJob, mode: str, arrived: float, done: Future) -> None:
         try:
             if done.exception() is None:
-                self._apply(session, job, mode, time.perf_counter() - arrived)
+                self.apply_pass(session, job, mode, time.perf_counter() - arrived)
         finally:
-            session.lock.release()
+            session.turn.release()
 
-    def generate(
-        self, session_id: str, request: wire.GenerateRequest, owner: Owner = LOCAL_OWNER
-    ) -> Iterator[wire.GenerateChunk]:
+    async def generate(self, session_id: str, request: wire.GenerateRequest, owner: Owner = LOCAL_OWNER) -> Generation:
         """Server-only decoding, streamed: autoregressive (one target token per pass) or
-        speculative with the hub's own draft model. Checks run before the first chunk."""
+        speculative with the hub's own draft model. Checks run, and the session's turn is
+        taken, before the first chunk; the generation holds the turn until it is closed."""
         arrived = time.perf_counter()
         session = self.sessions.get(session_id, owner)
-        self.budgets.charge(owner, len(request.tokens) + request.max_tokens)
+        self.budgets.check(owner)
         self._check_ids(request.tokens, "tokens")
         if request.mode == "speculative" and self.drafter is None:
             raise BadRequest(
@@ -368,59 +383,17 @@ class Hub:
         if not session.context and not request.tokens:
             raise BadRequest("the session has no context yet: send the prompt in `tokens` or feed it first")
         self._check_room(len(session.context) + len(request.tokens) + request.max_tokens)
-        return self._generate(session, request, arrived)
-
-    def _generate(
-        self, session: Session, request: wire.GenerateRequest, arrived: float
-    ) -> Iterator[wire.GenerateChunk]:
-        with session.lock:
+        await session.turn.take()
+        try:
             _check_open(session)
-            session.context.extend(request.tokens)
-            produced = verifies = rehomed = 0
-            stopped = False
-            while produced < request.max_tokens and not stopped:
-                worker = self._worker_of(session)
-                try:
-                    # Announced for its whole life on a worker: between passes (streaming a chunk,
-                    # drafting) the next batch may wait briefly for this session, so concurrent
-                    # generations share passes.
-                    with worker.scheduler.announce() as announcement:
-                        while produced < request.max_tokens and not stopped:
-                            job = self._generation_step(session, request, request.max_tokens - produced - 1)
-                            self._run(worker.scheduler, session, job, request.mode, announcement)
-                            produced += len(job.emitted)
-                            verifies += 1
-                            if verifies == 1:
-                                elapsed = time.perf_counter() - arrived
-                                self.metrics.time_to_first_token.labels(request.mode).observe(elapsed)
-                            yield wire.GenerateChunk(tokens=job.emitted)
-                            stopped = job.emitted[-1] in session.stop_token_ids
-                except WorkerLost:
-                    # The hub holds the whole context, so it does what a client's recovery would:
-                    # a slot on a live worker, the context fed there, the stream goes on.
-                    rehomed += 1
-                    if rehomed > len(self.workers):
-                        raise
-                    self._rehome(session, worker)
-            yield wire.GenerateChunk(tokens=[], done=True, verifies=verifies, context_len=len(session.context))
+        except SessionNotFound:
+            session.turn.release()
+            raise
+        self.budgets.charge(owner, len(request.tokens))
+        return Generation(self, session, request, owner, arrived)
 
-    def _generation_step(self, session: Session, request: wire.GenerateRequest, room: int) -> VerifyJob:
-        """The next verify of a server-only generation (`room`: tokens it may emit beyond its bonus one)."""
-        draft: list[int] = []
-        if request.mode == "speculative" and room > 0 and self.drafter is not None:
-            draft = self.drafter.draft(session.session_id, session.context, min(request.draft_len, room))
-        return VerifyJob(
-            session.kv,
-            session.context[session.kv.length :],
-            draft,
-            chain_parents(len(draft)),
-            session.temperature,
-            session.seed,
-            session.stop_token_ids,
-        )
-
-    def _rehome(self, session: Session, lost: Worker) -> None:
-        """Give a session whose worker was lost a slot on a live one (held under its lock: a
+    def rehome(self, session: Session, lost: Worker) -> None:
+        """Give a session whose worker was lost a slot on a live one (holding its turn: a
         generation in flight); its context is fed there by its next pass."""
         with self._admission:
             placed = self._place(excluded=lost)
@@ -433,15 +406,7 @@ class Hub:
         self.sessions.rehome(session, worker.worker_id, kv)
         log.warning("session moved from lost worker %s to worker %s", lost.worker_id, worker.worker_id)
 
-    def _run(
-        self, scheduler: Scheduler, session: Session, job: VerifyJob, mode: str, announcement: Announcement
-    ) -> None:
-        """Queue one verify for the device and apply its result (blocking: generation threads)."""
-        started = time.perf_counter()
-        scheduler.submit(job, announcement).result()
-        self._apply(session, job, mode, time.perf_counter() - started)
-
-    def _apply(self, session: Session, job: VerifyJob, mode: str, seconds: float) -> None:
+    def apply_pass(self, session: Session, job: VerifyJob, mode: str, seconds: float) -> None:
         session.context.extend(job.emitted)
         session.last_used = time.monotonic()
         self.metrics.record_verify(mode, seconds, len(job.draft), len(job.path), len(job.emitted))
@@ -466,8 +431,15 @@ class Hub:
             raise BadRequest(problem)
         return request.parents
 
-    def close(self, session_id: str, owner: Owner = LOCAL_OWNER) -> None:
-        self._retire(self.sessions.remove(session_id, owner))
+    async def close(self, session_id: str, owner: Owner = LOCAL_OWNER) -> None:
+        """Close a session; its KV goes back once a request still running on it is done
+        (waited for on the event loop, like any request's turn)."""
+        session = self.sessions.remove(session_id, owner)
+        await session.turn.take()
+        try:
+            await anyio.to_thread.run_sync(self._give_back, session, limiter=self.engine_calls)
+        finally:
+            session.turn.release()
 
     def _evict(self, max_idle_s: float) -> None:
         for session in self.sessions.evict_idle(max_idle_s):
@@ -490,13 +462,18 @@ class Hub:
             self._retire(session)
 
     def _retire(self, session: Session) -> None:
-        """Give a removed session's KV slot back, once any request still running on it is done."""
-        with session.lock:
-            worker = self._worker_of(session)  # under the lock: a generation may have moved it
-            if session.kv is not None:
-                with contextlib.suppress(WorkerLost):  # a lost worker took the slot with it
-                    worker.engine.release(session.kv)
-                session.kv = None
+        """Give a removed session's KV slot back, once any request still running on it is done
+        (the hub's own threads: eviction, a full hub making room)."""
+        with session.turn.held():
+            self._give_back(session)
+
+    def _give_back(self, session: Session) -> None:
+        """A removed session's KV slot back to its worker (holding the session's turn)."""
+        worker = self.worker_of(session)  # under the turn: a generation may have moved it
+        if session.kv is not None:
+            with contextlib.suppress(WorkerLost):  # a lost worker took the slot with it
+                worker.engine.release(session.kv)
+            session.kv = None
         self._forget(worker, session)
 
     def _forget(self, worker: Worker, session: Session) -> None:
@@ -562,12 +539,6 @@ def _check_open(session: Session) -> None:
     """A request that waited for a session closed or evicted meanwhile finds it gone."""
     if session.kv is None:
         raise SessionNotFound(f"no session {session.session_id!r} on this hub; open a new session")
-
-
-async def _take_turn(session: Session) -> None:
-    """Take the session's lock without blocking the event loop (a generation may hold it)."""
-    if not session.lock.acquire(blocking=False):
-        await anyio.to_thread.run_sync(session.lock.acquire)
 
 
 def make_drafter(settings: HubSettings, device_lock: threading.Lock | None = None) -> HubDrafter | None:

@@ -6,15 +6,125 @@ of the worker whose engine holds that cache (`placement.py`): the store is the h
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
 import secrets
 import threading
 import time
+from collections import deque
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from typing import Any
 
-from hub_server.errors import SessionNotFound
+from hub_server.errors import SessionBusy, SessionNotFound
 
 LOCAL_USER = "local"  # the owner's name on a hub without accounts (--no-auth, embedded)
+# A client sends one request at a time on a session; a few more may wait for their turn (a retry
+# racing its original), past that the session answers 429 at once.
+MAX_WAITING_PER_SESSION = 8
+
+
+class Turn:
+    """One request at a time on a session, handed from one to the next in arrival order.
+
+    Waiting costs no thread: a request waits on the event loop (`take`), so no number of
+    requests on one session can use up the threads every other user needs, and at most
+    `max_waiting` may wait (one more is refused `SessionBusy`). Whichever thread ends a request
+    (the request's own, or a pass's callback when the request was cancelled meanwhile) hands
+    the turn straight to the next waiter. The hub's own threads (eviction) wait with `held`.
+    """
+
+    def __init__(self, max_waiting: int = MAX_WAITING_PER_SESSION):
+        self.max_waiting = max_waiting
+        self._mutex = threading.Lock()
+        self._held = False
+        self._waiting: deque[_Waiter] = deque()
+
+    @property
+    def busy(self) -> bool:
+        return self._held
+
+    def try_take(self) -> bool:
+        with self._mutex:
+            if self._held:
+                return False
+            self._held = True
+            return True
+
+    async def take(self) -> None:
+        """The turn, waited for on the event loop; SessionBusy when too many already wait."""
+        if self.try_take():
+            return
+        loop = asyncio.get_running_loop()
+        granted: asyncio.Future[None] = loop.create_future()
+        waiter = _Waiter(lambda: loop.call_soon_threadsafe(self._hand, granted))
+        with self._mutex:
+            if not self._held:
+                self._held = True
+                return
+            if sum(not w.internal for w in self._waiting) >= self.max_waiting:
+                raise SessionBusy(
+                    f"{self.max_waiting} requests already wait for this session; send one request at a time "
+                    "on a session and wait for its answer",
+                    retry_after_s=1,
+                )
+            self._waiting.append(waiter)
+        try:
+            await granted
+        except asyncio.CancelledError:
+            with self._mutex:
+                if waiter in self._waiting:  # never handed the turn: just leave the line
+                    self._waiting.remove(waiter)
+                    raise
+            if granted.done() and not granted.cancelled():  # handed over as this was cancelled
+                self.release()
+            raise  # otherwise `_hand` sees the cancelled future and passes the turn on
+
+    def _hand(self, granted: asyncio.Future[None]) -> None:
+        """On the waiter's loop: give it the turn, or pass it on if it stopped waiting."""
+        if granted.cancelled():
+            self.release()
+        else:
+            granted.set_result(None)
+
+    @contextlib.contextmanager
+    def held(self) -> Iterator[None]:
+        """Hold the turn from a thread of the hub's own (eviction, closing): blocks that thread."""
+        if not self.try_take():
+            handed = threading.Event()
+            with self._mutex:
+                if self._held:
+                    self._waiting.append(_Waiter(handed.set, internal=True))
+                else:
+                    self._held = True
+                    handed.set()
+            handed.wait()
+        try:
+            yield
+        finally:
+            self.release()
+
+    def release(self) -> None:
+        """End the current request's turn: the next waiter has it, or nobody."""
+        with self._mutex:
+            while self._waiting:
+                if self._waiting.popleft().hand_over():
+                    return
+            self._held = False
+
+
+@dataclass(eq=False)
+class _Waiter:
+    wake: Callable[[], Any]  # hands it the turn; any thread
+    internal: bool = False  # one of the hub's own threads: not counted against max_waiting
+
+    def hand_over(self) -> bool:
+        """Wake it; False when it can no longer take the turn (its event loop is gone)."""
+        try:
+            self.wake()
+        except RuntimeError:
+            return False
+        return True
 
 
 @dataclass(frozen=True)
@@ -44,7 +154,7 @@ class Session:
     context: list[int] = field(default_factory=list)
     last_used: float = field(default_factory=time.monotonic)
     # One request at a time per session: a session's context is a sequence, not a set.
-    lock: threading.Lock = field(default_factory=threading.Lock)
+    turn: Turn = field(default_factory=Turn)
 
 
 class SessionStore:
@@ -115,7 +225,7 @@ class SessionStore:
         """Drop sessions unused for `max_idle_s`; a client resumes by re-sending its context."""
         cutoff = time.monotonic() - max_idle_s
         with self._lock:
-            idle = [s for s in self._sessions.values() if s.last_used < cutoff and not s.lock.locked()]
+            idle = [s for s in self._sessions.values() if s.last_used < cutoff and not s.turn.busy]
             for session in idle:
                 del self._sessions[session.session_id]
         return idle
@@ -125,7 +235,7 @@ class SessionStore:
         and not busy (a full hub makes room for a new session this way, one at a time)."""
         cutoff = time.monotonic() - min_idle_s
         with self._lock:
-            idle = [s for s in self._sessions.values() if s.last_used <= cutoff and not s.lock.locked()]
+            idle = [s for s in self._sessions.values() if s.last_used <= cutoff and not s.turn.busy]
             if not idle:
                 return None
             session = min(idle, key=lambda s: s.last_used)

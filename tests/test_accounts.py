@@ -129,12 +129,14 @@ class Clock:
 def test_budget_admits_into_debt_then_waits_for_refill():
     clock = Clock()
     budgets = TokenBudgets(60, clock)  # one token per second
+    budgets.check(ADA)
     budgets.charge(ADA, 100)  # a long prompt passes once
     with pytest.raises(RateLimited) as refused:
-        budgets.charge(ADA, 1)
+        budgets.check(ADA)
     assert refused.value.retry_after_s == 41
-    budgets.charge(BOB, 1)  # others are not held back
+    budgets.check(BOB)  # others are not held back
     clock.now = 41
+    budgets.check(ADA)
     budgets.charge(ADA, 1)
     assert budgets.remaining(ADA) == 0
 
@@ -142,6 +144,7 @@ def test_budget_admits_into_debt_then_waits_for_refill():
 def test_unlimited_budget():
     budgets = TokenBudgets(0)
     budgets.charge(ADA, 10**9)
+    budgets.check(ADA)
     assert budgets.remaining(ADA) is None
 
 

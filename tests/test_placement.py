@@ -4,6 +4,8 @@ real Ray workers: tests/test_ray_workers.py."""
 
 from __future__ import annotations
 
+import asyncio
+
 import pytest
 
 from hub_server import protocol as wire
@@ -86,7 +88,7 @@ def test_per_user_limits_and_ownership_hold_across_workers():
         with pytest.raises(SessionNotFound):
             verify(hub, session, [1], [2], owner=BOB)
         with pytest.raises(SessionNotFound):
-            hub.close(session, owner=BOB)
+            asyncio.run(hub.close(session, owner=BOB))
 
 
 def test_a_drained_worker_takes_no_new_sessions_while_its_open_ones_go_on():

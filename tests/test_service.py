@@ -100,6 +100,31 @@ def verify(hub: Hub, session_id: str, tokens: list[int], draft: list[int], owner
     return asyncio.run(hub.verify(session_id, request, owner))
 
 
+def feed(hub: Hub, session_id: str, tokens: list[int], owner: Owner = LOCAL_OWNER) -> wire.FeedResponse:
+    return asyncio.run(hub.feed(session_id, wire.FeedRequest(tokens=tokens), owner))
+
+
+def close(hub: Hub, session_id: str, owner: Owner = LOCAL_OWNER) -> None:
+    asyncio.run(hub.close(session_id, owner))
+
+
+def generate(hub: Hub, session_id: str, request: wire.GenerateRequest, on_tokens=lambda tokens: None) -> list[int]:
+    """The tokens of a whole generation; `on_tokens` sees them as they come."""
+
+    async def run() -> list[int]:
+        tokens: list[int] = []
+        generation = await hub.generate(session_id, request)
+        try:
+            async for chunk in generation:
+                tokens += chunk.tokens
+                on_tokens(tokens)
+        finally:
+            await generation.aclose()
+        return tokens
+
+    return asyncio.run(run())
+
+
 def test_a_verify_accepts_what_the_target_would_say_and_adds_its_bonus_token():
     hub, engine = make_hub()
     session = hub.open_session(open_request(engine))
@@ -131,9 +156,9 @@ def test_another_users_session_is_unknown_to_them_for_every_request():
     with pytest.raises(SessionNotFound):
         verify(hub, alice, [1], [2], owner=BOB)
     with pytest.raises(SessionNotFound):
-        hub.feed(alice, wire.FeedRequest(tokens=[1, 2]), owner=BOB)
+        feed(hub, alice, [1, 2], owner=BOB)
     with pytest.raises(SessionNotFound):
-        hub.close(alice, owner=BOB)
+        close(hub, alice, owner=BOB)
     assert verify(hub, alice, [1], [2], owner=ALICE).accepted == 1  # still hers, untouched
 
 
@@ -152,7 +177,7 @@ def test_closing_a_session_gives_its_kv_slot_back():
     hub, engine = make_hub(slots=1, max_sessions=1)
     first = hub.open_session(open_request(engine)).session_id
     verify(hub, first, [1, 2, 3], [4])
-    hub.close(first)
+    close(hub, first)
     assert len(engine.free) == 1 and engine.free[0].length == 0
     second = hub.open_session(open_request(engine)).session_id
     with pytest.raises(SessionNotFound):
@@ -199,7 +224,7 @@ def test_an_idle_session_is_evicted_and_the_client_resumes_where_it_was():
         verify(hub, session, [], [5])
     assert len(engine.free) == 1 and metric(hub, "specedge_evicted_sessions_total") == 1
     resumed = hub.open_session(open_request(engine)).session_id
-    hub.feed(resumed, wire.FeedRequest(tokens=history))
+    feed(hub, resumed, history)
     assert verify(hub, resumed, [], [5, 6]).tokens == [5, 6, 7]
 
 
@@ -322,11 +347,12 @@ def test_a_generation_whose_worker_is_lost_goes_on_on_another_and_gives_the_same
     session = hub.open_session(open_request(first)).session_id
     holder = first if len(first.free) < 4 else second
     request = wire.GenerateRequest(mode="autoregressive", tokens=[3, 4], max_tokens=12)
-    tokens = []
-    for chunk in hub.generate(session, request):
-        tokens += chunk.tokens
+
+    def lose_after_three(tokens: list[int]) -> None:
         if len(tokens) == 3:
             holder.lost = True  # its process is gone mid-stream
+
+    tokens = generate(hub, session, request, lose_after_three)
     assert tokens == [(5 + i) % VOCAB for i in range(12)]  # undisturbed: the counting target's own
     moved = next(s for s in hub.sessions.all() if s.session_id == session)
     other = second if holder is first else first
@@ -336,5 +362,4 @@ def test_a_generation_whose_worker_is_lost_goes_on_on_another_and_gives_the_same
     while hub.workers_ready().ready == 2 and time.monotonic() < deadline:
         time.sleep(0.05)
     assert hub.workers_ready().ready == 1
-    more = hub.generate(session, wire.GenerateRequest(mode="autoregressive", max_tokens=2))
-    assert [token for chunk in more for token in chunk.tokens] == [17, 18]
+    assert generate(hub, session, wire.GenerateRequest(mode="autoregressive", max_tokens=2)) == [17, 18]

@@ -1,0 +1,135 @@
+"""A server-only generation (`POST /generate`): its chunks as an async iterator that holds its
+session's turn from the first check to `aclose`, however the stream ends. Plain Python, no torch.
+
+Each step is one verify pass through the worker's scheduler, awaited on the event loop (no thread
+waits for the device). A pass's result is applied to the session by the pass's own callback, so
+the session's context and KV stay in step even when the client goes away mid-pass; the turn is
+released once that pass is applied, so a dropped stream never leaves its session locked.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import threading
+import time
+from collections.abc import AsyncGenerator
+from concurrent.futures import Future
+from typing import TYPE_CHECKING
+
+import anyio
+
+from hub_server import protocol as wire
+from hub_server.engine_api import VerifyJob
+from hub_server.errors import WorkerLost
+from hub_server.scheduler import Announcement
+from hub_server.sessions import Owner, Session
+from hub_server.tree import chain_parents
+
+if TYPE_CHECKING:
+    from hub_server.placement import Worker
+    from hub_server.service import Hub
+
+
+class Generation:
+    """The chunks of one generation; the caller must `aclose` it (the app's stream does, always)."""
+
+    def __init__(self, hub: Hub, session: Session, request: wire.GenerateRequest, owner: Owner, arrived: float):
+        self._hub = hub
+        self._session = session
+        self._request = request
+        self._owner = owner
+        self._arrived = arrived
+        self._settling = threading.Lock()  # the pass's callback (scheduler thread) against `aclose`
+        self._in_flight: Future | None = None  # the pass submitted and not yet applied
+        self._closed = False
+        self._chunks = self._produce()
+
+    def __aiter__(self) -> Generation:
+        return self
+
+    async def __anext__(self) -> wire.GenerateChunk:
+        return await self._chunks.__anext__()
+
+    async def aclose(self) -> None:
+        """End the generation and give up the session's turn (once a pass in flight is applied)."""
+        await self._chunks.aclose()
+        with self._settling:
+            if self._closed:
+                return
+            self._closed = True
+            waiting = self._in_flight is not None
+        if not waiting:  # otherwise the pass's callback releases it
+            self._session.turn.release()
+
+    async def _produce(self) -> AsyncGenerator[wire.GenerateChunk, None]:
+        session, request = self._session, self._request
+        session.context.extend(request.tokens)
+        produced = verifies = rehomed = 0
+        stopped = False
+        while produced < request.max_tokens and not stopped:
+            worker = self._hub.worker_of(session)
+            try:
+                # Announced for its whole life on a worker: between passes (streaming a chunk,
+                # drafting) the next batch may wait briefly for this session, so concurrent
+                # generations share passes.
+                with worker.scheduler.announce() as announcement:
+                    while produced < request.max_tokens and not stopped:
+                        job = await self._next_job(request.max_tokens - produced - 1)
+                        await self._run(worker, job, announcement)
+                        produced += len(job.emitted)
+                        verifies += 1
+                        if verifies == 1:
+                            elapsed = time.perf_counter() - self._arrived
+                            self._hub.metrics.time_to_first_token.labels(request.mode).observe(elapsed)
+                        yield wire.GenerateChunk(tokens=job.emitted)
+                        stopped = job.emitted[-1] in session.stop_token_ids
+            except WorkerLost:
+                # The hub holds the whole context, so it does what a client's recovery would:
+                # a slot on a live worker, the context fed there, the stream goes on.
+                rehomed += 1
+                if rehomed > len(self._hub.workers):
+                    raise
+                await anyio.to_thread.run_sync(self._hub.rehome, session, worker, limiter=self._hub.engine_calls)
+        yield wire.GenerateChunk(tokens=[], done=True, verifies=verifies, context_len=len(session.context))
+
+    async def _next_job(self, room: int) -> VerifyJob:
+        """The next verify (`room`: tokens it may emit beyond its bonus one), drafted by the
+        hub's own draft model in the speculative mode (on a thread of the engine pool)."""
+        session, request, drafter = self._session, self._request, self._hub.drafter
+        draft: list[int] = []
+        if request.mode == "speculative" and room > 0 and drafter is not None:
+            length = min(request.draft_len, room)
+            context = list(session.context)
+            draft = await anyio.to_thread.run_sync(
+                drafter.draft, session.session_id, context, length, limiter=self._hub.engine_calls
+            )
+        return VerifyJob(
+            session.kv,
+            session.context[session.kv.length :],
+            draft,
+            chain_parents(len(draft)),
+            session.temperature,
+            session.seed,
+            session.stop_token_ids,
+        )
+
+    async def _run(self, worker: Worker, job: VerifyJob, announcement: Announcement) -> None:
+        """One pass for `job`; its result applied by the pass's callback, even if this is cancelled."""
+        started = time.perf_counter()
+        future = worker.scheduler.submit(job, announcement)
+        with self._settling:
+            self._in_flight = future
+        future.add_done_callback(lambda done: self._settle(job, done, started))
+        self._hub.budgets.charge(self._owner, len(job.draft) + 1)
+        # Callbacks run in the order they were added: the result is applied before this wakes.
+        await asyncio.shield(asyncio.wrap_future(future))
+
+    def _settle(self, job: VerifyJob, done: Future, started: float) -> None:
+        """The pass is over (scheduler thread): apply it, and release the turn if the stream closed."""
+        with self._settling:
+            if done.exception() is None:
+                self._hub.apply_pass(self._session, job, self._request.mode, time.perf_counter() - started)
+            self._in_flight = None
+            release = self._closed
+        if release:
+            self._session.turn.release()
