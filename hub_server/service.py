@@ -31,7 +31,9 @@ from hub_server.errors import (
     BadRequest,
     ContextTooLong,
     HubFull,
+    NotReady,
     RateLimited,
+    RequestRefused,
     SessionNotFound,
     UnknownWorker,
     VocabMismatch,
@@ -228,7 +230,7 @@ class Hub:
                 self._make_room()  # the longest-idle session, if it idled long enough, gives up its slot
                 placed = self._place()
             if placed is None:
-                raise HubFull(self._full_message())
+                raise self._no_room()
             worker, kv = placed
             session = self.sessions.add(
                 request.sampling.temperature,
@@ -263,11 +265,20 @@ class Hub:
                 continue
             try:
                 kv = worker.engine.new_kv()
-            except WorkerLost:  # its probe will say so shortly; the next worker may take it
+            except WorkerLost:  # probed now, so that a hub whose every worker died says so (`_no_room`)
+                if worker.supervised:
+                    self._probe(worker)
                 continue
             if kv is not None:
                 return worker, kv
         return None
+
+    def _no_room(self, excluded: Worker | None = None) -> RequestRefused:
+        """Why no worker took a session: every worker lost is an outage, waited out as a loading
+        hub is (503, Ray restarts them); workers full or drained are a busy hub (429)."""
+        if all(worker.state == LOST or worker is excluded for worker in self.workers):
+            return NotReady("no engine worker of this hub is up now (lost, restarting); retry in a few seconds")
+        return HubFull(self._full_message())
 
     def _full_message(self) -> str:
         limit = self.settings.max_sessions
@@ -398,9 +409,9 @@ class Hub:
         with self._admission:
             placed = self._place(excluded=lost)
         if placed is None:
-            message = f"{self._full_message()} (the worker holding this session was lost)"
-            log.warning("generation of session %s cut off: %s", session.session_id, message)
-            raise HubFull(message)
+            refusal = self._no_room(excluded=lost)
+            log.warning("generation of session %s cut off: %s (its worker was lost)", session.session_id, refusal)
+            raise refusal
         worker, kv = placed
         self._forget(lost, session)
         self.sessions.rehome(session, worker.worker_id, kv)

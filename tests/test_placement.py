@@ -10,7 +10,8 @@ import pytest
 
 from hub_server import protocol as wire
 from hub_server.config import HubSettings
-from hub_server.errors import HubFull, RateLimited, SessionNotFound, UnknownWorker, WorkerLost
+from hub_server.engine_api import KVHandle
+from hub_server.errors import HubFull, NotReady, RateLimited, SessionNotFound, UnknownWorker, WorkerLost
 from hub_server.placement import DRAINING, LOST, READY, WorkerIdentity, WorkerLoad, placement_order
 from hub_server.service import Hub
 from tests.test_service import ALICE, BOB, CountingTarget, metric, open_request, verify
@@ -30,6 +31,11 @@ class MortalTarget(CountingTarget):
         if not self.alive:
             raise WorkerLost("gone")
         return WorkerIdentity("node-a", 4242, "cpu", str(self.incarnation))
+
+    def new_kv(self) -> KVHandle | None:
+        if not self.alive:
+            raise WorkerLost("gone")
+        return super().new_kv()
 
     def die(self) -> None:
         self.alive = False
@@ -122,6 +128,19 @@ def test_a_lost_worker_drops_its_sessions_and_rejoins_once_restarted():
     assert [w.state for w in hub.worker_list().workers] == [READY, READY]
     assert hub.worker_list().workers[1].restarts == 1
     assert hub.sessions.get(hub.open_session(open_request(steady)).session_id).worker_id == "1"
+
+
+def test_a_hub_whose_every_worker_died_answers_not_ready_until_one_is_back():
+    mortals = MortalTarget(), MortalTarget()
+    hub = hub_of(*mortals)
+    for mortal in mortals:
+        mortal.die()  # not probed yet: the slot calls that fail probe them at once
+    with pytest.raises(NotReady, match="no engine worker of this hub is up"):  # 503: clients wait it out
+        hub.open_session(open_request(mortals[0]))
+    assert hub.workers_ready() == wire.WorkerCount(ready=0, total=2)
+    mortals[1].restart()
+    hub._probe(hub.workers[1])
+    assert hub.sessions.get(hub.open_session(open_request(mortals[0])).session_id).worker_id == "1"
 
 
 def test_a_worker_that_restarted_between_two_probes_is_lost_and_back_at_once():
