@@ -5,7 +5,7 @@ from __future__ import annotations
 import importlib.util
 
 # One importable module of each package the `hub` extra brings (see pyproject.toml).
-HUB_MODULES = ("torch", "transformers", "accelerate", "gguf", "safetensors", "fastapi", "uvicorn", "pydantic")
+HUB_MODULES = ("torch", "transformers", "accelerate", "gguf", "safetensors", "fastapi", "pydantic")
 HUB_INSTALL = "pip install 'specedge[hub]'"
 
 

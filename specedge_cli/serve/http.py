@@ -1,136 +1,182 @@
-"""The HTTP side of `specedge serve`: the standard library's threading server (no web framework,
-so the client install stays light), OpenAI's routes, server-sent events, an optional API key.
+"""The HTTP side of `specedge serve`: OpenAI's routes on starlette, served by uvicorn's pure-Python
+h11 protocol (`connections.py`), with server-sent events and an optional API key.
 
-One thread per connection; a request decodes on its own thread in the slot it was given, so a
-stream's chunks are written as the hub accepts tokens. Streams use chunked transfer encoding,
-which keeps HTTP/1.1 connections alive between requests as the openai SDK expects.
+Both stay small and need no pydantic, so the client install stays light. The event loop only
+moves bytes: reading a request's JSON and decoding it (tokenizing, drafting in a slot's llama.cpp
+context, waiting for the hub) run on a thread each, so a long request never stalls `/health` or
+another client's stream. A stream's pieces cross from that thread to the loop through a queue.
 """
 
 from __future__ import annotations
 
+import asyncio
+import copy
 import hmac
 import json
 import logging
-import sys
-from collections.abc import Callable
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
-from typing import Any
+import socket
+import threading
+from collections.abc import AsyncIterator, Callable, Mapping
+from dataclasses import dataclass
+from typing import Any, TypeVar
+
+import uvicorn
+from starlette.applications import Starlette
+from starlette.exceptions import HTTPException
+from starlette.requests import ClientDisconnect, Request
+from starlette.responses import JSONResponse, Response, StreamingResponse
+from starlette.routing import Route
+from starlette.types import Receive
 
 from specedge_cli.errors import ApiError, SpecEdgeError
 from specedge_cli.serve import openai_api as api
+from specedge_cli.serve.connections import GuardedH11Protocol
+from specedge_cli.serve.openai_api import Answer, ChatRequest, CompletionRequest
 from specedge_cli.serve.slots import EdgeModel
 
+T = TypeVar("T")
 MAX_BODY = 16 * 1024 * 1024  # bytes; a long conversation is well under this
 log = logging.getLogger("specedge.serve")
 
 
-class ApiServer(ThreadingHTTPServer):
-    daemon_threads = True  # a stream still open does not hold up Ctrl+C
-    allow_reuse_address = True
+@dataclass(frozen=True)
+class ServeLimits:
+    """What one connection may hold of the server."""
 
-    def __init__(self, address: tuple[str, int], model: EdgeModel, api_key: str | None = None):
-        super().__init__(address, ApiHandler)
+    # A kept-alive connection with no request; above httpx's own 5 s, so that clients close first.
+    idle_timeout_s: float = 15.0
+    request_timeout_s: float = 30.0  # for a request's line, headers and body to arrive
+    max_connections: int = 512  # open at once; more are answered 503 and closed
+    max_head_bytes: int = 32 * 1024  # a request's line and headers
+    backlog: int = 1024  # connections the kernel queues before they are accepted
+    shutdown_timeout_s: int = 5  # replies in flight at Ctrl+C get this long to end
+
+
+class ApiServer:
+    """`specedge serve`'s listening socket and the uvicorn server on it."""
+
+    def __init__(
+        self, address: tuple[str, int], model: EdgeModel, api_key: str | None = None, limits: ServeLimits | None = None
+    ):
+        self.limits = limits or ServeLimits()
+        self.socket = _listening_socket(address)  # an address in use fails here, before anything starts
+        self.stopping = threading.Event()  # set at shutdown: decodes in flight end at their next piece
+        self.app = api_app(model, api_key, self.stopping)
+
+    def serve_forever(self) -> None:
+        """Serve until Ctrl+C or SIGTERM (which uvicorn raises again once it has shut down)."""
+        limits = self.limits
+        GuardedH11Protocol.request_timeout_s = limits.request_timeout_s
+        GuardedH11Protocol.max_connections = limits.max_connections
+        GuardedH11Protocol.max_head_bytes = limits.max_head_bytes
+        config = uvicorn.Config(
+            self.app,
+            http=GuardedH11Protocol,
+            loop="asyncio",
+            lifespan="off",
+            timeout_keep_alive=max(1, round(limits.idle_timeout_s)),
+            timeout_graceful_shutdown=limits.shutdown_timeout_s,
+            h11_max_incomplete_event_size=limits.max_head_bytes,
+            backlog=limits.backlog,
+            server_header=False,
+            headers=[("server", "specedge-serve")],
+            log_config=_LOG_CONFIG,
+            log_level=None,
+        )
+        _StoppingServer(config, self.stopping).run(sockets=[self.socket])
+
+    def server_close(self) -> None:
+        self.stopping.set()
+        self.socket.close()
+
+
+class _StoppingServer(uvicorn.Server):
+    """uvicorn's server that tells the decodes in flight when it starts shutting down."""
+
+    def __init__(self, config: uvicorn.Config, stopping: threading.Event):
+        super().__init__(config)
+        self.stopping = stopping
+
+    async def shutdown(self, sockets: list[socket.socket] | None = None) -> None:
+        self.stopping.set()
+        await super().shutdown(sockets)
+
+
+def _listening_socket(address: tuple[str, int]) -> socket.socket:
+    family = socket.AF_INET6 if ":" in address[0] else socket.AF_INET
+    sock = socket.socket(family, socket.SOCK_STREAM)
+    try:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        sock.bind(address)
+    except OSError:
+        sock.close()
+        raise
+    return sock
+
+
+# uvicorn's logging, less its start-up chatter: warnings and the access log (one line a request).
+_LOG_CONFIG = copy.deepcopy(uvicorn.config.LOGGING_CONFIG)
+_LOG_CONFIG["loggers"]["uvicorn.error"]["level"] = "WARNING"
+
+
+# --- the application ------------------------------------------------------------------------------
+def api_app(model: EdgeModel, api_key: str | None, stopping: threading.Event) -> Starlette:
+    """OpenAI's routes over `model`, answering every refusal in OpenAI's error shape."""
+    routes = _Routes(model, api_key, stopping)
+    return Starlette(
+        routes=[
+            Route("/", routes.health, methods=["GET"]),
+            Route("/health", routes.health, methods=["GET"]),
+            Route("/v1/models", routes.models, methods=["GET"]),
+            Route("/v1/models/{name:path}", routes.model_card, methods=["GET"]),
+            Route("/v1/chat/completions", routes.chat, methods=["POST"]),
+            Route("/v1/completions", routes.completions, methods=["POST"]),
+        ],
+        exception_handlers={
+            SpecEdgeError: _refused,
+            HTTPException: _no_route,
+            ClientDisconnect: _client_gone,
+            Exception: _internal_error,
+        },
+    )
+
+
+class _Routes:
+    def __init__(self, model: EdgeModel, api_key: str | None, stopping: threading.Event):
         self.model = model
         self.api_key = api_key
+        self.stopping = stopping
 
+    async def health(self, request: Request) -> Response:
+        return JSONResponse({"status": "ok", "model": self.model.model_id})
 
-class ApiHandler(BaseHTTPRequestHandler):
-    protocol_version = "HTTP/1.1"
-    server_version = "specedge-serve"
-    server: ApiServer
+    async def models(self, request: Request) -> Response:
+        self._authorize(request)
+        return JSONResponse(api.model_list(self.model.model_id, self.model.created))
 
-    # --- routes ---------------------------------------------------------------------------------
-    def do_GET(self) -> None:
-        self._handle(self._get)
+    async def model_card(self, request: Request) -> Response:
+        self._authorize(request)
+        self.model.check_model(request.path_params["name"])
+        return JSONResponse(api.model_card(self.model.model_id, self.model.created))
 
-    def do_POST(self) -> None:
-        self._handle(self._post)
+    async def chat(self, request: Request) -> Response:
+        self._authorize(request)
+        raw = await _body(request)
+        parsed = await _on_thread(lambda: api.chat_request(api.json_body(raw)))
+        return await self._complete("chat", parsed, request.receive)
 
-    def do_DELETE(self) -> None:
-        self._handle(lambda: self._no_route("DELETE"))
+    async def completions(self, request: Request) -> Response:
+        self._authorize(request)
+        raw = await _body(request)
+        parsed = await _on_thread(lambda: api.completion_request(api.json_body(raw)))
+        return await self._complete("text", parsed, request.receive)
 
-    def _get(self) -> None:
-        model = self.server.model
-        path = self._path()
-        if path in ("/", "/health"):
-            self._send_json(200, {"status": "ok", "model": model.model_id})
-        elif path == "/v1/models":
-            self._authorize()
-            self._send_json(200, api.model_list(model.model_id, model.created))
-        elif path.startswith("/v1/models/"):
-            self._authorize()
-            model.check_model(path.removeprefix("/v1/models/"))
-            self._send_json(200, api.model_card(model.model_id, model.created))
-        else:
-            self._no_route("GET")
-
-    def _post(self) -> None:
-        path = self._path()
-        if path == "/v1/chat/completions":
-            self._authorize()
-            self._complete("chat", api.chat_request(self._body()))
-        elif path == "/v1/completions":
-            self._authorize()
-            self._complete("text", api.completion_request(self._body()))
-        else:
-            self._no_route("POST")
-
-    def _no_route(self, method: str) -> None:
-        known = {"/", "/health", "/v1/models", "/v1/chat/completions", "/v1/completions"}
-        if self._path() in known or self._path().startswith("/v1/models/"):
-            raise ApiError(f"{method} is not allowed on {self._path()}", status=405, code="method_not_allowed")
-        raise ApiError(
-            f"no route {method} {self._path()}; this server offers GET /v1/models, POST /v1/chat/completions "
-            "and POST /v1/completions",
-            status=404,
-            code="not_found",
-        )
-
-    # --- one completion ---------------------------------------------------------------------------
-    def _complete(self, kind: str, request: api.ChatRequest | api.CompletionRequest) -> None:
-        model = self.server.model
-        decode = model.chat if kind == "chat" else model.complete
-        request_id = api.new_id(kind)
-        if not request.options.stream:
-            answer = decode(request, lambda text: True)  # type: ignore[arg-type]
-            build = api.chat_completion if kind == "chat" else api.text_completion
-            self._send_json(200, build(request_id, model.model_id, answer))
+    def _authorize(self, request: Request) -> None:
+        if self.api_key is None:
             return
-        stream = _EventStream(self, kind, request_id, model.model_id)
-        try:
-            answer = decode(request, stream.text)  # type: ignore[arg-type]
-        except SpecEdgeError as exc:
-            if not stream.started:
-                raise
-            stream.error(_api_error(exc))  # the status line is out: the failure goes in the stream
-        else:
-            stream.finish(answer, request.options.include_usage)
-        stream.close()
-
-    # --- plumbing -----------------------------------------------------------------------------------
-    def _handle(self, route: Callable[[], None]) -> None:
-        try:
-            route()
-        except SpecEdgeError as exc:  # refused: by us, or by the draft's side (a context past its size, ...)
-            error = _api_error(exc)
-            self._send_json(error.status, api.error_body(error))
-        except (BrokenPipeError, ConnectionResetError):
-            self.close_connection = True  # the client went away; nothing to answer
-        except Exception as exc:  # a bug: answer 500 in OpenAI's shape and keep serving the others
-            log.exception("request failed")
-            error = ApiError(f"internal error ({exc.__class__.__name__}); see the server's log", status=500)
-            self._send_json(500, api.error_body(error))
-
-    def _path(self) -> str:
-        return self.path.split("?", 1)[0].rstrip("/") or "/"
-
-    def _authorize(self) -> None:
-        key = self.server.api_key
-        if key is None:
-            return
-        given = self.headers.get("Authorization", "")
+        given = request.headers.get("authorization", "")
         token = given[7:] if given.lower().startswith("bearer ") else ""
-        if not hmac.compare_digest(token.encode(), key.encode()):
+        if not hmac.compare_digest(token.encode(), self.api_key.encode()):
             raise ApiError(
                 "Incorrect API key provided: pass the key `specedge serve --api-key` was started with "
                 "(Authorization: Bearer KEY)",
@@ -138,31 +184,159 @@ class ApiHandler(BaseHTTPRequestHandler):
                 code="invalid_api_key",
             )
 
-    def _body(self) -> Any:
-        length = self.headers.get("Content-Length")
-        if length is None or not length.isdigit():
-            raise ApiError("a request body needs a Content-Length header", status=411, code="length_required")
-        if int(length) > MAX_BODY:
-            self.close_connection = True  # the body stays unread
-            raise ApiError(f"the body is over {MAX_BODY} bytes", status=413, code="body_too_large")
-        raw = self.rfile.read(int(length))
+    # --- one completion ---------------------------------------------------------------------------
+    async def _complete(self, kind: str, request: ChatRequest | CompletionRequest, receive: Receive) -> Response:
+        reply = _Reply(self.model, kind, request, self.stopping)
+        if not request.options.stream:
+            watcher = asyncio.ensure_future(_until_disconnect(receive, reply.gone))
+            try:
+                answer = await reply.decoding
+            finally:
+                watcher.cancel()
+            build = api.chat_completion if kind == "chat" else api.text_completion
+            return JSONResponse(build(reply.request_id, self.model.model_id, answer))
+        first = await reply.pieces.get()
+        if first is None:  # the reply ended before any text: a refusal is still an ordinary error answer
+            await reply.decoding
+        return StreamingResponse(
+            _EventStream(reply, first).events(),
+            media_type="text/event-stream; charset=utf-8",
+            headers={"Cache-Control": "no-cache"},
+        )
+
+
+class _Reply:
+    """One request decoding on a thread of its own; its text comes to the loop as `pieces` (None: the end)."""
+
+    def __init__(
+        self, model: EdgeModel, kind: str, request: ChatRequest | CompletionRequest, stopping: threading.Event
+    ):
+        self.kind, self.request, self.stopping = kind, request, stopping
+        self.model_id = model.model_id
+        self.request_id = api.new_id(kind)
+        self.gone = threading.Event()  # the client went away: the decode ends at its next piece
+        self.pieces: asyncio.Queue[str | None] = asyncio.Queue()
+        self._loop = asyncio.get_running_loop()
+        decode: Callable[[Any, Callable[[str], bool]], Answer] = model.chat if kind == "chat" else model.complete
+        self.decoding = asyncio.ensure_future(_on_thread(lambda: decode(request, self._text)))
+        self.decoding.add_done_callback(self._ended)
+
+    def _text(self, piece: str) -> bool:
+        """A piece of reply text, on the decoding thread; False once nobody is waiting for more."""
+        if self.request.options.stream:
+            self._loop.call_soon_threadsafe(self.pieces.put_nowait, piece)
+        return not (self.gone.is_set() or self.stopping.is_set())
+
+    def _ended(self, decoding: asyncio.Future) -> None:
+        self.pieces.put_nowait(None)
+        if not decoding.cancelled():
+            decoding.exception()  # a stream the client left is not there to read it: not an unread error
+
+
+class _EventStream:
+    """A reply as server-sent events of completion chunks, ending with `data: [DONE]`."""
+
+    def __init__(self, reply: _Reply, first: str | None):
+        self.reply = reply
+        self.first = first
+
+    async def events(self) -> AsyncIterator[bytes]:
+        reply = self.reply
         try:
-            return json.loads(raw)
-        except (ValueError, UnicodeDecodeError):
-            raise ApiError("the body is not valid JSON", code="invalid_json") from None
+            if reply.kind == "chat":
+                yield self._chunk({"role": "assistant", "content": ""})
+            piece = self.first
+            while piece is not None:
+                yield self._chunk({"content": piece}, text=piece)
+                piece = await reply.pieces.get()
+            for event in self._ending():
+                yield _event(event)
+            yield b"data: [DONE]\n\n"
+        finally:
+            reply.gone.set()  # the client left (or the stream ended): stop decoding for nobody
 
-    def _send_json(self, status: int, body: dict) -> None:
-        data = json.dumps(body).encode()
-        self.send_response(status)
-        self.send_header("Content-Type", "application/json")
-        self.send_header("Content-Length", str(len(data)))
-        if status == 401:
-            self.send_header("WWW-Authenticate", "Bearer")
-        self.end_headers()
-        self.wfile.write(data)
+    def _ending(self) -> list[dict]:
+        reply = self.reply
+        try:
+            answer = reply.decoding.result()
+        except SpecEdgeError as exc:  # the status line is out: the failure goes in the stream
+            return [api.error_body(_api_error(exc))]
+        except Exception as exc:
+            log.exception("a streamed reply failed")
+            return [api.error_body(_internal(exc))]
+        if reply.kind == "chat":
+            ending = [api.chat_chunk(reply.request_id, reply.model_id, {}, answer.finish_reason)]
+        else:
+            ending = [api.text_chunk(reply.request_id, reply.model_id, "", answer.finish_reason)]
+        if reply.request.options.include_usage:
+            ending.append(api.usage_chunk(reply.request_id, reply.model_id, reply.kind, answer))
+        return ending
 
-    def log_message(self, format: str, *args: Any) -> None:
-        sys.stderr.write(f"{self.address_string()} {format % args}\n")
+    def _chunk(self, delta: dict, text: str = "") -> bytes:
+        reply = self.reply
+        if reply.kind == "chat":
+            return _event(api.chat_chunk(reply.request_id, reply.model_id, delta))
+        return _event(api.text_chunk(reply.request_id, reply.model_id, text))
+
+
+def _event(body: dict) -> bytes:
+    return f"data: {json.dumps(body)}\n\n".encode()
+
+
+# --- plumbing ------------------------------------------------------------------------------------------
+async def _on_thread(call: Callable[[], T]) -> T:
+    """Run a blocking call on a daemon thread of its own (a decode stuck on a hub does not hold up
+    Ctrl+C); its exception is raised here."""
+    loop = asyncio.get_running_loop()
+    done: asyncio.Future[T] = loop.create_future()
+
+    def settle(value: Any, error: BaseException | None) -> None:
+        if done.done():
+            return  # the awaiting request was cancelled meanwhile
+        if error is not None:
+            done.set_exception(error)
+        else:
+            done.set_result(value)
+
+    def run() -> None:
+        try:
+            value = call()
+        except BaseException as exc:  # handed to the loop, raised where the call is awaited
+            loop.call_soon_threadsafe(settle, None, exc)
+        else:
+            loop.call_soon_threadsafe(settle, value, None)
+
+    threading.Thread(target=run, daemon=True, name="specedge-serve-request").start()
+    return await done
+
+
+async def _until_disconnect(receive: Receive, gone: threading.Event) -> None:
+    """Wait for the client of a non-streamed reply to go away (its body is already read)."""
+    while (await receive())["type"] != "http.disconnect":
+        pass
+    gone.set()
+
+
+async def _body(request: Request) -> bytes:
+    """The request's body, refused past MAX_BODY (the connection is then closed: the rest is unread)."""
+    declared = request.headers.get("content-length", "0")
+    if declared.isdigit() and int(declared) > MAX_BODY:
+        raise _too_large()
+    chunks, size = [], 0
+    async for chunk in request.stream():
+        size += len(chunk)
+        if size > MAX_BODY:
+            raise _too_large()
+        chunks.append(chunk)
+    return b"".join(chunks)
+
+
+def _too_large() -> ApiError:
+    return ApiError(
+        f"the body is over {MAX_BODY // (1024 * 1024)} MiB; send a shorter conversation",
+        status=413,
+        code="body_too_large",
+    )
 
 
 def _api_error(exc: SpecEdgeError) -> ApiError:
@@ -170,62 +344,45 @@ def _api_error(exc: SpecEdgeError) -> ApiError:
     return exc if isinstance(exc, ApiError) else ApiError(exc.message, status=400, code="invalid_request")
 
 
-class _EventStream:
-    """A server-sent event stream of completion chunks, ending with `data: [DONE]`."""
+def _error_response(error: ApiError, headers: Mapping[str, str] | None = None) -> Response:
+    headers = dict(headers or {})
+    if error.status == 401:
+        headers["WWW-Authenticate"] = "Bearer"
+    if error.status == 413:
+        headers["Connection"] = "close"  # the body was not all read: the connection cannot go on
+    return JSONResponse(api.error_body(error), status_code=error.status, headers=headers)
 
-    def __init__(self, handler: ApiHandler, kind: str, request_id: str, model: str):
-        self.handler, self.kind, self.request_id, self.model = handler, kind, request_id, model
-        self.started = False
-        self.gone = False
 
-    def text(self, piece: str) -> bool:
-        """Send a piece of reply text; False once the client has gone away."""
-        if self.kind == "chat":
-            self._event(api.chat_chunk(self.request_id, self.model, {"content": piece}))
-        else:
-            self._event(api.text_chunk(self.request_id, self.model, piece))
-        return not self.gone
+async def _refused(request: Request, exc: Exception) -> Response:
+    assert isinstance(exc, SpecEdgeError)
+    return _error_response(_api_error(exc))
 
-    def finish(self, answer: api.Answer, include_usage: bool) -> None:
-        if self.kind == "chat":
-            self._event(api.chat_chunk(self.request_id, self.model, {}, answer.finish_reason))
-        else:
-            self._event(api.text_chunk(self.request_id, self.model, "", answer.finish_reason))
-        if include_usage:
-            self._event(api.usage_chunk(self.request_id, self.model, self.kind, answer))
 
-    def error(self, error: ApiError) -> None:
-        self._event(api.error_body(error))
+async def _no_route(request: Request, exc: Exception) -> Response:
+    assert isinstance(exc, HTTPException)
+    method, path = request.method, request.url.path
+    if exc.status_code == 405:
+        error = ApiError(f"{method} is not allowed on {path}", status=405, code="method_not_allowed")
+    elif exc.status_code == 404:
+        error = ApiError(
+            f"no route {method} {path}; this server offers GET /v1/models, POST /v1/chat/completions "
+            "and POST /v1/completions",
+            status=404,
+            code="not_found",
+        )
+    else:
+        error = ApiError(str(exc.detail), status=exc.status_code, code="invalid_request")
+    return _error_response(error, exc.headers)
 
-    def close(self) -> None:
-        self._start()
-        self._write(b"data: [DONE]\n\n")
-        self._write(b"")  # the last chunk of the chunked encoding
 
-    def _event(self, body: dict) -> None:
-        self._start()
-        self._write(f"data: {json.dumps(body)}\n\n".encode())
+async def _client_gone(request: Request, exc: Exception) -> Response:
+    return Response(status_code=400)  # nobody is there to read it
 
-    def _start(self) -> None:
-        """The status line and headers, then (for chat) the chunk that names the role."""
-        if self.started:
-            return
-        self.started = True
-        handler = self.handler
-        handler.send_response(200)
-        handler.send_header("Content-Type", "text/event-stream; charset=utf-8")
-        handler.send_header("Cache-Control", "no-cache")
-        handler.send_header("Transfer-Encoding", "chunked")
-        handler.end_headers()
-        if self.kind == "chat":
-            self._event(api.chat_chunk(self.request_id, self.model, {"role": "assistant", "content": ""}))
 
-    def _write(self, data: bytes) -> None:
-        if self.gone:
-            return
-        try:
-            self.handler.wfile.write(f"{len(data):x}\r\n".encode() + data + b"\r\n")
-            self.handler.wfile.flush()
-        except (BrokenPipeError, ConnectionResetError):
-            self.gone = True
-            self.handler.close_connection = True
+async def _internal_error(request: Request, exc: Exception) -> Response:
+    """A bug: answered 500 in OpenAI's shape (starlette logs it), the other requests go on."""
+    return _error_response(_internal(exc))
+
+
+def _internal(exc: BaseException) -> ApiError:
+    return ApiError(f"internal error ({exc.__class__.__name__}); see the server's log", status=500)

@@ -8,6 +8,8 @@ several choices, log-probabilities and tools are not offered.
 
 from __future__ import annotations
 
+import json
+import math
 import secrets
 import time
 from dataclasses import dataclass
@@ -16,6 +18,10 @@ from typing import Any
 from specedge_cli.errors import ApiError
 
 MAX_STOPS = 4  # as OpenAI
+# A conversation's messages are laid out in time linear in their number; past this many the request
+# is refused up front (50,000 short messages already overrun the largest contexts served today).
+MAX_MESSAGES = 50_000
+MAX_SEED = 2**63 - 1  # the hub's sampling seed is a signed 64-bit integer
 
 
 @dataclass(frozen=True)
@@ -66,6 +72,25 @@ class Answer:
 
 
 # --- reading requests --------------------------------------------------------------------------
+def json_body(raw: bytes) -> Any:
+    """A request body as JSON: UTF-8, finite numbers only, nesting Python's parser can follow."""
+    try:
+        return json.loads(raw, parse_constant=_not_a_number)
+    except RecursionError:
+        raise ApiError("the body is not valid JSON: it is nested too deep", code="invalid_json") from None
+    except (ValueError, UnicodeDecodeError) as exc:
+        raise ApiError(f"the body is not valid JSON ({_short(exc)})", code="invalid_json") from None
+
+
+def _not_a_number(name: str) -> Any:
+    raise ValueError(f"{name} is not a JSON number")
+
+
+def _short(exc: Exception) -> str:
+    text = str(exc)
+    return text if len(text) <= 120 else text[:117] + "..."
+
+
 _REFUSED: dict[
     str, tuple[tuple[object, ...], str]
 ] = {  # field: (the values that ask for nothing, why any other is refused)
@@ -87,7 +112,15 @@ _REFUSED: dict[
 def chat_request(body: Any) -> ChatRequest:
     """A `POST /v1/chat/completions` body, checked."""
     body = _object(body)
-    system, turns = _conversation(_required(body, "messages", list))
+    messages = _required(body, "messages", list)
+    if len(messages) > MAX_MESSAGES:
+        raise ApiError(
+            f"'messages' holds {len(messages):,} messages, more than the {MAX_MESSAGES:,} this server takes in one "
+            "request; send the recent part of the conversation",
+            param="messages",
+            code="too_many_messages",
+        )
+    system, turns = _conversation(messages)
     if not turns or turns[-1][0] != "user":
         raise ApiError("the last message must come from the user", param="messages")
     exchanges = tuple((turns[i][1], turns[i + 1][1]) for i in range(0, len(turns) - 1, 2))
@@ -174,7 +207,7 @@ def _options(body: dict) -> Options:
     return Options(
         max_tokens=_number("max_tokens", limit, int, low=1),
         temperature=_number("temperature", body.get("temperature"), float, low=0, high=2),
-        seed=_number("seed", body.get("seed"), int, low=0),
+        seed=_number("seed", body.get("seed"), int, low=0, high=MAX_SEED),
         stop=_stops(body.get("stop")),
         stream=stream,
         include_usage=bool((stream_options or {}).get("include_usage", False)),
@@ -194,10 +227,11 @@ def _number(name: str, value: Any, kind: type, low: float, high: float | None = 
     if value is None:
         return None
     whole = isinstance(value, int) or (isinstance(value, float) and value.is_integer())
-    if isinstance(value, bool) or not isinstance(value, (int, float)) or (kind is int and not whole):
+    finite = isinstance(value, int) or (isinstance(value, float) and math.isfinite(value))
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not finite or (kind is int and not whole):
         raise ApiError(f"{name!r} must be {_kind_name(kind)}", param=name)
     if value < low or (high is not None and value > high):
-        bounds = f"between {low:g} and {high:g}" if high is not None else f"at least {low:g}"
+        bounds = f"between {low:g} and {high}" if high is not None else f"at least {low:g}"
         raise ApiError(f"{name!r} must be {bounds}, not {value!r}", param=name)
     return kind(value)
 

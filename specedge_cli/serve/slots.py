@@ -19,6 +19,7 @@ from dataclasses import dataclass, replace
 
 from specedge_cli.decoding import STOP, Conversation, DecodeSettings
 from specedge_cli.errors import ApiError, HubBusy, HubError, HubRejected, HubUnreachable, SpecEdgeError
+from specedge_cli.serve.layout import take_up_exchanges
 from specedge_cli.serve.openai_api import Answer, ChatRequest, CompletionRequest, Options
 from specedge_cli.serve.reply_text import ReplyText
 
@@ -54,16 +55,16 @@ class Slot:
         history = self.conversation.history
         return len(history) if history == tokens[: len(history)] else 0
 
-    def take_up_chat(self, request: ChatRequest) -> None:
-        """Make the conversation the request's history: the turns both have, then the rest from its text."""
+    def take_up_chat(self, request: ChatRequest) -> list[int]:
+        """Make the conversation the request's history: the turns both have, then the rest from its
+        text; the tokens its last message will add."""
         conversation, same = self.conversation, self._same_turns(request)
         if same:
             conversation.restore(conversation.turns[:same])
         else:
             conversation.reset(request.system)
-        for prompt, reply in request.exchanges[same:]:
-            conversation.add_exchange(prompt, reply)
         self.holds_chat = True
+        return take_up_exchanges(conversation, request.exchanges[same:], request.prompt)
 
     def take_up_tokens(self, tokens: list[int]) -> list[int]:
         """Make the conversation hold the part of `tokens` it can keep; the rest, to send."""
@@ -125,7 +126,11 @@ class EdgeModel:
         self.defaults = defaults
         self.add_bos = add_bos
         self.created = int(time.time())
-        self._tokenizer = pool.slots[0].conversation.engine  # tokenizing reads the vocabulary only
+        first = pool.slots[0].conversation
+        self._tokenizer = first.engine  # tokenizing reads the vocabulary only
+        self.hub_context = first.hub.info().max_context
+        # A prompt and its reply must fit the hub's context and the draft's alike.
+        self.max_context = min(self.hub_context, first.engine.n_ctx)
 
     def check_model(self, model: str) -> None:
         if model not in (self.model_id, "specedge"):
@@ -141,9 +146,11 @@ class EdgeModel:
         self.check_model(request.model)
         with self.pool.take(lambda slot: slot.chat_overlap(request)) as slot:
             conversation = slot.conversation
-            conversation.change_settings(self._settings(request.options))
-            slot.take_up_chat(request)
-            cached, before = self._held(conversation), len(conversation.history)
+            prompt_tokens = slot.take_up_chat(request)
+            before = len(conversation.history)
+            room = self._room(before + len(prompt_tokens), "messages")
+            conversation.change_settings(self._settings(request.options, room))
+            cached = self._held(conversation)
             text = self._reply_text(conversation, request.options)
             relay = _Relay(text, on_text)
             try:
@@ -158,9 +165,10 @@ class EdgeModel:
         """Continue a prompt (plain completion: no chat template)."""
         self.check_model(request.model)
         tokens = self._prompt_tokens(request.prompt)
+        room = self._room(len(tokens), "prompt")
         with self.pool.take(lambda slot: slot.token_overlap(tokens)) as slot:
             conversation = slot.conversation
-            conversation.change_settings(self._settings(request.options))
+            conversation.change_settings(self._settings(request.options, room))
             pending = slot.take_up_tokens(tokens)
             cached = self._held(conversation)
             text = self._reply_text(conversation, request.options)
@@ -173,12 +181,28 @@ class EdgeModel:
                 raise _hub_failure(generation.error) from generation.error
             return self._answer(text, relay, generation.finish_reason, len(tokens), generation.tokens, cached)
 
-    def _settings(self, options: Options) -> DecodeSettings:
-        """The server's settings, with what the request chose."""
+    def _room(self, prompt_tokens: int, param: str) -> int:
+        """How many tokens a reply may have after a prompt of `prompt_tokens` (the conversation's
+        included); a prompt that leaves none is refused here, before any drafting or hub work."""
+        room = self.max_context - prompt_tokens
+        if room > 0:
+            return room
+        whose = "" if self.max_context == self.hub_context else f" (the draft's here; the hub's is {self.hub_context})"
+        raise ApiError(
+            f"This model's maximum context length is {self.max_context} tokens{whose}. However, your {param} "
+            f"resulted in {prompt_tokens} tokens, which leaves no room for a reply. Please reduce the length "
+            f"of the {param}.",
+            code="context_length_exceeded",
+            param=param,
+        )
+
+    def _settings(self, options: Options, room: int) -> DecodeSettings:
+        """The server's settings, with what the request chose; a reply ends (`length`) where the
+        context does."""
         d = self.defaults
         return replace(
             d,
-            max_tokens=d.max_tokens if options.max_tokens is None else options.max_tokens,
+            max_tokens=min(room, d.max_tokens if options.max_tokens is None else options.max_tokens),
             temperature=d.temperature if options.temperature is None else options.temperature,
             seed=d.seed if options.seed is None else options.seed,
         )
