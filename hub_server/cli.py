@@ -86,6 +86,12 @@ def serve(
             help="Hold a batch for users due back within this share of a pass's fixed cost (measured), so they share the pass; 0: never."
         ),
     ] = 0.5,
+    max_pass_tokens: Annotated[
+        int,
+        typer.Option(
+            help="Prompt tokens a step may carry beside its verifies (prompts go in chunks, so a long one never stalls other users); 0: auto, chunks that cost about one verify pass (measured)."
+        ),
+    ] = 0,
     cache_dir: Annotated[
         Path | None, typer.Option(help="Where converted GGUF targets and compiled passes are kept.")
     ] = None,
@@ -169,6 +175,7 @@ def serve(
             session_idle_s=session_idle_s,
             batch_wait_ms=batch_wait_ms,
             merge_wait_share=merge_wait_share,
+            max_pass_tokens=max_pass_tokens,
             cache_dir=cache_dir,
             compile=compile,
             cpu_matmul=cpu_matmul,

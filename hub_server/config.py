@@ -39,14 +39,15 @@ class HubSettings:
     device: str = "auto"
     dtype: str = "auto"
     max_draft_tokens: int = 64  # longest draft one verify may carry
-    max_context: int = 0  # 0: the model's limit, or less to fit the KV budget
-    max_sessions: int = 64  # also the KV pool's slots
+    max_context: int = 0  # a session's limit (reserves nothing); 0: the model's, cut to what the KV blocks hold
+    max_sessions: int = 64  # the session table's rows; KV blocks are taken as contexts grow
     kv_memory_gib: float = 0.0  # KV pool budget; 0: a share of the memory free after loading
     draft: str | None = None  # a .gguf draft for the server-only speculative mode
     session_idle_s: float = 600.0  # idle sessions are evicted after this long
     max_batch: int = 16  # sessions verified in one forward pass
     batch_wait_ms: float = 2.0  # longest wait for work on its way to fill a batch
     merge_wait_share: float = 0.5  # wait for users due back within this share of a pass's fixed cost
+    max_pass_tokens: int = 0  # prompt tokens a step carries beside its verifies; 0: auto (measured)
     cache_dir: Path | None = None  # where converted GGUF targets and compiled passes are kept
     compile: str = "auto"  # compiled fixed-shape passes: on, off, or auto (on for CUDA)
     cpu_matmul: str = "auto"  # a CPU target's float32 products: mkl, onednn, or auto (the faster, timed at start)
@@ -81,6 +82,8 @@ class HubSettings:
             raise ValueError(f"--dtype must be one of {', '.join(DTYPES)}, not {self.dtype!r}")
         if not 0 < self.port < 65536 and self.port != 0:
             raise ValueError(f"--port must be between 1 and 65535, not {self.port}")
+        if self.max_pass_tokens < 0:
+            raise ValueError("--max-pass-tokens must be 0 (auto) or a number of tokens")
         if self.max_batch < 1:
             raise ValueError("--max-batch must be at least 1")
         if self.max_sessions < 1:

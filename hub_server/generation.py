@@ -10,7 +10,6 @@ released once that pass is applied, so a dropped stream never leaves its session
 from __future__ import annotations
 
 import asyncio
-import threading
 import time
 from collections.abc import AsyncGenerator
 from concurrent.futures import Future
@@ -21,7 +20,8 @@ import anyio
 from hub_server import protocol as wire
 from hub_server.engine_api import VerifyJob
 from hub_server.errors import WorkerLost
-from hub_server.scheduler import Announcement
+from hub_server.prompts import INLINE_PROMPT_TOKENS
+from hub_server.scheduler import Announcement, Prompt, settled
 from hub_server.sessions import Owner, Session
 from hub_server.tree import chain_parents
 
@@ -39,8 +39,8 @@ class Generation:
         self._request = request
         self._owner = owner
         self._arrived = arrived
-        self._settling = threading.Lock()  # the pass's callback (scheduler thread) against `aclose`
-        self._in_flight: Future | None = None  # the pass submitted and not yet applied
+        self._prompt: Prompt | None = None  # the prompt it sent, fed in chunks
+        self._in_flight: Future | None = None  # the last work it queued (a prompt or a pass)
         self._closed = False
         self._chunks = self._produce()
 
@@ -51,19 +51,24 @@ class Generation:
         return await self._chunks.__anext__()
 
     async def aclose(self) -> None:
-        """End the generation and give up the session's turn (once a pass in flight is applied)."""
+        """End the generation and give up the session's turn (once work in flight is applied)."""
+        if self._closed:
+            return
+        self._closed = True
         await self._chunks.aclose()
-        with self._settling:
-            if self._closed:
-                return
-            self._closed = True
-            waiting = self._in_flight is not None
-        if not waiting:  # otherwise the pass's callback releases it
-            self._session.turn.release()
+        prompt = self._prompt
+        if prompt is not None and not prompt.future.done():
+            self._hub.worker_of(self._session).scheduler.cancel_prompt(prompt)
+        # Added after the pass's own callback, so it runs after the pass is applied.
+        self._session.turn.release_after(self._in_flight)
 
     async def _produce(self) -> AsyncGenerator[wire.GenerateChunk, None]:
         session, request = self._session, self._request
         session.context.extend(request.tokens)
+        self._prompt = self._hub.submit_prompt(session, inline=INLINE_PROMPT_TOKENS)
+        if self._prompt is not None:  # a long prompt goes in chunks beside other sessions' verifies
+            self._in_flight = self._prompt.future
+            await settled(self._prompt)
         produced = verifies = rehomed = 0
         stopped = False
         while produced < request.max_tokens and not stopped:
@@ -117,19 +122,13 @@ class Generation:
         """One pass for `job`; its result applied by the pass's callback, even if this is cancelled."""
         started = time.perf_counter()
         future = worker.scheduler.submit(job, announcement)
-        with self._settling:
-            self._in_flight = future
-        future.add_done_callback(lambda done: self._settle(job, done, started))
+        self._in_flight = future
+        future.add_done_callback(lambda done: self._apply(job, done, started))
         self._hub.budgets.charge(self._owner, len(job.draft) + 1)
         # Callbacks run in the order they were added: the result is applied before this wakes.
         await asyncio.shield(asyncio.wrap_future(future))
 
-    def _settle(self, job: VerifyJob, done: Future, started: float) -> None:
-        """The pass is over (scheduler thread): apply it, and release the turn if the stream closed."""
-        with self._settling:
-            if done.exception() is None:
-                self._hub.apply_pass(self._session, job, self._request.mode, time.perf_counter() - started)
-            self._in_flight = None
-            release = self._closed
-        if release:
-            self._session.turn.release()
+    def _apply(self, job: VerifyJob, done: Future, started: float) -> None:
+        """The pass is over (its scheduler's thread): the session takes its tokens."""
+        if done.exception() is None:
+            self._hub.apply_pass(self._session, job, self._request.mode, time.perf_counter() - started)

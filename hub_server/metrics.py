@@ -42,6 +42,7 @@ del GC_COLLECTOR  # the process-wide default; each hub registers its own below
 LATENCY_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.02, 0.035, 0.05, 0.075, 0.1, 0.15, 0.25, 0.5, 1, 2.5, 5, 10, 30)
 SESSIONS_BUCKETS = (1, 2, 3, 4, 6, 8, 12, 16, 24, 32, 48, 64, 128)
 TOKENS_BUCKETS = (1, 2, 3, 4, 5, 6, 8, 10, 12, 16, 24, 32, 48, 64)
+PROMPT_TOKENS_BUCKETS = (16, 32, 64, 128, 256, 512, 1024, 2048, 4096, 8192)
 MEDIA_TYPE = CONTENT_TYPE_LATEST
 
 
@@ -99,6 +100,24 @@ class HubMetrics:
             buckets=LATENCY_BUCKETS,
             registry=r,
         )
+        self.prompt_tokens_per_step = Histogram(
+            "specedge_prompt_tokens_per_step",
+            "Prompt tokens a worker's step fed beside its verify batch (prompts go in chunks).",
+            buckets=PROMPT_TOKENS_BUCKETS,
+            registry=r,
+        )
+        self.prompt_wait_seconds = Histogram(
+            "specedge_prompt_wait_seconds",
+            "Time a prompt waited in the scheduler's queue before its first chunk.",
+            buckets=LATENCY_BUCKETS,
+            registry=r,
+        )
+        self.feed_seconds = Histogram(
+            "specedge_feed_seconds",
+            "Hub time per feed, from its arrival until all of its prompt is in (when the next verify can go).",
+            buckets=LATENCY_BUCKETS,
+            registry=r,
+        )
         self.refusals = Counter(
             "specedge_refusals", "Requests refused, by error code (see docs/protocol.md).", ["code"], registry=r
         )
@@ -137,6 +156,12 @@ class HubMetrics:
         self.sessions_per_pass.observe(len(queue_waits))
         for wait in queue_waits:
             self.queue_wait_seconds.observe(wait)
+
+    def record_prompt_step(self, tokens: int, first_chunk_waits: list[float]) -> None:
+        """A step is about to feed `tokens` of prompts; the prompts starting in it waited this long."""
+        self.prompt_tokens_per_step.observe(tokens)
+        for wait in first_chunk_waits:
+            self.prompt_wait_seconds.observe(wait)
 
     def record_refusal(self, code: str) -> None:
         self.refusals.labels(code).inc()

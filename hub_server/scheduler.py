@@ -26,10 +26,18 @@ the device comes free and a user is due back within `merge_share` of that fixed 
 waits for them (never longer than that): their verify then shares this pass instead of paying a
 pass of its own moments later, so the wait costs the device less than it saves. Users who think
 longer than that, or whose return time is not yet known, are never waited for.
+
+Prompts. A session's prompt (a feed, the context a verify or a generation brings, a session
+rebuilt after eviction) is scheduled work too, never a call that holds the device for its whole
+length: `submit_prompt` queues it, and each step of the worker runs the verify batch first, then
+chunks of the queued prompts up to a token budget (`prompt_budget`, asked with the step's verify
+jobs), shared between the prompts in turn. So a verify waits for at most one step's chunks, and
+no prompt waits for another's whole prefill.
 """
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import statistics
 import threading
@@ -59,6 +67,7 @@ class SchedulerStats:
 
 
 RETURNS_KEPT = 4  # a user's return time is the median of their last this many
+MIN_PROMPT_CHUNK = 16  # the least a queued prompt advances in a step it takes part in
 USUAL_RETURNS_KEPT = 64  # ... or, before they have any, the median of all users' last this many
 FORGET_AFTER_S = 600  # a user not seen this long is no longer expected
 
@@ -90,6 +99,25 @@ class _Queued:
     key: Any  # the client session it belongs to, or None
 
 
+@dataclass(eq=False)
+class Prompt:
+    """A prompt brought into a session's KV in chunks; `future` resolves (to None) once all of it
+    is in or it was cancelled, or to the error of the chunk that failed."""
+
+    job: Any  # what `run_prompt` feeds (the hub's: the session)
+    tokens: int  # still to feed
+    arrived: float
+    future: Future = field(default_factory=Future)
+    cancelled: bool = False
+    started: bool = False  # it has had a chunk
+
+
+async def settled(prompt: Prompt) -> None:
+    """Wait on the event loop for a queued prompt to be all in (its error, if a chunk failed).
+    A cancelled wait leaves the prompt queued: its caller cancels it (`Scheduler.cancel_prompt`)."""
+    await asyncio.shield(asyncio.wrap_future(prompt.future))
+
+
 class Scheduler:
     def __init__(
         self,
@@ -101,8 +129,15 @@ class Scheduler:
         clock: Callable[[], float] = time.monotonic,
         on_pass: Callable[[list[float]], None] = lambda waits: None,
         worker: bool = True,
+        run_prompt: Callable[[Any, int], None] | None = None,
+        prompt_budget: Callable[[list[Any]], int] = lambda jobs: 512,
+        on_prompt_step: Callable[[int, list[float]], None] = lambda tokens, waits: None,
     ):
         self._run_batch = run_batch
+        self._run_prompt = run_prompt  # feeds `tokens` more of a prompt's job; none: no prompts here
+        self.prompt_budget = prompt_budget  # prompt tokens a step may carry beside these verify jobs
+        self._on_prompt_step = on_prompt_step  # told each step's prompt tokens, and first chunks' waits
+        self._prompts: deque[Prompt] = deque()
         self._on_pass = on_pass  # told, as each pass starts, how long each of its jobs queued
         self.max_batch = max_batch
         self.max_wait_s = max_wait_s
@@ -185,6 +220,10 @@ class Scheduler:
     def queue_depth(self) -> int:
         return len(self._queue)
 
+    @property
+    def prompts_queued(self) -> int:
+        return len(self._prompts)
+
     def stop(self) -> None:
         with self._ready:
             self._stopped = True
@@ -210,22 +249,87 @@ class Scheduler:
         batch, self._running = self._running, []
         self._finish(batch, error)
 
+    def submit_prompt(self, job: Any, tokens: int) -> Prompt:
+        """Queue a prompt of `tokens` tokens for `job`; steps feed it in chunks beside verifies."""
+        if self._run_prompt is None:
+            raise RuntimeError("this scheduler runs no prompts")
+        with self._ready:
+            if self._stopped:
+                raise RuntimeError("the scheduler has stopped")
+            prompt = Prompt(job, tokens, self._clock())
+            self._prompts.append(prompt)
+            self._ready.notify()
+        return prompt
+
+    def cancel_prompt(self, prompt: Prompt) -> None:
+        """Take no more chunks of `prompt` (its caller went away); a chunk on the device now ends first."""
+        with self._ready:
+            prompt.cancelled = True
+            if prompt in self._prompts:  # not in the step running now: done at once
+                self._prompts.remove(prompt)
+                prompt.future.set_result(None)
+
     def _loop(self) -> None:
         while True:
-            batch = self._next_batch()
-            if batch is None:
+            step = self._next_step()
+            if step is None:
                 return
-            self._run(batch)
+            batch, chunks = step
+            if batch:
+                self._run(batch)
+            if chunks:
+                self._run_prompts(chunks)
 
-    def _next_batch(self) -> list[_Queued] | None:
+    def _next_step(self) -> tuple[list[_Queued], list[tuple[Prompt, int]]] | None:
+        """The verify batch and prompt chunks of the next step (waiting until there is one)."""
         with self._ready:
             while True:
-                if self._stopped and not self._queue:
+                if self._stopped and not self._queue and not self._prompts:
                     return None
                 plan = self._plan(self._clock())
                 if isinstance(plan, list):
-                    return plan
+                    return plan, self._carve([queued.job for queued in plan])
+                if self._prompts:  # the device would idle while the batch waits: a chunk goes now
+                    return [], self._carve([])
                 self._ready.wait(None if plan is None else max(0.0, plan - self._clock()))
+
+    def _carve(self, jobs: list[Any]) -> list[tuple[Prompt, int]]:
+        """Chunks of the queued prompts for one step (under the lock): the budget shared between
+        them in turn, each at least `MIN_PROMPT_CHUNK`, the next step starting with the next prompt."""
+        if not self._prompts:
+            return []
+        budget = max(MIN_PROMPT_CHUNK, self.prompt_budget(jobs))
+        share = max(MIN_PROMPT_CHUNK, budget // len(self._prompts))
+        chunks: list[tuple[Prompt, int]] = []
+        for prompt in list(self._prompts):
+            if budget <= 0:
+                break
+            size = min(prompt.tokens, share, budget)
+            chunks.append((prompt, size))
+            budget -= size
+        for prompt, _ in chunks:
+            self._prompts.remove(prompt)  # back once its chunk is in, unless it is done
+        return chunks
+
+    def _run_prompts(self, chunks: list[tuple[Prompt, int]]) -> None:
+        now = self._clock()
+        waits = [now - prompt.arrived for prompt, _ in chunks if not prompt.started]
+        self._on_prompt_step(sum(size for _, size in chunks), waits)
+        assert self._run_prompt is not None
+        for prompt, size in chunks:
+            prompt.started = True
+            try:
+                self._run_prompt(prompt.job, size)
+            except Exception as exc:  # this prompt's caller receives the error; the others go on
+                prompt.future.set_exception(exc)
+                continue
+            with self._ready:
+                prompt.tokens -= size
+                if prompt.tokens <= 0 or prompt.cancelled:
+                    prompt.future.set_result(None)
+                else:
+                    self._prompts.append(prompt)
+        self._free_since = self._clock()
 
     def _plan(self, now: float) -> list[_Queued] | float | None:
         """The batching decision at `now` (under the lock): the batch to run now, taken off the

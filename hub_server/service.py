@@ -31,6 +31,7 @@ from hub_server.errors import (
     BadRequest,
     ContextTooLong,
     HubFull,
+    KVMemoryFull,
     NotReady,
     RateLimited,
     RequestRefused,
@@ -43,7 +44,8 @@ from hub_server.generation import Generation
 from hub_server.limits import AdmissionGate, TokenBudgets
 from hub_server.metrics import HubCollector, HubFigures, HubMetrics
 from hub_server.placement import LOST, READY, Supervised, Worker, local_identity, placement_order
-from hub_server.scheduler import Scheduler
+from hub_server.prompts import INLINE_PROMPT_TOKENS, PromptBudget
+from hub_server.scheduler import Prompt, Scheduler, settled
 from hub_server.sessions import LOCAL_OWNER, Owner, Session, SessionStore
 from hub_server.tree import chain_parents, node_depths, tree_problem
 
@@ -94,13 +96,17 @@ class Hub:
                 threading.Thread(target=self._probe_forever, args=(worker,), name=name, daemon=True).start()
 
     def _worker(self, worker_id: str, engine: Engine) -> Worker:
+        budget = PromptBudget(self.settings.max_pass_tokens)
         scheduler = Scheduler(
-            lambda jobs: self._verify_pass(engine, jobs),
+            lambda jobs: self._verify_pass(engine, budget, jobs),
             max_batch=self.settings.max_batch,
             max_wait_s=self.settings.batch_wait_ms / 1000,
             merge_share=self.settings.merge_wait_share,
             pass_fixed_s=engine.pass_fixed_s,
             on_pass=self.metrics.record_pass,
+            run_prompt=lambda session, tokens: self._feed_chunk(engine, budget, session, tokens),
+            prompt_budget=budget,
+            on_prompt_step=self.metrics.record_prompt_step,
         )
         identity = engine.probe() if isinstance(engine, Supervised) else local_identity(engine, self.settings.device)
         return Worker(worker_id, engine, scheduler, identity)
@@ -194,9 +200,37 @@ class Hub:
         labelled = len(self.workers) > 1  # one worker: the series as they always were, unlabelled
         return {(worker.worker_id if labelled else None): worker.engine.stats() for worker in self.workers}
 
-    def _verify_pass(self, engine: Engine, jobs: list[VerifyJob]) -> None:
+    def _verify_pass(self, engine: Engine, budget: PromptBudget, jobs: list[VerifyJob]) -> None:
         """One batched pass on a worker's engine (its scheduler's thread), its device time observed."""
-        self.metrics.pass_device_seconds.observe(engine.verify_batch(jobs))
+        seconds = engine.verify_batch(jobs)
+        self.metrics.pass_device_seconds.observe(seconds)
+        budget.record_verify(seconds)
+
+    def _feed_chunk(self, engine: Engine, budget: PromptBudget, session: Session, tokens: int) -> None:
+        """`tokens` more of a session's context into its KV (its scheduler's thread, between passes)."""
+        kv = session.kv
+        if kv is None:  # closed, or its worker lost, while the prompt queued
+            return
+        upto = min(kv.length + tokens, len(session.context) - 1)
+        started = time.perf_counter()
+        engine.prefill(kv, session.context[: upto + 1])
+        budget.record_chunk(tokens, time.perf_counter() - started)
+
+    def submit_prompt(self, session: Session, inline: int = 0) -> Prompt | None:
+        """Queue the session's context not yet in its KV (all but the last token) as a prompt fed
+        in chunks beside other sessions' verifies; None when at most `inline` tokens are missing
+        (they ride in the session's next pass)."""
+        missing = len(session.context) - 1 - session.kv.length
+        if missing <= inline:
+            return None
+        return self.worker_of(session).scheduler.submit_prompt(session, missing)
+
+    def let_go(self, session: Session, prompt: Prompt | None) -> None:
+        """End a request's turn on a session: a prompt it queued takes no more chunks, and the
+        turn passes on once the chunk on the device now is in."""
+        if prompt is not None and not prompt.future.done():
+            self.worker_of(session).scheduler.cancel_prompt(prompt)
+        session.turn.release_after(prompt.future if prompt is not None else None)
 
     def whoami(self, owner: Owner = LOCAL_OWNER) -> wire.WhoAmIResponse:
         limits = wire.UserLimits(
@@ -247,7 +281,7 @@ class Hub:
             max_context=self.engine.max_context,
         )
 
-    def _make_room(self) -> None:
+    def _make_room(self) -> bool:
         """A full hub: the longest-idle session gives up its slot, if it has idled long enough.
         Only one: a new session needs one slot, and every user evicted pays a prefill to resume."""
         floor = min(FULL_HUB_IDLE_FLOOR_S, self.settings.session_idle_s)
@@ -255,6 +289,19 @@ class Hub:
         if session is not None:
             self.metrics.evicted_sessions.inc()
             self._retire(session)
+        return session is not None
+
+    def _hold(self, session: Session, tokens: int) -> None:
+        """Take the KV memory the session's next pass writes (its context up to `tokens`): while its
+        worker has too few free blocks, the longest-idle session gives its memory up (if it idled
+        long enough); when none can, 503 before anything is written, the session as it was."""
+        engine = self.worker_of(session).engine
+        while not engine.reserve(session.kv, tokens):
+            if not self._make_room():
+                raise KVMemoryFull(
+                    "the hub's KV memory is full and no session has idled long enough to give its memory up; "
+                    "retry in a few seconds"
+                )
 
     def _place(self, excluded: Worker | None = None) -> tuple[Worker, KVHandle] | None:
         """A worker for a new session and a KV slot on it, best worker first; None when all are full."""
@@ -303,23 +350,27 @@ class Hub:
             )
 
     async def feed(self, session_id: str, request: wire.FeedRequest, owner: Owner = LOCAL_OWNER) -> wire.FeedResponse:
-        """Append a prompt to a session's context and compute its KV (on a thread of the engine
-        pool: the prompt's pass blocks it)."""
+        """Append a prompt to a session's context and compute its KV, in chunks its worker's
+        scheduler fits beside other sessions' verifies; answered once all of it is in."""
+        arrived = time.perf_counter()
         session = self.sessions.get(session_id, owner)
         self.budgets.check(owner)
         self._check_ids(request.tokens, "tokens")
         with self.gate.admit():
             await session.turn.take()
+            prompt = None
             try:
                 _check_open(session)
                 self._check_room(len(session.context) + len(request.tokens))
+                self._hold(session, len(session.context) + len(request.tokens))
                 self.budgets.charge(owner, len(request.tokens))
                 session.context.extend(request.tokens)
-                engine = self.worker_of(session).engine
-                # Not abandoned when the request is cancelled: the turn is released once the KV is written.
-                await anyio.to_thread.run_sync(engine.prefill, session.kv, session.context, limiter=self.engine_calls)
+                prompt = self.submit_prompt(session)
+                if prompt is not None:
+                    await settled(prompt)
             finally:
-                session.turn.release()
+                self.let_go(session, prompt)
+        self.metrics.feed_seconds.observe(time.perf_counter() - arrived)
         return wire.FeedResponse(context_len=len(session.context))
 
     async def verify(
@@ -333,12 +384,17 @@ class Hub:
         with self.gate.admit():
             await session.turn.take()
             started = time.perf_counter()
+            prompt = None
             try:
-                # Checked and queued in one go on the event loop: nothing to announce.
-                job = self._verify_job(session, request)
+                parents = self._admit_verify(session, request)
+                # A long new context (the prompt sent with the draft) goes in chunks first.
+                prompt = self.submit_prompt(session, inline=INLINE_PROMPT_TOKENS)
+                if prompt is not None:
+                    await settled(prompt)
+                job = self._verify_job(session, request.draft, parents)
                 future = self.worker_of(session).scheduler.submit(job, key=session.session_id)
             except BaseException:
-                session.turn.release()
+                self.let_go(session, prompt)
                 raise
             # The target computes every sent token and every draft node, plus the bonus token.
             self.budgets.charge(owner, len(request.tokens) + len(request.draft) + 1)
@@ -353,19 +409,24 @@ class Hub:
             verify_ms=(time.perf_counter() - started) * 1000,
         )
 
-    def _verify_job(self, session: Session, request: wire.VerifyRequest) -> VerifyJob:
-        """The checked request as a job for the runner; the session's context takes its tokens."""
+    def _admit_verify(self, session: Session, request: wire.VerifyRequest) -> list[int]:
+        """Check a verify request; the session's context takes its tokens. Returns the draft's parents."""
         _check_open(session)
         parents = self._check_draft(request)
         if not session.context and not request.tokens:
             raise BadRequest("the session has no context yet: send the prompt in `tokens` or feed it first")
         # +1 for the bonus token the verify adds.
         self._check_room(len(session.context) + len(request.tokens) + max(node_depths(parents), default=0) + 1)
+        self._hold(session, len(session.context) + len(request.tokens) + len(request.draft))
         session.context.extend(request.tokens)
+        return parents
+
+    def _verify_job(self, session: Session, draft: list[int], parents: list[int]) -> VerifyJob:
+        """The admitted request as a job for the runner."""
         return VerifyJob(
             session.kv,
             session.context[session.kv.length :],
-            request.draft,
+            draft,
             parents,
             session.temperature,
             session.seed,

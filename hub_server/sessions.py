@@ -13,6 +13,7 @@ import threading
 import time
 from collections import deque
 from collections.abc import Callable, Iterator
+from concurrent.futures import Future
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -103,6 +104,13 @@ class Turn:
             yield
         finally:
             self.release()
+
+    def release_after(self, work: Future | None) -> None:
+        """Release once `work` (a pass or prompt the holder queued) is over: at once if none or done."""
+        if work is None:
+            self.release()
+        else:
+            work.add_done_callback(lambda _: self.release())
 
     def release(self) -> None:
         """End the current request's turn: the next waiter has it, or nobody."""

@@ -286,3 +286,71 @@ def test_row_costs_interpolate_between_the_counts_measured_and_follow_the_device
     assert costs.seconds(72) == pytest.approx(0.550 + 8 * (0.370 / 48))  # on the line beyond 64
     costs.add(2, 0.250)  # the device got slower: half way there
     assert costs.seconds(2) == pytest.approx(0.200)
+
+
+class SimulatedDevice:
+    """Verify batches and prompt chunks on one simulated device, in the order they ran."""
+
+    def __init__(self, seconds_per_step: float = 0.0):
+        self.seconds_per_step = seconds_per_step
+        self.steps: list[tuple[str, object]] = []
+
+    def verify(self, jobs: list[str]) -> None:
+        self.steps.append(("verify", list(jobs)))
+        time.sleep(self.seconds_per_step)
+
+    def prompt(self, job: str, tokens: int) -> None:
+        if job == "broken":
+            raise ValueError("device error")
+        self.steps.append(("prompt", (job, tokens)))
+        time.sleep(self.seconds_per_step)
+
+    def chunks(self, job: str | None = None) -> list[tuple[str, int]]:
+        return [detail for kind, detail in self.steps if kind == "prompt" and (job is None or detail[0] == job)]  # type: ignore[misc]
+
+
+def prompt_scheduler(device: SimulatedDevice, budget: int) -> Scheduler:
+    return Scheduler(
+        device.verify, max_batch=8, max_wait_s=0.0, run_prompt=device.prompt, prompt_budget=lambda j: budget
+    )
+
+
+def test_a_prompt_goes_in_chunks_of_the_budget_and_verifies_go_between_them():
+    device = SimulatedDevice(0.02)
+    scheduler = prompt_scheduler(device, budget=100)
+    prompt = scheduler.submit_prompt("long", 350)
+    time.sleep(0.03)  # its first chunk is on the device
+    verify = scheduler.submit("v")
+    assert verify.result(timeout=5) == "v" and prompt.future.result(timeout=5) is None
+    assert [size for _, size in device.chunks()] == [100, 100, 100, 50]
+    # The verify waited for one chunk at most, never for the whole prompt.
+    assert device.steps.index(("verify", ["v"])) <= 2
+    scheduler.stop()
+
+
+def test_prompts_share_a_step_in_turn_so_none_waits_for_anothers_whole_prefill():
+    device = SimulatedDevice(0.05)
+    scheduler = prompt_scheduler(device, budget=64)
+    blocker = scheduler.submit("blocker")
+    time.sleep(0.01)  # on the device while both prompts queue
+    first, second = scheduler.submit_prompt("a", 128), scheduler.submit_prompt("b", 128)
+    for done in (blocker, first.future, second.future):
+        done.result(timeout=5)
+    assert device.chunks() == [("a", 32), ("b", 32)] * 4  # both advance from the first step
+    scheduler.stop()
+
+
+def test_a_cancelled_prompt_takes_no_more_chunks_and_a_failing_one_fails_alone():
+    device = SimulatedDevice(0.02)
+    scheduler = prompt_scheduler(device, budget=16)
+    gone = scheduler.submit_prompt("gone", 1600)
+    broken = scheduler.submit_prompt("broken", 32)
+    fine = scheduler.submit_prompt("fine", 32)
+    time.sleep(0.05)
+    scheduler.cancel_prompt(gone)
+    assert gone.future.result(timeout=5) is None
+    with pytest.raises(ValueError, match="device error"):
+        broken.future.result(timeout=5)
+    assert fine.future.result(timeout=5) is None
+    assert sum(size for _, size in device.chunks("gone")) < 1600
+    scheduler.stop()
