@@ -20,10 +20,11 @@ import openai
 import pytest
 
 from specedge_cli.decoding import Conversation, DecodeSettings
-from specedge_cli.drafting.chat_template import template_for
+from specedge_cli.drafting.chat_template import BUILTIN_TEMPLATES, ChatTemplate, template_for
 from specedge_cli.drafting.engine import DraftEngine
 from specedge_cli.models import resolve_model
 from specedge_cli.remote.client import HubClient
+from specedge_cli.serve.layout import take_up_exchanges
 from specedge_common.net import free_port
 from tests.conftest import REPO, RunningHub, run_specedge
 
@@ -245,11 +246,11 @@ def test_requests_at_once_are_served_and_equal_their_answers_alone(served, model
     assert together == alone
 
 
-def _ask(served, model_id: str, prompt: str) -> str:
+def _ask(served, model_id: str, prompt: str, max_tokens: int = 16) -> str:
     messages = [{"role": "user", "content": prompt}]
     return (
         served.client()
-        .chat.completions.create(model=model_id, messages=messages, max_tokens=16)
+        .chat.completions.create(model=model_id, messages=messages, max_tokens=max_tokens)
         .choices[0]
         .message.content
     )
@@ -562,3 +563,53 @@ def test_a_reply_cut_by_the_context_keeps_its_text_and_says_length(served, model
     chunks = list(client.completions.create(model=model_id, prompt=prompt, max_tokens=100, temperature=0, stream=True))
     assert "".join(c.choices[0].text for c in chunks) == expected
     assert chunks[-1].choices[0].finish_reason == "length"
+
+
+def test_health_answers_at_once_while_requests_decode(served, model_id):
+    # Decoding (tokenizing, drafting, waiting for the hub) runs on threads, never on the event loop.
+    prompts = ["once upon a time", "the cat sat on", "numbers: one two", "the dog ran", "and then"]
+    threads = [threading.Thread(target=_ask, args=(served, model_id, p, 96)) for p in prompts]
+    for thread in threads:
+        thread.start()
+    checked_while_busy = 0
+    while any(thread.is_alive() for thread in threads):
+        started = time.monotonic()
+        assert httpx.get(f"{served.url}/health", timeout=5).status_code == 200
+        assert time.monotonic() - started < 1
+        checked_while_busy += any(thread.is_alive() for thread in threads)
+        time.sleep(0.05)
+    assert checked_while_busy >= 3
+
+
+# A template whose generation prompt is not the assistant's header (as DeepSeek-R1's): the layout at
+# once cannot be used, and the per-turn one is.
+THINKING_TEMPLATE = (
+    "{{ bos_token }}{% for m in messages %}{% if m.role == 'user' %}<U>{{ m.content }}"
+    "{% elif m.role == 'assistant' %}<A>{{ m.content }}</A>{% endif %}{% endfor %}"
+    "{% if add_generation_prompt %}<A><think>{% endif %}"
+)
+
+
+@pytest.mark.parametrize("template_name", ["the model's own", "gemma", "thinking"])
+def test_a_history_laid_out_at_once_equals_it_laid_out_turn_by_turn(tiny, hub, template_name):
+    engine = DraftEngine(tiny.gguf_q8, n_ctx=1024, n_threads=1)
+    template = {
+        "the model's own": template_for(engine, resolve_model(str(tiny.gguf_q8), Path("unused"))),
+        "gemma": ChatTemplate(BUILTIN_TEMPLATES["gemma"], "<s>", ""),
+        "thinking": ChatTemplate(THINKING_TEMPLATE, "<s>", ""),
+    }[template_name]
+    exchanges = [("numbers: one two", " three four"), ("the cat sat on", " the mat</s>"), ("and", "")] * 3
+    with HubClient(hub.url) as client:
+        one_by_one, at_once, partly = (
+            Conversation(engine, client, template, DecodeSettings(), system="be brief") for _ in range(3)
+        )
+        for user, reply in exchanges:
+            one_by_one.add_exchange(user, reply)
+        expected = one_by_one._turn_tokens("and now?")
+        assert take_up_exchanges(at_once, exchanges, "and now?") == expected
+        for user, reply in exchanges[:4]:  # a slot already holding the first turns takes up the rest
+            partly.add_exchange(user, reply)
+        assert take_up_exchanges(partly, exchanges[4:], "and now?") == expected
+    for conversation in (at_once, partly):
+        assert conversation.history == one_by_one.history
+        assert [t.prompt_token_ids for t in conversation.turns] == [t.prompt_token_ids for t in one_by_one.turns]

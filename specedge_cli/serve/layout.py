@@ -50,14 +50,16 @@ def _turn_texts(conversation: Conversation, exchanges: Sequence[tuple[str, str]]
     for index, user in enumerate(users[:-1]):
         messages += [{"role": "user", "content": user}, {"role": "assistant", "content": _mark(index)}]
     messages.append({"role": "user", "content": prompt})
-    rest = conversation.template.render(messages)
-    texts = []
+    rendered = conversation.template.render(messages)
+    texts, start = [], 0
     for index in range(len(users) - 1):
-        before, found, rest = rest.partition(_mark(index))
-        if not found:
+        mark = _mark(index)
+        end = rendered.find(mark, start)  # found by position: cutting off the rest each time would be quadratic
+        if end < 0:
             return None
-        texts.append(before)
-    texts.append(rest)
+        texts.append(rendered[start:end])
+        start = end + len(mark)
+    texts.append(rendered[start:])
     return texts[len(held) :]
 
 
