@@ -7,6 +7,7 @@ import os
 import signal
 import sys
 from collections.abc import Callable, Sequence
+from importlib import metadata
 from pathlib import Path
 from typing import TYPE_CHECKING, Annotated, cast
 
@@ -23,6 +24,7 @@ from hub_server.config import (
     LOG_FORMATS,
     HubSettings,
     default_data_dir,
+    parse_draft_hint,
 )
 from hub_server.errors import AccountError, AccountsUnavailable, ClusterError
 from hub_server.workers_cmd import workers_app
@@ -37,14 +39,29 @@ app = typer.Typer(
     help="SpecEdge verification hub: serves a target model to drafting clients.",
     no_args_is_help=True,
     add_completion=False,
+    context_settings={"help_option_names": ["-h", "--help"]},
 )
 app.add_typer(users_app, name="users")
 app.add_typer(tokens_app, name="tokens")
 app.add_typer(workers_app, name="workers")
 
 
+def _print_version(asked: bool) -> None:
+    if asked:
+        try:
+            typer.echo(f"hub_server {metadata.version('specedge')}")
+        except metadata.PackageNotFoundError:
+            typer.echo("hub_server 0+unknown")
+        raise typer.Exit()
+
+
 @app.callback()
-def main() -> None:
+def main(
+    show_version: Annotated[
+        bool,
+        typer.Option("--version", "-V", callback=_print_version, is_eager=True, help="Print the version and exit."),
+    ] = False,
+) -> None:
     """SpecEdge verification hub."""
 
 
@@ -74,6 +91,13 @@ def serve(
     ] = 0.0,
     draft: Annotated[
         str | None, typer.Option(help="A .gguf draft model on the hub, for the server-only speculative mode.")
+    ] = None,
+    draft_hint: Annotated[
+        str | None,
+        typer.Option(
+            help="The draft clients should use, published in /v1/info: a `specedge models` preset name, "
+            "or OWNER/REPO/FILE.gguf@SHA256 on the Hugging Face Hub."
+        ),
     ] = None,
     session_idle_s: Annotated[float, typer.Option(help="Evict sessions idle this many seconds.")] = 600.0,
     max_batch: Annotated[int, typer.Option(help="Sessions verified in one forward pass.")] = 16,
@@ -172,6 +196,7 @@ def serve(
             max_sessions=max_sessions,
             max_batch=max_batch,
             draft=draft,
+            draft_hint=parse_draft_hint(draft_hint) if draft_hint else None,
             session_idle_s=session_idle_s,
             batch_wait_ms=batch_wait_ms,
             merge_wait_share=merge_wait_share,

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -17,6 +18,33 @@ CPU_ATTENTIONS = ("auto", "kernel", "sdpa")
 
 
 LOG_FORMATS = ("text", "json")
+
+
+@dataclass(frozen=True)
+class DraftHint:
+    """`--draft-hint`, as /v1/info publishes it (`protocol.DraftHint`; this module stays free of pydantic)."""
+
+    preset: str = ""
+    hf_repo: str = ""
+    hf_file: str = ""
+    sha256: str = ""
+
+
+_PRESET_NAME = re.compile(r"[\w.+-]{1,100}")
+_HF_HINT = re.compile(r"(?P<repo>[\w.-]+/[\w.-]+)/(?P<file>[\w./+-]+\.gguf)@(?P<sha256>[0-9a-fA-F]{64})")
+
+
+def parse_draft_hint(text: str) -> DraftHint:
+    """`--draft-hint`: a client preset name, or OWNER/REPO/FILE.gguf@SHA256 on the Hugging Face Hub."""
+    text = text.strip()
+    if _PRESET_NAME.fullmatch(text):
+        return DraftHint(preset=text)
+    hf = _HF_HINT.fullmatch(text)
+    if hf is None:
+        raise ValueError(
+            f"--draft-hint takes a preset name (e.g. qwen2.5-coder-0.5b) or OWNER/REPO/FILE.gguf@SHA256, not {text!r}"
+        )
+    return DraftHint(hf_repo=hf["repo"], hf_file=hf["file"], sha256=hf["sha256"].lower())
 
 
 def default_cache_dir() -> Path:
@@ -43,6 +71,7 @@ class HubSettings:
     max_sessions: int = 64  # the session table's rows; KV blocks are taken as contexts grow
     kv_memory_gib: float = 0.0  # KV pool budget; 0: a share of the memory free after loading
     draft: str | None = None  # a .gguf draft for the server-only speculative mode
+    draft_hint: DraftHint | None = None  # the draft /v1/info names for clients (--draft-hint)
     session_idle_s: float = 600.0  # idle sessions are evicted after this long
     max_batch: int = 16  # sessions verified in one forward pass
     batch_wait_ms: float = 2.0  # longest wait for work on its way to fill a batch

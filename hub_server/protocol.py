@@ -92,6 +92,16 @@ class WorkerCount(_Body):
     total: int
 
 
+class DraftHint(_Body):
+    """The draft the hub's operator names for its target (`hub_server serve --draft-hint`): a client
+    preset by name, or a GGUF file on the Hugging Face Hub with its sha256. Empty fields are unset."""
+
+    preset: str = ""  # a `specedge models` preset name
+    hf_repo: str = ""  # OWNER/REPO
+    hf_file: str = ""  # the .gguf file's path in the repository
+    sha256: str = ""  # of that file, checked before first use
+
+
 class HubInfo(_Body):
     protocol_version: int
     model: str
@@ -101,6 +111,7 @@ class HubInfo(_Body):
     max_context: int
     modes: list[str] = Field(default_factory=list)  # serving modes this hub offers
     workers: WorkerCount = WorkerCount(ready=1, total=1)
+    draft_hint: DraftHint | None = None  # the draft that fits this target, when the operator named one
 
 
 class WorkerInfo(_Body):

@@ -124,6 +124,7 @@ class Hub:
             max_context=self.engine.max_context,
             modes=["specedge", "autoregressive"] + (["speculative"] if self.drafter else []),
             workers=self.workers_ready(),
+            draft_hint=wire.DraftHint(**vars(self.settings.draft_hint)) if self.settings.draft_hint else None,
         )
 
     def metrics_page(self) -> bytes:

@@ -64,6 +64,14 @@ def _ask(hub: str, token: str | None, method: str, path: str) -> Any:
     except httpx.HTTPError as exc:
         typer.echo(f"Error: cannot reach the hub at {hub} ({exc}); is it running?", err=True)
         raise typer.Exit(1) from exc
+    if response.status_code == 401:  # the hub's own message tells a chat user to `specedge login`
+        typer.echo(
+            f"Error: the hub at {hub} did not accept the token ({'none given' if not token else 'unknown or revoked'}): "
+            "pass an operator's token with --token (or SPECEDGE_TOKEN); an operator creates one with "
+            "`hub_server users add NAME --role operator` and `hub_server tokens create --user NAME`",
+            err=True,
+        )
+        raise typer.Exit(1)
     if response.status_code != 200:
         typer.echo(f"Error: the hub answered {response.status_code}: {_said(response)}", err=True)
         raise typer.Exit(1)

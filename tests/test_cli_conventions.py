@@ -2,11 +2,14 @@
 
 from __future__ import annotations
 
+import os
 import re
+import subprocess
+import sys
 
 import pytest
 
-from tests.conftest import run_specedge
+from tests.conftest import REPO, run_specedge
 
 COMMANDS = [
     [],
@@ -84,3 +87,39 @@ def test_short_flags_mean_the_same_in_every_command():
                 seen.setdefault(short, set()).update(longs)
                 assert short in SHORT_FLAGS and set(longs) <= SHORT_FLAGS[short], (path, short, longs)
     assert {"-m", "-t", "-n", "-p", "-V"} <= set(seen)  # -h: the help tests above
+
+
+def run_hub_server(*args: str, env_extra: dict | None = None) -> subprocess.CompletedProcess:
+    return subprocess.run(
+        [sys.executable, "-m", "hub_server", *args],
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        timeout=60,
+        env={**os.environ, **(env_extra or {})},
+    )
+
+
+def test_hub_server_takes_dash_h_and_version():
+    from importlib import metadata
+
+    version = run_hub_server("--version")
+    assert version.returncode == 0 and version.stdout.strip() == f"hub_server {metadata.version('specedge')}"
+    for command in ([], ["serve"], ["workers"]):
+        shown = run_hub_server(*command, "-h", env_extra={"COLUMNS": "200"})
+        assert shown.returncode == 0 and "Usage: hub_server" in shown.stdout, shown.stderr
+    assert "--draft-hint" in run_hub_server("serve", "-h", env_extra={"COLUMNS": "200"}).stdout
+
+
+def test_hub_server_workers_without_a_token_names_its_own_token_option(auth_hub):
+    env = {key: value for key, value in os.environ.items() if key != "SPECEDGE_TOKEN"}
+    result = subprocess.run(
+        [sys.executable, "-m", "hub_server", "workers", "--hub", auth_hub.url],
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        timeout=60,
+        env=env,
+    )
+    assert result.returncode == 1 and "Traceback" not in result.stderr
+    assert "pass an operator's token with --token" in result.stderr and "specedge login" not in result.stderr

@@ -16,6 +16,7 @@ PAIRS = [
     (client_wire.VerifyRequest, hub_wire.VerifyRequest),
     (client_wire.VerifyResponse, hub_wire.VerifyResponse),
     (client_wire.HubInfo, hub_wire.HubInfo),
+    (client_wire.DraftHint, hub_wire.DraftHint),
     (client_wire.GenerateRequest, hub_wire.GenerateRequest),
     (client_wire.GenerateChunk, hub_wire.GenerateChunk),
     (client_wire.UserLimits, hub_wire.UserLimits),
@@ -59,6 +60,9 @@ def test_hub_responses_parse_on_the_client():
         protocol_version=1, model="m", vocab_size=3, vocab_fingerprint="f", max_draft_tokens=8, max_context=100
     )
     assert client_wire.HubInfo.from_json(info.model_dump()) == client_wire.HubInfo(1, "m", 3, "f", 8, 100)
+    hinted = info.model_copy(update={"draft_hint": hub_wire.DraftHint(preset="qwen2.5-coder-0.5b")})
+    parsed = client_wire.HubInfo.from_json(hinted.model_dump())
+    assert parsed.draft_hint == client_wire.DraftHint(preset="qwen2.5-coder-0.5b")
     chunk = hub_wire.GenerateChunk(tokens=[1, 2], done=True, verifies=3, context_len=9)
     assert client_wire.GenerateChunk.from_json(chunk.model_dump()) == client_wire.GenerateChunk([1, 2], True, 3, 9)
     generate = client_wire.GenerateRequest(mode="speculative", tokens=[4], max_tokens=7, draft_len=3)
@@ -81,3 +85,21 @@ def test_whoami_parses_on_the_client():
     )
     parsed = client_wire.WhoAmIResponse.from_json(answer.model_dump())
     assert parsed == client_wire.WhoAmIResponse("ada", client_wire.UserLimits(4, 100), 2, 90)
+
+
+def test_draft_hint_is_a_preset_or_a_hugging_face_file_with_its_sha256():
+    from hub_server.config import DraftHint, parse_draft_hint
+
+    assert parse_draft_hint("qwen2.5-coder-0.5b") == DraftHint(preset="qwen2.5-coder-0.5b")
+    sha = "1D9614638D18024D0FBB36575A15F1302A3ADF044DF10345688EC4F6E1C4FF32"
+    hint = parse_draft_hint(f"Qwen/Qwen2.5-Coder-0.5B-Instruct-GGUF/q4/qwen2.5-coder-0.5b-instruct-q4_k_m.gguf@{sha}")
+    assert hint == DraftHint(
+        hf_repo="Qwen/Qwen2.5-Coder-0.5B-Instruct-GGUF",
+        hf_file="q4/qwen2.5-coder-0.5b-instruct-q4_k_m.gguf",
+        sha256=sha.lower(),
+    )
+    published = hub_wire.DraftHint(**vars(hint))  # what /v1/info carries, as the service builds it
+    assert client_wire.DraftHint.from_json(published.model_dump()) == client_wire.DraftHint(**vars(hint))
+    for wrong in ("Qwen/model.gguf", "Qwen/repo/file.gguf@abc", "Qwen/repo/file.bin@" + "a" * 64, "two words"):
+        with pytest.raises(ValueError, match="--draft-hint takes a preset name"):
+            parse_draft_hint(wrong)

@@ -5,7 +5,7 @@ Plain dataclasses: the client does not need a validation library to speak to a h
 
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass, field, fields
+from dataclasses import asdict, dataclass, field, fields, replace
 from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:
@@ -90,6 +90,16 @@ class GenerateChunk(_Message):
 
 
 @dataclass(frozen=True)
+class DraftHint(_Message):
+    """The draft the hub's operator names for its target: a preset, or a Hugging Face file and its sha256."""
+
+    preset: str = ""
+    hf_repo: str = ""
+    hf_file: str = ""
+    sha256: str = ""
+
+
+@dataclass(frozen=True)
 class HubInfo(_Message):
     protocol_version: int
     model: str
@@ -99,6 +109,13 @@ class HubInfo(_Message):
     max_context: int
     modes: list[str] = field(default_factory=list)
     workers: dict[str, int] = field(default_factory=lambda: {"ready": 1, "total": 1})  # engine workers
+    draft_hint: DraftHint | None = None
+
+    @classmethod
+    def from_json(cls, body: dict[str, Any]) -> HubInfo:
+        hint = body.get("draft_hint")
+        info = super().from_json({key: value for key, value in body.items() if key != "draft_hint"})
+        return replace(info, draft_hint=DraftHint.from_json(hint)) if isinstance(hint, dict) else info
 
 
 @dataclass(frozen=True)
