@@ -80,7 +80,7 @@ def worker(args: argparse.Namespace) -> None:
         "device": args.device,
         "max_sessions": args.sessions,
         "max_context": max(args.contexts) + args.draft_tokens + 64,
-        "kv_memory_gib": 64,
+        "kv_memory_gib": 2,  # a pool of blocks takes the whole budget at start (virtual memory on a CPU)
         "max_batch": args.sessions,
         "max_draft_tokens": args.draft_tokens,
         "compile": args.compile,

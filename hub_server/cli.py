@@ -78,10 +78,16 @@ def serve(
     ] = "auto",
     max_draft_tokens: Annotated[int, typer.Option(help="Longest draft one verify may carry.")] = 64,
     max_context: Annotated[
-        int, typer.Option(help="Context limit per session; 0: the model's, or less to fit the KV budget.")
+        int,
+        typer.Option(
+            help="Context limit per session (reserves no memory); 0: the model's, cut to what the KV blocks hold."
+        ),
     ] = 0,
     max_sessions: Annotated[
-        int, typer.Option(help="Sessions served at once; each has its KV memory reserved at start.")
+        int,
+        typer.Option(
+            help="Sessions served at once (the session table); KV memory is taken as contexts grow, not reserved."
+        ),
     ] = 64,
     kv_memory_gib: Annotated[
         float,

@@ -15,7 +15,8 @@ from hub_server.vocabulary import Vocabulary
 
 
 class KVHandle(Protocol):
-    """A session's slot of KV memory: which slot, and how many context tokens it holds."""
+    """A session's KV memory: its row in the engine's session table, and how many context tokens
+    it holds (in blocks the engine takes as the context grows)."""
 
     index: int
     length: int
@@ -52,8 +53,8 @@ class PassTally:
 class EngineStats:
     """What the device has done since start (warm-up excluded), as /metrics shows it."""
 
-    kv_bytes_used: int  # held by open sessions' slots
-    kv_bytes_reserved: int  # allocated at start for all slots
+    kv_bytes_used: int  # held by open sessions' blocks
+    kv_bytes_reserved: int  # allocated at start for all blocks
     device_busy_seconds: float  # holding the device for forward passes
     feeds: PassTally  # context fed in passes of its own (prompts, resumes)
     context_in_verify: int  # tokens verify passes computed for the context they carried
@@ -77,10 +78,15 @@ class Engine(Protocol):
     device_lock: threading.Lock  # one thing at a time on the device (a pass, or the hub's draft)
 
     def new_kv(self) -> KVHandle | None:
-        """A slot for a new session, or None when all are taken."""
+        """KV memory for a new session, or None when the session table is full or too few blocks are free."""
 
     def release(self, kv: KVHandle) -> None:
-        """Give a closed session's slot back."""
+        """Give a closed session's KV memory back."""
+
+    def reserve(self, kv: KVHandle, tokens: int) -> bool:
+        """Take the memory for `kv` to hold `tokens` context tokens (a feed's, or a verify's
+        context and draft nodes) before a pass writes them; False, taking nothing, when too little
+        is free. Memory a pass does not keep (rejected draft nodes) goes back after it."""
 
     def prefill(self, kv: KVHandle, context: list[int]) -> None:
         """Bring `kv` up to all of `context` but its last token."""

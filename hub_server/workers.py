@@ -122,6 +122,9 @@ class EngineWorker:
         if incarnation == self.incarnation and index in self.slots:
             self.runner.release(self.slots.pop(index))
 
+    def reserve(self, incarnation: str, index: int, tokens: int) -> bool:
+        return self.runner.reserve(self._slot(incarnation, index), tokens)
+
     def prefill(self, incarnation: str, index: int, context: list[int]) -> int:
         slot = self._slot(incarnation, index)
         with _device_failure_exits():
@@ -199,6 +202,9 @@ class RayEngine:
 
     def release(self, kv: RemoteKV) -> None:
         self._call(self._actor.release.remote(kv.incarnation, kv.index))
+
+    def reserve(self, kv: RemoteKV, tokens: int) -> bool:
+        return self._call(self._actor.reserve.remote(kv.incarnation, kv.index, tokens))
 
     def prefill(self, kv: RemoteKV, context: list[int]) -> None:
         kv.length = self._call(self._actor.prefill.remote(kv.incarnation, kv.index, context))

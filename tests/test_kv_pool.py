@@ -1,5 +1,6 @@
-"""The KV pool: planning sessions x context against a memory budget, ring positions, slots,
-and the tree masks the runner builds from parents; hand-made inputs, no model."""
+"""The KV pool: blocks planned from a memory budget, sessions taking and giving back blocks,
+views through block tables, and the tree masks the runner builds from parents; hand-made
+inputs, no model."""
 
 from __future__ import annotations
 
@@ -9,59 +10,63 @@ import pytest
 import torch
 
 from hub_server.config import HubSettings
-from hub_server.engine.kv_pool import GIB, KVBudgetError, KVPlan, KVPool, KVShape, column_positions, plan_kv
+from hub_server.engine.kv_pool import BLOCK_TOKENS, GIB, NULL_BLOCK, KVBudgetError, KVPlan, KVPool, KVShape, plan_kv
 from hub_server.engine.sampling import ancestor_masks
 
-# Gemma 3 270M: 18 layers, 1 kv head of 256, a 512-token window on 5 layers of 6; fp32.
-GEMMA = KVShape(heads=1, dim=256, element_size=4, windows=tuple(0 if (i + 1) % 6 == 0 else 512 for i in range(18)))
-# A 32B target in bf16: 64 full layers, 8 kv heads of 128.
-BIG = KVShape(heads=8, dim=128, element_size=2, windows=(0,) * 64)
+# Gemma 3 270M: 18 layers, 1 kv head of 256; fp32.
+GEMMA = KVShape(heads=1, dim=256, element_size=4, layers=18)
+# A 32B target in bf16: 64 layers, 8 kv heads of 128.
+BIG = KVShape(heads=8, dim=128, element_size=2, layers=64)
 
 
-def test_sliding_layers_hold_only_their_window():
-    per_token = 2 * 1 * 256 * 4
-    assert GEMMA.capacities(4096)[:6] == [511] * 5 + [4096]
-    assert GEMMA.slot_bytes(4096) == per_token * (3 * 4096 + 15 * 511)
+def test_a_budget_holds_blocks_and_a_context_limit_reserves_nothing():
+    assert GEMMA.block_bytes == BLOCK_TOKENS * 2 * 256 * 4 * 18
+    plan = plan_kv(BIG, 4096, 8192, 32768, 12 * GIB, "--kv-memory-gib", widest_row=128)
+    assert plan.blocks == 12 * GIB // BIG.block_bytes and plan.max_sessions == 4096 and plan.max_context == 8192
+    assert "blocks of 16 tokens" in plan.describe(BIG)
+    assert plan_kv(BIG, 64, 0, 32768, 12 * GIB, "auto", 128).max_context == 32768  # 0: the model's limit
+    # A limit the blocks cannot hold is cut to what they hold beside a pass's widest row.
+    small = plan_kv(GEMMA, 64, 0, 32768, 64 * GEMMA.block_bytes, "auto", 128)
+    assert small.max_context == 63 * BLOCK_TOKENS - 128
 
 
-def test_an_explicit_context_that_does_not_fit_is_refused_with_what_to_change():
-    with pytest.raises(KVBudgetError, match="--max-sessions or --max-context, or raise --kv-memory-gib"):
-        plan_kv(
-            BIG, slots=16, max_context=8192, model_limit=32768, budget_bytes=12 * GIB, budget_source="--kv-memory-gib"
-        )
-    plan = plan_kv(
-        BIG, slots=8, max_context=4096, model_limit=32768, budget_bytes=10 * GIB, budget_source="--kv-memory-gib"
-    )
-    assert (plan.slots, plan.max_context) == (8, 4096)
+def test_a_budget_that_cannot_hold_one_session_is_refused_with_what_to_change():
+    with pytest.raises(KVBudgetError, match="raise --kv-memory-gib"):
+        plan_kv(BIG, 1, 0, 32768, 20 * BIG.block_bytes, "--kv-memory-gib", widest_row=128)
 
 
-def test_without_a_context_the_longest_that_fits_is_chosen():
-    plan = plan_kv(GEMMA, slots=64, max_context=0, model_limit=32768, budget_bytes=5 * GIB, budget_source="auto")
-    assert 64 * GEMMA.slot_bytes(plan.max_context) <= 5 * GIB < 64 * GEMMA.slot_bytes(plan.max_context + 256)
-    roomy = plan_kv(GEMMA, slots=2, max_context=0, model_limit=32768, budget_bytes=5 * GIB, budget_source="auto")
-    assert roomy.max_context == 32768
-    with pytest.raises(KVBudgetError, match="lower --max-sessions"):
-        plan_kv(BIG, slots=64, max_context=0, model_limit=32768, budget_bytes=7 * GIB, budget_source="auto")
+def small_pool(blocks: int = 9, sessions: int = 3) -> KVPool:
+    shape = KVShape(heads=2, dim=4, element_size=4, layers=2)
+    return KVPool(shape, KVPlan(blocks, sessions, 64, GIB, "test"), torch.float32, torch.device("cpu"))
 
 
-def test_ring_columns_hold_the_latest_positions():
-    # Capacity 4: a slot of 6 tokens holds positions 4, 5 in columns 0, 1 and 2, 3 in columns 2, 3.
-    positions = column_positions(torch.tensor([6, 2, 0]), capacity=4, width=4)
-    assert positions.tolist() == [[4, 5, 2, 3], [0, 1, -1, -1], [-1, -1, -1, -1]]
+def test_sessions_take_blocks_as_they_grow_and_give_them_back():
+    pool = small_pool()
+    assert pool.usable_blocks == 8 and pool.used_bytes == 0 and pool.reserved_bytes == 9 * pool.shape.block_bytes
+    first, second = pool.open(), pool.open()
+    assert pool.cover(first, 40) and len(first.blocks) == 3  # 40 tokens: three blocks of 16
+    assert NULL_BLOCK not in first.blocks and pool.used_blocks == 3
+    assert not pool.cover(second, 6 * BLOCK_TOKENS) and second.blocks == []  # five free: nothing taken
+    assert pool.cover(second, 5 * BLOCK_TOKENS) and pool.free_blocks == 0
+    first.length = 17  # a pass kept 17 tokens of the 40 it wrote: the third block goes back
+    pool.trim(first)
+    assert len(first.blocks) == 2 and pool.free_blocks == 1
+    pool.close(second)
+    assert pool.free_blocks == 6 and second.blocks == [] and second.length == 0
+    assert pool.open() is not None and pool.open() is not None and pool.open() is None  # the table: 3 rows
+    assert not pool.keys[0][NULL_BLOCK].any() and not pool.values[1][NULL_BLOCK].any()
 
 
-def test_slots_run_out_and_come_back_empty():
-    shape = KVShape(heads=2, dim=4, element_size=4, windows=(0, 3))
-    pool = KVPool(shape, KVPlan(2, 8, GIB, "test"), torch.float32, torch.device("cpu"))
-    assert pool.reserved_bytes == 2 * shape.slot_bytes(8) and pool.used_bytes == 0
-    first, second = pool.take(), pool.take()
-    assert pool.take() is None and pool.used_bytes == pool.reserved_bytes
-    pool.keys[0][first.index].fill_(float("nan"))
-    pool.give_back(first)
-    again = pool.take()
-    assert again.index == first.index and again.length == 0
-    assert not pool.keys[0][again.index].isnan().any()
-    pool.give_back(second)
+def test_admission_asks_for_free_blocks_and_fresh_blocks_hold_no_nan():
+    pool = small_pool(blocks=4)
+    for keys in pool.keys:
+        keys.fill_(float("nan"))  # what torch.empty may hold
+    kv = pool.open(least_blocks=3)
+    assert kv is not None and pool.cover(kv, 3 * BLOCK_TOKENS)
+    assert not any(keys[kv.blocks].isnan().any() for keys in pool.keys)
+    assert pool.open(least_blocks=1) is None  # a free row, but no free block
+    pool.close(kv)
+    assert pool.open(least_blocks=3) is not None
 
 
 def test_ancestor_masks_of_a_tree_and_a_padded_chain():
@@ -73,11 +78,11 @@ def test_ancestor_masks_of_a_tree_and_a_padded_chain():
     assert torch.equal(wide[0], torch.tril(torch.ones(70, 70, dtype=torch.bool)))
 
 
-def test_a_runner_that_cannot_hold_its_sessions_refuses_to_start(tiny):
+def test_a_runner_whose_budget_cannot_hold_one_session_refuses_to_start(tiny):
     from hub_server.engine.runner import ModelRunner
 
-    settings = HubSettings(model=str(tiny.hf_dir), max_sessions=64, max_context=1024, kv_memory_gib=0.001)
-    with pytest.raises(KVBudgetError, match="64 sessions x 1024 tokens need"):
+    settings = HubSettings(model=str(tiny.hf_dir), max_sessions=4096, kv_memory_gib=0.00001)
+    with pytest.raises(KVBudgetError, match="raise --kv-memory-gib"):
         ModelRunner(settings)
 
 
@@ -92,22 +97,20 @@ def test_ancestor_closure_agrees_with_the_bit_set_masks():
         assert torch.equal(ancestor_closure(torch.tensor(rows)), ancestor_masks(rows, width=width))
 
 
-def test_a_ring_pass_sees_its_window_and_its_new_tokens_not_what_they_overwrote():
-    from hub_server.engine.pool_attention import LayerKind, kind_mask
+def test_a_sliding_view_sees_its_window_and_its_new_tokens():
+    from hub_server.engine.pool_attention import view_mask
 
-    # Window 4, ring of 3 + 3 spare columns. 7 tokens held: column c holds position 6 - (6 - c) % 6,
-    # so columns 0..5 hold 6, 1, 2, 3, 4, 5. Two new tokens (a chain) land in columns 1 and 2.
-    kind = LayerKind(capacity=6, window=4)
+    # Window 4: 7 tokens stored, two new ones (a chain) at positions 7 and 8. The view starts at
+    # position 4, the oldest the first new token sees: columns show 4, 5, 6, then the new 7, 8.
     positions = torch.tensor([[7, 8]])
     ancestors = torch.tensor([[[True, False], [True, True]]])
-    columns, sees = kind_mask(kind, torch.tensor([7]), torch.tensor([2]), positions, ancestors, width=6)
-    assert columns.tolist() == [[1, 2]]
-    # Position 7 sees 4, 5, 6 and itself; position 8 sees 5, 6, 7 and itself (never 1, 2 or 3).
-    assert sees[0, 0].int().tolist() == [[1, 1, 0, 0, 1, 1], [1, 1, 1, 0, 0, 1]]
+    sees = view_mask(4, torch.tensor([7]), torch.tensor([4]), torch.tensor([2]), positions, ancestors, width=5)
+    # Position 7 sees 4, 5, 6 and itself; position 8 sees 5, 6, 7 and itself.
+    assert sees[0, 0].int().tolist() == [[1, 1, 1, 1, 0], [0, 1, 1, 1, 1]]
 
 
-def test_a_full_attention_mask_is_the_ring_mask_of_a_ring_that_never_wraps():
-    from hub_server.engine.pool_attention import LayerKind, ancestor_closure, kind_mask
+def test_a_full_attention_mask_is_the_sliding_mask_of_a_window_that_never_ends():
+    from hub_server.engine.pool_attention import ancestor_closure, view_mask
 
     rng = random.Random(5)
     for span in (1, 3, 9):
@@ -120,8 +123,21 @@ def test_a_full_attention_mask_is_the_ring_mask_of_a_ring_that_never_wraps():
         ancestors = ancestor_closure(parents)
         positions = lengths[:, None] + ancestors.sum(-1) - 1
         width = int((lengths + sizes).max())
-        full = kind_mask(LayerKind(capacity=100, window=0), lengths, sizes, positions, ancestors, width)
-        ring = kind_mask(LayerKind(capacity=100, window=10**6), lengths, sizes, positions, ancestors, width)
-        real = torch.arange(span)[None, :] < sizes[:, None]
-        assert torch.equal(full[0][real], ring[0][real])  # padding tokens' columns are never written
-        assert torch.equal(full[1], ring[1])
+        starts = torch.zeros_like(lengths)
+        full = view_mask(0, lengths, starts, sizes, positions, ancestors, width)
+        endless = view_mask(10**6, lengths, starts, sizes, positions, ancestors, width)
+        assert torch.equal(full, endless)
+        # Each real query sees its whole past, itself, and no column past its row's tokens.
+        for b in range(rows):
+            for i in range(int(sizes[b])):
+                seen = full[b, 0, i]
+                assert seen[: lengths[b]].all() and seen[lengths[b] + i] and not seen[lengths[b] + sizes[b] :].any()
+
+
+def test_a_view_reads_each_position_through_the_block_table():
+    from hub_server.engine.pool_attention import view_places
+
+    tables = torch.tensor([[5, 2, 0], [7, 0, 0]])
+    places = view_places(tables, torch.tensor([14, 0]), torch.tensor([35, 3]), width=5)
+    # Row 0 shows positions 14..18: 14, 15 in block 5, then 16..18 in block 2; row 1 three then nothing.
+    assert places.tolist() == [[94, 95, 32, 33, 34], [112, 113, 114, NULL_BLOCK, NULL_BLOCK]]

@@ -10,7 +10,8 @@ import pytest
 import torch
 
 from hub_server.config import HubSettings
-from hub_server.engine.pool_attention import FULL, PoolPass
+from hub_server.engine.kv_pool import BLOCK_TOKENS, blocks_for
+from hub_server.engine.pool_attention import FULL, PoolPass, view_places
 from hub_server.engine.pool_kernel import build, load_pool_kernel
 from hub_server.engine.runner import ModelRunner
 from hub_server.engine_api import VerifyJob
@@ -27,16 +28,22 @@ def kernel(tmp_path_factory):
     return built
 
 
-def random_pass(generator, rows, padded_rows, span, sizes, lengths, query_heads, heads, dim, kernel):
-    """One layer's pass over a pool of 2 * rows slots (rows read slots in reverse order, so no
-    two rows' slots are consecutive), with a random tree-like mask; returns the pass and its inputs."""
-    capacity = max(lengths) + span + 3
-    slots_of_rows = [2 * (rows - 1 - b) + 1 for b in range(rows)]
-    pool = [torch.randn(2 * rows, heads, capacity, dim, generator=generator) for _ in range(2)]
-    width = max(length + size for length, size in zip(lengths, sizes))
+def random_pass(generator, rows, padded_rows, span, sizes, lengths, query_heads, heads, dim, kernel, window=0):
+    """One layer's pass over a pool of blocks handed to the rows shuffled (no row's blocks are
+    consecutive, nor in order), with a random tree-like mask; returns the pass and its inputs.
+    `window`: the rows' views start that many positions before their first new token."""
+    per_row = [blocks_for(length + size) for length, size in zip(lengths, sizes)]
+    order = torch.randperm(sum(per_row), generator=generator) + 1  # block 0: the null block
+    pool = [torch.randn(1 + sum(per_row), BLOCK_TOKENS, heads, dim, generator=generator) for _ in range(2)]
+    tables = torch.zeros(rows, max(per_row), dtype=torch.long)
+    for b, taken in enumerate(order.split(per_row)):
+        tables[b, : len(taken)] = taken
+    starts = torch.tensor([max(0, length - window + 1) if window else 0 for length in lengths])
+    ends = torch.tensor(lengths) + torch.tensor(sizes)
+    width = int((ends - starts).max())
     sources = torch.tensor([b * span + s for b in range(rows) for s in range(sizes[b])])
-    slots = torch.tensor([slots_of_rows[b] for b in range(rows) for _ in range(sizes[b])])
-    columns = torch.tensor([lengths[b] + s for b in range(rows) for s in range(sizes[b])])
+    stored = torch.tensor([lengths[b] + s for b in range(rows) for s in range(sizes[b])])
+    row_of = sources // span
     sees = torch.rand(rows, 1, span, width, generator=generator) > 0.4
     sees[..., 0] = True
     layout = PoolPass(
@@ -45,12 +52,9 @@ def random_pass(generator, rows, padded_rows, span, sizes, lengths, query_heads,
         kinds=[FULL],
         rows=rows,
         sources=sources,
-        slots=slots,
-        columns={FULL: columns},
-        widths={FULL: width},
+        targets=tables[row_of, stored // BLOCK_TOKENS] * BLOCK_TOKENS + stored % BLOCK_TOKENS,
+        places={FULL: view_places(tables, starts, ends, width)},
         masks={FULL: sees},
-        runs=[(b, b + 1, slot) for b, slot in enumerate(slots_of_rows)],
-        row_slots=torch.tensor(slots_of_rows),
         kernel=kernel,
     )
 
@@ -61,17 +65,25 @@ def random_pass(generator, rows, padded_rows, span, sizes, lengths, query_heads,
 
 
 @pytest.mark.parametrize(
-    "rows, padded_rows, span, query_heads, heads, dim",
-    [(3, 4, 9, 4, 2, 16), (1, 1, 1, 2, 2, 8), (5, 8, 6, 8, 1, 24), (2, 2, 17, 2, 1, 64), (4, 4, 5, 6, 3, 40)],
+    "rows, padded_rows, span, query_heads, heads, dim, window",
+    [
+        (3, 4, 9, 4, 2, 16, 0),
+        (1, 1, 1, 2, 2, 8, 0),
+        (5, 8, 6, 8, 1, 24, 20),
+        (2, 2, 17, 2, 1, 64, 0),
+        (4, 4, 5, 6, 3, 40, 7),
+    ],
 )
 def test_the_kernel_attends_and_writes_as_sdpa_over_the_pool_does(
-    kernel, rows, padded_rows, span, query_heads, heads, dim
+    kernel, rows, padded_rows, span, query_heads, heads, dim, window
 ):
+    """Views through shuffled block tables (sliding windows starting mid-block too): the kernel's
+    outputs and pool writes equal SDPA's over the gathered views, and it copies no past."""
     generator = torch.Generator().manual_seed(rows * 100 + dim)
     sizes = [span - b % 3 for b in range(rows)]  # some rows padded
     lengths = [int(torch.randint(0, 70, (), generator=generator)) for _ in range(rows)]
     layout, query, key, value = random_pass(
-        generator, rows, padded_rows, span, sizes, lengths, query_heads, heads, dim, kernel
+        generator, rows, padded_rows, span, sizes, lengths, query_heads, heads, dim, kernel, window
     )
     pool = {"keys": [layout.keys[0].clone()], "values": [layout.values[0].clone()]}
     fields = {name: value for name, value in vars(layout).items() if not name.startswith("_")}  # no caches

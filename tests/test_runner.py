@@ -15,8 +15,10 @@ import torch
 
 from hub_server.config import HubSettings
 from hub_server.engine.cpu_products import onednn_available
+from hub_server.engine.kv_pool import BLOCK_TOKENS, blocks_for
 from hub_server.engine.runner import ROW_SHAPES_KEPT, ModelRunner, _shape, feed_apart
 from hub_server.engine_api import PassTally, VerifyJob
+from hub_server.errors import KVMemoryFull
 from hub_server.tree import chain_parents
 from tests.conftest import CPU_ATTENTION, TargetAlone, plain_target
 
@@ -337,3 +339,75 @@ def test_a_pass_row_shape_is_kept_for_the_most_recent_shapes_and_matches_a_fresh
         assert torch.equal(a, b)
     assert again.depths.tolist() == [[0, 1, 1, 2], [0, 1, 2, 0]] and again.sources.tolist() == [0, 1, 2, 3, 4, 5, 6]
     assert runner._rows(2, 4, tree) is again
+
+
+def test_a_tree_whose_rejected_nodes_cross_a_block_boundary_keeps_its_path_and_gives_blocks_back(target):
+    """14 tokens stored; a 13-node tree fills positions 14..26, past the first block. Its accepted
+    path (the last nodes written, in the second block) moves down across the boundary, and the
+    blocks past what the session keeps go back to the pool."""
+    runner, target_alone = target
+    context = [1] + [(5 * i) % 400 + 30 for i in range(14)]  # 15 tokens: 14 stored, one pending
+    truth = greedy(target_alone, context, 4)
+    wrong = [[(t + k) % 512 for t in truth] for k in (3, 5, 7)]
+    # Three wrong chains of three (nodes 0..8) hang off the root, then the truth's chain (9..11)
+    # and a wrong leaf under its first node (12).
+    tokens = [*wrong[0][:3], *wrong[1][:3], *wrong[2][:3], *truth[:3], wrong[0][1]]
+    parents = [-1, 0, 1, -1, 3, 4, -1, 6, 7, -1, 9, 10, 9]
+    kv = prefilled(runner, context)
+    assert len(kv.blocks) == 1
+    free = runner.pool.free_blocks
+    tree = job(runner, kv, context, tokens, parents)
+    runner.verify_batch([tree])
+    assert tree.path == [9, 10, 11] and tree.emitted == truth
+    assert kv.length == len(context) + 3 and len(kv.blocks) == blocks_for(kv.length) == 2
+    assert runner.pool.free_blocks == free - 1
+    chain = job(runner, prefilled(runner, context), context, truth[:3])
+    runner.verify_batch([chain])
+    for layer in range(len(runner.layer_types)):
+        torch.testing.assert_close(runner.stored_kv(kv, layer), runner.stored_kv(chain.kv, layer), atol=1e-4, rtol=1e-4)
+    next_context = context + tree.emitted
+    follow = job(runner, kv, next_context, greedy(target_alone, next_context, 3))
+    runner.verify_batch([follow])
+    assert follow.emitted == greedy(target_alone, next_context, 4)
+
+
+def test_contexts_of_several_blocks_decode_like_the_target_alone(target):
+    """Contexts of 70 and 100 tokens (past several blocks, and the Gemma target's window of 8
+    many times over) decode with drafts, batched, exactly like the target alone."""
+    runner, target_alone = target
+    contexts = [[1] + [(7 * i) % 450 + 20 for i in range(69)], [1] + [(11 * i) % 450 + 20 for i in range(99)]]
+    expected = [greedy(target_alone, c, 12) for c in contexts]
+    slots = [prefilled(runner, c) for c in contexts]
+    generated: list[list[int]] = [[], []]
+    while min(len(g) for g in generated) < 12:
+        jobs = [
+            job(runner, kv, c + g, (e[len(g) : len(g) + 5] + [3])[:5])
+            for kv, c, g, e in zip(slots, contexts, generated, expected)
+        ]
+        runner.verify_batch(jobs)
+        for g, j in zip(generated, jobs):
+            g.extend(j.emitted)
+    assert [g[:12] for g in generated] == expected
+    assert [len(kv.blocks) for kv in slots] == [blocks_for(kv.length) for kv in slots]
+
+
+def test_a_session_that_finds_no_free_block_is_refused_and_left_as_it_was(tiny):
+    """A pool whose every block is taken: a verify that needs one more is refused with
+    KVMemoryFull before any pass (the session's length and blocks unchanged); once blocks come
+    back, the same verify gives the target's own tokens."""
+    runner = ModelRunner(HubSettings(model=str(tiny.hf_dir), kv_memory_gib=0.0005, cpu_attention=CPU_ATTENTION))
+    target_alone = plain_target(tiny.hf_dir)
+    context = [1] + [20 + i for i in range(14)]  # 14 stored: one more draft token crosses into a second block
+    kv = prefilled(runner, context)
+    hog = runner.new_kv()
+    assert runner.reserve(hog, runner.pool.free_blocks * BLOCK_TOKENS) and runner.pool.free_blocks == 0
+    assert runner.new_kv() is None  # no block free: no new session either
+    expected = greedy(target_alone, context, 4)
+    blocked = job(runner, kv, context, expected[:3])
+    with pytest.raises(KVMemoryFull, match="KV memory is full"):
+        runner.verify_batch([blocked])
+    assert (kv.length, len(kv.blocks)) == (len(context) - 1, 1)
+    runner.release(hog)
+    retried = job(runner, kv, context, expected[:3])
+    runner.verify_batch([retried])
+    assert retried.emitted == expected

@@ -22,6 +22,7 @@ from hub_server.errors import (
     BadRequest,
     ContextTooLong,
     HubFull,
+    KVMemoryFull,
     RateLimited,
     SessionNotFound,
     VocabMismatch,
@@ -62,6 +63,9 @@ class CountingTarget:
     def release(self, kv: KVHandle) -> None:
         kv.length = 0
         self.free.append(kv)  # type: ignore[arg-type]
+
+    def reserve(self, kv: KVHandle, tokens: int) -> bool:
+        return True  # memory enough for any context: the tight case is `TightMemory`
 
     def prefill(self, kv: KVHandle, context: list[int]) -> None:
         kv.length = len(context) - 1
@@ -285,6 +289,41 @@ def test_a_full_hub_evicts_only_the_longest_idle_session_and_only_past_the_floor
     hub.open_session(open_request(engine))
     assert {s.session_id for s in hub.sessions.all()} >= {sessions[0], sessions[1], sessions[3]}
     assert sessions[2] not in {s.session_id for s in hub.sessions.all()}
+    assert metric(hub, "specedge_evicted_sessions_total") == 1
+
+
+class TightMemory(CountingTarget):
+    """A target whose KV memory holds `capacity` context tokens in all, shared by its sessions."""
+
+    def __init__(self, capacity: int):
+        super().__init__(slots=4)
+        self.capacity, self.held = capacity, {}
+
+    def reserve(self, kv: KVHandle, tokens: int) -> bool:
+        others = sum(held for index, held in self.held.items() if index != kv.index)
+        if others + tokens > self.capacity:
+            return False
+        self.held[kv.index] = max(tokens, self.held.get(kv.index, 0))
+        return True
+
+    def release(self, kv: KVHandle) -> None:
+        self.held.pop(kv.index, None)
+        super().release(kv)
+
+
+def test_a_session_that_outgrows_the_memory_evicts_the_longest_idle_one_or_is_refused_with_503():
+    engine = TightMemory(capacity=40)
+    hub = Hub(HubSettings(model="unused", max_sessions=4), [engine])
+    idle, growing = (hub.open_session(open_request(engine)).session_id for _ in range(2))
+    feed(hub, idle, list(range(1, 21)))
+    feed(hub, growing, list(range(1, 16)))
+    with pytest.raises(KVMemoryFull) as refused:  # 20 + 22 tokens, and no session idled long enough
+        verify(hub, growing, [16], [17, 18, 19, 20, 21, 22])
+    assert refused.value.status == 503 and refused.value.retry_after_s > 0
+    assert verify(hub, growing, [16], [17, 18]).tokens == [17, 18, 19]  # the refusal changed nothing
+    {s.session_id: s for s in hub.sessions.all()}[idle].last_used -= 60
+    assert verify(hub, growing, [], [20, 21, 22, 23, 24, 25]).tokens == list(range(20, 27))
+    assert idle not in {s.session_id for s in hub.sessions.all()}
     assert metric(hub, "specedge_evicted_sessions_total") == 1
 
 

@@ -1,23 +1,23 @@
-"""Attention that reads the KV pool where it lives: no copy of any session's past.
+"""Attention over the paged KV pool: each row reads its session's blocks through its block table.
 
 The runner's target runs with this attention function (registered with transformers' attention
 interface as `POOL_ATTENTION`). In each layer it first writes the pass's new keys and values
-into their sessions' slots, at the columns right after each slot's past ("tentative" columns:
-a draft node's keys are written before anyone knows whether it will be accepted), then runs
-SDPA over the slots as views of the pool: rows whose slots are consecutive share one call. On a
-CPU the hub's own kernel (`pool_kernel.c`) does both in one call instead, where it was built.
-A boolean mask, built once per pass and layer kind on the device, lets each query see its
-session's past (within the window on sliding layers), the pass's pending tokens and its own
-draft ancestors, nothing else. After the pass the runner keeps the accepted path: a chain's
-accepted nodes already stand where they belong; a tree's are moved down to close the gap.
-
-A ring (sliding layers) has `spare` columns beyond its window, as wide as the widest row a
-pass may carry, so the tentative columns never overwrite a key some query of the pass, or any
-later one, still needs.
+into their sessions' blocks, at the positions right after each session's past ("tentative"
+positions: a draft node's keys are written before anyone knows whether it will be accepted; the
+blocks were taken for them before the pass), then attends: each row sees a view of `width`
+positions of its session (all of them on a full-attention layer, the window's on a sliding
+one), listed as pool rows (`places`, built once a pass and layer kind from the block tables).
+SDPA reads the view through a gather (counted in `copied_bytes`); on a CPU the hub's own kernel
+(`pool_kernel.c`) reads the blocks where they live, in the same call that writes. A boolean
+mask, built once per pass and layer kind on the device, lets each query see its session's past
+(within the window on sliding layers), the pass's pending tokens and its own draft ancestors,
+nothing else. After the pass the runner keeps the accepted path: a chain's accepted nodes
+already stand where they belong; a tree's are moved down to close the gap, and the blocks past
+what a session keeps go back to the pool.
 
 The work runs inside one custom operator, opaque to torch.compile: a compiled pass fuses
 everything around it (projections, norms, MLPs, rotary embeddings) and calls this operator once
-a layer, whatever the slots and contexts of the pass; the pass's layout is set beforehand with
+a layer, whatever the sessions and contexts of the pass; the pass's layout is set beforehand with
 `PoolPass.active()`. On a GPU with CUDA graphs the operator runs between the graphs (it is
 tagged unsafe to capture), so each layer's other kernels replay as graphs.
 """
@@ -35,7 +35,7 @@ from transformers import AttentionInterface
 from transformers.integrations.sdpa_attention import sdpa_attention_forward
 from transformers.masking_utils import AttentionMaskInterface, sdpa_mask
 
-from hub_server.engine.kv_pool import column_positions
+from hub_server.engine.kv_pool import BLOCK_TOKENS, NULL_BLOCK
 
 if TYPE_CHECKING:
     import ctypes
@@ -47,35 +47,24 @@ FULL, SLIDING = "full_attention", "sliding_attention"
 
 
 @dataclass
-class LayerKind:
-    """What the layers of one kind share: the pool columns each slot has, and the window."""
-
-    capacity: int
-    window: int  # 0: full attention
-
-
-@dataclass
 class PoolPass:
     """One pass's layout in the pool: where its new tokens go, and what each token sees.
 
-    B rows of S columns (a row is one session's new tokens, padded); T real tokens in all.
+    B rows of S columns (a row is one session's new tokens, padded); T real tokens in all. The
+    pool of a layer is seen as one row per position: [blocks * BLOCK_TOKENS, H, D].
     """
 
-    keys: list[torch.Tensor]  # per layer: the pool's [slots, H, capacity, D]
+    keys: list[torch.Tensor]  # per layer: the pool's [blocks, BLOCK_TOKENS, H, D]
     values: list[torch.Tensor]
     kinds: list[str]  # per layer
     rows: int  # B: real rows (a compiled pass may run more, as padding)
     sources: torch.Tensor  # [T] each real new token's index in the flattened [B * S] rows
-    slots: torch.Tensor  # [T] its slot
-    columns: dict[str, torch.Tensor]  # per kind: [T] its column
-    widths: dict[str, int]  # per kind: slot columns the pass's views cover
+    targets: torch.Tensor  # [T] its row in the pool (the same in every layer)
+    places: dict[str, torch.Tensor]  # per kind: [B, width] the pool row each column of a row's view reads
     masks: dict[str, torch.Tensor]  # per kind: [B, 1, S, width] bool, what each query sees
-    runs: list[tuple[int, int, int]]  # (first row, end row, first slot): rows of consecutive slots
-    row_slots: torch.Tensor | None = None  # [B] each row's slot (for the CPU kernel)
     kernel: PoolKernel | None = None  # the CPU pool kernel, where the hub attends through it
-    copied_bytes: int = field(default=0)  # past KV read through a copy instead of a view: 0 here
+    copied_bytes: int = field(default=0)  # past KV read through a copy (SDPA's gather of the views)
     _grouped: dict[tuple[str, int], torch.Tensor] = field(default_factory=dict)  # masks for grouped queries
-    _targets: dict[str, tuple[torch.Tensor | None, torch.Tensor]] = field(default_factory=dict)  # `_writes`, by kind
     _kernel_args: dict[str, ctypes.Array[ctypes.c_int64] | None] = field(default_factory=dict)  # by kind: None for SDPA
 
     _active: ClassVar[PoolPass | None] = None  # the pass the operator serves now (one at a time: the device lock)
@@ -89,72 +78,55 @@ class PoolPass:
             PoolPass._active = None
 
     def attend(self, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, layer: int, scale: float):
-        """Write the layer's new keys and values into their slots, then attend over the slots.
+        """Write the layer's new keys and values into their blocks, then attend over each row's view.
 
         query: [B', Hq, S, D]; key, value: [B', Hkv, S, D] for B' >= B rows. Returns [B', S, Hq, D].
         """
         kind = self.kinds[layer]
         pool_keys, pool_values = self.keys[layer], self.values[layer]
         if kind not in self._kernel_args:  # the first layer of its kind in this pass: the kernel's or SDPA's
-            self._kernel_args[kind] = self._kernel_pass(kind, query, key, pool_keys)
+            self._kernel_args[kind] = self._kernel_pass(kind, query, key)
         shared = self._kernel_args[kind]
         if shared is not None and self.kernel is not None:  # one call writes and attends in place (pool_kernel.c)
             return self.kernel.attend(query, key, value, pool_keys, pool_values, shared, scale)
         rows, query_heads, span, dim = query.shape
-        heads, width = key.shape[1], self.widths[kind]
-        # The new keys and values go to their columns in two indexed copies: the pass's rows are
-        # read as [B', S', H] rows of D (the order the projections wrote them, so reading them
-        # copies nothing), the pool as one row per (slot, head, column).
-        sources, targets = self._writes(kind, key.shape, pool_keys.shape)
-        new_keys, new_values = key.transpose(1, 2).reshape(-1, dim), value.transpose(1, 2).reshape(-1, dim)
-        if sources is not None:  # some rows are padded: only the real tokens' rows are written
-            new_keys, new_values = new_keys.index_select(0, sources), new_values.index_select(0, sources)
-        pool_keys.view(-1, dim).index_copy_(0, targets, new_keys)
-        pool_values.view(-1, dim).index_copy_(0, targets, new_values)
+        heads = key.shape[1]
+        flat_keys, flat_values = pool_keys.view(-1, heads, dim), pool_values.view(-1, heads, dim)
+        # The pass's rows are read as [B' * S, H, D] (the order the projections wrote them: no copy).
+        new_keys, new_values = (
+            key.transpose(1, 2).reshape(-1, heads, dim),
+            value.transpose(1, 2).reshape(-1, heads, dim),
+        )
+        if self.sources.numel() != new_keys.shape[0]:  # some rows are padded: only the real tokens' rows are written
+            new_keys, new_values = new_keys.index_select(0, self.sources), new_values.index_select(0, self.sources)
+        flat_keys.index_copy_(0, self.targets, new_keys)
+        flat_values.index_copy_(0, self.targets, new_values)
+        places = self.places[kind]
+        width = places.shape[1]
+        # Each row's view gathered from its blocks: [B, width, H, D], read as [B, H, width, D].
+        keys = flat_keys.index_select(0, places.view(-1)).view(self.rows, width, heads, dim).transpose(1, 2)
+        values = flat_values.index_select(0, places.view(-1)).view(self.rows, width, heads, dim).transpose(1, 2)
+        self.copied_bytes += keys.nbytes + values.nbytes
         groups = query_heads // heads
         # Grouped-query attention as plain attention: the query heads that share a kv head become
         # more queries of it ([B, Hkv, G * S, D]), so each kv head is read once by one call and
         # SDPA needs no GQA path (on this CPU its GQA path cost 1.4x more at 2,000 columns, with
         # the same results to the bit; on CUDA a masked GQA call would fall back to the math path).
-        grouped = query.reshape(rows, heads, groups * span, dim) if groups > 1 else query
+        grouped = query[: self.rows].reshape(self.rows, heads, groups * span, dim)
         mask = self._grouped_mask(kind, groups, query.dtype)
-        outputs = []
-        for first, end, slot in self.runs:
-            keys = pool_keys[slot : slot + end - first, :, :width]  # a view: the past is not copied
-            values = pool_values[slot : slot + end - first, :, :width]
-            self.copied_bytes += _copied(keys, pool_keys) + _copied(values, pool_values)
-            outputs.append(
-                F.scaled_dot_product_attention(grouped[first:end], keys, values, attn_mask=mask[first:end], scale=scale)
-            )
+        attended = F.scaled_dot_product_attention(grouped, keys, values, attn_mask=mask, scale=scale)
         if rows > self.rows:  # padding rows of a compiled bucket: nothing to see
-            outputs.append(grouped.new_zeros(rows - self.rows, *grouped.shape[1:]))
-        attended = torch.cat(outputs) if len(outputs) > 1 else outputs[0]
+            attended = torch.cat([attended, attended.new_zeros(rows - self.rows, *attended.shape[1:])])
         return attended.reshape(rows, query_heads, span, dim).transpose(1, 2).contiguous()
 
-    def _kernel_pass(self, kind: str, query: torch.Tensor, key: torch.Tensor, pool_keys: torch.Tensor):
+    def _kernel_pass(self, kind: str, query: torch.Tensor, key: torch.Tensor):
         """The kernel's arguments for this kind's layers in this pass, or None where SDPA attends them."""
-        width, span = self.widths[kind], query.shape[2]
-        if self.kernel is None or self.row_slots is None or not self.kernel.serves(query, width):
+        places = self.places[kind]
+        if self.kernel is None or not self.kernel.serves(query, places.shape[1]):
             return None
-        bias = self._grouped_mask(kind, 1, query.dtype).view(self.rows, span, width)
-        writes = (self.sources, self.slots, self.columns[kind])
-        return self.kernel.prepare(query, key, pool_keys, writes, self.rows, self.row_slots, bias)
-
-    def _writes(self, kind: str, shape: torch.Size, pool: torch.Size) -> tuple[torch.Tensor | None, torch.Tensor]:
-        """Where the layer kind's new keys go, built once a pass: for each real token and kv head,
-        its row in the layer's keys seen as [B' * S' * H, D] (sources: the token's place in the
-        flattened rows, then its head) and in the pool seen as [slots * H * capacity, D] (targets).
-        Sources are None when every place holds a real token (no padding: the rows are read as
-        they are, one operation less for keys and values in every layer)."""
-        if kind not in self._targets:
-            heads, capacity = shape[1], pool[2]
-            head = torch.arange(heads, device=self.slots.device)[None, :]
-            unpadded = self.sources.numel() == shape[0] * shape[2]  # sources: increasing places, so all of them
-            self._targets[kind] = (
-                None if unpadded else (self.sources[:, None] * heads + head).reshape(-1),
-                ((self.slots[:, None] * heads + head) * capacity + self.columns[kind][:, None]).reshape(-1),
-            )
-        return self._targets[kind]
+        span = query.shape[2]
+        bias = self._grouped_mask(kind, 1, query.dtype).view(self.rows, span, places.shape[1])
+        return self.kernel.prepare(query, key, (self.sources, self.targets), self.rows, places, bias)
 
     def _grouped_mask(self, kind: str, groups: int, dtype: torch.dtype) -> torch.Tensor:
         """The kind's mask for grouped queries, built once a pass: each query's row repeated for
@@ -171,11 +143,6 @@ class PoolPass:
                 ~mask, float("-inf")
             )
         return self._grouped[key]
-
-
-def _copied(view: torch.Tensor, pool: torch.Tensor) -> int:
-    """Bytes of `view` that are not the pool's own memory (a copy), 0 for a view."""
-    return 0 if view._base is pool else view.nbytes
 
 
 def _attend_active(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, layer: int, scale: float):
@@ -264,77 +231,54 @@ def rows_of(table: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
     return flat.view(batch, index.shape[1], width)
 
 
-def kind_mask(
-    kind: LayerKind,
+def view_places(tables: torch.Tensor, starts: torch.Tensor, ends: torch.Tensor, width: int) -> torch.Tensor:
+    """The pool row each column of each row's view reads: [B, width]. Row b's view shows its
+    session's positions starts[b], starts[b] + 1, ... (those before ends[b] exist; the rest read
+    the null block's zeros).
+
+    tables: [B, M] each row's block table (padded with the null block); starts, ends: [B].
+    """
+    positions = starts[:, None] + torch.arange(width, device=tables.device)  # [B, W]
+    blocks = torch.gather(tables, 1, (positions // BLOCK_TOKENS).clamp(max=tables.shape[1] - 1))
+    places = blocks * BLOCK_TOKENS + positions % BLOCK_TOKENS
+    return torch.where(positions < ends[:, None], places, NULL_BLOCK * BLOCK_TOKENS)
+
+
+def view_mask(
+    window: int,
     lengths: torch.Tensor,
+    starts: torch.Tensor,
     sizes: torch.Tensor,
     positions: torch.Tensor,
     ancestors: torch.Tensor,
     width: int,
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """The columns of each row's new tokens [B, S] and what each query sees [B, 1, S, width].
+) -> torch.Tensor:
+    """What each query sees of its row's view: [B, 1, S, width] bool.
 
-    lengths: [B] tokens each slot held before the pass; sizes: [B] real tokens per row;
-    positions: [B, S] context positions; ancestors: [B, S, S]. Column c of a slot holds a new
-    token when the pass writes one there, else the latest past position that maps to it.
+    lengths: [B] tokens each session stored before the pass; starts: [B] the first position of
+    each view; sizes: [B] real tokens per row; positions: [B, S] the new tokens' context
+    positions; ancestors: [B, S, S]. View column c shows stored position starts[b] + c: the
+    session's past below lengths[b] (whose context position is where it is stored: kept paths are
+    compacted), then the pass's new tokens in row order (a draft node's context position is its
+    depth below the past, not where it is stored). A query sees the past and its own ancestors
+    among the new tokens; on a sliding layer (`window` > 0) only those less than `window` behind it.
     """
-    rows, span = positions.shape
-    offsets = torch.arange(span, device=lengths.device)
-    real = offsets[None, :] < sizes[:, None]  # [B, S]
-    if not kind.window:
-        return _full_mask(lengths, sizes, ancestors, width, offsets, real)
-    columns = torch.remainder(lengths[:, None] + offsets[None, :], kind.capacity)  # [B, S]
-    # Which new token each column holds (-1: none); padding tokens are sent to a column past the end.
-    holder = torch.full((rows, width + 1), -1, dtype=torch.long, device=lengths.device)
-    holder.scatter_(1, torch.where(real, columns, width), offsets.expand(rows, -1).contiguous())
-    holder = holder[:, :width]  # [B, P]
-    past = column_positions(lengths, kind.capacity, width)  # [B, P]
-    sees_past = ((past >= 0) & (holder < 0))[:, None, :].expand(-1, span, -1)  # [B, S, P]
-    held = holder.clamp(min=0)
+    span = positions.shape[1]
+    stored = starts[:, None] + torch.arange(width, device=lengths.device)  # [B, P]
+    held = stored - lengths[:, None]  # which new token a column holds, if >= 0
+    past = held < 0
+    new = ~past & (held < sizes[:, None])
+    held = held.clamp(0, span - 1)
     # Whether each column's new token is the query or one of its ancestors: for each column, the
     # queries that have its token ([B, S, S] by token j: who has j), seen as [B, S, P].
     has = rows_of(ancestors.transpose(1, 2), held).transpose(1, 2)
-    sees_new = has & (holder >= 0)[:, None, :]
-    if kind.window:
-        queries = positions[:, :, None]
-        sees_past = sees_past & (queries - past[:, None, :] < kind.window)
-        sees_new = sees_new & (queries - torch.gather(positions, 1, held)[:, None, :] < kind.window)
-    sees = sees_past | sees_new
-    # Padding queries see the first column, so no row of the attention is empty (their output is dropped).
-    sees[:, :, 0] |= ~real
-    return columns, sees[:, None]
-
-
-def _full_mask(
-    lengths: torch.Tensor,
-    sizes: torch.Tensor,
-    ancestors: torch.Tensor,
-    width: int,
-    offsets: torch.Tensor,
-    real: torch.Tensor,
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """`kind_mask` for a layer of full attention, whose slots never wrap: a row's past fills its
-    first columns and its new tokens follow them, so a query sees every past column and the new
-    tokens that are its ancestors (a third of the ring's operations: ~0.2 ms a pass on the CPU
-    machine, where the ring's way took ~0.37)."""
-    columns = lengths[:, None] + offsets[None, :]  # [B, S]
-    held = torch.arange(width, device=lengths.device)[None, :] - lengths[:, None]  # [B, P]: which new token, if any
-    new = (held >= 0) & (held < sizes[:, None])
-    has = rows_of(ancestors.transpose(1, 2), held.clamp(0, ancestors.shape[-1] - 1)).transpose(1, 2)
-    sees = (held < 0)[:, None, :] | (has & new[:, None, :])
+    sees = past[:, None, :] | (has & new[:, None, :])
+    if window:
+        shown = torch.where(past, stored, torch.gather(positions, 1, held))  # each column's context position
+        sees &= positions[:, :, None] - shown[:, None, :] < window
+    real = torch.arange(span, device=lengths.device)[None, :] < sizes[:, None]
     sees[:, :, 0] |= ~real  # padding queries see the first column (their output is dropped)
-    return columns, sees[:, None]
-
-
-def slot_runs(slots: list[int]) -> list[tuple[int, int, int]]:
-    """(first row, end row, first slot) for each run of consecutive slot indices, rows in order."""
-    runs: list[tuple[int, int, int]] = []
-    for row, slot in enumerate(slots):
-        if runs and slot == runs[-1][2] + row - runs[-1][0]:
-            runs[-1] = (runs[-1][0], row + 1, runs[-1][2])
-        else:
-            runs.append((row, row + 1, slot))
-    return runs
+    return sees[:, None]
 
 
 # --- a sample pass, for timing the attention ----------------------------------------------
@@ -342,26 +286,29 @@ def sample_pass(
     shape: tuple[int, int, int, int, int], width: int, kernel: PoolKernel | None
 ) -> tuple[PoolPass, tuple[torch.Tensor, torch.Tensor, torch.Tensor]]:
     """One full-attention layer's pass of `shape` (rows, tokens a row, query heads, kv heads,
-    head dims) over slot views of `width` columns: each row's past, then its chain of new tokens.
-    Returns the pass (attending through `kernel`, or SDPA for None) and its queries, keys, values."""
+    head dims) over views of `width` positions: each row's past, then its chain of new tokens,
+    each row in blocks of its own. Returns the pass (attending through `kernel`, or SDPA for
+    None) and its queries, keys, values."""
     rows, span, query_heads, heads, dim = shape
     generator = torch.Generator().manual_seed(width)
-    keys, values = (torch.randn(rows, heads, width + span, dim, generator=generator) for _ in range(2))
+    per_row = -(-max(width, span) // BLOCK_TOKENS)
+    keys, values = (torch.randn(1 + rows * per_row, BLOCK_TOKENS, heads, dim, generator=generator) for _ in range(2))
+    tables = 1 + torch.arange(rows * per_row).view(rows, per_row)
     past = max(width - span, 0)
+    lengths = torch.full((rows,), past)
     sees = torch.ones(rows, 1, span, width, dtype=torch.bool)
     sees[..., past:] = torch.ones(span, width - past, dtype=torch.bool).tril()
+    stored = (past + torch.arange(span)).repeat(rows)
+    row_of = torch.arange(rows).repeat_interleave(span)
     layout = PoolPass(
         keys=[keys],
         values=[values],
         kinds=[FULL],
         rows=rows,
         sources=torch.arange(rows * span),
-        slots=torch.arange(rows).repeat_interleave(span),
-        columns={FULL: past + torch.arange(span).repeat(rows)},
-        widths={FULL: width},
+        targets=tables[row_of, stored // BLOCK_TOKENS] * BLOCK_TOKENS + stored % BLOCK_TOKENS,
+        places={FULL: view_places(tables, torch.zeros(rows, dtype=torch.long), lengths + span, width)},
         masks={FULL: sees},
-        runs=[(0, rows, 0)],
-        row_slots=torch.arange(rows),
         kernel=kernel,
     )
     query, key, value = (

@@ -1,10 +1,11 @@
 /* One layer of the pool attention on a CPU, in one call: write the pass's new keys and values
- * into their slots, then attend over each row's slot where it lives (no copy of the past).
+ * into their blocks, then attend over each row's view of its session's blocks where they live
+ * (no copy of the past).
  *
  * Built at hub start by `pool_kernel.py` with the machine's C compiler (-O3 -march=native) and
  * called through ctypes from `PoolPass.attend`. What it replaces is ATen's SDPA, whose CPU
  * kernel pays a fixed cost per (row, head) that dominates the few dozen columns of a short
- * context; here a (row, kv head) is four small tiled steps: the slot's keys transposed (W x W
+ * context; here a (row, kv head) is four small tiled steps: the view's keys transposed (W x W
  * blocks in registers, W the target's lanes: 16 with AVX-512, 8 with AVX, 4 otherwise), scores
  * (4 queries x 2W columns a tile: eight accumulators cover the multiply-add's latency; the bias
  * added and each query's largest score kept as they are written), softmax (tree reductions
@@ -16,11 +17,12 @@
  * Layouts (floats, the last axis contiguous):
  *   q      [rows', Hq, S, D] by the given strides (rows' >= rows: the pass's padding rows)
  *   k, v   [rows', H, S, D] by the given strides
- *   pool   keys, values [slots, H, capacity, D], contiguous
+ *   pool   keys, values [positions, H, D], contiguous (the blocks seen as one row per position)
+ *   places [rows, width]: the pool row each column of a row's view reads
  *   bias   [rows, S, width]: 0 where a query sees a column, -inf where not
  *   out    [rows', S, Hq, D], contiguous; padding rows are zeros
  * Token t (of `tokens` real ones) sits at place sources[t] of the flattened [rows', S] rows and
- * goes to column columns[t] of slot slots[t]; row b reads slot row_slots[b].
+ * goes to pool row targets[t].
  * D must be a multiple of 8.
  */
 #include <stdint.h>
@@ -152,20 +154,22 @@ static inline vec store(float *restrict to, vec scores, const float *restrict bi
 #define ROUNDS ROUND(1) ROUND(2)
 #endif
 
-/* kt[d, c] = K[c, d] for the slot's first `width` columns, zeros up to wp (a multiple of 16). */
-static void transpose(float *restrict kt, const float *restrict K, int64_t width, int64_t wp, int64_t dim) {
+/* kt[d, c] = K[place[c] * stride + d] for the view's `width` columns, zeros up to wp (a multiple of 16). */
+static void transpose(float *restrict kt, const float *restrict K, const int64_t *restrict place, int64_t stride,
+                      int64_t width, int64_t wp, int64_t dim) {
     int64_t d0 = 0;
 #ifdef SHUFFLE
     for (; d0 + W <= dim; d0 += W)
         for (int64_t c0 = 0; c0 < wp; c0 += W) {
             vec t[W];
-            for (int r = 0; r < W; r++) t[r] = c0 + r < width ? *(const vecu *)(K + (c0 + r) * dim + d0) : splat(0.f);
+            for (int r = 0; r < W; r++)
+                t[r] = c0 + r < width ? *(const vecu *)(K + place[c0 + r] * stride + d0) : splat(0.f);
             ROUNDS
             for (int r = 0; r < W; r++) *(vecu *)(kt + (d0 + r) * wp + c0) = t[r];
         }
 #endif
     for (int64_t c = 0; c < width; c++)
-        for (int64_t d = d0; d < dim; d++) kt[d * wp + c] = K[c * dim + d];
+        for (int64_t d = d0; d < dim; d++) kt[d * wp + c] = K[place[c] * stride + d];
     for (int64_t d = d0; d < dim; d++)
         for (int64_t c = width; c < wp; c++) kt[d * wp + c] = 0.f;
 }
@@ -178,10 +182,10 @@ int64_t pool_scratch(int64_t dim, int64_t block, int64_t width) {
 
 /* What every layer of one kind shares in a pass (`PoolKernel.prepare` packs it once a pass). */
 struct pass {
-    int64_t heads, capacity, dim, tokens;
-    const int64_t *sources, *slots, *columns;
+    int64_t heads, dim, tokens;
+    const int64_t *sources, *targets;
     int64_t rows, padded_rows, span, qheads;
-    const int64_t *row_slots;
+    const int64_t *places;
     const float *bias;
     int64_t width;
 };
@@ -207,23 +211,22 @@ void pool_attend(const struct layer *layer, const struct pass *pass) {
     int64_t vb = layer->vb, vh = layer->vh, vs = layer->vs;
     float *pool_keys = layer->pool_keys, *pool_values = layer->pool_values, *out = layer->out;
     float *scratch = layer->scratch, scale = layer->scale;
-    int64_t heads = pass->heads, capacity = pass->capacity, dim = pass->dim, tokens = pass->tokens;
-    const int64_t *sources = pass->sources, *slots = pass->slots, *columns = pass->columns;
-    const int64_t *row_slots = pass->row_slots;
+    int64_t heads = pass->heads, dim = pass->dim, tokens = pass->tokens, stride = heads * dim;
+    const int64_t *sources = pass->sources, *targets = pass->targets, *places = pass->places;
     int64_t rows = pass->rows, padded_rows = pass->padded_rows, span = pass->span, qheads = pass->qheads;
     const float *bias = pass->bias;
     int64_t width = pass->width;
     for (int64_t t = 0; t < tokens; t++) {
         int64_t b = sources[t] / span, s = sources[t] % span;
         for (int64_t h = 0; h < heads; h++) {
-            int64_t to = ((slots[t] * heads + h) * capacity + columns[t]) * dim;
+            int64_t to = (targets[t] * heads + h) * dim;
             scaled(pool_keys + to, k + b * kb + h * kh + s * ks, 1.f, dim);
             scaled(pool_values + to, v + b * vb + h * vh + s * vs, 1.f, dim);
         }
     }
     int64_t groups = qheads / heads, block = groups * span; /* a kv head's queries: its group's heads x S */
     int64_t wp = (width + 15) / 16 * 16, bp = (block + 3) / 4 * 4; /* padded to the tiles */
-    float *restrict kt = scratch;       /* [D, wp]: the slot's keys, transposed */
+    float *restrict kt = scratch;       /* [D, wp]: the view's keys, transposed */
     float *restrict p = kt + dim * wp;  /* [bp, wp]: scores, then weights */
     float *restrict qq = p + bp * wp;   /* [bp, D]: the block's queries, scaled */
     float *restrict inv = qq + bp * dim; /* [bp]: 1 / each query's sum of weights */
@@ -235,9 +238,9 @@ void pool_attend(const struct layer *layer, const struct pass *pass) {
             for (int64_t c = width; c < wp; c++) mask[s * wp + c] = -3.0e38f;
         }
         for (int64_t h = 0; h < heads; h++) {
-            const float *restrict K = pool_keys + (row_slots[b] * heads + h) * capacity * dim;
-            const float *restrict V = pool_values + (row_slots[b] * heads + h) * capacity * dim;
-            transpose(kt, K, width, wp, dim);
+            const int64_t *restrict place = places + b * width; /* the view's pool rows */
+            const float *restrict K = pool_keys + h * dim, *restrict V = pool_values + h * dim;
+            transpose(kt, K, place, stride, width, wp, dim);
             for (int64_t i = 0; i < bp; i++) {
                 if (i < block) {
                     int64_t hq = h * groups + i / span, s = i % span;
@@ -294,8 +297,10 @@ void pool_attend(const struct layer *layer, const struct pass *pass) {
                 int64_t d0 = 0;
                 for (; d0 + 2 * W <= dim; d0 += 2 * W) { /* 2W dims a tile, each weight read once for both halves */
                     vec a[4] = {{0}}, z[4] = {{0}};
-                    for (int64_t c = 0; c < width; c++)
-                        step(a, z, p0 + c, wp, *(const vecu *)(V + c * dim + d0), *(const vecu *)(V + c * dim + d0 + W));
+                    for (int64_t c = 0; c < width; c++) {
+                        const float *restrict vc = V + place[c] * stride + d0;
+                        step(a, z, p0 + c, wp, *(const vecu *)vc, *(const vecu *)(vc + W));
+                    }
                     for (int r = 0; r < 4 && i0 + r < block; r++) {
                         int64_t i = i0 + r, hq = h * groups + i / span, s = i % span;
                         float *restrict o = out + ((b * span + s) * qheads + hq) * dim + d0;
@@ -307,11 +312,12 @@ void pool_attend(const struct layer *layer, const struct pass *pass) {
                     vec a[4] = {{0}}, z[4] = {{0}};
                     int64_t c = 0;
                     for (; c + 2 <= width; c += 2) {
-                        vec x = *(const vecu *)(V + c * dim + d0), y = *(const vecu *)(V + (c + 1) * dim + d0);
+                        vec x = *(const vecu *)(V + place[c] * stride + d0);
+                        vec y = *(const vecu *)(V + place[c + 1] * stride + d0);
                         for (int r = 0; r < 4; r++) a[r] += p0[r * wp + c] * x, z[r] += p0[r * wp + c + 1] * y;
                     }
                     if (c < width) {
-                        vec x = *(const vecu *)(V + c * dim + d0);
+                        vec x = *(const vecu *)(V + place[c] * stride + d0);
                         for (int r = 0; r < 4; r++) a[r] += p0[r * wp + c] * x;
                     }
                     for (int r = 0; r < 4 && i0 + r < block; r++) {
@@ -323,7 +329,7 @@ void pool_attend(const struct layer *layer, const struct pass *pass) {
                 if (d0 < dim) { /* the last 8 dims */
                     half a[4] = {{0}};
                     for (int64_t c = 0; c < width; c++) {
-                        half x = *(const halfu *)(V + c * dim + d0);
+                        half x = *(const halfu *)(V + place[c] * stride + d0);
                         for (int r = 0; r < 4; r++) a[r] += p0[r * wp + c] * x;
                     }
                     for (int r = 0; r < 4 && i0 + r < block; r++) {

@@ -39,7 +39,7 @@ FASTER = 0.9  # `auto`: the kernel's time at most this share of SDPA's
 _I64, _PTR = ctypes.c_int64, ctypes.c_void_p
 LAYER = struct.Struct("=16qf")  # pool_kernel.c's `struct layer`: 16 pointers and strides, the scale
 LAYER_FIELDS = -(-LAYER.size // 8)  # int64s that hold it, with the C struct's padding (17)
-PASS_FIELDS = 14  # pool_kernel.c's `struct pass`: int64s and pointers
+PASS_FIELDS = 12  # pool_kernel.c's `struct pass`: int64s and pointers
 
 
 class PoolKernel:
@@ -73,26 +73,26 @@ class PoolKernel:
         self,
         query: torch.Tensor,
         key: torch.Tensor,
-        pool_keys: torch.Tensor,
-        writes: tuple[torch.Tensor, torch.Tensor, torch.Tensor],
+        writes: tuple[torch.Tensor, torch.Tensor],
         rows: int,
-        row_slots: torch.Tensor,
+        places: torch.Tensor,
         bias: torch.Tensor,
     ) -> ctypes.Array[ctypes.c_int64]:
         """What every layer of one kind shares in a pass, packed once a pass as pool_kernel.c's
         `struct pass` (the tensors it points into must live as long: the pass holds them).
 
-        writes: each real token's (place in the flattened rows, slot, column), int64;
-        row_slots: [rows] each row's slot; bias: [rows, S, width] additive mask, contiguous."""
+        writes: each real token's (place in the flattened rows, row in the pool), int64;
+        places: [rows, width] the pool row each column of a row's view reads, contiguous int64;
+        bias: [rows, S, width] additive mask, contiguous."""
         padded_rows, query_heads, span, dim = query.shape
         heads, width = key.shape[1], bias.shape[-1]
         needed = self._scratch_floats(dim, query_heads // heads * span, width)
         if self._scratch.numel() < needed:
             self._scratch = torch.empty(needed)
-        sources, slots, columns = writes
+        sources, targets = writes
         fields = (
-            heads, pool_keys.shape[2], dim, sources.numel(), sources.data_ptr(), slots.data_ptr(),
-            columns.data_ptr(), rows, padded_rows, span, query_heads, row_slots.data_ptr(), bias.data_ptr(), width,
+            heads, dim, sources.numel(), sources.data_ptr(), targets.data_ptr(), rows, padded_rows, span,
+            query_heads, places.data_ptr(), bias.data_ptr(), width,
         )  # fmt: skip
         return (_I64 * PASS_FIELDS)(*fields)
 

@@ -1,13 +1,14 @@
 """The model runner: the engine that owns the target model, its KV pool and the forward passes.
 
 It owns the target model and the KV pool that holds every session's keys and values
-(`kv_pool.py`, allocated once at start). One forward pass verifies the drafts of many sessions
-at once, whatever their context lengths and draft shapes: each session's new tokens (pending
-context tokens, then draft tree nodes) are laid out in a row with their own positions, and the
-attention (`pool_attention.py`) reads each session's past where it lives in the pool, with a
-mask that lets each token see exactly its session's past and its own ancestors. The new
-tokens' keys and values are written into the slots during the pass; afterwards each slot keeps
-those of its pending tokens and its accepted path, nothing else.
+(`kv_pool.py`: blocks allocated once at start, taken by sessions as their contexts grow). One
+forward pass verifies the drafts of many sessions at once, whatever their context lengths and
+draft shapes: each session's new tokens (pending context tokens, then draft tree nodes) are laid
+out in a row with their own positions, and the attention (`pool_attention.py`) reads each
+session's past through its block table, with a mask that lets each token see exactly its
+session's past and its own ancestors. The new tokens' keys and values are written into the
+session's blocks during the pass; afterwards each session keeps those of its pending tokens and
+its accepted path, nothing else, and gives back the blocks past them.
 
 With `--compile on` the passes take a few fixed shapes (rows and widths rounded up to powers of
 two), each compiled once at start by torch.compile (CUDA graphs on a GPU); the compile cache is
@@ -32,22 +33,22 @@ import torch
 
 from hub_server.config import HubSettings, default_cache_dir
 from hub_server.engine.cpu_products import choose_cpu_products
-from hub_server.engine.kv_pool import GIB, KVPool, KVShape, KVSlot, column_positions, plan_kv
+from hub_server.engine.kv_pool import BLOCK_TOKENS, GIB, KVPool, KVShape, SessionKV, blocks_for, plan_kv
 from hub_server.engine.loading import choose_device, choose_dtype, load_target, read_vocabulary
 from hub_server.engine.pool_attention import (
     FULL,
     POOL_ATTENTION,
     SLIDING,
-    LayerKind,
     PoolPass,
     ancestor_closure,
-    kind_mask,
-    slot_runs,
+    view_mask,
+    view_places,
 )
 from hub_server.engine.pool_kernel import load_pool_kernel
 from hub_server.engine.rotary import rotary_table, tabled
 from hub_server.engine.sampling import target_choices
 from hub_server.engine_api import EngineStats, KVHandle, PassTally, VerifyJob
+from hub_server.errors import KVMemoryFull
 from hub_server.pass_cost import PassCostFit, RowCosts
 from hub_server.tree import accept_tree, chain_parents, node_depths
 
@@ -68,7 +69,7 @@ PASS_OVERHEAD_TOKENS = {"cuda": 4096, "cpu": 2}
 WARM_UP_CONTEXT = 16
 WARM_UP_DRAFTS = (0, 8, 32)
 # A prompt is fed in passes of at most this many tokens. The widest row a pass carries (this, or
-# a verify's last token and longest draft) sets the spare columns of every slot (kv_pool.py).
+# a verify's last token and longest draft): a new session is admitted while its blocks are free.
 FEED_CHUNK = 128
 SMALLEST_WIDTH = 16  # the narrowest compiled row: narrower ones cost about as much on any device
 # How fast the estimate of how often a projected draft node leads on to an accepted child follows
@@ -82,11 +83,11 @@ log = logging.getLogger("hub_server")
 
 @dataclass
 class _Batch:
-    """Sessions' new tokens laid out for one pass: rows (sessions, in slot order) of width S;
-    row b's tokens are its pending tokens (a chain below the slot's past), then its draft nodes.
-    A compiled pass runs more rows and columns than it has (a bucket): the rest is padding."""
+    """Sessions' new tokens laid out for one pass: rows (sessions) of width S; row b's tokens are
+    its pending tokens (a chain below the session's past), then its draft nodes. A compiled pass
+    runs more rows and columns than it has (a bucket): the rest is padding."""
 
-    slots: list[KVSlot]
+    slots: list[SessionKV]
     sizes: list[int]  # real tokens per row
     tokens: torch.Tensor  # [B', S'] on the device
     positions: torch.Tensor  # [B', S'] absolute context positions
@@ -243,10 +244,7 @@ class ModelRunner:
         self.widest_row = max(FEED_CHUNK, 1 + settings.max_draft_tokens)
         self.pool = self._make_pool(settings, config)
         self.max_context = self.pool.max_context
-        self.kinds = {
-            kind: LayerKind(self.pool.capacities[self.layer_types.index(kind)], self.window if kind == SLIDING else 0)
-            for kind in set(self.layer_types)
-        }
+        self.kinds = {kind: self.window if kind == SLIDING else 0 for kind in set(self.layer_types)}  # their windows
         # The pool attention builds its own masks; a 4D placeholder keeps transformers from building any.
         placeholder = torch.ones(1, 1, 1, 1, dtype=torch.bool, device=self.device)
         self._placeholder_mask = {kind: placeholder for kind in self.kinds} if SLIDING in self.kinds else placeholder
@@ -304,11 +302,10 @@ class ModelRunner:
             self.projection_costs.add(rows, time.perf_counter() - started)
 
     def _make_pool(self, settings: HubSettings, config) -> KVPool:
-        """The KV pool for --max-sessions sessions, sized to the budget; KVBudgetError when it cannot be."""
+        """The KV pool's blocks, as many as the budget holds; KVBudgetError when it cannot hold one session."""
         heads = getattr(config, "num_key_value_heads", None) or config.num_attention_heads
         dim = getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
-        windows = tuple(self.window if kind == SLIDING else 0 for kind in self.layer_types)
-        shape = KVShape(heads, dim, self.model.dtype.itemsize, windows, spare=self.widest_row)
+        shape = KVShape(heads, dim, self.model.dtype.itemsize, len(self.layer_types))
         model_limit = int(getattr(config, "max_position_embeddings", 0) or 2**31)
         if settings.kv_memory_gib:
             budget, source = int(settings.kv_memory_gib * GIB), "--kv-memory-gib"
@@ -317,17 +314,23 @@ class ModelRunner:
             share = AUTO_KV_SHARE[device.type]
             budget = int(share * available_memory(device))
             source = f"auto: {share:.0%} of the {device.type} memory free after loading the model"
-        plan = plan_kv(shape, settings.max_sessions, settings.max_context, model_limit, budget, source)
+        plan = plan_kv(shape, settings.max_sessions, settings.max_context, model_limit, budget, source, self.widest_row)
         log.info(plan.describe(shape))
         return KVPool(shape, plan, self.model.dtype, self.device)
 
     # --- sessions' KV memory ------------------------------------------------------------
-    def new_kv(self) -> KVSlot | None:
-        """A slot for a new session, or None when all are taken."""
-        return self.pool.take()
+    def new_kv(self) -> SessionKV | None:
+        """A new session's KV memory, or None when the session table is full or the blocks of a
+        pass's widest row are not free."""
+        return self.pool.open(least_blocks=blocks_for(self.widest_row))
 
     def release(self, kv: KVHandle) -> None:
-        self.pool.give_back(kv)
+        self.pool.close(_own(kv))
+
+    def reserve(self, kv: KVHandle, tokens: int) -> bool:
+        """Take the blocks for `kv` to hold `tokens` context tokens before a pass writes them;
+        False (nothing taken) when too few blocks are free."""
+        return self.pool.cover(_own(kv), tokens)
 
     def pass_fixed_s(self) -> float | None:
         return self.pass_costs.fixed_s()
@@ -349,20 +352,20 @@ class ModelRunner:
             compiled_buckets=len(self.compiled_shapes),
         )
 
-    def stored_kv(self, kv: KVSlot, layer: int) -> tuple[torch.Tensor, torch.Tensor]:
-        """The keys and values a slot holds for `layer`, in position order: [H, n, D] each
+    def stored_kv(self, kv: SessionKV, layer: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """The keys and values a session holds for `layer`, in position order: [H, n, D] each
         (sliding layers: the last window - 1 positions, all a later query can see)."""
-        capacity = self.pool.capacities[layer]
-        kept = min(kv.length, capacity, self.window - 1 if self.layer_types[layer] == SLIDING else capacity)
-        positions = column_positions(torch.tensor([kv.length]), capacity, min(kv.length, capacity))[0]
-        columns = torch.argsort(positions)[-kept:].to(self.device) if kept else torch.zeros(0, dtype=torch.long)
-        return self.pool.keys[layer][kv.index, :, columns], self.pool.values[layer][kv.index, :, columns]
+        window = self.kinds[self.layer_types[layer]]
+        first = max(0, kv.length - window + 1) if window else 0
+        rows = torch.tensor(self.pool.places(kv, list(range(first, kv.length))), dtype=torch.long, device=self.device)
+        keys, values = self.pool.flat(self.pool.keys[layer]), self.pool.flat(self.pool.values[layer])
+        return keys[rows].transpose(0, 1), values[rows].transpose(0, 1)
 
     # --- public operations --------------------------------------------------------------
     def prefill(self, kv: KVHandle, context: list[int]) -> None:
         """Bring `kv` up to all of `context` but its last token."""
         with self.device_lock:
-            self._feed(kv, context[kv.length : len(context) - 1])
+            self._feed(_own(kv), context[kv.length : len(context) - 1])
 
     def verify_batch(self, jobs: list[VerifyJob]) -> float:
         """Verify every job's draft in one forward pass; fills in `path` and `emitted`. Returns the
@@ -373,7 +376,7 @@ class ModelRunner:
             widest = self.width_buckets[-1] if self.compiled else self.widest_row
             apart |= {b for b, (pending, draft) in enumerate(rows) if pending + draft > widest}
             for b in sorted(apart):
-                self._feed(jobs[b].kv, jobs[b].pending[:-1])
+                self._feed(_own(jobs[b].kv), jobs[b].pending[:-1])
                 jobs[b].pending = jobs[b].pending[-1:]
             tally = self.verify_passes.setdefault(len(jobs), PassTally())
             before = tally.seconds
@@ -429,7 +432,8 @@ class ModelRunner:
         longest = max(draft for _, draft in passes)
         tokens = [2 + i % (self.vocab_size - 2) for i in range(WARM_UP_CONTEXT + longest)]
         context = [1] + tokens[: WARM_UP_CONTEXT - 1]
-        slots = [slot for slot in (self.pool.take() for _ in range(max(n for n, _ in passes))) if slot is not None]
+        opened = (self.pool.open() for _ in range(max(n for n, _ in passes)))
+        slots = [slot for slot in opened if slot is not None]
         try:
             for slot in slots:
                 self.prefill(slot, context)
@@ -453,7 +457,7 @@ class ModelRunner:
                     )
         finally:
             for slot in slots:
-                self.pool.give_back(slot)
+                self.pool.close(slot)
             self._zero_tallies()
 
     def _zero_tallies(self) -> None:
@@ -471,9 +475,8 @@ class ModelRunner:
 
     def _verify_pass(self, jobs: list[VerifyJob]) -> int:
         """One batched pass over the jobs; returns the tokens it computed, padding included."""
-        jobs = sorted(jobs, key=lambda job: job.kv.index)  # consecutive slots share an attention call
         batch = self._batch(
-            [job.kv for job in jobs],
+            [_own(job.kv) for job in jobs],
             [job.pending + job.draft for job in jobs],
             [_row_parents(len(job.pending), job.parents) for job in jobs],
             bucketed=self.compiled,
@@ -593,7 +596,7 @@ class ModelRunner:
                 chosen += target_choices(logits[k : k + 1], job.temperature, job.seed, [position])
         return chosen
 
-    def _feed(self, kv: KVSlot, tokens: list[int]) -> None:
+    def _feed(self, kv: SessionKV, tokens: list[int]) -> None:
         """Append `tokens` to `kv` in passes of this session alone, FEED_CHUNK tokens each."""
         if not tokens:
             return
@@ -620,50 +623,60 @@ class ModelRunner:
             tally.add(seconds)
 
     def _batch(
-        self, slots: list[KVSlot], rows: list[list[int]], parents: list[list[int]], bucketed: bool = False
+        self, slots: list[SessionKV], rows: list[list[int]], parents: list[list[int]], bucketed: bool = False
     ) -> _Batch:
         """Lay the rows out for a pass (`bucketed`: in a compiled bucket when there is one) and
-        plan where their keys go and what each token sees; rows are in slot order."""
+        plan where their keys go and what each token sees. Each session's blocks must hold its
+        new tokens (`reserve`, or taken here: KVMemoryFull when they cannot be)."""
         sizes = [len(row) for row in rows]
+        for slot, size in zip(slots, sizes):
+            self._cover(slot, slot.length + size)
         height, width = len(rows), max(sizes)
         if bucketed:
             height = _bucket(height, self.batch_buckets) or height
             width = _bucket(width, self.width_buckets) or width
         device, total = self.device, sum(sizes)
         shape = self._rows(height, width, parents)
-        # What the host knows, sent to the device in two copies: each real token's id (through
+        # What the host knows, sent to the device in three copies: each real token's id (through
         # numpy: torch.tensor of a list of Python ints costs ~0.2 us an int, 0.9 ms for 64 rows
-        # of 33), then each row's slot and the tokens that slot held before the pass.
+        # of 33), each row's stored tokens and the row's block table.
         ids = torch.from_numpy(np.fromiter(chain.from_iterable(rows), dtype=np.int64, count=total)).to(device)
-        per_row = torch.tensor([[slot.index for slot in slots], [slot.length for slot in slots]])
-        slot_of_row, lengths = per_row.to(device)
+        lengths = torch.tensor([slot.length for slot in slots]).to(device)
+        tables = torch.from_numpy(_tables(slots)).to(device)  # [B, M]
         tokens = torch.zeros(height * width, dtype=torch.long, device=device)
         tokens[shape.sources] = ids
         positions = torch.zeros(height, width, dtype=torch.long, device=device)
-        positions[: len(rows)] = lengths[:, None] + shape.depths  # below the slot's past
-        longest = max(slot.length + size for slot, size in zip(slots, sizes))
-        columns, masks, widths = {}, {}, {}
-        for name, kind in self.kinds.items():
-            widths[name] = min(longest, kind.capacity)
-            columns[name], masks[name] = kind_mask(
-                kind, lengths, shape.sizes, positions[: len(rows)], shape.ancestors, widths[name]
-            )
-            columns[name] = columns[name].reshape(-1)[shape.sources]  # [T]
+        positions[: len(rows)] = lengths[:, None] + shape.depths  # below the session's past
+        # Each new token goes to the stored position after its row's past and the row's tokens before it.
+        stored = lengths[shape.row_of] + shape.sources - shape.row_of * width
+        blocks = tables.view(-1)[shape.row_of * tables.shape[1] + stored // BLOCK_TOKENS]
+        places, masks = {}, {}
+        for name, window in self.kinds.items():
+            # A sliding layer's view starts at the oldest position its first new token still sees.
+            first = [max(0, slot.length - window + 1) if window else 0 for slot in slots]
+            starts = torch.tensor(first).to(device) if window else torch.zeros_like(lengths)
+            view = max(slot.length - start + size for slot, start, size in zip(slots, first, sizes))
+            places[name] = view_places(tables, starts, lengths + shape.sizes, view)
+            masks[name] = view_mask(window, lengths, starts, shape.sizes, positions[: len(rows)], shape.ancestors, view)
         layout = PoolPass(
             keys=self.pool.keys,
             values=self.pool.values,
             kinds=self.layer_types,
             rows=len(rows),
             sources=shape.sources,
-            slots=slot_of_row[shape.row_of],
-            columns=columns,
-            widths=widths,
+            targets=blocks * BLOCK_TOKENS + stored % BLOCK_TOKENS,
+            places=places,
             masks=masks,
-            runs=slot_runs([slot.index for slot in slots]),
-            row_slots=slot_of_row,
             kernel=self.pool_kernel,
         )
         return _Batch(slots, sizes, tokens.view(height, width), positions, layout)
+
+    def _cover(self, kv: SessionKV, tokens: int) -> None:
+        if not self.pool.cover(kv, tokens):
+            raise KVMemoryFull(
+                f"the hub's KV memory is full ({self.pool.usable_blocks} blocks of {BLOCK_TOKENS} tokens in use); "
+                "retry in a few seconds"
+            )
 
     def _rows(self, height: int, width: int, parents: list[list[int]]) -> _Rows:
         """The shape of rows with these parents in a [height, width] pass, built on the device
@@ -775,32 +788,50 @@ class ModelRunner:
         return logits.float()
 
     def _keep(self, batch: _Batch, kept: list[tuple[int, list[int]]]) -> None:
-        """Keep each row's pending tokens and accepted nodes: (pending, nodes) per row.
+        """Keep each row's pending tokens and accepted nodes: (pending, nodes) per row, and give
+        back the blocks past them.
 
-        The pass wrote every new token after its slot's past, pending tokens first, so those
+        The pass wrote every new token after its session's past, pending tokens first, so those
         and a chain's accepted nodes already stand where they belong; a tree's accepted nodes
         that do not are moved down, in one copy a layer for the whole batch.
         """
-        slots, sources, targets = [], [], []
+        sources, targets = [], []
         for slot, (pending, nodes) in zip(batch.slots, kept):
-            for k, node in enumerate(nodes):
-                if node != k:
-                    slots.append(slot.index)
-                    sources.append(slot.length + pending + node)
-                    targets.append(slot.length + pending + k)
-        if slots:
-            self._move_columns(slots, sources, targets)
+            moved = [
+                (slot.length + pending + node, slot.length + pending + k) for k, node in enumerate(nodes) if node != k
+            ]
+            sources += self.pool.places(slot, [source for source, _ in moved])
+            targets += self.pool.places(slot, [target for _, target in moved])
+        if sources:
+            self._move_positions(sources, targets)
         for slot, (pending, nodes) in zip(batch.slots, kept):
             slot.length += pending + len(nodes)
+            self.pool.trim(slot)
 
-    def _move_columns(self, slots: list[int], sources: list[int], targets: list[int]) -> None:
-        """In every layer, copy the keys and values at position sources[k] of slot slots[k] to targets[k]."""
-        slots_t, sources_t, targets_t = torch.tensor([slots, sources, targets], device=self.device).unbind()
-        for layer, capacity in enumerate(self.pool.capacities):
-            keys, values = self.pool.keys[layer], self.pool.values[layer]
-            source, target = sources_t % capacity, targets_t % capacity
-            self.pool.write(layer, slots_t, target, keys[slots_t, :, source], values[slots_t, :, source])
-            self.kept_kv_bytes_moved += 2 * keys[0, :, 0].nbytes * len(slots)
+    def _move_positions(self, sources: list[int], targets: list[int]) -> None:
+        """In every layer, copy the keys and values at pool row sources[k] to targets[k]."""
+        sources_t, targets_t = torch.tensor([sources, targets], device=self.device).unbind()
+        for keys, values in zip(self.pool.keys, self.pool.values):
+            flat_keys, flat_values = self.pool.flat(keys), self.pool.flat(values)
+            flat_keys[targets_t] = flat_keys[sources_t]
+            flat_values[targets_t] = flat_values[sources_t]
+            self.kept_kv_bytes_moved += 2 * flat_keys[0].nbytes * len(sources)
+
+
+def _own(kv: KVHandle) -> SessionKV:
+    """A handle the service holds, as the session's KV memory this runner gave it."""
+    if not isinstance(kv, SessionKV):
+        raise TypeError(f"not a session of this runner's KV pool: {kv!r}")
+    return kv
+
+
+def _tables(slots: list[SessionKV]) -> np.ndarray:
+    """The sessions' block tables as one [B, M] array, padded with the null block (0)."""
+    longest = max(len(slot.blocks) for slot in slots)
+    tables = np.zeros((len(slots), longest), dtype=np.int64)
+    for b, slot in enumerate(slots):
+        tables[b, : len(slot.blocks)] = slot.blocks
+    return tables
 
 
 def _compile_wanted(mode: str, device: str) -> bool:
