@@ -187,17 +187,17 @@ class _Routes:
     # --- one completion ---------------------------------------------------------------------------
     async def _complete(self, kind: str, request: ChatRequest | CompletionRequest, receive: Receive) -> Response:
         reply = _Reply(self.model, kind, request, self.stopping)
-        if not request.options.stream:
-            watcher = asyncio.ensure_future(_until_disconnect(receive, reply.gone))
-            try:
+        watcher = asyncio.ensure_future(_until_disconnect(receive, reply.gone))  # a stream watches for itself later
+        try:
+            if not request.options.stream:
                 answer = await reply.decoding
-            finally:
-                watcher.cancel()
-            build = api.chat_completion if kind == "chat" else api.text_completion
-            return JSONResponse(build(reply.request_id, self.model.model_id, answer))
-        first = await reply.pieces.get()
-        if first is None:  # the reply ended before any text: a refusal is still an ordinary error answer
-            await reply.decoding
+                build = api.chat_completion if kind == "chat" else api.text_completion
+                return JSONResponse(build(reply.request_id, self.model.model_id, answer))
+            first = await reply.pieces.get()
+            if first is None:  # the reply ended before any text: a refusal is still an ordinary error answer
+                await reply.decoding
+        finally:
+            watcher.cancel()
         return StreamingResponse(
             _EventStream(reply, first).events(),
             media_type="text/event-stream; charset=utf-8",
