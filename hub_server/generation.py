@@ -65,10 +65,7 @@ class Generation:
     async def _produce(self) -> AsyncGenerator[wire.GenerateChunk, None]:
         session, request = self._session, self._request
         session.context.extend(request.tokens)
-        self._prompt = self._hub.submit_prompt(session, inline=INLINE_PROMPT_TOKENS)
-        if self._prompt is not None:  # a long prompt goes in chunks beside other sessions' verifies
-            self._in_flight = self._prompt.future
-            await settled(self._prompt)
+        await self._bring_up()
         produced = verifies = rehomed = 0
         stopped = False
         while produced < request.max_tokens and not stopped:
@@ -95,7 +92,16 @@ class Generation:
                 if rehomed > len(self._hub.workers):
                     raise
                 await anyio.to_thread.run_sync(self._hub.rehome, session, worker, limiter=self._hub.engine_calls)
+                await self._bring_up()  # its whole context, on the worker it moved to
         yield wire.GenerateChunk(tokens=[], done=True, verifies=verifies, context_len=len(session.context))
+
+    async def _bring_up(self) -> None:
+        """The context not yet in the session's KV goes in as a prompt, in chunks beside other
+        sessions' verifies (a short one rides in the next pass)."""
+        self._prompt = self._hub.submit_prompt(self._session, inline=INLINE_PROMPT_TOKENS)
+        if self._prompt is not None:
+            self._in_flight = self._prompt.future
+            await settled(self._prompt)
 
     async def _next_job(self, room: int) -> VerifyJob:
         """The next verify (`room`: tokens it may emit beyond its bonus one), drafted by the

@@ -1,17 +1,22 @@
 """A hub over two engine workers on Ray (real Ray processes, CPU): sessions spread over both,
 replies equal the target alone on each, a worker killed mid-reply costs no reply (the chat
-client's own recovery reopens the session on the live worker) and comes back; on a Ray cluster
-of two nodes the workers sit on both and losing a node re-homes its sessions.
+client's own recovery reopens the session on the live worker) and comes back; both killed at
+once leave the hub up, degraded, until Ray restarts them, and the reply still completes; an idle
+hub's processes sleep, and the Ray it starts listens on loopback only; on a Ray cluster of two
+nodes the workers sit on both and losing a node re-homes its sessions.
 
 Ray starts once per hub (a module fixture each), with one CPU per worker and no dashboard.
 """
 
 from __future__ import annotations
 
+import contextlib
 import os
 import signal
+import socket
 import time
 from collections.abc import Callable, Iterator
+from pathlib import Path
 
 import httpx
 import pytest
@@ -28,6 +33,7 @@ ray = pytest.importorskip("ray")
 PROMPTS = ["once upon a time there was", "the cat sat on", "a little bird", "in the morning"]
 START_S = 600  # Ray and two model loads on a shared two-core machine
 MAX_TOKENS = 40
+IDLE_WINDOW_S = 10
 
 
 @pytest.fixture(scope="module")
@@ -68,9 +74,78 @@ def expected(target_alone, draft: DraftEngine, reply: Reply, temperature: float)
     return target_alone.decode(reply.prompt_token_ids, MAX_TOKENS, stop, temperature=temperature, seed=7)
 
 
-def conversation(draft: DraftEngine, client: HubClient, temperature: float) -> Conversation:
-    settings = DecodeSettings(max_tokens=MAX_TOKENS, temperature=temperature, seed=7, draft_len=3)
+def conversation(draft: DraftEngine, client: HubClient, temperature: float, reconnect_s: float = 60) -> Conversation:
+    settings = DecodeSettings(
+        max_tokens=MAX_TOKENS, temperature=temperature, seed=7, draft_len=3, reconnect_s=reconnect_s
+    )
     return Conversation(draft, client, plain_template(draft), settings)
+
+
+# --- the hub's processes, read from /proc ------------------------------------------------------
+
+
+def process_tree(root: int) -> list[int]:
+    """`root` and every process under it (Ray's GCS, raylet, agents and workers are the hub's children)."""
+    children: dict[int, list[int]] = {}
+    for entry in os.listdir("/proc"):
+        try:
+            stat = Path(f"/proc/{entry}/stat").read_text() if entry.isdigit() else ""
+        except OSError:
+            continue
+        if stat:
+            children.setdefault(int(stat.rsplit(")", 1)[1].split()[1]), []).append(int(entry))
+    tree, todo = [], [root]
+    while todo:
+        pid = todo.pop()
+        tree.append(pid)
+        todo += children.get(pid, [])
+    return tree
+
+
+def cpu_seconds(pid: int) -> float:
+    try:
+        fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    except OSError:
+        return 0.0
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")  # utime + stime
+
+
+def listening_addresses(pids: list[int]) -> set[str]:
+    """The local addresses of the TCP sockets these processes listen on."""
+    inodes = set()
+    for pid in pids:
+        with_fds = f"/proc/{pid}/fd"
+        for fd in os.listdir(with_fds) if os.path.isdir(with_fds) else []:
+            with contextlib.suppress(OSError):
+                target = os.readlink(f"{with_fds}/{fd}")
+                if target.startswith("socket:["):
+                    inodes.add(target[8:-1])
+    addresses = set()
+    for table, family in (("/proc/net/tcp", socket.AF_INET), ("/proc/net/tcp6", socket.AF_INET6)):
+        for line in Path(table).read_text().splitlines()[1:]:
+            columns = line.split()
+            local, state, inode = columns[1], columns[3], columns[9]
+            if state == "0A" and inode in inodes:  # LISTEN
+                raw = bytes.fromhex(local.split(":")[0])
+                # /proc writes the address as 32-bit words in host order
+                words = b"".join(raw[i : i + 4][::-1] for i in range(0, len(raw), 4))
+                addresses.add(socket.inet_ntop(family, words))
+    return addresses
+
+
+def test_an_idle_hub_sleeps_and_its_ray_listens_on_loopback_only(two_workers):
+    wait_for(lambda: httpx.get(f"{two_workers.url}/health").status_code == 200, 300, "both workers ready")
+    time.sleep(3)  # what start-up set going settles
+    root = two_workers.process.pid
+    before = {pid: cpu_seconds(pid) for pid in process_tree(root)}
+    time.sleep(IDLE_WINDOW_S)
+    tree = process_tree(root)
+    used = sum(cpu_seconds(pid) - before.get(pid, 0.0) for pid in tree)
+    # Ray's compiled graphs kept a core per worker busy polling its channel with no pass to run.
+    assert used < 0.05 * IDLE_WINDOW_S, f"{used:.2f} CPU seconds in {IDLE_WINDOW_S} s over {len(tree)} processes"
+    addresses = listening_addresses(tree)
+    assert len(tree) >= 5 and addresses  # the front end, GCS, raylet, both workers at least
+    assert addresses <= {"127.0.0.1", "::ffff:127.0.0.1", "::1"}, addresses
 
 
 def test_sessions_spread_over_both_workers_and_replies_equal_the_target_alone(two_workers, draft, target_alone):
@@ -186,6 +261,45 @@ def test_a_worker_killed_mid_generation_costs_no_token(two_workers, draft, targe
             client.close_session(opened.session_id)
     assert killed and placed[killed[0]["worker_id"]] == 0  # it finished on the other worker
     assert tokens == target_alone.decode(prompt, MAX_TOKENS, frozenset(stop), temperature=0.9, seed=7)
+
+
+def test_both_workers_killed_mid_reply_leave_the_hub_up_degraded_and_the_reply_completes(
+    two_workers, draft, target_alone
+):
+    """Losing every worker at once once aborted the front end inside Ray (a compiled graph's
+    teardown); now the hub says it is degraded, refuses new sessions 503 meanwhile (the client
+    waits that out) and serves again once Ray has restarted a worker."""
+    ops = two_workers.tokens["ops"]
+    rounds = {"n": 0}
+    seen: dict = {}
+
+    def kill_both(tokens: list[int]) -> None:
+        rounds["n"] += 1
+        if rounds["n"] == 2:
+            seen["pids"] = [w["pid"] for w in workers_of(two_workers.url, ops)]
+            for pid in seen["pids"]:
+                os.kill(pid, signal.SIGKILL)
+
+            def degraded() -> bool:
+                answer = httpx.get(f"{two_workers.url}/health")
+                seen["health"] = (answer.status_code, answer.json())
+                return answer.status_code == 503
+
+            wait_for(degraded, 30, "the hub saying it has no live worker")
+
+    with HubClient(two_workers.url, token=two_workers.tokens["bob"]) as client:
+        chat = conversation(draft, client, 0.9, reconnect_s=START_S)
+        try:
+            reply = chat.ask(PROMPTS[3], on_tokens=kill_both)
+            assert chat.reconnects >= 1
+        finally:
+            chat.close()
+    assert two_workers.process.poll() is None  # the front end lived through it
+    status, body = seen["health"]
+    assert (status, body["status"], body["workers"]) == (503, "degraded", {"ready": 0, "total": 2})
+    assert reply.token_ids == expected(target_alone, draft, reply, 0.9)
+    wait_for(lambda: httpx.get(f"{two_workers.url}/health").status_code == 200, START_S, "both workers back")
+    assert not set(seen["pids"]) & {w["pid"] for w in workers_of(two_workers.url, ops)}
 
 
 @pytest.fixture(scope="module")
