@@ -297,6 +297,10 @@ def _engine_maker(settings: HubSettings) -> Callable[[HubSettings], Sequence[Eng
 
         # The runner's slots are its own KVSlot, which the service only hands back to it.
         return lambda s: [cast("Engine", ModelRunner(s))]
+    if settings.ray_address is None:
+        # Read by Ray as it is imported: a Ray of this machine alone, whose node address is then
+        # 127.0.0.1, so that its GCS, raylet and workers listen on loopback only.
+        os.environ["RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER"] = "0"
     from hub_server.workers import connect, start_workers
 
     try:

@@ -5,8 +5,7 @@ whatever way a worker is lost (its process killed, a device error, its node gone
 probe within `PROBE_TIMEOUT_S`), a call to it raises `errors.WorkerLost`. The front end
 (`service.Hub`) sees each worker through `RayEngine`, an `engine_api.Engine` like the in-process
 runner, and keeps everything else: HTTP, accounts, limits, the session table, placement and one
-batch scheduler per worker (a whole batch crosses to the worker in one call, through a Ray
-compiled graph: `_compile_passes`).
+batch scheduler per worker (a whole batch crosses to the worker in one plain actor call).
 
 Ray restarts a lost actor (`max_restarts`), which loads the model again into a fresh KV pool
 under a new `incarnation`; slots name the incarnation they belong to, so a call that still names
@@ -23,13 +22,14 @@ import contextlib
 import logging
 import os
 import threading
+import time
 import uuid
 from collections.abc import Iterator
 from dataclasses import dataclass, replace
 from typing import Any, cast
 
 import ray
-from ray.exceptions import GetTimeoutError, RayChannelTimeoutError, RayError, RayTaskError
+from ray.exceptions import GetTimeoutError, RayError, RayTaskError
 
 from hub_server.config import HubSettings
 from hub_server.engine_api import Engine, EngineStats, PassTally, VerifyJob
@@ -40,12 +40,31 @@ from hub_server.vocabulary import Vocabulary
 log = logging.getLogger("hub_server")
 
 PROBE_TIMEOUT_S = 3.0  # a worker that does not answer a probe this long is lost (and killed)
+# A live worker's death is seen at once (its `watch` call fails); a round trip, which also finds a
+# worker that hangs, is made this often, so that an idle worker's process mostly sleeps.
+ROUND_TRIP_S = 2.0
 STATS_TIMEOUT_S = 3.0
 START_TIMEOUT_S = 1800.0  # loading a large target onto a device
 POLL_S = 0.25  # a call in flight checks this often whether its worker was lost meanwhile
-# A compiled pass cannot be polled (a result is read once): it waits this long at most, and a
-# worker that hangs is found by its probe, which kills it, and the wait ends there.
-PASS_TIMEOUT_S = 3600.0
+# The local Ray cluster's GCS, raylet and workers listen here only: it serves this hub alone.
+LOOPBACK = "127.0.0.1"
+# What an idle local cluster does less often (its processes sleep between): no task events sent to
+# the GCS each second (the hub reads none); no memory check 4 times a second (a worker's memory is
+# its model and KV pool: nothing grows that Ray could save by killing a task); the raylet's
+# bookkeeping, reports and metrics every second or minute instead of every 0.1-1 s (one node: no
+# other raylet or autoscaler waits on them).
+IDLE_QUIET = {
+    "task_events_report_interval_ms": 0,
+    "memory_monitor_refresh_ms": 0,
+    "raylet_check_gc_period_milliseconds": 1000,
+    "raylet_report_resources_period_milliseconds": 1000,
+    "kill_idle_workers_interval_ms": 1000,
+    "object_manager_timer_freq_ms": 1000,
+    "report_worker_backlog_interval_ms": 10000,
+    "local_fs_monitor_interval_ms": 10000,
+    "io_context_event_loop_lag_collection_interval_ms": 60000,
+    "metrics_report_interval_ms": 60000,
+}
 MAX_RESTARTS = -1  # Ray restarts a lost worker every time (a failing model load is not restarted)
 
 
@@ -106,6 +125,11 @@ class EngineWorker:
         context = ray.get_runtime_context()
         node = f"{ray.util.get_node_ip_address()}/{context.get_node_id()[:12]}"
         return WorkerIdentity(node, os.getpid(), str(self.runner.device), self.incarnation)
+
+    @ray.method(concurrency_group="watch")
+    def watch(self) -> None:
+        """Never answers: the front end holds this call, and Ray fails it the moment this process dies."""
+        threading.Event().wait()
 
     @ray.method(concurrency_group="probe")
     def stats(self) -> EngineStats:
@@ -175,11 +199,16 @@ class RayEngine:
         self.device_lock = threading.Lock()
         self.identity = description.identity
         self._lost = False  # set by a failed probe: calls in flight give up instead of waiting
+        self._watch: Any = None  # a `watch` call held on the incarnation that last answered a probe
+        self._next_round_trip = 0.0
         self._pass_fixed_s: float | None = None
         self._last_stats = EngineStats(0, 0, 0.0, PassTally(), 0, {}, None, None)
-        self._passes = _compile_passes(actor)  # None: passes go as plain actor calls
 
     def probe(self) -> WorkerIdentity:
+        """Its identity: without a call while its `watch` holds and the last round trip is recent."""
+        watched = self._watch is not None and not ray.wait([self._watch], timeout=0)[0]
+        if watched and time.monotonic() < self._next_round_trip:
+            return self.identity
         ref = self._actor.identity.remote()
         try:
             identity = _get(ref, PROBE_TIMEOUT_S)
@@ -189,11 +218,12 @@ class RayEngine:
                 # Alive but not answering: restart it, so that what it holds is known (nothing).
                 with contextlib.suppress(RayError):
                     ray.kill(self._actor, no_restart=False)
-            self._lost = True
+            self._lost, self._watch = True, None
             raise
-        if identity.incarnation != self.identity.incarnation:  # a new process: its own compiled graph
-            self._passes = _compile_passes(self._actor)
+        if not watched or identity.incarnation != self.identity.incarnation:
+            self._watch = self._actor.watch.remote()
         self.identity, self._lost = identity, False
+        self._next_round_trip = time.monotonic() + ROUND_TRIP_S
         return self.identity
 
     def new_kv(self) -> RemoteKV | None:
@@ -223,16 +253,9 @@ class RayEngine:
             )
             for job in jobs
         ]
-        passes = self._passes
-        if passes is None:
-            results, self._pass_fixed_s, seconds = self._call(self._actor.verify_batch.remote(wire))
-        else:
-            try:
-                results, self._pass_fixed_s, seconds = _get(passes.execute(wire), PASS_TIMEOUT_S)
-            except WorkerLost as exc:
-                if not isinstance(exc.__cause__, RayTaskError):  # not a stale slot: the worker itself
-                    self._passes = None  # Ray shut the graph down; the next incarnation gets a new one
-                raise
+        # A plain actor call, not a Ray compiled graph: a compiled graph's reader spins on its
+        # channel (a core per idle worker), and losing its actor could abort this process.
+        results, self._pass_fixed_s, seconds = self._call(self._actor.verify_batch.remote(wire))
         for job, (path, emitted, length) in zip(jobs, results):
             job.path, job.emitted, job.kv.length = path, emitted, length
         return float(seconds)
@@ -256,24 +279,6 @@ class RayEngine:
         return _get(ref, None)
 
 
-def _compile_passes(actor: Any) -> Any:
-    """The worker's verify passes as a Ray compiled graph: the jobs and results cross through a
-    channel Ray sets up once (shared memory on one node), not a task submitted each time, which
-    cut a call's round trip on the CPU machine from 1.2 ms to 0.19 ms. The worker runs the graph
-    on a thread of its own; its other calls (slots, prefill, probes) go on as actor calls, and
-    the runner's device lock keeps one pass on the device at a time. None where Ray cannot
-    compile it: passes then go as plain actor calls."""
-    from ray.dag import InputNode
-
-    try:
-        with InputNode() as jobs:
-            graph = actor.verify_batch.bind(jobs)
-        return graph.experimental_compile(_submit_timeout=PASS_TIMEOUT_S)
-    except Exception as exc:  # Ray's compiled graphs are young: plain calls always work
-        log.warning("verify passes go as plain Ray calls (no compiled graph: %s)", exc)
-        return None
-
-
 def _cancel(ref: Any) -> None:
     """Drop a call not yet run (a worker that already ran or lost it leaves nothing to cancel)."""
     with contextlib.suppress(RayError, ValueError):
@@ -284,7 +289,7 @@ def _get(ref: Any, timeout: float | None) -> Any:
     """`ray.get`, with Ray's failures translated: the one boundary where they enter the hub."""
     try:
         return ray.get(ref, timeout=timeout)
-    except (GetTimeoutError, RayChannelTimeoutError) as exc:
+    except GetTimeoutError as exc:
         raise WorkerLost(f"the engine worker did not answer within {timeout:g} s; open a new session") from exc
     except RayTaskError as exc:
         if isinstance(exc.cause, StaleSlot):  # the worker restarted since the session opened
@@ -345,7 +350,9 @@ def _start_local_cluster(devices: tuple[str, ...]) -> None:
         os.environ["CUDA_VISIBLE_DEVICES"] = ",".join(gpu_ids)
     # A CPU worker takes one CPU of Ray's; `auto` may turn out to be one (no GPU here).
     cpus = max(len(os.sched_getaffinity(0)), sum(device in ("cpu", "auto") for device in devices))
-    ray.init(num_cpus=cpus, include_dashboard=False, logging_level=logging.WARNING)
+    ray.init(num_cpus=cpus, include_dashboard=False, logging_level=logging.WARNING, _system_config=IDLE_QUIET)
+    if ray.util.get_node_ip_address() != LOOPBACK:  # cli.py sets Ray's variable before importing it
+        log.warning("the local Ray cluster listens on %s, not loopback only", ray.util.get_node_ip_address())
 
 
 def _resolve_auto(devices: tuple[str, ...]) -> tuple[str, ...]:
@@ -362,7 +369,8 @@ def _actor_class(device: str) -> Any:
         "num_gpus": 1 if on_gpu else 0,
         "max_restarts": MAX_RESTARTS,
         "max_task_retries": 0,  # a pass is not repeated behind the client's back: the session is lost
-        "concurrency_groups": {"probe": 1},  # probes and stats on a thread of their own
+        # Probes and stats on a thread of their own; the held `watch` call on another.
+        "concurrency_groups": {"probe": 1, "watch": 1},
     }
     return ray.remote(**options)(EngineWorker)
 

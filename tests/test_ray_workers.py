@@ -140,9 +140,14 @@ def test_an_idle_hub_sleeps_and_its_ray_listens_on_loopback_only(two_workers):
     before = {pid: cpu_seconds(pid) for pid in process_tree(root)}
     time.sleep(IDLE_WINDOW_S)
     tree = process_tree(root)
-    used = sum(cpu_seconds(pid) - before.get(pid, 0.0) for pid in tree)
+    used = {pid: cpu_seconds(pid) - before.get(pid, 0.0) for pid in tree}
+    hub = [pid for pid in tree if pid == root or Path(f"/proc/{pid}/comm").read_text().startswith("ray::EngineWork")]
+    spent = f"{sum(used.values()):.2f} CPU seconds in {IDLE_WINDOW_S} s, {used}"
     # Ray's compiled graphs kept a core per worker busy polling its channel with no pass to run.
-    assert used < 0.05 * IDLE_WINDOW_S, f"{used:.2f} CPU seconds in {IDLE_WINDOW_S} s over {len(tree)} processes"
+    # The front end and its workers: under 5% of a core. With Ray's own daemons (GCS, raylet, log
+    # monitor, agents: ~2-3% of Ray's floor, more on a loaded machine) under 10%.
+    assert sum(used[pid] for pid in hub) < 0.05 * IDLE_WINDOW_S and len(hub) == 3, spent
+    assert sum(used.values()) < 0.10 * IDLE_WINDOW_S, spent
     addresses = listening_addresses(tree)
     assert len(tree) >= 5 and addresses  # the front end, GCS, raylet, both workers at least
     assert addresses <= {"127.0.0.1", "::ffff:127.0.0.1", "::1"}, addresses
