@@ -116,6 +116,12 @@ def serve(
             help="Hold a batch for users due back within this share of a pass's fixed cost (measured), so they share the pass; 0: never."
         ),
     ] = 0.5,
+    threads: Annotated[
+        int,
+        typer.Option(
+            help="torch's threads for a CPU target's passes; 0: one per core. On a host whose cores other work shares, give fewer (busy cores make every pass wait for the slowest thread)."
+        ),
+    ] = 0,
     max_pass_tokens: Annotated[
         int,
         typer.Option(
@@ -207,6 +213,7 @@ def serve(
             batch_wait_ms=batch_wait_ms,
             merge_wait_share=merge_wait_share,
             max_pass_tokens=max_pass_tokens,
+            threads=threads,
             cache_dir=cache_dir,
             compile=compile,
             cpu_matmul=cpu_matmul,

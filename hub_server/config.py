@@ -15,6 +15,7 @@ DEVICES = ("auto", "cpu", "cuda")
 COMPILE_MODES = ("auto", "on", "off")
 CPU_MATMULS = ("auto", "mkl", "onednn")
 CPU_ATTENTIONS = ("auto", "kernel", "sdpa")
+SHARE_PREFIXES = ("account", "across-accounts", "off")
 
 
 LOG_FORMATS = ("text", "json")
@@ -77,10 +78,12 @@ class HubSettings:
     batch_wait_ms: float = 2.0  # longest wait for work on its way to fill a batch
     merge_wait_share: float = 0.5  # wait for users due back within this share of a pass's fixed cost
     max_pass_tokens: int = 0  # prompt tokens a step carries beside its verifies; 0: auto (measured)
+    threads: int = 0  # torch's threads for a CPU target's passes; 0: torch's default, one per core
     cache_dir: Path | None = None  # where converted GGUF targets and compiled passes are kept
     compile: str = "auto"  # compiled fixed-shape passes: on, off, or auto (on for CUDA)
     cpu_matmul: str = "auto"  # a CPU target's float32 products: mkl, onednn, or auto (the faster, timed at start)
     cpu_attention: str = "auto"  # a CPU target's float32 attention: kernel (ours), sdpa, or auto (timed at start)
+    share_prefixes: str = "account"  # whose sessions share a common prefix's KV: one account's, all, or none
     data_dir: Path | None = None  # accounts database; None: default_data_dir()
     auth: bool = True  # False (--no-auth) is allowed on loopback only
     # A single pre-authorised token (the embedded hub of `specedge chat`); no database then.
@@ -107,10 +110,16 @@ class HubSettings:
             raise ValueError(f"--cpu-matmul must be one of {', '.join(CPU_MATMULS)}, not {self.cpu_matmul!r}")
         if self.cpu_attention not in CPU_ATTENTIONS:
             raise ValueError(f"--cpu-attention must be one of {', '.join(CPU_ATTENTIONS)}, not {self.cpu_attention!r}")
+        if self.share_prefixes not in SHARE_PREFIXES:
+            raise ValueError(
+                f"--share-prefixes must be one of {', '.join(SHARE_PREFIXES)}, not {self.share_prefixes!r}"
+            )
         if self.dtype not in DTYPES:
             raise ValueError(f"--dtype must be one of {', '.join(DTYPES)}, not {self.dtype!r}")
         if not 0 < self.port < 65536 and self.port != 0:
             raise ValueError(f"--port must be between 1 and 65535, not {self.port}")
+        if self.threads < 0:
+            raise ValueError("--threads must be 0 (one per core) or a number of threads")
         if self.max_pass_tokens < 0:
             raise ValueError("--max-pass-tokens must be 0 (auto) or a number of tokens")
         if self.max_batch < 1:

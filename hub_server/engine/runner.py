@@ -215,6 +215,8 @@ class ModelRunner:
         model_path = Path(settings.model).expanduser()
         self.name = model_path.name
         self.device = choose_device(settings.device)
+        if settings.threads:  # torch's intra-op threads for this process's passes (default: one per core)
+            torch.set_num_threads(settings.threads)
         if self.device == "cuda":
             # cuDNN's attention builds an execution plan for every new shape, hundreds of ms each
             # (seen on an H100); a hub's passes rarely repeat a shape. The other kernels don't.
