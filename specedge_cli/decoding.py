@@ -217,8 +217,8 @@ class Decoder:
         self.planner.fixed_depth = self.settings.draft_len
 
     def generate(self, pending: list[int], on_tokens: OnTokens | None = None) -> Generation:
-        """Draft and verify after history + `pending` until a stop token, `max_tokens`, or `on_tokens`
-        returns True; the reply is what `history` gained after `pending`.
+        """Draft and verify after history + `pending` until a stop token, `max_tokens`, the end of the
+        hub's context, or `on_tokens` returns True; the reply is what `history` gained after `pending`.
 
         Ctrl+C or a hub that stays away ends it early (INTERRUPTED): what was accepted by then is kept.
         """
@@ -228,10 +228,12 @@ class Decoder:
         self.engine.set_sampling(self.settings.temperature, self.settings.seed)
         try:
             self.sync()  # an outage here, too, is one the caller keeps the prompt through
-            while (produced := max(0, len(self.history) - start - len(pending))) < self.settings.max_tokens:
-                emitted = self._round(
-                    [] if len(self.history) > start else pending, self.settings.max_tokens - produced, stats
-                )
+            while True:
+                unsent = [] if len(self.history) > start else pending
+                room = self._room(max(0, len(self.history) - start - len(pending)), unsent)
+                if room <= 0:
+                    break  # the token limit, or the end of the hub's context: LENGTH either way
+                emitted = self._round(unsent, room, stats)
                 clock.tokens_emitted(stats.verify_rounds)
                 if on_tokens and on_tokens(emitted):
                     finish = STOP
@@ -248,6 +250,16 @@ class Decoder:
         tokens = self.history[start + len(pending) :]
         clock.finish(stats, len(tokens))
         return Generation(tokens, finish, stats, sent, error)
+
+    def _room(self, produced: int, unsent: list[int]) -> int:
+        """How many tokens the next verify may add: what the token limit leaves, and what the hub's
+        context leaves after `unsent`. A prompt that leaves no room at all is sent anyway: the hub
+        refuses it in its own words, which say what to do."""
+        room = self.settings.max_tokens - produced
+        left = self.session.max_context - len(self.history) - len(unsent)
+        if self.session.max_context and (left > 0 or not unsent):
+            room = min(room, left)
+        return room
 
     def _round(self, pending: list[int], room: int, stats: TurnStats) -> list[int]:
         """One draft and verify; the emitted tokens are in `history` when it returns."""
@@ -399,11 +411,14 @@ class Conversation:
         comes back with finish_reason INTERRUPTED. A hub that stays away past the reconnect window
         raises HubUnreachable, after the turn (its prompt and what was accepted) is kept and logged.
         """
-        self.decoder.sync()  # a wrong address fails here, before the prompt is logged
+        outage = self._sync_before_prompt()
         turn = Turn(prompt, self._turn_tokens(prompt))
         if self.log:
             self.log.prompt_sent(turn)
-        generation = self.decoder.generate(turn.prompt_token_ids, on_tokens)
+        if outage is None:
+            generation = self.decoder.generate(turn.prompt_token_ids, on_tokens)
+        else:
+            generation = Generation([], INTERRUPTED, TurnStats(), pending_sent=False, error=outage)
         turn.token_ids, turn.interrupted = generation.tokens, generation.finish_reason == INTERRUPTED
         turn.sent = generation.pending_sent or self._keep_unanswered(turn, generation.error)
         turn.reply = self.decoder.text(turn.token_ids)
@@ -411,6 +426,19 @@ class Conversation:
         if generation.error is not None:
             raise generation.error
         return Reply(turn.reply, turn.token_ids, turn.prompt_token_ids, generation.stats, generation.finish_reason)
+
+    def _sync_before_prompt(self) -> HubError | None:
+        """Bring the hub session up to date before the prompt is logged, so a wrong address keeps
+        nothing; an outage of a hub reached before is returned, and the prompt is kept for
+        `--continue` as it is when the hub goes away mid-reply."""
+        try:
+            self.decoder.sync()
+        except (HubUnreachable, HubBusy, SessionLost) as exc:
+            if not self.session.reached_hub:  # a wrong address: nothing of this turn to keep
+                raise
+            self.session.forget()
+            return exc
+        return None
 
     def _keep_unanswered(self, turn: Turn, error: HubError | None) -> bool:
         """An outage before the prompt reached the hub keeps it in the context (unanswered), so

@@ -14,13 +14,15 @@ from dataclasses import fields, replace
 
 import typer
 from rich.console import Console
+from rich.markup import escape
 
 from specedge_cli import settings
 from specedge_cli.decoding import LENGTH, Conversation, DecodeSettings, Reply
-from specedge_cli.errors import HubBusy, HubError, HubUnreachable, SettingError
+from specedge_cli.errors import HubBusy, HubError, HubRejected, HubUnreachable, SettingError
 from specedge_cli.history import ConversationLog
 from specedge_cli.rendering import ReplyView
 
+CONTEXT_TOO_LONG = "context_too_long"  # the hub's code for a conversation past the model's context
 err = Console(stderr=True, highlight=False, soft_wrap=True)  # a message wraps where the terminal does, never mid-copy
 
 HELP = """Available commands:
@@ -70,13 +72,20 @@ def print_figures(reply: Reply, verbose: bool = False) -> None:
     err.print(f"[dim]{figures_line(reply, verbose)}[/dim]", markup=True, soft_wrap=True)
 
 
-def note_finish(reply: Reply, conversation: Conversation, how_to_raise: str = "--max-tokens N") -> None:
-    """One dim line when the token limit cut the reply, so it does not pass for a complete one."""
-    if reply.finish_reason == LENGTH:
-        err.print(
-            f"[dim](cut at the limit of {conversation.settings.max_tokens} tokens; {how_to_raise} for longer replies)[/dim]",
-            markup=True,
-        )
+def note_finish(
+    reply: Reply, conversation: Conversation, how_to_raise: str = "--max-tokens N", how_to_start: str = ""
+) -> None:
+    """One dim line when the token limit or the end of the model's context cut the reply, so it
+    does not pass for a complete one; `how_to_start` says how to start a new conversation, if it can."""
+    if reply.finish_reason != LENGTH:
+        return
+    limit = conversation.settings.max_tokens
+    if len(reply.token_ids) < limit:  # the hub's context ended first
+        note = f"cut at the end of the model's context of {conversation.session.max_context} tokens"
+        note += f"; {how_to_start} starts a new conversation" if how_to_start else ""
+    else:
+        note = f"cut at the limit of {limit} tokens; {how_to_raise} for longer replies"
+    err.print(f"({note})", style="dim", markup=False, highlight=False)
 
 
 # The chat settings `/set` changes in a running chat: those the decode loop reads.
@@ -144,7 +153,13 @@ class Repl:
             return
         except (HubUnreachable, HubBusy) as exc:  # the conversation is kept: try again later
             view.finish()
-            err.print(f"[red]Error:[/red] {exc.message}", markup=True)
+            err.print(f"[red]Error:[/red] {escape(exc.message)}", markup=True)
+            return
+        except HubRejected as exc:
+            if exc.code != CONTEXT_TOO_LONG:
+                raise
+            view.finish()  # the prompt was dropped; the conversation goes on, or /clear starts one
+            err.print(f"[red]Error:[/red] {escape(exc.message)} (/clear)", markup=True)
             return
         if reply is None:
             err.print("Nothing to regenerate yet.")
@@ -153,7 +168,7 @@ class Repl:
         if reply.interrupted:
             err.print("[dim](stopped)[/dim]", markup=True)
         print_figures(reply, self.verbose)
-        note_finish(reply, self.conversation, "/set max-tokens N")
+        note_finish(reply, self.conversation, "/set max-tokens N", "/clear")
 
     # --- slash commands ----------------------------------------------------------------------
     def _command(self, line: str) -> None:

@@ -3,16 +3,23 @@
 Used by the embedded hub of `specedge chat`, by `hub_server bench` for the hub it measures, and
 by the tests. A token for the child goes in its environment (`EMBEDDED_TOKEN_ENV`), never on its
 command line, which `ps` shows to every local user.
+
+An embedded hub runs in a session of its own (`own_session`): the terminal's Ctrl+C and hangup
+reach the chat, which stops its hub when it leaves, and never the hub itself. Out of the
+terminal's reach, the hub must not outlive its parent: on Linux the kernel sends it SIGTERM when
+the thread that started it dies, however it dies (SIGKILL included).
 """
 
 from __future__ import annotations
 
 import contextlib
+import ctypes
 import os
+import signal
 import subprocess
 import sys
 import time
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 from types import TracebackType
 
@@ -22,6 +29,7 @@ from specedge_common.net import free_port
 
 # Read by `hub_server serve` as its single pre-authorised token.
 EMBEDDED_TOKEN_ENV = "SPECEDGE_HUB_EMBEDDED_TOKEN"
+PR_SET_PDEATHSIG = 1  # prctl(2): the signal a process gets when its parent dies
 
 
 class HubStartError(RuntimeError):
@@ -32,7 +40,8 @@ class HubProcess:
     """`python -m hub_server serve --host 127.0.0.1 --port P <serve_args>`.
 
     Its output goes to `log_path` (appended) or nowhere; `cores` pins it to those CPU cores;
-    `token` becomes its single pre-authorised token; `name` is what error messages call it.
+    `token` becomes its single pre-authorised token; `name` is what error messages call it;
+    `own_session` puts it out of the terminal's signals, ended with the thread that started it.
     """
 
     def __init__(
@@ -46,6 +55,7 @@ class HubProcess:
         port: int | None = None,
         cwd: Path | None = None,
         name: str = "the hub",
+        own_session: bool = False,
     ):
         self.port = port or free_port()
         self.url = f"http://127.0.0.1:{self.port}"
@@ -65,7 +75,8 @@ class HubProcess:
             stdin=subprocess.DEVNULL,
             env=child_env,
             cwd=cwd,
-            preexec_fn=(lambda: os.sched_setaffinity(0, cores)) if cores else None,
+            start_new_session=own_session,
+            preexec_fn=_child_setup(cores, ended_with_parent=own_session),
         )
 
     @property
@@ -115,6 +126,36 @@ class HubProcess:
 
     def _see_log(self) -> str:
         return f"; see {self.log_path}" if self.log_path is not None else ""
+
+
+def _child_setup(cores: set[int] | None, ended_with_parent: bool) -> Callable[[], None] | None:
+    """What the child does before it runs the hub: pin its cores, tie its life to this process.
+
+    It runs between fork and exec, where another thread may have held a lock at the fork: so
+    everything it calls (libc's prctl included) is looked up here, in the parent, beforehand.
+    """
+    prctl = _prctl() if ended_with_parent else None
+    if not cores and prctl is None:
+        return None
+    parent = os.getpid()
+
+    def setup() -> None:
+        if cores:
+            os.sched_setaffinity(0, cores)
+        if prctl is not None:
+            prctl(PR_SET_PDEATHSIG, signal.SIGTERM)
+            if os.getppid() != parent:  # the parent died before the request was in place
+                os._exit(1)
+
+    return setup
+
+
+def _prctl() -> Callable[[int, int], int] | None:
+    """libc's prctl(2) on Linux; None elsewhere (there the parent's own signal handlers stop the hub)."""
+    if not sys.platform.startswith("linux"):
+        return None
+    prctl: Callable[[int, int], int] = ctypes.CDLL(None, use_errno=True).prctl
+    return prctl
 
 
 def _status(response: httpx.Response) -> str | None:

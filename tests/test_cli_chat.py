@@ -13,7 +13,7 @@ import torch
 from hub_server.config import default_cache_dir
 from hub_server.engine.loading import load_target
 from specedge_cli.drafting.engine import DraftEngine
-from tests.conftest import TargetAlone, run_specedge
+from tests.conftest import RunningHub, TargetAlone, run_specedge
 
 
 def chat_json(*args: str, env_extra: dict | None = None) -> dict:
@@ -262,3 +262,20 @@ def test_base_models_run_as_plain_completion():
     instruct = ResolvedModel(Path("qwen.gguf"), PRESETS["qwen2.5-coder-0.5b"])
     assert template_source("{{ 'a chat template' }}", instruct) == "{{ 'a chat template' }}"
     assert template_source(None, ResolvedModel(Path("own.gguf"), None)) == BUILTIN_TEMPLATES["completion"]
+
+
+def test_a_reply_that_reaches_the_end_of_the_context_is_kept_as_length(tiny, tmp_path, target_alone):
+    """A token limit past the model's context: the reply fills the context, is kept, and says why it ended."""
+    small = RunningHub(tiny.hf_dir, tmp_path / "hub", "--max-context", "48")
+    try:
+        common = ["the dog ran", "--hub", small.url, "--model", str(tiny.gguf_f32), "-n", "5000"]
+        out = chat_json(*common)
+        shown = run_specedge("chat", *common)
+    finally:
+        small.stop()
+    assert out["finish_reason"] == "length"
+    assert len(out["prompt_token_ids"]) + len(out["token_ids"]) == 48
+    assert out["token_ids"] == target_alone.decode(out["prompt_token_ids"], len(out["token_ids"]))
+    assert shown.returncode == 0, shown.stderr
+    assert shown.stdout == out["text"] + "\n"
+    assert "(cut at the end of the model's context of 48 tokens)" in shown.stderr

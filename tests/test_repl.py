@@ -10,6 +10,7 @@ import json
 import os
 import shlex
 import shutil
+import signal
 import subprocess
 import sys
 import time
@@ -61,6 +62,52 @@ class Terminal:
     def close(self) -> None:
         subprocess.run(["tmux", "-L", self.socket, "kill-server"], capture_output=True)
 
+    def embedded_hub_pid(self) -> int:
+        """The process id of the embedded hub the chat in this terminal started."""
+        shell = int(self._tmux("list-panes", "-F", "#{pane_pid}").split()[0])
+        chats = [pid for pid in children(shell) if b"specedge_cli" in _cmdline(pid)]
+        hubs = [pid for chat in chats for pid in children(chat) if b"hub_server" in _cmdline(pid)]
+        assert len(hubs) == 1, (chats, hubs)
+        return hubs[0]
+
+
+def children(of: int) -> list[int]:
+    """The processes whose parent is `of` (from /proc, as `ps` reads them)."""
+    found = []
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            fields = stat.read_text().rsplit(")", 1)[1].split()
+        except OSError:  # it ended meanwhile
+            continue
+        if int(fields[1]) == of:
+            found.append(int(stat.parent.name))
+    return found
+
+
+def parent(pid: int) -> int:
+    return int(Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[1])
+
+
+def _cmdline(pid: int) -> bytes:
+    try:
+        return Path(f"/proc/{pid}/cmdline").read_bytes()
+    except OSError:
+        return b""
+
+
+def gone_within(pid: int, timeout_s: float) -> bool:
+    """True once process `pid` has ended (or is a zombie, waiting for its parent to read it)."""
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        try:
+            state = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
+        except OSError:
+            return True
+        if state == "Z":
+            return True
+        time.sleep(0.1)
+    return False
+
 
 @pytest.fixture
 def terminal(tiny, hub, tmp_path):
@@ -76,6 +123,20 @@ def terminal(tiny, hub, tmp_path):
     yield open_chat
     for term in opened:
         term.close()
+
+
+def embedded_chat(tiny, *args: str) -> Terminal:
+    """`specedge chat` in a terminal with no hub configured: it starts an embedded hub serving the
+    draft's own GGUF (the perfect draft's, so the target is the tiny target itself)."""
+    command = [sys.executable, "-m", "specedge_cli", "chat", "--model", str(tiny.gguf_f32), *args]
+    term = Terminal(command, {"SPECEDGE_HOME": os.environ["SPECEDGE_HOME"]})
+    try:  # a first start converts the GGUF target: minutes on a loaded machine
+        screen = term.wait_until(lambda shown: ">>> " in shown or "EXIT:" in shown, "the prompt", timeout_s=300)
+        assert ">>> " in screen, screen
+    except BaseException:
+        term.close()
+        raise
+    return term
 
 
 def assert_log_equals_target_alone(target_alone, engine_stop: frozenset[int]) -> int:
@@ -232,3 +293,109 @@ def test_a_hub_that_goes_away_is_one_line_and_the_repl_stays(tiny, tmp_path, tar
     assert [turn.prompt for turn in history.turns(1)] == ["the cat sat on", "and then"]
     # The prompt the outage left unanswered stays in the context, so `--continue` answers it in context.
     assert [turn.prompt for turn in history.load(1).turns] == ["the cat sat on", "and then"]
+
+
+def test_ctrl_c_reaches_the_chat_and_never_its_embedded_hub(tiny, target_alone):
+    term = embedded_chat(tiny, "--max-tokens", "600", "--draft-len", "1")
+    try:
+        hub = term.embedded_hub_pid()
+        assert os.getsid(hub) != os.getsid(parent(hub))  # out of the chat's terminal session and its signals
+        term.type("once upon a time there was")
+        term.wait_until(lambda screen: len(screen.split("there was\n", 1)[-1].strip()) > 5, "the reply's first tokens")
+        term.send("C-c")
+        term.wait_for("(stopped)")
+        term.wait_for(">>> ", count=2)
+        term.send("C-c")
+        term.wait_for("Press Ctrl+C again or Ctrl+D to leave")
+        term.type("/show")
+        screen = term.wait_for("conversation 1 (1 turns)")
+        assert f"target       {tiny.gguf_f32.name}" in screen, screen
+        term.type("/set max-tokens 8")
+        term.type("the cat sat on")
+        screen = term.wait_for("tok/verify", count=2)
+        assert "Error" not in screen and "reconnecting" not in screen and "starting it again" not in screen
+        term.send("C-c")
+        term.wait_for("Press Ctrl+C again", count=2)
+        term.send("C-c")
+        term.wait_for("EXIT:130")
+        assert gone_within(hub, 15)  # the chat stops its hub as it leaves
+    finally:
+        term.close()
+    stop = frozenset(DraftEngine(tiny.gguf_f32, n_ctx=1024, n_threads=2).stop_token_ids())
+    assert assert_log_equals_target_alone(target_alone, stop) == 2
+
+
+def test_a_killed_embedded_hub_is_started_again_within_the_turn(tiny, target_alone):
+    term = embedded_chat(tiny, "--max-tokens", "600", "--draft-len", "1")
+
+    def reply(screen: str) -> str:
+        return screen.split("there was\n", 1)[-1].strip()
+
+    try:
+        first = term.embedded_hub_pid()
+        term.type("once upon a time there was")
+        term.wait_until(lambda screen: len(reply(screen)) > 5, "the reply's first tokens")
+        os.kill(first, signal.SIGSTOP)  # held mid-reply, then killed there
+        shown = len(reply(term.screen()))
+        os.kill(first, signal.SIGKILL)
+        # One line while it starts again; in a terminal it is erased once the reply goes on.
+        term.wait_for("the embedded hub was killed (SIGKILL); starting it again")
+        term.wait_until(
+            lambda screen: "starting it again" not in screen and len(reply(screen)) > shown + 20, "the reply going on"
+        )
+        term.send("C-c")  # enough of it: what came before and after the restart is checked below
+        term.wait_for("(stopped)")
+        second = term.embedded_hub_pid()
+        assert second != first
+        term.type("/set max-tokens 8")
+        os.kill(second, signal.SIGKILL)  # at the prompt: the next message brings it back
+        assert gone_within(second, 15)
+        term.type("the cat sat on")
+        term.wait_for("starting it again")
+        screen = term.wait_for("tok/verify", count=2)
+        assert "Error" not in screen and "Traceback" not in screen and "reconnecting" not in screen
+        term.type("/bye")
+        term.wait_for("EXIT:0")
+    finally:
+        term.close()
+    history = History(history_path(Path(os.environ["SPECEDGE_HOME"]) / "data"))
+    assert [turn.interrupted for turn in history.turns(1)] == [True, False]
+    stop = frozenset(DraftEngine(tiny.gguf_f32, n_ctx=1024, n_threads=2).stop_token_ids())
+    assert assert_log_equals_target_alone(target_alone, stop) == 2  # lossless across both restarts
+
+
+def test_a_turn_the_hub_never_answers_keeps_its_prompt_for_continue(tiny, hub, tmp_path, target_alone):
+    """Ctrl+C mid-reply leaves the hub session in doubt, so the next turn reopens it first; the hub
+    is gone by then: that turn fails, and its prompt is what `--continue` answers."""
+    own_hub = RunningHub(tiny.hf_dir, tmp_path / "hub")
+    command = [sys.executable, "-m", "specedge_cli", "chat", "--hub", own_hub.url, "--model", str(tiny.gguf_f32)]
+    term = Terminal(
+        [*command, "--max-tokens", "600", "--draft-len", "1"],
+        {"SPECEDGE_HOME": os.environ["SPECEDGE_HOME"], "SPECEDGE_RECONNECT_S": "1"},
+    )
+    try:
+        term.wait_for(">>> ")
+        term.type("once upon a time there was")
+        term.wait_until(lambda screen: len(screen.split("there was\n", 1)[-1].strip()) > 5, "the reply's first tokens")
+        term.send("C-c")
+        term.wait_for("(stopped)")
+        own_hub.stop()
+        term.type("and then")
+        screen = term.wait_for("Error: lost the hub")
+        assert "run `specedge chat --continue` when the hub is back" in screen
+        term.type("/bye")
+        term.wait_for("EXIT:0")
+    finally:
+        term.close()
+        own_hub.stop()
+    history = History(history_path(Path(os.environ["SPECEDGE_HOME"]) / "data"))
+    saved = history.load(1).turns
+    assert [turn.prompt for turn in saved] == ["once upon a time there was", "and then"]
+    result = run_specedge(
+        "chat", "--continue", "more", "--hub", hub.url, "--model", str(tiny.gguf_f32), "-n", "6", "--json"
+    )
+    assert result.returncode == 0 and "Continuing conversation 1 (2 turns)" in result.stderr, result.stderr
+    out = json.loads(result.stdout)
+    context = [t for turn in saved for t in turn.prompt_token_ids + turn.token_ids] + out["prompt_token_ids"]
+    stop = frozenset(DraftEngine(tiny.gguf_f32, n_ctx=1024, n_threads=2).stop_token_ids())
+    assert out["token_ids"] == target_alone.decode(context, 6, stop)

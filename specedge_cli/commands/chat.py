@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import contextlib
 import json
+import signal
 import sys
 from collections.abc import Callable, Iterator
 from typing import Annotated, TextIO
@@ -18,8 +19,9 @@ from specedge_cli.drafting.engine import DraftEngine
 from specedge_cli.errors import ModelFileError
 from specedge_cli.history import ConversationLog, History, SavedConversation, history_path
 from specedge_cli.models import DEFAULT_MODEL, ResolvedModel, resolve_model, smallest_instruct_preset
-from specedge_cli.remote.client import HubClient
-from specedge_cli.remote.connect import connect_hub
+from specedge_cli.remote.connect import HubConnection, connect_hub
+from specedge_cli.remote.embedded import Revival
+from specedge_cli.remote.session import Reconnecting, ReconnectNotice
 from specedge_cli.rendering import ReplyView
 from specedge_cli.repl import Repl, note_finish, print_figures
 from specedge_cli.settings import ChatSettings, chat_settings
@@ -118,11 +120,17 @@ def chat(
     _note_base_model(resolved)
     address = settings.hub_address(hub)
     decode = decode_settings(chosen, hub_elsewhere=bool(address.url))
-    with _hub(address, resolved, insecure) as (client, hub_url, wait_for_hub):
+    with _leaving_on_hangup(), _hub(address, resolved, insecure) as (connection, wait_for_hub):
         engine = DraftEngine(resolved.path, n_threads=chosen.threads or None)  # loads while an embedded hub starts
         wait_for_hub()
+        hub_url = connection.url
         conversation = Conversation(
-            engine, client, template_for(engine, resolved), decode, saved.system if saved else chosen.system
+            engine,
+            connection.client,
+            template_for(engine, resolved),
+            decode,
+            saved.system if saved else chosen.system,
+            on_reconnect=_on_outage(connection),
         )
         model_name = resolved.preset.name if resolved.preset else str(resolved.path.resolve())
         _keep(conversation, history if chosen.logs else None, saved, model_name, hub_url)
@@ -210,10 +218,35 @@ def _keep(
 
 
 @contextlib.contextmanager
+def _leaving_on_hangup() -> Iterator[None]:
+    """SIGTERM, and SIGHUP (its terminal closed), end the chat as /bye does: what it is in unwinds,
+    so an embedded hub (in a session of its own, out of the terminal's reach) is stopped with it."""
+
+    def leave(signum: int, frame: object) -> None:
+        raise SystemExit(128 + signum)
+
+    hangups = [getattr(signal, name) for name in ("SIGTERM", "SIGHUP") if hasattr(signal, name)]
+    previous = {hangup: signal.signal(hangup, leave) for hangup in hangups}
+    try:
+        yield
+    finally:
+        for hangup, handler in previous.items():
+            signal.signal(hangup, handler)
+
+
+def _on_outage(connection: HubConnection) -> Callable[[Reconnecting], None]:
+    """What the chat does while its hub is away: says so; an embedded hub that ended is started again."""
+    notice = ReconnectNotice()
+    if connection.embedded is None:
+        return notice
+    return Revival(connection.embedded, notice)
+
+
+@contextlib.contextmanager
 def _hub(
     address: settings.HubAddress, resolved: ResolvedModel, insecure: bool = False
-) -> Iterator[tuple[HubClient, str, Callable[[], None]]]:
-    """The hub client, its URL, and a function that waits until the hub is ready (saying what it does)."""
+) -> Iterator[tuple[HubConnection, Callable[[], None]]]:
+    """The hub connection, and a function that waits until the hub is ready (saying what it does)."""
     log = LogTail.of_next_run(paths.data_dir() / "embedded-hub.log")
     with connect_hub(
         address.url,
@@ -226,7 +259,7 @@ def _hub(
             f"(target {resolved.path.name}); use --hub or `specedge login` for a real one.[/dim]"
         ),
     ) as connection:
-        yield connection.client, connection.url, lambda: wait_until_ready(connection, log, err)
+        yield connection, lambda: wait_until_ready(connection, log, err)
 
 
 def _answer_once(conversation: Conversation, prompt: str, as_json: bool, hub_url: str) -> None:

@@ -63,11 +63,17 @@ class HubSession:
         self.on_reconnect = on_reconnect
         self.session_id: str | None = None
         self.max_draft_tokens = 64  # the hub's, once a session is open
+        self.max_context = 0  # the hub's context limit per session, once one is open (0: not known yet)
         self.held: list[int] = []  # the hub's context, as far as we sent it
         self.sampling = wire.Sampling()
         self.reconnects = 0
         self._in_doubt = False  # a request that changes the hub's context did not answer
         self._reached_hub = False  # a hub never reached is a wrong address, not an outage to wait out
+
+    @property
+    def reached_hub(self) -> bool:
+        """A session was opened on this hub before: losing it now is an outage, not a wrong address."""
+        return self._reached_hub
 
     # --- keeping the hub's context equal to ours ----------------------------------------------
     def sync(self, history: list[int], sampling: wire.Sampling) -> None:
@@ -103,7 +109,7 @@ class HubSession:
             )
         )
         self.session_id, self.sampling, self.held = opened.session_id, sampling, []
-        self.max_draft_tokens = opened.max_draft_tokens
+        self.max_draft_tokens, self.max_context = opened.max_draft_tokens, opened.max_context
         self._reached_hub = True
 
     def _feed(self, tokens: list[int]) -> None:
