@@ -565,6 +565,30 @@ def test_a_reply_cut_by_the_context_keeps_its_text_and_says_length(served, model
     assert chunks[-1].choices[0].finish_reason == "length"
 
 
+def test_a_streamed_chat_reply_cut_by_the_context_says_length(served, model_id, hub, tiny, target_alone):
+    limit = httpx.get(f"{hub.url}/v1/info").json()["max_context"]
+    engine = DraftEngine(tiny.gguf_q8, n_ctx=1024, n_threads=1)
+    sentence, count = "once upon a time there was a dog. ", 1
+    while len(engine.tokenize(sentence * (count + 1), add_bos=True)) <= limit - 10:
+        count += 1
+    prompt_ids = engine.tokenize(sentence * count, add_bos=True)  # the tiny model's template: the text as it is
+    room = limit - len(prompt_ids)
+    expected_ids = target_alone.decode(prompt_ids, room, _stops(tiny))
+    assert len(expected_ids) == room and not set(expected_ids) & _stops(tiny)
+    chunks = list(
+        served.client().chat.completions.create(
+            model=model_id,
+            messages=[{"role": "user", "content": sentence * count}],
+            max_tokens=500,
+            stream=True,
+            stream_options={"include_usage": True},
+        )
+    )
+    text = "".join(c.choices[0].delta.content or "" for c in chunks if c.choices)
+    assert text == engine.detokenize(expected_ids).decode("utf-8", "replace")
+    assert chunks[-2].choices[0].finish_reason == "length" and chunks[-1].usage.completion_tokens == room
+
+
 def test_health_answers_at_once_while_requests_decode(served, model_id):
     # Decoding (tokenizing, drafting, waiting for the hub) runs on threads, never on the event loop.
     prompts = ["once upon a time", "the cat sat on", "numbers: one two", "the dog ran", "and then"]
