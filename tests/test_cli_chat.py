@@ -168,7 +168,11 @@ def test_ctrl_c_in_a_one_shot_keeps_what_was_printed_and_exits_130(tiny, hub):
 
 
 def test_errors_are_one_line_without_traceback(tiny, hub):
-    result = run_specedge("chat", "--prompt", "x", "--hub", "http://127.0.0.1:9", "--model", str(tiny.gguf_f32))
+    result = run_specedge(
+        "chat",
+        *("--prompt", "x", "--hub", "http://127.0.0.1:9", "--model", str(tiny.gguf_f32)),
+        env_extra={"SPECEDGE_RECONNECT_S": "0"},  # a hub refusing connections is not waited for
+    )
     assert result.returncode == 1
     assert "cannot reach the hub at http://127.0.0.1:9" in result.stderr
     assert "Traceback" not in result.stderr

@@ -4,13 +4,18 @@ from __future__ import annotations
 
 import json
 import stat
+from pathlib import Path
+from types import SimpleNamespace
 
+import httpx
 import pytest
 
 from specedge_cli import paths, settings
 from specedge_cli.errors import InsecureHub
+from specedge_cli.models import file_sha256
 from specedge_cli.remote.client import check_transport
-from tests.conftest import run_specedge
+from specedge_common.launcher import HubProcess
+from tests.conftest import REPO, hub_admin, run_specedge
 
 
 def login(auth_hub, user: str = "ada", *extra: str, env_extra: dict | None = None):
@@ -118,3 +123,74 @@ def test_a_stored_token_is_not_sent_to_another_hub(auth_hub, monkeypatch):
     assert settings.hub_address("https://other.example").token is None
     monkeypatch.setenv("SPECEDGE_TOKEN", "seh_env")
     assert settings.hub_address("https://other.example").token == "seh_env"
+
+
+class StartingHub:
+    """A hub with accounts whose process has only just been started: commands meet it while it
+    refuses connections, then while it loads. `token` is ada's."""
+
+    def __init__(self, tiny, workdir: Path, *extra: str):
+        data_dir = workdir / "data"
+        hub_admin(data_dir, "users", "add", "ada")
+        self.token = hub_admin(data_dir, "tokens", "create", "--user", "ada")["token"]
+        model = ["--model", str(tiny.hf_dir), "--cache-dir", str(workdir / "cache")]
+        self.args = [*model, "--data-dir", str(data_dir), *extra]
+        self.log = workdir / "hub.log"
+        self.process = HubProcess(self.args, log_path=self.log, cwd=REPO)
+        self.url = self.process.url
+
+    def restart(self) -> None:
+        """Stop it and start it again on the same port: the next command meets a starting hub."""
+        self.process.stop(timeout_s=30)
+        self.process = HubProcess(self.args, log_path=self.log, cwd=REPO, port=self.process.port)
+
+
+STARTING = "does not answer yet (connection refused); waiting up to"
+
+
+def test_a_starting_hub_is_waited_for_and_names_its_draft_which_chat_then_picks(tiny, tmp_path):
+    """Login and chat meet the hub in its first seconds; its --draft-hint is shown; chat without
+    --model takes the registered model that shares the target's vocabulary (the default does not)."""
+    hint = f"example/tiny-GGUF/{tiny.gguf_f32.name}@{file_sha256(tiny.gguf_f32)}"
+    hub = StartingHub(tiny, tmp_path, "--draft-hint", hint)
+    try:
+        result = run_specedge("login", "--hub", hub.url, input_text=hub.token + "\n")
+        assert result.returncode == 0, result.stderr
+        assert STARTING in result.stderr and "as ada" in result.stdout
+        assert f"The hub names the draft model for its target hf: {tiny.gguf_f32.stem}." in result.stdout
+        assert f"Fetch it with: specedge models pull {hint}" in result.stdout
+        info = httpx.get(f"{hub.url}/v1/info", headers={"Authorization": f"Bearer {hub.token}"}).json()
+        assert info["draft_hint"] == {
+            "preset": "",
+            "hf_repo": "example/tiny-GGUF",
+            "hf_file": tiny.gguf_f32.name,
+            "sha256": file_sha256(tiny.gguf_f32),
+        }
+
+        refused = run_specedge("chat", "the dog", "--max-tokens", "4")
+        assert_one_line_error(refused, "no draft model here shares", f"`specedge models pull {hint}`")
+
+        assert run_specedge("models", "pull", str(tiny.gguf_f32), "--name", "tiny").returncode == 0
+        hub.restart()
+        answer = run_specedge("chat", "--json", "the dog", "--max-tokens", "4")
+        assert answer.returncode == 0, answer.stderr
+        assert STARTING in answer.stderr and "Drafting with tiny: it shares the vocabulary" in answer.stderr
+        assert json.loads(answer.stdout)["model"] == tiny.gguf_f32.name
+
+        again = login(hub_with_token(hub))
+        assert "Draft model: tiny shares the vocabulary of the target hf; chat and serve use it" in again.stdout
+    finally:
+        hub.process.stop(timeout_s=30)
+
+
+def hub_with_token(hub: StartingHub):
+    """The shape `login()` takes: a url and ada's token."""
+    return SimpleNamespace(url=hub.url, tokens={"ada": hub.token})
+
+
+def test_a_hub_that_never_starts_is_one_line_after_the_wait():
+    result = run_specedge(
+        "login", "--hub", "http://127.0.0.1:9", "--token", "seh_x", env_extra={"SPECEDGE_RECONNECT_S": "1"}
+    )
+    assert result.returncode == 1 and "Traceback" not in result.stderr
+    assert STARTING in result.stderr and "cannot reach the hub at http://127.0.0.1:9" in result.stderr

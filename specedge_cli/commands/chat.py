@@ -14,11 +14,12 @@ from rich.console import Console
 
 from specedge_cli import paths, settings
 from specedge_cli.decoding import Conversation, DecodeSettings, Reply
+from specedge_cli.draft_choice import choose_draft
 from specedge_cli.drafting.chat_template import template_for
 from specedge_cli.drafting.engine import DraftEngine
 from specedge_cli.errors import ModelFileError
 from specedge_cli.history import ConversationLog, History, SavedConversation, history_path
-from specedge_cli.models import DEFAULT_MODEL, ResolvedModel, resolve_model, smallest_instruct_preset
+from specedge_cli.models import DEFAULT_MODEL, ResolvedModel, smallest_instruct_preset
 from specedge_cli.remote.connect import HubConnection, connect_hub
 from specedge_cli.remote.embedded import Revival
 from specedge_cli.remote.session import Reconnecting, ReconnectNotice
@@ -114,11 +115,10 @@ def chat(
     )
     history = History(history_path(paths.data_dir())) if chosen.logs or resume_last or conversation_id else None
     saved = _saved_conversation(history, resume_last, conversation_id)
-    resolved = resolve_model(
-        model or (saved.model if saved else chosen.model), paths.models_dir(), offline=chosen.offline
-    )
-    _note_base_model(resolved)
     address = settings.hub_address(hub)
+    # Without a model named, with a hub: one whose vocabulary is its target's (draft_choice).
+    resolved = choose_draft(model or (saved.model if saved else None), address, insecure, chosen.offline, err)
+    _note_base_model(resolved)
     decode = decode_settings(chosen, hub_elsewhere=bool(address.url))
     with _leaving_on_hangup(), _hub(address, resolved, insecure) as (connection, wait_for_hub):
         engine = DraftEngine(resolved.path, n_threads=chosen.threads or None)  # loads while an embedded hub starts

@@ -15,8 +15,10 @@ from specedge_cli.models import (
     DEFAULT_MODEL,
     PRESETS,
     Preset,
+    hf_file_preset,
     local_state,
     preset_path,
+    pull_hf_file,
     register_model,
     registered_models,
     remove_preset_files,
@@ -62,12 +64,26 @@ def list_models() -> None:
 @app.command()
 def pull(
     name: Annotated[
-        str, typer.Argument(help="A preset name (`specedge models list`), or a local .gguf file to register.")
+        str,
+        typer.Argument(
+            help="A preset name (`specedge models list`), a local .gguf file to register, "
+            "or OWNER/REPO/FILE.gguf@SHA256 on the Hugging Face Hub (as a hub names its draft)."
+        ),
     ],
-    as_name: Annotated[str | None, typer.Option("--name", help="With a file: the name to use it by.")] = None,
+    as_name: Annotated[
+        str | None,
+        typer.Option(
+            "--name", help="With a file: the name to use it by (a preset's own, if it is that preset's file)."
+        ),
+    ] = None,
     offline: Offline = False,
 ) -> None:
-    """Fetch a preset (resuming a partial download, checking its sha256), or register a local file."""
+    """Fetch a preset or a Hugging Face file (resuming a partial download, checking its sha256), or register a local file."""
+    hf_file = hf_file_preset(name)
+    if hf_file is not None:
+        path = pull_hf_file(hf_file, paths.models_dir(), offline)
+        out.print(f"{hf_file.name} is ready: {path}; use it with `specedge chat --model {hf_file.name}`")
+        return
     if name.endswith(".gguf") or Path(name).is_file():
         local = Path(name).expanduser()
         register_model(as_name or local.stem, local, paths.models_dir())

@@ -13,10 +13,11 @@ from rich.console import Console
 from specedge_cli import paths
 from specedge_cli.commands.chat import decode_settings
 from specedge_cli.decoding import Conversation, DecodeSettings
+from specedge_cli.draft_choice import choose_draft
 from specedge_cli.drafting.chat_template import ChatTemplate, template_for
 from specedge_cli.drafting.engine import DraftEngine
 from specedge_cli.errors import SpecEdgeError
-from specedge_cli.models import DEFAULT_MODEL, resolve_model
+from specedge_cli.models import DEFAULT_MODEL
 from specedge_cli.remote.connect import HubConnection, connect_hub
 from specedge_cli.serve.slots import EdgeModel, Slot, SlotPool
 from specedge_cli.settings import chat_settings, hub_address
@@ -85,8 +86,9 @@ def serve(
             f"refusing to listen on {host} without --api-key: anyone who can reach it could use your hub"
         )
     chosen = chat_settings(max_tokens=max_tokens, threads=threads, offline=offline or None)
-    resolved = resolve_model(model or chosen.model, paths.models_dir(), offline=chosen.offline)
     address = hub_address(hub)
+    # Without a model named, with a hub: one whose vocabulary is its target's (draft_choice).
+    resolved = choose_draft(model, address, insecure, chosen.offline, err)
     log = LogTail.of_next_run(paths.data_dir() / "embedded-hub.log")
     with connect_hub(
         address.url,

@@ -3,13 +3,18 @@
 from __future__ import annotations
 
 import json
-from collections.abc import Iterator
+import time
+from collections.abc import Callable, Iterator
 
 import httpx
 
 from specedge_cli.errors import HubBusy, HubRejected, HubUnreachable, InsecureHub, SessionLost, TokenRejected
 from specedge_cli.remote import protocol as wire
 from specedge_common.net import is_loopback
+
+# A hub refuses connections until it has bound its port, after its imports (seconds): one refusing
+# for this long after a command first knocked is taken to be down, not starting.
+START_WINDOW_S = 30.0
 
 
 def check_transport(url: str, insecure: bool = False) -> None:
@@ -49,6 +54,22 @@ class HubClient:
 
     def health(self) -> dict:
         return self._request("GET", "/health", allow_unavailable=True)
+
+    def health_once_up(self, on_starting: Callable[[], None], window_s: float = START_WINDOW_S) -> dict:
+        """/health's answer, waiting out a hub that refuses connections for up to `window_s` (one
+        still starting); `on_starting` is called once, when the first refusal comes."""
+        deadline = time.monotonic() + window_s
+        told = False
+        while True:
+            try:
+                return self.health()
+            except HubUnreachable as exc:
+                if not _refused(exc) or time.monotonic() >= deadline:
+                    raise
+            if not told:
+                on_starting()
+                told = True
+            time.sleep(0.25)
 
     def info(self) -> wire.HubInfo:
         return wire.HubInfo.from_json(self._request("GET", "/v1/info"))
@@ -119,6 +140,16 @@ def _unreachable(base_url: str, exc: httpx.TransportError) -> HubUnreachable:
         f"cannot reach the hub at {base_url} ({exc.__class__.__name__}); "
         f"check the URL and that `curl {base_url}/health` answers"
     )
+
+
+def _refused(exc: BaseException) -> bool:
+    """Whether the connection was refused (nothing listens on the port yet), not a name or TLS failure."""
+    cause: BaseException | None = exc
+    while cause is not None:
+        if isinstance(cause, ConnectionRefusedError):
+            return True
+        cause = cause.__cause__ or cause.__context__
+    return False
 
 
 def _rejection(response: httpx.Response) -> HubRejected:
