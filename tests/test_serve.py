@@ -22,6 +22,7 @@ import pytest
 from specedge_cli.decoding import Conversation, DecodeSettings
 from specedge_cli.drafting.chat_template import BUILTIN_TEMPLATES, ChatTemplate, template_for
 from specedge_cli.drafting.engine import DraftEngine
+from specedge_cli.errors import HubRejected
 from specedge_cli.models import resolve_model
 from specedge_cli.remote.client import HubClient
 from specedge_cli.serve.layout import take_up_exchanges
@@ -546,6 +547,25 @@ def test_a_prompt_over_the_context_is_refused_before_any_work(served, model_id, 
     with pytest.raises(openai.BadRequestError, match=f"is {limit} tokens.*reduce the length of the messages"):
         client.chat.completions.create(model=model_id, messages=[{"role": "user", "content": "the dog ran " * 1500}])
     assert time.monotonic() - started < 1
+
+
+def test_a_chat_prompt_over_the_context_is_refused_before_drafting(reference, hub):
+    # `specedge chat`'s side (the decoder both share): refused at once, the conversation going on.
+    limit = httpx.get(f"{hub.url}/v1/info").json()["max_context"]
+    conversation = reference(DecodeSettings(max_tokens=8))
+    conversation.ask("the cat sat on")
+    session = conversation.session_id
+    started = time.monotonic()
+    with pytest.raises(HubRejected) as refused:
+        conversation.ask("the dog ran " * 1500)
+    assert time.monotonic() - started < 1
+    assert refused.value.code == "context_too_long" and f"model's context of {limit} tokens" in refused.value.message
+    conversation.ask("and then")
+    assert conversation.session_id == session and [t.prompt for t in conversation.turns] == [
+        "the cat sat on",
+        "and then",
+    ]
+    conversation.close()
 
 
 def test_a_reply_cut_by_the_context_keeps_its_text_and_says_length(served, model_id, hub, tiny, target_alone):
