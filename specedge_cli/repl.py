@@ -81,7 +81,7 @@ def note_finish(
         return
     limit = conversation.settings.max_tokens
     if len(reply.token_ids) < limit:  # the hub's context ended first
-        note = f"cut at the end of the model's context of {conversation.session.max_context} tokens"
+        note = f"cut at the end of the context, {conversation.decoder.context_limit} tokens"
         note += f"; {how_to_start} starts a new conversation" if how_to_start else ""
     else:
         note = f"cut at the limit of {limit} tokens; {how_to_raise} for longer replies"

@@ -282,4 +282,41 @@ def test_a_reply_that_reaches_the_end_of_the_context_is_kept_as_length(tiny, tmp
     assert out["token_ids"] == target_alone.decode(out["prompt_token_ids"], len(out["token_ids"]))
     assert shown.returncode == 0, shown.stderr
     assert shown.stdout == out["text"] + "\n"
-    assert "(cut at the end of the model's context of 48 tokens)" in shown.stderr
+    assert "(cut at the end of the context, 48 tokens)" in shown.stderr
+
+
+def test_the_embedded_hub_ends_with_its_chat_however_the_chat_ends(tiny):
+    """SIGTERM unwinds the chat, which stops its hub; a chat killed outright takes its hub along too
+    (the hub, in a session of its own, gets no signal from the terminal)."""
+    import signal
+    import subprocess
+    import sys
+
+    from tests.conftest import REPO
+    from tests.test_repl import children, cmdline, gone_within
+
+    command = [sys.executable, "-m", "specedge_cli", "chat", "once upon a time", "--model", str(tiny.gguf_f32)]
+    chats = {
+        how: subprocess.Popen(
+            [*command, "--max-tokens", "2000", "--draft-len", "1"],
+            cwd=REPO,
+            stdin=subprocess.DEVNULL,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+        )
+        for how in (signal.SIGTERM, signal.SIGKILL)
+    }
+    try:
+        for how, chat in chats.items():
+            assert chat.stdout.read1(1), chat.stderr.read()  # replying: its hub is up
+            (hub,) = [pid for pid in children(chat.pid) if b"hub_server" in cmdline(pid)]
+            assert os.getsid(hub) != os.getsid(chat.pid)
+            chat.send_signal(how)
+            chat.wait(timeout=60)
+            assert gone_within(hub, 20), f"the hub outlived its chat ended by {how.name}"
+        assert chats[signal.SIGTERM].returncode == 128 + signal.SIGTERM
+        assert b"Traceback" not in chats[signal.SIGTERM].stderr.read()
+    finally:
+        for chat in chats.values():
+            chat.kill()
+            chat.communicate()

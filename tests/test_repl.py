@@ -65,8 +65,8 @@ class Terminal:
     def embedded_hub_pid(self) -> int:
         """The process id of the embedded hub the chat in this terminal started."""
         shell = int(self._tmux("list-panes", "-F", "#{pane_pid}").split()[0])
-        chats = [pid for pid in children(shell) if b"specedge_cli" in _cmdline(pid)]
-        hubs = [pid for chat in chats for pid in children(chat) if b"hub_server" in _cmdline(pid)]
+        chats = [pid for pid in children(shell) if b"specedge_cli" in cmdline(pid)]
+        hubs = [pid for chat in chats for pid in children(chat) if b"hub_server" in cmdline(pid)]
         assert len(hubs) == 1, (chats, hubs)
         return hubs[0]
 
@@ -88,7 +88,7 @@ def parent(pid: int) -> int:
     return int(Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[1])
 
 
-def _cmdline(pid: int) -> bytes:
+def cmdline(pid: int) -> bytes:
     try:
         return Path(f"/proc/{pid}/cmdline").read_bytes()
     except OSError:
@@ -399,3 +399,28 @@ def test_a_turn_the_hub_never_answers_keeps_its_prompt_for_continue(tiny, hub, t
     context = [t for turn in saved for t in turn.prompt_token_ids + turn.token_ids] + out["prompt_token_ids"]
     stop = frozenset(DraftEngine(tiny.gguf_f32, n_ctx=1024, n_threads=2).stop_token_ids())
     assert out["token_ids"] == target_alone.decode(context, 6, stop)
+
+
+def test_a_reply_that_fills_the_context_says_so_and_the_repl_goes_on(tiny, tmp_path):
+    small = RunningHub(tiny.hf_dir, tmp_path / "hub", "--max-context", "48")
+    command = [sys.executable, "-m", "specedge_cli", "chat", "--hub", small.url, "--model", str(tiny.gguf_f32)]
+    term = Terminal([*command, "--max-tokens", "5000"], {"SPECEDGE_HOME": os.environ["SPECEDGE_HOME"]})
+    try:
+        term.wait_for(">>> ")
+        term.type("the dog ran")
+        term.wait_for("(cut at the end of the context, 48 tokens; /clear starts a new conversation)")
+        term.type("and then")  # no room left for it: refused, and the chat goes on
+        screen = term.wait_for("start a new conversation (/clear)")
+        assert "Error: " in screen and "Traceback" not in screen
+        term.type("/clear")
+        term.type("/set max-tokens 4")
+        term.type("the cat sat on")
+        term.wait_for("tok/verify", count=2)
+        term.type("/bye")
+        term.wait_for("EXIT:0")
+    finally:
+        term.close()
+        small.stop()
+    history = History(history_path(Path(os.environ["SPECEDGE_HOME"]) / "data"))
+    first, second = history.summaries()[::-1]
+    assert first.turns == 1 and second.turns == 1  # the refused prompt is not kept
