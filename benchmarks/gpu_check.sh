@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# What a GPU run must show for issue 15 (verify passes at the hardware's speed), in one script.
+# What a GPU run must show for verify passes at the hardware's speed, in one script.
 # Not run yet: no GPU was lent when it was written. On an NVIDIA GPU (H100/H200), from the repo
 # root, with the dev environment installed:
 #
@@ -33,7 +33,7 @@ timeout 300 $PY benchmarks/verify_cost.py --target "$G" --device cuda --sessions
 echo "== 4. hub overhead per verify (target: under 1 ms p50)"
 timeout 300 $PY benchmarks/hub_overhead.py --target "$G" --draft "$G" --sessions 64 --rounds 5
 
-echo "== 4b. hub overhead with two Ray workers, on a machine with cores to spare (issue 16: at most 1.5 ms p50)"
+echo "== 4b. hub overhead with two Ray workers, on a machine with cores to spare (target: at most 1.5 ms p50)"
 # The tiny test target on CPU workers: the hop to a worker and back, with the front end, Ray and
 # the client each on cores of their own (the 2-core CPU machine could not give them that).
 TINY=$OUT/tiny
