@@ -30,7 +30,7 @@ from specedge_cli.drafting.chat_template import ChatTemplate
 from specedge_cli.drafting.draft_tree import DraftTree
 from specedge_cli.drafting.engine import DraftEngine
 from specedge_cli.drafting.planner import DepthPlanner
-from specedge_cli.errors import HubBusy, HubError, HubUnreachable, SessionLost
+from specedge_cli.errors import HubBusy, HubError, HubRejected, HubUnreachable, SessionLost
 from specedge_cli.remote import protocol as wire
 from specedge_cli.remote.client import HubClient
 from specedge_cli.remote.session import DraftIdentity, HubSession, Reconnecting, ReconnectNotice
@@ -226,6 +226,9 @@ class Decoder:
         start = len(self.history)
         finish, error = LENGTH, None
         self.engine.set_sampling(self.settings.temperature, self.settings.seed)
+        refusal = self._no_room_for(pending)
+        if refusal is not None:  # refused now, not after drafting a prompt the hub would refuse
+            return Generation([], INTERRUPTED, stats, pending_sent=False, error=refusal)
         try:
             self.sync()  # an outage here, too, is one the caller keeps the prompt through
             while True:
@@ -250,6 +253,19 @@ class Decoder:
         tokens = self.history[start + len(pending) :]
         clock.finish(stats, len(tokens))
         return Generation(tokens, finish, stats, sent, error)
+
+    def _no_room_for(self, pending: list[int]) -> HubRejected | None:
+        """A prompt that leaves no room for a reply in the context (`context_limit`), refused as the
+        hub would refuse it (a draft's context it overruns would fail at its first draft)."""
+        prompt_tokens, limit = len(self.history) + len(pending), self.context_limit
+        if not pending or prompt_tokens < limit:
+            return None
+        return HubRejected(
+            f"this prompt and the conversation before it come to {prompt_tokens} tokens, which leaves no room "
+            f"for a reply in the model's context of {limit} tokens; shorten the prompt, or start a new conversation",
+            422,
+            "context_too_long",
+        )
 
     @property
     def context_limit(self) -> int:
