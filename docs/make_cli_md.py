@@ -10,6 +10,7 @@ tests/test_docs.py runs the check.
 from __future__ import annotations
 
 import argparse
+import re
 import sys
 from collections.abc import Iterator
 from pathlib import Path
@@ -60,9 +61,15 @@ def walk(command: Command, path: list[str], parent: Any = None) -> Iterator[tupl
                 yield from walk(sub, [*path, name], ctx)
 
 
+# A default that is a folder of this machine (`platformdirs`: the user's data folder) would make the
+# page differ by user and by test environment; the page names the folder instead.
+MACHINE_FOLDER = re.compile(r"(?<!\S)\S+[/\\](specedge[\w-]*)\b")
+
+
 def cell(text: str) -> str:
     """Text fit for one Markdown table cell."""
-    return " ".join(text.split()).replace("|", "\\|")
+    text = MACHINE_FOLDER.sub(r"the platform's user data folder for `\1`", " ".join(text.split()))
+    return text.replace("|", "\\|")
 
 
 def option_names(param: Any, ctx: Any) -> str:
