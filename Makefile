@@ -3,7 +3,7 @@
 VENV   := .venv
 PY     := $(VENV)/bin/python
 STAMP  := $(VENV)/.specedge-installed
-# llama.cpp's default -march=native build segfaults on CPUs with AMX (see README.md, "Set-up").
+# llama.cpp's default -march=native build segfaults on CPUs with AMX (see docs/chat.md, "Install").
 LLAMA_CMAKE_ARGS ?= -DGGML_NATIVE=OFF -DLLAMA_BUILD_TESTS=OFF -DLLAMA_BUILD_EXAMPLES=OFF -DLLAMA_BUILD_TOOLS=OFF -DLLAMA_BUILD_SERVER=OFF
 # A CPU build of torch where no NVIDIA GPU is present; users with one get pip's default.
 TORCH_SPEC ?= $(shell command -v nvidia-smi >/dev/null 2>&1 && echo torch || echo torch==2.13.0)

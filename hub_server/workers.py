@@ -335,7 +335,7 @@ def connect(settings: HubSettings) -> None:
         except (ConnectionError, RuntimeError, ValueError) as exc:
             raise ClusterError(
                 f"cannot join the Ray cluster at {settings.ray_address} ({exc}); start it with `ray start --head` "
-                "(see README, Running a hub on many GPUs)"
+                "(see docs/operators.md, Running a hub on many GPUs)"
             ) from exc
     else:
         _start_local_cluster(settings.worker_devices)
