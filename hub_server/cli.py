@@ -323,7 +323,7 @@ def _warn_about_exposure(settings: HubSettings, has_tokens: bool) -> None:
         log.warning(
             "binding to %s: the hub is reachable from other machines%s",
             settings.host,
-            "" if settings.ssl_certfile else "; serve it over TLS (--ssl-certfile or a proxy, see docs/operators.md, TLS)",
+            "" if settings.ssl_certfile else "; serve it over TLS (--ssl-certfile or a proxy; docs/operators.md)",
         )
     if not has_tokens:
         log.warning(
