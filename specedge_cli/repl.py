@@ -21,6 +21,7 @@ from specedge_cli.decoding import LENGTH, Conversation, DecodeSettings, Reply
 from specedge_cli.errors import HubBusy, HubError, HubRejected, HubUnreachable, SettingError
 from specedge_cli.history import ConversationLog
 from specedge_cli.rendering import ReplyView
+from specedge_cli.terminal import keys_unechoed
 
 CONTEXT_TOO_LONG = "context_too_long"  # the hub's code for a conversation past the model's context
 err = Console(stderr=True, highlight=False, soft_wrap=True)  # a message wraps where the terminal does, never mid-copy
@@ -147,7 +148,8 @@ class Repl:
     def _reply(self, ask: Callable[[ReplyView], Reply | None]) -> None:
         view = ReplyView.of(self.conversation)
         try:
-            reply = ask(view)
+            with keys_unechoed():  # typing during the reply must not land in it; it waits for the prompt
+                reply = ask(view)
         except KeyboardInterrupt:  # before decoding began (opening the session)
             view.finish()
             return

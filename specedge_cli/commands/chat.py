@@ -26,6 +26,7 @@ from specedge_cli.remote.session import Reconnecting, ReconnectNotice
 from specedge_cli.rendering import ReplyView
 from specedge_cli.repl import Repl, note_finish, print_figures
 from specedge_cli.settings import ChatSettings, chat_settings
+from specedge_cli.terminal import keys_unechoed
 from specedge_cli.waiting import LogTail, wait_until_ready
 
 err = Console(stderr=True)
@@ -269,7 +270,8 @@ def _answer_once(conversation: Conversation, prompt: str, as_json: bool, hub_url
         print(json.dumps(_reply_json(reply, conversation, hub_url)))
     else:
         view = ReplyView.of(conversation)
-        reply = conversation.ask(prompt, on_tokens=view)
+        with keys_unechoed():  # typing during the reply must not land in it
+            reply = conversation.ask(prompt, on_tokens=view)
         view.finish()
         print_figures(reply)
         note_finish(reply, conversation)
