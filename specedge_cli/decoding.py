@@ -276,8 +276,8 @@ class Decoder:
 
     def _room(self, produced: int, unsent: list[int]) -> int:
         """How many tokens the next verify may add: what the token limit leaves, and what the
-        context leaves after `unsent`. A prompt that leaves no room at all is sent anyway: the hub
-        refuses it in its own words, which say what to do."""
+        context leaves after `unsent`. A prompt with no room at all that got past `_no_room_for`
+        (the hub's context was not known yet) is sent anyway, for the hub to refuse in its words."""
         room = self.settings.max_tokens - produced
         left = self.context_limit - len(self.history) - len(unsent)
         if left > 0 or not unsent:
