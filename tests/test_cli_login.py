@@ -4,10 +4,14 @@ from __future__ import annotations
 
 import json
 import stat
+import subprocess
+import sys
+import time
 from pathlib import Path
 from types import SimpleNamespace
 
 import httpx
+import openai
 import pytest
 
 from specedge_cli import paths, settings
@@ -15,6 +19,7 @@ from specedge_cli.errors import InsecureHub
 from specedge_cli.models import file_sha256
 from specedge_cli.remote.client import check_transport
 from specedge_common.launcher import HubProcess
+from specedge_common.net import free_port
 from tests.conftest import REPO, hub_admin, run_specedge
 
 
@@ -179,8 +184,36 @@ def test_a_starting_hub_is_waited_for_and_names_its_draft_which_chat_then_picks(
 
         again = login(hub_with_token(hub))
         assert "Draft model: tiny shares the vocabulary of the target hf; chat and serve use it" in again.stdout
+        assert "Drafting with tiny" in serve_once(tmp_path / "serve.log")
     finally:
         hub.process.stop(timeout_s=30)
+
+
+def serve_once(log: Path) -> str:
+    """`specedge serve` with the stored login and no --model: it answers one completion; its log."""
+    port = free_port()
+    with log.open("wb") as out:
+        server = subprocess.Popen(
+            [sys.executable, "-m", "specedge_cli", "serve", "--port", str(port), "--threads", "2"],
+            cwd=REPO,
+            stdout=out,
+            stderr=subprocess.STDOUT,
+            stdin=subprocess.DEVNULL,
+        )
+    try:
+        client = openai.OpenAI(base_url=f"http://127.0.0.1:{port}/v1", api_key="none", max_retries=0)
+        deadline = time.monotonic() + 120
+        while server.poll() is None and time.monotonic() < deadline:
+            try:
+                answer = client.completions.create(model="hf", prompt="the dog", max_tokens=4)
+                assert answer.choices[0].text
+                return log.read_text()
+            except openai.APIConnectionError:
+                time.sleep(0.3)
+        raise AssertionError(f"specedge serve never answered:\n{log.read_text()}")
+    finally:
+        server.terminate()
+        server.wait(timeout=30)
 
 
 def hub_with_token(hub: StartingHub):
