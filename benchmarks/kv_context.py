@@ -25,7 +25,7 @@ from hub_server.tree import chain_parents
 def settings_for(target: str, sessions: int, context: int) -> HubSettings:
     room = context + 64
     if "kv_memory_gib" in inspect.signature(HubSettings).parameters:  # a KV pool to size
-        return HubSettings(model=target, device="cpu", max_sessions=sessions, max_context=room, kv_memory_gib=64)
+        return HubSettings(model=target, device="cpu", max_sessions=sessions, max_context=room, kv_memory_gib=2)
     return HubSettings(model=target, device="cpu", max_context=room)
 
 

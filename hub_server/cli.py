@@ -22,6 +22,7 @@ from hub_server.config import (
     DEVICES,
     DTYPES,
     LOG_FORMATS,
+    SHARE_PREFIXES,
     HubSettings,
     default_data_dir,
     parse_draft_hint,
@@ -152,6 +153,14 @@ def serve(
             "(built at start with the C compiler); auto times both at start and uses it up to the widest pass it won."
         ),
     ] = "auto",
+    share_prefixes: Annotated[
+        str,
+        typer.Option(
+            help=f"One of {', '.join(SHARE_PREFIXES)}: whose sessions share the KV of a common prefix (computed once); "
+            "account keeps it within one account, since across accounts a prompt's speed tells whether another "
+            "user sent the same prefix."
+        ),
+    ] = "account",
     data_dir: Annotated[
         Path | None, typer.Option(help=f"Accounts database folder; default {default_data_dir()}.")
     ] = None,
@@ -218,6 +227,7 @@ def serve(
             compile=compile,
             cpu_matmul=cpu_matmul,
             cpu_attention=cpu_attention,
+            share_prefixes=share_prefixes,
             data_dir=data_dir,
             auth=not no_auth,
             embedded_token=os.environ.pop(EMBEDDED_TOKEN_ENV, None) or None,

@@ -66,6 +66,13 @@ class EngineStats:
     compiled_hits: int = 0  # verify passes run by a bucket compiled at start (--compile on)
     compiled_misses: int = 0  # verify passes no compiled bucket fitted, run eagerly
     compiled_buckets: int = 0  # pass shapes compiled at start
+    kv_blocks: int = 0  # KV blocks allocated at start (16 tokens each)
+    kv_blocks_used: int = 0  # held by open sessions
+    kv_blocks_cached: int = 0  # held by no session, kept for their prefix until memory is needed
+    kv_blocks_shared: int = 0  # held by more than one session
+    prefix_hits: int = 0  # full blocks sessions took from the pool instead of computing them
+    prefix_tokens_reused: int = 0  # their tokens: not computed again
+    kv_blocks_reclaimed: int = 0  # cached blocks taken back for new contents
 
 
 class Engine(Protocol):
@@ -77,8 +84,9 @@ class Engine(Protocol):
     max_context: int
     device_lock: threading.Lock  # one thing at a time on the device (a pass, or the hub's draft)
 
-    def new_kv(self) -> KVHandle | None:
-        """KV memory for a new session, or None when the session table is full or too few blocks are free."""
+    def new_kv(self, scope: str | None = None) -> KVHandle | None:
+        """KV memory for a new session, or None when the session table is full or too few blocks are
+        free. `scope`: sessions of the same scope share the KV of a common prefix (None: no sharing)."""
 
     def release(self, kv: KVHandle) -> None:
         """Give a closed session's KV memory back."""

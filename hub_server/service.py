@@ -260,10 +260,10 @@ class Hub:
         self._check_ids(request.stop_token_ids, "stop_token_ids")
         with self._admission:
             self._check_user_sessions(owner)
-            placed = self._place()
+            placed = self._place(scope=self._sharing(owner))
             if placed is None:
                 self._make_room()  # the longest-idle session, if it idled long enough, gives up its slot
-                placed = self._place()
+                placed = self._place(scope=self._sharing(owner))
             if placed is None:
                 raise self._no_room()
             worker, kv = placed
@@ -304,7 +304,11 @@ class Hub:
                     "retry in a few seconds"
                 )
 
-    def _place(self, excluded: Worker | None = None) -> tuple[Worker, KVHandle] | None:
+    def _sharing(self, owner: Owner) -> str | None:
+        """The scope whose sessions share the KV of a common prefix with this owner's (--share-prefixes)."""
+        return {"account": owner.account_id, "across-accounts": ""}.get(self.settings.share_prefixes)
+
+    def _place(self, excluded: Worker | None = None, scope: str | None = None) -> tuple[Worker, KVHandle] | None:
         """A worker for a new session and a KV slot on it, best worker first; None when all are full."""
         loads = [w.load(self.sessions.count_on(w.worker_id), self.settings.max_sessions) for w in self.workers]
         for worker_id in placement_order(loads):
@@ -312,7 +316,7 @@ class Hub:
             if worker is excluded:
                 continue
             try:
-                kv = worker.engine.new_kv()
+                kv = worker.engine.new_kv(scope)
             except WorkerLost:  # probed now, so that a hub whose every worker died says so (`_no_room`)
                 if worker.supervised:
                     self._probe(worker)
@@ -469,7 +473,7 @@ class Hub:
         """Give a session whose worker was lost a slot on a live one (holding its turn: a
         generation in flight); its context is fed there by its next pass."""
         with self._admission:
-            placed = self._place(excluded=lost)
+            placed = self._place(excluded=lost, scope=self._sharing(session.owner))
         if placed is None:
             refusal = self._no_room(excluded=lost)
             log.warning("generation of session %s cut off: %s (its worker was lost)", session.session_id, refusal)

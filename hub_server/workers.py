@@ -135,8 +135,8 @@ class EngineWorker:
     def stats(self) -> EngineStats:
         return self.runner.stats()
 
-    def new_kv(self) -> tuple[int, str] | None:
-        slot = self.runner.new_kv()
+    def new_kv(self, scope: str | None = None) -> tuple[int, str] | None:
+        slot = self.runner.new_kv(scope)
         if slot is None:
             return None
         self.slots[slot.index] = slot
@@ -226,8 +226,8 @@ class RayEngine:
         self._next_round_trip = time.monotonic() + ROUND_TRIP_S
         return self.identity
 
-    def new_kv(self) -> RemoteKV | None:
-        opened = self._call(self._actor.new_kv.remote())
+    def new_kv(self, scope: str | None = None) -> RemoteKV | None:
+        opened = self._call(self._actor.new_kv.remote(scope))
         return None if opened is None else RemoteKV(*opened)
 
     def release(self, kv: RemoteKV) -> None:

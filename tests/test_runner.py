@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import random
 import shutil
+import uuid
 from collections import Counter
 
 import pytest
@@ -85,7 +86,7 @@ def slots_given_back(target):
     runner, _ = target
     taken = []
     runner_new_kv = runner.new_kv
-    runner.new_kv = lambda: taken.append(runner_new_kv()) or taken[-1]
+    runner.new_kv = lambda scope=None: taken.append(runner_new_kv(scope)) or taken[-1]
     yield
     del runner.new_kv
     for kv in taken:
@@ -411,3 +412,61 @@ def test_a_session_that_finds_no_free_block_is_refused_and_left_as_it_was(tiny):
     retried = job(runner, kv, context, expected[:3])
     runner.verify_batch([retried])
     assert retried.emitted == expected
+
+
+def test_a_shared_prefix_followed_by_different_tails_decodes_like_the_target_alone(target):
+    """Sessions of one scope that open with the same 40 tokens: the later ones take its two full
+    blocks from the pool (referenced, not computed) and compute only their own tails; another
+    scope, and a session that shares nothing, compute it all. Every reply is the target's own."""
+    runner, target_alone = target
+    scope_a, scope_b = f"acct_a-{uuid.uuid4()}", f"acct_b-{uuid.uuid4()}"  # this run's: the module's runner caches
+    prefix = [1] + [(13 * i) % 450 + 20 for i in range(39)]
+    contexts = [prefix + [100 + k, 200 + k, 300 + k] for k in range(3)]
+    hits, reused = runner.pool.tally.prefix_hits, runner.pool.tally.tokens_reused
+    first = runner.new_kv(scope=scope_a)
+    runner.prefill(first, contexts[0])
+    assert runner.pool.tally.prefix_hits == hits  # nothing to share yet
+    second, other_account, unshared = runner.new_kv(scope=scope_a), runner.new_kv(scope=scope_b), runner.new_kv()
+    for kv, context in zip((second, other_account, unshared), contexts[1:] + contexts[2:]):
+        runner.prefill(kv, context)
+    assert runner.pool.tally.prefix_hits - hits == 2 and runner.pool.tally.tokens_reused - reused == 32
+    assert second.blocks[:2] == first.blocks[:2] and second.blocks[2] != first.blocks[2]
+    assert not set(other_account.blocks) & set(first.blocks) and not set(unshared.blocks) & set(first.blocks)
+    jobs = [job(runner, kv, c, []) for kv, c in zip((first, second, other_account), contexts)]
+    runner.verify_batch(jobs)
+    assert [j.emitted for j in jobs] == [greedy(target_alone, c, 1) for c in contexts]
+    # A new session of the scope brings the prefix in its first verify: shared there too.
+    third = runner.new_kv(scope=scope_a)
+    tail = contexts[2] + [77]
+    first_verify = job(runner, third, tail, greedy(target_alone, tail, 2))
+    runner.verify_batch([first_verify])
+    assert third.blocks[:2] == first.blocks[:2]
+    assert first_verify.emitted == greedy(target_alone, tail, 3)
+
+
+def test_a_prefix_reclaimed_from_the_cache_mid_conversation_is_computed_again(tiny):
+    """A session closes; its named blocks stay cached; a new session of the same scope takes its
+    prefix from the cache. Then memory runs short: the cached blocks are reclaimed for other
+    contents, and a session resuming the same conversation computes it again, with the same tokens."""
+    runner = ModelRunner(HubSettings(model=str(tiny.hf_dir), kv_memory_gib=0.0005, cpu_attention=CPU_ATTENTION))
+    target_alone = plain_target(tiny.hf_dir)
+    context = [1] + [(17 * i) % 450 + 20 for i in range(49)]  # three full blocks stored
+    kv = runner.new_kv(scope="acct_a")
+    runner.prefill(kv, context)
+    runner.release(kv)
+    assert runner.pool.cached_blocks == 3
+    again = runner.new_kv(scope="acct_a")
+    runner.prefill(again, context)
+    assert runner.pool.tally.prefix_hits == 3 and runner.pool.cached_blocks == 0
+    runner.release(again)
+    hog = runner.new_kv()
+    assert runner.reserve(hog, runner.pool.free_blocks * BLOCK_TOKENS)  # takes the cached blocks too
+    assert runner.pool.cached_blocks == 0 and runner.pool.tally.reclaimed == 3
+    runner.release(hog)
+    resumed = runner.new_kv(scope="acct_a")
+    runner.prefill(resumed, context)
+    assert runner.pool.tally.prefix_hits == 3  # nothing left to share: computed again
+    expected = greedy(target_alone, context, 4)
+    resumed_job = job(runner, resumed, context, expected[:3])
+    runner.verify_batch([resumed_job])
+    assert resumed_job.emitted == expected

@@ -57,7 +57,7 @@ class CountingTarget:
         self.free = [FakeSlot(i) for i in reversed(range(slots))]
         self.passes: list[int] = []  # sessions in each verify pass
 
-    def new_kv(self) -> KVHandle | None:
+    def new_kv(self, scope: str | None = None) -> KVHandle | None:
         return self.free.pop() if self.free else None
 
     def release(self, kv: KVHandle) -> None:
@@ -369,7 +369,7 @@ class LosableWorker(CountingTarget):
             raise WorkerLost("the engine worker holding this session was lost; open a new session")
         return self.identity
 
-    def new_kv(self) -> KVHandle | None:
+    def new_kv(self, scope: str | None = None) -> KVHandle | None:
         if self.lost:
             raise WorkerLost("lost")
         return super().new_kv()

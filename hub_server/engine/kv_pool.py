@@ -8,6 +8,15 @@ tentative draft nodes: `cover`), and gives back those past what it keeps after e
 (`trim`: rejected nodes' blocks) and all of them when it closes. Nothing is reserved for contexts
 nobody has written: `--max-sessions` caps the session table only, and `--max-context` is a limit.
 
+Shared prefixes: a full block is named by its tokens and the name of the block before it (a
+chain, as vLLM and nano-vllm do, but matched exactly: the name is the key itself, with a serial
+number for the block before, so two different prefixes never meet) within a session's sharing scope (its account, or every
+account, or none). A session fed a context whose leading full blocks are already in the pool
+takes those blocks (a reference each) instead of computing them (`share`); its partly filled last
+block is its own, and a pass never writes into a full block, so a shared block never changes.
+A block no session references keeps its name and its keys (cached) until memory is needed: free
+blocks go first, then cached ones, least recently used first.
+
 Sliding-window layers hold their blocks as full-attention layers do (a block is one range of
 positions in every layer); the attention masks what lies outside the window and reads only the
 window's blocks. Block 0 is never handed out: it stays zero, and a pass points the columns of a
@@ -18,6 +27,7 @@ hold NaN).
 from __future__ import annotations
 
 import threading
+from collections import OrderedDict
 from dataclasses import dataclass, field
 
 import torch
@@ -38,6 +48,18 @@ class SessionKV:
     index: int  # its row in the pool's session table (what a worker process names it by)
     length: int = 0
     blocks: list[int] = field(default_factory=list)
+    scope: str | None = None  # whose sessions may share its full blocks (None: nobody's)
+    tokens: list[int] = field(default_factory=list)  # the stored tokens, `length` of them
+    names: list[int] = field(default_factory=list)  # the serial of each leading full block's name so far
+
+
+@dataclass
+class BlockTally:
+    """What the blocks have done since start: prefixes found, and cached blocks reclaimed."""
+
+    prefix_hits: int = 0  # full blocks a session took from the pool instead of computing them
+    tokens_reused: int = 0  # their tokens: not computed again
+    reclaimed: int = 0  # cached blocks (referenced by no session) taken back for new contents
 
 
 @dataclass(frozen=True)
@@ -126,6 +148,13 @@ class KVPool:
         self._zero_fresh([NULL_BLOCK])
         self._sessions = list(range(plan.max_sessions - 1, -1, -1))
         self._lock = threading.Lock()
+        self._refs = [0] * plan.blocks  # sessions holding each block
+        self._named: dict[tuple, int] = {}  # (serial of the block before, scope, tokens) -> block
+        self._name_of: dict[int, tuple] = {}  # block -> its name
+        self._serial: dict[int, int] = {}  # block -> its name's serial number (never reused)
+        self._serials = 0
+        self._cached: OrderedDict[int, None] = OrderedDict()  # named blocks no session holds, least recent first
+        self.tally = BlockTally()
 
     # --- figures --------------------------------------------------------------------------
     @property
@@ -134,11 +163,23 @@ class KVPool:
 
     @property
     def free_blocks(self) -> int:
-        return len(self._free)
+        """Blocks a session can take now: free ones, and cached ones no session holds."""
+        return len(self._free) + len(self._cached)
 
     @property
     def used_blocks(self) -> int:
-        return self.usable_blocks - len(self._free)
+        """Blocks sessions hold."""
+        return self.usable_blocks - self.free_blocks
+
+    @property
+    def cached_blocks(self) -> int:
+        return len(self._cached)
+
+    @property
+    def shared_blocks(self) -> int:
+        """Blocks more than one session holds."""
+        with self._lock:
+            return sum(refs > 1 for refs in self._refs)
 
     @property
     def reserved_bytes(self) -> int:
@@ -149,31 +190,31 @@ class KVPool:
         return self.used_blocks * self.shape.block_bytes
 
     # --- sessions -------------------------------------------------------------------------
-    def open(self, least_blocks: int = 1) -> SessionKV | None:
+    def open(self, least_blocks: int = 1, scope: str | None = None) -> SessionKV | None:
         """A new session's (empty) KV memory, or None when the session table is full or fewer
-        than `least_blocks` blocks are free."""
+        than `least_blocks` blocks are free. `scope`: whose sessions may share its full blocks."""
         with self._lock:
-            if not self._sessions or len(self._free) < least_blocks:
+            if not self._sessions or len(self._free) + len(self._cached) < least_blocks:
                 return None
-            return SessionKV(self._sessions.pop())
+            return SessionKV(self._sessions.pop(), scope=scope)
 
     def close(self, kv: SessionKV) -> None:
         """Give back every block of a closed (or evicted) session, and its row."""
         with self._lock:
-            self._free.extend(reversed(kv.blocks))
-            kv.blocks, kv.length = [], 0
+            self._release(kv.blocks)
             self._sessions.append(kv.index)
+        kv.blocks, kv.length, kv.tokens, kv.names = [], 0, [], []
 
     def cover(self, kv: SessionKV, tokens: int) -> bool:
         """Make `kv`'s blocks hold positions 0..tokens-1; False (nothing taken) when too few are free."""
+        self.settle(kv)
         wanted = blocks_for(tokens) - len(kv.blocks)
         if wanted <= 0:
             return True
         with self._lock:
-            if len(self._free) < wanted:
-                return False
-            taken = [self._free.pop() for _ in range(wanted)]
-            self._zero_fresh(taken)
+            taken = self._take(wanted)
+        if taken is None:
+            return False
         kv.blocks.extend(taken)
         return True
 
@@ -182,8 +223,115 @@ class KVPool:
         kept = blocks_for(kv.length)
         if len(kv.blocks) > kept:
             with self._lock:
-                self._free.extend(reversed(kv.blocks[kept:]))
+                self._release(kv.blocks[kept:])
             del kv.blocks[kept:]
+
+    # --- shared prefixes --------------------------------------------------------------------
+    def share(self, kv: SessionKV, context: list[int]) -> int:
+        """Take the leading full blocks of `context` (past what `kv` stores, up to all but its last
+        token) that the pool already holds in `kv`'s scope, instead of computing them; returns the
+        tokens taken. Only from a block boundary: a partly filled block is the session's own."""
+        self.settle(kv)
+        if kv.scope is None or kv.length % BLOCK_TOKENS or kv.length != len(kv.names) * BLOCK_TOKENS:
+            return 0
+        taken = 0
+        with self._lock:
+            while kv.length + BLOCK_TOKENS <= len(context) - 1:
+                chunk = context[kv.length : kv.length + BLOCK_TOKENS]
+                block = self._named.get((kv.names[-1] if kv.names else 0, kv.scope, *chunk))
+                if block is None:
+                    break
+                self._hold(block)
+                at = kv.length // BLOCK_TOKENS
+                if at < len(kv.blocks):  # a block taken ahead for this position, never written: back
+                    self._release([kv.blocks[at]])
+                    kv.blocks[at] = block
+                else:
+                    kv.blocks.append(block)
+                kv.names.append(self._serial[block])
+                kv.tokens += chunk
+                kv.length += BLOCK_TOKENS
+                taken += BLOCK_TOKENS
+            self.tally.prefix_hits += taken // BLOCK_TOKENS
+            self.tally.tokens_reused += taken
+        return taken
+
+    def stored(self, kv: SessionKV, tokens: list[int]) -> None:
+        """`tokens` were stored after `kv`'s past (its length already counts them): the blocks they
+        filled are named, so later sessions of its scope can share them."""
+        kv.tokens += tokens
+        if kv.scope is None:
+            return
+        with self._lock:
+            while (len(kv.names) + 1) * BLOCK_TOKENS <= kv.length:
+                at = len(kv.names)
+                chunk = kv.tokens[at * BLOCK_TOKENS : (at + 1) * BLOCK_TOKENS]
+                name = (kv.names[-1] if kv.names else 0, kv.scope, *chunk)
+                block = self._named.get(name, kv.blocks[at])  # the same contents named already: that name
+                if block not in self._name_of:
+                    self._serials += 1
+                    self._named[name], self._name_of[block], self._serial[block] = block, name, self._serials
+                kv.names.append(self._serial[block])
+
+    def settle(self, kv: SessionKV) -> None:
+        """Bring `kv`'s names and tokens back to its length, where its length was set back (a
+        benchmark resetting a session, never the hub): the blocks past it are about to be written,
+        so they lose their names, and one another session holds too is first copied into a block
+        of its own."""
+        if len(kv.names) * BLOCK_TOKENS <= kv.length:
+            del kv.tokens[kv.length :]
+            return
+        kept = kv.length // BLOCK_TOKENS
+        with self._lock:
+            for at in range(kept, len(kv.names)):
+                block = kv.blocks[at]
+                if self._refs[block] > 1:
+                    copy = self._take(1)
+                    if copy is None:
+                        raise RuntimeError("no free block to copy a shared block into")
+                    for keys, values in zip(self.keys, self.values):
+                        keys[copy[0]], values[copy[0]] = keys[block], values[block]
+                    self._release([block])
+                    kv.blocks[at] = copy[0]
+                elif block in self._name_of:
+                    self._unname(block)
+        del kv.names[kept:]
+        del kv.tokens[kv.length :]
+
+    # --- the free list and the cache (under the lock) ----------------------------------------
+    def _take(self, count: int) -> list[int] | None:
+        """`count` blocks for new contents: free ones first, then the least recently used cached ones."""
+        if len(self._free) + len(self._cached) < count:
+            return None
+        while len(self._free) < count:
+            block, _ = self._cached.popitem(last=False)
+            self._unname(block)
+            self._free.append(block)
+            self.tally.reclaimed += 1
+        taken = [self._free.pop() for _ in range(count)]
+        self._zero_fresh(taken)
+        for block in taken:
+            self._refs[block] = 1
+        return taken
+
+    def _unname(self, block: int) -> None:
+        del self._named[self._name_of.pop(block)]
+        del self._serial[block]
+
+    def _hold(self, block: int) -> None:
+        self._refs[block] += 1
+        self._cached.pop(block, None)
+
+    def _release(self, blocks: list[int]) -> None:
+        """One reference fewer on each block: a named block no session holds is cached, another freed."""
+        for block in reversed(blocks):
+            self._refs[block] -= 1
+            if self._refs[block]:
+                continue
+            if block in self._name_of:
+                self._cached[block] = None
+            else:
+                self._free.append(block)
 
     def _zero_fresh(self, taken: list[int]) -> None:
         """Zero the blocks never handed out before among `taken` (torch.empty's memory may hold NaN;

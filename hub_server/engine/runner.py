@@ -321,10 +321,11 @@ class ModelRunner:
         return KVPool(shape, plan, self.model.dtype, self.device)
 
     # --- sessions' KV memory ------------------------------------------------------------
-    def new_kv(self) -> SessionKV | None:
+    def new_kv(self, scope: str | None = None) -> SessionKV | None:
         """A new session's KV memory, or None when the session table is full or the blocks of a
-        pass's widest row are not free."""
-        return self.pool.open(least_blocks=blocks_for(self.widest_row))
+        pass's widest row are not free. `scope`: the sessions whose full blocks it may share
+        (the same scope's), None for none."""
+        return self.pool.open(least_blocks=blocks_for(self.widest_row), scope=scope)
 
     def release(self, kv: KVHandle) -> None:
         self.pool.close(_own(kv))
@@ -341,6 +342,13 @@ class ModelRunner:
         return EngineStats(
             kv_bytes_used=self.pool.used_bytes,
             kv_bytes_reserved=self.pool.reserved_bytes,
+            kv_blocks=self.pool.usable_blocks,
+            kv_blocks_used=self.pool.used_blocks,
+            kv_blocks_cached=self.pool.cached_blocks,
+            kv_blocks_shared=self.pool.shared_blocks,
+            prefix_hits=self.pool.tally.prefix_hits,
+            prefix_tokens_reused=self.pool.tally.tokens_reused,
+            kv_blocks_reclaimed=self.pool.tally.reclaimed,
             device_busy_seconds=self.busy_seconds,
             feeds=replace(self.feeds),
             context_in_verify=self.context_in_verify,
@@ -367,12 +375,18 @@ class ModelRunner:
     def prefill(self, kv: KVHandle, context: list[int]) -> None:
         """Bring `kv` up to all of `context` but its last token."""
         with self.device_lock:
+            self.pool.share(_own(kv), context)
             self._feed(_own(kv), context[kv.length : len(context) - 1])
 
     def verify_batch(self, jobs: list[VerifyJob]) -> float:
         """Verify every job's draft in one forward pass; fills in `path` and `emitted`. Returns the
         pass's device seconds."""
         with self.device_lock:
+            for job in jobs:  # a new context's leading blocks may be in the pool already
+                if len(job.pending) > BLOCK_TOKENS:
+                    kv = _own(job.kv)
+                    self.pool.settle(kv)
+                    job.pending = job.pending[self.pool.share(kv, kv.tokens + job.pending) :]
             rows = [(len(job.pending), len(job.draft)) for job in jobs]
             apart = set(feed_apart(rows, PASS_OVERHEAD_TOKENS[self.device]))
             widest = self.width_buckets[-1] if self.compiled else self.widest_row
@@ -488,7 +502,8 @@ class ModelRunner:
         for job, choices in zip(jobs, self._choices(jobs, batch, hidden)):
             job.path, job.emitted = accept_tree(job.draft, job.parents, choices, job.stop_token_ids)
             # Keep what the context now holds, but its last token: pending, then the accepted path.
-            kept.append((len(job.pending), job.path[: len(job.emitted) - 1]))
+            nodes = job.path[: len(job.emitted) - 1]
+            kept.append((len(job.pending), nodes, job.pending + [job.draft[node] for node in nodes]))
         self._keep(batch, kept)
         return batch.tokens.numel()
 
@@ -607,7 +622,7 @@ class ModelRunner:
                 part = tokens[start : start + FEED_CHUNK]
                 batch = self._batch([kv], [part], [_row_parents(len(part), [])])
                 self._forward(batch)
-                self._keep(batch, [(len(part), [])])
+                self._keep(batch, [(len(part), [], part)])
 
     @contextlib.contextmanager
     def _device_time(self, tally: PassTally):
@@ -789,16 +804,16 @@ class ModelRunner:
             logits = torch.tanh(logits / self.logit_softcap) * self.logit_softcap
         return logits.float()
 
-    def _keep(self, batch: _Batch, kept: list[tuple[int, list[int]]]) -> None:
-        """Keep each row's pending tokens and accepted nodes: (pending, nodes) per row, and give
-        back the blocks past them.
+    def _keep(self, batch: _Batch, kept: list[tuple[int, list[int], list[int]]]) -> None:
+        """Keep each row's pending tokens and accepted nodes: (pending, nodes, their tokens) per
+        row; give back the blocks past them, and name the blocks they filled (shared prefixes).
 
         The pass wrote every new token after its session's past, pending tokens first, so those
         and a chain's accepted nodes already stand where they belong; a tree's accepted nodes
         that do not are moved down, in one copy a layer for the whole batch.
         """
         sources, targets = [], []
-        for slot, (pending, nodes) in zip(batch.slots, kept):
+        for slot, (pending, nodes, _) in zip(batch.slots, kept):
             moved = [
                 (slot.length + pending + node, slot.length + pending + k) for k, node in enumerate(nodes) if node != k
             ]
@@ -806,9 +821,10 @@ class ModelRunner:
             targets += self.pool.places(slot, [target for _, target in moved])
         if sources:
             self._move_positions(sources, targets)
-        for slot, (pending, nodes) in zip(batch.slots, kept):
+        for slot, (pending, nodes, tokens) in zip(batch.slots, kept):
             slot.length += pending + len(nodes)
             self.pool.trim(slot)
+            self.pool.stored(slot, tokens)
 
     def _move_positions(self, sources: list[int], targets: list[int]) -> None:
         """In every layer, copy the keys and values at pool row sources[k] to targets[k]."""
