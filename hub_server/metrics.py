@@ -129,6 +129,11 @@ class HubMetrics:
         self.evicted_sessions = Counter(
             "specedge_evicted_sessions", "Sessions evicted: idle too long, or for a new one on a full hub.", registry=r
         )
+        self.evicted_for_memory = Counter(
+            "specedge_evicted_for_memory",
+            "Of those, sessions evicted because another's pass needed KV blocks and none were free.",
+            registry=r,
+        )
         self.lost_sessions = Counter(
             "specedge_lost_sessions",
             "Sessions dropped with a lost engine worker; their clients reopen them on a live one.",
@@ -244,8 +249,8 @@ def _engine_families(engines: dict[str | None, EngineStats]) -> Iterator:
     ) -> Any:
         return kind(f"specedge_{name}", help_text, labels=base + list(extra))
 
-    kv = family(GaugeMetricFamily, "kv_bytes", "KV memory held by open sessions' slots, in bytes.")
-    reserved = family(GaugeMetricFamily, "kv_bytes_reserved", "KV memory allocated at start for all slots, in bytes.")
+    kv = family(GaugeMetricFamily, "kv_bytes", "KV memory held by open sessions' blocks, in bytes.")
+    reserved = family(GaugeMetricFamily, "kv_bytes_reserved", "KV memory allocated at start for all blocks, in bytes.")
     busy = family(
         CounterMetricFamily, "device_busy_seconds", "Seconds the device spent on the target's forward passes."
     )
@@ -304,8 +309,11 @@ def _engine_families(engines: dict[str | None, EngineStats]) -> Iterator:
         "compiled_pass_buckets",
         "Pass shapes (sessions x tokens) compiled at start; 0 with --compile off.",
     )
+    blocks = _block_families(family)
     for worker, stats in engines.items():
         at = [worker] if labelled else []
+        for name, block_family in blocks.items():
+            block_family.add_metric(at, getattr(stats, name))
         copied.add_metric(at, stats.past_kv_bytes_copied)
         moved.add_metric(at, stats.kept_kv_bytes_moved)
         hits.add_metric(at, stats.compiled_hits)
@@ -323,3 +331,24 @@ def _engine_families(engines: dict[str | None, EngineStats]) -> Iterator:
             pass_seconds.add_metric([*at, str(size)], tally.seconds)
     yield from (kv, reserved, busy, prefill, carried, fixed, per_token, passes, pass_seconds)
     yield from (copied, moved, hits, misses, buckets)
+    yield from blocks.values()
+
+
+def _block_families(family: Callable[..., Any]) -> dict[str, Any]:
+    """The KV pool's blocks and prefix sharing, one family per `EngineStats` field of that name."""
+    gauge, counter = GaugeMetricFamily, CounterMetricFamily
+    return {
+        "kv_blocks": family(gauge, "kv_blocks", "KV blocks allocated at start (16 tokens of every layer each)."),
+        "kv_blocks_used": family(gauge, "kv_blocks_used", "KV blocks held by open sessions."),
+        "kv_blocks_cached": family(
+            gauge, "kv_blocks_cached", "KV blocks no session holds, kept for their prefix until memory is needed."
+        ),
+        "kv_blocks_shared": family(gauge, "kv_blocks_shared", "KV blocks held by more than one session."),
+        "prefix_hits": family(
+            counter, "prefix_hits", "Full KV blocks sessions took from the pool (a shared prefix) instead of computing."
+        ),
+        "prefix_tokens_reused": family(counter, "prefix_tokens_reused", "Their tokens: context not computed again."),
+        "kv_blocks_reclaimed": family(
+            counter, "kv_blocks_reclaimed", "Cached blocks taken back, least recently used first, for new contents."
+        ),
+    }

@@ -123,9 +123,12 @@ class WorkerInfo(_Body):
     device: str
     state: Literal["ready", "draining", "lost"]
     sessions: int  # open sessions placed on it
-    kv_slots: int  # sessions its KV pool holds (--max-sessions)
+    kv_slots: int  # sessions its table holds (--max-sessions); memory is in blocks
     kv_bytes_used: int
     kv_bytes_reserved: int
+    kv_blocks: int = 0  # KV blocks allocated at start
+    kv_blocks_used: int = 0  # held by its open sessions
+    kv_blocks_cached: int = 0  # held by none, kept for their prefix until memory is needed
     queue_depth: int  # verifies waiting for its device
     passes: int  # verify passes it has run
     restarts: int  # times it came back as a new process

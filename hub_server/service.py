@@ -147,6 +147,9 @@ class Hub:
             kv_slots=self.settings.max_sessions,
             kv_bytes_used=device.kv_bytes_used,
             kv_bytes_reserved=device.kv_bytes_reserved,
+            kv_blocks=device.kv_blocks,
+            kv_blocks_used=device.kv_blocks_used,
+            kv_blocks_cached=device.kv_blocks_cached,
             queue_depth=worker.scheduler.queue_depth,
             passes=worker.scheduler.stats.batches,
             restarts=worker.restarts,
@@ -298,7 +301,9 @@ class Hub:
         long enough); when none can, 503 before anything is written, the session as it was."""
         engine = self.worker_of(session).engine
         while not engine.reserve(session.kv, tokens):
-            if not self._make_room():
+            if self._make_room():
+                self.metrics.evicted_for_memory.inc()
+            else:
                 raise KVMemoryFull(
                     "the hub's KV memory is full and no session has idled long enough to give its memory up; "
                     "retry in a few seconds"
@@ -539,8 +544,18 @@ class Hub:
             self._retire(session)
 
     def _retire(self, session: Session) -> None:
-        """Give a removed session's KV slot back, once any request still running on it is done
-        (the hub's own threads: eviction, a full hub making room)."""
+        """Give a removed session's KV memory back: now if no request runs on it, else on a
+        thread of its own once that request is done. Never waits: it is called on the event
+        loop (a full hub making room), where the request it would wait for needs to run."""
+        if session.turn.try_take():
+            try:
+                self._give_back(session)
+            finally:
+                session.turn.release()
+            return
+        threading.Thread(target=self._retire_when_free, args=(session,), name="retire", daemon=True).start()
+
+    def _retire_when_free(self, session: Session) -> None:
         with session.turn.held():
             self._give_back(session)
 

@@ -88,7 +88,8 @@ def _said(response: httpx.Response) -> str:
 def _table(workers: list[dict]) -> str:
     rows: list[tuple[str, ...]] = [COLUMNS]
     for w in workers:
-        kv = f"{w['sessions']}/{w['kv_slots']} ({w['kv_bytes_used'] / 2**20:.0f} MiB)"
+        blocks = f"{w['kv_blocks_used']}/{w['kv_blocks']} blocks" if w.get("kv_blocks") else ""
+        kv = f"{w['sessions']}/{w['kv_slots']} ({w['kv_bytes_used'] / 2**20:.0f} MiB{', ' + blocks if blocks else ''})"
         rows.append(tuple(str(w[name]) if name != "kv" else kv for name in COLUMNS))
     widths = [max(len(row[i]) for row in rows) for i in range(len(COLUMNS))]
     return "\n".join("  ".join(cell.ljust(width) for cell, width in zip(row, widths)).rstrip() for row in rows)

@@ -32,10 +32,10 @@ class MortalTarget(CountingTarget):
             raise WorkerLost("gone")
         return WorkerIdentity("node-a", 4242, "cpu", str(self.incarnation))
 
-    def new_kv(self) -> KVHandle | None:
+    def new_kv(self, scope: str | None = None) -> KVHandle | None:
         if not self.alive:
             raise WorkerLost("gone")
-        return super().new_kv()
+        return super().new_kv(scope)
 
     def die(self) -> None:
         self.alive = False
