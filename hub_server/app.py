@@ -314,7 +314,7 @@ def create_app(
             return JSONResponse({"status": "failed", "reason": state.failure}, status_code=503)
         if state.hub is None:
             return JSONResponse({"status": "loading", "reason": "the target model is loading"}, status_code=503)
-        workers = state.hub.workers_ready()
+        workers = state.hub.workers.ready_count()
         body = {"status": "ok", "model": state.hub.engine.name, "workers": workers.model_dump()}
         # A hub whose every worker is lost serves nothing until one comes back.
         return JSONResponse(body if workers.ready else {**body, "status": "degraded"}, 200 if workers.ready else 503)
@@ -365,17 +365,17 @@ def create_app(
     @app.get("/v1/workers", responses=_answers(401, 403, 503))
     def workers(owner: Caller) -> wire.WorkerList:
         _operators_only(owner, "the workers list shows the whole hub")
-        return state.ready().worker_list()
+        return state.ready().workers.listing()
 
     @app.post("/v1/workers/{worker_id}/drain", responses=_answers(401, 403, 404, 503))
     def drain(worker_id: str, owner: Caller) -> wire.WorkerInfo:
         _operators_only(owner, "draining a worker changes the whole hub")
-        return state.ready().drain(worker_id)
+        return state.ready().workers.drain(worker_id)
 
     @app.post("/v1/workers/{worker_id}/undrain", responses=_answers(401, 403, 404, 503))
     def undrain(worker_id: str, owner: Caller) -> wire.WorkerInfo:
         _operators_only(owner, "undraining a worker changes the whole hub")
-        return state.ready().undrain(worker_id)
+        return state.ready().workers.undrain(worker_id)
 
     @app.delete("/v1/sessions/{session_id}", status_code=204, responses=_answers(401, 404, 429, 503))
     async def close(session_id: str, owner: Caller) -> None:

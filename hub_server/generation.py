@@ -58,7 +58,7 @@ class Generation:
         await self._chunks.aclose()
         prompt = self._prompt
         if prompt is not None and not prompt.future.done():
-            self._hub.worker_of(self._session).scheduler.cancel_prompt(prompt)
+            self._hub.workers.of(self._session).scheduler.cancel_prompt(prompt)
         # Added after the pass's own callback, so it runs after the pass is applied.
         self._session.turn.release_after(self._in_flight)
 
@@ -69,7 +69,7 @@ class Generation:
         produced = verifies = rehomed = 0
         stopped = False
         while produced < request.max_tokens and not stopped:
-            worker = self._hub.worker_of(session)
+            worker = self._hub.workers.of(session)
             try:
                 # Announced for its whole life on a worker: between passes (streaming a chunk,
                 # drafting) the next batch may wait briefly for this session, so concurrent
@@ -98,7 +98,7 @@ class Generation:
     async def _bring_up(self) -> None:
         """The context not yet in the session's KV goes in as a prompt, in chunks beside other
         sessions' verifies (a short one rides in the next pass)."""
-        self._prompt = self._hub.submit_prompt(self._session, inline=INLINE_PROMPT_TOKENS)
+        self._prompt = self._hub.workers.submit_prompt(self._session, inline=INLINE_PROMPT_TOKENS)
         if self._prompt is not None:
             self._in_flight = self._prompt.future
             await settled(self._prompt)

@@ -71,7 +71,7 @@ def test_sessions_spread_over_workers_and_each_request_goes_to_its_own_worker():
     for session in sessions:
         assert verify(hub, session, [3], [4, 5]).tokens == [4, 5, 6]
     assert (len(first.passes), len(second.passes)) == (2, 2)
-    assert [w.sessions for w in hub.worker_list().workers] == [2, 2]
+    assert [w.sessions for w in hub.workers.listing().workers] == [2, 2]
 
 
 def test_hub_full_only_when_every_worker_is_full():
@@ -101,13 +101,13 @@ def test_a_drained_worker_takes_no_new_sessions_while_its_open_ones_go_on():
     first, second = CountingTarget(), CountingTarget()
     hub = hub_of(first, second)
     on_first = hub.open_session(open_request(first)).session_id
-    assert hub.drain("0").state == DRAINING
+    assert hub.workers.drain("0").state == DRAINING
     for _ in range(3):
         assert hub.sessions.get(hub.open_session(open_request(first)).session_id).worker_id == "1"
     assert verify(hub, on_first, [3], [4]).tokens == [4, 5]
     with pytest.raises(UnknownWorker, match="no worker '7'"):
-        hub.drain("7")
-    assert hub.undrain("0").state == READY
+        hub.workers.drain("7")
+    assert hub.workers.undrain("0").state == READY
     assert hub.sessions.get(hub.open_session(open_request(first)).session_id).worker_id == "0"
 
 
@@ -117,16 +117,16 @@ def test_a_lost_worker_drops_its_sessions_and_rejoins_once_restarted():
     sessions = [hub.open_session(open_request(steady)).session_id for _ in range(2)]
     lost, kept = sorted(sessions, key=lambda s: hub.sessions.get(s).worker_id, reverse=True)
     mortal.die()
-    hub._probe(hub.workers[1])
-    assert hub.workers_ready() == wire.WorkerCount(ready=1, total=2)
+    hub.workers.probe(hub.workers[1])
+    assert hub.workers.ready_count() == wire.WorkerCount(ready=1, total=2)
     with pytest.raises(SessionNotFound):  # the client reopens it, on the worker that lives
         verify(hub, lost, [1], [2])
     assert verify(hub, kept, [1], [2]).tokens == [2, 3]
     assert hub.sessions.get(hub.open_session(open_request(steady)).session_id).worker_id == "0"
     mortal.restart()
-    hub._probe(hub.workers[1])
-    assert [w.state for w in hub.worker_list().workers] == [READY, READY]
-    assert hub.worker_list().workers[1].restarts == 1
+    hub.workers.probe(hub.workers[1])
+    assert [w.state for w in hub.workers.listing().workers] == [READY, READY]
+    assert hub.workers.listing().workers[1].restarts == 1
     assert hub.sessions.get(hub.open_session(open_request(steady)).session_id).worker_id == "1"
 
 
@@ -137,9 +137,9 @@ def test_a_hub_whose_every_worker_died_answers_not_ready_until_one_is_back():
         mortal.die()  # not probed yet: the slot calls that fail probe them at once
     with pytest.raises(NotReady, match="no engine worker of this hub is up"):  # 503: clients wait it out
         hub.open_session(open_request(mortals[0]))
-    assert hub.workers_ready() == wire.WorkerCount(ready=0, total=2)
+    assert hub.workers.ready_count() == wire.WorkerCount(ready=0, total=2)
     mortals[1].restart()
-    hub._probe(hub.workers[1])
+    hub.workers.probe(hub.workers[1])
     assert hub.sessions.get(hub.open_session(open_request(mortals[0])).session_id).worker_id == "1"
 
 
@@ -149,7 +149,7 @@ def test_a_worker_that_restarted_between_two_probes_is_lost_and_back_at_once():
     sessions = [hub.open_session(open_request(steady)).session_id for _ in range(2)]
     on_mortal = next(s for s in sessions if hub.sessions.get(s).worker_id == "1")
     mortal.restart()  # its KV pool is empty now: the session's cache is gone
-    hub._probe(hub.workers[1])
+    hub.workers.probe(hub.workers[1])
     with pytest.raises(SessionNotFound):
         verify(hub, on_mortal, [1], [2])
     assert hub.workers[1].state == READY

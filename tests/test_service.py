@@ -340,7 +340,7 @@ class Accounts:
 def test_sessions_belong_to_the_account_and_close_when_it_is_removed():
     hub, engine = make_hub(slots=3, max_sessions=3)
     accounts = Accounts(ALICE, CAROL)
-    hub.accounts = accounts
+    hub.retirement.accounts = accounts
     old = hub.open_session(open_request(engine), owner=CAROL).session_id
     hub.open_session(open_request(engine), owner=ALICE)
     verify(hub, old, [1], [2], owner=CAROL)
@@ -349,7 +349,7 @@ def test_sessions_belong_to_the_account_and_close_when_it_is_removed():
         verify(hub, old, [], [3], owner=carol_again)
     assert hub.whoami(carol_again).sessions == 0
     accounts.alive.discard(CAROL)
-    hub.close_sessions_of_removed_accounts()
+    hub.retirement.close_sessions_of_removed_accounts()
     assert len(hub.sessions) == 1 and len(engine.free) == 2  # her slot is free again
     with pytest.raises(SessionNotFound):
         verify(hub, old, [], [3], owner=CAROL)
@@ -398,7 +398,7 @@ def test_a_generation_whose_worker_is_lost_goes_on_on_another_and_gives_the_same
     assert hub.workers[int(moved.worker_id)].engine is other and len(other.free) == 3
     # The probe then notices the loss; the moved session is not dropped with the lost worker's.
     deadline = time.monotonic() + 10
-    while hub.workers_ready().ready == 2 and time.monotonic() < deadline:
+    while hub.workers.ready_count().ready == 2 and time.monotonic() < deadline:
         time.sleep(0.05)
-    assert hub.workers_ready().ready == 1
+    assert hub.workers.ready_count().ready == 1
     assert generate(hub, session, wire.GenerateRequest(mode="autoregressive", max_tokens=2)) == [17, 18]
