@@ -19,7 +19,8 @@ from pathlib import Path
 from specedge_bench.config import load_prompts
 from specedge_bench.local_hub import LocalHub
 from specedge_bench.metrics import MetricsPage
-from specedge_cli.decoding import Conversation, DecodeSettings
+from specedge_cli.conversation import Conversation
+from specedge_cli.decoding import DecodeSettings
 from specedge_cli.drafting.chat_template import ChatTemplate
 from specedge_cli.drafting.engine import DraftEngine
 from specedge_cli.remote.client import HubClient

@@ -17,7 +17,8 @@ import time
 from pathlib import Path
 
 from specedge_cli import paths
-from specedge_cli.decoding import Conversation, DecodeSettings
+from specedge_cli.conversation import Conversation
+from specedge_cli.decoding import DecodeSettings
 from specedge_cli.drafting.chat_template import template_for
 from specedge_cli.drafting.engine import DraftEngine
 from specedge_cli.models import DEFAULT_MODEL, resolve_model

@@ -17,7 +17,8 @@ from datetime import datetime, timezone
 from pathlib import Path
 from typing import TypeVar
 
-from specedge_cli.decoding import Turn, TurnStats
+from specedge_cli.conversation import Turn
+from specedge_cli.decoding import TurnStats
 from specedge_cli.errors import ConversationNotFound
 
 T = TypeVar("T")

@@ -17,7 +17,8 @@ from rich.console import Console
 from rich.markup import escape
 
 from specedge_cli import settings
-from specedge_cli.decoding import LENGTH, Conversation, DecodeSettings, Reply
+from specedge_cli.conversation import Conversation, Reply
+from specedge_cli.decoding import LENGTH, DecodeSettings
 from specedge_cli.errors import HubBusy, HubError, HubRejected, HubUnreachable, SettingError
 from specedge_cli.history import ConversationLog
 from specedge_cli.rendering import ReplyView

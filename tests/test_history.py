@@ -7,7 +7,8 @@ import subprocess
 import sys
 import time
 
-from specedge_cli.decoding import Turn, TurnStats
+from specedge_cli.conversation import Turn
+from specedge_cli.decoding import TurnStats
 from specedge_cli.history import MIGRATIONS, ConversationLog, History, migrate
 from tests.conftest import REPO
 
@@ -39,7 +40,8 @@ def test_prompt_is_kept_before_its_reply_and_an_unfinished_turn_is_left_out_of_t
 CHAT_WRITER = """
 import sys, time
 from pathlib import Path
-from specedge_cli.decoding import Turn, TurnStats
+from specedge_cli.conversation import Turn
+from specedge_cli.decoding import TurnStats
 from specedge_cli.history import ConversationLog, History
 folder, name, turns = Path(sys.argv[1]), sys.argv[2], int(sys.argv[3])
 (folder / f"ready-{name}").touch()

@@ -7,7 +7,8 @@ import pytest
 import torch
 from scipy import stats
 
-from specedge_cli.decoding import Conversation, DecodeSettings
+from specedge_cli.conversation import Conversation
+from specedge_cli.decoding import DecodeSettings
 from specedge_cli.drafting.chat_template import BUILTIN_TEMPLATES, ChatTemplate
 from specedge_cli.drafting.engine import DraftEngine
 from specedge_cli.remote.client import HubClient

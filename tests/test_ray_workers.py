@@ -21,7 +21,8 @@ from pathlib import Path
 import httpx
 import pytest
 
-from specedge_cli.decoding import Conversation, DecodeSettings, Reply
+from specedge_cli.conversation import Conversation, Reply
+from specedge_cli.decoding import DecodeSettings
 from specedge_cli.drafting.engine import DraftEngine
 from specedge_cli.remote import protocol as wire
 from specedge_cli.remote.client import HubClient

@@ -7,7 +7,8 @@ import threading
 
 import pytest
 
-from specedge_cli.decoding import Conversation, DecodeSettings
+from specedge_cli.conversation import Conversation
+from specedge_cli.decoding import DecodeSettings
 from specedge_cli.drafting.engine import DraftEngine
 from specedge_cli.errors import HubUnreachable
 from specedge_cli.history import ConversationLog, History

@@ -19,7 +19,8 @@ import httpx
 import openai
 import pytest
 
-from specedge_cli.decoding import Conversation, DecodeSettings
+from specedge_cli.conversation import Conversation
+from specedge_cli.decoding import DecodeSettings
 from specedge_cli.drafting.chat_template import BUILTIN_TEMPLATES, ChatTemplate, template_for
 from specedge_cli.drafting.engine import DraftEngine
 from specedge_cli.errors import HubRejected

@@ -22,7 +22,8 @@ from typing import Annotated
 import typer
 
 from specedge_cli import paths, settings
-from specedge_cli.decoding import Conversation, DecodeSettings
+from specedge_cli.conversation import Conversation
+from specedge_cli.decoding import DecodeSettings
 from specedge_cli.drafting.chat_template import BUILTIN_TEMPLATES, ChatTemplate
 from specedge_cli.drafting.engine import DraftEngine
 from specedge_cli.drafting.vocabulary import quiet_stderr

@@ -13,7 +13,8 @@ import typer
 from rich.console import Console
 
 from specedge_cli import paths, settings
-from specedge_cli.decoding import Conversation, DecodeSettings, Reply
+from specedge_cli.conversation import Conversation, Reply
+from specedge_cli.decoding import DecodeSettings
 from specedge_cli.draft_choice import choose_draft
 from specedge_cli.drafting.chat_template import template_for
 from specedge_cli.drafting.engine import DraftEngine

@@ -12,7 +12,8 @@ from rich.console import Console
 
 from specedge_cli import paths
 from specedge_cli.commands.chat import decode_settings
-from specedge_cli.decoding import Conversation, DecodeSettings
+from specedge_cli.conversation import Conversation
+from specedge_cli.decoding import DecodeSettings
 from specedge_cli.draft_choice import choose_draft
 from specedge_cli.drafting.chat_template import ChatTemplate, template_for
 from specedge_cli.drafting.engine import DraftEngine

@@ -16,7 +16,7 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 
-from specedge_cli.decoding import Conversation, Turn
+from specedge_cli.conversation import Conversation, Turn
 
 
 def _mark(index: int) -> str:

@@ -17,7 +17,8 @@ from collections import deque
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, replace
 
-from specedge_cli.decoding import STOP, Conversation, DecodeSettings
+from specedge_cli.conversation import Conversation
+from specedge_cli.decoding import STOP, DecodeSettings
 from specedge_cli.errors import ApiError, HubBusy, HubError, HubRejected, HubUnreachable, SpecEdgeError
 from specedge_cli.serve.layout import take_up_exchanges
 from specedge_cli.serve.openai_api import Answer, ChatRequest, CompletionRequest, Options
