@@ -77,6 +77,8 @@ def option_names(param: Any, ctx: Any) -> str:
     if param.param_type_name == "argument":
         return f"`{param.make_metavar(ctx)}`"
     names = [*param.opts, *param.secondary_opts]
+    if param.name == "help":  # click keeps the help option's names in a set: their order varies by process
+        names.sort(key=len)
     metavar = "" if getattr(param, "is_flag", False) else f" {param.make_metavar(ctx)}"
     return ", ".join(f"`{name}`" for name in names[:-1]) + f"{', ' if len(names) > 1 else ''}`{names[-1]}{metavar}`"
 
