@@ -322,7 +322,7 @@ class Hub:
         """Close a session; its KV goes back once a request still running on it is done
         (waited for on the event loop, like any request's turn)."""
         session = self.sessions.remove(session_id, owner)
-        await session.turn.take()
+        await session.turn.take(bounded=False)  # out of the table now: its memory must come back
         try:
             await anyio.to_thread.run_sync(self.retirement.give_back, session, limiter=self.engine_calls)
         finally:

@@ -52,18 +52,19 @@ class Turn:
             self._held = True
             return True
 
-    async def take(self) -> None:
-        """The turn, waited for on the event loop; SessionBusy when too many already wait."""
+    async def take(self, bounded: bool = True) -> None:
+        """The turn, waited for on the event loop; SessionBusy when too many already wait (unless
+        not `bounded`: the hub's own closing of a session waits whatever the line)."""
         if self.try_take():
             return
         loop = asyncio.get_running_loop()
         granted: asyncio.Future[None] = loop.create_future()
-        waiter = _Waiter(lambda: loop.call_soon_threadsafe(self._hand, granted))
+        waiter = _Waiter(lambda: loop.call_soon_threadsafe(self._hand, granted), internal=not bounded)
         with self._mutex:
             if not self._held:
                 self._held = True
                 return
-            if sum(not w.internal for w in self._waiting) >= self.max_waiting:
+            if bounded and sum(not w.internal for w in self._waiting) >= self.max_waiting:
                 raise SessionBusy(
                     f"{self.max_waiting} requests already wait for this session; send one request at a time "
                     "on a session and wait for its answer",
@@ -124,7 +125,7 @@ class Turn:
 @dataclass(eq=False)
 class _Waiter:
     wake: Callable[[], Any]  # hands it the turn; any thread
-    internal: bool = False  # one of the hub's own threads: not counted against max_waiting
+    internal: bool = False  # the hub's own wait (closing, eviction): not counted against max_waiting
 
     def hand_over(self) -> bool:
         """Wake it; False when it can no longer take the turn (its event loop is gone)."""
