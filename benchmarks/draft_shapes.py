@@ -52,11 +52,11 @@ def level_shapes(depth: int, budgets: list[int]) -> dict[str, DecodeSettings]:
 
 
 def run_shape(engine, client, template, settings, prompts) -> dict:
-    tally = replace(engine.branching)
+    tally = replace(engine.acceptance.branching)
     before = MetricsPage.parse(client.metrics())
     replies = _answer(engine, client, template, settings, prompts)
     busy = MetricsPage.parse(client.metrics()).since(before).value(DEVICE_BUSY_SECONDS)
-    drafts = engine.branching.drafts - tally.drafts
+    drafts = engine.acceptance.branching.drafts - tally.drafts
     rounds = sum(r.stats.verify_rounds for r in replies)
     ahead = sum(r.stats.proactive_drafts for r in replies)
     return {
@@ -66,8 +66,8 @@ def run_shape(engine, client, template, settings, prompts) -> dict:
         "proactive_hit_rate": sum(r.stats.proactive_hits for r in replies) / ahead if ahead else 0.0,
         "draft_wait_ms_per_verify": 1000 * sum(r.stats.draft_wait_s for r in replies) / rounds,
         # Drafts that sent a second choice somewhere, and drafts where the target took one.
-        "branched": (engine.branching.branched - tally.branched) / drafts if drafts else 0.0,
-        "branch_taken": (engine.branching.taken - tally.taken) / drafts if drafts else 0.0,
+        "branched": (engine.acceptance.branching.branched - tally.branched) / drafts if drafts else 0.0,
+        "branch_taken": (engine.acceptance.branching.taken - tally.taken) / drafts if drafts else 0.0,
         "tokens": [r.token_ids for r in replies],
     }
 
@@ -101,7 +101,7 @@ def main() -> None:
         HubClient(hub.url) as client,
     ):
         engine = DraftEngine(args.draft, n_threads=1)
-        bos = engine.detokenize([engine.bos_token_id], special=True).decode()
+        bos = engine.vocab.detokenize([engine.vocab.bos_token_id], special=True).decode()
         template = ChatTemplate("{{ bos_token }}{{ messages[-1].content }}", bos_token=bos, eos_token="")
         chosen = (
             level_shapes(args.depth, args.nodes)

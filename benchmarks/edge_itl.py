@@ -98,7 +98,7 @@ def server_only(engine, client: HubClient, args: argparse.Namespace, prompt_toke
     """The hub's own speculative decoding, one prompt at a time, as the bench's simulated user
     asks for it (streamed, behind the same emulated round trip)."""
     config = BenchConfig(client.base_url, args.draft, 1, args.rtt_ms, args.max_tokens, draft_len, ())
-    user = SimulatedUser(0, config, None, client.info(), frozenset(engine.stop_token_ids()))
+    user = SimulatedUser(0, config, None, client.info(), frozenset(engine.vocab.stop_token_ids()))
     itl, tokens = [], []
     for prompt in prompt_tokens:
         user.record = ClientRecord()
@@ -121,14 +121,14 @@ def main() -> None:
     results = {}
     with LocalHub.maybe(args.target, args.draft, "auto", max_batch=1) as hub, HubClient(hub.url) as client:
         engine = DraftEngine(args.draft, n_threads=len(os.sched_getaffinity(0)))  # the cores the hub left us
-        bos = engine.detokenize([engine.bos_token_id], special=True).decode()
+        bos = engine.vocab.detokenize([engine.vocab.bos_token_id], special=True).decode()
         template = ChatTemplate("{{ bos_token }}{{ messages[-1].content }}", bos_token=bos, eos_token="")
         link = SlowLink(client, args.rtt_ms)
         auto = DecodeSettings(max_tokens=args.max_tokens)
         edge(engine, link, template, auto, prompts[:1])  # warm-up: caches, first timings
         results["edge (auto, proactive)"] = edge(engine, link, template, auto, prompts)
         results["edge chain8"] = edge(engine, link, template, replace(auto, draft_len=8, proactive=False), prompts)
-        prompt_tokens = [engine.tokenize(bos + p, add_bos=False) for p in prompts]
+        prompt_tokens = [engine.vocab.tokenize(bos + p, add_bos=False) for p in prompts]
         for k in args.server_draft_len:
             results[f"server-only spec k={k}"] = server_only(engine, client, args, prompt_tokens, k)
     reference = results["edge (auto, proactive)"]["tokens"]

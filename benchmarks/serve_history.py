@@ -35,7 +35,7 @@ def main() -> None:
     args = parser.parse_args()
     resolved = resolve_model(args.model, paths.models_dir(), offline=True)
     engine = DraftEngine(resolved.path, n_ctx=512, n_threads=1)
-    template = template_for(engine, resolved)
+    template = template_for(engine.vocab, resolved)
     with HubClient("http://127.0.0.1:9") as unused_hub:
 
         def conversation() -> Conversation:

@@ -134,12 +134,12 @@ class Conversation:
 
     def vocab_fingerprint(self) -> str:
         if self._fingerprint is None:
-            self._fingerprint = self.engine.vocab_fingerprint()
+            self._fingerprint = self.engine.vocab.fingerprint()
         return self._fingerprint
 
     def _identity(self) -> DraftIdentity:
         return DraftIdentity(
-            self.engine.vocab_size, self.vocab_fingerprint(), self.engine.path.name, tuple(sorted(self.stop_token_ids))
+            self.engine.vocab.size, self.vocab_fingerprint(), self.engine.path.name, tuple(sorted(self.stop_token_ids))
         )
 
     def open(self) -> None:
@@ -229,7 +229,7 @@ class Conversation:
         """Take an earlier exchange as text (an API client sent it back): its tokens join the
         history, and reach the hub with the next reply."""
         turn = Turn(prompt, self._turn_tokens(prompt), reply=reply, sent=True)
-        turn.token_ids = self.engine.tokenize(reply, add_bos=False)
+        turn.token_ids = self.engine.vocab.tokenize(reply, add_bos=False)
         self.turns.append(turn)
         self.history += turn.prompt_token_ids + turn.token_ids
 
@@ -247,9 +247,9 @@ class Conversation:
         """The tokens a new user turn appends to the context (the whole prompt for the first turn)."""
         messages = self.messages + [{"role": "user", "content": prompt}]
         if not self.history:
-            return self.engine.tokenize(self.template.first_turn_text(messages), add_bos=False)
+            return self.engine.vocab.tokenize(self.template.first_turn_text(messages), add_bos=False)
         last = self.turns[-1].token_ids[-1:] if self.turns else []
         stop_text = ""
         if last and last[0] in self.stop_token_ids:
-            stop_text = self.engine.detokenize(last, special=True).decode("utf-8", "replace")
-        return self.engine.tokenize(self.template.next_turn_text(messages, stop_text), add_bos=False)
+            stop_text = self.engine.vocab.detokenize(last, special=True).decode("utf-8", "replace")
+        return self.engine.vocab.tokenize(self.template.next_turn_text(messages, stop_text), add_bos=False)

@@ -139,7 +139,7 @@ class Decoder:
         self.session = session
         self.settings = settings
         self.history: list[int] = []
-        self.stop_token_ids = frozenset(engine.stop_token_ids())
+        self.stop_token_ids = frozenset(engine.vocab.stop_token_ids())
         self.planner = self._new_planner(max_depth=64)
 
     def change_settings(self, settings: DecodeSettings) -> None:
@@ -284,7 +284,9 @@ class Decoder:
 
     def text(self, tokens: list[int]) -> str:
         """The reply text of `tokens` (stop tokens left out)."""
-        return self.engine.detokenize([t for t in tokens if t not in self.stop_token_ids]).decode("utf-8", "replace")
+        return self.engine.vocab.detokenize([t for t in tokens if t not in self.stop_token_ids]).decode(
+            "utf-8", "replace"
+        )
 
 
 class _InFlight(Generic[T]):

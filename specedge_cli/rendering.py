@@ -124,8 +124,8 @@ class ReplyView:
 
     @classmethod
     def of(cls, conversation: Any) -> ReplyView:
-        """A view for a reply of `conversation` (anything with `engine.detokenize` and `stop_token_ids`)."""
-        return cls(conversation.engine.detokenize, conversation.stop_token_ids)
+        """A view for a reply of `conversation` (anything with `engine.vocab.detokenize` and `stop_token_ids`)."""
+        return cls(conversation.engine.vocab.detokenize, conversation.stop_token_ids)
 
     def __call__(self, tokens: list[int]) -> None:
         self._tokens += [t for t in tokens if t not in self._stops]

@@ -202,7 +202,7 @@ def test_default_gemma_pair_through_embedded_hub_equals_target_greedy():
     assert out["model"] == "gemma-3-270m-Q4_K_M.gguf"
     gemma = _gemma_path()
     target = TargetAlone(load_target(gemma, "cpu", torch.float32, default_cache_dir()))
-    stop = frozenset(DraftEngine(gemma, n_ctx=256).stop_token_ids())
+    stop = frozenset(DraftEngine(gemma, n_ctx=256).vocab.stop_token_ids())
     assert out["token_ids"] == target.decode(out["prompt_token_ids"], 16, stop)
     assert out["stats"]["tokens_per_verify"] > 2
 

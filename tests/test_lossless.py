@@ -17,7 +17,7 @@ PROMPTS = ["the cat sat on", "once upon a time there was", "numbers: one two thr
 
 
 def plain_template(engine: DraftEngine) -> ChatTemplate:
-    bos = engine.detokenize([engine.bos_token_id], special=True).decode()
+    bos = engine.vocab.detokenize([engine.vocab.bos_token_id], special=True).decode()
     return ChatTemplate(BUILTIN_TEMPLATES["plain"], bos_token=bos, eos_token="")
 
 
@@ -60,7 +60,7 @@ SHAPES = {  # all but the last draft proactively while each verify is in flight
 def test_greedy_multi_turn_equals_target_alone(kind, shape, drafts, hub, target_alone):
     engine = drafts[kind]
     settings = SHAPES[shape]
-    stop = frozenset(engine.stop_token_ids())
+    stop = frozenset(engine.vocab.stop_token_ids())
     accepted = rounds = hits = drafted = 0
     for before, reply in chat_turns(engine, hub, settings, PROMPTS, system="be brief"):
         expected = target_alone.decode(before + reply.prompt_token_ids, 40, stop)
@@ -85,9 +85,9 @@ def test_later_turns_send_only_their_own_tokens(drafts, hub):
     engine = drafts["perfect"]
     turns = list(chat_turns(engine, hub, DecodeSettings(max_tokens=8), PROMPTS[:2]))
     (_, first), (before_second, second) = turns
-    assert second.prompt_token_ids[0] != engine.bos_token_id
+    assert second.prompt_token_ids[0] != engine.vocab.bos_token_id
     assert len(before_second) == len(first.prompt_token_ids) + len(first.token_ids)
-    assert "User: " + PROMPTS[1] in engine.detokenize(second.prompt_token_ids).decode()
+    assert "User: " + PROMPTS[1] in engine.vocab.detokenize(second.prompt_token_ids).decode()
 
 
 @pytest.mark.parametrize("tree_budget", [0, 10])
@@ -95,7 +95,7 @@ def test_later_turns_send_only_their_own_tokens(drafts, hub):
 def test_seeded_sampling_is_reproducible_and_equals_target_sampling(drafts, hub, target_alone, tree_budget, kind):
     engine = drafts[kind]
     settings = DecodeSettings(max_tokens=30, temperature=0.9, seed=1234, draft_len=5, tree_budget=tree_budget)
-    stop = frozenset(engine.stop_token_ids())
+    stop = frozenset(engine.vocab.stop_token_ids())
     runs = [[reply for _, reply in chat_turns(engine, hub, settings, PROMPTS[:2])] for _ in range(2)]
     assert [r.token_ids for r in runs[0]] == [r.token_ids for r in runs[1]]
     first = runs[0][0]

@@ -71,7 +71,7 @@ def wait_for(check: Callable[[], bool], timeout_s: float, what: str) -> None:
 
 
 def expected(target_alone, draft: DraftEngine, reply: Reply, temperature: float) -> list[int]:
-    stop = frozenset(draft.stop_token_ids())
+    stop = frozenset(draft.vocab.stop_token_ids())
     return target_alone.decode(reply.prompt_token_ids, MAX_TOKENS, stop, temperature=temperature, seed=7)
 
 
@@ -240,8 +240,8 @@ def test_a_worker_killed_mid_reply_costs_no_reply_and_comes_back(two_workers, dr
 def test_a_worker_killed_mid_generation_costs_no_token(two_workers, draft, target_alone):
     """Server-only decoding streams from the hub's own loop; the hub holds the context, so it moves
     the stream to the live worker itself and the tokens are those of an undisturbed stream."""
-    prompt = draft.tokenize(PROMPTS[2], add_bos=True)
-    stop = draft.stop_token_ids()
+    prompt = draft.vocab.tokenize(PROMPTS[2], add_bos=True)
+    stop = draft.vocab.stop_token_ids()
     with HubClient(two_workers.url, token=two_workers.tokens["bob"]) as client:
         info = client.info()
         opened = client.open_session(

@@ -46,7 +46,7 @@ def test_reply_survives_a_hub_restart_and_equals_target_alone(temperature, tiny,
     engine = DraftEngine(tiny.gguf_q8, n_ctx=1024, n_threads=2)
     # a generous window: a hub restarting on a loaded machine may take minutes to load again
     settings = DecodeSettings(max_tokens=60, temperature=temperature, seed=7, draft_len=3, reconnect_s=600)
-    stop = frozenset(engine.stop_token_ids())
+    stop = frozenset(engine.vocab.stop_token_ids())
     started: list[RunningHub] = []
     rounds = {"n": 0}
 
@@ -97,7 +97,7 @@ def test_a_hub_that_stays_away_is_reported_and_the_accepted_tokens_are_kept(tiny
     # the context `specedge chat --continue` feeds; they are the target's own tokens.
     cut = conversation.turns[-1]
     assert len(conversation.turns) == 2 and cut.interrupted and cut.token_ids
-    stop = frozenset(engine.stop_token_ids())
+    stop = frozenset(engine.vocab.stop_token_ids())
     before = first.prompt_token_ids + first.token_ids
     assert cut.token_ids == target_alone.decode(before + cut.prompt_token_ids, 30, stop)[: len(cut.token_ids)]
     saved = history.load(conversation.log.conversation_id)
@@ -149,5 +149,5 @@ def test_a_prompt_the_outage_left_unanswered_stays_in_the_context(tiny, own_hub,
     assert saved.turns[1].prompt_token_ids and context[-len(saved.turns[1].prompt_token_ids) :] == (
         saved.turns[1].prompt_token_ids
     )
-    stop = frozenset(engine.stop_token_ids())
+    stop = frozenset(engine.vocab.stop_token_ids())
     assert reply.token_ids == target_alone.decode(context + reply.prompt_token_ids, 20, stop)

@@ -187,7 +187,7 @@ def test_repl_turns_commands_and_figures(terminal, tiny, target_alone):
     term.wait_for("tok/verify", count=4)
     term.type("/bye")
     term.wait_for("EXIT:0")
-    stop = frozenset(DraftEngine(tiny.gguf_q8, n_ctx=1024, n_threads=2).stop_token_ids())
+    stop = frozenset(DraftEngine(tiny.gguf_q8, n_ctx=1024, n_threads=2).vocab.stop_token_ids())
     assert assert_log_equals_target_alone(target_alone, stop) == 3  # two turns (one regenerated), then one
     history = History(history_path(Path(os.environ["SPECEDGE_HOME"]) / "data"))
     assert [s.first_prompt for s in history.summaries()] == ["once upon a time", "the cat sat on"]
@@ -208,7 +208,7 @@ def test_ctrl_c_stops_a_reply_and_the_chat_goes_on(terminal, tiny, target_alone)
     term.wait_for("Press Ctrl+C again")
     term.send("C-c")
     term.wait_for("EXIT:130")
-    stop = frozenset(DraftEngine(tiny.gguf_q8, n_ctx=1024, n_threads=2).stop_token_ids())
+    stop = frozenset(DraftEngine(tiny.gguf_q8, n_ctx=1024, n_threads=2).vocab.stop_token_ids())
     history = History(history_path(Path(os.environ["SPECEDGE_HOME"]) / "data"))
     first, second = history.turns(1)
     assert first.interrupted and 0 < len(first.token_ids) < 600
@@ -229,7 +229,7 @@ def test_continue_resumes_the_last_conversation_in_a_new_session(tiny, hub, targ
     assert result.returncode == 0, result.stderr
     assert "Continuing conversation 1 (1 turns)" in result.stderr
     second = json.loads(result.stdout)
-    stop = frozenset(DraftEngine(tiny.gguf_q8, n_ctx=1024, n_threads=2).stop_token_ids())
+    stop = frozenset(DraftEngine(tiny.gguf_q8, n_ctx=1024, n_threads=2).vocab.stop_token_ids())
     context = first["prompt_token_ids"] + first["token_ids"] + second["prompt_token_ids"]
     assert second["token_ids"] == target_alone.decode(context, 10, stop)
     third = json.loads(run_specedge("chat", "--conversation", "1", "--prompt", "more", *common).stdout)
@@ -321,7 +321,7 @@ def test_ctrl_c_reaches_the_chat_and_never_its_embedded_hub(tiny, target_alone):
         assert gone_within(hub, 15)  # the chat stops its hub as it leaves
     finally:
         term.close()
-    stop = frozenset(DraftEngine(tiny.gguf_f32, n_ctx=1024, n_threads=2).stop_token_ids())
+    stop = frozenset(DraftEngine(tiny.gguf_f32, n_ctx=1024, n_threads=2).vocab.stop_token_ids())
     assert assert_log_equals_target_alone(target_alone, stop) == 2
 
 
@@ -360,7 +360,7 @@ def test_a_killed_embedded_hub_is_started_again_within_the_turn(tiny, target_alo
         term.close()
     history = History(history_path(Path(os.environ["SPECEDGE_HOME"]) / "data"))
     assert [turn.interrupted for turn in history.turns(1)] == [True, False]
-    stop = frozenset(DraftEngine(tiny.gguf_f32, n_ctx=1024, n_threads=2).stop_token_ids())
+    stop = frozenset(DraftEngine(tiny.gguf_f32, n_ctx=1024, n_threads=2).vocab.stop_token_ids())
     assert assert_log_equals_target_alone(target_alone, stop) == 2  # lossless across both restarts
 
 
@@ -397,7 +397,7 @@ def test_a_turn_the_hub_never_answers_keeps_its_prompt_for_continue(tiny, hub, t
     assert result.returncode == 0 and "Continuing conversation 1 (2 turns)" in result.stderr, result.stderr
     out = json.loads(result.stdout)
     context = [t for turn in saved for t in turn.prompt_token_ids + turn.token_ids] + out["prompt_token_ids"]
-    stop = frozenset(DraftEngine(tiny.gguf_f32, n_ctx=1024, n_threads=2).stop_token_ids())
+    stop = frozenset(DraftEngine(tiny.gguf_f32, n_ctx=1024, n_threads=2).vocab.stop_token_ids())
     assert out["token_ids"] == target_alone.decode(context, 6, stop)
 
 

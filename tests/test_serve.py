@@ -93,7 +93,7 @@ def reference(tiny, hub):
     engine = DraftEngine(tiny.gguf_q8, n_ctx=1024, n_threads=2)
     resolved = resolve_model(str(tiny.gguf_q8), Path("unused"))
     with HubClient(hub.url) as client:
-        yield lambda settings: Conversation(engine, client, template_for(engine, resolved), settings)
+        yield lambda settings: Conversation(engine, client, template_for(engine.vocab, resolved), settings)
 
 
 def chat_json(tiny, hub, prompt: str, max_tokens: int, *extra: str) -> dict:
@@ -189,22 +189,22 @@ def test_completions_continue_the_prompt_as_the_target_alone(served, model_id, t
     client = served.client()
     prompt = "once upon a time there was"
     answer = client.completions.create(model=model_id, prompt=prompt, max_tokens=20, temperature=0)
-    tokens = target_alone.decode(engine.tokenize(prompt, add_bos=True), 20, _stops(tiny))
-    expected = engine.detokenize([t for t in tokens if t not in _stops(tiny)]).decode("utf-8", "replace")
+    tokens = target_alone.decode(engine.vocab.tokenize(prompt, add_bos=True), 20, _stops(tiny))
+    expected = engine.vocab.detokenize([t for t in tokens if t not in _stops(tiny)]).decode("utf-8", "replace")
     assert answer.choices[0].text == expected
     assert answer.object == "text_completion" and answer.usage.completion_tokens == len(tokens)
     streamed = client.completions.create(model=model_id, prompt=prompt, max_tokens=20, temperature=0, stream=True)
     assert "".join(chunk.choices[0].text for chunk in streamed) == expected
     # The same prompt extended by its answer: the server holds that prefix already.
     again = client.completions.create(
-        model=model_id, prompt=[engine.tokenize(prompt, add_bos=True) + tokens], max_tokens=4
+        model=model_id, prompt=[engine.vocab.tokenize(prompt, add_bos=True) + tokens], max_tokens=4
     )
     assert again.usage.prompt_tokens_details.cached_tokens > 0
 
 
 def test_sampled_replies_follow_the_seed_like_the_target_alone(served, model_id, tiny, target_alone):
     engine = DraftEngine(tiny.gguf_q8, n_ctx=1024, n_threads=1)
-    prompt_ids = engine.tokenize("the dog ran", add_bos=True)
+    prompt_ids = engine.vocab.tokenize("the dog ran", add_bos=True)
     texts = [
         served.client()
         .completions.create(model=model_id, prompt=prompt_ids, max_tokens=16, temperature=0.9, seed=11)
@@ -213,7 +213,7 @@ def test_sampled_replies_follow_the_seed_like_the_target_alone(served, model_id,
         for _ in range(2)
     ]
     tokens = target_alone.decode(prompt_ids, 16, _stops(tiny), temperature=0.9, seed=11)
-    expected = engine.detokenize([t for t in tokens if t not in _stops(tiny)]).decode("utf-8", "replace")
+    expected = engine.vocab.detokenize([t for t in tokens if t not in _stops(tiny)]).decode("utf-8", "replace")
     assert texts == [expected, expected]
 
 
@@ -324,7 +324,7 @@ def _stops(tiny) -> frozenset[int]:
 
 @functools.cache
 def _stop_ids(path: Path) -> frozenset[int]:
-    return frozenset(DraftEngine(path, n_ctx=1024, n_threads=1).stop_token_ids())
+    return frozenset(DraftEngine(path, n_ctx=1024, n_threads=1).vocab.stop_token_ids())
 
 
 def test_a_hub_lost_mid_stream_ends_the_stream_with_an_error(tiny, tmp_path):
@@ -572,11 +572,11 @@ def test_a_chat_prompt_over_the_context_is_refused_before_drafting(reference, hu
 def test_a_reply_cut_by_the_context_keeps_its_text_and_says_length(served, model_id, hub, tiny, target_alone):
     limit = httpx.get(f"{hub.url}/v1/info").json()["max_context"]
     engine = DraftEngine(tiny.gguf_q8, n_ctx=1024, n_threads=1)
-    base = engine.tokenize("once upon a time there was a dog. ", add_bos=True)
+    base = engine.vocab.tokenize("once upon a time there was a dog. ", add_bos=True)
     prompt = (base * limit)[: limit - 12]  # room for 12 tokens
     expected_ids = target_alone.decode(prompt, 12, _stops(tiny))
     assert len(expected_ids) == 12 and not set(expected_ids) & _stops(tiny)  # the context, not a stop, ends it
-    expected = engine.detokenize(expected_ids).decode("utf-8", "replace")
+    expected = engine.vocab.detokenize(expected_ids).decode("utf-8", "replace")
     client = served.client()
     answer = client.completions.create(model=model_id, prompt=prompt, max_tokens=100, temperature=0)
     assert (answer.choices[0].text, answer.choices[0].finish_reason) == (expected, "length")
@@ -590,9 +590,9 @@ def test_a_streamed_chat_reply_cut_by_the_context_says_length(served, model_id, 
     limit = httpx.get(f"{hub.url}/v1/info").json()["max_context"]
     engine = DraftEngine(tiny.gguf_q8, n_ctx=1024, n_threads=1)
     sentence, count = "once upon a time there was a dog. ", 1
-    while len(engine.tokenize(sentence * (count + 1), add_bos=True)) <= limit - 10:
+    while len(engine.vocab.tokenize(sentence * (count + 1), add_bos=True)) <= limit - 10:
         count += 1
-    prompt_ids = engine.tokenize(sentence * count, add_bos=True)  # the tiny model's template: the text as it is
+    prompt_ids = engine.vocab.tokenize(sentence * count, add_bos=True)  # the tiny model's template: the text as it is
     room = limit - len(prompt_ids)
     expected_ids = target_alone.decode(prompt_ids, room, _stops(tiny))
     assert len(expected_ids) == room and not set(expected_ids) & _stops(tiny)
@@ -606,7 +606,7 @@ def test_a_streamed_chat_reply_cut_by_the_context_says_length(served, model_id, 
         )
     )
     text = "".join(c.choices[0].delta.content or "" for c in chunks if c.choices)
-    assert text == engine.detokenize(expected_ids).decode("utf-8", "replace")
+    assert text == engine.vocab.detokenize(expected_ids).decode("utf-8", "replace")
     assert chunks[-2].choices[0].finish_reason == "length" and chunks[-1].usage.completion_tokens == room
 
 
@@ -639,7 +639,7 @@ THINKING_TEMPLATE = (
 def test_a_history_laid_out_at_once_equals_it_laid_out_turn_by_turn(tiny, hub, template_name):
     engine = DraftEngine(tiny.gguf_q8, n_ctx=1024, n_threads=1)
     template = {
-        "the model's own": template_for(engine, resolve_model(str(tiny.gguf_q8), Path("unused"))),
+        "the model's own": template_for(engine.vocab, resolve_model(str(tiny.gguf_q8), Path("unused"))),
         "gemma": ChatTemplate(BUILTIN_TEMPLATES["gemma"], "<s>", ""),
         "thinking": ChatTemplate(THINKING_TEMPLATE, "<s>", ""),
     }[template_name]

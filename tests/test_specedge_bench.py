@@ -50,7 +50,7 @@ def test_compare_raw_measures_both_side_by_side(tiny):
 def test_a_chain_stops_at_the_node_budget(tiny):
     """127 llama_decode calls for 64 tokens was the chain growing past what it could send."""
     engine = DraftEngine(tiny.gguf_f32, n_ctx=1024, n_threads=1, max_tree_nodes=16)
-    tree = engine.plan([engine.bos_token_id], DraftShape(depth=40, budget=40))
+    tree = engine.plan([engine.vocab.bos_token_id], DraftShape(depth=40, budget=40))
     assert len(tree.wire_tokens) == 16
     assert tree.decodes <= 16 and tree.levels == 16
 

@@ -126,7 +126,7 @@ def _mean_std(speeds: list[float]) -> dict:
 
 def _test_tokens(engine: DraftEngine, n: int) -> list[int]:
     text = " ".join(["the quick brown fox jumps over the lazy dog"] * (n // 4 + 1))
-    return ([engine.bos_token_id] + engine.tokenize(text, add_bos=False))[:n]
+    return ([engine.vocab.bos_token_id] + engine.vocab.tokenize(text, add_bos=False))[:n]
 
 
 def _prompt_speeds(engine: DraftEngine, n: int, repetitions: int) -> list[float]:
@@ -174,7 +174,7 @@ def draft_tokens(engine: DraftEngine, n: int) -> int:
     """Draft `n` tokens greedily after BOS as a chat drafts: chains of at most the node budget,
     each continuing from the last (its accepted path is adopted, nothing is recomputed)."""
     engine.reset()
-    history = [engine.bos_token_id]
+    history = [engine.vocab.bos_token_id]
     while len(history) - 1 < n:
         drafted = engine.draft(history, min(n - len(history) + 1, engine.max_tree_nodes))
         if not drafted:
@@ -219,7 +219,7 @@ def _hub_rows(engine: DraftEngine, client: HubClient, base: dict, n_tokens: int,
         "rtt_ms_p95": _percentile(round_trips, 0.95),
         "samples_ms": round_trips,
     }
-    bos = engine.detokenize([engine.bos_token_id], special=True).decode("utf-8", "replace")
+    bos = engine.vocab.detokenize([engine.vocab.bos_token_id], special=True).decode("utf-8", "replace")
     template = ChatTemplate(BUILTIN_TEMPLATES["plain"], bos_token=bos, eos_token="")
     edge, server_only = [], []
     tokens_per_verify, itl, accepted, drafted, ahead, hits = [], [], 0, 0, 0, 0
@@ -261,10 +261,10 @@ def _server_only_speed(client: HubClient, engine: DraftEngine, prompt: list[int]
     info = client.info()
     session = client.open_session(
         wire.OpenSessionRequest(
-            vocab_size=engine.vocab_size,
+            vocab_size=engine.vocab.size,
             vocab_fingerprint=info.vocab_fingerprint,
             draft_model=engine.path.name,
-            stop_token_ids=engine.stop_token_ids(),
+            stop_token_ids=engine.vocab.stop_token_ids(),
         )
     )
     started = time.perf_counter()

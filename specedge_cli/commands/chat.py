@@ -129,7 +129,7 @@ def chat(
         conversation = Conversation(
             engine,
             connection.client,
-            template_for(engine, resolved),
+            template_for(engine.vocab, resolved),
             decode,
             saved.system if saved else chosen.system,
             on_reconnect=_on_outage(connection),

@@ -106,7 +106,7 @@ def serve(
         edge = _edge_model(
             connection,
             engines,
-            template_for(engines[0], resolved),
+            template_for(engines[0].vocab, resolved),
             decode_settings(chosen, hub_elsewhere=connection.embedded is None),
             queue,
         )
@@ -132,13 +132,13 @@ def _edge_model(
     max_waiting: int,
 ) -> EdgeModel:
     """The pool of drafting contexts; the first opens a hub session now, so a refused draft fails at start."""
-    fingerprint = engines[0].vocab_fingerprint()
+    fingerprint = engines[0].vocab.fingerprint()
     conversations = [
         Conversation(engine, connection.client, template, settings, vocab_fingerprint=fingerprint) for engine in engines
     ]
     conversations[0].open()
     info = connection.client.info()
-    add_bos = engines[0].metadata("tokenizer.ggml.add_bos_token") != "false"
+    add_bos = engines[0].vocab.metadata("tokenizer.ggml.add_bos_token") != "false"
     return EdgeModel(info.model, SlotPool([Slot(c) for c in conversations], max_waiting), settings, add_bos)
 
 

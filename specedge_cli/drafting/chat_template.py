@@ -13,7 +13,7 @@ from typing import TYPE_CHECKING
 from jinja2.sandbox import ImmutableSandboxedEnvironment
 
 if TYPE_CHECKING:
-    from specedge_cli.drafting.engine import DraftEngine
+    from specedge_cli.drafting.vocabulary import Vocabulary
     from specedge_cli.models import ResolvedModel
 
 BUILTIN_TEMPLATES = {
@@ -80,12 +80,12 @@ class ChatTemplate:
         return text
 
 
-def template_for(engine: DraftEngine, resolved: ResolvedModel) -> ChatTemplate:
+def template_for(vocab: Vocabulary, resolved: ResolvedModel) -> ChatTemplate:
     """The template a chat with this draft model lays its prompts out with (`specedge chat` and
     `specedge serve` alike): the GGUF's own, or the preset's built-in one."""
-    source = template_source(engine.metadata("tokenizer.chat_template"), resolved)
-    bos = engine.detokenize([engine.bos_token_id], special=True).decode("utf-8", "replace")
-    add_bos = engine.metadata("tokenizer.ggml.add_bos_token") != "false"
+    source = template_source(vocab.metadata("tokenizer.chat_template"), resolved)
+    bos = vocab.detokenize([vocab.bos_token_id], special=True).decode("utf-8", "replace")
+    add_bos = vocab.metadata("tokenizer.ggml.add_bos_token") != "false"
     return ChatTemplate(source, bos_token=bos if add_bos else "", eos_token="")
 
 

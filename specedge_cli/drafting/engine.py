@@ -1,8 +1,8 @@
 """The draft engine: a llama.cpp model that drafts tokens ahead of the hub.
 
-It keeps its KV cache across rounds. Before drafting it syncs to the conversation's token
-history: the common prefix stays cached (nothing accepted is recomputed), rejected draft tokens
-are rolled back, and only the new tokens (a user turn, the hub's bonus token) are evaluated.
+It keeps its KV cache across rounds (`history_cache.py`: nothing accepted is recomputed), grows
+draft trees scored by what verifies taught it (`acceptance.py`), and drafts the next tree while
+a verify is in flight. Its vocabulary (tokenizing, pieces, stop tokens) is `engine.vocab`.
 """
 
 from __future__ import annotations
@@ -10,26 +10,19 @@ from __future__ import annotations
 import os
 import time
 from collections.abc import Callable
-from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 
+from specedge_cli.drafting.acceptance import Acceptance
 from specedge_cli.drafting.draft_tree import ROOT, DraftShape, DraftTree
+from specedge_cli.drafting.history_cache import HistoryCache
 from specedge_cli.drafting.sampling import Calibration, DraftSampler
 from specedge_cli.drafting.sequence_pool import SequencePools
 from specedge_cli.drafting.tree_context import TreeContext
 from specedge_cli.drafting.vocabulary import Vocabulary, quiet_stderr
 from specedge_cli.errors import ModelFileError
-
-
-@dataclass
-class BranchTally:
-    """Verified drafts, those that sent a second choice somewhere, and those where the hub took one."""
-
-    drafts: int = 0
-    branched: int = 0
-    taken: int = 0
 
 
 class DraftEngine:
@@ -50,70 +43,17 @@ class DraftEngine:
         n_gpu_layers: int = -1,
         max_tree_nodes: int = 64,
     ):
-        import llama_cpp
-
-        self._lib = llama_cpp
-        if not model_path.is_file():
-            raise ModelFileError(
-                f"draft model {model_path} does not exist; run `specedge chat --model PATH` with a .gguf file"
-            )
-        try:
-            with quiet_stderr():
-                # The Llama object gives the tokenizer and metadata; drafting runs in a TreeContext.
-                self.llm = llama_cpp.Llama(
-                    model_path=str(model_path),
-                    n_ctx=64,
-                    n_threads=n_threads or _default_threads(),
-                    n_gpu_layers=n_gpu_layers,
-                    logits_all=False,
-                    verbose=False,
-                )
-                self._context = TreeContext(
-                    llama_cpp,
-                    self.llm.model,
-                    n_ctx,
-                    n_threads or _default_threads(),
-                    max_sequences=1 + 2 * max_tree_nodes,
-                )
-        except ValueError as exc:
-            raise ModelFileError(
-                f"llama.cpp could not load {model_path}: is it a complete .gguf file? ({exc})"
-            ) from exc
         self.path = model_path
         self.n_threads = n_threads or _default_threads()
+        self.llm, self._context = _load(model_path, n_ctx, self.n_threads, n_gpu_layers, 1 + 2 * max_tree_nodes)
         self.vocab = Vocabulary(self.llm)
-        self.vocab_size = self.vocab.size
         self.max_tree_nodes = max_tree_nodes
         self.sampler = DraftSampler()
-        self.calibration = Calibration()
-        self.branching = BranchTally()
-        self._cached: list[int] = []  # the tokens sequence 0 holds
+        self.acceptance = Acceptance()
+        self._cache = HistoryCache(self._context)  # sequence 0: the conversation
         self._current: DraftTree | None = None  # the last draft handed out, until the next plan
         self._ahead: DraftTree | None = None  # the proactive draft below the current one's guess
         self._pools = SequencePools(self._context, max_tree_nodes)
-
-    # --- vocabulary (`vocabulary.py`; kept here for the decode loop's convenience) --------
-    def vocab_pieces(self) -> list[str]:
-        return self.vocab.pieces()
-
-    def vocab_fingerprint(self) -> str:
-        return self.vocab.fingerprint()
-
-    def stop_token_ids(self) -> list[int]:
-        return self.vocab.stop_token_ids()
-
-    def metadata(self, key: str) -> str | None:
-        return self.vocab.metadata(key)
-
-    def tokenize(self, text: str, add_bos: bool) -> list[int]:
-        return self.vocab.tokenize(text, add_bos)
-
-    def detokenize(self, tokens: list[int], special: bool = False) -> bytes:
-        return self.vocab.detokenize(tokens, special)
-
-    @property
-    def bos_token_id(self) -> int:
-        return self.vocab.bos_token_id
 
     @property
     def n_ctx(self) -> int:
@@ -124,7 +64,7 @@ class DraftEngine:
         sampler = DraftSampler(temperature, seed)
         if sampler != self.sampler:
             self.sampler = sampler
-            self.calibration = Calibration()
+            self.acceptance.calibration = Calibration()
             self._release(self._ahead)
             self._ahead = None
 
@@ -133,12 +73,11 @@ class DraftEngine:
         for tree in (self._current, self._ahead):
             self._release(tree)
         self._current = self._ahead = None
-        self._context.remove(0)
-        self._cached = []
+        self._cache.clear()
 
     def evaluate(self, tokens: list[int]) -> None:
         """Evaluate `tokens` after what is cached (prompt processing)."""
-        self._sync(self._cached + tokens)
+        self._sync(self._cache.tokens + tokens)
 
     # --- drafting ---------------------------------------------------------------------
     def draft(self, history: list[int], length: int) -> list[int]:
@@ -157,8 +96,8 @@ class DraftEngine:
     def plan(self, history: list[int], shape: DraftShape) -> DraftTree:
         """The draft to send after `history`: the proactive one when its guess came true."""
         ahead, self._ahead = self._ahead, None
-        if ahead is not None and ahead.root == history and self._cached == history[: len(self._cached)]:
-            self._learn(self._current, history)
+        if ahead is not None and ahead.root == history and self._cache.holds_prefix_of(history):
+            self.acceptance.learn(self._current, history)
             return self._promote(ahead)
         self._release(ahead)
         started = time.perf_counter()
@@ -229,9 +168,7 @@ class DraftEngine:
 
     def _promote(self, ahead: DraftTree) -> DraftTree:
         """The guess came true: the proactive root joins the conversation, its tree is the draft."""
-        self._context.remove(0, len(self._cached), -1)
-        self._context.copy(ahead.root_sequence, 0, len(self._cached), len(ahead.root))
-        self._cached = list(ahead.root)
+        self._cache.take_root(ahead)
         self._release(self._current)
         started = time.perf_counter()
         if not ahead.finished:
@@ -252,7 +189,9 @@ class DraftEngine:
                 tree.picks[parent] = candidates[0][0]
                 tree.proposed[parent] = candidates
                 level += [
-                    tree.add(token, parent, tree.score(parent) + self._log_acceptance(rank, probability, shape))
+                    tree.add(
+                        token, parent, tree.score(parent) + self.acceptance.log_acceptance(rank, probability, shape)
+                    )
                     for rank, (token, probability) in enumerate(candidates)
                 ]
             tree.frontier = []
@@ -262,37 +201,14 @@ class DraftEngine:
             # A node is decoded only to propose children, and none scores above it: skip nodes that
             # cannot reach the budget's best, counting the chain the best node will at least grow.
             best = max(level, key=lambda n: tree.scores[n])
-            cutoff = tree.cutoff(shape.budget, self._chain_ahead(tree.scores[best], shape.depth - tree.levels))
+            cutoff = tree.cutoff(
+                shape.budget, self.acceptance.chain_ahead(tree.scores[best], shape.depth - tree.levels)
+            )
             beam = [n for n in sorted(level, key=lambda n: -tree.scores[n])[: shape.width] if tree.scores[n] >= cutoff]
             beam = self._decode_nodes(tree, beam, logits_for=set(beam))
             tree.frontier = [(node, self._context.logits(i).copy()) for i, node in enumerate(beam)]
             if stop is not None and stop():
                 break
-
-    def _chain_ahead(self, score: float, levels: int) -> list[float]:
-        """The least scores the first choices below a node of `score` will have over `levels`
-        levels: every first choice is accepted at least as often as the worst probability bin says."""
-        worst = min(self.calibration.acceptance(0, (b + 0.5) / Calibration.BINS) for b in range(Calibration.BINS))
-        step = float(np.log(max(worst, 1e-9)))
-        return [score + k * step for k in range(1, levels + 1)]
-
-    def _log_acceptance(self, rank: int, probability: float, shape: DraftShape) -> float:
-        """A child's score: the log of its estimated chance to be accepted given its parent is."""
-        if shape.width == 1:
-            return 0.0  # a chain takes every node: no ranking needed
-        return float(np.log(max(self.calibration.acceptance(rank, probability), 1e-9)))
-
-    def _learn(self, tree: DraftTree | None, history: list[int]) -> None:
-        """Feed the calibration what the hub's reply revealed about the target's draws, and
-        count whether the tree branched and whether the target took a branch."""
-        if tree is not None and history[: len(tree.root)] == tree.root:
-            continuation = history[len(tree.root) :]
-            for candidates, drawn in tree.revealed(continuation):
-                self.calibration.observe(candidates, drawn)
-            branches = tree.branches()
-            self.branching.drafts += 1
-            self.branching.branched += bool(branches)
-            self.branching.taken += bool(branches & set(tree.accepted(continuation)))
 
     def _finish(self, tree: DraftTree) -> None:
         """Choose the nodes to send and give the undecoded ones their KV (so an accepted leaf is cached)."""
@@ -336,40 +252,44 @@ class DraftEngine:
         return placed
 
     def _sync(self, history: list[int]) -> np.ndarray:
-        """Make sequence 0 hold `history` and return the logits after its last token.
-
-        An accepted path of the last tree is adopted into sequence 0 (no recompute); the longest
-        cached prefix is kept; at least the last token is evaluated so its logits are current.
-        """
-        self._adopt_tree_path(history)
-        common = 0
-        for cached_token, token in zip(self._cached, history):
-            if cached_token != token:
-                break
-            common += 1
-        common = min(common, len(history) - 1)
-        self._context.remove(0, common, -1)
-        self._cached = self._cached[:common]  # true even if the decode below is interrupted
-        new = history[common:]
-        self._context.decode(new, list(range(common, len(history))), [0] * len(new), [False] * (len(new) - 1) + [True])
-        self._cached = list(history)
-        return self._context.logits(-1)
-
-    def _adopt_tree_path(self, history: list[int]) -> None:
+        """Make sequence 0 hold `history` (taking the last tree's accepted path, after learning
+        from it) and return the logits after its last token."""
         tree, self._current = self._current, None
-        self._learn(tree, history)
-        if tree is not None and self._cached == history[: len(tree.root)] and len(self._cached) == len(tree.root):
-            path = tree.matching_path(history[len(tree.root) :])
-            if path:
-                self._context.remove(0, len(tree.root), -1)
-                self._context.copy(tree.sequences[path[-1]], 0, len(tree.root), len(tree.root) + len(path))
-                self._cached = self._cached + [tree.tokens[n] for n in path]
+        self.acceptance.learn(tree, history)
+        if tree is not None:
+            self._cache.adopt_path(tree, history)
         self._release(tree)
+        return self._cache.sync(history)
 
     def _release(self, tree: DraftTree | None) -> None:
         """Drop a tree's sequences (cells shared with sequence 0 stay)."""
         if tree is not None:
             self._pools.release(tree.slot)
+
+
+def _load(
+    model_path: Path, n_ctx: int, n_threads: int, n_gpu_layers: int, max_sequences: int
+) -> tuple[Any, TreeContext]:
+    """The llama.cpp model (its tokenizer and metadata) and the context drafting runs in."""
+    import llama_cpp
+
+    if not model_path.is_file():
+        raise ModelFileError(
+            f"draft model {model_path} does not exist; run `specedge chat --model PATH` with a .gguf file"
+        )
+    try:
+        with quiet_stderr():
+            llm = llama_cpp.Llama(
+                model_path=str(model_path),
+                n_ctx=64,
+                n_threads=n_threads,
+                n_gpu_layers=n_gpu_layers,
+                logits_all=False,
+                verbose=False,
+            )
+            return llm, TreeContext(llama_cpp, llm.model, n_ctx, n_threads, max_sequences)
+    except ValueError as exc:
+        raise ModelFileError(f"llama.cpp could not load {model_path}: is it a complete .gguf file? ({exc})") from exc
 
 
 def _default_threads() -> int:

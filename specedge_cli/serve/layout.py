@@ -34,7 +34,7 @@ def take_up_exchanges(conversation: Conversation, exchanges: Sequence[tuple[str,
     turns = list(conversation.turns)
     for (user, reply), text in zip(exchanges, texts):
         turn = Turn(user, _tokens(conversation, _after_stop(conversation, turns, text)), reply=reply, sent=True)
-        turn.token_ids = conversation.engine.tokenize(reply, add_bos=False)
+        turn.token_ids = conversation.engine.vocab.tokenize(reply, add_bos=False)
         turns.append(turn)
     if exchanges:
         conversation.restore(turns)
@@ -92,9 +92,9 @@ def _after_stop(conversation: Conversation, turns: list[Turn], text: str) -> str
     last = turns[-1].token_ids[-1:] if turns else []
     if not last or last[0] not in conversation.stop_token_ids:
         return text
-    stop_text = conversation.engine.detokenize(last, special=True).decode("utf-8", "replace")
+    stop_text = conversation.engine.vocab.detokenize(last, special=True).decode("utf-8", "replace")
     return text[len(stop_text) :] if stop_text and text.startswith(stop_text) else text
 
 
 def _tokens(conversation: Conversation, text: str) -> list[int]:
-    return conversation.engine.tokenize(text, add_bos=False)
+    return conversation.engine.vocab.tokenize(text, add_bos=False)

@@ -128,7 +128,7 @@ class EdgeModel:
         self.add_bos = add_bos
         self.created = int(time.time())
         first = pool.slots[0].conversation
-        self._tokenizer = first.engine  # tokenizing reads the vocabulary only
+        self._tokenizer = first.engine.vocab  # tokenizing reads the vocabulary only
         self.hub_context = first.hub.info().max_context
         # A prompt and its reply must fit the hub's context and the draft's alike.
         self.max_context = min(self.hub_context, first.engine.n_ctx)
@@ -210,7 +210,7 @@ class EdgeModel:
 
     def _prompt_tokens(self, prompt: str | tuple[int, ...]) -> list[int]:
         if isinstance(prompt, tuple):
-            vocab = self._tokenizer.vocab_size
+            vocab = self._tokenizer.size
             if not all(0 <= token < vocab for token in prompt):
                 raise ApiError(f"'prompt' holds token ids outside the vocabulary [0, {vocab})", param="prompt")
             return list(prompt)
@@ -225,7 +225,7 @@ class EdgeModel:
 
     @staticmethod
     def _reply_text(conversation: Conversation, options: Options) -> ReplyText:
-        return ReplyText(conversation.engine.detokenize, conversation.stop_token_ids, options.stop)
+        return ReplyText(conversation.engine.vocab.detokenize, conversation.stop_token_ids, options.stop)
 
     @staticmethod
     def _answer(
