@@ -98,19 +98,20 @@ def test_ancestor_closure_agrees_with_the_bit_set_masks():
 
 
 def test_a_sliding_view_sees_its_window_and_its_new_tokens():
-    from hub_server.engine.pool_attention import view_mask
+    from hub_server.engine.pool_attention import view_bias
 
     # Window 4: 7 tokens stored, two new ones (a chain) at positions 7 and 8. The view starts at
     # position 4, the oldest the first new token sees: columns show 4, 5, 6, then the new 7, 8.
     positions = torch.tensor([[7, 8]])
     ancestors = torch.tensor([[[True, False], [True, True]]])
-    sees = view_mask(4, torch.tensor([7]), torch.tensor([4]), torch.tensor([2]), positions, ancestors, width=5)
+    bias = view_bias(4, torch.tensor([7]), torch.tensor([4]), torch.tensor([2]), positions, ancestors, width=5)
     # Position 7 sees 4, 5, 6 and itself; position 8 sees 5, 6, 7 and itself.
-    assert sees[0, 0].int().tolist() == [[1, 1, 1, 1, 0], [0, 1, 1, 1, 1]]
+    assert (bias[0] == 0).int().tolist() == [[1, 1, 1, 1, 0], [0, 1, 1, 1, 1]]
+    assert set(bias.unique().tolist()) == {0.0, float("-inf")}
 
 
 def test_a_full_attention_mask_is_the_sliding_mask_of_a_window_that_never_ends():
-    from hub_server.engine.pool_attention import ancestor_closure, view_mask
+    from hub_server.engine.pool_attention import ancestor_closure, view_bias
 
     rng = random.Random(5)
     for span in (1, 3, 9):
@@ -123,14 +124,13 @@ def test_a_full_attention_mask_is_the_sliding_mask_of_a_window_that_never_ends()
         ancestors = ancestor_closure(parents)
         positions = lengths[:, None] + ancestors.sum(-1) - 1
         width = int((lengths + sizes).max())
-        starts = torch.zeros_like(lengths)
-        full = view_mask(0, lengths, starts, sizes, positions, ancestors, width)
-        endless = view_mask(10**6, lengths, starts, sizes, positions, ancestors, width)
+        full = view_bias(0, lengths, None, sizes, positions, ancestors, width) == 0
+        endless = view_bias(10**6, lengths, torch.zeros_like(lengths), sizes, positions, ancestors, width) == 0
         assert torch.equal(full, endless)
         # Each real query sees its whole past, itself, and no column past its row's tokens.
         for b in range(rows):
             for i in range(int(sizes[b])):
-                seen = full[b, 0, i]
+                seen = full[b, i]
                 assert seen[: lengths[b]].all() and seen[lengths[b] + i] and not seen[lengths[b] + sizes[b] :].any()
 
 
@@ -141,3 +141,38 @@ def test_a_view_reads_each_position_through_the_block_table():
     places = view_places(tables, torch.tensor([14, 0]), torch.tensor([35, 3]), width=5)
     # Row 0 shows positions 14..18: 14, 15 in block 5, then 16..18 in block 2; row 1 three then nothing.
     assert places.tolist() == [[94, 95, 32, 33, 34], [112, 113, 114, NULL_BLOCK, NULL_BLOCK]]
+
+
+def test_a_view_bias_equals_each_query_seen_one_by_one():
+    """Random trees, padded rows, full and sliding views: the bias built for the whole pass at
+    once is what each query sees by the rule, one column at a time."""
+    from hub_server.engine.pool_attention import ancestor_closure, view_bias
+
+    rng = random.Random(11)
+    for window, span in ((0, 9), (5, 9), (3, 4), (20, 17)):
+        rows = 5
+        sizes = [span - rng.randrange(0, span) if b else span for b in range(rows)]
+        lengths = [rng.randrange(0, 40) for _ in range(rows)]
+        parents = torch.tensor(
+            [[rng.randrange(-1, i) if i < sizes[b] else -1 for i in range(span)] for b in range(rows)]
+        )
+        ancestors = ancestor_closure(parents)
+        positions = torch.tensor(lengths)[:, None] + ancestors.sum(-1) - 1
+        starts = [max(0, length - window + 1) if window else 0 for length in lengths]
+        width = max(length - start + size for length, start, size in zip(lengths, starts, sizes))
+        bias = view_bias(
+            window, torch.tensor(lengths), torch.tensor(starts) if window else None,
+            torch.tensor(sizes), positions, ancestors, width,
+        )  # fmt: skip
+        for b in range(rows):
+            for i in range(span):
+                for c in range(width):
+                    stored, query = starts[b] + c, int(positions[b, i])
+                    if stored < lengths[b]:
+                        sees = not window or query - stored < window
+                    else:
+                        j = stored - lengths[b]
+                        sees = j < sizes[b] and bool(ancestors[b, i, j])
+                        sees = sees and (not window or query - int(positions[b, j]) < window)
+                    sees = sees or (i >= sizes[b] and c == 0)
+                    assert float(bias[b, i, c]) == (0.0 if sees else float("-inf")), (window, b, i, c)

@@ -44,7 +44,7 @@ def random_pass(generator, rows, padded_rows, span, sizes, lengths, query_heads,
     sources = torch.tensor([b * span + s for b in range(rows) for s in range(sizes[b])])
     stored = torch.tensor([lengths[b] + s for b in range(rows) for s in range(sizes[b])])
     row_of = sources // span
-    sees = torch.rand(rows, 1, span, width, generator=generator) > 0.4
+    sees = torch.rand(rows, span, width, generator=generator) > 0.4
     sees[..., 0] = True
     layout = PoolPass(
         keys=[pool[0]],
@@ -54,7 +54,7 @@ def random_pass(generator, rows, padded_rows, span, sizes, lengths, query_heads,
         sources=sources,
         targets=tables[row_of, stored // BLOCK_TOKENS] * BLOCK_TOKENS + stored % BLOCK_TOKENS,
         places={FULL: view_places(tables, starts, ends, width)},
-        masks={FULL: sees},
+        biases={FULL: torch.zeros(sees.shape).masked_fill_(~sees, float("-inf"))},
         kernel=kernel,
     )
 

@@ -8,10 +8,10 @@ blocks were taken for them before the pass), then attends: each row sees a view 
 positions of its session (all of them on a full-attention layer, the window's on a sliding
 one), listed as pool rows (`places`, built once a pass and layer kind from the block tables).
 SDPA reads the view through a gather (counted in `copied_bytes`); on a CPU the hub's own kernel
-(`pool_kernel.c`) reads the blocks where they live, in the same call that writes. A boolean
-mask, built once per pass and layer kind on the device, lets each query see its session's past
-(within the window on sliding layers), the pass's pending tokens and its own draft ancestors,
-nothing else. After the pass the runner keeps the accepted path: a chain's accepted nodes
+(`pool_kernel.c`) reads the blocks where they live, in the same call that writes. An additive
+mask (0 where a query sees a column, -inf where not), built once per pass and layer kind on the
+device, lets each query see its session's past (within the window on sliding layers), the pass's
+pending tokens and its own draft ancestors, nothing else. After the pass the runner keeps the accepted path: a chain's accepted nodes
 already stand where they belong; a tree's are moved down to close the gap, and the blocks past
 what a session keeps go back to the pool.
 
@@ -61,7 +61,7 @@ class PoolPass:
     sources: torch.Tensor  # [T] each real new token's index in the flattened [B * S] rows
     targets: torch.Tensor  # [T] its row in the pool (the same in every layer)
     places: dict[str, torch.Tensor]  # per kind: [B, width] the pool row each column of a row's view reads
-    masks: dict[str, torch.Tensor]  # per kind: [B, 1, S, width] bool, what each query sees
+    biases: dict[str, torch.Tensor]  # per kind: [B, S, width] what each query sees: 0, or -inf where not
     kernel: PoolKernel | None = None  # the CPU pool kernel, where the hub attends through it
     copied_bytes: int = field(default=0)  # past KV read through a copy (SDPA's gather of the views)
     _grouped: dict[tuple[str, int], torch.Tensor] = field(default_factory=dict)  # masks for grouped queries
@@ -124,24 +124,19 @@ class PoolPass:
         places = self.places[kind]
         if self.kernel is None or not self.kernel.serves(query, places.shape[1]):
             return None
-        span = query.shape[2]
-        bias = self._grouped_mask(kind, 1, query.dtype).view(self.rows, span, places.shape[1])
+        bias = self.biases[kind].to(query.dtype)  # [B, S, width], contiguous
         return self.kernel.prepare(query, key, (self.sources, self.targets), self.rows, places, bias)
 
     def _grouped_mask(self, kind: str, groups: int, dtype: torch.dtype) -> torch.Tensor:
-        """The kind's mask for grouped queries, built once a pass: each query's row repeated for
-        every head of its group ([B, 1, G * S, width]), as the scores' additive mask (0 where a
-        query sees, -inf where not), which SDPA adds as it is instead of converting a boolean
-        mask in every layer."""
+        """The kind's additive mask for grouped queries, built once a pass: each query's row
+        repeated for every head of its group ([B, 1, G * S, width]), which SDPA adds as it is."""
         key = (kind, groups)
         if key not in self._grouped:
-            mask = self.masks[kind]
-            rows, _, span, width = mask.shape
+            bias = self.biases[kind].to(dtype)
+            rows, span, width = bias.shape
             if groups > 1:
-                mask = mask[:, :, None].expand(rows, 1, groups, span, width).reshape(rows, 1, groups * span, width)
-            self._grouped[key] = torch.zeros(mask.shape, dtype=dtype, device=mask.device).masked_fill_(
-                ~mask, float("-inf")
-            )
+                bias = bias[:, None].expand(rows, groups, span, width)
+            self._grouped[key] = bias.reshape(rows, 1, groups * span, width)
         return self._grouped[key]
 
 
@@ -231,54 +226,77 @@ def rows_of(table: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
     return flat.view(batch, index.shape[1], width)
 
 
-def view_places(tables: torch.Tensor, starts: torch.Tensor, ends: torch.Tensor, width: int) -> torch.Tensor:
+def view_places(tables: torch.Tensor, starts: torch.Tensor | None, ends: torch.Tensor, width: int) -> torch.Tensor:
     """The pool row each column of each row's view reads: [B, width]. Row b's view shows its
     session's positions starts[b], starts[b] + 1, ... (those before ends[b] exist; the rest read
     the null block's zeros).
 
-    tables: [B, M] each row's block table (padded with the null block); starts, ends: [B].
+    tables: [B, M] each row's block table (padded with the null block); starts, ends: [B]
+    (starts None: every view starts at position 0, as full attention's do). Built from each row's
+    pool rows in position order ([B, M * BLOCK_TOKENS]: one product of the table and a block's
+    offsets), read from its start: a handful of operations a pass, whatever the context.
     """
-    positions = starts[:, None] + torch.arange(width, device=tables.device)  # [B, W]
-    blocks = torch.gather(tables, 1, (positions // BLOCK_TOKENS).clamp(max=tables.shape[1] - 1))
-    places = blocks * BLOCK_TOKENS + positions % BLOCK_TOKENS
-    return torch.where(positions < ends[:, None], places, NULL_BLOCK * BLOCK_TOKENS)
+    rows, blocks = tables.shape
+    offsets = torch.arange(BLOCK_TOKENS, device=tables.device)
+    positions = torch.arange(width, device=tables.device)
+    held = (tables[:, :, None] * BLOCK_TOKENS + offsets).view(rows, blocks * BLOCK_TOKENS)  # [B, M * BLOCK_TOKENS]
+    if starts is None:
+        if width > held.shape[1]:  # a view wider than every table: the rest is the null block's
+            held = torch.nn.functional.pad(held, (0, width - held.shape[1]))
+        places, shown = held[:, :width], positions[None, :]
+    else:
+        shown = starts[:, None] + positions  # [B, W]
+        places = torch.gather(held, 1, shown.clamp(max=held.shape[1] - 1))
+    return torch.where(shown < ends[:, None], places, NULL_BLOCK * BLOCK_TOKENS)
 
 
-def view_mask(
+def view_bias(
     window: int,
     lengths: torch.Tensor,
-    starts: torch.Tensor,
+    starts: torch.Tensor | None,
     sizes: torch.Tensor,
     positions: torch.Tensor,
     ancestors: torch.Tensor,
     width: int,
+    dtype: torch.dtype = torch.float32,
 ) -> torch.Tensor:
-    """What each query sees of its row's view: [B, 1, S, width] bool.
+    """What each query sees of its row's view, as the scores' additive mask: [B, S, width], 0
+    where it sees a column and -inf where not.
 
     lengths: [B] tokens each session stored before the pass; starts: [B] the first position of
-    each view; sizes: [B] real tokens per row; positions: [B, S] the new tokens' context
-    positions; ancestors: [B, S, S]. View column c shows stored position starts[b] + c: the
-    session's past below lengths[b] (whose context position is where it is stored: kept paths are
-    compacted), then the pass's new tokens in row order (a draft node's context position is its
-    depth below the past, not where it is stored). A query sees the past and its own ancestors
-    among the new tokens; on a sliding layer (`window` > 0) only those less than `window` behind it.
+    each view (None: 0 for every row); sizes: [B] real tokens per row; positions: [B, S] the new
+    tokens' context positions; ancestors: [B, S, S]. View column c shows stored position
+    starts[b] + c: the session's past below lengths[b] (whose context position is where it is
+    stored: kept paths are compacted), then the pass's new tokens in row order (a draft node's
+    context position is its depth below the past, not where it is stored). A query sees the past
+    and its own ancestors among the new tokens; on a sliding layer (`window` > 0) only those less
+    than `window` behind it.
+
+    Built as the past's columns for every query (one comparison and one fill over [B, S, width]),
+    then the new tokens' [B, S, S] block put in at each row's past length: the only parts that
+    differ between queries of a full-attention row.
     """
-    span = positions.shape[1]
-    stored = starts[:, None] + torch.arange(width, device=lengths.device)  # [B, P]
-    held = stored - lengths[:, None]  # which new token a column holds, if >= 0
-    past = held < 0
-    new = ~past & (held < sizes[:, None])
-    held = held.clamp(0, span - 1)
-    # Whether each column's new token is the query or one of its ancestors: for each column, the
-    # queries that have its token ([B, S, S] by token j: who has j), seen as [B, S, P].
-    has = rows_of(ancestors.transpose(1, 2), held).transpose(1, 2)
-    sees = past[:, None, :] | (has & new[:, None, :])
+    rows, span = positions.shape
+    device = lengths.device
+    shown = torch.arange(width, device=device)[None, :]  # [1, W] stored position, less the view's start
+    past = lengths if starts is None else lengths - starts  # [B] the view's past columns
+    sees = shown[:, None, :] < past[:, None, None]  # [B, 1, W]
+    if window:  # and within the window: stored position > a query's position - window
+        first = positions - window + 1 - (0 if starts is None else starts[:, None])  # [B, S] first column seen
+        sees = sees & (shown[:, None, :] >= first[:, :, None])
+    bias = torch.zeros((), dtype=dtype, device=device).where(sees.expand(rows, span, width), float("-inf"))
+    tokens = torch.arange(span, device=device)
+    real = tokens[None, :] < sizes[:, None]  # [B, S]
+    own = ancestors & real[:, None, :]  # [B, S, S]: query i sees new token j
     if window:
-        shown = torch.where(past, stored, torch.gather(positions, 1, held))  # each column's context position
-        sees &= positions[:, :, None] - shown[:, None, :] < window
-    real = torch.arange(span, device=lengths.device)[None, :] < sizes[:, None]
-    sees[:, :, 0] |= ~real  # padding queries see the first column (their output is dropped)
-    return sees[:, None]
+        own = own & (positions[:, :, None] - positions[:, None, :] < window)
+    # New token j of row b stands in column past[b] + j; a padding token's column may lie past the
+    # view: it is sent to the last column, where taking the larger of -inf and what is there keeps it.
+    columns = (past[:, None] + tokens).clamp(max=width - 1)[:, None, :].expand(rows, span, span)
+    seen = torch.zeros((), dtype=dtype, device=device).where(own, float("-inf"))
+    bias.scatter_reduce_(2, columns, seen, "amax")
+    bias[:, :, 0].masked_fill_(~real, 0.0)  # padding queries see the first column (their output is dropped)
+    return bias
 
 
 # --- a sample pass, for timing the attention ----------------------------------------------
@@ -296,7 +314,7 @@ def sample_pass(
     tables = 1 + torch.arange(rows * per_row).view(rows, per_row)
     past = max(width - span, 0)
     lengths = torch.full((rows,), past)
-    sees = torch.ones(rows, 1, span, width, dtype=torch.bool)
+    sees = torch.ones(rows, span, width, dtype=torch.bool)
     sees[..., past:] = torch.ones(span, width - past, dtype=torch.bool).tril()
     stored = (past + torch.arange(span)).repeat(rows)
     row_of = torch.arange(rows).repeat_interleave(span)
@@ -307,8 +325,8 @@ def sample_pass(
         rows=rows,
         sources=torch.arange(rows * span),
         targets=tables[row_of, stored // BLOCK_TOKENS] * BLOCK_TOKENS + stored % BLOCK_TOKENS,
-        places={FULL: view_places(tables, torch.zeros(rows, dtype=torch.long), lengths + span, width)},
-        masks={FULL: sees},
+        places={FULL: view_places(tables, None, lengths + span, width)},
+        biases={FULL: torch.zeros(sees.shape).masked_fill_(~sees, float("-inf"))},
         kernel=kernel,
     )
     query, key, value = (

@@ -41,7 +41,7 @@ from hub_server.engine.pool_attention import (
     SLIDING,
     PoolPass,
     ancestor_closure,
-    view_mask,
+    view_bias,
     view_places,
 )
 from hub_server.engine.pool_kernel import load_pool_kernel
@@ -106,6 +106,7 @@ class _Rows:
 
     row_of: torch.Tensor  # [T] each real token's row
     sources: torch.Tensor  # [T] its place in the flattened [B', S'] rows
+    ranks: torch.Tensor  # [T] its place in its row
     sizes: torch.Tensor  # [B] real tokens per row
     ancestors: torch.Tensor  # [B, S', S'] bool: token j of row b is token i or one of its ancestors
     depths: torch.Tensor  # [B, S'] how many ancestors each token has (0: a row's first token)
@@ -654,27 +655,31 @@ class ModelRunner:
             width = _bucket(width, self.width_buckets) or width
         device, total = self.device, sum(sizes)
         shape = self._rows(height, width, parents)
-        # What the host knows, sent to the device in three copies: each real token's id (through
-        # numpy: torch.tensor of a list of Python ints costs ~0.2 us an int, 0.9 ms for 64 rows
-        # of 33), each row's stored tokens and the row's block table.
+        # What the host knows, sent to the device in two copies: each real token's id, then each
+        # row's stored tokens, with its block table after them (through numpy: torch.tensor of a
+        # list of Python ints costs ~0.2 us an int, 0.9 ms for 64 rows of 33).
         ids = torch.from_numpy(np.fromiter(chain.from_iterable(rows), dtype=np.int64, count=total)).to(device)
-        lengths = torch.tensor([slot.length for slot in slots]).to(device)
-        tables = torch.from_numpy(_tables(slots)).to(device)  # [B, M]
-        tokens = torch.zeros(height * width, dtype=torch.long, device=device)
-        tokens[shape.sources] = ids
-        positions = torch.zeros(height, width, dtype=torch.long, device=device)
-        positions[: len(rows)] = lengths[:, None] + shape.depths  # below the session's past
-        # Each new token goes to the stored position after its row's past and the row's tokens before it.
-        stored = lengths[shape.row_of] + shape.sources - shape.row_of * width
-        blocks = tables.view(-1)[shape.row_of * tables.shape[1] + stored // BLOCK_TOKENS]
-        places, masks = {}, {}
+        per_row = torch.from_numpy(_tables(slots)).to(device)  # [B, 1 + M]
+        lengths, tables = per_row[:, 0], per_row[:, 1:]
+        positions = lengths[:, None] + shape.depths  # [B, S'] below the session's past
+        if total < height * width:  # padded: the real tokens go to their places, the rest are 0
+            tokens = torch.zeros(height * width, dtype=torch.long, device=device).index_put_((shape.sources,), ids)
+            positions = torch.cat([positions, positions.new_zeros(height - len(rows), width)])
+        else:
+            tokens = ids
+        places, biases = {}, {}
         for name, window in self.kinds.items():
             # A sliding layer's view starts at the oldest position its first new token still sees.
             first = [max(0, slot.length - window + 1) if window else 0 for slot in slots]
-            starts = torch.tensor(first).to(device) if window else torch.zeros_like(lengths)
+            starts = torch.tensor(first).to(device) if window else None
             view = max(slot.length - start + size for slot, start, size in zip(slots, first, sizes))
             places[name] = view_places(tables, starts, lengths + shape.sizes, view)
-            masks[name] = view_mask(window, lengths, starts, shape.sizes, positions[: len(rows)], shape.ancestors, view)
+            biases[name] = view_bias(
+                window, lengths, starts, shape.sizes, positions[: len(rows)], shape.ancestors, view, self.model.dtype
+            )
+        # Each new token goes to the stored position after its row's past and the row's tokens before it.
+        stored = lengths[shape.row_of] + shape.ranks
+        blocks = tables.reshape(-1)[shape.row_of * tables.shape[1] + stored // BLOCK_TOKENS]
         layout = PoolPass(
             keys=self.pool.keys,
             values=self.pool.values,
@@ -683,7 +688,7 @@ class ModelRunner:
             sources=shape.sources,
             targets=blocks * BLOCK_TOKENS + stored % BLOCK_TOKENS,
             places=places,
-            masks=masks,
+            biases=biases,
             kernel=self.pool_kernel,
         )
         return _Batch(slots, sizes, tokens.view(height, width), positions, layout)
@@ -710,11 +715,12 @@ class ModelRunner:
         # Each real token's place in the flattened rows: its row's start, plus its rank among
         # that row's tokens (repeat_interleave told its total: no host sync).
         row_of = torch.repeat_interleave(torch.arange(len(parents), device=device), sizes_t, output_size=total)
-        sources = row_of * width + torch.arange(total, device=device) - (torch.cumsum(sizes_t, 0) - sizes_t)[row_of]
+        ranks = torch.arange(total, device=device) - (torch.cumsum(sizes_t, 0) - sizes_t)[row_of]
+        sources = row_of * width + ranks
         row_parents = torch.full((height * width,), -1, dtype=torch.long, device=device)
         row_parents[sources] = parent_ids
         ancestors = ancestor_closure(row_parents.view(height, width))[: len(parents)]  # [B, S', S']
-        return _Rows(row_of, sources, sizes_t, ancestors, ancestors.sum(-1) - 1)
+        return _Rows(row_of, sources, ranks, sizes_t, ancestors, ancestors.sum(-1) - 1)
 
     @torch.inference_mode()
     def _forward(self, batch: _Batch, counted: bool = False) -> torch.Tensor:
@@ -844,11 +850,13 @@ def _own(kv: KVHandle) -> SessionKV:
 
 
 def _tables(slots: list[SessionKV]) -> np.ndarray:
-    """The sessions' block tables as one [B, M] array, padded with the null block (0)."""
+    """Each session's stored tokens, then its block table: one [B, 1 + M] array, the tables
+    padded with the null block (0)."""
     longest = max(len(slot.blocks) for slot in slots)
-    tables = np.zeros((len(slots), longest), dtype=np.int64)
+    tables = np.zeros((len(slots), 1 + longest), dtype=np.int64)
     for b, slot in enumerate(slots):
-        tables[b, : len(slot.blocks)] = slot.blocks
+        tables[b, 0] = slot.length
+        tables[b, 1 : 1 + len(slot.blocks)] = slot.blocks
     return tables
 
 
