@@ -668,6 +668,7 @@ class ModelRunner:
         else:
             tokens = ids
         places, biases = {}, {}
+        dtype = self.pool.keys[0].dtype  # the model's (whose `dtype` walks its parameters: ~60 us)
         for name, window in self.kinds.items():
             # A sliding layer's view starts at the oldest position its first new token still sees.
             first = [max(0, slot.length - window + 1) if window else 0 for slot in slots]
@@ -675,7 +676,7 @@ class ModelRunner:
             view = max(slot.length - start + size for slot, start, size in zip(slots, first, sizes))
             places[name] = view_places(tables, starts, lengths + shape.sizes, view)
             biases[name] = view_bias(
-                window, lengths, starts, shape.sizes, positions[: len(rows)], shape.ancestors, view, self.model.dtype
+                window, lengths, starts, shape.sizes, positions[: len(rows)], shape.ancestors, view, dtype
             )
         # Each new token goes to the stored position after its row's past and the row's tokens before it.
         stored = lengths[shape.row_of] + shape.ranks
