@@ -25,7 +25,7 @@ import threading
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Generic, TypeVar
+from typing import TYPE_CHECKING, Generic, TypeVar
 
 from specedge_cli.drafting.draft_tree import DraftTree
 from specedge_cli.drafting.engine import DraftEngine
@@ -33,6 +33,9 @@ from specedge_cli.drafting.planner import DepthPlanner
 from specedge_cli.errors import HubError, HubRejected
 from specedge_cli.remote import protocol as wire
 from specedge_cli.remote.session import HubSession
+
+if TYPE_CHECKING:
+    from specedge_cli.settings import ChatSettings
 
 T = TypeVar("T")
 
@@ -118,6 +121,22 @@ class DecodeSettings:
     @property
     def sampling(self) -> wire.Sampling:
         return wire.Sampling(temperature=self.temperature, seed=self.seed)
+
+    @classmethod
+    def of_chat(cls, chosen: ChatSettings, hub_elsewhere: bool) -> DecodeSettings:
+        """The decode settings of a chat's (or an API client's) settings; `hub_elsewhere`: the
+        hub is not an embedded one on this machine."""
+        # An embedded hub runs on this machine: drafting while it verifies would slow its pass down.
+        proactive = chosen.proactive if chosen.proactive is not None else hub_elsewhere
+        return cls(
+            max_tokens=chosen.max_tokens,
+            temperature=chosen.temperature,
+            seed=chosen.seed,
+            draft_len=chosen.draft_len,
+            tree_budget=chosen.tree_budget,
+            proactive=proactive,
+            reconnect_s=chosen.reconnect_s,
+        )
 
 
 @dataclass

@@ -8,19 +8,20 @@ the conversion's progress bar, which is shown while waiting.
 
 from __future__ import annotations
 
+import contextlib
 import re
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 from rich.console import Console
 from rich.status import Status
 
-from specedge_cli import settings
+from specedge_cli import paths, settings
 from specedge_cli.errors import HubUnreachable
 from specedge_cli.remote.client import START_WINDOW_S, HubClient
-from specedge_cli.remote.connect import HubConnection
+from specedge_cli.remote.connect import HubConnection, connect_hub
 
 REMOTE_LOAD_TIMEOUT_S = 600.0
 POLL_S = 1.0
@@ -29,6 +30,28 @@ _PROGRESS = re.compile(r"\d+%\|")
 _CONVERTING = re.compile(r"converting .* into torch", re.IGNORECASE)
 # The hub's text log format: `2026-12-01 22:55:54,142 INFO hub_server.loading: message`.
 _LOG_PREFIX = re.compile(r"^\d{4}-\d\d-\d\d [\d:,.]+ [A-Z]+ [\w.]+: ")
+
+
+@contextlib.contextmanager
+def open_hub(
+    address: settings.HubAddress, target: Path, insecure: bool, console: Console
+) -> Iterator[tuple[HubConnection, Callable[[], None]]]:
+    """The hub a command talks to (`specedge chat` and `specedge serve` alike): the one at
+    `address`, or an embedded hub serving `target` (said on `console`); and a function that waits
+    until it is ready, saying what it does, so the command loads its draft while a hub starts."""
+    log = LogTail.of_next_run(paths.data_dir() / "embedded-hub.log")
+    with connect_hub(
+        address.url,
+        address.token,
+        address.insecure or insecure,
+        target,
+        log.path,
+        on_embedded=lambda embedded: console.print(
+            f"[dim]No hub configured: started an embedded hub at {embedded.url} "
+            f"(target {target.name}); use --hub or `specedge login` for a real one.[/dim]"
+        ),
+    ) as connection:
+        yield connection, lambda: wait_until_ready(connection, log, console)
 
 
 def wait_until_ready(connection: HubConnection, log: LogTail, console: Console) -> None:

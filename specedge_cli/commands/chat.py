@@ -21,14 +21,14 @@ from specedge_cli.drafting.engine import DraftEngine
 from specedge_cli.errors import ModelFileError
 from specedge_cli.history import ConversationLog, History, SavedConversation, history_path
 from specedge_cli.models import DEFAULT_MODEL, ResolvedModel, smallest_instruct_preset
-from specedge_cli.remote.connect import HubConnection, connect_hub
+from specedge_cli.remote.connect import HubConnection
 from specedge_cli.remote.embedded import Revival
 from specedge_cli.remote.session import Reconnecting, ReconnectNotice
 from specedge_cli.rendering import ReplyView
 from specedge_cli.repl import Repl, note_finish, print_figures
-from specedge_cli.settings import ChatSettings, chat_settings
+from specedge_cli.settings import chat_settings
 from specedge_cli.terminal import keys_unechoed
-from specedge_cli.waiting import LogTail, wait_until_ready
+from specedge_cli.waiting import open_hub
 
 err = Console(stderr=True)
 
@@ -121,8 +121,8 @@ def chat(
     # Without a model named, with a hub: one whose vocabulary is its target's (draft_choice).
     resolved = choose_draft(model or (saved.model if saved else None), address, insecure, chosen.offline, err)
     _note_base_model(resolved)
-    decode = decode_settings(chosen, hub_elsewhere=bool(address.url))
-    with _leaving_on_hangup(), _hub(address, resolved, insecure) as (connection, wait_for_hub):
+    decode = DecodeSettings.of_chat(chosen, hub_elsewhere=bool(address.url))
+    with _leaving_on_hangup(), open_hub(address, resolved.path, insecure, err) as (connection, wait_for_hub):
         engine = DraftEngine(resolved.path, n_threads=chosen.threads or None)  # loads while an embedded hub starts
         wait_for_hub()
         hub_url = connection.url
@@ -152,21 +152,6 @@ def _note_base_model(resolved: ResolvedModel) -> None:
             "answering it, so it runs as plain completion (the default because it runs anywhere). For answers, "
             f"chat with an instruct model: --model {smallest_instruct_preset().name}.[/dim]"
         )
-
-
-def decode_settings(chosen: ChatSettings, hub_elsewhere: bool) -> DecodeSettings:
-    """A chat's decode settings; `hub_elsewhere`: the hub is not an embedded one on this machine."""
-    # An embedded hub runs on this machine: drafting while it verifies would slow its pass down.
-    proactive = chosen.proactive if chosen.proactive is not None else hub_elsewhere
-    return DecodeSettings(
-        max_tokens=chosen.max_tokens,
-        temperature=chosen.temperature,
-        seed=chosen.seed,
-        draft_len=chosen.draft_len,
-        tree_budget=chosen.tree_budget,
-        proactive=proactive,
-        reconnect_s=chosen.reconnect_s,
-    )
 
 
 def one_shot_prompt(text: str | None, option: str | None, stdin: TextIO) -> str | None:
@@ -242,26 +227,6 @@ def _on_outage(connection: HubConnection) -> Callable[[Reconnecting], None]:
     if connection.embedded is None:
         return notice
     return Revival(connection.embedded, notice)
-
-
-@contextlib.contextmanager
-def _hub(
-    address: settings.HubAddress, resolved: ResolvedModel, insecure: bool = False
-) -> Iterator[tuple[HubConnection, Callable[[], None]]]:
-    """The hub connection, and a function that waits until the hub is ready (saying what it does)."""
-    log = LogTail.of_next_run(paths.data_dir() / "embedded-hub.log")
-    with connect_hub(
-        address.url,
-        address.token,
-        address.insecure or insecure,
-        resolved.path,
-        log.path,
-        on_embedded=lambda embedded: err.print(
-            f"[dim]No hub configured: started an embedded hub at {embedded.url} "
-            f"(target {resolved.path.name}); use --hub or `specedge login` for a real one.[/dim]"
-        ),
-    ) as connection:
-        yield connection, lambda: wait_until_ready(connection, log, err)
 
 
 def _answer_once(conversation: Conversation, prompt: str, as_json: bool, hub_url: str) -> None:

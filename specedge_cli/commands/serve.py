@@ -10,8 +10,6 @@ from typing import TYPE_CHECKING, Annotated
 import typer
 from rich.console import Console
 
-from specedge_cli import paths
-from specedge_cli.commands.chat import decode_settings
 from specedge_cli.conversation import Conversation
 from specedge_cli.decoding import DecodeSettings
 from specedge_cli.draft_choice import choose_draft
@@ -19,10 +17,10 @@ from specedge_cli.drafting.chat_template import ChatTemplate, template_for
 from specedge_cli.drafting.engine import DraftEngine
 from specedge_cli.errors import SpecEdgeError
 from specedge_cli.models import DEFAULT_MODEL
-from specedge_cli.remote.connect import HubConnection, connect_hub
+from specedge_cli.remote.connect import HubConnection
 from specedge_cli.serve.slots import EdgeModel, Slot, SlotPool
 from specedge_cli.settings import chat_settings, hub_address
-from specedge_cli.waiting import LogTail, wait_until_ready
+from specedge_cli.waiting import open_hub
 from specedge_common.net import is_loopback
 
 if TYPE_CHECKING:
@@ -90,24 +88,14 @@ def serve(
     address = hub_address(hub)
     # Without a model named, with a hub: one whose vocabulary is its target's (draft_choice).
     resolved = choose_draft(model, address, insecure, chosen.offline, err)
-    log = LogTail.of_next_run(paths.data_dir() / "embedded-hub.log")
-    with connect_hub(
-        address.url,
-        address.token,
-        address.insecure or insecure,
-        resolved.path,
-        log.path,
-        on_embedded=lambda embedded: err.print(
-            f"[dim]No hub configured: started an embedded hub at {embedded.url} (target {resolved.path.name}).[/dim]"
-        ),
-    ) as connection:
+    with open_hub(address, resolved.path, insecure, err) as (connection, wait_for_hub):
         engines = [DraftEngine(resolved.path, n_threads=chosen.threads or None) for _ in range(parallel)]
-        wait_until_ready(connection, log, err)  # a loading hub is waited for; a conversion shows its progress
+        wait_for_hub()  # a loading hub is waited for; a conversion shows its progress
         edge = _edge_model(
             connection,
             engines,
             template_for(engines[0].vocab, resolved),
-            decode_settings(chosen, hub_elsewhere=connection.embedded is None),
+            DecodeSettings.of_chat(chosen, hub_elsewhere=connection.embedded is None),
             queue,
         )
         limits = ServeLimits(
