@@ -4,6 +4,7 @@ A real hub on loopback with small chunks (`--max-pass-tokens`), so prompts span 
 
 from __future__ import annotations
 
+import contextlib
 import json
 import random
 import threading
@@ -90,8 +91,8 @@ def test_a_feed_whose_client_leaves_frees_its_session_which_stays_consistent(chu
     with httpx.Client(base_url=chunked_hub.url, timeout=120) as client:
         session = open_session(client)
         long_prompt = prompt(30, 900)
-        with pytest.raises(httpx.ReadTimeout):  # the client gives up while the prompt is going in
-            client.post(f"/v1/sessions/{session}/feed", json={"tokens": long_prompt}, timeout=0.3)
+        with contextlib.suppress(httpx.ReadTimeout):  # gives up while the prompt goes in (or just after)
+            client.post(f"/v1/sessions/{session}/feed", json={"tokens": long_prompt}, timeout=0.05)
         # Its session answers again (after at most the chunk that was on the device), and what it
         # holds is the whole prompt it was sent: the next pass brings in the rest.
         assert generate(client, session, [], 6) == target_alone.decode(long_prompt, 6)
