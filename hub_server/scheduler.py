@@ -294,21 +294,21 @@ class Scheduler:
                 self._ready.wait(None if plan is None else max(0.0, plan - self._clock()))
 
     def _carve(self, jobs: list[Any]) -> list[tuple[Prompt, int]]:
-        """Chunks of the queued prompts for one step (under the lock): the budget shared between
-        them in turn, each at least `MIN_PROMPT_CHUNK`, the next step starting with the next prompt."""
+        """Chunks of the queued prompts for one step (under the lock): the budget goes to the
+        prompts in turn, the next step starting with the next prompt, so several prompts take
+        steps in turn (each chunk a forward of its own: one prompt a step pays its fixed cost once)."""
         if not self._prompts:
             return []
         budget = max(MIN_PROMPT_CHUNK, self.prompt_budget(jobs))
-        share = max(MIN_PROMPT_CHUNK, budget // len(self._prompts))
         chunks: list[tuple[Prompt, int]] = []
         for prompt in list(self._prompts):
             if budget <= 0:
                 break
-            size = min(prompt.tokens, share, budget)
+            size = min(prompt.tokens, budget)
             chunks.append((prompt, size))
             budget -= size
         for prompt, _ in chunks:
-            self._prompts.remove(prompt)  # back once its chunk is in, unless it is done
+            self._prompts.remove(prompt)  # back at the end once its chunk is in, unless it is done
         return chunks
 
     def _run_prompts(self, chunks: list[tuple[Prompt, int]]) -> None:

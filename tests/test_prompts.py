@@ -12,6 +12,8 @@ import threading
 import httpx
 import pytest
 
+from hub_server.engine_api import VerifyJob
+from hub_server.prompts import FIRST_PROMPT_TOKENS, PromptBudget
 from tests.conftest import RunningHub
 from tests.test_hub_abuse import open_session
 
@@ -107,3 +109,16 @@ def test_a_prompt_over_the_context_is_refused_before_any_work(chunked_hub):
         assert str(limit) in answer.json()["error"]["message"]
         kept = client.post(f"/v1/sessions/{session}/feed", json={"tokens": [5, 6]})
         assert kept.json()["context_len"] == 2  # nothing of the refused prompt was taken
+
+
+def test_the_measured_budget_gives_a_steps_prompts_about_one_verify_pass():
+    budget = PromptBudget()
+    assert budget([]) == FIRST_PROMPT_TOKENS  # nothing timed yet
+    budget.record_verify(0.300)
+    budget.record_chunk(128, 0.400)  # 3.125 ms a token, its fixed part included
+    assert budget([]) in (95, 96)  # 300 ms of prompt (float rounding)
+    for _ in range(50):
+        budget.record_chunk(128, 0.0128)  # tokens turn cheap: the estimate may double, no more
+    assert budget([]) == 256
+    fixed = PromptBudget(max_pass_tokens=100)
+    assert fixed([VerifyJob(None, [1], [2, 3], [-1, 0], 0.0, 0, frozenset())]) == 97  # the verify's 3 tokens first

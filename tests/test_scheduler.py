@@ -328,7 +328,7 @@ def test_a_prompt_goes_in_chunks_of_the_budget_and_verifies_go_between_them():
     scheduler.stop()
 
 
-def test_prompts_share_a_step_in_turn_so_none_waits_for_anothers_whole_prefill():
+def test_prompts_take_steps_in_turn_so_none_waits_for_anothers_whole_prefill():
     device = SimulatedDevice(0.05)
     scheduler = prompt_scheduler(device, budget=64)
     blocker = scheduler.submit("blocker")
@@ -336,7 +336,7 @@ def test_prompts_share_a_step_in_turn_so_none_waits_for_anothers_whole_prefill()
     first, second = scheduler.submit_prompt("a", 128), scheduler.submit_prompt("b", 128)
     for done in (blocker, first.future, second.future):
         done.result(timeout=5)
-    assert device.chunks() == [("a", 32), ("b", 32)] * 4  # both advance from the first step
+    assert device.chunks() == [("a", 64), ("b", 64)] * 2  # they take steps in turn from the first
     scheduler.stop()
 
 
