@@ -99,7 +99,9 @@ class GuardedHttpProtocol(HttpToolsProtocol):
 
     def data_received(self, data: bytes) -> None:
         if not self._headers_in:
-            self._head_bytes += len(data)
+            # Only the head counts: where it ends in this read, the body's bytes after it do not.
+            end = data.find(b"\r\n\r\n")
+            self._head_bytes += len(data) if end < 0 else end + 4
             if self._head_bytes > self.max_head_bytes:
                 self._refuse_head()
                 return

@@ -63,6 +63,14 @@ def workers_of(url: str, token: str | None = None) -> list[dict]:
     return httpx.get(f"{url}/v1/workers", headers=headers, timeout=30).json()["workers"]
 
 
+def pid_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    return True
+
+
 def wait_for(check: Callable[[], bool], timeout_s: float, what: str) -> None:
     deadline = time.monotonic() + timeout_s
     while not check():
@@ -278,6 +286,13 @@ def test_both_workers_killed_mid_reply_leave_the_hub_up_degraded_and_the_reply_c
     ops = two_workers.tokens["ops"]
     rounds = {"n": 0}
     seen: dict = {}
+
+    # An earlier test killed a worker: Ray restarts it, and the hub lists its new pid once its probe
+    # sees it back; kill only live processes.
+    def both_up() -> bool:
+        return all(w["state"] == "ready" and pid_alive(w["pid"]) for w in workers_of(two_workers.url, ops))
+
+    wait_for(both_up, START_S, "both workers up and listed with their live pids")
 
     def kill_both(tokens: list[int]) -> None:
         rounds["n"] += 1
