@@ -114,15 +114,7 @@ class Generation:
             draft = await anyio.to_thread.run_sync(
                 drafter.draft, session.session_id, context, length, limiter=self._hub.engine_calls
             )
-        return VerifyJob(
-            session.kv,
-            session.context[session.kv.length :],
-            draft,
-            chain_parents(len(draft)),
-            session.temperature,
-            session.seed,
-            session.stop_token_ids,
-        )
+        return session.verify_job(draft, chain_parents(len(draft)))
 
     async def _run(self, worker: Worker, job: VerifyJob, announcement: Announcement) -> None:
         """One pass for `job`; its result applied by the pass's callback, even if this is cancelled."""

@@ -47,9 +47,9 @@ if TYPE_CHECKING:
 
 log = logging.getLogger("hub_server")
 
-# Threads for engine calls that block for a pass or more (a prompt's prefill, the hub's own drafting,
-# KV slots given back to a remote worker): a pool of their own, so they never take the threads that
-# quick routes (tokens, info, opening a session) run on. Waiting for a session's turn takes none.
+# Threads for engine calls that block (the hub's own drafting, a lost worker's session placed again,
+# KV given back to a remote worker): a pool of their own, so they never take the threads that quick
+# routes (tokens, info, opening a session) run on. Waiting for a session's turn or a pass takes none.
 ENGINE_CALL_THREADS = 16
 
 
@@ -223,7 +223,7 @@ class Hub:
                 prompt = self.workers.submit_prompt(session, inline=INLINE_PROMPT_TOKENS)
                 if prompt is not None:
                     await settled(prompt)
-                job = self._verify_job(session, request.draft, parents)
+                job = session.verify_job(request.draft, parents)
                 future = self.workers.of(session).scheduler.submit(job, key=session.session_id)
             except BaseException:
                 self.workers.let_go(session, prompt)
@@ -255,18 +255,6 @@ class Hub:
         self._hold(session, len(session.context) + len(request.tokens) + len(request.draft))
         session.context.extend(request.tokens)
         return parents
-
-    def _verify_job(self, session: Session, draft: list[int], parents: list[int]) -> VerifyJob:
-        """The admitted request as a job for the runner."""
-        return VerifyJob(
-            session.kv,
-            session.context[session.kv.length :],
-            draft,
-            parents,
-            session.temperature,
-            session.seed,
-            session.stop_token_ids,
-        )
 
     def _finish(self, session: Session, job: VerifyJob, mode: str, arrived: float, done: Future) -> None:
         try:

@@ -17,6 +17,7 @@ from concurrent.futures import Future
 from dataclasses import dataclass, field
 from typing import Any
 
+from hub_server.engine_api import VerifyJob
 from hub_server.errors import SessionBusy, SessionNotFound
 
 LOCAL_USER = "local"  # the owner's name on a hub without accounts (--no-auth, embedded)
@@ -164,6 +165,18 @@ class Session:
     last_used: float = field(default_factory=time.monotonic)
     # One request at a time per session: a session's context is a sequence, not a set.
     turn: Turn = field(default_factory=Turn)
+
+    def verify_job(self, draft: list[int], parents: list[int]) -> VerifyJob:
+        """Its next pass: the context not yet in its KV, then `draft` shaped by `parents`."""
+        return VerifyJob(
+            self.kv,
+            self.context[self.kv.length :],
+            draft,
+            parents,
+            self.temperature,
+            self.seed,
+            self.stop_token_ids,
+        )
 
 
 class SessionStore:
