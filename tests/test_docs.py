@@ -1,6 +1,6 @@
 """The docs a newcomer reads stay short, current and true to the code: the command reference
 agrees with `--help`, every benchmark command names a script that exists, the README and the
-figures page keep their length, and nothing is named after the sittings of work that made it."""
+figures page keep their length, and names say what a thing is, not when or by which issue it was made."""
 
 from __future__ import annotations
 
@@ -21,8 +21,8 @@ REPO = Path(__file__).resolve().parents[1]
 DOCS = REPO / "docs"
 CLI_MD = DOCS / "cli.md"
 
-# Ordinals that no product text pairs with a session (a user's first or second session is
-# product language; a "ninth session" or "13th sitting" is a day of work).
+# Ordinals the product's own text never pairs with "session" (a user's first or second session is
+# product language; higher ordinals only ever numbered log entries, which the figures page no longer keeps).
 WORK_ORDINAL = (
     r"(?:fourth|fifth|sixth|seventh|eighth|ninth|tenth|eleventh|twelfth|thirteenth|fourteenth|fifteenth"
     r"|sixteenth|seventeenth|eighteenth|nineteenth|twentieth|\d+(?:st|nd|rd|th))"
@@ -33,7 +33,7 @@ ISSUE_NUMBER = re.compile(r"\bissues? #?\d+\b", re.IGNORECASE)
 RUN_NUMBERED_FILE = re.compile(
     r"-\d+[a-z]\.\w+$|-\d+-(?:before|after)\b|[-_](?:session|sitting)[-_]?\d+", re.IGNORECASE
 )
-# In a heading even a "second session" is a day of work: headings name what a section holds.
+# A heading names what its section holds, never an ordinal with "session".
 HEADING_SESSION = re.compile(
     rf"^#+ .*(?:\b(?:first|second|third|{WORK_ORDINAL})[ -](?:session|sitting)\b|\bsession \d+\b)",
     re.IGNORECASE | re.MULTILINE,
