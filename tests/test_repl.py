@@ -194,12 +194,17 @@ def test_repl_turns_commands_and_figures(terminal, tiny, target_alone):
     assert history.turns(1)[1].prompt == "numbers: one\ntwo three"
 
 
-def test_ctrl_c_stops_a_reply_and_the_chat_goes_on(terminal, tiny, target_alone):
-    term = terminal("--max-tokens", "600", "--draft-len", "1")
+def stop_a_reply(term) -> None:
+    """Ask for a long reply and stop it with Ctrl+C once its first tokens show."""
     term.type("once upon a time there was")
     term.wait_until(lambda screen: len(screen.split("there was\n", 1)[-1].strip()) > 5, "the reply's first tokens")
     term.send("C-c")
     term.wait_for("(stopped)")
+
+
+def test_ctrl_c_stops_a_reply_and_the_chat_goes_on(terminal, tiny, target_alone):
+    term = terminal("--max-tokens", "600", "--draft-len", "1")
+    stop_a_reply(term)
     term.wait_for(">>> ", count=2)
     term.type("/set max-tokens 8")
     term.type("the cat sat on")  # a new session holds exactly what the client kept of the stopped reply
@@ -300,10 +305,7 @@ def test_ctrl_c_reaches_the_chat_and_never_its_embedded_hub(tiny, target_alone):
     try:
         hub = term.embedded_hub_pid()
         assert os.getsid(hub) != os.getsid(parent(hub))  # out of the chat's terminal session and its signals
-        term.type("once upon a time there was")
-        term.wait_until(lambda screen: len(screen.split("there was\n", 1)[-1].strip()) > 5, "the reply's first tokens")
-        term.send("C-c")
-        term.wait_for("(stopped)")
+        stop_a_reply(term)
         term.wait_for(">>> ", count=2)
         term.send("C-c")
         term.wait_for("Press Ctrl+C again or Ctrl+D to leave")
@@ -375,10 +377,7 @@ def test_a_turn_the_hub_never_answers_keeps_its_prompt_for_continue(tiny, hub, t
     )
     try:
         term.wait_for(">>> ")
-        term.type("once upon a time there was")
-        term.wait_until(lambda screen: len(screen.split("there was\n", 1)[-1].strip()) > 5, "the reply's first tokens")
-        term.send("C-c")
-        term.wait_for("(stopped)")
+        stop_a_reply(term)
         own_hub.stop()
         term.type("and then")
         screen = term.wait_for("Error: lost the hub")
