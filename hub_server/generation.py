@@ -56,11 +56,8 @@ class Generation:
             return
         self._closed = True
         await self._chunks.aclose()
-        prompt = self._prompt
-        if prompt is not None and not prompt.future.done():
-            self._hub.workers.of(self._session).scheduler.cancel_prompt(prompt)
-        # Added after the pass's own callback, so it runs after the pass is applied.
-        self._session.turn.release_after(self._in_flight)
+        # Released after the last pass's own callback, so once that pass is applied.
+        self._hub.workers.let_go(self._session, self._prompt, last_work=self._in_flight)
 
     async def _produce(self) -> AsyncGenerator[wire.GenerateChunk, None]:
         session, request = self._session, self._request

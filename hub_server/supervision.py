@@ -13,6 +13,7 @@ import logging
 import threading
 import time
 from collections.abc import Callable, Iterator, Sequence
+from concurrent.futures import Future
 
 from hub_server import protocol as wire
 from hub_server.config import HubSettings
@@ -105,12 +106,15 @@ class Workers:
             return None
         return self.of(session).scheduler.submit_prompt(session, missing)
 
-    def let_go(self, session: Session, prompt: Prompt | None) -> None:
+    def let_go(self, session: Session, prompt: Prompt | None, last_work: Future | None = None) -> None:
         """End a request's turn on a session: a prompt it queued takes no more chunks, and the
-        turn passes on once the chunk on the device now is in."""
+        turn passes on once its last work (by default that prompt: the chunk on the device now)
+        is in."""
         if prompt is not None and not prompt.future.done():
             self.of(session).scheduler.cancel_prompt(prompt)
-        session.turn.release_after(prompt.future if prompt is not None else None)
+        if last_work is None and prompt is not None:
+            last_work = prompt.future
+        session.turn.release_after(last_work)
 
     # --- placement ----------------------------------------------------------------------
     def place(self, excluded: Worker | None = None, scope: str | None = None) -> tuple[Worker, KVHandle] | None:
