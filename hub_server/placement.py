@@ -4,8 +4,10 @@ A worker is one engine (one device with the target and its KV pool) and the batc
 feeds it, so a verify never waits on another device. In-process there is one worker; with Ray
 (`hub_server/workers.py`) each engine is a proxy to an actor on some node. The front end keeps
 the session table (each `Session` names its worker) and chooses a worker for each new session:
-the one with the most free KV slots, then the shortest queue. A session stays on its worker for
-its whole life, since its KV cache lives there.
+the one with the most KV blocks a session can take (free, or cached for a prefix no session
+holds), then the fewest sessions, then the shortest queue. Blocks, not sessions, are what a
+worker runs out of: its sessions hold as many blocks as their contexts fill. A session stays on
+its worker for its whole life, since its KV cache lives there.
 
 Worker states:
 - `ready`     takes new sessions
@@ -23,7 +25,7 @@ from collections.abc import Iterable
 from dataclasses import dataclass
 from typing import Literal, Protocol, runtime_checkable
 
-from hub_server.engine_api import Engine
+from hub_server.engine_api import Engine, EngineStats
 from hub_server.scheduler import Scheduler
 
 WorkerState = Literal["ready", "draining", "lost"]
@@ -57,16 +59,28 @@ class WorkerLoad:
 
     worker_id: str
     state: WorkerState
-    free_slots: int
+    free_slots: int  # rows of its session table left
     queue_depth: int
+    free_blocks: int | None = None  # KV blocks a session can take now (free or cached); None: not counted
+
+    @property
+    def has_room(self) -> bool:
+        return self.state == READY and self.free_slots > 0 and self.free_blocks != 0
 
 
 def placement_order(loads: Iterable[WorkerLoad]) -> list[str]:
-    """Workers that may take a new session, best first: most free KV slots, then the shortest
-    queue (then the id, so ties break the same way every time). Empty when every one is full."""
-    open_ = [load for load in loads if load.state == READY and load.free_slots > 0]
-    open_.sort(key=lambda load: (-load.free_slots, load.queue_depth, load.worker_id))
+    """Workers that may take a new session, best first: most KV blocks a session can take, then
+    the most free session slots (the fewest sessions), then the shortest queue (then the id, so
+    ties break the same way every time). Empty when every one is full."""
+    open_ = [load for load in loads if load.has_room]
+    open_.sort(key=lambda load: (-(load.free_blocks or 0), -load.free_slots, load.queue_depth, load.worker_id))
     return [load.worker_id for load in open_]
+
+
+def free_blocks(stats: EngineStats) -> int | None:
+    """The KV blocks a new or growing session can take on an engine: free ones and cached ones no
+    session holds (None: an engine that counts no blocks)."""
+    return stats.kv_blocks - stats.kv_blocks_used if stats.kv_blocks else None
 
 
 class Worker:
@@ -86,7 +100,9 @@ class Worker:
         return isinstance(self.engine, Supervised)
 
     def load(self, sessions: int, slots: int) -> WorkerLoad:
-        return WorkerLoad(self.worker_id, self.state, slots - sessions, self.scheduler.queue_depth)
+        """Its load now; its blocks are asked of its engine only while it takes new sessions."""
+        blocks = free_blocks(self.engine.stats()) if self.state == READY else None
+        return WorkerLoad(self.worker_id, self.state, slots - sessions, self.scheduler.queue_depth, blocks)
 
     def lose(self) -> None:
         self.state = LOST

@@ -1,18 +1,22 @@
 """Sessions leaving the hub and their KV memory going back: eviction of idle sessions, room made
-on a full hub, sessions of removed accounts, and the hand-back itself, which waits for a request
-still running on the session. Plain Python, no torch."""
+on a full hub, memory made on a full worker, sessions of removed accounts, and the hand-back
+itself, which waits for a request still running on the session. Plain Python, no torch.
+
+An evicted session's client finds it gone (404 `session_not_found`) at its next request and
+rebuilds it from its own history, so eviction costs a prefill, never a token."""
 
 from __future__ import annotations
 
 import contextlib
 import logging
+import math
 import threading
 import time
 from typing import TYPE_CHECKING
 
 from hub_server.accounts import TokenCheck
 from hub_server.config import HubSettings
-from hub_server.errors import AccountsUnavailable, WorkerLost
+from hub_server.errors import AccountsUnavailable, KVMemoryFull, WorkerLost
 from hub_server.metrics import HubMetrics
 from hub_server.placement import Worker
 from hub_server.sessions import Session, SessionStore
@@ -26,6 +30,13 @@ log = logging.getLogger("hub_server")
 # A full hub gives a new session the slot of its longest-idle session, but only of one idle at
 # least this long (or --session-idle-s, if that is shorter): a user reading a reply keeps theirs.
 FULL_HUB_IDLE_FLOOR_S = 30.0
+# A session whose next pass finds no free KV block on its worker takes the memory of that worker's
+# longest-idle session, but only of one idle at least this long (or --session-idle-s, if that is
+# shorter): longer than a decoding client's gap between two requests of one reply (its draft and
+# the round trip), so a session in mid-reply is never taken and two growing sessions do not evict
+# each other in turn. Shorter than the full hub's floor: the one who waits otherwise is a user in
+# mid-reply, answered 503, where the one evicted is reading a reply and pays a prefill on return.
+MEMORY_IDLE_FLOOR_S = 5.0
 SWEEP_EVERY_S = 2.0  # how often idle sessions and those of removed accounts are looked for
 
 
@@ -59,6 +70,34 @@ class Retirement:
             self.metrics.evicted_sessions.inc()
             self.retire(session)
         return session is not None
+
+    def make_memory(self, worker: Worker) -> bool:
+        """A pass on `worker` needs KV blocks and none is free (nor cached): that worker's
+        longest-idle session gives its memory up, if it has idled long enough. Only that worker's:
+        another worker's blocks are no use to a session whose KV lives here."""
+        session = self.sessions.take_longest_idle(self._memory_floor(), worker.worker_id)
+        if session is None:
+            return False
+        self.metrics.evicted_sessions.inc()
+        self.metrics.evicted_for_memory.inc()
+        self.retire(session)
+        return True
+
+    def memory_full(self, worker: Worker) -> KVMemoryFull:
+        """The refusal when no session on `worker` can give memory up yet; its Retry-After is when
+        the longest-idle one will have idled long enough, where one is idling."""
+        refusal = KVMemoryFull(
+            "the hub's KV memory is full and no session has idled long enough to give its memory up; "
+            "retry in a few seconds"
+        )
+        idle_since = [s.last_used for s in self.sessions.all() if s.worker_id == worker.worker_id and not s.turn.busy]
+        if idle_since:
+            wait = min(idle_since) + self._memory_floor() - time.monotonic()
+            refusal.retry_after_s = max(1, math.ceil(wait))
+        return refusal
+
+    def _memory_floor(self) -> float:
+        return min(MEMORY_IDLE_FLOOR_S, self.settings.session_idle_s)
 
     def evict(self, max_idle_s: float) -> None:
         for session in self.sessions.evict_idle(max_idle_s):

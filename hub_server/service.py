@@ -27,7 +27,6 @@ from hub_server.config import HubSettings
 from hub_server.engine_api import Engine, VerifyJob
 from hub_server.errors import (
     BadRequest,
-    KVMemoryFull,
     RateLimited,
     SessionNotFound,
 )
@@ -95,6 +94,21 @@ class Hub:
         """The Prometheus text page of this hub's registry."""
         return self.metrics.page()
 
+    def health(self) -> tuple[dict, bool]:
+        """/health's body, and whether the hub serves (a hub whose every worker is lost does not)."""
+        workers = self.workers.ready_count()
+        body = {"status": "ok", "model": self.engine.name, "workers": workers.model_dump()}
+        return (body, True) if workers.ready else ({**body, "status": "degraded"}, False)
+
+    def listing(self) -> wire.WorkerList:
+        return self.workers.listing()
+
+    def drain(self, worker_id: str) -> wire.WorkerInfo:
+        return self.workers.drain(worker_id)
+
+    def undrain(self, worker_id: str) -> wire.WorkerInfo:
+        return self.workers.undrain(worker_id)
+
     def _figures(self) -> HubFigures:
         """The hub-wide figures: every worker's scheduler together."""
         schedulers = [worker.scheduler for worker in self.workers]
@@ -156,17 +170,12 @@ class Hub:
 
     def _hold(self, session: Session, tokens: int) -> None:
         """Take the KV memory the session's next pass writes (its context up to `tokens`): while its
-        worker has too few free blocks, the longest-idle session gives its memory up (if it idled
-        long enough); when none can, 503 before anything is written, the session as it was."""
-        engine = self.workers.of(session).engine
-        while not engine.reserve(session.kv, tokens):
-            if self.retirement.make_room():
-                self.metrics.evicted_for_memory.inc()
-            else:
-                raise KVMemoryFull(
-                    "the hub's KV memory is full and no session has idled long enough to give its memory up; "
-                    "retry in a few seconds"
-                )
+        worker has too few free blocks, that worker's longest-idle session gives its memory up (if
+        it idled long enough); when none can, 503 before anything is written, the session as it was."""
+        worker = self.workers.of(session)
+        while not worker.engine.reserve(session.kv, tokens):
+            if not self.retirement.make_memory(worker):
+                raise self.retirement.memory_full(worker)
 
     def _sharing(self, owner: Owner) -> str | None:
         """The scope whose sessions share the KV of a common prefix with this owner's (--share-prefixes)."""

@@ -252,12 +252,17 @@ class SessionStore:
                 del self._sessions[session.session_id]
         return idle
 
-    def take_longest_idle(self, min_idle_s: float) -> Session | None:
-        """Remove and return the session unused the longest, if unused at least `min_idle_s`
-        and not busy (a full hub makes room for a new session this way, one at a time)."""
+    def take_longest_idle(self, min_idle_s: float, worker_id: str | None = None) -> Session | None:
+        """Remove and return the session unused the longest (of one worker's, if `worker_id`), if
+        unused at least `min_idle_s` and not busy (a full hub makes room for a new session this
+        way, and a full worker for a growing one, one at a time)."""
         cutoff = time.monotonic() - min_idle_s
         with self._lock:
-            idle = [s for s in self._sessions.values() if s.last_used <= cutoff and not s.turn.busy]
+            idle = [
+                s
+                for s in self._sessions.values()
+                if s.last_used <= cutoff and not s.turn.busy and worker_id in (None, s.worker_id)
+            ]
             if not idle:
                 return None
             session = min(idle, key=lambda s: s.last_used)

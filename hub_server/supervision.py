@@ -118,7 +118,8 @@ class Workers:
 
     # --- placement ----------------------------------------------------------------------
     def place(self, excluded: Worker | None = None, scope: str | None = None) -> tuple[Worker, KVHandle] | None:
-        """A worker for a new session and a KV slot on it, best worker first; None when all are full."""
+        """A worker for a new session and a KV slot on it, best worker first (the most KV blocks
+        to take, `placement_order`); None when every worker's session table or memory is full."""
         max_sessions = self.settings.max_sessions
         loads = [w.load(self.sessions.count_on(w.worker_id), max_sessions) for w in self._workers]
         for worker_id in placement_order(loads):
@@ -147,6 +148,11 @@ class Workers:
         if not any(worker.state == READY for worker in self._workers):
             states = ", ".join(f"worker {w.worker_id} {w.state}" for w in self._workers)
             return f"no worker of this hub takes new sessions now ({states}); retry in a while"
+        if any(w.state == READY and self.sessions.count_on(w.worker_id) < limit for w in self._workers):
+            return (
+                "the hub's KV memory is full: its sessions hold every block and none has idled long enough "
+                "to give its memory up; retry in a few seconds"
+            )
         if len(self._workers) == 1:
             return f"the hub serves its maximum of {limit} sessions; retry in a few seconds"
         up = self.ready_count()

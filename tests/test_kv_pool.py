@@ -69,6 +69,25 @@ def test_admission_asks_for_free_blocks_and_fresh_blocks_hold_no_nan():
     assert pool.open(least_blocks=3) is not None
 
 
+def test_blocks_held_by_several_sessions_are_counted_as_references_come_and_go():
+    pool = small_pool(blocks=9, sessions=4)
+    context = list(range(100, 100 + 2 * BLOCK_TOKENS + 3))  # two full blocks and a part
+    first = pool.open(scope="acct_a")
+    assert pool.cover(first, len(context) - 1)
+    first.length = len(context) - 1
+    pool.stored(first, context[:-1])
+    second, third = pool.open(scope="acct_a"), pool.open(scope="acct_a")
+    assert pool.share(second, context) == 2 * BLOCK_TOKENS and pool.shared_blocks == 2
+    assert pool.share(third, context) == 2 * BLOCK_TOKENS and pool.shared_blocks == 2  # three holders, two blocks
+    third.length = 5  # set back: its two blocks are copied into its own, the first two keep theirs
+    pool.settle(third)
+    assert pool.shared_blocks == 2 and not set(third.blocks) & set(first.blocks)
+    pool.close(second)
+    assert pool.shared_blocks == 0 and pool.used_blocks == 5
+    pool.close(first)
+    assert pool.shared_blocks == 0 and pool.cached_blocks == 2  # still named: a later session may take them
+
+
 def test_ancestor_masks_of_a_tree_and_a_padded_chain():
     # root -> 0 -> 1, root -> 2 ; then a chain of two padded to the same width.
     masks = ancestor_masks([[-1, 0, -1], [-1, 0]], width=3)

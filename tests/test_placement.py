@@ -5,16 +5,17 @@ real Ray workers: tests/test_ray_workers.py."""
 from __future__ import annotations
 
 import asyncio
+from dataclasses import replace
 
 import pytest
 
 from hub_server import protocol as wire
 from hub_server.config import HubSettings
-from hub_server.engine_api import KVHandle
-from hub_server.errors import HubFull, NotReady, RateLimited, SessionNotFound, UnknownWorker, WorkerLost
+from hub_server.engine_api import EngineStats, KVHandle
+from hub_server.errors import HubFull, KVMemoryFull, NotReady, RateLimited, SessionNotFound, UnknownWorker, WorkerLost
 from hub_server.placement import DRAINING, LOST, READY, WorkerIdentity, WorkerLoad, placement_order
 from hub_server.service import Hub
-from tests.test_service import ALICE, BOB, CountingTarget, metric, open_request, verify
+from tests.test_service import ALICE, BOB, CountingTarget, feed, metric, open_request, verify
 
 
 class MortalTarget(CountingTarget):
@@ -185,3 +186,75 @@ def test_full_draining_and_lost_workers_take_no_new_session():
     ]
     assert placement_order(loads) == ["ok"]
     assert placement_order(loads[:3]) == []  # every worker full: the hub answers 429 hub_full
+
+
+def test_the_most_free_blocks_first_then_the_fewest_sessions_and_none_on_a_worker_without_blocks():
+    loads = [
+        WorkerLoad("many-sessions", READY, free_slots=1, queue_depth=0, free_blocks=90),
+        WorkerLoad("few-blocks", READY, free_slots=9, queue_depth=0, free_blocks=10),
+        WorkerLoad("tie-fewer", READY, free_slots=7, queue_depth=5, free_blocks=10),
+        WorkerLoad("no-blocks", READY, free_slots=9, queue_depth=0, free_blocks=0),
+        WorkerLoad("uncounted", READY, free_slots=9, queue_depth=0),  # an engine without blocks: by sessions
+    ]
+    assert placement_order(loads) == ["many-sessions", "few-blocks", "tie-fewer", "uncounted"]
+
+
+class PagedTarget(CountingTarget):
+    """A counting target whose KV memory is `blocks` blocks of 16 tokens, taken as contexts grow."""
+
+    def __init__(self, blocks: int):
+        super().__init__(slots=8)
+        self.blocks, self.held = blocks, {}
+
+    def used(self) -> int:
+        return sum(self.held.values())
+
+    def new_kv(self, scope: str | None = None) -> KVHandle | None:
+        return super().new_kv(scope) if self.used() < self.blocks else None
+
+    def reserve(self, kv: KVHandle, tokens: int) -> bool:
+        wanted = max(-(-tokens // 16), self.held.get(kv.index, 0))
+        if self.used() - self.held.get(kv.index, 0) + wanted > self.blocks:
+            return False
+        self.held[kv.index] = wanted
+        return True
+
+    def release(self, kv: KVHandle) -> None:
+        self.held.pop(kv.index, None)
+        super().release(kv)
+
+    def stats(self) -> EngineStats:
+        return replace(super().stats(), kv_blocks=self.blocks, kv_blocks_used=self.used())
+
+
+def test_sessions_go_where_blocks_are_free_and_a_full_worker_evicts_only_its_own_idle_sessions():
+    workers = PagedTarget(blocks=4), PagedTarget(blocks=4)
+    hub = hub_of(*workers, max_sessions=8)
+    table = {}
+
+    def open_and_feed(tokens: int) -> str:
+        session = hub.open_session(open_request(workers[0])).session_id
+        feed(hub, session, list(range(1, tokens + 1)))
+        table.update({s.session_id: s for s in hub.sessions.all()})
+        return session
+
+    idle_here = open_and_feed(40)  # worker 0: 3 blocks of 4
+    idle_there = open_and_feed(50)  # worker 1 has more blocks free: all 4 of its blocks
+    growing = open_and_feed(10)  # worker 0, its last block: worker 1 has none left, for all its one session
+    assert [table[s].worker_id for s in (idle_here, idle_there, growing)] == ["0", "1", "0"]
+    with pytest.raises(HubFull, match="KV memory is full"):  # free slots, but no block anywhere
+        hub.open_session(open_request(workers[0]))
+    table[idle_there].last_used -= 90  # the hub's longest idle, but its memory is on the other worker
+    table[idle_here].last_used -= 60
+    assert verify(hub, growing, [11], [12, 13, 14, 15, 16, 17, 40]).tokens == list(range(12, 19))
+    assert {s.session_id for s in hub.sessions.all()} == {idle_there, growing}
+    assert metric(hub, "specedge_evicted_for_memory_total") == 1
+    assert metric(hub, "specedge_evicted_sessions_total") == 1
+    # Worker 0 is full again, and its only other session idled 2 s: 503, and when to come back.
+    resting = open_and_feed(30)
+    assert table[resting].worker_id == "0"
+    table[resting].last_used -= 2
+    with pytest.raises(KVMemoryFull) as refused:
+        verify(hub, growing, [], list(range(19, 40)))
+    assert refused.value.retry_after_s == 3  # the 5 s floor less the 2 s idled
+    assert len(hub.sessions) == 3 and metric(hub, "specedge_evicted_for_memory_total") == 1

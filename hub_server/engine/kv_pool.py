@@ -149,6 +149,7 @@ class KVPool:
         self._sessions = list(range(plan.max_sessions - 1, -1, -1))
         self._lock = threading.Lock()
         self._refs = [0] * plan.blocks  # sessions holding each block
+        self._shared = 0  # blocks more than one session holds (counted as references change: placement reads it)
         self._named: dict[tuple, int] = {}  # (serial of the block before, scope, tokens) -> block
         self._name_of: dict[int, tuple] = {}  # block -> its name
         self._serial: dict[int, int] = {}  # block -> its name's serial number (never reused)
@@ -178,8 +179,7 @@ class KVPool:
     @property
     def shared_blocks(self) -> int:
         """Blocks more than one session holds."""
-        with self._lock:
-            return sum(refs > 1 for refs in self._refs)
+        return self._shared
 
     @property
     def reserved_bytes(self) -> int:
@@ -320,12 +320,14 @@ class KVPool:
 
     def _hold(self, block: int) -> None:
         self._refs[block] += 1
+        self._shared += self._refs[block] == 2
         self._cached.pop(block, None)
 
     def _release(self, blocks: list[int]) -> None:
         """One reference fewer on each block: a named block no session holds is cached, another freed."""
         for block in reversed(blocks):
             self._refs[block] -= 1
+            self._shared -= self._refs[block] == 1
             if self._refs[block]:
                 continue
             if block in self._name_of:
