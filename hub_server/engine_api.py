@@ -82,6 +82,9 @@ class Engine(Protocol):
     vocab: Vocabulary
     vocab_size: int  # ids the hub accepts: known to the tokenizer and the embedding table
     max_context: int
+    # The widest row its verify passes are built for (a compiled pass's widest shape): the
+    # scheduler feeds a wider row's context apart first (`scheduler.Composition`).
+    widest_verify_row: int
     device_lock: threading.Lock  # one thing at a time on the device (a pass, or the hub's draft)
 
     def new_kv(self, scope: str | None = None) -> KVHandle | None:
@@ -99,9 +102,14 @@ class Engine(Protocol):
     def prefill(self, kv: KVHandle, context: list[int]) -> None:
         """Bring `kv` up to all of `context` but its last token."""
 
+    def feed(self, kv: KVHandle, pending: list[int]) -> None:
+        """Bring `kv` up to all of `pending` (the context after what it holds) but its last token,
+        in passes of its session alone: a verify's context the scheduler took out of its pass."""
+
     def verify_batch(self, jobs: list[VerifyJob]) -> float:
-        """Verify every job's draft in one forward pass; fills in `path` and `emitted`. Returns the
-        pass's device seconds (what the hub's histogram of pass times observes)."""
+        """Verify every job's draft in one forward pass, as composed (whatever context each job
+        brings); fills in `path` and `emitted`. Returns the pass's device seconds (what the hub's
+        histogram of pass times observes)."""
 
     def pass_fixed_s(self) -> float | None:
         """A verify pass's fitted device time beyond its tokens (None until it can be fitted)."""

@@ -33,6 +33,15 @@ length: `submit_prompt` queues it, and each step of the worker runs the verify b
 chunks of the queued prompts up to a token budget (`prompt_budget`, asked with the step's verify
 jobs), shared between the prompts in turn. So a verify waits for at most one step's chunks, and
 no prompt waits for another's whole prefill.
+
+Composition. A pass pads every row to its widest, so a verify that brings new context (a turn's
+text, up to `INLINE_PROMPT_TOKENS`) would make every other row of its pass as costly. The
+scheduler decides who shares the pass (`Composition`): such a row's context, all but its last
+token, goes first in passes of its own (`run_feed`) when the padding saved outweighs what the
+extra passes cost, and always when the row is wider than the device's passes are built for. The
+engine runs exactly the passes it is given. A step is what the worker runs next, in order: those
+feeds, the verify pass, the prompt chunks (`Step`); a driver in virtual time (the fleet
+simulation) takes the very same steps from `poll`.
 """
 
 from __future__ import annotations
@@ -118,6 +127,73 @@ async def settled(prompt: Prompt) -> None:
     await asyncio.shield(asyncio.wrap_future(prompt.future))
 
 
+# A batch pads every row to its widest, so one session's new context would make every other
+# session's draft as costly as that context. Its context goes in passes of its own first when the
+# padding saved outweighs what the extra passes cost beyond their tokens, counted in tokens. On a
+# CPU a pass costs its tokens plus about two (the logits of its last token); on a GPU a small pass
+# costs mostly its launches (~35 ms for Gemma 3 270M on an H100, flat from 1 to 16 sessions),
+# worth thousands of padded tokens.
+PASS_OVERHEAD_TOKENS = {"cuda": 4096, "cpu": 2}
+
+
+def feed_apart(rows: list[tuple[int, int]], pass_overhead: int) -> list[int]:
+    """Which rows' pending tokens (all but the last) to feed in passes of their own before a
+    batched pass, so that the batch is not padded to long prompts.
+
+    rows: (pending, draft) token counts per row. Taking out the k widest rows narrows the
+    padded batch; it pays when the tokens saved exceed those rows' prefixes plus k extra
+    passes' overhead (`pass_overhead` tokens each). Returns the rows of the k that saves most.
+    """
+    widths = [pending + draft for pending, draft in rows]
+    order = sorted(range(len(rows)), key=lambda b: -widths[b])
+    best, best_saving, fed = 0, 0, 0
+    for k, b in enumerate(order, start=1):
+        pending = rows[b][0]
+        if pending <= 1:  # nothing to take out: no narrower batch beyond this row
+            break
+        fed += pending - 1 + pass_overhead
+        rest = max([widths[c] for c in order[k:]] + [1 + rows[c][1] for c in order[:k]])
+        saving = len(rows) * (widths[order[0]] - rest) - fed
+        if saving > best_saving:
+            best, best_saving = k, saving
+    return order[:best]
+
+
+@dataclass(frozen=True)
+class Composition:
+    """What a worker's scheduler knows of its device's passes, to compose them."""
+
+    overhead_tokens: int  # what a pass costs beyond its tokens, counted in tokens
+    widest_row: int  # the widest row a verify pass is built for (a compiled pass's widest shape)
+
+    @classmethod
+    def of(cls, device: str, widest_row: int) -> Composition:
+        """For a worker on `device`: cuda or cuda:N pays a GPU's launches, anything else a CPU's pass."""
+        return cls(PASS_OVERHEAD_TOKENS["cuda" if device.startswith("cuda") else "cpu"], widest_row)
+
+    def apart(self, rows: list[tuple[int, int]]) -> list[int]:
+        """The rows, (pending, draft) token counts, whose pending context but its last token goes
+        in passes of its own first: where that saves padding, and wherever a row is wider than a
+        pass is built for."""
+        wide = {b for b, (pending, draft) in enumerate(rows) if pending > 1 and pending + draft > self.widest_row}
+        return sorted(wide.union(feed_apart(rows, self.overhead_tokens)))
+
+
+@dataclass
+class Step:
+    """What a worker runs next, in this order: for each job of `apart`, its pending context but
+    the last token, fed in passes of its own (the job keeps that last token); one verify pass of
+    `batch` (none when it is empty); then `chunks` of queued prompts, (prompt, tokens) each."""
+
+    queued: list[_Queued]
+    apart: list[Any]
+    chunks: list[tuple[Prompt, int]]
+
+    @property
+    def batch(self) -> list[Any]:
+        return [queued.job for queued in self.queued]
+
+
 class Scheduler:
     def __init__(
         self,
@@ -132,8 +208,17 @@ class Scheduler:
         run_prompt: Callable[[Any, int], None] | None = None,
         prompt_budget: Callable[[list[Any]], int] = lambda jobs: 512,
         on_prompt_step: Callable[[int, list[float]], None] = lambda tokens, waits: None,
+        composition: Composition | None = None,
+        run_feed: Callable[[Any], None] | None = None,
     ):
+        if composition is not None and worker and run_feed is None:
+            raise ValueError("a scheduler that takes rows out of a pass needs run_feed to feed them")
         self._run_batch = run_batch
+        # Who shares a verify pass (None: every job of a batch in one pass, as it came); the jobs
+        # are then `engine_api.VerifyJob`s, and `run_feed(job)` feeds one's pending context but
+        # its last token in passes of its own.
+        self.composition = composition
+        self._run_feed = run_feed
         self._run_prompt = run_prompt  # feeds `tokens` more of a prompt's job; none: no prompts here
         self.prompt_budget = prompt_budget  # prompt tokens a step may carry beside these verify jobs
         self._on_prompt_step = on_prompt_step  # told each step's prompt tokens, and first chunks' waits
@@ -231,23 +316,39 @@ class Scheduler:
         if self._worker is not None:
             self._worker.join(timeout=30)
 
-    def poll(self) -> list[Any] | float | None:
-        """Without blocking, for a driver of a scheduler made with `worker=False`: the jobs of the
-        pass to run now (call `finish` once it has run), or the clock time to look again (a batch
-        is waiting for someone), or None (nothing queued: look again after a `submit`)."""
+    def poll(self) -> Step | float | None:
+        """Without blocking, for a driver of a scheduler made with `worker=False`: the step to run
+        now (once its feeds and verify pass have run, call `finish`; once each chunk has run,
+        `chunk_done`), or the clock time to look again (a batch is waiting for someone), or None
+        (nothing queued: look again after a `submit`)."""
         with self._ready:
-            now = self._clock()
-            plan = self._plan(now)
-            if not isinstance(plan, list):
-                return plan
-            self._running = plan
-        self._on_pass([now - queued.arrived for queued in plan])
-        return [queued.job for queued in plan]
+            step = self._step_now()
+            if not isinstance(step, Step):
+                return step
+            self._running = step.queued
+        if step.queued:
+            self._on_pass([self._clock() - queued.arrived for queued in step.queued])
+        self._begin_prompts(step.chunks)
+        return step
 
     def finish(self, error: BaseException | None = None) -> None:
-        """The pass `poll` handed out has run (or failed with `error`): resolve its futures."""
+        """The verify pass `poll` handed out has run (or failed with `error`): resolve its futures."""
         batch, self._running = self._running, []
         self._finish(batch, error)
+
+    def chunk_done(self, prompt: Prompt, tokens: int, error: BaseException | None = None) -> None:
+        """A chunk of `tokens` of `prompt` has run (or failed with `error`): the prompt is all in,
+        or queued again behind the others."""
+        if error is not None:
+            prompt.future.set_exception(error)
+        else:
+            with self._ready:
+                prompt.tokens -= tokens
+                if prompt.tokens <= 0 or prompt.cancelled:
+                    prompt.future.set_result(None)
+                else:
+                    self._prompts.append(prompt)
+        self._free_since = self._clock()
 
     def submit_prompt(self, job: Any, tokens: int) -> Prompt:
         """Queue a prompt of `tokens` tokens for `job`; steps feed it in chunks beside verifies."""
@@ -270,28 +371,39 @@ class Scheduler:
                 prompt.future.set_result(None)
 
     def _loop(self) -> None:
-        while True:
-            step = self._next_step()
-            if step is None:
-                return
-            batch, chunks = step
-            if batch:
-                self._run(batch)
-            if chunks:
-                self._run_prompts(chunks)
+        while (step := self._next_step()) is not None:
+            if step.queued:
+                self._run(step)
+            if step.chunks:
+                self._run_prompts(step.chunks)
 
-    def _next_step(self) -> tuple[list[_Queued], list[tuple[Prompt, int]]] | None:
-        """The verify batch and prompt chunks of the next step (waiting until there is one)."""
+    def _next_step(self) -> Step | None:
+        """The next step (waiting until there is one); None once stopped with nothing queued."""
         with self._ready:
             while True:
                 if self._stopped and not self._queue and not self._prompts:
                     return None
-                plan = self._plan(self._clock())
-                if isinstance(plan, list):
-                    return plan, self._carve([queued.job for queued in plan])
-                if self._prompts:  # the device would idle while the batch waits: a chunk goes now
-                    return [], self._carve([])
-                self._ready.wait(None if plan is None else max(0.0, plan - self._clock()))
+                step = self._step_now()
+                if isinstance(step, Step):
+                    return step
+                self._ready.wait(None if step is None else max(0.0, step - self._clock()))
+
+    def _step_now(self) -> Step | float | None:
+        """The step to run now (under the lock), or when to look again, or None: nothing queued."""
+        plan = self._plan(self._clock())
+        if isinstance(plan, list):
+            jobs = [queued.job for queued in plan]
+            return Step(plan, self._apart(jobs), self._carve(jobs))
+        if self._prompts:  # the device would idle while the batch waits: a chunk goes now
+            return Step([], [], self._carve([]))
+        return plan
+
+    def _apart(self, jobs: list[Any]) -> list[Any]:
+        """The verify jobs whose pending context goes in passes of their own before the batch's."""
+        if self.composition is None:
+            return []
+        rows = [(len(job.pending), len(job.draft)) for job in jobs]
+        return [jobs[b] for b in self.composition.apart(rows)]
 
     def _carve(self, jobs: list[Any]) -> list[tuple[Prompt, int]]:
         """Chunks of the queued prompts for one step (under the lock): the budget goes to the
@@ -312,24 +424,25 @@ class Scheduler:
         return chunks
 
     def _run_prompts(self, chunks: list[tuple[Prompt, int]]) -> None:
-        now = self._clock()
-        waits = [now - prompt.arrived for prompt, _ in chunks if not prompt.started]
-        self._on_prompt_step(sum(size for _, size in chunks), waits)
+        self._begin_prompts(chunks)
         assert self._run_prompt is not None
         for prompt, size in chunks:
-            prompt.started = True
             try:
                 self._run_prompt(prompt.job, size)
             except Exception as exc:  # this prompt's caller receives the error; the others go on
-                prompt.future.set_exception(exc)
-                continue
-            with self._ready:
-                prompt.tokens -= size
-                if prompt.tokens <= 0 or prompt.cancelled:
-                    prompt.future.set_result(None)
-                else:
-                    self._prompts.append(prompt)
-        self._free_since = self._clock()
+                self.chunk_done(prompt, size, exc)
+            else:
+                self.chunk_done(prompt, size)
+
+    def _begin_prompts(self, chunks: list[tuple[Prompt, int]]) -> None:
+        """A step's prompt chunks start: their tokens, and how long the prompts starting now waited."""
+        if not chunks:
+            return
+        now = self._clock()
+        waits = [now - prompt.arrived for prompt, _ in chunks if not prompt.started]
+        for prompt, _ in chunks:
+            prompt.started = True
+        self._on_prompt_step(sum(size for _, size in chunks), waits)
 
     def _plan(self, now: float) -> list[_Queued] | float | None:
         """The batching decision at `now` (under the lock): the batch to run now, taken off the
@@ -374,16 +487,20 @@ class Scheduler:
         due = (r.due_at(usual) for r in self._returning.values())
         return deadline if any(at is not None and start - window <= at <= deadline for at in due) else None
 
-    def _run(self, batch: list[_Queued]) -> None:
-        jobs = [queued.job for queued in batch]
+    def _run(self, step: Step) -> None:
+        """The step's feeds apart and its verify pass; a failure of either fails the whole batch."""
         now = self._clock()
         try:
-            self._on_pass([now - queued.arrived for queued in batch])
-            self._run_batch(jobs)
+            self._on_pass([now - queued.arrived for queued in step.queued])
+            for job in step.apart:
+                assert self._run_feed is not None
+                self._run_feed(job)
+                job.pending = job.pending[-1:]
+            self._run_batch(step.batch)
         except Exception as exc:  # the batch's callers each receive the error; the worker goes on
-            self._finish(batch, exc)
+            self._finish(step.queued, exc)
         else:
-            self._finish(batch, None)
+            self._finish(step.queued, None)
 
     def _finish(self, batch: list[_Queued], error: BaseException | None) -> None:
         self._done(batch)

@@ -22,7 +22,7 @@ from hub_server.errors import HubFull, NotReady, RequestRefused, UnknownWorker, 
 from hub_server.metrics import HubMetrics
 from hub_server.placement import LOST, READY, Supervised, Worker, local_identity, placement_order
 from hub_server.prompts import PromptBudget
-from hub_server.scheduler import Prompt, Scheduler
+from hub_server.scheduler import Composition, Prompt, Scheduler
 from hub_server.sessions import Session, SessionStore
 
 log = logging.getLogger("hub_server")
@@ -67,6 +67,7 @@ class Workers:
     # --- passes -------------------------------------------------------------------------
     def _worker(self, worker_id: str, engine: Engine) -> Worker:
         budget = PromptBudget(self.settings.max_pass_tokens)
+        identity = engine.probe() if isinstance(engine, Supervised) else local_identity(engine, self.settings.device)
         scheduler = Scheduler(
             lambda jobs: self._verify_pass(engine, budget, jobs),
             max_batch=self.settings.max_batch,
@@ -77,8 +78,9 @@ class Workers:
             run_prompt=lambda session, tokens: self._feed_chunk(engine, budget, session, tokens),
             prompt_budget=budget,
             on_prompt_step=self.metrics.record_prompt_step,
+            composition=Composition.of(identity.device, engine.widest_verify_row),
+            run_feed=lambda job: engine.feed(job.kv, job.pending),
         )
-        identity = engine.probe() if isinstance(engine, Supervised) else local_identity(engine, self.settings.device)
         return Worker(worker_id, engine, scheduler, identity)
 
     def _verify_pass(self, engine: Engine, budget: PromptBudget, jobs: list[VerifyJob]) -> None:

@@ -89,6 +89,7 @@ class WorkerDescription:
     pieces: tuple[str, ...]
     vocab_size: int
     max_context: int
+    widest_verify_row: int
     identity: WorkerIdentity
 
 
@@ -113,7 +114,12 @@ class EngineWorker:
     def describe(self) -> WorkerDescription:
         runner = self.runner
         return WorkerDescription(
-            runner.name, runner.vocab.pieces, runner.vocab_size, runner.max_context, self._identity()
+            runner.name,
+            runner.vocab.pieces,
+            runner.vocab_size,
+            runner.max_context,
+            runner.widest_verify_row,
+            self._identity(),
         )
 
     @ray.method(concurrency_group="probe")
@@ -153,6 +159,12 @@ class EngineWorker:
         slot = self._slot(incarnation, index)
         with _device_failure_exits():
             self.runner.prefill(slot, context)
+        return slot.length
+
+    def feed(self, incarnation: str, index: int, pending: list[int]) -> int:
+        slot = self._slot(incarnation, index)
+        with _device_failure_exits():
+            self.runner.feed(slot, pending)
         return slot.length
 
     def verify_batch(self, jobs: list[JobWire]) -> tuple[list[ResultWire], float | None, float]:
@@ -195,6 +207,7 @@ class RayEngine:
         self.vocab = Vocabulary(description.pieces)
         self.vocab_size = description.vocab_size
         self.max_context = description.max_context
+        self.widest_verify_row = description.widest_verify_row
         # The device is in the worker's process; this lock only serves the front end's own drafter.
         self.device_lock = threading.Lock()
         self.identity = description.identity
@@ -238,6 +251,9 @@ class RayEngine:
 
     def prefill(self, kv: RemoteKV, context: list[int]) -> None:
         kv.length = self._call(self._actor.prefill.remote(kv.incarnation, kv.index, context))
+
+    def feed(self, kv: RemoteKV, pending: list[int]) -> None:
+        kv.length = self._call(self._actor.feed.remote(kv.incarnation, kv.index, pending))
 
     def verify_batch(self, jobs: list[VerifyJob]) -> float:
         wire = [

@@ -39,7 +39,7 @@ from typing import Any
 
 from hub_server.pass_cost import PassCostFit
 from hub_server.placement import READY, WorkerLoad, placement_order
-from hub_server.scheduler import Scheduler
+from hub_server.scheduler import Scheduler, Step
 from specedge_bench.config import EDGE_PRICE_PER_HOUR, SERVER_PRICE_PER_HOUR
 
 
@@ -203,11 +203,11 @@ class SimWorker:
         if self.busy:
             return
         plan = self.scheduler.poll()
-        if isinstance(plan, list):
-            tokens = sum(job.tokens for job in plan)
-            seconds = self.costs.seconds(len(plan), tokens)
+        if isinstance(plan, Step):
+            tokens = sum(job.tokens for job in plan.batch)
+            seconds = self.costs.seconds(len(plan.batch), tokens)
             self.busy = True
-            self.tally.add_pass(self.clock.now, seconds, len(plan))
+            self.tally.add_pass(self.clock.now, seconds, len(plan.batch))
             self.clock.at(self.clock.now + seconds, lambda: self._pass_done(tokens, seconds))
         elif plan is not None and plan not in self._wakes:
             self._wakes.add(plan)

@@ -17,9 +17,10 @@ import torch
 from hub_server.config import HubSettings
 from hub_server.engine.cpu_products import onednn_available
 from hub_server.engine.kv_pool import BLOCK_TOKENS, blocks_for
-from hub_server.engine.runner import ROW_SHAPES_KEPT, ModelRunner, _shape, feed_apart
+from hub_server.engine.runner import ROW_SHAPES_KEPT, ModelRunner, _shape
 from hub_server.engine_api import PassTally, VerifyJob
 from hub_server.errors import KVMemoryFull
+from hub_server.scheduler import Composition, Scheduler
 from hub_server.tree import chain_parents
 from tests.conftest import CPU_ATTENTION, TargetAlone, plain_target
 
@@ -126,36 +127,41 @@ def test_batched_verify_equals_one_session_at_a_time(target):
             )
 
 
-def test_a_long_prompt_is_fed_apart_only_when_it_saves_padding():
-    # One new prompt of 100 tokens among three 8-token drafts: 4 x 108 padded tokens, or 99
-    # (plus a pass) apart and 4 x 9 in the batch.
-    assert feed_apart([(100, 0), (1, 8), (1, 8), (1, 8)], pass_overhead=2) == [0]
-    assert feed_apart([(100, 0), (1, 8), (1, 8), (1, 8)], pass_overhead=4096) == []
-    assert feed_apart([(100, 8)], pass_overhead=0) == []  # alone, nothing is padded
-    assert feed_apart([(10, 8), (1, 8)], pass_overhead=2) == [0]  # 2 x 9 saved for 9 + 2
-    assert feed_apart([(10, 8), (1, 8)], pass_overhead=9) == []  # 2 x 9 saved for 9 + 9: no gain
-    # Taking out the 80 alone leaves the batch 64 wide; taking out both leaves it 9 wide.
-    assert feed_apart([(60, 4), (80, 0), (1, 8)], pass_overhead=2) == [1, 0]
-    assert feed_apart([(1, 8), (1, 3)], pass_overhead=0) == []
-
-
 def test_new_prompts_batched_with_drafts_decode_like_the_target_alone(target):
-    """Sessions whose whole prompt is still pending share a pass with sessions verifying drafts:
-    the prompts are fed apart (they save padding), and every reply is the target's own."""
+    """Sessions whose whole prompt is still pending share a batch with sessions verifying drafts:
+    the scheduler feeds the prompts apart (they save padding on this CPU) and the runner runs
+    the pass it is given; or the runner is given them all in one padded pass. Either way every
+    reply is the target's own."""
     runner, target_alone = target
     long_prompt = [1] + [(3 * i) % 400 + 20 for i in range(60)]
     contexts = [long_prompt, CONTEXTS[0], CONTEXTS[2]]
     expected = [greedy(target_alone, c, 6) for c in contexts]
-    slots = [runner.new_kv(), prefilled(runner, contexts[1]), prefilled(runner, contexts[2])]
-    jobs = [job(runner, kv, c, e[:5]) for kv, c, e in zip(slots, contexts, expected)]
-    assert len(jobs[0].pending) == len(long_prompt)
-    feeds = runner.stats().feeds
-    runner.verify_batch(jobs)
-    after = runner.stats().feeds
-    assert after.passes == feeds.passes + 1 and after.seconds > feeds.seconds  # fed apart, and timed
-    for j, e, c, kv in zip(jobs, expected, contexts, slots):
-        assert j.emitted == e
-        assert kv.length == len(c) + 5
+    composed = Scheduler(
+        runner.verify_batch,
+        max_batch=3,
+        max_wait_s=60,
+        composition=Composition.of(runner.device, runner.widest_verify_row),
+        run_feed=lambda job: runner.feed(job.kv, job.pending),
+    )
+    for scheduler in (composed, None):
+        slots = [runner.new_kv(), prefilled(runner, contexts[1]), prefilled(runner, contexts[2])]
+        jobs = [job(runner, kv, c, e[:5]) for kv, c, e in zip(slots, contexts, expected)]
+        assert len(jobs[0].pending) == len(long_prompt)
+        feeds, in_verify = runner.stats().feeds, runner.context_in_verify
+        if scheduler is None:
+            runner.verify_batch(jobs)
+            assert runner.stats().feeds == feeds and runner.context_in_verify > in_verify  # one padded pass
+        else:
+            with scheduler.announce():  # the three share one batch
+                done = [scheduler.submit(j) for j in jobs]
+            [future.result(timeout=60) for future in done]
+            after = runner.stats().feeds
+            assert after.passes == feeds.passes + 1 and after.seconds > feeds.seconds  # fed apart, and timed
+            assert runner.context_in_verify == in_verify
+            scheduler.stop()
+        for j, e, c, kv in zip(jobs, expected, contexts, slots):
+            assert j.emitted == e
+            assert kv.length == len(c) + 5
 
 
 def test_prompts_sent_with_their_first_verify_are_counted_as_context(target):

@@ -4,11 +4,12 @@ from __future__ import annotations
 
 import threading
 import time
+from dataclasses import dataclass, field
 
 import pytest
 
 from hub_server.pass_cost import PassCostFit, RowCosts
-from hub_server.scheduler import Scheduler
+from hub_server.scheduler import PASS_OVERHEAD_TOKENS, Composition, Scheduler, Step, feed_apart
 
 
 class SimulatedRunner:
@@ -231,7 +232,7 @@ def test_driven_in_virtual_time_it_makes_the_same_decisions_without_a_thread():
     scheduler = Scheduler(_never, max_batch=8, max_wait_s=0.002, clock=clock, worker=False)
     assert scheduler.poll() is None  # nothing queued
     lone = scheduler.submit("a")
-    assert scheduler.poll() == ["a"]  # a lone request goes at once
+    assert batch_of(scheduler.poll()) == ["a"]  # a lone request goes at once
     clock.now = 0.02
     scheduler.finish()
     assert lone.result(timeout=0) == "a" and scheduler.stats.batches == 1
@@ -240,7 +241,7 @@ def test_driven_in_virtual_time_it_makes_the_same_decisions_without_a_thread():
         assert scheduler.poll() == 0.02 + 0.002  # waits for the announced job, until then
         clock.now = 0.021
         scheduler.submit("c")
-    assert scheduler.poll() == ["b", "c"]
+    assert batch_of(scheduler.poll()) == ["b", "c"]
     scheduler.finish(RuntimeError("device lost"))
 
 
@@ -252,12 +253,12 @@ def test_in_virtual_time_a_pass_waits_for_a_user_due_back():
     )
     for step in range(3):  # B's rhythm: a pass, then back 0.03 s later
         scheduler.submit(f"b{step}", key="B")
-        assert scheduler.poll() == [f"b{step}"]
+        assert batch_of(scheduler.poll()) == [f"b{step}"]
         clock.now += 0.2
         scheduler.finish()
         clock.now += 0.03
     scheduler.submit("b3", key="B")
-    assert scheduler.poll() == ["b3"]
+    assert batch_of(scheduler.poll()) == ["b3"]
     clock.now += 0.2
     scheduler.finish()  # B is due back at now + 0.03, within half the fixed 0.2 s
     scheduler.submit("a", key="A")
@@ -265,12 +266,18 @@ def test_in_virtual_time_a_pass_waits_for_a_user_due_back():
     assert isinstance(held_until, float) and held_until == pytest.approx(clock.now + 0.1)
     clock.now += 0.03
     scheduler.submit("b4", key="B")
-    assert scheduler.poll() == ["a", "b4"]
+    assert batch_of(scheduler.poll()) == ["a", "b4"]
     assert scheduler.stats.merge_waits == 1 and scheduler.stats.merge_wait_seconds == pytest.approx(0.03)
 
 
 def _never(jobs: list[str]) -> None:
     raise AssertionError("a driven scheduler runs no batch itself")
+
+
+def batch_of(step: Step | float | None) -> list:
+    """The verify batch of a step `poll` handed out."""
+    assert isinstance(step, Step), step
+    return step.batch
 
 
 def test_row_costs_interpolate_between_the_counts_measured_and_follow_the_device():
@@ -353,4 +360,86 @@ def test_a_cancelled_prompt_takes_no_more_chunks_and_a_failing_one_fails_alone()
         broken.future.result(timeout=5)
     assert fine.future.result(timeout=5) is None
     assert sum(size for _, size in device.chunks("gone")) < 1600
+    scheduler.stop()
+
+
+def test_a_long_prompt_is_fed_apart_only_when_it_saves_padding():
+    # One new prompt of 100 tokens among three 8-token drafts: 4 x 108 padded tokens, or 99
+    # (plus a pass) apart and 4 x 9 in the batch.
+    assert feed_apart([(100, 0), (1, 8), (1, 8), (1, 8)], pass_overhead=2) == [0]
+    assert feed_apart([(100, 0), (1, 8), (1, 8), (1, 8)], pass_overhead=4096) == []
+    assert feed_apart([(100, 8)], pass_overhead=0) == []  # alone, nothing is padded
+    assert feed_apart([(10, 8), (1, 8)], pass_overhead=2) == [0]  # 2 x 9 saved for 9 + 2
+    assert feed_apart([(10, 8), (1, 8)], pass_overhead=9) == []  # 2 x 9 saved for 9 + 9: no gain
+    # Taking out the 80 alone leaves the batch 64 wide; taking out both leaves it 9 wide.
+    assert feed_apart([(60, 4), (80, 0), (1, 8)], pass_overhead=2) == [1, 0]
+    assert feed_apart([(1, 8), (1, 3)], pass_overhead=0) == []
+
+
+def test_a_row_wider_than_the_device_builds_passes_for_is_fed_apart_whatever_it_saves():
+    gpu = Composition.of("cuda:1", widest_row=9)
+    assert gpu.overhead_tokens == PASS_OVERHEAD_TOKENS["cuda"] and Composition.of("cpu", 9).overhead_tokens == 2
+    assert gpu.apart([(100, 0), (1, 8), (1, 8)]) == [0]  # not worth a pass, but wider than 9
+    assert gpu.apart([(100, 8)]) == [0]  # even alone
+    assert gpu.apart([(2, 8), (1, 8)]) == [0]
+    assert gpu.apart([(1, 8), (1, 3)]) == []  # a last token and a draft: nothing to take out
+    assert Composition(overhead_tokens=2, widest_row=128).apart([(10, 8), (1, 8)]) == [0]  # worth it
+    assert Composition(overhead_tokens=2, widest_row=128).apart([(60, 4), (80, 0), (1, 8)]) == [0, 1]
+
+
+@dataclass
+class Row:
+    """What composition reads of a verify job: its pending context and its draft."""
+
+    name: str
+    pending: list[int]
+    draft: list[int] = field(default_factory=lambda: [7] * 8)
+
+
+class ComposedDevice(SimulatedRunner):
+    """Records the feeds apart and the verify passes, as (kind, name, tokens) in the order they ran."""
+
+    def __init__(self) -> None:
+        super().__init__(0.0)
+        self.ran: list[tuple[str, str, int]] = []
+
+    def feed(self, job: Row) -> None:
+        if job.name == "broken":
+            raise ValueError("device error")
+        self.ran.append(("feed", job.name, len(job.pending) - 1))
+
+    def __call__(self, jobs: list[Row]) -> None:
+        self.ran += [("verify", job.name, len(job.pending)) for job in jobs]
+
+
+def test_the_scheduler_feeds_a_rows_context_apart_before_the_pass_it_composed():
+    """A new prompt of 100 tokens among three drafts on a CPU: its context but the last token goes
+    in a pass of its own first, and the verify pass carries that last token with the others."""
+    device = ComposedDevice()
+    scheduler = Scheduler(
+        device, max_batch=4, max_wait_s=60, composition=Composition.of("cpu", 128), run_feed=device.feed
+    )
+    with scheduler.announce():  # the four arrive before the batch goes
+        futures = [scheduler.submit(Row(name, [1] * size)) for name, size in (("d1", 1), ("new", 100), ("d2", 1))]
+        futures.append(scheduler.submit(Row("d3", [1])))
+    jobs = [future.result(timeout=5) for future in futures]
+    assert device.ran == [("feed", "new", 99)] + [("verify", name, 1) for name in ("d1", "new", "d2", "d3")]
+    assert [len(job.pending) for job in jobs] == [1, 1, 1, 1]
+    with pytest.raises(ValueError, match="a scheduler that takes rows out of a pass needs run_feed"):
+        Scheduler(device, composition=Composition.of("cpu", 128))
+    scheduler.stop()
+
+
+def test_a_feed_apart_that_fails_fails_its_batch_and_the_worker_goes_on():
+    device = ComposedDevice()
+    scheduler = Scheduler(
+        device, max_batch=2, max_wait_s=60, composition=Composition.of("cuda", 9), run_feed=device.feed
+    )
+    with scheduler.announce():
+        broken, beside = scheduler.submit(Row("broken", [1] * 20)), scheduler.submit(Row("beside", [1]))
+    for future in (broken, beside):
+        with pytest.raises(ValueError, match="device error"):
+            future.result(timeout=5)
+    assert scheduler.submit(Row("next", [1] * 20)).result(timeout=5).pending == [1]
+    assert device.ran == [("feed", "next", 19), ("verify", "next", 1)]
     scheduler.stop()

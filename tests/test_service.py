@@ -53,6 +53,7 @@ class CountingTarget:
         self.vocab = Vocabulary(tuple(f"piece{i}" for i in range(VOCAB)))
         self.vocab_size = VOCAB
         self.max_context = max_context
+        self.widest_verify_row = 128
         self.device_lock = threading.Lock()
         self.free = [FakeSlot(i) for i in reversed(range(slots))]
         self.passes: list[int] = []  # sessions in each verify pass
@@ -69,6 +70,9 @@ class CountingTarget:
 
     def prefill(self, kv: KVHandle, context: list[int]) -> None:
         kv.length = len(context) - 1
+
+    def feed(self, kv: KVHandle, pending: list[int]) -> None:
+        kv.length += len(pending) - 1
 
     def verify_batch(self, jobs: list[VerifyJob]) -> float:
         self.passes.append(len(jobs))

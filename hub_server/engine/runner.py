@@ -56,13 +56,6 @@ from hub_server.tree import accept_tree, chain_parents, node_depths
 # is loaded: on a GPU the rest is for the passes themselves (activations, logits);
 # a CPU machine is shared with the rest of the system.
 AUTO_KV_SHARE = {"cuda": 0.5, "cpu": 0.25}
-# A batch pads every row to its widest, so one session's new prompt would make every other
-# session's draft as costly as that prompt. The runner feeds such a prompt in a pass of its own
-# first when the padding saved outweighs what the extra pass costs beyond its tokens, counted
-# in tokens. On a CPU a pass costs its tokens plus about two (the logits of its last token);
-# on a GPU a small pass costs mostly its launches (~35 ms for Gemma 3 270M on an H100, flat
-# from 1 to 16 sessions), worth thousands of padded tokens.
-PASS_OVERHEAD_TOKENS = {"cuda": 4096, "cpu": 2}
 # A GPU loads each kernel the first time a pass needs it: on an H100 a fresh hub's first passes
 # took up to 4 s, and the first pass of each new batch size hundreds of ms. The hub runs these
 # shapes once at start (CUDA only), so its first users do not pay for them.
@@ -177,29 +170,6 @@ def _bucket(size: int, sizes: list[int]) -> int | None:
     return next((bucket for bucket in sizes if bucket >= size), None)
 
 
-def feed_apart(rows: list[tuple[int, int]], pass_overhead: int) -> list[int]:
-    """Which rows' pending tokens (all but the last) to feed in passes of their own before a
-    batched pass, so that the batch is not padded to long prompts.
-
-    rows: (pending, draft) token counts per row. Taking out the k widest rows narrows the
-    padded batch; it pays when the tokens saved exceed those rows' prefixes plus k extra
-    passes' overhead (`pass_overhead` tokens each). Returns the rows of the k that saves most.
-    """
-    widths = [pending + draft for pending, draft in rows]
-    order = sorted(range(len(rows)), key=lambda b: -widths[b])
-    best, best_saving, fed = 0, 0, 0
-    for k, b in enumerate(order, start=1):
-        pending = rows[b][0]
-        if pending <= 1:  # nothing to take out: no narrower batch beyond this row
-            break
-        fed += pending - 1 + pass_overhead
-        rest = max([widths[c] for c in order[k:]] + [1 + rows[c][1] for c in order[:k]])
-        saving = len(rows) * (widths[order[0]] - rest) - fed
-        if saving > best_saving:
-            best, best_saving = k, saving
-    return order[:best]
-
-
 def available_memory(device: torch.device) -> int:
     """Bytes free for the KV pool on `device` now."""
     if device.type == "cuda":
@@ -272,9 +242,11 @@ class ModelRunner:
         )
         self.compiled = _compile_wanted(settings.compile, self.device)
         self.batch_buckets = buckets(settings.max_batch)
-        # Verify rows: a session's last token and its draft; longer pending context is fed apart first.
+        # Verify rows: a session's last token and its draft; the scheduler feeds longer pending
+        # context apart first (`scheduler.Composition`), so that a compiled pass keeps its shapes.
         widest_verify = 1 + settings.max_draft_tokens
         self.width_buckets = buckets(widest_verify, min(SMALLEST_WIDTH, widest_verify))
+        self.widest_verify_row = self.width_buckets[-1] if self.compiled else self.widest_row
         self._decoder = self._compiled_decoder(settings) if self.compiled else self._decode
         # Which draft nodes the vocabulary projection computes (`_choices`): `auto` decides by its
         # measured cost, `levels` walks level by level, `all` computes every node in one go.
@@ -379,22 +351,23 @@ class ModelRunner:
             self.pool.share(_own(kv), context)
             self._feed(_own(kv), context[kv.length : len(context) - 1])
 
+    def feed(self, kv: KVHandle, pending: list[int]) -> None:
+        """Bring `kv` up to all of `pending` (the context after what it stores) but its last token,
+        in passes of its session alone."""
+        own = _own(kv)
+        self.pool.settle(own)
+        self.prefill(own, own.tokens + pending)
+
     def verify_batch(self, jobs: list[VerifyJob]) -> float:
-        """Verify every job's draft in one forward pass; fills in `path` and `emitted`. Returns the
-        pass's device seconds."""
+        """Verify every job's draft in one forward pass, whatever context each brings (the
+        scheduler chose who shares it); fills in `path` and `emitted`. Returns the pass's device
+        seconds."""
         with self.device_lock:
             for job in jobs:  # a new context's leading blocks may be in the pool already
                 if len(job.pending) > BLOCK_TOKENS:
                     kv = _own(job.kv)
                     self.pool.settle(kv)
                     job.pending = job.pending[self.pool.share(kv, kv.tokens + job.pending) :]
-            rows = [(len(job.pending), len(job.draft)) for job in jobs]
-            apart = set(feed_apart(rows, PASS_OVERHEAD_TOKENS[self.device]))
-            widest = self.width_buckets[-1] if self.compiled else self.widest_row
-            apart |= {b for b, (pending, draft) in enumerate(rows) if pending + draft > widest}
-            for b in sorted(apart):
-                self._feed(_own(jobs[b].kv), jobs[b].pending[:-1])
-                jobs[b].pending = jobs[b].pending[-1:]
             tally = self.verify_passes.setdefault(len(jobs), PassTally())
             before = tally.seconds
             with self._device_time(tally):
