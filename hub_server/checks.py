@@ -11,10 +11,10 @@ from hub_server.tree import chain_parents, tree_problem
 
 def check_opening(request: wire.OpenSessionRequest, model: str, vocab_size: int, vocab_fingerprint: str) -> None:
     """A session opens only in this hub's protocol and for a draft of the target's vocabulary."""
-    if request.protocol_version != wire.PROTOCOL_VERSION:
+    if not wire.OLDEST_PROTOCOL_VERSION <= request.protocol_version <= wire.PROTOCOL_VERSION:
         raise BadRequest(
-            f"this hub speaks protocol version {wire.PROTOCOL_VERSION}, the client "
-            f"{request.protocol_version}; upgrade the older of the two"
+            f"this hub speaks protocol versions {wire.OLDEST_PROTOCOL_VERSION} to {wire.PROTOCOL_VERSION}, "
+            f"the client {request.protocol_version}; upgrade the older of the two"
         )
     if request.vocab_size != vocab_size or request.vocab_fingerprint != vocab_fingerprint:
         raise VocabMismatch(

@@ -14,7 +14,9 @@ from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, Field
 
-PROTOCOL_VERSION = 1
+PROTOCOL_VERSION = 2  # 2: a session's verify stream (`hub_server/stream.py`)
+# Sessions of older clients still open: each version since adds to the wire, none changes it.
+OLDEST_PROTOCOL_VERSION = 1
 
 
 class _Body(BaseModel):

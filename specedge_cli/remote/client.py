@@ -40,8 +40,13 @@ class HubClient:
     ):
         check_transport(base_url, insecure)
         self.base_url = base_url.rstrip("/")
-        headers = {"Authorization": f"Bearer {token}"} if token else {}
-        self._http = httpx.Client(base_url=self.base_url, headers=headers, timeout=timeout_s, transport=transport)
+        self.auth_headers = {"Authorization": f"Bearer {token}"} if token else {}
+        self.timeout_s = timeout_s
+        # A transport of the caller's (an app in this process) carries HTTP only: no session stream.
+        self.offers_streams = transport is None
+        self._http = httpx.Client(
+            base_url=self.base_url, headers=self.auth_headers, timeout=timeout_s, transport=transport
+        )
 
     def close(self) -> None:
         self._http.close()
@@ -158,9 +163,13 @@ def _rejection(response: httpx.Response) -> HubRejected:
         code, message = error["code"], error["message"]
     except (ValueError, KeyError, TypeError):
         code, message = "http_error", f"the hub answered HTTP {response.status_code}: {response.text[:200]}"
-    status = response.status_code
+    hub = str(response.request.url.copy_with(path="/", query=None)).rstrip("/")
+    return hub_refusal(hub, response.status_code, code, message, response.headers.get("Retry-After"))
+
+
+def hub_refusal(hub: str, status: int, code: str, message: str, retry_after: str | float | None) -> HubRejected:
+    """The error a refusal of the hub at `hub` is, by its status and code (an HTTP answer or a stream's error frame)."""
     if status == 401:
-        hub = str(response.request.url.copy_with(path="/", query=None)).rstrip("/")
         return TokenRejected(
             f"the hub at {hub} did not accept your token (missing, wrong or revoked); run `specedge login --hub {hub}`",
             status,
@@ -169,6 +178,6 @@ def _rejection(response: httpx.Response) -> HubRejected:
     if status == 404 and code == "session_not_found":
         return SessionLost(message, status, code)
     if status in (429, 503):
-        retry_after = float(response.headers.get("Retry-After", "5") or 5)
-        return HubBusy(f"{message} (retry in {retry_after:g} s)", status, code, retry_after)
+        seconds = float(retry_after or 5)
+        return HubBusy(f"{message} (retry in {seconds:g} s)", status, code, seconds)
     return HubRejected(f"the hub refused the request: {message}", status, code)

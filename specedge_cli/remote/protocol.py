@@ -11,7 +11,7 @@ from typing import TYPE_CHECKING, Any
 if TYPE_CHECKING:
     from typing_extensions import Self
 
-PROTOCOL_VERSION = 1
+PROTOCOL_VERSION = 2  # 2: a session's verify stream (`stream.py`); a hub of 1 is spoken to in 1, over HTTP
 
 
 class _Message:

@@ -8,6 +8,11 @@ connection), the history no longer starts with what the hub holds (a turn was dr
 conversation took this session), or the sampling changed. `retrying` runs a call and, while the
 hub is away or restarting, reopens the session with backoff for up to `reconnect_s`, telling
 `on_reconnect` about every attempt.
+
+Verifies go over the session's stream (`stream.py`: one WebSocket frame each way) where the hub
+offers it, over HTTP where it does not (a hub of protocol version 1, an upgrade refused). Either
+way a verify fails with the same errors, so what follows a failure (a retry, a reopened session)
+does not depend on the way it went.
 """
 
 from __future__ import annotations
@@ -22,6 +27,7 @@ from typing import TextIO, TypeVar
 from specedge_cli.errors import HubBusy, HubError, HubUnreachable, SessionLost
 from specedge_cli.remote import protocol as wire
 from specedge_cli.remote.client import HubClient
+from specedge_cli.remote.stream import STREAM_VERSION, SessionStream, StreamClosed, StreamRefused, open_stream
 
 T = TypeVar("T")
 FEED_CHUNK = 4096  # tokens per feed request (keeps bodies well under the hub's 1 MiB)
@@ -69,6 +75,9 @@ class HubSession:
         self.reconnects = 0
         self._in_doubt = False  # a request that changes the hub's context did not answer
         self._reached_hub = False  # a hub never reached is a wrong address, not an outage to wait out
+        self._hub_version: int | None = None  # the hub's protocol version, read before the first session
+        self._stream: SessionStream | None = None  # the open session's verify stream, when the hub offers one
+        self._streams_refused = False  # an upgrade was refused: verify over HTTP until the hub goes away
 
     @property
     def reached_hub(self) -> bool:
@@ -99,6 +108,8 @@ class HubSession:
 
     def _open(self, sampling: wire.Sampling) -> None:
         identity = self._identity()
+        if self._hub_version is None:
+            self._hub_version = self.hub.info().protocol_version
         opened = self.hub.open_session(
             wire.OpenSessionRequest(
                 vocab_size=identity.vocab_size,
@@ -106,11 +117,26 @@ class HubSession:
                 draft_model=identity.draft_model,
                 sampling=sampling,
                 stop_token_ids=sorted(identity.stop_token_ids),
+                protocol_version=min(wire.PROTOCOL_VERSION, self._hub_version),  # an older hub's own
             )
         )
         self.session_id, self.sampling, self.held = opened.session_id, sampling, []
         self.max_draft_tokens, self.max_context = opened.max_draft_tokens, opened.max_context
         self._reached_hub = True
+        self._stream = self._open_stream(opened.session_id)
+
+    def _open_stream(self, session_id: str) -> SessionStream | None:
+        """The session's verify stream, or None to verify over HTTP (the hub does not offer one, or
+        cannot be reached now: HTTP then says so in its usual words)."""
+        if self._streams_refused or not self.hub.offers_streams or (self._hub_version or 0) < STREAM_VERSION:
+            return None
+        try:
+            return open_stream(self.hub, session_id)
+        except StreamRefused:
+            self._streams_refused = True
+        except OSError:
+            pass
+        return None
 
     def _feed(self, tokens: list[int]) -> None:
         for start in range(0, len(tokens), FEED_CHUNK):
@@ -125,8 +151,22 @@ class HubSession:
     ) -> Callable[[], wire.VerifyResponse]:
         """The verify call to run (on a worker thread): the session stays in doubt until `settle`."""
         session_id = self._id()
+        if self._stream is not None and self._stream.closed:  # closed between verifies: the session is intact
+            self._stream.close()
+            self._stream = self._open_stream(session_id)
+        stream = self._stream
         self._in_doubt = True
-        return lambda: self.hub.verify(session_id, tokens=pending, draft=draft, parents=parents)
+        if stream is None:
+            return lambda: self.hub.verify(session_id, tokens=pending, draft=draft, parents=parents)
+        return lambda: self._verify_on(stream, session_id, pending, draft, parents)
+
+    def _verify_on(
+        self, stream: SessionStream, session_id: str, pending: list[int], draft: list[int], parents: list[int] | None
+    ) -> wire.VerifyResponse:
+        try:
+            return stream.verify(pending, draft, parents)
+        except StreamClosed:  # it closed before the frame left: nothing was sent, HTTP sends it
+            return self.hub.verify(session_id, tokens=pending, draft=draft, parents=parents)
 
     def settle(self, pending: list[int], reply: wire.VerifyResponse) -> None:
         """The verify answered: the hub's context gained `pending` and the emitted tokens."""
@@ -146,6 +186,7 @@ class HubSession:
 
     def close(self) -> None:
         """Close the hub session, if any (a hub that is gone has closed it already)."""
+        self._close_stream()
         if self.session_id is not None:
             session_id, self.session_id, self.held = self.session_id, None, []
             with contextlib.suppress(HubError):
@@ -153,7 +194,13 @@ class HubSession:
 
     def forget(self) -> None:
         """Drop the session without asking the hub (it is gone, or its state is unknown)."""
+        self._close_stream()
         self.session_id, self.held, self._in_doubt = None, [], False
+
+    def _close_stream(self) -> None:
+        if self._stream is not None:
+            stream, self._stream = self._stream, None
+            stream.close()
 
     # --- outages --------------------------------------------------------------------------------
     def retrying(self, call: Callable[[], T]) -> T:
@@ -186,6 +233,7 @@ class HubSession:
 
     def _lost(self, attempt: int, exc: HubError) -> None:
         self.forget()  # the old session is gone or unknown; do not wait on it
+        self._hub_version, self._streams_refused = None, False  # what comes back may be another hub
         self.reconnects += 1
         self._notify(Reconnecting(attempt, self.reconnect_s, exc.message))
 
