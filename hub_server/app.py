@@ -15,7 +15,7 @@ import time
 from collections.abc import Callable, Mapping, Sequence
 from typing import Annotated
 
-from fastapi import Depends, FastAPI, Request
+from fastapi import Depends, FastAPI, Request, WebSocket
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, PlainTextResponse, Response, StreamingResponse
 from starlette.concurrency import run_in_threadpool
@@ -33,6 +33,7 @@ from hub_server.metrics import MEDIA_TYPE as METRICS_MEDIA_TYPE
 from hub_server.metrics import HubMetrics
 from hub_server.service import Hub
 from hub_server.sessions import LOCAL_OWNER, Owner
+from hub_server.stream import add_session_stream
 
 log = logging.getLogger("hub_server")
 
@@ -223,7 +224,7 @@ class HubState:
         return self.hub
 
 
-async def _owner_of(request: Request, token_check: TokenCheck | None) -> Owner:
+async def _owner_of(request: Request | WebSocket, token_check: TokenCheck | None) -> Owner:
     if token_check is None:
         return LOCAL_OWNER
     scheme, _, token = request.headers.get("authorization", "").partition(" ")
@@ -381,4 +382,6 @@ def create_app(
     async def close(session_id: str, owner: Caller) -> None:
         await state.ready().close(session_id, owner)
 
+    # The edge client's verifies, one frame each way on a WebSocket per session (stream.py).
+    add_session_stream(app, state.ready, lambda websocket: _owner_of(websocket, token_check), metrics.record_refusal)
     return app
