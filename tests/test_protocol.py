@@ -103,3 +103,29 @@ def test_draft_hint_is_a_preset_or_a_hugging_face_file_with_its_sha256():
     for wrong in ("Qwen/model.gguf", "Qwen/repo/file.gguf@abc", "Qwen/repo/file.bin@" + "a" * 64, "two words"):
         with pytest.raises(ValueError, match="--draft-hint takes a preset name"):
             parse_draft_hint(wrong)
+
+
+def test_stream_frames_agree():
+    """A session stream's frames: the client's verify parses on the hub, the hub's answers on the client."""
+    import msgpack
+
+    from hub_server import stream as hub_stream
+    from hub_server.errors import SessionBusy, SessionNotFound
+    from specedge_cli.errors import HubBusy, SessionLost
+    from specedge_cli.remote import stream as client_stream
+
+    for parents in ([-1, 0], None):
+        frame_id, request = hub_stream.parse_frame(client_stream.verify_frame(2**40, [1, 2], [3, 4], parents))
+        assert frame_id == 2**40
+        assert request == hub_wire.VerifyRequest(tokens=[1, 2], draft=[3, 4], parents=parents)
+    reply = hub_wire.VerifyResponse(accepted=1, tokens=[3, 9], context_len=12, verify_ms=0.5)
+    answer = msgpack.unpackb(hub_stream.result_frame(7, reply))
+    assert answer["id"] == 7
+    assert client_stream.answer_of(answer, "http://hub") == client_wire.VerifyResponse(1, [3, 9], 12, 0.5)
+    busy = msgpack.unpackb(hub_stream.error_frame(7, SessionBusy("8 wait", retry_after_s=1)))
+    with pytest.raises(HubBusy) as refused:
+        client_stream.answer_of(busy, "http://hub")
+    assert (refused.value.status, refused.value.code, refused.value.retry_after_s) == (429, "session_busy", 1.0)
+    gone = msgpack.unpackb(hub_stream.error_frame(None, SessionNotFound("no such session")))
+    with pytest.raises(SessionLost):
+        client_stream.answer_of(gone, "http://hub")
