@@ -352,7 +352,7 @@ class Scheduler:
 
     def submit_prompt(self, job: Any, tokens: int) -> Prompt:
         """Queue a prompt of `tokens` tokens for `job`; steps feed it in chunks beside verifies."""
-        if self._run_prompt is None:
+        if self._run_prompt is None and self._worker is not None:
             raise RuntimeError("this scheduler runs no prompts")
         with self._ready:
             if self._stopped:

@@ -4,9 +4,15 @@ No torch, no model, no sockets: a discrete-event simulation of a fleet of engine
 users they serve, past what one machine can run.
 
 Real (the hub's own code, unchanged):
-- each worker's batching: `hub_server.scheduler.Scheduler`, made with `worker=False` and driven
-  by `poll`/`finish` on the simulation's clock, so who shares a pass, how long a batch waits for
-  announced jobs and for users due back (the merge wait) are the hub's own decisions;
+- each worker's steps: `hub_server.scheduler.Scheduler`, made with `worker=False` and driven by
+  `poll`/`finish`/`chunk_done` on the simulation's clock, so who shares a pass, how long a batch
+  waits for announced jobs and for users due back (the merge wait), which rows' context goes in
+  passes of its own first (`Composition`, at the device's pass overhead and widest row), and how
+  a long prompt goes in chunks beside the verifies (the prompts queued, the chunks carved) are
+  the hub's own decisions;
+- each step's prompt budget: the hub's own `PromptBudget`, told the simulated verify passes' and
+  chunks' times as the hub tells it the real ones (or `--max-pass-tokens`); which new text rides
+  in a verify and which goes as a prompt: `INLINE_PROMPT_TOKENS`, as the hub decides;
 - each worker's estimate of a pass's fixed part (what the merge wait reads): the hub's own
   `PassCostFit`, fed the simulated passes as the runner feeds it real ones;
 - where each new session goes: `hub_server.placement.placement_order` (most free KV slots, then
@@ -16,17 +22,21 @@ Measured (docs/benchmarks.md, docs/bench/*.json; see `PAIRS`): what a pass costs
 sessions and tokens in it, and the tokens a verify emits.
 
 Modelled (not measured): a pass's cost between and beyond the measured sizes (a least-squares
-plane through the measured passes: fixed + per session + per token; contexts as in the probe, no
-padding); acceptance (each draft token accepted with one probability, set so the mean tokens per
+plane through the measured passes: fixed + per session + per token; contexts as in the probe; a
+verify pass's rows padded to its widest, as the runner lays them out, its compiled buckets left
+aside; a context fed apart or a prompt chunk in passes of at most `FEED_CHUNK` tokens, one session
+each, as the runner feeds them); acceptance (each draft token accepted with one probability, set so the mean tokens per
 verify is the measured one); edges drafting at a fixed speed (no proactive drafting: a
 conservative choice); the network (a fixed round trip, no jitter, no loss); the users (a reply of
-`max_tokens`, think time between replies, arrivals and departures at random); the front end
+`max_tokens`, think time between replies, a turn's new text of `prompt_tokens`, or now and then
+a pasted document of `long_prompt_tokens`, arrivals and departures at random); the front end
 (HTTP, placement and the hop to a worker cost nothing here: measured apart in
 `benchmarks/hub_overhead.py`).
 """
 
 from __future__ import annotations
 
+import functools
 import heapq
 import itertools
 import math
@@ -39,7 +49,8 @@ from typing import Any
 
 from hub_server.pass_cost import PassCostFit
 from hub_server.placement import READY, WorkerLoad, placement_order
-from hub_server.scheduler import Scheduler, Step
+from hub_server.prompts import INLINE_PROMPT_TOKENS, PromptBudget
+from hub_server.scheduler import Composition, Prompt, Scheduler, Step
 from specedge_bench.config import EDGE_PRICE_PER_HOUR, SERVER_PRICE_PER_HOUR
 
 
@@ -127,7 +138,11 @@ class FleetConfig:
     rtt_ms: float = 14.0
     edge_tps: float = 200.0  # each user's device drafting (the bench's --edge-tps on the GPU)
     max_tokens: int = 256  # per reply (the paper's)
-    prompt_tokens: int = 64  # each turn's new text, fed with its first verify
+    prompt_tokens: int = (
+        64  # each turn's new text: with its first verify, or as a prompt when longer than the hub inlines
+    )
+    long_prompt_tokens: int = 3000  # a pasted document: a prompt fed in chunks beside the verifies
+    long_prompt_share: float = 0.0  # the share of turns that bring one instead of `prompt_tokens`
     replies: int = 3  # turns before a user leaves
     think_s: float = 5.0  # mean reading time between replies
     away_s: float = 2.0  # mean gap before a leaving user's place is taken
@@ -135,6 +150,9 @@ class FleetConfig:
     max_batch: int = 64
     max_wait_s: float = 0.002  # `hub_server serve --batch-wait-ms 2`
     merge_share: float = 0.5  # `--merge-wait-share`
+    max_pass_tokens: int = 0  # `--max-pass-tokens` (0: the budget measured as the hub measures it)
+    device: str = "cuda"  # what a pass costs beyond its tokens (`scheduler.PASS_OVERHEAD_TOKENS`)
+    widest_row: int = 0  # the widest verify row a pass is built for (0: a compiled GPU's, 1 + the draft)
     duration_s: float = 40.0  # virtual seconds
     warmup_s: float = 10.0  # not counted: the population settles
     seed: int = 0
@@ -160,21 +178,45 @@ class Clock:
         self.now = end
 
 
+FEED_CHUNK = 128  # the runner's: a fed context goes in passes of at most this many tokens
+
+
 @dataclass
 class Job:
-    """One pass's worth of work for one session: the tokens it puts in the pass."""
+    """A verify as the scheduler sees it (`engine_api.VerifyJob`'s pending context, its last
+    token included, and its draft); the tokens themselves do not matter here, only how many."""
 
-    tokens: int
+    pending: list[int]
+    draft: list[int]
+
+    @classmethod
+    def of(cls, pending: int, draft: int) -> Job:
+        return cls([0] * pending, [0] * draft)
+
+
+@dataclass(frozen=True)
+class StepRecord:
+    """One step a worker ran: when and how long, its verify pass (sessions, and the tokens they
+    brought), the contexts fed apart before it (tokens each), and its prompt chunks (the prompt,
+    tokens)."""
+
+    at: float
+    seconds: float  # on the device, all its passes
+    sessions: int
+    verify_tokens: int
+    fed_apart: tuple[int, ...]
+    chunks: tuple[tuple[Prompt, int], ...]
 
 
 class SimWorker:
     """One engine worker: the hub's scheduler in virtual time, and a device that costs `costs`."""
 
-    def __init__(self, worker_id: str, clock: Clock, costs: PassCosts, config: FleetConfig):
+    def __init__(self, worker_id: str, clock: Clock, costs: PassCosts, config: FleetConfig, draft_len: int):
         self.worker_id = worker_id
         self.clock = clock
         self.costs = costs
         self.fit = PassCostFit()
+        self.budget = PromptBudget(config.max_pass_tokens)
         self.scheduler = Scheduler(
             _unused,
             max_batch=config.max_batch,
@@ -183,12 +225,17 @@ class SimWorker:
             pass_fixed_s=self.fit.fixed_s,
             clock=lambda: clock.now,
             worker=False,
+            prompt_budget=self.budget,
+            on_pass=self._waited,
+            composition=Composition.of(config.device, config.widest_row or 1 + draft_len),
         )
         self.slots = config.slots
         self.sessions = 0
         self.busy = False
         self._wakes: set[float] = set()
         self.tally = WorkerTally()
+        self.steps: list[StepRecord] = []
+        self.verify_waits: list[float] = []  # each verify's time queued before its step, once counting
 
     def load(self) -> WorkerLoad:
         return WorkerLoad(self.worker_id, READY, self.slots - self.sessions, self.scheduler.queue_depth)
@@ -198,29 +245,73 @@ class SimWorker:
         self.kick()
         return future
 
+    def submit_prompt(self, user: Any, tokens: int) -> Prompt:
+        """A prompt of `tokens` for `user`'s session, fed in chunks beside the verifies."""
+        prompt = self.scheduler.submit_prompt(user, tokens)
+        self.kick()
+        return prompt
+
     def kick(self) -> None:
-        """Start the next pass if the scheduler says so, or look again when it asks to."""
+        """Start the next step if the scheduler says so, or look again when it asks to."""
         if self.busy:
             return
-        plan = self.scheduler.poll()
-        if isinstance(plan, Step):
-            tokens = sum(job.tokens for job in plan.batch)
-            seconds = self.costs.seconds(len(plan.batch), tokens)
+        step = self.scheduler.poll()
+        if isinstance(step, Step):
             self.busy = True
-            self.tally.add_pass(self.clock.now, seconds, len(plan.batch))
-            self.clock.at(self.clock.now + seconds, lambda: self._pass_done(tokens, seconds))
-        elif plan is not None and plan not in self._wakes:
-            self._wakes.add(plan)
-            self.clock.at(plan, lambda: self._wake(plan))
+            self._run(step)
+        elif step is not None and step not in self._wakes:
+            self._wakes.add(step)
+            self.clock.at(step, lambda: self._wake(step))
 
     def _wake(self, at: float) -> None:
         self._wakes.discard(at)
         self.kick()
 
-    def _pass_done(self, tokens: int, seconds: float) -> None:
-        self.busy = False
+    def _run(self, step: Step) -> None:
+        """The step's passes one after another, as the hub's worker runs them: the contexts fed
+        apart, the verify pass (its futures resolve as it ends), then each prompt chunk."""
+        start = at = self.clock.now
+        brought = sum(len(job.pending) + len(job.draft) for job in step.batch)
+        fed = tuple(len(job.pending) - 1 for job in step.apart)
+        for job in step.apart:
+            at += self._fed(at, len(job.pending) - 1)
+            job.pending = job.pending[-1:]
+        if step.batch:
+            # Every row padded to the widest, as the runner lays a pass out.
+            tokens = len(step.batch) * max(len(job.pending) + len(job.draft) for job in step.batch)
+            seconds = self.costs.seconds(len(step.batch), tokens)
+            self.tally.add_pass(at, seconds, len(step.batch))
+            at += seconds
+            self.clock.at(at, functools.partial(self._verified, tokens, seconds))
+        for prompt, size in step.chunks:
+            seconds = self._fed(at, size)
+            at += seconds
+            self.clock.at(at, functools.partial(self._chunk_in, prompt, size, seconds))
+        self.clock.at(at, self._step_done)
+        self.steps.append(StepRecord(start, at - start, len(step.batch), brought, fed, tuple(step.chunks)))
+
+    def _waited(self, waits: list[float]) -> None:
+        if self.clock.now >= self.tally.counting_from:
+            self.verify_waits.extend(waits)
+
+    def _fed(self, at: float, tokens: int) -> float:
+        """Device seconds to feed `tokens` of one session's context, in passes as the runner feeds it."""
+        seconds = sum(self.costs.seconds(1, min(FEED_CHUNK, tokens - start)) for start in range(0, tokens, FEED_CHUNK))
+        self.tally.add_busy(at, seconds)
+        return seconds
+
+    def _verified(self, tokens: int, seconds: float) -> None:
         self.fit.add(tokens, seconds)  # as the runner feeds the fit its real passes
+        self.budget.record_verify(seconds)  # as the hub's worker tells its budget
         self.scheduler.finish()
+
+    def _chunk_in(self, prompt: Prompt, tokens: int, seconds: float) -> None:
+        self.budget.record_chunk(tokens, seconds)
+        self.tally.prompt_tokens += tokens if self.clock.now >= self.tally.counting_from else 0
+        self.scheduler.chunk_done(prompt, tokens)
+
+    def _step_done(self) -> None:
+        self.busy = False
         self.kick()
 
 
@@ -235,12 +326,18 @@ class WorkerTally:
     passes: int = 0
     sessions_in_passes: int = 0
     tokens: int = 0  # emitted to its users
+    prompt_tokens: int = 0  # fed as prompt chunks
 
     def add_pass(self, now: float, seconds: float, sessions: int) -> None:
         if now >= self.counting_from:
             self.busy_s += seconds
             self.passes += 1
             self.sessions_in_passes += sessions
+
+    def add_busy(self, now: float, seconds: float) -> None:
+        """Device time that is no verify pass: contexts fed apart, prompt chunks."""
+        if now >= self.counting_from:
+            self.busy_s += seconds
 
 
 @dataclass
@@ -256,6 +353,7 @@ class Fleet:
     emitted: int = 0
     edge_busy_s: float = 0.0
     refused: int = 0  # arrivals that found every worker full (429 hub_full), retried later
+    long_prompts: int = 0  # turns that brought a long prompt
     held: list[float] = field(default_factory=list)  # sessions per worker, sampled each second
 
     @property
@@ -288,10 +386,15 @@ class SimUser:
 
     def _reply(self, left: int) -> None:
         start = self.fleet.clock.now
-        if self.config.mode == "specedge":
-            self._step(left, start, step_start=start, produced=0, pending=self.config.prompt_tokens)
+        config = self.config
+        text = config.prompt_tokens
+        if config.long_prompt_share and self.fleet.rng.random() < config.long_prompt_share:
+            text = config.long_prompt_tokens
+            self.fleet.long_prompts += 1 if self.fleet.counting else 0
+        if config.mode == "specedge":
+            self._step(left, start, step_start=start, produced=0, pending=text)
         else:
-            self.fleet.clock.at(start + self._half_rtt(), lambda: self._generate(left, start))
+            self.fleet.clock.at(start + self._half_rtt(), lambda: self._generate(left, start, text))
 
     def _half_rtt(self) -> float:
         return self.config.rtt_ms / 2000
@@ -309,14 +412,24 @@ class SimUser:
         )
 
     def _verify(self, left: int, start: float, step_start: float, produced: int, pending: int, draft: int) -> None:
+        """The hub takes a verify that brings `pending` new tokens (after the last one it has)."""
         assert self.worker is not None
-        future = self.worker.submit(Job(pending + draft + 1), key=self.user_id)
+        if pending > INLINE_PROMPT_TOKENS:  # the hub feeds it as a prompt first, then verifies
+            self._after_prompt(pending, lambda: self._verify(left, start, step_start, produced, 0, draft))
+            return
+        future = self.worker.submit(Job.of(pending + 1, draft), key=self.user_id)
         future.add_done_callback(
             lambda _: self.fleet.clock.at(
                 self.fleet.clock.now + self._half_rtt(),
                 lambda: self._replied(left, start, step_start, produced, self._emitted(draft)),
             )
         )
+
+    def _after_prompt(self, tokens: int, then: Callable[[], None]) -> None:
+        """Queue `tokens` of this session's context as a prompt; `then` once all of it is in."""
+        assert self.worker is not None
+        prompt = self.worker.submit_prompt(self.user_id, tokens)
+        prompt.future.add_done_callback(lambda _: self.fleet.clock.at(self.fleet.clock.now, then))
 
     def _emitted(self, draft: int) -> int:
         accepted = 0
@@ -334,20 +447,29 @@ class SimUser:
             self._reply_done(left)
 
     # Server-only: the hub decodes one token a pass, staying announced for the generation's life.
-    def _generate(self, left: int, start: float) -> None:
+    def _generate(self, left: int, start: float, text: int) -> None:
         assert self.worker is not None
+        if text > INLINE_PROMPT_TOKENS:  # the generation brings its prompt up first
+            self._after_prompt(text, lambda: self._generate(left, start, 0))
+            return
         # The hub's generate loop holds `with scheduler.announce()` for the generation's life; in
         # virtual time that life spans many events, so the context is entered and left by hand.
         announcing = self.worker.scheduler.announce()
         announcement = announcing.__enter__()
-        self._generate_step(left, start, announcing, announcement, produced=0, step_start=start)
+        self._generate_step(left, start, announcing, announcement, produced=0, step_start=start, text=text)
 
     def _generate_step(
-        self, left: int, start: float, announcing: Any, announcement: Any, produced: int, step_start: float
+        self,
+        left: int,
+        start: float,
+        announcing: Any,
+        announcement: Any,
+        produced: int,
+        step_start: float,
+        text: int = 0,
     ) -> None:
         assert self.worker is not None
-        tokens = self.config.prompt_tokens + 1 if produced == 0 else 1
-        future = self.worker.submit(Job(tokens), announcement=announcement)
+        future = self.worker.submit(Job.of(text + 1, 0), announcement=announcement)
 
         def done(_: Future) -> None:
             now = self.fleet.clock.now
@@ -390,9 +512,13 @@ class SimUser:
 
 def simulate(config: FleetConfig, pair: Pair) -> dict:
     """Run the fleet for `config.duration_s` virtual seconds; its figures after the warm-up."""
+    return _figures(run(config, pair), pair, pair.costs)
+
+
+def run(config: FleetConfig, pair: Pair) -> Fleet:
+    """The fleet after `config.duration_s` virtual seconds (its workers' steps in `steps`)."""
     clock = Clock()
-    costs = pair.costs
-    workers = [SimWorker(str(i), clock, costs, config) for i in range(config.workers)]
+    workers = [SimWorker(str(i), clock, pair.costs, config, pair.draft_len) for i in range(config.workers)]
     acceptance = acceptance_for(pair.tokens_per_verify, pair.draft_len)
     fleet = Fleet(config, clock, workers, random.Random(config.seed), acceptance, pair.draft_len)
     for worker in workers:
@@ -401,7 +527,7 @@ def simulate(config: FleetConfig, pair: Pair) -> dict:
         clock.at(fleet.rng.uniform(0, 2.0), SimUser(fleet, user_id).arrive)
     _sample_sessions(fleet)
     clock.run_until(config.duration_s)
-    return _figures(fleet, pair, costs)
+    return fleet
 
 
 def _sample_sessions(fleet: Fleet) -> None:
@@ -431,6 +557,7 @@ def _figures(fleet: Fleet, pair: Pair, costs: PassCosts) -> dict:
         "itl_ms_p50": _quantile(fleet.itl_ms, 0.5),
         "itl_ms_p95": _quantile(fleet.itl_ms, 0.95),
         "ttft_ms_p50": _quantile(fleet.ttft_ms, 0.5),
+        "verify_wait_ms_p99": 1000 * _quantile([wait for w in fleet.workers for wait in w.verify_waits], 0.99),
         "sessions_per_pass": sum(w.tally.sessions_in_passes for w in fleet.workers) / passes if passes else 0.0,
         "busy_fraction": sum(busy) / (config.workers * counted_s),
         # Balance: how evenly placement spread the work (1.0 = perfectly even).
@@ -439,6 +566,8 @@ def _figures(fleet: Fleet, pair: Pair, costs: PassCosts) -> dict:
         "sessions_per_worker_mean": statistics.fmean(fleet.held) if fleet.held else 0.0,
         "sessions_per_worker_stdev": statistics.pstdev(fleet.held) if fleet.held else 0.0,
         "refused_arrivals": fleet.refused,
+        "long_prompts": fleet.long_prompts,
+        "prompt_tokens_in_chunks": sum(w.tally.prompt_tokens for w in fleet.workers),
         "edge_busy_s": fleet.edge_busy_s,
         # Cost per million tokens: server time as busy time (as the bench counts it: a shared
         # fleet serves others while idle) and as rented time (every worker paid for all along).

@@ -2,9 +2,12 @@
 
 from __future__ import annotations
 
+from collections import defaultdict
+
 import pytest
 
-from specedge_bench.fleet import PAIRS, FleetConfig, Pair, PassCosts, acceptance_for, simulate
+from hub_server.scheduler import MIN_PROMPT_CHUNK
+from specedge_bench.fleet import FEED_CHUNK, PAIRS, FleetConfig, Pair, PassCosts, acceptance_for, run, simulate
 
 # Every draft accepted (9 tokens a verify at 8 drafted): each step's time is known exactly.
 SURE = Pair("sure", ((1, 1, 20.0), (1, 9, 20.8), (8, 8, 21.4), (8, 72, 27.8)), 9.0, 8, "made up")
@@ -61,3 +64,50 @@ def test_the_fleets_cost_splits_into_server_and_edge_time_at_their_prices():
     assert result["usd_per_million_tokens_rented"] == pytest.approx(
         counted_h * 4.05 * 1e6 / result["emitted_tokens"] + edge, rel=1e-6
     )
+
+
+def test_a_long_prompt_goes_in_chunks_beside_the_other_users_verifies_as_the_hub_schedules_it():
+    """Four users on one worker; now and then a turn brings a 3,000-token document, which the hub
+    feeds as a prompt. Its scheduler carves each step's chunk from the budget (--max-pass-tokens
+    256 less the step's verify tokens) after the step's verify pass: the document goes in over
+    many steps, verifies share steps with its chunks, and no verify waits for more than a step,
+    where the whole prefill takes most of a second."""
+    config = FleetConfig(workers=1, users=4, max_tokens=64, replies=3, think_s=0.5, duration_s=30, warmup_s=2)
+    config = FleetConfig(**{**config.__dict__, "long_prompt_share": 0.2, "max_pass_tokens": 256})
+    worker = run(config, SURE).workers[0]
+    chunks = defaultdict(list)  # prompt -> its chunks' sizes
+    for step in worker.steps:
+        if step.chunks:
+            assert sum(size for _, size in step.chunks) <= max(MIN_PROMPT_CHUNK, 256 - step.verify_tokens)
+        for prompt, size in step.chunks:
+            chunks[prompt].append(size)
+    done = [sizes for prompt, sizes in chunks.items() if prompt.future.done()]
+    assert len(done) >= 3 and len(chunks) <= len(done) + 1  # the last may be going in as the run ends
+    assert all(sum(sizes) == 3000 and len(sizes) >= 3000 // 256 for sizes in done)
+    assert sum(1 for step in worker.steps if step.sessions and step.chunks) >= 10
+    whole_prefill = sum(SURE.costs.seconds(1, 128) for _ in range(3000 // 128)) + SURE.costs.seconds(1, 3000 % 128)
+    longest_step = max(step.seconds for step in worker.steps)
+    assert max(worker.verify_waits) <= longest_step < whole_prefill / 5
+
+
+def test_a_turns_new_text_rides_in_its_verify_or_goes_apart_as_the_hub_composes_it():
+    """A turn's 40 new tokens beside other users' drafts: on a CPU (a pass costs about two tokens
+    beyond its own) or past the widest row a GPU's compiled passes are built for, the scheduler
+    feeds them in a pass of their own first; a GPU pass built for wide rows costs too much to
+    take them out, so they ride in the padded pass."""
+    base = FleetConfig(workers=1, users=4, prompt_tokens=40, max_tokens=32, think_s=0.2, duration_s=10, warmup_s=1)
+
+    def fed_apart(**settings: object) -> list[int]:
+        steps = run(FleetConfig(**{**base.__dict__, **settings}), SURE).workers[0].steps
+        assert not any(step.chunks for step in steps)  # 40 tokens are no prompt of their own
+        return [tokens for step in steps for tokens in step.fed_apart]
+
+    assert set(fed_apart(device="cpu", widest_row=128)) == {40}
+    assert set(fed_apart(device="cuda")) == {40}  # compiled: rows of 1 + 8 tokens
+    assert fed_apart(device="cuda", widest_row=128) == []
+
+
+def test_the_simulation_feeds_a_context_in_the_runners_passes():
+    from hub_server.engine.runner import FEED_CHUNK as RUNNERS
+
+    assert FEED_CHUNK == RUNNERS

@@ -443,3 +443,30 @@ def test_a_feed_apart_that_fails_fails_its_batch_and_the_worker_goes_on():
     assert scheduler.submit(Row("next", [1] * 20)).result(timeout=5).pending == [1]
     assert device.ran == [("feed", "next", 19), ("verify", "next", 1)]
     scheduler.stop()
+
+
+def test_driven_in_virtual_time_a_prompt_takes_the_same_chunks_beside_verifies():
+    """The steps `poll` hands a driver (the fleet simulation) are the worker's: a prompt of 350
+    tokens at a budget of 100 goes in chunks of 100, 100, 100 and 50, and a verify that arrives
+    meanwhile goes in the next step, before that step's chunk."""
+    clock = VirtualTime()
+    scheduler = Scheduler(_never, max_batch=8, max_wait_s=0.0, clock=clock, worker=False, prompt_budget=lambda j: 100)
+    prompt = scheduler.submit_prompt("long", 350)
+    first = scheduler.poll()
+    assert isinstance(first, Step) and first.batch == [] and first.chunks == [(prompt, 100)]
+    verify = scheduler.submit("v")  # while the chunk is on the device
+    clock.now += 0.01
+    scheduler.chunk_done(prompt, 100)
+    second = scheduler.poll()
+    assert isinstance(second, Step) and second.batch == ["v"] and second.chunks == [(prompt, 100)]
+    scheduler.finish()
+    assert verify.result(timeout=0) == "v"
+    scheduler.chunk_done(prompt, 100)
+    sizes = []
+    while not prompt.future.done():
+        step = scheduler.poll()
+        assert isinstance(step, Step) and step.batch == []
+        ((chunk_of, size),) = step.chunks
+        sizes.append(size)
+        scheduler.chunk_done(chunk_of, size)
+    assert sizes == [100, 50] and scheduler.poll() is None
