@@ -27,10 +27,13 @@ import time
 from dataclasses import dataclass
 from datetime import datetime, timezone
 from pathlib import Path
-from typing import Protocol
+from typing import TYPE_CHECKING, Protocol
 
 from hub_server.errors import AccountError, AccountsDamaged, AccountsUnavailable, TokenExpired
 from hub_server.sessions import LOCAL_OWNER, Owner
+
+if TYPE_CHECKING:
+    from hub_server.config import HubSettings
 
 TOKEN_PREFIX = "seh_"
 _NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.@-]{0,63}")
@@ -130,6 +133,15 @@ class SingleToken:
 
     def gone(self, owners: set[Owner]) -> set[Owner]:
         return set()
+
+
+def token_check_for(settings: HubSettings) -> TokenCheck | None:
+    """How this hub checks tokens: one in-memory token (embedded), none (--no-auth), or the accounts database."""
+    if settings.embedded_token:
+        return SingleToken(settings.embedded_token)
+    if not settings.auth:
+        return None
+    return Accounts(settings.accounts_path)
 
 
 class Accounts:

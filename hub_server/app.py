@@ -9,11 +9,12 @@ on a hub without accounts (`--no-auth`, the embedded hub) its one user is the op
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import threading
 import time
-from collections.abc import Callable, Mapping, Sequence
-from typing import Annotated
+from collections.abc import AsyncIterator, Callable, Mapping, Sequence
+from typing import Annotated, Protocol
 
 from fastapi import Depends, FastAPI, Request, WebSocket
 from fastapi.exceptions import RequestValidationError
@@ -23,9 +24,10 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from hub_server import protocol as wire
-from hub_server.accounts import Accounts, SingleToken, TokenCheck
+from hub_server.accounts import SingleToken, TokenCheck, token_check_for
 from hub_server.config import HubSettings
 from hub_server.engine_api import Engine
+from hub_server.engine_link import EngineLink, RemoteGeneration, RemoteHub
 from hub_server.errors import BadRequest, Forbidden, KVBudgetError, NotReady, RequestRefused, Unauthorized
 from hub_server.generation import Generation
 from hub_server.logging_setup import REQUEST_ID_HEADER, bind_request, request_id_from
@@ -39,15 +41,6 @@ log = logging.getLogger("hub_server")
 
 MAX_BODY_BYTES = 1 << 20
 OPEN_PATHS = frozenset({"/health"})
-
-
-def token_check_for(settings: HubSettings) -> TokenCheck | None:
-    """How this hub checks tokens: one in-memory token (embedded), none (--no-auth), or the accounts database."""
-    if settings.embedded_token:
-        return SingleToken(settings.embedded_token)
-    if not settings.auth:
-        return None
-    return Accounts(settings.accounts_path)
 
 
 async def current_owner(request: Request) -> Owner:
@@ -94,7 +87,7 @@ class GenerationStream(NDJSONResponse):
     """A generation's chunks, one per line; the generation is closed (its session's turn given
     back) however the response ends: finished, failed, or its client gone mid-stream."""
 
-    def __init__(self, generation: Generation) -> None:
+    def __init__(self, generation: Generation | RemoteGeneration) -> None:
         self.generation = generation
         super().__init__(chunk.model_dump_json() + "\n" async for chunk in generation)
 
@@ -131,7 +124,7 @@ class HubMiddleware:
     a request id, bodies over `max_bytes` refused (declared or not), the token checked before a
     body is read, and one access log line."""
 
-    def __init__(self, app: ASGIApp, token_check: TokenCheck | None, max_bytes: int, metrics: HubMetrics) -> None:
+    def __init__(self, app: ASGIApp, token_check: TokenCheck | None, max_bytes: int, metrics: RefusalCounter) -> None:
         self.app = app
         self.token_check = token_check
         self.max_bytes = max_bytes
@@ -211,17 +204,42 @@ class HubMiddleware:
         log.log(level, "%s %s %d", request.method, request.url.path, status, extra=fields)
 
 
-class HubState:
-    """The hub once its model has loaded, or why it has not."""
+class RefusalCounter(Protocol):
+    def record_refusal(self, code: str) -> None:
+        """Count a request refused with `code` (/metrics)."""
 
-    def __init__(self) -> None:
-        self.hub: Hub | None = None
+
+class HubState:
+    """The hub once its model has loaded, or why it has not: in this process (`Hub`), or in the
+    engine process (`RemoteHub`, whose status its link keeps)."""
+
+    def __init__(self, link: EngineLink | None = None) -> None:
+        self.link = link
+        self.hub: Hub | RemoteHub | None = RemoteHub(link) if link else None
         self.failure: str | None = None
 
-    def ready(self) -> Hub:
+    def ready(self) -> Hub | RemoteHub:
+        if self.link is not None and self.link.status.state != "ready":
+            raise self.link.unavailable()
         if self.hub is None:
             raise NotReady(self.failure or "the target model is still loading; retry shortly")
         return self.hub
+
+    def health(self) -> JSONResponse:
+        failure = self.failure
+        loading = self.hub is None
+        if self.link is not None:
+            status = self.link.status
+            failure = status.reason if status.state == "failed" else None
+            loading = status.state == "loading"
+        if failure:
+            return JSONResponse({"status": "failed", "reason": failure}, status_code=503)
+        if loading or self.hub is None:
+            reason = self.link.status.reason if self.link else "the target model is loading"
+            return JSONResponse({"status": "loading", "reason": reason}, status_code=503)
+        body, serving = self.hub.health()
+        # A hub whose every worker is lost serves nothing until one comes back.
+        return JSONResponse(body, 200 if serving else 503)
 
 
 async def _owner_of(request: Request | WebSocket, token_check: TokenCheck | None) -> Owner:
@@ -254,23 +272,41 @@ def _operators_only(owner: Owner, why: str) -> None:
 
 def create_app(
     settings: HubSettings,
-    make_engines: Callable[[HubSettings], Sequence[Engine]],
+    make_engines: Callable[[HubSettings], Sequence[Engine]] | None = None,
     metrics: HubMetrics | None = None,
+    link: EngineLink | None = None,
 ) -> FastAPI:
-    """The hub's app; its engines (one in-process, or one proxy per Ray worker) load in the background."""
+    """The hub's app: in front of the engine process its `link` reaches (how `hub_server serve`
+    runs), or with its engines in this process (`make_engines`: they load in the background)."""
+
+    @contextlib.asynccontextmanager
+    async def lifespan(app: FastAPI) -> AsyncIterator[None]:
+        if link is not None:
+            await link.start()
+        yield
+        if link is not None:
+            await link.stop()
+
     # The schema is served behind authentication like every other route; no public docs pages.
     app = FastAPI(
-        title="SpecEdge hub", version=str(wire.PROTOCOL_VERSION), openapi_url=None, docs_url=None, redoc_url=None
+        title="SpecEdge hub",
+        version=str(wire.PROTOCOL_VERSION),
+        openapi_url=None,
+        docs_url=None,
+        redoc_url=None,
+        lifespan=lifespan,
     )
-    state = HubState()
+    state = HubState(link)
     token_check = token_check_for(settings)
-    metrics = metrics or HubMetrics()  # before the model loads: refusals meanwhile count too
+    # Refusals are counted where the hub's /metrics page is made: in the engine process when there is one.
+    counter: RefusalCounter = link or metrics or HubMetrics()
 
     def refuse(status: int, code: str, message: str, headers: Mapping[str, str] | None = None) -> JSONResponse:
-        metrics.record_refusal(code)
+        counter.record_refusal(code)
         return _error(status, code, message, headers)
 
     def load() -> None:
+        assert make_engines is not None
         try:
             state.hub = Hub(settings, make_engines(settings), metrics, token_check)
             log.info("hub ready: %s", settings.model)
@@ -281,9 +317,10 @@ def create_app(
             state.failure = f"the target model failed to load: {exc}"
             log.exception("model load failed")
 
-    threading.Thread(target=load, name="model-load", daemon=True).start()
+    if link is None:
+        threading.Thread(target=load, name="model-load", daemon=True).start()
     app.state.hub_state = state
-    app.add_middleware(HubMiddleware, token_check=token_check, max_bytes=MAX_BODY_BYTES, metrics=metrics)
+    app.add_middleware(HubMiddleware, token_check=token_check, max_bytes=MAX_BODY_BYTES, metrics=counter)
 
     @app.exception_handler(RequestRefused)
     async def refused(request: Request, exc: RequestRefused) -> JSONResponse:
@@ -311,14 +348,7 @@ def create_app(
 
     @app.get("/health", responses={503: {"description": "Loading, or failed to load: `reason` says why"}})
     def health() -> JSONResponse:
-        if state.failure:
-            return JSONResponse({"status": "failed", "reason": state.failure}, status_code=503)
-        if state.hub is None:
-            return JSONResponse({"status": "loading", "reason": "the target model is loading"}, status_code=503)
-        workers = state.hub.workers.ready_count()
-        body = {"status": "ok", "model": state.hub.engine.name, "workers": workers.model_dump()}
-        # A hub whose every worker is lost serves nothing until one comes back.
-        return JSONResponse(body if workers.ready else {**body, "status": "degraded"}, 200 if workers.ready else 503)
+        return state.health()
 
     @app.get("/openapi.json", include_in_schema=False)
     def openapi() -> dict:
@@ -366,22 +396,22 @@ def create_app(
     @app.get("/v1/workers", responses=_answers(401, 403, 503))
     def workers(owner: Caller) -> wire.WorkerList:
         _operators_only(owner, "the workers list shows the whole hub")
-        return state.ready().workers.listing()
+        return state.ready().listing()
 
     @app.post("/v1/workers/{worker_id}/drain", responses=_answers(401, 403, 404, 503))
     def drain(worker_id: str, owner: Caller) -> wire.WorkerInfo:
         _operators_only(owner, "draining a worker changes the whole hub")
-        return state.ready().workers.drain(worker_id)
+        return state.ready().drain(worker_id)
 
     @app.post("/v1/workers/{worker_id}/undrain", responses=_answers(401, 403, 404, 503))
     def undrain(worker_id: str, owner: Caller) -> wire.WorkerInfo:
         _operators_only(owner, "undraining a worker changes the whole hub")
-        return state.ready().workers.undrain(worker_id)
+        return state.ready().undrain(worker_id)
 
     @app.delete("/v1/sessions/{session_id}", status_code=204, responses=_answers(401, 404, 429, 503))
     async def close(session_id: str, owner: Caller) -> None:
         await state.ready().close(session_id, owner)
 
     # The edge client's verifies, one frame each way on a WebSocket per session (stream.py).
-    add_session_stream(app, state.ready, lambda websocket: _owner_of(websocket, token_check), metrics.record_refusal)
+    add_session_stream(app, state.ready, lambda websocket: _owner_of(websocket, token_check), counter.record_refusal)
     return app

@@ -6,10 +6,9 @@ import logging
 import os
 import signal
 import sys
-from collections.abc import Callable, Sequence
 from importlib import metadata
 from pathlib import Path
-from typing import TYPE_CHECKING, Annotated, cast
+from typing import Annotated
 
 import typer
 
@@ -27,14 +26,11 @@ from hub_server.config import (
     default_data_dir,
     parse_draft_hint,
 )
-from hub_server.errors import AccountError, AccountsUnavailable, ClusterError
+from hub_server.errors import AccountError, AccountsUnavailable
 from hub_server.workers_cmd import workers_app
 from specedge_common.extras import HUB_INSTALL, missing_hub_modules
 from specedge_common.launcher import EMBEDDED_TOKEN_ENV
 from specedge_common.net import is_loopback
-
-if TYPE_CHECKING:
-    from hub_server.engine_api import Engine
 
 app = typer.Typer(
     help="SpecEdge verification hub: serves a target model to drafting clients.",
@@ -272,21 +268,26 @@ def _run_hub(settings: HubSettings, has_tokens: bool) -> None:
 
     from hub_server.app import create_app
     from hub_server.connections import HubServer, guarded_protocol
+    from hub_server.engine_link import EngineLink, EngineProcess, engine_address
     from hub_server.logging_setup import configure_logging
-    from hub_server.metrics import HubMetrics
 
     configure_logging(settings.log_format)
     log = logging.getLogger("hub_server")
     _warn_about_exposure(settings, has_tokens)
-    # uvicorn drains in-flight requests on SIGTERM, then re-raises the signal; a no-op handler
-    # for that re-raise lets the hub exit 0 after a clean shutdown instead of dying by the signal.
+    # uvicorn drains in-flight requests on SIGTERM or Ctrl+C, then re-raises the signal; a no-op
+    # handler for that re-raise lets the hub exit 0 after a clean shutdown instead of dying by it.
     signal.signal(signal.SIGTERM, lambda *_: None)
-    metrics = HubMetrics()  # shared by the app and the connection guard: refusals of both are counted
+    signal.signal(signal.SIGINT, lambda *_: None)
+    # The engine (sessions, schedulers, the target and its KV) runs in a process of its own; this
+    # one serves HTTP. Refusals of the app and of the connection guard are counted there.
+    link = EngineLink(engine_address())
+    engine = EngineProcess(settings, link.address, link.lost)
+    engine.start()
     config = uvicorn.Config(
-        create_app(settings, _engine_maker(settings), metrics),
+        create_app(settings, link=link),
         host=settings.host,
         port=settings.port,
-        http=guarded_protocol(settings.request_timeout_s, settings.max_connections, metrics.record_refusal),
+        http=guarded_protocol(settings.request_timeout_s, settings.max_connections, link.record_refusal),
         log_config=None,
         log_level="info",
         access_log=False,
@@ -295,7 +296,10 @@ def _run_hub(settings: HubSettings, has_tokens: bool) -> None:
         ssl_certfile=settings.ssl_certfile and str(settings.ssl_certfile),
     )
     server = HubServer(config)
-    server.run()
+    try:
+        server.run()
+    finally:
+        engine.stop()
     if not server.started:  # the port is taken, say: uvicorn has logged why
         raise typer.Exit(3)
     if server.cut_short:
@@ -305,26 +309,6 @@ def _run_hub(settings: HubSettings, has_tokens: bool) -> None:
         )
         raise typer.Exit(1)
     log.info("hub stopped")
-
-
-def _engine_maker(settings: HubSettings) -> Callable[[HubSettings], Sequence[Engine]]:
-    """In-process for one worker (no Ray imported, nothing started); Ray workers otherwise."""
-    if settings.in_process:
-        from hub_server.engine.runner import ModelRunner
-
-        # The runner's slots are its own KVSlot, which the service only hands back to it.
-        return lambda s: [cast("Engine", ModelRunner(s))]
-    if settings.ray_address is None:
-        # Read by Ray as it is imported: a Ray of this machine alone, whose node address is then
-        # 127.0.0.1, so that its GCS, raylet and workers listen on loopback only.
-        os.environ["RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER"] = "0"
-    from hub_server.workers import connect, start_workers
-
-    try:
-        connect(settings)
-    except ClusterError as exc:
-        raise typer.BadParameter(str(exc), param_hint="--ray-address") from exc
-    return start_workers
 
 
 def _warn_about_exposure(settings: HubSettings, has_tokens: bool) -> None:

@@ -16,6 +16,7 @@
     ├── RateLimited           429      a per-user limit (sessions, tokens per minute; with Retry-After)
     │   └── SessionBusy       429      too many requests already wait for one session's turn
     ├── NotReady              503      the model is still loading
+    │   └── EngineRestarting  503      the engine process is starting again (with Retry-After)
     ├── UnknownWorker         404      `hub_server workers drain ID`: no worker of that id
     └── AccountsUnavailable   503      the accounts database cannot be read now (damaged, locked)
 
@@ -74,6 +75,12 @@ class UnknownWorker(RequestRefused):
 class NotReady(RequestRefused):
     status = 503
     code = "not_ready"
+
+
+class EngineRestarting(NotReady):
+    """The hub's engine process is starting or starting again; its front end answers meanwhile."""
+
+    retry_after_s = 2
 
 
 class HubFull(RequestRefused):
@@ -138,3 +145,24 @@ class KVBudgetError(ValueError):
 
 class ClusterError(RuntimeError):
     """The Ray cluster for the engine workers cannot be joined or started; the message says what to check."""
+
+
+def refusal(kind: str, message: str, retry_after_s: int | None = None) -> RequestRefused:
+    """A refusal made on the other side of the engine process's boundary, as its own class again
+    (by name; an unknown name is answered as the base class, a 500 that says what happened)."""
+    cls = _refusal_classes().get(kind, RequestRefused)
+    refused = cls.__new__(cls)
+    RequestRefused.__init__(refused, message)
+    if retry_after_s is not None:
+        refused.retry_after_s = retry_after_s  # type: ignore[attr-defined]
+    return refused
+
+
+def _refusal_classes() -> dict[str, type[RequestRefused]]:
+    found: dict[str, type[RequestRefused]] = {}
+    pending: list[type[RequestRefused]] = [RequestRefused]
+    while pending:
+        cls = pending.pop()
+        found[cls.__name__] = cls
+        pending.extend(cls.__subclasses__())
+    return found

@@ -31,6 +31,11 @@ def bind_request(**fields: str) -> None:
     _current_request.set({**_current_request.get(), **fields})
 
 
+def request_fields() -> dict:
+    """The fields `bind_request` attached to the current request (carried to the engine process)."""
+    return _current_request.get()
+
+
 class _RequestFields(logging.Filter):
     def filter(self, record: logging.LogRecord) -> bool:
         for key, value in _current_request.get().items():

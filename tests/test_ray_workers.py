@@ -15,25 +15,22 @@ import os
 import signal
 import socket
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from pathlib import Path
 
 import httpx
 import pytest
 
-from specedge_cli.conversation import Conversation, Reply
-from specedge_cli.decoding import DecodeSettings
 from specedge_cli.drafting.engine import DraftEngine
 from specedge_cli.remote import protocol as wire
 from specedge_cli.remote.client import HubClient
 from tests.conftest import AuthHub, RunningHub
-from tests.test_lossless import plain_template
+from tests.replies import MAX_TOKENS, conversation, expected, pid_alive, wait_for, workers_of
 
 ray = pytest.importorskip("ray")
 
 PROMPTS = ["once upon a time there was", "the cat sat on", "a little bird", "in the morning"]
 START_S = 600  # Ray and two model loads on a shared two-core machine
-MAX_TOKENS = 40
 IDLE_WINDOW_S = 10
 
 
@@ -56,38 +53,6 @@ def two_workers(tiny, tmp_path_factory) -> Iterator[AuthHub]:
 @pytest.fixture(scope="module")
 def draft(tiny) -> DraftEngine:
     return DraftEngine(tiny.gguf_q8, n_ctx=1024, n_threads=1)  # imperfect: rejections happen
-
-
-def workers_of(url: str, token: str | None = None) -> list[dict]:
-    headers = {"Authorization": f"Bearer {token}"} if token else {}
-    return httpx.get(f"{url}/v1/workers", headers=headers, timeout=30).json()["workers"]
-
-
-def pid_alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    return True
-
-
-def wait_for(check: Callable[[], bool], timeout_s: float, what: str) -> None:
-    deadline = time.monotonic() + timeout_s
-    while not check():
-        assert time.monotonic() < deadline, f"{what} did not happen within {timeout_s} s"
-        time.sleep(0.5)
-
-
-def expected(target_alone, draft: DraftEngine, reply: Reply, temperature: float) -> list[int]:
-    stop = frozenset(draft.vocab.stop_token_ids())
-    return target_alone.decode(reply.prompt_token_ids, MAX_TOKENS, stop, temperature=temperature, seed=7)
-
-
-def conversation(draft: DraftEngine, client: HubClient, temperature: float, reconnect_s: float = 60) -> Conversation:
-    settings = DecodeSettings(
-        max_tokens=MAX_TOKENS, temperature=temperature, seed=7, draft_len=3, reconnect_s=reconnect_s
-    )
-    return Conversation(draft, client, plain_template(draft), settings)
 
 
 # --- the hub's processes, read from /proc ------------------------------------------------------

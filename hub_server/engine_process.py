@@ -1,0 +1,272 @@
+"""The hub's engine process: the session table, the schedulers, the runners and their KV pools,
+away from the interpreter that serves HTTP (`engine_link.py` is the front end's side).
+
+The process holds `service.Hub` and answers the front ends' messages (`ipc.py`) on one asyncio
+loop: each call a task on the hub, exactly as an HTTP route would make it, its answer sent back
+with every other answer ready at the same moment. Passes run on the schedulers' threads as in a
+single-process hub, so nothing about batching, sessions' turns or their KV changes; only HTTP,
+token checks and body parsing left this process, and with them the GIL time they took from the
+passes.
+
+    front ends (DEALER) ──ipc──▶ ROUTER ── EngineServer ── service.Hub ── Scheduler ── runner / Ray workers
+
+The process ignores SIGINT (the front end decides when the engine stops, so a Ctrl+C in a
+terminal reaches only the front end), stops on SIGTERM, and ends itself when its parent is gone.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import functools
+import logging
+import os
+import pickle
+import signal
+import sys
+import threading
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import replace
+from typing import Any
+
+import zmq
+import zmq.asyncio
+
+from hub_server import ipc
+from hub_server.accounts import token_check_for
+from hub_server.config import HubSettings
+from hub_server.engine_api import Engine
+from hub_server.errors import BadRequest, ClusterError, KVBudgetError, NotReady, RequestRefused
+from hub_server.logging_setup import bind_request, configure_logging
+from hub_server.metrics import HubMetrics
+from hub_server.service import Hub
+
+log = logging.getLogger("hub_server")
+
+PARENT_CHECK_S = 0.5  # how often the process looks whether the front end that started it lives
+# Methods that answer from memory at once run on the loop; the others may wait for a worker (a
+# Ray round trip, a KV slot) and run on threads, as the HTTP layer ran them before.
+ON_THE_LOOP = frozenset({"info", "whoami"})
+ASYNC_METHODS = frozenset({"feed", "verify", "close"})
+
+
+def main() -> None:
+    """The engine process's entry point: its settings, socket address and incarnation come
+    pickled on stdin from the front end that started it (`engine_link.EngineProcess`)."""
+    settings, address, incarnation = pickle.load(sys.stdin.buffer)
+    configure_logging(settings.log_format)
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    _end_with_parent(os.getppid())
+    try:
+        import uvloop
+
+        uvloop.install()
+    except ImportError:  # Windows: asyncio's own loop
+        pass
+    asyncio.run(EngineServer(settings, address, incarnation).serve())
+    logging.shutdown()
+    os._exit(0)  # the schedulers' and workers' threads end with the process, not one by one
+
+
+def make_engines(settings: HubSettings) -> Sequence[Engine]:
+    """The hub's engines: the runner in this process for one worker (no Ray imported); Ray
+    workers otherwise."""
+    if settings.in_process:
+        from hub_server.engine.runner import ModelRunner
+
+        return [ModelRunner(settings)]
+    if settings.ray_address is None:
+        # Read by Ray as it is imported: a Ray of this machine alone, whose node address is then
+        # 127.0.0.1, so that its GCS, raylet and workers listen on loopback only.
+        os.environ["RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER"] = "0"
+    from hub_server.workers import connect, start_workers
+
+    connect(settings)
+    return start_workers(settings)
+
+
+class EngineServer:
+    """The hub behind the engine process's socket: calls in, answers out, batched both ways."""
+
+    def __init__(self, settings: HubSettings, address: str, incarnation: str):
+        self.settings = settings
+        self.address = address
+        self.hub: Hub | None = None
+        self.metrics = HubMetrics()
+        self.status = ipc.EngineStatus(
+            "loading", incarnation, os.getpid(), "the target model is loading", model=settings.model
+        )
+        self._socket: zmq.asyncio.Socket | None = None
+        self._outboxes: dict[bytes, list[list[Any]]] = {}
+        self._tasks: dict[tuple[bytes, int], asyncio.Task] = {}
+        self._loop: asyncio.AbstractEventLoop | None = None
+
+    async def serve(self) -> None:
+        self._loop = asyncio.get_running_loop()
+        self._socket = zmq.asyncio.Context.instance().socket(zmq.ROUTER)
+        self._socket.setsockopt(zmq.LINGER, 0)
+        self._socket.bind(self.address)
+        stopped = asyncio.Event()
+        self._loop.add_signal_handler(signal.SIGTERM, stopped.set)
+        threading.Thread(target=self._load, name="model-load", daemon=True).start()
+        reading = self._loop.create_task(self._read())
+        await stopped.wait()
+        reading.cancel()
+        log.info("engine process stopping")
+
+    async def _read(self) -> None:
+        assert self._socket is not None
+        while True:
+            identity, frame = await self._socket.recv_multipart()
+            try:
+                messages = ipc.unpack(frame)
+            except ValueError:
+                log.warning("engine process: a front end sent a frame that is not msgpack; ignored")
+                continue
+            for message in messages:
+                self._take(identity, message)
+
+    def _take(self, identity: bytes, message: list[Any]) -> None:
+        kind = message[0]
+        if kind == ipc.PING:
+            if self.hub is not None:  # workers lost or back since: the pong says how many are up
+                self.status = replace(self.status, workers_ready=self.hub.workers.ready_count().ready)
+            self._send(identity, [ipc.PONG, message[1], ipc.encode_status(self.status)])
+        elif kind == ipc.COUNT_REFUSAL:
+            self.metrics.record_refusal(message[1])
+        elif kind == ipc.CANCEL:
+            task = self._tasks.get((identity, message[1]))
+            if task is not None:
+                task.cancel()
+        elif kind in (ipc.CALL, ipc.STREAM):
+            _, request_id, method, args, fields = message
+            answer = self._call if kind == ipc.CALL else self._stream
+            assert self._loop is not None
+            task = self._loop.create_task(answer(identity, request_id, method, args, fields))
+            key = (identity, request_id)
+            self._tasks[key] = task
+            task.add_done_callback(lambda _: self._tasks.pop(key, None))
+
+    # --- answers ------------------------------------------------------------------------
+    async def _call(self, identity: bytes, request_id: int, method: str, args: list, fields: dict) -> None:
+        try:
+            hub, values = self._prepare(method, args, fields)
+            answer = await self._invoke(hub, method, values)
+            self._send(identity, [ipc.OK, request_id, ipc.encode(answer)])
+        except RequestRefused as exc:
+            self._send(identity, [ipc.REFUSED, request_id, ipc.encode_refusal(exc)])
+        except asyncio.CancelledError:
+            pass  # its client went away: nobody waits for an answer
+        except Exception as exc:  # a bug: answered as a 500 that says so, the process goes on
+            log.exception("engine process: %s failed", method)
+            failure = RequestRefused(f"the hub's engine failed on {method}: {exc}")
+            self._send(identity, [ipc.REFUSED, request_id, ipc.encode_refusal(failure)])
+
+    async def _stream(self, identity: bytes, request_id: int, method: str, args: list, fields: dict) -> None:
+        generation = None
+        try:
+            hub, values = self._prepare(method, args, fields)
+            generation = await hub.generate(*values)
+            self._send(identity, [ipc.OK, request_id, None])  # its checks passed: the front end answers 200
+            async for chunk in generation:
+                self._send(identity, [ipc.CHUNK, request_id, ipc.encode(chunk)])
+            self._send(identity, [ipc.END, request_id])
+        except RequestRefused as exc:
+            self._send(identity, [ipc.REFUSED, request_id, ipc.encode_refusal(exc)])
+        except asyncio.CancelledError:
+            pass
+        except Exception as exc:
+            log.exception("engine process: a generation failed")
+            failure = RequestRefused(f"the hub's engine failed mid-generation: {exc}")
+            self._send(identity, [ipc.REFUSED, request_id, ipc.encode_refusal(failure)])
+        finally:
+            if generation is not None:  # its session's turn comes back however the stream ended
+                await generation.aclose()
+
+    def _prepare(self, method: str, args: list, fields: dict) -> tuple[Hub, list[Any]]:
+        if fields:
+            bind_request(**fields)  # this task's log lines carry the request's id, as in the front end
+        if self.hub is None:
+            raise NotReady(self.status.reason or "the target model is loading")
+        try:
+            return self.hub, ipc.decode_args(method, args)
+        except (KeyError, TypeError, ValueError) as exc:  # pydantic's ValidationError is a ValueError
+            raise BadRequest(f"malformed request for {method}: {exc}") from exc
+
+    async def _invoke(self, hub: Hub, method: str, values: list[Any]) -> Any:
+        target: Callable[..., Any] = getattr(hub, method)
+        if method in ASYNC_METHODS:
+            return await target(*values)
+        if method in ON_THE_LOOP:
+            return target(*values)
+        assert self._loop is not None
+        return await self._loop.run_in_executor(None, functools.partial(target, *values))
+
+    def _send(self, identity: bytes, message: list[Any]) -> None:
+        """Queue a message; everything queued before the loop's next turn leaves in one frame."""
+        outbox = self._outboxes.get(identity)
+        if outbox is not None:
+            outbox.append(message)
+            return
+        self._outboxes[identity] = [message]
+        if len(self._outboxes) == 1:
+            assert self._loop is not None
+            self._loop.call_soon(self._flush)
+
+    def _flush(self) -> None:
+        outboxes, self._outboxes = self._outboxes, {}
+        assert self._socket is not None
+        for identity, messages in outboxes.items():
+            self._socket.send_multipart([identity, ipc.pack(messages)], flags=zmq.NOBLOCK)
+
+    # --- start-up -----------------------------------------------------------------------
+    def _load(self) -> None:
+        """Load the target and build the hub (a thread: pings are answered meanwhile)."""
+        started = time.monotonic()
+        try:
+            hub = Hub(self.settings, make_engines(self.settings), self.metrics, token_check_for(self.settings))
+        except KVBudgetError as exc:  # a configuration to change, not a crash: no traceback
+            self._fail(f"the hub cannot hold its sessions: {exc}")
+            return
+        except ClusterError as exc:
+            self._fail(f"--ray-address: {exc}")
+            return
+        except Exception as exc:
+            log.exception("model load failed")
+            self._fail(f"the target model failed to load: {exc}")
+            return
+        assert self._loop is not None
+        self._loop.call_soon_threadsafe(self._ready, hub, time.monotonic() - started)
+
+    def _ready(self, hub: Hub, seconds: float) -> None:
+        self.hub = hub
+        ready = hub.workers.ready_count()
+        self.status = ipc.EngineStatus(
+            "ready",
+            self.status.incarnation,
+            self.status.pid,
+            model=hub.engine.name,
+            workers_ready=ready.ready,
+            workers_total=ready.total,
+        )
+        log.info("engine process %d ready in %.1f s: %s", os.getpid(), seconds, hub.engine.name)
+
+    def _fail(self, reason: str) -> None:
+        log.error(reason)
+        self.status = ipc.EngineStatus("failed", self.status.incarnation, self.status.pid, reason)
+
+
+def _end_with_parent(parent: int) -> None:
+    """Exit once the process that started this one is gone: an engine nobody can reach holds a
+    device and its memory for nothing."""
+
+    def watch() -> None:
+        while os.getppid() == parent:
+            time.sleep(PARENT_CHECK_S)
+        os._exit(0)
+
+    threading.Thread(target=watch, name="parent-watch", daemon=True).start()
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,116 @@
+"""The hub's engine in a process of its own, as `hub_server serve` runs it: the workers list names
+that process, a child of the front end; killed mid-reply it costs no reply (restarted, the chat
+client reopens its session and the tokens equal the target alone); silent, the front end answers
+for it within seconds; Ctrl+C reaches only the front end, which stops the engine; a front end
+killed takes its engine with it."""
+
+from __future__ import annotations
+
+import os
+import signal
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import httpx
+import pytest
+
+from hub_server.engine_link import PING_S, SILENT_LIMIT_S
+from specedge_cli.drafting.engine import DraftEngine
+from specedge_cli.remote.client import HubClient
+from tests.conftest import RunningHub
+from tests.replies import conversation, expected, pid_alive, wait_for, workers_of
+
+PROMPT = "once upon a time there was"
+
+
+@pytest.fixture(scope="module")
+def own_hub(tiny, tmp_path_factory) -> Iterator[RunningHub]:
+    """A hub of these tests alone: they stop and kill its engine."""
+    hub = RunningHub(tiny.hf_dir, tmp_path_factory.mktemp("engine-process"), "--max-draft-tokens", "16")
+    yield hub
+    hub.stop()
+
+
+@pytest.fixture(scope="module")
+def draft(tiny) -> DraftEngine:
+    return DraftEngine(tiny.gguf_q8, n_ctx=1024, n_threads=1)  # imperfect: rejections happen
+
+
+def engine_pid(url: str) -> int:
+    return workers_of(url)[0]["pid"]
+
+
+def parent_of(pid: int) -> int:
+    return int(Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[1])
+
+
+def serving(url: str) -> bool:
+    return httpx.get(f"{url}/health", timeout=10).status_code == 200
+
+
+def test_the_workers_list_names_the_engine_process_a_child_of_the_front_end(own_hub):
+    pid = engine_pid(own_hub.url)
+    assert pid != own_hub.process.pid
+    assert parent_of(pid) == own_hub.process.pid
+
+
+def test_an_engine_killed_mid_reply_costs_no_reply(own_hub, draft, target_alone):
+    killed: list[int] = []
+    rounds = {"n": 0}
+
+    def kill_the_engine(tokens: list[int]) -> None:
+        rounds["n"] += 1
+        if rounds["n"] == 2:
+            killed.append(engine_pid(own_hub.url))
+            os.kill(killed[0], signal.SIGKILL)
+
+    with HubClient(own_hub.url) as client:
+        chat = conversation(draft, client, 0.9)
+        try:
+            reply = chat.ask(PROMPT, on_tokens=kill_the_engine)
+        finally:
+            chat.close()
+    assert killed and chat.reconnects >= 1
+    assert reply.token_ids == expected(target_alone, draft, reply, 0.9)
+    assert engine_pid(own_hub.url) not in killed  # a new engine process serves
+
+
+def test_a_silent_engine_is_answered_for_within_seconds(own_hub):
+    wait_for(lambda: serving(own_hub.url), 120, "the hub serving")
+    pid = engine_pid(own_hub.url)
+    os.kill(pid, signal.SIGSTOP)
+    try:
+        started = time.monotonic()
+        answer = httpx.get(f"{own_hub.url}/v1/info", timeout=60)
+        waited = time.monotonic() - started
+        assert answer.status_code == 503 and answer.json()["error"]["code"] == "not_ready"
+        assert answer.headers["Retry-After"]
+        assert waited < SILENT_LIMIT_S + 4 * PING_S + 5
+        assert httpx.get(f"{own_hub.url}/health", timeout=10).status_code == 503
+    finally:
+        os.kill(pid, signal.SIGCONT)
+    wait_for(lambda: serving(own_hub.url), 30, "the engine answering again")
+    assert engine_pid(own_hub.url) == pid  # the same process: stopped, not lost
+
+
+def test_ctrl_c_reaches_the_front_end_which_stops_its_engine(tiny, tmp_path):
+    hub = RunningHub(tiny.hf_dir, tmp_path)
+    try:
+        pid = engine_pid(hub.url)
+        os.kill(pid, signal.SIGINT)  # a terminal's Ctrl+C reaches every process of its group
+        os.kill(hub.process.pid, signal.SIGINT)
+        assert hub.process.wait(timeout=60) == 0
+        wait_for(lambda: not pid_alive(pid), 15, "the engine process ending")
+    finally:
+        hub.stop()
+
+
+def test_a_front_end_killed_takes_its_engine_with_it(tiny, tmp_path):
+    hub = RunningHub(tiny.hf_dir, tmp_path)
+    try:
+        pid = engine_pid(hub.url)
+        os.kill(hub.process.pid, signal.SIGKILL)
+        wait_for(lambda: not pid_alive(pid), 15, "the orphaned engine process ending")
+    finally:
+        hub.stop()
