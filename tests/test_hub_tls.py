@@ -100,3 +100,24 @@ def test_plain_http_is_not_served_on_the_tls_port(tls_hub):
     url, _ = tls_hub
     with pytest.raises(httpx.TransportError):
         httpx.get(url.replace("https", "http") + "/health", timeout=5)
+
+
+def test_the_session_stream_trusts_the_hub_certificate_as_http_does(tls_hub, monkeypatch):
+    from specedge_cli.remote import protocol as wire
+    from specedge_cli.remote.client import HubClient
+    from specedge_cli.remote.stream import open_stream
+
+    url, cert = tls_hub
+    monkeypatch.setenv("SSL_CERT_FILE", str(cert))
+    with HubClient(url) as client:
+        info = client.info()
+        opened = client.open_session(wire.OpenSessionRequest(info.vocab_size, info.vocab_fingerprint))
+        client.feed(opened.session_id, [1, 300])
+        stream = open_stream(client, opened.session_id)  # wss://, checked against SSL_CERT_FILE
+        try:
+            assert stream.verify([], [5]).context_len >= 3
+        finally:
+            stream.close()
+    monkeypatch.delenv("SSL_CERT_FILE")
+    with HubClient(url) as client, pytest.raises(ssl.SSLCertVerificationError):
+        open_stream(client, opened.session_id)
