@@ -14,10 +14,12 @@ frame waits for it like a request; past 8 waiting, 429 `session_busy`), the same
 the same status and code, sent as an error frame. Only a session that is gone (404) closes its
 stream (code 4404), after its error frame. The upgrade is authenticated as every route is (the
 Bearer token of its `Authorization` header; a refusal is an HTTP answer, as for any route).
-A session has one stream in a front end: a newer one takes over (the older is closed, code 4409),
-so a client that reconnects after a network fault is never refused by a stream the hub has not
-yet seen die. A dropped stream loses nothing but itself: frames still waiting for the session's
-turn leave the line, and one in a pass ends it and hands the turn on.
+The token is checked again before a frame once a second has passed since its last check, so a
+token revoked while its stream is open is refused (401 error frames) as its next HTTP request
+would be. A session has one stream in a front end: a newer one takes over (the older is closed,
+code 4409), so a client that reconnects after a network fault is never refused by a stream the
+hub has not yet seen die. A dropped stream loses nothing but itself: frames still waiting for the
+session's turn leave the line, and one in a pass ends it and hands the turn on.
 """
 
 from __future__ import annotations
@@ -46,6 +48,7 @@ STREAM_PATH = "/v1/sessions/{session_id}/stream"
 MAX_FRAME_BYTES = 1 << 20  # as for an HTTP body
 SESSION_GONE = 4404  # close codes in the range kept for applications
 TAKEN_OVER = 4409
+TOKEN_RECHECK_S = 1.0  # a revoked token's stream is refused within this long
 
 
 class Verifies(Protocol):
@@ -75,7 +78,7 @@ def add_session_stream(
             return await _deny(websocket, exc)
         bind_request(user=owner.name)
         await websocket.accept(headers=[(b"x-request-id", request_id.encode())])
-        stream = SessionStream(websocket, session_id, owner, ready, on_refusal)
+        stream = SessionStream(websocket, session_id, owner, ready, owner_of, on_refusal)
         key = (owner.account_id, session_id)
         earlier, streams[key] = streams.get(key), stream
         if earlier is not None:
@@ -109,14 +112,17 @@ class SessionStream:
         session_id: str,
         owner: Owner,
         ready: Callable[[], Verifies],
+        owner_of: Callable[[WebSocket], Awaitable[Owner]],
         on_refusal: Callable[[str], None],
     ) -> None:
         self.websocket = websocket
         self.session_id = session_id
         self.owner = owner
         self.ready = ready
+        self.owner_of = owner_of
         self.on_refusal = on_refusal
         self.verifies = 0
+        self._token_checked = time.monotonic()  # at the upgrade
         self._sending = asyncio.Lock()
         self._frames: set[asyncio.Task[None]] = set()
         self._closed = False
@@ -126,21 +132,36 @@ class SessionStream:
         opened = time.perf_counter()
         log.info("stream opened: session %s", self.session_id)
         try:
-            while not self._closed:
+            while True:
                 message = await self.websocket.receive()
-                if message["type"] == "websocket.disconnect":
+                if message["type"] == "websocket.disconnect" or self._closed:  # closed here: nothing more is served
                     break
-                self._take(message.get("bytes"))
+                # Checked here, in arrival order, so that frames reach the session's turn in that order.
+                self._take(message.get("bytes"), await self._token_refusal())
         finally:
             self._closed = True
-            for frame in self._frames:
+            for frame in list(self._frames):
                 frame.cancel()  # one waiting for the turn leaves the line; a pass under way still ends it
             seconds = time.perf_counter() - opened
             log.info("stream closed: session %s, %d verifies in %.1f s", self.session_id, self.verifies, seconds)
 
-    def _take(self, data: bytes | None) -> None:
+    async def _token_refusal(self) -> RequestRefused | None:
+        """Why the upgrade's token no longer serves (revoked, expired), checked once a second at most."""
+        if time.monotonic() - self._token_checked < TOKEN_RECHECK_S:
+            return None
+        try:
+            await self.owner_of(self.websocket)
+        except RequestRefused as exc:
+            return exc
+        self._token_checked = time.monotonic()
+        return None
+
+    def _take(self, data: bytes | None, refusal: RequestRefused | None) -> None:
         if data is None:
             self._refuse_later(None, BadRequest("stream frames are binary msgpack, not text (see docs/protocol.md)"))
+            return
+        if refusal is not None:
+            self._refuse_later(_frame_id_of(data), refusal)
             return
         try:
             frame_id, request = parse_frame(data)

@@ -18,6 +18,7 @@ from websockets.exceptions import ConnectionClosed, InvalidStatus
 from websockets.sync.client import ClientConnection, connect
 
 from hub_server.protocol import PROTOCOL_VERSION
+from hub_server.stream import TOKEN_RECHECK_S
 from specedge_cli.conversation import Conversation
 from specedge_cli.decoding import DecodeSettings
 from specedge_cli.drafting.engine import DraftEngine
@@ -25,7 +26,7 @@ from specedge_cli.errors import HubRejected, SessionLost
 from specedge_cli.remote.client import HubClient
 from specedge_cli.remote.stream import StreamRefused, open_stream
 from specedge_common.launcher import HubProcess
-from tests.conftest import REPO, AuthHub
+from tests.conftest import REPO, AuthHub, hub_admin
 from tests.test_lossless import plain_template
 
 # The last commit whose hub speaks protocol version 1 (no stream): a hub not yet upgraded.
@@ -236,6 +237,21 @@ def test_an_upgrade_without_a_valid_token_is_answered_401_as_any_route(stream_hu
     response = refused.value.response
     assert response.status_code == 401 and response.headers["WWW-Authenticate"] == "Bearer"
     assert json.loads(response.body)["error"]["code"] == "unauthorized"
+
+
+def test_a_token_revoked_while_its_stream_is_open_is_refused_within_a_second(stream_hub):
+    created = hub_admin(stream_hub.data_dir, "tokens", "create", "--user", "ada")
+    session_id = open_session(stream_hub)
+    url = stream_hub.url.replace("http", "ws", 1) + f"/v1/sessions/{session_id}/stream"
+    headers = {"Authorization": f"Bearer {created['token']}"}
+    with connect(url, additional_headers=headers, compression=None, open_timeout=30, legacy=True) as stream:
+        assert "accepted" in exchange(stream, {"id": 0, "draft": [5]})
+        hub_admin(stream_hub.data_dir, "tokens", "revoke", created["token_id"])
+        time.sleep(TOKEN_RECHECK_S + 0.2)
+        refused = exchange(stream, {"id": 1, "draft": [5]})
+        assert (refused["id"], refused["error"]["status"], refused["error"]["code"]) == (1, 401, "unauthorized")
+    with stream_hub.client("ada") as http:  # the session itself is the account's, as before
+        assert http.post(f"/v1/sessions/{session_id}/verify", json={"draft": [5]}).status_code == 200
 
 
 # --- turns ---------------------------------------------------------------------------------------
