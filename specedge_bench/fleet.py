@@ -152,7 +152,7 @@ class FleetConfig:
     merge_share: float = 0.5  # `--merge-wait-share`
     max_pass_tokens: int = 0  # `--max-pass-tokens` (0: the budget measured as the hub measures it)
     device: str = "cuda"  # what a pass costs beyond its tokens (`scheduler.PASS_OVERHEAD_TOKENS`)
-    widest_row: int = 0  # the widest verify row a pass is built for (0: a compiled GPU's, 1 + the draft)
+    widest_row: int = 65  # the widest verify row a pass is built for: a compiled GPU's, 1 + --max-draft-tokens 64
     duration_s: float = 40.0  # virtual seconds
     warmup_s: float = 10.0  # not counted: the population settles
     seed: int = 0
@@ -211,7 +211,7 @@ class StepRecord:
 class SimWorker:
     """One engine worker: the hub's scheduler in virtual time, and a device that costs `costs`."""
 
-    def __init__(self, worker_id: str, clock: Clock, costs: PassCosts, config: FleetConfig, draft_len: int):
+    def __init__(self, worker_id: str, clock: Clock, costs: PassCosts, config: FleetConfig):
         self.worker_id = worker_id
         self.clock = clock
         self.costs = costs
@@ -227,7 +227,7 @@ class SimWorker:
             worker=False,
             prompt_budget=self.budget,
             on_pass=self._waited,
-            composition=Composition.of(config.device, config.widest_row or 1 + draft_len),
+            composition=Composition.of(config.device, config.widest_row),
         )
         self.slots = config.slots
         self.sessions = 0
@@ -518,7 +518,7 @@ def simulate(config: FleetConfig, pair: Pair) -> dict:
 def run(config: FleetConfig, pair: Pair) -> Fleet:
     """The fleet after `config.duration_s` virtual seconds (its workers' steps in `steps`)."""
     clock = Clock()
-    workers = [SimWorker(str(i), clock, pair.costs, config, pair.draft_len) for i in range(config.workers)]
+    workers = [SimWorker(str(i), clock, pair.costs, config) for i in range(config.workers)]
     acceptance = acceptance_for(pair.tokens_per_verify, pair.draft_len)
     fleet = Fleet(config, clock, workers, random.Random(config.seed), acceptance, pair.draft_len)
     for worker in workers:

@@ -93,8 +93,8 @@ def test_a_long_prompt_goes_in_chunks_beside_the_other_users_verifies_as_the_hub
 def test_a_turns_new_text_rides_in_its_verify_or_goes_apart_as_the_hub_composes_it():
     """A turn's 40 new tokens beside other users' drafts: on a CPU (a pass costs about two tokens
     beyond its own) or past the widest row a GPU's compiled passes are built for, the scheduler
-    feeds them in a pass of their own first; a GPU pass built for wide rows costs too much to
-    take them out, so they ride in the padded pass."""
+    feeds them in a pass of their own first; within it, a GPU pass costs too much to take them
+    out, so they ride in the padded pass."""
     base = FleetConfig(workers=1, users=4, prompt_tokens=40, max_tokens=32, think_s=0.2, duration_s=10, warmup_s=1)
 
     def fed_apart(**settings: object) -> list[int]:
@@ -103,8 +103,8 @@ def test_a_turns_new_text_rides_in_its_verify_or_goes_apart_as_the_hub_composes_
         return [tokens for step in steps for tokens in step.fed_apart]
 
     assert set(fed_apart(device="cpu", widest_row=128)) == {40}
-    assert set(fed_apart(device="cuda")) == {40}  # compiled: rows of 1 + 8 tokens
-    assert fed_apart(device="cuda", widest_row=128) == []
+    assert set(fed_apart(device="cuda", widest_row=9)) == {40}  # compiled for rows of 1 + 8 tokens
+    assert fed_apart(device="cuda") == []  # compiled for rows of 1 + 64
 
 
 def test_the_simulation_feeds_a_context_in_the_runners_passes():
