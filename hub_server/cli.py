@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import logging
 import os
-import signal
 import sys
 from importlib import metadata
 from pathlib import Path
@@ -190,6 +189,13 @@ def serve(
         str | None,
         typer.Option(help="One worker per device, comma separated: cuda:0,cuda:1 or cpu,cpu (instead of --workers)."),
     ] = None,
+    api_servers: Annotated[
+        int,
+        typer.Option(
+            help="Processes serving HTTP in front of the engine process (any of them serves any session); "
+            "0: one per 4 cores."
+        ),
+    ] = 0,
     ray_address: Annotated[
         str | None,
         typer.Option(
@@ -239,6 +245,7 @@ def serve(
             workers=workers,
             devices=tuple(d.strip() for d in devices.split(",") if d.strip()) if devices else (),
             ray_address=ray_address,
+            api_servers=api_servers,
         )
     except ValueError as exc:
         raise typer.BadParameter(str(exc)) from exc
@@ -263,52 +270,17 @@ def _check_accounts(settings: HubSettings) -> bool:
 
 
 def _run_hub(settings: HubSettings, has_tokens: bool) -> None:
-    """Serve until SIGTERM; exit 1 when the shutdown timeout cut replies short."""
-    import uvicorn
-
-    from hub_server.app import create_app
-    from hub_server.connections import HubServer, guarded_protocol
-    from hub_server.engine_link import EngineLink, EngineProcess, engine_address
+    """Serve until SIGTERM or Ctrl+C; exit 1 when the shutdown timeout cut replies short, 3 when
+    the port is taken."""
+    from hub_server import front_ends
     from hub_server.logging_setup import configure_logging
 
     configure_logging(settings.log_format)
-    log = logging.getLogger("hub_server")
     _warn_about_exposure(settings, has_tokens)
-    # uvicorn drains in-flight requests on SIGTERM or Ctrl+C, then re-raises the signal; a no-op
-    # handler for that re-raise lets the hub exit 0 after a clean shutdown instead of dying by it.
-    signal.signal(signal.SIGTERM, lambda *_: None)
-    signal.signal(signal.SIGINT, lambda *_: None)
-    # The engine (sessions, schedulers, the target and its KV) runs in a process of its own; this
-    # one serves HTTP. Refusals of the app and of the connection guard are counted there.
-    link = EngineLink(engine_address())
-    engine = EngineProcess(settings, link.address, link.lost)
-    engine.start()
-    config = uvicorn.Config(
-        create_app(settings, link=link),
-        host=settings.host,
-        port=settings.port,
-        http=guarded_protocol(settings.request_timeout_s, settings.max_connections, link.record_refusal),
-        log_config=None,
-        log_level="info",
-        access_log=False,
-        timeout_graceful_shutdown=settings.shutdown_timeout_s,  # type: ignore[arg-type]  # a float works
-        ssl_keyfile=settings.ssl_keyfile and str(settings.ssl_keyfile),
-        ssl_certfile=settings.ssl_certfile and str(settings.ssl_certfile),
-    )
-    server = HubServer(config)
-    try:
-        server.run()
-    finally:
-        engine.stop()
-    if not server.started:  # the port is taken, say: uvicorn has logged why
-        raise typer.Exit(3)
-    if server.cut_short:
-        log.error(
-            "hub stopped: the shutdown timeout (%g s) cut replies still in flight; give --shutdown-timeout more time",
-            settings.shutdown_timeout_s,
-        )
-        raise typer.Exit(1)
-    log.info("hub stopped")
+    code = front_ends.run(settings)
+    if code:
+        raise typer.Exit(code)
+    logging.getLogger("hub_server").info("hub stopped")
 
 
 def _warn_about_exposure(settings: HubSettings, has_tokens: bool) -> None:

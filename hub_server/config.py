@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import re
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -16,6 +17,7 @@ COMPILE_MODES = ("auto", "on", "off")
 CPU_MATMULS = ("auto", "mkl", "onednn")
 CPU_ATTENTIONS = ("auto", "kernel", "sdpa")
 SHARE_PREFIXES = ("account", "across-accounts", "off")
+CORES_PER_FRONT_END = 4  # the engine process keeps cores for its own loop and the device's feeding
 
 
 LOG_FORMATS = ("text", "json")
@@ -100,6 +102,7 @@ class HubSettings:
     workers: int = 1  # engine workers on --device; more than one run on Ray
     devices: tuple[str, ...] = ()  # one worker per device (cpu, cuda, cuda:N); overrides workers
     ray_address: str | None = None  # join this Ray cluster (auto, HOST:PORT); None: in-process or a local one
+    api_servers: int = 0  # front-end processes serving HTTP before the engine process; 0: one per 4 cores
 
     def __post_init__(self) -> None:
         if self.device not in DEVICES:
@@ -143,6 +146,8 @@ class HubSettings:
             )
         if not 0 <= self.merge_wait_share <= 1:
             raise ValueError(f"--merge-wait-share must be between 0 (never wait) and 1, not {self.merge_wait_share}")
+        if self.api_servers < 0:
+            raise ValueError("--api-servers must be 0 (one per 4 cores) or a number of front ends")
         if self.shutdown_timeout_s < 0:
             raise ValueError("--shutdown-timeout must be 0 or more")
         if self.request_timeout_s <= 0 or self.max_connections < 1:
@@ -174,6 +179,11 @@ class HubSettings:
     def worker_devices(self) -> tuple[str, ...]:
         """The device of each engine worker."""
         return self.devices or (self.device,) * self.workers
+
+    @property
+    def front_ends(self) -> int:
+        """How many processes serve HTTP: --api-servers, or one per `CORES_PER_FRONT_END` cores (at most 8)."""
+        return self.api_servers or max(1, min(8, (os.cpu_count() or 1) // CORES_PER_FRONT_END))
 
     @property
     def in_process(self) -> bool:

@@ -53,6 +53,7 @@ ENDED = object()
 # Restarts of an engine that keeps dying soon after it starts wait longer each time, up to this.
 MAX_RESTART_WAIT_S = 30.0
 SHORT_LIFE_S = 30.0
+PARENT_CHECK_S = 0.5  # how often a child process looks whether the process that started it lives
 
 
 def engine_address() -> str:
@@ -303,6 +304,18 @@ class RemoteHub:
         workers = {"ready": status.workers_ready, "total": status.workers_total}
         body = {"status": "ok", "model": status.model, "workers": workers}
         return (body, True) if status.workers_ready else ({**body, "status": "degraded"}, False)
+
+
+def end_with_parent(parent: int) -> None:
+    """Exit once the process that started this one is gone: an engine nobody can reach holds a
+    device and its memory for nothing, a front end without its supervisor serves a dead engine."""
+
+    def watch() -> None:
+        while os.getppid() == parent:
+            time.sleep(PARENT_CHECK_S)
+        os._exit(0)
+
+    threading.Thread(target=watch, name="parent-watch", daemon=True).start()
 
 
 class EngineProcess:

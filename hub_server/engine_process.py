@@ -36,6 +36,7 @@ from hub_server import ipc
 from hub_server.accounts import token_check_for
 from hub_server.config import HubSettings
 from hub_server.engine_api import Engine
+from hub_server.engine_link import end_with_parent
 from hub_server.errors import BadRequest, ClusterError, KVBudgetError, NotReady, RequestRefused
 from hub_server.logging_setup import bind_request, configure_logging
 from hub_server.metrics import HubMetrics
@@ -43,7 +44,6 @@ from hub_server.service import Hub
 
 log = logging.getLogger("hub_server")
 
-PARENT_CHECK_S = 0.5  # how often the process looks whether the front end that started it lives
 # Methods that answer from memory at once run on the loop; the others may wait for a worker (a
 # Ray round trip, a KV slot) and run on threads, as the HTTP layer ran them before.
 ON_THE_LOOP = frozenset({"info", "whoami"})
@@ -56,7 +56,7 @@ def main() -> None:
     settings, address, incarnation = pickle.load(sys.stdin.buffer)
     configure_logging(settings.log_format)
     signal.signal(signal.SIGINT, signal.SIG_IGN)
-    _end_with_parent(os.getppid())
+    end_with_parent(os.getppid())
     try:
         import uvloop
 
@@ -254,18 +254,6 @@ class EngineServer:
     def _fail(self, reason: str) -> None:
         log.error(reason)
         self.status = ipc.EngineStatus("failed", self.status.incarnation, self.status.pid, reason)
-
-
-def _end_with_parent(parent: int) -> None:
-    """Exit once the process that started this one is gone: an engine nobody can reach holds a
-    device and its memory for nothing."""
-
-    def watch() -> None:
-        while os.getppid() == parent:
-            time.sleep(PARENT_CHECK_S)
-        os._exit(0)
-
-    threading.Thread(target=watch, name="parent-watch", daemon=True).start()
 
 
 if __name__ == "__main__":

@@ -114,3 +114,44 @@ def test_a_front_end_killed_takes_its_engine_with_it(tiny, tmp_path):
         wait_for(lambda: not pid_alive(pid), 15, "the orphaned engine process ending")
     finally:
         hub.stop()
+
+
+def front_ends_of(supervisor: int) -> list[int]:
+    """The front-end processes `hub_server serve --api-servers N` started."""
+    found = []
+    for entry in filter(str.isdigit, os.listdir("/proc")):
+        try:
+            command = Path(f"/proc/{entry}/cmdline").read_bytes()
+        except OSError:
+            continue
+        if b"hub_server.front_ends" in command and parent_of(int(entry)) == supervisor:
+            found.append(int(entry))
+    return found
+
+
+def test_a_front_end_killed_mid_reply_costs_no_reply_while_the_other_serves(tiny, tmp_path, draft, target_alone):
+    hub = RunningHub(tiny.hf_dir, tmp_path, "--api-servers", "2", "--max-draft-tokens", "16")
+    try:
+        front_ends = front_ends_of(hub.process.pid)
+        assert len(front_ends) == 2 and engine_pid(hub.url) not in front_ends + [hub.process.pid]
+        rounds = {"n": 0}
+        answers: list[int] = []
+
+        def kill_a_front_end(tokens: list[int]) -> None:
+            rounds["n"] += 1
+            if rounds["n"] == 2:
+                os.kill(front_ends[0], signal.SIGKILL)
+                # Fresh connections at once: the other front end takes them all.
+                answers.extend(httpx.get(f"{hub.url}/v1/info", timeout=30).status_code for _ in range(10))
+
+        with HubClient(hub.url) as client:
+            chat = conversation(draft, client, 0.9)
+            try:
+                reply = chat.ask(PROMPT, on_tokens=kill_a_front_end)
+            finally:
+                chat.close()
+        assert answers == [200] * 10
+        assert reply.token_ids == expected(target_alone, draft, reply, 0.9)
+        wait_for(lambda: len(front_ends_of(hub.process.pid)) == 2, 30, "a front end replacing the killed one")
+    finally:
+        hub.stop()
