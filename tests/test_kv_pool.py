@@ -10,6 +10,7 @@ import pytest
 import torch
 
 from hub_server.config import HubSettings
+from hub_server.engine import kv_pool
 from hub_server.engine.kv_pool import BLOCK_TOKENS, GIB, NULL_BLOCK, KVBudgetError, KVPlan, KVPool, KVShape, plan_kv
 from hub_server.engine.sampling import ancestor_masks
 
@@ -57,7 +58,15 @@ def test_sessions_take_blocks_as_they_grow_and_give_them_back():
     assert not pool.keys[0][NULL_BLOCK].any() and not pool.values[1][NULL_BLOCK].any()
 
 
-def test_admission_asks_for_free_blocks_and_fresh_blocks_hold_no_nan():
+def test_a_cpu_pool_hands_out_fresh_blocks_as_zeros_without_zeroing_them():
+    pool = small_pool(blocks=4)
+    kv = pool.open()
+    assert kv is not None and pool.cover(kv, 3 * BLOCK_TOKENS)
+    assert not any(keys[kv.blocks].any() or values[kv.blocks].any() for keys, values in zip(pool.keys, pool.values))
+
+
+def test_admission_asks_for_free_blocks_and_fresh_blocks_hold_no_nan(monkeypatch):
+    monkeypatch.setattr(kv_pool, "_zeroed_when_touched", lambda device: False)  # torch.empty, as on a GPU
     pool = small_pool(blocks=4)
     for keys in pool.keys:
         keys.fill_(float("nan"))  # what torch.empty may hold
