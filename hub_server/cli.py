@@ -115,7 +115,8 @@ def serve(
     threads: Annotated[
         int,
         typer.Option(
-            help="torch's threads for a CPU target's passes; 0: one per core. On a host whose cores other work shares, give fewer (busy cores make every pass wait for the slowest thread)."
+            help="torch's threads for a CPU target's passes; 0: chosen per pass, one for verify passes (many small "
+            "operators: more threads wait for the slowest at each) and every core for prompts."
         ),
     ] = 0,
     max_pass_tokens: Annotated[

@@ -80,7 +80,7 @@ class HubSettings:
     batch_wait_ms: float = 2.0  # longest wait for work on its way to fill a batch
     merge_wait_share: float = 0.5  # wait for users due back within this share of a pass's fixed cost
     max_pass_tokens: int = 0  # prompt tokens a step carries beside its verifies; 0: auto (measured)
-    threads: int = 0  # torch's threads for a CPU target's passes; 0: torch's default, one per core
+    threads: int = 0  # torch's threads for a CPU target's passes; 0: one for verify passes, every core for prompts
     cache_dir: Path | None = None  # where converted GGUF targets and compiled passes are kept
     compile: str = "auto"  # compiled fixed-shape passes: on, off, or auto (on for CUDA)
     cpu_matmul: str = "auto"  # a CPU target's float32 products: mkl, onednn, or auto (the faster, timed at start)
@@ -122,7 +122,7 @@ class HubSettings:
         if not 0 < self.port < 65536 and self.port != 0:
             raise ValueError(f"--port must be between 1 and 65535, not {self.port}")
         if self.threads < 0:
-            raise ValueError("--threads must be 0 (one per core) or a number of threads")
+            raise ValueError("--threads must be 0 (chosen per pass) or a number of threads")
         if self.max_pass_tokens < 0:
             raise ValueError("--max-pass-tokens must be 0 (auto) or a number of tokens")
         if self.max_batch < 1:

@@ -186,8 +186,13 @@ class ModelRunner:
         model_path = Path(settings.model).expanduser()
         self.name = model_path.name
         self.device = choose_device(settings.device)
-        if settings.threads:  # torch's intra-op threads for this process's passes (default: one per core)
-            torch.set_num_threads(settings.threads)
+        # torch's intra-op threads, chosen for the pass: a verify pass is many small operators,
+        # which one thread runs fastest on a CPU (more wait at each operator for the slowest, the
+        # more so on busy cores); a prompt's chunk is wide products, which every core speeds up.
+        # --threads fixes one count for both.
+        cores = torch.get_num_threads()
+        self.verify_threads = settings.threads or (1 if self.device == "cpu" else cores)
+        self.prompt_threads = settings.threads or cores
         if self.device == "cuda":
             # cuDNN's attention builds an execution plan for every new shape, hundreds of ms each
             # (seen on an H100); a hub's passes rarely repeat a shape. The other kernels don't.
@@ -348,6 +353,7 @@ class ModelRunner:
     def prefill(self, kv: KVHandle, context: list[int]) -> None:
         """Bring `kv` up to all of `context` but its last token."""
         with self.device_lock:
+            _use_threads(self.prompt_threads)
             self.pool.share(_own(kv), context)
             self._feed(_own(kv), context[kv.length : len(context) - 1])
 
@@ -363,6 +369,7 @@ class ModelRunner:
         scheduler chose who shares it); fills in `path` and `emitted`. Returns the pass's device
         seconds."""
         with self.device_lock:
+            _use_threads(self.verify_threads)
             for job in jobs:  # a new context's leading blocks may be in the pool already
                 if len(job.pending) > BLOCK_TOKENS:
                     kv = _own(job.kv)
@@ -814,6 +821,11 @@ class ModelRunner:
             flat_keys[targets_t] = flat_keys[sources_t]
             flat_values[targets_t] = flat_values[sources_t]
             self.kept_kv_bytes_moved += 2 * flat_keys[0].nbytes * len(sources)
+
+
+def _use_threads(threads: int) -> None:
+    if torch.get_num_threads() != threads:
+        torch.set_num_threads(threads)
 
 
 def _own(kv: KVHandle) -> SessionKV:

@@ -1,0 +1,248 @@
+"""The hub's speed through its API, this tree against an older commit, side by side in one run.
+
+    .venv/bin/python benchmarks/hub_saturation.py [--target dispatch|gemma|PATH] [--base 7ade0de]
+        [--users 16] [--seconds 20] [--contexts 50 2000] [--rounds 30] [--hub-arg=--threads --hub-arg=1]
+
+Each tree (`--base`, unpacked with `git archive`, and this working tree) runs as a real hub on
+loopback (`python -m hub_server serve`, PYTHONPATH at the tree) as it configures itself unless
+`--hub-arg` says more, on the dispatch-bound stand-in by default (a 16-layer, hidden-64 Llama
+with a 512-token vocabulary: its pass is all operator launches, as a small model's GPU pass is).
+For each it measures:
+
+- **at saturation**: `--users` sessions each sending 8-token chain drafts back to back for
+  `--seconds`; verifies per second, the CPU the hub's whole process tree used (front ends,
+  engine, anything they started; from /proc), and verifies per hub CPU-second;
+- **8 sessions at once** at each context length of `--contexts`: all eight send a verify
+  together, `--rounds` times; the device ms per verify the hub reports in /metrics (its busy time
+  over its verifies), and the device ms of a pass of 8 inside the hub (per verify).
+
+Beside the second, `--alone` (on by default) times the same pass of 8 on this tree's runner alone
+(`benchmarks/verify_speed.py`'s worker, one torch thread), so the pass inside the hub reads
+against the pass by itself. The client's own CPU is not the hub's: it is not counted.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import os
+import random
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import httpx
+
+REPO = Path(__file__).resolve().parent.parent
+sys.path[:0] = [str(REPO), str(REPO / "benchmarks")]
+
+from verify_speed import resolve_target, run_tree, unpack  # noqa: E402
+
+from specedge_bench.metrics import MetricsPage  # noqa: E402
+from specedge_common import metric_names as names  # noqa: E402
+from tests.test_ray_workers import cpu_seconds, process_tree  # noqa: E402
+
+DRAFT_TOKENS = 8
+READY_TIMEOUT_S = 900
+
+
+class TreeHub:
+    """A hub of one tree on a free loopback port."""
+
+    def __init__(self, tree: Path, target: str, hub_args: list[str], log: Path):
+        with socketless_port() as port:
+            self.url = f"http://127.0.0.1:{port}"
+        command = [sys.executable, "-m", "hub_server", "serve", "--model", target, "--no-auth", "--port", str(port)]
+        env = dict(os.environ, PYTHONPATH=str(tree))
+        self._log = log.open("w")
+        self.process = subprocess.Popen(
+            command + hub_args, env=env, cwd=tree, stdout=self._log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL
+        )
+        deadline = time.monotonic() + READY_TIMEOUT_S
+        while not self._ready():
+            if self.process.poll() is not None or time.monotonic() > deadline:
+                self.stop()
+                sys.exit(f"the hub of {tree} did not start; see {log}")
+            time.sleep(0.5)
+
+    def _ready(self) -> bool:
+        try:
+            return httpx.get(f"{self.url}/health", timeout=5).status_code == 200
+        except httpx.HTTPError:
+            return False
+
+    def cpu_seconds(self) -> float:
+        return sum(cpu_seconds(pid) for pid in process_tree(self.process.pid))
+
+    def metrics(self) -> MetricsPage:
+        return MetricsPage.parse(httpx.get(f"{self.url}/metrics", timeout=30).text)
+
+    def stop(self) -> None:
+        self.process.terminate()
+        try:
+            self.process.wait(60)
+        except subprocess.TimeoutExpired:
+            self.process.kill()
+        self._log.close()
+
+
+class socketless_port:
+    """A free port, released before the hub binds it."""
+
+    def __enter__(self) -> int:
+        import socket
+
+        self._socket = socket.socket()
+        self._socket.bind(("127.0.0.1", 0))
+        return self._socket.getsockname()[1]
+
+    def __exit__(self, *exc: object) -> None:
+        self._socket.close()
+
+
+async def open_fed(client: httpx.AsyncClient, info: dict, context: int, seed: int) -> str:
+    body = {key: info[key] for key in ("protocol_version", "vocab_size", "vocab_fingerprint")}
+    session = (await client.post("/v1/sessions", json=body)).json()["session_id"]
+    tokens = random.Random(seed).choices(range(3, min(info["vocab_size"], 500)), k=context)
+    (await client.post(f"/v1/sessions/{session}/feed", json={"tokens": tokens})).raise_for_status()
+    return session
+
+
+async def verify(client: httpx.AsyncClient, session: str, rng: random.Random, vocab: int) -> None:
+    draft = rng.choices(range(3, min(vocab, 500)), k=DRAFT_TOKENS)
+    (await client.post(f"/v1/sessions/{session}/verify", json={"draft": draft})).raise_for_status()
+
+
+async def saturation(hub: TreeHub, users: int, seconds: float) -> dict:
+    limits = httpx.Limits(max_connections=users + 4)
+    async with httpx.AsyncClient(base_url=hub.url, timeout=120, limits=limits) as client:
+        info = (await client.get("/v1/info")).json()
+        sessions = [await open_fed(client, info, 32, seed) for seed in range(users)]
+        stop = asyncio.Event()
+        counted = {"verifies": 0, "counting": False}
+
+        async def user(session: str, seed: int) -> None:
+            rng = random.Random(seed)
+            while not stop.is_set():
+                await verify(client, session, rng, info["vocab_size"])
+                counted["verifies"] += counted["counting"]
+
+        tasks = [asyncio.create_task(user(s, i)) for i, s in enumerate(sessions)]
+        await asyncio.sleep(3.0)  # warm: every shape of pass seen
+        cpu, started = hub.cpu_seconds(), time.perf_counter()
+        counted["counting"] = True
+        await asyncio.sleep(seconds)
+        counted["counting"] = False
+        elapsed, used = time.perf_counter() - started, hub.cpu_seconds() - cpu
+        stop.set()
+        await asyncio.gather(*tasks)
+        for session in sessions:
+            await client.delete(f"/v1/sessions/{session}")
+    return {
+        "verifies_per_s": round(counted["verifies"] / elapsed, 1),
+        "hub_cpu_per_s": round(used / elapsed, 2),
+        "verifies_per_cpu_s": round(counted["verifies"] / used, 1),
+    }
+
+
+async def eight_at_once(hub: TreeHub, context: int, rounds: int) -> dict:
+    async with httpx.AsyncClient(base_url=hub.url, timeout=300) as client:
+        info = (await client.get("/v1/info")).json()
+        sessions = [await open_fed(client, info, context, seed) for seed in range(8)]
+        rngs = [random.Random(seed) for seed in range(8)]
+        for _ in range(3):  # warm
+            await asyncio.gather(*(verify(client, s, r, info["vocab_size"]) for s, r in zip(sessions, rngs)))
+        before = hub.metrics()
+        for _ in range(rounds):
+            await asyncio.gather(*(verify(client, s, r, info["vocab_size"]) for s, r in zip(sessions, rngs)))
+        page = hub.metrics().since(before)
+        for session in sessions:
+            await client.delete(f"/v1/sessions/{session}")
+    verifies = page.value(names.VERIFY_REQUESTS)
+    passes_of_8 = page.value(names.VERIFY_PASSES, sessions="8")
+    pass_s = page.value(names.VERIFY_PASS_SECONDS, sessions="8")
+    return {
+        "device_ms_per_verify": round(page.value(names.DEVICE_BUSY_SECONDS) * 1000 / verifies, 3),
+        "pass_of_8_ms_per_verify": round(pass_s * 1000 / passes_of_8 / 8, 3) if passes_of_8 else None,
+        "passes_of_8": int(passes_of_8),
+        "verifies": int(verifies),
+    }
+
+
+def measure(tree: Path, target: str, args: argparse.Namespace, log: Path) -> dict:
+    hub = TreeHub(tree, target, args.hub_arg, log)
+    try:
+        figures = {"saturation": asyncio.run(saturation(hub, args.users, args.seconds))}
+        for context in args.contexts:
+            figures[f"8 at {context}"] = asyncio.run(eight_at_once(hub, context, args.rounds))
+        return figures
+    finally:
+        hub.stop()
+
+
+def alone(target: str, args: argparse.Namespace) -> dict:
+    """The same pass of 8 on this tree's runner alone (verify_speed's worker, eager, one thread)."""
+    options = argparse.Namespace(
+        contexts=args.contexts,
+        sessions=8,
+        draft_tokens=DRAFT_TOKENS,
+        rounds=args.rounds,
+        threads=1,
+        device="cpu",
+        accepted=[0],
+        cpu_attention="auto",
+    )
+    return run_tree(REPO, options, target, "off")
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--target", default="dispatch", help="dispatch, gemma, or a .gguf file / model folder")
+    parser.add_argument("--base", default="7ade0de")
+    parser.add_argument("--users", type=int, default=16)
+    parser.add_argument("--seconds", type=float, default=20)
+    parser.add_argument("--contexts", type=int, nargs="+", default=[50, 2000])
+    parser.add_argument("--rounds", type=int, default=30)
+    parser.add_argument("--hub-arg", action="append", default=[], help="passed to both hubs' `serve`")
+    parser.add_argument("--no-alone", dest="alone", action="store_false")
+    args = parser.parse_args()
+    with tempfile.TemporaryDirectory() as scratch:
+        target = resolve_target(args.target, Path(tempfile.gettempdir()) / "specedge-bench-targets")
+        results = {}
+        if args.base:
+            base = unpack(args.base, Path(scratch) / "base")
+            results[args.base] = measure(base, target, args, Path(scratch) / "base.log")
+        results["this tree"] = measure(REPO, target, args, Path(scratch) / "this.log")
+        if args.alone:
+            results["runner alone"] = alone(target, args)
+    report(results, args, target)
+
+
+def report(results: dict, args: argparse.Namespace, target: str) -> None:
+    print(f"target {Path(target).name}; hub args {' '.join(args.hub_arg) or '(as it configures itself)'}")
+    print(json.dumps(results, indent=1))
+    if args.base and args.base in results:
+        old, new = results[args.base], results["this tree"]
+        ratio = new["saturation"]["verifies_per_cpu_s"] / old["saturation"]["verifies_per_cpu_s"]
+        print(f"verifies per hub CPU-second: {ratio:.2f}x {args.base}")
+        for context in args.contexts:
+            key = f"8 at {context}"
+            speedup = old[key]["device_ms_per_verify"] / new[key]["device_ms_per_verify"]
+            print(
+                f"device ms per verify at 8 sessions, {context}-token contexts: {speedup:.2f}x lower than {args.base}"
+            )
+    if "runner alone" in results:
+        for context in args.contexts:
+            inside = results["this tree"][f"8 at {context}"]["pass_of_8_ms_per_verify"]
+            by_itself = (
+                results["runner alone"][f"{context}"]["median_ms"] if f"{context}" in results["runner alone"] else None
+            )
+            if inside and by_itself:
+                print(f"a pass of 8 at {context} tokens inside the hub: {inside / by_itself:.2f}x the pass alone")
+
+
+if __name__ == "__main__":
+    main()
