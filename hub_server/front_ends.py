@@ -71,6 +71,7 @@ def serve_http(settings: HubSettings, link: EngineLink, sockets: list[socket.soc
 
     from hub_server.app import create_app
     from hub_server.connections import guarded_protocol
+    from hub_server.stream import MAX_FRAME_BYTES
 
     max_connections = max(1, settings.max_connections // settings.front_ends)  # the hub's cap, shared
     config = uvicorn.Config(
@@ -78,6 +79,10 @@ def serve_http(settings: HubSettings, link: EngineLink, sockets: list[socket.soc
         host=settings.host,
         port=settings.port,
         http=guarded_protocol(settings.request_timeout_s, max_connections, link.record_refusal),
+        # Sessions' verify streams (stream.py): websockets is a client dependency, so always here;
+        # a frame past twice a body's limit closes its stream (1009) before it is buffered whole.
+        ws="websockets-sansio",
+        ws_max_size=2 * MAX_FRAME_BYTES,
         log_config=None,
         log_level="info",
         access_log=False,

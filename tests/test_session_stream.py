@@ -196,6 +196,17 @@ def test_frames_that_are_not_verify_requests_are_refused_and_the_stream_kept(str
         assert "accepted" in exchange(stream, {"id": 2, "draft": [5]})
 
 
+def test_a_frame_past_twice_the_body_limit_closes_the_stream_unread(stream_hub):
+    session_id = open_session(stream_hub)
+    with stream_of(stream_hub, session_id) as stream:
+        stream.send(msgpack.packb({"id": 0, "draft": [5], "pad": b"x" * (2 << 20)}))
+        with pytest.raises(ConnectionClosed) as closed:
+            stream.recv(timeout=30)
+    assert closed.value.rcvd is not None and closed.value.rcvd.code == 1009  # message too big
+    with stream_hub.client("ada") as http:  # the session is as it was
+        assert http.post(f"/v1/sessions/{session_id}/verify", json={"draft": [5]}).json()["context_len"] >= 4
+
+
 def test_a_session_that_is_gone_is_refused_404_and_its_stream_closed(stream_hub):
     for session_id, user in [("no-such-session", "ada"), (open_session(stream_hub, "bob"), "ada")]:
         assert http_error(stream_hub, session_id, {"draft": [5]}, user) == (404, "session_not_found")
