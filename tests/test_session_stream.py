@@ -111,6 +111,24 @@ def test_a_chat_through_the_stream_equals_the_target_alone(temperature, stream_h
     assert len(closed) == 1 and f", {rounds} verifies in" in closed[0]
 
 
+def test_a_stream_the_hub_closed_between_verifies_is_opened_again_and_the_session_kept(stream_hub, draft, target_alone):
+    settings = DecodeSettings(max_tokens=40, seed=5, draft_len=3)
+    with HubClient(stream_hub.url, stream_hub.tokens["ada"]) as client:
+        conversation = Conversation(draft, client, plain_template(draft), settings)
+        try:
+            first = conversation.ask("the cat sat")
+            session_id = conversation.session_id
+            with stream_of(stream_hub, session_id):  # takes the session over: the hub closes the client's stream
+                time.sleep(0.5)
+            second = conversation.ask("and then")
+            assert (conversation.session_id, conversation.reconnects) == (session_id, 0)
+        finally:
+            conversation.close()
+    assert_equal_to_target_alone([first, second], draft, target_alone, 0.0)
+    opened = [line for line in log_lines(stream_hub.log) if line["message"] == f"stream opened: session {session_id}"]
+    assert len(opened) == 3  # the client's, the one that took over, the client's again
+
+
 def test_a_hub_of_protocol_version_1_is_verified_over_http(version_1_hub, draft, target_alone):
     turns, session_id = chat(version_1_hub.url, None, draft, ["the cat sat", "and then"], 0.0)
     assert_equal_to_target_alone(turns, draft, target_alone, 0.0)
