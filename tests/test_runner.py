@@ -16,8 +16,10 @@ import torch
 
 from hub_server.config import HubSettings
 from hub_server.engine.cpu_products import onednn_available
-from hub_server.engine.kv_pool import BLOCK_TOKENS, blocks_for
-from hub_server.engine.runner import ROW_SHAPES_KEPT, ModelRunner, _shape
+from hub_server.engine.kv_pool import BLOCK_TOKENS, SessionKV, blocks_for
+from hub_server.engine.layout import ROW_SHAPES_KEPT
+from hub_server.engine.projection import draft_shape
+from hub_server.engine.runner import ModelRunner
 from hub_server.engine_api import PassTally, VerifyJob
 from hub_server.errors import KVMemoryFull
 from hub_server.scheduler import Composition, Scheduler
@@ -76,9 +78,9 @@ def projection(request, target):
     """Every test runs with the projection walking the drafts level by level and computing every
     node at once (`auto` chooses one of the two per level, by cost)."""
     runner, _ = target
-    runner.projection = request.param
+    runner.walk.mode = request.param
     yield request.param
-    runner.projection = "auto"
+    runner.walk.mode = "auto"
 
 
 @pytest.fixture(autouse=True)
@@ -98,6 +100,17 @@ def prefilled(runner: ModelRunner, context: list[int]):
     kv = runner.new_kv()
     runner.prefill(kv, context)
     return kv
+
+
+def stored_kv(runner: ModelRunner, kv: SessionKV, layer: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """The keys and values a session holds for `layer`, in position order: [H, n, D] each
+    (sliding layers: the last window - 1 positions, all a later query can see)."""
+    window = runner.kinds[runner.layer_types[layer]]
+    first = max(0, kv.length - window + 1) if window else 0
+    places = runner.pool.places(kv, list(range(first, kv.length)))
+    rows = torch.tensor(places, dtype=torch.long, device=runner.device)
+    keys, values = runner.pool.flat(runner.pool.keys[layer]), runner.pool.flat(runner.pool.values[layer])
+    return keys[rows].transpose(0, 1), values[rows].transpose(0, 1)
 
 
 def job(runner, kv, context, draft, parents=None, temperature=0.0, seed=0) -> VerifyJob:
@@ -123,7 +136,7 @@ def test_batched_verify_equals_one_session_at_a_time(target):
         assert a.kv.length == t.kv.length
         for layer in range(len(runner.layer_types)):
             torch.testing.assert_close(
-                runner.stored_kv(a.kv, layer), runner.stored_kv(t.kv, layer), atol=1e-4, rtol=1e-4
+                stored_kv(runner, a.kv, layer), stored_kv(runner, t.kv, layer), atol=1e-4, rtol=1e-4
             )
 
 
@@ -228,7 +241,7 @@ def test_tree_picks_the_matching_branch_and_compacts_the_cache(target):
     assert chain.emitted == tree.emitted and tree.kv.length == chain.kv.length
     for layer in range(len(runner.layer_types)):
         torch.testing.assert_close(
-            runner.stored_kv(tree.kv, layer), runner.stored_kv(chain.kv, layer), atol=1e-4, rtol=1e-4
+            stored_kv(runner, tree.kv, layer), stored_kv(runner, chain.kv, layer), atol=1e-4, rtol=1e-4
         )
     # The compacted cache decodes on exactly like the target alone.
     next_context = context + tree.emitted
@@ -298,25 +311,25 @@ def test_the_projection_computes_only_the_rows_the_acceptance_rule_reads_when_wa
     context = CONTEXTS[0]
     truth = greedy(target_alone, context, 3)
     tokens = [(truth[0] + 1) % 512, truth[1], truth[2], (truth[0] + 2) % 512, 9]  # root -> {0 -> 1 -> 2, 3 -> 4}
-    before = runner.projected_rows
+    before = runner.walk.projected_rows
     tree = job(runner, prefilled(runner, context), context, tokens, [-1, 0, 1, -1, 3])
     runner.verify_batch([tree])
     assert tree.emitted == truth[:1]
-    assert runner.projected_rows - before == (1 if projection == "levels" else 1 + len(tokens))
+    assert runner.walk.projected_rows - before == (1 if projection == "levels" else 1 + len(tokens))
     chain = job(runner, prefilled(runner, context), context, truth[:2] + [(truth[2] + 1) % 512])
-    before = runner.projected_rows
+    before = runner.walk.projected_rows
     runner.verify_batch([chain])  # two accepted, the third rejected: three rows are read
     assert chain.emitted == truth[:3]
-    assert runner.projected_rows - before == (3 if projection == "levels" else 4)
+    assert runner.walk.projected_rows - before == (3 if projection == "levels" else 4)
 
 
 def test_a_draft_shape_lists_each_nodes_children_depth_and_everything_under_it():
-    """`_shape`, which the projection's walk reads, against the tree's definition: a node is under
+    """`draft_shape`, which the projection's walk reads, against the tree's definition: a node is under
     another when that other is on its way up to the root."""
     rng = random.Random(5)
     for _ in range(50):
         parents = [rng.randrange(-1, i) for i in range(rng.randrange(0, 12))]
-        shape = _shape(tuple(parents))
+        shape = draft_shape(tuple(parents))
 
         def ancestors(node, parents=parents):
             while node >= 0:
@@ -332,20 +345,20 @@ def test_a_draft_shape_lists_each_nodes_children_depth_and_everything_under_it()
 
 
 def test_a_pass_row_shape_is_kept_for_the_most_recent_shapes_and_matches_a_fresh_one(target):
-    """`_rows` keeps the last ROW_SHAPES_KEPT shapes; a kept shape is what building it anew gives."""
+    """`PassLayout.rows` keeps the last ROW_SHAPES_KEPT shapes; a kept shape is what building it anew gives."""
     runner, _ = target
-    runner._row_shapes.cache_clear()
+    runner.layout.row_shapes.cache_clear()
     tree = [[-1, 0, 0, 1], [-1, 0, 1]]  # a tree and a chain, padded to width 4
-    first = runner._rows(2, 4, tree)
+    first = runner.layout.rows(2, 4, tree)
     for n in range(1, ROW_SHAPES_KEPT + 1):  # as many chains again: the tree's shape is the oldest, dropped
-        runner._rows(1, n, [list(range(-1, n - 1))])
-    assert runner._row_shapes.cache_info().currsize == ROW_SHAPES_KEPT
-    again = runner._rows(2, 4, tree)
+        runner.layout.rows(1, n, [list(range(-1, n - 1))])
+    assert runner.layout.row_shapes.cache_info().currsize == ROW_SHAPES_KEPT
+    again = runner.layout.rows(2, 4, tree)
     assert again is not first
     for a, b in zip(vars(first).values(), vars(again).values()):
         assert torch.equal(a, b)
     assert again.depths.tolist() == [[0, 1, 1, 2], [0, 1, 2, 0]] and again.sources.tolist() == [0, 1, 2, 3, 4, 5, 6]
-    assert runner._rows(2, 4, tree) is again
+    assert runner.layout.rows(2, 4, tree) is again
 
 
 def test_a_tree_whose_rejected_nodes_cross_a_block_boundary_keeps_its_path_and_gives_blocks_back(target):
@@ -371,7 +384,9 @@ def test_a_tree_whose_rejected_nodes_cross_a_block_boundary_keeps_its_path_and_g
     chain = job(runner, prefilled(runner, context), context, truth[:3])
     runner.verify_batch([chain])
     for layer in range(len(runner.layer_types)):
-        torch.testing.assert_close(runner.stored_kv(kv, layer), runner.stored_kv(chain.kv, layer), atol=1e-4, rtol=1e-4)
+        torch.testing.assert_close(
+            stored_kv(runner, kv, layer), stored_kv(runner, chain.kv, layer), atol=1e-4, rtol=1e-4
+        )
     next_context = context + tree.emitted
     follow = job(runner, kv, next_context, greedy(target_alone, next_context, 3))
     runner.verify_batch([follow])

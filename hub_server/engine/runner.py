@@ -4,11 +4,15 @@ It owns the target model and the KV pool that holds every session's keys and val
 (`kv_pool.py`: blocks allocated once at start, taken by sessions as their contexts grow). One
 forward pass verifies the drafts of many sessions at once, whatever their context lengths and
 draft shapes: each session's new tokens (pending context tokens, then draft tree nodes) are laid
-out in a row with their own positions, and the attention (`pool_attention.py`) reads each
-session's past through its block table, with a mask that lets each token see exactly its
-session's past and its own ancestors. The new tokens' keys and values are written into the
-session's blocks during the pass; afterwards each session keeps those of its pending tokens and
-its accepted path, nothing else, and gives back the blocks past them.
+out in a row with their own positions (`layout.py`), and the attention (`pool_attention.py`)
+reads each session's past through its block table, with a mask that lets each token see exactly
+its session's past and its own ancestors. The new tokens' keys and values are written into the
+session's blocks during the pass; the target's choices are projected only where the acceptance
+rule reads them (`projection.py`); afterwards each session keeps the keys and values of its
+pending tokens and its accepted path, nothing else, and gives back the blocks past them. Which
+passes run, and who shares each, is the scheduler's to say (`scheduler.Composition`): the
+runner runs the pass it is given. On a CPU, how the passes compute is chosen by timings at start
+(`cpu_timings.py`).
 
 With `--compile on` the passes take a few fixed shapes (rows and widths rounded up to powers of
 two), each compiled once at start by torch.compile (CUDA graphs on a GPU); the compile cache is
@@ -18,39 +22,27 @@ kept under the hub's cache directory, so a restart compiles nothing new.
 from __future__ import annotations
 
 import contextlib
-import functools
 import logging
 import os
 import threading
 import time
-from collections import Counter
-from dataclasses import dataclass, replace
-from itertools import chain
+from dataclasses import replace
 from pathlib import Path
 
-import numpy as np
 import torch
 
 from hub_server.config import HubSettings, default_cache_dir
-from hub_server.engine.cpu_products import choose_cpu_products
+from hub_server.engine.cpu_timings import time_cpu_choices
 from hub_server.engine.kv_pool import BLOCK_TOKENS, GIB, KVPool, KVShape, SessionKV, blocks_for, plan_kv
+from hub_server.engine.layout import PassBatch, PassLayout, buckets, row_parents
 from hub_server.engine.loading import choose_device, choose_dtype, load_target, read_vocabulary
-from hub_server.engine.pool_attention import (
-    FULL,
-    POOL_ATTENTION,
-    SLIDING,
-    PoolPass,
-    ancestor_closure,
-    view_bias,
-    view_places,
-)
-from hub_server.engine.pool_kernel import load_pool_kernel
+from hub_server.engine.pool_attention import FULL, POOL_ATTENTION, SLIDING
+from hub_server.engine.projection import ProjectionWalk
 from hub_server.engine.rotary import rotary_table, tabled
-from hub_server.engine.sampling import target_choices
 from hub_server.engine_api import EngineStats, KVHandle, PassTally, VerifyJob
 from hub_server.errors import KVMemoryFull
-from hub_server.pass_cost import PassCostFit, RowCosts
-from hub_server.tree import accept_tree, chain_parents, node_depths
+from hub_server.pass_cost import PassCostFit
+from hub_server.tree import accept_tree, chain_parents
 
 # Without --kv-memory-gib, the KV pool may take this share of the memory left once the model
 # is loaded: on a GPU the rest is for the passes themselves (activations, logits);
@@ -65,109 +57,8 @@ WARM_UP_DRAFTS = (0, 8, 32)
 # a verify's last token and longest draft): a new session is admitted while its blocks are free.
 FEED_CHUNK = 128
 SMALLEST_WIDTH = 16  # the narrowest compiled row: narrower ones cost about as much on any device
-# How fast the estimate of how often a projected draft node leads on to an accepted child follows
-# the drafts (`ModelRunner._choices`).
-SURVIVAL_FADE = 0.3
-ROW_SHAPES_KEPT = 64  # pass row shapes kept on the device (`ModelRunner._rows`), least recent dropped first
-PROJECTION_TIMED_ROWS = 64  # the projection is timed at start up to this many rows (linear beyond)
 
 log = logging.getLogger("hub_server")
-
-
-@dataclass
-class _Batch:
-    """Sessions' new tokens laid out for one pass: rows (sessions) of width S; row b's tokens are
-    its pending tokens (a chain below the session's past), then its draft nodes. A compiled pass
-    runs more rows and columns than it has (a bucket): the rest is padding."""
-
-    slots: list[SessionKV]
-    sizes: list[int]  # real tokens per row
-    tokens: torch.Tensor  # [B', S'] on the device
-    positions: torch.Tensor  # [B', S'] absolute context positions
-    layout: PoolPass  # where the new tokens go in the pool, and what each sees
-
-    @property
-    def width(self) -> int:
-        return self.tokens.shape[1]
-
-
-@dataclass(frozen=True)
-class _Rows:
-    """The shape of a pass's rows on the device, which depends only on each row's parents (and
-    the bucket): the same for pass after pass of one batch's chains, so it is built once per
-    shape (`ModelRunner._rows`). Nothing downstream writes into these tensors."""
-
-    row_of: torch.Tensor  # [T] each real token's row
-    sources: torch.Tensor  # [T] its place in the flattened [B', S'] rows
-    ranks: torch.Tensor  # [T] its place in its row
-    sizes: torch.Tensor  # [B] real tokens per row
-    ancestors: torch.Tensor  # [B, S', S'] bool: token j of row b is token i or one of its ancestors
-    depths: torch.Tensor  # [B, S'] how many ancestors each token has (0: a row's first token)
-
-
-def _row_parents(n_pending: int, parents: list[int]) -> list[int]:
-    """Parents within the row: pending tokens form a chain; draft roots hang off the last of them."""
-    return list(range(-1, n_pending - 1)) + [n_pending - 1 if p < 0 else n_pending + p for p in parents]
-
-
-@dataclass(frozen=True)
-class _Shape:
-    """What `_choices` reads of a draft tree's shape, by node + 1 (index 0: the root). Its size
-    grows with the nodes, not with nodes x depth, so caching a client's long chains costs little."""
-
-    kids: tuple[tuple[int, ...], ...]  # each node's children
-    depths: tuple[int, ...]  # each node's depth: the root 0, its children 1
-    order: tuple[int, ...]  # the nodes depth first: each node's descendants come right after it
-    spans: tuple[tuple[int, int], ...]  # where each node's descendants lie in `order`
-    all_under: Counter  # every node, by depth: what lies under the root
-
-    def below(self, node: int) -> tuple[int, ...]:
-        """Every node under `node` (-1: the root)."""
-        start, end = self.spans[node + 1]
-        return self.order[start:end]
-
-    def under(self, node: int) -> Counter:
-        """How many nodes lie under `node` at each depth."""
-        return self.all_under if node < 0 else Counter(self.depths[d + 1] for d in self.below(node))
-
-
-@functools.lru_cache(maxsize=1024)
-def _shape(parents: tuple[int, ...]) -> _Shape:
-    """A draft's shape, worked out once for each shape the drafts take (a chain of each length,
-    the few trees a drafter makes) instead of in every pass."""
-    kids: list[list[int]] = [[] for _ in range(len(parents) + 1)]
-    for node, parent in enumerate(parents):
-        kids[parent + 1].append(node)
-    depths = (0, *node_depths(list(parents)))
-    sizes = [1] * (len(parents) + 1)  # each node's subtree, itself included
-    for node in range(len(parents) - 1, -1, -1):  # children come after their parents
-        sizes[parents[node] + 1] += sizes[node + 1]
-    order: list[int] = []
-    spans = [(0, len(parents))] * (len(parents) + 1)
-    stack = list(reversed(kids[0]))
-    while stack:
-        node = stack.pop()
-        order.append(node)
-        spans[node + 1] = (len(order), len(order) + sizes[node + 1] - 1)
-        stack.extend(reversed(kids[node + 1]))
-    return _Shape(tuple(map(tuple, kids)), depths, tuple(order), tuple(spans), Counter(depths[1:]))
-
-
-def _opens(job: VerifyJob, node: int, choice: int) -> bool:
-    """Whether draft `node` is accepted (its token is the target's choice at its accepted parent)
-    and has a choice of its own to read: a stop token ends its path."""
-    token = job.draft[node]
-    return token == choice and token not in job.stop_token_ids
-
-
-def buckets(limit: int, smallest: int = 1) -> list[int]:
-    """Powers of two from `smallest` up to `limit`, and `limit` itself: the shapes a compiled pass takes."""
-    sizes = {1 << i for i in range(limit.bit_length()) if smallest <= 1 << i <= limit}
-    return sorted(sizes | {limit})
-
-
-def _bucket(size: int, sizes: list[int]) -> int | None:
-    return next((bucket for bucket in sizes if bucket >= size), None)
 
 
 def available_memory(device: torch.device) -> int:
@@ -230,21 +121,10 @@ class ModelRunner:
         self.vocab_size = min(self.vocab.size, self.model.get_input_embeddings().num_embeddings)
         # One thing at a time on the device: a forward pass here, or the hub's own drafting.
         self.device_lock = threading.Lock()
-        # The rows a pass projects that start-up timings cover: its sessions' roots, and the widest verify pass (capped).
-        timed_rows = min(PROJECTION_TIMED_ROWS, settings.max_batch * (1 + settings.max_draft_tokens))
-        choose_cpu_products(self.model, settings.cpu_matmul, sorted({min(settings.max_batch, timed_rows), timed_rows}))
-        # `auto` times the CPU kernel on a typical verify pass: up to 8 sessions of a token and an 8-token draft.
+        # Which draft nodes the vocabulary projection computes (`projection.py`).
+        self.walk = ProjectionWalk(self._logits)
         heads, dim = self.pool.shape.heads, self.pool.shape.dim
-        timed = (
-            min(settings.max_batch, 8),
-            min(1 + settings.max_draft_tokens, 9),
-            config.num_attention_heads,
-            heads,
-            dim,
-        )
-        self.pool_kernel = load_pool_kernel(
-            settings.cpu_attention, self.device, self.model.dtype, settings.cache_dir or default_cache_dir(), timed
-        )
+        self.pool_kernel = time_cpu_choices(self.model, settings, self.device, heads, dim, self.walk)
         self.compiled = _compile_wanted(settings.compile, self.device)
         self.batch_buckets = buckets(settings.max_batch)
         # Verify rows: a session's last token and its draft; the scheduler feeds longer pending
@@ -252,34 +132,22 @@ class ModelRunner:
         widest_verify = 1 + settings.max_draft_tokens
         self.width_buckets = buckets(widest_verify, min(SMALLEST_WIDTH, widest_verify))
         self.widest_verify_row = self.width_buckets[-1] if self.compiled else self.widest_row
+        self.layout = PassLayout(
+            self.pool,
+            self.device,
+            self.layer_types,
+            self.kinds,
+            self.pool_kernel,
+            self.batch_buckets,
+            self.width_buckets,
+        )
         self._decoder = self._compiled_decoder(settings) if self.compiled else self._decode
-        # Which draft nodes the vocabulary projection computes (`_choices`): `auto` decides by its
-        # measured cost, `levels` walks level by level, `all` computes every node in one go.
-        self.projection = "auto"
-        self.projection_costs = RowCosts()  # the projection's time by the rows it computes
-        self._survival: list[float] = []  # by depth: how often a projected node led on to an accepted child
-        self._time_projection(timed_rows)
         self.compiled_shapes: set[tuple[int, int]] = set()  # buckets run through the compiled decoder
-        # Row shapes on this runner's device, by (rows, width, parents); the least recent dropped first.
-        self._row_shapes = functools.lru_cache(maxsize=ROW_SHAPES_KEPT)(self._lay_rows)
         self._zero_tallies()
         if self.compiled:
             self.compile_buckets()
         elif self.device == "cuda":
             self.warm_up(settings.max_batch, settings.max_draft_tokens)
-
-    def _time_projection(self, most_rows: int) -> None:
-        """Time the vocabulary projection at a few row counts up to `most_rows`, so that the
-        first passes already know what its rows cost against a call of it."""
-        hidden_size = self.model.get_output_embeddings().weight.shape[1]
-        hidden = torch.randn(max(2, most_rows), hidden_size, generator=torch.Generator().manual_seed(0))
-        hidden = hidden.to(self.device, self.model.dtype)
-        # One row (a vector product), a few (the smallest matrix products) and many: the shape of
-        # the cost, in under a second on a CPU for Gemma 3's 262k-token vocabulary.
-        for rows in sorted({1, 2, min(8, most_rows), max(2, most_rows)}):
-            started = time.perf_counter()
-            self._logits(hidden, list(range(rows))).argmax(dim=-1).tolist()
-            self.projection_costs.add(rows, time.perf_counter() - started)
 
     def _make_pool(self, settings: HubSettings, config) -> KVPool:
         """The KV pool's blocks, as many as the budget holds; KVBudgetError when it cannot hold one session."""
@@ -339,15 +207,6 @@ class ModelRunner:
             compiled_misses=self.compiled_misses,
             compiled_buckets=len(self.compiled_shapes),
         )
-
-    def stored_kv(self, kv: SessionKV, layer: int) -> tuple[torch.Tensor, torch.Tensor]:
-        """The keys and values a session holds for `layer`, in position order: [H, n, D] each
-        (sliding layers: the last window - 1 positions, all a later query can see)."""
-        window = self.kinds[self.layer_types[layer]]
-        first = max(0, kv.length - window + 1) if window else 0
-        rows = torch.tensor(self.pool.places(kv, list(range(first, kv.length))), dtype=torch.long, device=self.device)
-        keys, values = self.pool.flat(self.pool.keys[layer]), self.pool.flat(self.pool.values[layer])
-        return keys[rows].transpose(0, 1), values[rows].transpose(0, 1)
 
     # --- public operations --------------------------------------------------------------
     def prefill(self, kv: KVHandle, context: list[int]) -> None:
@@ -468,131 +327,25 @@ class ModelRunner:
         self.kept_kv_bytes_moved = 0  # a tree's accepted nodes moved down to close the gap
         self.compiled_hits = 0  # passes run by a compiled bucket
         self.compiled_misses = 0  # passes (with --compile on) no bucket was compiled for: run eagerly
-        self.projected_rows = 0  # verify rows the vocabulary projection computed (`_choices`)
+        self.walk.projected_rows = 0  # verify rows the vocabulary projection computed
 
     def _verify_pass(self, jobs: list[VerifyJob]) -> int:
         """One batched pass over the jobs; returns the tokens it computed, padding included."""
         batch = self._batch(
             [_own(job.kv) for job in jobs],
             [job.pending + job.draft for job in jobs],
-            [_row_parents(len(job.pending), job.parents) for job in jobs],
+            [row_parents(len(job.pending), job.parents) for job in jobs],
             bucketed=self.compiled,
         )
         hidden = self._forward(batch, counted=True)
         kept = []
-        for job, choices in zip(jobs, self._choices(jobs, batch, hidden)):
+        for job, choices in zip(jobs, self.walk.choices(jobs, batch, hidden)):
             job.path, job.emitted = accept_tree(job.draft, job.parents, choices, job.stop_token_ids)
             # Keep what the context now holds, but its last token: pending, then the accepted path.
             nodes = job.path[: len(job.emitted) - 1]
             kept.append((len(job.pending), nodes, job.pending + [job.draft[node] for node in nodes]))
         self._keep(batch, kept)
         return batch.tokens.numel()
-
-    def _choices(self, jobs: list[VerifyJob], batch: _Batch, hidden: torch.Tensor) -> list[list[int]]:
-        """The target's choice at each row's root and draft nodes, as `accept_tree` reads them
-        (choices[0] after the root, choices[i + 1] after node i); -1 where it reads none.
-
-        The acceptance rule reads a node's choice only when the node itself is accepted, so the
-        vocabulary projection (on a 262k-token vocabulary, most of a pass on a CPU) need not run
-        for the others. The walk goes down the drafts a level at a time from the roots; at each
-        level it either projects only the nodes it has reached, or every node still below them
-        at once, whichever the projection's measured cost says is cheaper (`_walk_on`).
-        """
-        shapes = [_shape(tuple(job.parents)) for job in jobs]
-        choices = [[-1] * (len(job.draft) + 1) for job in jobs]
-        frontier = [(b, -1) for b in range(len(jobs))]  # (row, node): choice needed, not yet computed
-        depth = 0  # of every node in the frontier
-        while frontier:
-            under = Counter[int]()  # nodes still below the frontier, by depth
-            for b, node in frontier:
-                under.update(shapes[b].under(node))
-            if self._walk_on(depth, len(frontier), under):
-                wanted = frontier
-            else:
-                wanted = frontier + [(b, d) for b, node in frontier for d in shapes[b].below(node)]
-            for (b, node), choice in zip(wanted, self._choose(jobs, batch, hidden, wanted)):
-                choices[b][node + 1] = choice
-            # On through the nodes just computed, to the next ones not computed; by depth, how
-            # many of those reached had children and how many led on to one (what walking pays).
-            walking, frontier = list(frontier), []
-            seen, led = Counter[int](), Counter[int]()
-            while walking:
-                b, node = walking.pop()
-                at, kids = shapes[b].depths[node + 1], shapes[b].kids[node + 1]
-                opened = [child for child in kids if _opens(jobs[b], child, choices[b][node + 1])]
-                seen[at] += bool(kids)
-                led[at] += bool(opened)
-                for child in opened:
-                    (walking if choices[b][child + 1] >= 0 else frontier).append((b, child))
-            for at, count in seen.items():
-                if count:
-                    self._learn_survival(at, led[at] / count)
-            depth += 1
-        return choices
-
-    def _learn_survival(self, depth: int, share: float) -> None:
-        while len(self._survival) <= depth:
-            self._survival.append(0.5)
-        self._survival[depth] += SURVIVAL_FADE * (share - self._survival[depth])
-
-    def _walk_on(self, depth: int, reached: int, under: Counter) -> bool:
-        """Whether to project only the `reached` nodes at `depth` now, leaving the nodes below
-        them (`under`: how many at each depth) for later levels, rather than all of them at once.
-
-        A projection's cost by its rows is measured (at start, then as passes run). Walking on
-        saves the rows under every node that turns out rejected, and costs one projection more
-        a level; with how often a node at each depth led on lately, the expected cost of
-        projecting everything left at depth k is compared for every k, and the walk goes on
-        while a deeper k is cheaper than now."""
-        if not under or self.projection == "all":
-            return False
-        if self.projection == "levels":
-            return True
-        if not self.projection_costs.known():
-            return False
-        # Expected nodes reached at each depth: those of this level, then as many as led on lately.
-        deepest, reach = max(under), {depth: float(reached)}
-        for d in range(depth + 1, deepest + 1):
-            survival = self._survival[d - 1] if d - 1 < len(self._survival) else 0.5
-            reach[d] = min(float(under.get(d, 0)), reach[d - 1] * survival)
-
-        projection = self.projection_costs.curve()  # expected cost of one call (none if no rows)
-        # What walking costs up to each depth (one projection a level), and how many nodes lie
-        # deeper than each depth: sums built once, not again for every depth compared.
-        walked = [0.0]
-        for d in range(depth, deepest + 1):
-            walked.append(walked[-1] + projection(reach[d]))
-        deeper = {deepest: 0}
-        for d in range(deepest, depth, -1):
-            deeper[d - 1] = deeper[d] + under.get(d, 0)
-
-        def all_at(k: int) -> float:  # walk to depth k alone, then project all that is left there
-            if k > deepest:
-                return walked[k - depth]
-            share = reach[k] / under[k] if k > depth and under.get(k) else 1.0  # of depth k reached
-            return walked[k - depth] + projection(reach[k] + share * deeper[k])
-
-        now = all_at(depth)
-        return any(all_at(k) < now for k in range(depth + 1, deepest + 2))
-
-    def _choose(self, jobs: list[VerifyJob], batch: _Batch, hidden: torch.Tensor, wanted: list[tuple[int, int]]):
-        """The target's token after each (row, node) of `wanted` (node -1: the row's root)."""
-        columns = [len(jobs[b].pending) + node for b, node in wanted]
-        started = time.perf_counter()
-        logits = self._logits(hidden, [b * batch.width + c for (b, _), c in zip(wanted, columns)])
-        # Greedy rows read one argmax over all of them: one copy from the device, not one a row.
-        greedy = logits.argmax(dim=-1).tolist() if any(jobs[b].temperature == 0.0 for b, _ in wanted) else None
-        self.projection_costs.add(len(wanted), time.perf_counter() - started)
-        self.projected_rows += len(wanted)
-        chosen = []
-        for k, ((b, _), column) in enumerate(zip(wanted, columns)):
-            job = jobs[b]
-            if job.temperature == 0.0 and greedy is not None:
-                chosen.append(greedy[k])
-            else:
-                position = int(batch.positions[b, column]) + 1
-                chosen += target_choices(logits[k : k + 1], job.temperature, job.seed, [position])
-        return chosen
 
     def _feed(self, kv: SessionKV, tokens: list[int]) -> None:
         """Append `tokens` to `kv` in passes of this session alone, FEED_CHUNK tokens each."""
@@ -601,7 +354,7 @@ class ModelRunner:
         with self._device_time(self.feeds):
             for start in range(0, len(tokens), FEED_CHUNK):
                 part = tokens[start : start + FEED_CHUNK]
-                batch = self._batch([kv], [part], [_row_parents(len(part), [])])
+                batch = self._batch([kv], [part], [row_parents(len(part), [])])
                 self._forward(batch)
                 self._keep(batch, [(len(part), [], part)])
 
@@ -622,57 +375,12 @@ class ModelRunner:
 
     def _batch(
         self, slots: list[SessionKV], rows: list[list[int]], parents: list[list[int]], bucketed: bool = False
-    ) -> _Batch:
-        """Lay the rows out for a pass (`bucketed`: in a compiled bucket when there is one) and
-        plan where their keys go and what each token sees. Each session's blocks must hold its
-        new tokens (`reserve`, or taken here: KVMemoryFull when they cannot be)."""
-        sizes = [len(row) for row in rows]
-        for slot, size in zip(slots, sizes):
-            self._cover(slot, slot.length + size)
-        height, width = len(rows), max(sizes)
-        if bucketed:
-            height = _bucket(height, self.batch_buckets) or height
-            width = _bucket(width, self.width_buckets) or width
-        device, total = self.device, sum(sizes)
-        shape = self._rows(height, width, parents)
-        # What the host knows, sent to the device in two copies: each real token's id, then each
-        # row's stored tokens, with its block table after them (through numpy: torch.tensor of a
-        # list of Python ints costs ~0.2 us an int, 0.9 ms for 64 rows of 33).
-        ids = torch.from_numpy(np.fromiter(chain.from_iterable(rows), dtype=np.int64, count=total)).to(device)
-        per_row = torch.from_numpy(_tables(slots)).to(device)  # [B, 1 + M]
-        lengths, tables = per_row[:, 0], per_row[:, 1:]
-        positions = lengths[:, None] + shape.depths  # [B, S'] below the session's past
-        if total < height * width:  # padded: the real tokens go to their places, the rest are 0
-            tokens = torch.zeros(height * width, dtype=torch.long, device=device).index_put_((shape.sources,), ids)
-            positions = torch.cat([positions, positions.new_zeros(height - len(rows), width)])
-        else:
-            tokens = ids
-        places, biases = {}, {}
-        dtype = self.pool.keys[0].dtype  # the model's (whose `dtype` walks its parameters: ~60 us)
-        for name, window in self.kinds.items():
-            # A sliding layer's view starts at the oldest position its first new token still sees.
-            first = [max(0, slot.length - window + 1) if window else 0 for slot in slots]
-            starts = torch.tensor(first).to(device) if window else None
-            view = max(slot.length - start + size for slot, start, size in zip(slots, first, sizes))
-            places[name] = view_places(tables, starts, lengths + shape.sizes, view)
-            biases[name] = view_bias(
-                window, lengths, starts, shape.sizes, positions[: len(rows)], shape.ancestors, view, dtype
-            )
-        # Each new token goes to the stored position after its row's past and the row's tokens before it.
-        stored = lengths[shape.row_of] + shape.ranks
-        blocks = tables.reshape(-1)[shape.row_of * tables.shape[1] + stored // BLOCK_TOKENS]
-        layout = PoolPass(
-            keys=self.pool.keys,
-            values=self.pool.values,
-            kinds=self.layer_types,
-            rows=len(rows),
-            sources=shape.sources,
-            targets=blocks * BLOCK_TOKENS + stored % BLOCK_TOKENS,
-            places=places,
-            biases=biases,
-            kernel=self.pool_kernel,
-        )
-        return _Batch(slots, sizes, tokens.view(height, width), positions, layout)
+    ) -> PassBatch:
+        """The rows laid out for a pass (`layout.py`). Each session's blocks must hold its new
+        tokens (`reserve`, or taken here: KVMemoryFull when they cannot be)."""
+        for slot, row in zip(slots, rows):
+            self._cover(slot, slot.length + len(row))
+        return self.layout.lay(slots, rows, parents, bucketed)
 
     def _cover(self, kv: SessionKV, tokens: int) -> None:
         if not self.pool.cover(kv, tokens):
@@ -681,30 +389,8 @@ class ModelRunner:
                 "retry in a few seconds"
             )
 
-    def _rows(self, height: int, width: int, parents: list[list[int]]) -> _Rows:
-        """The shape of rows with these parents in a [height, width] pass, built on the device
-        the first time (no loop over rows or tokens, no host sync) and kept for the next passes
-        of the same shape: ~40 small operations a pass (0.4 ms on this CPU at 8 x 9 tokens;
-        as many kernel launches on a GPU)."""
-        return self._row_shapes(height, width, tuple(map(tuple, parents)))
-
-    def _lay_rows(self, height: int, width: int, parents: tuple[tuple[int, ...], ...]) -> _Rows:
-        device, sizes = self.device, [len(row) for row in parents]
-        total = sum(sizes)
-        parent_ids = torch.from_numpy(np.fromiter(chain.from_iterable(parents), dtype=np.int64, count=total))
-        parent_ids, sizes_t = parent_ids.to(device), torch.tensor(sizes).to(device)
-        # Each real token's place in the flattened rows: its row's start, plus its rank among
-        # that row's tokens (repeat_interleave told its total: no host sync).
-        row_of = torch.repeat_interleave(torch.arange(len(parents), device=device), sizes_t, output_size=total)
-        ranks = torch.arange(total, device=device) - (torch.cumsum(sizes_t, 0) - sizes_t)[row_of]
-        sources = row_of * width + ranks
-        row_parents = torch.full((height * width,), -1, dtype=torch.long, device=device)
-        row_parents[sources] = parent_ids
-        ancestors = ancestor_closure(row_parents.view(height, width))[: len(parents)]  # [B, S', S']
-        return _Rows(row_of, sources, ranks, sizes_t, ancestors, ancestors.sum(-1) - 1)
-
     @torch.inference_mode()
-    def _forward(self, batch: _Batch, counted: bool = False) -> torch.Tensor:
+    def _forward(self, batch: PassBatch, counted: bool = False) -> torch.Tensor:
         """One pass over every row on top of its slot's past, writing the rows' keys and values
         into the slots as it goes. Returns the last hidden states [B', S', hidden].
         A verify pass (`counted`) counts as a compiled-bucket hit or miss; a prompt fed in
@@ -791,7 +477,7 @@ class ModelRunner:
             logits = torch.tanh(logits / self.logit_softcap) * self.logit_softcap
         return logits.float()
 
-    def _keep(self, batch: _Batch, kept: list[tuple[int, list[int], list[int]]]) -> None:
+    def _keep(self, batch: PassBatch, kept: list[tuple[int, list[int], list[int]]]) -> None:
         """Keep each row's pending tokens and accepted nodes: (pending, nodes, their tokens) per
         row; give back the blocks past them, and name the blocks they filled (shared prefixes).
 
@@ -833,17 +519,6 @@ def _own(kv: KVHandle) -> SessionKV:
     if not isinstance(kv, SessionKV):
         raise TypeError(f"not a session of this runner's KV pool: {kv!r}")
     return kv
-
-
-def _tables(slots: list[SessionKV]) -> np.ndarray:
-    """Each session's stored tokens, then its block table: one [B, 1 + M] array, the tables
-    padded with the null block (0)."""
-    longest = max(len(slot.blocks) for slot in slots)
-    tables = np.zeros((len(slots), 1 + longest), dtype=np.int64)
-    for b, slot in enumerate(slots):
-        tables[b, 0] = slot.length
-        tables[b, 1 : 1 + len(slot.blocks)] = slot.blocks
-    return tables
 
 
 def _compile_wanted(mode: str, device: str) -> bool:
