@@ -7,9 +7,13 @@ Runs a hub on TARGET (through the project's launcher) and measures, side by side
    the feed's time;
 3. the prompt fed alone; 4. two such prompts fed at once (each one's time).
 Bars (chunked prefill): p99 in 2 at most 3x that of 1; the feed in 2 within 2.5x of 3; both of 4
-within 2.5x of 3. `--hub-repo` runs the hub of another checkout (an older commit) for comparison.
+within 2.5x of 3. The feed starts once every user has had SETTLE_VERIFIES verifies, so what 2
+measures is the feed, not the users' own first passes (1 leaves out its first tenth for the same
+reason). `--hub-repo` (repeatable) runs the hub of each checkout given, in turn, `--rounds` times:
+an older commit beside this one in one run, on a machine whose load is the same for both.
 
-    .venv/bin/python benchmarks/prompt_stall.py --target ~/.cache/specedge/models/gemma-3-270m-Q4_K_M.gguf
+    .venv/bin/python benchmarks/prompt_stall.py --target ~/.cache/specedge/models/gemma-3-270m-Q4_K_M.gguf \
+        --hub-repo /tmp/older --hub-repo . --rounds 2
 """
 
 from __future__ import annotations
@@ -17,8 +21,10 @@ from __future__ import annotations
 import argparse
 import asyncio
 import json
+import os
 import random
 import statistics
+import subprocess
 import sys
 import tempfile
 import time
@@ -30,6 +36,8 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
 from specedge_common.launcher import HubProcess  # noqa: E402
+
+SETTLE_VERIFIES = 5  # each user's verifies before a prompt is fed beside them
 
 
 def percentile(values: list[float], share: float) -> float:
@@ -85,6 +93,8 @@ async def measure(url: str, users: int, prompt_tokens: int, seconds: float) -> d
             stop, out = asyncio.Event(), []
             tasks = [asyncio.create_task(verifier(client, info, seed, stop, out)) for seed in range(users)]
             await asyncio.sleep(1.0)  # everyone verifying
+            while len(out) < SETTLE_VERIFIES * users:  # past their sessions' opening and first passes
+                await asyncio.sleep(0.05)
             fed = await during() if during else None
             if fed is None:
                 await asyncio.sleep(window)
@@ -124,19 +134,35 @@ def main() -> None:
     parser.add_argument("--users", type=int, default=8)
     parser.add_argument("--prompt-tokens", type=int, default=3000)
     parser.add_argument("--seconds", type=float, default=20.0, help="how long the users verify without a prompt")
-    parser.add_argument("--hub-repo", type=Path, default=REPO, help="the checkout whose hub runs")
+    parser.add_argument(
+        "--hub-repo", type=Path, action="append", help="a checkout whose hub runs (repeatable; default: this one)"
+    )
+    parser.add_argument("--rounds", type=int, default=1, help="how many times each hub runs, the hubs in turn")
     parser.add_argument("--hub-arg", action="append", default=[], help="an extra `hub_server serve` argument")
     args = parser.parse_args()
+    results = []
+    for _ in range(args.rounds):
+        for repo in args.hub_repo or [REPO]:
+            results.append(run_hub(repo, args))
+            print(json.dumps(results[-1]), file=sys.stderr, flush=True)  # each as it comes: a long run
+    print(json.dumps(results[0] if len(results) == 1 else results, indent=2))
+
+
+def run_hub(repo: Path, args: argparse.Namespace) -> dict:
+    """The measures on a hub of the checkout `repo`, with the machine's load around them."""
+    load_before = os.getloadavg()[0]
     with tempfile.TemporaryDirectory() as workdir:
         serve = ["--model", str(args.target), "--no-auth", "--max-sessions", str(args.users + 8), *args.hub_arg]
-        hub = HubProcess(serve, log_path=Path(workdir) / "hub.log", cwd=args.hub_repo)
+        hub = HubProcess(serve, log_path=Path(workdir) / "hub.log", cwd=repo)
         try:
             hub.wait_ready(timeout_s=600)
             result = asyncio.run(measure(hub.url, args.users, args.prompt_tokens, args.seconds))
         finally:
             hub.stop()
-    result["hub_repo"] = str(args.hub_repo)
-    print(json.dumps(result, indent=2))
+    commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=repo, capture_output=True, text=True)
+    result["hub_repo"], result["hub_commit"] = str(repo), commit.stdout.strip()
+    result["load_1min"] = [round(load_before, 1), round(os.getloadavg()[0], 1)]  # before and after
+    return result
 
 
 if __name__ == "__main__":
