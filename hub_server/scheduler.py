@@ -31,8 +31,9 @@ Prompts. A session's prompt (a feed, the context a verify or a generation brings
 rebuilt after eviction) is scheduled work too, never a call that holds the device for its whole
 length: `submit_prompt` queues it, and each step of the worker runs the verify batch first, then
 chunks of the queued prompts up to a token budget (`prompt_budget`, asked with the step's verify
-jobs), shared between the prompts in turn. So a verify waits for at most one step's chunks, and
-no prompt waits for another's whole prefill.
+jobs), shared between the prompts in turn. A step of chunks alone starts only while no verify is
+queued (not while a batch waits for company). So a verify waits for at most the step's chunks
+on the device when it came, and no prompt waits for another's whole prefill.
 
 Composition. A pass pads every row to its widest, so a verify that brings new context (a turn's
 text, up to `INLINE_PROMPT_TOKENS`) would make every other row of its pass as costly. The
@@ -394,8 +395,10 @@ class Scheduler:
         if isinstance(plan, list):
             jobs = [queued.job for queued in plan]
             return Step(plan, self._apart(jobs), self._carve(jobs))
-        if self._prompts:  # the device would idle while the batch waits: a chunk goes now
+        if self._prompts and not self._queue:  # the device would idle: a chunk goes now
             return Step([], [], self._carve([]))
+        # A batch waiting for company waits: a chunk now would hold its queued verifies back a
+        # whole chunk (about a verify pass) for a wait of at most max_wait_s or the merge wait.
         return plan
 
     def _apart(self, jobs: list[Any]) -> list[Any]:

@@ -470,3 +470,23 @@ def test_driven_in_virtual_time_a_prompt_takes_the_same_chunks_beside_verifies()
         sizes.append(size)
         scheduler.chunk_done(chunk_of, size)
     assert sizes == [100, 50] and scheduler.poll() is None
+
+
+def test_a_verify_whose_batch_waits_for_company_is_not_held_back_by_a_chunk_started_meanwhile():
+    """A chunk alone goes only while no verify is queued: a batch waiting for announced jobs (or
+    a user due back) waits, and its verifies go first once it may go, the chunk after them."""
+    clock = VirtualTime()
+    scheduler = Scheduler(_never, max_batch=8, max_wait_s=0.05, clock=clock, worker=False, prompt_budget=lambda j: 100)
+    prompt = scheduler.submit_prompt("long", 300)
+    with scheduler.announce():  # another job is on its way: the batch of "v" waits for it
+        verify = scheduler.submit("v")
+        assert scheduler.poll() == 0.05  # not a step of chunks while "v" is queued
+        clock.now = 0.01
+        scheduler.submit("w")
+    step = scheduler.poll()
+    assert isinstance(step, Step) and step.batch == ["v", "w"] and step.chunks == [(prompt, 100)]
+    scheduler.finish()
+    assert verify.result(timeout=0) == "v"
+    scheduler.chunk_done(prompt, 100)
+    alone = scheduler.poll()  # nothing queued: the prompt goes on by itself
+    assert isinstance(alone, Step) and alone.batch == [] and alone.chunks == [(prompt, 100)]
