@@ -1,0 +1,224 @@
+"""Overhead per verify, one at a time: HTTP and the session stream side by side in one run.
+
+    .venv/bin/python benchmarks/verify_overhead.py [--target dispatch|MODEL] [--rounds 600] [--json OUT]
+
+Starts a hub on loopback as it configures itself (`--no-auth` only; `--serve-arg` adds flags),
+pinned to half the cores and this client to the other half, and opens one session per way of
+sending a verify:
+- `http`: the standard library's http.client on one keep-alive connection (the hub's own cost,
+  with the least a client can add);
+- `http (specedge)`: the specedge client over HTTP (`HubClient.verify`, httpx);
+- `stream (specedge)`: the specedge client over the session's stream (`SessionStream.verify`).
+Each round sends one verify of each way in turn (so all three meet the same machine), one at a
+time, and after each reads the hub's device busy time from /metrics: nothing else uses the hub,
+so the device time gained is that verify's pass. Overhead = round trip - pass: everything the hub
+and the client add (framing, parsing, checks, the hand-off to the scheduler and back, the reply).
+The reply's `verify_ms` (the hub's verify call) splits it: around the pass (queueing, hops,
+applying the result) and outside the call (HTTP or the stream, routing, the client, loopback).
+The sessions are reopened every 200 rounds so that their contexts stay short.
+
+Then the hub's CPU time per verify of each way (its whole process tree: front end and engine
+process), in blocks of verifies of one way at a time, the ways taking turns: a figure a loaded
+machine inflates far less than a round trip, and the one that bounds a hub's verifies per
+CPU-second. The pass's own CPU is in it, the same for every way.
+
+The default target is the dispatch-bound random Llama (`benchmarks/dispatch_target.py`): its
+pass costs what launching its operators costs, as a small target's pass on a GPU does.
+"""
+
+from __future__ import annotations
+
+import argparse
+import http.client
+import json
+import os
+import statistics
+import sys
+import tempfile
+import time
+from collections.abc import Callable
+from pathlib import Path
+from urllib.parse import urlsplit
+
+REPO = Path(__file__).resolve().parent.parent
+sys.path[:0] = [str(REPO), str(REPO / "benchmarks")]
+
+from specedge_bench.metrics import MetricsPage  # noqa: E402
+from specedge_bench.users import open_session  # noqa: E402
+from specedge_cli.remote import protocol as wire  # noqa: E402
+from specedge_cli.remote.client import HubClient  # noqa: E402
+from specedge_cli.remote.stream import SessionStream, open_stream  # noqa: E402
+from specedge_common import metric_names as names  # noqa: E402
+from specedge_common.launcher import HubProcess  # noqa: E402
+from tests.test_ray_workers import cpu_seconds, process_tree  # noqa: E402
+
+PROMPT = [1, 300, 301, 302]
+DRAFT = [5, 6, 7, 8]
+REOPEN_EVERY = 200  # rounds: contexts grow by up to 5 tokens a verify
+CPU_BLOCK = 100  # verifies of one way between two readings of the hub's CPU time (ticks of 10 ms)
+WAYS = ("http", "http (specedge)", "stream (specedge)")
+
+
+def resolve(target: str) -> str:
+    if target != "dispatch":
+        return target
+    from dispatch_target import build_dispatch_target
+
+    return str(build_dispatch_target(Path(tempfile.gettempdir()) / "specedge-bench-targets"))
+
+
+class RawHttp:
+    """Verifies through http.client on one keep-alive connection; also reads /metrics."""
+
+    def __init__(self, url: str):
+        address = urlsplit(url)
+        self.connection = http.client.HTTPConnection(address.hostname or "127.0.0.1", address.port)
+
+    def verify(self, session: str) -> float:
+        """The reply's verify_ms."""
+        body = json.dumps({"tokens": [], "draft": DRAFT}).encode()
+        headers = {"Content-Type": "application/json"}
+        self.connection.request("POST", f"/v1/sessions/{session}/verify", body=body, headers=headers)
+        response = self.connection.getresponse()
+        reply = json.loads(response.read())
+        if response.status != 200:
+            raise RuntimeError(f"verify answered {response.status}: {reply}")
+        return reply["verify_ms"]
+
+    def device_busy_ms(self) -> float:
+        self.connection.request("GET", "/metrics")
+        page = MetricsPage.parse(self.connection.getresponse().read().decode())
+        if not page.has(names.DEVICE_BUSY_SECONDS):
+            raise RuntimeError("the hub's /metrics has no device busy time")
+        return page.value(names.DEVICE_BUSY_SECONDS) * 1000
+
+
+class Ways:
+    """One session per way of sending a verify; each way a call that verifies once on its session."""
+
+    def __init__(self, url: str, client: HubClient):
+        self.client, self.raw, self.info = client, RawHttp(url), client.info()
+        self.sessions: dict[str, str] = {}
+        self.stream: SessionStream | None = None
+
+    def reopen(self) -> None:
+        for session in self.sessions.values():
+            self.client.close_session(session)
+        if self.stream is not None:
+            self.stream.close()
+        self.sessions = {way: open_session(self.client, self.info) for way in WAYS}
+        for session in self.sessions.values():
+            self.client.feed(session, PROMPT)
+        self.stream = open_stream(self.client, self.sessions["stream (specedge)"])
+
+    def calls(self) -> dict[str, Callable[[], float]]:
+        stream, sessions = self.stream, self.sessions
+        assert stream is not None
+        return {
+            "http": lambda: self.raw.verify(sessions["http"]),
+            "http (specedge)": lambda: self.client.verify(sessions["http (specedge)"], [], DRAFT).verify_ms,
+            "stream (specedge)": lambda: stream.verify([], DRAFT).verify_ms,
+        }
+
+
+def measure(ways: Ways, rounds: int) -> dict[str, dict[str, list[float]]]:
+    """Per way: each verify's round trip, the hub's verify_ms and its pass (device ms)."""
+    figures: dict[str, dict[str, list[float]]] = {way: {"trip": [], "call": [], "pass": []} for way in WAYS}
+    busy = ways.raw.device_busy_ms()
+    for done in range(rounds):
+        if done % REOPEN_EVERY == 0:
+            ways.reopen()
+            busy = ways.raw.device_busy_ms()
+        for way, call in ways.calls().items():
+            started = time.perf_counter()
+            in_call = call()
+            trip = (time.perf_counter() - started) * 1000
+            busy, before = ways.raw.device_busy_ms(), busy
+            figures[way]["trip"].append(trip)
+            figures[way]["call"].append(in_call)
+            figures[way]["pass"].append(busy - before)
+    return figures
+
+
+def hub_cpu_ms(ways: Ways, hub_pid: int, rounds: int) -> dict[str, float]:
+    """Per way: the hub's CPU milliseconds per verify, over about `rounds` verifies of it."""
+    used = dict.fromkeys(WAYS, 0.0)
+    counted = dict.fromkeys(WAYS, 0)
+    for block in range(max(1, rounds // CPU_BLOCK)):
+        if block * CPU_BLOCK % REOPEN_EVERY == 0:
+            ways.reopen()
+        for way, call in ways.calls().items():
+            before = tree_cpu_s(hub_pid)
+            for _ in range(CPU_BLOCK):
+                call()
+            used[way] += (tree_cpu_s(hub_pid) - before) * 1000
+            counted[way] += CPU_BLOCK
+    return {way: used[way] / counted[way] for way in WAYS}
+
+
+def tree_cpu_s(pid: int) -> float:
+    return sum(cpu_seconds(child) for child in process_tree(pid))
+
+
+def percentile(values: list[float], share: float) -> float:
+    return sorted(values)[int(share * (len(values) - 1))]
+
+
+def summary(figures: dict[str, list[float]], cpu_ms: float) -> dict[str, float]:
+    trips, calls, passes = figures["trip"], figures["call"], figures["pass"]
+    overheads = [trip - forward for trip, forward in zip(trips, passes)]
+    return {
+        "verifies": len(trips),
+        "round_trip_p50_ms": statistics.median(trips),
+        "pass_p50_ms": statistics.median(passes),
+        "overhead_p50_ms": statistics.median(overheads),
+        "overhead_p95_ms": percentile(overheads, 0.95),
+        "around_the_pass_p50_ms": statistics.median([call - forward for call, forward in zip(calls, passes)]),
+        "outside_the_call_p50_ms": statistics.median([trip - call for trip, call in zip(trips, calls)]),
+        "hub_cpu_ms_per_verify": cpu_ms,
+    }
+
+
+def split_cores() -> tuple[set[int], set[int]]:
+    """Half the cores for the hub, the rest for this client (nothing to split on one core)."""
+    cores = sorted(os.sched_getaffinity(0))
+    half = len(cores) // 2
+    return (set(cores[:half]), set(cores[half:])) if half else (set(), set())
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--target", default="dispatch", help="a model folder or GGUF; `dispatch`: the random Llama")
+    parser.add_argument("--rounds", type=int, default=600, help="verifies of each way")
+    parser.add_argument("--serve-arg", action="append", default=[], help="a flag for `hub_server serve` (repeat)")
+    parser.add_argument("--json", type=Path, help="write the figures here too")
+    args = parser.parse_args()
+    hub_cores, client_cores = split_cores()
+    hub = HubProcess(["--model", resolve(args.target), "--no-auth", *args.serve_arg], cores=hub_cores)
+    try:
+        if client_cores:
+            os.sched_setaffinity(0, client_cores)
+        hub.wait_ready(timeout_s=900)
+        with HubClient(hub.url) as client:
+            ways = Ways(hub.url, client)
+            if client.info().protocol_version < wire.PROTOCOL_VERSION:
+                raise SystemExit("this hub offers no session stream")
+            measure(ways, 20)  # warm-up, not counted
+            figures = measure(ways, args.rounds)
+            cpu_ms = hub_cpu_ms(ways, hub.pid, args.rounds)
+    finally:
+        hub.stop(timeout_s=30)
+    results = {way: summary(figures[way], cpu_ms[way]) for way in WAYS}
+    for way, result in results.items():
+        print(
+            f"{way:>18}: round trip p50 {result['round_trip_p50_ms']:.3f} ms, pass p50 {result['pass_p50_ms']:.3f} ms, "
+            f"overhead p50 {result['overhead_p50_ms']:.3f} ms p95 {result['overhead_p95_ms']:.3f} ms "
+            f"(around the pass {result['around_the_pass_p50_ms']:.3f}, outside the call "
+            f"{result['outside_the_call_p50_ms']:.3f}); hub CPU {result['hub_cpu_ms_per_verify']:.3f} ms a verify"
+        )
+    if args.json:
+        args.json.write_text(json.dumps({"target": args.target, "serve_args": args.serve_arg, **results}, indent=1))
+
+
+if __name__ == "__main__":
+    main()
