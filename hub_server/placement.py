@@ -4,10 +4,12 @@ A worker is one engine (one device with the target and its KV pool) and the batc
 feeds it, so a verify never waits on another device. In-process there is one worker; with Ray
 (`hub_server/workers.py`) each engine is a proxy to an actor on some node. The front end keeps
 the session table (each `Session` names its worker) and chooses a worker for each new session:
-the one with the most KV blocks a session can take (free, or cached for a prefix no session
-holds), then the fewest sessions, then the shortest queue. Blocks, not sessions, are what a
-worker runs out of: its sessions hold as many blocks as their contexts fill. A session stays on
-its worker for its whole life, since its KV cache lives there.
+the one with the most KV blocks free (or cached for a prefix no session holds) for each of its
+sessions, the new one included, then the fewest sessions, then the shortest queue. Blocks are
+what a worker runs out of (its sessions hold as many as their contexts fill), but not blocks
+alone: two equal workers whose pools differ by a few blocks would otherwise take every session
+on the larger until it filled, one device batching them all while the other idles. A session
+stays on its worker for its whole life, since its KV cache lives there.
 
 Worker states:
 - `ready`     takes new sessions
@@ -62,18 +64,24 @@ class WorkerLoad:
     free_slots: int  # rows of its session table left
     queue_depth: int
     free_blocks: int | None = None  # KV blocks a session can take now (free or cached); None: not counted
+    sessions: int = 0
 
     @property
     def has_room(self) -> bool:
         return self.state == READY and self.free_slots > 0 and self.free_blocks != 0
 
+    @property
+    def blocks_per_session(self) -> float:
+        """The free blocks each of its sessions could grow into, a new one included (0: not counted)."""
+        return (self.free_blocks or 0) / (self.sessions + 1)
+
 
 def placement_order(loads: Iterable[WorkerLoad]) -> list[str]:
-    """Workers that may take a new session, best first: most KV blocks a session can take, then
-    the most free session slots (the fewest sessions), then the shortest queue (then the id, so
-    ties break the same way every time). Empty when every one is full."""
+    """Workers that may take a new session, best first: the most free KV blocks for each of its
+    sessions (the new one included), then the most free session slots, then the shortest queue
+    (then the id, so ties break the same way every time). Empty when every one is full."""
     open_ = [load for load in loads if load.has_room]
-    open_.sort(key=lambda load: (-(load.free_blocks or 0), -load.free_slots, load.queue_depth, load.worker_id))
+    open_.sort(key=lambda load: (-load.blocks_per_session, -load.free_slots, load.queue_depth, load.worker_id))
     return [load.worker_id for load in open_]
 
 
@@ -102,7 +110,7 @@ class Worker:
     def load(self, sessions: int, slots: int) -> WorkerLoad:
         """Its load now; its blocks are asked of its engine only while it takes new sessions."""
         blocks = free_blocks(self.engine.stats()) if self.state == READY else None
-        return WorkerLoad(self.worker_id, self.state, slots - sessions, self.scheduler.queue_depth, blocks)
+        return WorkerLoad(self.worker_id, self.state, slots - sessions, self.scheduler.queue_depth, blocks, sessions)
 
     def lose(self) -> None:
         self.state = LOST

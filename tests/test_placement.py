@@ -188,15 +188,19 @@ def test_full_draining_and_lost_workers_take_no_new_session():
     assert placement_order(loads[:3]) == []  # every worker full: the hub answers 429 hub_full
 
 
-def test_the_most_free_blocks_first_then_the_fewest_sessions_and_none_on_a_worker_without_blocks():
+def test_the_most_free_blocks_a_session_first_then_free_slots_and_none_on_a_worker_without_blocks():
     loads = [
-        WorkerLoad("many-sessions", READY, free_slots=1, queue_depth=0, free_blocks=90),
-        WorkerLoad("few-blocks", READY, free_slots=9, queue_depth=0, free_blocks=10),
-        WorkerLoad("tie-fewer", READY, free_slots=7, queue_depth=5, free_blocks=10),
-        WorkerLoad("no-blocks", READY, free_slots=9, queue_depth=0, free_blocks=0),
-        WorkerLoad("uncounted", READY, free_slots=9, queue_depth=0),  # an engine without blocks: by sessions
+        WorkerLoad("roomy-but-busy", READY, free_slots=4, queue_depth=0, free_blocks=90, sessions=8),  # 10 each
+        WorkerLoad("quiet", READY, free_slots=11, queue_depth=9, free_blocks=40, sessions=1),  # 20 each
+        WorkerLoad("as-roomy-fewer", READY, free_slots=11, queue_depth=5, free_blocks=20, sessions=1),  # 10
+        WorkerLoad("no-blocks", READY, free_slots=12, queue_depth=0, free_blocks=0, sessions=0),
+        WorkerLoad("uncounted", READY, free_slots=12, queue_depth=0),  # an engine without blocks: by slots
     ]
-    assert placement_order(loads) == ["many-sessions", "few-blocks", "tie-fewer", "uncounted"]
+    assert placement_order(loads) == ["quiet", "as-roomy-fewer", "roomy-but-busy", "uncounted"]
+    # Two idle workers whose pools differ by a few blocks take sessions in turn, not all on the larger.
+    bigger, smaller = WorkerLoad("0", READY, 8, 0, 1000, 0), WorkerLoad("1", READY, 8, 0, 996, 0)
+    assert placement_order([bigger, smaller])[0] == "0"
+    assert placement_order([replace(bigger, free_slots=7, free_blocks=996, sessions=1), smaller])[0] == "1"
 
 
 class PagedTarget(CountingTarget):
