@@ -111,6 +111,22 @@ def test_a_prompt_over_the_context_is_refused_before_any_work(chunked_hub):
         assert kept.json()["context_len"] == 2  # nothing of the refused prompt was taken
 
 
+def test_a_verify_or_generation_bringing_a_prompt_over_the_context_is_refused_before_any_work(chunked_hub):
+    with httpx.Client(base_url=chunked_hub.url, timeout=30) as client:
+        session = open_session(client)
+        limit = client.get("/v1/info").json()["max_context"]
+        client.post(f"/v1/sessions/{session}/feed", json={"tokens": [5, 6, 7]})
+        too_long = [5] * (limit - 2)  # with the 3 already in, one past the limit
+        refusals = [
+            client.post(f"/v1/sessions/{session}/verify", json={"tokens": too_long, "draft": []}),
+            client.post(f"/v1/sessions/{session}/generate", json={"tokens": too_long, "max_tokens": 1}),
+        ]
+        for answer in refusals:
+            assert answer.status_code == 422 and answer.json()["error"]["code"] == "context_too_long", answer.text
+        kept = client.post(f"/v1/sessions/{session}/feed", json={"tokens": [8]})
+        assert kept.json()["context_len"] == 4  # nothing of the refused prompts was taken
+
+
 def test_the_measured_budget_gives_a_steps_prompts_about_one_verify_pass():
     budget = PromptBudget()
     assert budget([]) == FIRST_PROMPT_TOKENS  # nothing timed yet
