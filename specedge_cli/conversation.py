@@ -9,9 +9,9 @@ the history; decoding then continues as if nothing had happened.
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field, replace
-from typing import Protocol
+from typing import Any, Protocol, TypeAlias
 
 from specedge_cli.decoding import INTERRUPTED, STOP, Decoder, DecodeSettings, Generation, OnTokens, TurnStats
 from specedge_cli.drafting.chat_template import ChatTemplate
@@ -35,6 +35,15 @@ class Reply:
         return self.finish_reason == INTERRUPTED
 
 
+# What a turn sends: a user message's text, or the messages between two replies (an API client's
+# tool results, say) as the chat template reads them.
+Prompt: TypeAlias = str | tuple[dict, ...]
+
+
+def prompt_messages(prompt: Prompt) -> list[dict]:
+    return [{"role": "user", "content": prompt}] if isinstance(prompt, str) else list(prompt)
+
+
 @dataclass
 class Turn:
     """One user prompt and the reply to it, as text and as the token ids in the hub's context."""
@@ -42,13 +51,25 @@ class Turn:
     prompt: str
     prompt_token_ids: list[int]
     token_ids: list[int] = field(default_factory=list)
-    reply: str = ""
+    reply: str = ""  # as the model wrote it (a tool call in its own markup included)
     interrupted: bool = False
     sent: bool = False  # the prompt is part of the context
     log_id: int | None = None  # its row in the conversation log, when it is kept
+    inputs: tuple[dict, ...] = ()  # the prompt's messages, when it is not one user message
+
+    @classmethod
+    def of(cls, prompt: Prompt, prompt_token_ids: list[int], **fields: Any) -> Turn:
+        if isinstance(prompt, str):
+            return cls(prompt, prompt_token_ids, **fields)
+        text = "\n\n".join(str(m.get("content") or "") for m in prompt)
+        return cls(text, prompt_token_ids, inputs=prompt, **fields)
+
+    @property
+    def sent_prompt(self) -> Prompt:
+        return self.inputs or self.prompt
 
     def messages(self) -> list[dict]:
-        return [{"role": "user", "content": self.prompt}, {"role": "assistant", "content": self.reply}]
+        return [*prompt_messages(self.sent_prompt), {"role": "assistant", "content": self.reply}]
 
 
 class TurnLog(Protocol):
@@ -82,6 +103,7 @@ class Conversation:
         self.hub = hub
         self.template = template
         self.system = system
+        self.tools: list[dict] | None = None  # the functions the chat template shows the model
         self.log = log
         self.turns: list[Turn] = []
         self._fingerprint = vocab_fingerprint
@@ -150,23 +172,26 @@ class Conversation:
         self.session.close()
 
     # --- turns ----------------------------------------------------------------------------
-    def ask(self, prompt: str, on_tokens: OnTokens | None = None) -> Reply:
+    def ask(self, prompt: Prompt, on_tokens: OnTokens | None = None, reply_start: str = "") -> Reply:
         """Send one user turn and decode the reply; `on_tokens` sees tokens as they are accepted
-        (and may return True to end the reply there).
+        (and may return True to end the reply there). A `reply_start` is put in the model's mouth:
+        its tokens follow the prompt, and the reply (text and tokens) begins with it.
 
         Ctrl+C stops the reply: what was accepted so far is kept (on both sides) and the reply
         comes back with finish_reason INTERRUPTED. A hub that stays away past the reconnect window
         raises HubUnreachable, after the turn (its prompt and what was accepted) is kept and logged.
         """
         outage = self._sync_before_prompt()
-        turn = Turn(prompt, self._turn_tokens(prompt))
+        turn = Turn.of(prompt, self._turn_tokens(prompt))
+        start = self.engine.vocab.tokenize(reply_start, add_bos=False) if reply_start else []
         if self.log:
             self.log.prompt_sent(turn)
         if outage is None:
-            generation = self.decoder.generate(turn.prompt_token_ids, on_tokens)
+            generation = self.decoder.generate(turn.prompt_token_ids + start, on_tokens)
         else:
             generation = Generation([], INTERRUPTED, TurnStats(), pending_sent=False, error=outage)
-        turn.token_ids, turn.interrupted = generation.tokens, generation.finish_reason == INTERRUPTED
+        turn.token_ids = (start if generation.pending_sent else []) + generation.tokens
+        turn.interrupted = generation.finish_reason == INTERRUPTED
         turn.sent = generation.pending_sent or self._keep_unanswered(turn, generation.error)
         turn.reply = self.decoder.text(turn.token_ids)
         self._record(turn, generation.stats)
@@ -225,17 +250,18 @@ class Conversation:
         self.turns = list(turns)
         self.history = [t for turn in turns for t in turn.prompt_token_ids + turn.token_ids]
 
-    def add_exchange(self, prompt: str, reply: str) -> None:
+    def add_exchange(self, prompt: Prompt, reply: str) -> None:
         """Take an earlier exchange as text (an API client sent it back): its tokens join the
         history, and reach the hub with the next reply."""
-        turn = Turn(prompt, self._turn_tokens(prompt), reply=reply, sent=True)
+        turn = Turn.of(prompt, self._turn_tokens(prompt), reply=reply, sent=True)
         turn.token_ids = self.engine.vocab.tokenize(reply, add_bos=False)
         self.turns.append(turn)
         self.history += turn.prompt_token_ids + turn.token_ids
 
-    def reset(self, system: str | None = None) -> None:
-        """Start a new conversation (optionally with a new system prompt)."""
+    def reset(self, system: str | None = None, tools: Sequence[dict] | None = None) -> None:
+        """Start a new conversation (optionally with a new system prompt), offering the model `tools`."""
         self.turns, self.history = [], []
+        self.tools = list(tools) if tools else None
         if system is not None:
             self.system = system
 
@@ -243,13 +269,15 @@ class Conversation:
         """New decode settings; sampling ones take a new session (fed our history)."""
         self.decoder.change_settings(settings)
 
-    def _turn_tokens(self, prompt: str) -> list[int]:
+    def _turn_tokens(self, prompt: Prompt) -> list[int]:
         """The tokens a new user turn appends to the context (the whole prompt for the first turn)."""
-        messages = self.messages + [{"role": "user", "content": prompt}]
+        new = prompt_messages(prompt)
+        messages = self.messages + new
         if not self.history:
-            return self.engine.vocab.tokenize(self.template.first_turn_text(messages), add_bos=False)
+            return self.engine.vocab.tokenize(self.template.first_turn_text(messages, self.tools), add_bos=False)
         last = self.turns[-1].token_ids[-1:] if self.turns else []
         stop_text = ""
         if last and last[0] in self.stop_token_ids:
             stop_text = self.engine.vocab.detokenize(last, special=True).decode("utf-8", "replace")
-        return self.engine.vocab.tokenize(self.template.next_turn_text(messages, stop_text), add_bos=False)
+        text = self.template.next_turn_text(messages, stop_text, self.tools, len(new))
+        return self.engine.vocab.tokenize(text, add_bos=False)

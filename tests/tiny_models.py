@@ -287,11 +287,13 @@ def _gguf_tensors(weights: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
     return tensors
 
 
-def _write_gguf(path: Path, name: str, weights: dict[str, np.ndarray], vocab: _Vocab, quantize: bool) -> None:
+def _write_gguf(
+    path: Path, name: str, weights: dict[str, np.ndarray], vocab: _Vocab, quantize: bool, chat_template: str = ""
+) -> None:
     """Write a llama.cpp GGUF: hyperparameters, the full tokenizer, then the tensors.
 
     With `quantize`, every matrix is stored as q8_0 (norm vectors stay f32, as llama.cpp's own
-    quantizer leaves them).
+    quantizer leaves them). A `chat_template` goes in the metadata, as a chat model's GGUF carries one.
     """
     import gguf
 
@@ -319,6 +321,8 @@ def _write_gguf(path: Path, name: str, weights: dict[str, np.ndarray], vocab: _V
     writer.add_add_bos_token(True)
     writer.add_add_eos_token(False)
     writer.add_add_space_prefix(True)  # SentencePiece's dummy "▁" prefix
+    if chat_template:
+        writer.add_chat_template(chat_template)
 
     for tensor_name, array in _gguf_tensors(weights).items():
         if quantize and array.ndim == 2:
@@ -351,3 +355,14 @@ def build_tiny_model(out_dir: Path, seed: int = 0, tokenizer_dir: Path | None = 
     _write_gguf(model.gguf_f32, f"tiny-llama-seed{seed}-f32", weights, vocab, quantize=False)
     _write_gguf(model.gguf_q8, f"tiny-llama-seed{seed}-q8_0", weights, vocab, quantize=True)
     return model
+
+
+def write_chat_draft(path: Path, chat_template: str, seed: int = 0, tokenizer_dir: Path | None = None) -> Path:
+    """The q8_0 draft of the model of `seed`, its GGUF carrying `chat_template` (a chat model's own)."""
+    tokenizer_model = (tokenizer_dir or build_tokenizer(path.parent / "tokenizer")) / "tokenizer.model"
+    path.parent.mkdir(parents=True, exist_ok=True)
+    name = f"tiny-llama-seed{seed}-q8_0-chat"
+    _write_gguf(
+        path, name, _random_weights(seed), _read_vocab(tokenizer_model), quantize=True, chat_template=chat_template
+    )
+    return path

@@ -48,6 +48,13 @@ class Vocabulary:
     def stop_token_ids(self) -> list[int]:
         return llama_stop_ids(self._lib, self._vocab, self.size)
 
+    def fim_tokens(self) -> tuple[int, int, int] | None:
+        """The fill-in-the-middle tokens (before the prefix, before the suffix, before the middle), as
+        llama.cpp finds them in the GGUF; None for a model without them."""
+        lib, vocab = self._lib, self._vocab
+        found = (lib.llama_vocab_fim_pre(vocab), lib.llama_vocab_fim_suf(vocab), lib.llama_vocab_fim_mid(vocab))
+        return None if any(token < 0 for token in found) else found
+
     def metadata(self, key: str) -> str | None:
         return self.llm.metadata.get(key)
 

@@ -16,6 +16,7 @@ import json
 import logging
 import socket
 import threading
+import time
 from collections.abc import AsyncIterator, Callable, Mapping
 from dataclasses import dataclass
 from typing import Any, TypeVar
@@ -30,9 +31,12 @@ from starlette.types import Receive
 
 from specedge_cli.errors import ApiError, SpecEdgeError
 from specedge_cli.serve import openai_api as api
+from specedge_cli.serve import responses_api
 from specedge_cli.serve.connections import GuardedH11Protocol
 from specedge_cli.serve.openai_api import Answer, ChatRequest, CompletionRequest
+from specedge_cli.serve.responses_api import ResponseEvents, ResponseRequest
 from specedge_cli.serve.slots import EdgeModel
+from specedge_cli.serve.tools import ToolCall
 
 T = TypeVar("T")
 MAX_BODY = 16 * 1024 * 1024  # bytes; a long conversation is well under this
@@ -131,6 +135,7 @@ def api_app(model: EdgeModel, api_key: str | None, stopping: threading.Event) ->
             Route("/v1/models/{name:path}", routes.model_card, methods=["GET"]),
             Route("/v1/chat/completions", routes.chat, methods=["POST"]),
             Route("/v1/completions", routes.completions, methods=["POST"]),
+            Route("/v1/responses", routes.responses, methods=["POST"]),
         ],
         exception_handlers={
             SpecEdgeError: _refused,
@@ -171,6 +176,12 @@ class _Routes:
         parsed = await _on_thread(lambda: api.completion_request(api.json_body(raw)))
         return await self._complete("text", parsed, request.receive)
 
+    async def responses(self, request: Request) -> Response:
+        self._authorize(request)
+        raw = await _body(request)
+        parsed = await _on_thread(lambda: responses_api.response_request(api.json_body(raw)))
+        return await self._complete("response", parsed.chat, request.receive, parsed)
+
     def _authorize(self, request: Request) -> None:
         if self.api_key is None:
             return
@@ -185,24 +196,38 @@ class _Routes:
             )
 
     # --- one completion ---------------------------------------------------------------------------
-    async def _complete(self, kind: str, request: ChatRequest | CompletionRequest, receive: Receive) -> Response:
+    async def _complete(
+        self,
+        kind: str,
+        request: ChatRequest | CompletionRequest,
+        receive: Receive,
+        asked: ResponseRequest | None = None,
+    ) -> Response:
         reply = _Reply(self.model, kind, request, self.stopping)
         watcher = asyncio.ensure_future(_until_disconnect(receive, reply.gone))  # a stream watches for itself later
         try:
             if not request.options.stream:
                 answer = await reply.decoding
-                build = api.chat_completion if kind == "chat" else api.text_completion
-                return JSONResponse(build(reply.request_id, self.model.model_id, answer))
+                return JSONResponse(self._answer_body(reply, answer, asked))
             first = await reply.pieces.get()
             if first is None:  # the reply ended before any text: a refusal is still an ordinary error answer
                 await reply.decoding
         finally:
             watcher.cancel()
+        stream = _EventStream(reply, first) if asked is None else _ResponseEventStream(reply, first, asked)
         return StreamingResponse(
-            _EventStream(reply, first).events(),
+            stream.events(),
             media_type="text/event-stream; charset=utf-8",
             headers={"Cache-Control": "no-cache"},
         )
+
+    def _answer_body(self, reply: _Reply, answer: Answer, asked: ResponseRequest | None) -> dict:
+        model = self.model.model_id
+        if asked is not None:
+            output = responses_api.output_items(answer)
+            return responses_api.response_object(reply.request_id, model, asked.echo, reply.created, answer, output)
+        build = api.chat_completion if reply.kind == "chat" else api.text_completion
+        return build(reply.request_id, model, answer)
 
 
 class _Reply:
@@ -213,16 +238,20 @@ class _Reply:
     ):
         self.kind, self.request, self.stopping = kind, request, stopping
         self.model_id = model.model_id
-        self.request_id = api.new_id(kind)
+        self.request_id = responses_api.new_id("resp") if kind == "response" else api.new_id(kind)
+        self.created = int(time.time())
         self.gone = threading.Event()  # the client went away: the decode ends at its next piece
-        self.pieces: asyncio.Queue[str | None] = asyncio.Queue()
+        self.pieces: asyncio.Queue[str | ToolCall | None] = asyncio.Queue()
         self._loop = asyncio.get_running_loop()
-        decode: Callable[[Any, Callable[[str], bool]], Answer] = model.chat if kind == "chat" else model.complete
+        decode: Callable[[Any, Callable[[str | ToolCall], bool]], Answer] = (
+            model.complete if kind == "text" else model.chat
+        )
         self.decoding = asyncio.ensure_future(_on_thread(lambda: decode(request, self._text)))
         self.decoding.add_done_callback(self._ended)
 
-    def _text(self, piece: str) -> bool:
-        """A piece of reply text, on the decoding thread; False once nobody is waiting for more."""
+    def _text(self, piece: str | ToolCall) -> bool:
+        """A piece of the reply (text, or a whole tool call), on the decoding thread; False once
+        nobody is waiting for more."""
         if self.request.options.stream:
             self._loop.call_soon_threadsafe(self.pieces.put_nowait, piece)
         return not (self.gone.is_set() or self.stopping.is_set())
@@ -236,9 +265,10 @@ class _Reply:
 class _EventStream:
     """A reply as server-sent events of completion chunks, ending with `data: [DONE]`."""
 
-    def __init__(self, reply: _Reply, first: str | None):
+    def __init__(self, reply: _Reply, first: str | ToolCall | None):
         self.reply = reply
         self.first = first
+        self.calls = 0
 
     async def events(self) -> AsyncIterator[bytes]:
         reply = self.reply
@@ -247,7 +277,11 @@ class _EventStream:
                 yield self._chunk({"role": "assistant", "content": ""})
             piece = self.first
             while piece is not None:
-                yield self._chunk({"content": piece}, text=piece)
+                if isinstance(piece, ToolCall):
+                    yield self._chunk(api.tool_call_delta(self.calls, piece))
+                    self.calls += 1
+                else:
+                    yield self._chunk({"content": piece}, text=piece)
                 piece = await reply.pieces.get()
             for event in self._ending():
                 yield _event(event)
@@ -279,8 +313,46 @@ class _EventStream:
         return _event(api.text_chunk(reply.request_id, reply.model_id, text))
 
 
+class _ResponseEventStream:
+    """A reply as the Responses API's server-sent events (`event: response.created` ... `response.completed`)."""
+
+    def __init__(self, reply: _Reply, first: str | ToolCall | None, asked: ResponseRequest):
+        self.reply = reply
+        self.first = first
+        self.events_of = ResponseEvents(reply.request_id, reply.model_id, asked.echo, reply.created)
+
+    async def events(self) -> AsyncIterator[bytes]:
+        reply, events_of = self.reply, self.events_of
+        try:
+            for event in events_of.opening():
+                yield _named_event(event)
+            piece = self.first
+            while piece is not None:
+                for event in events_of.piece(piece):
+                    yield _named_event(event)
+                piece = await reply.pieces.get()
+            for event in self._ending():
+                yield _named_event(event)
+        finally:
+            reply.gone.set()
+
+    def _ending(self) -> list[dict]:
+        try:
+            answer = self.reply.decoding.result()
+        except SpecEdgeError as exc:
+            return self.events_of.failure(_api_error(exc))
+        except Exception as exc:
+            log.exception("a streamed response failed")
+            return self.events_of.failure(_internal(exc))
+        return self.events_of.ending(answer)
+
+
 def _event(body: dict) -> bytes:
     return f"data: {json.dumps(body)}\n\n".encode()
+
+
+def _named_event(body: dict) -> bytes:
+    return f"event: {body['type']}\ndata: {json.dumps(body)}\n\n".encode()
 
 
 # --- plumbing ------------------------------------------------------------------------------------------
@@ -365,8 +437,8 @@ async def _no_route(request: Request, exc: Exception) -> Response:
         error = ApiError(f"{method} is not allowed on {path}", status=405, code="method_not_allowed")
     elif exc.status_code == 404:
         error = ApiError(
-            f"no route {method} {path}; this server offers GET /v1/models, POST /v1/chat/completions "
-            "and POST /v1/completions",
+            f"no route {method} {path}; this server offers GET /v1/models, POST /v1/chat/completions, "
+            "POST /v1/completions and POST /v1/responses",
             status=404,
             code="not_found",
         )

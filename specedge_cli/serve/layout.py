@@ -16,16 +16,16 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 
-from specedge_cli.conversation import Conversation, Turn
+from specedge_cli.conversation import Conversation, Prompt, Turn, prompt_messages
 
 
 def _mark(index: int) -> str:
     return f"\x00specedge-reply-{index}\x00"
 
 
-def take_up_exchanges(conversation: Conversation, exchanges: Sequence[tuple[str, str]], prompt: str) -> list[int]:
-    """Append `exchanges` (user, assistant) to the conversation's turns; the tokens the last user
-    message `prompt` then adds to the context, as `Conversation.ask` will lay it out."""
+def take_up_exchanges(conversation: Conversation, exchanges: Sequence[tuple[Prompt, str]], prompt: Prompt) -> list[int]:
+    """Append `exchanges` (prompt, assistant) to the conversation's turns; the tokens the last
+    `prompt` then adds to the context, as `Conversation.ask` will lay it out."""
     texts = _turn_texts(conversation, exchanges, prompt)
     if texts is None or not _agrees_per_turn(conversation, exchanges, prompt, texts):
         for user, reply in exchanges:
@@ -33,7 +33,7 @@ def take_up_exchanges(conversation: Conversation, exchanges: Sequence[tuple[str,
         return _tokens(conversation, _per_turn_text(conversation, conversation.turns, prompt))
     turns = list(conversation.turns)
     for (user, reply), text in zip(exchanges, texts):
-        turn = Turn(user, _tokens(conversation, _after_stop(conversation, turns, text)), reply=reply, sent=True)
+        turn = Turn.of(user, _tokens(conversation, _after_stop(conversation, turns, text)), reply=reply, sent=True)
         turn.token_ids = conversation.engine.vocab.tokenize(reply, add_bos=False)
         turns.append(turn)
     if exchanges:
@@ -41,16 +41,18 @@ def take_up_exchanges(conversation: Conversation, exchanges: Sequence[tuple[str,
     return _tokens(conversation, _after_stop(conversation, turns, texts[-1]))
 
 
-def _turn_texts(conversation: Conversation, exchanges: Sequence[tuple[str, str]], prompt: str) -> list[str] | None:
+def _turn_texts(
+    conversation: Conversation, exchanges: Sequence[tuple[Prompt, str]], prompt: Prompt
+) -> list[str] | None:
     """Each new turn's text and then the prompt's, from one render (before a reply's stop text is
     taken off); None when a mark did not come through the template intact."""
     held = conversation.turns
     messages = [{"role": "system", "content": conversation.system}] if conversation.system else []
-    users = [turn.prompt for turn in held] + [user for user, _ in exchanges] + [prompt]
+    users = [turn.sent_prompt for turn in held] + [user for user, _ in exchanges] + [prompt]
     for index, user in enumerate(users[:-1]):
-        messages += [{"role": "user", "content": user}, {"role": "assistant", "content": _mark(index)}]
-    messages.append({"role": "user", "content": prompt})
-    rendered = conversation.template.render(messages)
+        messages += [*prompt_messages(user), {"role": "assistant", "content": _mark(index)}]
+    messages += prompt_messages(prompt)
+    rendered = conversation.template.render(messages, tools=conversation.tools)
     texts, start = [], 0
     for index in range(len(users) - 1):
         mark = _mark(index)
@@ -64,26 +66,27 @@ def _turn_texts(conversation: Conversation, exchanges: Sequence[tuple[str, str]]
 
 
 def _agrees_per_turn(
-    conversation: Conversation, exchanges: Sequence[tuple[str, str]], prompt: str, texts: list[str]
+    conversation: Conversation, exchanges: Sequence[tuple[Prompt, str]], prompt: Prompt, texts: list[str]
 ) -> bool:
     """The first new turn and the prompt come out as the per-turn layout has them."""
     turns = conversation.turns
     if exchanges and texts[0] != _raw_per_turn_text(conversation, turns, exchanges[0][0]):
         return False
-    later = [Turn(user, [], reply=reply) for user, reply in exchanges]
+    later = [Turn.of(user, [], reply=reply) for user, reply in exchanges]
     return texts[-1] == _raw_per_turn_text(conversation, turns + later, prompt)
 
 
-def _raw_per_turn_text(conversation: Conversation, turns: list[Turn], prompt: str) -> str:
+def _raw_per_turn_text(conversation: Conversation, turns: list[Turn], prompt: Prompt) -> str:
     """What `next_turn_text` renders for `prompt` after `turns`, before the stop text is taken off."""
     system = [{"role": "system", "content": conversation.system}] if conversation.system else []
-    messages = system + [m for turn in turns for m in turn.messages()] + [{"role": "user", "content": prompt}]
+    new = prompt_messages(prompt)
+    messages = system + [m for turn in turns for m in turn.messages()] + new
     if not turns:
-        return conversation.template.first_turn_text(messages)
-    return conversation.template.next_turn_text(messages, "")
+        return conversation.template.first_turn_text(messages, conversation.tools)
+    return conversation.template.next_turn_text(messages, "", conversation.tools, len(new))
 
 
-def _per_turn_text(conversation: Conversation, turns: list[Turn], prompt: str) -> str:
+def _per_turn_text(conversation: Conversation, turns: list[Turn], prompt: Prompt) -> str:
     return _after_stop(conversation, turns, _raw_per_turn_text(conversation, turns, prompt))
 
 

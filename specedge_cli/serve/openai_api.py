@@ -3,7 +3,8 @@ and stream chunks built as plain dicts (no validation library, so the client sta
 
 What SpecEdge cannot honour is refused with a clear 400 rather than ignored: the reply is always
 exactly the target's own decoding at the given temperature, so nucleus sampling, penalties,
-several choices, log-probabilities and tools are not offered.
+several choices, log-probabilities and constrained output (`response_format`, strict tools) are
+not offered. Tools are (`tools.py`), for models whose chat template shows them.
 """
 
 from __future__ import annotations
@@ -15,7 +16,9 @@ import time
 from dataclasses import dataclass
 from typing import Any
 
+from specedge_cli.conversation import Prompt
 from specedge_cli.errors import ApiError
+from specedge_cli.serve.tools import AssistantMessage, ToolCall, ToolUse, tool_use
 
 MAX_STOPS = 4  # as OpenAI
 # A conversation's messages are laid out in time linear in their number; past this many the request
@@ -40,9 +43,21 @@ class Options:
 class ChatRequest:
     model: str
     system: str
-    exchanges: tuple[tuple[str, str], ...]  # the (user, assistant) pairs before the last user message
-    prompt: str  # the last user message
+    # the (prompt, reply) pairs before the last prompt; a prompt is a user message's text, or the
+    # messages between two replies (tool results) as the chat template reads them
+    exchanges: tuple[tuple[Prompt, AssistantMessage], ...]
+    prompt: Prompt  # the last user message, or the tool results the reply follows
     options: Options
+    tool_use: ToolUse | None = None
+
+    @property
+    def uses_tools(self) -> bool:
+        """Whether the chat template must lay out tools: offered, called or answered."""
+        return (
+            self.tool_use is not None
+            or not isinstance(self.prompt, str)
+            or any(reply.tool_calls for _, reply in self.exchanges)
+        )
 
 
 @dataclass(frozen=True)
@@ -50,6 +65,7 @@ class CompletionRequest:
     model: str
     prompt: str | tuple[int, ...]  # text, or token ids
     options: Options
+    suffix: str = ""  # the text after the insertion: the model fills in the middle
 
 
 @dataclass(frozen=True)
@@ -61,6 +77,7 @@ class Answer:
     prompt_tokens: int
     completion_tokens: int
     cached_tokens: int  # prompt tokens the hub session and the draft already held from an earlier request
+    tool_calls: tuple[ToolCall, ...] = ()
 
     def usage(self) -> dict:
         return {
@@ -99,13 +116,17 @@ _REFUSED: dict[
     "logprobs": ((False, 0), "logprobs are not available: the hub sends token ids only"),
     "top_logprobs": ((0,), "logprobs are not available: the hub sends token ids only"),
     "echo": ((False,), "echo is not supported"),
-    "suffix": (("",), "suffix (insertion) is not supported"),
     "top_p": ((1,), "top_p must be 1: SpecEdge samples the target's whole distribution at the temperature"),
     "frequency_penalty": ((0,), "frequency_penalty must be 0: the reply is the target's own distribution"),
     "presence_penalty": ((0,), "presence_penalty must be 0: the reply is the target's own distribution"),
     "logit_bias": (({},), "logit_bias is not supported: the reply is the target's own distribution"),
-    "tools": (([],), "tools are not supported"),
-    "functions": (([],), "functions are not supported"),
+    "functions": (([],), "functions are not supported: send them as tools"),
+    "function_call": (("none",), "function_call is not supported: send tool_choice with tools"),
+    "response_format": (
+        ({"type": "text"},),
+        "response_format is not supported yet: this server cannot constrain the reply to JSON or a schema, "
+        "and will not answer as if it had; leave response_format out and ask for JSON in the prompt",
+    ),
 }
 
 
@@ -120,17 +141,19 @@ def chat_request(body: Any) -> ChatRequest:
             param="messages",
             code="too_many_messages",
         )
-    system, turns = _conversation(messages)
-    if not turns or turns[-1][0] != "user":
-        raise ApiError("the last message must come from the user", param="messages")
-    exchanges = tuple((turns[i][1], turns[i + 1][1]) for i in range(0, len(turns) - 1, 2))
-    return ChatRequest(_model(body), system, exchanges, turns[-1][1], _options(body))
+    system, prompts, replies = conversation(messages)
+    uses = tool_use(body.get("tools"), body.get("tool_choice"), body.get("parallel_tool_calls"))
+    return ChatRequest(_model(body), system, tuple(zip(prompts, replies)), prompts[-1], _options(body), uses)
 
 
 def completion_request(body: Any) -> CompletionRequest:
-    """A `POST /v1/completions` body, checked: the prompt is one text or one list of token ids."""
+    """A `POST /v1/completions` body, checked: the prompt is one text or one list of token ids; with
+    a `suffix`, the model fills in what lies between the two."""
     body = _object(body)
-    return CompletionRequest(_model(body), _prompt(body.get("prompt")), _options(body))
+    prompt, suffix = _prompt(body.get("prompt")), _optional(body, "suffix", str, "")
+    if suffix and not isinstance(prompt, str):
+        raise ApiError("with a 'suffix', 'prompt' must be text (the code before the insertion)", param="prompt")
+    return CompletionRequest(_model(body), prompt, _options(body), suffix)
 
 
 def _object(body: Any) -> dict:
@@ -156,36 +179,96 @@ def _model(body: dict) -> str:
     return _required(body, "model", str)
 
 
-def _conversation(messages: list) -> tuple[str, list[tuple[str, str]]]:
-    """The system prompt and the user/assistant turns, which must alternate, starting with the user."""
+def conversation(messages: list) -> tuple[str, list[Prompt], list[AssistantMessage]]:
+    """The system prompt, the prompts and the replies between them (one reply fewer than prompts).
+
+    A prompt is a user message, or the results of the last reply's tool calls (then perhaps a user
+    message); user and assistant take turns, starting with the user, and the last word is not the
+    assistant's.
+    """
     system: list[str] = []
-    turns: list[tuple[str, str]] = []
+    prompts: list[Prompt] = []
+    replies: list[AssistantMessage] = []
+    group: list[dict] = []  # the prompt being read
+    call_names: dict[str, str] = {}  # the last reply's calls, by id: a tool's result names its function
     for index, message in enumerate(messages):
         param = f"messages[{index}]"
         if not isinstance(message, dict) or not isinstance(message.get("role"), str):
             raise ApiError(f"{param} must be an object with a 'role'", param=param)
-        role, content = message["role"], _content(message.get("content"), param)
+        role = message["role"]
         if role in ("system", "developer"):
-            if turns:
+            if group or prompts:
                 raise ApiError(f"{param}: system messages must come before the conversation", param=param)
-            system.append(content)
-        elif role in ("user", "assistant"):
-            expected = "user" if len(turns) % 2 == 0 else "assistant"
-            if role != expected:
-                raise ApiError(f"{param}: expected a {expected} message (user and assistant take turns)", param=param)
-            turns.append((role, content))
+            system.append(_content(message.get("content"), param))
+        elif role == "user":
+            if group and group[-1]["role"] == "user":
+                raise ApiError(f"{param}: expected an assistant message (user and assistant take turns)", param=param)
+            group.append({"role": "user", "content": _content(message.get("content"), param)})
+        elif role == "tool":
+            group.append(_tool_result(message, param, group, call_names))
+        elif role == "assistant":
+            if not group:
+                raise ApiError(f"{param}: expected a user message (user and assistant take turns)", param=param)
+            prompts.append(_as_prompt(group))
+            replies.append(_assistant(message, param))
+            group, call_names = [], {call.id: call.name for call in replies[-1].tool_calls}
         else:
-            raise ApiError(f"{param}: role {role!r} is not supported (system, user, assistant)", param=param)
-    return "\n\n".join(system), turns
+            raise ApiError(f"{param}: role {role!r} is not supported (system, user, assistant, tool)", param=param)
+    if not group:
+        raise ApiError(
+            "the last message must come from the user (or be a tool's result for the last reply)", param="messages"
+        )
+    prompts.append(_as_prompt(group))
+    return "\n\n".join(system), prompts, replies
+
+
+def _as_prompt(group: list[dict]) -> Prompt:
+    return group[0]["content"] if len(group) == 1 and group[0]["role"] == "user" else tuple(group)
+
+
+def _tool_result(message: dict, param: str, group: list[dict], call_names: dict[str, str]) -> dict:
+    if not call_names or (group and group[-1]["role"] != "tool"):
+        raise ApiError(
+            f"{param}: a tool message must follow the assistant message whose tool_calls it answers", param=param
+        )
+    call_id = message.get("tool_call_id")
+    if not isinstance(call_id, str):
+        raise ApiError(f"{param}.tool_call_id must be the id of the call it answers", param=f"{param}.tool_call_id")
+    content = _content(message.get("content"), param)
+    return {"role": "tool", "content": content, "tool_call_id": call_id, "name": call_names.get(call_id, "")}
+
+
+def _assistant(message: dict, param: str) -> AssistantMessage:
+    calls = message.get("tool_calls") or []
+    content = message.get("content")
+    text = "" if content is None and calls else _content(content, param)
+    if not isinstance(calls, list):
+        raise ApiError(f"{param}.tool_calls must be an array", param=f"{param}.tool_calls")
+    return AssistantMessage(text, tuple(_sent_call(call, f"{param}.tool_calls[{i}]") for i, call in enumerate(calls)))
+
+
+def _sent_call(call: Any, param: str) -> ToolCall:
+    function = call.get("function") if isinstance(call, dict) else None
+    if not isinstance(function, dict) or not isinstance(function.get("name"), str):
+        raise ApiError(
+            f"{param} must be {{'id', 'type': 'function', 'function': {{'name', 'arguments'}}}}", param=param
+        )
+    arguments = function.get("arguments", "{}")
+    if not isinstance(arguments, str):
+        arguments = json.dumps(arguments, ensure_ascii=False)
+    return ToolCall(str(call.get("id") or ""), function["name"], arguments)
 
 
 def _content(content: Any, param: str) -> str:
     """A message's text: a string, or a list of text parts."""
     if isinstance(content, str):
         return content
-    if isinstance(content, list) and all(isinstance(p, dict) and p.get("type") == "text" for p in content):
+    if isinstance(content, list) and all(isinstance(p, dict) and p.get("type") in _TEXT_PARTS for p in content):
         return "".join(str(part.get("text", "")) for part in content)
     raise ApiError(f"{param}.content must be text (a string or text parts)", param=f"{param}.content")
+
+
+_TEXT_PARTS = ("text", "input_text", "output_text")  # the chat API's, and the Responses API's
 
 
 def _prompt(prompt: Any) -> str | tuple[int, ...]:
@@ -269,7 +352,10 @@ def model_card(model: str, created: int) -> dict:
 
 
 def chat_completion(request_id: str, model: str, answer: Answer) -> dict:
-    message = {"role": "assistant", "content": answer.text, "refusal": None}
+    message: dict[str, Any] = {"role": "assistant", "content": answer.text, "refusal": None}
+    if answer.tool_calls:
+        message["content"] = answer.text or None
+        message["tool_calls"] = [call.chat_dict() for call in answer.tool_calls]
     choice = {"index": 0, "message": message, "logprobs": None, "finish_reason": answer.finish_reason}
     return _envelope(request_id, "chat.completion", model, [choice]) | {"usage": answer.usage()}
 
@@ -282,6 +368,12 @@ def text_completion(request_id: str, model: str, answer: Answer) -> dict:
 def chat_chunk(request_id: str, model: str, delta: dict, finish_reason: str | None = None) -> dict:
     choice = {"index": 0, "delta": delta, "logprobs": None, "finish_reason": finish_reason}
     return _envelope(request_id, "chat.completion.chunk", model, [choice])
+
+
+def tool_call_delta(index: int, call: ToolCall) -> dict:
+    """A call in a stream: whole in one delta (its id, name and all its arguments), as the SDKs'
+    accumulators take it."""
+    return {"tool_calls": [{"index": index, **call.chat_dict()}]}
 
 
 def text_chunk(request_id: str, model: str, text: str, finish_reason: str | None = None) -> dict:

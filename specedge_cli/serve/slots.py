@@ -13,19 +13,37 @@ from __future__ import annotations
 import contextlib
 import threading
 import time
-from collections import deque
+from collections import OrderedDict, deque
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, replace
 
-from specedge_cli.conversation import Conversation
+from jinja2.exceptions import TemplateError
+
+from specedge_cli.conversation import Conversation, Prompt
 from specedge_cli.decoding import STOP, DecodeSettings
 from specedge_cli.errors import ApiError, HubBusy, HubError, HubRejected, HubUnreachable, SpecEdgeError
 from specedge_cli.serve.layout import take_up_exchanges
 from specedge_cli.serve.openai_api import Answer, ChatRequest, CompletionRequest, Options
 from specedge_cli.serve.reply_text import ReplyText
+from specedge_cli.serve.tools import AssistantMessage, CallReader, ToolCall, check_template
 
-# Sees reply text as it becomes final; returns False when the client has gone away.
-OnText = Callable[[str], bool]
+# Sees reply text as it becomes final, and each tool call once it is whole; returns False when
+# the client has gone away.
+OnPiece = Callable[[str | ToolCall], bool]
+# Replies with tool calls whose text as the model wrote it is remembered, so a client sending one
+# back continues the slot that holds its tokens.
+REMEMBERED_CALL_REPLIES = 4096
+
+
+@dataclass(frozen=True)
+class Chat:
+    """A chat request as the slot's conversation takes it: replies as the model wrote them."""
+
+    system: str
+    tools: list[dict] | None  # shown to the model by the chat template
+    exchanges: tuple[tuple[Prompt, str], ...]
+    prompt: Prompt
+    reply_start: str = ""  # the start of the reply, put in the model's mouth (a call it must make)
 
 
 @dataclass
@@ -34,19 +52,19 @@ class Slot:
     holds_chat: bool = True  # the conversation's turns describe its history (not so after a completion)
     last_used: float = 0.0
 
-    def chat_overlap(self, request: ChatRequest) -> int:
-        """How many of this slot's history tokens `request` continues: the turns both have."""
+    def chat_overlap(self, chat: Chat) -> int:
+        """How many of this slot's history tokens `chat` continues: the turns both have."""
         return sum(
-            len(t.prompt_token_ids) + len(t.token_ids) for t in self.conversation.turns[: self._same_turns(request)]
+            len(t.prompt_token_ids) + len(t.token_ids) for t in self.conversation.turns[: self._same_turns(chat)]
         )
 
-    def _same_turns(self, request: ChatRequest) -> int:
+    def _same_turns(self, chat: Chat) -> int:
         conversation = self.conversation
-        if not self.holds_chat or conversation.system != request.system:
+        if not self.holds_chat or conversation.system != chat.system or conversation.tools != chat.tools:
             return 0
         same = 0
-        for turn, (prompt, reply) in zip(conversation.turns, request.exchanges):
-            if turn.prompt != prompt or turn.reply != reply or turn.interrupted:
+        for turn, (prompt, reply) in zip(conversation.turns, chat.exchanges):
+            if turn.sent_prompt != prompt or turn.reply != reply or turn.interrupted:
                 break
             same += 1
         return same
@@ -56,16 +74,16 @@ class Slot:
         history = self.conversation.history
         return len(history) if history == tokens[: len(history)] else 0
 
-    def take_up_chat(self, request: ChatRequest) -> list[int]:
-        """Make the conversation the request's history: the turns both have, then the rest from its
-        text; the tokens its last message will add."""
-        conversation, same = self.conversation, self._same_turns(request)
+    def take_up_chat(self, chat: Chat) -> list[int]:
+        """Make the conversation the chat's history: the turns both have, then the rest from its
+        text; the tokens its last prompt will add."""
+        conversation, same = self.conversation, self._same_turns(chat)
         if same:
             conversation.restore(conversation.turns[:same])
         else:
-            conversation.reset(request.system)
+            conversation.reset(chat.system, chat.tools)
         self.holds_chat = True
-        return take_up_exchanges(conversation, request.exchanges[same:], request.prompt)
+        return take_up_exchanges(conversation, chat.exchanges[same:], chat.prompt)
 
     def take_up_tokens(self, tokens: list[int]) -> list[int]:
         """Make the conversation hold the part of `tokens` it can keep; the rest, to send."""
@@ -129,9 +147,13 @@ class EdgeModel:
         self.created = int(time.time())
         first = pool.slots[0].conversation
         self._tokenizer = first.engine.vocab  # tokenizing reads the vocabulary only
+        self._template = first.template
+        self._renders_tools = self._template.renders_tools()
         self.hub_context = first.hub.info().max_context
         # A prompt and its reply must fit the hub's context and the draft's alike.
         self.max_context = min(self.hub_context, first.engine.n_ctx)
+        self._call_replies: OrderedDict[str, str] = OrderedDict()  # AssistantMessage.key() -> the text written
+        self._call_replies_lock = threading.Lock()
 
     def check_model(self, model: str) -> None:
         if model not in (self.model_id, "specedge"):
@@ -142,45 +164,95 @@ class EdgeModel:
                 param="model",
             )
 
-    def chat(self, request: ChatRequest, on_text: OnText) -> Answer:
+    def chat(self, request: ChatRequest, on_piece: OnPiece) -> Answer:
         """Answer the last user message of a chat, as `specedge chat` would after the same turns."""
         self.check_model(request.model)
-        with self.pool.take(lambda slot: slot.chat_overlap(request)) as slot:
-            conversation = slot.conversation
-            prompt_tokens = slot.take_up_chat(request)
-            before = len(conversation.history)
-            room = self._room(before + len(prompt_tokens), "messages")
-            conversation.change_settings(self._settings(request.options, room))
-            cached = self._held(conversation)
-            text = self._reply_text(conversation, request.options)
-            relay = _Relay(text, on_text)
-            try:
-                reply = conversation.ask(request.prompt, on_tokens=relay)
-            except HubError as exc:
-                raise _hub_failure(exc) from exc
-            return self._answer(
-                text, relay, reply.finish_reason, before + len(reply.prompt_token_ids), reply.token_ids, cached
-            )
+        try:
+            chat = self._chat(request)
+            with self.pool.take(lambda slot: slot.chat_overlap(chat)) as slot:
+                return self._chat_in(slot, chat, request, on_piece)
+        except TemplateError as exc:
+            message = f"the model's chat template could not lay out these messages ({exc})"
+            raise ApiError(message, param="messages") from exc
 
-    def complete(self, request: CompletionRequest, on_text: OnText) -> Answer:
-        """Continue a prompt (plain completion: no chat template)."""
+    def _chat_in(self, slot: Slot, chat: Chat, request: ChatRequest, on_piece: OnPiece) -> Answer:
+        conversation = slot.conversation
+        prompt_tokens = slot.take_up_chat(chat)
+        before = len(conversation.history)
+        room = self._room(before + len(prompt_tokens), "messages")
+        conversation.change_settings(self._settings(request.options, room))
+        cached = self._held(conversation)
+        uses = request.tool_use
+        reader = CallReader() if uses is not None and uses.reads_calls else None
+        relay = _Relay(
+            self._reply_text(conversation, request.options), on_piece, reader, uses is not None and not uses.parallel
+        )
+        relay.start(chat.reply_start)
+        try:
+            reply = conversation.ask(chat.prompt, on_tokens=relay, reply_start=chat.reply_start)
+        except HubError as exc:
+            raise _hub_failure(exc) from exc
+        answer = self._answer(relay, reply.finish_reason, before + len(reply.prompt_token_ids), reply.token_ids, cached)
+        if answer.tool_calls:
+            self._remember(AssistantMessage(answer.text, answer.tool_calls), reply.text)
+        return answer
+
+    def _chat(self, request: ChatRequest) -> Chat:
+        """The request with its replies as the model wrote them, and the tools it shows the model."""
+        uses = request.tool_use
+        if request.uses_tools:
+            check_template(self._renders_tools, self._template.source)
+        tools = uses.shown if uses is not None else None
+        exchanges = tuple((prompt, self._written(reply, tools)) for prompt, reply in request.exchanges)
+        start = uses.reply_start() if uses is not None else ""
+        return Chat(request.system, tools, exchanges, request.prompt, start)
+
+    def _written(self, reply: AssistantMessage, tools: list[dict] | None) -> str:
+        """An earlier reply as the model wrote it: its calls in the model's markup, exactly as this
+        server read them when it gave them (then its slot still holds their tokens)."""
+        if not reply.tool_calls:
+            return reply.content
+        with self._call_replies_lock:
+            written = self._call_replies.get(reply.key())
+        if written is not None:
+            return written
+        text = self._template.reply_text(reply.template_dict(), tools)
+        if text is None:
+            raise ApiError(
+                "this model's chat template lays out an assistant message's tool_calls in a way this server "
+                "cannot take apart from the rest of the conversation",
+                param="messages",
+            )
+        return text
+
+    def _remember(self, reply: AssistantMessage, written: str) -> None:
+        with self._call_replies_lock:
+            self._call_replies[reply.key()] = written
+            while len(self._call_replies) > REMEMBERED_CALL_REPLIES:
+                self._call_replies.popitem(last=False)
+
+    def complete(self, request: CompletionRequest, on_piece: OnPiece) -> Answer:
+        """Continue a prompt (plain completion: no chat template), or fill in the middle between it
+        and a suffix."""
         self.check_model(request.model)
-        tokens = self._prompt_tokens(request.prompt)
+        if request.suffix:
+            tokens = self._infill_tokens(str(request.prompt), request.suffix)
+        else:
+            tokens = self._prompt_tokens(request.prompt)
         room = self._room(len(tokens), "prompt")
         with self.pool.take(lambda slot: slot.token_overlap(tokens)) as slot:
             conversation = slot.conversation
             conversation.change_settings(self._settings(request.options, room))
             pending = slot.take_up_tokens(tokens)
             cached = self._held(conversation)
-            text = self._reply_text(conversation, request.options)
-            relay = _Relay(text, on_text)
+            relay = _Relay(self._reply_text(conversation, request.options), on_piece)
             try:
                 generation = conversation.decoder.generate(pending, on_tokens=relay)
             except HubError as exc:
                 raise _hub_failure(exc) from exc
             if generation.error is not None:
                 raise _hub_failure(generation.error) from generation.error
-            return self._answer(text, relay, generation.finish_reason, len(tokens), generation.tokens, cached)
+            return self._answer(relay, generation.finish_reason, len(tokens), generation.tokens, cached)
 
     def _room(self, prompt_tokens: int, param: str) -> int:
         """How many tokens a reply may have after a prompt of `prompt_tokens` (the conversation's
@@ -219,6 +291,21 @@ class EdgeModel:
             raise ApiError("'prompt' is empty", param="prompt")
         return tokens
 
+    def _infill_tokens(self, prefix: str, suffix: str) -> list[int]:
+        """A fill-in-the-middle prompt in the model's own tokens: prefix, suffix, then the middle."""
+        fim = self._tokenizer.fim_tokens()
+        if fim is None:
+            raise ApiError(
+                "'suffix' asks to fill in the middle, and this model has no fill-in-the-middle tokens; "
+                "use a code model trained for it (Qwen2.5-Coder has them), or leave suffix out",
+                param="suffix",
+                code="fim_not_supported",
+            )
+        before, after, middle = fim
+        tokenize = self._tokenizer.tokenize
+        bos = [self._tokenizer.bos_token_id] if self.add_bos else []
+        return [*bos, before, *tokenize(prefix, add_bos=False), after, *tokenize(suffix, add_bos=False), middle]
+
     @staticmethod
     def _held(conversation: Conversation) -> int:
         return conversation.session.reusable_for(conversation.history, conversation.settings.sampling)
@@ -228,31 +315,61 @@ class EdgeModel:
         return ReplyText(conversation.engine.vocab.detokenize, conversation.stop_token_ids, options.stop)
 
     @staticmethod
-    def _answer(
-        text: ReplyText, relay: _Relay, finish_reason: str, prompt_tokens: int, reply_tokens: list[int], cached: int
-    ) -> Answer:
-        rest = text.finish()
-        if rest:
-            relay.on_text(rest)
-        if text.stopped:
+    def _answer(relay: _Relay, finish_reason: str, prompt_tokens: int, reply_tokens: list[int], cached: int) -> Answer:
+        relay.finish()
+        if relay.text.stopped:
             finish_reason = STOP
-        return Answer(text.text, finish_reason, prompt_tokens, len(reply_tokens), cached)
+        if relay.calls and finish_reason == STOP:
+            finish_reason = "tool_calls"
+        return Answer(relay.shown, finish_reason, prompt_tokens, len(reply_tokens), cached, tuple(relay.calls))
 
 
 class _Relay:
-    """Hands reply text to the client as tokens are accepted; ends the reply at a stop sequence
-    or when the client has gone away."""
+    """Hands reply text to the client as tokens are accepted (through a reader of tool calls when
+    the model may call one); ends the reply at a stop sequence, after its one call when only one
+    is allowed, or when the client has gone away."""
 
-    def __init__(self, text: ReplyText, on_text: OnText):
+    def __init__(self, text: ReplyText, on_piece: OnPiece, reader: CallReader | None = None, one_call: bool = False):
         self.text = text
-        self.on_text = on_text
+        self.on_piece = on_piece
+        self.reader = reader
+        self.one_call = one_call
         self.client_gone = False
+        self.shown = ""  # the text handed out
+        self.calls: list[ToolCall] = []
+
+    def start(self, text: str) -> None:
+        """The reply's start, put in the model's mouth: read as the reply's own text."""
+        if text and self.reader is not None:
+            self._hand(self.reader.add(text))
 
     def __call__(self, tokens: list[int]) -> bool:
         piece = self.text.add(tokens)
-        if piece and not self.on_text(piece):
-            self.client_gone = True
-        return self.client_gone or self.text.stopped
+        if piece:
+            self._hand(self.reader.add(piece) if self.reader is not None else [piece])
+        return self.client_gone or self.text.stopped or self._called_enough
+
+    def finish(self) -> None:
+        rest = self.text.finish()
+        if self.reader is None:
+            self._hand([rest] if rest else [])
+        else:
+            self._hand(self.reader.add(rest) + self.reader.finish())
+
+    @property
+    def _called_enough(self) -> bool:
+        return self.one_call and bool(self.calls)
+
+    def _hand(self, pieces: list[str | ToolCall]) -> None:
+        for piece in pieces:
+            if self._called_enough:
+                return  # what the model wrote after its one call is not part of the answer
+            if isinstance(piece, ToolCall):
+                self.calls.append(piece)
+            else:
+                self.shown += piece
+            if not self.client_gone and not self.on_piece(piece):
+                self.client_gone = True
 
 
 def _hub_failure(exc: SpecEdgeError) -> ApiError:
