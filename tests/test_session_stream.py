@@ -24,7 +24,7 @@ from specedge_cli.decoding import DecodeSettings
 from specedge_cli.drafting.engine import DraftEngine
 from specedge_cli.errors import HubRejected, SessionLost
 from specedge_cli.remote.client import HubClient
-from specedge_cli.remote.stream import StreamRefused, open_stream
+from specedge_cli.remote.stream import OPEN_TIMEOUT_S, StreamRefused, open_stream
 from specedge_common.launcher import HubProcess
 from tests.conftest import REPO, AuthHub, hub_admin
 from tests.test_lossless import plain_template
@@ -140,6 +140,17 @@ def test_an_upgrade_the_hub_refuses_is_a_stream_it_does_not_offer(version_1_hub)
         assert client.info().protocol_version == 1 < PROTOCOL_VERSION
         with pytest.raises(StreamRefused):
             open_stream(client, "any-session")
+
+
+def test_an_upgrade_left_unanswered_is_taken_for_refused():
+    with socket.socket() as silent:  # takes the connection, never answers it
+        silent.bind(("127.0.0.1", 0))
+        silent.listen()
+        with HubClient(f"http://127.0.0.1:{silent.getsockname()[1]}") as client:
+            started = time.monotonic()
+            with pytest.raises(StreamRefused):
+                open_stream(client, "any-session")
+    assert time.monotonic() - started < OPEN_TIMEOUT_S + 5
 
 
 # --- frames and their errors -----------------------------------------------------------------------

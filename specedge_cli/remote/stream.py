@@ -26,6 +26,7 @@ from specedge_cli.remote.client import HubClient, hub_refusal
 
 STREAM_VERSION = 2  # the first protocol version whose hubs offer the stream
 CLOSE_TIMEOUT_S = 1.0  # closing waits this long for the hub's side of the close, no more
+OPEN_TIMEOUT_S = 10.0  # an upgrade needs no model work: one this slow is taken for refused
 
 
 class StreamClosed(Exception):
@@ -38,8 +39,9 @@ class StreamRefused(Exception):
 
 
 def open_stream(hub: HubClient, session_id: str) -> SessionStream:
-    """A stream for `session_id`; StreamRefused when the upgrade is refused, OSError when the hub
-    cannot be reached (the caller verifies over HTTP then, which says what is wrong)."""
+    """A stream for `session_id`; StreamRefused when the upgrade is refused (or not answered in
+    OPEN_TIMEOUT_S), OSError when the hub cannot be reached (the caller verifies over HTTP then,
+    which says what is wrong)."""
     url = hub.base_url.replace("http", "ws", 1) + f"/v1/sessions/{session_id}/stream"
     try:
         connection = connect(
@@ -47,12 +49,12 @@ def open_stream(hub: HubClient, session_id: str) -> SessionStream:
             ssl=httpx.create_ssl_context() if url.startswith("wss:") else None,  # the trust HTTP has
             additional_headers=hub.auth_headers,
             compression=None,  # frames of a few hundred bytes: deflate would cost more than it saves
-            open_timeout=hub.timeout_s,
+            open_timeout=OPEN_TIMEOUT_S,
             close_timeout=CLOSE_TIMEOUT_S,
             legacy=True,
         )
-    except (InvalidHandshake, InvalidURI) as exc:  # InvalidStatus: refused with an HTTP answer
-        raise StreamRefused(str(exc)) from exc
+    except (InvalidHandshake, InvalidURI, TimeoutError) as exc:  # InvalidStatus: refused with an HTTP answer
+        raise StreamRefused(str(exc) or "the upgrade was not answered") from exc
     return SessionStream(connection, hub.base_url, hub.timeout_s)
 
 
