@@ -16,7 +16,7 @@ from itertools import count
 
 import httpx
 import msgpack
-from websockets.exceptions import ConnectionClosed, InvalidHandshake, InvalidURI
+from websockets.exceptions import ConnectionClosed, InvalidHandshake, InvalidProxy, InvalidURI
 from websockets.protocol import State
 from websockets.sync.client import ClientConnection, connect
 
@@ -53,7 +53,7 @@ def open_stream(hub: HubClient, session_id: str) -> SessionStream:
             close_timeout=CLOSE_TIMEOUT_S,
             legacy=True,
         )
-    except (InvalidHandshake, InvalidURI, TimeoutError) as exc:  # InvalidStatus: refused with an HTTP answer
+    except (InvalidHandshake, InvalidURI, InvalidProxy, TimeoutError) as exc:  # InvalidStatus: an HTTP answer
         raise StreamRefused(str(exc) or "the upgrade was not answered") from exc
     return SessionStream(connection, hub.base_url, hub.timeout_s)
 
