@@ -102,6 +102,17 @@ def test_text_that_is_not_a_call_stays_text():
     assert read_calls(CALL_TEXT.removesuffix("</tool_call>"))[1][0].name == "get_weather"
 
 
+def test_a_reply_that_is_only_a_calls_json_is_read_as_the_call_when_the_function_is_offered():
+    call = '{"name": "get_weather", "arguments": {"city": "Paris"}}'  # as Qwen2.5-Coder often answers
+    offered = frozenset({"get_weather"})
+    for text in [call, f"```json\n{call}\n```", f"[{call}, {call}]"]:
+        content, calls = read_calls(text, offered)
+        assert content == "" and {(c.name, c.arguments) for c in calls} == {("get_weather", '{"city": "Paris"}')}
+    for text in ['{"name": "delete_everything", "arguments": {}}', '{"city": "Paris"}', "```python\nprint(1)\n```"]:
+        assert read_calls(text, offered) == (text, [])
+    assert read_calls(call) == (call, [])  # no function offered: nothing to call
+
+
 def test_a_conversation_with_calls_laid_out_turn_by_turn_is_the_templates_whole_render():
     template = ChatTemplate(QWEN_TEMPLATE, "", "")
     call = {"id": "call_1", "type": "function", "function": {"name": "get_weather", "arguments": {"city": "Paris"}}}

@@ -73,7 +73,7 @@ def serve(
         int, typer.Option(min=1, help="Connections open at once; more are answered 503 and closed.")
     ] = 512,
 ) -> None:
-    """Serve the hub's model through an OpenAI-compatible API (/v1/chat/completions, /v1/completions).
+    """Serve the hub's model through an OpenAI-compatible API (/v1/chat/completions, /v1/completions, /v1/responses).
 
     Fields a request leaves out (temperature, seed, max_tokens) take your `specedge config` settings.
     """

@@ -183,7 +183,7 @@ class EdgeModel:
         conversation.change_settings(self._settings(request.options, room))
         cached = self._held(conversation)
         uses = request.tool_use
-        reader = CallReader() if uses is not None and uses.reads_calls else None
+        reader = CallReader(uses.names) if uses is not None and uses.reads_calls else None
         relay = _Relay(
             self._reply_text(conversation, request.options), on_piece, reader, uses is not None and not uses.parallel
         )

@@ -64,6 +64,10 @@ class ToolUse:
     def reads_calls(self) -> bool:
         return self.choice != "none"
 
+    @property
+    def names(self) -> frozenset[str]:
+        return frozenset(tool["function"]["name"] for tool in self.tools)
+
     def reply_start(self) -> str:
         """What the reply starts with so that the model calls a function when it must."""
         if self.choice == "required":
@@ -165,9 +169,9 @@ def _choice(choice: Any, names: list[str]) -> tuple[str, str | None]:
 
 
 # --- reading calls out of a reply --------------------------------------------------------------------
-def read_calls(text: str) -> tuple[str, list[ToolCall]]:
+def read_calls(text: str, names: frozenset[str] = frozenset()) -> tuple[str, list[ToolCall]]:
     """A whole reply's text outside its calls (as `CallReader` streams it), and its calls."""
-    reader = CallReader()
+    reader = CallReader(names)
     pieces = reader.add(text) + reader.finish()
     return "".join(p for p in pieces if isinstance(p, str)), reader.calls
 
@@ -192,17 +196,27 @@ class CallReader:
     Text that could be the start of a call is held back until it is one or is not. The text shown
     is the reply's text outside its calls with the whitespace at its two ends left out (the model's
     layout around its calls); a call that is not a JSON object with a name stays text, as written.
+
+    Models of the format do not always write the tags: Qwen2.5-Coder often answers with the call's
+    JSON alone (perhaps in a ```json fence). A reply that starts that way is held to its end, and
+    read as calls when it is nothing but calls of the functions offered (`names`).
     """
 
-    def __init__(self) -> None:
+    def __init__(self, names: frozenset[str] = frozenset()) -> None:
+        self._names = names
         self._pending = ""  # not read yet: a call's opening so far, or a call still open
         self._blank = ""  # whitespace shown only if more text follows it
         self._started = False  # some text was shown
+        self._bare: bool | None = None  # the reply starts like an untagged call (None: too early to say)
         self.calls: list[ToolCall] = []
 
     def add(self, text: str) -> list[str | ToolCall]:
         self._pending += text
         out: list[str | ToolCall] = []
+        if self._names and self._bare is not False and not self._started and not self.calls:
+            self._bare = _starts_bare(self._pending)
+            if self._bare is not False:
+                return out
         while (opened := self._pending.find(CALL_OPEN)) >= 0:
             closed = self._pending.find(CALL_CLOSE, opened)
             if closed < 0:
@@ -218,6 +232,12 @@ class CallReader:
     def finish(self) -> list[str | ToolCall]:
         """The reply ended: a last call left open (when its JSON is whole) or the text held back."""
         out: list[str | ToolCall] = []
+        if self._bare:
+            calls = _bare_calls(self._pending, self._names)
+            if calls:
+                self.calls += calls
+                self._pending = ""
+                return list(calls)
         if self._pending.startswith(CALL_OPEN):
             self._take_call(0, len(self._pending), out)
         self._show(self._pending, out)
@@ -245,6 +265,35 @@ class CallReader:
         body = text.rstrip()
         self._blank = text[len(body) :]
         out.append(body)
+
+
+_FENCE = "```json"
+
+
+def _starts_bare(text: str) -> bool | None:
+    """Whether a reply starts like an untagged call's JSON; None while it could still go either way."""
+    start = text.lstrip()
+    if start.startswith(("{", "[", _FENCE)):
+        return True
+    if not start or _FENCE.startswith(start):
+        return None
+    return False
+
+
+def _bare_calls(text: str, names: frozenset[str]) -> list[ToolCall]:
+    """The calls a reply is made of, when it is nothing else: one call's JSON or a list of them."""
+    body = text.strip()
+    if body.startswith(_FENCE) and body.endswith("```"):
+        body = body[len(_FENCE) : -3].strip()
+    try:
+        parsed = json.loads(body)
+    except ValueError:
+        return []
+    items = parsed if isinstance(parsed, list) else [parsed]
+    calls = [_call(json.dumps(item)) for item in items]
+    if not calls or any(call is None or call.name not in names for call in calls):
+        return []
+    return [call for call in calls if call is not None]
 
 
 def _partial_open(text: str) -> int:
