@@ -213,6 +213,7 @@ def main() -> None:
         target = resolve_target(args.target, Path(tempfile.gettempdir()) / "specedge-bench-targets")
         results = {}
         if args.base:
+            (Path(scratch) / "base").mkdir()
             base = unpack(args.base, Path(scratch) / "base")
             results[args.base] = measure(base, target, args, Path(scratch) / "base.log")
         results["this tree"] = measure(REPO, target, args, Path(scratch) / "this.log")

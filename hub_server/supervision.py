@@ -121,7 +121,8 @@ class Workers:
     # --- placement ----------------------------------------------------------------------
     def place(self, excluded: Worker | None = None, scope: str | None = None) -> tuple[Worker, KVHandle] | None:
         """A worker for a new session and a KV slot on it, best worker first (the most KV blocks
-        to take, `placement_order`); None when every worker's session table or memory is full."""
+        to take per session it would hold, `placement_order`); None when every worker's session
+        table or memory is full."""
         max_sessions = self.settings.max_sessions
         loads = [w.load(self.sessions.count_on(w.worker_id), max_sessions) for w in self._workers]
         for worker_id in placement_order(loads):

@@ -18,7 +18,7 @@ import pytest
 from hub_server.engine_link import PING_S, SILENT_LIMIT_S
 from specedge_cli.drafting.engine import DraftEngine
 from specedge_cli.remote.client import HubClient
-from tests.conftest import RunningHub
+from tests.conftest import AuthHub, RunningHub, hub_admin
 from tests.replies import conversation, expected, pid_alive, wait_for, workers_of
 
 PROMPT = "once upon a time there was"
@@ -153,5 +153,32 @@ def test_a_front_end_killed_mid_reply_costs_no_reply_while_the_other_serves(tiny
         assert answers == [200] * 10
         assert reply.token_ids == expected(target_alone, draft, reply, 0.9)
         wait_for(lambda: len(front_ends_of(hub.process.pid)) == 2, 30, "a front end replacing the killed one")
+    finally:
+        hub.stop()
+
+
+def test_front_ends_share_accounts_and_budgets(tiny, tmp_path):
+    """Two front ends: a revoked token is refused by both from the next request on, and a user's
+    token budget is counted once, whichever front end each request reaches."""
+    hub = AuthHub(tiny.hf_dir, tmp_path, ("ada",), "--api-servers", "2", "--tokens-per-minute", "40")
+    try:
+        assert len(front_ends_of(hub.process.pid)) == 2
+
+        def fresh(method: str, path: str, **kwargs) -> httpx.Response:  # a new connection: either front end
+            with hub.client("ada") as client:
+                return client.request(method, path, **kwargs)
+
+        info = fresh("GET", "/v1/info").json()
+        body = {key: info[key] for key in ("protocol_version", "vocab_size", "vocab_fingerprint")}
+        session = fresh("POST", "/v1/sessions", json=body).json()["session_id"]
+        # 60 tokens through two feeds, on whichever front ends: the bucket of 40 is empty after them.
+        for _ in range(2):
+            assert fresh("POST", f"/v1/sessions/{session}/feed", json={"tokens": list(range(3, 33))}).status_code == 200
+        refused = [fresh("POST", f"/v1/sessions/{session}/feed", json={"tokens": [3, 4]}) for _ in range(4)]
+        assert all(r.status_code == 429 and r.json()["error"]["code"] == "rate_limited" for r in refused)
+
+        token_id = hub_admin(hub.data_dir, "tokens", "list", "--user", "ada")[0]["token_id"]
+        hub_admin(hub.data_dir, "tokens", "revoke", token_id)
+        assert {fresh("GET", "/v1/whoami").status_code for _ in range(10)} == {401}
     finally:
         hub.stop()
