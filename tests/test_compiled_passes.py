@@ -3,17 +3,20 @@
 Small buckets only (up to 2 sessions, drafts up to 7 tokens: one width), so the compile at start
 stays within a CI budget; the tiny Llama (full attention) and the tiny Gemma 3 with an 8-token
 window (sliding layers whose ring the contexts pass) both run. Every pass reads the pool in
-place: no byte of past KV is copied.
+place: no byte of past KV is copied. Both models compile into one cache directory: each compiles
+its own packages, and a second start of either loads them all.
 """
 
 from __future__ import annotations
 
+import logging
 import os
 
 import pytest
 import torch
 
 from hub_server.config import HubSettings
+from hub_server.engine.pass_packages import PassDecoder, PassPackages, pass_key
 from hub_server.engine.rotary import rotary_table, tabled
 from hub_server.engine.runner import ModelRunner, VerifyJob
 from hub_server.tree import chain_parents
@@ -24,14 +27,24 @@ MAX_DRAFT = 7  # rows of 8: one width bucket
 DEVICE = os.environ.get("SPECEDGE_TEST_DEVICE", "cpu")  # benchmarks/gpu_check.sh runs it on cuda
 
 
+@pytest.fixture(scope="module")
+def compile_cache(tmp_path_factory):
+    return tmp_path_factory.mktemp("compile-cache")
+
+
 @pytest.fixture(scope="module", params=["llama", "gemma-sliding"])
-def runners(request, tiny, gemma_dir):  # noqa: F811
+def runner_settings(request, tiny, gemma_dir, compile_cache):  # noqa: F811
     folder = str(tiny.hf_dir if request.param == "llama" else gemma_dir)
     settings = {"model": folder, "device": DEVICE, "max_batch": 2, "max_draft_tokens": MAX_DRAFT, "max_sessions": 8}
     settings["cpu_attention"] = CPU_ATTENTION  # a CUDA runner leaves it aside
-    eager = ModelRunner(HubSettings(**settings, compile="off"))
-    compiled = ModelRunner(HubSettings(**settings, compile="on"))
-    return eager, compiled, plain_target(folder, DEVICE)
+    return {**settings, "cache_dir": compile_cache}
+
+
+@pytest.fixture(scope="module")
+def runners(runner_settings):
+    eager = ModelRunner(HubSettings(**runner_settings, compile="off"))
+    compiled = ModelRunner(HubSettings(**runner_settings, compile="on"))
+    return eager, compiled, plain_target(runner_settings["model"], DEVICE)
 
 
 def decode(runner: ModelRunner, contexts, drafts_of, rounds: int, temperature: float = 0.0):
@@ -122,3 +135,57 @@ def test_the_rotary_table_gives_the_models_own_cosines_and_sines(runners):
             assert rotary_table(decoder, 300, eager.model.dtype) is None
         finally:
             decoder.rotary_emb.rope_type = own_type
+
+
+@pytest.mark.skipif(DEVICE != "cpu", reason="a GPU's passes are compiled by torch.compile at each start")
+def test_a_second_start_loads_every_bucket_from_the_cache(runners, runner_settings, caplog):
+    """The first start compiled every bucket (the other model's packages in the same cache were
+    not its own); a second start with the same cache loads them all, compiles nothing, says so,
+    and its passes emit what the eager ones do."""
+    eager, compiled, _ = runners
+    assert compiled.passes_from_cache == 0
+    with caplog.at_level(logging.INFO, logger="hub_server"):
+        again = ModelRunner(HubSettings(**runner_settings, compile="on"))
+    assert again.passes_from_cache == len(again.batch_buckets) * len(again.width_buckets) == 2
+    assert "compiled passes: 2 buckets loaded from the cache" in caplog.text
+
+    def drafts(i, round_number, emitted):
+        return [(7 * round_number + i) % 512, 3], chain_parents(2)
+
+    assert decode(again, CONTEXTS[:2], drafts, rounds=4) == decode(eager, CONTEXTS[:2], drafts, rounds=4)
+    assert again.compiled_hits > 0 and again.compiled_misses == 0
+
+
+@pytest.mark.skipif(DEVICE != "cpu", reason="a GPU's passes are compiled by torch.compile at each start")
+def test_a_package_under_another_key_or_unreadable_is_not_served(runners, compile_cache, tmp_path, caplog):
+    _, compiled, _ = runners
+    package = next((compile_cache / "torch-compile" / "passes").glob("*/*.pt2"))
+    others = PassPackages(
+        tmp_path,
+        PassDecoder(compiled.model.model, compiled.model.model.get_input_embeddings(), None),
+        threads=3,
+        options={},
+    )
+    garbage = tmp_path / "1x8.pt2"
+    garbage.write_bytes(b"not a package")
+    with caplog.at_level(logging.WARNING, logger="hub_server"):
+        assert others.load(package) is None
+        assert others.load(garbage) is None
+    assert "compiled under another key" in caplog.text and "does not load" in caplog.text
+
+
+def test_the_package_key_names_the_weights_the_options_and_torch(monkeypatch):
+    """Another model, other compile options or another torch never load a package compiled
+    before: each gives another key."""
+    torch.manual_seed(0)
+    module = torch.nn.Sequential(torch.nn.Linear(4, 4), torch.nn.LayerNorm(4))
+    options = {"freezing": True, "cpp.threads": 1}
+    key = pass_key(module, options)
+    assert pass_key(module, dict(options)) == key
+    assert pass_key(module, {**options, "cpp.threads": 2}) != key
+    with torch.no_grad():
+        module[0].weight[1, 2] += 1e-6
+    changed = pass_key(module, options)
+    assert changed != key
+    monkeypatch.setattr(torch, "__version__", "0.0.0")
+    assert pass_key(module, options) != changed

@@ -15,8 +15,9 @@ runner runs the pass it is given. On a CPU, how the passes compute is chosen by 
 (`cpu_timings.py`).
 
 With `--compile on` the passes take a few fixed shapes (rows and widths rounded up to powers of
-two), each compiled once at start by torch.compile (CUDA graphs on a GPU); the compile cache is
-kept under the hub's cache directory, so a restart compiles nothing new.
+two), each compiled once: on a CPU into an AOTInductor package per shape kept under the hub's
+cache directory (`pass_packages.py`), which a restart loads instead of compiling again; on a GPU
+by torch.compile at each start (CUDA graphs), its kernels cached there.
 """
 
 from __future__ import annotations
@@ -36,6 +37,7 @@ from hub_server.engine.cpu_timings import time_cpu_choices
 from hub_server.engine.kv_pool import BLOCK_TOKENS, GIB, KVPool, KVShape, SessionKV, blocks_for, plan_kv
 from hub_server.engine.layout import PassBatch, PassLayout, buckets, row_parents
 from hub_server.engine.loading import choose_device, choose_dtype, load_target, read_vocabulary
+from hub_server.engine.pass_packages import CompiledPass, PassDecoder, PassPackages
 from hub_server.engine.pool_attention import FULL, POOL_ATTENTION, SLIDING
 from hub_server.engine.projection import ProjectionWalk
 from hub_server.engine.rotary import rotary_table, tabled
@@ -141,6 +143,9 @@ class ModelRunner:
             self.batch_buckets,
             self.width_buckets,
         )
+        self._packages: PassPackages | None = None  # a CPU's compiled passes, one package per bucket
+        self._bucket_passes: dict[tuple[int, int], CompiledPass] = {}
+        self.passes_from_cache = 0  # buckets whose compiled pass a start loaded instead of compiling
         self._decoder = self._compiled_decoder(settings) if self.compiled else self._decode
         self.compiled_shapes: set[tuple[int, int]] = set()  # buckets run through the compiled decoder
         self._zero_tallies()
@@ -259,27 +264,43 @@ class ModelRunner:
         )
 
     def compile_buckets(self) -> None:
-        """Compile the decoder for every bucket (rows x width) by running it once on scratch slots."""
+        """Compile the decoder for every bucket (rows x width), or load it from the cache, then
+        run each once on scratch slots."""
         shapes = [(rows, width) for rows in self.batch_buckets for width in self.width_buckets]
         started = time.perf_counter()
         for done, (rows, width) in enumerate(shapes, start=1):
             shape_started = time.perf_counter()
-            self._scratch_passes([(rows, width - 1)])
+            if self._packages is None:  # torch.compile compiles the shape as its first pass runs
+                self._scratch_passes([(rows, width - 1)])
+                how = "compiled"
+            else:
+                how = "loaded" if self._load_or_compile(rows, width) else "compiled"
             log.info(
-                "compiled pass %d of %d: %d rows x %d tokens (%.1f s)",
+                "%s pass %d of %d: %d rows x %d tokens (%.1f s)",
+                how,
                 done,
                 len(shapes),
                 rows,
                 width,
                 time.perf_counter() - shape_started,
             )
-        log.info(
-            "compiled %d pass shapes in %.1f s: rows %s x widths %s",
-            len(shapes),
-            time.perf_counter() - started,
-            self.batch_buckets,
-            self.width_buckets,
-        )
+        if self._packages is not None:
+            self._scratch_passes([(rows, width - 1) for rows, width in shapes])
+        seconds = time.perf_counter() - started
+        if self.passes_from_cache == len(shapes):
+            how = f"{len(shapes)} buckets loaded from the cache in {seconds:.1f} s"
+        else:
+            how = f"{len(shapes)} buckets compiled in {seconds:.1f} s ({self.passes_from_cache} loaded from the cache)"
+        log.info("compiled passes: %s: rows %s x widths %s", how, self.batch_buckets, self.width_buckets)
+
+    def _load_or_compile(self, rows: int, width: int) -> bool:
+        """The bucket's package, loaded or compiled; True where it came from the cache."""
+        assert self._packages is not None
+        with tabled(self.model.model, self._rotary_table):
+            compiled_pass, loaded = self._packages.load_or_compile(rows, width)
+        self._bucket_passes[rows, width] = compiled_pass
+        self.passes_from_cache += loaded
+        return loaded
 
     # --- internals ----------------------------------------------------------------------
     def _scratch_passes(self, passes: list[tuple[int, int]]) -> None:
@@ -421,10 +442,10 @@ class ModelRunner:
         return out.last_hidden_state
 
     def _compiled_decoder(self, settings: HubSettings):
-        """`_decode` compiled by torch.compile: CUDA graphs on a GPU, fused C++ kernels on a CPU."""
+        """`_decode` compiled: AOTInductor packages of fused C++ kernels on a CPU, torch.compile
+        with CUDA graphs on a GPU."""
         cache = (settings.cache_dir or default_cache_dir()) / "torch-compile"
-        # Inductor's and the FX graph cache's home: a restart with the same model and shapes
-        # loads its kernels from here instead of compiling them again (unless the user chose one).
+        # Inductor's home for the kernels it builds, under the hub's cache (unless the user chose one).
         # Inductor writes its default into the variable the first time anything asks (importing
         # transformers does), so only a value other than that default is the user's own choice.
         from torch._inductor.runtime.cache_dir_utils import default_cache_dir as inductor_default
@@ -432,8 +453,12 @@ class ModelRunner:
         if os.environ.get("TORCHINDUCTOR_CACHE_DIR", inductor_default()) == inductor_default():
             os.environ["TORCHINDUCTOR_CACHE_DIR"] = str(cache)
         log.info("compile cache: %s", os.environ["TORCHINDUCTOR_CACHE_DIR"])
+        # Compiled passes read the rotary cosines and sines from a table (rotary.py): inductor
+        # would otherwise compute them again in every layer's kernel.
+        self._rotary_table = rotary_table(self.model.model, self.max_context + self.widest_row + 1, self.model.dtype)
+        if self.device == "cpu":
+            return self._packaged_decoder(cache / "passes")
         import torch._dynamo
-        import torch._inductor.config
 
         # One compiled graph per bucket; without this, torch.compile stops compiling after 8.
         shapes = len(self.batch_buckets) * len(self.width_buckets)
@@ -443,29 +468,34 @@ class ModelRunner:
         # attributes before each call (most of dynamo's guards: 0.8 ms a pass on the CPU machine);
         # the guards on the inputs' shapes, which pick a bucket's graph, stay.
         options: dict = {"guard_filter_fn": torch.compiler.skip_guard_on_all_nn_modules_unsafe}
-        # Compiled passes read the rotary cosines and sines from a table (rotary.py): inductor
-        # would otherwise compute them again in every layer's kernel.
-        table = rotary_table(self.model.model, self.max_context + self.widest_row + 1, self.model.dtype)
-        freezing: contextlib.AbstractContextManager = contextlib.nullcontext()
-        if self.device == "cuda":
-            options["triton.cudagraphs"] = True  # what mode="reduce-overhead" sets
-        else:
-            # On a CPU each call of a small pass costs as much as its work: the weights become
-            # constants of the compiled graph (freezing), packed once for MKL's matrix products,
-            # and the projections that read the same input become one product (q, k and v; gate
-            # and up) (113 -> 64 products a pass on the dispatch-bound target). The packed
-            # weights are a second copy of the linear layers' weights, beside the model's own that
-            # eager passes (prompts fed apart, a bucket's miss) still use. Dynamo reads `freezing`
-            # from the global config as it traces, so it is set around each call, not as an option.
-            options["cpp.enable_concat_linear"] = True
-            freezing = torch._inductor.config.patch(freezing=True)
+        options["triton.cudagraphs"] = True  # what mode="reduce-overhead" sets
         compiled = torch.compile(self._decode, dynamic=False, fullgraph=True, options=options)
 
         def compiled_pass(tokens: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
-            with freezing, tabled(self.model.model, table):
+            with tabled(self.model.model, self._rotary_table):
                 return compiled(tokens, positions)
 
         return compiled_pass
+
+    def _packaged_decoder(self, root: Path):
+        """`_decode` through each bucket's AOTInductor package (`pass_packages.py`), loaded or
+        compiled by `compile_buckets`; the token embedding is looked up before it."""
+        # Each call of a small pass costs as much as its work: the weights become constants of
+        # the compiled graph (freezing), packed once for MKL's matrix products, and the
+        # projections that read the same input become one product (q, k and v; gate and up)
+        # (113 -> 64 products a pass on the dispatch-bound target). The packed weights are a
+        # second copy of the linear layers' weights, beside the model's own that eager passes
+        # (prompts fed apart, a bucket's miss) still use.
+        options = {"freezing": True, "cpp.enable_concat_linear": True}
+        embed = self.model.model.get_input_embeddings()
+        decoder = PassDecoder(self.model.model, embed, self._placeholder_mask)
+        with tabled(self.model.model, self._rotary_table):
+            self._packages = PassPackages(root, decoder, self.verify_threads, options)
+
+        def packaged_pass(tokens: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
+            return self._bucket_passes[tokens.shape[0], tokens.shape[1]](embed(tokens), positions)
+
+        return packaged_pass
 
     def _logits(self, hidden: torch.Tensor, columns: list[int]) -> torch.Tensor:
         """The target's logits at the given flattened columns of `hidden`: [K, V] float32.
