@@ -17,10 +17,10 @@ The reply's `verify_ms` (the hub's verify call) splits it: around the pass (queu
 applying the result) and outside the call (HTTP or the stream, routing, the client, loopback).
 The sessions are reopened every 200 rounds so that their contexts stay short.
 
-Then the hub's CPU time per verify of each way (its whole process tree: front end and engine
-process), in blocks of verifies of one way at a time, the ways taking turns: a figure a loaded
-machine inflates far less than a round trip, and the one that bounds a hub's verifies per
-CPU-second. The pass's own CPU is in it, the same for every way.
+Then the hub's CPU time per verify of each way, in its front end (the way a verify arrives and
+leaves: HTTP or the stream) and in its engine process (the same work for every way, the pass
+included), in blocks of verifies of one way at a time, the ways taking turns: figures a loaded
+machine inflates far less than a round trip, and the ones that bound a hub's verifies per CPU-second.
 
 The default target is the dispatch-bound random Llama (`benchmarks/dispatch_target.py`): its
 pass costs what launching its operators costs, as a small target's pass on a GPU does.
@@ -33,6 +33,7 @@ import http.client
 import json
 import os
 import statistics
+import subprocess
 import sys
 import tempfile
 import time
@@ -140,9 +141,10 @@ def measure(ways: Ways, rounds: int) -> dict[str, dict[str, list[float]]]:
     return figures
 
 
-def hub_cpu_ms(ways: Ways, hub_pid: int, rounds: int) -> dict[str, float]:
-    """Per way: the hub's CPU milliseconds per verify, over about `rounds` verifies of it."""
-    used = dict.fromkeys(WAYS, 0.0)
+def hub_cpu_ms(ways: Ways, hub_pid: int, rounds: int) -> dict[str, tuple[float, float]]:
+    """Per way: the CPU milliseconds per verify of the hub's front end and of its engine process,
+    over about `rounds` verifies of it."""
+    used = {way: [0.0, 0.0] for way in WAYS}
     counted = dict.fromkeys(WAYS, 0)
     for block in range(max(1, rounds // CPU_BLOCK)):
         if block * CPU_BLOCK % REOPEN_EVERY == 0:
@@ -151,20 +153,32 @@ def hub_cpu_ms(ways: Ways, hub_pid: int, rounds: int) -> dict[str, float]:
             before = tree_cpu_s(hub_pid)
             for _ in range(CPU_BLOCK):
                 call()
-            used[way] += (tree_cpu_s(hub_pid) - before) * 1000
+            after = tree_cpu_s(hub_pid)
+            used[way] = [total + (now - then) * 1000 for total, now, then in zip(used[way], after, before)]
             counted[way] += CPU_BLOCK
-    return {way: used[way] / counted[way] for way in WAYS}
+    return {way: (used[way][0] / counted[way], used[way][1] / counted[way]) for way in WAYS}
 
 
-def tree_cpu_s(pid: int) -> float:
-    return sum(cpu_seconds(child) for child in process_tree(pid))
+def tree_cpu_s(pid: int) -> tuple[float, float]:
+    """CPU seconds of the hub's front end (every process but the engine's) and of its engine process."""
+    front_end = engine = 0.0
+    for child in process_tree(pid):
+        try:
+            command = Path(f"/proc/{child}/cmdline").read_bytes()
+        except OSError:
+            continue
+        if b"hub_server.engine_process" in command:
+            engine += cpu_seconds(child)
+        else:
+            front_end += cpu_seconds(child)
+    return front_end, engine
 
 
 def percentile(values: list[float], share: float) -> float:
     return sorted(values)[int(share * (len(values) - 1))]
 
 
-def summary(figures: dict[str, list[float]], cpu_ms: float) -> dict[str, float]:
+def summary(figures: dict[str, list[float]], cpu_ms: tuple[float, float]) -> dict[str, float]:
     trips, calls, passes = figures["trip"], figures["call"], figures["pass"]
     overheads = [trip - forward for trip, forward in zip(trips, passes)]
     return {
@@ -175,7 +189,8 @@ def summary(figures: dict[str, list[float]], cpu_ms: float) -> dict[str, float]:
         "overhead_p95_ms": percentile(overheads, 0.95),
         "around_the_pass_p50_ms": statistics.median([call - forward for call, forward in zip(calls, passes)]),
         "outside_the_call_p50_ms": statistics.median([trip - call for trip, call in zip(trips, calls)]),
-        "hub_cpu_ms_per_verify": cpu_ms,
+        "front_end_cpu_ms_per_verify": cpu_ms[0],
+        "engine_cpu_ms_per_verify": cpu_ms[1],
     }
 
 
@@ -194,6 +209,7 @@ def main() -> None:
     parser.add_argument("--json", type=Path, help="write the figures here too")
     args = parser.parse_args()
     hub_cores, client_cores = split_cores()
+    load_before = os.getloadavg()[0]
     hub = HubProcess(["--model", resolve(args.target), "--no-auth", *args.serve_arg], cores=hub_cores)
     try:
         if client_cores:
@@ -214,10 +230,23 @@ def main() -> None:
             f"{way:>18}: round trip p50 {result['round_trip_p50_ms']:.3f} ms, pass p50 {result['pass_p50_ms']:.3f} ms, "
             f"overhead p50 {result['overhead_p50_ms']:.3f} ms p95 {result['overhead_p95_ms']:.3f} ms "
             f"(around the pass {result['around_the_pass_p50_ms']:.3f}, outside the call "
-            f"{result['outside_the_call_p50_ms']:.3f}); hub CPU {result['hub_cpu_ms_per_verify']:.3f} ms a verify"
+            f"{result['outside_the_call_p50_ms']:.3f}); CPU a verify: front end "
+            f"{result['front_end_cpu_ms_per_verify']:.3f} ms, engine {result['engine_cpu_ms_per_verify']:.3f} ms"
         )
+    load = f"{load_before:.1f}-{os.getloadavg()[0]:.1f}"  # on a loaded machine only the ratios mean much
+    print(f"load average {load}")
     if args.json:
-        args.json.write_text(json.dumps({"target": args.target, "serve_args": args.serve_arg, **results}, indent=1))
+        run = {"target": args.target, "serve_args": args.serve_arg, "commit": commit(), "load": load}
+        args.json.write_text(json.dumps({**run, **results}, indent=1) + "\n")
+
+
+def commit() -> str:
+    """The commit the measured tree is at (a tree outside git: unknown)."""
+    try:
+        found = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=REPO, capture_output=True, text=True)
+    except OSError:
+        return "unknown"
+    return found.stdout.strip() or "unknown"
 
 
 if __name__ == "__main__":
