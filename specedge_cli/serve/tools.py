@@ -70,8 +70,8 @@ class ToolUse:
 
     def reply_start(self) -> str:
         """What the reply starts with so that the model calls a function when it must."""
-        if self.choice == "required":
-            return CALL_OPEN + "\n"
+        if self.choice == "required":  # up to the name: after the tag alone a model may still end its reply
+            return f'{CALL_OPEN}\n{{"name": "'
         if self.choice == "function":
             return f'{CALL_OPEN}\n{{"name": "{self.function}", "arguments":'
         return ""
