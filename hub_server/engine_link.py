@@ -46,7 +46,9 @@ from hub_server.sessions import Owner
 log = logging.getLogger("hub_server")
 
 PING_S = 0.5
-SILENT_LIMIT_S = 5.0  # an engine that answers no ping this long is taken for lost
+# An engine that answers no ping this long is taken for lost (a loaded CPU host can stall a
+# process for seconds; a lost engine costs every session its KV).
+SILENT_LIMIT_S = 10.0
 SESSION_METHODS = frozenset({"feed", "verify", "generate", "close"})  # their session dies with the engine
 STARTED = object()  # a stream's first message: the engine took the request (its checks passed)
 ENDED = object()
