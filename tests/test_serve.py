@@ -418,10 +418,10 @@ def test_the_openai_sdk_goes_on_on_its_pooled_connection_after_an_error(served, 
         refused.chat.completions.create(model=model_id, messages=[{"role": "user", "content": "hi"}])
     client = refused.with_options(api_key=API_KEY)  # the same httpx client, so the same pool
     with pytest.raises(openai.NotFoundError):
-        client.responses.create(model=model_id, input="hi")  # a route this server does not offer
+        client.embeddings.create(model=model_id, input="hi")  # a route this server does not offer
     answer = client.chat.completions.create(model=model_id, messages=[{"role": "user", "content": "hi"}], max_tokens=4)
     assert answer.choices[0].message.role == "assistant"
-    ports = _client_ports(served, ['"POST /v1/chat/completions HTTP/1.1" 401', '"POST /v1/responses HTTP/1.1" 404'])
+    ports = _client_ports(served, ['"POST /v1/chat/completions HTTP/1.1" 401', '"POST /v1/embeddings HTTP/1.1" 404'])
     ports += _client_ports(served, ['"POST /v1/chat/completions HTTP/1.1" 200'])[-1:]
     assert len(ports) == 3 and len(set(ports)) == 1, ports  # three answers, one connection
 
