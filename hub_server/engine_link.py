@@ -345,7 +345,8 @@ class EngineProcess:
         process = self._process
         if process is None or process.poll() is not None:
             return
-        process.terminate()
+        assert process.stdin is not None
+        process.stdin.close()  # the engine stops at the end of its stdin (it ignores group signals)
         try:
             process.wait(timeout_s)
         except subprocess.TimeoutExpired:
@@ -357,8 +358,9 @@ class EngineProcess:
         # Its settings (the embedded hub's token among them) go through a pipe, never the command line.
         process = subprocess.Popen([sys.executable, "-m", "hub_server.engine_process"], stdin=subprocess.PIPE)
         assert process.stdin is not None
-        with process.stdin:
-            pickle.dump((self.settings, self.address, secrets.token_hex(8)), process.stdin)
+        # Held open for the engine's life: its end tells the engine to stop (or that this process is gone).
+        pickle.dump((self.settings, self.address, secrets.token_hex(8)), process.stdin)
+        process.stdin.flush()
         self._process = process
         log.info("engine process %d started (front end %d)", process.pid, os.getpid())
 

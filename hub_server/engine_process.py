@@ -10,8 +10,10 @@ passes.
 
     front ends (DEALER) ──ipc──▶ ROUTER ── EngineServer ── service.Hub ── Scheduler ── runner / Ray workers
 
-The process ignores SIGINT (the front end decides when the engine stops, so a Ctrl+C in a
-terminal reaches only the front end), stops on SIGTERM, and ends itself when its parent is gone.
+The process ignores SIGINT and SIGTERM: a signal to the whole process group (Ctrl+C in a
+terminal, `timeout`, systemd's stop) is the front end's to act on, which drains its requests
+first. It stops at the end of its stdin, which the process that started it holds open: closed
+to stop the engine, or ended with that process.
 """
 
 from __future__ import annotations
@@ -36,7 +38,6 @@ from hub_server import ipc
 from hub_server.accounts import token_check_for
 from hub_server.config import HubSettings
 from hub_server.engine_api import Engine
-from hub_server.engine_link import end_with_parent
 from hub_server.errors import BadRequest, ClusterError, KVBudgetError, NotReady, RequestRefused
 from hub_server.logging_setup import bind_request, configure_logging
 from hub_server.metrics import HubMetrics
@@ -52,43 +53,58 @@ ASYNC_METHODS = frozenset({"feed", "verify", "close"})
 
 def main() -> None:
     """The engine process's entry point: its settings, socket address and incarnation come
-    pickled on stdin from the front end that started it (`engine_link.EngineProcess`)."""
+    pickled on stdin from the process that started it (`engine_link.EngineProcess`), which then
+    holds stdin open for the engine's life: its end (closed, or that process gone) stops the
+    engine. Signals to the whole process group (Ctrl+C, `timeout`, systemd's stop) are the
+    front end's to act on: it drains its requests, which need the engine, and then closes it."""
     settings, address, incarnation = pickle.load(sys.stdin.buffer)
     configure_logging(settings.log_format)
+    failure = None
+    if not settings.in_process:
+        try:  # in the main thread, where Ray's driver expects to be set up
+            join_cluster(settings)
+        except ClusterError as exc:
+            failure = f"--ray-address: {exc}"
     signal.signal(signal.SIGINT, signal.SIG_IGN)
-    end_with_parent(os.getppid())
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)
     try:
         import uvloop
 
         uvloop.install()
     except ImportError:  # Windows: asyncio's own loop
         pass
-    asyncio.run(EngineServer(settings, address, incarnation).serve())
+    asyncio.run(EngineServer(settings, address, incarnation, failure).serve())
     logging.shutdown()
     os._exit(0)  # the schedulers' and workers' threads end with the process, not one by one
 
 
-def make_engines(settings: HubSettings) -> Sequence[Engine]:
-    """The hub's engines: the runner in this process for one worker (no Ray imported); Ray
-    workers otherwise."""
-    if settings.in_process:
-        from hub_server.engine.runner import ModelRunner
-
-        return [ModelRunner(settings)]
+def join_cluster(settings: HubSettings) -> None:
+    """Start or join the Ray cluster the workers run on (several workers, or --ray-address)."""
     if settings.ray_address is None:
         # Read by Ray as it is imported: a Ray of this machine alone, whose node address is then
         # 127.0.0.1, so that its GCS, raylet and workers listen on loopback only.
         os.environ["RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER"] = "0"
-    from hub_server.workers import connect, start_workers
+    from hub_server.workers import connect
 
     connect(settings)
+
+
+def make_engines(settings: HubSettings) -> Sequence[Engine]:
+    """The hub's engines: the runner in this process for one worker (no Ray imported); Ray
+    workers otherwise (on the cluster `join_cluster` joined)."""
+    if settings.in_process:
+        from hub_server.engine.runner import ModelRunner
+
+        return [ModelRunner(settings)]
+    from hub_server.workers import start_workers
+
     return start_workers(settings)
 
 
 class EngineServer:
     """The hub behind the engine process's socket: calls in, answers out, batched both ways."""
 
-    def __init__(self, settings: HubSettings, address: str, incarnation: str):
+    def __init__(self, settings: HubSettings, address: str, incarnation: str, failure: str | None = None):
         self.settings = settings
         self.address = address
         self.hub: Hub | None = None
@@ -100,6 +116,7 @@ class EngineServer:
         self._outboxes: dict[bytes, list[list[Any]]] = {}
         self._tasks: dict[tuple[bytes, int], asyncio.Task] = {}
         self._loop: asyncio.AbstractEventLoop | None = None
+        self._failure = failure  # why the engine cannot load at all (the cluster could not be joined)
 
     async def serve(self) -> None:
         self._loop = asyncio.get_running_loop()
@@ -107,12 +124,17 @@ class EngineServer:
         self._socket.setsockopt(zmq.LINGER, 0)
         self._socket.bind(self.address)
         stopped = asyncio.Event()
-        self._loop.add_signal_handler(signal.SIGTERM, stopped.set)
+        threading.Thread(target=self._until_stdin_ends, args=(stopped,), name="parent-watch", daemon=True).start()
         threading.Thread(target=self._load, name="model-load", daemon=True).start()
         reading = self._loop.create_task(self._read())
         await stopped.wait()
         reading.cancel()
         log.info("engine process stopping")
+
+    def _until_stdin_ends(self, stopped: asyncio.Event) -> None:
+        sys.stdin.buffer.read()  # returns at its end: the parent closed it, or is gone
+        assert self._loop is not None
+        self._loop.call_soon_threadsafe(stopped.set)
 
     async def _read(self) -> None:
         assert self._socket is not None
@@ -222,6 +244,9 @@ class EngineServer:
     # --- start-up -----------------------------------------------------------------------
     def _load(self) -> None:
         """Load the target and build the hub (a thread: pings are answered meanwhile)."""
+        if self._failure:
+            self._fail(self._failure)
+            return
         started = time.monotonic()
         try:
             hub = Hub(self.settings, make_engines(self.settings), self.metrics, token_check_for(self.settings))
