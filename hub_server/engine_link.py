@@ -39,7 +39,7 @@ import zmq.asyncio
 from hub_server import ipc
 from hub_server import protocol as wire
 from hub_server.config import HubSettings
-from hub_server.errors import EngineRestarting, NotReady, RequestRefused, WorkerLost
+from hub_server.errors import BadRequest, EngineRestarting, NotReady, RequestRefused, WorkerLost
 from hub_server.logging_setup import request_fields
 from hub_server.sessions import Owner
 
@@ -170,8 +170,24 @@ class EngineLink:
 
     def _flush(self) -> None:
         messages, self._outbox = self._outbox, []
-        if messages and self._socket is not None:
-            self._socket.send(ipc.pack(messages), flags=zmq.NOBLOCK)
+        if not messages or self._socket is None:
+            return
+        try:
+            frame = ipc.pack(messages)
+        except (OverflowError, TypeError, ValueError):  # a value msgpack cannot carry: refuse its request alone
+            frame = ipc.pack([message for message in messages if self._packs(message)])
+        self._socket.send(frame, flags=zmq.NOBLOCK)
+
+    def _packs(self, message: list[Any]) -> bool:
+        """Whether msgpack carries `message`; if not, its request is refused (422) here."""
+        try:
+            ipc.pack([message])
+        except (OverflowError, TypeError, ValueError):
+            pending = self._pending.get(message[1]) if message[0] in (ipc.CALL, ipc.STREAM) else None
+            if pending is not None:
+                _put(pending.sink, BadRequest("malformed request: a number is out of range (see docs/protocol.md)"))
+            return False
+        return True
 
     async def _read(self) -> None:
         assert self._socket is not None

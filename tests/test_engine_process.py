@@ -182,3 +182,17 @@ def test_front_ends_share_accounts_and_budgets(tiny, tmp_path):
         assert {fresh("GET", "/v1/whoami").status_code for _ in range(10)} == {401}
     finally:
         hub.stop()
+
+
+def test_a_number_too_big_for_the_boundary_is_refused_alone(own_hub):
+    """A token id past 64 bits passes the body's schema (an int) but not msgpack: that request
+    gets 422, and requests sent beside it are answered as usual."""
+    wait_for(lambda: serving(own_hub.url), 120, "the hub serving")
+    with httpx.Client(base_url=own_hub.url, timeout=60) as client:
+        info = client.get("/v1/info").json()
+        body = {key: info[key] for key in ("protocol_version", "vocab_size", "vocab_fingerprint")}
+        session = client.post("/v1/sessions", json=body).json()["session_id"]
+        refused = client.post(f"/v1/sessions/{session}/feed", json={"tokens": [1, 2**70]})
+        assert refused.status_code == 422 and refused.json()["error"]["code"] == "bad_request"
+        assert client.post(f"/v1/sessions/{session}/feed", json={"tokens": [1, 300]}).status_code == 200
+        assert client.delete(f"/v1/sessions/{session}").status_code == 204
