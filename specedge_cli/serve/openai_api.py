@@ -132,7 +132,7 @@ _REFUSED: dict[
 
 def chat_request(body: Any) -> ChatRequest:
     """A `POST /v1/chat/completions` body, checked."""
-    body = _object(body)
+    body = json_object(body)
     messages = _required(body, "messages", list)
     if len(messages) > MAX_MESSAGES:
         raise ApiError(
@@ -149,17 +149,19 @@ def chat_request(body: Any) -> ChatRequest:
 def completion_request(body: Any) -> CompletionRequest:
     """A `POST /v1/completions` body, checked: the prompt is one text or one list of token ids; with
     a `suffix`, the model fills in what lies between the two."""
-    body = _object(body)
+    body = json_object(body)
     prompt, suffix = _prompt(body.get("prompt")), _optional(body, "suffix", str, "")
     if suffix and not isinstance(prompt, str):
         raise ApiError("with a 'suffix', 'prompt' must be text (the code before the insertion)", param="prompt")
     return CompletionRequest(_model(body), prompt, _options(body), suffix)
 
 
-def _object(body: Any) -> dict:
+def json_object(body: Any, refused: dict[str, tuple[tuple[object, ...], str]] | None = None) -> dict:
+    """`body` as a JSON object, none of whose `refused` fields (by default a chat's) asks for
+    what this server does not do."""
     if not isinstance(body, dict):
         raise ApiError("the request body must be a JSON object")
-    for name, (neutral, why) in _REFUSED.items():
+    for name, (neutral, why) in (_REFUSED if refused is None else refused).items():
         value = body.get(name)
         if value is not None and value not in neutral:
             raise ApiError(why, param=name)

@@ -47,12 +47,7 @@ class ResponseRequest:
 
 def response_request(body: Any) -> ResponseRequest:
     """A `POST /v1/responses` body, checked and read as a chat request."""
-    if not isinstance(body, dict):
-        raise ApiError("the request body must be a JSON object")
-    for name, (neutral, why) in _REFUSED.items():
-        value = body.get(name)
-        if value is not None and value not in neutral:
-            raise ApiError(why, param=name)
+    body = api.json_object(body, _REFUSED)
     _check_text_format(body.get("text"))
     instructions = body.get("instructions")
     if instructions is not None and not isinstance(instructions, str):
