@@ -25,6 +25,28 @@ def wait_for(check: Callable[[], bool], timeout_s: float, what: str) -> None:
         time.sleep(0.5)
 
 
+def ask_disturbed(
+    url: str, draft: DraftEngine, prompt: str, disturb: Callable[[], None], temperature: float = 0.9
+) -> tuple[Reply, int]:
+    """One chat turn through the real client whose second round of tokens first runs `disturb`
+    (a process killed, say); the reply and how often the client reconnected for it."""
+    rounds = {"n": 0}
+
+    def on_tokens(tokens: list[int]) -> None:
+        rounds["n"] += 1
+        if rounds["n"] == 2:
+            disturb()
+
+    with HubClient(url) as client:
+        chat = conversation(draft, client, temperature)
+        try:
+            reply = chat.ask(prompt, on_tokens=on_tokens)
+        finally:
+            chat.close()
+    assert rounds["n"] >= 2, "the reply ended before it could be disturbed"
+    return reply, chat.reconnects
+
+
 def expected(target_alone, draft: DraftEngine, reply: Reply, temperature: float) -> list[int]:
     stop = frozenset(draft.vocab.stop_token_ids())
     return target_alone.decode(reply.prompt_token_ids, MAX_TOKENS, stop, temperature=temperature, seed=7)

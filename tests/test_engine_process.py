@@ -17,9 +17,8 @@ import pytest
 
 from hub_server.engine_link import PING_S, SILENT_LIMIT_S
 from specedge_cli.drafting.engine import DraftEngine
-from specedge_cli.remote.client import HubClient
 from tests.conftest import AuthHub, RunningHub, hub_admin
-from tests.replies import conversation, expected, pid_alive, wait_for, workers_of
+from tests.replies import ask_disturbed, expected, pid_alive, wait_for, workers_of
 
 PROMPT = "once upon a time there was"
 
@@ -57,21 +56,13 @@ def test_the_workers_list_names_the_engine_process_a_child_of_the_front_end(own_
 
 def test_an_engine_killed_mid_reply_costs_no_reply(own_hub, draft, target_alone):
     killed: list[int] = []
-    rounds = {"n": 0}
 
-    def kill_the_engine(tokens: list[int]) -> None:
-        rounds["n"] += 1
-        if rounds["n"] == 2:
-            killed.append(engine_pid(own_hub.url))
-            os.kill(killed[0], signal.SIGKILL)
+    def kill_the_engine() -> None:
+        killed.append(engine_pid(own_hub.url))
+        os.kill(killed[0], signal.SIGKILL)
 
-    with HubClient(own_hub.url) as client:
-        chat = conversation(draft, client, 0.9)
-        try:
-            reply = chat.ask(PROMPT, on_tokens=kill_the_engine)
-        finally:
-            chat.close()
-    assert killed and chat.reconnects >= 1
+    reply, reconnects = ask_disturbed(own_hub.url, draft, PROMPT, kill_the_engine)
+    assert killed and reconnects >= 1
     assert reply.token_ids == expected(target_alone, draft, reply, 0.9)
     assert engine_pid(own_hub.url) not in killed  # a new engine process serves
 
@@ -134,22 +125,14 @@ def test_a_front_end_killed_mid_reply_costs_no_reply_while_the_other_serves(tiny
     try:
         front_ends = front_ends_of(hub.process.pid)
         assert len(front_ends) == 2 and engine_pid(hub.url) not in front_ends + [hub.process.pid]
-        rounds = {"n": 0}
         answers: list[int] = []
 
-        def kill_a_front_end(tokens: list[int]) -> None:
-            rounds["n"] += 1
-            if rounds["n"] == 2:
-                os.kill(front_ends[0], signal.SIGKILL)
-                # Fresh connections at once: the other front end takes them all.
-                answers.extend(httpx.get(f"{hub.url}/v1/info", timeout=30).status_code for _ in range(10))
+        def kill_a_front_end() -> None:
+            os.kill(front_ends[0], signal.SIGKILL)
+            # Fresh connections at once: the other front end takes them all.
+            answers.extend(httpx.get(f"{hub.url}/v1/info", timeout=30).status_code for _ in range(10))
 
-        with HubClient(hub.url) as client:
-            chat = conversation(draft, client, 0.9)
-            try:
-                reply = chat.ask(PROMPT, on_tokens=kill_a_front_end)
-            finally:
-                chat.close()
+        reply, _ = ask_disturbed(hub.url, draft, PROMPT, kill_a_front_end)
         assert answers == [200] * 10
         assert reply.token_ids == expected(target_alone, draft, reply, 0.9)
         wait_for(lambda: len(front_ends_of(hub.process.pid)) == 2, 30, "a front end replacing the killed one")
