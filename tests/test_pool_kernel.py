@@ -65,23 +65,25 @@ def random_pass(generator, rows, padded_rows, span, sizes, lengths, query_heads,
 
 
 @pytest.mark.parametrize(
-    "rows, padded_rows, span, query_heads, heads, dim, window",
+    "rows, padded_rows, span, query_heads, heads, dim, window, past",
     [
-        (3, 4, 9, 4, 2, 16, 0),
-        (1, 1, 1, 2, 2, 8, 0),
-        (5, 8, 6, 8, 1, 24, 20),
-        (2, 2, 17, 2, 1, 64, 0),
-        (4, 4, 5, 6, 3, 40, 7),
+        (3, 4, 9, 4, 2, 16, 0, 70),
+        (1, 1, 1, 2, 2, 8, 0, 70),
+        (5, 8, 6, 8, 1, 24, 20, 70),
+        (2, 2, 17, 2, 1, 64, 0, 70),
+        (4, 4, 5, 6, 3, 40, 7, 70),
+        (3, 3, 9, 4, 1, 256, 0, 900),  # Gemma's heads: views of several of the kernel's cache-sized sweeps
     ],
 )
 def test_the_kernel_attends_and_writes_as_sdpa_over_the_pool_does(
-    kernel, rows, padded_rows, span, query_heads, heads, dim, window
+    kernel, rows, padded_rows, span, query_heads, heads, dim, window, past
 ):
-    """Views through shuffled block tables (sliding windows starting mid-block too): the kernel's
-    outputs and pool writes equal SDPA's over the gathered views, and it copies no past."""
+    """Views through shuffled block tables (sliding windows starting mid-block too), some wider
+    than the columns the kernel sweeps at a time: the kernel's outputs and pool writes equal
+    SDPA's over the gathered views, and it copies no past."""
     generator = torch.Generator().manual_seed(rows * 100 + dim)
     sizes = [span - b % 3 for b in range(rows)]  # some rows padded
-    lengths = [int(torch.randint(0, 70, (), generator=generator)) for _ in range(rows)]
+    lengths = [past - 70 + int(torch.randint(0, 70, (), generator=generator)) for _ in range(rows)]
     layout, query, key, value = random_pass(
         generator, rows, padded_rows, span, sizes, lengths, query_heads, heads, dim, kernel, window
     )
