@@ -220,7 +220,9 @@ class Hub:
         """Verify one draft. Runs on the event loop: the only thread hops are to the scheduler's
         worker and back."""
         arrived = time.perf_counter()
-        session = self.sessions.get(session_id, owner)
+        # Use counts from the pass applied: a session whose verifies the memory refuses ages
+        # toward giving its blocks up, so two sessions waiting on each other cannot wait forever.
+        session = self.sessions.get(session_id, owner, touch=False)
         self.budgets.check(owner)
         with self.gate.admit():
             await session.turn.take()

@@ -201,13 +201,15 @@ class SessionStore:
             self._sessions[session.session_id] = session
         return session
 
-    def get(self, session_id: str, owner: Owner = LOCAL_OWNER) -> Session:
-        """The session, if `owner` opened it; another user's session is as unknown as a missing one."""
+    def get(self, session_id: str, owner: Owner = LOCAL_OWNER, touch: bool = True) -> Session:
+        """The session, if `owner` opened it; another user's session is as unknown as a missing one.
+        `touch` counts the request as use (a verify counts once its pass is applied instead)."""
         with self._lock:
             session = self._sessions.get(session_id)
         if session is None or session.owner != owner:
             raise SessionNotFound(f"no session {session_id!r} on this hub; open a new session")
-        session.last_used = time.monotonic()
+        if touch:
+            session.last_used = time.monotonic()
         return session
 
     def count(self, owner: Owner) -> int:

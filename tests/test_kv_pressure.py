@@ -93,3 +93,49 @@ def test_an_idle_session_gives_its_blocks_to_decoding_ones_and_is_rebuilt_lossle
     reader.close()
     for name, history, prompt, reply in turns:
         assert reply == target_alone.decode(history + prompt, settings[name].max_tokens, stop), name
+
+
+@pytest.fixture(scope="module")
+def full_hub(tiny, tmp_path_factory):
+    """The tiny target with 24 blocks to hand out: either decoder's reply fits, both at once do not."""
+    running = RunningHub(
+        tiny.hf_dir,
+        tmp_path_factory.mktemp("full-hub"),
+        *("--kv-memory-gib", f"{FULL_POOL_BLOCKS * BLOCK_BYTES / (1 << 30):.9f}", "--max-context", "256"),
+        *("--max-draft-tokens", "16", "--cpu-attention", CPU_ATTENTION),
+    )
+    yield running
+    running.stop()
+
+
+FULL_POOL_BLOCKS = 25  # the least a hub of 256-token sessions starts with: one session and a 128-token pass
+
+
+def test_a_reply_that_finds_the_memory_full_waits_and_goes_on_losslessly(tiny, full_hub, target_alone):
+    """Two sessions decode at once and both grow until the pool holds no free block and neither
+    has idled: the hub refuses a growing verify 503 `kv_memory_full` with nothing taken, and its
+    client waits the Retry-After out with its session kept, until the other session has idled long
+    enough to give its blocks up (its reply ended, or it waits too: then it is evicted, and its
+    client rebuilds it once memory frees). Both replies complete, equal to the target's own."""
+    settings = DecodeSettings(max_tokens=150, temperature=0.0, draft_len=6)  # within the 256-token context
+    engines = [DraftEngine(tiny.gguf_q8, n_ctx=1024, n_threads=1) for _ in DECODERS]
+    stop = frozenset(engines[0].vocab.stop_token_ids())
+    started = threading.Barrier(len(DECODERS))
+
+    def decode(index: int) -> tuple[Conversation, list[int], list[int]]:
+        chat = Conversation(engines[index], HubClient(full_hub.url), plain_template(engines[index]), settings)
+        started.wait()
+        reply = chat.ask(DECODERS[index])
+        return chat, reply.prompt_token_ids, reply.token_ids
+
+    with ThreadPoolExecutor(len(DECODERS)) as pool:
+        finished = [future.result(timeout=300) for future in [pool.submit(decode, i) for i in range(len(DECODERS))]]
+    blocks = [-(-len(chat.history) // 16) for chat, _, _ in finished]
+    assert sum(blocks) > FULL_POOL_BLOCKS - 1 >= max(blocks)  # either alone fits, both do not
+    assert sum(chat.session.memory_waits for chat, _, _ in finished) >= 1
+    assert sum(chat.reconnects for chat, _, _ in finished) <= 1  # at most the one evicted
+    page = MetricsPage.parse(httpx.get(f"{full_hub.url}/metrics", timeout=30).text)
+    assert page.value("specedge_evicted_for_memory_total") >= 1  # who waited longest gave its blocks up
+    for chat, prompt, reply in finished:
+        assert reply == target_alone.decode(prompt, settings.max_tokens, stop)
+        chat.close()

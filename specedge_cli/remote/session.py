@@ -51,6 +51,7 @@ class Reconnecting:
     window_s: float
     reason: str
     back: bool = False
+    memory_full: bool = False  # the hub is there, its KV memory full for now: the session is kept
 
 
 class HubSession:
@@ -73,6 +74,7 @@ class HubSession:
         self.held: list[int] = []  # the hub's context, as far as we sent it
         self.sampling = wire.Sampling()
         self.reconnects = 0
+        self.memory_waits = 0  # verifies or feeds the hub refused for want of KV memory, waited out
         self._in_doubt = False  # a request that changes the hub's context did not answer
         self._reached_hub = False  # a hub never reached is a wrong address, not an outage to wait out
         self._hub_version: int | None = None  # the hub's protocol version, read before the first session
@@ -214,10 +216,18 @@ class HubSession:
                 if not self._worth_waiting_for(exc):
                     raise
                 deadline = deadline or time.monotonic() + self.reconnect_s
+                out_of_memory = isinstance(exc, HubBusy) and exc.code == "kv_memory_full"
+                if isinstance(exc, HubBusy) and out_of_memory:  # as long as the hub asked, within the window
+                    delay = max(delay, min(exc.retry_after_s, deadline - time.monotonic()))
                 if time.monotonic() + delay > deadline:
                     raise self._gone(exc) from exc
                 attempt += 1
-                self._lost(attempt, exc)
+                if out_of_memory:
+                    self._in_doubt = False  # refused before any pass: the session is as it was, keep it
+                    self.memory_waits += 1
+                    self._notify(Reconnecting(attempt, self.reconnect_s, exc.message, memory_full=True))
+                else:
+                    self._lost(attempt, exc)
                 time.sleep(delay)
                 continue
             if attempt:
@@ -226,9 +236,11 @@ class HubSession:
         raise AssertionError("unreachable")
 
     def _worth_waiting_for(self, exc: HubError) -> bool:
-        """An outage or a restart is waited out; a full hub says when to come back: that is the user's call."""
+        """An outage, a restart and a hub whose KV memory is full for now (mid-reply, its session
+        kept) are waited out; a hub too full for a new session, or a user's limit, says when to come
+        back: that is the user's call."""
         if isinstance(exc, HubBusy):
-            return exc.code == "not_ready"
+            return exc.code in ("not_ready", "kv_memory_full")
         return self._reached_hub
 
     def _lost(self, attempt: int, exc: HubError) -> None:
@@ -273,8 +285,9 @@ class ReconnectNotice:
             self._showing = False
         elif not self._showing or tty:
             lead = "\r" if self._showing else "\n"
+            what = "hub's memory is full; waiting" if event.memory_full else "hub unreachable; reconnecting"
             self.stream.write(
-                f"{lead}hub unreachable; reconnecting (attempt {event.attempt}, "
+                f"{lead}{what} (attempt {event.attempt}, "
                 f"retrying for up to {event.window_s:.0f} s)" + ("\x1b[K" if tty else "\n")
             )
             self._showing = True
