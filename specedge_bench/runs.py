@@ -60,6 +60,9 @@ def _figures(
     in_verify_s = sum(
         tokens * token_s.get(w, 0.0) for w, tokens in per_worker(grown, names.VERIFY_CONTEXT_TOKENS).items()
     )
+    # An estimate from a fit, never more than the verify passes' measured time it is a part of
+    # (a short run's fit can overshoot).
+    in_verify_s = min(in_verify_s, max(0.0, busy - grown.value(names.PREFILL_SECONDS)))
     prefill = grown.value(names.PREFILL_SECONDS) + in_verify_s
     passes = grown.value(names.BATCHES)
     verifies = grown.value(names.VERIFY_REQUESTS)

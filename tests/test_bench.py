@@ -83,7 +83,7 @@ def test_bench_reports_every_mode_ratios_bound_and_a_plot(tiny, tmp_path):
         bound["specedge_share_of_full_passes"] / bound["autoregressive_share_of_full_passes"], rel=0.02
     )
     for mode in report["modes"].values():  # prompts, fed apart or inside verifies, are counted apart
-        assert 0 <= mode["prefill_in_verify_s"] <= mode["prefill_busy_s"] < mode["hub_busy_s"]
+        assert 0 <= mode["prefill_in_verify_s"] <= mode["prefill_busy_s"] <= mode["hub_busy_s"]
         assert mode["decode_throughput"] >= mode["server_throughput"]
     # The simulated users draft ahead while a verify is out, like the real client.
     specedge = report["modes"]["specedge"]
