@@ -60,11 +60,12 @@ def _figures(
     in_verify_s = sum(
         tokens * token_s.get(w, 0.0) for w, tokens in per_worker(grown, names.VERIFY_CONTEXT_TOKENS).items()
     )
-    # An estimate from a fit, never more than the verify passes' measured time it is a part of
-    # (a short run's fit can overshoot).
-    in_verify_s = min(in_verify_s, max(0.0, busy - grown.value(names.PREFILL_SECONDS)))
-    prefill = grown.value(names.PREFILL_SECONDS) + in_verify_s
     passes = grown.value(names.BATCHES)
+    # An estimate from the fit, never more than the verify passes' measured time less each pass's
+    # fixed part, which decoding pays whatever a pass carries (a short run's fit can overshoot).
+    verify_busy = busy - grown.value(names.PREFILL_SECONDS)
+    in_verify_s = min(in_verify_s, max(0.0, verify_busy - passes * worker_mean(after, names.PASS_FIXED_SECONDS)))
+    prefill = grown.value(names.PREFILL_SECONDS) + in_verify_s
     verifies = grown.value(names.VERIFY_REQUESTS)
     records = [u.record for u in users]
     emitted = sum(r.emitted for r in records)
