@@ -337,7 +337,7 @@ def test_per_worker_gauges_are_averaged_and_prompt_costs_use_each_workers_own_fi
     from specedge_bench.runs import _figures
     from specedge_common import metric_names as names
 
-    def page(context_tokens: float) -> MetricsPage:
+    def page(context_tokens: float, busy_s: float, passes: int) -> MetricsPage:
         return MetricsPage.parse(
             "# TYPE specedge_pass_token_seconds gauge\n"
             'specedge_pass_token_seconds{worker="0"} 0.001\nspecedge_pass_token_seconds{worker="1"} 0.003\n'
@@ -346,14 +346,22 @@ def test_per_worker_gauges_are_averaged_and_prompt_costs_use_each_workers_own_fi
             "# TYPE specedge_verify_context_tokens_total counter\n"
             f'specedge_verify_context_tokens_total{{worker="0"}} {context_tokens}\n'
             f'specedge_verify_context_tokens_total{{worker="1"}} {2 * context_tokens}\n'
+            "# TYPE specedge_device_busy_seconds_total counter\n"
+            f'specedge_device_busy_seconds_total{{worker="0"}} {busy_s}\n'
+            f'specedge_device_busy_seconds_total{{worker="1"}} {busy_s}\n'
+            f"# TYPE specedge_batches_total counter\nspecedge_batches_total {passes}\n"
         )
 
-    before, after = page(0.0), page(100.0)
+    before, after = page(0.0, 0.0, 0), page(100.0, 1.0, 10)
     assert worker_mean(after, names.PASS_FIXED_SECONDS) == pytest.approx(0.020)  # not 0.040, their sum
     config = BenchConfig("http://hub", Path("draft.gguf"), 1, 0.0, 8, 4, ())
     figures = _figures(config, [], after, after.since(before), wall=1.0)
     # 100 tokens at worker 0's 1 ms and 200 at worker 1's 3 ms: 0.7 s (a summed gauge would say 1.2 s).
     assert figures["prefill_in_verify_s"] == pytest.approx(0.7)
     assert figures["pass_fixed_ms"] == pytest.approx(20.0)
+    # A fit that puts more in the prompts than the passes took leaves each pass its fixed part:
+    # 0.5 s of passes, 10 of them at a mean 20 ms fixed.
+    short = page(100.0, 0.25, 10)
+    assert _figures(config, [], short, short.since(before), wall=1.0)["prefill_in_verify_s"] == pytest.approx(0.3)
     one_worker = MetricsPage.parse("# TYPE specedge_pass_fixed_seconds gauge\nspecedge_pass_fixed_seconds 0.05\n")
     assert worker_mean(one_worker, names.PASS_FIXED_SECONDS) == pytest.approx(0.05)

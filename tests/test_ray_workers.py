@@ -292,7 +292,12 @@ def test_both_workers_killed_mid_reply_leave_the_hub_up_degraded_and_the_reply_c
     status, body = seen["health"]
     assert (status, body["status"], body["workers"]) == (503, "degraded", {"ready": 0, "total": 2})
     assert reply.token_ids == expected(target_alone, draft, reply, 0.9)
-    wait_for(lambda: httpx.get(f"{two_workers.url}/health").status_code == 200, START_S, "both workers back")
+
+    def both_back() -> bool:  # /health says 200 as soon as one is back
+        answer = httpx.get(f"{two_workers.url}/health")
+        return answer.status_code == 200 and answer.json()["workers"] == {"ready": 2, "total": 2}
+
+    wait_for(both_back, START_S, "both workers back")
     assert not set(seen["pids"]) & {w["pid"] for w in workers_of(two_workers.url, ops)}
 
 
