@@ -61,8 +61,7 @@ class Generation:
 
     async def _produce(self) -> AsyncGenerator[wire.GenerateChunk, None]:
         session, request = self._session, self._request
-        session.context.extend(request.tokens)
-        await self._bring_up()
+        await self._bring_up()  # the request's tokens are in the context (`Hub.generate`)
         produced = verifies = rehomed = 0
         stopped = False
         while produced < request.max_tokens and not stopped:

@@ -18,7 +18,8 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from hub_server.engine_api import VerifyJob
-from hub_server.errors import SessionBusy, SessionNotFound
+from hub_server.errors import BadRequest, SessionBusy, SessionNotFound
+from specedge_common.grammar import Constraint, GrammarError
 
 LOCAL_USER = "local"  # the owner's name on a hub without accounts (--no-auth, embedded)
 # A client sends one request at a time on a session; a few more may wait for their turn (a retry
@@ -165,9 +166,24 @@ class Session:
     last_used: float = field(default_factory=time.monotonic)
     # One request at a time per session: a session's context is a sequence, not a set.
     turn: Turn = field(default_factory=Turn)
+    constraint: Constraint | None = None  # the reply's grammar, following the context from its start on
+    top_logprobs: int | None = None  # each verify answer carries the emitted tokens' logprobs
+
+    def extend(self, tokens: list[int]) -> None:
+        """The context takes `tokens`, once the session's grammar (if any) allows them: BadRequest
+        saying where it does not, the session as it was."""
+        if self.constraint is not None:
+            try:
+                self.constraint.advance(self.context + tokens)
+            except GrammarError as exc:
+                raise BadRequest(str(exc)) from exc
+        self.context.extend(tokens)
 
     def verify_job(self, draft: list[int], parents: list[int]) -> VerifyJob:
-        """Its next pass: the context not yet in its KV, then `draft` shaped by `parents`."""
+        """Its next pass: the context not yet in its KV, then `draft` shaped by `parents`; with the
+        grammar's masks after each of the draft's paths (computed here, on the CPU, once a verify),
+        when the session has one."""
+        masks = self.constraint.tree_masks(draft, parents) if self.constraint is not None else None
         return VerifyJob(
             self.kv,
             self.context[self.kv.length :],
@@ -176,6 +192,8 @@ class Session:
             self.temperature,
             self.seed,
             self.stop_token_ids,
+            masks,
+            self.top_logprobs,
         )
 
 
@@ -195,8 +213,11 @@ class SessionStore:
         kv: Any,
         owner: Owner = LOCAL_OWNER,
         worker_id: str = "0",
+        constraint: Constraint | None = None,
+        top_logprobs: int | None = None,
     ) -> Session:
         session = Session(secrets.token_urlsafe(16), temperature, seed, stop_token_ids, kv, owner, worker_id)
+        session.constraint, session.top_logprobs = constraint, top_logprobs
         with self._lock:
             self._sessions[session.session_id] = session
         return session
