@@ -267,6 +267,7 @@ class Hub:
             len(session.context) + len(request.tokens) + max(node_depths(parents), default=0) + 1,
             self.engine.max_context,
         )
+        session.check_reach(request.tokens)
         self._hold(session, len(session.context) + len(request.tokens) + len(request.draft))
         session.extend(request.tokens)
         return parents
@@ -296,6 +297,7 @@ class Hub:
         await session.turn.take()
         try:
             check_open(session)
+            session.check_reach(request.tokens)
             session.extend(request.tokens)
         except (SessionNotFound, BadRequest):
             session.turn.release()
@@ -318,7 +320,7 @@ class Hub:
         log.warning("session moved from lost worker %s to worker %s", lost.worker_id, worker.worker_id)
 
     def apply_pass(self, session: Session, job: VerifyJob, mode: str, seconds: float) -> None:
-        session.extend(job.emitted)  # the grammar allows them: each was chosen under its mask
+        session.take_emitted(job.emitted)
         session.last_used = time.monotonic()
         self.metrics.record_verify(mode, seconds, len(job.draft), len(job.path), len(job.emitted))
 

@@ -190,7 +190,8 @@ class Constraint:
     def allows(self, token: int) -> bool:
         """Whether the grammar allows `token` next."""
         if token in self.end_tokens:  # llguidance's validate_tokens does not count the end tokens
-            return self._matcher.is_accepting()
+            # where the grammar may end, or where it failed (`mask` then lets the reply end)
+            return self._matcher.is_accepting() or self._matcher.is_error()
         return 0 <= token < self.vocab_size and self._matcher.validate_tokens([token]) == 1
 
     def mask(self) -> np.ndarray:
@@ -225,22 +226,25 @@ class Constraint:
         rule than its `validate_tokens`)."""
         masks = np.full((len(draft) + 1, self.words), -1, dtype=np.int32)
         masks[0] = self.mask()
-        depth = [0] * len(draft)
-        alive = [False] * len(draft)
-        path: list[int] = []  # the nodes the matcher holds now, root first
-        for node, (token, parent) in enumerate(zip(draft, parents)):
-            if parent >= 0 and not alive[parent]:
-                continue
-            keep = depth[parent] if parent >= 0 else 0
-            self._matcher.rollback(len(path) - keep)
-            del path[keep:]
-            if not _has(masks[parent + 1], token) or token in self.end_tokens:
-                continue  # never accepted, or the reply ends there: nothing after it is read
+        children: list[list[int]] = [[] for _ in range(len(draft) + 1)]
+        for node, parent in enumerate(parents):
+            children[parent + 1].append(node)
+        # Depth first, so that the matcher always holds a prefix of the next node's path: a node's
+        # parent is the last node taken, or one it rolls back to.
+        held: list[int] = []  # the nodes the matcher holds now, root first
+        stack = [(node, 0) for node in reversed(children[0])]  # (node, its parent's depth)
+        while stack:
+            node, depth = stack.pop()
+            self._matcher.rollback(len(held) - depth)
+            del held[depth:]
+            token = draft[node]
+            if not _has(masks[parents[node] + 1], token) or token in self.end_tokens:
+                continue  # never accepted, or the reply ends there: nothing under it is read
             self._matcher.consume_token(token)
-            path.append(node)
-            alive[node], depth[node] = True, len(path)
+            held.append(node)
             masks[node + 1] = self.mask()
-        self._matcher.rollback(len(path))
+            stack += [(child, depth + 1) for child in reversed(children[node + 1])]
+        self._matcher.rollback(len(held))
         return masks
 
 

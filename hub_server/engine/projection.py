@@ -228,7 +228,8 @@ def _note_logprobs(raw: torch.Tensor, jobs: list[VerifyJob], wanted: list[tuple[
     logprobs = torch.log_softmax(raw[rows].float(), dim=-1)  # [R, V]
     most = max(jobs[wanted[k][0]].top_logprobs or 0 for k in rows)
     top = torch.topk(logprobs, most, dim=-1) if most else None
-    picked = logprobs[torch.arange(len(rows)), torch.tensor([chosen[k] for k in rows])].tolist()
+    index = torch.tensor([chosen[k] for k in rows], device=logprobs.device)
+    picked = logprobs[torch.arange(len(rows), device=logprobs.device), index].tolist()
     for i, k in enumerate(rows):
         b, node = wanted[k]
         job, count = jobs[b], jobs[b].top_logprobs or 0

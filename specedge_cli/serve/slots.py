@@ -23,6 +23,7 @@ from specedge_cli.conversation import Conversation, Prompt
 from specedge_cli.decoding import STOP, DecodeSettings
 from specedge_cli.errors import ApiError, HubBusy, HubError, HubRejected, HubUnreachable, SpecEdgeError
 from specedge_cli.remote.protocol import TokenLogprobs
+from specedge_cli.remote.session import ReplyTerms
 from specedge_cli.serve.layout import take_up_exchanges
 from specedge_cli.serve.openai_api import Answer, ChatRequest, CompletionRequest, Options
 from specedge_cli.serve.reply_text import ReplyText
@@ -331,7 +332,11 @@ class EdgeModel:
 
     @staticmethod
     def _held(conversation: Conversation) -> int:
-        return conversation.session.reusable_for(conversation.history, conversation.settings.sampling)
+        settings, session = conversation.settings, conversation.session
+        # A grammar starts where its reply does, so a constrained reply always opens a session of its own.
+        if settings.grammar or session.terms != ReplyTerms(None, settings.top_logprobs):
+            return 0
+        return session.reusable_for(conversation.history, settings.sampling)
 
     @staticmethod
     def _reply_text(conversation: Conversation, options: Options) -> ReplyText:
