@@ -111,6 +111,23 @@ def test_logprobs_are_the_targets_in_chat_and_completions(served, model_id, expe
         assert [top.logprob for top in entry.top_logprobs] == pytest.approx(
             torch.topk(logprobs, 2).values.tolist(), abs=1e-4
         )
+    chunks = served.client().chat.completions.create(
+        model=model_id,
+        messages=ASK,
+        response_format=schema_format(PAINT),
+        max_tokens=64,
+        temperature=0,
+        logprobs=True,
+        top_logprobs=2,
+        stream=True,
+    )
+    streamed = [
+        entry
+        for chunk in chunks
+        if chunk.choices and chunk.choices[0].logprobs
+        for entry in chunk.choices[0].logprobs.content
+    ]
+    assert streamed == content
     completion = served.client().completions.create(model=model_id, prompt="the cat", max_tokens=6, logprobs=1)
     given = completion.choices[0].logprobs
     assert len(given.token_logprobs) == completion.usage.completion_tokens == len(given.tokens)

@@ -212,7 +212,6 @@ def test_what_cannot_be_honoured_is_refused_with_a_clear_400(tool_served, plain_
         ({"response_format": {"type": "xml"}}, "response_format.type must be"),
         ({"response_format": {"type": "json_schema", "json_schema": {"schema": {"type": "strin"}}}}, "cannot be"),
         ({"tools": [{"type": "function", "function": {**WEATHER["function"], "strict": True}}]}, "strict: true"),
-        ({"logprobs": True, "stream": True}, "not yet with a stream"),
         ({"top_logprobs": 2}, "needs 'logprobs': true"),
         ({"tool_choice": "required"}, "only allowed when 'tools' are given"),
         ({"tools": [WEATHER], "tool_choice": {"type": "function", "function": {"name": "nope"}}}, "not among"),

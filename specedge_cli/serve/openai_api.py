@@ -374,9 +374,21 @@ def text_completion(request_id: str, model: str, answer: Answer) -> dict:
     return _envelope(request_id, "text_completion", model, [choice]) | {"usage": answer.usage()}
 
 
-def chat_chunk(request_id: str, model: str, delta: dict, finish_reason: str | None = None) -> dict:
-    choice = {"index": 0, "delta": delta, "logprobs": None, "finish_reason": finish_reason}
+def chat_chunk(
+    request_id: str, model: str, delta: dict, finish_reason: str | None = None, logprobs: dict | None = None
+) -> dict:
+    choice = {"index": 0, "delta": delta, "logprobs": logprobs, "finish_reason": finish_reason}
     return _envelope(request_id, "chat.completion.chunk", model, [choice])
+
+
+def logprobs_chunk(request_id: str, model: str, kind: str, answer: Answer) -> dict:
+    """The whole reply's logprobs in one chunk before the last (the SDKs gather a stream's logprobs
+    across its chunks)."""
+    if kind == "chat":
+        return chat_chunk(request_id, model, {}, logprobs=structured.chat_logprobs_body(answer.logprobs))
+    chunk = text_chunk(request_id, model, "")
+    chunk["choices"][0]["logprobs"] = structured.completion_logprobs_body(answer.logprobs)
+    return chunk
 
 
 def tool_call_delta(index: int, call: ToolCall) -> dict:

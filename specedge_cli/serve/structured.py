@@ -118,10 +118,7 @@ def chat_logprobs(body: dict) -> int | None:
             raise ApiError(f"'top_logprobs' must be an integer from 0 to {MAX_TOP_LOGPROBS}", param="top_logprobs")
         if not wanted:
             raise ApiError("'top_logprobs' needs 'logprobs': true", param="top_logprobs")
-    if not wanted:
-        return None
-    _not_streamed(body)
-    return top or 0
+    return (top or 0) if wanted else None
 
 
 def completion_logprobs(body: dict) -> int | None:
@@ -131,15 +128,7 @@ def completion_logprobs(body: dict) -> int | None:
         return None
     if isinstance(wanted, bool) or not isinstance(wanted, int) or not 0 <= wanted <= MAX_COMPLETION_LOGPROBS:
         raise ApiError(f"'logprobs' must be an integer from 0 to {MAX_COMPLETION_LOGPROBS}", param="logprobs")
-    _not_streamed(body)
     return wanted
-
-
-def _not_streamed(body: dict) -> None:
-    if body.get("stream"):
-        raise ApiError(
-            "logprobs are given with a whole answer, not yet with a stream; set stream to false", param="logprobs"
-        )
 
 
 # --- how answers carry them ----------------------------------------------------------------------
