@@ -186,7 +186,10 @@ class Decoder:
         )
 
     def sync(self) -> None:
-        """Bring the hub session up to our history (waiting out an outage), and fit the planner to it."""
+        """Bring the hub session up to our history (waiting out an outage), and fit the planner to it.
+        Between replies the session has no grammar: a grammar starts where its reply does, and
+        `generate` opens the reply's own session (an older hub, which has none, still serves this)."""
+        self.session.wanted = ReplyTerms(None, self.settings.top_logprobs)
         self.session.retrying(self._sync_once)
 
     def _sync_once(self) -> None:
@@ -211,7 +214,7 @@ class Decoder:
         self.logprobs = []
         try:
             self._constrain(start + len(pending))
-            self.sync()  # an outage here, too, is one the caller keeps the prompt through
+            self.session.retrying(self._sync_once)  # an outage here, too, is one the caller keeps the prompt through
             while True:
                 unsent = [] if len(self.history) > start else pending
                 room = self._room(max(0, len(self.history) - start - len(pending)), unsent)
