@@ -54,10 +54,10 @@ _BYTE_LEVEL = _byte_level_table()
 
 def token_bytes(pieces: Sequence[str]) -> list[bytes]:
     """Each token's bytes as llguidance reads them (special tokens prefixed with 0xFF, so no text
-    matches them). A vocabulary is byte-level BPE (Qwen, GPT-2: 'Ġ' for a space) when no piece
-    carries SentencePiece's space mark; otherwise SentencePiece (byte pieces spelled <0xNN>)."""
+    matches them). A vocabulary is byte-level BPE (Qwen, GPT-2: 'Ġ' for a space) when more pieces
+    hold 'Ġ' than SentencePiece's space mark; otherwise SentencePiece (byte pieces spelled <0xNN>)."""
     normal = [piece.replace(SPACE_MARK, " ") for piece in pieces]
-    byte_level = not any(SPACE_MARK in piece for piece in pieces) and any("Ġ" in piece for piece in pieces)
+    byte_level = sum("Ġ" in piece for piece in pieces) > sum(SPACE_MARK in piece for piece in pieces)
     out = []
     for piece, spelled in zip(pieces, normal):
         byte = _BYTE_PIECE.match(piece)
