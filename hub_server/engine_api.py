@@ -34,7 +34,7 @@ class VerifyJob:
     seed: int
     stop_token_ids: frozenset[int]
     # The tokens a grammar allows after the root and after each node's path: llguidance bitmasks,
-    # numpy int32 [N + 1, ceil(V / 32)] (`specedge_common.grammar`); None: unconstrained.
+    # numpy int32 [N + 1, words] (`specedge_common.grammar`); None: unconstrained.
     masks: Any = None
     top_logprobs: int | None = None  # report the emitted tokens' logprobs, with this many alternatives
     path: list[int] = field(default_factory=list)  # filled in: accepted node indices

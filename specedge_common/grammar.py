@@ -167,10 +167,8 @@ class Constraint:
         if self._matcher.is_error():
             raise GrammarError(f"the grammar cannot be compiled: {self._matcher.get_error()}")
         self.consumed = 0  # context tokens past `start` the matcher holds
-
-    @property
-    def words(self) -> int:
-        return (self.vocab_size + 31) // 32
+        # llguidance's masks have a word more than the vocabulary needs when its size is a multiple of 32
+        self.words = len(self._matcher.compute_bitmask()) // 4
 
     def advance(self, context: Sequence[int]) -> None:
         """Take the context's tokens the matcher has not yet seen; GrammarError (the matcher as it
