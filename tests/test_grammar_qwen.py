@@ -135,10 +135,12 @@ def pair(tmp_path_factory):
 
 
 @pytest.fixture(scope="module")
-def target():
+def target(pair):
+    """The target as transformers loads it alone: the hub's own float32 conversion of the GGUF."""
     from transformers import AutoModelForCausalLM
 
-    (folder,) = (QWEN_DIR / "hub-cache" / "converted").glob(f"{TARGET.stem}-*")  # the hub's own float32 copy
+    converted = (QWEN_DIR / "hub-cache" / "converted").glob(f"{TARGET.stem}-*")
+    (folder,) = [f for f in converted if json.loads((f / "config.json").read_text()).get("dtype") == "float32"]
     return AutoModelForCausalLM.from_pretrained(str(folder), dtype=torch.float32).eval()
 
 
