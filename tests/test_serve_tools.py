@@ -180,6 +180,25 @@ def test_a_named_function_is_started_in_the_models_mouth_and_its_arguments_follo
     assert answer.usage.completion_tokens == len(start_tokens) + len(expected)
 
 
+def test_a_required_call_names_an_offered_function_and_follows_its_schema(tool_served, draft, target_alone):
+    engine, template = draft
+    messages = [{"role": "user", "content": "the weather in paris"}]
+    answer = tool_served.client().chat.completions.create(
+        model=_model(tool_served), messages=messages, tools=[WEATHER], tool_choice="required", max_tokens=40
+    )
+    prompt = engine.vocab.tokenize(template.render(messages, tools=[WEATHER]), add_bos=False)
+    start = '<tool_call>\n{"name": "'
+    start_tokens = engine.vocab.tokenize(start, add_bos=False)
+    grammar = call_grammar(tool_use([WEATHER], "required", None))
+    expected = target_under_grammar(target_alone, engine, prompt + start_tokens, grammar, 40)
+    assert _text(engine, expected).startswith('get_weather", "arguments": {')  # the only function offered
+    content, calls = read_calls(start + _text(engine, expected), frozenset({"get_weather"}))
+    assert (answer.choices[0].message.content or "") == content
+    assert [(c.function.name, c.function.arguments) for c in answer.choices[0].message.tool_calls or []] == [
+        (c.name, c.arguments) for c in calls
+    ]
+
+
 def test_tool_results_go_back_in_as_the_template_lays_them_out(tool_served, draft, target_alone, hub):
     engine, template = draft
     call = {"id": "call_7", "type": "function", "function": {"name": "get_weather", "arguments": '{"city": "Paris"}'}}
