@@ -378,7 +378,7 @@ def create_app(
     @app.post("/v1/sessions/{session_id}/verify", response_model=wire.VerifyResponse, responses=on_session)
     async def verify(session_id: str, body: wire.VerifyRequest, owner: Caller) -> Response:
         reply = await state.ready().verify(session_id, body, owner)
-        return Response(reply.model_dump_json(), media_type="application/json")
+        return Response(reply.model_dump_json(exclude_none=True), media_type="application/json")
 
     @app.post(
         "/v1/sessions/{session_id}/generate",

@@ -16,6 +16,14 @@ def check_opening(request: wire.OpenSessionRequest, model: str, vocab_size: int,
             f"this hub speaks protocol versions {wire.OLDEST_PROTOCOL_VERSION} to {wire.PROTOCOL_VERSION}, "
             f"the client {request.protocol_version}; upgrade the older of the two"
         )
+    asks = [name for name in ("constraint", "top_logprobs") if getattr(request, name) is not None]
+    if asks and request.protocol_version < wire.GRAMMAR_VERSION:
+        raise BadRequest(
+            f"{asks[0]} came in protocol version {wire.GRAMMAR_VERSION}; open the session in that version "
+            f"(the client says {request.protocol_version})"
+        )
+    if request.constraint is not None and not request.stop_token_ids:
+        raise BadRequest("a session with a constraint needs stop_token_ids: the grammar's end is where a reply stops")
     if request.vocab_size != vocab_size or request.vocab_fingerprint != vocab_fingerprint:
         raise VocabMismatch(
             f"the draft model {request.draft_model or '(unnamed)'} has a vocabulary of "

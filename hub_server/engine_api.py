@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import threading
 from dataclasses import dataclass, field
-from typing import Protocol
+from typing import Any, Protocol
 
 from hub_server.vocabulary import Vocabulary
 
@@ -33,8 +33,23 @@ class VerifyJob:
     temperature: float
     seed: int
     stop_token_ids: frozenset[int]
+    # The tokens a grammar allows after the root and after each node's path: llguidance bitmasks,
+    # numpy int32 [N + 1, words] (`specedge_common.grammar`); None: unconstrained.
+    masks: Any = None
+    top_logprobs: int | None = None  # report the emitted tokens' logprobs, with this many alternatives
     path: list[int] = field(default_factory=list)  # filled in: accepted node indices
     emitted: list[int] = field(default_factory=list)  # filled in: accepted tokens + bonus
+    # filled in when asked: per emitted token (its logprob, the top tokens, their logprobs), from
+    # those of the choices the pass computed, by node (-1: the root)
+    logprobs: list[tuple[float, list[int], list[float]]] | None = None
+    node_logprobs: dict[int, tuple[float, list[int], list[float]]] = field(default_factory=dict)
+
+    def note_emitted_logprobs(self) -> None:
+        """Once `path` and `emitted` are in: the logprobs of the emitted tokens, each the choice at
+        its parent on the path (the root's, then each accepted node's)."""
+        if self.top_logprobs is not None:
+            rows = [-1, *self.path][: len(self.emitted)]
+            self.logprobs = [self.node_logprobs[row] for row in rows]
 
 
 @dataclass

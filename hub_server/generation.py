@@ -61,8 +61,7 @@ class Generation:
 
     async def _produce(self) -> AsyncGenerator[wire.GenerateChunk, None]:
         session, request = self._session, self._request
-        session.context.extend(request.tokens)
-        await self._bring_up()
+        await self._bring_up()  # the request's tokens are in the context (`Hub.generate`)
         produced = verifies = rehomed = 0
         stopped = False
         while produced < request.max_tokens and not stopped:
@@ -111,7 +110,7 @@ class Generation:
             draft = await anyio.to_thread.run_sync(
                 drafter.draft, session.session_id, context, length, limiter=self._hub.engine_calls
             )
-        return session.verify_job(draft, chain_parents(len(draft)))
+        return await self._hub.verify_job(session, draft, chain_parents(len(draft)))
 
     async def _run(self, worker: Worker, job: VerifyJob, announcement: Announcement) -> None:
         """One pass for `job`; its result applied by the pass's callback, even if this is cancelled."""

@@ -14,7 +14,8 @@ from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, Field
 
-PROTOCOL_VERSION = 2  # 2: a session's verify stream (`hub_server/stream.py`)
+PROTOCOL_VERSION = 3  # 2: a session's verify stream (`hub_server/stream.py`); 3: grammars and logprobs
+GRAMMAR_VERSION = 3  # the first version whose sessions may carry a constraint or ask for logprobs
 # Sessions of older clients still open: each version since adds to the wire, none changes it.
 OLDEST_PROTOCOL_VERSION = 1
 
@@ -29,6 +30,14 @@ class Sampling(_Body):
     seed: int = Field(0, ge=0, le=2**63 - 1)
 
 
+class Constraint(_Body):
+    """A grammar (llguidance's format) the context's tokens from `start` on must follow: the target's
+    token at every position from `start` is drawn from the tokens the grammar allows there."""
+
+    grammar: str = Field(min_length=1, max_length=512 * 1024)
+    start: int = Field(ge=0)
+
+
 class OpenSessionRequest(_Body):
     protocol_version: int
     vocab_size: int = Field(gt=0)
@@ -37,6 +46,10 @@ class OpenSessionRequest(_Body):
     sampling: Sampling = Sampling(temperature=0.0, seed=0)
     # Acceptance stops at the first stop token, so the hub's context ends where the reply ends.
     stop_token_ids: list[int] = Field(default_factory=list, max_length=64)
+    # Version 3: the reply's grammar; and the target's log-probabilities of the emitted tokens with
+    # each verify answer, with this many of its likeliest tokens beside each (None: no logprobs).
+    constraint: Constraint | None = None
+    top_logprobs: int | None = Field(None, ge=0, le=20)
 
 
 class OpenSessionResponse(_Body):
@@ -62,11 +75,21 @@ class VerifyRequest(_Body):
     parents: list[int] | None = None
 
 
+class TokenLogprobs(_Body):
+    """The target's log-probability of one emitted token (log_softmax of its logits, before any
+    temperature or grammar), and its `top_logprobs` likeliest tokens with theirs."""
+
+    logprob: float
+    top_tokens: list[int] = Field(default_factory=list)
+    top_logprobs: list[float] = Field(default_factory=list)
+
+
 class VerifyResponse(_Body):
     accepted: int  # how many draft tokens the target agreed with
     tokens: list[int]  # the emitted tokens: the accepted draft prefix, then the bonus token
     context_len: int  # tokens in the session's context after this verify (bonus included)
     verify_ms: float  # hub time spent on this request, for the client's figures
+    logprobs: list[TokenLogprobs] | None = None  # one per emitted token, when the session asked; else left out
 
 
 class GenerateRequest(_Body):

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import logging
 import secrets
 import threading
 import time
@@ -18,7 +19,10 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from hub_server.engine_api import VerifyJob
-from hub_server.errors import SessionBusy, SessionNotFound
+from hub_server.errors import BadRequest, SessionBusy, SessionNotFound
+from specedge_common.grammar import Constraint, GrammarError
+
+log = logging.getLogger("hub_server")
 
 LOCAL_USER = "local"  # the owner's name on a hub without accounts (--no-auth, embedded)
 # A client sends one request at a time on a session; a few more may wait for their turn (a retry
@@ -165,9 +169,50 @@ class Session:
     last_used: float = field(default_factory=time.monotonic)
     # One request at a time per session: a session's context is a sequence, not a set.
     turn: Turn = field(default_factory=Turn)
+    constraint: Constraint | None = None  # the reply's grammar, following the context from its start on
+    top_logprobs: int | None = None  # each verify answer carries the emitted tokens' logprobs
+
+    grammar_failure: str = ""  # why the grammar could not follow the target's own tokens (a bug)
+
+    def extend(self, tokens: list[int]) -> None:
+        """The context takes a client's `tokens`, once the session's grammar (if any) allows them:
+        BadRequest saying where it does not, the session as it was."""
+        if self.constraint is not None:
+            if self.grammar_failure:
+                raise BadRequest(f"this session's grammar failed ({self.grammar_failure}); open a new session")
+            try:
+                self.constraint.advance(self.context + tokens)
+            except GrammarError as exc:
+                raise BadRequest(str(exc)) from exc
+        self.context.extend(tokens)
+
+    def take_emitted(self, tokens: list[int]) -> None:
+        """The context takes a pass's emitted tokens, whatever the grammar says: the KV already holds
+        them. Each was drawn under the grammar's mask, so it allows them; were it not so, the
+        session would refuse its next request rather than go on unconstrained."""
+        self.context.extend(tokens)
+        if self.constraint is not None and not self.grammar_failure:
+            try:
+                self.constraint.advance(self.context)
+            except GrammarError as exc:
+                self.grammar_failure = str(exc)
+                log.error("session %s: the grammar refused the target's own token: %s", self.session_id, exc)
+
+    def check_reach(self, tokens: list[int]) -> None:
+        """A verify's first choice is at the context's end: under a grammar that starts later it
+        would be unconstrained, so the context (with `tokens`) must first reach the grammar's start."""
+        length = len(self.context) + len(tokens)
+        if self.constraint is not None and length < self.constraint.start:
+            raise BadRequest(
+                f"the session's grammar starts at position {self.constraint.start} and the context would hold "
+                f"{length} tokens; send the whole prompt (feed it, or with the verify) before drafting"
+            )
 
     def verify_job(self, draft: list[int], parents: list[int]) -> VerifyJob:
-        """Its next pass: the context not yet in its KV, then `draft` shaped by `parents`."""
+        """Its next pass: the context not yet in its KV, then `draft` shaped by `parents`; with the
+        grammar's masks after each of the draft's paths (computed here, on the CPU, once a verify),
+        when the session has one."""
+        masks = self.constraint.tree_masks(draft, parents) if self.constraint is not None else None
         return VerifyJob(
             self.kv,
             self.context[self.kv.length :],
@@ -176,6 +221,8 @@ class Session:
             self.temperature,
             self.seed,
             self.stop_token_ids,
+            masks,
+            self.top_logprobs,
         )
 
 
@@ -195,8 +242,11 @@ class SessionStore:
         kv: Any,
         owner: Owner = LOCAL_OWNER,
         worker_id: str = "0",
+        constraint: Constraint | None = None,
+        top_logprobs: int | None = None,
     ) -> Session:
         session = Session(secrets.token_urlsafe(16), temperature, seed, stop_token_ids, kv, owner, worker_id)
+        session.constraint, session.top_logprobs = constraint, top_logprobs
         with self._lock:
             self._sessions[session.session_id] = session
         return session

@@ -243,7 +243,7 @@ def parse_frame(data: bytes) -> tuple[int, wire.VerifyRequest]:
 
 
 def result_frame(frame_id: int, reply: wire.VerifyResponse) -> bytes:
-    return msgpack.packb({"id": frame_id, **reply.model_dump()})
+    return msgpack.packb({"id": frame_id, **reply.model_dump(exclude_none=True)})
 
 
 def error_frame(frame_id: int | None, exc: RequestRefused) -> bytes:

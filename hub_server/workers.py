@@ -94,9 +94,11 @@ class WorkerDescription:
 
 
 # One verify job as it crosses to the worker, as plain values (cheap to pickle): (incarnation, slot,
-# pending, draft, parents, temperature, seed, stop ids); and back: (path, emitted, slot length).
-JobWire = tuple[str, int, list[int], list[int], list[int], float, int, tuple[int, ...]]
-ResultWire = tuple[list[int], list[int], int]
+# pending, draft, parents, temperature, seed, stop ids, the grammar's masks or None (numpy: the
+# engine process computed them, where the session's grammar lives), top_logprobs or None); and
+# back: (path, emitted, slot length, logprobs or None).
+JobWire = tuple[str, int, list[int], list[int], list[int], float, int, tuple[int, ...], Any, int | None]
+ResultWire = tuple[list[int], list[int], int, Any]
 
 
 class EngineWorker:
@@ -170,12 +172,15 @@ class EngineWorker:
     def verify_batch(self, jobs: list[JobWire]) -> tuple[list[ResultWire], float | None, float]:
         """One pass over the jobs; their results, the pass's fitted fixed cost and its device seconds."""
         runnable = [
-            VerifyJob(self._slot(incarnation, index), pending, draft, parents, temperature, seed, frozenset(stops))
-            for incarnation, index, pending, draft, parents, temperature, seed, stops in jobs
+            VerifyJob(
+                self._slot(incarnation, index), pending, draft, parents, temperature, seed, frozenset(stops), masks, top
+            )
+            for incarnation, index, pending, draft, parents, temperature, seed, stops, masks, top in jobs
         ]
         with _device_failure_exits():
             seconds = self.runner.verify_batch(runnable)
-        return [(job.path, job.emitted, job.kv.length) for job in runnable], self.runner.pass_fixed_s(), seconds
+        results = [(job.path, job.emitted, job.kv.length, job.logprobs) for job in runnable]
+        return results, self.runner.pass_fixed_s(), seconds
 
     def _slot(self, incarnation: str, index: int) -> Any:
         if incarnation != self.incarnation or index not in self.slots:
@@ -266,14 +271,16 @@ class RayEngine:
                 job.temperature,
                 job.seed,
                 tuple(job.stop_token_ids),
+                job.masks,
+                job.top_logprobs,
             )
             for job in jobs
         ]
         # A plain actor call, not a Ray compiled graph: a compiled graph's reader spins on its
         # channel (a core per idle worker), and losing its actor could abort this process.
         results, self._pass_fixed_s, seconds = self._call(self._actor.verify_batch.remote(wire))
-        for job, (path, emitted, length) in zip(jobs, results):
-            job.path, job.emitted, job.kv.length = path, emitted, length
+        for job, (path, emitted, length, logprobs) in zip(jobs, results):
+            job.path, job.emitted, job.kv.length, job.logprobs = path, emitted, length, logprobs
         return float(seconds)
 
     def pass_fixed_s(self) -> float | None:

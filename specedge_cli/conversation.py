@@ -19,6 +19,7 @@ from specedge_cli.drafting.engine import DraftEngine
 from specedge_cli.drafting.planner import DepthPlanner
 from specedge_cli.errors import HubBusy, HubError, HubUnreachable, SessionLost
 from specedge_cli.remote.client import HubClient
+from specedge_cli.remote.protocol import TokenLogprobs
 from specedge_cli.remote.session import DraftIdentity, HubSession, Reconnecting, ReconnectNotice
 
 
@@ -29,6 +30,7 @@ class Reply:
     prompt_token_ids: list[int]
     stats: TurnStats
     finish_reason: str = STOP  # STOP, LENGTH or INTERRUPTED (then `token_ids` are what was accepted by then)
+    logprobs: list[TokenLogprobs] = field(default_factory=list)  # the target's, of the decoded tokens, when asked
 
     @property
     def interrupted(self) -> bool:
@@ -113,7 +115,7 @@ class Conversation:
             reconnect_s=settings.reconnect_s,
             on_reconnect=on_reconnect if on_reconnect is not None else ReconnectNotice(),
         )
-        self.decoder = Decoder(engine, session, settings)
+        self.decoder = Decoder(engine, session, settings, self.vocab_fingerprint)
 
     # --- what the layers below hold ---------------------------------------------------------------
     @property
@@ -197,7 +199,14 @@ class Conversation:
         self._record(turn, generation.stats)
         if generation.error is not None:
             raise generation.error
-        return Reply(turn.reply, turn.token_ids, turn.prompt_token_ids, generation.stats, generation.finish_reason)
+        return Reply(
+            turn.reply,
+            turn.token_ids,
+            turn.prompt_token_ids,
+            generation.stats,
+            generation.finish_reason,
+            generation.logprobs,
+        )
 
     def _sync_before_prompt(self) -> HubError | None:
         """Bring the hub session up to date before the prompt is logged, so a wrong address keeps

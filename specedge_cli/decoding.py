@@ -32,7 +32,8 @@ from specedge_cli.drafting.engine import DraftEngine
 from specedge_cli.drafting.planner import DepthPlanner
 from specedge_cli.errors import HubError, HubRejected
 from specedge_cli.remote import protocol as wire
-from specedge_cli.remote.session import HubSession
+from specedge_cli.remote.session import HubSession, ReplyTerms
+from specedge_common.grammar import Constraint, GrammarError, grammar_tokenizer
 
 if TYPE_CHECKING:
     from specedge_cli.settings import ChatSettings
@@ -117,6 +118,8 @@ class DecodeSettings:
     tree_width: int = 4  # children proposed per node and nodes expanded per tree level
     proactive: bool = True  # draft the next round while a verify is in flight
     reconnect_s: float = 60.0  # how long to keep reopening the session while the hub is away
+    grammar: str = ""  # the reply's grammar (llguidance's format); "": unconstrained
+    top_logprobs: int | None = None  # the target's logprobs of the reply's tokens, with this many alternatives
 
     @property
     def sampling(self) -> wire.Sampling:
@@ -148,18 +151,23 @@ class Generation:
     stats: TurnStats
     pending_sent: bool  # the pending tokens reached the history (and the hub)
     error: HubError | None = None  # the hub failure that cut it short, if one did
+    logprobs: list[wire.TokenLogprobs] = field(default_factory=list)  # one per token, when asked for
 
 
 class Decoder:
     """The draft-verify loop over one token history, which `session` keeps on the hub."""
 
-    def __init__(self, engine: DraftEngine, session: HubSession, settings: DecodeSettings):
+    def __init__(
+        self, engine: DraftEngine, session: HubSession, settings: DecodeSettings, fingerprint: Callable[[], str]
+    ):
         self.engine = engine
         self.session = session
         self.settings = settings
         self.history: list[int] = []
         self.stop_token_ids = frozenset(engine.vocab.stop_token_ids())
         self.planner = self._new_planner(max_depth=64)
+        self.logprobs: list[wire.TokenLogprobs] = []  # the reply's so far, when its settings ask for them
+        self.fingerprint = fingerprint  # the draft vocabulary's (read once: it walks the whole vocabulary)
 
     def change_settings(self, settings: DecodeSettings) -> None:
         """New settings; new sampling reopens the session (fed our history) at the next reply."""
@@ -178,7 +186,10 @@ class Decoder:
         )
 
     def sync(self) -> None:
-        """Bring the hub session up to our history (waiting out an outage), and fit the planner to it."""
+        """Bring the hub session up to our history (waiting out an outage), and fit the planner to it.
+        Between replies the session has no grammar: a grammar starts where its reply does, and
+        `generate` opens the reply's own session (an older hub, which has none, still serves this)."""
+        self.session.wanted = ReplyTerms(None, self.settings.top_logprobs)
         self.session.retrying(self._sync_once)
 
     def _sync_once(self) -> None:
@@ -200,8 +211,10 @@ class Decoder:
         refusal = self._no_room_for(pending)
         if refusal is not None:  # refused now, not after drafting a prompt the hub would refuse
             return Generation([], INTERRUPTED, stats, pending_sent=False, error=refusal)
+        self.logprobs = []
         try:
-            self.sync()  # an outage here, too, is one the caller keeps the prompt through
+            self._constrain(start + len(pending))
+            self.session.retrying(self._sync_once)  # an outage here, too, is one the caller keeps the prompt through
             while True:
                 unsent = [] if len(self.history) > start else pending
                 room = self._room(max(0, len(self.history) - start - len(pending)), unsent)
@@ -223,7 +236,23 @@ class Decoder:
         sent = len(self.history) > start
         tokens = self.history[start + len(pending) :]
         clock.finish(stats, len(tokens))
-        return Generation(tokens, finish, stats, sent, error)
+        return Generation(tokens, finish, stats, sent, error, self.logprobs)
+
+    def _constrain(self, start: int) -> None:
+        """The reply from context position `start` on follows the settings' grammar, on the hub (its
+        session's terms) and in the draft (it drafts only what the grammar allows)."""
+        s = self.settings
+        constraint = wire.Constraint(s.grammar, start) if s.grammar else None
+        self.session.wanted = ReplyTerms(constraint, s.top_logprobs)
+        if not s.grammar:
+            self.engine.constrain(None)
+            return
+        vocab = self.engine.vocab
+        try:
+            tokenizer = grammar_tokenizer(self.fingerprint(), vocab.pieces, sorted(self.stop_token_ids))
+            self.engine.constrain(Constraint(tokenizer, s.grammar, start))
+        except GrammarError as exc:
+            raise HubRejected(str(exc), 422, "bad_grammar") from exc
 
     def _no_room_for(self, pending: list[int]) -> HubRejected | None:
         """A prompt that leaves no room for a reply in the context (`context_limit`), refused as the
@@ -268,6 +297,8 @@ class Decoder:
         self.planner.observe_draft(draft.decodes, draft.draft_s + draft.late_s)
         reply = self.session.retrying(lambda: self._verify(pending, draft, room, stats))
         self.history += pending + reply.tokens
+        if reply.logprobs is not None:
+            self.logprobs += reply.logprobs
         stats.verify_rounds += 1
         stats.draft_tokens += len(draft.wire_tokens)
         stats.accepted_tokens += reply.accepted

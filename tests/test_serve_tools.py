@@ -24,7 +24,9 @@ from specedge_cli.drafting.chat_template import ChatTemplate, template_for
 from specedge_cli.drafting.engine import DraftEngine
 from specedge_cli.models import resolve_model
 from specedge_cli.remote.client import HubClient
-from specedge_cli.serve.tools import CallReader, read_calls
+from specedge_cli.serve.structured import call_grammar
+from specedge_cli.serve.tools import CallReader, read_calls, tool_use
+from tests.test_grammar import target_under_grammar
 from tests.test_serve import API_KEY, Served, _stop_ids
 from tests.tiny_models import write_chat_draft
 
@@ -155,23 +157,46 @@ def test_offered_tools_reach_the_model_through_its_template_and_the_reply_is_the
     assert plain.usage.prompt_tokens == len(engine.vocab.tokenize(template.render(messages), add_bos=False))
 
 
-def test_a_named_function_is_started_in_the_models_mouth_and_continued_by_the_target(tool_served, draft, target_alone):
+def test_a_named_function_is_started_in_the_models_mouth_and_its_arguments_follow_the_schema(
+    tool_served, draft, target_alone
+):
     engine, template = draft
     messages = [{"role": "user", "content": "the weather in paris"}]
+    named = {"type": "function", "function": {"name": "get_weather"}}
     answer = tool_served.client().chat.completions.create(
-        model=_model(tool_served),
-        messages=messages,
-        tools=[WEATHER],
-        tool_choice={"type": "function", "function": {"name": "get_weather"}},
-        max_tokens=12,
+        model=_model(tool_served), messages=messages, tools=[WEATHER], tool_choice=named, max_tokens=40
     )
     prompt = engine.vocab.tokenize(template.render(messages, tools=[WEATHER]), add_bos=False)
     start = '<tool_call>\n{"name": "get_weather", "arguments":'
     start_tokens = engine.vocab.tokenize(start, add_bos=False)
-    expected = target_alone.decode(prompt + start_tokens, 12, _stop_ids(engine.path))
-    # The tiny model's arguments are not JSON: the call is returned as the text it wrote.
-    assert answer.choices[0].message.content == read_calls(start + _text(engine, expected))[0]
+    # The target alone continues the call's opening under the grammar of the function's arguments.
+    grammar = call_grammar(tool_use([WEATHER], named, None))
+    expected = target_under_grammar(target_alone, engine, prompt + start_tokens, grammar, 40)
+    content, calls = read_calls(start + _text(engine, expected))
+    assert (answer.choices[0].message.content or "") == content
+    assert [(c.function.name, c.function.arguments) for c in answer.choices[0].message.tool_calls or []] == [
+        (c.name, c.arguments) for c in calls
+    ]
     assert answer.usage.completion_tokens == len(start_tokens) + len(expected)
+
+
+def test_a_required_call_names_an_offered_function_and_follows_its_schema(tool_served, draft, target_alone):
+    engine, template = draft
+    messages = [{"role": "user", "content": "the weather in paris"}]
+    answer = tool_served.client().chat.completions.create(
+        model=_model(tool_served), messages=messages, tools=[WEATHER], tool_choice="required", max_tokens=40
+    )
+    prompt = engine.vocab.tokenize(template.render(messages, tools=[WEATHER]), add_bos=False)
+    start = '<tool_call>\n{"name": "'
+    start_tokens = engine.vocab.tokenize(start, add_bos=False)
+    grammar = call_grammar(tool_use([WEATHER], "required", None))
+    expected = target_under_grammar(target_alone, engine, prompt + start_tokens, grammar, 40)
+    assert _text(engine, expected).startswith('get_weather", "arguments": {')  # the only function offered
+    content, calls = read_calls(start + _text(engine, expected), frozenset({"get_weather"}))
+    assert (answer.choices[0].message.content or "") == content
+    assert [(c.function.name, c.function.arguments) for c in answer.choices[0].message.tool_calls or []] == [
+        (c.name, c.arguments) for c in calls
+    ]
 
 
 def test_tool_results_go_back_in_as_the_template_lays_them_out(tool_served, draft, target_alone, hub):
@@ -202,9 +227,11 @@ def test_what_cannot_be_honoured_is_refused_with_a_clear_400(tool_served, plain_
     client, model = tool_served.client(), _model(tool_served)
     ask = [{"role": "user", "content": "hi"}]
     cases = [
-        ({"tools": [WEATHER], "response_format": {"type": "json_object"}}, "response_format is not supported yet"),
-        ({"response_format": {"type": "json_schema", "json_schema": {"name": "x", "schema": {}}}}, "response_format"),
+        ({"tools": [WEATHER], "tool_choice": "required", "response_format": {"type": "json_object"}}, "one of them"),
+        ({"response_format": {"type": "xml"}}, "response_format.type must be"),
+        ({"response_format": {"type": "json_schema", "json_schema": {"schema": {"type": "strin"}}}}, "cannot be"),
         ({"tools": [{"type": "function", "function": {**WEATHER["function"], "strict": True}}]}, "strict: true"),
+        ({"top_logprobs": 2}, "needs 'logprobs': true"),
         ({"tool_choice": "required"}, "only allowed when 'tools' are given"),
         ({"tools": [WEATHER], "tool_choice": {"type": "function", "function": {"name": "nope"}}}, "not among"),
         ({"tools": [{"type": "retrieval"}]}, "must be a function tool"),
@@ -300,7 +327,7 @@ def test_responses_refuse_what_this_server_cannot_do(tool_served):
     cases = [
         ({"previous_response_id": "resp_1"}, "stores no responses"),
         ({"store": True}, "store must be false"),
-        ({"text": {"format": {"type": "json_schema", "name": "x", "schema": {}}}}, "text.format must be"),
+        ({"text": {"format": {"type": "xml"}}}, "response_format.type must be"),
         ({"tools": [{"type": "web_search"}]}, "only function tools"),
         ({"input": [{"type": "reasoning", "summary": []}]}, "only messages, function_call"),
     ]

@@ -5,11 +5,14 @@ from __future__ import annotations
 import pytest
 
 from specedge_bench.metrics import MetricsPage
+from specedge_cli.drafting.engine import DraftEngine
 from specedge_cli.errors import HubRejected
 from specedge_cli.remote import protocol as wire
 from specedge_cli.remote.client import HubClient
 from specedge_common import metric_names as names
+from specedge_common.grammar import json_schema_grammar
 from tests.conftest import RunningHub
+from tests.test_grammar import PAINT, target_under_grammar
 
 PROMPT = [1, 261, 412, 425, 281, 300]
 
@@ -40,6 +43,29 @@ def generate(client: HubClient, mode: str, max_tokens: int, **sampling) -> tuple
     client.close_session(session)
     assert chunks[-1].done and not any(c.done for c in chunks[:-1])
     return [t for c in chunks for t in c.tokens], chunks[-1]
+
+
+@pytest.mark.parametrize("mode", ["autoregressive", "speculative"])
+@pytest.mark.parametrize("temperature", [0.0, 0.8])
+def test_server_only_modes_follow_a_sessions_grammar(hub_with_draft, target_alone, tiny, mode, temperature):
+    """The hub's own decoding draws under the session's grammar as a client's verifies do."""
+    engine = DraftEngine(tiny.gguf_q8, n_ctx=256, n_threads=1)
+    grammar = json_schema_grammar(PAINT)
+    with HubClient(hub_with_draft.url) as client:
+        info = client.info()
+        session = client.open_session(
+            wire.OpenSessionRequest(
+                vocab_size=info.vocab_size,
+                vocab_fingerprint=info.vocab_fingerprint,
+                sampling=wire.Sampling(temperature=temperature, seed=3),
+                stop_token_ids=engine.vocab.stop_token_ids(),
+                constraint=wire.Constraint(grammar, start=len(PROMPT)),
+            )
+        ).session_id
+        request = wire.GenerateRequest(mode=mode, tokens=PROMPT, max_tokens=40, draft_len=4)
+        tokens = [t for chunk in client.generate(session, request) for t in chunk.tokens]
+        client.close_session(session)
+    assert tokens == target_under_grammar(target_alone, engine, PROMPT, grammar, 40, temperature, 3)
 
 
 @pytest.mark.parametrize("mode", ["autoregressive", "speculative"])

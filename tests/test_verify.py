@@ -1,9 +1,10 @@
 """The token-only acceptance rule on hand-made tensors."""
 
+import numpy as np
 import pytest
 import torch
 
-from hub_server.engine.sampling import sample_row, target_choices
+from hub_server.engine.sampling import allowed_only, sample_row, target_choices
 from hub_server.tree import accept_chain, position_uniform
 
 NO_STOP = frozenset()
@@ -76,3 +77,17 @@ def test_a_tiny_temperature_draws_the_top_token_not_nan(temperature):
     from specedge_cli.drafting.sampling import DraftSampler
 
     assert DraftSampler(temperature, 7).pick(logits.numpy(), 12) == top
+
+
+def test_a_grammars_mask_restricts_the_choice_to_the_tokens_it_allows():
+    logits = torch.tensor([[0.0, 3.0, 1.0, 2.0, 0.5], [0.0, 3.0, 1.0, 2.0, 0.5]])  # [2, V=5]
+    masks = np.zeros((2, 1), dtype=np.int32)  # llguidance bitmasks: bit t of word 0 is token t
+    masks[0, 0] = (1 << 2) | (1 << 4)  # tokens 2 and 4
+    masks[1, 0] = 1 << 3  # token 3 alone
+    allowed = allowed_only(logits, masks)
+    assert target_choices(allowed, 0.0, seed=0, positions=[0, 1]) == [2, 3]  # argmax over the allowed
+    # Seeded draws land on allowed tokens only, in proportion to the target's restricted distribution.
+    draws = [sample_row(allowed[0], 1.0, position_uniform(5, p)) for p in range(2000)]
+    assert set(draws) == {2, 4}
+    expected = torch.softmax(torch.tensor([1.0, 0.5]), dim=0)[0].item()
+    assert draws.count(2) / len(draws) == pytest.approx(expected, abs=0.04)

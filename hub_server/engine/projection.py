@@ -15,10 +15,11 @@ from collections import Counter
 from collections.abc import Callable
 from dataclasses import dataclass
 
+import numpy as np
 import torch
 
 from hub_server.engine.layout import PassBatch
-from hub_server.engine.sampling import target_choices
+from hub_server.engine.sampling import allowed_only, target_choices
 from hub_server.engine_api import VerifyJob
 from hub_server.pass_cost import RowCosts
 from hub_server.tree import node_depths
@@ -188,7 +189,8 @@ class ProjectionWalk:
         """The target's token after each (row, node) of `wanted` (node -1: the row's root)."""
         columns = [len(jobs[b].pending) + node for b, node in wanted]
         started = time.perf_counter()
-        logits = self._logits(hidden, [b * batch.width + c for (b, _), c in zip(wanted, columns)])
+        raw = self._logits(hidden, [b * batch.width + c for (b, _), c in zip(wanted, columns)])
+        logits = _constrained(raw, jobs, wanted)
         # Greedy rows read one argmax over all of them: one copy from the device, not one a row.
         greedy = logits.argmax(dim=-1).tolist() if any(jobs[b].temperature == 0.0 for b, _ in wanted) else None
         self.costs.add(len(wanted), time.perf_counter() - started)
@@ -201,4 +203,36 @@ class ProjectionWalk:
             else:
                 position = int(batch.positions[b, column]) + 1
                 chosen += target_choices(logits[k : k + 1], job.temperature, job.seed, [position])
+        _note_logprobs(raw, jobs, wanted, chosen)
         return chosen
+
+
+def _constrained(logits: torch.Tensor, jobs: list[VerifyJob], wanted: list[tuple[int, int]]) -> torch.Tensor:
+    """The logits [K, V] with each constrained row's disallowed tokens at -inf: the grammar's masks
+    of the (row, node) pairs `wanted`, made one boolean tensor for all of them."""
+    rows = [k for k, (b, _) in enumerate(wanted) if jobs[b].masks is not None]
+    if not rows:
+        return logits
+    bits = np.stack([jobs[wanted[k][0]].masks[wanted[k][1] + 1] for k in rows])  # [R, words]
+    masked = logits.clone()
+    masked[rows] = allowed_only(logits[rows], bits)
+    return masked
+
+
+def _note_logprobs(raw: torch.Tensor, jobs: list[VerifyJob], wanted: list[tuple[int, int]], chosen: list[int]) -> None:
+    """For sessions that asked: the target's log-probability of the choice at each (row, node), and
+    its likeliest tokens, from the logits before temperature and grammar (OpenAI's logprobs)."""
+    rows = [k for k, (b, _) in enumerate(wanted) if jobs[b].top_logprobs is not None]
+    if not rows:
+        return
+    logprobs = torch.log_softmax(raw[rows].float(), dim=-1)  # [R, V]
+    most = max(jobs[wanted[k][0]].top_logprobs or 0 for k in rows)
+    top = torch.topk(logprobs, most, dim=-1) if most else None
+    index = torch.tensor([chosen[k] for k in rows], device=logprobs.device)
+    picked = logprobs[torch.arange(len(rows), device=logprobs.device), index].tolist()
+    for i, k in enumerate(rows):
+        b, node = wanted[k]
+        job, count = jobs[b], jobs[b].top_logprobs or 0
+        ids = top.indices[i, :count].tolist() if top is not None else []
+        values = top.values[i, :count].tolist() if top is not None else []
+        job.node_logprobs[node] = (picked[i], ids, values)

@@ -362,6 +362,7 @@ class ModelRunner:
         kept = []
         for job, choices in zip(jobs, self.walk.choices(jobs, batch, hidden)):
             job.path, job.emitted = accept_tree(job.draft, job.parents, choices, job.stop_token_ids)
+            job.note_emitted_logprobs()
             # Keep what the context now holds, but its last token: pending, then the accepted path.
             nodes = job.path[: len(job.emitted) - 1]
             kept.append((len(job.pending), nodes, job.pending + [job.draft[node] for node in nodes]))

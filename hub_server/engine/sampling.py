@@ -10,6 +10,21 @@ import numpy as np
 import torch
 
 from hub_server.tree import position_uniform
+from specedge_common.grammar import allowed
+
+
+def allowed_only(logits: torch.Tensor, masks: np.ndarray) -> torch.Tensor:
+    """The logits with the tokens a grammar does not allow at -inf: then argmax and `sample_row`
+    choose among the allowed ones exactly as over the target's distribution restricted to them.
+
+    logits: [R, V]; masks: [R, words] int32 llguidance bitmasks (bits past V are ignored, tokens
+    past the bits disallowed: a model's padded vocabulary rows).
+    """
+    vocab = logits.shape[-1]
+    bits = allowed(masks, vocab)  # [R, min(V, 32 * words)]
+    keep = torch.zeros(logits.shape, dtype=torch.bool)
+    keep[:, : bits.shape[1]] = torch.from_numpy(bits)
+    return logits.masked_fill(~keep.to(logits.device), float("-inf"))
 
 
 def sample_row(logits: torch.Tensor, temperature: float, uniform: float) -> int:

@@ -23,6 +23,7 @@ from specedge_cli.drafting.sequence_pool import SequencePools
 from specedge_cli.drafting.tree_context import TreeContext
 from specedge_cli.drafting.vocabulary import Vocabulary, quiet_stderr
 from specedge_cli.errors import ModelFileError
+from specedge_common.grammar import Constraint, GrammarError, allowed
 
 
 class DraftEngine:
@@ -54,6 +55,15 @@ class DraftEngine:
         self._current: DraftTree | None = None  # the last draft handed out, until the next plan
         self._ahead: DraftTree | None = None  # the proactive draft below the current one's guess
         self._pools = SequencePools(self._context, max_tree_nodes)
+        self._constraint: Constraint | None = None  # the reply's grammar: drafts hold only what it allows
+
+    def constrain(self, constraint: Constraint | None) -> None:
+        """Draft only tokens `constraint` allows (None: any). The hub draws every token under the same
+        grammar, so a token it does not allow would only be a draft rejected."""
+        if constraint is not self._constraint:
+            self._constraint = constraint
+            self._release(self._ahead)  # drafted under the grammar before
+            self._ahead = None
 
     @property
     def n_ctx(self) -> int:
@@ -101,6 +111,7 @@ class DraftEngine:
             return self._promote(ahead)
         self._release(ahead)
         started = time.perf_counter()
+        self._follow(history)
         shape = self._fit(shape, room=self.n_ctx - len(history) - 1)
         root_logits = self._sync(history)
         tree = DraftTree(list(history), root_sequence=0, slot=0, shape=shape)
@@ -185,7 +196,9 @@ class DraftEngine:
         while tree.levels < shape.depth and tree.frontier:
             level = []
             for parent, logits in tree.frontier:
+                logits = self._allowed(tree, parent, logits)
                 candidates = self.sampler.candidates(logits, tree.position(parent) + 1, shape.width)
+                candidates = [c for c in candidates if c[1] > 0] or candidates[:1]  # none the grammar forbids
                 tree.picks[parent] = candidates[0][0]
                 tree.proposed[parent] = candidates
                 level += [
@@ -220,8 +233,28 @@ class DraftEngine:
         if len(decoded) < len(missing):  # out of sequences or cells: leave the rest out
             tree.selected = [n for n in chosen if tree.decoded(n)]
         if leaf in decoded and leaf not in tree.picks:
-            logits = self._context.logits(decoded.index(leaf))
+            logits = self._allowed(tree, leaf, self._context.logits(decoded.index(leaf)))
             tree.picks[leaf] = self.sampler.pick(logits, tree.position(leaf) + 1)
+
+    def _follow(self, history: list[int]) -> None:
+        """The grammar takes the history the hub confirmed (each of its tokens drawn under it), so
+        masks below it cost only the draft's own path."""
+        if self._constraint is None:
+            return
+        try:
+            self._constraint.advance(history)
+        except GrammarError:  # a history the grammar does not hold: the hub refuses it, draft freely
+            self._constraint = None
+
+    def _allowed(self, tree: DraftTree, node: int, logits: np.ndarray) -> np.ndarray:
+        """`logits` after `node`, with the tokens the grammar does not allow there at -inf."""
+        if self._constraint is None:
+            return logits
+        path = [tree.tokens[n] for n in tree.path_to(node)] if node != ROOT else []
+        mask = self._constraint.mask_after(tree.root + path)
+        if mask is None:
+            return logits
+        return np.where(allowed(mask, len(logits)), logits, -np.inf).astype(logits.dtype)
 
     def _decode_nodes(self, tree: DraftTree, nodes: list[int], logits_for: set[int]) -> list[int]:
         """Decode `nodes` in one llama_decode, each in its parent's sequence when it is the first

@@ -11,7 +11,8 @@ from typing import TYPE_CHECKING, Any
 if TYPE_CHECKING:
     from typing_extensions import Self
 
-PROTOCOL_VERSION = 2  # 2: a session's verify stream (`stream.py`); a hub of 1 is spoken to in 1, over HTTP
+PROTOCOL_VERSION = 3  # 2: a session's verify stream (`stream.py`); a hub of 1 is spoken to in 1, over HTTP
+GRAMMAR_VERSION = 3  # 3: a session's grammar (`constraint`) and the target's logprobs
 
 
 class _Message:
@@ -31,6 +32,12 @@ class Sampling(_Message):
 
 
 @dataclass(frozen=True)
+class Constraint(_Message):
+    grammar: str  # llguidance's format
+    start: int  # the first context position the grammar covers
+
+
+@dataclass(frozen=True)
 class OpenSessionRequest(_Message):
     vocab_size: int
     vocab_fingerprint: str
@@ -38,6 +45,12 @@ class OpenSessionRequest(_Message):
     sampling: Sampling = field(default_factory=Sampling)
     stop_token_ids: list[int] = field(default_factory=list)
     protocol_version: int = PROTOCOL_VERSION
+    constraint: Constraint | None = None
+    top_logprobs: int | None = None  # None: the answers carry no logprobs
+
+    def to_json(self) -> dict[str, Any]:
+        # Left out when unset: a hub older than GRAMMAR_VERSION refuses fields it does not know.
+        return {key: value for key, value in super().to_json().items() if value is not None}
 
 
 @dataclass(frozen=True)
@@ -66,11 +79,27 @@ class VerifyRequest(_Message):
 
 
 @dataclass(frozen=True)
+class TokenLogprobs(_Message):
+    logprob: float
+    top_tokens: list[int] = field(default_factory=list)
+    top_logprobs: list[float] = field(default_factory=list)
+
+
+@dataclass(frozen=True)
 class VerifyResponse(_Message):
     accepted: int
     tokens: list[int]
     context_len: int
     verify_ms: float
+    logprobs: list[TokenLogprobs] | None = None
+
+    @classmethod
+    def from_json(cls, body: dict[str, Any]) -> VerifyResponse:
+        reply = super().from_json({key: value for key, value in body.items() if key != "logprobs"})
+        logprobs = body.get("logprobs")
+        if logprobs is None:
+            return reply
+        return replace(reply, logprobs=[TokenLogprobs.from_json(entry) for entry in logprobs])
 
 
 @dataclass(frozen=True)

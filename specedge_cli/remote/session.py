@@ -24,7 +24,7 @@ from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from typing import TextIO, TypeVar
 
-from specedge_cli.errors import HubBusy, HubError, HubUnreachable, SessionLost
+from specedge_cli.errors import HubBusy, HubError, HubRejected, HubUnreachable, SessionLost
 from specedge_cli.remote import protocol as wire
 from specedge_cli.remote.client import HubClient
 from specedge_cli.remote.stream import STREAM_VERSION, SessionStream, StreamClosed, StreamRefused, open_stream
@@ -41,6 +41,19 @@ class DraftIdentity:
     vocab_fingerprint: str
     draft_model: str
     stop_token_ids: tuple[int, ...]
+
+
+@dataclass(frozen=True)
+class ReplyTerms:
+    """What a session is opened for beyond sampling (protocol version 3): the reply's grammar, and
+    whether verify answers carry the target's logprobs (with this many alternatives)."""
+
+    constraint: wire.Constraint | None = None
+    top_logprobs: int | None = None
+
+    @property
+    def plain(self) -> bool:
+        return self.constraint is None and self.top_logprobs is None
 
 
 @dataclass(frozen=True)
@@ -73,6 +86,8 @@ class HubSession:
         self.max_context = 0  # the hub's context limit per session, once one is open (0: not known yet)
         self.held: list[int] = []  # the hub's context, as far as we sent it
         self.sampling = wire.Sampling()
+        self.terms = ReplyTerms()  # the open session's
+        self.wanted = ReplyTerms()  # the next session's: the reply being decoded asks for them
         self.reconnects = 0
         self.memory_waits = 0  # verifies or feeds the hub refused for want of KV memory, waited out
         self._in_doubt = False  # a request that changes the hub's context did not answer
@@ -104,6 +119,7 @@ class HubSession:
             self.session_id is not None
             and not self._in_doubt
             and sampling == self.sampling
+            and self.terms == self.wanted
             and len(held) <= len(history)
             and history[: len(held)] == held
         )
@@ -112,6 +128,15 @@ class HubSession:
         identity = self._identity()
         if self._hub_version is None:
             self._hub_version = self.hub.info().protocol_version
+        terms = self.wanted
+        if not terms.plain and self._hub_version < wire.GRAMMAR_VERSION:
+            raise HubRejected(
+                f"the hub at {self.hub.base_url} speaks protocol version {self._hub_version}, and structured "
+                f"output and logprobs need version {wire.GRAMMAR_VERSION}: the reply would not be constrained "
+                "(or would come without logprobs); upgrade the hub, or leave response_format and logprobs out",
+                422,
+                "hub_lacks_grammars",
+            )
         opened = self.hub.open_session(
             wire.OpenSessionRequest(
                 vocab_size=identity.vocab_size,
@@ -120,9 +145,11 @@ class HubSession:
                 sampling=sampling,
                 stop_token_ids=sorted(identity.stop_token_ids),
                 protocol_version=min(wire.PROTOCOL_VERSION, self._hub_version),  # an older hub's own
+                constraint=terms.constraint,
+                top_logprobs=terms.top_logprobs,
             )
         )
-        self.session_id, self.sampling, self.held = opened.session_id, sampling, []
+        self.session_id, self.sampling, self.terms, self.held = opened.session_id, sampling, terms, []
         self.max_draft_tokens, self.max_context = opened.max_draft_tokens, opened.max_context
         self._reached_hub = True
         self._stream = self._open_stream(opened.session_id)

@@ -298,10 +298,15 @@ class _EventStream:
         except Exception as exc:
             log.exception("a streamed reply failed")
             return [api.error_body(_internal(exc))]
+        ending = (
+            []
+            if answer.logprobs is None
+            else [api.logprobs_chunk(reply.request_id, reply.model_id, reply.kind, answer)]
+        )
         if reply.kind == "chat":
-            ending = [api.chat_chunk(reply.request_id, reply.model_id, {}, answer.finish_reason)]
+            ending.append(api.chat_chunk(reply.request_id, reply.model_id, {}, answer.finish_reason))
         else:
-            ending = [api.text_chunk(reply.request_id, reply.model_id, "", answer.finish_reason)]
+            ending.append(api.text_chunk(reply.request_id, reply.model_id, "", answer.finish_reason))
         if reply.request.options.include_usage:
             ending.append(api.usage_chunk(reply.request_id, reply.model_id, reply.kind, answer))
         return ending

@@ -2,9 +2,10 @@
 and stream chunks built as plain dicts (no validation library, so the client stays light).
 
 What SpecEdge cannot honour is refused with a clear 400 rather than ignored: the reply is always
-exactly the target's own decoding at the given temperature, so nucleus sampling, penalties,
-several choices, log-probabilities and constrained output (`response_format`, strict tools) are
-not offered. Tools are (`tools.py`), for models whose chat template shows them.
+exactly the target's own decoding at the given temperature, so nucleus sampling, penalties and
+several choices are not offered. Tools are (`tools.py`), for models whose chat template shows them;
+so are structured outputs (`response_format`: JSON, or JSON of a schema), which the hub verifies
+under the grammar, and the target's log-probabilities (`structured.py`).
 """
 
 from __future__ import annotations
@@ -13,11 +14,12 @@ import json
 import math
 import secrets
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any
 
 from specedge_cli.conversation import Prompt
 from specedge_cli.errors import ApiError
+from specedge_cli.serve import structured
 from specedge_cli.serve.tools import AssistantMessage, ToolCall, ToolUse, tool_use
 
 MAX_STOPS = 4  # as OpenAI
@@ -37,6 +39,8 @@ class Options:
     stop: tuple[str, ...] = ()
     stream: bool = False
     include_usage: bool = False
+    grammar: str = ""  # the reply's grammar, llguidance's format (`structured.py`); "": free text
+    top_logprobs: int | None = None  # report the target's logprobs, with this many alternatives; None: none
 
 
 @dataclass(frozen=True)
@@ -78,6 +82,7 @@ class Answer:
     completion_tokens: int
     cached_tokens: int  # prompt tokens the hub session and the draft already held from an earlier request
     tool_calls: tuple[ToolCall, ...] = ()
+    logprobs: tuple[structured.TokenLogprob, ...] | None = None  # the reply's tokens', when asked for
 
     def usage(self) -> dict:
         return {
@@ -113,8 +118,6 @@ _REFUSED: dict[
 ] = {  # field: (the values that ask for nothing, why any other is refused)
     "n": ((1,), "n must be 1: one choice per request"),
     "best_of": ((1,), "best_of must be 1: one choice per request"),
-    "logprobs": ((False, 0), "logprobs are not available: the hub sends token ids only"),
-    "top_logprobs": ((0,), "logprobs are not available: the hub sends token ids only"),
     "echo": ((False,), "echo is not supported"),
     "top_p": ((1,), "top_p must be 1: SpecEdge samples the target's whole distribution at the temperature"),
     "frequency_penalty": ((0,), "frequency_penalty must be 0: the reply is the target's own distribution"),
@@ -122,11 +125,6 @@ _REFUSED: dict[
     "logit_bias": (({},), "logit_bias is not supported: the reply is the target's own distribution"),
     "functions": (([],), "functions are not supported: send them as tools"),
     "function_call": (("none",), "function_call is not supported: send tool_choice with tools"),
-    "response_format": (
-        ({"type": "text"},),
-        "response_format is not supported yet: this server cannot constrain the reply to JSON or a schema, "
-        "and will not answer as if it had; leave response_format out and ask for JSON in the prompt",
-    ),
 }
 
 
@@ -143,17 +141,24 @@ def chat_request(body: Any) -> ChatRequest:
         )
     system, prompts, replies = conversation(messages)
     uses = tool_use(body.get("tools"), body.get("tool_choice"), body.get("parallel_tool_calls"))
-    return ChatRequest(_model(body), system, tuple(zip(prompts, replies)), prompts[-1], _options(body), uses)
+    grammar = structured.reply_grammar(body.get("response_format"), uses)
+    options = replace(_options(body), grammar=grammar, top_logprobs=structured.chat_logprobs(body))
+    return ChatRequest(_model(body), system, tuple(zip(prompts, replies)), prompts[-1], options, uses)
 
 
 def completion_request(body: Any) -> CompletionRequest:
     """A `POST /v1/completions` body, checked: the prompt is one text or one list of token ids; with
     a `suffix`, the model fills in what lies between the two."""
     body = json_object(body)
+    if body.get("response_format") is not None:
+        raise ApiError(
+            "response_format is a chat completions parameter; use /v1/chat/completions", param="response_format"
+        )
     prompt, suffix = _prompt(body.get("prompt")), _optional(body, "suffix", str, "")
     if suffix and not isinstance(prompt, str):
         raise ApiError("with a 'suffix', 'prompt' must be text (the code before the insertion)", param="prompt")
-    return CompletionRequest(_model(body), prompt, _options(body), suffix)
+    options = replace(_options(body), top_logprobs=structured.completion_logprobs(body))
+    return CompletionRequest(_model(body), prompt, options, suffix)
 
 
 def json_object(body: Any, refused: dict[str, tuple[tuple[object, ...], str]] | None = None) -> dict:
@@ -358,18 +363,32 @@ def chat_completion(request_id: str, model: str, answer: Answer) -> dict:
     if answer.tool_calls:
         message["content"] = answer.text or None
         message["tool_calls"] = [call.chat_dict() for call in answer.tool_calls]
-    choice = {"index": 0, "message": message, "logprobs": None, "finish_reason": answer.finish_reason}
+    logprobs = structured.chat_logprobs_body(answer.logprobs)
+    choice = {"index": 0, "message": message, "logprobs": logprobs, "finish_reason": answer.finish_reason}
     return _envelope(request_id, "chat.completion", model, [choice]) | {"usage": answer.usage()}
 
 
 def text_completion(request_id: str, model: str, answer: Answer) -> dict:
-    choice = {"index": 0, "text": answer.text, "logprobs": None, "finish_reason": answer.finish_reason}
+    logprobs = structured.completion_logprobs_body(answer.logprobs)
+    choice = {"index": 0, "text": answer.text, "logprobs": logprobs, "finish_reason": answer.finish_reason}
     return _envelope(request_id, "text_completion", model, [choice]) | {"usage": answer.usage()}
 
 
-def chat_chunk(request_id: str, model: str, delta: dict, finish_reason: str | None = None) -> dict:
-    choice = {"index": 0, "delta": delta, "logprobs": None, "finish_reason": finish_reason}
+def chat_chunk(
+    request_id: str, model: str, delta: dict, finish_reason: str | None = None, logprobs: dict | None = None
+) -> dict:
+    choice = {"index": 0, "delta": delta, "logprobs": logprobs, "finish_reason": finish_reason}
     return _envelope(request_id, "chat.completion.chunk", model, [choice])
+
+
+def logprobs_chunk(request_id: str, model: str, kind: str, answer: Answer) -> dict:
+    """The whole reply's logprobs in one chunk before the last (the SDKs gather a stream's logprobs
+    across its chunks)."""
+    if kind == "chat":
+        return chat_chunk(request_id, model, {}, logprobs=structured.chat_logprobs_body(answer.logprobs))
+    chunk = text_chunk(request_id, model, "")
+    chunk["choices"][0]["logprobs"] = structured.completion_logprobs_body(answer.logprobs)
+    return chunk
 
 
 def tool_call_delta(index: int, call: ToolCall) -> dict:

@@ -48,7 +48,7 @@ class ResponseRequest:
 def response_request(body: Any) -> ResponseRequest:
     """A `POST /v1/responses` body, checked and read as a chat request."""
     body = api.json_object(body, _REFUSED)
-    _check_text_format(body.get("text"))
+    text_format = _text_format(body.get("text"))
     instructions = body.get("instructions")
     if instructions is not None and not isinstance(instructions, str):
         raise ApiError("'instructions' must be a string", param="instructions")
@@ -63,6 +63,7 @@ def response_request(body: Any) -> ResponseRequest:
         "max_tokens": body.get("max_output_tokens"),
         "temperature": body.get("temperature"),
         "stream": body.get("stream"),
+        "response_format": _as_response_format(text_format),
     }
     chat = api.chat_request({name: value for name, value in chat_body.items() if value is not None})
     echo: dict[str, Any] = {
@@ -73,20 +74,29 @@ def response_request(body: Any) -> ResponseRequest:
         "temperature": body.get("temperature"),
         "tool_choice": body.get("tool_choice") or "auto",
         "tools": body.get("tools") or [],
+        "text": {"format": text_format},
     }
     return ResponseRequest(chat, echo)
 
 
-def _check_text_format(text: Any) -> None:
+def _text_format(text: Any) -> dict:
+    """`text.format`: {'type': 'text'} (the default), {'type': 'json_object'}, or {'type': 'json_schema',
+    'name', 'schema', 'strict'} (the chat API's json_schema, flattened)."""
     if text is None:
-        return
+        return {"type": "text"}
     fmt = text.get("format") if isinstance(text, dict) else None
-    if not isinstance(text, dict) or (fmt is not None and fmt != {"type": "text"}):
-        raise ApiError(
-            "text.format must be {'type': 'text'}: this server cannot constrain the output to JSON or a schema yet, "
-            "and will not answer as if it had; ask for JSON in the prompt",
-            param="text.format",
-        )
+    if not isinstance(text, dict) or (fmt is not None and not isinstance(fmt, dict)):
+        raise ApiError("'text' must be {'format': {'type': 'text' | 'json_object' | 'json_schema', ...}}", param="text")
+    return fmt or {"type": "text"}
+
+
+def _as_response_format(fmt: dict) -> dict | None:
+    """The chat API's `response_format` of a `text.format`."""
+    if fmt.get("type") == "text":
+        return None
+    if fmt.get("type") == "json_schema":
+        return {"type": "json_schema", "json_schema": {k: v for k, v in fmt.items() if k != "type"}}
+    return fmt
 
 
 def _messages(given: Any) -> list[dict]:

@@ -22,9 +22,12 @@ from jinja2.exceptions import TemplateError
 from specedge_cli.conversation import Conversation, Prompt
 from specedge_cli.decoding import STOP, DecodeSettings
 from specedge_cli.errors import ApiError, HubBusy, HubError, HubRejected, HubUnreachable, SpecEdgeError
+from specedge_cli.remote.protocol import TokenLogprobs
+from specedge_cli.remote.session import ReplyTerms
 from specedge_cli.serve.layout import take_up_exchanges
 from specedge_cli.serve.openai_api import Answer, ChatRequest, CompletionRequest, Options
 from specedge_cli.serve.reply_text import ReplyText
+from specedge_cli.serve.structured import TokenLogprob
 from specedge_cli.serve.tools import AssistantMessage, CallReader, ToolCall, check_template
 
 # Sees reply text as it becomes final, and each tool call once it is whole; returns False when
@@ -193,6 +196,7 @@ class EdgeModel:
         except HubError as exc:
             raise _hub_failure(exc) from exc
         answer = self._answer(relay, reply.finish_reason, before + len(reply.prompt_token_ids), reply.token_ids, cached)
+        answer = self._with_logprobs(answer, conversation, reply.token_ids, reply.logprobs)
         if answer.tool_calls:
             self._remember(AssistantMessage(answer.text, answer.tool_calls), reply.text)
         return answer
@@ -252,7 +256,8 @@ class EdgeModel:
                 raise _hub_failure(exc) from exc
             if generation.error is not None:
                 raise _hub_failure(generation.error) from generation.error
-            return self._answer(relay, generation.finish_reason, len(tokens), generation.tokens, cached)
+            answer = self._answer(relay, generation.finish_reason, len(tokens), generation.tokens, cached)
+            return self._with_logprobs(answer, conversation, generation.tokens, generation.logprobs)
 
     def _room(self, prompt_tokens: int, param: str) -> int:
         """How many tokens a reply may have after a prompt of `prompt_tokens` (the conversation's
@@ -278,6 +283,8 @@ class EdgeModel:
             max_tokens=min(room, d.max_tokens if options.max_tokens is None else options.max_tokens),
             temperature=d.temperature if options.temperature is None else options.temperature,
             seed=d.seed if options.seed is None else options.seed,
+            grammar=options.grammar,
+            top_logprobs=options.top_logprobs,
         )
 
     def _prompt_tokens(self, prompt: str | tuple[int, ...]) -> list[int]:
@@ -307,8 +314,29 @@ class EdgeModel:
         return [*bos, before, *tokenize(prefix, add_bos=False), after, *tokenize(suffix, add_bos=False), middle]
 
     @staticmethod
+    def _with_logprobs(
+        answer: Answer, conversation: Conversation, tokens: list[int], logprobs: list[TokenLogprobs]
+    ) -> Answer:
+        """The answer with the target's logprobs of its tokens (stop tokens left out, as from its
+        text), when the request asked for them."""
+        if conversation.settings.top_logprobs is None:
+            return answer
+        stops, spell = conversation.stop_token_ids, conversation.engine.vocab.detokenize
+        entries = []
+        for token, given in zip(tokens[len(tokens) - len(logprobs) :], logprobs):
+            if token in stops:
+                continue
+            top = [(*_spelled(spell, t), value) for t, value in zip(given.top_tokens, given.top_logprobs)]
+            entries.append(TokenLogprob(*_spelled(spell, token), given.logprob, tuple(top)))
+        return replace(answer, logprobs=tuple(entries))
+
+    @staticmethod
     def _held(conversation: Conversation) -> int:
-        return conversation.session.reusable_for(conversation.history, conversation.settings.sampling)
+        settings, session = conversation.settings, conversation.session
+        # A grammar starts where its reply does, so a constrained reply always opens a session of its own.
+        if settings.grammar or session.terms != ReplyTerms(None, settings.top_logprobs):
+            return 0
+        return session.reusable_for(conversation.history, settings.sampling)
 
     @staticmethod
     def _reply_text(conversation: Conversation, options: Options) -> ReplyText:
@@ -372,10 +400,17 @@ class _Relay:
                 self.client_gone = True
 
 
+def _spelled(spell: Callable[[list[int]], bytes], token: int) -> tuple[str, bytes]:
+    raw = spell([token])
+    return raw.decode("utf-8", "replace"), raw
+
+
 def _hub_failure(exc: SpecEdgeError) -> ApiError:
     """A hub failure, as the API's client should see it."""
     if isinstance(exc, HubRejected) and exc.code == "context_too_long":
         return ApiError(exc.message, status=400, code="context_length_exceeded", param="messages")
+    if isinstance(exc, HubRejected) and exc.code in ("hub_lacks_grammars", "bad_grammar"):
+        return ApiError(exc.message, status=400, code=exc.code, param="response_format")
     if isinstance(exc, HubBusy):
         return ApiError(exc.message, status=429, code="hub_busy")
     if isinstance(exc, HubUnreachable):

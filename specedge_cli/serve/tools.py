@@ -10,9 +10,9 @@ Hermes, many fine-tunes) write each call as JSON between `<tool_call>` tags:
 
 That is the format read here; a template that shows tools in another format is refused, not
 half-served. `tool_choice` "required" or a named function is honoured by starting the reply with
-the call's opening (and the function's name), which the model then continues: the reply is still
-exactly the target's decoding after that start, but its arguments are not checked against the
-function's schema (nothing constrains the decoding yet).
+the call's opening (and the function's name), which the model then continues under a grammar
+(`structured.call_grammar`): the arguments are JSON of the function's parameters schema, and the
+reply is exactly the target's decoding under that grammar.
 """
 
 from __future__ import annotations
@@ -26,6 +26,9 @@ from typing import Any
 from specedge_cli.errors import ApiError
 
 CALL_OPEN, CALL_CLOSE = "<tool_call>", "</tool_call>"
+CALL_NAME = CALL_OPEN + '\n{"name": "'  # a call up to its function's name
+CALL_ARGUMENTS = '", "arguments":'  # from the end of the name to the arguments
+CALL_END = "}\n" + CALL_CLOSE  # after the arguments
 _CALL = re.compile(re.escape(CALL_OPEN) + r"(.*?)(?:" + re.escape(CALL_CLOSE) + r"|\Z)", re.DOTALL)
 MAX_TOOLS = 128  # as OpenAI
 _NAME = re.compile(r"^[A-Za-z0-9_-]{1,64}$")  # OpenAI's rule for a function's name
@@ -71,9 +74,9 @@ class ToolUse:
     def reply_start(self) -> str:
         """What the reply starts with so that the model calls a function when it must."""
         if self.choice == "required":  # up to the name: after the tag alone a model may still end its reply
-            return f'{CALL_OPEN}\n{{"name": "'
+            return CALL_NAME
         if self.choice == "function":
-            return f'{CALL_OPEN}\n{{"name": "{self.function}", "arguments":'
+            return f"{CALL_NAME}{self.function}{CALL_ARGUMENTS}"
         return ""
 
 
@@ -115,6 +118,14 @@ def tool_use(tools: Any, choice: Any, parallel: Any, param: str = "tools") -> To
     checked = tuple(_tool(tool, f"{param}[{index}]") for index, tool in enumerate(tools))
     names = [tool["function"]["name"] for tool in checked]
     kind, function = _choice(choice, names)
+    strict = [t["function"]["name"] for t in checked if t["function"].pop("strict", False)]
+    if strict and kind not in ("required", "function"):
+        raise ApiError(
+            f"{param}: strict: true (function {strict[0]!r}) is honoured when tool_choice makes the model call a "
+            "function ('required' or a named one): then the arguments are constrained to the schema. With "
+            f"tool_choice {kind!r} they are not; leave strict out, or set tool_choice",
+            param=param,
+        )
     return ToolUse(checked, kind, function, parallel is not False and kind != "function")
 
 
@@ -125,7 +136,7 @@ def _tool(tool: Any, param: str) -> dict:
 
 
 def function_definition(function: dict, param: str) -> dict:
-    """A function's name, description and parameters schema, checked; strict schemas refused."""
+    """A function's name, description and parameters schema, checked (and `strict`, when true)."""
     name = function.get("name")
     if not isinstance(name, str) or not _NAME.match(name):
         raise ApiError(f"{param}.name must be 1-64 letters, digits, underscores or dashes", param=f"{param}.name")
@@ -135,14 +146,9 @@ def function_definition(function: dict, param: str) -> dict:
     parameters = function.get("parameters")
     if parameters is not None and not isinstance(parameters, dict):
         raise ApiError(f"{param}.parameters must be a JSON schema object", param=f"{param}.parameters")
-    if function.get("strict"):
-        raise ApiError(
-            f"{param}.strict: true is not supported yet: this server cannot constrain a call's arguments to its "
-            "schema (the model is shown the schema, and its arguments are returned as it wrote them); "
-            "leave strict out or set it to false",
-            param=f"{param}.strict",
-        )
     definition: dict[str, Any] = {"name": name}
+    if function.get("strict"):
+        definition["strict"] = True
     if description is not None:
         definition["description"] = description
     definition["parameters"] = parameters if parameters is not None else {"type": "object", "properties": {}}
