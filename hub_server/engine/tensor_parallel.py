@@ -293,7 +293,7 @@ class ShardGroup:
         try:
             dist.broadcast_object_list(box, src=0, group=self.commands)
         except RuntimeError as exc:
-            raise ShardGroupLost(f"rank 0 of the tensor-parallel group is gone: {exc}") from exc
+            raise ShardGroupLost(f"the tensor-parallel group lost a rank: {exc}") from exc
         return box[0]
 
 
