@@ -301,6 +301,8 @@ def _take_seat(settings: HubSettings, seat: GroupSeat) -> tuple[Any, list[Any]]:
     threading.Thread(target=_exit_with_any, args=(others,), name="watch-ranks", daemon=True).start()
     if seat.rank > 0:
         threading.Thread(target=_follow, args=(runner,), name="follow-rank-0", daemon=True).start()
+    else:  # the worker is ready once every rank is: rank 0's probes then find the others answering
+        ray.get([member.alive.remote() for member in others])
     return runner, others
 
 
