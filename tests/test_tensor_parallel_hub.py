@@ -2,11 +2,13 @@
 placed together by a placement group): replies through the real client equal the target alone,
 greedy and seeded, several sessions at once; operators see both ranks' devices and processes;
 a rank killed mid-reply costs no reply (the group restarts together and the client rebuilds its
-session); a group no node can hold fails the start with one line saying what is missing.
+session); a rank that hangs is killed and the group restarts; a group no node can hold fails the
+start with one line saying what is missing.
 """
 
 from __future__ import annotations
 
+import contextlib
 import os
 import signal
 import time
@@ -99,6 +101,25 @@ def test_a_rank_killed_mid_reply_costs_no_reply_and_the_group_restarts_together(
     after = workers_of(tp_hub.url)[0]
     assert not set(after["pids"]) & set(before["pids"])  # both ranks are new processes
     assert all(pid_alive(pid) for pid in after["pids"]) and not any(pid_alive(pid) for pid in before["pids"])
+
+
+def test_a_rank_that_hangs_is_killed_and_the_group_restarts_together(tp_hub):
+    def up() -> bool:
+        worker = workers_of(tp_hub.url)[0]
+        return worker["state"] == "ready" and all(pid_alive(pid) for pid in worker["pids"])
+
+    wait_for(up, START_S, "the worker up with live ranks")
+    before = workers_of(tp_hub.url)[0]
+    os.kill(before["pids"][1], signal.SIGSTOP)  # alive, answering nothing
+    try:
+        wait_for(lambda: workers_of(tp_hub.url)[0]["restarts"] > before["restarts"], START_S, "the group restarting")
+        wait_for(up, START_S, "the worker back")
+    finally:
+        with contextlib.suppress(ProcessLookupError):
+            os.kill(before["pids"][1], signal.SIGCONT)
+    after = workers_of(tp_hub.url)[0]
+    assert not set(after["pids"]) & set(before["pids"])
+    assert not pid_alive(before["pids"][1])  # rank 0 had the silent rank killed
 
 
 def test_a_group_no_node_can_hold_fails_the_start_saying_what_is_missing(tiny, tmp_path):
