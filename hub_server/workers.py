@@ -109,7 +109,7 @@ class GroupSeat:
 
     rank: int
     world: int
-    rendezvous: Any  # the group's `GroupRendezvous` actor
+    rendezvous: str  # the name of the group's `GroupRendezvous` actor (a name: plain arguments restart plainly)
 
 
 @dataclass
@@ -289,7 +289,9 @@ def _take_seat(settings: HubSettings, seat: GroupSeat) -> tuple[Any, list[Any]]:
     offer = (
         str(Path(tempfile.gettempdir()) / f"specedge-tensor-parallel-{uuid.uuid4().hex}") if seat.rank == 0 else None
     )
-    store, members = ray.get(seat.rendezvous.join.remote(seat.rank, me, offer))
+    rendezvous: Any = ray.get_actor(seat.rendezvous)
+    met: tuple[str, list[Any]] = ray.get(rendezvous.join.remote(seat.rank, me, offer))
+    store, members = met
     if ray.util.get_node_ip_address() == LOOPBACK:  # the hub's own cluster: the group's sockets on loopback too
         os.environ.setdefault("GLOO_SOCKET_IFNAME", "lo")
         os.environ.setdefault("NCCL_SOCKET_IFNAME", "lo")
@@ -493,11 +495,12 @@ def _start_worker(
     if world == 1:
         return _actor_class(device, 1).remote(settings, cores=cores[0]), ()
     group = _placed_group(device, world, index)
-    rendezvous = ray.remote(num_cpus=0, max_restarts=MAX_RESTARTS)(GroupRendezvous).remote(world)
+    name = f"specedge-tensor-parallel-{index}-{uuid.uuid4().hex[:12]}"
+    rendezvous = ray.remote(num_cpus=0, max_restarts=MAX_RESTARTS)(GroupRendezvous).options(name=name).remote(world)
     ranks = [
         _actor_class(device, world)
         .options(scheduling_strategy=PlacementGroupSchedulingStrategy(group, placement_group_bundle_index=rank))
-        .remote(settings, cores=cores[rank], seat=GroupSeat(rank, world, rendezvous))
+        .remote(settings, cores=cores[rank], seat=GroupSeat(rank, world, name))
         for rank in range(world)
     ]
     return ranks[0], (group, rendezvous, *ranks[1:])
