@@ -122,22 +122,25 @@ class _Meeting:
 class GroupRendezvous:
     """Where the ranks of one tensor-parallel worker meet whenever the group starts (at first, and
     each time Ray has restarted its ranks): rank 0 offers the file the group forms through, and
-    once every rank has come each learns it and the others' actors. An async actor, so the ranks' calls wait together."""
+    once every rank has come each learns it, the others' actors, and the file of the group before
+    (whose ranks are all gone by then: rank 0 deletes it). An async actor, so the ranks' calls
+    wait together."""
 
     def __init__(self, world: int):
         self.world = world
         self._meeting = _Meeting()
+        self._earlier = ""  # the last complete meeting's store
 
-    async def join(self, rank: int, member: Any, offer: str | None) -> tuple[str, list[Any]]:
+    async def join(self, rank: int, member: Any, offer: str | None) -> tuple[str, list[Any], str]:
         if self._meeting.complete.is_set():  # a rank (re)started after the last meeting: a new one
-            self._meeting = _Meeting()
-        meeting = self._meeting
+            self._earlier, self._meeting = self._meeting.store, _Meeting()
+        meeting, earlier = self._meeting, self._earlier
         meeting.members[rank] = member
         meeting.store = offer or meeting.store
         if len(meeting.members) == self.world:
             meeting.complete.set()
         await meeting.complete.wait()
-        return meeting.store, [meeting.members[r] for r in range(self.world)]
+        return meeting.store, [meeting.members[r] for r in range(self.world)], earlier
 
 
 # One verify job as it crosses to the worker, as plain values (cheap to pickle): (incarnation, slot,
@@ -290,8 +293,10 @@ def _take_seat(settings: HubSettings, seat: GroupSeat) -> tuple[Any, list[Any]]:
         str(Path(tempfile.gettempdir()) / f"specedge-tensor-parallel-{uuid.uuid4().hex}") if seat.rank == 0 else None
     )
     rendezvous: Any = ray.get_actor(seat.rendezvous)
-    met: tuple[str, list[Any]] = ray.get(rendezvous.join.remote(seat.rank, me, offer))
-    store, members = met
+    met: tuple[str, list[Any], str] = ray.get(rendezvous.join.remote(seat.rank, me, offer))
+    store, members, earlier = met
+    if seat.rank == 0 and earlier:  # the group before this one left its file: every rank of it is gone
+        Path(earlier).unlink(missing_ok=True)
     if ray.util.get_node_ip_address() == LOOPBACK:  # the hub's own cluster: the group's sockets on loopback too
         os.environ.setdefault("GLOO_SOCKET_IFNAME", "lo")
         os.environ.setdefault("NCCL_SOCKET_IFNAME", "lo")

@@ -11,9 +11,11 @@ from __future__ import annotations
 import contextlib
 import os
 import signal
+import tempfile
 import time
 from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
 
 import httpx
 import pytest
@@ -109,7 +111,7 @@ def test_a_rank_that_hangs_is_killed_and_the_group_restarts_together(tp_hub):
         return worker["state"] == "ready" and all(pid_alive(pid) for pid in worker["pids"])
 
     wait_for(up, START_S, "the worker up with live ranks")
-    before = workers_of(tp_hub.url)[0]
+    before, stores = workers_of(tp_hub.url)[0], group_stores()
     os.kill(before["pids"][1], signal.SIGSTOP)  # alive, answering nothing
     try:
         wait_for(lambda: workers_of(tp_hub.url)[0]["restarts"] > before["restarts"], START_S, "the group restarting")
@@ -120,6 +122,13 @@ def test_a_rank_that_hangs_is_killed_and_the_group_restarts_together(tp_hub):
     after = workers_of(tp_hub.url)[0]
     assert not set(after["pids"]) & set(before["pids"])
     assert not pid_alive(before["pids"][1])  # rank 0 had the silent rank killed
+    # The new group formed through a file of its own, and removed the one the group before used.
+    assert len(group_stores() - stores) == 1 and stores - group_stores()
+
+
+def group_stores() -> set[Path]:
+    """The files tensor-parallel groups on this machine formed through."""
+    return set(Path(tempfile.gettempdir()).glob("specedge-tensor-parallel-*"))
 
 
 def test_a_group_no_node_can_hold_fails_the_start_saying_what_is_missing(tiny, tmp_path):
