@@ -188,8 +188,18 @@ def serve(
     ] = 1,
     devices: Annotated[
         str | None,
-        typer.Option(help="One worker per device, comma separated: cuda:0,cuda:1 or cpu,cpu (instead of --workers)."),
+        typer.Option(
+            help="One worker per device (per --tensor-parallel devices), comma separated: cuda:0,cuda:1 or cpu,cpu "
+            "(instead of --workers)."
+        ),
     ] = None,
+    tensor_parallel: Annotated[
+        int,
+        typer.Option(
+            help="Devices of one node each worker spans (tensor parallelism: each holds 1/N of every layer's "
+            "attention heads, KV memory and MLP); more than one runs on Ray."
+        ),
+    ] = 1,
     api_servers: Annotated[
         int,
         typer.Option(
@@ -246,6 +256,7 @@ def serve(
             workers=workers,
             devices=tuple(d.strip() for d in devices.split(",") if d.strip()) if devices else (),
             ray_address=ray_address,
+            tensor_parallel=tensor_parallel,
             api_servers=api_servers,
         )
     except ValueError as exc:

@@ -101,6 +101,7 @@ class HubSettings:
     ssl_certfile: Path | None = None
     workers: int = 1  # engine workers on --device; more than one run on Ray
     devices: tuple[str, ...] = ()  # one worker per device (cpu, cuda, cuda:N); overrides workers
+    tensor_parallel: int = 1  # devices of one node each worker spans, each holding 1/N of every layer
     ray_address: str | None = None  # join this Ray cluster (auto, HOST:PORT); None: in-process or a local one
     api_servers: int = 0  # front-end processes serving HTTP before the engine process; 0: one per 4 cores
 
@@ -159,7 +160,9 @@ class HubSettings:
     def _check_workers(self) -> None:
         if self.workers < 1:
             raise ValueError("--workers must be at least 1")
-        if self.devices and self.workers not in (1, len(self.devices)):
+        self._check_tensor_parallel()
+        groups = len(self.devices) // self.tensor_parallel
+        if self.devices and self.workers not in (1, groups):
             raise ValueError(
                 f"--workers {self.workers} disagrees with the {len(self.devices)} --devices; give one of them"
             )
@@ -175,10 +178,28 @@ class HubSettings:
         if self.ray_address is not None and not self.ray_address.strip():
             raise ValueError("--ray-address takes auto or HOST:PORT")
 
+    def _check_tensor_parallel(self) -> None:
+        tp = self.tensor_parallel
+        if tp < 1:
+            raise ValueError("--tensor-parallel must be at least 1 (devices per worker)")
+        if tp == 1:
+            return
+        if self.devices and len(self.devices) % tp:
+            raise ValueError(f"--devices: {len(self.devices)} devices do not make workers of --tensor-parallel {tp}")
+        if len({device.partition(":")[0] for device in self.devices}) > 1:
+            raise ValueError("--devices: a tensor-parallel worker's devices are all cpu or all cuda")
+        if self.compile == "on":
+            raise ValueError(f"--compile on does not combine with --tensor-parallel {tp} yet; use --compile off")
+
     @property
     def worker_devices(self) -> tuple[str, ...]:
-        """The device of each engine worker."""
-        return self.devices or (self.device,) * self.workers
+        """The device of each engine worker (its first, for a tensor-parallel worker)."""
+        return self.devices[:: self.tensor_parallel] or (self.device,) * self.workers
+
+    @property
+    def rank_devices(self) -> tuple[str, ...]:
+        """Every device the workers take: `tensor_parallel` for each worker, in worker order."""
+        return self.devices or (self.device,) * (self.workers * self.tensor_parallel)
 
     @property
     def front_ends(self) -> int:
@@ -188,7 +209,7 @@ class HubSettings:
     @property
     def in_process(self) -> bool:
         """One worker and no cluster: the engine runs in the hub's own process, without Ray."""
-        return len(self.worker_devices) == 1 and self.ray_address is None
+        return len(self.worker_devices) == 1 and self.tensor_parallel == 1 and self.ray_address is None
 
     @property
     def accounts_path(self) -> Path:

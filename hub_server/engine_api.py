@@ -88,6 +88,7 @@ class EngineStats:
     prefix_hits: int = 0  # full blocks sessions took from the pool instead of computing them
     prefix_tokens_reused: int = 0  # their tokens: not computed again
     kv_blocks_reclaimed: int = 0  # cached blocks taken back for new contents
+    devices: tuple[str, ...] = ()  # the devices its passes run on (a tensor-parallel worker's ranks, in rank order)
 
 
 class Engine(Protocol):

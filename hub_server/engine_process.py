@@ -253,8 +253,8 @@ class EngineServer:
         except KVBudgetError as exc:  # a configuration to change, not a crash: no traceback
             self._fail(f"the hub cannot hold its sessions: {exc}")
             return
-        except ClusterError as exc:
-            self._fail(f"--ray-address: {exc}")
+        except ClusterError as exc:  # workers the cluster cannot place: the message says what is missing
+            self._fail(str(exc))
             return
         except Exception as exc:
             log.exception("model load failed")

@@ -309,9 +309,17 @@ def _engine_families(engines: dict[str | None, EngineStats]) -> Iterator:
         "compiled_pass_buckets",
         "Pass shapes (sessions x tokens) compiled at start; 0 with --compile off.",
     )
+    devices = family(
+        GaugeMetricFamily,
+        "engine_devices",
+        "The devices an engine's passes run on, 1 each: one, or a tensor-parallel worker's ranks (--tensor-parallel).",
+        ("rank", "device"),
+    )
     blocks = _block_families(family)
     for worker, stats in engines.items():
         at = [worker] if labelled else []
+        for rank, device in enumerate(stats.devices):
+            devices.add_metric([*at, str(rank), device], 1)
         for name, block_family in blocks.items():
             block_family.add_metric(at, getattr(stats, name))
         copied.add_metric(at, stats.past_kv_bytes_copied)
@@ -330,7 +338,7 @@ def _engine_families(engines: dict[str | None, EngineStats]) -> Iterator:
             passes.add_metric([*at, str(size)], tally.passes)
             pass_seconds.add_metric([*at, str(size)], tally.seconds)
     yield from (kv, reserved, busy, prefill, carried, fixed, per_token, passes, pass_seconds)
-    yield from (copied, moved, hits, misses, buckets)
+    yield from (copied, moved, hits, misses, buckets, devices)
     yield from blocks.values()
 
 

@@ -45,6 +45,8 @@ class WorkerIdentity:
     pid: int
     device: str
     incarnation: str
+    devices: tuple[str, ...] = ()  # every device its passes run on (a tensor-parallel worker's ranks, in order)
+    pids: tuple[int, ...] = ()  # every process of it (its ranks'), `pid` first
 
 
 @runtime_checkable
@@ -134,4 +136,4 @@ class Worker:
 def local_identity(engine: Engine, fallback_device: str) -> WorkerIdentity:
     """The identity of an engine in this process."""
     device = str(getattr(engine, "device", fallback_device))
-    return WorkerIdentity(socket.gethostname(), os.getpid(), device, incarnation="in-process")
+    return WorkerIdentity(socket.gethostname(), os.getpid(), device, "in-process", (device,), (os.getpid(),))

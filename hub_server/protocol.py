@@ -146,6 +146,8 @@ class WorkerInfo(_Body):
     node: str  # host name (in-process) or Ray node id
     pid: int
     device: str
+    devices: list[str] = []  # every device its passes run on: a tensor-parallel worker's ranks, in order
+    pids: list[int] = []  # every process of it: its ranks', rank 0 (`pid`) first
     state: Literal["ready", "draining", "lost"]
     sessions: int  # open sessions placed on it
     kv_slots: int  # sessions its table holds (--max-sessions); memory is in blocks

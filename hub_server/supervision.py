@@ -184,6 +184,8 @@ class Workers:
             node=worker.identity.node,
             pid=worker.identity.pid,
             device=worker.identity.device,
+            devices=list(worker.identity.devices or (worker.identity.device,)),
+            pids=list(worker.identity.pids or (worker.identity.pid,)),
             state=worker.state,
             sessions=self.sessions.count_on(worker.worker_id),
             kv_slots=self.settings.max_sessions,

@@ -18,18 +18,23 @@ an old one is refused rather than served from another session's memory.
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import logging
 import os
+import tempfile
 import threading
 import time
 import uuid
 from collections.abc import Iterator
-from dataclasses import dataclass, replace
+from dataclasses import dataclass, field, replace
+from pathlib import Path
 from typing import Any, cast
 
 import ray
 from ray.exceptions import GetTimeoutError, RayError, RayTaskError
+from ray.util.placement_group import PlacementGroup, placement_group, remove_placement_group
+from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
 
 from hub_server.config import HubSettings
 from hub_server.engine_api import Engine, EngineStats, PassTally, VerifyJob
@@ -66,6 +71,10 @@ IDLE_QUIET = {
     "metrics_report_interval_ms": 60000,
 }
 MAX_RESTARTS = -1  # Ray restarts a lost worker every time (a failing model load is not restarted)
+# A rank of a tensor-parallel worker that does not answer its rank 0 this long is hung (rank 0's
+# own probe answers within PROBE_TIMEOUT_S, this included).
+RANK_TIMEOUT_S = 2.0
+PLACE_TIMEOUT_S = 60.0  # a tensor-parallel worker's devices must be free on one node within this
 
 
 class StaleSlot(Exception):
@@ -91,6 +100,47 @@ class WorkerDescription:
     max_context: int
     widest_verify_row: int
     identity: WorkerIdentity
+    shards: str = ""  # a tensor-parallel worker's shard layout (its rank 0's), for the start-up log
+
+
+@dataclass(frozen=True)
+class GroupSeat:
+    """A rank's place in a tensor-parallel worker: its rank, the group's size, and where it meets."""
+
+    rank: int
+    world: int
+    rendezvous: str  # the name of the group's `GroupRendezvous` actor (a name: plain arguments restart plainly)
+
+
+@dataclass
+class _Meeting:
+    members: dict[int, Any] = field(default_factory=dict)  # rank -> its actor
+    store: str = ""  # rank 0's offer: the file the group meets through
+    complete: asyncio.Event = field(default_factory=asyncio.Event)
+
+
+class GroupRendezvous:
+    """Where the ranks of one tensor-parallel worker meet whenever the group starts (at first, and
+    each time Ray has restarted its ranks): rank 0 offers the file the group forms through, and
+    once every rank has come each learns it, the others' actors, and the file of the group before
+    (whose ranks are all gone by then: rank 0 deletes it). An async actor, so the ranks' calls
+    wait together."""
+
+    def __init__(self, world: int):
+        self.world = world
+        self._meeting = _Meeting()
+        self._earlier = ""  # the last complete meeting's store
+
+    async def join(self, rank: int, member: Any, offer: str | None) -> tuple[str, list[Any], str]:
+        if self._meeting.complete.is_set():  # a rank (re)started after the last meeting: a new one
+            self._earlier, self._meeting = self._meeting.store, _Meeting()
+        meeting, earlier = self._meeting, self._earlier
+        meeting.members[rank] = member
+        meeting.store = offer or meeting.store
+        if len(meeting.members) == self.world:
+            meeting.complete.set()
+        await meeting.complete.wait()
+        return meeting.store, [meeting.members[r] for r in range(self.world)], earlier
 
 
 # One verify job as it crosses to the worker, as plain values (cheap to pickle): (incarnation, slot,
@@ -104,17 +154,23 @@ ResultWire = tuple[list[int], list[int], int, Any]
 class EngineWorker:
     """The Ray actor: one device's `ModelRunner` (imported here, so torch loads only in workers)."""
 
-    def __init__(self, settings: HubSettings, cores: tuple[int, ...] = ()):
+    def __init__(self, settings: HubSettings, cores: tuple[int, ...] = (), seat: GroupSeat | None = None):
         if cores:  # a CPU worker keeps to its own core, so two never share one
             os.sched_setaffinity(0, cores)
-        from hub_server.engine.runner import ModelRunner
-
-        self.runner = ModelRunner(settings)
         self.incarnation = uuid.uuid4().hex
         self.slots: dict[int, Any] = {}  # index -> the runner's KV slot, for open sessions
+        self.members: list[Any] = []  # a tensor-parallel worker's other ranks (rank 0's)
+        if seat is None:
+            from hub_server.engine.runner import ModelRunner
+
+            self.runner = ModelRunner(settings)
+        else:
+            self.runner, members = _take_seat(settings, seat)
+            self.members = members if seat.rank == 0 else []
 
     def describe(self) -> WorkerDescription:
         runner = self.runner
+        shards = getattr(runner, "shards", None)
         return WorkerDescription(
             runner.name,
             runner.vocab.pieces,
@@ -122,17 +178,42 @@ class EngineWorker:
             runner.max_context,
             runner.widest_verify_row,
             self._identity(),
+            shards.describe() if shards is not None else "",
         )
 
     @ray.method(concurrency_group="probe")
     def identity(self) -> WorkerIdentity:
-        """Answered on a thread of its own, so a probe does not wait for a pass."""
+        """Answered on a thread of its own, so a probe does not wait for a pass; a tensor-parallel
+        worker's rank 0 answers only once its other ranks have."""
+        self._check_members()
         return self._identity()
+
+    @ray.method(concurrency_group="probe")
+    def alive(self) -> None:
+        """Rank 0 of a tensor-parallel worker asks its other ranks this with each probe."""
+
+    def _check_members(self) -> None:
+        """A rank that does not answer in time is hung: kill it (Ray restarts it) and leave with it,
+        so that the whole group starts again."""
+        if not self.members:
+            return
+        asked = [member.alive.remote() for member in self.members]
+        answered, _ = ray.wait(asked, num_returns=len(asked), timeout=RANK_TIMEOUT_S)
+        silent = [member for member, ref in zip(self.members, asked) if ref not in answered]
+        if silent:
+            log.error("%d ranks of this tensor-parallel worker did not answer: the group restarts", len(silent))
+            for member in silent:
+                with contextlib.suppress(RayError):
+                    ray.kill(member, no_restart=False)
+            os._exit(1)
 
     def _identity(self) -> WorkerIdentity:
         context = ray.get_runtime_context()
         node = f"{ray.util.get_node_ip_address()}/{context.get_node_id()[:12]}"
-        return WorkerIdentity(node, os.getpid(), str(self.runner.device), self.incarnation)
+        device = str(self.runner.device)
+        group = getattr(self.runner, "group", None)
+        devices, pids = (group.devices, group.pids) if group is not None else ((device,), (os.getpid(),))
+        return WorkerIdentity(node, os.getpid(), device, self.incarnation, devices, pids)
 
     @ray.method(concurrency_group="watch")
     def watch(self) -> None:
@@ -200,14 +281,72 @@ def _device_failure_exits() -> Iterator[None]:
         if device_failed(exc):
             log.error("device error, worker exits to be restarted: %s", exc)
             os._exit(1)
+        if type(exc).__name__ == "ShardGroupLost":  # engine.tensor_parallel's: a rank of its group is gone
+            log.error("%s; this rank exits so that the group restarts together", exc)
+            os._exit(1)
         raise
+
+
+def _take_seat(settings: HubSettings, seat: GroupSeat) -> tuple[Any, list[Any]]:
+    """This rank's runner over its shard, once the group has met and formed, and the group's
+    other ranks' actors. Every rank exits when another does (watched), so Ray restarts the group
+    together; the ranks past 0 run rank 0's passes on a thread of their own."""
+    me = ray.get_runtime_context().current_actor
+    # The ranks share a node (the placement group packs them on one), so they meet through a file
+    # of its own: no port to find free, nothing listening for it.
+    offer = (
+        str(Path(tempfile.gettempdir()) / f"specedge-tensor-parallel-{uuid.uuid4().hex}") if seat.rank == 0 else None
+    )
+    rendezvous: Any = ray.get_actor(seat.rendezvous)
+    met: tuple[str, list[Any], str] = ray.get(rendezvous.join.remote(seat.rank, me, offer))
+    store, members, earlier = met
+    if seat.rank == 0 and earlier:  # the group before this one left its file: every rank of it is gone
+        Path(earlier).unlink(missing_ok=True)
+    if ray.util.get_node_ip_address() == LOOPBACK:  # the hub's own cluster: the group's sockets on loopback too
+        os.environ.setdefault("GLOO_SOCKET_IFNAME", "lo")
+        os.environ.setdefault("NCCL_SOCKET_IFNAME", "lo")
+    from hub_server.engine.tensor_parallel import ShardedRunner, ShardGroup
+
+    group = ShardGroup.join(Path(store), seat.rank, seat.world, settings.device, _device_label(settings.device))
+    runner = ShardedRunner(settings, group)
+    others = [member for rank, member in enumerate(members) if rank != seat.rank]
+    threading.Thread(target=_exit_with_any, args=(others,), name="watch-ranks", daemon=True).start()
+    if seat.rank > 0:
+        threading.Thread(target=_follow, args=(runner,), name="follow-rank-0", daemon=True).start()
+    else:  # the worker is ready once every rank is: rank 0's probes then find the others answering
+        ray.get([member.alive.remote() for member in others])
+    return runner, others
+
+
+def _device_label(device: str) -> str:
+    """A rank's device as operators know it: the GPU Ray gave it (by its number on the node), or the CPU."""
+    if device.startswith("cuda"):
+        return f"cuda:{ray.get_gpu_ids()[0]}"
+    return "cpu"
+
+
+def _exit_with_any(members: list[Any]) -> None:
+    """Live only as long as every other rank of the group: their `watch` calls fail when they die."""
+    ray.wait([member.watch.remote() for member in members], num_returns=1, timeout=None)
+    log.error("a rank of this tensor-parallel worker died: this rank exits so that the group restarts together")
+    os._exit(1)
+
+
+def _follow(runner: Any) -> None:
+    """Run rank 0's passes until the group ends or breaks, then exit: Ray starts the rank again."""
+    try:
+        runner.follow()
+    except Exception as exc:
+        log.error("tensor-parallel rank stops following rank 0: %s", exc)
+    os._exit(1)
 
 
 class RayEngine:
     """The front end's view of one worker actor: an `Engine`, and `placement.Supervised`."""
 
-    def __init__(self, actor: Any, description: WorkerDescription):
+    def __init__(self, actor: Any, description: WorkerDescription, kept: tuple[Any, ...] = ()):
         self._actor = actor
+        self._kept = kept  # what lives as long as the worker: a tensor-parallel worker's other ranks and group
         self.name = description.name
         self.vocab = Vocabulary(description.pieces)
         self.vocab_size = description.vocab_size
@@ -330,23 +469,76 @@ def _get(ref: Any, timeout: float | None) -> Any:
 
 
 def start_workers(settings: HubSettings) -> list[Engine]:
-    """Start one worker per device on the cluster `connect` joined, and wait for all of them to
-    load the target."""
+    """Start one worker per device (per group of `--tensor-parallel` devices of one node) on the
+    cluster `connect` joined, and wait for all of them to load the target."""
     devices = _resolve_auto(settings.worker_devices)
-    cores = _cores_for(devices) if settings.ray_address is None else [() for _ in devices]
-    actors = [
-        _actor_class(device).remote(_worker_settings(settings, device), cores=core)
-        for device, core in zip(devices, cores)
+    world = settings.tensor_parallel
+    anywhere: list[list[tuple[int, ...]]] = [[()] * world for _ in devices]  # a cluster's nodes: Ray's choice
+    cores = _cores_for(devices, world) if settings.ray_address is None else anywhere
+    started = [
+        _start_worker(_worker_settings(settings, device), index, device, worker_cores)
+        for index, (device, worker_cores) in enumerate(zip(devices, cores))
     ]
     try:
-        descriptions = [_get(actor.describe.remote(), START_TIMEOUT_S) for actor in actors]
+        descriptions = [_get(actor.describe.remote(), START_TIMEOUT_S) for actor, _ in started]
     except WorkerLost as exc:
         raise RuntimeError(f"an engine worker failed to start: {exc.__cause__ or exc}") from exc
     for index, description in enumerate(descriptions):
         who = description.identity
-        log.info("worker %d ready: %s, pid %d on node %s", index, who.device, who.pid, who.node)
+        if world == 1:
+            log.info("worker %d ready: %s, pid %d on node %s", index, who.device, who.pid, who.node)
+        else:
+            log.info(
+                "worker %d ready: %d devices (%s), ranks' pids %s on node %s; %s",
+                *(index, world, ", ".join(who.devices), ", ".join(map(str, who.pids)), who.node, description.shards),
+            )
     # Engine's slots are the runner's type; a RayEngine's are RemoteKV, which the service only hands back.
-    return [cast("Engine", RayEngine(actor, description)) for actor, description in zip(actors, descriptions)]
+    return [
+        cast("Engine", RayEngine(actor, description, kept)) for (actor, kept), description in zip(started, descriptions)
+    ]
+
+
+def _start_worker(
+    settings: HubSettings, index: int, device: str, cores: list[tuple[int, ...]]
+) -> tuple[Any, tuple[Any, ...]]:
+    """A worker's actor (a tensor-parallel worker's rank 0), and what must live as long as it:
+    its other ranks, their placement group and their rendezvous."""
+    world = len(cores)
+    if world == 1:
+        return _actor_class(device, 1).remote(settings, cores=cores[0]), ()
+    group = _placed_group(device, world, index)
+    name = f"specedge-tensor-parallel-{index}-{uuid.uuid4().hex[:12]}"
+    rendezvous = ray.remote(num_cpus=0, max_restarts=MAX_RESTARTS)(GroupRendezvous).options(name=name).remote(world)
+    ranks = [
+        _actor_class(device, world)
+        .options(scheduling_strategy=PlacementGroupSchedulingStrategy(group, placement_group_bundle_index=rank))
+        .remote(settings, cores=cores[rank], seat=GroupSeat(rank, world, name))
+        for rank in range(world)
+    ]
+    return ranks[0], (group, rendezvous, *ranks[1:])
+
+
+def _placed_group(device: str, world: int, index: int) -> PlacementGroup:
+    """`world` devices of one node for worker `index` (a placement group packed on one node), or
+    ClusterError saying what is missing."""
+    kind = "GPU" if device.startswith("cuda") else "CPU"
+    largest = max((node["Resources"].get(kind, 0) for node in ray.nodes() if node["Alive"]), default=0)
+    if largest < world:
+        raise ClusterError(
+            f"--tensor-parallel {world} needs {world} {kind}s on one node, and the largest node of the Ray cluster "
+            f"has {largest:g}"
+        )
+    group = placement_group([{kind: 1}] * world, strategy="STRICT_PACK")
+    try:
+        ray.get(group.ready(), timeout=PLACE_TIMEOUT_S)
+    except GetTimeoutError as exc:
+        remove_placement_group(group)
+        raise ClusterError(
+            f"worker {index} found no node with {world} {kind}s free in {PLACE_TIMEOUT_S:g} s "
+            f"(--tensor-parallel {world}; the cluster has {ray.available_resources().get(kind, 0):g} {kind}s free "
+            "in all, across its nodes)"
+        ) from exc
+    return group
 
 
 def connect(settings: HubSettings) -> None:
@@ -361,7 +553,7 @@ def connect(settings: HubSettings) -> None:
                 "(see docs/operators.md, Running a hub on many GPUs)"
             ) from exc
     else:
-        _start_local_cluster(settings.worker_devices)
+        _start_local_cluster(settings.rank_devices)
     # Ray builds its serialisers on first use, importing as it goes; done here, before the threads
     # that start and call the workers (importing on two threads at once fails now and then).
     ray.put(None)
@@ -384,16 +576,18 @@ def _resolve_auto(devices: tuple[str, ...]) -> tuple[str, ...]:
     return tuple(kind if device == "auto" else device for device in devices)
 
 
-def _actor_class(device: str) -> Any:
-    """The worker actor with what it needs from a node: one GPU, or one CPU core."""
+def _actor_class(device: str, world: int) -> Any:
+    """The worker actor (or one rank of a tensor-parallel worker of `world`) with what it needs
+    from a node: one GPU, or one CPU core."""
     on_gpu = device.startswith("cuda")
     options: dict[str, Any] = {
         "num_cpus": 0 if on_gpu else 1,
         "num_gpus": 1 if on_gpu else 0,
         "max_restarts": MAX_RESTARTS,
         "max_task_retries": 0,  # a pass is not repeated behind the client's back: the session is lost
-        # Probes and stats on a thread of their own; the held `watch` call on another.
-        "concurrency_groups": {"probe": 1, "watch": 1},
+        # Probes and stats on a thread of their own; the held `watch` calls (the front end's, and
+        # each other rank's of a tensor-parallel worker) on others.
+        "concurrency_groups": {"probe": 1, "watch": world},
     }
     return ray.remote(**options)(EngineWorker)
 
@@ -401,18 +595,21 @@ def _actor_class(device: str) -> Any:
 def _worker_settings(settings: HubSettings, device: str) -> HubSettings:
     """The settings a worker loads its engine with: its own device kind (Ray chose which one)."""
     kind = "cuda" if device.startswith("cuda") else device
-    return replace(settings, device=kind, devices=(), workers=1, ray_address=None, draft=None)
+    return replace(settings, device=kind, devices=(), workers=1, tensor_parallel=1, ray_address=None, draft=None)
 
 
-def _cores_for(devices: tuple[str, ...]) -> list[tuple[int, ...]]:
-    """On this machine, one core of this process's own for each CPU worker (round robin)."""
+def _cores_for(devices: tuple[str, ...], world: int) -> list[list[tuple[int, ...]]]:
+    """On this machine, one core of this process's own for each CPU rank of each worker (round robin)."""
     cores = sorted(os.sched_getaffinity(0))
     cpu_index = 0
-    chosen: list[tuple[int, ...]] = []
+    chosen: list[list[tuple[int, ...]]] = []
     for device in devices:
-        if device == "cpu":
-            chosen.append((cores[cpu_index % len(cores)],))
-            cpu_index += 1
-        else:
-            chosen.append(())
+        ranks: list[tuple[int, ...]] = []
+        for _ in range(world):
+            if device == "cpu":
+                ranks.append((cores[cpu_index % len(cores)],))
+                cpu_index += 1
+            else:
+                ranks.append(())
+        chosen.append(ranks)
     return chosen

@@ -90,6 +90,7 @@ def _table(workers: list[dict]) -> str:
     for w in workers:
         blocks = f"{w['kv_blocks_used']}/{w['kv_blocks']} blocks" if w.get("kv_blocks") else ""
         kv = f"{w['sessions']}/{w['kv_slots']} ({w['kv_bytes_used'] / 2**20:.0f} MiB{', ' + blocks if blocks else ''})"
-        rows.append(tuple(str(w[name]) if name != "kv" else kv for name in COLUMNS))
+        cells = {**w, "kv": kv, "device": ",".join(w.get("devices") or [w["device"]])}  # a tensor-parallel worker's all
+        rows.append(tuple(str(cells[name]) for name in COLUMNS))
     widths = [max(len(row[i]) for row in rows) for i in range(len(COLUMNS))]
     return "\n".join("  ".join(cell.ljust(width) for cell, width in zip(row, widths)).rstrip() for row in rows)

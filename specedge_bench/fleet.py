@@ -19,7 +19,9 @@ Real (the hub's own code, unchanged):
   the shortest queue).
 
 Measured (docs/benchmarks.md, docs/bench/*.json; see `PAIRS`): what a pass costs the device by
-sessions and tokens in it, and the tokens a verify emits.
+sessions and tokens in it, and the tokens a verify emits. A target too large for one GPU (a
+worker of several GPUs, `--tensor-parallel`) has no measured passes yet: its pass is modelled
+from the GPUs' specifications (`TensorParallelPass`), and its price is its GPUs'.
 
 Modelled (not measured): a pass's cost between and beyond the measured sizes (a least-squares
 plane through the measured passes: fixed + per session + per token; contexts as in the probe; a
@@ -84,18 +86,69 @@ class PassCosts:
 
 
 @dataclass(frozen=True)
+class TensorParallelPass:
+    """A pass of a target split over the GPUs of one node (tensor parallelism), modelled from the
+    GPUs' specifications at stated efficiencies: no such pass has been measured here. Each GPU
+    reads its share of the weights once a pass and computes its share of every token's products,
+    one after the other (no overlap: the conservative side), and each layer's two all-reduces cost
+    a latency plus the activations' bytes at the link's speed (a ring moves 2 (g - 1) / g of them)."""
+
+    devices: int
+    weight_bytes: float  # the whole target's
+    flops_per_token: float  # 2 x parameters: a token's products (attention over the context left out)
+    layers: int
+    hidden_size: int
+    element_bytes: int
+    memory_bytes_per_s: float  # one GPU reading its weights, as reached
+    flops_per_s: float  # one GPU's products, as reached
+    all_reduce_latency_s: float
+    link_bytes_per_s: float  # an all-reduce's bus bandwidth, as reached
+
+    @property
+    def costs(self) -> PassCosts:
+        exchanges = 2 * self.layers
+        reads = self.weight_bytes / self.devices / self.memory_bytes_per_s
+        moved = 2 * (self.devices - 1) / self.devices * self.hidden_size * self.element_bytes  # a token's, a link's
+        products = self.flops_per_token / self.devices / self.flops_per_s
+        return PassCosts(
+            reads + exchanges * self.all_reduce_latency_s, 0.0, products + exchanges * moved / self.link_bytes_per_s
+        )
+
+
+@dataclass(frozen=True)
 class Pair:
-    """A target/draft pair as measured: its passes and what a verify emits."""
+    """A target/draft pair as measured (or its passes modelled): its passes and what a verify emits."""
 
     name: str
     passes: tuple[tuple[int, int, float], ...]  # (sessions, tokens, device ms), measured
     tokens_per_verify: float  # measured, at `draft_len`
     draft_len: int
     source: str
+    devices: int = 1  # GPUs a worker spans (and is paid for)
+    modelled: TensorParallelPass | None = None  # the pass's cost where none was measured
 
     @property
     def costs(self) -> PassCosts:
-        return PassCosts.fit(list(self.passes))
+        return self.modelled.costs if self.modelled else PassCosts.fit(list(self.passes))
+
+
+# A Llama-3-70B-class target (70.6B parameters, 80 layers, hidden 8192, bfloat16) on 4 H100 SXM
+# GPUs of one node. Spec sheet: 3.35 TB/s of HBM3, 989 TFLOP/s of dense bf16, NVLink 4 at 900 GB/s.
+# Assumed as reached: 70% of the memory bandwidth for weight reads, 40% of the FLOP/s for a verify
+# pass's products (tens to hundreds of rows), an all-reduce of 20 us plus 360 GB/s of bus bandwidth
+# (NCCL's all-reduce on NVLink 4, order of magnitude). Gives 18.2 ms a pass + 0.1 ms a token.
+LLAMA_70B_TP4 = TensorParallelPass(
+    devices=4,
+    weight_bytes=141e9,
+    flops_per_token=141e9,
+    layers=80,
+    hidden_size=8192,
+    element_bytes=2,
+    memory_bytes_per_s=0.70 * 3.35e12,
+    flops_per_s=0.40 * 989e12,
+    all_reduce_latency_s=20e-6,
+    link_bytes_per_s=360e9,
+)
 
 
 # The pass probe's one-token and verify passes (8-token chains), H100, float32, contexts ~34
@@ -115,6 +168,15 @@ PAIRS = {
         5.05,
         8,
         "docs/bench/gpu-qwen-fp32-{1,16}.json",
+    ),
+    "llama70b-tp4": Pair(
+        "Llama-3-70B-class target / ~1B draft, 4 x H100 tensor-parallel workers (modelled)",
+        (),
+        5.05,  # the Qwen pair's measured acceptance, for want of a measured 70B pair
+        8,
+        "modelled: specedge_bench/fleet.py LLAMA_70B_TP4 (H100 spec sheet at stated efficiencies)",
+        devices=4,
+        modelled=LLAMA_70B_TP4,
     ),
 }
 
@@ -542,17 +604,21 @@ def _figures(fleet: Fleet, pair: Pair, costs: PassCosts) -> dict:
     busy = [w.tally.busy_s for w in fleet.workers]
     tokens = [w.tally.tokens for w in fleet.workers]
     passes = sum(w.tally.passes for w in fleet.workers)
-    server_hours_busy, server_hours_rented = sum(busy) / 3600, config.workers * counted_s / 3600
+    # Paid by the GPU: a tensor-parallel worker's hour is its GPUs' hours.
+    server_hours_busy = sum(busy) / 3600 * pair.devices
+    server_hours_rented = config.workers * pair.devices * counted_s / 3600
     edge_usd = fleet.edge_busy_s / 3600 * config.edge_price_per_hour
     per_million = 1e6 / fleet.emitted if fleet.emitted else 0.0
     return {
         "mode": config.mode,
         "pair": pair.name,
         "workers": config.workers,
+        "gpus": config.workers * pair.devices,
         "users": config.users,
         "rtt_ms": config.rtt_ms,
         "emitted_tokens": fleet.emitted,
-        "server_throughput": fleet.emitted / sum(busy) if sum(busy) else 0.0,  # tokens / busy device-s
+        "server_throughput": fleet.emitted / sum(busy) if sum(busy) else 0.0,  # tokens / busy worker-s
+        "tokens_per_busy_gpu_s": fleet.emitted / sum(busy) / pair.devices if sum(busy) else 0.0,
         "fleet_tokens_per_s": fleet.emitted / counted_s,
         "itl_ms_p50": _quantile(fleet.itl_ms, 0.5),
         "itl_ms_p95": _quantile(fleet.itl_ms, 0.95),

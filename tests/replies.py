@@ -26,10 +26,16 @@ def wait_for(check: Callable[[], bool], timeout_s: float, what: str) -> None:
 
 
 def ask_disturbed(
-    url: str, draft: DraftEngine, prompt: str, disturb: Callable[[], None], temperature: float = 0.9
+    url: str,
+    draft: DraftEngine,
+    prompt: str,
+    disturb: Callable[[], None],
+    temperature: float = 0.9,
+    reconnect_s: float = 60,
 ) -> tuple[Reply, int]:
     """One chat turn through the real client whose second round of tokens first runs `disturb`
-    (a process killed, say); the reply and how often the client reconnected for it."""
+    (a process killed, say); the reply and how often the client reconnected for it (waiting up
+    to `reconnect_s` for the hub to take its session again)."""
     rounds = {"n": 0}
 
     def on_tokens(tokens: list[int]) -> None:
@@ -38,7 +44,7 @@ def ask_disturbed(
             disturb()
 
     with HubClient(url) as client:
-        chat = conversation(draft, client, temperature)
+        chat = conversation(draft, client, temperature, reconnect_s)
         try:
             reply = chat.ask(prompt, on_tokens=on_tokens)
         finally:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from collections import defaultdict
+from dataclasses import replace
 
 import pytest
 
@@ -22,6 +23,19 @@ def test_pass_costs_fit_the_measured_passes():
     for sessions, tokens, ms in PAIRS["gemma"].passes:  # a plane through them, within 15%
         assert gemma.seconds(sessions, tokens) * 1000 == pytest.approx(ms, rel=0.15)
     assert PassCosts.fit([(1, 1, 10.0), (2, 2, 9.0), (4, 4, 8.0)]).per_token_s == 0.0  # never below zero
+
+
+def test_a_tensor_parallel_workers_pass_is_modelled_from_its_gpus_and_paid_by_each_of_them():
+    pair = PAIRS["llama70b-tp4"]
+    costs = pair.costs  # 141 GB of weights over 4 GPUs at 2.35 TB/s, 160 all-reduces of 20 us
+    assert costs.fixed_s == pytest.approx(0.0150 + 0.0032, rel=0.01)
+    assert costs.per_token_s == pytest.approx(89e-6 + 11e-6, rel=0.02)
+    halved = replace(pair.modelled, devices=2).costs  # each GPU reads and computes twice as much
+    assert halved.fixed_s - 0.0032 == pytest.approx(2 * (costs.fixed_s - 0.0032), rel=1e-6)
+    four, one = simulate(QUIET, pair), simulate(QUIET, replace(pair, devices=1))
+    assert (four["gpus"], one["gpus"]) == (4, 1) and four["emitted_tokens"] == one["emitted_tokens"]
+    assert four["server_usd_per_million_tokens_busy"] == pytest.approx(4 * one["server_usd_per_million_tokens_busy"])
+    assert four["tokens_per_busy_gpu_s"] == pytest.approx(one["tokens_per_busy_gpu_s"] / 4)
 
 
 def test_acceptance_gives_the_measured_tokens_per_verify():

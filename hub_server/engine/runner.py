@@ -91,12 +91,7 @@ class ModelRunner:
             # (seen on an H100); a hub's passes rarely repeat a shape. The other kernels don't.
             torch.backends.cuda.enable_cudnn_sdp(False)
         self.vocab = read_vocabulary(model_path)
-        self.model = load_target(
-            model_path,
-            self.device,
-            choose_dtype(settings.dtype, self.device),
-            settings.cache_dir or default_cache_dir(),
-        )
+        self.model = self._load_model(model_path, settings)
         self.model.set_attn_implementation(POOL_ATTENTION)
         if self.model.dtype != torch.float32:
             # Rounding at 16 bits depends on a pass's shape (its sessions, its draft), so a near
@@ -154,22 +149,30 @@ class ModelRunner:
         elif self.device == "cuda":
             self.warm_up(settings.max_batch, settings.max_draft_tokens)
 
+    def _load_model(self, model_path: Path, settings: HubSettings):
+        """The target on this runner's device."""
+        dtype = choose_dtype(settings.dtype, self.device)
+        return load_target(model_path, self.device, dtype, settings.cache_dir or default_cache_dir())
+
     def _make_pool(self, settings: HubSettings, config) -> KVPool:
         """The KV pool's blocks, as many as the budget holds; KVBudgetError when it cannot hold one session."""
         heads = getattr(config, "num_key_value_heads", None) or config.num_attention_heads
         dim = getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
         shape = KVShape(heads, dim, self.model.dtype.itemsize, len(self.layer_types))
         model_limit = int(getattr(config, "max_position_embeddings", 0) or 2**31)
-        if settings.kv_memory_gib:
-            budget, source = int(settings.kv_memory_gib * GIB), "--kv-memory-gib"
-        else:
-            device = torch.device(self.device)
-            share = AUTO_KV_SHARE[device.type]
-            budget = int(share * available_memory(device))
-            source = f"auto: {share:.0%} of the {device.type} memory free after loading the model"
+        budget, source = self._kv_budget(settings)
         plan = plan_kv(shape, settings.max_sessions, settings.max_context, model_limit, budget, source, self.widest_row)
         log.info(plan.describe(shape))
         return KVPool(shape, plan, self.model.dtype, self.device)
+
+    def _kv_budget(self, settings: HubSettings) -> tuple[int, str]:
+        """The KV pool's bytes on this device, and how they were chosen (for the log line)."""
+        if settings.kv_memory_gib:
+            return int(settings.kv_memory_gib * GIB), "--kv-memory-gib"
+        device = torch.device(self.device)
+        share = AUTO_KV_SHARE[device.type]
+        source = f"auto: {share:.0%} of the {device.type} memory free after loading the model"
+        return int(share * available_memory(device)), source
 
     # --- sessions' KV memory ------------------------------------------------------------
     def new_kv(self, scope: str | None = None) -> SessionKV | None:
@@ -185,6 +188,11 @@ class ModelRunner:
         """Take the blocks for `kv` to hold `tokens` context tokens before a pass writes them;
         False (nothing taken) when too few blocks are free."""
         return self.pool.cover(_own(kv), tokens)
+
+    @property
+    def devices(self) -> tuple[str, ...]:
+        """The devices its passes run on."""
+        return (str(self.device),)
 
     def pass_fixed_s(self) -> float | None:
         return self.pass_costs.fixed_s()
@@ -211,6 +219,7 @@ class ModelRunner:
             compiled_hits=self.compiled_hits,
             compiled_misses=self.compiled_misses,
             compiled_buckets=len(self.compiled_shapes),
+            devices=self.devices,
         )
 
     # --- public operations --------------------------------------------------------------
