@@ -15,6 +15,7 @@ device time of a pass.
 from __future__ import annotations
 
 import argparse
+import logging
 import random
 import statistics
 import tempfile
@@ -65,6 +66,7 @@ def main() -> None:
     parser.add_argument("--sessions", type=int, default=4)
     parser.add_argument("--threads", type=int, default=1)
     args = parser.parse_args()
+    logging.basicConfig(level=logging.INFO, format="%(message)s")  # the runner's start-up lines
     with tempfile.TemporaryDirectory() as work:
         target = resolve_target(args.target, Path(work))
         settings = HubSettings(

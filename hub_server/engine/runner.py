@@ -5,8 +5,8 @@ It owns the target model and the KV pool that holds every session's keys and val
 forward pass verifies the drafts of many sessions at once, whatever their context lengths and
 draft shapes: each session's new tokens (pending context tokens, then draft tree nodes) are laid
 out in a row with their own positions (`layout.py`), and the attention (a backend of
-`attention/`, chosen at start by `--attention`) reads each session's past through its block table, with a mask that lets each token see exactly
-its session's past and its own ancestors. The new tokens' keys and values are written into the
+`attention/`, chosen at start by `--attention`) reads each session's past through its block
+table, letting each token see exactly its session's past and its own ancestors. The new tokens' keys and values are written into the
 session's blocks during the pass; the target's choices are projected only where the acceptance
 rule reads them (`projection.py`); afterwards each session keeps the keys and values of its
 pending tokens and its accepted path, nothing else, and gives back the blocks past them. Which
@@ -15,9 +15,12 @@ runner runs the pass it is given. On a CPU, how the passes compute is chosen by 
 (`cpu/timings.py`).
 
 With `--compile on` the passes take a few fixed shapes (rows and widths rounded up to powers of
-two), each compiled once: on a CPU into an AOTInductor package per shape kept under the hub's
-cache directory (`pass_packages.py`), which a restart loads instead of compiling again; on a GPU
-by torch.compile at each start (CUDA graphs), its kernels cached there.
+two), each compiled once. With FlexAttention the whole decoder is one graph per shape, over
+buffers filled in place (torch.compile at each start; CUDA graphs on a GPU). With the attention
+as an operator between graphs: on a CPU into an AOTInductor package per shape kept under the
+hub's cache directory (`pass_packages.py`), which a restart loads instead of compiling again; on
+a GPU by torch.compile at each start (CUDA graphs between the operator's calls), its kernels
+cached there.
 """
 
 from __future__ import annotations
@@ -509,7 +512,7 @@ class ModelRunner:
         # The model does not change once loaded, so the compiled passes do not check its modules'
         # attributes before each call (most of dynamo's guards: 0.8 ms a pass on the CPU machine);
         # the guards on the inputs' shapes, which pick a bucket's graph, stay.
-        options: dict = {"guard_filter_fn": torch.compiler.skip_guard_on_all_nn_modules_unsafe}
+        options: dict = {"guard_filter_fn": _pass_guards}
         options["triton.cudagraphs"] = self.device == "cuda"
         return torch.compile(self._decode, dynamic=False, fullgraph=True, options=options)
 
@@ -575,6 +578,15 @@ class ModelRunner:
             flat_keys[targets_t] = flat_keys[sources_t]
             flat_values[targets_t] = flat_values[sources_t]
             self.kept_kv_bytes_moved += 2 * flat_keys[0].nbytes * len(sources)
+
+
+def _pass_guards(guards: list) -> list[bool]:
+    """The guards a compiled pass keeps: those on its inputs. Not those on the model's modules
+    (see `_torch_compiled`), nor on the `kernels` package's routing of hub kernels, a global that
+    its wrappers around the layers leave set after the first compiled call (the first bucket
+    compiled then recompiled at its first pass); the hub loads no hub kernels."""
+    kept = torch.compiler.skip_guard_on_all_nn_modules_unsafe(guards)
+    return [keep and "_ACTIVE_KERNEL_FUNCS" not in guard.name for keep, guard in zip(kept, guards)]
 
 
 def _use_threads(threads: int) -> None:
