@@ -4,7 +4,7 @@
 
 For each product shape a hub's targets run (rows are a pass's tokens: 8 sessions x 9 is 72),
 prints the median time of MKL (`F.linear`, torch's default for float32) and of oneDNN (what
-`--cpu-matmul onednn` uses, `hub_server/engine/cpu_products.py`), the two taking turns, and
+`--cpu-matmul onednn` uses, `hub_server/engine/cpu/products.py`), the two taking turns, and
 their ratio. Random weights of each real model's sizes; nothing is downloaded.
 """
 
@@ -20,7 +20,7 @@ import torch
 import torch.nn.functional as F
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-from hub_server.engine.cpu_products import onednn_available, onednn_linear
+from hub_server.engine.cpu.products import onednn_available, onednn_linear
 
 # (what, output features, input features): each model's vocabulary projection and largest layer.
 SHAPES = [

@@ -15,8 +15,12 @@ export SPECEDGE_HOME=${SPECEDGE_HOME:-$OUT/home}
 G=$($PY -c 'from pathlib import Path; import os; from specedge_cli.models import resolve_model; print(resolve_model("gemma3-270m", Path(os.environ["SPECEDGE_HOME"]) / "models").path)')
 nvidia-smi --query-gpu=name,memory.total --format=csv
 
-echo "== 1. compiled passes equal eager ones and the target alone, on the GPU (float32)"
-# Must pass. The CPU suite runs the same test; here the runner's device is CUDA (CUDA graphs).
+echo "== 1. each attention backend equals the target alone, on the GPU (float32)"
+# Must pass. The CPU suite runs the same tests; here the runners' device is CUDA. test_runner.py:
+# eager passes through the reference and FlexAttention; test_compiled_passes.py: compiled passes
+# through the reference's operator (CUDA graphs between layers) and FlexAttention's whole graph
+# (CUDA graphs around the whole decoder), and 200 flex passes that must compile nothing new.
+SPECEDGE_TEST_DEVICE=cuda timeout 240 $PY -m pytest -q -x tests/test_runner.py -k "batched or tree or sampled"
 SPECEDGE_TEST_DEVICE=cuda timeout 300 $PY -m pytest -q -x tests/test_compiled_passes.py
 
 echo "== 2. device time per verify, eager engine of 7ade0de against --compile off and on"
@@ -62,5 +66,5 @@ echo "== 7. draft shapes at equal hub cost, hub on the GPU"
 timeout 600 $PY benchmarks/draft_shapes.py --target "$G" --draft "$G" --device cuda --depth 8 --nodes 16 32
 
 # Still to run where memory allows: step 5 with the Qwen pair (Qwen2.5-Coder 1.5B target, 0.5B
-# draft; see FINDINGS for assembling them) at 1, 4, 16 and 64 clients, and FlexAttention or a
-# paged decode kernel against SDPA over views for the pool attention (docs/architecture.md).
+# draft; see FINDINGS for assembling them) at 1, 4, 16 and 64 clients, and step 2 with
+# --attention flex against reference (auto's CUDA choice waits on it: attention/choice.py).

@@ -193,7 +193,7 @@ def alone(target: str, args: argparse.Namespace) -> dict:
         threads=1,
         device="cpu",
         accepted=[0],
-        cpu_attention="auto",
+        attention="auto",
     )
     return run_tree(REPO, options, target, "off")
 

@@ -3,9 +3,9 @@
     .venv/bin/python benchmarks/pool_kernel.py [--columns 59 256 512 2009] [--threads 1] [--passes 300]
         [--sessions 8] [--tokens 9] [--query-heads 4] [--kv-heads 2] [--dim 16]
 
-Each pass is one layer's `PoolPass.attend` as the runner calls it (write the new keys and values
-into their slots, attend over the slots in place): once through the hub's kernel
-(`--cpu-attention kernel`), once through SDPA and two index copies (`sdpa`), in turns. The
+Each pass is one layer's `attend` as the runner calls it (write the new keys and values into their
+blocks, attend over each row's view): once through the hub's kernel (`--attention kernel`), once
+through the reference, SDPA over gathered views and two index copies (`reference`), in turns. The
 defaults are the dispatch-bound target's shape (benchmarks/dispatch_target.py, 8 sessions x 9
 tokens); Gemma 3 270M is `--query-heads 4 --kv-heads 1 --dim 256`, Qwen2.5 1.5B
 `--query-heads 12 --kv-heads 2 --dim 128`. Prints the median microseconds a layer and the ratio.
@@ -21,8 +21,10 @@ from pathlib import Path
 import torch
 from turns import medians_in_turns
 
-from hub_server.engine.pool_attention import sample_pass
-from hub_server.engine.pool_kernel import load_pool_kernel
+from hub_server.engine.attention.metadata import FULL
+from hub_server.engine.attention.reference import ReferenceBackend
+from hub_server.engine.cpu.kernel import KernelBackend, build_kernel
+from hub_server.engine.cpu.timings import sample_inputs, sample_pass
 
 
 def main() -> None:
@@ -38,18 +40,22 @@ def main() -> None:
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     with tempfile.TemporaryDirectory() as cache:
-        kernel = load_pool_kernel("kernel", "cpu", torch.float32, Path(cache))
+        kernel = build_kernel("kernel", Path(cache))
+    assert kernel is not None
     print(f"{args.sessions} sessions x {args.tokens} tokens, {args.query_heads} query heads on {args.kv_heads} "
           f"kv heads of {args.dim}, {args.threads} thread(s); microseconds a layer, median of {args.passes}")  # fmt: skip
     scale = args.dim**-0.5
     with torch.inference_mode():
         for columns in args.columns:
             shape = (args.sessions, args.tokens, args.query_heads, args.kv_heads, args.dim)
-            through_kernel, inputs = sample_pass(shape, columns, kernel)
-            through_sdpa, _ = sample_pass(shape, columns, None)
+            keys, values, meta = sample_pass(shape, columns)
+            inputs = sample_inputs(shape, torch.Generator().manual_seed(columns))
+            kinds, windows = [FULL], {FULL: 0}
+            through_kernel = KernelBackend(keys, values, kinds, windows, kernel).begin(meta)
+            through_sdpa = ReferenceBackend(keys, values, kinds, windows).begin(meta)
             ways = {
-                name: partial(layout.attend, *inputs, 0, scale)
-                for name, layout in (("kernel", through_kernel), ("sdpa", through_sdpa))
+                name: partial(attention.attend, *inputs, 0, scale)
+                for name, attention in (("kernel", through_kernel), ("sdpa", through_sdpa))
             }
             medians = medians_in_turns(ways, args.passes)
             worst = (through_kernel.attend(*inputs, 0, scale) - through_sdpa.attend(*inputs, 0, scale)).abs().max()

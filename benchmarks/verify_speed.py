@@ -2,7 +2,7 @@
 
     .venv/bin/python benchmarks/verify_speed.py --target dispatch|gemma|PATH [--contexts 50 2000]
         [--sessions 8] [--draft-tokens 8] [--rounds 20] [--compile on] [--base 7ade0de] [--turns 2]
-        [--cpu-attention auto|kernel|sdpa]
+        [--attention auto|reference|kernel|flex]
 
 For each tree (the commit `--base`, unpacked with `git archive` into a temporary folder, and this
 working tree) it starts a worker process with PYTHONPATH pointing there, so each measures its own
@@ -85,7 +85,9 @@ def worker(args: argparse.Namespace) -> None:
         "max_batch": args.sessions,
         "max_draft_tokens": args.draft_tokens,
         "compile": args.compile,
-        "cpu_attention": args.cpu_attention,
+        "attention": args.attention,
+        # A tree from before the attention backends names the same choices its own way.
+        "cpu_attention": {"reference": "sdpa", "kernel": "kernel"}.get(args.attention, "auto"),
     }
     accepted = inspect.signature(HubSettings).parameters
     runner = ModelRunner(HubSettings(**{k: v for k, v in fields.items() if k in accepted}))
@@ -178,7 +180,7 @@ def run_tree(tree: Path, args: argparse.Namespace, target: str, compile_mode: st
     command += ["--contexts", *map(str, args.contexts), "--sessions", str(args.sessions)]
     command += ["--draft-tokens", str(args.draft_tokens), "--rounds", str(args.rounds)]
     command += ["--threads", str(args.threads), "--compile", compile_mode, "--device", args.device]
-    command += ["--accepted", *map(str, args.accepted), "--cpu-attention", args.cpu_attention]
+    command += ["--accepted", *map(str, args.accepted), "--attention", args.attention]
     env = dict(os.environ, PYTHONPATH=str(tree))
     out = subprocess.run(command, env=env, capture_output=True, text=True, cwd=tree)
     lines = [line for line in out.stdout.splitlines() if line.startswith("RESULT ")]
@@ -204,10 +206,11 @@ def main() -> None:
     parser.add_argument("--device", default="cpu", help="cpu or cuda (the runner's device)")
     parser.add_argument("--compile", default="on", help="this tree's --compile: off, auto, on, or several (off,on)")
     parser.add_argument(
-        "--cpu-attention",
+        "--attention",
         default="auto",
-        help="both trees' --cpu-attention: auto (each times the kernel at start: on a loaded machine the "
-        "trees may choose differently), kernel or sdpa (the same attention in both)",
+        help="both trees' attention: auto (each times the kernel at start: on a loaded machine the trees may "
+        "choose differently), kernel or reference (SDPA over views: the same in both), flex (this tree; a tree "
+        "from before the backends takes auto)",
     )
     parser.add_argument("--base", default="7ade0de", help="the commit to compare against ('' for none)")
     parser.add_argument("--turns", type=int, default=2)

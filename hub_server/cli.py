@@ -14,8 +14,8 @@ import typer
 from hub_server.accounts import Accounts
 from hub_server.admin import tokens_app, users_app
 from hub_server.config import (
+    ATTENTIONS,
     COMPILE_MODES,
-    CPU_ATTENTIONS,
     CPU_MATMULS,
     DEVICES,
     DTYPES,
@@ -142,11 +142,13 @@ def serve(
             "auto times both at start and takes the faster."
         ),
     ] = "auto",
-    cpu_attention: Annotated[
+    attention: Annotated[
         str,
         typer.Option(
-            help=f"One of {', '.join(CPU_ATTENTIONS)}: a CPU target's float32 attention; kernel is the hub's own "
-            "(built at start with the C compiler); auto times both at start and uses it up to the widest pass it won."
+            help=f"One of {', '.join(ATTENTIONS)}: how passes attend over the KV blocks. reference: SDPA over "
+            "gathered views, on any device; kernel: the hub's own CPU kernel (built at start with the C compiler); "
+            "flex: FlexAttention, the whole pass one compiled graph with --compile on; auto: on a CPU the kernel "
+            "where a timing at start finds it faster, the reference elsewhere (the start-up log says which)."
         ),
     ] = "auto",
     share_prefixes: Annotated[
@@ -239,7 +241,7 @@ def serve(
             cache_dir=cache_dir,
             compile=compile,
             cpu_matmul=cpu_matmul,
-            cpu_attention=cpu_attention,
+            attention=attention,
             share_prefixes=share_prefixes,
             data_dir=data_dir,
             auth=not no_auth,

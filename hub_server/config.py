@@ -15,7 +15,7 @@ DTYPES = ("auto", "float32", "bfloat16", "float16")
 DEVICES = ("auto", "cpu", "cuda")
 COMPILE_MODES = ("auto", "on", "off")
 CPU_MATMULS = ("auto", "mkl", "onednn")
-CPU_ATTENTIONS = ("auto", "kernel", "sdpa")
+ATTENTIONS = ("auto", "reference", "kernel", "flex")
 SHARE_PREFIXES = ("account", "across-accounts", "off")
 CORES_PER_FRONT_END = 4  # the engine process keeps cores for its own loop and the device's feeding
 
@@ -84,7 +84,7 @@ class HubSettings:
     cache_dir: Path | None = None  # where converted GGUF targets and compiled passes are kept
     compile: str = "auto"  # compiled fixed-shape passes: on, off, or auto (on for CUDA)
     cpu_matmul: str = "auto"  # a CPU target's float32 products: mkl, onednn, or auto (the faster, timed at start)
-    cpu_attention: str = "auto"  # a CPU target's float32 attention: kernel (ours), sdpa, or auto (timed at start)
+    attention: str = "auto"  # the attention backend: reference, kernel (a CPU's), flex, or auto (attention/choice.py)
     share_prefixes: str = "account"  # whose sessions share a common prefix's KV: one account's, all, or none
     data_dir: Path | None = None  # accounts database; None: default_data_dir()
     auth: bool = True  # False (--no-auth) is allowed on loopback only
@@ -112,8 +112,8 @@ class HubSettings:
             raise ValueError(f"--compile must be one of {', '.join(COMPILE_MODES)}, not {self.compile!r}")
         if self.cpu_matmul not in CPU_MATMULS:
             raise ValueError(f"--cpu-matmul must be one of {', '.join(CPU_MATMULS)}, not {self.cpu_matmul!r}")
-        if self.cpu_attention not in CPU_ATTENTIONS:
-            raise ValueError(f"--cpu-attention must be one of {', '.join(CPU_ATTENTIONS)}, not {self.cpu_attention!r}")
+        if self.attention not in ATTENTIONS:
+            raise ValueError(f"--attention must be one of {', '.join(ATTENTIONS)}, not {self.attention!r}")
         if self.share_prefixes not in SHARE_PREFIXES:
             raise ValueError(
                 f"--share-prefixes must be one of {', '.join(SHARE_PREFIXES)}, not {self.share_prefixes!r}"

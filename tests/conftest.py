@@ -14,16 +14,22 @@ import httpx
 import pytest
 import torch
 
-from hub_server.engine.cpu_products import onednn_available
+from hub_server.engine.cpu.products import onednn_available
 from hub_server.engine.sampling import sample_row
 from hub_server.tree import position_uniform
 from specedge_common.launcher import HubProcess, HubStartError
 from specedge_common.net import free_port
 from tests.tiny_models import TinyModel, build_tiny_model, build_tokenizer
 
-# The hub's own CPU attention kernel where a C compiler can build it (`--cpu-attention kernel`:
-# every pass, whatever `auto` would have timed), so the suite's equality tests run through it.
-CPU_ATTENTION = "kernel" if shutil.which(os.environ.get("CC") or "cc") else "sdpa"
+# The device the runner tests put their runners on (benchmarks/gpu_check.sh sets cuda).
+DEVICE = os.environ.get("SPECEDGE_TEST_DEVICE", "cpu")
+# The attention backends this machine has (`--attention`): the CPU kernel where a C compiler can build it.
+HAS_COMPILER = shutil.which(os.environ.get("CC") or "cc") is not None
+ATTENTIONS = ("reference", "kernel", "flex") if HAS_COMPILER and DEVICE == "cpu" else ("reference", "flex")
+# The backend the suite's hubs and runners attend through (every pass, whatever `auto` would choose):
+# SPECEDGE_TEST_ATTENTION, or the CPU kernel where it builds. The runner's equality tests
+# (test_runner.py) and the compiled ones (test_compiled_passes.py) run through each backend.
+ATTENTION = os.environ.get("SPECEDGE_TEST_ATTENTION") or ("kernel" if "kernel" in ATTENTIONS else "reference")
 
 REPO = Path(__file__).resolve().parent.parent
 
@@ -99,7 +105,7 @@ def hub(tiny, tmp_path_factory):
     running = RunningHub(
         tiny.hf_dir,
         tmp_path_factory.mktemp("hub-cache"),
-        *("--max-draft-tokens", "16", "--cpu-matmul", products, "--cpu-attention", CPU_ATTENTION),
+        *("--max-draft-tokens", "16", "--cpu-matmul", products, "--attention", ATTENTION),
     )
     yield running
     running.stop()

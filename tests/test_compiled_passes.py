@@ -2,15 +2,15 @@
 
 Small buckets only (up to 2 sessions, drafts up to 7 tokens: one width), so the compile at start
 stays within a CI budget; the tiny Llama (full attention) and the tiny Gemma 3 with an 8-token
-window (sliding layers whose ring the contexts pass) both run. Every pass reads the pool in
-place: no byte of past KV is copied. Both models compile into one cache directory: each compiles
-its own packages, and a second start of either loads them all.
+window (sliding layers whose ring the contexts pass) both run, each compiled two ways: through
+the attention operator (the suite's backend; on a CPU into AOTInductor packages) and through
+FlexAttention (the whole decoder one graph, over each bucket's buffers). Both models compile into
+one cache directory: each compiles its own packages, and a second start of either loads them all.
 """
 
 from __future__ import annotations
 
 import logging
-import os
 
 import pytest
 import torch
@@ -20,11 +20,10 @@ from hub_server.engine.pass_packages import PassDecoder, PassPackages, pass_key
 from hub_server.engine.rotary import rotary_table, tabled
 from hub_server.engine.runner import ModelRunner, VerifyJob
 from hub_server.tree import chain_parents
-from tests.conftest import CPU_ATTENTION, plain_target
+from tests.conftest import ATTENTION, DEVICE, plain_target
 from tests.test_runner import CONTEXTS, gemma_dir  # noqa: F401  (a fixture)
 
 MAX_DRAFT = 7  # rows of 8: one width bucket
-DEVICE = os.environ.get("SPECEDGE_TEST_DEVICE", "cpu")  # benchmarks/gpu_check.sh runs it on cuda
 
 
 @pytest.fixture(scope="module")
@@ -32,19 +31,37 @@ def compile_cache(tmp_path_factory):
     return tmp_path_factory.mktemp("compile-cache")
 
 
-@pytest.fixture(scope="module", params=["llama", "gemma-sliding"])
+# Compiled through the operator (the suite's backend: AOTInductor packages on a CPU) and through
+# FlexAttention (the whole decoder one graph).
+COMPILED_ATTENTIONS = (ATTENTION if DEVICE == "cpu" else "reference", "flex")
+
+
+@pytest.fixture(
+    scope="module", params=[(m, a) for m in ("llama", "gemma-sliding") for a in COMPILED_ATTENTIONS], ids="-".join
+)
 def runner_settings(request, tiny, gemma_dir, compile_cache):  # noqa: F811
-    folder = str(tiny.hf_dir if request.param == "llama" else gemma_dir)
+    model, attention = request.param
+    folder = str(tiny.hf_dir if model == "llama" else gemma_dir)
     settings = {"model": folder, "device": DEVICE, "max_batch": 2, "max_draft_tokens": MAX_DRAFT, "max_sessions": 8}
-    settings["cpu_attention"] = CPU_ATTENTION  # a CUDA runner leaves it aside
-    return {**settings, "cache_dir": compile_cache}
+    return {**settings, "attention": attention, "cache_dir": compile_cache}
 
 
 @pytest.fixture(scope="module")
 def runners(runner_settings):
     eager = ModelRunner(HubSettings(**runner_settings, compile="off"))
     compiled = ModelRunner(HubSettings(**runner_settings, compile="on"))
+    GRAPHS_AT_START[id(compiled)] = decoder_graphs()
     return eager, compiled, plain_target(runner_settings["model"], DEVICE)
+
+
+GRAPHS_AT_START: dict[int, int] = {}  # by compiled runner: the decoder graphs torch.compile held once it started
+
+
+def decoder_graphs() -> int:
+    """The graphs torch.compile holds for the runner's decoder (every runner's: one code object)."""
+    from torch._dynamo.eval_frame import _debug_get_cache_entry_list
+
+    return len(_debug_get_cache_entry_list(ModelRunner._decode.__code__))
 
 
 def decode(runner: ModelRunner, contexts, drafts_of, rounds: int, temperature: float = 0.0):
@@ -98,7 +115,8 @@ def test_compiled_and_eager_passes_emit_the_same_tokens(runners):
     for i, context in enumerate(CONTEXTS[:2]):
         assert [reply[0] for reply in seeded[i]] == target_alone.decode(context, 6, temperature=1.0, seed=7 + i)
     assert compiled.compiled_hits > 0 and compiled.compiled_misses == 0
-    assert compiled.past_kv_bytes_copied == 0 and eager.past_kv_bytes_copied == 0
+    if compiled.attention.name == "kernel":  # the CPU kernel reads the blocks in place, eager or compiled
+        assert compiled.past_kv_bytes_copied == 0 and eager.past_kv_bytes_copied == 0
 
 
 def test_compiled_buckets_are_the_powers_of_two_up_to_the_limits(runners):
@@ -139,6 +157,8 @@ def test_the_rotary_table_gives_the_models_own_cosines_and_sines(runners):
 
 @pytest.mark.skipif(DEVICE != "cpu", reason="a GPU's passes are compiled by torch.compile at each start")
 def test_a_second_start_loads_every_bucket_from_the_cache(runners, runner_settings, caplog):
+    if runner_settings["attention"] == "flex":
+        pytest.skip("FlexAttention's passes are compiled by torch.compile at each start")
     """The first start compiled every bucket (the other model's packages in the same cache were
     not its own); a second start with the same cache loads them all, compiles nothing, says so,
     and its passes emit what the eager ones do."""
@@ -159,6 +179,8 @@ def test_a_second_start_loads_every_bucket_from_the_cache(runners, runner_settin
 @pytest.mark.skipif(DEVICE != "cpu", reason="a GPU's passes are compiled by torch.compile at each start")
 def test_a_package_under_another_key_or_unreadable_is_not_served(runners, compile_cache, tmp_path, caplog):
     _, compiled, _ = runners
+    if compiled.attention.name == "flex":
+        pytest.skip("FlexAttention's passes are compiled by torch.compile, not into packages")
     package = next((compile_cache / "torch-compile" / "passes").glob("*/*.pt2"))
     others = PassPackages(
         tmp_path,
@@ -189,3 +211,47 @@ def test_the_package_key_names_the_weights_the_options_and_torch(monkeypatch):
     assert changed != key
     monkeypatch.setattr(torch, "__version__", "0.0.0")
     assert pass_key(module, options) != changed
+
+
+def test_flex_passes_compile_once_per_bucket_as_sessions_come_go_and_grow(runners):
+    """200 passes through FlexAttention's compiled buckets (after the other tests' passes):
+    sessions opening and closing, their contexts growing across blocks (and past the sliding
+    window), chains and trees, one session or two a pass. The decoder was compiled once per
+    bucket at start; it never compiles again, and nothing breaks its graph (torch._dynamo's
+    counts)."""
+    import random
+
+    from torch._dynamo.utils import counters
+
+    _, compiled, _ = runners
+    if compiled.attention.name != "flex":
+        pytest.skip("the operator's compiled passes are one graph between attention calls, not one graph")
+    rng = random.Random(3)
+    breaks = sum(counters["graph_break"].values())
+    hits, opened = compiled.compiled_hits, []
+    contexts: dict[int, list[int]] = {}
+    for round_number in range(200):
+        if len(opened) < 2 or (rng.random() < 0.1 and len(opened) < 4):
+            kv = compiled.new_kv()
+            contexts[id(kv)] = [1] + [rng.randrange(3, 500) for _ in range(rng.randrange(3, 40))]
+            compiled.prefill(kv, contexts[id(kv)])
+            opened.append(kv)
+        if rng.random() < 0.05:  # a session closes
+            gone = opened.pop(rng.randrange(len(opened)))
+            compiled.release(gone)
+        jobs = []
+        for kv in rng.sample(opened, min(len(opened), rng.choice([1, 2]))):
+            size = rng.randrange(0, MAX_DRAFT + 1)
+            tree = [rng.randrange(-1, i) for i in range(size)] if round_number % 2 else chain_parents(size)
+            draft = [rng.randrange(3, 500) for _ in range(size)]
+            context = contexts[id(kv)]
+            jobs.append(VerifyJob(kv, context[kv.length :], draft, tree, 0.0, 0, frozenset()))
+        compiled.verify_batch(jobs)
+        for verified in jobs:
+            contexts[id(verified.kv)] += verified.emitted
+    for kv in opened:
+        compiled.release(kv)
+    assert compiled.compiled_hits - hits == 200 and compiled.compiled_misses == 0
+    assert max(len(context) for context in contexts.values()) > 2 * 16  # across blocks
+    assert decoder_graphs() == GRAPHS_AT_START[id(compiled)]  # no recompile since start, these passes' or earlier
+    assert sum(counters["graph_break"].values()) == breaks == 0

@@ -9,7 +9,7 @@ import torch
 import torch.nn.functional as F
 
 from hub_server.config import HubSettings
-from hub_server.engine.cpu_products import (
+from hub_server.engine.cpu.products import (
     SMALLEST_ROUTED,
     choose_cpu_products,
     onednn_available,
@@ -57,7 +57,7 @@ def test_auto_times_both_and_says_which_it_took(tiny, caplog):
     model = fresh(tiny)
     seconds = time_products(model.get_output_embeddings().weight.detach(), [1, 8])
     assert set(seconds) == {"mkl", "onednn"} and all(len(times) == 2 and min(times) > 0 for times in seconds.values())
-    with caplog.at_level(logging.INFO, logger="hub_server.engine.cpu_products"):
+    with caplog.at_level(logging.INFO, logger="hub_server.engine.cpu.products"):
         chosen = choose_cpu_products(model, "auto", [1, 8])
     assert chosen in ("mkl", "onednn")
     assert f"CPU matrix products: {'oneDNN' if chosen == 'onednn' else 'MKL'}" in caplog.text

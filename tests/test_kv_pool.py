@@ -115,7 +115,7 @@ def test_a_runner_whose_budget_cannot_hold_one_session_refuses_to_start(tiny):
 
 
 def test_ancestor_closure_agrees_with_the_bit_set_masks():
-    from hub_server.engine.pool_attention import ancestor_closure
+    from hub_server.engine.attention.metadata import ancestor_closure
 
     rows = [[-1, 0, -1, 2, 1], [-1, 0, 1, 2, 3]]
     assert torch.equal(ancestor_closure(torch.tensor(rows)), ancestor_masks(rows, width=5))
@@ -126,7 +126,7 @@ def test_ancestor_closure_agrees_with_the_bit_set_masks():
 
 
 def test_a_sliding_view_sees_its_window_and_its_new_tokens():
-    from hub_server.engine.pool_attention import view_bias
+    from hub_server.engine.attention.metadata import view_bias
 
     # Window 4: 7 tokens stored, two new ones (a chain) at positions 7 and 8. The view starts at
     # position 4, the oldest the first new token sees: columns show 4, 5, 6, then the new 7, 8.
@@ -139,7 +139,7 @@ def test_a_sliding_view_sees_its_window_and_its_new_tokens():
 
 
 def test_a_full_attention_mask_is_the_sliding_mask_of_a_window_that_never_ends():
-    from hub_server.engine.pool_attention import ancestor_closure, view_bias
+    from hub_server.engine.attention.metadata import ancestor_closure, view_bias
 
     rng = random.Random(5)
     for span in (1, 3, 9):
@@ -163,7 +163,7 @@ def test_a_full_attention_mask_is_the_sliding_mask_of_a_window_that_never_ends()
 
 
 def test_a_view_reads_each_position_through_the_block_table():
-    from hub_server.engine.pool_attention import view_places
+    from hub_server.engine.attention.metadata import view_places
 
     tables = torch.tensor([[5, 2, 0], [7, 0, 0]])
     places = view_places(tables, torch.tensor([14, 0]), torch.tensor([35, 3]), width=5)
@@ -174,7 +174,7 @@ def test_a_view_reads_each_position_through_the_block_table():
 def test_a_view_bias_equals_each_query_seen_one_by_one():
     """Random trees, padded rows, full and sliding views: the bias built for the whole pass at
     once is what each query sees by the rule, one column at a time."""
-    from hub_server.engine.pool_attention import ancestor_closure, view_bias
+    from hub_server.engine.attention.metadata import ancestor_closure, view_bias
 
     rng = random.Random(11)
     for window, span in ((0, 9), (5, 9), (3, 4), (20, 17)):

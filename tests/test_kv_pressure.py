@@ -17,7 +17,7 @@ from specedge_cli.conversation import Conversation
 from specedge_cli.decoding import DecodeSettings
 from specedge_cli.drafting.engine import DraftEngine
 from specedge_cli.remote.client import HubClient
-from tests.conftest import CPU_ATTENTION, RunningHub
+from tests.conftest import ATTENTION, RunningHub
 from tests.test_lossless import plain_template
 
 BLOCK_BYTES = 16 * 2 * 2 * 16 * 4 * 2  # 16 tokens x keys and values x 2 kv heads x 16 dims x fp32 x 2 layers
@@ -37,7 +37,7 @@ def tight_hub(tiny, tmp_path_factory):
         tiny.hf_dir,
         tmp_path_factory.mktemp("tight-hub"),
         *("--kv-memory-gib", f"{POOL_BLOCKS * BLOCK_BYTES / (1 << 30):.9f}", "--max-context", "256"),
-        *("--max-draft-tokens", "16", "--cpu-attention", CPU_ATTENTION),
+        *("--max-draft-tokens", "16", "--attention", ATTENTION),
     )
     yield running
     running.stop()
@@ -102,7 +102,7 @@ def full_hub(tiny, tmp_path_factory):
         tiny.hf_dir,
         tmp_path_factory.mktemp("full-hub"),
         *("--kv-memory-gib", f"{FULL_POOL_BLOCKS * BLOCK_BYTES / (1 << 30):.9f}", "--max-context", "256"),
-        *("--max-draft-tokens", "16", "--cpu-attention", CPU_ATTENTION),
+        *("--max-draft-tokens", "16", "--attention", ATTENTION),
     )
     yield running
     running.stop()

@@ -15,13 +15,13 @@ from dataclasses import dataclass, field
 import pytest
 
 from hub_server.config import HubSettings
-from hub_server.engine.cpu_products import onednn_available
+from hub_server.engine.cpu.products import onednn_available
 from hub_server.engine.kv_pool import SessionKV
 from hub_server.engine.runner import ModelRunner
 from hub_server.engine_api import VerifyJob
 from hub_server.scheduler import Prompt, Scheduler
 from hub_server.tree import chain_parents
-from tests.conftest import CPU_ATTENTION, TargetAlone, plain_target
+from tests.conftest import ATTENTION, TargetAlone, plain_target
 from tests.test_runner import gemma_dir  # noqa: F401 (a fixture: the Gemma target with a sliding window)
 
 CHUNK = 16  # prompt tokens a step carries (the scheduler's least): prompts of 45-90 tokens take several steps
@@ -33,7 +33,7 @@ NO_STOP: frozenset[int] = frozenset()
 def target(request, tiny, gemma_dir):  # noqa: F811
     folder = tiny.hf_dir if request.param == "llama" else gemma_dir
     products = "onednn" if onednn_available() else "mkl"
-    runner = ModelRunner(HubSettings(model=str(folder), cpu_matmul=products, cpu_attention=CPU_ATTENTION))
+    runner = ModelRunner(HubSettings(model=str(folder), cpu_matmul=products, attention=ATTENTION))
     return runner, plain_target(folder)
 
 

@@ -1,7 +1,8 @@
 """The model runner: batched and tree verification against the target decoding alone.
 
 Two tiny targets: the Llama of the other tests (full attention) and a random Gemma 3 with a
-sliding window of 8 tokens, so contexts pass the window and the sliding-layer masks are tested.
+sliding window of 8 tokens, so contexts pass the window and the sliding-layer masks are tested;
+each through every attention backend the machine has (reference, CPU kernel, FlexAttention).
 """
 
 from __future__ import annotations
@@ -15,7 +16,7 @@ import pytest
 import torch
 
 from hub_server.config import HubSettings
-from hub_server.engine.cpu_products import onednn_available
+from hub_server.engine.cpu.products import onednn_available
 from hub_server.engine.kv_pool import BLOCK_TOKENS, SessionKV, blocks_for
 from hub_server.engine.layout import ROW_SHAPES_KEPT
 from hub_server.engine.projection import draft_shape
@@ -24,7 +25,7 @@ from hub_server.engine_api import PassTally, VerifyJob
 from hub_server.errors import KVMemoryFull
 from hub_server.scheduler import Composition, Scheduler
 from hub_server.tree import chain_parents
-from tests.conftest import CPU_ATTENTION, TargetAlone, plain_target
+from tests.conftest import ATTENTION, ATTENTIONS, DEVICE, TargetAlone, plain_target
 
 NO_STOP = frozenset()
 
@@ -61,12 +62,14 @@ def gemma_dir(tiny, tmp_path_factory):
     return folder
 
 
-@pytest.fixture(scope="module", params=["llama", "gemma-sliding"])
+@pytest.fixture(scope="module", params=[(m, a) for m in ("llama", "gemma-sliding") for a in ATTENTIONS], ids="-".join)
 def target(request, tiny, gemma_dir):
-    folder = tiny.hf_dir if request.param == "llama" else gemma_dir
+    """A runner of each tiny target through each attention backend (eager passes), and the target alone."""
+    model, attention = request.param
+    folder = tiny.hf_dir if model == "llama" else gemma_dir
     products = "onednn" if onednn_available() else "mkl"
-    runner = ModelRunner(HubSettings(model=str(folder), cpu_matmul=products, cpu_attention=CPU_ATTENTION))
-    return runner, plain_target(folder)
+    runner = ModelRunner(HubSettings(model=str(folder), device=DEVICE, cpu_matmul=products, attention=attention))
+    return runner, plain_target(folder, DEVICE)
 
 
 def greedy(target_alone: TargetAlone, context: list[int], n: int) -> list[int]:
@@ -417,7 +420,7 @@ def test_a_session_that_finds_no_free_block_is_refused_and_left_as_it_was(tiny):
     """A pool whose every block is taken: a verify that needs one more is refused with
     KVMemoryFull before any pass (the session's length and blocks unchanged); once blocks come
     back, the same verify gives the target's own tokens."""
-    runner = ModelRunner(HubSettings(model=str(tiny.hf_dir), kv_memory_gib=0.0005, cpu_attention=CPU_ATTENTION))
+    runner = ModelRunner(HubSettings(model=str(tiny.hf_dir), kv_memory_gib=0.0005, attention=ATTENTION))
     target_alone = plain_target(tiny.hf_dir)
     context = [1] + [20 + i for i in range(14)]  # 14 stored: one more draft token crosses into a second block
     kv = prefilled(runner, context)
@@ -469,7 +472,7 @@ def test_a_prefix_reclaimed_from_the_cache_mid_conversation_is_computed_again(ti
     """A session closes; its named blocks stay cached; a new session of the same scope takes its
     prefix from the cache. Then memory runs short: the cached blocks are reclaimed for other
     contents, and a session resuming the same conversation computes it again, with the same tokens."""
-    runner = ModelRunner(HubSettings(model=str(tiny.hf_dir), kv_memory_gib=0.0005, cpu_attention=CPU_ATTENTION))
+    runner = ModelRunner(HubSettings(model=str(tiny.hf_dir), kv_memory_gib=0.0005, attention=ATTENTION))
     target_alone = plain_target(tiny.hf_dir)
     context = [1] + [(17 * i) % 450 + 20 for i in range(49)]  # three full blocks stored
     kv = runner.new_kv(scope="acct_a")

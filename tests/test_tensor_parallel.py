@@ -17,11 +17,11 @@ import torch
 import torch.multiprocessing as mp
 
 from hub_server.config import HubSettings
-from hub_server.engine.cpu_products import onednn_available
+from hub_server.engine.cpu.products import onednn_available
 from hub_server.engine.tensor_parallel import ShardedRunner, ShardGroup, plan_shards
 from hub_server.engine_api import VerifyJob
 from hub_server.tree import chain_parents
-from tests.conftest import CPU_ATTENTION, plain_target
+from tests.conftest import ATTENTION, plain_target
 
 WORLD = 2
 TOKENS = 24  # tokens each session decodes
@@ -137,7 +137,7 @@ def _rank(rank: int, store: str, folder: str, expected: list[list[int]], out: st
     group = ShardGroup.join(Path(store), rank, WORLD, "cpu", "cpu")
     products = "onednn" if onednn_available() else "mkl"
     settings = HubSettings(
-        model=folder, device="cpu", threads=1, max_draft_tokens=16, cpu_matmul=products, cpu_attention=CPU_ATTENTION
+        model=folder, device="cpu", threads=1, max_draft_tokens=16, cpu_matmul=products, attention=ATTENTION
     )
     runner = ShardedRunner(settings, group)
     report = {"layer_bytes": runner.layer_bytes, "kv_heads": runner.pool.shape.heads, "devices": list(runner.devices)}

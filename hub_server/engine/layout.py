@@ -5,8 +5,9 @@ Row b of a pass holds session b's pending tokens (a chain below its past), then 
 (`row_parents`). A compiled pass runs a few fixed shapes (`buckets`): rows and columns past the
 real ones are padding. The part of a layout that depends only on the rows' parents (`RowShape`)
 is built on the device once per shape and kept, since pass after pass of one batch's chains
-repeats it; the rest (ids, positions, block tables, the attention's views and masks) is built
-for each pass, in a few copies from the host.
+repeats it; the rest (ids, positions, block tables) is built for each pass, in a few copies from
+the host, as the attention's neutral metadata (`attention/metadata.py`), which the pass's
+attention backend turns into what it reads.
 """
 
 from __future__ import annotations
@@ -18,9 +19,8 @@ from itertools import chain
 import numpy as np
 import torch
 
-from hub_server.engine.kv_pool import BLOCK_TOKENS, KVPool, SessionKV
-from hub_server.engine.pool_attention import PoolPass, ancestor_closure, view_bias, view_places
-from hub_server.engine.pool_kernel import PoolKernel
+from hub_server.engine.attention.metadata import PassMetadata, ancestor_closure
+from hub_server.engine.kv_pool import BLOCK_TOKENS, SessionKV
 
 ROW_SHAPES_KEPT = 64  # pass row shapes kept on the device (`PassLayout.rows`), least recent dropped first
 
@@ -35,7 +35,7 @@ class PassBatch:
     sizes: list[int]  # real tokens per row
     tokens: torch.Tensor  # [B', S'] on the device
     positions: torch.Tensor  # [B', S'] absolute context positions
-    layout: PoolPass  # where the new tokens go in the pool, and what each sees
+    meta: PassMetadata  # where the new tokens go in the pool, and what each sees
 
     @property
     def width(self) -> int:
@@ -86,21 +86,8 @@ def block_tables(slots: list[SessionKV]) -> np.ndarray:
 class PassLayout:
     """Lays passes out on one device over one KV pool."""
 
-    def __init__(
-        self,
-        pool: KVPool,
-        device: str,
-        layer_types: list[str],
-        windows: dict[str, int],
-        kernel: PoolKernel | None,
-        batch_buckets: list[int],
-        width_buckets: list[int],
-    ):
-        self.pool = pool
+    def __init__(self, device: str, batch_buckets: list[int], width_buckets: list[int]):
         self.device = device
-        self.layer_types = layer_types
-        self.windows = windows  # each layer kind's window (0: full attention)
-        self.kernel = kernel  # the CPU pool kernel, or None where SDPA attends
         self.batch_buckets, self.width_buckets = batch_buckets, width_buckets
         # Row shapes on this device, by (rows, width, parents); the least recent dropped first.
         self.row_shapes = functools.lru_cache(maxsize=ROW_SHAPES_KEPT)(self._lay_rows)
@@ -130,32 +117,22 @@ class PassLayout:
             positions = torch.cat([positions, positions.new_zeros(height - len(rows), width)])
         else:
             tokens = ids
-        places, biases = {}, {}
-        dtype = self.pool.keys[0].dtype  # the model's (whose `dtype` walks its parameters: ~60 us)
-        for name, window in self.windows.items():
-            # A sliding layer's view starts at the oldest position its first new token still sees.
-            first = [max(0, slot.length - window + 1) if window else 0 for slot in slots]
-            starts = torch.tensor(first).to(device) if window else None
-            view = max(slot.length - start + size for slot, start, size in zip(slots, first, sizes))
-            places[name] = view_places(tables, starts, lengths + shape.sizes, view)
-            biases[name] = view_bias(
-                window, lengths, starts, shape.sizes, positions[: len(rows)], shape.ancestors, view, dtype
-            )
         # Each new token goes to the stored position after its row's past and the row's tokens before it.
         stored = lengths[shape.row_of] + shape.ranks
         blocks = tables.reshape(-1)[shape.row_of * tables.shape[1] + stored // BLOCK_TOKENS]
-        layout = PoolPass(
-            keys=self.pool.keys,
-            values=self.pool.values,
-            kinds=self.layer_types,
+        meta = PassMetadata(
             rows=len(rows),
+            tables=tables,
+            lengths=lengths,
+            sizes=shape.sizes,
+            positions=positions,
+            ancestors=shape.ancestors,
             sources=shape.sources,
             targets=blocks * BLOCK_TOKENS + stored % BLOCK_TOKENS,
-            places=places,
-            biases=biases,
-            kernel=self.kernel,
+            host_lengths=[slot.length for slot in slots],
+            host_sizes=sizes,
         )
-        return PassBatch(slots, sizes, tokens.view(height, width), positions, layout)
+        return PassBatch(slots, sizes, tokens.view(height, width), positions, meta)
 
     def rows(self, height: int, width: int, parents: list[list[int]]) -> RowShape:
         """The shape of rows with these parents in a [height, width] pass, built on the device

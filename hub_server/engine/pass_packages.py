@@ -36,11 +36,13 @@ from pathlib import Path
 
 import torch
 
+from hub_server.engine.attention.interface import THROUGH_OPERATOR
+
 log = logging.getLogger(__name__)
 
 # Sources whose code shapes the compiled graph beyond the model's own (transformers' version
 # names that): how the attention reaches the pool, and the rotary table.
-GRAPH_SOURCES = ("pool_attention.py", "rotary.py", "pass_packages.py")
+GRAPH_SOURCES = ("attention/interface.py", "rotary.py", "pass_packages.py")
 KEY_METADATA = "specedge_pass_key"  # where a package carries the key it was compiled under
 
 CompiledPass = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]  # (embeddings, positions) -> hidden
@@ -61,7 +63,7 @@ class PassDecoder(torch.nn.Module):
             position_ids=positions,
             attention_mask=self.placeholder_mask,
             use_cache=False,
-            kv_pool=True,
+            kv_pool=THROUGH_OPERATOR,  # each layer calls the attention operator
         )
         return out.last_hidden_state
 

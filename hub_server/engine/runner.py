@@ -4,20 +4,23 @@ It owns the target model and the KV pool that holds every session's keys and val
 (`kv_pool.py`: blocks allocated once at start, taken by sessions as their contexts grow). One
 forward pass verifies the drafts of many sessions at once, whatever their context lengths and
 draft shapes: each session's new tokens (pending context tokens, then draft tree nodes) are laid
-out in a row with their own positions (`layout.py`), and the attention (`pool_attention.py`)
-reads each session's past through its block table, with a mask that lets each token see exactly
-its session's past and its own ancestors. The new tokens' keys and values are written into the
+out in a row with their own positions (`layout.py`), and the attention (a backend of
+`attention/`, chosen at start by `--attention`) reads each session's past through its block
+table, letting each token see exactly its session's past and its own ancestors. The new tokens' keys and values are written into the
 session's blocks during the pass; the target's choices are projected only where the acceptance
 rule reads them (`projection.py`); afterwards each session keeps the keys and values of its
 pending tokens and its accepted path, nothing else, and gives back the blocks past them. Which
 passes run, and who shares each, is the scheduler's to say (`scheduler.Composition`): the
 runner runs the pass it is given. On a CPU, how the passes compute is chosen by timings at start
-(`cpu_timings.py`).
+(`cpu/timings.py`).
 
 With `--compile on` the passes take a few fixed shapes (rows and widths rounded up to powers of
-two), each compiled once: on a CPU into an AOTInductor package per shape kept under the hub's
-cache directory (`pass_packages.py`), which a restart loads instead of compiling again; on a GPU
-by torch.compile at each start (CUDA graphs), its kernels cached there.
+two), each compiled once. With FlexAttention the whole decoder is one graph per shape, over
+buffers filled in place (torch.compile at each start; CUDA graphs on a GPU). With the attention
+as an operator between graphs: on a CPU into an AOTInductor package per shape kept under the
+hub's cache directory (`pass_packages.py`), which a restart loads instead of compiling again; on
+a GPU by torch.compile at each start (CUDA graphs between the operator's calls), its kernels
+cached there.
 """
 
 from __future__ import annotations
@@ -27,18 +30,22 @@ import logging
 import os
 import threading
 import time
+from collections.abc import Callable
 from dataclasses import replace
 from pathlib import Path
 
 import torch
 
 from hub_server.config import HubSettings, default_cache_dir
-from hub_server.engine.cpu_timings import time_cpu_choices
+from hub_server.engine.attention.choice import choose_attention
+from hub_server.engine.attention.flex import FlexBackend
+from hub_server.engine.attention.interface import POOL_ATTENTION, THROUGH_OPERATOR, PassAttention
+from hub_server.engine.attention.metadata import FULL, SLIDING
+from hub_server.engine.cpu.timings import time_cpu_choices
 from hub_server.engine.kv_pool import BLOCK_TOKENS, GIB, KVPool, KVShape, SessionKV, blocks_for, plan_kv
 from hub_server.engine.layout import PassBatch, PassLayout, buckets, row_parents
 from hub_server.engine.loading import choose_device, choose_dtype, load_target, read_vocabulary
 from hub_server.engine.pass_packages import CompiledPass, PassDecoder, PassPackages
-from hub_server.engine.pool_attention import FULL, POOL_ATTENTION, SLIDING
 from hub_server.engine.projection import ProjectionWalk
 from hub_server.engine.rotary import rotary_table, tabled
 from hub_server.engine_api import EngineStats, KVHandle, PassTally, VerifyJob
@@ -61,6 +68,7 @@ FEED_CHUNK = 128
 SMALLEST_WIDTH = 16  # the narrowest compiled row: narrower ones cost about as much on any device
 
 log = logging.getLogger("hub_server")
+CompiledDecoder = Callable[[PassBatch, PassAttention], torch.Tensor]  # a bucket's pass -> hidden states
 
 
 def available_memory(device: torch.device) -> int:
@@ -120,8 +128,8 @@ class ModelRunner:
         self.device_lock = threading.Lock()
         # Which draft nodes the vocabulary projection computes (`projection.py`).
         self.walk = ProjectionWalk(self._logits)
-        heads, dim = self.pool.shape.heads, self.pool.shape.dim
-        self.pool_kernel = time_cpu_choices(self.model, settings, self.device, heads, dim, self.walk)
+        time_cpu_choices(self.model, settings, self.device, self.walk)
+        self.attention = self._choose_attention(settings, config)
         self.compiled = _compile_wanted(settings.compile, self.device)
         self.batch_buckets = buckets(settings.max_batch)
         # Verify rows: a session's last token and its draft; the scheduler feeds longer pending
@@ -129,19 +137,11 @@ class ModelRunner:
         widest_verify = 1 + settings.max_draft_tokens
         self.width_buckets = buckets(widest_verify, min(SMALLEST_WIDTH, widest_verify))
         self.widest_verify_row = self.width_buckets[-1] if self.compiled else self.widest_row
-        self.layout = PassLayout(
-            self.pool,
-            self.device,
-            self.layer_types,
-            self.kinds,
-            self.pool_kernel,
-            self.batch_buckets,
-            self.width_buckets,
-        )
+        self.layout = PassLayout(self.device, self.batch_buckets, self.width_buckets)
         self._packages: PassPackages | None = None  # a CPU's compiled passes, one package per bucket
         self._bucket_passes: dict[tuple[int, int], CompiledPass] = {}
         self.passes_from_cache = 0  # buckets whose compiled pass a start loaded instead of compiling
-        self._decoder = self._compiled_decoder(settings) if self.compiled else self._decode
+        self._decoder: CompiledDecoder | None = self._compiled_decoder(settings) if self.compiled else None
         self.compiled_shapes: set[tuple[int, int]] = set()  # buckets run through the compiled decoder
         self._zero_tallies()
         if self.compiled:
@@ -173,6 +173,22 @@ class ModelRunner:
         share = AUTO_KV_SHARE[device.type]
         source = f"auto: {share:.0%} of the {device.type} memory free after loading the model"
         return int(share * available_memory(device)), source
+
+    def _choose_attention(self, settings: HubSettings, config):
+        """The attention backend `--attention` names, or `auto`'s (`attention/choice.py`); on a CPU
+        `auto` times the kernel on a typical verify pass: up to 8 sessions of a token and an 8-token draft."""
+        pass_shape = (
+            min(settings.max_batch, 8),
+            min(1 + settings.max_draft_tokens, 9),
+            config.num_attention_heads,
+            self.pool.shape.heads,
+            self.pool.shape.dim,
+        )
+        cache_dir = settings.cache_dir or default_cache_dir()
+        table_blocks = blocks_for(self.max_context + self.widest_row)
+        return choose_attention(
+            settings.attention, self.pool, self.layer_types, self.kinds, cache_dir, pass_shape, table_blocks
+        )
 
     # --- sessions' KV memory ------------------------------------------------------------
     def new_kv(self, scope: str | None = None) -> SessionKV | None:
@@ -428,32 +444,35 @@ class ModelRunner:
         passes of its own runs eagerly (long rows: few passes, each worth its launches)."""
         shape = tuple(batch.tokens.shape)
         compiled = self.compiled and shape[0] in self.batch_buckets and shape[1] in self.width_buckets
-        with batch.layout.active():
-            if compiled:
-                self.compiled_shapes.add(shape)
-                hidden = self._decoder(batch.tokens, batch.positions)
-            else:
-                hidden = self._decode(batch.tokens, batch.positions)
+        attention = self.attention.begin(batch.meta)
+        if compiled:
+            assert self._decoder is not None
+            self.compiled_shapes.add(shape)
+            hidden = self._decoder(batch, attention)
+        else:
+            hidden = self._decode(batch.tokens, batch.positions, attention)
         if self.compiled and counted:
             self.compiled_hits += compiled
             self.compiled_misses += not compiled
-        self.past_kv_bytes_copied += batch.layout.copied_bytes
+        self.past_kv_bytes_copied += attention.copied_bytes
         return hidden
 
-    def _decode(self, tokens: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
+    def _decode(self, tokens: torch.Tensor, positions: torch.Tensor, attention: PassAttention) -> torch.Tensor:
         """The target's decoder (everything but the vocabulary projection): [B, S] -> [B, S, hidden]."""
         out = self.model.model(
             input_ids=tokens,
             position_ids=positions,
             attention_mask=self._placeholder_mask,
             use_cache=False,
-            kv_pool=True,
+            kv_pool=attention,
         )
         return out.last_hidden_state
 
     def _compiled_decoder(self, settings: HubSettings):
-        """`_decode` compiled: AOTInductor packages of fused C++ kernels on a CPU, torch.compile
-        with CUDA graphs on a GPU."""
+        """`_decode` compiled: with FlexAttention, the whole decoder as one graph per bucket
+        (torch.compile, CUDA graphs on a GPU); with another backend, AOTInductor packages of fused
+        C++ kernels on a CPU, torch.compile with CUDA graphs between the attention operator's
+        calls on a GPU."""
         cache = (settings.cache_dir or default_cache_dir()) / "torch-compile"
         # Inductor's home for the kernels it builds, under the hub's cache (unless the user chose one).
         # Inductor writes its default into the variable the first time anything asks (importing
@@ -466,8 +485,34 @@ class ModelRunner:
         # Compiled passes read the rotary cosines and sines from a table (rotary.py): inductor
         # would otherwise compute them again in every layer's kernel.
         self._rotary_table = rotary_table(self.model.model, self.max_context + self.widest_row + 1, self.model.dtype)
+        if isinstance(self.attention, FlexBackend):
+            return self._flex_decoder(self.attention)
         if self.device == "cpu":
             return self._packaged_decoder(cache / "passes")
+        compiled = self._torch_compiled()
+
+        def operator_pass(batch: PassBatch, attention: PassAttention) -> torch.Tensor:
+            with tabled(self.model.model, self._rotary_table), attention.active():
+                return compiled(batch.tokens, batch.positions, THROUGH_OPERATOR)
+
+        return operator_pass
+
+    def _flex_decoder(self, backend: FlexBackend):
+        """The decoder and FlexAttention compiled whole, one graph per bucket, over the bucket's
+        buffers (filled in place before each pass: `FlexBucket.fill`)."""
+        compiled = self._torch_compiled()
+
+        def flex_pass(batch: PassBatch, attention: PassAttention) -> torch.Tensor:
+            bucket = backend.bucket(*batch.tokens.shape)
+            bucket.fill(batch.meta, batch.tokens, batch.positions)
+            with tabled(self.model.model, self._rotary_table):
+                return compiled(bucket.tokens, bucket.positions, bucket)
+
+        return flex_pass
+
+    def _torch_compiled(self):
+        """`_decode` through torch.compile: one graph per bucket (`fullgraph`: a break is an
+        error), CUDA graphs on a GPU (what mode="reduce-overhead" sets)."""
         import torch._dynamo
 
         # One compiled graph per bucket; without this, torch.compile stops compiling after 8.
@@ -477,15 +522,9 @@ class ModelRunner:
         # The model does not change once loaded, so the compiled passes do not check its modules'
         # attributes before each call (most of dynamo's guards: 0.8 ms a pass on the CPU machine);
         # the guards on the inputs' shapes, which pick a bucket's graph, stay.
-        options: dict = {"guard_filter_fn": torch.compiler.skip_guard_on_all_nn_modules_unsafe}
-        options["triton.cudagraphs"] = True  # what mode="reduce-overhead" sets
-        compiled = torch.compile(self._decode, dynamic=False, fullgraph=True, options=options)
-
-        def compiled_pass(tokens: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
-            with tabled(self.model.model, self._rotary_table):
-                return compiled(tokens, positions)
-
-        return compiled_pass
+        options: dict = {"guard_filter_fn": _pass_guards}
+        options["triton.cudagraphs"] = self.device == "cuda"
+        return torch.compile(self._decode, dynamic=False, fullgraph=True, options=options)
 
     def _packaged_decoder(self, root: Path):
         """`_decode` through each bucket's AOTInductor package (`pass_packages.py`), loaded or
@@ -502,8 +541,10 @@ class ModelRunner:
         with tabled(self.model.model, self._rotary_table):
             self._packages = PassPackages(root, decoder, self.verify_threads, options)
 
-        def packaged_pass(tokens: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
-            return self._bucket_passes[tokens.shape[0], tokens.shape[1]](embed(tokens), positions)
+        def packaged_pass(batch: PassBatch, attention: PassAttention) -> torch.Tensor:
+            tokens = batch.tokens
+            with attention.active():
+                return self._bucket_passes[tokens.shape[0], tokens.shape[1]](embed(tokens), batch.positions)
 
         return packaged_pass
 
@@ -547,6 +588,15 @@ class ModelRunner:
             flat_keys[targets_t] = flat_keys[sources_t]
             flat_values[targets_t] = flat_values[sources_t]
             self.kept_kv_bytes_moved += 2 * flat_keys[0].nbytes * len(sources)
+
+
+def _pass_guards(guards: list) -> list[bool]:
+    """The guards a compiled pass keeps: those on its inputs. Not those on the model's modules
+    (see `_torch_compiled`), nor on the `kernels` package's routing of hub kernels, a global that
+    its wrappers around the layers leave set after the first compiled call (the first bucket
+    compiled then recompiled at its first pass); the hub loads no hub kernels."""
+    kept = torch.compiler.skip_guard_on_all_nn_modules_unsafe(guards)
+    return [keep and "_ACTIVE_KERNEL_FUNCS" not in guard.name for keep, guard in zip(kept, guards)]
 
 
 def _use_threads(threads: int) -> None:

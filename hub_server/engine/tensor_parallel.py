@@ -198,7 +198,7 @@ class SummedOverRanks(nn.Module):
         super().__init__()
         self.bias = linear.bias
         linear.register_parameter("bias", None)
-        self.partial = linear  # called as a module: a CPU's routing of products (`cpu_products.py`) applies
+        self.partial = linear  # called as a module: a CPU's routing of products (`cpu/products.py`) applies
 
     def forward(self, hidden: torch.Tensor) -> torch.Tensor:
         summed = self.partial(hidden)

@@ -2,8 +2,8 @@
  * into their blocks, then attend over each row's view of its session's blocks where they live
  * (no copy of the past).
  *
- * Built at hub start by `pool_kernel.py` with the machine's C compiler (-O3 -march=native) and
- * called through ctypes from `PoolPass.attend`. What it replaces is ATen's SDPA, whose CPU
+ * Built at hub start by `kernel.py` with the machine's C compiler (-O3 -march=native) and
+ * called through ctypes from `KernelPass.attend`. What it replaces is ATen's SDPA, whose CPU
  * kernel pays a fixed cost per (row, head) that dominates the few dozen columns of a short
  * context; here a (row, kv head) is four small tiled steps: the view's keys transposed (W x W
  * blocks in registers, W the target's lanes: 16 with AVX-512, 8 with AVX, 4 otherwise), scores

@@ -1,10 +1,11 @@
-"""The CPU pool-attention kernel (`pool_kernel.c`): built at start with the machine's C compiler.
+"""The CPU kernel backend: the hub's own attention kernel (`pool_kernel.c`), built at start with
+the machine's C compiler, reading each row's blocks where they live.
 
-`PoolPass.attend` hands a CPU layer to it instead of ATen's SDPA when the hub was started with
-`--cpu-attention kernel` (every pass), or `auto` (the default) for the passes it measured the
-kernel faster on: at start, `auto` times one layer of the hub's own verify shape through both,
-at widening slot views (`TIMED_WIDTHS`), and keeps the kernel up to the widest view where it
-took at most 90% of SDPA's time (none: SDPA everywhere). On the project's CPU machine (one
+It attends a layer kind's views up to `widest` columns and hands wider ones to the reference
+(SDPA over gathered views): `--attention kernel` sets no limit; `--attention auto` on a CPU
+times one layer of the hub's own verify shape through both at start, at widening views
+(`timings.TIMED_WIDTHS`), and keeps the kernel up to the widest view where it took at most 90%
+of SDPA's time (none: the reference everywhere). On the project's CPU machine (one
 thread), one layer of the dispatch-bound target (8 sessions x 9 tokens, heads of 16) over 59
 columns took 24 us in the kernel against 85 us through SDPA and its index writes, 1.6x less at
 256 columns and 1.3x at 2,009; with Gemma's heads of 256 dims 1.3x less at 64 columns, even at
@@ -12,7 +13,8 @@ columns took 24 us in the kernel against 85 us through SDPA and its index writes
 SDPA, which spreads over them, wins sooner and `auto` keeps the kernel to fewer columns.
 
 The library is built once per source, compiler and CPU into `<cache-dir>/pool-kernel/` (under a
-second with gcc); a machine with no C compiler keeps SDPA (`auto`) or refuses to start (`kernel`).
+second with gcc); a machine with no C compiler keeps the reference (`auto`) or refuses to start
+(`kernel`).
 """
 
 from __future__ import annotations
@@ -30,12 +32,13 @@ from pathlib import Path
 
 import torch
 
+from hub_server.engine.attention.metadata import KindView, PassMetadata
+from hub_server.engine.attention.reference import ReferenceBackend, ReferencePass
+
 log = logging.getLogger(__name__)
 
 SOURCE = Path(__file__).with_name("pool_kernel.c")
 FLAGS = ("-O3", "-march=native", "-fno-math-errno", "-fno-trapping-math", "-shared", "-fPIC")
-TIMED_WIDTHS = (64, 128, 256, 512, 1024, 2048, 4096)  # `auto`: the slot views (columns) timed at start
-FASTER = 0.9  # `auto`: the kernel's time at most this share of SDPA's
 _I64, _PTR = ctypes.c_int64, ctypes.c_void_p
 LAYER = struct.Struct("=16qf")  # pool_kernel.c's `struct layer`: 16 pointers and strides, the scale
 LAYER_FIELDS = -(-LAYER.size // 8)  # int64s that hold it, with the C struct's padding (17)
@@ -47,7 +50,7 @@ class PoolKernel:
 
     def __init__(self, library: Path, widest: int) -> None:
         self.library = ctypes.CDLL(str(library))
-        self.widest = widest  # passes with a wider slot view go to SDPA
+        self.widest = widest  # views wider than this go to the reference
         self._attend = self.library.pool_attend
         self._attend.argtypes, self._attend.restype = [_PTR, _PTR], None
         self._layer = (_I64 * LAYER_FIELDS)()  # one layer's `struct layer`, packed anew each call
@@ -55,7 +58,7 @@ class PoolKernel:
         sizes = self.library.pool_struct_bytes
         sizes.argtypes, sizes.restype = [], _I64
         if sizes() != LAYER_FIELDS * 8 * 1000 + PASS_FIELDS * 8:  # the C structs and what is packed here
-            raise RuntimeError(f"{library.name}: its structs are not the ones pool_kernel.py packs")
+            raise RuntimeError(f"{library.name}: its structs are not the ones kernel.py packs")
         self._scratch_floats = self.library.pool_scratch
         self._scratch_floats.argtypes, self._scratch_floats.restype = [_I64] * 3, _I64
         self._scratch = torch.empty(0)
@@ -123,59 +126,58 @@ class PoolKernel:
         return out
 
 
-def load_pool_kernel(
-    mode: str,
-    device: torch.device | str,
-    dtype: torch.dtype,
-    cache_dir: Path,
-    shape: tuple[int, int, int, int, int] = (8, 9, 4, 2, 16),
-) -> PoolKernel | None:
-    """The kernel for `--cpu-attention mode` on this target, or None where SDPA attends.
+class KernelBackend(ReferenceBackend):
+    """The kernel for the layer kinds whose views it serves in a pass, the reference for the rest."""
 
-    mode: auto (the kernel where it builds, for the slot views it was timed faster on), kernel
-    (every pass; an error if it cannot be built), sdpa (never). shape: the verify pass `auto`
-    times, (rows, tokens a row, query heads, kv heads, head dims)."""
-    if mode == "sdpa" or torch.device(device).type != "cpu" or dtype != torch.float32:
-        return None
+    name = "kernel"
+
+    def __init__(self, keys, values, kinds, windows, kernel: PoolKernel):
+        super().__init__(keys, values, kinds, windows)
+        self.kernel = kernel
+
+    def begin(self, meta: PassMetadata) -> KernelPass:
+        return KernelPass(self, meta)
+
+
+class KernelPass(ReferencePass):
+    backend: KernelBackend
+
+    def __init__(self, backend: KernelBackend, meta: PassMetadata):
+        super().__init__(backend, meta)
+        self._packed: dict[str, ctypes.Array[ctypes.c_int64] | None] = {}  # by kind: None where the reference attends
+
+    def attend(self, query, key, value, layer, scale):
+        kind = self.backend.kinds[layer]
+        if kind not in self._packed:  # the first layer of its kind in this pass: the kernel's or the reference's
+            self._packed[kind] = self._prepare(kind, query, key)
+        shared = self._packed[kind]
+        if shared is None:
+            return super().attend(query, key, value, layer, scale)
+        # One call writes and attends in place (pool_kernel.c).
+        keys, values = self.backend.keys[layer], self.backend.values[layer]
+        return self.backend.kernel.attend(query, key, value, keys, values, shared, scale)
+
+    def _prepare(self, kind: str, query: torch.Tensor, key: torch.Tensor):
+        """The kernel's arguments for this kind's layers in this pass, or None where the reference attends them."""
+        width = self.meta.view_width(self.backend.windows[kind])
+        if not self.backend.kernel.serves(query, width):
+            return None
+        view: KindView = self.view(kind, query.dtype)  # the bias is [B, S, width], contiguous
+        writes = (self.meta.sources, self.meta.targets)
+        return self.backend.kernel.prepare(query, key, writes, self.meta.rows, view.places, view.bias)
+
+
+def build_kernel(choice: str, cache_dir: Path) -> PoolKernel | None:
+    """The kernel library for `--attention choice` (auto or kernel), every width allowed; None
+    (logged) where `auto` cannot build it. `kernel` that cannot be built is an error."""
     try:
         library = build(cache_dir / "pool-kernel")
     except RuntimeError as error:
-        if mode == "kernel":
-            raise RuntimeError(f"--cpu-attention kernel: {error}; start with --cpu-attention sdpa") from error
-        log.warning("CPU attention: SDPA (the pool kernel was not built: %s)", error)
+        if choice == "kernel":
+            raise RuntimeError(f"--attention kernel: {error}; start with --attention reference") from error
+        log.warning("attention: the reference (the CPU kernel was not built: %s)", error)
         return None
-    kernel = PoolKernel(library, 1 << 62)
-    if mode == "kernel":
-        log.info("CPU attention: the pool kernel (%s) for every pass", library.name)
-        return kernel
-    kernel.widest, timings = widest_faster(kernel, shape)
-    measured = ", ".join(f"{width}: {ours * 1e6:.0f} against {sdpa * 1e6:.0f} us" for width, ours, sdpa in timings)
-    if not kernel.widest:
-        log.info("CPU attention: SDPA (the pool kernel was not faster on a layer of this target: %s)", measured)
-        return None
-    log.info(
-        "CPU attention: the pool kernel up to %d columns, SDPA beyond (a layer, by columns: %s)",
-        kernel.widest,
-        measured,
-    )
-    return kernel
-
-
-def widest_faster(
-    kernel: PoolKernel, shape: tuple[int, int, int, int, int]
-) -> tuple[int, list[tuple[int, float, float]]]:
-    """The widest of `TIMED_WIDTHS` up to which the kernel ran a layer of `shape` in at most
-    FASTER of SDPA's time (0 if none), and the timings: (width, kernel s, SDPA s), best of 5."""
-    from hub_server.engine.pool_attention import timed_layer  # the pool attention imports this module
-
-    widest, timings = 0, []
-    for width in TIMED_WIDTHS:
-        ours, sdpa = timed_layer(kernel, shape, width), timed_layer(None, shape, width)
-        timings.append((width, ours, sdpa))
-        if ours > FASTER * sdpa:
-            break
-        widest = width
-    return widest, timings
+    return PoolKernel(library, 1 << 62)
 
 
 def build(folder: Path) -> Path:
