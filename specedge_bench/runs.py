@@ -62,9 +62,11 @@ def _figures(
     )
     passes = grown.value(names.BATCHES)
     # An estimate from the fit, never more than the verify passes' measured time less each pass's
-    # fixed part, which decoding pays whatever a pass carries (a short run's fit can overshoot).
+    # fixed part, which decoding pays whatever a pass carries (a short run's fit can overshoot). A
+    # fit that has found no fixed part cannot split a pass: its prompt tokens stay in decoding.
     verify_busy = busy - grown.value(names.PREFILL_SECONDS)
-    in_verify_s = min(in_verify_s, max(0.0, verify_busy - passes * worker_mean(after, names.PASS_FIXED_SECONDS)))
+    fixed_s = worker_mean(after, names.PASS_FIXED_SECONDS)
+    in_verify_s = min(in_verify_s, max(0.0, verify_busy - passes * fixed_s)) if fixed_s > 0 else 0.0
     prefill = grown.value(names.PREFILL_SECONDS) + in_verify_s
     verifies = grown.value(names.VERIFY_REQUESTS)
     records = [u.record for u in users]

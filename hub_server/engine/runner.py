@@ -267,11 +267,13 @@ class ModelRunner:
             tally = self.verify_passes.setdefault(len(jobs), PassTally())
             before = tally.seconds
             with self._device_time(tally):
-                tokens = self._verify_pass(jobs)
-            self.pass_costs.add(tokens, tally.seconds - before)
+                rows, width = self._verify_pass(jobs)
+            self.pass_costs.add(rows * width, tally.seconds - before)
             # What the pass computed beyond a pass of every session's last token and draft: the
-            # context it carried (a new prompt) and the padding that context caused.
-            self.context_in_verify += tokens - len(jobs) * max(1 + len(job.draft) for job in jobs)
+            # context it carried (a new prompt) and the padding that context caused in every row
+            # (not a bucket's padding, which a pass of drafts alone has too).
+            plain = max(1 + len(job.draft) for job in jobs)
+            self.context_in_verify += rows * (max(len(job.pending) + len(job.draft) for job in jobs) - plain)
             return tally.seconds - before
 
     def warm_up(self, max_batch: int, max_draft: int) -> None:
@@ -375,8 +377,8 @@ class ModelRunner:
         self.compiled_misses = 0  # passes (with --compile on) no bucket was compiled for: run eagerly
         self.walk.projected_rows = 0  # verify rows the vocabulary projection computed
 
-    def _verify_pass(self, jobs: list[VerifyJob]) -> int:
-        """One batched pass over the jobs; returns the tokens it computed, padding included."""
+    def _verify_pass(self, jobs: list[VerifyJob]) -> tuple[int, int]:
+        """One batched pass over the jobs; returns its rows and width, padding included."""
         batch = self._batch(
             [_own(job.kv) for job in jobs],
             [job.pending + job.draft for job in jobs],
@@ -392,7 +394,8 @@ class ModelRunner:
             nodes = job.path[: len(job.emitted) - 1]
             kept.append((len(job.pending), nodes, job.pending + [job.draft[node] for node in nodes]))
         self._keep(batch, kept)
-        return batch.tokens.numel()
+        rows, width = batch.tokens.shape
+        return rows, width
 
     def _feed(self, kv: SessionKV, tokens: list[int]) -> None:
         """Append `tokens` to `kv` in passes of this session alone, FEED_CHUNK tokens each."""
