@@ -114,7 +114,7 @@ def listening_addresses(pids: list[int]) -> set[str]:
 
 
 def test_an_idle_hub_sleeps_and_its_ray_listens_on_loopback_only(two_workers):
-    wait_for(lambda: httpx.get(f"{two_workers.url}/health").status_code == 200, 300, "both workers ready")
+    wait_for(lambda: both_ready(two_workers.url), 300, "both workers ready")  # /health says 200 with one
     time.sleep(3)  # what start-up set going settles
     root = two_workers.process.pid
     before = {pid: cpu_seconds(pid) for pid in process_tree(root)}
@@ -131,6 +131,11 @@ def test_an_idle_hub_sleeps_and_its_ray_listens_on_loopback_only(two_workers):
     addresses = listening_addresses(tree)
     assert len(tree) >= 5 and addresses  # the front end, GCS, raylet, both workers at least
     assert addresses <= {"127.0.0.1", "::ffff:127.0.0.1", "::1"}, addresses
+
+
+def both_ready(url: str) -> bool:
+    answer = httpx.get(f"{url}/health")
+    return answer.status_code == 200 and answer.json()["workers"] == {"ready": 2, "total": 2}
 
 
 def comm(pid: int) -> str:
@@ -324,12 +329,7 @@ def test_both_workers_killed_mid_reply_leave_the_hub_up_degraded_and_the_reply_c
     status, body = seen["health"]
     assert (status, body["status"], body["workers"]) == (503, "degraded", {"ready": 0, "total": 2})
     assert reply.token_ids == expected(target_alone, draft, reply, 0.9)
-
-    def both_back() -> bool:  # /health says 200 as soon as one is back
-        answer = httpx.get(f"{two_workers.url}/health")
-        return answer.status_code == 200 and answer.json()["workers"] == {"ready": 2, "total": 2}
-
-    wait_for(both_back, START_S, "both workers back")
+    wait_for(lambda: both_ready(two_workers.url), START_S, "both workers back")  # /health says 200 with one
     assert not set(seen["pids"]) & {w["pid"] for w in workers_of(two_workers.url, ops)}
 
 
