@@ -8,7 +8,6 @@ each through every attention backend the machine has (reference, CPU kernel, Fle
 from __future__ import annotations
 
 import random
-import shutil
 import uuid
 from collections import Counter
 
@@ -26,40 +25,14 @@ from hub_server.errors import KVMemoryFull
 from hub_server.scheduler import Composition, Scheduler
 from hub_server.tree import chain_parents
 from tests.conftest import ATTENTION, ATTENTIONS, DEVICE, TargetAlone, plain_target
+from tests.tiny_models import build_tiny_gemma
 
 NO_STOP = frozenset()
 
 
 @pytest.fixture(scope="module")
 def gemma_dir(tiny, tmp_path_factory):
-    from transformers import AutoModelForCausalLM, Gemma3TextConfig
-
-    config = Gemma3TextConfig(
-        vocab_size=512,
-        hidden_size=64,
-        intermediate_size=128,
-        num_hidden_layers=4,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        head_dim=16,
-        sliding_window=8,
-        layer_types=["sliding_attention", "sliding_attention", "full_attention", "sliding_attention"],
-        max_position_embeddings=1024,
-        bos_token_id=1,
-        eos_token_id=2,
-        pad_token_id=0,
-    )
-    torch.manual_seed(5)
-    model = AutoModelForCausalLM.from_config(config)
-    with torch.no_grad():
-        for param in model.parameters():
-            if param.dim() == 2:
-                param.normal_(0, 0.3)
-    folder = tmp_path_factory.mktemp("gemma-tiny")
-    model.save_pretrained(str(folder))
-    for name in ("tokenizer.model", "tokenizer_config.json"):
-        shutil.copy(tiny.hf_dir / name, folder / name)
-    return folder
+    return build_tiny_gemma(tmp_path_factory.mktemp("gemma-tiny"), tiny.hf_dir, kv_heads=2, seed=5)
 
 
 @pytest.fixture(scope="module", params=[(m, a) for m in ("llama", "gemma-sliding") for a in ATTENTIONS], ids="-".join)

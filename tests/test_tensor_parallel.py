@@ -9,7 +9,6 @@ group: rank 0 plays the sessions through its runner and rank 1 follows its passe
 from __future__ import annotations
 
 import json
-import shutil
 from pathlib import Path
 
 import pytest
@@ -22,6 +21,7 @@ from hub_server.engine.tensor_parallel import ShardedRunner, ShardGroup, plan_sh
 from hub_server.engine_api import VerifyJob
 from hub_server.tree import chain_parents
 from tests.conftest import ATTENTION, plain_target
+from tests.tiny_models import build_tiny_gemma
 
 WORLD = 2
 TOKENS = 24  # tokens each session decodes
@@ -34,34 +34,7 @@ SAMPLED = {2: (1.0, 9)}  # session 2 samples: temperature, seed; the others are 
 def gemma_one_kv_head(tiny, tmp_path_factory) -> Path:
     """A random Gemma 3 with one key/value head (as Gemma 3 270M) and a sliding window of 8: each
     rank keeps a copy of the kv head, and contexts pass the window."""
-    from transformers import AutoModelForCausalLM, Gemma3TextConfig
-
-    config = Gemma3TextConfig(
-        vocab_size=512,
-        hidden_size=64,
-        intermediate_size=128,
-        num_hidden_layers=4,
-        num_attention_heads=4,
-        num_key_value_heads=1,
-        head_dim=16,
-        sliding_window=8,
-        layer_types=["sliding_attention", "sliding_attention", "full_attention", "sliding_attention"],
-        max_position_embeddings=1024,
-        bos_token_id=1,
-        eos_token_id=2,
-        pad_token_id=0,
-    )
-    torch.manual_seed(7)
-    model = AutoModelForCausalLM.from_config(config)
-    with torch.no_grad():
-        for param in model.parameters():
-            if param.dim() == 2:
-                param.normal_(0, 0.3)
-    folder = tmp_path_factory.mktemp("gemma-one-kv")
-    model.save_pretrained(str(folder))
-    for name in ("tokenizer.model", "tokenizer_config.json"):
-        shutil.copy(tiny.hf_dir / name, folder / name)
-    return folder
+    return build_tiny_gemma(tmp_path_factory.mktemp("gemma-one-kv"), tiny.hf_dir, kv_heads=1, seed=7)
 
 
 @pytest.fixture(params=["llama", "gemma-one-kv-head"])

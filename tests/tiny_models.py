@@ -366,3 +366,39 @@ def write_chat_draft(path: Path, chat_template: str, seed: int = 0, tokenizer_di
         path, name, _random_weights(seed), _read_vocab(tokenizer_model), quantize=True, chat_template=chat_template
     )
     return path
+
+
+def build_tiny_gemma(folder: Path, tokenizer_dir: Path, kv_heads: int, seed: int) -> Path:
+    """A random Gemma 3 text model in `folder` (4 layers, hidden 64, 4 query heads of 16 dims,
+    `kv_heads` key/value heads, a sliding window of 8 on all layers but the third), with the tiny
+    tokenizer of `tokenizer_dir`: small enough for every test, with Gemma's sliding window."""
+    import shutil
+
+    import torch
+    from transformers import AutoModelForCausalLM, Gemma3TextConfig
+
+    config = Gemma3TextConfig(
+        vocab_size=512,
+        hidden_size=64,
+        intermediate_size=128,
+        num_hidden_layers=4,
+        num_attention_heads=4,
+        num_key_value_heads=kv_heads,
+        head_dim=16,
+        sliding_window=8,
+        layer_types=["sliding_attention", "sliding_attention", "full_attention", "sliding_attention"],
+        max_position_embeddings=1024,
+        bos_token_id=1,
+        eos_token_id=2,
+        pad_token_id=0,
+    )
+    torch.manual_seed(seed)
+    model = AutoModelForCausalLM.from_config(config)
+    with torch.no_grad():
+        for param in model.parameters():
+            if param.dim() == 2:
+                param.normal_(0, 0.3)
+    model.save_pretrained(str(folder))
+    for name in ("tokenizer.model", "tokenizer_config.json"):
+        shutil.copy(tokenizer_dir / name, folder / name)
+    return folder
