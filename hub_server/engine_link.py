@@ -18,6 +18,7 @@ session and feed their own history again, so the reply goes on unchanged), the o
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import itertools
 import logging
 import os
@@ -49,6 +50,7 @@ PING_S = 0.5
 # An engine that answers no ping this long is taken for lost (a loaded CPU host can stall a
 # process for seconds; a lost engine costs every session its KV).
 SILENT_LIMIT_S = 10.0
+FIRST_STATUS_WAIT_S = 5.0  # a front end's start waits this long at most to hear the engine's state
 SESSION_METHODS = frozenset({"feed", "verify", "generate", "close"})  # their session dies with the engine
 STARTED = object()  # a stream's first message: the engine took the request (its checks passed)
 ENDED = object()
@@ -83,10 +85,14 @@ class EngineLink:
         self._socket: zmq.asyncio.Socket | None = None
         self._tasks: list[asyncio.Task] = []
         self._last_heard = time.monotonic()
+        self._first_status: asyncio.Event | None = None
 
     async def start(self) -> None:
-        """Connect from the serving event loop (the app's start-up)."""
+        """Connect from the serving event loop (the app's start-up), and wait up to
+        `FIRST_STATUS_WAIT_S` for the engine's state, so a front end that starts beside others
+        serving (or replaces one that died) does not accept requests it would refuse as "starting"."""
         self._loop = asyncio.get_running_loop()
+        self._first_status = asyncio.Event()
         self._socket = zmq.asyncio.Context.instance().socket(zmq.DEALER)
         self._socket.setsockopt(zmq.LINGER, 0)
         self._socket.connect(self.address)
@@ -94,6 +100,8 @@ class EngineLink:
         self._tasks = [self._loop.create_task(self._read()), self._loop.create_task(self._ping())]
         if self._outbox:
             self._flush()
+        with contextlib.suppress(TimeoutError):
+            await asyncio.wait_for(self._first_status.wait(), FIRST_STATUS_WAIT_S)
 
     async def stop(self) -> None:
         for task in self._tasks:
@@ -230,6 +238,8 @@ class EngineLink:
         if status.state != self.status.state or status.incarnation != self.status.incarnation:
             log.info("engine process %d %s", status.pid, status.state)
         self.status = status
+        if self._first_status is not None:
+            self._first_status.set()
 
     def _lose(self, reason: str) -> None:
         """Answer every request in flight now; new ones wait for the engine's next incarnation."""

@@ -227,11 +227,12 @@ def test_frames_that_are_not_verify_requests_are_refused_and_the_stream_kept(str
 
 def test_a_frame_past_twice_the_body_limit_closes_the_stream_unread(stream_hub):
     session_id = open_session(stream_hub)
-    with stream_of(stream_hub, session_id) as stream:
+    with stream_of(stream_hub, session_id) as stream, pytest.raises(ConnectionClosed) as closed:
+        # The hub closes while the frame is still arriving: the client's send may meet the reset
+        # of a socket closed with unread data before it reads the close frame.
         stream.send(msgpack.packb({"id": 0, "draft": [5], "pad": b"x" * (2 << 20)}))
-        with pytest.raises(ConnectionClosed) as closed:
-            stream.recv(timeout=30)
-    assert closed.value.rcvd is not None and closed.value.rcvd.code == 1009  # message too big
+        stream.recv(timeout=30)
+    assert closed.value.rcvd is None or closed.value.rcvd.code == 1009  # message too big
     with stream_hub.client("ada") as http:  # the session is as it was
         assert http.post(f"/v1/sessions/{session_id}/verify", json={"draft": [5]}).json()["context_len"] >= 4
 
