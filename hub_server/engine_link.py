@@ -1,14 +1,14 @@
 """The front end's side of the engine process (`engine_process.py`): the process started and
 restarted, and its hub reached through one socket as if it were in this interpreter.
 
-    HTTP routes ── RemoteHub ── EngineLink (DEALER) ══ipc══▶ engine process (ROUTER, service.Hub)
+    HTTP routes ── RemoteHub ── EngineLink ══Unix socket══▶ engine process (service.Hub)
                                      ▲
     EngineProcess (started, watched, restarted) ── lost ──┘
 
 `EngineLink` sends every request taken during one turn of the event loop in one frame and
 resolves each from the engine's answers. A ping every `PING_S` carries the engine's status
 back (loading, ready, failed; its incarnation), so a front end always knows, without waiting on
-a request, whether the engine is up. When the engine is lost (its process died, a new
+a request, whether the engine is up. When the engine is lost (its connection ended, a new
 incarnation answers, or nothing is heard for `SILENT_LIMIT_S`) every request in flight is
 answered at once: session requests as `WorkerLost` (404 `session_not_found`: clients reopen the
 session and feed their own history again, so the reply goes on unchanged), the others as
@@ -34,9 +34,6 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-import zmq
-import zmq.asyncio
-
 from hub_server import ipc
 from hub_server import protocol as wire
 from hub_server.config import HubSettings
@@ -51,6 +48,7 @@ PING_S = 0.5
 # process for seconds; a lost engine costs every session its KV).
 SILENT_LIMIT_S = 10.0
 FIRST_STATUS_WAIT_S = 5.0  # a front end's start waits this long at most to hear the engine's state
+CONNECT_RETRY_S = 0.05  # between tries to reach an engine process that is starting
 SESSION_METHODS = frozenset({"feed", "verify", "generate", "close"})  # their session dies with the engine
 STARTED = object()  # a stream's first message: the engine took the request (its checks passed)
 ENDED = object()
@@ -63,7 +61,7 @@ PARENT_CHECK_S = 0.5  # how often a child process looks whether the process that
 def engine_address() -> str:
     """A socket only this machine's user can reach: in a fresh private folder."""
     folder = Path(tempfile.mkdtemp(prefix="specedge-hub-"))  # mode 0700
-    return f"ipc://{folder / 'engine.sock'}"
+    return str(folder / "engine.sock")
 
 
 @dataclass
@@ -82,7 +80,7 @@ class EngineLink:
         self._ids = itertools.count(1)
         self._outbox: list[list[Any]] = []
         self._loop: asyncio.AbstractEventLoop | None = None
-        self._socket: zmq.asyncio.Socket | None = None
+        self._connection: asyncio.StreamWriter | None = None
         self._tasks: list[asyncio.Task] = []
         self._last_heard = time.monotonic()
         self._first_status: asyncio.Event | None = None
@@ -93,21 +91,16 @@ class EngineLink:
         serving (or replaces one that died) does not accept requests it would refuse as "starting"."""
         self._loop = asyncio.get_running_loop()
         self._first_status = asyncio.Event()
-        self._socket = zmq.asyncio.Context.instance().socket(zmq.DEALER)
-        self._socket.setsockopt(zmq.LINGER, 0)
-        self._socket.connect(self.address)
         self._last_heard = time.monotonic()
         self._tasks = [self._loop.create_task(self._read()), self._loop.create_task(self._ping())]
-        if self._outbox:
-            self._flush()
         with contextlib.suppress(TimeoutError):
             await asyncio.wait_for(self._first_status.wait(), FIRST_STATUS_WAIT_S)
 
     async def stop(self) -> None:
         for task in self._tasks:
             task.cancel()
-        if self._socket is not None:
-            self._socket.close()
+        if self._connection is not None:
+            self._connection.close()
 
     # --- requests -----------------------------------------------------------------------
     async def call(self, method: str, *args: Any) -> Any:
@@ -172,19 +165,24 @@ class EngineLink:
     # --- the socket ---------------------------------------------------------------------
     def _queue(self, message: list[Any]) -> None:
         """Send with everything else queued before the loop's next turn, as one frame."""
+        if self._connection is None and message[0] != ipc.COUNT_REFUSAL:
+            return  # no engine to reach: requests are refused meanwhile, and pings have no one to ask
         self._outbox.append(message)
         if len(self._outbox) == 1 and self._loop is not None:
             self._loop.call_soon(self._flush)
 
     def _flush(self) -> None:
+        connection = self._connection
+        if connection is None or connection.is_closing():  # kept until the engine is reached again
+            return
         messages, self._outbox = self._outbox, []
-        if not messages or self._socket is None:
+        if not messages:
             return
         try:
             frame = ipc.pack(messages)
         except (OverflowError, TypeError, ValueError):  # a value msgpack cannot carry: refuse its request alone
             frame = ipc.pack([message for message in messages if self._packs(message)])
-        self._socket.send(frame, flags=zmq.NOBLOCK)
+        connection.write(frame)
 
     def _packs(self, message: list[Any]) -> bool:
         """Whether msgpack carries `message`; if not, its request is refused (422) here."""
@@ -198,12 +196,23 @@ class EngineLink:
         return True
 
     async def _read(self) -> None:
-        assert self._socket is not None
+        """Reach the engine process, read its answers until the connection ends, and again."""
         while True:
-            frame = await self._socket.recv()
-            self._last_heard = time.monotonic()
-            for message in ipc.unpack(frame):
-                self._deliver(message)
+            try:
+                reader, self._connection = await asyncio.open_unix_connection(self.address)
+            except OSError:  # not listening yet: starting, or starting again
+                await asyncio.sleep(CONNECT_RETRY_S)
+                continue
+            self._outbox.append([ipc.PING, -1])  # its state at once, with the refusals counted meanwhile
+            self._flush()
+            async for frame in ipc.frames(reader):
+                self._last_heard = time.monotonic()
+                for message in ipc.unpack(frame):
+                    self._deliver(message)
+            self._connection.close()
+            self._connection = None
+            if self.status.incarnation:
+                self._lose("the hub's engine process went away")
 
     def _deliver(self, message: list[Any]) -> None:
         kind = message[0]

@@ -8,7 +8,7 @@ single-process hub, so nothing about batching, sessions' turns or their KV chang
 token checks and body parsing left this process, and with them the GIL time they took from the
 passes.
 
-    front ends (DEALER) ──ipc──▶ ROUTER ── EngineServer ── service.Hub ── Scheduler ── runner / Ray workers
+    front ends ──Unix socket, a connection each──▶ EngineServer ── service.Hub ── Scheduler ── runner / Ray workers
 
 The process ignores SIGINT and SIGTERM: a signal to the whole process group (Ctrl+C in a
 terminal, `timeout`, systemd's stop) is the front end's to act on, which drains its requests
@@ -19,6 +19,7 @@ to stop the engine, or ended with that process.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import functools
 import logging
 import os
@@ -30,9 +31,6 @@ import time
 from collections.abc import Callable, Sequence
 from dataclasses import replace
 from typing import Any
-
-import zmq
-import zmq.asyncio
 
 from hub_server import ipc
 from hub_server.accounts import token_check_for
@@ -112,23 +110,21 @@ class EngineServer:
         self.status = ipc.EngineStatus(
             "loading", incarnation, os.getpid(), "the target model is loading", model=settings.model
         )
-        self._socket: zmq.asyncio.Socket | None = None
-        self._outboxes: dict[bytes, list[list[Any]]] = {}
-        self._tasks: dict[tuple[bytes, int], asyncio.Task] = {}
+        self._outboxes: dict[asyncio.StreamWriter, list[list[Any]]] = {}  # a front end's connection: its answers
+        self._tasks: dict[tuple[asyncio.StreamWriter, int], asyncio.Task] = {}
         self._loop: asyncio.AbstractEventLoop | None = None
         self._failure = failure  # why the engine cannot load at all (the cluster could not be joined)
 
     async def serve(self) -> None:
         self._loop = asyncio.get_running_loop()
-        self._socket = zmq.asyncio.Context.instance().socket(zmq.ROUTER)
-        self._socket.setsockopt(zmq.LINGER, 0)
-        self._socket.bind(self.address)
+        with contextlib.suppress(FileNotFoundError):  # left by the incarnation before this one
+            os.unlink(self.address)
+        server = await asyncio.start_unix_server(self._serve_front_end, path=self.address)
         stopped = asyncio.Event()
         threading.Thread(target=self._until_stdin_ends, args=(stopped,), name="parent-watch", daemon=True).start()
         threading.Thread(target=self._load, name="model-load", daemon=True).start()
-        reading = self._loop.create_task(self._read())
         await stopped.wait()
-        reading.cancel()
+        server.close()
         log.info("engine process stopping")
 
     def _until_stdin_ends(self, stopped: asyncio.Event) -> None:
@@ -136,71 +132,80 @@ class EngineServer:
         assert self._loop is not None
         self._loop.call_soon_threadsafe(stopped.set)
 
-    async def _read(self) -> None:
-        assert self._socket is not None
-        while True:
-            identity, frame = await self._socket.recv_multipart()
-            try:
-                messages = ipc.unpack(frame)
-            except ValueError:
-                log.warning("engine process: a front end sent a frame that is not msgpack; ignored")
-                continue
-            for message in messages:
-                self._take(identity, message)
+    async def _serve_front_end(self, reader: asyncio.StreamReader, front_end: asyncio.StreamWriter) -> None:
+        """One front end's connection, until it ends: what it still waits for is given up."""
+        try:
+            async for frame in ipc.frames(reader):
+                try:
+                    messages = ipc.unpack(frame)
+                except ValueError:
+                    log.warning("engine process: a front end sent a frame that is not msgpack; ignored")
+                    continue
+                for message in messages:
+                    self._take(front_end, message)
+        finally:
+            for (connection, _), task in list(self._tasks.items()):
+                if connection is front_end:
+                    task.cancel()  # nobody waits for its answer: as if its client had gone
+            front_end.close()
 
-    def _take(self, identity: bytes, message: list[Any]) -> None:
+    def _take(self, front_end: asyncio.StreamWriter, message: list[Any]) -> None:
         kind = message[0]
         if kind == ipc.PING:
             if self.hub is not None:  # workers lost or back since: the pong says how many are up
                 self.status = replace(self.status, workers_ready=self.hub.workers.ready_count().ready)
-            self._send(identity, [ipc.PONG, message[1], ipc.encode_status(self.status)])
+            self._send(front_end, [ipc.PONG, message[1], ipc.encode_status(self.status)])
         elif kind == ipc.COUNT_REFUSAL:
             self.metrics.record_refusal(message[1])
         elif kind == ipc.CANCEL:
-            task = self._tasks.get((identity, message[1]))
+            task = self._tasks.get((front_end, message[1]))
             if task is not None:
                 task.cancel()
         elif kind in (ipc.CALL, ipc.STREAM):
             _, request_id, method, args, fields = message
             answer = self._call if kind == ipc.CALL else self._stream
             assert self._loop is not None
-            task = self._loop.create_task(answer(identity, request_id, method, args, fields))
-            key = (identity, request_id)
+            task = self._loop.create_task(answer(front_end, request_id, method, args, fields))
+            key = (front_end, request_id)
             self._tasks[key] = task
             task.add_done_callback(lambda _: self._tasks.pop(key, None))
 
     # --- answers ------------------------------------------------------------------------
-    async def _call(self, identity: bytes, request_id: int, method: str, args: list, fields: dict) -> None:
+    async def _call(
+        self, front_end: asyncio.StreamWriter, request_id: int, method: str, args: list, fields: dict
+    ) -> None:
         try:
             hub, values = self._prepare(method, args, fields)
             answer = await self._invoke(hub, method, values)
-            self._send(identity, [ipc.OK, request_id, ipc.encode(answer)])
+            self._send(front_end, [ipc.OK, request_id, ipc.encode(answer)])
         except RequestRefused as exc:
-            self._send(identity, [ipc.REFUSED, request_id, ipc.encode_refusal(exc)])
+            self._send(front_end, [ipc.REFUSED, request_id, ipc.encode_refusal(exc)])
         except asyncio.CancelledError:
             pass  # its client went away: nobody waits for an answer
         except Exception as exc:  # a bug: answered as a 500 that says so, the process goes on
             log.exception("engine process: %s failed", method)
             failure = RequestRefused(f"the hub's engine failed on {method}: {exc}")
-            self._send(identity, [ipc.REFUSED, request_id, ipc.encode_refusal(failure)])
+            self._send(front_end, [ipc.REFUSED, request_id, ipc.encode_refusal(failure)])
 
-    async def _stream(self, identity: bytes, request_id: int, method: str, args: list, fields: dict) -> None:
+    async def _stream(
+        self, front_end: asyncio.StreamWriter, request_id: int, method: str, args: list, fields: dict
+    ) -> None:
         generation = None
         try:
             hub, values = self._prepare(method, args, fields)
             generation = await hub.generate(*values)
-            self._send(identity, [ipc.OK, request_id, None])  # its checks passed: the front end answers 200
+            self._send(front_end, [ipc.OK, request_id, None])  # its checks passed: the front end answers 200
             async for chunk in generation:
-                self._send(identity, [ipc.CHUNK, request_id, ipc.encode(chunk)])
-            self._send(identity, [ipc.END, request_id])
+                self._send(front_end, [ipc.CHUNK, request_id, ipc.encode(chunk)])
+            self._send(front_end, [ipc.END, request_id])
         except RequestRefused as exc:
-            self._send(identity, [ipc.REFUSED, request_id, ipc.encode_refusal(exc)])
+            self._send(front_end, [ipc.REFUSED, request_id, ipc.encode_refusal(exc)])
         except asyncio.CancelledError:
             pass
         except Exception as exc:
             log.exception("engine process: a generation failed")
             failure = RequestRefused(f"the hub's engine failed mid-generation: {exc}")
-            self._send(identity, [ipc.REFUSED, request_id, ipc.encode_refusal(failure)])
+            self._send(front_end, [ipc.REFUSED, request_id, ipc.encode_refusal(failure)])
         finally:
             if generation is not None:  # its session's turn comes back however the stream ended
                 await generation.aclose()
@@ -224,22 +229,22 @@ class EngineServer:
         assert self._loop is not None
         return await self._loop.run_in_executor(None, functools.partial(target, *values))
 
-    def _send(self, identity: bytes, message: list[Any]) -> None:
+    def _send(self, front_end: asyncio.StreamWriter, message: list[Any]) -> None:
         """Queue a message; everything queued before the loop's next turn leaves in one frame."""
-        outbox = self._outboxes.get(identity)
+        outbox = self._outboxes.get(front_end)
         if outbox is not None:
             outbox.append(message)
             return
-        self._outboxes[identity] = [message]
+        self._outboxes[front_end] = [message]
         if len(self._outboxes) == 1:
             assert self._loop is not None
             self._loop.call_soon(self._flush)
 
     def _flush(self) -> None:
         outboxes, self._outboxes = self._outboxes, {}
-        assert self._socket is not None
-        for identity, messages in outboxes.items():
-            self._socket.send_multipart([identity, ipc.pack(messages)], flags=zmq.NOBLOCK)
+        for front_end, messages in outboxes.items():
+            if not front_end.is_closing():  # a front end gone meanwhile: its answers with it
+                front_end.write(ipc.pack(messages))
 
     # --- start-up -----------------------------------------------------------------------
     def _load(self) -> None:

@@ -1,8 +1,13 @@
 """What crosses between the hub's front ends and its engine process: batches of messages,
-msgpack over a ZeroMQ socket. Plain Python, no torch; both sides import it.
+msgpack over a Unix socket, one connection per front end. Plain Python, no torch; both sides
+import it.
 
-Every frame is one msgpack list of messages, so all the requests a front end took while the
-engine ran a pass travel together, and all the answers a pass produced go back together.
+Every frame is one msgpack list of messages behind its length (4 bytes, little-endian), so all
+the requests a front end took while the engine ran a pass travel together, and all the answers
+a pass produced go back together. A plain socket read and written by each side's event loop
+(asyncio's streams): no thread between a message and the socket, so a round trip costs two
+wake-ups (ZeroMQ's I/O threads made it six), and a front end learns at once that the engine's
+process has gone (its connection ends).
 
     front end ─▶ engine                         engine ─▶ front end
     [CALL, id, method, args]                    [OK, id, value]
@@ -19,6 +24,9 @@ past the hub's checks.
 
 from __future__ import annotations
 
+import asyncio
+import struct
+from collections.abc import AsyncIterator
 from dataclasses import asdict, dataclass
 from typing import Any
 
@@ -61,12 +69,28 @@ class EngineStatus:
     workers_total: int = 0
 
 
+_LENGTH = struct.Struct("<I")
+
+
 def pack(messages: list[list[Any]]) -> bytes:
-    return msgpack.packb(messages, use_bin_type=True)
+    """A frame: the messages behind their length."""
+    body = msgpack.packb(messages, use_bin_type=True)
+    return _LENGTH.pack(len(body)) + body
 
 
-def unpack(frame: bytes) -> list[list[Any]]:
-    return msgpack.unpackb(frame, raw=False, use_list=True)
+def unpack(body: bytes) -> list[list[Any]]:
+    """The messages of a frame's body (ValueError: not msgpack)."""
+    return msgpack.unpackb(body, raw=False, use_list=True)
+
+
+async def frames(reader: asyncio.StreamReader) -> AsyncIterator[bytes]:
+    """The bodies of the frames `reader` brings, until its connection ends (cleanly or not)."""
+    try:
+        while True:
+            (length,) = _LENGTH.unpack(await reader.readexactly(_LENGTH.size))
+            yield await reader.readexactly(length)
+    except (asyncio.IncompleteReadError, ConnectionError):
+        return
 
 
 def encode(value: Any) -> Any:
