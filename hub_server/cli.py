@@ -111,7 +111,7 @@ def serve(
         typer.Option(
             help="Hold a batch for users due back within this share of a pass's fixed cost (measured), so they share the pass; 0: never."
         ),
-    ] = 0.5,
+    ] = 1.0,
     threads: Annotated[
         int,
         typer.Option(
@@ -351,7 +351,7 @@ def bench(
             help="Draft speed of each simulated user's own device, tokens/s; 0 measures the draft model here on one thread."
         ),
     ] = 0.0,
-    merge_wait_share: Annotated[float, typer.Option(help="--merge-wait-share of a hub started here.")] = 0.5,
+    merge_wait_share: Annotated[float, typer.Option(help="--merge-wait-share of a hub started here.")] = 1.0,
     proactive: Annotated[
         bool, typer.Option(help="Simulated users draft the next round while a verify is out, as `specedge chat` does.")
     ] = True,

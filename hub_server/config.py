@@ -78,7 +78,7 @@ class HubSettings:
     session_idle_s: float = 600.0  # idle sessions are evicted after this long
     max_batch: int = 16  # sessions verified in one forward pass
     batch_wait_ms: float = 2.0  # longest wait for work on its way to fill a batch
-    merge_wait_share: float = 0.5  # wait for users due back within this share of a pass's fixed cost
+    merge_wait_share: float = 1.0  # wait for users due back within this share of a pass's fixed cost
     max_pass_tokens: int = 0  # prompt tokens a step carries beside its verifies; 0: auto (measured)
     threads: int = 0  # torch's threads for a CPU target's passes; 0: one for verify passes, every core for prompts
     cache_dir: Path | None = None  # where converted GGUF targets and compiled passes are kept

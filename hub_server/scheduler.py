@@ -24,8 +24,10 @@ kernel launches; on a CPU reading the weights) plus a part per token; the runner
 the passes it has run (`pass_cost.PassCostFit`) and the scheduler reads the fixed part. When
 the device comes free and a user is due back within `merge_share` of that fixed part, the batch
 waits for them (never longer than that): their verify then shares this pass instead of paying a
-pass of its own moments later, so the wait costs the device less than it saves. Users who think
-longer than that, or whose return time is not yet known, are never waited for.
+pass of its own moments later, so the wait costs the device no more than it saves (the
+serving default, `--merge-wait-share 1`: users who come back together, their verifies reaching the
+engine one by one through the front ends, share one pass, not two). Users who think longer than
+that, or whose return time is not yet known, are never waited for.
 
 Prompts. A session's prompt (a feed, the context a verify or a generation brings, a session
 rebuilt after eviction) is scheduled work too, never a call that holds the device for its whole
@@ -201,7 +203,7 @@ class Scheduler:
         run_batch: Callable[[list[Any]], None],
         max_batch: int = 16,
         max_wait_s: float = 0.002,
-        merge_share: float = 0.5,
+        merge_share: float = 1.0,
         pass_fixed_s: Callable[[], float | None] = lambda: None,
         clock: Callable[[], float] = time.monotonic,
         on_pass: Callable[[list[float]], None] = lambda waits: None,
