@@ -11,7 +11,9 @@ For each it measures:
 
 - **at saturation**: `--users` sessions each sending 8-token chain drafts back to back for
   `--seconds`; verifies per second, the CPU the hub's whole process tree used (front ends,
-  engine, anything they started; from /proc), and verifies per hub CPU-second;
+  engine, anything they started; from /proc), and verifies per hub CPU-second. Over HTTP in
+  every tree, and again over the session stream where the hub offers it (protocol 2 on: how the
+  specedge client verifies);
 - **8 sessions at once** at each context length of `--contexts`: all eight send a verify
   together, `--rounds` times; the device ms per verify the hub reports in /metrics (its busy time
   over its verifies), and the device ms of a pass of 8 inside the hub (per verify).
@@ -25,6 +27,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import itertools
 import json
 import os
 import random
@@ -35,6 +38,8 @@ import time
 from pathlib import Path
 
 import httpx
+import msgpack
+from websockets.asyncio.client import connect
 
 REPO = Path(__file__).resolve().parent.parent
 sys.path[:0] = [str(REPO), str(REPO / "benchmarks")]
@@ -42,6 +47,7 @@ sys.path[:0] = [str(REPO), str(REPO / "benchmarks")]
 from verify_speed import resolve_target, run_tree, unpack  # noqa: E402
 
 from specedge_bench.metrics import MetricsPage  # noqa: E402
+from specedge_cli.remote.stream import STREAM_VERSION  # noqa: E402
 from specedge_common import metric_names as names  # noqa: E402
 from tests.test_ray_workers import cpu_seconds, process_tree  # noqa: E402
 
@@ -116,7 +122,22 @@ async def verify(client: httpx.AsyncClient, session: str, rng: random.Random, vo
     (await client.post(f"/v1/sessions/{session}/verify", json={"draft": draft})).raise_for_status()
 
 
-async def saturation(hub: TreeHub, users: int, seconds: float) -> dict:
+async def stream_user(url: str, session: str, seed: int, vocab: int, stop: asyncio.Event, counted: dict) -> None:
+    """A user verifying over the session's stream: one msgpack frame each way."""
+    rng = random.Random(seed)
+    async with connect(url.replace("http", "ws", 1) + f"/v1/sessions/{session}/stream", compression=None) as stream:
+        for frame_id in itertools.count():
+            if stop.is_set():
+                return
+            draft = rng.choices(range(3, min(vocab, 500)), k=DRAFT_TOKENS)
+            await stream.send(msgpack.packb({"id": frame_id, "tokens": [], "draft": draft, "parents": None}))
+            answer = msgpack.unpackb(await stream.recv())
+            if "error" in answer:
+                raise RuntimeError(f"a stream verify was refused: {answer['error']}")
+            counted["verifies"] += counted["counting"]
+
+
+async def saturation(hub: TreeHub, users: int, seconds: float, way: str = "http") -> dict:
     limits = httpx.Limits(max_connections=users + 4)
     async with httpx.AsyncClient(base_url=hub.url, timeout=120, limits=limits) as client:
         info = (await client.get("/v1/info")).json()
@@ -125,6 +146,8 @@ async def saturation(hub: TreeHub, users: int, seconds: float) -> dict:
         counted = {"verifies": 0, "counting": False}
 
         async def user(session: str, seed: int) -> None:
+            if way == "stream":
+                return await stream_user(hub.url, session, seed, info["vocab_size"], stop, counted)
             rng = random.Random(seed)
             while not stop.is_set():
                 await verify(client, session, rng, info["vocab_size"])
@@ -176,6 +199,8 @@ def measure(tree: Path, target: str, args: argparse.Namespace, log: Path) -> dic
     hub = TreeHub(tree, target, args.hub_arg, log)
     try:
         figures = {"saturation": asyncio.run(saturation(hub, args.users, args.seconds))}
+        if httpx.get(f"{hub.url}/v1/info", timeout=30).json()["protocol_version"] >= STREAM_VERSION:
+            figures["saturation (stream)"] = asyncio.run(saturation(hub, args.users, args.seconds, "stream"))
         for context in args.contexts:
             figures[f"8 at {context}"] = asyncio.run(eight_at_once(hub, context, args.rounds))
         return figures
@@ -229,6 +254,9 @@ def report(results: dict, args: argparse.Namespace, target: str) -> None:
         old, new = results[args.base], results["this tree"]
         ratio = new["saturation"]["verifies_per_cpu_s"] / old["saturation"]["verifies_per_cpu_s"]
         print(f"verifies per hub CPU-second: {ratio:.2f}x {args.base}")
+        if "saturation (stream)" in new:
+            ratio = new["saturation (stream)"]["verifies_per_cpu_s"] / old["saturation"]["verifies_per_cpu_s"]
+            print(f"verifies per hub CPU-second over the session stream: {ratio:.2f}x {args.base} over HTTP")
         for context in args.contexts:
             key = f"8 at {context}"
             speedup = old[key]["device_ms_per_verify"] / new[key]["device_ms_per_verify"]

@@ -22,12 +22,13 @@ median of its last few returns; for a new session, the median of all users' rece
 so when it is next due. A pass costs a fixed part whatever it carries (on a GPU nearly all of it:
 kernel launches; on a CPU reading the weights) plus a part per token; the runner fits both to
 the passes it has run (`pass_cost.PassCostFit`) and the scheduler reads the fixed part. When
-the device comes free and a user is due back within `merge_share` of that fixed part, the batch
-waits for them (never longer than that): their verify then shares this pass instead of paying a
-pass of its own moments later, so the wait costs the device no more than it saves (the
-serving default, `--merge-wait-share 1`: users who come back together, their verifies reaching the
-engine one by one through the front ends, share one pass, not two). Users who think longer than
-that, or whose return time is not yet known, are never waited for.
+the device comes free and a user is due back within `merge_share` of that fixed part (the
+window), the batch waits for them: their verify then shares this pass instead of paying a pass of
+its own moments later, so the wait costs the device no more than it saves (`--merge-wait-share 1`
+by default). Users who come back together reach the engine one by one, each through a front end,
+so while they keep coming the window runs from the latest, up to twice its length in all: a group
+shares one pass, not two. Users who think longer than that, or whose return time is not yet
+known, are never waited for.
 
 Prompts. A session's prompt (a feed, the context a verify or a generation brings, a session
 rebuilt after eviction) is scheduled work too, never a call that holds the device for its whole
@@ -485,7 +486,9 @@ class Scheduler:
         if not fixed or self.merge_share <= 0:
             return None
         window = self.merge_share * fixed
-        deadline = start + window
+        # Users who come back together reach the engine one by one (each through a front end):
+        # while they keep coming the window runs from the latest, up to twice its length in all.
+        deadline = min(max(start, self._queue[-1].arrived) + window, start + 2 * window)
         if now >= deadline:
             return None
         usual = self._usual_return()

@@ -490,3 +490,40 @@ def test_a_verify_whose_batch_waits_for_company_is_not_held_back_by_a_chunk_star
     scheduler.chunk_done(prompt, 100)
     alone = scheduler.poll()  # nothing queued: the prompt goes on by itself
     assert isinstance(alone, Step) and alone.batch == [] and alone.chunks == [(prompt, 100)]
+
+
+def test_in_virtual_time_users_coming_back_one_by_one_share_one_pass_within_twice_the_window():
+    """Four users finish a pass together and come back 0.03, 0.11, 0.19 and 0.27 s later, their
+    verifies reaching the engine one after another: the batch waits for each while they keep
+    coming (the window, half the fixed 0.2 s, runs from the latest), never more than twice the
+    window after the first: D, due 0.24 s after A came, is not waited for."""
+    clock = VirtualTime()
+    scheduler = Scheduler(
+        _never, max_batch=8, max_wait_s=0.0, merge_share=0.5, pass_fixed_s=lambda: 0.2, clock=clock, worker=False
+    )
+    thinks = {"A": 0.03, "B": 0.11, "C": 0.19, "D": 0.27}
+    for user, think in thinks.items():  # each one's rhythm: a pass, then back `think` later
+        for step in range(3):
+            scheduler.submit(f"{user}{step}", key=user)
+            while isinstance(step_now := scheduler.poll(), float):  # held for another user due back
+                clock.now = step_now
+            assert batch_of(step_now) == [f"{user}{step}"]
+            clock.now += 0.2
+            scheduler.finish()
+            clock.now += think
+    clock.now += 1.0  # nobody is due any more
+    for user in thinks:
+        scheduler.submit(f"{user}-together", key=user)
+    assert batch_of(scheduler.poll()) == [f"{user}-together" for user in thinks]
+    clock.now += 0.2
+    scheduler.finish()
+    back = clock.now
+    clock.now = back + 0.03
+    scheduler.submit("A-back", key="A")
+    assert scheduler.poll() == pytest.approx(back + 0.13)  # B is due within the window
+    clock.now = back + 0.11
+    scheduler.submit("B-back", key="B")
+    assert scheduler.poll() == pytest.approx(back + 0.21)  # C too, a window after B came
+    clock.now = back + 0.19
+    scheduler.submit("C-back", key="C")
+    assert batch_of(scheduler.poll()) == ["A-back", "B-back", "C-back"]  # D would come past 0.23
