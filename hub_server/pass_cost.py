@@ -11,14 +11,21 @@ from __future__ import annotations
 import threading
 from collections.abc import Callable
 
+# The fit splits passes only while their token counts vary by this share of their mean (standard
+# deviation): a saturated hub runs passes of nearly one size, whose times say nothing of the split
+# (timing noise alone would set the slope, and a slope of 0 would make the whole pass fixed).
+MIN_RELATIVE_SPREAD = 0.25
+
 
 class PassCostFit:
     """A pass's device time as fixed + per_token x tokens, fitted by least squares to the passes
-    timed so far; older passes fade, so the fit follows the device."""
+    timed so far; older passes fade, so the fit follows the device. The split is the last one
+    the passes determined: passes all of one size keep it as it was."""
 
     def __init__(self, fade: float = 0.99):
         self.fade = fade
         self._sums = [0.0] * 5  # weight, sum x, sum y, sum x^2, sum x*y
+        self._split: tuple[float, float] | None = None
         self._lock = threading.Lock()
 
     def add(self, tokens: int, seconds: float) -> None:
@@ -27,6 +34,7 @@ class PassCostFit:
                 self.fade * total + term
                 for total, term in zip(self._sums, (1.0, tokens, seconds, tokens * tokens, tokens * seconds))
             ]
+            self._split = self._solve() or self._split
 
     def fixed_s(self) -> float | None:
         """The part of a pass's time that does not grow with its tokens; None until passes of
@@ -41,11 +49,15 @@ class PassCostFit:
 
     def _fit(self) -> tuple[float, float] | None:
         with self._lock:
-            n, x, y, xx, xy = self._sums
+            return self._split
+
+    def _solve(self) -> tuple[float, float] | None:
+        """The split the passes so far determine, if they do."""
+        n, x, y, xx, xy = self._sums
         if n == 0:
             return None
         spread = xx / n - (x / n) ** 2
-        if spread <= 1e-9 * max(1.0, xx / n):
+        if spread <= max(1e-9 * max(1.0, xx / n), (MIN_RELATIVE_SPREAD * x / n) ** 2):
             return None
         slope = max(0.0, (xy / n - (x / n) * (y / n)) / spread)
         fixed = min(max(y / n - slope * x / n, 0.0), y / n)

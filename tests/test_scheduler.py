@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import random
 import threading
 import time
 from dataclasses import dataclass, field
@@ -527,3 +528,17 @@ def test_in_virtual_time_users_coming_back_one_by_one_share_one_pass_within_twic
     clock.now = back + 0.19
     scheduler.submit("C-back", key="C")
     assert batch_of(scheduler.poll()) == ["A-back", "B-back", "C-back"]  # D would come past 0.23
+
+
+def test_passes_of_nearly_one_size_keep_the_split_the_varied_ones_found():
+    """A saturated hub runs passes of 13 to 16 sessions: their times, noise and all, cannot say
+    what part is fixed, so the split found while passes varied stands (the merge wait reads it)."""
+    fit = PassCostFit()
+    for tokens in (9, 18, 36, 72, 144):
+        fit.add(tokens, 0.004 + 0.0001 * tokens)
+    assert abs(fit.fixed_s() - 0.004) < 0.0005
+    noise = random.Random(0)
+    for _ in range(500):
+        tokens = 9 * noise.randint(13, 16)
+        fit.add(tokens, (0.004 + 0.0001 * tokens) * noise.uniform(0.85, 1.15))
+    assert abs(fit.fixed_s() - 0.004) < 0.0005 and abs(fit.per_token_s() - 0.0001) < 0.00002
