@@ -107,6 +107,20 @@ def test_malformed_bodies(http, session, body):
     assert_error(response, 422, "bad_request", "malformed request")
 
 
+@pytest.mark.parametrize(
+    ("content_type", "body", "said"),
+    [
+        ("text/plain", b'{"tokens": [1], "draft": []}', "must be JSON"),
+        ("application/json", b"\xff\xfe{}", "malformed request"),  # not UTF-8
+        ("application/json", b"", "malformed request"),
+    ],
+)
+def test_a_verify_body_that_is_not_json_is_refused_422(http, session, content_type, body, said):
+    response = http.post(f"/v1/sessions/{session}/verify", content=body, headers={"content-type": content_type})
+    assert_error(response, 422, "bad_request", said)
+    assert http.post(f"/v1/sessions/{session}/verify", json={"tokens": [5], "draft": [5]}).status_code == 200
+
+
 def test_body_too_large(http, session):
     response = http.post(
         f"/v1/sessions/{session}/verify", content=b"1" * (2 << 20), headers={"content-type": "application/json"}
