@@ -203,7 +203,10 @@ class EngineLink:
             except OSError:  # not listening yet: starting, or starting again
                 await asyncio.sleep(CONNECT_RETRY_S)
                 continue
-            self._outbox.append([ipc.PING, -1])  # its state at once, with the refusals counted meanwhile
+            # Requests left from the connection before were answered as lost: only refusals counted
+            # meanwhile go to the new one, with a ping for its state at once.
+            self._outbox = [message for message in self._outbox if message[0] == ipc.COUNT_REFUSAL]
+            self._outbox.append([ipc.PING, -1])
             self._flush()
             async for frame in ipc.frames(reader):
                 self._last_heard = time.monotonic()
