@@ -330,6 +330,8 @@ def test_responses_refuse_what_this_server_cannot_do(tool_served):
         ({"text": {"format": {"type": "xml"}}}, "response_format.type must be"),
         ({"tools": [{"type": "web_search"}]}, "only function tools"),
         ({"input": [{"type": "reasoning", "summary": []}]}, "only messages, function_call"),
+        ({"include": ["reasoning.encrypted_content"]}, "only 'message.output_text.logprobs'"),
+        ({"include": ["message.output_text.logprobs"], "top_logprobs": 21}, "'top_logprobs' must be"),
     ]
     for extra, why in cases:
         body = {"model": model, "input": "hi", **extra}
