@@ -4,6 +4,7 @@ held back while its end could still be the start of one (so a stream never shows
 from __future__ import annotations
 
 import codecs
+import copy
 import math
 from collections.abc import Callable
 
@@ -32,6 +33,14 @@ class ReplyText:
         self._bytes_read = len(data)
         self._cut_at_stop()
         return self._take(len(self.text) if self.stopped else len(self.text) - self._could_be_stop())
+
+    def copy(self) -> ReplyText:
+        """A twin that goes on from here on its own."""
+        twin = copy.copy(self)
+        twin._tokens = list(self._tokens)
+        twin._decoder = codecs.getincrementaldecoder("utf-8")("replace")
+        twin._decoder.setstate(self._decoder.getstate())
+        return twin
 
     @property
     def shown(self) -> int:

@@ -368,10 +368,10 @@ class _Relay:
             self._hand(self.reader.add(text))
 
     def __call__(self, tokens: list[int]) -> bool:
-        if self.logprobs is None:
-            piece = self.text.add(tokens)
-        else:  # token by token, to know where each one's text ends
-            piece = "".join(self._add(token, given) for token, given in self.logprobs.of(tokens))
+        before = None if self.logprobs is None else self.text.copy()
+        piece = self.text.add(tokens)
+        if before is not None:
+            self._note_logprobs(tokens, before)
         if piece:
             self._hand(self.reader.add(piece) if self.reader is not None else [piece])
         return self.client_gone or self.text.stopped or self._called_enough
@@ -385,12 +385,21 @@ class _Relay:
         if self.logprobs is not None and self.logprobs.waiting:  # no piece was left to carry them
             self._give("", self.logprobs.hand(math.inf, with_text=not self.calls))
 
-    def _add(self, token: int, given: TokenLogprobs | None) -> str:
-        piece = self.text.add([token])
-        if given is not None:
-            assert self.logprobs is not None
-            self.logprobs.add(token, given, self.text.end)
-        return piece
+    def _note_logprobs(self, tokens: list[int], before: ReplyText) -> None:
+        """Take the logprobs of newly accepted tokens, each with where its text ends: where all
+        of theirs does when it is all shown (most often), else found token by token on the text as
+        it was `before` them (seeing the whole text again at each token costs more)."""
+        assert self.logprobs is not None
+        if self.text.end <= self.text.shown:
+            ends = [self.text.end] * len(tokens)
+        else:
+            ends = []
+            for token in tokens:
+                before.add([token])
+                ends.append(before.end)
+        for (token, given), end in zip(self.logprobs.of(tokens), ends):
+            if given is not None:
+                self.logprobs.add(token, given, end)
 
     @property
     def _called_enough(self) -> bool:
