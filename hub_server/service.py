@@ -41,7 +41,7 @@ from hub_server.sessions import LOCAL_OWNER, Owner, Session, SessionStore
 from hub_server.supervision import Workers
 from hub_server.tree import node_depths
 from hub_server.vocabulary import Vocabulary
-from specedge_common.grammar import Constraint, GrammarError, grammar_tokenizer
+from specedge_common.grammar import Constraint, GrammarError, grammar_tokenizer, prepare_grammar_tokenizer
 
 if TYPE_CHECKING:
     from hub_server.engine.drafter import HubDrafter
@@ -147,6 +147,8 @@ class Hub:
         check_opening(request, self.engine.name, vocab.size, vocab.fingerprint)
         check_ids(request.stop_token_ids, "stop_token_ids", self.engine.vocab_size)
         constraint = session_constraint(request, vocab)  # before a slot is taken: it may take a second
+        if constraint is None:  # the grammars' view of the vocabulary with these stop tokens, for a later session
+            prepare_grammar_tokenizer(vocab.fingerprint, vocab.pieces, request.stop_token_ids)
         with self._admission:
             self._check_user_sessions(owner)
             placed = self.workers.place(scope=self._sharing(owner))

@@ -33,9 +33,11 @@ from specedge_cli.drafting.planner import DepthPlanner
 from specedge_cli.errors import HubError, HubRejected
 from specedge_cli.remote import protocol as wire
 from specedge_cli.remote.session import HubSession, ReplyTerms
-from specedge_common.grammar import Constraint, GrammarError, grammar_tokenizer
+from specedge_common.grammar import Constraint, GrammarError, grammar_tokenizer, prepare_grammar_tokenizer
 
 if TYPE_CHECKING:
+    from llguidance import LLTokenizer
+
     from specedge_cli.settings import ChatSettings
 
 T = TypeVar("T")
@@ -247,12 +249,19 @@ class Decoder:
         if not s.grammar:
             self.engine.constrain(None)
             return
-        vocab = self.engine.vocab
         try:
-            tokenizer = grammar_tokenizer(self.fingerprint(), vocab.pieces, sorted(self.stop_token_ids))
-            self.engine.constrain(Constraint(tokenizer, s.grammar, start))
+            self.engine.constrain(Constraint(self.grammar_tokenizer(), s.grammar, start))
         except GrammarError as exc:
             raise HubRejected(str(exc), 422, "bad_grammar") from exc
+
+    def grammar_tokenizer(self) -> LLTokenizer:
+        """llguidance's view of the draft's vocabulary, whose stop tokens end a grammar: built once
+        a process (about a second for a 150k vocabulary), then kept."""
+        return grammar_tokenizer(self.fingerprint(), self.engine.vocab.pieces, sorted(self.stop_token_ids))
+
+    def prepare_grammars(self) -> None:
+        """Build `grammar_tokenizer()` in the background now, not at the first constrained reply."""
+        prepare_grammar_tokenizer(self.fingerprint(), self.engine.vocab.pieces, sorted(self.stop_token_ids))
 
     def _no_room_for(self, pending: list[int]) -> HubRejected | None:
         """A prompt that leaves no room for a reply in the context (`context_limit`), refused as the

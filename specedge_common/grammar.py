@@ -12,6 +12,7 @@ A session's stop tokens are the grammar's end tokens: allowed exactly where the 
 
 from __future__ import annotations
 
+import functools
 import re
 import threading
 from collections.abc import Callable, Sequence
@@ -105,6 +106,8 @@ class _Pieces:
 
 _tokenizers: dict[tuple[str, tuple[int, ...]], LLTokenizer] = {}
 _tokenizers_lock = threading.Lock()
+_prepared: set[tuple[str, tuple[int, ...]]] = set()  # the tokenizers built, or being built, in the background
+_prepared_lock = threading.Lock()
 
 
 def grammar_tokenizer(
@@ -125,6 +128,21 @@ def grammar_tokenizer(
             # llguidance reads a wrapper by its attributes (is_tokenizer_wrapper, tokens, ...), not its class
             _tokenizers[key] = llguidance.LLTokenizer(cast(Any, wrapper), n_vocab=len(listed), eos_token=list(key[1]))
         return _tokenizers[key]
+
+
+def prepare_grammar_tokenizer(
+    fingerprint: str, pieces: Sequence[str] | Callable[[], Sequence[str]], end_tokens: Sequence[int]
+) -> None:
+    """Build `grammar_tokenizer(...)` on a thread of its own, once a process for each vocabulary and
+    end tokens, so the first constrained reply does not wait for all of it (a call meanwhile waits
+    only for the rest). A vocabulary with no end tokens is left for that reply to refuse."""
+    key = (fingerprint, tuple(sorted(end_tokens)))
+    with _prepared_lock:
+        if not end_tokens or key in _prepared:
+            return
+        _prepared.add(key)
+    build = functools.partial(grammar_tokenizer, fingerprint, pieces, end_tokens)
+    threading.Thread(target=build, daemon=True, name="grammar-vocabulary").start()
 
 
 def json_schema_grammar(schema: dict) -> str:

@@ -9,7 +9,10 @@ grammar's tokenizer (`grammar_tokenizer`: the vocabulary's bytes) with the code 
 from __future__ import annotations
 
 import json
+import secrets
 import subprocess
+import threading
+import time
 
 import httpx
 import llguidance
@@ -25,7 +28,13 @@ from specedge_cli.decoding import DecodeSettings
 from specedge_cli.drafting.engine import DraftEngine
 from specedge_cli.errors import HubRejected
 from specedge_cli.remote.client import HubClient
-from specedge_common.grammar import Constraint, grammar_tokenizer, json_schema_grammar, token_bytes
+from specedge_common.grammar import (
+    Constraint,
+    grammar_tokenizer,
+    json_schema_grammar,
+    prepare_grammar_tokenizer,
+    token_bytes,
+)
 from specedge_common.launcher import HubProcess
 from tests.conftest import REPO
 from tests.test_lossless import plain_template
@@ -115,6 +124,23 @@ def test_token_bytes_read_both_kinds_of_vocabulary():
     ]
     byte_level = ["Ġthe", "Ċ", "cat", "<|im_end|>", "Ã©"]
     assert token_bytes(byte_level) == [b" the", b"\n", b"cat", b"\xff<|im_end|>", "é".encode()]
+
+
+def test_a_grammar_tokenizer_prepared_in_the_background_is_the_one_a_reply_then_takes():
+    built_on: list[str] = []
+
+    def pieces() -> list[str]:
+        built_on.append(threading.current_thread().name)
+        return ["<|end|>", "a", "b", "ab"]
+
+    fingerprint = f"prepared-{secrets.token_hex(4)}"  # a vocabulary no other test builds
+    prepare_grammar_tokenizer(fingerprint, pieces, [0])
+    prepare_grammar_tokenizer(fingerprint, pieces, [0])  # once a process
+    deadline = time.monotonic() + 30
+    while not built_on and time.monotonic() < deadline:  # its build has started (and holds the cache)
+        time.sleep(0.01)
+    tokenizer = grammar_tokenizer(fingerprint, lambda: pytest.fail("built a second time"), [0])
+    assert built_on == ["grammar-vocabulary"] and tokenizer.vocab_size == 4 and tokenizer.eos_tokens == [0]
 
 
 def test_a_drafts_masks_are_the_masks_after_each_of_its_paths(drafts, target_alone):

@@ -121,25 +121,69 @@ def test_logprobs_are_the_targets_in_chat_and_completions(served, model_id, expe
         top_logprobs=2,
         stream=True,
     )
-    streamed = [
-        entry
-        for chunk in chunks
-        if chunk.choices and chunk.choices[0].logprobs
-        for entry in chunk.choices[0].logprobs.content
-    ]
-    # The same tokens; their logprobs as the passes that computed them rounded (another pass, another
-    # batch: equal within float error, not bit for bit).
-    assert [(entry.token, [top.token for top in entry.top_logprobs]) for entry in streamed] == [
-        (entry.token, [top.token for top in entry.top_logprobs]) for entry in content
-    ]
-    for got, sent in zip(streamed, content):
-        assert got.logprob == pytest.approx(sent.logprob, abs=1e-4)
-        assert [top.logprob for top in got.top_logprobs] == pytest.approx(
-            [top.logprob for top in sent.top_logprobs], abs=1e-4
-        )
+    pieces = [chunk.choices[0] for chunk in chunks if chunk.choices and chunk.choices[0].logprobs]
+    # Each piece carries the logprobs of the tokens whose text it carries (the JSON is ASCII: each
+    # token's text is whole), and the reply comes in more than one piece.
+    assert all("".join(e.token for e in piece.logprobs.content) == piece.delta.content for piece in pieces)
+    assert sum(bool(piece.delta.content) for piece in pieces) > 1
+    assert_same_logprobs([entry for piece in pieces for entry in piece.logprobs.content], content)
     completion = served.client().completions.create(model=model_id, prompt="the cat", max_tokens=6, logprobs=1)
     given = completion.choices[0].logprobs
     assert len(given.token_logprobs) == completion.usage.completion_tokens == len(given.tokens)
     assert "".join(given.tokens) == completion.choices[0].text
+    streamed = served.client().completions.create(
+        model=model_id, prompt="the cat", max_tokens=6, logprobs=1, stream=True
+    )
+    parts = [chunk.choices[0].logprobs for chunk in streamed if chunk.choices[0].logprobs]
+    assert [token for part in parts for token in part.tokens] == given.tokens
+    assert [offset for part in parts for offset in part.text_offset] == given.text_offset
     plain = served.client().chat.completions.create(model=model_id, messages=ASK, max_tokens=4)
     assert plain.choices[0].logprobs is None
+
+
+def assert_same_logprobs(streamed, sent) -> None:
+    """The same tokens and top tokens; their logprobs as the passes that computed them rounded
+    (another pass, another batch: equal within float error, not bit for bit)."""
+    assert [(entry.token, [top.token for top in entry.top_logprobs]) for entry in streamed] == [
+        (entry.token, [top.token for top in entry.top_logprobs]) for entry in sent
+    ]
+    for got, given in zip(streamed, sent):
+        assert got.logprob == pytest.approx(given.logprob, abs=1e-4)
+        assert [top.logprob for top in got.top_logprobs] == pytest.approx(
+            [top.logprob for top in given.top_logprobs], abs=1e-4
+        )
+
+
+def test_responses_report_the_targets_logprobs_streamed_and_not(served, model_id, expected, target_alone):  # noqa: F811
+    context, tokens, text = expected
+    paint = {"type": "json_schema", "name": "paint", "schema": PAINT, "strict": True}
+    ask = {
+        "model": model_id,
+        "input": ASK,
+        "text": {"format": paint},
+        "max_output_tokens": 64,
+        "temperature": 0,
+        "include": ["message.output_text.logprobs"],
+        "top_logprobs": 2,
+    }
+    response = served.client().responses.create(**ask)
+    assert response.output_text == text and response.top_logprobs == 2
+    given = response.output[0].content[0].logprobs
+    assert "".join(entry.token for entry in given) == text
+    for at, entry in enumerate(given):
+        logprobs = torch.log_softmax(target_alone.next_logits(context + tokens[:at]).double(), dim=-1)
+        assert entry.logprob == pytest.approx(float(logprobs[tokens[at]]), abs=1e-4)
+        assert bytes(entry.bytes) == entry.token.encode()
+        assert [top.logprob for top in entry.top_logprobs] == pytest.approx(
+            torch.topk(logprobs, 2).values.tolist(), abs=1e-4
+        )
+    events = list(served.client().responses.create(**ask, stream=True))
+    deltas = [event for event in events if event.type == "response.output_text.delta"]
+    assert all("".join(e.token for e in delta.logprobs) == delta.delta for delta in deltas) and len(deltas) > 1
+    assert_same_logprobs([entry for delta in deltas for entry in delta.logprobs], given)
+    done = next(event for event in events if event.type == "response.output_text.done")
+    assert [entry.token for entry in done.logprobs] == [entry.token for entry in given]
+    assert_same_logprobs(events[-1].response.output[0].content[0].logprobs, given)
+
+    plain = served.client().responses.create(**{**ask, "include": None, "top_logprobs": 2})
+    assert plain.output_text == text and plain.output[0].content[0].logprobs == []

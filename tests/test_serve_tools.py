@@ -26,7 +26,7 @@ from specedge_cli.models import resolve_model
 from specedge_cli.remote.client import HubClient
 from specedge_cli.serve.structured import call_grammar
 from specedge_cli.serve.tools import CallReader, read_calls, tool_use
-from tests.test_grammar import target_under_grammar
+from tests.test_grammar import PAINT, target_under_grammar
 from tests.test_serve import API_KEY, Served, _stop_ids
 from tests.tiny_models import write_chat_draft
 
@@ -180,6 +180,26 @@ def test_a_named_function_is_started_in_the_models_mouth_and_its_arguments_follo
     assert answer.usage.completion_tokens == len(start_tokens) + len(expected)
 
 
+def test_a_calls_logprobs_come_beside_it_in_a_stream_as_they_come_whole(tool_served):
+    client, model = tool_served.client(), _model(tool_served)
+    ask = {
+        "model": model,
+        "messages": [{"role": "user", "content": "paint the fence"}],
+        "tools": [{"type": "function", "function": {"name": "paint", "parameters": PAINT}}],  # a short call
+        "tool_choice": {"type": "function", "function": {"name": "paint"}},
+        "max_tokens": 80,
+        "logprobs": True,
+        "top_logprobs": 1,
+    }
+    whole = client.chat.completions.create(**ask).choices[0]
+    chunks = [chunk.choices[0] for chunk in client.chat.completions.create(**ask, stream=True)]
+    streamed = [entry.token for chunk in chunks if chunk.logprobs for entry in chunk.logprobs.content]
+    assert streamed == [entry.token for entry in whole.logprobs.content] and streamed
+    call_chunk = next(chunk for chunk in chunks if chunk.delta.tool_calls)
+    assert call_chunk.logprobs.content  # the call's tokens come with the call
+    assert whole.message.tool_calls[0].function.name == "paint"
+
+
 def test_a_required_call_names_an_offered_function_and_follows_its_schema(tool_served, draft, target_alone):
     engine, template = draft
     messages = [{"role": "user", "content": "the weather in paris"}]
@@ -330,6 +350,8 @@ def test_responses_refuse_what_this_server_cannot_do(tool_served):
         ({"text": {"format": {"type": "xml"}}}, "response_format.type must be"),
         ({"tools": [{"type": "web_search"}]}, "only function tools"),
         ({"input": [{"type": "reasoning", "summary": []}]}, "only messages, function_call"),
+        ({"include": ["reasoning.encrypted_content"]}, "only 'message.output_text.logprobs'"),
+        ({"include": ["message.output_text.logprobs"], "top_logprobs": 21}, "'top_logprobs' must be"),
     ]
     for extra, why in cases:
         body = {"model": model, "input": "hi", **extra}

@@ -125,6 +125,7 @@ def _edge_model(
         Conversation(engine, connection.client, template, settings, vocab_fingerprint=fingerprint) for engine in engines
     ]
     conversations[0].open()
+    conversations[0].decoder.prepare_grammars()  # the hub's session opening did the same on its side
     info = connection.client.info()
     add_bos = engines[0].vocab.metadata("tokenizer.ggml.add_bos_token") != "false"
     return EdgeModel(info.model, SlotPool([Slot(c) for c in conversations], max_waiting), settings, add_bos)

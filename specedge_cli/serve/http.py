@@ -36,9 +36,12 @@ from specedge_cli.serve.connections import GuardedH11Protocol
 from specedge_cli.serve.openai_api import Answer, ChatRequest, CompletionRequest
 from specedge_cli.serve.responses_api import ResponseEvents, ResponseRequest
 from specedge_cli.serve.slots import EdgeModel
+from specedge_cli.serve.structured import TokenLogprob, chat_logprobs_body, completion_logprobs_body
 from specedge_cli.serve.tools import ToolCall
 
 T = TypeVar("T")
+# A piece of a reply (text, or a whole tool call) with the logprobs of the tokens it carries.
+Piece = tuple[str | ToolCall, tuple[TokenLogprob, ...]]
 MAX_BODY = 16 * 1024 * 1024  # bytes; a long conversation is well under this
 log = logging.getLogger("specedge.serve")
 
@@ -231,7 +234,7 @@ class _Routes:
 
 
 class _Reply:
-    """One request decoding on a thread of its own; its text comes to the loop as `pieces` (None: the end)."""
+    """One request decoding on a thread of its own; its pieces come to the loop as `pieces` (None: the end)."""
 
     def __init__(
         self, model: EdgeModel, kind: str, request: ChatRequest | CompletionRequest, stopping: threading.Event
@@ -241,19 +244,23 @@ class _Reply:
         self.request_id = responses_api.new_id("resp") if kind == "response" else api.new_id(kind)
         self.created = int(time.time())
         self.gone = threading.Event()  # the client went away: the decode ends at its next piece
-        self.pieces: asyncio.Queue[str | ToolCall | None] = asyncio.Queue()
+        self.pieces: asyncio.Queue[Piece | None] = asyncio.Queue()
         self._loop = asyncio.get_running_loop()
-        decode: Callable[[Any, Callable[[str | ToolCall], bool]], Answer] = (
+        decode: Callable[[Any, Callable[[str | ToolCall, tuple[TokenLogprob, ...]], bool]], Answer] = (
             model.complete if kind == "text" else model.chat
         )
         self.decoding = asyncio.ensure_future(_on_thread(lambda: decode(request, self._text)))
         self.decoding.add_done_callback(self._ended)
 
-    def _text(self, piece: str | ToolCall) -> bool:
-        """A piece of the reply (text, or a whole tool call), on the decoding thread; False once
-        nobody is waiting for more."""
+    @property
+    def with_logprobs(self) -> bool:
+        return self.request.options.top_logprobs is not None
+
+    def _text(self, piece: str | ToolCall, logprobs: tuple[TokenLogprob, ...]) -> bool:
+        """A piece of the reply (text, or a whole tool call) and its tokens' logprobs, on the
+        decoding thread; False once nobody is waiting for more."""
         if self.request.options.stream:
-            self._loop.call_soon_threadsafe(self.pieces.put_nowait, piece)
+            self._loop.call_soon_threadsafe(self.pieces.put_nowait, (piece, logprobs))
         return not (self.gone.is_set() or self.stopping.is_set())
 
     def _ended(self, decoding: asyncio.Future) -> None:
@@ -263,26 +270,29 @@ class _Reply:
 
 
 class _EventStream:
-    """A reply as server-sent events of completion chunks, ending with `data: [DONE]`."""
+    """A reply as server-sent events of completion chunks, ending with `data: [DONE]`; a chunk
+    carries the logprobs of the tokens whose text it carries, when they were asked for."""
 
-    def __init__(self, reply: _Reply, first: str | ToolCall | None):
+    def __init__(self, reply: _Reply, first: Piece | None):
         self.reply = reply
         self.first = first
         self.calls = 0
+        self.text_offset = 0  # where the next chunk's tokens start in the reply's text (completions)
 
     async def events(self) -> AsyncIterator[bytes]:
         reply = self.reply
         try:
             if reply.kind == "chat":
-                yield self._chunk({"role": "assistant", "content": ""})
-            piece = self.first
-            while piece is not None:
+                yield _event(api.chat_chunk(reply.request_id, reply.model_id, {"role": "assistant", "content": ""}))
+            item = self.first
+            while item is not None:
+                piece, logprobs = item
                 if isinstance(piece, ToolCall):
-                    yield self._chunk(api.tool_call_delta(self.calls, piece))
+                    yield self._chunk(api.tool_call_delta(self.calls, piece), "", logprobs)
                     self.calls += 1
                 else:
-                    yield self._chunk({"content": piece}, text=piece)
-                piece = await reply.pieces.get()
+                    yield self._chunk({"content": piece}, piece, logprobs)
+                item = await reply.pieces.get()
             for event in self._ending():
                 yield _event(event)
             yield b"data: [DONE]\n\n"
@@ -298,30 +308,28 @@ class _EventStream:
         except Exception as exc:
             log.exception("a streamed reply failed")
             return [api.error_body(_internal(exc))]
-        ending = (
-            []
-            if answer.logprobs is None
-            else [api.logprobs_chunk(reply.request_id, reply.model_id, reply.kind, answer)]
-        )
         if reply.kind == "chat":
-            ending.append(api.chat_chunk(reply.request_id, reply.model_id, {}, answer.finish_reason))
+            ending = [api.chat_chunk(reply.request_id, reply.model_id, {}, answer.finish_reason)]
         else:
-            ending.append(api.text_chunk(reply.request_id, reply.model_id, "", answer.finish_reason))
+            ending = [api.text_chunk(reply.request_id, reply.model_id, "", answer.finish_reason)]
         if reply.request.options.include_usage:
             ending.append(api.usage_chunk(reply.request_id, reply.model_id, reply.kind, answer))
         return ending
 
-    def _chunk(self, delta: dict, text: str = "") -> bytes:
+    def _chunk(self, delta: dict, text: str, logprobs: tuple[TokenLogprob, ...]) -> bytes:
         reply = self.reply
         if reply.kind == "chat":
-            return _event(api.chat_chunk(reply.request_id, reply.model_id, delta))
-        return _event(api.text_chunk(reply.request_id, reply.model_id, text))
+            body = chat_logprobs_body(logprobs) if reply.with_logprobs else None
+            return _event(api.chat_chunk(reply.request_id, reply.model_id, delta, logprobs=body))
+        body = completion_logprobs_body(logprobs, self.text_offset) if reply.with_logprobs else None
+        self.text_offset += sum(len(entry.token) for entry in logprobs)
+        return _event(api.text_chunk(reply.request_id, reply.model_id, text, logprobs=body))
 
 
 class _ResponseEventStream:
     """A reply as the Responses API's server-sent events (`event: response.created` ... `response.completed`)."""
 
-    def __init__(self, reply: _Reply, first: str | ToolCall | None, asked: ResponseRequest):
+    def __init__(self, reply: _Reply, first: Piece | None, asked: ResponseRequest):
         self.reply = reply
         self.first = first
         self.events_of = ResponseEvents(reply.request_id, reply.model_id, asked.echo, reply.created)
@@ -331,11 +339,11 @@ class _ResponseEventStream:
         try:
             for event in events_of.opening():
                 yield _named_event(event)
-            piece = self.first
-            while piece is not None:
-                for event in events_of.piece(piece):
+            item = self.first
+            while item is not None:
+                for event in events_of.piece(*item):
                     yield _named_event(event)
-                piece = await reply.pieces.get()
+                item = await reply.pieces.get()
             for event in self._ending():
                 yield _named_event(event)
         finally:

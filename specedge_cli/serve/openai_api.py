@@ -83,6 +83,8 @@ class Answer:
     cached_tokens: int  # prompt tokens the hub session and the draft already held from an earlier request
     tool_calls: tuple[ToolCall, ...] = ()
     logprobs: tuple[structured.TokenLogprob, ...] | None = None  # the reply's tokens', when asked for
+    # those of them handed out with the reply's text, not with a tool call (a Responses message's)
+    text_logprobs: tuple[structured.TokenLogprob, ...] | None = None
 
     def usage(self) -> dict:
         return {
@@ -381,24 +383,16 @@ def chat_chunk(
     return _envelope(request_id, "chat.completion.chunk", model, [choice])
 
 
-def logprobs_chunk(request_id: str, model: str, kind: str, answer: Answer) -> dict:
-    """The whole reply's logprobs in one chunk before the last (the SDKs gather a stream's logprobs
-    across its chunks)."""
-    if kind == "chat":
-        return chat_chunk(request_id, model, {}, logprobs=structured.chat_logprobs_body(answer.logprobs))
-    chunk = text_chunk(request_id, model, "")
-    chunk["choices"][0]["logprobs"] = structured.completion_logprobs_body(answer.logprobs)
-    return chunk
-
-
 def tool_call_delta(index: int, call: ToolCall) -> dict:
     """A call in a stream: whole in one delta (its id, name and all its arguments), as the SDKs'
     accumulators take it."""
     return {"tool_calls": [{"index": index, **call.chat_dict()}]}
 
 
-def text_chunk(request_id: str, model: str, text: str, finish_reason: str | None = None) -> dict:
-    choice = {"index": 0, "text": text, "logprobs": None, "finish_reason": finish_reason}
+def text_chunk(
+    request_id: str, model: str, text: str, finish_reason: str | None = None, logprobs: dict | None = None
+) -> dict:
+    choice = {"index": 0, "text": text, "logprobs": logprobs, "finish_reason": finish_reason}
     return _envelope(request_id, "text_completion", model, [choice])
 
 

@@ -4,6 +4,8 @@ held back while its end could still be the start of one (so a stream never shows
 from __future__ import annotations
 
 import codecs
+import copy
+import math
 from collections.abc import Callable
 
 
@@ -31,6 +33,27 @@ class ReplyText:
         self._bytes_read = len(data)
         self._cut_at_stop()
         return self._take(len(self.text) if self.stopped else len(self.text) - self._could_be_stop())
+
+    def copy(self) -> ReplyText:
+        """A twin that goes on from here on its own."""
+        twin = copy.copy(self)
+        twin._tokens = list(self._tokens)
+        twin._decoder = codecs.getincrementaldecoder("utf-8")("replace")
+        twin._decoder.setstate(self._decoder.getstate())
+        return twin
+
+    @property
+    def shown(self) -> int:
+        """How much of `text` was handed out."""
+        return self._shown
+
+    @property
+    def end(self) -> float:
+        """Where the text of the tokens added so far ends: a character further when the last ones
+        left one unfinished, past all text once a stop sequence cut it (never shown)."""
+        if self.stopped:
+            return math.inf
+        return len(self.text) + (1 if self._decoder.getstate()[0] else 0)
 
     def finish(self) -> str:
         """The reply ended: the rest of the text (what was held back, an unfinished character)."""

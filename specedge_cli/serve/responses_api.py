@@ -4,7 +4,9 @@ the Responses event stream (`response.created` ... `response.completed`).
 
 Nothing is stored: a response cannot be fetched later or continued by `previous_response_id`, so
 those are refused; a client sends the whole conversation as `input`, as with chat completions
-(function calls and their outputs included). Text and function tools only.
+(function calls and their outputs included). Text and function tools only. The target's logprobs
+come with the output text when `include` asks for them (`message.output_text.logprobs`), with
+`top_logprobs` alternatives each.
 """
 
 from __future__ import annotations
@@ -17,7 +19,10 @@ from typing import Any
 from specedge_cli.errors import ApiError
 from specedge_cli.serve import openai_api as api
 from specedge_cli.serve.openai_api import Answer, ChatRequest
+from specedge_cli.serve.structured import TokenLogprob, chat_logprobs, logprob_entry
 from specedge_cli.serve.tools import ToolCall
+
+OUTPUT_LOGPROBS = "message.output_text.logprobs"  # the one `include` this server answers
 
 # field: (the values that ask for nothing, why any other is refused)
 _REFUSED: dict[str, tuple[tuple[object, ...], str]] = {
@@ -30,9 +35,7 @@ _REFUSED: dict[str, tuple[tuple[object, ...], str]] = {
     "store": ((False,), "store must be false: this server stores no responses"),
     "background": ((False,), "background responses are not supported"),
     "reasoning": ((), "reasoning options are not supported by this model"),
-    "include": (([],), "include is not supported: the response carries its output only"),
     "truncation": (("disabled",), "truncation must be 'disabled': a conversation over the context is refused"),
-    "top_logprobs": ((0,), "logprobs are not available: the hub sends token ids only"),
     "top_p": ((1,), "top_p must be 1: SpecEdge samples the target's whole distribution at the temperature"),
     "max_tool_calls": ((), "max_tool_calls is not supported: set parallel_tool_calls false for one call"),
     "prompt": ((), "reusable prompts are not supported: send 'instructions' and 'input'"),
@@ -64,6 +67,7 @@ def response_request(body: Any) -> ResponseRequest:
         "temperature": body.get("temperature"),
         "stream": body.get("stream"),
         "response_format": _as_response_format(text_format),
+        **_logprobs(body),
     }
     chat = api.chat_request({name: value for name, value in chat_body.items() if value is not None})
     echo: dict[str, Any] = {
@@ -75,8 +79,28 @@ def response_request(body: Any) -> ResponseRequest:
         "tool_choice": body.get("tool_choice") or "auto",
         "tools": body.get("tools") or [],
         "text": {"format": text_format},
+        "top_logprobs": body.get("top_logprobs"),
     }
     return ResponseRequest(chat, echo)
+
+
+def _logprobs(body: dict) -> dict:
+    """The chat API's `logprobs` and `top_logprobs` of `include` and `top_logprobs`: logprobs are
+    reported when `include` asks for them (as OpenAI does, `top_logprobs` alone reports none)."""
+    include = body.get("include")
+    if include is None:
+        include = []
+    if not isinstance(include, list) or any(value != OUTPUT_LOGPROBS for value in include):
+        raise ApiError(
+            f"include: only {OUTPUT_LOGPROBS!r} is supported (the response carries its output, and its logprobs "
+            "when asked)",
+            param="include",
+        )
+    top = body.get("top_logprobs")
+    if not include:  # checked as the chat API checks it, then not used
+        chat_logprobs({"logprobs": True, "top_logprobs": top})
+        return {}
+    return {"logprobs": True, "top_logprobs": top}
 
 
 def _text_format(text: Any) -> dict:
@@ -204,8 +228,8 @@ def _usage(answer: Answer) -> dict:
     }
 
 
-def message_item(item_id: str, text: str, status: str = "completed") -> dict:
-    content = [_text_part(text)] if status == "completed" else []
+def message_item(item_id: str, text: str, status: str = "completed", logprobs: tuple[TokenLogprob, ...] = ()) -> dict:
+    content = [_text_part(text, logprobs)] if status == "completed" else []
     return {"type": "message", "id": item_id, "status": status, "role": "assistant", "content": content}
 
 
@@ -222,13 +246,32 @@ def call_item(call: ToolCall, status: str = "completed") -> dict:
     }
 
 
-def _text_part(text: str) -> dict:
-    return {"type": "output_text", "text": text, "annotations": [], "logprobs": []}
+def _text_part(text: str, logprobs: tuple[TokenLogprob, ...] = ()) -> dict:
+    return {
+        "type": "output_text",
+        "text": text,
+        "annotations": [],
+        "logprobs": [logprob_entry(entry) for entry in logprobs],
+    }
+
+
+def _delta_logprobs(logprobs: tuple[TokenLogprob, ...]) -> list[dict]:
+    """Logprobs as a text delta event carries them: no bytes."""
+    return [
+        {
+            "token": entry.token,
+            "logprob": entry.logprob,
+            "top_logprobs": [{"token": text, "logprob": value} for text, _, value in entry.top],
+        }
+        for entry in logprobs
+    ]
 
 
 def output_items(answer: Answer) -> list[dict]:
     """A finished answer's output: its text as a message (when it has text or no calls), then its calls."""
-    items = [message_item(new_id("msg"), answer.text)] if answer.text or not answer.tool_calls else []
+    items = []
+    if answer.text or not answer.tool_calls:
+        items.append(message_item(new_id("msg"), answer.text, logprobs=answer.text_logprobs or ()))
     return items + [call_item(call) for call in answer.tool_calls]
 
 
@@ -244,6 +287,7 @@ class ResponseEvents:
     _sequence: int = 0
     _message: dict | None = None  # the message item being written
     _text: str = ""
+    _logprobs: tuple[TokenLogprob, ...] = ()  # its tokens' (or, with no message open, those the next one takes)
 
     def opening(self) -> list[dict]:
         response = self._response(None)
@@ -252,14 +296,21 @@ class ResponseEvents:
             self._event("response.in_progress", response=response),
         ]
 
-    def piece(self, piece: str | ToolCall) -> list[dict]:
+    def piece(self, piece: str | ToolCall, logprobs: tuple[TokenLogprob, ...] = ()) -> list[dict]:
+        """The events of a piece of the reply and the logprobs of the tokens it carries (a call's
+        go nowhere: a function call item has no logprobs)."""
         if isinstance(piece, ToolCall):
             return self._close_message() + self._call(piece)
+        if not piece and self._message is None:  # logprobs of text never shown: the next message's
+            self._logprobs += logprobs
+            return []
         events = [] if self._message is not None else self._open_message()
         self._text += piece
+        self._logprobs += logprobs
         assert self._message is not None
         where = {"item_id": self._message["id"], "output_index": len(self.output), "content_index": 0}
-        return [*events, self._event("response.output_text.delta", **where, delta=piece, logprobs=[])]
+        delta = self._event("response.output_text.delta", **where, delta=piece, logprobs=_delta_logprobs(logprobs))
+        return [*events, delta]
 
     def ending(self, answer: Answer) -> list[dict]:
         events = self._close_message()
@@ -287,15 +338,16 @@ class ResponseEvents:
     def _close_message(self) -> list[dict]:
         if self._message is None:
             return []
-        item = message_item(self._message["id"], self._text)
+        item = message_item(self._message["id"], self._text, logprobs=self._logprobs)
         where = {"item_id": item["id"], "output_index": len(self.output), "content_index": 0}
+        logprobs = _delta_logprobs(self._logprobs)
         events = [
-            self._event("response.output_text.done", **where, text=self._text, logprobs=[]),
-            self._event("response.content_part.done", **where, part=_text_part(self._text)),
+            self._event("response.output_text.done", **where, text=self._text, logprobs=logprobs),
+            self._event("response.content_part.done", **where, part=_text_part(self._text, self._logprobs)),
             self._event("response.output_item.done", output_index=len(self.output), item=item),
         ]
         self.output.append(item)
-        self._message = None
+        self._message, self._logprobs = None, ()
         return events
 
     def _call(self, call: ToolCall) -> list[dict]:

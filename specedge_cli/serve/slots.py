@@ -11,6 +11,7 @@ holds. With every slot busy, requests wait in a queue, first come first served.
 from __future__ import annotations
 
 import contextlib
+import math
 import threading
 import time
 from collections import OrderedDict, deque
@@ -30,9 +31,10 @@ from specedge_cli.serve.reply_text import ReplyText
 from specedge_cli.serve.structured import TokenLogprob
 from specedge_cli.serve.tools import AssistantMessage, CallReader, ToolCall, check_template
 
-# Sees reply text as it becomes final, and each tool call once it is whole; returns False when
-# the client has gone away.
-OnPiece = Callable[[str | ToolCall], bool]
+# Sees reply text as it becomes final, and each tool call once it is whole, with the target's
+# logprobs of the tokens the piece carries (none unless the request asked for them); returns False
+# when the client has gone away.
+OnPiece = Callable[[str | ToolCall, tuple[TokenLogprob, ...]], bool]
 # Replies with tool calls whose text as the model wrote it is remembered, so a client sending one
 # back continues the slot that holds its tokens.
 REMEMBERED_CALL_REPLIES = 4096
@@ -187,8 +189,9 @@ class EdgeModel:
         cached = self._held(conversation)
         uses = request.tool_use
         reader = CallReader(uses.names) if uses is not None and uses.reads_calls else None
+        one_call = uses is not None and not uses.parallel
         relay = _Relay(
-            self._reply_text(conversation, request.options), on_piece, reader, uses is not None and not uses.parallel
+            self._reply_text(conversation, request.options), on_piece, reader, one_call, _logprobs(conversation)
         )
         relay.start(chat.reply_start)
         try:
@@ -196,7 +199,6 @@ class EdgeModel:
         except HubError as exc:
             raise _hub_failure(exc) from exc
         answer = self._answer(relay, reply.finish_reason, before + len(reply.prompt_token_ids), reply.token_ids, cached)
-        answer = self._with_logprobs(answer, conversation, reply.token_ids, reply.logprobs)
         if answer.tool_calls:
             self._remember(AssistantMessage(answer.text, answer.tool_calls), reply.text)
         return answer
@@ -249,15 +251,14 @@ class EdgeModel:
             conversation.change_settings(self._settings(request.options, room))
             pending = slot.take_up_tokens(tokens)
             cached = self._held(conversation)
-            relay = _Relay(self._reply_text(conversation, request.options), on_piece)
+            relay = _Relay(self._reply_text(conversation, request.options), on_piece, logprobs=_logprobs(conversation))
             try:
                 generation = conversation.decoder.generate(pending, on_tokens=relay)
             except HubError as exc:
                 raise _hub_failure(exc) from exc
             if generation.error is not None:
                 raise _hub_failure(generation.error) from generation.error
-            answer = self._answer(relay, generation.finish_reason, len(tokens), generation.tokens, cached)
-            return self._with_logprobs(answer, conversation, generation.tokens, generation.logprobs)
+            return self._answer(relay, generation.finish_reason, len(tokens), generation.tokens, cached)
 
     def _room(self, prompt_tokens: int, param: str) -> int:
         """How many tokens a reply may have after a prompt of `prompt_tokens` (the conversation's
@@ -314,23 +315,6 @@ class EdgeModel:
         return [*bos, before, *tokenize(prefix, add_bos=False), after, *tokenize(suffix, add_bos=False), middle]
 
     @staticmethod
-    def _with_logprobs(
-        answer: Answer, conversation: Conversation, tokens: list[int], logprobs: list[TokenLogprobs]
-    ) -> Answer:
-        """The answer with the target's logprobs of its tokens (stop tokens left out, as from its
-        text), when the request asked for them."""
-        if conversation.settings.top_logprobs is None:
-            return answer
-        stops, spell = conversation.stop_token_ids, conversation.engine.vocab.detokenize
-        entries = []
-        for token, given in zip(tokens[len(tokens) - len(logprobs) :], logprobs):
-            if token in stops:
-                continue
-            top = [(*_spelled(spell, t), value) for t, value in zip(given.top_tokens, given.top_logprobs)]
-            entries.append(TokenLogprob(*_spelled(spell, token), given.logprob, tuple(top)))
-        return replace(answer, logprobs=tuple(entries))
-
-    @staticmethod
     def _held(conversation: Conversation) -> int:
         settings, session = conversation.settings, conversation.session
         # A grammar starts where its reply does, so a constrained reply always opens a session of its own.
@@ -349,19 +333,31 @@ class EdgeModel:
             finish_reason = STOP
         if relay.calls and finish_reason == STOP:
             finish_reason = "tool_calls"
-        return Answer(relay.shown, finish_reason, prompt_tokens, len(reply_tokens), cached, tuple(relay.calls))
+        answer = Answer(relay.shown, finish_reason, prompt_tokens, len(reply_tokens), cached, tuple(relay.calls))
+        if relay.logprobs is None:
+            return answer
+        return replace(answer, logprobs=tuple(relay.logprobs.all), text_logprobs=tuple(relay.logprobs.with_text))
 
 
 class _Relay:
     """Hands reply text to the client as tokens are accepted (through a reader of tool calls when
-    the model may call one); ends the reply at a stop sequence, after its one call when only one
-    is allowed, or when the client has gone away."""
+    the model may call one), each piece with the logprobs of the tokens it carries when they were
+    asked for; ends the reply at a stop sequence, after its one call when only one is allowed, or
+    when the client has gone away."""
 
-    def __init__(self, text: ReplyText, on_piece: OnPiece, reader: CallReader | None = None, one_call: bool = False):
+    def __init__(
+        self,
+        text: ReplyText,
+        on_piece: OnPiece,
+        reader: CallReader | None = None,
+        one_call: bool = False,
+        logprobs: _TokenLogprobs | None = None,
+    ):
         self.text = text
         self.on_piece = on_piece
         self.reader = reader
         self.one_call = one_call
+        self.logprobs = logprobs
         self.client_gone = False
         self.shown = ""  # the text handed out
         self.calls: list[ToolCall] = []
@@ -372,7 +368,10 @@ class _Relay:
             self._hand(self.reader.add(text))
 
     def __call__(self, tokens: list[int]) -> bool:
+        before = None if self.logprobs is None else self.text.copy()
         piece = self.text.add(tokens)
+        if before is not None:
+            self._note_logprobs(tokens, before)
         if piece:
             self._hand(self.reader.add(piece) if self.reader is not None else [piece])
         return self.client_gone or self.text.stopped or self._called_enough
@@ -380,24 +379,103 @@ class _Relay:
     def finish(self) -> None:
         rest = self.text.finish()
         if self.reader is None:
-            self._hand([rest] if rest else [])
+            self._hand([rest] if rest else [], final=True)
         else:
-            self._hand(self.reader.add(rest) + self.reader.finish())
+            self._hand(self.reader.add(rest) + self.reader.finish(), final=True)
+        if self.logprobs is not None and self.logprobs.waiting:  # no piece was left to carry them
+            self._give("", self.logprobs.hand(math.inf, with_text=not self.calls))
+
+    def _note_logprobs(self, tokens: list[int], before: ReplyText) -> None:
+        """Take the logprobs of newly accepted tokens, each with where its text ends: where all
+        of theirs does when it is all shown (most often), else found token by token on the text as
+        it was `before` them (seeing the whole text again at each token costs more)."""
+        assert self.logprobs is not None
+        if self.text.end <= self.text.shown:
+            ends = [self.text.end] * len(tokens)
+        else:
+            ends = []
+            for token in tokens:
+                before.add([token])
+                ends.append(before.end)
+        for (token, given), end in zip(self.logprobs.of(tokens), ends):
+            if given is not None:
+                self.logprobs.add(token, given, end)
 
     @property
     def _called_enough(self) -> bool:
         return self.one_call and bool(self.calls)
 
-    def _hand(self, pieces: list[str | ToolCall]) -> None:
-        for piece in pieces:
+    def _hand(self, pieces: list[str | ToolCall], final: bool = False) -> None:
+        """Hand out `pieces`; the last one carries the logprobs of the tokens whose text has been
+        shown (all the rest, at the end)."""
+        for index, piece in enumerate(pieces):
             if self._called_enough:
                 return  # what the model wrote after its one call is not part of the answer
-            if isinstance(piece, ToolCall):
-                self.calls.append(piece)
-            else:
-                self.shown += piece
-            if not self.client_gone and not self.on_piece(piece):
-                self.client_gone = True
+            carried: tuple[TokenLogprob, ...] = ()
+            if self.logprobs is not None and index == len(pieces) - 1:
+                upto = math.inf if final else self.text.shown
+                carried = self.logprobs.hand(upto, with_text=isinstance(piece, str))
+            self._give(piece, carried)
+
+    def _give(self, piece: str | ToolCall, carried: tuple[TokenLogprob, ...]) -> None:
+        if isinstance(piece, ToolCall):
+            self.calls.append(piece)
+        else:
+            self.shown += piece
+        if not self.client_gone and not self.on_piece(piece, carried):
+            self.client_gone = True
+
+
+class _TokenLogprobs:
+    """The target's logprobs of a reply's tokens (the decoder gathers them from the verify answers),
+    spelled as the answer reports them, each waiting until the text that ends it is handed out."""
+
+    def __init__(
+        self,
+        spell: Callable[[list[int]], bytes],
+        stop_token_ids: frozenset[int],
+        given: Callable[[], list[TokenLogprobs]],
+    ):
+        self._spell = spell
+        self._stop_token_ids = stop_token_ids
+        self._given = given
+        self._read = 0  # of the decoder's logprobs
+        self.waiting: deque[tuple[float, TokenLogprob]] = deque()  # (where its text ends, the entry)
+        self.all: list[TokenLogprob] = []  # the reply's tokens', stop tokens left out (as from its text)
+        self.with_text: list[TokenLogprob] = []  # those handed out with text, not with a tool call
+
+    def of(self, tokens: list[int]) -> list[tuple[int, TokenLogprobs | None]]:
+        """Newly accepted tokens, each with the logprobs the hub sent for it."""
+        given = self._given()[self._read :]
+        self._read += len(given)
+        unmatched = max(0, len(tokens) - len(given))
+        return [(t, None) for t in tokens[:unmatched]] + list(zip(tokens[unmatched:], given))
+
+    def add(self, token: int, given: TokenLogprobs, text_end: float) -> None:
+        if token in self._stop_token_ids:
+            return
+        spell = self._spell
+        top = tuple((*_spelled(spell, t), value) for t, value in zip(given.top_tokens, given.top_logprobs))
+        entry = TokenLogprob(*_spelled(spell, token), given.logprob, top)
+        self.all.append(entry)
+        self.waiting.append((text_end, entry))
+
+    def hand(self, upto: float, with_text: bool) -> tuple[TokenLogprob, ...]:
+        """The waiting entries whose text ends by `upto` in the reply's text."""
+        handed = []
+        while self.waiting and self.waiting[0][0] <= upto:
+            handed.append(self.waiting.popleft()[1])
+        if with_text:
+            self.with_text += handed
+        return tuple(handed)
+
+
+def _logprobs(conversation: Conversation) -> _TokenLogprobs | None:
+    """What gathers a reply's logprobs, when its settings ask for them."""
+    if conversation.settings.top_logprobs is None:
+        return None
+    decoder = conversation.decoder
+    return _TokenLogprobs(conversation.engine.vocab.detokenize, conversation.stop_token_ids, lambda: decoder.logprobs)
 
 
 def _spelled(spell: Callable[[list[int]], bytes], token: int) -> tuple[str, bytes]:

@@ -135,18 +135,21 @@ def completion_logprobs(body: dict) -> int | None:
 def chat_logprobs_body(logprobs: tuple[TokenLogprob, ...] | None) -> dict | None:
     if logprobs is None:
         return None
-    return {"content": [_chat_entry(entry) for entry in logprobs], "refusal": None}
+    return {"content": [logprob_entry(entry) for entry in logprobs], "refusal": None}
 
 
-def _chat_entry(entry: TokenLogprob) -> dict:
+def logprob_entry(entry: TokenLogprob) -> dict:
+    """A token's logprobs as chat completions (and Responses output text) report them."""
     top = [{"token": text, "logprob": value, "bytes": list(raw)} for text, raw, value in entry.top]
     return {"token": entry.token, "logprob": entry.logprob, "bytes": list(entry.raw), "top_logprobs": top}
 
 
-def completion_logprobs_body(logprobs: tuple[TokenLogprob, ...] | None) -> dict | None:
+def completion_logprobs_body(logprobs: tuple[TokenLogprob, ...] | None, offset: int = 0) -> dict | None:
+    """A completion's logprobs; `offset`: where the first token's text starts in the reply (a
+    stream's chunk after others)."""
     if logprobs is None:
         return None
-    offsets, at = [], 0
+    offsets, at = [], offset
     for entry in logprobs:
         offsets.append(at)
         at += len(entry.token)
