@@ -112,6 +112,7 @@ class EngineServer:
         )
         self._outboxes: dict[asyncio.StreamWriter, list[list[Any]]] = {}  # a front end's connection: its answers
         self._tasks: dict[tuple[asyncio.StreamWriter, int], asyncio.Task] = {}
+        self._front_ends: set[asyncio.StreamWriter] = set()
         self._loop: asyncio.AbstractEventLoop | None = None
         self._failure = failure  # why the engine cannot load at all (the cluster could not be joined)
 
@@ -134,6 +135,7 @@ class EngineServer:
 
     async def _serve_front_end(self, reader: asyncio.StreamReader, front_end: asyncio.StreamWriter) -> None:
         """One front end's connection, until it ends: what it still waits for is given up."""
+        self._front_ends.add(front_end)
         try:
             async for frame in ipc.frames(reader):
                 try:
@@ -144,6 +146,7 @@ class EngineServer:
                 for message in messages:
                     self._take(front_end, message)
         finally:
+            self._front_ends.discard(front_end)
             for (connection, _), task in list(self._tasks.items()):
                 if connection is front_end:
                     task.cancel()  # nobody waits for its answer: as if its client had gone
@@ -280,10 +283,19 @@ class EngineServer:
             workers_total=ready.total,
         )
         log.info("engine process %d ready in %.1f s: %s", os.getpid(), seconds, hub.engine.name)
+        self._announce()
+
+    def _announce(self) -> None:
+        """Tell every front end the engine's state now, not at its next ping: front ends serving
+        side by side start (or stop) answering together."""
+        for front_end in self._front_ends:
+            self._send(front_end, [ipc.PONG, -1, ipc.encode_status(self.status)])
 
     def _fail(self, reason: str) -> None:
         log.error(reason)
         self.status = ipc.EngineStatus("failed", self.status.incarnation, self.status.pid, reason)
+        assert self._loop is not None
+        self._loop.call_soon_threadsafe(self._announce)
 
 
 if __name__ == "__main__":
