@@ -362,8 +362,13 @@ class RayEngine:
         self._last_stats = EngineStats(0, 0, 0.0, PassTally(), 0, {}, None, None)
 
     def probe(self) -> WorkerIdentity:
-        """Its identity: without a call while its `watch` holds and the last round trip is recent."""
-        watched = self._watch is not None and not ray.wait([self._watch], timeout=0)[0]
+        """Its identity: without a call while its `watch` holds and the last round trip is recent.
+        A `watch` that Ray has failed means the process died: the worker is lost at once, whatever
+        its restart (Ray's, maybe seconds later) answers at the next probe."""
+        if self._watch is not None and ray.wait([self._watch], timeout=0)[0]:
+            self._lost, self._watch = True, None
+            raise WorkerLost("the engine worker's process died; Ray restarts it")
+        watched = self._watch is not None
         if watched and time.monotonic() < self._next_round_trip:
             return self.identity
         ref = self._actor.identity.remote()
