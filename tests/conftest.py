@@ -8,6 +8,7 @@ import os
 import shutil
 import subprocess
 import sys
+from collections.abc import Iterator
 from pathlib import Path
 
 import httpx
@@ -94,6 +95,22 @@ class RunningHub:
 
     def stop(self) -> None:
         self._hub.stop(timeout_s=30)
+
+
+def hub_of_commit(commit: str, tiny: TinyModel, folder: Path) -> Iterator[HubProcess]:
+    """A hub as it was at `commit`, run from that commit's files unpacked into `folder` (a
+    module's fixture: the older protocol versions a client must still talk to)."""
+    if subprocess.run(["git", "cat-file", "-e", commit], cwd=REPO, capture_output=True).returncode != 0:
+        pytest.skip(f"needs the repository's history (commit {commit})")
+    archive = subprocess.run(["git", "archive", commit], cwd=REPO, capture_output=True, check=True).stdout
+    subprocess.run(["tar", "-x", "-C", str(folder / "")], input=archive, check=True)
+    args = ["--model", str(tiny.hf_dir), "--cache-dir", str(folder / "cache"), "--no-auth", "--max-draft-tokens", "16"]
+    hub = HubProcess(args, log_path=folder / "hub.log", cwd=folder)
+    try:
+        hub.wait_ready(timeout_s=180)
+        yield hub
+    finally:
+        hub.stop(timeout_s=30)
 
 
 @pytest.fixture(scope="session")

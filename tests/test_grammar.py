@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import json
 import secrets
-import subprocess
 import threading
 import time
 
@@ -35,8 +34,7 @@ from specedge_common.grammar import (
     prepare_grammar_tokenizer,
     token_bytes,
 )
-from specedge_common.launcher import HubProcess
-from tests.conftest import REPO
+from tests.conftest import hub_of_commit
 from tests.test_lossless import plain_template
 
 # Enums, a boolean and a bounded integer: a random model's reply under it ends within a few tokens.
@@ -264,18 +262,7 @@ def test_the_hub_refuses_what_it_cannot_apply(drafts, hub):
 @pytest.fixture(scope="module")
 def version_2_hub(tiny, tmp_path_factory):
     """The hub as it was before grammars, run from that commit's files."""
-    if subprocess.run(["git", "cat-file", "-e", VERSION_2_HUB], cwd=REPO, capture_output=True).returncode != 0:
-        pytest.skip(f"needs the repository's history (commit {VERSION_2_HUB})")
-    folder = tmp_path_factory.mktemp("version-2-hub")
-    archive = subprocess.run(["git", "archive", VERSION_2_HUB], cwd=REPO, capture_output=True, check=True).stdout
-    subprocess.run(["tar", "-x", "-C", str(folder / "")], input=archive, check=True)
-    args = ["--model", str(tiny.hf_dir), "--cache-dir", str(folder / "cache"), "--no-auth", "--max-draft-tokens", "16"]
-    hub = HubProcess(args, log_path=folder / "hub.log", cwd=folder)
-    try:
-        hub.wait_ready(timeout_s=180)
-        yield hub
-    finally:
-        hub.stop(timeout_s=30)
+    yield from hub_of_commit(VERSION_2_HUB, tiny, tmp_path_factory.mktemp("version-2-hub"))
 
 
 def test_an_older_hub_is_never_asked_for_an_unconstrained_reply(version_2_hub, drafts, target_alone):

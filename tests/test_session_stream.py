@@ -7,7 +7,6 @@ from __future__ import annotations
 
 import json
 import socket
-import subprocess
 import threading
 import time
 from pathlib import Path
@@ -25,8 +24,7 @@ from specedge_cli.drafting.engine import DraftEngine
 from specedge_cli.errors import HubRejected, SessionLost
 from specedge_cli.remote.client import HubClient
 from specedge_cli.remote.stream import OPEN_TIMEOUT_S, StreamRefused, open_stream
-from specedge_common.launcher import HubProcess
-from tests.conftest import REPO, AuthHub, hub_admin
+from tests.conftest import AuthHub, hub_admin, hub_of_commit
 from tests.test_lossless import plain_template
 
 # The last commit whose hub speaks protocol version 1 (no stream): a hub not yet upgraded.
@@ -50,18 +48,7 @@ def stream_hub(tiny, tmp_path_factory):
 @pytest.fixture(scope="module")
 def version_1_hub(tiny, tmp_path_factory):
     """The hub as it was before the stream, run from that commit's files."""
-    if subprocess.run(["git", "cat-file", "-e", VERSION_1_HUB], cwd=REPO, capture_output=True).returncode != 0:
-        pytest.skip(f"needs the repository's history (commit {VERSION_1_HUB})")
-    folder = tmp_path_factory.mktemp("version-1-hub")
-    archive = subprocess.run(["git", "archive", VERSION_1_HUB], cwd=REPO, capture_output=True, check=True).stdout
-    subprocess.run(["tar", "-x", "-C", str(folder / "")], input=archive, check=True)
-    args = ["--model", str(tiny.hf_dir), "--cache-dir", str(folder / "cache"), "--no-auth", "--max-draft-tokens", "16"]
-    hub = HubProcess(args, log_path=folder / "hub.log", cwd=folder)
-    try:
-        hub.wait_ready(timeout_s=180)
-        yield hub
-    finally:
-        hub.stop(timeout_s=30)
+    yield from hub_of_commit(VERSION_1_HUB, tiny, tmp_path_factory.mktemp("version-1-hub"))
 
 
 @pytest.fixture(scope="module")
