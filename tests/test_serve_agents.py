@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import json
-from typing import Literal
+from typing import Any, Literal
 
 import httpx
 import openai
@@ -109,17 +109,24 @@ def _instructor():
     )
 
 
-def test_instructor_json_schema_mode_gets_the_object_the_target_alone_writes(tool_served, draft, target_alone):  # noqa: F811
+def _instructor_paint(served, mode: str) -> tuple[Any, dict, dict]:
+    """instructor's Paint through `served` in `mode` (an `instructor.Mode` name), with the one
+    request it sent and the answer it got."""
     instructor, wire = _instructor(), Wire()
-    client = instructor.from_openai(wire.sync_client(tool_served), mode=instructor.Mode.JSON_SCHEMA)
+    client = instructor.from_openai(wire.sync_client(served), mode=getattr(instructor.Mode, mode))
     paint = client.chat.completions.create(
-        model=_model(tool_served),
+        model=_model(served),
         messages=[{"role": "user", "content": ASK}],
         response_model=Paint,
         max_tokens=MAX_TOKENS,
         temperature=0,
     )
     sent, answer = wire.only
+    return paint, sent, answer
+
+
+def test_instructor_json_schema_mode_gets_the_object_the_target_alone_writes(tool_served, draft, target_alone):  # noqa: F811
+    paint, sent, answer = _instructor_paint(tool_served, "JSON_SCHEMA")
     assert sent["response_format"]["type"] == "json_schema"
     expected = target_reply(sent, draft, target_alone)
     assert answer["choices"][0]["message"]["content"] == expected
@@ -127,16 +134,7 @@ def test_instructor_json_schema_mode_gets_the_object_the_target_alone_writes(too
 
 
 def test_instructor_tools_mode_gets_the_call_the_target_alone_makes(tool_served, draft, target_alone):  # noqa: F811
-    instructor, wire = _instructor(), Wire()
-    client = instructor.from_openai(wire.sync_client(tool_served), mode=instructor.Mode.TOOLS)
-    paint = client.chat.completions.create(
-        model=_model(tool_served),
-        messages=[{"role": "user", "content": ASK}],
-        response_model=Paint,
-        max_tokens=MAX_TOKENS,
-        temperature=0,
-    )
-    sent, answer = wire.only
+    paint, sent, answer = _instructor_paint(tool_served, "TOOLS")
     assert sent["tool_choice"]["type"] == "function"  # a named function: its arguments under its schema
     content, calls = read_calls(target_reply(sent, draft, target_alone))
     assert served_calls(answer) == [(call.name, call.arguments) for call in calls] and not content

@@ -94,15 +94,16 @@ def test_json_object_replies_are_json(served, model_id, reference, target_alone)
 
 def test_logprobs_are_the_targets_in_chat_and_completions(served, model_id, expected, target_alone):  # noqa: F811
     context, tokens, text = expected
-    answer = served.client().chat.completions.create(
-        model=model_id,
-        messages=ASK,
-        response_format=schema_format(PAINT),
-        max_tokens=64,
-        temperature=0,
-        logprobs=True,
-        top_logprobs=2,
-    )
+    request = {
+        "model": model_id,
+        "messages": ASK,
+        "response_format": schema_format(PAINT),
+        "max_tokens": 64,
+        "temperature": 0,
+        "logprobs": True,
+        "top_logprobs": 2,
+    }
+    answer = served.client().chat.completions.create(**request)
     content = answer.choices[0].logprobs.content
     assert "".join(entry.token for entry in content) == text
     for at, entry in enumerate(content):
@@ -111,16 +112,7 @@ def test_logprobs_are_the_targets_in_chat_and_completions(served, model_id, expe
         assert [top.logprob for top in entry.top_logprobs] == pytest.approx(
             torch.topk(logprobs, 2).values.tolist(), abs=1e-4
         )
-    chunks = served.client().chat.completions.create(
-        model=model_id,
-        messages=ASK,
-        response_format=schema_format(PAINT),
-        max_tokens=64,
-        temperature=0,
-        logprobs=True,
-        top_logprobs=2,
-        stream=True,
-    )
+    chunks = served.client().chat.completions.create(**request, stream=True)
     pieces = [chunk.choices[0] for chunk in chunks if chunk.choices and chunk.choices[0].logprobs]
     # Each piece carries the logprobs of the tokens whose text it carries (the JSON is ASCII: each
     # token's text is whole), and the reply comes in more than one piece.
