@@ -3,10 +3,11 @@ away from the interpreter that serves HTTP (`engine_link.py` is the front end's 
 
 The process holds `service.Hub` and answers the front ends' messages (`ipc.py`) on one asyncio
 loop: each call a task on the hub, exactly as an HTTP route would make it, its answer sent back
-with every other answer ready at the same moment. Passes run on the schedulers' threads as in a
-single-process hub, so nothing about batching, sessions' turns or their KV changes; only HTTP,
-token checks and body parsing left this process, and with them the GIL time they took from the
-passes.
+with every other answer ready at the same moment. The passes of a worker in this process run on
+that loop too, between its turns (`scheduler.py`, Drivers): a request's way to its pass and back
+crosses no thread, and a pass never shares the GIL with the requests' handling. HTTP, token
+checks and body parsing are the front ends'. Ray workers' passes are waited on by their
+schedulers' threads.
 
     front ends ──Unix socket, a connection each──▶ EngineServer ── service.Hub ── Scheduler ── runner / Ray workers
 
@@ -257,7 +258,8 @@ class EngineServer:
             return
         started = time.monotonic()
         try:
-            hub = Hub(self.settings, make_engines(self.settings), self.metrics, token_check_for(self.settings))
+            engines = make_engines(self.settings)
+            hub = Hub(self.settings, engines, self.metrics, token_check_for(self.settings), loop=self._loop)
         except KVBudgetError as exc:  # a configuration to change, not a crash: no traceback
             self._fail(f"the hub cannot hold its sessions: {exc}")
             return

@@ -123,6 +123,6 @@ class Generation:
         await asyncio.shield(asyncio.wrap_future(future))
 
     def _apply(self, job: VerifyJob, done: Future, started: float) -> None:
-        """The pass is over (its scheduler's thread): the session takes its tokens."""
+        """The pass is over (where its scheduler runs passes): the session takes its tokens."""
         if done.exception() is None:
             self._hub.apply_pass(self._session, job, self._request.mode, time.perf_counter() - started)

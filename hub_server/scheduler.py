@@ -44,8 +44,18 @@ scheduler decides who shares the pass (`Composition`): such a row's context, all
 token, goes first in passes of its own (`run_feed`) when the padding saved outweighs what the
 extra passes cost, and always when the row is wider than the device's passes are built for. The
 engine runs exactly the passes it is given. A step is what the worker runs next, in order: those
-feeds, the verify pass, the prompt chunks (`Step`); a driver in virtual time (the fleet
-simulation) takes the very same steps from `poll`.
+feeds, the verify pass, the prompt chunks (`Step`).
+
+Drivers. Who runs the steps is the scheduler's one choice of three, the decisions the same:
+- an event loop (`loop=`): the engine process's, for a worker whose passes run in that process.
+  Steps run on the loop itself, between its turns, so the requests' handling and the passes
+  never wait on each other for a thread's wake-up or the GIL, and everything that arrived during
+  a pass is read in the next turn, before the next step is decided. After a step, the loop turns
+  `ANSWER_TURNS` more times (its callers answer) before it decides the next;
+- a thread of its own (the default): a worker whose passes are calls to another process (a Ray
+  actor), which the loop must not wait on;
+- a driver in virtual time (`worker=False`: the fleet simulation) takes the very same steps from
+  `poll`.
 """
 
 from __future__ import annotations
@@ -83,6 +93,11 @@ RETURNS_KEPT = 4  # a user's return time is the median of their last this many
 MIN_PROMPT_CHUNK = 16  # the least a queued prompt advances in a step it takes part in
 USUAL_RETURNS_KEPT = 64  # ... or, before they have any, the median of all users' last this many
 FORGET_AFTER_S = 600  # a user not seen this long is no longer expected
+# Turns of the event loop let go by after a step; the next is decided in the turn after them. A
+# verify's answer leaves in the third turn after its pass (the future's callback, its task's
+# wake-up, the frame's flush), and so before the next pass, not after it.
+ANSWER_TURNS = 2
+MIN_TIMER_S = 0.001  # an event loop's timers count milliseconds (uvloop): a shorter one would spin
 
 
 @dataclass
@@ -214,6 +229,7 @@ class Scheduler:
         on_prompt_step: Callable[[int, list[float]], None] = lambda tokens, waits: None,
         composition: Composition | None = None,
         run_feed: Callable[[Any], None] | None = None,
+        loop: asyncio.AbstractEventLoop | None = None,
     ):
         if composition is not None and worker and run_feed is None:
             raise ValueError("a scheduler that takes rows out of a pass needs run_feed to feed them")
@@ -243,8 +259,15 @@ class Scheduler:
         self._merge_wait_from: float | None = None  # when the next batch began waiting for a user due back
         self._running: list[_Queued] = []  # the batch `poll` handed out, until `finish`
         self.stats = SchedulerStats()
-        # worker=False: no thread; a driver in virtual time (the fleet simulation) calls `poll`
-        # and `finish` itself, with `clock` its own, so the very same batching decisions run.
+        # loop: steps run on that event loop (see the module doc), no thread. worker=False: no
+        # thread either; a driver in virtual time (the fleet simulation) calls `poll` and `finish`
+        # itself, with `clock` its own, so the very same batching decisions run.
+        self._event_loop = loop
+        self._loop_thread: int | None = None  # the loop's thread, once it has run a step
+        self._driving = False  # a look at the queue is due on the loop (or a step is running there)
+        self._timer: asyncio.TimerHandle | None = None  # a look when a waiting batch's time is up
+        if loop is not None:
+            worker = False
         self._worker = threading.Thread(target=self._loop, name="verify-scheduler", daemon=True) if worker else None
         if self._worker is not None:
             self._worker.start()
@@ -264,7 +287,7 @@ class Scheduler:
                 if not announcement.queued:
                     self._announced -= 1
                 if not self._announced:  # a batch waiting for announced jobs can go now
-                    self._ready.notify()
+                    self._notify()
 
     def submit(self, job: Any, announcement: Announcement | None = None, key: Any = None) -> Future:
         """Queue `job`; the future resolves once its batch has run (to the job, or its error).
@@ -282,7 +305,7 @@ class Scheduler:
             if key is not None:
                 self._arrived(key, now)
             self._queue.append(_Queued(job, future, now, announcement, key))
-            self._ready.notify()
+            self._notify()
         return future
 
     def usual_return_s(self) -> float | None:
@@ -316,7 +339,7 @@ class Scheduler:
     def stop(self) -> None:
         with self._ready:
             self._stopped = True
-            self._ready.notify()
+            self._notify()
         if self._worker is not None:
             self._worker.join(timeout=30)
 
@@ -363,7 +386,7 @@ class Scheduler:
                 raise RuntimeError("the scheduler has stopped")
             prompt = Prompt(job, tokens, self._clock())
             self._prompts.append(prompt)
-            self._ready.notify()
+            self._notify()
         return prompt
 
     def cancel_prompt(self, prompt: Prompt) -> None:
@@ -374,12 +397,57 @@ class Scheduler:
                 self._prompts.remove(prompt)
                 prompt.future.set_result(None)
 
+    def _notify(self) -> None:
+        """Work came, or a wait ended (under the lock, on any thread): the driver looks again."""
+        self._ready.notify()
+        if self._event_loop is None or self._driving:
+            return
+        self._driving = True
+        if threading.get_ident() == self._loop_thread:
+            self._event_loop.call_soon(self._drive)
+        else:
+            self._event_loop.call_soon_threadsafe(self._drive)
+
     def _loop(self) -> None:
         while (step := self._next_step()) is not None:
-            if step.queued:
-                self._run(step)
-            if step.chunks:
-                self._run_prompts(step.chunks)
+            self._run_step(step)
+
+    def _run_step(self, step: Step) -> None:
+        if step.queued:
+            self._run(step)
+        if step.chunks:
+            self._run_prompts(step.chunks)
+
+    # --- driven by an event loop ------------------------------------------------------------
+    def _drive(self, turns: int = 0) -> None:
+        """On the loop: run the step due now, then look again once its answers have left; or
+        look again when a waiting batch's time is up; or rest until `_notify`."""
+        assert self._event_loop is not None
+        if turns:
+            self._event_loop.call_soon(self._drive, turns - 1)
+            return
+        self._loop_thread = threading.get_ident()
+        if self._timer is not None:
+            self._timer.cancel()
+            self._timer = None
+        with self._ready:
+            step = None if self._stopped and not self._queue and not self._prompts else self._step_now()
+            if not isinstance(step, Step):
+                self._driving = False
+                if step is not None:
+                    delay = max(MIN_TIMER_S, step - self._clock())
+                    self._timer = self._event_loop.call_later(delay, self._time_up)
+                return
+        self._run_step(step)
+        self._event_loop.call_soon(self._drive, ANSWER_TURNS)
+
+    def _time_up(self) -> None:
+        self._timer = None
+        with self._ready:
+            if self._driving:  # a look is already due
+                return
+            self._driving = True
+        self._drive()
 
     def _next_step(self) -> Step | None:
         """The next step (waiting until there is one); None once stopped with nothing queued."""

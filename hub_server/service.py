@@ -61,7 +61,10 @@ class Hub:
         engines: Sequence[Engine],
         metrics: HubMetrics | None = None,
         accounts: TokenCheck | None = None,
+        loop: asyncio.AbstractEventLoop | None = None,
     ):
+        """`loop`: the event loop the hub's requests run on, where the passes of workers in this
+        process then run too (`scheduler.py`, Drivers); None: on their schedulers' threads."""
         if not engines:
             raise ValueError("a hub needs at least one engine")
         self.settings = settings
@@ -71,7 +74,7 @@ class Hub:
         self.metrics = metrics or HubMetrics()
         self.drafter = make_drafter(settings, self.engine.device_lock)
         self.retirement = Retirement(settings, self.sessions, self.metrics, accounts, self.drafter)
-        self.workers = Workers(settings, engines, self.sessions, self.metrics, self.retirement.forget)
+        self.workers = Workers(settings, engines, self.sessions, self.metrics, self.retirement.forget, loop)
         self.retirement.start(self.workers)
         self.metrics.registry.register(HubCollector(self._figures, self.workers.engine_stats))
         self.budgets = TokenBudgets(settings.tokens_per_minute)
@@ -224,8 +227,8 @@ class Hub:
     async def verify(
         self, session_id: str, request: wire.VerifyRequest, owner: Owner = LOCAL_OWNER
     ) -> wire.VerifyResponse:
-        """Verify one draft. Runs on the event loop: the only thread hops are to the scheduler's
-        worker and back."""
+        """Verify one draft. Runs on the event loop; its pass runs there too in the engine process
+        (a scheduler driven by the loop), or on its scheduler's thread (a Ray worker's)."""
         arrived = time.perf_counter()
         # Use counts from the pass applied: a session whose verifies the memory refuses ages
         # toward giving its blocks up, so two sessions waiting on each other cannot wait forever.

@@ -9,6 +9,7 @@ rules themselves are `service.Hub`'s; this module only says which worker holds w
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import threading
 import time
@@ -40,8 +41,10 @@ class Workers:
         sessions: SessionStore,
         metrics: HubMetrics,
         forget: Callable[[Worker, Session], None],
+        loop: asyncio.AbstractEventLoop | None = None,
     ):
         self.settings = settings
+        self._loop = loop  # where the passes of a worker in this process run (None: its scheduler's thread)
         self.sessions = sessions
         self.metrics = metrics
         self._forget = forget  # a session dropped with its lost worker: the hub forgets it too
@@ -80,17 +83,19 @@ class Workers:
             on_prompt_step=self.metrics.record_prompt_step,
             composition=Composition.of(identity.device, engine.widest_verify_row),
             run_feed=lambda job: engine.feed(job.kv, job.pending),
+            # A worker in another process is waited on for its whole pass: not on the loop.
+            loop=None if isinstance(engine, Supervised) else self._loop,
         )
         return Worker(worker_id, engine, scheduler, identity)
 
     def _verify_pass(self, engine: Engine, budget: PromptBudget, jobs: list[VerifyJob]) -> None:
-        """One batched pass on a worker's engine (its scheduler's thread), its device time observed."""
+        """One batched pass on a worker's engine (where its scheduler runs passes), its device time observed."""
         seconds = engine.verify_batch(jobs)
         self.metrics.pass_device_seconds.observe(seconds)
         budget.record_verify(seconds)
 
     def _feed_chunk(self, engine: Engine, budget: PromptBudget, session: Session, tokens: int) -> None:
-        """`tokens` more of a session's context into its KV (its scheduler's thread, between passes)."""
+        """`tokens` more of a session's context into its KV (where its scheduler runs passes, between them)."""
         kv = session.kv
         if kv is None:  # closed, or its worker lost, while the prompt queued
             return

@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
+import asyncio
 import random
 import threading
 import time
 from dataclasses import dataclass, field
+from typing import Any
 
 import pytest
 
@@ -542,3 +544,113 @@ def test_passes_of_nearly_one_size_keep_the_split_the_varied_ones_found():
         tokens = 9 * noise.randint(13, 16)
         fit.add(tokens, (0.004 + 0.0001 * tokens) * noise.uniform(0.85, 1.15))
     assert abs(fit.fixed_s() - 0.004) < 0.0005 and abs(fit.per_token_s() - 0.0001) < 0.00002
+
+
+# --- driven by an event loop (the engine process's) -------------------------------------------
+async def _with_loop(body) -> None:
+    """`body(loop)` with the running loop (`asyncio.run(_with_loop(body))`)."""
+    await body(asyncio.get_running_loop())
+
+
+class LoopDevice:
+    """Records, in order, each pass (its jobs and the thread it ran on) and what else happened."""
+
+    def __init__(self):
+        self.events: list[tuple[str, Any]] = []
+        self.threads: set[int] = set()
+
+    def __call__(self, jobs: list[str]) -> None:
+        self.threads.add(threading.get_ident())
+        self.events.append(("pass", list(jobs)))
+
+
+def test_on_an_event_loop_jobs_submitted_in_one_turn_share_one_pass_run_on_the_loop_itself():
+    device = LoopDevice()
+
+    async def body(loop: asyncio.AbstractEventLoop) -> None:
+        scheduler = Scheduler(device, max_batch=8, max_wait_s=60, loop=loop)
+        futures = [asyncio.wrap_future(scheduler.submit(job)) for job in "abc"]
+        assert await asyncio.gather(*futures) == ["a", "b", "c"]
+        scheduler.stop()
+
+    asyncio.run(_with_loop(body))
+    assert device.events == [("pass", ["a", "b", "c"])]
+    assert device.threads == {threading.get_ident()}  # asyncio.run's loop runs on this thread
+
+
+def test_on_an_event_loop_a_passs_callers_answer_before_the_next_pass_starts():
+    """Work queued during a pass runs next, but only after the pass's callers have had their
+    answers (their tasks woke and went on): an answer never waits for a whole further pass."""
+    device = LoopDevice()
+
+    async def body(loop: asyncio.AbstractEventLoop) -> None:
+        scheduler = Scheduler(device, max_batch=8, max_wait_s=0.0, loop=loop)
+
+        def first_pass(jobs: list[str]) -> None:
+            device(jobs)
+            if jobs == ["a"]:  # while "a" is on the device, "b" comes (from another thread)
+                threading.Thread(target=scheduler.submit, args=("b",)).start()
+                time.sleep(0.05)
+
+        scheduler._run_batch = first_pass
+        await asyncio.wrap_future(scheduler.submit("a"))
+        # As the engine process answers: the answer is queued, the frame leaves at the next turn.
+        loop.call_soon(device.events.append, ("answered", "a"))
+        while len(device.events) < 3:
+            await asyncio.sleep(0.01)
+        scheduler.stop()
+
+    asyncio.run(_with_loop(body))
+    assert device.events == [("pass", ["a"]), ("answered", "a"), ("pass", ["b"])]
+
+
+def test_on_an_event_loop_a_batch_waits_for_an_announced_job_and_the_wait_is_bounded():
+    device = LoopDevice()
+
+    async def body(loop: asyncio.AbstractEventLoop) -> None:
+        scheduler = Scheduler(device, max_batch=8, max_wait_s=0.2, loop=loop)
+        with scheduler.announce():  # "b" comes 50 ms later: "a" waits for it
+            first = asyncio.wrap_future(scheduler.submit("a"))
+            await asyncio.sleep(0.05)
+            second = asyncio.wrap_future(scheduler.submit("b"))
+        assert await asyncio.gather(first, second) == ["a", "b"]
+        with scheduler.announce():  # announced, never submitted: "c" goes when the wait is up
+            started = time.monotonic()
+            assert await asyncio.wait_for(asyncio.wrap_future(scheduler.submit("c")), 5) == "c"
+            assert time.monotonic() - started >= 0.2
+        scheduler.stop()
+
+    asyncio.run(_with_loop(body))
+    assert device.events == [("pass", ["a", "b"]), ("pass", ["c"])]
+
+
+def test_on_an_event_loop_prompts_go_in_chunks_beside_verifies_and_a_failing_pass_fails_its_batch():
+    steps: list[tuple[str, Any]] = []
+
+    def verify(jobs: list[str]) -> None:
+        steps.append(("verify", list(jobs)))
+        if "bad" in jobs:
+            raise ValueError("device error")
+
+    async def body(loop: asyncio.AbstractEventLoop) -> None:
+        scheduler = Scheduler(
+            verify,
+            max_batch=8,
+            max_wait_s=0.0,
+            run_prompt=lambda job, size: steps.append(("prompt", (job, size))),
+            prompt_budget=lambda jobs: 100,
+            loop=loop,
+        )
+        prompt = scheduler.submit_prompt("long", 250)
+        verified = asyncio.wrap_future(scheduler.submit("v"))
+        await asyncio.wrap_future(prompt.future)
+        assert await verified == "v"
+        with pytest.raises(ValueError, match="device error"):
+            await asyncio.wrap_future(scheduler.submit("bad"))
+        assert await asyncio.wrap_future(scheduler.submit("good")) == "good"
+        scheduler.stop()
+
+    asyncio.run(_with_loop(body))
+    assert [detail for kind, detail in steps if kind == "prompt"] == [("long", 100), ("long", 100), ("long", 50)]
+    assert steps.index(("verify", ["v"])) <= 1  # it waited for one chunk at most
+    assert steps[-2:] == [("verify", ["bad"]), ("verify", ["good"])]
