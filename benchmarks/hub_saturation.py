@@ -13,9 +13,9 @@ For each it measures:
   `--seconds`; verifies per second, the CPU the hub's whole process tree used (front ends,
   engine, anything they started; from /proc), verifies per hub CPU-second, and the CPU a verify
   costs beyond the device's busy time (/metrics: on a CPU target the passes are CPU too), the
-  hub's own work, which bounds a GPU's verifies per second. Over HTTP in
-  every tree, and again over the session stream where the hub offers it (protocol 2 on: how the
-  specedge client verifies);
+  hub's own work, which bounds a GPU's verifies per second; and the sessions a pass carried on
+  average. Over HTTP in every tree, and again over the session stream where the hub offers it
+  (protocol 2 on: how the specedge client verifies);
 - **8 sessions at once** at each context length of `--contexts`: all eight send a verify
   together, `--rounds` times; the device ms per verify the hub reports in /metrics (its busy time
   over its verifies), and the device ms of a pass of 8 inside the hub (per verify).
@@ -163,7 +163,8 @@ async def saturation(hub: TreeHub, users: int, seconds: float, way: str = "http"
         await asyncio.sleep(seconds)
         counted["counting"] = False
         elapsed, used = time.perf_counter() - started, hub.cpu_seconds() - cpu
-        busy = hub.metrics().since(before).value(names.DEVICE_BUSY_SECONDS)
+        page = hub.metrics().since(before)
+        busy, passes = page.value(names.DEVICE_BUSY_SECONDS), page.value(names.VERIFY_PASSES)
         stop.set()
         await asyncio.gather(*tasks)
         for session in sessions:
@@ -174,6 +175,8 @@ async def saturation(hub: TreeHub, users: int, seconds: float, way: str = "http"
         "verifies_per_cpu_s": round(counted["verifies"] / used, 1),
         # The hub's own work per verify: its CPU beyond what the device (here the CPU too) was busy with.
         "cpu_beyond_device_ms_per_verify": round((used - busy) * 1000 / counted["verifies"], 3),
+        # How full the passes were: a hub with time to spare runs smaller passes sooner.
+        "sessions_per_pass": round(page.value(names.VERIFY_REQUESTS) / passes, 2) if passes else None,
     }
 
 
