@@ -243,6 +243,42 @@ def test_auto_times_both_and_keeps_the_kernel_up_to_the_widest_view_it_won(tmp_p
     assert "not faster" in caplog.text
 
 
+@needs_compiler
+def test_auto_keeps_the_kernel_to_passes_on_the_threads_it_was_timed_on(tmp_path, monkeypatch):
+    """The kernel keeps to one thread: timed on the verify passes' threads, it serves passes on
+    those; a pass on more (a prompt's chunk on every core) goes to the reference, which uses them."""
+    from hub_server.engine.cpu import timings
+
+    monkeypatch.setattr(timings, "timed_layer", lambda kernel, shape, width: 1.0 if kernel else 2.0)
+    query = torch.zeros(1, 2, 3, 16)
+    threads = torch.get_num_threads()
+    try:
+        torch.set_num_threads(1)
+        auto = choose("auto", tmp_path)
+        assert auto.name == "kernel" and auto.kernel.serves(query, 64)
+        torch.set_num_threads(2)
+        assert not auto.kernel.serves(query, 64)
+        assert choose("kernel", tmp_path).kernel.serves(query, 64)  # named by hand: every pass
+    finally:
+        torch.set_num_threads(threads)
+
+
+@needs_compiler
+def test_a_cpu_runner_times_its_attention_on_its_verify_passes_threads(tiny, monkeypatch):
+    from hub_server.engine.cpu import timings
+    from hub_server.engine.runner import ModelRunner
+
+    seen = []
+    monkeypatch.setattr(
+        timings,
+        "timed_layer",
+        lambda kernel, shape, width: seen.append(torch.get_num_threads()) or (2.0 - bool(kernel)),
+    )
+    runner = ModelRunner(HubSettings(model=str(tiny.hf_dir), attention="auto", threads=0))
+    assert runner.verify_threads == 1 and set(seen) == {1}
+    assert runner.attention.kernel.threads == 1
+
+
 def test_an_unknown_choice_is_refused_with_the_choices():
     with pytest.raises(ValueError, match="auto, reference, kernel, flex"):
         HubSettings(model="tiny", attention="fast")

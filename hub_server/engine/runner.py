@@ -128,6 +128,9 @@ class ModelRunner:
         self.device_lock = threading.Lock()
         # Which draft nodes the vocabulary projection computes (`projection.py`).
         self.walk = ProjectionWalk(self._logits)
+        # What is timed for the verify passes is timed on their threads: with a prompt's threads
+        # the reference's products (which use them all) beat the kernel on views it wins in a pass.
+        _use_threads(self.verify_threads)
         time_cpu_choices(self.model, settings, self.device, self.walk)
         self.attention = self._choose_attention(settings, config)
         self.compiled = _compile_wanted(settings.compile, self.device)

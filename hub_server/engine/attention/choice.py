@@ -2,8 +2,9 @@
 
 `auto`, by device:
 - **CPU, float32**: by timing. The CPU kernel is built and timed at start against the reference on
-  one layer of the hub's own verify shape (`cpu/timings.py`), and attends the views up to the
-  widest it won by 10%; the reference attends wider ones (none won: the reference everywhere).
+  one layer of the hub's own verify shape (`cpu/timings.py`) on the verify passes' torch threads,
+  and attends the views up to the widest it won by 10% in passes on those threads; the reference
+  attends wider ones (none won: the reference everywhere), and passes on other threads.
   FlexAttention is not a candidate here: on this CPU a compiled layer lost to SDPA over views at
   every context measured (docs/architecture.md).
 - **CPU, 16-bit**: the reference (the kernel reads float32).
@@ -65,6 +66,7 @@ def _cpu_kernel(choice, keys, values, kinds, windows, cache_dir, pass_shape) -> 
         log.info("attention: the CPU kernel (%s) for every pass (--attention kernel)", Path(kernel.library._name).name)
         return KernelBackend(keys, values, kinds, windows, kernel)
     kernel.widest, timings = kernel_widest(kernel, pass_shape)
+    kernel.threads = torch.get_num_threads()  # the verify passes' (the runner set them for the timing)
     measured = ", ".join(f"{width}: {ours * 1e6:.0f} against {ref * 1e6:.0f} us" for width, ours, ref in timings)
     if not kernel.widest:
         log.info(
