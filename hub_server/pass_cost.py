@@ -15,35 +15,53 @@ from collections.abc import Callable
 # deviation): a saturated hub runs passes of nearly one size, whose times say nothing of the split
 # (timing noise alone would set the slope, and a slope of 0 would make the whole pass fixed).
 MIN_RELATIVE_SPREAD = 0.25
+# Reads enter the fit only where they vary apart from the tokens: at most this share of their
+# variance explained by the tokens' (1 - correlation squared), or the two cannot be told apart.
+APART = 0.05
 
 
 class PassCostFit:
-    """A pass's device time as fixed + per_token x tokens, fitted by least squares to the passes
+    """A pass's device time as fixed + per_token x tokens (+ per_read x reads, where the runner
+    says how many positions the pass's queries attended), fitted by least squares to the passes
     timed so far; older passes fade, so the fit follows the device. The split is the last one
-    the passes determined: passes all of one size keep it as it was."""
+    the passes determined: passes all of one size keep it as it was.
+
+    Reads matter where contexts vary: a pass of a few sessions deep in long contexts costs more
+    than a fuller one of fresh sessions, and a fit on tokens alone would take that for a larger
+    fixed part, or (contexts growing while passes fill, as a hub saturates) a smaller one. Where
+    the reads do not vary apart from the tokens, the fit is on tokens alone."""
 
     def __init__(self, fade: float = 0.99):
         self.fade = fade
-        self._sums = [0.0] * 5  # weight, sum x, sum y, sum x^2, sum x*y
+        self._sums = [0.0] * 9  # weight; sums of tokens, reads, seconds; of t*t, t*r, r*r, t*s, r*s
         self._split: tuple[float, float] | None = None
         self._lock = threading.Lock()
 
-    def add(self, tokens: int, seconds: float) -> None:
+    def add(self, tokens: int, seconds: float, reads: int = 0) -> None:
+        terms = (
+            1.0,
+            tokens,
+            reads,
+            seconds,
+            tokens * tokens,
+            tokens * reads,
+            reads * reads,
+            tokens * seconds,
+            reads * seconds,
+        )
         with self._lock:
-            self._sums = [
-                self.fade * total + term
-                for total, term in zip(self._sums, (1.0, tokens, seconds, tokens * tokens, tokens * seconds))
-            ]
+            self._sums = [self.fade * total + term for total, term in zip(self._sums, terms)]
             self._split = self._solve() or self._split
 
     def fixed_s(self) -> float | None:
-        """The part of a pass's time that does not grow with its tokens; None until passes of
-        different sizes have been timed."""
+        """The part of a pass's time that does not grow with its tokens or what they read; None
+        until passes of different sizes have been timed."""
         fit = self._fit()
         return None if fit is None else fit[0]
 
     def per_token_s(self) -> float | None:
-        """What each token adds to a pass; None until passes of different sizes have been timed."""
+        """What each token adds to a pass, its reads at the contexts seen included; None until
+        passes of different sizes have been timed."""
         fit = self._fit()
         return None if fit is None else fit[1]
 
@@ -52,16 +70,26 @@ class PassCostFit:
             return self._split
 
     def _solve(self) -> tuple[float, float] | None:
-        """The split the passes so far determine, if they do."""
-        n, x, y, xx, xy = self._sums
+        """The split the passes so far determine, if they do: (fixed, per token)."""
+        n, t, r, y, tt, tr, rr, ty, ry = self._sums
         if n == 0:
             return None
-        spread = xx / n - (x / n) ** 2
-        if spread <= max(1e-9 * max(1.0, xx / n), (MIN_RELATIVE_SPREAD * x / n) ** 2):
+        t, r, y = t / n, r / n, y / n  # means
+        var_t, cov_tr, var_r = tt / n - t * t, tr / n - t * r, rr / n - r * r
+        cov_ty, cov_ry = ty / n - t * y, ry / n - r * y
+        if var_t <= max(1e-9 * max(1.0, tt / n), (MIN_RELATIVE_SPREAD * t) ** 2):
             return None
-        slope = max(0.0, (xy / n - (x / n) * (y / n)) / spread)
-        fixed = min(max(y / n - slope * x / n, 0.0), y / n)
-        return fixed, (y / n - fixed) / (x / n) if x else 0.0
+        fixed = None
+        det = var_t * var_r - cov_tr * cov_tr
+        if var_r > 0 and det > APART * var_t * var_r:  # reads that vary apart from the tokens
+            per_token = (cov_ty * var_r - cov_ry * cov_tr) / det
+            per_read = (cov_ry * var_t - cov_ty * cov_tr) / det
+            if per_token >= 0 and per_read >= 0:
+                fixed = y - per_token * t - per_read * r
+        if fixed is None:  # tokens alone
+            fixed = y - max(0.0, cov_ty / var_t) * t
+        fixed = min(max(fixed, 0.0), y)
+        return fixed, (y - fixed) / t if t else 0.0
 
 
 class RowCosts:

@@ -20,8 +20,9 @@ Returning users. A client session submits with its `key` (the session id). The s
 how long each one takes to come back after its pass ends (drafting plus the round trip: the
 median of its last few returns; for a new session, the median of all users' recent returns) and
 so when it is next due. A pass costs a fixed part whatever it carries (on a GPU nearly all of it:
-kernel launches; on a CPU reading the weights) plus a part per token; the runner fits both to
-the passes it has run (`pass_cost.PassCostFit`) and the scheduler reads the fixed part. When
+kernel launches; on a CPU reading the weights) plus a part per token and one per position its
+tokens attend; the runner fits them to the passes it has run (`pass_cost.PassCostFit`) and the
+scheduler reads the fixed part. When
 the device comes free and a user is due back within `merge_share` of that fixed part (the
 window), the batch waits for them: their verify then shares this pass instead of paying a pass of
 its own moments later, so the wait costs the device no more than it saves (`--merge-wait-share 1`

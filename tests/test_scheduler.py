@@ -166,6 +166,31 @@ def test_the_pass_cost_fit_splits_a_pass_into_its_fixed_part_and_a_part_per_toke
     assert abs(flat.fixed_s() - 0.04) < 1e-6 and flat.per_token_s() < 1e-9
 
 
+def test_the_pass_cost_fit_keeps_the_fixed_part_apart_from_what_growing_contexts_cost():
+    """Sessions whose contexts grow as a hub fills: passes of more sessions read deeper contexts
+    too. On tokens alone the growing reads look like a steeper cost per token (a smaller fixed
+    part); with the reads the fit finds the fixed part, and the tokens' cost at the contexts seen."""
+    import random
+
+    rng = random.Random(0)
+    fixed, per_token, per_read = 0.005, 0.00001, 0.00000002
+    with_reads, tokens_alone = PassCostFit(), PassCostFit()
+    for step in range(400):
+        sessions = rng.randint(1, 16)
+        context = 50 + 5 * step + rng.randint(0, 200)  # deeper as the hub runs
+        tokens, reads = 9 * sessions, 9 * sessions * (context + 9)
+        reads_more = reads * (1 + sessions / 16)  # fuller passes came later: more read
+        seconds = fixed + per_token * tokens + per_read * reads_more
+        with_reads.add(tokens, seconds, int(reads_more))
+        tokens_alone.add(tokens, seconds)
+    assert abs(with_reads.fixed_s() - fixed) < 0.0002
+    assert abs(tokens_alone.fixed_s() - fixed) > 0.001  # what a fit on tokens alone made of it
+    flat = PassCostFit()  # reads that follow the tokens exactly: the fit on tokens, as before
+    for tokens in (9, 18, 36, 72):
+        flat.add(tokens, 0.16 + 0.0067 * tokens, reads=tokens * 100)
+    assert abs(flat.fixed_s() - 0.16) < 0.02
+
+
 def _returning_user_meets_a_queued_one(
     runner: SimulatedRunner, scheduler: Scheduler, think_s: float, forget: bool = False, newcomer: str = "B"
 ) -> list[list[str]]:

@@ -269,9 +269,11 @@ class ModelRunner:
                     job.pending = job.pending[self.pool.share(kv, kv.tokens + job.pending) :]
             tally = self.verify_passes.setdefault(len(jobs), PassTally())
             before = tally.seconds
+            contexts = sum(len(_own(job.kv).tokens) for job in jobs)
             with self._device_time(tally):
                 rows, width = self._verify_pass(jobs)
-            self.pass_costs.add(rows * width, tally.seconds - before)
+            # Its tokens (padded), and the positions they attended: each row's over its context.
+            self.pass_costs.add(rows * width, tally.seconds - before, reads=width * (contexts + len(jobs) * width))
             # What the pass computed beyond a pass of every session's last token and draft: the
             # context it carried (a new prompt) and the padding that context caused in every row
             # (not a bucket's padding, which a pass of drafts alone has too).
@@ -373,7 +375,7 @@ class ModelRunner:
         self.feeds = PassTally()  # context fed in passes of its own (prompts, resumes)
         self.context_in_verify = 0  # tokens verify passes computed for the context they carried
         self.verify_passes: dict[int, PassTally] = {}  # by sessions in a pass
-        self.pass_costs = PassCostFit()  # verify passes' device time against their (padded) tokens
+        self.pass_costs = PassCostFit()  # verify passes' device time against their (padded) tokens and reads
         self.past_kv_bytes_copied = 0  # past keys and values a pass read through a copy: 0 by design
         self.kept_kv_bytes_moved = 0  # a tree's accepted nodes moved down to close the gap
         self.compiled_hits = 0  # passes run by a compiled bucket
