@@ -1,6 +1,7 @@
-"""The hub's HTTP routes: a thin layer that parses bodies, calls `Hub` and shapes errors.
+"""The hub's HTTP routes: a thin layer that parses bodies, calls the engine process's `Hub`
+through `RemoteHub` (`engine_link.py`) and shapes errors.
 
-The model loads in a background thread so that `/health` can answer 503 while it does.
+`/health` answers 503 while the engine loads (or has failed, with why), from the link's status.
 Every route but `/health` needs `Authorization: Bearer <token>`: a middleware checks it before a
 body is even read, and routes get the account through the `current_owner` dependency. `/metrics`
 shows hub-wide figures, so it needs an operator's token (a user added with `--role operator`);
@@ -11,9 +12,8 @@ from __future__ import annotations
 
 import contextlib
 import logging
-import threading
 import time
-from collections.abc import AsyncIterator, Callable, Mapping, Sequence
+from collections.abc import AsyncIterator, Mapping
 from typing import Annotated, Protocol
 
 from fastapi import Depends, FastAPI, Request, WebSocket
@@ -28,14 +28,10 @@ from starlette.types import ASGIApp, Message, Receive, Scope, Send
 from hub_server import protocol as wire
 from hub_server.accounts import SingleToken, TokenCheck, token_check_for
 from hub_server.config import HubSettings
-from hub_server.engine_api import Engine
 from hub_server.engine_link import EngineLink, RemoteGeneration, RemoteHub
-from hub_server.errors import BadRequest, Forbidden, KVBudgetError, NotReady, RequestRefused, Unauthorized
-from hub_server.generation import Generation
+from hub_server.errors import BadRequest, Forbidden, RequestRefused, Unauthorized
 from hub_server.logging_setup import REQUEST_ID_HEADER, bind_request, request_id_from
 from hub_server.metrics import MEDIA_TYPE as METRICS_MEDIA_TYPE
-from hub_server.metrics import HubMetrics
-from hub_server.service import Hub
 from hub_server.sessions import LOCAL_OWNER, Owner
 from hub_server.stream import add_session_stream
 
@@ -89,7 +85,7 @@ class GenerationStream(NDJSONResponse):
     """A generation's chunks, one per line; the generation is closed (its session's turn given
     back) however the response ends: finished, failed, or its client gone mid-stream."""
 
-    def __init__(self, generation: Generation | RemoteGeneration) -> None:
+    def __init__(self, generation: RemoteGeneration) -> None:
         self.generation = generation
         super().__init__(chunk.model_dump_json() + "\n" async for chunk in generation)
 
@@ -229,33 +225,24 @@ class RefusalCounter(Protocol):
 
 
 class HubState:
-    """The hub once its model has loaded, or why it has not: in this process (`Hub`), or in the
-    engine process (`RemoteHub`, whose status its link keeps)."""
+    """The hub in the engine process (`RemoteHub`), and whether it is up: its link keeps the
+    engine's status (loading, ready, failed)."""
 
-    def __init__(self, link: EngineLink | None = None) -> None:
+    def __init__(self, link: EngineLink) -> None:
         self.link = link
-        self.hub: Hub | RemoteHub | None = RemoteHub(link) if link else None
-        self.failure: str | None = None
+        self.hub = RemoteHub(link)
 
-    def ready(self) -> Hub | RemoteHub:
-        if self.link is not None and self.link.status.state != "ready":
+    def ready(self) -> RemoteHub:
+        if self.link.status.state != "ready":
             raise self.link.unavailable()
-        if self.hub is None:
-            raise NotReady(self.failure or "the target model is still loading; retry shortly")
         return self.hub
 
     def health(self) -> JSONResponse:
-        failure = self.failure
-        loading = self.hub is None
-        if self.link is not None:
-            status = self.link.status
-            failure = status.reason if status.state == "failed" else None
-            loading = status.state == "loading"
-        if failure:
-            return JSONResponse({"status": "failed", "reason": failure}, status_code=503)
-        if loading or self.hub is None:
-            reason = self.link.status.reason if self.link else "the target model is loading"
-            return JSONResponse({"status": "loading", "reason": reason}, status_code=503)
+        status = self.link.status
+        if status.state == "failed":
+            return JSONResponse({"status": "failed", "reason": status.reason}, status_code=503)
+        if status.state == "loading":
+            return JSONResponse({"status": "loading", "reason": status.reason}, status_code=503)
         body, serving = self.hub.health()
         # A hub whose every worker is lost serves nothing until one comes back.
         return JSONResponse(body, 200 if serving else 503)
@@ -289,22 +276,14 @@ def _operators_only(owner: Owner, why: str) -> None:
         )
 
 
-def create_app(
-    settings: HubSettings,
-    make_engines: Callable[[HubSettings], Sequence[Engine]] | None = None,
-    metrics: HubMetrics | None = None,
-    link: EngineLink | None = None,
-) -> FastAPI:
-    """The hub's app: in front of the engine process its `link` reaches (how `hub_server serve`
-    runs), or with its engines in this process (`make_engines`: they load in the background)."""
+def create_app(settings: HubSettings, link: EngineLink) -> FastAPI:
+    """The hub's app: a front end of the engine process its `link` reaches (`front_ends.py`)."""
 
     @contextlib.asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
-        if link is not None:
-            await link.start()
+        await link.start()
         yield
-        if link is not None:
-            await link.stop()
+        await link.stop()
 
     # The schema is served behind authentication like every other route; no public docs pages.
     app = FastAPI(
@@ -317,27 +296,13 @@ def create_app(
     )
     state = HubState(link)
     token_check = token_check_for(settings)
-    # Refusals are counted where the hub's /metrics page is made: in the engine process when there is one.
-    counter: RefusalCounter = link or metrics or HubMetrics()
+    # Refusals are counted where the hub's /metrics page is made: in the engine process.
+    counter: RefusalCounter = link
 
     def refuse(status: int, code: str, message: str, headers: Mapping[str, str] | None = None) -> JSONResponse:
         counter.record_refusal(code)
         return _error(status, code, message, headers)
 
-    def load() -> None:
-        assert make_engines is not None
-        try:
-            state.hub = Hub(settings, make_engines(settings), metrics, token_check)
-            log.info("hub ready: %s", settings.model)
-        except KVBudgetError as exc:  # a configuration to change, not a crash: no traceback
-            state.failure = f"the hub cannot hold its sessions: {exc}"
-            log.error(state.failure)
-        except Exception as exc:  # the reason is served by /health; the hub stays up to say it
-            state.failure = f"the target model failed to load: {exc}"
-            log.exception("model load failed")
-
-    if link is None:
-        threading.Thread(target=load, name="model-load", daemon=True).start()
     app.state.hub_state = state
     app.add_middleware(HubMiddleware, token_check=token_check, max_bytes=MAX_BODY_BYTES, metrics=counter)
 
