@@ -122,6 +122,23 @@ def test_logs_are_json_with_request_ids_and_no_token(auth_hub):
         assert token not in log
 
 
+def test_a_verify_answered_is_not_logged_and_a_refused_one_is(auth_hub):
+    """A session verifies many times a second: /metrics counts those answered, the log keeps the refused."""
+    with auth_hub.client("ada") as ada:
+        info = ada.get("/v1/info").json()
+        opening = {key: info[key] for key in ("protocol_version", "vocab_size", "vocab_fingerprint")}
+        session = ada.post("/v1/sessions", json=opening).json()["session_id"]
+        fine = ada.post(f"/v1/sessions/{session}/verify", json={"tokens": [2, 3, 4], "draft": [5]})
+        refused = ada.post(f"/v1/sessions/{session}/verify", json={"tokens": [], "draft": [-1]})
+        ada.delete(f"/v1/sessions/{session}")
+    assert fine.status_code == 200 and refused.status_code == 422
+    time.sleep(0.2)
+    lines = [json.loads(line) for line in auth_hub.log.read_text().splitlines() if line.startswith("{")]
+    logged = [line["status"] for line in lines if line.get("path") == f"/v1/sessions/{session}/verify"]
+    assert logged == [422]
+    assert [line["status"] for line in lines if line.get("path") == f"/v1/sessions/{session}"] == [204]
+
+
 def test_no_auth_is_refused_off_loopback(tiny):
     result = subprocess.run(
         [sys.executable, "-m", "hub_server", "serve", "--model", str(tiny.hf_dir), "--host", "0.0.0.0", "--no-auth"],
