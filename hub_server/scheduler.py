@@ -431,16 +431,25 @@ class Scheduler:
         if self._timer is not None:
             self._timer.cancel()
             self._timer = None
+        # A step that raises past its own handling (a bug) is the loop's to log, and the driver
+        # goes on (the next look is due after it, or at the next `_notify`): a worker's passes
+        # never stop for good.
         with self._ready:
-            step = None if self._stopped and not self._queue and not self._prompts else self._step_now()
+            try:
+                step = None if self._stopped and not self._queue and not self._prompts else self._step_now()
+            except BaseException:
+                self._driving = False
+                raise
             if not isinstance(step, Step):
                 self._driving = False
                 if step is not None:
                     delay = max(MIN_TIMER_S, step - self._clock())
                     self._timer = self._event_loop.call_later(delay, self._time_up)
                 return
-        self._run_step(step)
-        self._event_loop.call_soon(self._drive, ANSWER_TURNS)
+        try:
+            self._run_step(step)
+        finally:
+            self._event_loop.call_soon(self._drive, ANSWER_TURNS)
 
     def _time_up(self) -> None:
         self._timer = None

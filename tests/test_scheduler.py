@@ -679,3 +679,33 @@ def test_on_an_event_loop_prompts_go_in_chunks_beside_verifies_and_a_failing_pas
     assert [detail for kind, detail in steps if kind == "prompt"] == [("long", 100), ("long", 100), ("long", 50)]
     assert steps.index(("verify", ["v"])) <= 1  # it waited for one chunk at most
     assert steps[-2:] == [("verify", ["bad"]), ("verify", ["good"])]
+
+
+def test_on_an_event_loop_a_step_that_raises_past_its_handling_does_not_stop_the_passes():
+    told = []
+
+    def on_prompt_step(tokens: int, waits: list[float]) -> None:
+        told.append(tokens)
+        if len(told) == 1:
+            raise RuntimeError("a bug in what a step reports")
+
+    async def body(loop: asyncio.AbstractEventLoop) -> None:
+        loop.set_exception_handler(lambda loop, context: told.append(context["message"]))
+        scheduler = Scheduler(
+            lambda jobs: None,
+            max_batch=8,
+            max_wait_s=0.0,
+            run_prompt=lambda job, size: None,
+            prompt_budget=lambda jobs: 100,
+            on_prompt_step=on_prompt_step,
+            loop=loop,
+        )
+        scheduler.submit_prompt("first", 50)  # its step raises as it begins
+        await asyncio.sleep(0.05)
+        assert await asyncio.wait_for(asyncio.wrap_future(scheduler.submit("v")), 5) == "v"
+        second = scheduler.submit_prompt("second", 50)
+        await asyncio.wait_for(asyncio.wrap_future(second.future), 5)
+        scheduler.stop()
+
+    asyncio.run(_with_loop(body))
+    assert told[0] == 50 and any(isinstance(entry, str) for entry in told)
