@@ -207,9 +207,10 @@ class HubMiddleware:
     @staticmethod
     def _log(request: Request, status: int, started: float) -> None:
         # The path only: never headers (tokens) nor the query string.
+        path = request.url.path
         fields = {
             "method": request.method,
-            "path": request.url.path,
+            "path": path,
             "status": status,
             "duration_ms": round((time.perf_counter() - started) * 1000, 2),
         }
@@ -218,10 +219,8 @@ class HubMiddleware:
         # Health probes come every few seconds, and a session's verifies many times a second (each
         # counted in /metrics, as the session stream's frames are): their lines would drown the
         # lines that matter, and cost the front end a twentieth of its time. A refused one is logged.
-        path = request.url.path
         quiet = path in OPEN_PATHS or (status < 400 and path.endswith(VERIFY_SUFFIX))
-        level = logging.DEBUG if quiet else logging.INFO
-        log.log(level, "%s %s %d", request.method, request.url.path, status, extra=fields)
+        log.log(logging.DEBUG if quiet else logging.INFO, "%s %s %d", request.method, path, status, extra=fields)
 
 
 class RefusalCounter(Protocol):
@@ -301,15 +300,14 @@ def create_app(settings: HubSettings, link: EngineLink) -> FastAPI:
     )
     state = HubState(link)
     token_check = token_check_for(settings)
-    # Refusals are counted where the hub's /metrics page is made: in the engine process.
-    counter: RefusalCounter = link
 
+    # Refusals are counted where the hub's /metrics page is made: in the engine process.
     def refuse(status: int, code: str, message: str, headers: Mapping[str, str] | None = None) -> JSONResponse:
-        counter.record_refusal(code)
+        link.record_refusal(code)
         return _error(status, code, message, headers)
 
     app.state.hub_state = state
-    app.add_middleware(HubMiddleware, token_check=token_check, max_bytes=MAX_BODY_BYTES, metrics=counter)
+    app.add_middleware(HubMiddleware, token_check=token_check, max_bytes=MAX_BODY_BYTES, metrics=link)
 
     @app.exception_handler(RequestRefused)
     async def refused(request: Request, exc: RequestRefused) -> JSONResponse:
@@ -414,5 +412,5 @@ def create_app(settings: HubSettings, link: EngineLink) -> FastAPI:
         await state.ready().close(session_id, owner)
 
     # The edge client's verifies, one frame each way on a WebSocket per session (stream.py).
-    add_session_stream(app, state.ready, lambda websocket: _owner_of(websocket, token_check), counter.record_refusal)
+    add_session_stream(app, state.ready, lambda websocket: _owner_of(websocket, token_check), link.record_refusal)
     return app

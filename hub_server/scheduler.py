@@ -436,7 +436,7 @@ class Scheduler:
         # never stop for good.
         with self._ready:
             try:
-                step = None if self._stopped and not self._queue and not self._prompts else self._step_now()
+                step = self._step_now()  # None once nothing is queued, stopped or not
             except BaseException:
                 self._driving = False
                 raise
