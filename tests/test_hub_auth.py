@@ -125,9 +125,7 @@ def test_logs_are_json_with_request_ids_and_no_token(auth_hub):
 def test_a_verify_answered_is_not_logged_and_a_refused_one_is(auth_hub):
     """A session verifies many times a second: /metrics counts those answered, the log keeps the refused."""
     with auth_hub.client("ada") as ada:
-        info = ada.get("/v1/info").json()
-        opening = {key: info[key] for key in ("protocol_version", "vocab_size", "vocab_fingerprint")}
-        session = ada.post("/v1/sessions", json=opening).json()["session_id"]
+        session = open_session(ada)
         fine = ada.post(f"/v1/sessions/{session}/verify", json={"tokens": [2, 3, 4], "draft": [5]})
         refused = ada.post(f"/v1/sessions/{session}/verify", json={"tokens": [], "draft": [-1]})
         ada.delete(f"/v1/sessions/{session}")
