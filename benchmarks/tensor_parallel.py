@@ -5,7 +5,7 @@
 The target alone (transformers, float32, full recomputation) decodes three prompts, two greedy
 and one seeded; then the same replies go through verify passes of all three sessions at once,
 with drafts of the target's own tokens of varying length, a wrong one now and then, and every
-third round a tree for the first session: once through `engine.tensor_parallel` (two rank
+third round a tree for the first of the three: once through `engine.tensor_parallel` (two rank
 processes, spawned, one thread each) and once through one `ModelRunner` (one thread, as a CPU
 hub's verify passes run). Prints whether each equals the target alone, each rank's parameter
 bytes against the whole target's, and the verify passes' median time.

@@ -92,7 +92,7 @@ class HubSession:
         self.memory_waits = 0  # verifies or feeds the hub refused for want of KV memory, waited out
         self._in_doubt = False  # a request that changes the hub's context did not answer
         self._reached_hub = False  # a hub never reached is a wrong address, not an outage to wait out
-        self._hub_version: int | None = None  # the hub's protocol version, read before the first session
+        self._hub_version: int | None = None  # the hub's protocol version, read before a session is opened
         self._stream: SessionStream | None = None  # the open session's verify stream, when the hub offers one
         self._streams_refused = False  # an upgrade was refused: verify over HTTP until the hub goes away
 
