@@ -1,7 +1,7 @@
 """The hub's speed through its API, this tree against an older commit, side by side in one run.
 
     .venv/bin/python benchmarks/hub_saturation.py [--target dispatch|gemma|PATH] [--base 7ade0de]
-        [--users 16] [--seconds 20] [--contexts 50 2000] [--rounds 30] [--hub-arg=--threads --hub-arg=1]
+        [--users 16] [--verifies 400] [--contexts 50 2000] [--rounds 40] [--hub-arg=--threads --hub-arg=1]
 
 Each tree (`--base`, unpacked with `git archive`, and this working tree) runs as a real hub on
 loopback (`python -m hub_server serve`, PYTHONPATH at the tree) as it configures itself unless
@@ -9,27 +9,29 @@ loopback (`python -m hub_server serve`, PYTHONPATH at the tree) as it configures
 with a 512-token vocabulary: its pass is all operator launches, as a small model's GPU pass is).
 For each it measures:
 
-- **at saturation**: `--users` sessions each sending 8-token chain drafts back to back for
-  `--seconds`; verifies per second, the CPU the hub's whole process tree used (front ends,
-  engine, anything they started; from /proc), verifies per hub CPU-second, and the CPU a verify
-  costs beyond the device's busy time (/metrics: on a CPU target the passes are CPU too), the
-  hub's own work, which bounds a GPU's verifies per second; and the sessions a pass carried on
-  average. Over HTTP in every tree, and again over the session stream where the hub offers it
-  (protocol 2 on: how the specedge client verifies);
+- **at saturation**: `--users` sessions each sending `--verifies` 8-token chain drafts back to
+  back (after 20 not counted), all starting together; verifies per second, the CPU the hub's
+  whole process tree used (front ends, engine, anything they started; from /proc), verifies per
+  hub CPU-second, and the CPU a verify costs beyond the device's busy time (/metrics: on a CPU
+  target the passes are CPU too), the hub's own work, which bounds a GPU's verifies per second;
+  and the sessions a pass carried on average. Over HTTP in every tree, and again over the session
+  stream where the hub offers it (protocol 2 on: how the specedge client verifies). Every tree
+  does the same work: each verify adds a token to its session, so a run of fixed length would
+  give the faster hub longer contexts, and dearer passes, than the slower one;
 - **8 sessions at once** at each context length of `--contexts`: all eight send a verify
   together, `--rounds` times; the device ms per verify the hub reports in /metrics (its busy time
   over its verifies), and the device ms of a pass of 8 inside the hub (per verify).
 
 Beside the second, `--alone` (on by default) times the same pass of 8 on this tree's runner alone
-(`benchmarks/verify_speed.py`'s worker, one torch thread), so the pass inside the hub reads
-against the pass by itself. The client's own CPU is not the hub's: it is not counted.
+(`benchmarks/verify_speed.py`'s worker, one torch thread) at the hub's sessions' mean context over
+the rounds, so the pass inside the hub reads against the pass by itself. The client's own CPU is not the hub's: it is not counted.
 """
 
 from __future__ import annotations
 
 import argparse
 import asyncio
-import itertools
+import contextlib
 import json
 import os
 import random
@@ -37,6 +39,7 @@ import subprocess
 import sys
 import tempfile
 import time
+from collections.abc import AsyncIterator
 from pathlib import Path
 
 import httpx
@@ -54,6 +57,7 @@ from specedge_common import metric_names as names  # noqa: E402
 from tests.test_ray_workers import cpu_seconds, process_tree  # noqa: E402
 
 DRAFT_TOKENS = 8
+WARM_VERIFIES = 20  # a user's verifies before the measured part
 READY_TIMEOUT_S = 900
 
 
@@ -82,8 +86,17 @@ class TreeHub:
         except httpx.HTTPError:
             return False
 
-    def cpu_seconds(self) -> float:
-        return sum(cpu_seconds(pid) for pid in process_tree(self.process.pid))
+    def cpu_seconds(self) -> tuple[float, float | None]:
+        """CPU seconds of the hub's whole process tree, and of its engine process alone (None: a
+        hub with no engine process of its own)."""
+        total, engine = 0.0, None
+        for pid in process_tree(self.process.pid):
+            used = cpu_seconds(pid)
+            total += used
+            with contextlib.suppress(OSError):
+                if b"hub_server.engine_process" in Path(f"/proc/{pid}/cmdline").read_bytes():
+                    engine = (engine or 0.0) + used
+        return total, engine
 
     def metrics(self) -> MetricsPage:
         return MetricsPage.parse(httpx.get(f"{self.url}/metrics", timeout=30).text)
@@ -124,59 +137,83 @@ async def verify(client: httpx.AsyncClient, session: str, rng: random.Random, vo
     (await client.post(f"/v1/sessions/{session}/verify", json={"draft": draft})).raise_for_status()
 
 
-async def stream_user(url: str, session: str, seed: int, vocab: int, stop: asyncio.Event, counted: dict) -> None:
+async def stream_user(url: str, session: str, seed: int, vocab: int, run: Run) -> None:
     """A user verifying over the session's stream: one msgpack frame each way."""
     rng = random.Random(seed)
     async with connect(url.replace("http", "ws", 1) + f"/v1/sessions/{session}/stream", compression=None) as stream:
-        for frame_id in itertools.count():
-            if stop.is_set():
-                return
+        frame_id = 0
+        async for _ in run.turns():
             draft = rng.choices(range(3, min(vocab, 500)), k=DRAFT_TOKENS)
             await stream.send(msgpack.packb({"id": frame_id, "tokens": [], "draft": draft, "parents": None}))
             answer = msgpack.unpackb(await stream.recv())
             if "error" in answer:
                 raise RuntimeError(f"a stream verify was refused: {answer['error']}")
-            counted["verifies"] += counted["counting"]
+            frame_id += 1
 
 
-async def saturation(hub: TreeHub, users: int, seconds: float, way: str = "http") -> dict:
+class Run:
+    """Each user's verifies: WARM_VERIFIES not counted (every shape of pass seen), then, once every
+    user is warm, `counted` more, so every tree serves the same sessions at the same contexts."""
+
+    def __init__(self, users: int, counted: int):
+        self.counted = counted
+        self._warming = users
+        self.measured = asyncio.Event()  # every user is warm: the measured part begins
+
+    async def turns(self) -> AsyncIterator[None]:
+        """One item per verify the calling user sends."""
+        for _ in range(WARM_VERIFIES):
+            yield
+        self._warming -= 1
+        if not self._warming:
+            self.measured.set()
+        await self.measured.wait()
+        for _ in range(self.counted):
+            yield
+
+
+async def saturation(hub: TreeHub, users: int, verifies: int, way: str = "http") -> dict:
     limits = httpx.Limits(max_connections=users + 4)
     async with httpx.AsyncClient(base_url=hub.url, timeout=120, limits=limits) as client:
         info = (await client.get("/v1/info")).json()
         sessions = [await open_fed(client, info, 32, seed) for seed in range(users)]
-        stop = asyncio.Event()
-        counted = {"verifies": 0, "counting": False}
+        run = Run(users, verifies)
 
         async def user(session: str, seed: int) -> None:
             if way == "stream":
-                return await stream_user(hub.url, session, seed, info["vocab_size"], stop, counted)
+                return await stream_user(hub.url, session, seed, info["vocab_size"], run)
             rng = random.Random(seed)
-            while not stop.is_set():
+            async for _ in run.turns():
                 await verify(client, session, rng, info["vocab_size"])
-                counted["verifies"] += counted["counting"]
 
         tasks = [asyncio.create_task(user(s, i)) for i, s in enumerate(sessions)]
-        await asyncio.sleep(3.0)  # warm: every shape of pass seen
+        await run.measured.wait()
         before = hub.metrics()
-        cpu, started = hub.cpu_seconds(), time.perf_counter()
-        counted["counting"] = True
-        await asyncio.sleep(seconds)
-        counted["counting"] = False
-        elapsed, used = time.perf_counter() - started, hub.cpu_seconds() - cpu
+        (cpu, engine_cpu), started = hub.cpu_seconds(), time.perf_counter()
+        await asyncio.gather(*tasks)
+        elapsed, (cpu_after, engine_after) = time.perf_counter() - started, hub.cpu_seconds()
+        used = cpu_after - cpu
         page = hub.metrics().since(before)
         busy, passes = page.value(names.DEVICE_BUSY_SECONDS), page.value(names.VERIFY_PASSES)
-        stop.set()
-        await asyncio.gather(*tasks)
         for session in sessions:
             await client.delete(f"/v1/sessions/{session}")
+    counted = users * verifies
     return {
-        "verifies_per_s": round(counted["verifies"] / elapsed, 1),
+        "verifies_per_s": round(counted / elapsed, 1),
         "hub_cpu_per_s": round(used / elapsed, 2),
-        "verifies_per_cpu_s": round(counted["verifies"] / used, 1),
+        "verifies_per_cpu_s": round(counted / used, 1),
         # The hub's own work per verify: its CPU beyond what the device (here the CPU too) was busy with.
-        "cpu_beyond_device_ms_per_verify": round((used - busy) * 1000 / counted["verifies"], 3),
+        "cpu_beyond_device_ms_per_verify": round((used - busy) * 1000 / counted, 3),
+        # The engine's share of it: its loop runs the passes too, so this work per verify bounds the
+        # verifies a second one engine feeds a GPU, however many front ends serve in front of it.
+        "engine_cpu_beyond_device_ms_per_verify": (
+            round((engine_after - engine_cpu - busy) * 1000 / counted, 3)
+            if engine_cpu is not None and engine_after is not None
+            else None
+        ),
         # How full the passes were: a hub with time to spare runs smaller passes sooner.
         "sessions_per_pass": round(page.value(names.VERIFY_REQUESTS) / passes, 2) if passes else None,
+        "seconds": round(elapsed, 1),
     }
 
 
@@ -207,9 +244,9 @@ async def eight_at_once(hub: TreeHub, context: int, rounds: int) -> dict:
 def measure(tree: Path, target: str, args: argparse.Namespace, log: Path) -> dict:
     hub = TreeHub(tree, target, args.hub_arg, log)
     try:
-        figures = {"saturation": asyncio.run(saturation(hub, args.users, args.seconds))}
+        figures = {"saturation": asyncio.run(saturation(hub, args.users, args.verifies))}
         if httpx.get(f"{hub.url}/v1/info", timeout=30).json()["protocol_version"] >= STREAM_VERSION:
-            figures["saturation (stream)"] = asyncio.run(saturation(hub, args.users, args.seconds, "stream"))
+            figures["saturation (stream)"] = asyncio.run(saturation(hub, args.users, args.verifies, "stream"))
         for context in args.contexts:
             figures[f"8 at {context}"] = asyncio.run(eight_at_once(hub, context, args.rounds))
         return figures
@@ -218,9 +255,12 @@ def measure(tree: Path, target: str, args: argparse.Namespace, log: Path) -> dic
 
 
 def alone(target: str, args: argparse.Namespace) -> dict:
-    """The same pass of 8 on this tree's runner alone (verify_speed's worker, eager, one thread)."""
+    """The same pass of 8 on this tree's runner alone (verify_speed's worker, eager, one thread),
+    keyed by the context it stands beside: it is timed at the hub's sessions' mean context over
+    their rounds (each verify adds a token to a session; the runner alone keeps its contexts)."""
+    grown = {context: context + (args.rounds + 1) // 2 for context in args.contexts}
     options = argparse.Namespace(
-        contexts=args.contexts,
+        contexts=list(grown.values()),
         sessions=8,
         draft_tokens=DRAFT_TOKENS,
         rounds=args.rounds,
@@ -229,7 +269,8 @@ def alone(target: str, args: argparse.Namespace) -> dict:
         accepted=[0],
         attention="auto",
     )
-    return run_tree(REPO, options, target, "off")
+    figures = run_tree(REPO, options, target, "off")
+    return {str(context): figures[str(timed)] for context, timed in grown.items() if str(timed) in figures}
 
 
 def main() -> None:
@@ -237,9 +278,9 @@ def main() -> None:
     parser.add_argument("--target", default="dispatch", help="dispatch, gemma, or a .gguf file / model folder")
     parser.add_argument("--base", default="7ade0de")
     parser.add_argument("--users", type=int, default=16)
-    parser.add_argument("--seconds", type=float, default=20)
+    parser.add_argument("--verifies", type=int, default=400, help="each user's measured verifies at saturation")
     parser.add_argument("--contexts", type=int, nargs="+", default=[50, 2000])
-    parser.add_argument("--rounds", type=int, default=30)
+    parser.add_argument("--rounds", type=int, default=40, help="passes of 8 at each context")
     parser.add_argument("--hub-arg", action="append", default=[], help="passed to both hubs' `serve`")
     parser.add_argument("--no-alone", dest="alone", action="store_false")
     args = parser.parse_args()
@@ -269,6 +310,7 @@ def report(results: dict, args: argparse.Namespace, target: str) -> None:
         # Only this tree's: an engine sharing its interpreter with HTTP counts GIL waits as device time.
         beyond = ", ".join(
             f"{way} {new[way]['cpu_beyond_device_ms_per_verify']:.3f} ms"
+            f" (its engine process {new[way]['engine_cpu_beyond_device_ms_per_verify']} ms)"
             for way in ("saturation", "saturation (stream)")
             if way in new
         )
