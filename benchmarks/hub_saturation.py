@@ -35,6 +35,7 @@ import contextlib
 import json
 import os
 import random
+import statistics
 import subprocess
 import sys
 import tempfile
@@ -144,8 +145,10 @@ async def stream_user(url: str, session: str, seed: int, vocab: int, run: Run) -
         frame_id = 0
         async for _ in run.turns():
             draft = rng.choices(range(3, min(vocab, 500)), k=DRAFT_TOKENS)
+            started = time.perf_counter()
             await stream.send(msgpack.packb({"id": frame_id, "tokens": [], "draft": draft, "parents": None}))
             answer = msgpack.unpackb(await stream.recv())
+            run.took(time.perf_counter() - started)
             if "error" in answer:
                 raise RuntimeError(f"a stream verify was refused: {answer['error']}")
             frame_id += 1
@@ -159,6 +162,12 @@ class Run:
         self.counted = counted
         self._warming = users
         self.measured = asyncio.Event()  # every user is warm: the measured part begins
+        self.round_trips: list[float] = []  # seconds, of the measured verifies
+
+    def took(self, seconds: float) -> None:
+        """A verify's round trip, as its user saw it."""
+        if self.measured.is_set():
+            self.round_trips.append(seconds)
 
     async def turns(self) -> AsyncIterator[None]:
         """One item per verify the calling user sends."""
@@ -184,7 +193,9 @@ async def saturation(hub: TreeHub, users: int, verifies: int, way: str = "http")
                 return await stream_user(hub.url, session, seed, info["vocab_size"], run)
             rng = random.Random(seed)
             async for _ in run.turns():
+                started = time.perf_counter()
                 await verify(client, session, rng, info["vocab_size"])
+                run.took(time.perf_counter() - started)
 
         tasks = [asyncio.create_task(user(s, i)) for i, s in enumerate(sessions)]
         await run.measured.wait()
@@ -214,6 +225,10 @@ async def saturation(hub: TreeHub, users: int, verifies: int, way: str = "http")
         # How full the passes were: a hub with time to spare runs smaller passes sooner.
         "sessions_per_pass": round(page.value(names.VERIFY_REQUESTS) / passes, 2) if passes else None,
         "seconds": round(elapsed, 1),
+        # What a user waits at worst: a pause of the hub's (a full garbage collection, say) shows here.
+        "round_trip_p50_ms": round(statistics.median(run.round_trips) * 1000, 1),
+        "round_trip_p999_ms": round(sorted(run.round_trips)[int(0.999 * (len(run.round_trips) - 1))] * 1000, 1),
+        "round_trip_max_ms": round(max(run.round_trips) * 1000, 1),
     }
 
 

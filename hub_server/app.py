@@ -30,6 +30,7 @@ from hub_server.accounts import SingleToken, TokenCheck, token_check_for
 from hub_server.config import HubSettings
 from hub_server.engine_link import EngineLink, RemoteGeneration, RemoteHub
 from hub_server.errors import BadRequest, Forbidden, RequestRefused, Unauthorized
+from hub_server.heap import freeze_startup_heap
 from hub_server.logging_setup import REQUEST_ID_HEADER, bind_request, request_id_from
 from hub_server.metrics import MEDIA_TYPE as METRICS_MEDIA_TYPE
 from hub_server.sessions import LOCAL_OWNER, Owner
@@ -286,6 +287,7 @@ def create_app(settings: HubSettings, link: EngineLink) -> FastAPI:
     @contextlib.asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
         await link.start()
+        freeze_startup_heap("front end")
         yield
         await link.stop()
 

@@ -38,6 +38,7 @@ from hub_server.accounts import token_check_for
 from hub_server.config import HubSettings
 from hub_server.engine_api import Engine
 from hub_server.errors import BadRequest, ClusterError, KVBudgetError, NotReady, RequestRefused
+from hub_server.heap import freeze_startup_heap
 from hub_server.logging_setup import bind_request, configure_logging
 from hub_server.metrics import HubMetrics
 from hub_server.service import Hub
@@ -275,6 +276,7 @@ class EngineServer:
 
     def _ready(self, hub: Hub, seconds: float) -> None:
         self.hub = hub
+        freeze_startup_heap("engine process")  # the model and its libraries: alive for good
         ready = hub.workers.ready_count()
         self.status = ipc.EngineStatus(
             "ready",

@@ -39,6 +39,7 @@ from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
 from hub_server.config import HubSettings
 from hub_server.engine_api import Engine, EngineStats, PassTally, VerifyJob
 from hub_server.errors import ClusterError, WorkerLost
+from hub_server.heap import freeze_startup_heap
 from hub_server.placement import WorkerIdentity
 from hub_server.vocabulary import Vocabulary
 
@@ -167,6 +168,7 @@ class EngineWorker:
         else:
             self.runner, members = _take_seat(settings, seat)
             self.members = members if seat.rank == 0 else []
+        freeze_startup_heap("worker")  # its passes run here: the model's objects, out of the collector's way
 
     def describe(self) -> WorkerDescription:
         runner = self.runner

@@ -7,6 +7,7 @@ killed takes its engine with it."""
 from __future__ import annotations
 
 import os
+import re
 import signal
 import time
 from collections.abc import Iterator
@@ -52,6 +53,14 @@ def test_the_workers_list_names_the_engine_process_a_child_of_the_front_end(own_
     pid = engine_pid(own_hub.url)
     assert pid != own_hub.process.pid
     assert parent_of(pid) == own_hub.process.pid
+
+
+def test_both_processes_freeze_their_start_up_heap_once_serving(own_hub):
+    # Full collections would otherwise scan the model's libraries' objects (~240 ms a collection).
+    log = own_hub.log.read_text()
+    for process in ("engine process", "front end"):
+        frozen = re.search(rf"{process}: (\d+) objects of its start-up frozen", log)
+        assert frozen and int(frozen[1]) > 10_000, log
 
 
 def test_an_engine_killed_mid_reply_costs_no_reply(own_hub, draft, target_alone):
