@@ -56,6 +56,10 @@ class Supervised(Protocol):
     def probe(self) -> WorkerIdentity:
         """Its identity now; raises `errors.WorkerLost` when it does not answer in time."""
 
+    def rest(self, seconds: float) -> None:
+        """Wait until its next probe is due: `seconds`, or longer while it can tell at once that
+        its process died (then at once)."""
+
 
 @dataclass(frozen=True)
 class WorkerLoad:

@@ -228,7 +228,7 @@ class Workers:
     # --- supervision --------------------------------------------------------------------
     def _probe_forever(self, worker: Worker) -> None:
         while True:
-            time.sleep(PROBE_PERIOD_S)
+            worker.engine.rest(PROBE_PERIOD_S)  # type: ignore[attr-defined]
             self.probe(worker)
 
     def probe(self, worker: Worker) -> None:

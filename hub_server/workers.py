@@ -363,6 +363,17 @@ class RayEngine:
         self._pass_fixed_s: float | None = None
         self._last_stats = EngineStats(0, 0, 0.0, PassTally(), 0, {}, None, None)
 
+    def rest(self, seconds: float) -> None:
+        """Until the next probe: while a `watch` holds, until a round trip is due (`seconds` at
+        least), woken the moment the process dies (Ray fails the watch); else `seconds`. One wait
+        in Ray's core, not a look every `seconds`: an idle worker's hub mostly sleeps."""
+        watch = self._watch
+        if watch is None:
+            time.sleep(seconds)
+            return
+        with contextlib.suppress(RayError):
+            ray.wait([watch], timeout=max(seconds, self._next_round_trip - time.monotonic()))
+
     def probe(self) -> WorkerIdentity:
         """Its identity: without a call while its `watch` holds and the last round trip is recent.
         A `watch` that Ray has failed means the process died: the worker is lost at once, whatever

@@ -5,6 +5,7 @@ real Ray workers: tests/test_ray_workers.py."""
 from __future__ import annotations
 
 import asyncio
+import time
 from dataclasses import replace
 
 import pytest
@@ -32,6 +33,9 @@ class MortalTarget(CountingTarget):
         if not self.alive:
             raise WorkerLost("gone")
         return WorkerIdentity("node-a", 4242, "cpu", str(self.incarnation))
+
+    def rest(self, seconds: float) -> None:
+        time.sleep(seconds)
 
     def new_kv(self, scope: str | None = None) -> KVHandle | None:
         if not self.alive:

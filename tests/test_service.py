@@ -373,6 +373,9 @@ class LosableWorker(CountingTarget):
             raise WorkerLost("the engine worker holding this session was lost; open a new session")
         return self.identity
 
+    def rest(self, seconds: float) -> None:
+        time.sleep(seconds)
+
     def new_kv(self, scope: str | None = None) -> KVHandle | None:
         if self.lost:
             raise WorkerLost("lost")
