@@ -24,7 +24,8 @@ For each it measures:
 
 Beside the second, `--alone` (on by default) times the same pass of 8 on this tree's runner alone
 (`benchmarks/verify_speed.py`'s worker, one torch thread) at the hub's sessions' mean context over
-the rounds, so the pass inside the hub reads against the pass by itself. The client's own CPU is not the hub's: it is not counted.
+the rounds, so the pass inside the hub reads against the pass by itself. The client's own CPU is
+not the hub's: it is not counted.
 """
 
 from __future__ import annotations
@@ -55,7 +56,7 @@ from verify_speed import resolve_target, run_tree, unpack  # noqa: E402
 from specedge_bench.metrics import MetricsPage  # noqa: E402
 from specedge_cli.remote.stream import STREAM_VERSION  # noqa: E402
 from specedge_common import metric_names as names  # noqa: E402
-from tests.test_ray_workers import cpu_seconds, process_tree  # noqa: E402
+from tests.test_ray_workers import cpu_seconds, is_engine, process_tree  # noqa: E402
 
 DRAFT_TOKENS = 8
 WARM_VERIFIES = 20  # a user's verifies before the measured part
@@ -94,8 +95,8 @@ class TreeHub:
         for pid in process_tree(self.process.pid):
             used = cpu_seconds(pid)
             total += used
-            with contextlib.suppress(OSError):
-                if b"hub_server.engine_process" in Path(f"/proc/{pid}/cmdline").read_bytes():
+            with contextlib.suppress(OSError):  # a process that ended meanwhile
+                if is_engine(pid):
                     engine = (engine or 0.0) + used
         return total, engine
 

@@ -5,8 +5,8 @@ process that has loaded torch, transformers and a model tracks hundreds of thous
 engine process here: ~415,000), almost all alive for the process's life, so a full collection
 stalls every session for the whole scan (~240 ms here, one every ~40 s at saturation). Once a
 process has started, its heap is frozen (`gc.freeze`: moved to a generation no collection
-scans), as vLLM does in its engine and API server: collections then scan only what was made since. What was garbage at start-up is collected
-first, so nothing dead is kept.
+scans), as vLLM does in its engine and API server: collections then scan only what was made
+since. What was garbage at start-up is collected first, so nothing dead is kept.
 """
 
 from __future__ import annotations
