@@ -51,7 +51,7 @@ from specedge_cli.remote.client import HubClient  # noqa: E402
 from specedge_cli.remote.stream import SessionStream, open_stream  # noqa: E402
 from specedge_common import metric_names as names  # noqa: E402
 from specedge_common.launcher import HubProcess  # noqa: E402
-from tests.test_ray_workers import cpu_seconds, process_tree  # noqa: E402
+from tests.test_ray_workers import cpu_seconds, is_engine, process_tree  # noqa: E402
 
 PROMPT = [1, 300, 301, 302]
 DRAFT = [5, 6, 7, 8]
@@ -164,10 +164,10 @@ def tree_cpu_s(pid: int) -> tuple[float, float]:
     front_end = engine = 0.0
     for child in process_tree(pid):
         try:
-            command = Path(f"/proc/{child}/cmdline").read_bytes()
-        except OSError:
+            in_engine = is_engine(child)
+        except OSError:  # a process that ended meanwhile
             continue
-        if b"hub_server.engine_process" in command:
+        if in_engine:
             engine += cpu_seconds(child)
         else:
             front_end += cpu_seconds(child)
