@@ -21,8 +21,8 @@ REPO = Path(__file__).resolve().parents[1]
 DOCS = REPO / "docs"
 CLI_MD = DOCS / "cli.md"
 
-# Ordinals the product's own text never pairs with "session" (a user's first or second session is
-# product language; higher ordinals only ever numbered log entries, which the figures page no longer keeps).
+# Ordinals the product's own text never pairs with "session": a user's first, second or third session
+# is product language; a higher ordinal would number a stretch of work, which the text never names.
 WORK_ORDINAL = (
     r"(?:fourth|fifth|sixth|seventh|eighth|ninth|tenth|eleventh|twelfth|thirteenth|fourteenth|fifteenth"
     r"|sixteenth|seventeenth|eighteenth|nineteenth|twentieth|\d+(?:st|nd|rd|th))"
@@ -197,7 +197,7 @@ def test_no_file_in_the_repository_is_named_after_a_sitting_of_work() -> None:
 @pytest.mark.parametrize(
     ("text", "flagged"),
     [
-        ("### The dispatch-bound target (2026-12-02, ninth session)", True),
+        ("### A heading (ninth session)", True),
         ("measured in the 13th session", True),
         ("Thirteenth sitting", True),
         ("a user's second session is placed like the first", False),
