@@ -132,7 +132,7 @@ def serve(
         str,
         typer.Option(
             help=f"One of {', '.join(COMPILE_MODES)}: compiled fixed-shape passes (CUDA graphs on a GPU), "
-            "compiled at start; auto is on for CUDA only."
+            "compiled at the first start and kept under --cache-dir for the next; auto is on for CUDA only."
         ),
     ] = "auto",
     cpu_matmul: Annotated[

@@ -18,7 +18,8 @@ import torch
 from hub_server.config import HubSettings
 from hub_server.engine.pass_packages import PassDecoder, PassPackages, pass_key
 from hub_server.engine.rotary import rotary_table, tabled
-from hub_server.engine.runner import ModelRunner, VerifyJob
+from hub_server.engine.runner import ModelRunner, VerifyJob, coarse
+from hub_server.engine.saved_passes import SAVED_SUFFIX, SavedPasses
 from hub_server.tree import chain_parents
 from tests.conftest import ATTENTION, DEVICE, plain_target
 from tests.test_runner import CONTEXTS, gemma_dir  # noqa: F401  (a fixture)
@@ -43,25 +44,30 @@ def runner_settings(request, tiny, gemma_dir, compile_cache):  # noqa: F811
     model, attention = request.param
     folder = str(tiny.hf_dir if model == "llama" else gemma_dir)
     settings = {"model": folder, "device": DEVICE, "max_batch": 2, "max_draft_tokens": MAX_DRAFT, "max_sessions": 8}
+    settings["kv_memory_gib"] = 0.1  # one pool size for every start (flex's saved passes are for one)
     return {**settings, "attention": attention, "cache_dir": compile_cache}
 
 
 @pytest.fixture(scope="module")
 def runners(runner_settings):
     eager = ModelRunner(HubSettings(**runner_settings, compile="off"))
+    before = graphs_compiled()
     compiled = ModelRunner(HubSettings(**runner_settings, compile="on"))
-    GRAPHS_AT_START[id(compiled)] = decoder_graphs()
+    GRAPHS_AT_START[id(compiled)] = graphs_compiled()
+    if compiled.attention.name == "flex":  # one graph a bucket, torch.compile's, and nothing else
+        assert GRAPHS_AT_START[id(compiled)] - before == len(compiled.batch_buckets) * len(compiled.width_buckets)
     return eager, compiled, plain_target(runner_settings["model"], DEVICE)
 
 
-GRAPHS_AT_START: dict[int, int] = {}  # by compiled runner: the decoder graphs torch.compile held once it started
+GRAPHS_AT_START: dict[int, int] = {}  # by compiled runner: the graphs compiled once it started
 
 
-def decoder_graphs() -> int:
-    """The graphs torch.compile holds for the runner's decoder (every runner's: one code object)."""
-    from torch._dynamo.eval_frame import _debug_get_cache_entry_list
+def graphs_compiled() -> int:
+    """The graphs compiled in this process so far (AOTAutograd's count: every graph torch.compile
+    lowers passes through it; eager FlexAttention's own tracing does not)."""
+    from torch._dynamo.utils import counters
 
-    return len(_debug_get_cache_entry_list(ModelRunner._decode.__code__))
+    return counters["aot_autograd"]["total"]
 
 
 def decode(runner: ModelRunner, contexts, drafts_of, rounds: int, temperature: float = 0.0):
@@ -155,19 +161,18 @@ def test_the_rotary_table_gives_the_models_own_cosines_and_sines(runners):
             decoder.rotary_emb.rope_type = own_type
 
 
-@pytest.mark.skipif(DEVICE != "cpu", reason="a GPU's passes are compiled by torch.compile at each start")
 def test_a_second_start_loads_every_bucket_from_the_cache(runners, runner_settings, caplog):
-    if runner_settings["attention"] == "flex":
-        pytest.skip("FlexAttention's passes are compiled by torch.compile at each start")
-    """The first start compiled every bucket (the other model's packages in the same cache were
+    """The first start compiled every bucket (the other model's passes in the same cache were
     not its own); a second start with the same cache loads them all, compiles nothing, says so,
     and its passes emit what the eager ones do."""
     eager, compiled, _ = runners
     assert compiled.passes_from_cache == 0
+    before = graphs_compiled()
     with caplog.at_level(logging.INFO, logger="hub_server"):
         again = ModelRunner(HubSettings(**runner_settings, compile="on"))
     assert again.passes_from_cache == len(again.batch_buckets) * len(again.width_buckets) == 2
     assert "compiled passes: 2 buckets loaded from the cache" in caplog.text
+    assert graphs_compiled() == before
 
     def drafts(i, round_number, emitted):
         return [(7 * round_number + i) % 512, 3], chain_parents(2)
@@ -176,24 +181,69 @@ def test_a_second_start_loads_every_bucket_from_the_cache(runners, runner_settin
     assert again.compiled_hits > 0 and again.compiled_misses == 0
 
 
-@pytest.mark.skipif(DEVICE != "cpu", reason="a GPU's passes are compiled by torch.compile at each start")
-def test_a_package_under_another_key_or_unreadable_is_not_served(runners, compile_cache, tmp_path, caplog):
+def test_a_pass_under_another_key_or_unreadable_is_not_served(runners, compile_cache, tmp_path, caplog):
+    """A compiled pass (an AOTInductor package, or torch.compile's saved whole) of another key or
+    damaged is refused, said in the log, and compiled again instead."""
     _, compiled, _ = runners
-    if compiled.attention.name == "flex":
-        pytest.skip("FlexAttention's passes are compiled by torch.compile, not into packages")
-    package = next((compile_cache / "torch-compile" / "passes").glob("*/*.pt2"))
-    others = PassPackages(
-        tmp_path,
-        PassDecoder(compiled.model.model, compiled.model.model.get_input_embeddings(), None),
-        threads=3,
-        options={},
-    )
-    garbage = tmp_path / "1x8.pt2"
-    garbage.write_bytes(b"not a package")
     with caplog.at_level(logging.WARNING, logger="hub_server"):
-        assert others.load(package) is None
-        assert others.load(garbage) is None
+        if compiled.attention.name == "flex" or DEVICE != "cpu":
+            found = next((compile_cache / "torch-compile" / "saved-passes").glob(f"*/*{SAVED_SUFFIX}"))
+            others = SavedPasses(tmp_path, ModelRunner._decode, {}, facts=["another model"])
+            damaged = tmp_path / f"1x8{SAVED_SUFFIX}"
+            damaged.write_bytes(others.key.encode() + b"\nnot a pass")
+        else:
+            found = next((compile_cache / "torch-compile" / "passes").glob("*/*.pt2"))
+            decoder = PassDecoder(compiled.model.model, compiled.model.model.get_input_embeddings(), None)
+            others = PassPackages(tmp_path, decoder, threads=3, options={})
+            damaged = tmp_path / "1x8.pt2"
+            damaged.write_bytes(b"not a package")
+        refused = [others.load(found), others.load(damaged)]
+    assert found.exists() and refused == [None, None]
     assert "compiled under another key" in caplog.text and "does not load" in caplog.text
+
+
+def test_the_gpus_route_through_the_operator_saves_its_passes_whole_on_the_cpu_too(tiny, tmp_path, monkeypatch):
+    """A GPU's passes through the attention operator are torch.compile's saved whole, as
+    FlexAttention's are on any device. The same route on the CPU (CUDA graphs aside) emits what
+    the target alone does, and a second start loads every bucket instead of compiling."""
+    monkeypatch.setattr(ModelRunner, "_packaged_decoder", ModelRunner._saved_decoder)  # the CPU's own route
+    settings = {"model": str(tiny.hf_dir), "device": "cpu", "max_batch": 2, "max_draft_tokens": MAX_DRAFT}
+    settings |= {
+        "max_sessions": 8,
+        "attention": "reference",
+        "cache_dir": tmp_path,
+        "compile": "on",
+        "kv_memory_gib": 0.1,
+    }
+    first = ModelRunner(HubSettings(**settings))
+    before = graphs_compiled()
+    again = ModelRunner(HubSettings(**settings))
+    assert (first.passes_from_cache, again.passes_from_cache, graphs_compiled() - before) == (0, 2, 0)
+    assert len(list((tmp_path / "torch-compile").glob(f"*/*/*{SAVED_SUFFIX}"))) == 2
+    expected = [plain_target(tiny.hf_dir).decode(context, 30) for context in CONTEXTS[:2]]
+
+    def drafts(i, round_number, emitted):
+        done = sum(len(e) for e in emitted)
+        draft = list(expected[i][done : done + 3])
+        if round_number % 2 and draft:
+            draft[-1] = (draft[-1] + 5) % 512  # a rejection now and then
+        return draft, chain_parents(len(draft))
+
+    for runner in (first, again):
+        for i, rounds in enumerate(decode(runner, CONTEXTS[:2], drafts, rounds=6)):
+            flat = [token for reply in rounds for token in reply]
+            assert flat == expected[i][: len(flat)]
+        assert runner.compiled_hits > 0 and runner.compiled_misses == 0
+
+
+def test_an_automatic_kv_budget_is_coarse_so_that_a_restart_finds_its_pool_size_again():
+    """The free memory an automatic budget reads moves a little between starts; the budget keeps
+    five significant bits, so a restart usually gets the same pool (and FlexAttention's saved
+    passes, compiled for one pool size) while giving up at most 1/16 of the memory."""
+    gib = 2**30
+    for budget in (5 * gib + 12_345_678, 2 * gib - 1, 700 * 2**20, 45 * gib + 3):
+        assert budget * 15 / 16 < coarse(budget) <= budget
+    assert len({coarse(5 * gib + drift * 2**20) for drift in range(0, 100, 7)}) == 1  # ~100 MiB of drift
 
 
 def test_the_package_key_names_the_weights_the_options_and_torch(monkeypatch):
@@ -253,5 +303,5 @@ def test_flex_passes_compile_once_per_bucket_as_sessions_come_go_and_grow(runner
         compiled.release(kv)
     assert compiled.compiled_hits - hits == 200 and compiled.compiled_misses == 0
     assert max(len(context) for context in contexts.values()) > 2 * 16  # across blocks
-    assert decoder_graphs() == GRAPHS_AT_START[id(compiled)]  # no recompile since start, these passes' or earlier
+    assert graphs_compiled() == GRAPHS_AT_START[id(compiled)]  # no recompile since start, these passes' or earlier
     assert sum(counters["graph_break"].values()) == breaks == 0

@@ -37,6 +37,7 @@ from pathlib import Path
 import torch
 
 from hub_server.engine.attention.interface import THROUGH_OPERATOR
+from hub_server.engine.saved_passes import cpu_model
 
 log = logging.getLogger(__name__)
 
@@ -139,7 +140,7 @@ def pass_key(module: torch.nn.Module, options: dict) -> str:
         torch.__version__,
         transformers.__version__,
         platform.machine(),
-        _cpu_model(),
+        cpu_model(),
         str(pick_vec_isa()),
         repr(sorted((name, repr(value)) for name, value in options.items() if name != "aot_inductor.metadata")),
     ]
@@ -152,12 +153,3 @@ def pass_key(module: torch.nn.Module, options: dict) -> str:
         digest.update(f"{name} {tensor.dtype} {tuple(tensor.shape)}\0".encode())
         digest.update(tensor.detach().contiguous().view(-1).view(torch.uint8).numpy())
     return digest.hexdigest()
-
-
-def _cpu_model() -> str:
-    """The CPU's model name: MKL's packed weights and the kernels' instructions are chosen for it."""
-    try:
-        with open("/proc/cpuinfo") as cpuinfo:
-            return next((line.split(":", 1)[1].strip() for line in cpuinfo if line.startswith("model name")), "")
-    except OSError:
-        return platform.processor()

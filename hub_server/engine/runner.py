@@ -15,12 +15,11 @@ runner runs the pass it is given. On a CPU, how the passes compute is chosen by 
 (`cpu/timings.py`).
 
 With `--compile on` the passes take a few fixed shapes (rows and widths rounded up to powers of
-two), each compiled once. With FlexAttention the whole decoder is one graph per shape, over
-buffers filled in place (torch.compile at each start; CUDA graphs on a GPU). With the attention
-as an operator between graphs: on a CPU into an AOTInductor package per shape kept under the
-hub's cache directory (`pass_packages.py`), which a restart loads instead of compiling again; on
-a GPU by torch.compile at each start (CUDA graphs between the operator's calls), its kernels
-cached there.
+two), each compiled once and kept under the hub's cache directory, which a restart loads instead
+of compiling again. With FlexAttention the whole decoder is one graph per shape, over buffers
+filled in place; with the attention as an operator between graphs, the graph calls it once a
+layer. torch.compile compiles them ahead and saves them whole (`saved_passes.py`; CUDA graphs on
+a GPU), except a CPU's passes through the operator: AOTInductor packages (`pass_packages.py`).
 """
 
 from __future__ import annotations
@@ -45,9 +44,10 @@ from hub_server.engine.cpu.timings import time_cpu_choices
 from hub_server.engine.kv_pool import BLOCK_TOKENS, GIB, KVPool, KVShape, SessionKV, blocks_for, plan_kv
 from hub_server.engine.layout import PassBatch, PassLayout, buckets, row_parents
 from hub_server.engine.loading import choose_device, choose_dtype, load_target, read_vocabulary
-from hub_server.engine.pass_packages import CompiledPass, PassDecoder, PassPackages
+from hub_server.engine.pass_packages import PassDecoder, PassPackages
 from hub_server.engine.projection import ProjectionWalk
 from hub_server.engine.rotary import rotary_table, tabled
+from hub_server.engine.saved_passes import SavedPasses, code_facts, model_facts
 from hub_server.engine_api import EngineStats, KVHandle, PassTally, VerifyJob
 from hub_server.errors import KVMemoryFull
 from hub_server.pass_cost import PassCostFit
@@ -80,6 +80,14 @@ def available_memory(device: torch.device) -> int:
             line = next(line for line in meminfo if line.startswith("MemAvailable:"))
         return int(line.split()[1]) * 1024
     return os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
+
+
+def coarse(budget: int) -> int:
+    """`budget` rounded down to five significant bits (at most 1/16 less): the free memory it
+    comes from moves a little from start to start, and a compiled pass that reads the whole pool
+    (FlexAttention's) is saved for one pool size, which a restart should find again."""
+    step = 1 << max(budget.bit_length() - 5, 0)
+    return budget // step * step
 
 
 class ModelRunner:
@@ -141,8 +149,9 @@ class ModelRunner:
         self.width_buckets = buckets(widest_verify, min(SMALLEST_WIDTH, widest_verify))
         self.widest_verify_row = self.width_buckets[-1] if self.compiled else self.widest_row
         self.layout = PassLayout(self.device, self.batch_buckets, self.width_buckets)
-        self._packages: PassPackages | None = None  # a CPU's compiled passes, one package per bucket
-        self._bucket_passes: dict[tuple[int, int], CompiledPass] = {}
+        self._packages: PassPackages | None = None  # a CPU's passes through the operator, one package per bucket
+        self._saved: SavedPasses | None = None  # the other compiled passes: torch.compile's, saved
+        self._bucket_passes: dict[tuple[int, int], Callable] = {}
         self.passes_from_cache = 0  # buckets whose compiled pass a start loaded instead of compiling
         self._decoder: CompiledDecoder | None = self._compiled_decoder(settings) if self.compiled else None
         self.compiled_shapes: set[tuple[int, int]] = set()  # buckets run through the compiled decoder
@@ -175,7 +184,7 @@ class ModelRunner:
         device = torch.device(self.device)
         share = AUTO_KV_SHARE[device.type]
         source = f"auto: {share:.0%} of the {device.type} memory free after loading the model"
-        return int(share * available_memory(device)), source
+        return coarse(int(share * available_memory(device))), source
 
     def _choose_attention(self, settings: HubSettings, config):
         """The attention backend `--attention` names, or `auto`'s (`attention/choice.py`); on a CPU
@@ -302,11 +311,7 @@ class ModelRunner:
         started = time.perf_counter()
         for done, (rows, width) in enumerate(shapes, start=1):
             shape_started = time.perf_counter()
-            if self._packages is None:  # torch.compile compiles the shape as its first pass runs
-                self._scratch_passes([(rows, width - 1)])
-                how = "compiled"
-            else:
-                how = "loaded" if self._load_or_compile(rows, width) else "compiled"
+            how = "loaded" if self._load_or_compile(rows, width) else "compiled"
             log.info(
                 "%s pass %d of %d: %d rows x %d tokens (%.1f s)",
                 how,
@@ -316,8 +321,7 @@ class ModelRunner:
                 width,
                 time.perf_counter() - shape_started,
             )
-        if self._packages is not None:
-            self._scratch_passes([(rows, width - 1) for rows, width in shapes])
+        self._scratch_passes([(rows, width - 1) for rows, width in shapes])
         seconds = time.perf_counter() - started
         if self.passes_from_cache == len(shapes):
             how = f"{len(shapes)} buckets loaded from the cache in {seconds:.1f} s"
@@ -326,13 +330,25 @@ class ModelRunner:
         log.info("compiled passes: %s: rows %s x widths %s", how, self.batch_buckets, self.width_buckets)
 
     def _load_or_compile(self, rows: int, width: int) -> bool:
-        """The bucket's package, loaded or compiled; True where it came from the cache."""
-        assert self._packages is not None
-        with tabled(self.model.model, self._rotary_table):
-            compiled_pass, loaded = self._packages.load_or_compile(rows, width)
+        """The bucket's compiled pass, loaded or compiled; True where it came from the cache."""
+        with tabled(self.model.model, self._rotary_table), torch.inference_mode():
+            if self._packages is not None:
+                compiled_pass, loaded = self._packages.load_or_compile(rows, width)
+            else:
+                assert self._saved is not None
+                compiled_pass, loaded = self._saved.load_or_compile(rows, width, self._example_pass(rows, width))
         self._bucket_passes[rows, width] = compiled_pass
         self.passes_from_cache += loaded
         return loaded
+
+    def _example_pass(self, rows: int, width: int) -> tuple:
+        """What `_decode` is called with in a bucket's compiled pass: the bucket's buffers for
+        FlexAttention, tensors of its shape through the operator."""
+        if isinstance(self.attention, FlexBackend):
+            bucket = self.attention.bucket(rows, width)
+            return (self, bucket.tokens, bucket.positions, bucket)
+        tokens = torch.zeros(rows, width, dtype=torch.long, device=self.device)
+        return (self, tokens, torch.arange(width, device=self.device).repeat(rows, 1), THROUGH_OPERATOR)
 
     # --- internals ----------------------------------------------------------------------
     def _scratch_passes(self, passes: list[tuple[int, int]]) -> None:
@@ -477,10 +493,10 @@ class ModelRunner:
         return out.last_hidden_state
 
     def _compiled_decoder(self, settings: HubSettings):
-        """`_decode` compiled: with FlexAttention, the whole decoder as one graph per bucket
-        (torch.compile, CUDA graphs on a GPU); with another backend, AOTInductor packages of fused
-        C++ kernels on a CPU, torch.compile with CUDA graphs between the attention operator's
-        calls on a GPU."""
+        """`_decode` compiled, one pass per bucket, loaded or compiled by `compile_buckets`: with
+        FlexAttention the whole decoder as one graph, over the bucket's buffers; through the
+        attention operator on a GPU one graph between its calls; both torch.compile's, saved
+        whole, CUDA graphs on a GPU. Through the operator on a CPU, AOTInductor packages."""
         cache = (settings.cache_dir or default_cache_dir()) / "torch-compile"
         # Inductor's home for the kernels it builds, under the hub's cache (unless the user chose one).
         # Inductor writes its default into the variable the first time anything asks (importing
@@ -493,46 +509,35 @@ class ModelRunner:
         # Compiled passes read the rotary cosines and sines from a table (rotary.py): inductor
         # would otherwise compute them again in every layer's kernel.
         self._rotary_table = rotary_table(self.model.model, self.max_context + self.widest_row + 1, self.model.dtype)
-        if isinstance(self.attention, FlexBackend):
-            return self._flex_decoder(self.attention)
-        if self.device == "cpu":
+        if self.device == "cpu" and not isinstance(self.attention, FlexBackend):
             return self._packaged_decoder(cache / "passes")
-        compiled = self._torch_compiled()
+        return self._saved_decoder(cache / "saved-passes")
 
-        def operator_pass(batch: PassBatch, attention: PassAttention) -> torch.Tensor:
-            with tabled(self.model.model, self._rotary_table), attention.active():
-                return compiled(batch.tokens, batch.positions, THROUGH_OPERATOR)
+    def _saved_decoder(self, root: Path):
+        """`_decode` through each bucket's function that torch.compile compiled ahead and saved
+        (`saved_passes.py`): the rotary table in place, and the pass's attention (FlexAttention:
+        the bucket's buffers, filled in place before each pass, `FlexBucket.fill`; else the operator)."""
+        options = {"triton.cudagraphs": self.device == "cuda"}
+        flex = self.attention if isinstance(self.attention, FlexBackend) else None
+        facts = [*code_facts(self.device), *model_facts(self.model.model), self.attention.name]
+        # The rotary table's length; and flex's graph reads each layer's pool whole.
+        facts += [f"contexts {self.max_context}, rows {self.widest_row}, threads {self.verify_threads}"]
+        if flex is not None:
+            facts += [f"pool {len(self.pool.keys)} x {self.pool.keys[0].dtype} {tuple(self.pool.keys[0].shape)}"]
+        self._saved = SavedPasses(root, ModelRunner._decode, options, facts)
 
-        return operator_pass
-
-    def _flex_decoder(self, backend: FlexBackend):
-        """The decoder and FlexAttention compiled whole, one graph per bucket, over the bucket's
-        buffers (filled in place before each pass: `FlexBucket.fill`)."""
-        compiled = self._torch_compiled()
-
-        def flex_pass(batch: PassBatch, attention: PassAttention) -> torch.Tensor:
-            bucket = backend.bucket(*batch.tokens.shape)
-            bucket.fill(batch.meta, batch.tokens, batch.positions)
+        def saved_pass(batch: PassBatch, attention: PassAttention) -> torch.Tensor:
+            rows, width = batch.tokens.shape
+            compiled = self._bucket_passes[rows, width]
             with tabled(self.model.model, self._rotary_table):
-                return compiled(bucket.tokens, bucket.positions, bucket)
+                if flex is not None:
+                    bucket = flex.bucket(rows, width)
+                    bucket.fill(batch.meta, batch.tokens, batch.positions)
+                    return compiled(self, bucket.tokens, bucket.positions, bucket)
+                with attention.active():
+                    return compiled(self, batch.tokens, batch.positions, THROUGH_OPERATOR)
 
-        return flex_pass
-
-    def _torch_compiled(self):
-        """`_decode` through torch.compile: one graph per bucket (`fullgraph`: a break is an
-        error), CUDA graphs on a GPU (what mode="reduce-overhead" sets)."""
-        import torch._dynamo
-
-        # One compiled graph per bucket; without this, torch.compile stops compiling after 8.
-        shapes = len(self.batch_buckets) * len(self.width_buckets)
-        torch._dynamo.config.recompile_limit = max(torch._dynamo.config.recompile_limit, shapes + 4)
-        torch._dynamo.config.cache_size_limit = max(torch._dynamo.config.cache_size_limit, shapes + 4)
-        # The model does not change once loaded, so the compiled passes do not check its modules'
-        # attributes before each call (most of dynamo's guards: 0.8 ms a pass on the CPU machine);
-        # the guards on the inputs' shapes, which pick a bucket's graph, stay.
-        options: dict = {"guard_filter_fn": _pass_guards}
-        options["triton.cudagraphs"] = self.device == "cuda"
-        return torch.compile(self._decode, dynamic=False, fullgraph=True, options=options)
+        return saved_pass
 
     def _packaged_decoder(self, root: Path):
         """`_decode` through each bucket's AOTInductor package (`pass_packages.py`), loaded or
@@ -596,15 +601,6 @@ class ModelRunner:
             flat_keys[targets_t] = flat_keys[sources_t]
             flat_values[targets_t] = flat_values[sources_t]
             self.kept_kv_bytes_moved += 2 * flat_keys[0].nbytes * len(sources)
-
-
-def _pass_guards(guards: list) -> list[bool]:
-    """The guards a compiled pass keeps: those on its inputs. Not those on the model's modules
-    (see `_torch_compiled`), nor on the `kernels` package's routing of hub kernels, a global that
-    its wrappers around the layers leave set after the first compiled call (the first bucket
-    compiled then recompiled at its first pass); the hub loads no hub kernels."""
-    kept = torch.compiler.skip_guard_on_all_nn_modules_unsafe(guards)
-    return [keep and "_ACTIVE_KERNEL_FUNCS" not in guard.name for keep, guard in zip(kept, guards)]
 
 
 def _use_threads(threads: int) -> None:
