@@ -22,10 +22,11 @@ For each it measures:
   together, `--rounds` times; the device ms per verify the hub reports in /metrics (its busy time
   over its verifies), and the device ms of a pass of 8 inside the hub (per verify).
 
-Beside the second, `--alone` (on by default) times the same pass of 8 on this tree's runner alone
-(`benchmarks/verify_speed.py`'s worker, one torch thread) at the hub's sessions' mean context over
-the rounds, so the pass inside the hub reads against the pass by itself. The client's own CPU is
-not the hub's: it is not counted.
+Beside the second, in this tree, `--alone` (on by default) times the same pass of 8 on this tree's
+runner alone (`benchmarks/verify_speed.py`'s worker, one torch thread) at the hub's sessions' mean
+context over the rounds, just before and just after the hub's rounds (the hub idle meanwhile), so
+the pass inside the hub reads against the pass by itself at the same moment: this machine's speed
+drifts by 10% and more within minutes. The client's own CPU is not the hub's: it is not counted.
 """
 
 from __future__ import annotations
@@ -257,26 +258,30 @@ async def eight_at_once(hub: TreeHub, context: int, rounds: int) -> dict:
     }
 
 
-def measure(tree: Path, target: str, args: argparse.Namespace, log: Path) -> dict:
+def measure(tree: Path, target: str, args: argparse.Namespace, log: Path, beside: bool = False) -> dict:
+    """The tree's figures; `beside`: the runner alone timed just before and after each context's rounds."""
     hub = TreeHub(tree, target, args.hub_arg, log)
     try:
         figures = {"saturation": asyncio.run(saturation(hub, args.users, args.verifies))}
         if httpx.get(f"{hub.url}/v1/info", timeout=30).json()["protocol_version"] >= STREAM_VERSION:
             figures["saturation (stream)"] = asyncio.run(saturation(hub, args.users, args.verifies, "stream"))
         for context in args.contexts:
+            before = alone(target, args, context) if beside else None
             figures[f"8 at {context}"] = asyncio.run(eight_at_once(hub, context, args.rounds))
+            if beside:
+                figures[f"8 at {context}"]["alone_ms_per_verify"] = [before, alone(target, args, context)]
         return figures
     finally:
         hub.stop()
 
 
-def alone(target: str, args: argparse.Namespace) -> dict:
-    """The same pass of 8 on this tree's runner alone (verify_speed's worker, eager, one thread),
-    keyed by the context it stands beside: it is timed at the hub's sessions' mean context over
-    their rounds (each verify adds a token to a session; the runner alone keeps its contexts)."""
-    grown = {context: context + (args.rounds + 1) // 2 for context in args.contexts}
+def alone(target: str, args: argparse.Namespace, context: int) -> float:
+    """The mean ms per verify of the same pass of 8 on this tree's runner alone (verify_speed's
+    worker, eager, one thread), at the hub's sessions' mean context over their rounds beside
+    `context` (each verify adds a token to a session; the runner alone keeps its contexts)."""
+    grown = context + (args.rounds + 1) // 2
     options = argparse.Namespace(
-        contexts=list(grown.values()),
+        contexts=[grown],
         sessions=8,
         draft_tokens=DRAFT_TOKENS,
         rounds=args.rounds,
@@ -285,8 +290,7 @@ def alone(target: str, args: argparse.Namespace) -> dict:
         accepted=[0],
         attention="auto",
     )
-    figures = run_tree(REPO, options, target, "off")
-    return {str(context): figures[str(timed)] for context, timed in grown.items() if str(timed) in figures}
+    return round(run_tree(REPO, options, target, "off")[str(grown)]["mean_ms"], 3)
 
 
 def main() -> None:
@@ -307,9 +311,7 @@ def main() -> None:
             (Path(scratch) / "base").mkdir()
             base = unpack(args.base, Path(scratch) / "base")
             results[args.base] = measure(base, target, args, Path(scratch) / "base.log")
-        results["this tree"] = measure(REPO, target, args, Path(scratch) / "this.log")
-        if args.alone:
-            results["runner alone"] = alone(target, args)
+        results["this tree"] = measure(REPO, target, args, Path(scratch) / "this.log", beside=args.alone)
     report(results, args, target)
 
 
@@ -337,15 +339,12 @@ def report(results: dict, args: argparse.Namespace, target: str) -> None:
             print(
                 f"device ms per verify at 8 sessions, {context}-token contexts: {speedup:.2f}x lower than {args.base}"
             )
-    if "runner alone" in results:
-        for context in args.contexts:
-            inside = results["this tree"][f"8 at {context}"]["pass_of_8_ms_per_verify"]
-            # The hub's figure is a mean (busy time over passes): the runner's mean beside it.
-            by_itself = (
-                results["runner alone"][f"{context}"]["mean_ms"] if f"{context}" in results["runner alone"] else None
-            )
-            if inside and by_itself:
-                print(f"a pass of 8 at {context} tokens inside the hub: {inside / by_itself:.2f}x the pass alone")
+    for context in args.contexts:
+        figures = results["this tree"][f"8 at {context}"]
+        inside, by_itself = figures["pass_of_8_ms_per_verify"], figures.get("alone_ms_per_verify")
+        if inside and by_itself:  # the hub's figure is a mean (busy time over passes), as the runner's
+            ratios = " and ".join(f"{inside / alone_ms:.2f}x" for alone_ms in by_itself)
+            print(f"a pass of 8 at {context} tokens inside the hub: {ratios} the pass alone (timed before and after)")
 
 
 if __name__ == "__main__":

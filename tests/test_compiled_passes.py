@@ -236,6 +236,23 @@ def test_the_gpus_route_through_the_operator_saves_its_passes_whole_on_the_cpu_t
         assert runner.compiled_hits > 0 and runner.compiled_misses == 0
 
 
+def test_a_pass_that_cannot_be_saved_still_serves_and_says_a_restart_compiles_it(tmp_path, caplog):
+    """A step whose graph reaches a module through a closure (nothing the runner's steps do) does
+    not serialise: the pass compiled at start serves all the same, and the log says so."""
+    layer = torch.nn.Linear(4, 4)
+
+    def step(x):
+        return layer(x).relu()
+
+    with caplog.at_level(logging.WARNING, logger="hub_server"):
+        compiled, loaded = SavedPasses(tmp_path, step, {}, facts=["a closure"]).load_or_compile(
+            1, 4, (torch.ones(1, 4),)
+        )
+    x = torch.randn(1, 4)
+    assert not loaded and torch.allclose(compiled(x), step(x))
+    assert "cannot be saved" in caplog.text and not list(tmp_path.rglob(f"*{SAVED_SUFFIX}"))
+
+
 def test_an_automatic_kv_budget_is_coarse_so_that_a_restart_finds_its_pool_size_again():
     """The free memory an automatic budget reads moves a little between starts; the budget keeps
     five significant bits, so a restart usually gets the same pool (and FlexAttention's saved

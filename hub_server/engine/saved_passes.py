@@ -45,6 +45,8 @@ SAVED_SUFFIX = ".pass"
 # What reading back a damaged or foreign file raises (pickle's errors, a missing class or module,
 # inductor refusing its entry): the cure is to compile the pass again.
 UNREADABLE = (pickle.UnpicklingError, EOFError, AttributeError, ImportError, TypeError, ValueError, RuntimeError)
+# What saving one raises where a part of it does not serialise (dynamo's PackageError is a RuntimeError).
+UNSAVABLE = (pickle.PicklingError, AttributeError, TypeError, RuntimeError)
 
 
 class SavedPasses:
@@ -74,7 +76,11 @@ class SavedPasses:
     def _save(self, compiled, path: Path) -> None:
         from torch._dynamo.aot_compile import AOTCompiledFunction
 
-        data = AOTCompiledFunction.serialize(compiled).serialized_data
+        try:
+            data = AOTCompiledFunction.serialize(compiled).serialized_data
+        except UNSAVABLE as exc:  # the pass runs all the same; only a restart pays for it
+            log.warning("compiled pass %s cannot be saved (%s): a restart compiles it again", path.name, exc)
+            return
         self.folder.mkdir(parents=True, exist_ok=True)
         # Written beside its final name, then renamed: a start stopped mid-write (or two engines
         # compiling the same bucket) never leaves a partial pass under the final name.
