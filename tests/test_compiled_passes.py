@@ -11,6 +11,7 @@ one cache directory: each compiles its own packages, and a second start of eithe
 from __future__ import annotations
 
 import logging
+import os
 
 import pytest
 import torch
@@ -19,7 +20,7 @@ from hub_server.config import HubSettings
 from hub_server.engine.pass_packages import PassDecoder, PassPackages, pass_key
 from hub_server.engine.rotary import rotary_table, tabled
 from hub_server.engine.runner import ModelRunner, VerifyJob, coarse
-from hub_server.engine.saved_passes import SAVED_SUFFIX, SavedPasses
+from hub_server.engine.saved_passes import SAVED_SUFFIX, SavedPasses, prune_other_keys
 from hub_server.tree import chain_parents
 from tests.conftest import ATTENTION, DEVICE, plain_target
 from tests.test_runner import CONTEXTS, gemma_dir  # noqa: F401  (a fixture)
@@ -251,6 +252,21 @@ def test_a_pass_that_cannot_be_saved_still_serves_and_says_a_restart_compiles_it
     x = torch.randn(1, 4)
     assert not loaded and torch.allclose(compiled(x), step(x))
     assert "cannot be saved" in caplog.text and not list(tmp_path.rglob(f"*{SAVED_SUFFIX}"))
+
+
+def test_a_cache_keeps_the_compiled_passes_of_the_keys_used_most_recently(tmp_path):
+    """Every engine upgrade and every model compiles under a key of its own: a start marks its
+    key used and deletes all but the four used most recently beside it."""
+    root = tmp_path / "saved-passes"
+    keys = [root / f"key{i}" for i in range(6)]
+    for age, key in enumerate(reversed(keys)):  # key5 the oldest ... key0 the newest
+        key.mkdir(parents=True)
+        (key / f"1x8{SAVED_SUFFIX}").write_bytes(b"a pass")
+        os.utime(key, (1_000_000 + age, 1_000_000 + age))
+    removed = prune_other_keys(keys[5])  # the oldest, started again: now the newest
+    assert sorted(removed) == [keys[3], keys[4]]
+    assert sorted(root.iterdir()) == [keys[0], keys[1], keys[2], keys[5]]
+    assert prune_other_keys(tmp_path / "never-saved") == []
 
 
 def test_an_automatic_kv_budget_is_coarse_so_that_a_restart_finds_its_pool_size_again():

@@ -47,7 +47,7 @@ from hub_server.engine.loading import choose_device, choose_dtype, load_target, 
 from hub_server.engine.pass_packages import PassDecoder, PassPackages
 from hub_server.engine.projection import ProjectionWalk
 from hub_server.engine.rotary import rotary_table, tabled
-from hub_server.engine.saved_passes import SavedPasses, code_facts, model_facts
+from hub_server.engine.saved_passes import SavedPasses, code_facts, model_facts, prune_other_keys
 from hub_server.engine_api import EngineStats, KVHandle, PassTally, VerifyJob
 from hub_server.errors import KVMemoryFull
 from hub_server.pass_cost import PassCostFit
@@ -322,6 +322,9 @@ class ModelRunner:
                 time.perf_counter() - shape_started,
             )
         self._scratch_passes([(rows, width - 1) for rows, width in shapes])
+        compiled_passes = self._packages or self._saved
+        assert compiled_passes is not None
+        prune_other_keys(compiled_passes.folder)
         seconds = time.perf_counter() - started
         if self.passes_from_cache == len(shapes):
             how = f"{len(shapes)} buckets loaded from the cache in {seconds:.1f} s"

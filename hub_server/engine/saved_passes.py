@@ -31,6 +31,7 @@ import logging
 import os
 import pickle
 import platform
+import shutil
 import sys
 import tempfile
 from collections.abc import Callable, Sequence
@@ -42,6 +43,7 @@ log = logging.getLogger(__name__)
 
 ENGINE = Path(__file__).parent  # its code shapes every graph: any change compiles afresh
 SAVED_SUFFIX = ".pass"
+KEPT_KEYS = 4  # keys whose compiled passes a cache keeps: those used most recently
 # What reading back a damaged or foreign file raises (pickle's errors, a missing class or module,
 # inductor refusing its entry): the cure is to compile the pass again.
 UNREADABLE = (pickle.UnpicklingError, EOFError, AttributeError, ImportError, TypeError, ValueError, RuntimeError)
@@ -108,6 +110,21 @@ class SavedPasses:
             return None
         compiled.disable_guard_check()
         return compiled
+
+
+def prune_other_keys(folder: Path, keep: int = KEPT_KEYS) -> list[Path]:
+    """Mark `folder` (one key's compiled passes) used now, and delete all but the `keep` most
+    recently used keys beside it: every upgrade of the engine, and every model, makes another
+    (a few MB to hundreds a key). Returns what was deleted. A hub already running keeps the
+    passes it loaded."""
+    if not folder.is_dir():  # nothing of this key was saved
+        return []
+    os.utime(folder)
+    keys = sorted((p for p in folder.parent.iterdir() if p.is_dir()), key=lambda p: p.stat().st_mtime, reverse=True)
+    for old in keys[keep:]:
+        log.info("removing the compiled passes of %s (keeping the %d keys used most recently)", old.name, keep)
+        shutil.rmtree(old, ignore_errors=True)
+    return keys[keep:]
 
 
 def model_facts(model: torch.nn.Module) -> list[str]:
