@@ -53,9 +53,13 @@ timeout 900 $PY -m hub_server bench --model "$G" --draft "$G" --clients 1,4,16,6
     --max-tokens 64 --prompts 3 --device cuda --dtype float32 --json > "$OUT/gemma-gpu.json"
 
 echo "== 6. a restart compiles nothing new (the compile cache under --cache-dir)"
+# Its log must say "N buckets loaded from the cache": torch.compile's passes saved whole
+# (engine/saved_passes.py), CUDA graphs included; a "cannot be saved" or "does not load" line is a
+# failure to report. Step 1's second-start tests check the same for FlexAttention.
 for attempt in 1 2; do
     started=$(date +%s)
     timeout 600 $PY -c "
+import logging; logging.basicConfig(level=logging.INFO, format='%(message)s')
 from hub_server.config import HubSettings
 from hub_server.engine.runner import ModelRunner
 ModelRunner(HubSettings(model='$G', device='cuda', compile='on', max_batch=64, cache_dir='$OUT/cache'))"
