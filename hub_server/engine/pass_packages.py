@@ -28,8 +28,6 @@ from __future__ import annotations
 import hashlib
 import logging
 import os
-import platform
-import sys
 import tempfile
 from collections.abc import Callable
 from pathlib import Path
@@ -37,7 +35,7 @@ from pathlib import Path
 import torch
 
 from hub_server.engine.attention.interface import THROUGH_OPERATOR
-from hub_server.engine.saved_passes import cpu_model
+from hub_server.engine.saved_passes import platform_facts
 
 log = logging.getLogger(__name__)
 
@@ -131,19 +129,9 @@ class PassPackages:
 
 def pass_key(module: torch.nn.Module, options: dict) -> str:
     """A digest of everything a package compiled from `module` with `options` depends on."""
-    import transformers
-    from torch._inductor.cpu_vec_isa import pick_vec_isa
-
     digest = hashlib.blake2b(digest_size=16)
-    facts = [
-        sys.version,
-        torch.__version__,
-        transformers.__version__,
-        platform.machine(),
-        cpu_model(),
-        str(pick_vec_isa()),
-        repr(sorted((name, repr(value)) for name, value in options.items() if name != "aot_inductor.metadata")),
-    ]
+    facts = platform_facts("cpu")
+    facts += [repr(sorted((name, repr(value)) for name, value in options.items() if name != "aot_inductor.metadata"))]
     here = Path(__file__).parent
     facts += [(here / name).read_text() for name in GRAPH_SOURCES]
     for fact in facts:

@@ -139,6 +139,11 @@ def model_facts(model: torch.nn.Module) -> list[str]:
 
 def code_facts(device: torch.device | str) -> list[str]:
     """The versions, the device and the engine's code a compiled pass depends on."""
+    return [*platform_facts(device), *(source.read_text() for source in sorted(ENGINE.rglob("*.py")))]
+
+
+def platform_facts(device: torch.device | str) -> list[str]:
+    """The versions of Python, torch and transformers, and the device, that compiled code depends on."""
     import transformers
 
     facts = [sys.version, torch.__version__, transformers.__version__, platform.machine()]
@@ -150,7 +155,6 @@ def code_facts(device: torch.device | str) -> list[str]:
         from torch._inductor.cpu_vec_isa import pick_vec_isa
 
         facts += [cpu_model(), str(pick_vec_isa())]
-    facts += [source.read_text() for source in sorted(ENGINE.rglob("*.py"))]
     return facts
 
 
