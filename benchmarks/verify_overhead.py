@@ -22,6 +22,10 @@ leaves: HTTP or the stream) and in its engine process (the same work for every w
 included), in blocks of verifies of one way at a time, the ways taking turns: figures a loaded
 machine inflates far less than a round trip, and the ones that bound a hub's verifies per CPU-second.
 
+Last, the floor (`stream_floor.py`): the same three processes with the hub's libraries and none of
+its logic, around a pass as long as the stream's measured one: what any stream on these libraries
+would add here (`--floor-verifies 0` leaves it out).
+
 The default target is the dispatch-bound random Llama (`benchmarks/dispatch_target.py`): its
 pass costs what launching its operators costs, as a small target's pass on a GPU does.
 """
@@ -43,6 +47,8 @@ from urllib.parse import urlsplit
 
 REPO = Path(__file__).resolve().parent.parent
 sys.path[:0] = [str(REPO), str(REPO / "benchmarks")]
+
+from stream_floor import floor_overhead  # noqa: E402
 
 from specedge_bench.metrics import MetricsPage  # noqa: E402
 from specedge_bench.users import open_session  # noqa: E402
@@ -206,6 +212,7 @@ def main() -> None:
     parser.add_argument("--target", default="dispatch", help="a model folder or GGUF; `dispatch`: the random Llama")
     parser.add_argument("--rounds", type=int, default=600, help="verifies of each way")
     parser.add_argument("--serve-arg", action="append", default=[], help="a flag for `hub_server serve` (repeat)")
+    parser.add_argument("--floor-verifies", type=int, default=2000, help="verifies of the floor (0: none)")
     parser.add_argument("--json", type=Path, help="write the figures here too")
     args = parser.parse_args()
     hub_cores, client_cores = split_cores()
@@ -225,6 +232,11 @@ def main() -> None:
     finally:
         hub.stop(timeout_s=30)
     results = {way: summary(figures[way], cpu_ms[way]) for way in WAYS}
+    stream = results["stream (specedge)"]
+    if args.floor_verifies:
+        stream["floor_overhead_p50_ms"] = floor_overhead(
+            stream["pass_p50_ms"], args.floor_verifies, hub_cores, client_cores
+        )
     for way, result in results.items():
         print(
             f"{way:>18}: round trip p50 {result['round_trip_p50_ms']:.3f} ms, pass p50 {result['pass_p50_ms']:.3f} ms, "
@@ -232,6 +244,11 @@ def main() -> None:
             f"(around the pass {result['around_the_pass_p50_ms']:.3f}, outside the call "
             f"{result['outside_the_call_p50_ms']:.3f}); CPU a verify: front end "
             f"{result['front_end_cpu_ms_per_verify']:.3f} ms, engine {result['engine_cpu_ms_per_verify']:.3f} ms"
+        )
+    if "floor_overhead_p50_ms" in stream:
+        print(
+            f"{'stream floor':>18}: overhead p50 {stream['floor_overhead_p50_ms']:.3f} ms around a "
+            f"{stream['pass_p50_ms']:.3f} ms pass (the hub's libraries, none of its logic: stream_floor.py)"
         )
     load = f"{load_before:.1f}-{os.getloadavg()[0]:.1f}"  # on a loaded machine only the ratios mean much
     print(f"load average {load}")
