@@ -9,7 +9,6 @@ released once that pass is applied, so a dropped stream never leaves its session
 
 from __future__ import annotations
 
-import asyncio
 import time
 from collections.abc import AsyncGenerator
 from concurrent.futures import Future
@@ -21,7 +20,7 @@ from hub_server import protocol as wire
 from hub_server.engine_api import VerifyJob
 from hub_server.errors import WorkerLost
 from hub_server.prompts import INLINE_PROMPT_TOKENS
-from hub_server.scheduler import Announcement, Prompt, settled
+from hub_server.scheduler import Announcement, Prompt, finished, settled
 from hub_server.sessions import Owner, Session
 from hub_server.tree import chain_parents
 
@@ -120,7 +119,7 @@ class Generation:
         future.add_done_callback(lambda done: self._apply(job, done, started))
         self._hub.budgets.charge(self._owner, len(job.draft) + 1)
         # Callbacks run in the order they were added: the result is applied before this wakes.
-        await asyncio.shield(asyncio.wrap_future(future))
+        await finished(future)
 
     def _apply(self, job: VerifyJob, done: Future, started: float) -> None:
         """The pass is over (where its scheduler runs passes): the session takes its tokens."""

@@ -141,10 +141,41 @@ class Prompt:
     started: bool = False  # it has had a chunk
 
 
+async def finished(future: Future) -> Any:
+    """Wait on the event loop for a scheduler's future: its result, or its error. A cancelled wait
+    leaves the future as it is (its pass goes on, its callbacks run). A future resolved on this
+    loop's own thread (a scheduler the loop drives) wakes the waiter in the same turn; one resolved
+    on another thread (a scheduler's own) wakes it through the loop, as `asyncio.wrap_future`
+    does, which always takes that way, and with `asyncio.shield` two turns more."""
+    loop = asyncio.get_running_loop()
+    waiter = loop.create_future()
+    loop_thread = threading.get_ident()
+
+    def done(resolved: Future) -> None:
+        if threading.get_ident() == loop_thread:
+            _pass_on(resolved, waiter)
+        else:
+            loop.call_soon_threadsafe(_pass_on, resolved, waiter)
+
+    future.add_done_callback(done)
+    return await waiter
+
+
+def _pass_on(resolved: Future, waiter: asyncio.Future) -> None:
+    if waiter.done():  # its wait was cancelled
+        return
+    if resolved.cancelled():
+        waiter.cancel()
+    elif (error := resolved.exception()) is not None:
+        waiter.set_exception(error)
+    else:
+        waiter.set_result(resolved.result())
+
+
 async def settled(prompt: Prompt) -> None:
     """Wait on the event loop for a queued prompt to be all in (its error, if a chunk failed).
     A cancelled wait leaves the prompt queued: its caller cancels it (`Scheduler.cancel_prompt`)."""
-    await asyncio.shield(asyncio.wrap_future(prompt.future))
+    await finished(prompt.future)
 
 
 # A batch pads every row to its widest, so one session's new context would make every other

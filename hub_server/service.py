@@ -36,7 +36,7 @@ from hub_server.metrics import HubCollector, HubFigures, HubMetrics
 from hub_server.placement import Worker
 from hub_server.prompts import INLINE_PROMPT_TOKENS
 from hub_server.retirement import Retirement
-from hub_server.scheduler import settled
+from hub_server.scheduler import finished, settled
 from hub_server.sessions import LOCAL_OWNER, Owner, Session, SessionStore
 from hub_server.supervision import Workers
 from hub_server.tree import node_depths
@@ -254,7 +254,7 @@ class Hub:
             # The result is applied, and the session released, when the pass ends, even if this
             # request is cancelled meanwhile: the session's KV and context must stay in step.
             future.add_done_callback(lambda done: self._finish(session, job, "specedge", arrived, done))
-            await asyncio.shield(asyncio.wrap_future(future))
+            await finished(future)
         return wire.VerifyResponse(
             accepted=len(job.path),
             tokens=job.emitted,
