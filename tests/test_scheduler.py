@@ -6,13 +6,14 @@ import asyncio
 import random
 import threading
 import time
+from concurrent.futures import Future
 from dataclasses import dataclass, field
 from typing import Any
 
 import pytest
 
 from hub_server.pass_cost import PassCostFit, RowCosts
-from hub_server.scheduler import PASS_OVERHEAD_TOKENS, Composition, Scheduler, Step, feed_apart
+from hub_server.scheduler import PASS_OVERHEAD_TOKENS, Composition, Scheduler, Step, feed_apart, finished
 
 
 class SimulatedRunner:
@@ -709,3 +710,40 @@ def test_on_an_event_loop_a_step_that_raises_past_its_handling_does_not_stop_the
 
     asyncio.run(_with_loop(body))
     assert told[0] == 50 and any(isinstance(entry, str) for entry in told)
+
+
+def test_finished_gives_a_pass_result_or_error_from_the_loop_s_thread_or_another():
+    async def scenario() -> None:
+        on_the_loop: Future = Future()
+        asyncio.get_running_loop().call_soon(on_the_loop.set_result, "job")
+        assert await finished(on_the_loop) == "job"
+
+        failed: Future = Future()
+        threading.Timer(0.01, failed.set_exception, [RuntimeError("the pass failed")]).start()
+        with pytest.raises(RuntimeError, match="the pass failed"):
+            await finished(failed)
+
+        done_already: Future = Future()
+        done_already.set_result("earlier")
+        assert await finished(done_already) == "earlier"
+
+    asyncio.run(scenario())
+
+
+def test_a_cancelled_wait_leaves_the_pass_and_its_callbacks_alone():
+    applied: list[str] = []
+
+    async def scenario() -> None:
+        running: Future = Future()
+        running.add_done_callback(lambda done: applied.append(done.result()))
+        waiter = asyncio.ensure_future(finished(running))
+        await asyncio.sleep(0)
+        waiter.cancel()
+        with pytest.raises(asyncio.CancelledError):
+            await waiter
+        assert not running.cancelled()
+        running.set_result("job")  # the pass ends after its caller left: applied, nothing raised
+        await asyncio.sleep(0)
+
+    asyncio.run(scenario())
+    assert applied == ["job"]
