@@ -63,7 +63,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import statistics
 import threading
 import time
 from collections import deque
@@ -71,6 +70,8 @@ from collections.abc import Callable, Iterator
 from concurrent.futures import Future
 from dataclasses import dataclass, field
 from typing import Any
+
+from hub_server.due_back import DueBack
 
 
 @dataclass
@@ -90,31 +91,12 @@ class SchedulerStats:
     merge_wait_seconds: float = 0.0
 
 
-RETURNS_KEPT = 4  # a user's return time is the median of their last this many
 MIN_PROMPT_CHUNK = 16  # the least a queued prompt advances in a step it takes part in
-USUAL_RETURNS_KEPT = 64  # ... or, before they have any, the median of all users' last this many
-FORGET_AFTER_S = 600  # a user not seen this long is no longer expected
 # Turns of the event loop let go by after a step; the next is decided in the turn after them. A
 # verify's answer leaves in the third turn after its pass (the future's callback, its task's
 # wake-up, the frame's flush), and so before the next pass, not after it.
 ANSWER_TURNS = 2
 MIN_TIMER_S = 0.001  # an event loop's timers count milliseconds (uvloop): a shorter one would spin
-
-
-@dataclass
-class _Returning:
-    """A client session's rhythm: when its last pass ended and how long it takes to come back."""
-
-    done_at: float | None = None  # None while its job is queued or on the device
-    returns: list[float] = field(default_factory=list)
-
-    def due_at(self, usual: float | None) -> float | None:
-        """When it should be back: by its own returns, or by `usual` (all users') before it has any."""
-        if self.done_at is None:
-            return None
-        if self.returns:
-            return self.done_at + statistics.median(self.returns)
-        return None if usual is None else self.done_at + usual
 
 
 @dataclass
@@ -281,8 +263,7 @@ class Scheduler:
         self.merge_share = merge_share
         self._clock = clock
         self._queue: deque[_Queued] = deque()
-        self._returning: dict[Any, _Returning] = {}  # key -> rhythm, for client sessions
-        self._recent_returns: deque[float] = deque(maxlen=USUAL_RETURNS_KEPT)  # all keys'
+        self._due_back = DueBack()  # client sessions on their way back, and when each is due
         self.pass_fixed_s = pass_fixed_s  # the device's fixed cost per pass (the runner's fit)
         self._announced = 0  # jobs callers are preparing and will submit shortly
         self._free_since = clock()  # when the last pass ended
@@ -335,7 +316,7 @@ class Scheduler:
             else:
                 announcement = None
             if key is not None:
-                self._arrived(key, now)
+                self._due_back.arrived(key, now)
             self._queue.append(_Queued(job, future, now, announcement, key))
             self._notify()
         return future
@@ -343,22 +324,12 @@ class Scheduler:
     def usual_return_s(self) -> float | None:
         """How long users usually take to come back after their pass (median of recent returns)."""
         with self._ready:
-            return self._usual_return()
-
-    def _usual_return(self) -> float | None:
-        return statistics.median(self._recent_returns) if self._recent_returns else None
+            return self._due_back.usual_return_s
 
     def forget(self, key: Any) -> None:
         """The session `key` has closed: stop expecting it."""
         with self._ready:
-            self._returning.pop(key, None)
-
-    def _arrived(self, key: Any, now: float) -> None:
-        rhythm = self._returning.setdefault(key, _Returning())
-        if rhythm.done_at is not None:
-            rhythm.returns = (rhythm.returns + [now - rhythm.done_at])[-RETURNS_KEPT:]
-            self._recent_returns.append(now - rhythm.done_at)
-        rhythm.done_at = None
+            self._due_back.forget(key)
 
     @property
     def queue_depth(self) -> int:
@@ -600,9 +571,7 @@ class Scheduler:
         deadline = min(max(start, self._queue[-1].arrived) + window, start + 2 * window)
         if now >= deadline:
             return None
-        usual = self._usual_return()
-        due = (r.due_at(usual) for r in self._returning.values())
-        return deadline if any(at is not None and start - window <= at <= deadline for at in due) else None
+        return deadline if self._due_back.anyone_due(start - window, deadline) else None
 
     def _run(self, step: Step) -> None:
         """The step's feeds apart and its verify pass; a failure of either fails the whole batch."""
@@ -640,12 +609,9 @@ class Scheduler:
                     announcement.queued = False
                     if not announcement.closed:
                         self._announced += 1
-                if key is not None and key in self._returning:
-                    self._returning[key].done_at = now
-            for key in [
-                k for k, r in self._returning.items() if r.done_at is not None and now - r.done_at > FORGET_AFTER_S
-            ]:
-                del self._returning[key]
+                if key is not None:
+                    self._due_back.done(key, now)
+            self._due_back.forget_away_since(now)
 
     def _record(self, size: int) -> None:
         stats = self.stats
