@@ -193,7 +193,7 @@ def free_port() -> int:
 
 
 def split_cores() -> tuple[set[int], set[int]]:
-    """Half the cores for the hub's processes, the rest for the client (as verify_overhead.py)."""
+    """Half the cores for the hub's processes, the rest for the client (nothing to split on one core)."""
     cores = sorted(os.sched_getaffinity(0))
     half = len(cores) // 2
     return (set(cores[:half]), set(cores[half:])) if half else (set(), set())

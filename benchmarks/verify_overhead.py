@@ -51,7 +51,7 @@ from urllib.parse import urlsplit
 REPO = Path(__file__).resolve().parent.parent
 sys.path[:0] = [str(REPO), str(REPO / "benchmarks")]
 
-from stream_floor import floor_overhead  # noqa: E402
+from stream_floor import floor_overhead, split_cores  # noqa: E402
 
 from specedge_bench.metrics import MetricsPage  # noqa: E402
 from specedge_bench.users import open_session  # noqa: E402
@@ -207,13 +207,6 @@ def summary(figures: dict[str, list[float]], cpu_ms: tuple[float, float]) -> dic
         "front_end_cpu_ms_per_verify": cpu_ms[0],
         "engine_cpu_ms_per_verify": cpu_ms[1],
     }
-
-
-def split_cores() -> tuple[set[int], set[int]]:
-    """Half the cores for the hub, the rest for this client (nothing to split on one core)."""
-    cores = sorted(os.sched_getaffinity(0))
-    half = len(cores) // 2
-    return (set(cores[:half]), set(cores[half:])) if half else (set(), set())
 
 
 def main() -> None:
