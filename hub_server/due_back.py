@@ -8,7 +8,7 @@ from indexes, not from a look at every session:
 - due times of sessions with returns of their own (the median of their last few), sorted;
 - the ends of passes of sessions with none yet, sorted (each due the usual return later: all
   sessions' recent median, which moves, so it is added at the question);
-- the ends of passes in the order they came, to forget sessions away too long.
+- the sessions away, in the order their last passes ended, to forget those away too long.
 
 Plain Python, no torch; not thread-safe (the scheduler's lock guards it).
 """
@@ -18,7 +18,7 @@ from __future__ import annotations
 import bisect
 import itertools
 import statistics
-from collections import deque
+from collections import OrderedDict, deque
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -44,7 +44,7 @@ class DueBack:
         self._usual: float | None = None  # the median of `_recent`, kept as it changes
         self._own: list[tuple[float, int, Any]] = []  # (due time, order, key): sessions with returns
         self._new: list[tuple[float, int, Any]] = []  # (pass end, order, key): sessions with none yet
-        self._ended: deque[tuple[float, Any]] = deque()  # (pass end, key) in the order passes ended
+        self._away: OrderedDict[Any, float] = OrderedDict()  # key -> its pass's end, in that order
         self._order = itertools.count()  # ties broken by arrival, never by comparing keys
 
     def __len__(self) -> int:
@@ -62,6 +62,7 @@ class DueBack:
         """`key`'s next job is here: its return is counted, and it is no longer on its way."""
         rhythm = self._rhythms.setdefault(key, _Rhythm())
         self._unindex(rhythm)
+        self._away.pop(key, None)
         if rhythm.done_at is not None:
             took = now - rhythm.done_at
             rhythm.returns = (rhythm.returns + [took])[-RETURNS_KEPT:]
@@ -81,21 +82,23 @@ class DueBack:
         else:
             rhythm.entry, rhythm.index = (now, next(self._order), key), self._new
         bisect.insort(rhythm.index, rhythm.entry)
-        self._ended.append((now, key))
+        self._away[key] = now  # the clock never goes back: the newest end goes last
+        self._away.move_to_end(key)
 
     def forget(self, key: Any) -> None:
         """`key` has closed: it is not expected back."""
         rhythm = self._rhythms.pop(key, None)
+        self._away.pop(key, None)
         if rhythm is not None:
             self._unindex(rhythm)
 
     def forget_away_since(self, now: float) -> None:
         """Forget the sessions away for longer than FORGET_AFTER_S."""
-        while self._ended and now - self._ended[0][0] > FORGET_AFTER_S:
-            ended, key = self._ended.popleft()
-            rhythm = self._rhythms.get(key)
-            if rhythm is not None and rhythm.done_at == ended:  # away since that pass
-                self.forget(key)
+        while self._away:
+            key, ended = next(iter(self._away.items()))
+            if now - ended <= FORGET_AFTER_S:
+                return
+            self.forget(key)
 
     def anyone_due(self, earliest: float, latest: float) -> bool:
         """Whether a session on its way is due back between `earliest` and `latest`."""
