@@ -93,8 +93,8 @@ class SchedulerStats:
 
 MIN_PROMPT_CHUNK = 16  # the least a queued prompt advances in a step it takes part in
 # Turns of the event loop let go by after a step; the next is decided in the turn after them. A
-# verify's answer leaves in the third turn after its pass (the future's callback, its task's
-# wake-up, the frame's flush), and so before the next pass, not after it.
+# verify's answer leaves in the second turn after its pass (its task's wake-up, then the frame's
+# flush: `finished` wakes the task from the pass's own turn), and so before the next pass.
 ANSWER_TURNS = 2
 MIN_TIMER_S = 0.001  # an event loop's timers count milliseconds (uvloop): a shorter one would spin
 
