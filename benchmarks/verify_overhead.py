@@ -13,8 +13,8 @@ The ways take turns in blocks of `PASS_BLOCK` verifies, one at a time (so all th
 machine), the hub's device busy time read from /metrics before and after each block: nothing else
 uses the hub, so the time gained over a block is its passes. (A read after each verify would slow
 the next verify's pass and its overhead by about a third here: its work leaves the hub's processes
-cold.) Overhead = round trip - pass: everything the hub and the client
-add (framing, parsing, checks, the hand-off to the scheduler and back, the reply).
+cold.) Overhead = round trip - pass: everything the hub and the client add (framing, parsing,
+checks, the hand-off to the scheduler and back, the reply).
 The reply's `verify_ms` (the hub's verify call) splits it: around the pass (queueing, hops,
 applying the result; a block's mean) and outside the call (HTTP or the stream, routing, the client,
 loopback; each verify's own).
