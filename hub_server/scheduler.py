@@ -136,7 +136,7 @@ async def finished(future: Future) -> Any:
     def done(resolved: Future) -> None:
         if threading.get_ident() == loop_thread:
             _pass_on(resolved, waiter)
-        else:
+        elif not loop.is_closed():  # closed: the hub has stopped, nobody waits
             loop.call_soon_threadsafe(_pass_on, resolved, waiter)
 
     future.add_done_callback(done)

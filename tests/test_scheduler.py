@@ -747,3 +747,20 @@ def test_a_cancelled_wait_leaves_the_pass_and_its_callbacks_alone():
 
     asyncio.run(scenario())
     assert applied == ["job"]
+
+
+def test_a_pass_ending_after_its_loop_closed_raises_nothing_in_the_scheduler_s_thread(caplog):
+    """A Ray scheduler's thread may end a pass after the hub's loop has stopped."""
+    running: Future = Future()
+
+    async def scenario() -> None:
+        waiter = asyncio.ensure_future(finished(running))
+        await asyncio.sleep(0)
+        waiter.cancel()
+
+    asyncio.run(scenario())  # the loop is closed when this returns
+    ender = threading.Thread(target=running.set_result, args=["job"])
+    ender.start()
+    ender.join()
+    assert running.result() == "job"
+    assert "exception calling callback" not in caplog.text
