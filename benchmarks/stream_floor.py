@@ -24,7 +24,6 @@ import argparse
 import asyncio
 import os
 import shutil
-import socket
 import statistics
 import struct
 import subprocess
@@ -39,6 +38,9 @@ import msgpack
 
 REPO = Path(__file__).resolve().parent.parent
 sys.path[:0] = [str(REPO)]
+
+from specedge_bench.local_hub import split_cores  # noqa: E402
+from specedge_common.net import free_port  # noqa: E402
 
 _LENGTH = struct.Struct("<I")
 WARM_UP = 300  # verifies not counted
@@ -184,19 +186,6 @@ def connect_when_up(connect: Callable, url: str) -> Any:
 
     wait_for(connected, "the floor's front end")
     return connection[0]
-
-
-def free_port() -> int:
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        return probe.getsockname()[1]
-
-
-def split_cores() -> tuple[set[int], set[int]]:
-    """Half the cores for the hub's processes, the rest for the client (nothing to split on one core)."""
-    cores = sorted(os.sched_getaffinity(0))
-    half = len(cores) // 2
-    return (set(cores[:half]), set(cores[half:])) if half else (set(), set())
 
 
 def main() -> None:

@@ -51,8 +51,9 @@ from urllib.parse import urlsplit
 REPO = Path(__file__).resolve().parent.parent
 sys.path[:0] = [str(REPO), str(REPO / "benchmarks")]
 
-from stream_floor import floor_overhead, split_cores  # noqa: E402
+from stream_floor import floor_overhead  # noqa: E402
 
+from specedge_bench.local_hub import split_cores  # noqa: E402
 from specedge_bench.metrics import MetricsPage  # noqa: E402
 from specedge_bench.users import open_session  # noqa: E402
 from specedge_cli.remote import protocol as wire  # noqa: E402

@@ -21,7 +21,7 @@ class LocalHub:
         serve_args: tuple[str, ...] = (),
         pin_hub: bool = True,
     ):
-        hub_cores, edge_cores = _split_cores() if pin_hub else (set(), set())
+        hub_cores, edge_cores = split_cores() if pin_hub else (set(), set())
         self.hub_cores = hub_cores  # empty: not pinned
         args = ["--model", model, "--draft", str(draft), "--device", device, "--dtype", dtype]
         args += ["--max-batch", str(max_batch), "--max-sessions", str(max(64, max_batch))]
@@ -64,8 +64,8 @@ class LocalHub:
         os.sched_setaffinity(0, self._caller_cores)
 
 
-def _split_cores() -> tuple[set[int], set[int]]:
-    """Half the cores for the hub, the rest for the simulated edges (nothing to split on one core)."""
+def split_cores() -> tuple[set[int], set[int]]:
+    """Half the cores for the hub, the rest for its clients (nothing to split on one core)."""
     cores = sorted(os.sched_getaffinity(0))
     if len(cores) < 2:
         return set(), set()
