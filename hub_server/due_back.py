@@ -30,7 +30,6 @@ FORGET_AFTER_S = 600  # a session not seen this long is no longer expected
 @dataclass
 class _Rhythm:
     returns: list[float] = field(default_factory=list)  # its last few: pass end to next arrival
-    done_at: float | None = None  # when its last pass ended; None while its next job is here
     entry: tuple[float, int, Any] | None = None  # its place in an index while it is away
     index: list[tuple[float, int, Any]] | None = None  # that index: `_own` or `_new`
 
@@ -44,14 +43,13 @@ class DueBack:
         self._usual: float | None = None  # the median of `_recent`, kept as it changes
         self._own: list[tuple[float, int, Any]] = []  # (due time, order, key): sessions with returns
         self._new: list[tuple[float, int, Any]] = []  # (pass end, order, key): sessions with none yet
-        self._away: OrderedDict[Any, float] = OrderedDict()  # key -> its pass's end, in that order
+        # The sessions away: key -> when its last pass ended, in that order (one whose next job is
+        # here is not in it).
+        self._away: OrderedDict[Any, float] = OrderedDict()
         self._order = itertools.count()  # ties broken by arrival, never by comparing keys
 
     def __len__(self) -> int:
         return len(self._rhythms)
-
-    def __contains__(self, key: Any) -> bool:
-        return key in self._rhythms
 
     @property
     def usual_return_s(self) -> float | None:
@@ -62,13 +60,12 @@ class DueBack:
         """`key`'s next job is here: its return is counted, and it is no longer on its way."""
         rhythm = self._rhythms.setdefault(key, _Rhythm())
         self._unindex(rhythm)
-        self._away.pop(key, None)
-        if rhythm.done_at is not None:
-            took = now - rhythm.done_at
+        done_at = self._away.pop(key, None)
+        if done_at is not None:
+            took = now - done_at
             rhythm.returns = (rhythm.returns + [took])[-RETURNS_KEPT:]
             self._recent.append(took)
             self._usual = statistics.median(self._recent)
-        rhythm.done_at = None
 
     def done(self, key: Any, now: float) -> None:
         """`key`'s pass ended at `now` (a key that never arrived is not expected back)."""
@@ -76,7 +73,6 @@ class DueBack:
         if rhythm is None:
             return
         self._unindex(rhythm)
-        rhythm.done_at = now
         if rhythm.returns:
             rhythm.entry, rhythm.index = (now + statistics.median(rhythm.returns), next(self._order), key), self._own
         else:
