@@ -50,8 +50,10 @@ echo "== 4c. one verify at a time over HTTP and the stream, against the stream's
 # Targets 1.0 ms (HTTP) and 0.4 ms (stream). On the 2-core CPU machine the stream's floor
 # alone (stream_floor.py: the hub's libraries, none of its logic) was ~0.4 ms at this pass length.
 # Here the client, the front end and the engine have cores of their own; the hub runs on the GPU,
-# eager (--compile off: no minutes of compiling). Then scheduling against sessions held.
+# eager (--compile off: no minutes of compiling); then where the stream's round trip goes, step
+# by step (verify_timeline.py). Then scheduling against sessions held.
 timeout 300 $PY benchmarks/verify_overhead.py --rounds 400 --serve-arg=--compile --serve-arg=off --json "$OUT/verify-overhead.json"
+timeout 200 $PY benchmarks/verify_timeline.py --verifies 1000 --serve-arg=--compile --serve-arg=off --json "$OUT/verify-timeline.json"
 timeout 120 $PY benchmarks/stream_floor.py --pass-ms 0 1 4 --verifies 2000
 timeout 120 $PY benchmarks/scheduler_scaling.py
 
