@@ -2,8 +2,9 @@
 client's stream, wrapped as each module loads, so that each call notes (event, time) in its
 process. The product's code is not changed, and a process that never loads a module is not
 made to. Times are `time.perf_counter_ns()`: CLOCK_MONOTONIC, one clock for every process of
-the machine. Each process appends its events to SPECEDGE_TIMELINE/<pid>.txt every `FLUSH_EVERY` events
-(the hub's processes are stopped, not asked: the events after their last write are lost)."""
+the machine. Each process appends its events to SPECEDGE_TIMELINE/<pid>.txt every
+`FLUSH_EVERY` events (the hub's processes are stopped, not asked: the events after their last
+write are lost)."""
 
 from __future__ import annotations
 
