@@ -67,7 +67,12 @@ def test_the_chat_turns_echo_off_while_a_reply_streams_and_back_on_after_ctrl_c(
     tty = os.open(term._tmux("display-message", "-p", "#{pane_tty}").strip(), os.O_RDWR | os.O_NOCTTY)
     try:
         term.type("once upon a time there was")
-        term.wait_until(lambda screen: len(screen.split("there was\n", 1)[-1].strip()) > 5, "the reply's first tokens")
+        # Keys typed before the chat starts are echoed above its banner too: the reply is what
+        # follows the prompt's line.
+        asked = ">>> once upon a time there was\n"
+        term.wait_until(
+            lambda screen: asked in screen and len(screen.split(asked, 1)[1].strip()) > 5, "the reply's first tokens"
+        )
         assert not echoing(tty)  # what is typed now would land in the reply
         term.send("C-c")
         term.wait_for("(stopped)")
