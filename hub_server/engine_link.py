@@ -49,8 +49,7 @@ PING_S = 0.5
 SILENT_LIMIT_S = 10.0
 FIRST_STATUS_WAIT_S = 5.0  # a front end's start waits this long at most to hear the engine's state
 CONNECT_RETRY_S = 0.05  # between tries to reach an engine process that is starting
-# Their session dies with the engine.
-SESSION_METHODS = frozenset({"feed", "verify", "verify_frame", "generate", "close"})
+SESSION_METHODS = frozenset({"feed", "verify", "generate", "close"})  # their session dies with the engine
 STARTED = object()  # a stream's first message: the engine took the request (its checks passed)
 ENDED = object()
 # Restarts of an engine that keeps dying soon after it starts wait longer each time, up to this.
@@ -313,9 +312,6 @@ class RemoteHub:
 
     async def verify(self, session_id: str, request: wire.VerifyRequest, owner: Owner) -> wire.VerifyResponse:
         return await self.link.call("verify", session_id, request, owner)
-
-    async def verify_frame(self, session_id: str, frame: bytes, owner: Owner) -> bytes:
-        return await self.link.call("verify_frame", session_id, frame, owner)
 
     async def generate(self, session_id: str, request: wire.GenerateRequest, owner: Owner) -> RemoteGeneration:
         """Started once the engine's checks pass (a refusal is raised here, before any chunk)."""

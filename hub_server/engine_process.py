@@ -48,7 +48,7 @@ log = logging.getLogger("hub_server")
 # Methods that answer from memory at once run on the loop; the others may wait for a worker (a
 # Ray round trip, a KV slot) and run on threads, as the HTTP layer ran them before.
 ON_THE_LOOP = frozenset({"info", "whoami"})
-ASYNC_METHODS = frozenset({"feed", "verify", "verify_frame", "close"})
+ASYNC_METHODS = frozenset({"feed", "verify", "close"})
 
 
 def main() -> None:

@@ -71,7 +71,7 @@ def serve_http(settings: HubSettings, link: EngineLink, sockets: list[socket.soc
 
     from hub_server.app import create_app
     from hub_server.connections import guarded_protocol
-    from hub_server.stream_frames import MAX_FRAME_BYTES
+    from hub_server.stream import MAX_FRAME_BYTES
 
     max_connections = max(1, settings.max_connections // settings.front_ends)  # the hub's cap, shared
     config = uvicorn.Config(

@@ -17,7 +17,7 @@ process has gone (its connection ends).
     [COUNT_REFUSAL, code]  (counted once, in the engine's /metrics)
 
 A method's arguments are plain values: request bodies as their pydantic dumps, owners as
-tuples, a session stream's frame as the bytes its client sent. `METHODS` names each method's argument and answer types; the engine validates what it
+tuples. `METHODS` names each method's argument and answer types; the engine validates what it
 receives as the HTTP layer validated it, so a front end of another version cannot slip anything
 past the hub's checks.
 """
@@ -47,7 +47,6 @@ METHODS: dict[str, tuple[tuple[type, ...], type | None]] = {
     "open_session": ((wire.OpenSessionRequest, Owner), wire.OpenSessionResponse),
     "feed": ((str, wire.FeedRequest, Owner), wire.FeedResponse),
     "verify": ((str, wire.VerifyRequest, Owner), wire.VerifyResponse),
-    "verify_frame": ((str, bytes, Owner), bytes),  # a session stream's frame, as its client sent it
     "generate": ((str, wire.GenerateRequest, Owner), wire.GenerateChunk),
     "close": ((str, Owner), None),
     "metrics_page": ((), bytes),

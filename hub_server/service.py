@@ -38,7 +38,6 @@ from hub_server.prompts import INLINE_PROMPT_TOKENS
 from hub_server.retirement import Retirement
 from hub_server.scheduler import finished, settled
 from hub_server.sessions import LOCAL_OWNER, Owner, Session, SessionStore
-from hub_server.stream_frames import parse_frame, result_frame
 from hub_server.supervision import Workers
 from hub_server.tree import node_depths
 from hub_server.vocabulary import Vocabulary
@@ -263,12 +262,6 @@ class Hub:
             verify_ms=(time.perf_counter() - started) * 1000,
             logprobs=_logprobs(job),
         )
-
-    async def verify_frame(self, session_id: str, frame: bytes, owner: Owner = LOCAL_OWNER) -> bytes:
-        """A session stream's frame (`stream_frames.py`) verified as `verify` verifies a request:
-        the frame its answer goes back in. A frame that does not parse is a BadRequest."""
-        frame_id, request = parse_frame(frame)
-        return result_frame(frame_id, await self.verify(session_id, request, owner))
 
     async def verify_job(self, session: Session, draft: list[int], parents: list[int]) -> VerifyJob:
         """The session's next pass; a grammar's masks (~0.3-0.5 ms a node on a 152k vocabulary, the

@@ -11,9 +11,7 @@ frame each way.
 
 A frame is served as `Hub.verify` serves the HTTP route: the same checks, the session's turn (a
 frame waits for it like a request; past 8 waiting, 429 `session_busy`), the same refusals with
-the same status and code, sent as an error frame. The front end passes each frame to the engine
-process as it came and sends back the bytes the engine answers (`stream_frames.py`,
-`Hub.verify_frame`): a verify is read and written once, by the process that serves it. Only a session that is gone (404) closes its
+the same status and code, sent as an error frame. Only a session that is gone (404) closes its
 stream (code 4404), after its error frame. The upgrade is authenticated as every route is (the
 Bearer token of its `Authorization` header; a refusal is an HTTP answer, as for any route).
 The token is checked again before a frame once a second has passed since its last check, so a
@@ -33,28 +31,30 @@ import time
 from collections.abc import Awaitable, Callable, Coroutine
 from typing import Any, Protocol
 
+import msgpack
 from fastapi import FastAPI, WebSocket
 from fastapi.responses import JSONResponse
+from pydantic import ValidationError
 from starlette.websockets import WebSocketDisconnect, WebSocketDisconnected
 
 from hub_server import protocol as wire
 from hub_server.errors import BadRequest, RequestRefused, SessionNotFound, Unauthorized
 from hub_server.logging_setup import REQUEST_ID_HEADER, bind_request, request_id_from
 from hub_server.sessions import Owner
-from hub_server.stream_frames import error_frame, frame_id_of
 
 log = logging.getLogger("hub_server")
 
 STREAM_PATH = "/v1/sessions/{session_id}/stream"
+MAX_FRAME_BYTES = 1 << 20  # as for an HTTP body
 SESSION_GONE = 4404  # close codes in the range kept for applications
 TAKEN_OVER = 4409
 TOKEN_RECHECK_S = 1.0  # a revoked token's stream is refused within this long
 
 
 class Verifies(Protocol):
-    """What the stream needs of the hub: a frame verified (`service.Hub.verify_frame`)."""
+    """What the stream needs of the hub: its verify, as the HTTP route calls it."""
 
-    async def verify_frame(self, session_id: str, frame: bytes, owner: Owner) -> bytes: ...
+    async def verify(self, session_id: str, request: wire.VerifyRequest, owner: Owner) -> wire.VerifyResponse: ...
 
 
 def add_session_stream(
@@ -159,10 +159,16 @@ class SessionStream:
     def _take(self, data: bytes | None, refusal: RequestRefused | None) -> None:
         if data is None:
             self._refuse_later(None, BadRequest("stream frames are binary msgpack, not text (see docs/protocol.md)"))
-        elif refusal is not None:
-            self._refuse_later(frame_id_of(data), refusal)
-        else:  # read, checked and answered in the engine process, as it came
-            self._start(self._answer(data))
+            return
+        if refusal is not None:
+            self._refuse_later(_frame_id_of(data), refusal)
+            return
+        try:
+            frame_id, request = parse_frame(data)
+        except BadRequest as exc:
+            self._refuse_later(_frame_id_of(data), exc)
+            return
+        self._start(self._answer(frame_id, request))
 
     def _start(self, work: Coroutine[Any, Any, None]) -> None:
         task = asyncio.create_task(work)
@@ -172,21 +178,20 @@ class SessionStream:
     def _refuse_later(self, frame_id: int | None, exc: RequestRefused) -> None:
         self._start(self._refuse(frame_id, exc))
 
-    async def _answer(self, data: bytes) -> None:
+    async def _answer(self, frame_id: int, request: wire.VerifyRequest) -> None:
         try:
-            answer = await self.ready().verify_frame(self.session_id, data, self.owner)
+            reply = await self.ready().verify(self.session_id, request, self.owner)
         except RequestRefused as exc:
-            await self._refuse(frame_id_of(data), exc)
+            await self._refuse(frame_id, exc)
             if isinstance(exc, SessionNotFound):
                 await self.close(SESSION_GONE, "the session is gone: open a new one")
             return
         except Exception:  # a fault of the hub's: answered like HTTP's 500, not left unanswered
             log.exception("stream verify failed: session %s", self.session_id)
-            failure = RequestRefused("the hub failed to verify this draft; its log says why")
-            await self._refuse(frame_id_of(data), failure)
+            await self._refuse(frame_id, RequestRefused("the hub failed to verify this draft; its log says why"))
             return
         self.verifies += 1
-        await self._send(answer)
+        await self._send(result_frame(frame_id, reply))
 
     async def _refuse(self, frame_id: int | None, exc: RequestRefused) -> None:
         self.on_refusal(exc.code)
@@ -211,3 +216,58 @@ class SessionStream:
                 frame.cancel()
             with contextlib.suppress(WebSocketDisconnect, WebSocketDisconnected):
                 await self.websocket.close(code, reason)
+
+
+class _FrameTooLarge(BadRequest):
+    status = 413
+    code = "body_too_large"
+
+
+def parse_frame(data: bytes) -> tuple[int, wire.VerifyRequest]:
+    """A client's frame: its id and the VerifyRequest it carries; BadRequest says what is wrong."""
+    if len(data) > MAX_FRAME_BYTES:
+        raise _FrameTooLarge(f"stream frames are limited to {MAX_FRAME_BYTES} bytes")
+    try:
+        frame = msgpack.unpackb(data)
+    except (ValueError, TypeError) as exc:  # msgpack's errors are ValueErrors; a map key that is a map: TypeError
+        raise BadRequest(f"a stream frame must be one msgpack map ({exc}); see docs/protocol.md") from exc
+    if not isinstance(frame, dict):
+        raise BadRequest("a stream frame must be a msgpack map with an `id` and a verify request's fields")
+    frame_id = frame.pop("id", None)
+    if not _is_frame_id(frame_id):
+        raise BadRequest("a stream frame needs an `id`: an integer from 0 to 2**63 - 1 its answer carries back")
+    try:
+        return frame_id, wire.VerifyRequest.model_validate(frame)
+    except ValidationError as exc:
+        raise BadRequest(_describe(exc)) from exc
+
+
+def result_frame(frame_id: int, reply: wire.VerifyResponse) -> bytes:
+    return msgpack.packb({"id": frame_id, **reply.model_dump(exclude_none=True)})
+
+
+def error_frame(frame_id: int | None, exc: RequestRefused) -> bytes:
+    retry_after = getattr(exc, "retry_after_s", None)
+    error = {"status": exc.status, "code": exc.code, "message": exc.message, "retry_after": retry_after}
+    return msgpack.packb({"id": frame_id, "error": error})
+
+
+def _is_frame_id(value: Any) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool) and 0 <= value < 2**63
+
+
+def _frame_id_of(data: bytes) -> int | None:
+    """The id of a frame refused as malformed, when one can be read from it (for the error frame)."""
+    with contextlib.suppress(ValueError, TypeError):
+        frame = msgpack.unpackb(data)
+        if isinstance(frame, dict) and _is_frame_id(frame.get("id")):
+            return frame["id"]
+    return None
+
+
+def _describe(exc: ValidationError) -> str:
+    problems = []
+    for error in exc.errors()[:3]:
+        where = ".".join(str(part) for part in error.get("loc", ())) or "frame"
+        problems.append(f"{where}: {error.get('msg', 'invalid')}")
+    return "malformed stream frame: " + "; ".join(problems) + " (see docs/protocol.md)"

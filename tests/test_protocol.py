@@ -138,7 +138,7 @@ def test_stream_frames_agree():
     """A session stream's frames: the client's verify parses on the hub, the hub's answers on the client."""
     import msgpack
 
-    from hub_server import stream_frames as hub_stream
+    from hub_server import stream as hub_stream
     from hub_server.errors import SessionBusy, SessionNotFound
     from specedge_cli.errors import HubBusy, SessionLost
     from specedge_cli.remote import stream as client_stream
