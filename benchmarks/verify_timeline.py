@@ -28,7 +28,6 @@ import sys
 import tempfile
 import time
 from pathlib import Path
-from typing import Any
 
 REPO = Path(__file__).resolve().parent.parent
 HOOKS = Path(__file__).resolve().parent / "timeline_hooks"
@@ -39,14 +38,18 @@ from verify_overhead import DRAFT, PROMPT, resolve  # noqa: E402
 
 from specedge_bench.local_hub import split_cores  # noqa: E402
 from specedge_bench.users import open_session  # noqa: E402
+from specedge_cli.remote.client import HubClient  # noqa: E402
+from specedge_cli.remote.stream import open_stream  # noqa: E402
 from specedge_common.launcher import HubProcess  # noqa: E402
 
 WARM_UP = 50
 # Verifies after the counted ones, not counted: the hub's processes write their moments every
-# FLUSH_EVERY of them (and lose the rest when stopped), so every counted verify's are written.
+# FLUSH_EVERY moments, ~100 verifies (and lose the rest when stopped), so every counted verify's
+# are written.
 TAIL = 200
 REOPEN_EVERY = 200  # verifies on one session: its context grows by up to 5 tokens a verify
 FIRST, LAST = "client sends", "client has the answer"
+PASS = ("engine pass begins", "engine pass ends")
 
 
 def read_moments(folder: Path) -> list[tuple[int, str]]:
@@ -85,11 +88,9 @@ def steps(found: list[list[tuple[int, str]]]) -> tuple[int, list[tuple[str, str,
     return count, medians, statistics.median((path[-1][0] - path[0][0]) / 1000 for path in alike)
 
 
-def verify(client: Any, verifies: int) -> tuple[int, int]:
+def verify(client: HubClient, verifies: int) -> tuple[int, int]:
     """WARM_UP verifies, then `verifies` counted, then TAIL more, one at a time over the stream (a
     new session every REOPEN_EVERY); returns when the counted ones began and ended."""
-    from specedge_cli.remote.stream import open_stream
-
     info = client.info()
     since = until = 0
     for begun in range(0, WARM_UP + verifies + TAIL, REOPEN_EVERY):
@@ -116,8 +117,7 @@ def main() -> None:
     args = parser.parse_args()
     folder = Path(tempfile.mkdtemp(prefix="specedge-timeline-"))
     os.environ["SPECEDGE_TIMELINE"] = str(folder)
-    marks.install()  # this client's stream, loaded below
-    from specedge_cli.remote.client import HubClient
+    marks.install()  # this client's stream too (its module loaded already: wrapped now)
 
     hub_cores, client_cores = split_cores()
     python_path = os.pathsep.join([str(HOOKS), str(REPO)])
@@ -139,7 +139,7 @@ def main() -> None:
     found = paths(read_moments(folder), since, until)
     shutil.rmtree(folder, ignore_errors=True)
     count, medians, trip = steps(found)
-    pass_us = sum(us for start, end, us in medians if (start, end) == ("engine pass begins", "engine pass ends"))
+    pass_us = sum(us for start, end, us in medians if (start, end) == PASS)
     print(
         f"{count} of {len(found)} verifies took the most common path; "
         f"round trip p50 {trip / 1000:.3f} ms, pass {pass_us / 1000:.3f} ms"
